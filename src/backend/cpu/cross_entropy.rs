@@ -1,0 +1,89 @@
+//! Fused softmax + cross-entropy forward/backward on the host.
+
+use rayon::prelude::*;
+
+use super::{CpuBackend, rd};
+use crate::Tensor;
+use crate::ops::CrossEntropySpec;
+
+type T = Tensor<CpuBackend>;
+
+/// `(max, Σ exp(x - max))` of a row.
+fn max_sum(row: &[f32]) -> (f32, f32) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    (max, row.iter().map(|v| (v - max).exp()).sum())
+}
+
+pub(super) fn forward(s: &CrossEntropySpec, logits: &T, targets: &T, losses: &mut T) {
+    let (x, tg) = (rd(logits), targets.buf.u32s());
+    losses.buf.produce(|o| {
+        o.par_iter_mut().enumerate().for_each(|(r, o)| {
+            *o = if s.is_ignored(tg[r]) {
+                0.0
+            } else {
+                let row = &x[r * s.vocab..(r + 1) * s.vocab];
+                let (max, sum) = max_sum(row);
+                max + sum.ln() - row[tg[r] as usize]
+            }
+        })
+    });
+}
+
+pub(super) fn backward(s: &CrossEntropySpec, logits: &T, targets: &T, dlogits: &mut T) {
+    let (x, tg) = (rd(logits), targets.buf.u32s());
+    dlogits.buf.produce(|o| {
+        o.par_chunks_mut(s.vocab).enumerate().for_each(|(r, o)| {
+            if s.is_ignored(tg[r]) {
+                o.fill(0.0);
+                return;
+            }
+            let row = &x[r * s.vocab..(r + 1) * s.vocab];
+            let (max, sum) = max_sum(row);
+            for j in 0..s.vocab {
+                let p = (row[j] - max).exp() / sum;
+                let hot = if j == tg[r] as usize { 1.0 } else { 0.0 };
+                o[j] = s.grad_scale * (p - hot);
+            }
+        })
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::backend::cpu::CpuBackend;
+    use crate::util::rng::Rng;
+    use crate::{DType, Tensor, ops};
+
+    #[test]
+    fn cross_entropy_gradient_matches_finite_differences_and_ignores_rows() {
+        let be = CpuBackend::new();
+        let (rows, v) = (4, 7);
+        let x = Rng::new(2).normal_vec(rows * v);
+        let targets = [3u32, 9999, 0, 6]; // row 1 is out of range: ignored
+        let tt = Tensor::from_u32(&be, &targets, &[rows]).unwrap();
+        let loss_of = |x: &[f32]| -> Vec<f64> {
+            let xt = Tensor::from_f32(&be, x, &[rows, v], DType::F32).unwrap();
+            let mut l = Tensor::empty(&be, &[rows], DType::F32).unwrap();
+            ops::cross_entropy(&be, &xt, &tt, &mut l, u32::MAX).unwrap();
+            l.to_f32_vec(&be).unwrap().iter().map(|&e| e as f64).collect()
+        };
+        let l = loss_of(&x);
+        assert_eq!(l[1], 0.0);
+        let row0: Vec<f64> = x[..v].iter().map(|&e| e as f64).collect();
+        let lse = row0.iter().map(|e| e.exp()).sum::<f64>().ln();
+        assert!((l[0] - (lse - row0[3])).abs() < 1e-5);
+
+        let xt = Tensor::from_f32(&be, &x, &[rows, v], DType::F32).unwrap();
+        let mut d = Tensor::empty(&be, &[rows, v], DType::F32).unwrap();
+        ops::cross_entropy_backward(&be, &xt, &tt, &mut d, u32::MAX, 0.25).unwrap();
+        let d = d.to_f32_vec(&be).unwrap();
+        let h = 1e-2f32;
+        for i in 0..rows * v {
+            let (mut p, mut m) = (x.clone(), x.clone());
+            p[i] += h;
+            m[i] -= h;
+            let fd = 0.25 * (loss_of(&p).iter().sum::<f64>() - loss_of(&m).iter().sum::<f64>()) / (2.0 * h as f64);
+            assert!((d[i] as f64 - fd).abs() < 2e-3, "d[{i}] = {} vs {fd}", d[i]);
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! `C = α·op(A)·op(B) + β·C` through `matrixmultiply` (f32 accumulation; f16
+//! and bf16 operands are widened first, C rounded once at the end).
+
+use super::{CpuBackend, rd};
+use crate::Tensor;
+use crate::ops::MatmulSpec;
+
+pub(super) fn matmul(s: &MatmulSpec, a: &Tensor<CpuBackend>, b: &Tensor<CpuBackend>, c: &mut Tensor<CpuBackend>) {
+    let (av, bv) = (rd(a), rd(b));
+    let (m, n, k) = (s.m, s.n, s.k);
+    let (sa, sb, sc) = s.strides();
+    // Row and column strides of op(A) (m×k) and op(B) (k×n) in their storage.
+    let (rsa, csa) = if s.trans_a { (1, m as isize) } else { (k as isize, 1) };
+    let (rsb, csb) = if s.trans_b { (1, k as isize) } else { (n as isize, 1) };
+    let run = |cv: &mut [f32]| {
+        for i in 0..s.batch {
+            let (ap, bp) = (&av[i * sa..i * sa + m * k], &bv[i * sb..i * sb + k * n]);
+            let cp = &mut cv[i * sc..i * sc + m * n];
+            // SAFETY: the spec guarantees A, B, C hold batch·m·k, (1|batch)·k·n and
+            // batch·m·n elements, so the slices above cover every index the
+            // strides reach; C does not alias A or B (distinct borrows). With
+            // β = 0 matrixmultiply does not read C.
+            unsafe {
+                matrixmultiply::sgemm(
+                    m,
+                    k,
+                    n,
+                    s.alpha,
+                    ap.as_ptr(),
+                    rsa,
+                    csa,
+                    bp.as_ptr(),
+                    rsb,
+                    csb,
+                    s.beta,
+                    cp.as_mut_ptr(),
+                    n as isize,
+                    1,
+                );
+            }
+        }
+    };
+    if s.beta == 0.0 { c.buf.produce(run) } else { c.buf.update(run) }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::backend::cpu::CpuBackend;
+    use crate::util::rng::Rng;
+    use crate::{DType, Tensor, ops};
+
+    /// Naive f64 triple loop over the same storage conventions.
+    #[allow(clippy::too_many_arguments)]
+    fn naive(
+        a: &[f32],
+        b: &[f32],
+        c: &[f32],
+        batch: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        ta: bool,
+        tb: bool,
+        bb: bool,
+        al: f64,
+        be: f64,
+    ) -> Vec<f64> {
+        let mut out = vec![0.0; batch * m * n];
+        for z in 0..batch {
+            let bz = if bb { z } else { 0 };
+            for i in 0..m {
+                for j in 0..n {
+                    let mut acc = 0.0f64;
+                    for p in 0..k {
+                        let x = if ta { a[z * m * k + p * m + i] } else { a[z * m * k + i * k + p] };
+                        let y = if tb { b[bz * k * n + j * k + p] } else { b[bz * k * n + p * n + j] };
+                        acc += x as f64 * y as f64;
+                    }
+                    let idx = z * m * n + i * n + j;
+                    out[idx] = al * acc + if be != 0.0 { be * c[idx] as f64 } else { 0.0 };
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matmul_matches_f64_loops_for_every_transpose_and_broadcast() {
+        let be = CpuBackend::new();
+        let mut rng = Rng::new(7);
+        for (ta, tb, bb, beta) in
+            [(false, false, true, 0.0), (true, false, false, 0.5), (false, true, true, 1.0), (true, true, false, -2.0)]
+        {
+            let (batch, m, n, k) = (3, 17, 9, 33);
+            let a = rng.normal_vec(batch * m * k);
+            let bsz = if bb { batch } else { 1 } * k * n;
+            let b = rng.normal_vec(bsz);
+            let c0 = rng.normal_vec(batch * m * n);
+            let ash = if ta { [batch, k, m] } else { [batch, m, k] };
+            let bshape: Vec<usize> = match (bb, tb) {
+                (true, false) => vec![batch, k, n],
+                (true, true) => vec![batch, n, k],
+                (false, false) => vec![k, n],
+                (false, true) => vec![n, k],
+            };
+            let at = Tensor::from_f32(&be, &a, &ash, DType::F32).unwrap();
+            let bt = Tensor::from_f32(&be, &b, &bshape, DType::F32).unwrap();
+            let mut ct = Tensor::from_f32(&be, &c0, &[batch, m, n], DType::F32).unwrap();
+            ops::matmul(&be, &at, &bt, &mut ct, ta, tb, 1.5, beta).unwrap();
+            let got = ct.to_f32_vec(&be).unwrap();
+            let want = naive(&a, &b, &c0, batch, m, n, k, ta, tb, bb, 1.5, beta as f64);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()), "ta={ta} tb={tb}: {g} vs {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_with_zero_beta_ignores_nan_in_c() {
+        let be = CpuBackend::new();
+        let a = Tensor::from_f32(&be, &[1.0, 2.0, 3.0, 4.0], &[2, 2], DType::F16).unwrap();
+        let mut c = Tensor::from_f32(&be, &[f32::NAN; 4], &[2, 2], DType::F16).unwrap();
+        ops::matmul(&be, &a, &a, &mut c, false, false, 1.0, 0.0).unwrap();
+        assert_eq!(c.to_f32_vec(&be).unwrap(), vec![7.0, 10.0, 15.0, 22.0]);
+    }
+}

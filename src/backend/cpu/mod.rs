@@ -1,0 +1,368 @@
+//! The CPU backend: plain, obviously correct Rust, the reference every other
+//! backend is compared against, and the fallback on machines without a GPU.
+//!
+//! Every op reads its inputs as f32, computes in f32 (longer reductions in
+//! f64), and rounds each output element once to its dtype, which is what the
+//! GPU kernels do too. Matmul goes through `matrixmultiply`; row-wise ops run
+//! in parallel with rayon.
+
+mod adamw;
+mod cross_entropy;
+mod elementwise;
+mod embedding;
+mod gelu;
+mod layernorm;
+mod matmul;
+mod reduce;
+mod rope;
+mod softmax;
+
+use std::borrow::Cow;
+
+use half::{bf16, f16};
+
+use super::{Backend, BackendKind, MemoryCounter, MemoryStats};
+use crate::error::{Error, Result};
+use crate::ops::*;
+use crate::{DType, Tensor};
+
+/// The reference backend. Cheap to create; clones share nothing.
+#[derive(Debug, Default)]
+pub struct CpuBackend {
+    mem: MemoryCounter,
+}
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+enum Storage {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+    U32(Vec<u32>),
+    I32(Vec<i32>),
+}
+
+/// A host allocation of one dtype.
+pub struct CpuBuffer {
+    data: Storage,
+    bytes: usize,
+    mem: MemoryCounter,
+}
+
+impl Drop for CpuBuffer {
+    fn drop(&mut self) {
+        self.mem.free(self.bytes);
+    }
+}
+
+impl CpuBuffer {
+    fn len(&self) -> usize {
+        match &self.data {
+            Storage::F32(v) => v.len(),
+            Storage::F16(v) => v.len(),
+            Storage::BF16(v) => v.len(),
+            Storage::U32(v) => v.len(),
+            Storage::I32(v) => v.len(),
+        }
+    }
+
+    /// The elements as f32 (borrowed when already f32).
+    pub(crate) fn f32s(&self) -> Cow<'_, [f32]> {
+        match &self.data {
+            Storage::F32(v) => Cow::Borrowed(v),
+            Storage::F16(v) => Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
+            Storage::BF16(v) => Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
+            Storage::U32(v) => Cow::Owned(v.iter().map(|&x| x as f32).collect()),
+            Storage::I32(v) => Cow::Owned(v.iter().map(|&x| x as f32).collect()),
+        }
+    }
+
+    /// The elements of a U32 buffer (the op specs guarantee the dtype).
+    pub(crate) fn u32s(&self) -> &[u32] {
+        match &self.data {
+            Storage::U32(v) => v,
+            _ => unreachable!("op validation guarantees a u32 buffer"),
+        }
+    }
+
+    /// Overwrites the buffer with f32 values rounded to its dtype.
+    pub(crate) fn store(&mut self, vals: &[f32]) {
+        match &mut self.data {
+            Storage::F32(v) => v.copy_from_slice(vals),
+            Storage::F16(v) => v.iter_mut().zip(vals).for_each(|(o, &x)| *o = f16::from_f32(x)),
+            Storage::BF16(v) => v.iter_mut().zip(vals).for_each(|(o, &x)| *o = bf16::from_f32(x)),
+            Storage::U32(v) => v.iter_mut().zip(vals).for_each(|(o, &x)| *o = x as u32),
+            Storage::I32(v) => v.iter_mut().zip(vals).for_each(|(o, &x)| *o = x as i32),
+        }
+    }
+
+    /// Fills every element with `f`'s output: directly for f32, through a
+    /// temporary for other dtypes. `f` must write every element.
+    pub(crate) fn produce(&mut self, f: impl FnOnce(&mut [f32])) {
+        if let Storage::F32(v) = &mut self.data {
+            f(v);
+        } else {
+            let mut tmp = vec![0.0f32; self.len()];
+            f(&mut tmp);
+            self.store(&tmp);
+        }
+    }
+
+    /// Read-modify-write of every element as f32.
+    pub(crate) fn update(&mut self, f: impl FnOnce(&mut [f32])) {
+        if let Storage::F32(v) = &mut self.data {
+            f(v);
+        } else {
+            let mut tmp = self.f32s().into_owned();
+            f(&mut tmp);
+            self.store(&tmp);
+        }
+    }
+}
+
+/// The f32 view of a tensor's elements.
+fn rd(t: &Tensor<CpuBackend>) -> Cow<'_, [f32]> {
+    t.buf.f32s()
+}
+
+impl Backend for CpuBackend {
+    type Buffer = CpuBuffer;
+
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cpu
+    }
+    fn device_name(&self) -> String {
+        format!("host CPU ({} threads)", rayon::current_num_threads())
+    }
+    fn supports(&self, _dtype: DType) -> bool {
+        true
+    }
+    fn memory(&self) -> MemoryStats {
+        self.mem.stats()
+    }
+    fn reset_peak(&self) {
+        self.mem.reset_peak()
+    }
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn alloc(&self, dtype: DType, len: usize) -> Result<CpuBuffer> {
+        let data = match dtype {
+            DType::F32 => Storage::F32(vec![0.0; len]),
+            DType::F16 => Storage::F16(vec![f16::ZERO; len]),
+            DType::BF16 => Storage::BF16(vec![bf16::ZERO; len]),
+            DType::U32 => Storage::U32(vec![0; len]),
+            DType::I32 => Storage::I32(vec![0; len]),
+        };
+        let bytes = len * dtype.size();
+        self.mem.alloc(bytes);
+        Ok(CpuBuffer { data, bytes, mem: self.mem.clone() })
+    }
+
+    fn upload(&self, dtype: DType, bytes: &[u8]) -> Result<CpuBuffer> {
+        let mut buf = self.alloc(dtype, bytes.len() / dtype.size())?;
+        self.write(&mut buf, dtype, bytes)?;
+        Ok(buf)
+    }
+
+    fn write(&self, buf: &mut CpuBuffer, dtype: DType, bytes: &[u8]) -> Result<()> {
+        if bytes.len() != buf.bytes {
+            return Err(Error::Shape(format!(
+                "write: {} bytes into a {dtype} buffer of {} bytes",
+                bytes.len(),
+                buf.bytes
+            )));
+        }
+        match &mut buf.data {
+            Storage::F32(v) => bytemuck::cast_slice_mut(v).copy_from_slice(bytes),
+            Storage::F16(v) => bytemuck::cast_slice_mut(v).copy_from_slice(bytes),
+            Storage::BF16(v) => bytemuck::cast_slice_mut(v).copy_from_slice(bytes),
+            Storage::U32(v) => bytemuck::cast_slice_mut(v).copy_from_slice(bytes),
+            Storage::I32(v) => bytemuck::cast_slice_mut(v).copy_from_slice(bytes),
+        }
+        Ok(())
+    }
+
+    fn download(&self, buf: &CpuBuffer, dtype: DType, len: usize) -> Result<Vec<u8>> {
+        let all: &[u8] = match &buf.data {
+            Storage::F32(v) => bytemuck::cast_slice(v),
+            Storage::F16(v) => bytemuck::cast_slice(v),
+            Storage::BF16(v) => bytemuck::cast_slice(v),
+            Storage::U32(v) => bytemuck::cast_slice(v),
+            Storage::I32(v) => bytemuck::cast_slice(v),
+        };
+        let n = len * dtype.size();
+        all.get(..n)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| Error::Shape(format!("download: {n} bytes from a buffer of {}", all.len())))
+    }
+
+    fn matmul(&self, s: &MatmulSpec, a: &Tensor<Self>, b: &Tensor<Self>, c: &mut Tensor<Self>) -> Result<()> {
+        matmul::matmul(s, a, b, c);
+        Ok(())
+    }
+    fn fill(&self, s: &FillSpec, x: &mut Tensor<Self>) -> Result<()> {
+        x.buf.produce(|o| o.fill(s.value));
+        Ok(())
+    }
+    fn add(&self, _s: &ElementwiseSpec, a: &Tensor<Self>, b: &Tensor<Self>, out: &mut Tensor<Self>) -> Result<()> {
+        elementwise::add(a, b, out);
+        Ok(())
+    }
+    fn axpby(&self, s: &AxpbySpec, x: &Tensor<Self>, y: &mut Tensor<Self>) -> Result<()> {
+        elementwise::axpby(s, x, y);
+        Ok(())
+    }
+    fn scale(&self, s: &ScaleSpec, x: &mut Tensor<Self>) -> Result<()> {
+        x.buf.update(|v| v.iter_mut().for_each(|e| *e *= s.s));
+        Ok(())
+    }
+    fn bias_add(&self, s: &BiasSpec, x: &mut Tensor<Self>, bias: &Tensor<Self>) -> Result<()> {
+        elementwise::bias_add(s, x, bias);
+        Ok(())
+    }
+    fn sum_rows(&self, s: &SumRowsSpec, x: &Tensor<Self>, out: &mut Tensor<Self>) -> Result<()> {
+        elementwise::sum_rows(s, x, out);
+        Ok(())
+    }
+    fn cast(&self, _s: &ElementwiseSpec, x: &Tensor<Self>, y: &mut Tensor<Self>) -> Result<()> {
+        y.buf.store(&rd(x));
+        Ok(())
+    }
+    fn gelu(&self, _s: &ElementwiseSpec, x: &Tensor<Self>, y: &mut Tensor<Self>) -> Result<()> {
+        gelu::gelu(x, y);
+        Ok(())
+    }
+    fn gelu_backward(
+        &self,
+        _s: &ElementwiseSpec,
+        x: &Tensor<Self>,
+        dy: &Tensor<Self>,
+        dx: &mut Tensor<Self>,
+    ) -> Result<()> {
+        gelu::gelu_backward(x, dy, dx);
+        Ok(())
+    }
+    fn bias_gelu(&self, s: &BiasSpec, x: &Tensor<Self>, bias: &Tensor<Self>, y: &mut Tensor<Self>) -> Result<()> {
+        gelu::bias_gelu(s, x, bias, y);
+        Ok(())
+    }
+    fn layernorm(
+        &self,
+        s: &LayerNormSpec,
+        x: &Tensor<Self>,
+        gamma: &Tensor<Self>,
+        beta: &Tensor<Self>,
+        y: &mut Tensor<Self>,
+        mean: &mut Tensor<Self>,
+        rstd: &mut Tensor<Self>,
+    ) -> Result<()> {
+        layernorm::forward(s, x, gamma, beta, y, mean, rstd);
+        Ok(())
+    }
+    fn layernorm_backward(
+        &self,
+        s: &LayerNormSpec,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        gamma: &Tensor<Self>,
+        mean: &Tensor<Self>,
+        rstd: &Tensor<Self>,
+        dx: &mut Tensor<Self>,
+        dgamma: &mut Tensor<Self>,
+        dbeta: &mut Tensor<Self>,
+    ) -> Result<()> {
+        layernorm::backward(s, dy, x, gamma, mean, rstd, dx, dgamma, dbeta);
+        Ok(())
+    }
+    fn softmax(&self, s: &SoftmaxSpec, x: &Tensor<Self>, y: &mut Tensor<Self>) -> Result<()> {
+        softmax::forward(s, x, y);
+        Ok(())
+    }
+    fn softmax_backward(
+        &self,
+        s: &SoftmaxSpec,
+        y: &Tensor<Self>,
+        dy: &Tensor<Self>,
+        dx: &mut Tensor<Self>,
+    ) -> Result<()> {
+        softmax::backward(s, y, dy, dx);
+        Ok(())
+    }
+    fn rope(
+        &self,
+        s: &RopeSpec,
+        x: &Tensor<Self>,
+        cos: &Tensor<Self>,
+        sin: &Tensor<Self>,
+        y: &mut Tensor<Self>,
+    ) -> Result<()> {
+        rope::rope(s, x, cos, sin, y);
+        Ok(())
+    }
+    fn embedding(
+        &self,
+        s: &EmbeddingSpec,
+        ids: &Tensor<Self>,
+        table: &Tensor<Self>,
+        out: &mut Tensor<Self>,
+    ) -> Result<()> {
+        embedding::forward(s, ids, table, out);
+        Ok(())
+    }
+    fn embedding_backward(
+        &self,
+        s: &EmbeddingSpec,
+        ids: &Tensor<Self>,
+        dout: &Tensor<Self>,
+        dtable: &mut Tensor<Self>,
+    ) -> Result<()> {
+        embedding::backward(s, ids, dout, dtable);
+        Ok(())
+    }
+    fn cross_entropy(
+        &self,
+        s: &CrossEntropySpec,
+        logits: &Tensor<Self>,
+        targets: &Tensor<Self>,
+        losses: &mut Tensor<Self>,
+    ) -> Result<()> {
+        cross_entropy::forward(s, logits, targets, losses);
+        Ok(())
+    }
+    fn cross_entropy_backward(
+        &self,
+        s: &CrossEntropySpec,
+        logits: &Tensor<Self>,
+        targets: &Tensor<Self>,
+        dlogits: &mut Tensor<Self>,
+    ) -> Result<()> {
+        cross_entropy::backward(s, logits, targets, dlogits);
+        Ok(())
+    }
+    fn sum_squares(&self, _s: &ReduceSpec, x: &Tensor<Self>, out: &mut Tensor<Self>) -> Result<()> {
+        out.buf.store(&[reduce::sum_squares(&rd(x))]);
+        Ok(())
+    }
+    fn all_finite(&self, _s: &ReduceSpec, x: &Tensor<Self>, out: &mut Tensor<Self>) -> Result<()> {
+        out.buf.store(&[if rd(x).iter().all(|v| v.is_finite()) { 1.0 } else { 0.0 }]);
+        Ok(())
+    }
+    fn adamw(
+        &self,
+        s: &AdamWSpec,
+        params: &mut Tensor<Self>,
+        grads: &Tensor<Self>,
+        m: &mut Tensor<Self>,
+        v: &mut Tensor<Self>,
+        copy: Option<&mut Tensor<Self>>,
+    ) -> Result<()> {
+        adamw::step(s, params, grads, m, v, copy);
+        Ok(())
+    }
+}
