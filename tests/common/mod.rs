@@ -1,0 +1,575 @@
+//! The cross-backend conformance suite, written once and instantiated per
+//! backend pair by `conformance_tests!` (see `tests/conformance_*.rs`).
+//!
+//! Every check runs the same op on a reference backend `R` (normally the CPU
+//! backend) and a backend under test `B`, on the same seeded random inputs
+//! (a fresh seed per op, dtype and case; `DYNSPARSE_TEST_SEED` changes them
+//! all), with every output poisoned with NaN first so an element a kernel
+//! forgets to write fails the comparison. Shapes are deliberately not
+//! multiples of any workgroup size.
+#![allow(dead_code)]
+
+use dynsparse::ops::{self, RopeTable, adamw::AdamWConfig};
+use dynsparse::util::rng::Rng;
+use dynsparse::{Backend, DType, Error, Tensor};
+
+/// Whole-output relative error bound per dtype: `‖got - want‖₂ ≤ tol·‖want‖₂`.
+pub fn tolerance(dt: DType) -> f64 {
+    match dt {
+        DType::F32 => 1e-5,
+        _ => 1e-2,
+    }
+}
+
+/// A seed unique to (op, dtype, case), shifted by `DYNSPARSE_TEST_SEED`.
+pub fn seed(op: &str, dt: DType, case: usize) -> u64 {
+    let base: u64 = std::env::var("DYNSPARSE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5EED);
+    let mut h = base ^ 0xcbf2_9ce4_8422_2325;
+    for b in op.bytes().chain(dt.name().bytes()).chain(case.to_le_bytes()) {
+        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+/// Compares two outputs; NaN or Inf where the reference is finite always fails.
+#[track_caller]
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], dt: DType) {
+    assert_eq!(got.len(), want.len(), "{what}: output lengths differ");
+    if let Some(i) = (0..got.len()).find(|&i| want[i].is_finite() && !got[i].is_finite()) {
+        panic!("{what} [{dt}]: element {i} is {} but the reference has {} (unwritten output?)", got[i], want[i]);
+    }
+    let (mut num, mut den, mut worst, mut wi) = (0.0f64, 0.0f64, 0.0f64, 0usize);
+    for i in 0..got.len() {
+        let d = (got[i] as f64 - want[i] as f64).abs();
+        num += d * d;
+        den += (want[i] as f64).powi(2);
+        if d > worst {
+            worst = d;
+            wi = i;
+        }
+    }
+    let err = if den > 0.0 { (num / den).sqrt() } else { num.sqrt() };
+    let tol = tolerance(dt);
+    assert!(
+        err <= tol,
+        "{what} [{dt}]: relative error {err:.3e} > {tol:.0e}; worst element {wi}: got {} want {}",
+        got[wi],
+        want[wi]
+    );
+}
+
+/// The float dtypes both backends support.
+pub fn float_dtypes<R: Backend, B: Backend>(r: &R, b: &B) -> Vec<DType> {
+    DType::FLOATS.into_iter().filter(|&d| r.supports(d) && b.supports(d)).collect()
+}
+
+pub fn up<X: Backend>(be: &X, v: &[f32], shape: &[usize], dt: DType) -> Tensor<X> {
+    Tensor::from_f32(be, v, shape, dt).expect("upload")
+}
+
+/// A NaN-filled output tensor.
+pub fn poisoned<X: Backend>(be: &X, shape: &[usize], dt: DType) -> Tensor<X> {
+    let n = shape.iter().product();
+    up(be, &vec![f32::NAN; n], shape, dt)
+}
+
+pub fn down<X: Backend>(be: &X, t: &Tensor<X>) -> Vec<f32> {
+    t.to_f32_vec(be).expect("download")
+}
+
+/// Runs `$body` with `$be` bound to each backend in turn (a generic closure).
+macro_rules! on_both {
+    ($r:expr, $b:expr, |$be:ident| $body:expr) => {{
+        let want = {
+            let $be = $r;
+            $body
+        };
+        let got = {
+            let $be = $b;
+            $body
+        };
+        (want, got)
+    }};
+}
+
+/// Compares every output of a case.
+#[track_caller]
+fn compare_all(op: &str, case: &str, dt: DType, names: &[&str], want: &[Vec<f32>], got: &[Vec<f32>]) {
+    for (i, name) in names.iter().enumerate() {
+        assert_close(&format!("{op} {case} `{name}`"), &got[i], &want[i], dt);
+    }
+}
+
+// ---------------------------------------------------------------- matmul
+
+pub fn matmul<R: Backend, B: Backend>(r: &R, b: &B) {
+    for dt in float_dtypes(r, b) {
+        let cases = [
+            // (batch, m, n, k, trans_a, trans_b, b_batched, alpha, beta)
+            (1, 37, 19, 45, false, false, false, 1.0, 0.0),
+            (2, 33, 17, 70, true, false, true, 0.5, 1.0),
+            (3, 9, 65, 31, false, true, false, 1.0, -0.5),
+            (2, 64, 48, 129, true, true, true, 2.0, 0.0),
+            (1, 1, 1, 1, false, false, false, 1.0, 0.0),
+            (1, 130, 5, 7, false, true, false, 1.0, 0.0),
+        ];
+        for (ci, &(batch, m, n, k, ta, tb, bb, alpha, beta)) in cases.iter().enumerate() {
+            let mut rng = Rng::new(seed("matmul", dt, ci));
+            let ash = if ta { [batch, k, m] } else { [batch, m, k] };
+            let bmat = if tb { [n, k] } else { [k, n] };
+            let bsh: Vec<usize> = if bb { vec![batch, bmat[0], bmat[1]] } else { bmat.to_vec() };
+            let a = rng.normal_vec(batch * m * k);
+            let bv = rng.normal_vec(bsh.iter().product());
+            let c0 = if beta == 0.0 { vec![f32::NAN; batch * m * n] } else { rng.normal_vec(batch * m * n) };
+            let (want, got) = on_both!(r, b, |be| {
+                let (at, bt) = (up(be, &a, &ash, dt), up(be, &bv, &bsh, dt));
+                let mut c = up(be, &c0, &[batch, m, n], dt);
+                ops::matmul(be, &at, &bt, &mut c, ta, tb, alpha, beta).unwrap();
+                vec![down(be, &c)]
+            });
+            let case = format!("{batch}×{m}×{n}×{k} ta={ta} tb={tb} b_batched={bb} α={alpha} β={beta}");
+            compare_all("matmul", &case, dt, &["c"], &want, &got);
+        }
+    }
+}
+
+// ------------------------------------------------------------ elementwise
+
+const SHAPES: [&[usize]; 3] = [&[1], &[3, 77], &[5, 13, 11]];
+
+pub fn fill_add_scale<R: Backend, B: Backend>(r: &R, b: &B) {
+    for dt in float_dtypes(r, b) {
+        for (ci, shape) in SHAPES.iter().enumerate() {
+            let n: usize = shape.iter().product();
+            let mut rng = Rng::new(seed("add", dt, ci));
+            let (x, y) = (rng.normal_vec(n), rng.normal_vec(n));
+            let s = rng.normal() as f32;
+            let (want, got) = on_both!(r, b, |be| {
+                let (xt, yt) = (up(be, &x, shape, dt), up(be, &y, shape, dt));
+                let mut sum = poisoned(be, shape, dt);
+                ops::add(be, &xt, &yt, &mut sum).unwrap();
+                let mut scaled = up(be, &x, shape, dt);
+                ops::scale(be, &mut scaled, s).unwrap();
+                let mut filled = poisoned(be, shape, dt);
+                ops::fill(be, &mut filled, 0.375).unwrap();
+                vec![down(be, &sum), down(be, &scaled), down(be, &filled)]
+            });
+            compare_all("add/scale/fill", &format!("{shape:?}"), dt, &["add", "scale", "fill"], &want, &got);
+        }
+    }
+}
+
+pub fn axpby_and_cast<R: Backend, B: Backend>(r: &R, b: &B) {
+    let dts = float_dtypes(r, b);
+    for &dx in &dts {
+        for &dy in &dts {
+            let shape = [7usize, 45];
+            let n = 7 * 45;
+            let mut rng = Rng::new(seed("axpby", dx, dy as usize));
+            let (x, y) = (rng.normal_vec(n), rng.normal_vec(n));
+            let (want, got) = on_both!(r, b, |be| {
+                let xt = up(be, &x, &shape, dx);
+                let mut acc = up(be, &y, &shape, dy);
+                ops::axpby(be, 0.75, &xt, 1.0, &mut acc).unwrap();
+                let mut fresh = poisoned(be, &shape, dy);
+                ops::axpby(be, -2.0, &xt, 0.0, &mut fresh).unwrap();
+                let mut cast = poisoned(be, &shape, dy);
+                ops::cast(be, &xt, &mut cast).unwrap();
+                vec![down(be, &acc), down(be, &fresh), down(be, &cast)]
+            });
+            // The looser of the two dtypes bounds the comparison.
+            let dt = if dx == DType::F32 { dy } else { dx };
+            compare_all("axpby/cast", &format!("{dx}→{dy}"), dt, &["y=αx+y", "y=αx (β=0)", "cast"], &want, &got);
+        }
+    }
+}
+
+pub fn bias_add_and_sum_rows<R: Backend, B: Backend>(r: &R, b: &B) {
+    for dt in float_dtypes(r, b) {
+        for (ci, &(rows, n)) in [(1usize, 1usize), (37, 19), (130, 67)].iter().enumerate() {
+            let mut rng = Rng::new(seed("bias", dt, ci));
+            let (x, bias, acc) = (rng.normal_vec(rows * n), rng.normal_vec(n), rng.normal_vec(n));
+            let (want, got) = on_both!(r, b, |be| {
+                let mut xt = up(be, &x, &[rows, n], dt);
+                let bt = up(be, &bias, &[n], dt);
+                ops::bias_add(be, &mut xt, &bt).unwrap();
+                let mut fresh = poisoned(be, &[n], dt);
+                ops::sum_rows(be, &xt, &mut fresh, 0.0).unwrap();
+                let mut accum = up(be, &acc, &[n], dt);
+                ops::sum_rows(be, &xt, &mut accum, 1.0).unwrap();
+                vec![down(be, &xt), down(be, &fresh), down(be, &accum)]
+            });
+            let names = ["bias_add", "sum_rows β=0", "sum_rows β=1"];
+            compare_all("bias_add/sum_rows", &format!("{rows}×{n}"), dt, &names, &want, &got);
+        }
+    }
+}
+
+pub fn gelu<R: Backend, B: Backend>(r: &R, b: &B) {
+    for dt in float_dtypes(r, b) {
+        for (ci, &(rows, n)) in [(1usize, 3usize), (29, 71), (64, 200)].iter().enumerate() {
+            let mut rng = Rng::new(seed("gelu", dt, ci));
+            let x: Vec<f32> = rng.normal_vec(rows * n).iter().map(|v| 3.0 * v).collect();
+            let (dy, bias) = (rng.normal_vec(rows * n), rng.normal_vec(n));
+            let (want, got) = on_both!(r, b, |be| {
+                let sh = [rows, n];
+                let (xt, dyt, bt) = (up(be, &x, &sh, dt), up(be, &dy, &sh, dt), up(be, &bias, &[n], dt));
+                let mut y = poisoned(be, &sh, dt);
+                ops::gelu(be, &xt, &mut y).unwrap();
+                let mut dx = poisoned(be, &sh, dt);
+                ops::gelu_backward(be, &xt, &dyt, &mut dx).unwrap();
+                let mut yb = poisoned(be, &sh, dt);
+                ops::bias_gelu(be, &xt, &bt, &mut yb).unwrap();
+                vec![down(be, &y), down(be, &dx), down(be, &yb)]
+            });
+            compare_all("gelu", &format!("{rows}×{n}"), dt, &["gelu", "gelu_backward", "bias_gelu"], &want, &got);
+        }
+    }
+}
+
+// -------------------------------------------------------------- layernorm
+
+pub fn layernorm<R: Backend, B: Backend>(r: &R, b: &B) {
+    for dt in float_dtypes(r, b) {
+        for (ci, &(rows, n)) in [(1usize, 1usize), (3, 77), (45, 256), (7, 1000)].iter().enumerate() {
+            let mut rng = Rng::new(seed("layernorm", dt, ci));
+            let x: Vec<f32> = rng.normal_vec(rows * n).iter().map(|v| 2.0 * v + 0.5).collect();
+            let (g, bb, dy) = (rng.normal_vec(n), rng.normal_vec(n), rng.normal_vec(rows * n));
+            let (dg0, db0) = (rng.normal_vec(n), rng.normal_vec(n));
+            let (want, got) = on_both!(r, b, |be| {
+                let sh = [rows, n];
+                let (xt, gt, bt, dyt) =
+                    (up(be, &x, &sh, dt), up(be, &g, &[n], dt), up(be, &bb, &[n], dt), up(be, &dy, &sh, dt));
+                let mut y = poisoned(be, &sh, dt);
+                let mut mean = poisoned(be, &[rows], DType::F32);
+                let mut rstd = poisoned(be, &[rows], DType::F32);
+                ops::layernorm(be, &xt, &gt, &bt, &mut y, &mut mean, &mut rstd, 1e-5).unwrap();
+                let mut dx = poisoned(be, &sh, dt);
+                let (mut dg, mut db) = (up(be, &dg0, &[n], dt), up(be, &db0, &[n], dt));
+                ops::layernorm_backward(be, &dyt, &xt, &gt, &mean, &rstd, &mut dx, &mut dg, &mut db).unwrap();
+                vec![down(be, &y), down(be, &mean), down(be, &rstd), down(be, &dx), down(be, &dg), down(be, &db)]
+            });
+            let names = ["y", "mean", "rstd", "dx", "dgamma (accumulated)", "dbeta (accumulated)"];
+            // n = 1 makes every xhat 0: y = beta exactly, dx = 0.
+            compare_all("layernorm", &format!("{rows}×{n}"), dt, &names, &want, &got);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- softmax
+
+pub fn softmax<R: Backend, B: Backend>(r: &R, b: &B) {
+    for dt in float_dtypes(r, b) {
+        let cases: [(&[usize], bool); 5] = [
+            (&[1, 1], false),
+            (&[6, 77], false),
+            (&[2, 3, 19, 19], true),
+            (&[2, 13, 40], true),
+            (&[1, 130, 257], true),
+        ];
+        for (ci, &(shape, causal)) in cases.iter().enumerate() {
+            let n: usize = shape.iter().product();
+            let mut rng = Rng::new(seed("softmax", dt, ci));
+            let (x, dy) = (rng.normal_vec(n).iter().map(|v| 4.0 * v).collect::<Vec<_>>(), rng.normal_vec(n));
+            let (want, got) = on_both!(r, b, |be| {
+                let (xt, dyt) = (up(be, &x, shape, dt), up(be, &dy, shape, dt));
+                let mut y = poisoned(be, shape, dt);
+                ops::softmax(be, &xt, &mut y, causal).unwrap();
+                let mut dx = poisoned(be, shape, dt);
+                ops::softmax_backward(be, &y, &dyt, &mut dx, causal).unwrap();
+                vec![down(be, &y), down(be, &dx)]
+            });
+            compare_all("softmax", &format!("{shape:?} causal={causal}"), dt, &["y", "dx"], &want, &got);
+        }
+    }
+}
+
+// ------------------------------------------------------------------- rope
+
+pub fn rope<R: Backend, B: Backend>(r: &R, b: &B) {
+    for dt in float_dtypes(r, b) {
+        let cases: [(&[usize], usize); 3] = [(&[1, 1, 2], 0), (&[2, 13, 3, 16], 5), (&[37, 4, 64], 100)];
+        for (ci, &(shape, off)) in cases.iter().enumerate() {
+            let n: usize = shape.iter().product();
+            let hd = *shape.last().unwrap();
+            let mut rng = Rng::new(seed("rope", dt, ci));
+            let (x, dy) = (rng.normal_vec(n), rng.normal_vec(n));
+            let (want, got) = on_both!(r, b, |be| {
+                let table = RopeTable::new(be, 256, hd, 10000.0).unwrap();
+                let (xt, dyt) = (up(be, &x, shape, dt), up(be, &dy, shape, dt));
+                let mut y = poisoned(be, shape, dt);
+                ops::rope(be, &xt, &table, off, &mut y).unwrap();
+                let mut dx = poisoned(be, shape, dt);
+                ops::rope_backward(be, &dyt, &table, off, &mut dx).unwrap();
+                vec![down(be, &y), down(be, &dx)]
+            });
+            compare_all("rope", &format!("{shape:?} offset {off}"), dt, &["y", "dx"], &want, &got);
+        }
+    }
+}
+
+// -------------------------------------------------------------- embedding
+
+pub fn embedding<R: Backend, B: Backend>(r: &R, b: &B) {
+    for dt in float_dtypes(r, b) {
+        for (ci, &(n, vocab, dim)) in [(1usize, 1usize, 1usize), (37, 11, 19), (200, 256, 33)].iter().enumerate() {
+            let mut rng = Rng::new(seed("embedding", dt, ci));
+            // Repeated ids (small vocab) and one out-of-range id.
+            let mut ids: Vec<u32> = (0..n).map(|_| rng.below(vocab as u64) as u32).collect();
+            if n > 3 {
+                ids[2] = vocab as u32 + 3;
+            }
+            let (table, dout, dt0) =
+                (rng.normal_vec(vocab * dim), rng.normal_vec(n * dim), rng.normal_vec(vocab * dim));
+            let (want, got) = on_both!(r, b, |be| {
+                let idt = Tensor::from_u32(be, &ids, &[n]).unwrap();
+                let tt = up(be, &table, &[vocab, dim], dt);
+                let mut out = poisoned(be, &[n, dim], dt);
+                ops::embedding(be, &idt, &tt, &mut out).unwrap();
+                let dot = up(be, &dout, &[n, dim], dt);
+                let mut dtab = up(be, &dt0, &[vocab, dim], dt);
+                ops::embedding_backward(be, &idt, &dot, &mut dtab).unwrap();
+                vec![down(be, &out), down(be, &dtab)]
+            });
+            compare_all("embedding", &format!("n={n} vocab={vocab} dim={dim}"), dt, &["out", "dtable"], &want, &got);
+        }
+    }
+}
+
+// ---------------------------------------------------------- cross-entropy
+
+pub fn cross_entropy<R: Backend, B: Backend>(r: &R, b: &B) {
+    for dt in float_dtypes(r, b) {
+        for (ci, &(rows, vocab)) in [(1usize, 2usize), (13, 256), (70, 1000)].iter().enumerate() {
+            let mut rng = Rng::new(seed("cross_entropy", dt, ci));
+            let logits: Vec<f32> = rng.normal_vec(rows * vocab).iter().map(|v| 3.0 * v).collect();
+            let mut targets: Vec<u32> = (0..rows).map(|_| rng.below(vocab as u64) as u32).collect();
+            if rows > 4 {
+                targets[1] = 7; // the ignore index below
+                targets[3] = vocab as u32; // out of range: ignored too
+            }
+            let (want, got) = on_both!(r, b, |be| {
+                let lt = up(be, &logits, &[rows, vocab], dt);
+                let tt = Tensor::from_u32(be, &targets, &[rows]).unwrap();
+                let mut losses = poisoned(be, &[rows], DType::F32);
+                ops::cross_entropy(be, &lt, &tt, &mut losses, 7).unwrap();
+                let mut d = poisoned(be, &[rows, vocab], dt);
+                ops::cross_entropy_backward(be, &lt, &tt, &mut d, 7, 1.0 / rows as f32).unwrap();
+                vec![down(be, &losses), down(be, &d)]
+            });
+            compare_all("cross_entropy", &format!("{rows}×{vocab}"), dt, &["losses", "dlogits"], &want, &got);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- reduce
+
+pub fn reductions<R: Backend, B: Backend>(r: &R, b: &B) {
+    for dt in float_dtypes(r, b) {
+        for (ci, &n) in [1usize, 255, 1000, 70_001].iter().enumerate() {
+            let mut rng = Rng::new(seed("reduce", dt, ci));
+            let x = rng.normal_vec(n);
+            for (label, bad) in [("finite", None), ("inf", Some(f32::INFINITY)), ("nan", Some(f32::NAN))] {
+                let mut xv = x.clone();
+                if let Some(v) = bad {
+                    xv[n - 1 - n / 3] = v;
+                }
+                let (want, got) = on_both!(r, b, |be| {
+                    let xt = up(be, &xv, &[n], dt);
+                    let mut ss = poisoned(be, &[1], DType::F32);
+                    ops::sum_squares(be, &xt, &mut ss).unwrap();
+                    let mut ok = Tensor::from_u32(be, &[7], &[1]).unwrap();
+                    ops::all_finite(be, &xt, &mut ok).unwrap();
+                    (down(be, &ss), ok.to_u32_vec(be).unwrap())
+                });
+                assert_eq!(want.1, vec![bad.is_none() as u32], "reference all_finite for {label}");
+                assert_eq!(got.1, want.1, "all_finite n={n} {label} [{dt}]");
+                if bad.is_none() {
+                    assert_close(&format!("sum_squares n={n}"), &got.0, &want.0, dt);
+                } else {
+                    assert!(!got.0[0].is_finite(), "sum_squares of a tensor holding {label} must not be finite");
+                }
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ adamw
+
+pub fn adamw<R: Backend, B: Backend>(r: &R, b: &B) {
+    for copy_dt in float_dtypes(r, b) {
+        for (ci, &n) in [1usize, 333, 4097].iter().enumerate() {
+            let mut rng = Rng::new(seed("adamw", copy_dt, ci));
+            let (p, g, m) = (rng.normal_vec(n), rng.normal_vec(n), rng.normal_vec(n));
+            let v: Vec<f32> = rng.normal_vec(n).iter().map(|x| x * x).collect();
+            let cfg = AdamWConfig { lr: 3e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+            let (want, got) = on_both!(r, b, |be| {
+                let f = |v: &[f32]| up(be, v, &[n], DType::F32);
+                let (mut pt, gt, mut mt, mut vt) = (f(&p), f(&g), f(&m), f(&v));
+                let mut copy = poisoned(be, &[n], copy_dt);
+                ops::adamw(be, &cfg, 7, 0.5, &mut pt, &gt, &mut mt, &mut vt, Some(&mut copy)).unwrap();
+                // A second step without a copy.
+                ops::adamw(be, &cfg, 8, 0.5, &mut pt, &gt, &mut mt, &mut vt, None).unwrap();
+                vec![down(be, &pt), down(be, &mt), down(be, &vt), down(be, &copy)]
+            });
+            compare_all("adamw", &format!("n={n}"), DType::F32, &["params", "m", "v"], &want[..3], &got[..3]);
+            assert_close(&format!("adamw n={n} copy"), &got[3], &want[3], copy_dt);
+        }
+    }
+}
+
+// ------------------------------------------------------------ bad inputs
+
+fn expect_err<T>(what: &str, r: dynsparse::Result<T>, needles: &[&str]) {
+    match r {
+        Ok(_) => panic!("{what}: expected an error"),
+        Err(e) => {
+            let msg = e.to_string();
+            for n in needles {
+                assert!(msg.contains(n), "{what}: error `{msg}` should mention `{n}`");
+            }
+        }
+    }
+}
+
+/// Shape mismatches, wrong dtypes and empty tensors are errors that name
+/// what was wrong, on every backend, and never reach a kernel.
+pub fn bad_inputs_are_errors<X: Backend>(be: &X) {
+    let f = |s: &[usize]| Tensor::<X>::zeros(be, s, DType::F32).unwrap();
+    let (a, b) = (f(&[64, 128]), f(&[64, 32]));
+    let mut c = f(&[64, 32]);
+    expect_err("matmul shapes", ops::matmul(be, &a, &b, &mut c, false, false, 1.0, 0.0), &["64×128", "64×32"]);
+    let bad_batch = f(&[3, 128, 32]);
+    let mut c3 = f(&[2, 64, 32]);
+    let a3 = f(&[2, 64, 128]);
+    expect_err(
+        "matmul batch",
+        ops::matmul(be, &a3, &bad_batch, &mut c3, false, false, 1.0, 0.0),
+        &["batch", "3×128×32"],
+    );
+    let ids = Tensor::<X>::from_u32(be, &[1, 2], &[2]).unwrap();
+    let mut out = f(&[2]);
+    expect_err("add of u32", ops::add(be, &ids, &ids, &mut out), &["u32"]);
+    let mut y = f(&[3, 5]);
+    expect_err("gelu shapes", ops::gelu(be, &f(&[5, 3]), &mut y), &["5×3", "3×5"]);
+    let mut e = f(&[0, 4]);
+    expect_err("empty", ops::scale(be, &mut e, 2.0), &["zero-sized", "0×4"]);
+    let half = Tensor::<X>::zeros(be, &[4], DType::BF16);
+    if let Ok(h) = half {
+        let mut o = f(&[4]);
+        expect_err("mixed dtypes", ops::add(be, &h, &f(&[4]), &mut o), &["bf16", "f32"]);
+    }
+    let (x, g) = (f(&[4, 8]), f(&[7]));
+    let (mut yy, mut mean, mut rstd) = (f(&[4, 8]), f(&[4]), f(&[4]));
+    expect_err(
+        "layernorm gamma",
+        ops::layernorm(be, &x, &g, &g, &mut yy, &mut mean, &mut rstd, 1e-5),
+        &["gamma", "7", "8 elements"],
+    );
+    let logits = f(&[3, 10]);
+    let targets = Tensor::<X>::from_u32(be, &[1, 2], &[2]).unwrap();
+    let mut losses = f(&[3]);
+    expect_err("ce targets", ops::cross_entropy(be, &logits, &targets, &mut losses, 0), &["targets", "3 elements"]);
+    let table = RopeTable::new(be, 8, 4, 10000.0).unwrap();
+    let (xr, mut yr) = (f(&[1, 10, 2, 4]), f(&[1, 10, 2, 4]));
+    expect_err("rope positions", ops::rope(be, &xr, &table, 0, &mut yr), &["positions", "8"]);
+    expect_err("reshape", f(&[4, 8]).reshape(&[5, 6]), &["4×8", "5×6"]);
+    let r: Result<Tensor<X>, Error> = Tensor::from_f32(be, &[1.0; 3], &[2, 2], DType::F32);
+    expect_err("upload length", r, &["3 values", "2×2"]);
+}
+
+/// Generates one `#[test]` per op for a backend pair. `$get` returns
+/// `Option<(&R, &B)>`: `None` means the backend under test is not available
+/// here and the test reports itself skipped (the getter prints why).
+#[macro_export]
+macro_rules! conformance_tests {
+    ($get:path) => {
+        #[test]
+        fn matmul_matches_reference() {
+            if let Some((r, b)) = $get() {
+                common::matmul(r, b)
+            }
+        }
+        #[test]
+        fn fill_add_scale_match_reference() {
+            if let Some((r, b)) = $get() {
+                common::fill_add_scale(r, b)
+            }
+        }
+        #[test]
+        fn axpby_and_cast_match_reference_for_every_dtype_pair() {
+            if let Some((r, b)) = $get() {
+                common::axpby_and_cast(r, b)
+            }
+        }
+        #[test]
+        fn bias_add_and_sum_rows_match_reference() {
+            if let Some((r, b)) = $get() {
+                common::bias_add_and_sum_rows(r, b)
+            }
+        }
+        #[test]
+        fn gelu_forward_backward_and_fused_bias_match_reference() {
+            if let Some((r, b)) = $get() {
+                common::gelu(r, b)
+            }
+        }
+        #[test]
+        fn layernorm_forward_and_backward_match_reference() {
+            if let Some((r, b)) = $get() {
+                common::layernorm(r, b)
+            }
+        }
+        #[test]
+        fn softmax_forward_and_backward_match_reference() {
+            if let Some((r, b)) = $get() {
+                common::softmax(r, b)
+            }
+        }
+        #[test]
+        fn rope_forward_and_backward_match_reference() {
+            if let Some((r, b)) = $get() {
+                common::rope(r, b)
+            }
+        }
+        #[test]
+        fn embedding_lookup_and_scatter_add_match_reference() {
+            if let Some((r, b)) = $get() {
+                common::embedding(r, b)
+            }
+        }
+        #[test]
+        fn cross_entropy_forward_and_backward_match_reference() {
+            if let Some((r, b)) = $get() {
+                common::cross_entropy(r, b)
+            }
+        }
+        #[test]
+        fn sum_squares_and_all_finite_match_reference() {
+            if let Some((r, b)) = $get() {
+                common::reductions(r, b)
+            }
+        }
+        #[test]
+        fn adamw_matches_reference() {
+            if let Some((r, b)) = $get() {
+                common::adamw(r, b)
+            }
+        }
+        #[test]
+        fn bad_inputs_are_errors_naming_the_problem() {
+            if let Some((_, b)) = $get() {
+                common::bad_inputs_are_errors(b)
+            }
+        }
+    };
+}
+
+/// Reports a skipped backend; fails instead when `DYNSPARSE_REQUIRE_<NAME>` is set.
+pub fn skip(name: &str, why: &str) {
+    let var = format!("DYNSPARSE_REQUIRE_{}", name.to_ascii_uppercase());
+    if std::env::var(&var).is_ok_and(|v| !v.is_empty() && v != "0") {
+        panic!("{var} is set but the {name} backend is unavailable: {why}");
+    }
+    eprintln!("skipped: no {name} backend ({why})");
+}
