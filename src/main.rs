@@ -1,1 +1,26 @@
-fn main() {}
+//! `dynsparse`: the command-line front end. Errors print as one line and exit non-zero.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("dynsparse=info,warn"))
+        .format_timestamp(None)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info => cli::info::run(cli.backend),
+        Command::Bench(b) => cli::bench::run(cli.backend, b),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,3 +1,4 @@
 //! Small helpers shared across the crate.
 
+pub mod machine;
 pub mod rng;

@@ -1,0 +1,162 @@
+//! `dynsparse bench …`: throughput measured side by side with the CPU backend
+//! in one run, printed as a Markdown table and optionally written into
+//! BENCHMARKS.md (`--write`).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::{Args, Subcommand};
+use dynsparse::backend::{AnyBackend, BackendChoice, BackendJob, cpu::CpuBackend, run_on, select};
+use dynsparse::util::machine::{host_description, update_markdown_section};
+use dynsparse::util::rng::Rng;
+use dynsparse::{Backend, DType, Error, Result, Tensor, ops};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// GFLOP/s of `C = A·B` (square, f32 accumulation) per dtype and size, with the ratio to the CPU backend.
+    Matmul(MatmulArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct MatmulArgs {
+    /// Square sizes n (A, B, C are n×n).
+    #[arg(long, value_delimiter = ',', default_values_t = [256usize, 512, 1024])]
+    pub sizes: Vec<usize>,
+    /// Dtypes to time (those the backend does not support are reported and skipped).
+    #[arg(long, value_delimiter = ',', default_values_t = ["f32".to_string(), "f16".to_string(), "bf16".to_string()])]
+    pub dtypes: Vec<String>,
+    /// Minimum seconds of timed work per measurement (after one warm-up call).
+    #[arg(long, default_value_t = 0.5)]
+    pub min_time: f64,
+    /// Skip the CPU-backend baseline (and the ratio column).
+    #[arg(long)]
+    pub no_cpu_baseline: bool,
+    /// Write the table into this Markdown file (a section replaced on every run), e.g. BENCHMARKS.md.
+    #[arg(long)]
+    pub write: Option<PathBuf>,
+}
+
+pub fn run(choice: BackendChoice, cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Matmul(a) => matmul(choice, a),
+    }
+}
+
+/// One timed configuration.
+#[derive(Clone, Debug)]
+struct Row {
+    dtype: DType,
+    n: usize,
+    ms: f64,
+    gflops: f64,
+}
+
+struct MatmulJob<'a> {
+    sizes: &'a [usize],
+    dtypes: &'a [DType],
+    min_time: f64,
+    bar: &'a ProgressBar,
+}
+
+impl BackendJob for MatmulJob<'_> {
+    type Output = Vec<Row>;
+    fn run<B: Backend>(self, be: &B) -> Result<Vec<Row>> {
+        let mut rows = Vec::new();
+        for &dt in self.dtypes {
+            if !be.supports(dt) {
+                self.bar.println(format!("{}: {dt} not supported by {}, skipped", be.kind(), be.device_name()));
+                self.bar.inc(self.sizes.len() as u64);
+                continue;
+            }
+            for &n in self.sizes {
+                self.bar.set_message(format!("{} {dt} {n}³", be.kind()));
+                let mut rng = Rng::new(n as u64);
+                let a = Tensor::from_f32(be, &rng.normal_vec(n * n), &[n, n], dt)?;
+                let b = Tensor::from_f32(be, &rng.normal_vec(n * n), &[n, n], dt)?;
+                let mut c = Tensor::empty(be, &[n, n], dt)?;
+                let mut call = || ops::matmul(be, &a, &b, &mut c, false, false, 1.0, 0.0);
+                call()?; // warm-up: pipeline / kernel compilation, pool fill
+                be.synchronize()?;
+                let t0 = Instant::now();
+                call()?;
+                be.synchronize()?;
+                let once = t0.elapsed().as_secs_f64();
+                let iters = ((self.min_time / once.max(1e-6)).ceil() as usize).clamp(2, 1000);
+                let t0 = Instant::now();
+                for _ in 0..iters {
+                    call()?;
+                }
+                be.synchronize()?;
+                let s = t0.elapsed().as_secs_f64() / iters as f64;
+                rows.push(Row { dtype: dt, n, ms: s * 1e3, gflops: 2.0 * (n as f64).powi(3) / s / 1e9 });
+                self.bar.inc(1);
+            }
+        }
+        Ok(rows)
+    }
+}
+
+fn parse_dtypes(v: &[String]) -> Result<Vec<DType>> {
+    v.iter()
+        .map(|s| {
+            DType::parse(s)
+                .filter(|d| d.is_float())
+                .ok_or_else(|| Error::Invalid(format!("unknown float dtype `{s}` (expected f32, f16 or bf16)")))
+        })
+        .collect()
+}
+
+fn matmul(choice: BackendChoice, args: MatmulArgs) -> Result<()> {
+    let dtypes = parse_dtypes(&args.dtypes)?;
+    if args.sizes.is_empty() || args.sizes.contains(&0) {
+        return Err(Error::Invalid("--sizes needs positive sizes, e.g. --sizes 256,512,1024".into()));
+    }
+    let sel = select(choice)?;
+    log::info!("bench on {} ({}): {}", sel.backend.kind(), sel.backend.device_name(), sel.reason);
+    let with_cpu = !args.no_cpu_baseline && !matches!(sel.backend, AnyBackend::Cpu(_));
+    let total = (dtypes.len() * args.sizes.len() * if with_cpu { 2 } else { 1 }) as u64;
+    let bar = ProgressBar::new(total)
+        .with_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed}]").expect("static template"));
+    let job = |bar| MatmulJob { sizes: &args.sizes, dtypes: &dtypes, min_time: args.min_time, bar };
+    let rows = run_on(&sel.backend, job(&bar))?;
+    let cpu_rows = if with_cpu { Some(job(&bar).run(&CpuBackend::new())?) } else { None };
+    bar.finish_and_clear();
+
+    let kind = sel.backend.kind();
+    let mut md = format!(
+        "Machine: {} — device: {} ({kind}).\n\nCommand: `dynsparse --backend {kind} bench matmul --sizes {} --dtypes {}`\n\n",
+        host_description(),
+        sel.backend.device_name(),
+        args.sizes.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(","),
+        dtypes.iter().map(|d| d.name()).collect::<Vec<_>>().join(","),
+    );
+    if cpu_rows.is_some() {
+        md.push_str(&format!(
+            "| dtype | n | {kind} ms | {kind} GFLOP/s | cpu GFLOP/s | {kind} / cpu |\n|---|---:|---:|---:|---:|---:|\n"
+        ));
+    } else {
+        md.push_str(&format!("| dtype | n | {kind} ms | {kind} GFLOP/s |\n|---|---:|---:|---:|\n"));
+    }
+    for r in &rows {
+        let base = cpu_rows.as_ref().and_then(|c| c.iter().find(|c| c.dtype == r.dtype && c.n == r.n));
+        match base {
+            Some(c) => md.push_str(&format!(
+                "| {} | {} | {:.3} | {:.2} | {:.2} | {:.3}× |\n",
+                r.dtype,
+                r.n,
+                r.ms,
+                r.gflops,
+                c.gflops,
+                r.gflops / c.gflops
+            )),
+            None => md.push_str(&format!("| {} | {} | {:.3} | {:.2} |\n", r.dtype, r.n, r.ms, r.gflops)),
+        }
+    }
+    println!("{md}");
+    if let Some(path) = &args.write {
+        update_markdown_section(path, &format!("bench matmul {kind}"), &md)?;
+        println!("written to {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! `dynsparse info`: what this build and this machine offer.
+
+use dynsparse::Result;
+use dynsparse::backend::{BackendChoice, select};
+use dynsparse::util::machine::host_description;
+
+pub fn run(choice: BackendChoice) -> Result<()> {
+    // An explicitly requested backend must exist: fail with one clear line otherwise.
+    if choice != BackendChoice::Auto {
+        let sel = select(choice)?;
+        println!("backend {}: {} ({})", sel.backend.kind(), sel.backend.device_name(), sel.reason);
+        return Ok(());
+    }
+    println!("dynsparse {}", env!("CARGO_PKG_VERSION"));
+    let mut compiled = vec!["cpu"];
+    if cfg!(feature = "wgpu") {
+        compiled.push("wgpu");
+    }
+    if cfg!(feature = "cuda") {
+        compiled.push("cuda");
+    }
+    println!("compiled backends: {}", compiled.join(", "));
+    println!("\ncpu: {}", host_description());
+    wgpu_section();
+    cuda_section();
+    let sel = select(BackendChoice::Auto)?;
+    println!("\n--backend auto chooses: {} — {} ({})", sel.backend.kind(), sel.backend.device_name(), sel.reason);
+    Ok(())
+}
+
+#[cfg(feature = "wgpu")]
+fn wgpu_section() {
+    use dynsparse::backend::wgpu::enumerate_adapters;
+    let adapters = enumerate_adapters();
+    if adapters.is_empty() {
+        println!(
+            "\nwgpu: no adapter found: no Vulkan, Metal or DX12 driver answered \
+             (on Linux without a GPU: `apt-get install mesa-vulkan-drivers` for the lavapipe software adapter)"
+        );
+        return;
+    }
+    println!("\nwgpu adapters:");
+    for a in adapters {
+        let (lo, hi) = a.subgroup_sizes;
+        println!(
+            "  [{}] {} — {} {}{}, driver {}\n      f16 {}, subgroups {} ({lo}..{hi}), {}",
+            a.index,
+            a.name,
+            a.backend,
+            a.device_type,
+            if a.is_software { " (software: used only when asked for)" } else { "" },
+            if a.driver.is_empty() { "?" } else { &a.driver },
+            yes(a.shader_f16),
+            yes(a.subgroups),
+            a.limits
+        );
+    }
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu_section() {
+    println!("\nwgpu: not compiled in (build with the default `wgpu` feature)");
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_section() {
+    match dynsparse::backend::cuda::probe() {
+        Ok(devs) if devs.is_empty() => println!("\ncuda: driver found, but no device"),
+        Ok(devs) => {
+            println!("\ncuda devices:");
+            for d in devs {
+                let (ma, mi) = d.compute_capability;
+                println!(
+                    "  [{}] {} — sm_{ma}{mi}, {:.1} GiB",
+                    d.ordinal,
+                    d.name,
+                    d.total_memory as f64 / (1u64 << 30) as f64
+                );
+            }
+        }
+        Err(why) => println!("\ncuda: unavailable: {why}"),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_section() {
+    println!("\ncuda: not compiled in (build with `--features cuda`)");
+}
+
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn yes(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
