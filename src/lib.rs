@@ -18,6 +18,7 @@
 //! # Ok::<(), dynsparse::Error>(())
 //! ```
 
+pub mod attention;
 pub mod backend;
 pub mod dtype;
 pub mod error;

@@ -1,0 +1,9 @@
+//! Dynamic sparse attention (DSA): the dense-to-sparse training schedule and
+//! the selection semantics (top-k tokens / top-n blocks) every backend's
+//! selection kernel must reproduce. The attention ops themselves (indexer,
+//! dense and sparse flash attention on each backend) are the next layer.
+
+pub mod schedule;
+pub mod select;
+
+pub use schedule::{Budget, Phase, Plan, SparsitySchedule};

@@ -1,0 +1,132 @@
+//! Top-k selection semantics of DSA, as host functions over indexer scores.
+//! Every backend's selection kernel must return exactly these sets.
+//!
+//! Order: by score descending, ties to the smaller key index, NaN as -∞.
+//! Output rows are sorted ascending and padded with [`NONE`] when a query has
+//! fewer candidates than the budget (the first queries of a causal sequence).
+
+/// Padding for unused slots of a selection row.
+pub const NONE: u32 = u32::MAX;
+
+fn better(a: (f32, usize), b: (f32, usize)) -> bool {
+    let key = |s: f32| if s.is_nan() { f32::NEG_INFINITY } else { s };
+    let (sa, sb) = (key(a.0), key(b.0));
+    sa > sb || (sa == sb && a.1 < b.1)
+}
+
+/// Indices of the `k` best of `cands` (score, index) pairs, sorted ascending.
+fn best(mut cands: Vec<(f32, usize)>, k: usize) -> Vec<u32> {
+    cands.sort_by(|&a, &b| {
+        if better(a, b) {
+            std::cmp::Ordering::Less
+        } else if better(b, a) {
+            std::cmp::Ordering::Greater
+        } else {
+            std::cmp::Ordering::Equal
+        }
+    });
+    let mut idx: Vec<u32> = cands.into_iter().take(k).map(|(_, i)| i as u32).collect();
+    idx.sort_unstable();
+    idx
+}
+
+/// Token mode. `scores` is `[seq, seq]` row-major (query t, key s; only
+/// s ≤ t is read). Returns `[seq, k]`: per query the top-k causal keys.
+pub fn topk_tokens(scores: &[f32], seq: usize, k: usize) -> Vec<u32> {
+    let mut out = vec![NONE; seq * k];
+    for t in 0..seq {
+        let cands = (0..=t).map(|s| (scores[t * seq + s], s)).collect();
+        let kept = best(cands, k);
+        out[t * k..t * k + kept.len()].copy_from_slice(&kept);
+    }
+    out
+}
+
+/// Block mode. Scores are max-pooled over (query block, key block) pairs of
+/// `block` tokens (causal entries only). Per query block `qb`, the kept set
+/// is its local block `qb` and the sink block 0, then the best other causal
+/// blocks, `n` in all (fewer when fewer blocks exist). Returns `[nqb, n]`.
+pub fn topk_blocks(scores: &[f32], seq: usize, block: usize, n: usize) -> Vec<u32> {
+    let nb = seq.div_ceil(block);
+    let mut out = vec![NONE; nb * n];
+    for qb in 0..nb {
+        let mut pooled = vec![f32::NEG_INFINITY; qb + 1];
+        for t in qb * block..((qb + 1) * block).min(seq) {
+            for s in 0..=t {
+                let v = scores[t * seq + s];
+                let p = &mut pooled[s / block];
+                if !v.is_nan() && v > *p {
+                    *p = v;
+                }
+            }
+        }
+        let mut kept: Vec<u32> = Vec::with_capacity(n);
+        for forced in [qb, 0] {
+            if kept.len() < n && !kept.contains(&(forced as u32)) {
+                kept.push(forced as u32);
+            }
+        }
+        let others = (1..qb).map(|b| (pooled[b], b)).collect();
+        kept.extend(best(others, n - kept.len()));
+        kept.sort_unstable();
+        out[qb * n..qb * n + kept.len()].copy_from_slice(&kept);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ties_go_to_the_smaller_index() {
+        let seq = 4;
+        let scores = vec![1.0; seq * seq];
+        let got = topk_tokens(&scores, seq, 2);
+        assert_eq!(got, vec![0, NONE, 0, 1, 0, 1, 0, 1]);
+    }
+
+    #[test]
+    fn k_at_least_the_candidates_keeps_every_causal_key_and_pads() {
+        let seq = 3;
+        let scores: Vec<f32> = (0..9).map(|v| v as f32).collect();
+        assert_eq!(
+            topk_tokens(&scores, seq, 5),
+            vec![0, NONE, NONE, NONE, NONE, 0, 1, NONE, NONE, NONE, 0, 1, 2, NONE, NONE]
+        );
+    }
+
+    #[test]
+    fn the_causal_edge_is_never_crossed_even_by_huge_future_scores() {
+        let seq = 5;
+        let mut scores = vec![0.0; seq * seq];
+        for t in 0..seq {
+            for s in t + 1..seq {
+                scores[t * seq + s] = 1e30;
+            }
+            scores[t * seq] = -1.0; // key 0 is the worst causal key
+        }
+        let got = topk_tokens(&scores, seq, 2);
+        for t in 0..seq {
+            for &s in &got[t * 2..t * 2 + 2] {
+                assert!(s == NONE || s as usize <= t, "query {t} kept future key {s}");
+            }
+        }
+        assert_eq!(&got[..2], &[0, NONE], "the first query has one candidate");
+        assert_eq!(&got[8..10], &[1, 2], "ties among zeros: smallest indices, key 0 scored lower");
+    }
+
+    #[test]
+    fn blocks_always_keep_sink_and_local_and_handle_a_ragged_tail() {
+        let (seq, block) = (10, 3); // blocks 0..=3, the last has one token
+        let mut scores = vec![0.0f32; seq * seq];
+        scores[9 * seq + 4] = 5.0; // query 9 (block 3) likes key 4 (block 1)
+        scores[9 * seq + 7] = 1.0; // and key 7 (block 2) a bit
+        let got = topk_blocks(&scores, seq, block, 3);
+        assert_eq!(&got[0..3], &[0, NONE, NONE]);
+        assert_eq!(&got[3..6], &[0, 1, NONE]);
+        assert_eq!(&got[9..12], &[0, 1, 3], "sink 0, local 3, best other 1");
+        let one = topk_blocks(&scores, seq, block, 1);
+        assert_eq!(one, vec![0, 1, 2, 3], "a budget of one keeps the local block");
+    }
+}
