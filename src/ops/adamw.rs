@@ -68,11 +68,13 @@ pub fn adamw<B: Backend>(
     if step == 0 {
         return Err(Error::Invalid(format!("{OP}: step is 1-based, got 0")));
     }
-    let ok = |v: f32| v.is_finite();
-    if !(ok(cfg.lr) && (0.0..1.0).contains(&cfg.beta1) && (0.0..1.0).contains(&cfg.beta2) && cfg.eps > 0.0)
-        || !ok(cfg.weight_decay)
-        || !ok(grad_scale)
-    {
+    let good = cfg.lr.is_finite()
+        && (0.0..1.0).contains(&cfg.beta1)
+        && (0.0..1.0).contains(&cfg.beta2)
+        && cfg.eps > 0.0
+        && cfg.weight_decay.is_finite()
+        && grad_scale.is_finite();
+    if !good {
         return Err(Error::Invalid(format!("{OP}: bad hyper-parameters {cfg:?}, grad_scale = {grad_scale}")));
     }
     let n = check_u32(OP, "numel", params.numel())? as usize;

@@ -46,6 +46,7 @@ fn split(op: &'static str, name: &str, shape: &[usize]) -> Result<(usize, usize,
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn matmul<B: Backend>(
     be: &B,
     a: &Tensor<B>,

@@ -126,7 +126,7 @@ pub(crate) fn check_len<B: Backend>(
 /// `(rows, n)` of a tensor seen as rows of its last dimension.
 pub(crate) fn rows_of<B: Backend>(t: &Tensor<B>) -> (usize, usize) {
     let n = t.last_dim();
-    let rows = if n == 0 { 0 } else { t.numel() / n };
+    let rows = t.numel().checked_div(n).unwrap_or(0);
     (rows, n)
 }
 
