@@ -3,7 +3,9 @@
 //! selection kernel must reproduce. The attention ops themselves (indexer,
 //! dense and sparse flash attention on each backend) are the next layer.
 
+pub mod ops;
 pub mod schedule;
 pub mod select;
 
+pub use ops::{Pattern, attention, attention_backward, indexer_block_scores, indexer_scores, select_topk};
 pub use schedule::{Budget, Phase, Plan, SparsitySchedule};

@@ -30,16 +30,50 @@ fn best(mut cands: Vec<(f32, usize)>, k: usize) -> Vec<u32> {
     idx
 }
 
+/// The selection of one causal score row `r` (candidates `0..=r`): the `k`
+/// best, sorted ascending, padded with [`NONE`] to `k` entries. In block mode
+/// the local block `r` and the sink block 0 are kept first.
+pub fn select_row(row: &[f32], r: usize, k: usize, blocks: bool) -> Vec<u32> {
+    let mut kept: Vec<u32> = Vec::with_capacity(k);
+    let first = if blocks {
+        for forced in [r, 0] {
+            if kept.len() < k && !kept.contains(&(forced as u32)) {
+                kept.push(forced as u32);
+            }
+        }
+        1
+    } else {
+        0
+    };
+    let upto = if blocks { r } else { r + 1 };
+    let others = (first..upto.max(first)).map(|s| (row[s], s)).collect();
+    kept.extend(best(others, k - kept.len()));
+    kept.sort_unstable();
+    kept.resize(k, NONE);
+    kept
+}
+
 /// Token mode. `scores` is `[seq, seq]` row-major (query t, key s; only
 /// s ≤ t is read). Returns `[seq, k]`: per query the top-k causal keys.
 pub fn topk_tokens(scores: &[f32], seq: usize, k: usize) -> Vec<u32> {
-    let mut out = vec![NONE; seq * k];
+    (0..seq).flat_map(|t| select_row(&scores[t * seq..(t + 1) * seq], t, k, false)).collect()
+}
+
+/// Max-pools causal token scores `[seq, seq]` into `[nb, nb]` block scores
+/// (`-∞` where a block pair has no causal entry).
+pub fn pool_blocks(scores: &[f32], seq: usize, block: usize) -> Vec<f32> {
+    let nb = seq.div_ceil(block);
+    let mut pooled = vec![f32::NEG_INFINITY; nb * nb];
     for t in 0..seq {
-        let cands = (0..=t).map(|s| (scores[t * seq + s], s)).collect();
-        let kept = best(cands, k);
-        out[t * k..t * k + kept.len()].copy_from_slice(&kept);
+        for s in 0..=t {
+            let v = scores[t * seq + s];
+            let p = &mut pooled[(t / block) * nb + s / block];
+            if !v.is_nan() && v > *p {
+                *p = v;
+            }
+        }
     }
-    out
+    pooled
 }
 
 /// Block mode. Scores are max-pooled over (query block, key block) pairs of
@@ -48,30 +82,8 @@ pub fn topk_tokens(scores: &[f32], seq: usize, k: usize) -> Vec<u32> {
 /// blocks, `n` in all (fewer when fewer blocks exist). Returns `[nqb, n]`.
 pub fn topk_blocks(scores: &[f32], seq: usize, block: usize, n: usize) -> Vec<u32> {
     let nb = seq.div_ceil(block);
-    let mut out = vec![NONE; nb * n];
-    for qb in 0..nb {
-        let mut pooled = vec![f32::NEG_INFINITY; qb + 1];
-        for t in qb * block..((qb + 1) * block).min(seq) {
-            for s in 0..=t {
-                let v = scores[t * seq + s];
-                let p = &mut pooled[s / block];
-                if !v.is_nan() && v > *p {
-                    *p = v;
-                }
-            }
-        }
-        let mut kept: Vec<u32> = Vec::with_capacity(n);
-        for forced in [qb, 0] {
-            if kept.len() < n && !kept.contains(&(forced as u32)) {
-                kept.push(forced as u32);
-            }
-        }
-        let others = (1..qb).map(|b| (pooled[b], b)).collect();
-        kept.extend(best(others, n - kept.len()));
-        kept.sort_unstable();
-        out[qb * n..qb * n + kept.len()].copy_from_slice(&kept);
-    }
-    out
+    let pooled = pool_blocks(scores, seq, block);
+    (0..nb).flat_map(|qb| select_row(&pooled[qb * nb..(qb + 1) * nb], qb, n, true)).collect()
 }
 
 #[cfg(test)]

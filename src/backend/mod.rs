@@ -18,6 +18,7 @@ pub use select::{AnyBackend, BackendChoice, BackendJob, Selection, run_on, selec
 
 use crate::DType;
 use crate::Tensor;
+use crate::attention::ops::{AttentionSpec, IndexerSpec, SelectSpec};
 use crate::error::Result;
 use crate::ops::*;
 
@@ -138,4 +139,50 @@ pub trait Backend: Send + Sync + Sized + 'static {
         v: &mut T<Self>,
         copy: Option<&mut T<Self>>,
     ) -> Result<()>;
+
+    // ---- attention: semantics in `crate::attention::ops` ----
+    /// Flash-style causal attention over a pattern (`idx` is `None` for dense).
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        s: &AttentionSpec,
+        q: &T<Self>,
+        k: &T<Self>,
+        v: &T<Self>,
+        idx: Option<&T<Self>>,
+        o: &mut T<Self>,
+        lse: &mut T<Self>,
+    ) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        s: &AttentionSpec,
+        q: &T<Self>,
+        k: &T<Self>,
+        v: &T<Self>,
+        o: &T<Self>,
+        lse: &T<Self>,
+        d_o: &T<Self>,
+        idx: Option<&T<Self>>,
+        dq: &mut T<Self>,
+        dk: &mut T<Self>,
+        dv: &mut T<Self>,
+    ) -> Result<()>;
+    fn indexer_scores(
+        &self,
+        s: &IndexerSpec,
+        qi: &T<Self>,
+        ki: &T<Self>,
+        w: &T<Self>,
+        scores: &mut T<Self>,
+    ) -> Result<()>;
+    fn indexer_block_scores(
+        &self,
+        s: &IndexerSpec,
+        qi: &T<Self>,
+        ki: &T<Self>,
+        w: &T<Self>,
+        pooled: &mut T<Self>,
+    ) -> Result<()>;
+    fn select_topk(&self, s: &SelectSpec, scores: &T<Self>, idx: &mut T<Self>) -> Result<()>;
 }

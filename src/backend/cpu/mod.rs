@@ -7,6 +7,7 @@
 //! in parallel with rayon.
 
 mod adamw;
+mod attention;
 mod cross_entropy;
 mod elementwise;
 mod embedding;
@@ -22,6 +23,7 @@ use std::borrow::Cow;
 use half::{bf16, f16};
 
 use super::{Backend, BackendKind, MemoryCounter, MemoryStats};
+use crate::attention::ops::{AttentionSpec, IndexerSpec, SelectSpec};
 use crate::error::{Error, Result};
 use crate::ops::*;
 use crate::{DType, Tensor};
@@ -97,6 +99,14 @@ impl CpuBuffer {
             Storage::BF16(v) => v.iter_mut().zip(vals).for_each(|(o, &x)| *o = bf16::from_f32(x)),
             Storage::U32(v) => v.iter_mut().zip(vals).for_each(|(o, &x)| *o = x as u32),
             Storage::I32(v) => v.iter_mut().zip(vals).for_each(|(o, &x)| *o = x as i32),
+        }
+    }
+
+    /// Overwrites a U32 buffer (the op specs guarantee the dtype).
+    pub(crate) fn store_u32(&mut self, vals: &[u32]) {
+        match &mut self.data {
+            Storage::U32(v) => v.copy_from_slice(vals),
+            _ => unreachable!("op validation guarantees a u32 buffer"),
         }
     }
 
@@ -363,6 +373,63 @@ impl Backend for CpuBackend {
         copy: Option<&mut Tensor<Self>>,
     ) -> Result<()> {
         adamw::step(s, params, grads, m, v, copy);
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        s: &AttentionSpec,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        idx: Option<&Tensor<Self>>,
+        o: &mut Tensor<Self>,
+        lse: &mut Tensor<Self>,
+    ) -> Result<()> {
+        attention::forward(s, q, k, v, idx, o, lse);
+        Ok(())
+    }
+    fn attention_backward(
+        &self,
+        s: &AttentionSpec,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        o: &Tensor<Self>,
+        lse: &Tensor<Self>,
+        d_o: &Tensor<Self>,
+        idx: Option<&Tensor<Self>>,
+        dq: &mut Tensor<Self>,
+        dk: &mut Tensor<Self>,
+        dv: &mut Tensor<Self>,
+    ) -> Result<()> {
+        attention::backward(s, q, k, v, o, lse, d_o, idx, dq, dk, dv);
+        Ok(())
+    }
+    fn indexer_scores(
+        &self,
+        s: &IndexerSpec,
+        qi: &Tensor<Self>,
+        ki: &Tensor<Self>,
+        w: &Tensor<Self>,
+        scores: &mut Tensor<Self>,
+    ) -> Result<()> {
+        attention::indexer_scores(s, qi, ki, w, scores);
+        Ok(())
+    }
+    fn indexer_block_scores(
+        &self,
+        s: &IndexerSpec,
+        qi: &Tensor<Self>,
+        ki: &Tensor<Self>,
+        w: &Tensor<Self>,
+        pooled: &mut Tensor<Self>,
+    ) -> Result<()> {
+        attention::indexer_block_scores(s, qi, ki, w, pooled);
+        Ok(())
+    }
+    fn select_topk(&self, s: &SelectSpec, scores: &Tensor<Self>, idx: &mut Tensor<Self>) -> Result<()> {
+        attention::select_topk(s, scores, idx);
         Ok(())
     }
 }

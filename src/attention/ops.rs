@@ -1,0 +1,332 @@
+//! Attention ops: specs, validation and checked entry points (the backend
+//! methods behind them are unchecked, like those of `crate::ops`).
+//!
+//! Layouts (row-major, one batch after another):
+//! - `q`: `[batch, seq, n_heads, head_dim]`; `k`, `v`: `[batch, seq, n_kv_heads, head_dim]`
+//!   (`n_kv_heads` divides `n_heads`; query head `h` reads kv head `h / (n_heads / n_kv_heads)`);
+//! - `o`: like `q`; `lse`: `[batch, n_heads, seq]` F32, the natural log-sum-exp
+//!   of query `t`'s scaled scores over its keys (saved for the backward pass);
+//! - token pattern `idx`: `[batch, seq, k]` U32 key positions per query;
+//! - block pattern `idx`: `[batch, ceil(seq/block), n]` U32 key-block ids per
+//!   query block (query block `t / block`).
+//!
+//! Semantics: query `t` attends to the keys `s ≤ t` of its pattern — every
+//! `s ≤ t` (dense), the listed positions (tokens), or every position of the
+//! listed blocks (blocks) — with `softmax(scale·q·k)`; entries equal to
+//! [`NONE`](super::select::NONE), beyond `seq`, or in the future (`s > t`) are
+//! skipped. A query with no key gets `o = 0`, `lse = -∞`. Listed entries must
+//! be distinct (the selection ops never repeat one). Backward: `dq`, `dk`,
+//! `dv` are overwritten.
+//!
+//! The indexer: `q_i` `[batch, seq, heads, dim]`, `k_i` `[batch, seq, dim]`,
+//! `w` `[batch, seq, heads]`, `I(t,s) = Σ_j w[t,j]·ReLU(q_i[t,j]·k_i[s])` for
+//! `s ≤ t`. Scores are F32 `[batch, seq, seq]` with `-∞` above the diagonal;
+//! block-pooled scores are F32 `[batch, nqb, nkb]`, the max of `I` over the
+//! causal pairs of (query block, key block), `-∞` when there are none.
+
+use crate::backend::Backend;
+use crate::error::{Error, Result, fmt_shape};
+use crate::ops::{
+    CHECKED, Checked, check_dtype, check_float, check_nonempty, check_same_dtype, check_same_shape, check_u32,
+};
+use crate::{DType, Tensor};
+
+/// Which keys each query sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PatternSpec {
+    Dense,
+    Tokens { k: usize },
+    Blocks { block: usize, n: usize },
+}
+
+/// A sparsity pattern with its index tensor.
+pub enum Pattern<'a, B: Backend> {
+    Dense,
+    Tokens(&'a Tensor<B>),
+    Blocks { idx: &'a Tensor<B>, block: usize },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionSpec {
+    pub batch: usize,
+    pub seq: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+    pub pattern: PatternSpec,
+    pub checked: Checked,
+}
+
+impl AttentionSpec {
+    /// Query heads per kv head.
+    pub fn group(&self) -> usize {
+        self.n_heads / self.n_kv_heads
+    }
+}
+
+fn attn_spec<B: Backend>(
+    be: &B,
+    op: &'static str,
+    q: &Tensor<B>,
+    k: &Tensor<B>,
+    v: &Tensor<B>,
+    pattern: &Pattern<'_, B>,
+) -> Result<AttentionSpec> {
+    check_float(be, op, "q", q)?;
+    check_same_dtype(op, &[("q", q), ("k", k), ("v", v)])?;
+    check_same_shape(op, &[("k", k), ("v", v)])?;
+    for (n, t) in [("q", q), ("k", k)] {
+        check_nonempty(op, n, t)?;
+    }
+    let (&[batch, seq, n_heads, head_dim], &[kb, ks, n_kv_heads, kd]) = (q.shape(), k.shape()) else {
+        return Err(Error::Shape(format!(
+            "{op}: q must be [batch, seq, heads, head_dim] and k, v [batch, seq, kv_heads, head_dim]; got q {}, k {}",
+            fmt_shape(q.shape()),
+            fmt_shape(k.shape())
+        )));
+    };
+    if (kb, ks, kd) != (batch, seq, head_dim) || n_heads % n_kv_heads != 0 {
+        return Err(Error::Shape(format!(
+            "{op}: q {} and k {} disagree (same batch, seq and head_dim; kv heads must divide heads)",
+            fmt_shape(q.shape()),
+            fmt_shape(k.shape())
+        )));
+    }
+    if head_dim > 256 {
+        return Err(Error::Shape(format!("{op}: head_dim {head_dim} exceeds the supported 256")));
+    }
+    check_u32(op, "numel", q.numel())?;
+    let pattern = match *pattern {
+        Pattern::Dense => PatternSpec::Dense,
+        Pattern::Tokens(idx) => {
+            check_dtype(op, "idx", idx, DType::U32)?;
+            match *idx.shape() {
+                [b, s, k] if b == batch && s == seq && k > 0 => PatternSpec::Tokens { k },
+                _ => {
+                    return Err(Error::Shape(format!(
+                        "{op}: token pattern must be [{batch}, {seq}, k], got {}",
+                        fmt_shape(idx.shape())
+                    )));
+                }
+            }
+        }
+        Pattern::Blocks { idx, block } => {
+            check_dtype(op, "idx", idx, DType::U32)?;
+            let nqb = if block == 0 { 0 } else { seq.div_ceil(block) };
+            match *idx.shape() {
+                [b, q, n] if block > 0 && b == batch && q == nqb && n > 0 => PatternSpec::Blocks { block, n },
+                _ => {
+                    return Err(Error::Shape(format!(
+                        "{op}: block pattern with block {block} must be [{batch}, {nqb}, n], got {}",
+                        fmt_shape(idx.shape())
+                    )));
+                }
+            }
+        }
+    };
+    Ok(AttentionSpec {
+        batch,
+        seq,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        scale: 1.0 / (head_dim as f32).sqrt(),
+        pattern,
+        checked: CHECKED,
+    })
+}
+
+fn idx_of<'a, B: Backend>(p: &Pattern<'a, B>) -> Option<&'a Tensor<B>> {
+    match *p {
+        Pattern::Dense => None,
+        Pattern::Tokens(i) | Pattern::Blocks { idx: i, .. } => Some(i),
+    }
+}
+
+fn check_lse<B: Backend>(op: &'static str, s: &AttentionSpec, lse: &Tensor<B>) -> Result<()> {
+    check_dtype(op, "lse", lse, DType::F32)?;
+    let want = [s.batch, s.n_heads, s.seq];
+    if lse.shape() != want {
+        return Err(Error::Shape(format!("{op}: lse must be {}, got {}", fmt_shape(&want), fmt_shape(lse.shape()))));
+    }
+    Ok(())
+}
+
+/// Causal attention of `q` over `k`, `v` restricted to `pattern`; writes `o` and `lse`.
+pub fn attention<B: Backend>(
+    be: &B,
+    q: &Tensor<B>,
+    k: &Tensor<B>,
+    v: &Tensor<B>,
+    pattern: Pattern<'_, B>,
+    o: &mut Tensor<B>,
+    lse: &mut Tensor<B>,
+) -> Result<()> {
+    const OP: &str = "attention";
+    let s = attn_spec(be, OP, q, k, v, &pattern)?;
+    check_same_dtype(OP, &[("q", q), ("o", &*o)])?;
+    check_same_shape(OP, &[("q", q), ("o", &*o)])?;
+    check_lse(OP, &s, lse)?;
+    be.attention(&s, q, k, v, idx_of(&pattern), o, lse)
+}
+
+/// Gradients of [`attention`] from the saved `o` and `lse`; overwrites `dq`, `dk`, `dv`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward<B: Backend>(
+    be: &B,
+    q: &Tensor<B>,
+    k: &Tensor<B>,
+    v: &Tensor<B>,
+    o: &Tensor<B>,
+    lse: &Tensor<B>,
+    d_o: &Tensor<B>,
+    pattern: Pattern<'_, B>,
+    dq: &mut Tensor<B>,
+    dk: &mut Tensor<B>,
+    dv: &mut Tensor<B>,
+) -> Result<()> {
+    const OP: &str = "attention_backward";
+    let s = attn_spec(be, OP, q, k, v, &pattern)?;
+    check_same_dtype(OP, &[("q", q), ("o", o), ("d_o", d_o), ("dq", &*dq), ("dk", &*dk), ("dv", &*dv)])?;
+    check_same_shape(OP, &[("q", q), ("o", o), ("d_o", d_o), ("dq", &*dq)])?;
+    check_same_shape(OP, &[("k", k), ("dk", &*dk), ("dv", &*dv)])?;
+    check_lse(OP, &s, lse)?;
+    be.attention_backward(&s, q, k, v, o, lse, d_o, idx_of(&pattern), dq, dk, dv)
+}
+
+/// Sizes of an indexer call.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct IndexerSpec {
+    pub batch: usize,
+    pub seq: usize,
+    /// Index heads `H_I`.
+    pub heads: usize,
+    /// Index head dim `d_I`.
+    pub dim: usize,
+    /// Pooling block (0: full token scores).
+    pub block: usize,
+    pub checked: Checked,
+}
+
+impl IndexerSpec {
+    pub fn n_blocks(&self) -> usize {
+        self.seq.div_ceil(self.block.max(1))
+    }
+}
+
+fn indexer_spec<B: Backend>(
+    be: &B,
+    op: &'static str,
+    qi: &Tensor<B>,
+    ki: &Tensor<B>,
+    w: &Tensor<B>,
+    block: usize,
+) -> Result<IndexerSpec> {
+    check_float(be, op, "q_i", qi)?;
+    check_same_dtype(op, &[("q_i", qi), ("k_i", ki), ("w", w)])?;
+    check_nonempty(op, "q_i", qi)?;
+    let &[batch, seq, heads, dim] = qi.shape() else {
+        return Err(Error::Shape(format!("{op}: q_i must be [batch, seq, heads, dim], got {}", fmt_shape(qi.shape()))));
+    };
+    if ki.shape() != [batch, seq, dim] || w.shape() != [batch, seq, heads] {
+        return Err(Error::Shape(format!(
+            "{op}: with q_i {}, k_i must be {} and w {}; got {} and {}",
+            fmt_shape(qi.shape()),
+            fmt_shape(&[batch, seq, dim]),
+            fmt_shape(&[batch, seq, heads]),
+            fmt_shape(ki.shape()),
+            fmt_shape(w.shape())
+        )));
+    }
+    check_u32(op, "batch·seq·seq", batch * seq * seq.div_ceil(block.max(1)))?;
+    Ok(IndexerSpec { batch, seq, heads, dim, block, checked: CHECKED })
+}
+
+/// Full token scores `I(t, s)`, F32 `[batch, seq, seq]`, `-∞` for `s > t`.
+pub fn indexer_scores<B: Backend>(
+    be: &B,
+    qi: &Tensor<B>,
+    ki: &Tensor<B>,
+    w: &Tensor<B>,
+    scores: &mut Tensor<B>,
+) -> Result<()> {
+    const OP: &str = "indexer_scores";
+    let s = indexer_spec(be, OP, qi, ki, w, 0)?;
+    check_dtype(OP, "scores", scores, DType::F32)?;
+    if scores.shape() != [s.batch, s.seq, s.seq] {
+        return Err(Error::Shape(format!(
+            "{OP}: scores must be {}, got {}",
+            fmt_shape(&[s.batch, s.seq, s.seq]),
+            fmt_shape(scores.shape())
+        )));
+    }
+    be.indexer_scores(&s, qi, ki, w, scores)
+}
+
+/// Block-pooled scores, F32 `[batch, nqb, nkb]` (`nqb = nkb = ceil(seq/block)`),
+/// computed without materialising the token scores.
+pub fn indexer_block_scores<B: Backend>(
+    be: &B,
+    qi: &Tensor<B>,
+    ki: &Tensor<B>,
+    w: &Tensor<B>,
+    block: usize,
+    pooled: &mut Tensor<B>,
+) -> Result<()> {
+    const OP: &str = "indexer_block_scores";
+    if block == 0 {
+        return Err(Error::Invalid(format!("{OP}: block size must be positive")));
+    }
+    let s = indexer_spec(be, OP, qi, ki, w, block)?;
+    check_dtype(OP, "pooled", pooled, DType::F32)?;
+    let nb = s.n_blocks();
+    if pooled.shape() != [s.batch, nb, nb] {
+        return Err(Error::Shape(format!(
+            "{OP}: pooled must be {}, got {}",
+            fmt_shape(&[s.batch, nb, nb]),
+            fmt_shape(pooled.shape())
+        )));
+    }
+    be.indexer_block_scores(&s, qi, ki, w, pooled)
+}
+
+/// Top-k selection over causal score rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SelectSpec {
+    pub batch: usize,
+    /// Score rows (queries, or query blocks).
+    pub rows: usize,
+    /// Candidates per row (keys, or key blocks); row `r` sees `0..=r`.
+    pub cols: usize,
+    pub k: usize,
+    /// Block mode: always keep the local block `r` and the sink block 0.
+    pub blocks: bool,
+    pub checked: Checked,
+}
+
+/// Per row `r` of `scores` (`[batch, rows, rows]` F32, causal), the `k` best
+/// columns `≤ r` (ties to the smaller index), sorted ascending, padded with
+/// `NONE`; in block mode the local and sink blocks are always kept.
+/// Writes `idx`, U32 `[batch, rows, k]`.
+pub fn select_topk<B: Backend>(be: &B, scores: &Tensor<B>, k: usize, blocks: bool, idx: &mut Tensor<B>) -> Result<()> {
+    const OP: &str = "select_topk";
+    check_dtype(OP, "scores", scores, DType::F32)?;
+    check_dtype(OP, "idx", idx, DType::U32)?;
+    check_nonempty(OP, "scores", scores)?;
+    let &[batch, rows, cols] = scores.shape() else {
+        return Err(Error::Shape(format!(
+            "{OP}: scores must be [batch, rows, cols], got {}",
+            fmt_shape(scores.shape())
+        )));
+    };
+    if rows != cols || k == 0 || idx.shape() != [batch, rows, k] {
+        return Err(Error::Shape(format!(
+            "{OP}: scores {} must be square per batch and idx [{batch}, {rows}, k > 0]; got idx {}",
+            fmt_shape(scores.shape()),
+            fmt_shape(idx.shape())
+        )));
+    }
+    check_u32(OP, "numel", scores.numel())?;
+    be.select_topk(&SelectSpec { batch, rows, cols, k, blocks, checked: CHECKED }, scores, idx)
+}

@@ -1,0 +1,454 @@
+//! Attention on the host: flash-style dense and sparse attention (online
+//! softmax over key tiles, no n×n matrix), the indexer, and top-k selection.
+//! Semantics in `crate::attention::ops`.
+//!
+//! Dense and block patterns run tile by tile with `matrixmultiply` GEMMs
+//! (query tile × key range), so dense and block-sparse attention share one
+//! code path and their speed ratio reflects the work skipped; the token
+//! pattern gathers its keys per query.
+
+use rayon::prelude::*;
+
+use super::{CpuBackend, rd};
+use crate::Tensor;
+use crate::attention::ops::{AttentionSpec, IndexerSpec, PatternSpec, SelectSpec};
+use crate::attention::select::{NONE, select_row};
+
+type T = Tensor<CpuBackend>;
+
+/// Query tile of the dense pattern (and key tile).
+const TILE: usize = 64;
+
+/// `C (m×n) = α·A (m×k)·B (k×n) + β·C`, each operand given by a slice and its
+/// row and column strides.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: &[f32],
+    (rsa, csa): (usize, usize),
+    b: &[f32],
+    (rsb, csb): (usize, usize),
+    beta: f32,
+    c: &mut [f32],
+    (rsc, csc): (usize, usize),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let reach =
+        |r: usize, c: usize, rs: usize, cs: usize| if r == 0 || c == 0 { 0 } else { (r - 1) * rs + (c - 1) * cs + 1 };
+    assert!(
+        reach(m, k, rsa, csa) <= a.len() && reach(k, n, rsb, csb) <= b.len() && reach(m, n, rsc, csc) <= c.len(),
+        "attention gemm out of bounds (a bug: specs are validated)"
+    );
+    // SAFETY: the assert above proves every index reached through the strides
+    // lies inside its slice; `c` is a distinct mutable borrow, so it aliases
+    // neither `a` nor `b`.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            alpha,
+            a.as_ptr(),
+            rsa as isize,
+            csa as isize,
+            b.as_ptr(),
+            rsb as isize,
+            csb as isize,
+            beta,
+            c.as_mut_ptr(),
+            rsc as isize,
+            csc as isize,
+        )
+    }
+}
+
+/// Element offsets of the q/o and k/v layouts.
+struct Layout {
+    s: AttentionSpec,
+}
+
+impl Layout {
+    fn q(&self, b: usize, t: usize, h: usize) -> usize {
+        ((b * self.s.seq + t) * self.s.n_heads + h) * self.s.head_dim
+    }
+    fn k(&self, b: usize, t: usize, g: usize) -> usize {
+        ((b * self.s.seq + t) * self.s.n_kv_heads + g) * self.s.head_dim
+    }
+    fn q_rs(&self) -> usize {
+        self.s.n_heads * self.s.head_dim
+    }
+    fn k_rs(&self) -> usize {
+        self.s.n_kv_heads * self.s.head_dim
+    }
+}
+
+/// A query tile `[t0, t1)` and the key ranges `[k0, k1)` its pattern visits.
+type Tile = (usize, usize, Vec<(usize, usize)>);
+
+fn tiles(s: &AttentionSpec, idx: Option<&[u32]>, b: usize) -> Vec<Tile> {
+    match s.pattern {
+        PatternSpec::Dense => (0..s.seq)
+            .step_by(TILE)
+            .map(|t0| {
+                let t1 = (t0 + TILE).min(s.seq);
+                (t0, t1, (0..t1).step_by(TILE).map(|k0| (k0, (k0 + TILE).min(t1))).collect())
+            })
+            .collect(),
+        PatternSpec::Blocks { block, n } => {
+            let idx = idx.expect("block pattern has an index");
+            let nqb = s.seq.div_ceil(block);
+            (0..nqb)
+                .map(|qb| {
+                    let (t0, t1) = (qb * block, ((qb + 1) * block).min(s.seq));
+                    let row = &idx[(b * nqb + qb) * n..(b * nqb + qb + 1) * n];
+                    let ranges = row
+                        .iter()
+                        .filter(|&&kb| kb != NONE && (kb as usize) <= qb)
+                        .map(|&kb| (kb as usize * block, ((kb as usize + 1) * block).min(s.seq)))
+                        .collect();
+                    (t0, t1, ranges)
+                })
+                .collect()
+        }
+        PatternSpec::Tokens { .. } => unreachable!("token pattern gathers per query"),
+    }
+}
+
+/// Keys of query `t` in token mode.
+fn token_keys<'a>(s: &AttentionSpec, idx: &'a [u32], b: usize, t: usize) -> impl Iterator<Item = usize> + 'a {
+    let PatternSpec::Tokens { k } = s.pattern else { unreachable!() };
+    idx[(b * s.seq + t) * k..(b * s.seq + t + 1) * k].iter().map(|&x| x as usize).filter(move |&x| x <= t)
+}
+
+/// Number of keys of range `[k0, k1)` visible to query `t` (a prefix).
+fn visible(t: usize, k0: usize, k1: usize) -> usize {
+    if t < k0 { 0 } else { (t + 1).min(k1) - k0 }
+}
+
+pub(super) fn forward(s: &AttentionSpec, q: &T, k: &T, v: &T, idx: Option<&T>, o: &mut T, lse: &mut T) {
+    let (q, k, v) = (rd(q), rd(k), rd(v));
+    let idx = idx.map(|i| i.buf.u32s());
+    let lay = Layout { s: *s };
+    let d = s.head_dim;
+    // One task per (batch, head): returns its o rows ([seq, d]) and lse.
+    let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..s.batch * s.n_heads)
+        .into_par_iter()
+        .map(|bh| {
+            let (b, h) = (bh / s.n_heads, bh % s.n_heads);
+            let g = h / s.group();
+            let mut out = vec![0.0f32; s.seq * d];
+            let mut lse = vec![f32::NEG_INFINITY; s.seq];
+            if let PatternSpec::Tokens { .. } = s.pattern {
+                let idx = idx.expect("token pattern has an index");
+                let mut p = Vec::new();
+                for t in 0..s.seq {
+                    let qv = &q[lay.q(b, t, h)..lay.q(b, t, h) + d];
+                    let keys: Vec<usize> = token_keys(s, idx, b, t).collect();
+                    p.clear();
+                    p.extend(keys.iter().map(|&j| {
+                        s.scale * qv.iter().zip(&k[lay.k(b, j, g)..lay.k(b, j, g) + d]).map(|(a, b)| a * b).sum::<f32>()
+                    }));
+                    let m = p.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                    if keys.is_empty() {
+                        continue;
+                    }
+                    let mut l = 0.0;
+                    for x in p.iter_mut() {
+                        *x = (*x - m).exp();
+                        l += *x;
+                    }
+                    let o = &mut out[t * d..(t + 1) * d];
+                    for (&j, &pj) in keys.iter().zip(&p) {
+                        let vv = &v[lay.k(b, j, g)..lay.k(b, j, g) + d];
+                        o.iter_mut().zip(vv).for_each(|(o, v)| *o += pj / l * v);
+                    }
+                    lse[t] = m + l.ln();
+                }
+                return (out, lse);
+            }
+            let mut sbuf = vec![0.0f32; TILE.max(block_of(s)) * TILE.max(block_of(s))];
+            for (t0, t1, ranges) in tiles(s, idx, b) {
+                let rows = t1 - t0;
+                let (mut m, mut l) = (vec![f32::NEG_INFINITY; rows], vec![0.0f32; rows]);
+                let acc = &mut out[t0 * d..t1 * d];
+                for &(k0, k1) in &ranges {
+                    let cols = k1 - k0;
+                    let sb = &mut sbuf[..rows * cols];
+                    gemm(
+                        rows,
+                        d,
+                        cols,
+                        s.scale,
+                        &q[lay.q(b, t0, h)..],
+                        (lay.q_rs(), 1),
+                        &k[lay.k(b, k0, g)..],
+                        (1, lay.k_rs()),
+                        0.0,
+                        sb,
+                        (cols, 1),
+                    );
+                    for r in 0..rows {
+                        let vis = visible(t0 + r, k0, k1);
+                        let row = &mut sb[r * cols..(r + 1) * cols];
+                        let mx = row[..vis].iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+                        let mnew = m[r].max(mx);
+                        if mnew == f32::NEG_INFINITY {
+                            row.fill(0.0);
+                            continue;
+                        }
+                        let corr = (m[r] - mnew).exp();
+                        let mut sum = 0.0;
+                        for (j, x) in row.iter_mut().enumerate() {
+                            *x = if j < vis { (*x - mnew).exp() } else { 0.0 };
+                            sum += *x;
+                        }
+                        l[r] = l[r] * corr + sum;
+                        m[r] = mnew;
+                        acc[r * d..(r + 1) * d].iter_mut().for_each(|a| *a *= corr);
+                    }
+                    gemm(rows, cols, d, 1.0, sb, (cols, 1), &v[lay.k(b, k0, g)..], (lay.k_rs(), 1), 1.0, acc, (d, 1));
+                }
+                for r in 0..rows {
+                    if l[r] > 0.0 {
+                        acc[r * d..(r + 1) * d].iter_mut().for_each(|a| *a /= l[r]);
+                        lse[t0 + r] = m[r] + l[r].ln();
+                    }
+                }
+            }
+            (out, lse)
+        })
+        .collect();
+    o.buf.produce(|o| {
+        for (bh, (out, _)) in per_head.iter().enumerate() {
+            let (b, h) = (bh / s.n_heads, bh % s.n_heads);
+            for t in 0..s.seq {
+                o[lay.q(b, t, h)..lay.q(b, t, h) + d].copy_from_slice(&out[t * d..(t + 1) * d]);
+            }
+        }
+    });
+    lse.buf.produce(|l| {
+        for (bh, (_, ls)) in per_head.iter().enumerate() {
+            l[bh * s.seq..(bh + 1) * s.seq].copy_from_slice(ls);
+        }
+    });
+}
+
+fn block_of(s: &AttentionSpec) -> usize {
+    match s.pattern {
+        PatternSpec::Blocks { block, .. } => block,
+        _ => TILE,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backward(
+    s: &AttentionSpec,
+    q: &T,
+    k: &T,
+    v: &T,
+    o: &T,
+    lse: &T,
+    d_o: &T,
+    idx: Option<&T>,
+    dq: &mut T,
+    dk: &mut T,
+    dv: &mut T,
+) {
+    let (q, k, v, o, lse, d_o) = (rd(q), rd(k), rd(v), rd(o), rd(lse), rd(d_o));
+    let idx = idx.map(|i| i.buf.u32s());
+    let lay = Layout { s: *s };
+    let d = s.head_dim;
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    // One task per (batch, kv head): it owns dk/dv of that head and dq of its query heads.
+    type Grads = (Vec<Vec<f32>>, Vec<f32>, Vec<f32>);
+    let per_kv: Vec<Grads> = (0..s.batch * s.n_kv_heads)
+        .into_par_iter()
+        .map(|bg| {
+            let (b, g) = (bg / s.n_kv_heads, bg % s.n_kv_heads);
+            let (mut dkl, mut dvl) = (vec![0.0f32; s.seq * d], vec![0.0f32; s.seq * d]);
+            let mut dqs = Vec::with_capacity(s.group());
+            for h in g * s.group()..(g + 1) * s.group() {
+                let mut dql = vec![0.0f32; s.seq * d];
+                let lse_h = &lse[(b * s.n_heads + h) * s.seq..(b * s.n_heads + h + 1) * s.seq];
+                let drow: Vec<f32> = (0..s.seq)
+                    .map(|t| dot(&d_o[lay.q(b, t, h)..lay.q(b, t, h) + d], &o[lay.q(b, t, h)..lay.q(b, t, h) + d]))
+                    .collect();
+                if let PatternSpec::Tokens { .. } = s.pattern {
+                    let idx = idx.expect("token pattern has an index");
+                    for t in 0..s.seq {
+                        if lse_h[t] == f32::NEG_INFINITY {
+                            continue;
+                        }
+                        let (qv, dov) =
+                            (&q[lay.q(b, t, h)..lay.q(b, t, h) + d], &d_o[lay.q(b, t, h)..lay.q(b, t, h) + d]);
+                        for j in token_keys(s, idx, b, t) {
+                            let (kv, vv) =
+                                (&k[lay.k(b, j, g)..lay.k(b, j, g) + d], &v[lay.k(b, j, g)..lay.k(b, j, g) + d]);
+                            let p = (s.scale * dot(qv, kv) - lse_h[t]).exp();
+                            let ds = p * (dot(dov, vv) - drow[t]);
+                            for e in 0..d {
+                                dvl[j * d + e] += p * dov[e];
+                                dql[t * d + e] += s.scale * ds * kv[e];
+                                dkl[j * d + e] += s.scale * ds * qv[e];
+                            }
+                        }
+                    }
+                    dqs.push(dql);
+                    continue;
+                }
+                let bs = TILE.max(block_of(s));
+                let (mut pb, mut dpb) = (vec![0.0f32; bs * bs], vec![0.0f32; bs * bs]);
+                for (t0, t1, ranges) in tiles(s, idx, b) {
+                    let rows = t1 - t0;
+                    for &(k0, k1) in &ranges {
+                        let cols = k1 - k0;
+                        let (p, dp) = (&mut pb[..rows * cols], &mut dpb[..rows * cols]);
+                        let (qt, kt, vt) = (&q[lay.q(b, t0, h)..], &k[lay.k(b, k0, g)..], &v[lay.k(b, k0, g)..]);
+                        let dot_t = &d_o[lay.q(b, t0, h)..];
+                        gemm(rows, d, cols, s.scale, qt, (lay.q_rs(), 1), kt, (1, lay.k_rs()), 0.0, p, (cols, 1));
+                        for r in 0..rows {
+                            let vis = visible(t0 + r, k0, k1);
+                            let l = lse_h[t0 + r];
+                            for (j, x) in p[r * cols..(r + 1) * cols].iter_mut().enumerate() {
+                                *x = if j < vis && l > f32::NEG_INFINITY { (*x - l).exp() } else { 0.0 };
+                            }
+                        }
+                        // dV += Pᵀ·dO; dP = dO·Vᵀ; dS = P∘(dP - D); dQ += s·dS·K; dK += s·dSᵀ·Q.
+                        gemm(cols, rows, d, 1.0, p, (1, cols), dot_t, (lay.q_rs(), 1), 1.0, &mut dvl[k0 * d..], (d, 1));
+                        gemm(rows, d, cols, 1.0, dot_t, (lay.q_rs(), 1), vt, (1, lay.k_rs()), 0.0, dp, (cols, 1));
+                        for r in 0..rows {
+                            for j in 0..cols {
+                                dp[r * cols + j] = p[r * cols + j] * (dp[r * cols + j] - drow[t0 + r]);
+                            }
+                        }
+                        gemm(
+                            rows,
+                            cols,
+                            d,
+                            s.scale,
+                            dp,
+                            (cols, 1),
+                            kt,
+                            (lay.k_rs(), 1),
+                            1.0,
+                            &mut dql[t0 * d..],
+                            (d, 1),
+                        );
+                        gemm(
+                            cols,
+                            rows,
+                            d,
+                            s.scale,
+                            dp,
+                            (1, cols),
+                            qt,
+                            (lay.q_rs(), 1),
+                            1.0,
+                            &mut dkl[k0 * d..],
+                            (d, 1),
+                        );
+                    }
+                }
+                dqs.push(dql);
+            }
+            (dqs, dkl, dvl)
+        })
+        .collect();
+    dq.buf.produce(|out| {
+        for (bg, (dqs, _, _)) in per_kv.iter().enumerate() {
+            let (b, g) = (bg / s.n_kv_heads, bg % s.n_kv_heads);
+            for (i, dql) in dqs.iter().enumerate() {
+                let h = g * s.group() + i;
+                for t in 0..s.seq {
+                    out[lay.q(b, t, h)..lay.q(b, t, h) + d].copy_from_slice(&dql[t * d..(t + 1) * d]);
+                }
+            }
+        }
+    });
+    for (which, dst) in [(1, dk), (2, dv)] {
+        dst.buf.produce(|out| {
+            for (bg, grads) in per_kv.iter().enumerate() {
+                let src = if which == 1 { &grads.1 } else { &grads.2 };
+                let (b, g) = (bg / s.n_kv_heads, bg % s.n_kv_heads);
+                for t in 0..s.seq {
+                    out[lay.k(b, t, g)..lay.k(b, t, g) + d].copy_from_slice(&src[t * d..(t + 1) * d]);
+                }
+            }
+        });
+    }
+}
+
+/// Scores of the query rows `t0..t1` of batch `b` against keys `0..t1`:
+/// returns `[t1 - t0, t1]` with `-∞` above the diagonal.
+fn indexer_tile(s: &IndexerSpec, qi: &[f32], ki: &[f32], w: &[f32], b: usize, t0: usize, t1: usize) -> Vec<f32> {
+    let (rows, cols, hi, di) = (t1 - t0, t1, s.heads, s.dim);
+    // L[(t, j), s] = q_i[t, j]·k_i[s] for the tile's rows (contiguous: [t][j][e]).
+    let mut l = vec![0.0f32; rows * hi * cols];
+    let qoff = (b * s.seq + t0) * hi * di;
+    gemm(rows * hi, di, cols, 1.0, &qi[qoff..], (di, 1), &ki[b * s.seq * di..], (1, di), 0.0, &mut l, (cols, 1));
+    let mut out = vec![f32::NEG_INFINITY; rows * cols];
+    for r in 0..rows {
+        let t = t0 + r;
+        let wt = &w[(b * s.seq + t) * hi..(b * s.seq + t + 1) * hi];
+        let o = &mut out[r * cols..r * cols + t + 1];
+        o.fill(0.0);
+        for (j, &wj) in wt.iter().enumerate() {
+            let lr = &l[(r * hi + j) * cols..(r * hi + j) * cols + t + 1];
+            o.iter_mut().zip(lr).for_each(|(o, &x)| *o += wj * x.max(0.0));
+        }
+    }
+    out
+}
+
+pub(super) fn indexer_scores(s: &IndexerSpec, qi: &T, ki: &T, w: &T, scores: &mut T) {
+    let (qi, ki, w) = (rd(qi), rd(ki), rd(w));
+    let n = s.seq;
+    let tasks: Vec<(usize, usize)> = (0..s.batch).flat_map(|b| (0..n).step_by(TILE).map(move |t0| (b, t0))).collect();
+    let tiles: Vec<Vec<f32>> =
+        tasks.par_iter().map(|&(b, t0)| indexer_tile(s, &qi, &ki, &w, b, t0, (t0 + TILE).min(n))).collect();
+    scores.buf.produce(|out| {
+        for (&(b, t0), tile) in tasks.iter().zip(&tiles) {
+            let t1 = (t0 + TILE).min(n);
+            for r in 0..t1 - t0 {
+                let dst = &mut out[(b * n + t0 + r) * n..(b * n + t0 + r + 1) * n];
+                dst[..t1].copy_from_slice(&tile[r * t1..(r + 1) * t1]);
+                dst[t1..].fill(f32::NEG_INFINITY);
+            }
+        }
+    });
+}
+
+pub(super) fn indexer_block_scores(s: &IndexerSpec, qi: &T, ki: &T, w: &T, pooled: &mut T) {
+    let (qi, ki, w) = (rd(qi), rd(ki), rd(w));
+    let (bs, nb) = (s.block, s.n_blocks());
+    pooled.buf.produce(|out| {
+        out.par_chunks_mut(nb).enumerate().for_each(|(row, dst)| {
+            let (b, qb) = (row / nb, row % nb);
+            let (t0, t1) = (qb * bs, ((qb + 1) * bs).min(s.seq));
+            let tile = indexer_tile(s, &qi, &ki, &w, b, t0, t1);
+            dst.fill(f32::NEG_INFINITY);
+            for r in 0..t1 - t0 {
+                for (sidx, &x) in tile[r * t1..r * t1 + t0 + r + 1].iter().enumerate() {
+                    let p = &mut dst[sidx / bs];
+                    if x > *p {
+                        *p = x;
+                    }
+                }
+            }
+        })
+    });
+}
+
+pub(super) fn select_topk(s: &SelectSpec, scores: &T, idx: &mut T) {
+    let sc = rd(scores);
+    let out: Vec<u32> = (0..s.batch * s.rows)
+        .into_par_iter()
+        .flat_map_iter(|row| select_row(&sc[row * s.cols..(row + 1) * s.cols], row % s.rows, s.k, s.blocks))
+        .collect();
+    idx.buf.store_u32(&out);
+}
