@@ -277,3 +277,163 @@ fn indexer_scores_pooling_and_selection_match_host_semantics() {
         );
     }
 }
+
+/// `I(t, s)` in f64.
+fn naive_indexer(
+    b: usize,
+    seq: usize,
+    hi: usize,
+    di: usize,
+    qi: &[f64],
+    ki: &[f64],
+    w: &[f64],
+    t: usize,
+    s: usize,
+) -> f64 {
+    (0..hi)
+        .map(|j| {
+            let dot: f64 = (0..di).map(|e| qi[((b * seq + t) * hi + j) * di + e] * ki[(b * seq + s) * di + e]).sum();
+            w[(b * seq + t) * hi + j] * dot.max(0.0)
+        })
+        .sum()
+}
+
+#[test]
+fn indexer_backward_matches_finite_differences() {
+    let be = CpuBackend::new();
+    let (batch, seq, hi, di) = (2, 70, 3, 5);
+    let mut r = Rng::new(21);
+    let (qi, ki, w) =
+        (r.normal_vec(batch * seq * hi * di), r.normal_vec(batch * seq * di), r.normal_vec(batch * seq * hi));
+    let dsc = r.normal_vec(batch * seq * seq);
+    let up = |x: &[f32], s: &[usize]| Tensor::from_f32(&be, x, s, DType::F32).unwrap();
+    let (qt, kt, wt) = (up(&qi, &[batch, seq, hi, di]), up(&ki, &[batch, seq, di]), up(&w, &[batch, seq, hi]));
+    let dst = up(&dsc, &[batch, seq, seq]);
+    let (mut dq, mut dk, mut dw) =
+        (up(&qi, &[batch, seq, hi, di]), up(&ki, &[batch, seq, di]), up(&w, &[batch, seq, hi]));
+    attention::indexer_backward(&be, &qt, &kt, &wt, &dst, &mut dq, &mut dk, &mut dw).unwrap();
+    let grads = [dq.to_f32_vec(&be).unwrap(), dk.to_f32_vec(&be).unwrap(), dw.to_f32_vec(&be).unwrap()];
+    let f64v = |x: &[f32]| x.iter().map(|&e| e as f64).collect::<Vec<_>>();
+    let base = [f64v(&qi), f64v(&ki), f64v(&w)];
+    // L = Σ_{b, t, s ≤ t} dscores·I(t, s)
+    let loss = |p: &[Vec<f64>; 3]| -> f64 {
+        let mut acc = 0.0;
+        for b in 0..batch {
+            for t in 0..seq {
+                for s in 0..=t {
+                    acc +=
+                        dsc[(b * seq + t) * seq + s] as f64 * naive_indexer(b, seq, hi, di, &p[0], &p[1], &p[2], t, s);
+                }
+            }
+        }
+        acc
+    };
+    let mut rng = Rng::new(5);
+    for which in 0..3 {
+        for _ in 0..12 {
+            let i = rng.below(base[which].len() as u64) as usize;
+            let h = 1e-6;
+            let (mut a, mut m) = (base.clone(), base.clone());
+            a[which][i] += h;
+            m[which][i] -= h;
+            let fd = (loss(&a) - loss(&m)) / (2.0 * h);
+            let g = grads[which][i] as f64;
+            assert!((g - fd).abs() < 1e-3 * (1.0 + fd.abs()), "{} [{i}]: {g} vs {fd}", ["dq_i", "dk_i", "dw"][which]);
+        }
+    }
+}
+
+/// KL loss and its score gradient against f64; a perfect indexer has zero loss.
+#[test]
+fn indexer_kl_matches_f64_and_vanishes_for_a_perfect_indexer() {
+    let be = CpuBackend::new();
+    let sh = GQA;
+    let (q, k, v, _) = inputs(&sh, 31);
+    let (_, _, blk) = random_selection(&sh, 32);
+    for keys in [Keys::Dense, Keys::Blocks(blk, 16, 3)] {
+        let qs = [sh.batch, sh.seq, sh.heads, sh.d];
+        let ks = [sh.batch, sh.seq, sh.kv, sh.d];
+        let up = |x: &[f32], s: &[usize]| Tensor::from_f32(&be, x, s, DType::F32).unwrap();
+        let (qt, kt, vt) = (up(&q, &qs), up(&k, &ks), up(&v, &ks));
+        let idx = pattern_tensor(&be, &sh, &keys);
+        let mut o = Tensor::empty(&be, &qs, DType::F32).unwrap();
+        let mut lse = Tensor::empty(&be, &[sh.batch, sh.heads, sh.seq], DType::F32).unwrap();
+        attention::attention(&be, &qt, &kt, &vt, pat(&keys, &idx), &mut o, &mut lse).unwrap();
+        // The head-averaged attention distribution in f64.
+        let scale = 1.0 / (sh.d as f64).sqrt();
+        let n = sh.seq;
+        let mut p = vec![0.0f64; sh.batch * n * n];
+        for b in 0..sh.batch {
+            for t in 0..n {
+                let ks_t = keys.of(&sh, b, t);
+                for h in 0..sh.heads {
+                    let g = h / (sh.heads / sh.kv);
+                    let sc: Vec<f64> = ks_t
+                        .iter()
+                        .map(|&s| {
+                            scale
+                                * (0..sh.d)
+                                    .map(|e| {
+                                        q[((b * n + t) * sh.heads + h) * sh.d + e] as f64
+                                            * k[((b * n + s) * sh.kv + g) * sh.d + e] as f64
+                                    })
+                                    .sum::<f64>()
+                        })
+                        .collect();
+                    let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+                    for (i, &s) in ks_t.iter().enumerate() {
+                        p[(b * n + t) * n + s] += (sc[i] - m).exp() / z / sh.heads as f64;
+                    }
+                }
+            }
+        }
+        let kl = |scores: &[f64]| -> Vec<f64> {
+            (0..sh.batch * n)
+                .map(|row| {
+                    let ks_t = keys.of(&sh, row / n, row % n);
+                    let m = ks_t.iter().map(|&s| scores[row * n + s]).fold(f64::NEG_INFINITY, f64::max);
+                    let lz = ks_t.iter().map(|&s| (scores[row * n + s] - m).exp()).sum::<f64>().ln() + m;
+                    ks_t.iter()
+                        .map(|&s| p[row * n + s])
+                        .zip(&ks_t)
+                        .filter(|(pi, _)| *pi > 0.0)
+                        .map(|(pi, &s)| pi * (pi.ln() - (scores[row * n + s] - lz)))
+                        .sum()
+                })
+                .collect()
+        };
+        let run_kl = |scores: &[f32]| {
+            let st = up(scores, &[sh.batch, n, n]);
+            let mut loss = Tensor::empty(&be, &[sh.batch, n], DType::F32).unwrap();
+            let mut ds = up(&vec![f32::NAN; sh.batch * n * n], &[sh.batch, n, n]);
+            attention::indexer_kl(&be, &qt, &kt, &lse, &st, pat(&keys, &idx), &mut loss, &mut ds).unwrap();
+            (loss.to_f32_vec(&be).unwrap(), ds.to_f32_vec(&be).unwrap())
+        };
+        let scores: Vec<f32> = Rng::new(33).normal_vec(sh.batch * n * n);
+        let (loss, ds) = run_kl(&scores);
+        let s64: Vec<f64> = scores.iter().map(|&x| x as f64).collect();
+        let want = kl(&s64);
+        for (i, (a, b)) in loss.iter().zip(&want).enumerate() {
+            assert!((*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()), "loss[{i}]: {a} vs {b}");
+        }
+        let mut rng = Rng::new(34);
+        for _ in 0..30 {
+            let row = rng.below((sh.batch * n) as u64) as usize;
+            let t = row % n;
+            let s = rng.below(t as u64 + 1) as usize;
+            let i = row * n + s;
+            let h = 1e-6;
+            let (mut a, mut m) = (s64.clone(), s64.clone());
+            a[i] += h;
+            m[i] -= h;
+            let fd = (kl(&a)[row] - kl(&m)[row]) / (2.0 * h);
+            assert!((ds[i] as f64 - fd).abs() < 1e-4, "dscores[{row}, {s}]: {} vs {fd}", ds[i]);
+        }
+        // scores = ln p on the kept set: the indexer reproduces the attention, KL = 0.
+        let perfect: Vec<f32> = p.iter().map(|&x| if x > 0.0 { x.ln() as f32 } else { -60.0 }).collect();
+        let (loss, ds) = run_kl(&perfect);
+        assert!(loss.iter().all(|l| l.abs() < 1e-4), "max KL {}", loss.iter().cloned().fold(0.0, f32::max));
+        assert!(ds.iter().all(|d| d.abs() < 1e-4));
+    }
+}

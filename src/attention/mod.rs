@@ -7,5 +7,8 @@ pub mod ops;
 pub mod schedule;
 pub mod select;
 
-pub use ops::{Pattern, attention, attention_backward, indexer_block_scores, indexer_scores, select_topk};
+pub use ops::{
+    Pattern, attention, attention_backward, indexer_backward, indexer_block_scores, indexer_kl, indexer_scores,
+    select_topk,
+};
 pub use schedule::{Budget, Phase, Plan, SparsitySchedule};

@@ -330,3 +330,90 @@ pub fn select_topk<B: Backend>(be: &B, scores: &Tensor<B>, k: usize, blocks: boo
     check_u32(OP, "numel", scores.numel())?;
     be.select_topk(&SelectSpec { batch, rows, cols, k, blocks, checked: CHECKED }, scores, idx)
 }
+
+/// Sizes of the indexer's training loss.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct IndexerLossSpec {
+    pub attn: AttentionSpec,
+    pub checked: Checked,
+}
+
+/// The indexer's KL training loss (DeepSeek-V3.2 style), main attention detached.
+///
+/// For query `t` with key set `K(t)` (the attention pattern: all `s ≤ t` in the
+/// dense phase, the kept set in the sparse phase):
+/// `p(s) = (1/H)·Σ_h exp(scale·q_h[t]·k[s] - lse_h[t])` (the main attention
+/// averaged over heads; each head already sums to 1 over `K(t)`),
+/// `r(s) = softmax_{K(t)} I(t, ·)`,
+/// `loss[b, t] = Σ_{s∈K(t)} p(s)·(ln p(s) - ln r(s))` (F32 `[batch, seq]`),
+/// `dscores[b, t, s] = r(s) - p(s)` on `K(t)`, 0 elsewhere (F32 `[batch, seq, seq]`):
+/// the gradient of `Σ loss` with respect to the indexer scores.
+#[allow(clippy::too_many_arguments)]
+pub fn indexer_kl<B: Backend>(
+    be: &B,
+    q: &Tensor<B>,
+    k: &Tensor<B>,
+    lse: &Tensor<B>,
+    scores: &Tensor<B>,
+    pattern: Pattern<'_, B>,
+    loss: &mut Tensor<B>,
+    dscores: &mut Tensor<B>,
+) -> Result<()> {
+    const OP: &str = "indexer_kl";
+    let s = attn_spec(be, OP, q, k, k, &pattern)?;
+    check_lse(OP, &s, lse)?;
+    let sq = [s.batch, s.seq, s.seq];
+    for (name, t) in [("scores", scores), ("dscores", &*dscores)] {
+        check_dtype(OP, name, t, DType::F32)?;
+        if t.shape() != sq {
+            return Err(Error::Shape(format!(
+                "{OP}: `{name}` must be {}, got {}",
+                fmt_shape(&sq),
+                fmt_shape(t.shape())
+            )));
+        }
+    }
+    check_dtype(OP, "loss", loss, DType::F32)?;
+    if loss.shape() != [s.batch, s.seq] {
+        return Err(Error::Shape(format!(
+            "{OP}: loss must be [{}, {}], got {}",
+            s.batch,
+            s.seq,
+            fmt_shape(loss.shape())
+        )));
+    }
+    check_u32(OP, "batch·seq·seq", s.batch * s.seq * s.seq)?;
+    be.indexer_kl(&IndexerLossSpec { attn: s, checked: CHECKED }, q, k, lse, scores, idx_of(&pattern), loss, dscores)
+}
+
+/// Gradients of [`indexer_scores`] given `dscores` (F32 `[batch, seq, seq]`,
+/// entries above the diagonal ignored); `dq_i`, `dk_i`, `dw` are overwritten:
+/// with `L = q_i[t,j]·k_i[s]`, `dw[t,j] = Σ_s dI·ReLU(L)`,
+/// `dq_i[t,j] = Σ_s dI·w[t,j]·[L>0]·k_i[s]`, `dk_i[s] = Σ_{t,j} dI·w[t,j]·[L>0]·q_i[t,j]`.
+#[allow(clippy::too_many_arguments)]
+pub fn indexer_backward<B: Backend>(
+    be: &B,
+    qi: &Tensor<B>,
+    ki: &Tensor<B>,
+    w: &Tensor<B>,
+    dscores: &Tensor<B>,
+    dqi: &mut Tensor<B>,
+    dki: &mut Tensor<B>,
+    dw: &mut Tensor<B>,
+) -> Result<()> {
+    const OP: &str = "indexer_backward";
+    let s = indexer_spec(be, OP, qi, ki, w, 0)?;
+    check_dtype(OP, "dscores", dscores, DType::F32)?;
+    if dscores.shape() != [s.batch, s.seq, s.seq] {
+        return Err(Error::Shape(format!(
+            "{OP}: dscores must be {}, got {}",
+            fmt_shape(&[s.batch, s.seq, s.seq]),
+            fmt_shape(dscores.shape())
+        )));
+    }
+    check_same_dtype(OP, &[("q_i", qi), ("dq_i", &*dqi), ("dk_i", &*dki), ("dw", &*dw)])?;
+    check_same_shape(OP, &[("q_i", qi), ("dq_i", &*dqi)])?;
+    check_same_shape(OP, &[("k_i", ki), ("dk_i", &*dki)])?;
+    check_same_shape(OP, &[("w", w), ("dw", &*dw)])?;
+    be.indexer_backward(&s, qi, ki, w, dscores, dqi, dki, dw)
+}

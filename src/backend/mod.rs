@@ -18,7 +18,7 @@ pub use select::{AnyBackend, BackendChoice, BackendJob, Selection, run_on, selec
 
 use crate::DType;
 use crate::Tensor;
-use crate::attention::ops::{AttentionSpec, IndexerSpec, SelectSpec};
+use crate::attention::ops::{AttentionSpec, IndexerLossSpec, IndexerSpec, SelectSpec};
 use crate::error::Result;
 use crate::ops::*;
 
@@ -185,4 +185,28 @@ pub trait Backend: Send + Sync + Sized + 'static {
         pooled: &mut T<Self>,
     ) -> Result<()>;
     fn select_topk(&self, s: &SelectSpec, scores: &T<Self>, idx: &mut T<Self>) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn indexer_kl(
+        &self,
+        s: &IndexerLossSpec,
+        q: &T<Self>,
+        k: &T<Self>,
+        lse: &T<Self>,
+        scores: &T<Self>,
+        idx: Option<&T<Self>>,
+        loss: &mut T<Self>,
+        dscores: &mut T<Self>,
+    ) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn indexer_backward(
+        &self,
+        s: &IndexerSpec,
+        qi: &T<Self>,
+        ki: &T<Self>,
+        w: &T<Self>,
+        dscores: &T<Self>,
+        dqi: &mut T<Self>,
+        dki: &mut T<Self>,
+        dw: &mut T<Self>,
+    ) -> Result<()>;
 }

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::{CpuBackend, rd};
 use crate::Tensor;
-use crate::attention::ops::{AttentionSpec, IndexerSpec, PatternSpec, SelectSpec};
+use crate::attention::ops::{AttentionSpec, IndexerLossSpec, IndexerSpec, PatternSpec, SelectSpec};
 use crate::attention::select::{NONE, select_row};
 
 type T = Tensor<CpuBackend>;
@@ -451,4 +451,151 @@ pub(super) fn select_topk(s: &SelectSpec, scores: &T, idx: &mut T) {
         .flat_map_iter(|row| select_row(&sc[row * s.cols..(row + 1) * s.cols], row % s.rows, s.k, s.blocks))
         .collect();
     idx.buf.store_u32(&out);
+}
+
+/// The key set `K(t)` of query `t` of batch `b`, ascending.
+fn keys_of(s: &AttentionSpec, idx: Option<&[u32]>, b: usize, t: usize) -> Vec<usize> {
+    match s.pattern {
+        PatternSpec::Dense => (0..=t).collect(),
+        PatternSpec::Tokens { .. } => {
+            let mut v: Vec<usize> = token_keys(s, idx.expect("token index"), b, t).collect();
+            v.sort_unstable();
+            v
+        }
+        PatternSpec::Blocks { block, n } => {
+            let idx = idx.expect("block index");
+            let (nqb, qb) = (s.seq.div_ceil(block), t / block);
+            let mut v: Vec<usize> = idx[(b * nqb + qb) * n..(b * nqb + qb + 1) * n]
+                .iter()
+                .filter(|&&kb| kb != NONE && kb as usize <= qb)
+                .flat_map(|&kb| kb as usize * block..((kb as usize + 1) * block).min(t + 1))
+                .collect();
+            v.sort_unstable();
+            v
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn indexer_kl(
+    ls: &IndexerLossSpec,
+    q: &T,
+    k: &T,
+    lse: &T,
+    scores: &T,
+    idx: Option<&T>,
+    loss: &mut T,
+    dscores: &mut T,
+) {
+    let s = &ls.attn;
+    let (q, k, lse, sc) = (rd(q), rd(k), rd(lse), rd(scores));
+    let idx = idx.map(|i| i.buf.u32s());
+    let lay = Layout { s: *s };
+    let (n, d) = (s.seq, s.head_dim);
+    let mut losses = vec![0.0f32; s.batch * n];
+    dscores.buf.produce(|ds| {
+        ds.par_chunks_mut(n).zip(losses.par_iter_mut()).enumerate().for_each(|(row, (dsr, lossr))| {
+            let (b, t) = (row / n, row % n);
+            dsr.fill(0.0);
+            let keys = keys_of(s, idx, b, t);
+            if keys.is_empty() {
+                *lossr = 0.0;
+                return;
+            }
+            let mut p = vec![0.0f32; keys.len()];
+            for h in 0..s.n_heads {
+                let l = lse[(b * s.n_heads + h) * n + t];
+                if l == f32::NEG_INFINITY {
+                    continue;
+                }
+                let qv = &q[lay.q(b, t, h)..lay.q(b, t, h) + d];
+                let g = h / s.group();
+                for (pi, &j) in p.iter_mut().zip(&keys) {
+                    let dot: f32 = qv.iter().zip(&k[lay.k(b, j, g)..lay.k(b, j, g) + d]).map(|(a, b)| a * b).sum();
+                    *pi += (s.scale * dot - l).exp() / s.n_heads as f32;
+                }
+            }
+            let ir = &sc[row * n..(row + 1) * n];
+            let m = keys.iter().fold(f32::NEG_INFINITY, |m, &j| m.max(ir[j]));
+            let z: f32 = keys.iter().map(|&j| (ir[j] - m).exp()).sum();
+            let mut total = 0.0f32;
+            for (&pi, &j) in p.iter().zip(&keys) {
+                let log_r = ir[j] - m - z.ln();
+                if pi > 0.0 {
+                    total += pi * (pi.ln() - log_r);
+                }
+                dsr[j] = log_r.exp() - pi;
+            }
+            *lossr = total;
+        })
+    });
+    loss.buf.store(&losses);
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn indexer_backward(
+    s: &IndexerSpec,
+    qi: &T,
+    ki: &T,
+    w: &T,
+    dscores: &T,
+    dqi: &mut T,
+    dki: &mut T,
+    dw: &mut T,
+) {
+    let (qi, ki, w, ds) = (rd(qi), rd(ki), rd(w), rd(dscores));
+    let (n, hi, di) = (s.seq, s.heads, s.dim);
+    let tasks: Vec<(usize, usize)> = (0..s.batch).flat_map(|b| (0..n).step_by(TILE).map(move |t0| (b, t0))).collect();
+    // Per task: dq_i rows, dw rows, and this tile's contribution to dk_i[b, 0..t1].
+    let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = tasks
+        .par_iter()
+        .map(|&(b, t0)| {
+            let t1 = (t0 + TILE).min(n);
+            let (rows, cols) = (t1 - t0, t1);
+            let qoff = (b * n + t0) * hi * di;
+            let mut l = vec![0.0f32; rows * hi * cols];
+            gemm(rows * hi, di, cols, 1.0, &qi[qoff..], (di, 1), &ki[b * n * di..], (1, di), 0.0, &mut l, (cols, 1));
+            let mut dwt = vec![0.0f32; rows * hi];
+            // l becomes G = dI·w·[L>0] in place.
+            for r in 0..rows {
+                let t = t0 + r;
+                let dsr = &ds[(b * n + t) * n..(b * n + t) * n + t + 1];
+                for j in 0..hi {
+                    let wj = w[(b * n + t) * hi + j];
+                    let lr = &mut l[(r * hi + j) * cols..(r * hi + j + 1) * cols];
+                    let mut acc = 0.0f32;
+                    for (sidx, x) in lr.iter_mut().enumerate() {
+                        if sidx > t {
+                            *x = 0.0;
+                            continue;
+                        }
+                        let dval = dsr[sidx];
+                        acc += dval * x.max(0.0);
+                        *x = if *x > 0.0 { dval * wj } else { 0.0 };
+                    }
+                    dwt[r * hi + j] = acc;
+                }
+            }
+            let mut dq = vec![0.0f32; rows * hi * di];
+            gemm(rows * hi, cols, di, 1.0, &l, (cols, 1), &ki[b * n * di..], (di, 1), 0.0, &mut dq, (di, 1));
+            let mut dk = vec![0.0f32; cols * di];
+            gemm(cols, rows * hi, di, 1.0, &l, (1, cols), &qi[qoff..], (di, 1), 0.0, &mut dk, (di, 1));
+            (dq, dwt, dk)
+        })
+        .collect();
+    let mut dkv = vec![0.0f32; s.batch * n * di];
+    dqi.buf.produce(|out| {
+        for (&(b, t0), (dq, _, _)) in tasks.iter().zip(&parts) {
+            out[(b * n + t0) * hi * di..(b * n + t0) * hi * di + dq.len()].copy_from_slice(dq);
+        }
+    });
+    dw.buf.produce(|out| {
+        for (&(b, t0), (_, dwt, _)) in tasks.iter().zip(&parts) {
+            out[(b * n + t0) * hi..(b * n + t0) * hi + dwt.len()].copy_from_slice(dwt);
+        }
+    });
+    for (&(b, _), (_, _, dk)) in tasks.iter().zip(&parts) {
+        dkv[b * n * di..b * n * di + dk.len()].iter_mut().zip(dk).for_each(|(a, x)| *a += x);
+    }
+    dki.buf.store(&dkv);
 }

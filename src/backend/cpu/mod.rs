@@ -23,7 +23,7 @@ use std::borrow::Cow;
 use half::{bf16, f16};
 
 use super::{Backend, BackendKind, MemoryCounter, MemoryStats};
-use crate::attention::ops::{AttentionSpec, IndexerSpec, SelectSpec};
+use crate::attention::ops::{AttentionSpec, IndexerLossSpec, IndexerSpec, SelectSpec};
 use crate::error::{Error, Result};
 use crate::ops::*;
 use crate::{DType, Tensor};
@@ -430,6 +430,34 @@ impl Backend for CpuBackend {
     }
     fn select_topk(&self, s: &SelectSpec, scores: &Tensor<Self>, idx: &mut Tensor<Self>) -> Result<()> {
         attention::select_topk(s, scores, idx);
+        Ok(())
+    }
+    fn indexer_kl(
+        &self,
+        s: &IndexerLossSpec,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        lse: &Tensor<Self>,
+        scores: &Tensor<Self>,
+        idx: Option<&Tensor<Self>>,
+        loss: &mut Tensor<Self>,
+        dscores: &mut Tensor<Self>,
+    ) -> Result<()> {
+        attention::indexer_kl(s, q, k, lse, scores, idx, loss, dscores);
+        Ok(())
+    }
+    fn indexer_backward(
+        &self,
+        s: &IndexerSpec,
+        qi: &Tensor<Self>,
+        ki: &Tensor<Self>,
+        w: &Tensor<Self>,
+        dscores: &Tensor<Self>,
+        dqi: &mut Tensor<Self>,
+        dki: &mut Tensor<Self>,
+        dw: &mut Tensor<Self>,
+    ) -> Result<()> {
+        attention::indexer_backward(s, qi, ki, w, dscores, dqi, dki, dw);
         Ok(())
     }
 }
