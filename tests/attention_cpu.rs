@@ -279,6 +279,7 @@ fn indexer_scores_pooling_and_selection_match_host_semantics() {
 }
 
 /// `I(t, s)` in f64.
+#[allow(clippy::too_many_arguments)]
 fn naive_indexer(
     b: usize,
     seq: usize,
