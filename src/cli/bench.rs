@@ -16,6 +16,48 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub enum BenchCommand {
     /// GFLOP/s of `C = A·B` (square, f32 accumulation) per dtype and size, with the ratio to the CPU backend.
     Matmul(MatmulArgs),
+    /// Dense vs dynamic sparse attention (block mode): attention alone and end to end with the
+    /// indexer and selection, forward and forward+backward, with peak device bytes.
+    Attention(AttentionArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct AttentionArgs {
+    /// Sequence lengths.
+    #[arg(long, value_delimiter = ',', default_values_t = [1024usize, 4096, 16384])]
+    pub seqs: Vec<usize>,
+    /// Query heads.
+    #[arg(long, default_value_t = 8)]
+    pub heads: usize,
+    /// Key/value heads (must divide --heads; fewer than --heads is grouped-query attention).
+    #[arg(long, default_value_t = 8)]
+    pub kv_heads: usize,
+    #[arg(long, default_value_t = 64)]
+    pub head_dim: usize,
+    /// Key block size of the sparse pattern.
+    #[arg(long, default_value_t = 64)]
+    pub block: usize,
+    /// Key blocks kept per query block (incl. the sink and local blocks): 16×64 = 1024 keys.
+    #[arg(long, default_value_t = 16)]
+    pub keep_blocks: usize,
+    /// Indexer heads H_I.
+    #[arg(long, default_value_t = 4)]
+    pub index_heads: usize,
+    /// Indexer head dim d_I.
+    #[arg(long, default_value_t = 32)]
+    pub index_dim: usize,
+    /// Working dtype of q, k, v (and the indexer inputs).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Also time forward+backward.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub backward: bool,
+    /// Minimum seconds of timed work per measurement.
+    #[arg(long, default_value_t = 0.3)]
+    pub min_time: f64,
+    /// Write the table into this Markdown file (a section replaced on every run), e.g. BENCHMARKS.md.
+    #[arg(long)]
+    pub write: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -40,6 +82,7 @@ pub struct MatmulArgs {
 pub fn run(choice: BackendChoice, cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Matmul(a) => matmul(choice, a),
+        BenchCommand::Attention(a) => super::bench_attention::run(choice, a),
     }
 }
 
@@ -75,20 +118,7 @@ impl BackendJob for MatmulJob<'_> {
                 let a = Tensor::from_f32(be, &rng.normal_vec(n * n), &[n, n], dt)?;
                 let b = Tensor::from_f32(be, &rng.normal_vec(n * n), &[n, n], dt)?;
                 let mut c = Tensor::empty(be, &[n, n], dt)?;
-                let mut call = || ops::matmul(be, &a, &b, &mut c, false, false, 1.0, 0.0);
-                call()?; // warm-up: pipeline / kernel compilation, pool fill
-                be.synchronize()?;
-                let t0 = Instant::now();
-                call()?;
-                be.synchronize()?;
-                let once = t0.elapsed().as_secs_f64();
-                let iters = ((self.min_time / once.max(1e-6)).ceil() as usize).clamp(2, 1000);
-                let t0 = Instant::now();
-                for _ in 0..iters {
-                    call()?;
-                }
-                be.synchronize()?;
-                let s = t0.elapsed().as_secs_f64() / iters as f64;
+                let s = measure(be, self.min_time, || ops::matmul(be, &a, &b, &mut c, false, false, 1.0, 0.0))?;
                 rows.push(Row { dtype: dt, n, ms: s * 1e3, gflops: 2.0 * (n as f64).powi(3) / s / 1e9 });
                 self.bar.inc(1);
             }
@@ -97,7 +127,31 @@ impl BackendJob for MatmulJob<'_> {
     }
 }
 
-fn parse_dtypes(v: &[String]) -> Result<Vec<DType>> {
+/// Mean seconds of one call of `f`, synchronised: a warm-up call on GPU
+/// backends (pipeline and kernel compilation), one timed call, then as many
+/// more as fit in `min_time` (at most 1000).
+pub fn measure<B: Backend>(be: &B, min_time: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    if be.kind() != dynsparse::BackendKind::Cpu {
+        f()?;
+        be.synchronize()?;
+    }
+    let t0 = Instant::now();
+    f()?;
+    be.synchronize()?;
+    let once = t0.elapsed().as_secs_f64();
+    if once >= min_time {
+        return Ok(once);
+    }
+    let iters = ((min_time / once.max(1e-6)).ceil() as usize).clamp(1, 1000);
+    let t0 = Instant::now();
+    for _ in 0..iters {
+        f()?;
+    }
+    be.synchronize()?;
+    Ok(t0.elapsed().as_secs_f64() / iters as f64)
+}
+
+pub fn parse_dtypes(v: &[String]) -> Result<Vec<DType>> {
     v.iter()
         .map(|s| {
             DType::parse(s)

@@ -1,6 +1,7 @@
 //! The `dynsparse` command line.
 
 pub mod bench;
+pub mod bench_attention;
 pub mod info;
 
 use clap::{Parser, Subcommand};
