@@ -418,6 +418,183 @@ pub fn adamw<R: Backend, B: Backend>(r: &R, b: &B) {
     }
 }
 
+// -------------------------------------------------------------- attention
+
+/// (batch, seq, heads, kv_heads, head_dim): GQA and MHA, seq not a multiple of the block.
+const ATTN_SHAPES: [(usize, usize, usize, usize, usize); 2] = [(2, 75, 4, 2, 16), (1, 100, 2, 2, 32)];
+const ATTN_BLOCK: usize = 16;
+
+/// Selections from the CPU reference's semantics on random tied scores.
+fn attn_patterns(batch: usize, seq: usize, seed: u64) -> (Vec<u32>, usize, Vec<u32>, usize) {
+    use dynsparse::attention::select::{topk_blocks, topk_tokens};
+    let mut rng = Rng::new(seed);
+    let (k, n) = (11, 3);
+    let (mut tok, mut blk) = (Vec::new(), Vec::new());
+    for _ in 0..batch {
+        let scores: Vec<f32> = (0..seq * seq).map(|_| rng.below(6) as f32).collect();
+        tok.extend(topk_tokens(&scores, seq, k));
+        blk.extend(topk_blocks(&scores, seq, ATTN_BLOCK, n));
+    }
+    (tok, k, blk, n)
+}
+
+pub fn attention<R: Backend, B: Backend>(r: &R, b: &B) {
+    use dynsparse::attention::{self as attn, Pattern};
+    for dt in float_dtypes(r, b) {
+        for (ci, &(batch, seq, heads, kv, d)) in ATTN_SHAPES.iter().enumerate() {
+            let mut rng = Rng::new(seed("attention", dt, ci));
+            let (qs, ks) = ([batch, seq, heads, d], [batch, seq, kv, d]);
+            let nq = batch * seq * heads * d;
+            let nk = batch * seq * kv * d;
+            let (q, k, v, d_o) = (rng.normal_vec(nq), rng.normal_vec(nk), rng.normal_vec(nk), rng.normal_vec(nq));
+            let (tok, kk, blk, nn) = attn_patterns(batch, seq, seed("attention-pattern", dt, ci));
+            let nb = seq.div_ceil(ATTN_BLOCK);
+            for mode in ["dense", "tokens", "blocks"] {
+                let (want, got) = on_both!(r, b, |be| {
+                    let (qt, kt, vt, dot) =
+                        (up(be, &q, &qs, dt), up(be, &k, &ks, dt), up(be, &v, &ks, dt), up(be, &d_o, &qs, dt));
+                    let tt = Tensor::from_u32(be, &tok, &[batch, seq, kk]).unwrap();
+                    let bt = Tensor::from_u32(be, &blk, &[batch, nb, nn]).unwrap();
+                    let pat = || match mode {
+                        "dense" => Pattern::Dense,
+                        "tokens" => Pattern::Tokens(&tt),
+                        _ => Pattern::Blocks { idx: &bt, block: ATTN_BLOCK },
+                    };
+                    let mut o = poisoned(be, &qs, dt);
+                    let mut lse = poisoned(be, &[batch, heads, seq], DType::F32);
+                    attn::attention(be, &qt, &kt, &vt, pat(), &mut o, &mut lse).unwrap();
+                    let (mut dq, mut dk, mut dv) =
+                        (poisoned(be, &qs, dt), poisoned(be, &ks, dt), poisoned(be, &ks, dt));
+                    attn::attention_backward(be, &qt, &kt, &vt, &o, &lse, &dot, pat(), &mut dq, &mut dk, &mut dv)
+                        .unwrap();
+                    vec![down(be, &o), down(be, &lse), down(be, &dq), down(be, &dk), down(be, &dv)]
+                });
+                let case = format!("{mode} b{batch} t{seq} h{heads}/{kv} d{d}");
+                compare_all("attention", &case, dt, &["o", "lse", "dq", "dk", "dv"], &want, &got);
+            }
+        }
+    }
+}
+
+/// On the backend under test alone: a pattern that keeps every key is dense attention.
+pub fn sparse_attention_keeping_all_equals_dense<R: Backend, B: Backend>(r: &R, b: &B) {
+    use dynsparse::attention::{self as attn, Pattern};
+    for dt in float_dtypes(r, b) {
+        let (batch, seq, heads, kv, d) = ATTN_SHAPES[0];
+        let mut rng = Rng::new(seed("keep-all", dt, 0));
+        let (qs, ks) = ([batch, seq, heads, d], [batch, seq, kv, d]);
+        let (q, k, v) = (
+            rng.normal_vec(batch * seq * heads * d),
+            rng.normal_vec(batch * seq * kv * d),
+            rng.normal_vec(batch * seq * kv * d),
+        );
+        let d_o = rng.normal_vec(q.len());
+        let nb = seq.div_ceil(ATTN_BLOCK);
+        let all_tok: Vec<u32> = (0..batch * seq).flat_map(|_| 0..seq as u32).collect();
+        let all_blk: Vec<u32> = (0..batch * nb).flat_map(|_| 0..nb as u32).collect();
+        let (qt, kt, vt, dot) = (up(b, &q, &qs, dt), up(b, &k, &ks, dt), up(b, &v, &ks, dt), up(b, &d_o, &qs, dt));
+        let tt = Tensor::from_u32(b, &all_tok, &[batch, seq, seq]).unwrap();
+        let bt = Tensor::from_u32(b, &all_blk, &[batch, nb, nb]).unwrap();
+        let mut outs = Vec::new();
+        for pat in [Pattern::Dense, Pattern::Tokens(&tt), Pattern::Blocks { idx: &bt, block: ATTN_BLOCK }] {
+            let mut o = poisoned(b, &qs, dt);
+            let mut lse = poisoned(b, &[batch, heads, seq], DType::F32);
+            let pat2 = match &pat {
+                Pattern::Dense => Pattern::Dense,
+                Pattern::Tokens(t) => Pattern::Tokens(t),
+                Pattern::Blocks { idx, block } => Pattern::Blocks { idx, block: *block },
+            };
+            attn::attention(b, &qt, &kt, &vt, pat, &mut o, &mut lse).unwrap();
+            let (mut dq, mut dk, mut dv) = (poisoned(b, &qs, dt), poisoned(b, &ks, dt), poisoned(b, &ks, dt));
+            attn::attention_backward(b, &qt, &kt, &vt, &o, &lse, &dot, pat2, &mut dq, &mut dk, &mut dv).unwrap();
+            outs.push(vec![down(b, &o), down(b, &lse), down(b, &dq), down(b, &dk), down(b, &dv)]);
+        }
+        let names = ["o", "lse", "dq", "dk", "dv"];
+        compare_all("keep-all tokens = dense", "", dt, &names, &outs[0], &outs[1]);
+        compare_all("keep-all blocks = dense", "", dt, &names, &outs[0], &outs[2]);
+    }
+}
+
+pub fn indexer_and_selection<R: Backend, B: Backend>(r: &R, b: &B) {
+    use dynsparse::attention::{self as attn, Pattern};
+    for dt in float_dtypes(r, b) {
+        for (ci, &(batch, seq, hi, di)) in [(1usize, 33usize, 2usize, 8usize), (2, 90, 4, 32)].iter().enumerate() {
+            let mut rng = Rng::new(seed("indexer", dt, ci));
+            let (qi, ki, w) = (
+                rng.normal_vec(batch * seq * hi * di),
+                rng.normal_vec(batch * seq * di),
+                rng.normal_vec(batch * seq * hi),
+            );
+            let dsc = rng.normal_vec(batch * seq * seq);
+            let nb = seq.div_ceil(ATTN_BLOCK);
+            let (want, got) = on_both!(r, b, |be| {
+                let (qt, kt, wt) = (
+                    up(be, &qi, &[batch, seq, hi, di], dt),
+                    up(be, &ki, &[batch, seq, di], dt),
+                    up(be, &w, &[batch, seq, hi], dt),
+                );
+                let mut sc = poisoned(be, &[batch, seq, seq], DType::F32);
+                attn::indexer_scores(be, &qt, &kt, &wt, &mut sc).unwrap();
+                let mut pooled = poisoned(be, &[batch, nb, nb], DType::F32);
+                attn::indexer_block_scores(be, &qt, &kt, &wt, ATTN_BLOCK, &mut pooled).unwrap();
+                let dst = up(be, &dsc, &[batch, seq, seq], DType::F32);
+                let (mut dq, mut dk, mut dw) = (
+                    poisoned(be, &[batch, seq, hi, di], dt),
+                    poisoned(be, &[batch, seq, di], dt),
+                    poisoned(be, &[batch, seq, hi], dt),
+                );
+                attn::indexer_backward(be, &qt, &kt, &wt, &dst, &mut dq, &mut dk, &mut dw).unwrap();
+                // -inf above the diagonal compares as equal; map it to a finite marker.
+                let fin = |v: Vec<f32>| {
+                    v.into_iter().map(|x| if x == f32::NEG_INFINITY { -1e30 } else { x }).collect::<Vec<_>>()
+                };
+                vec![fin(down(be, &sc)), fin(down(be, &pooled)), down(be, &dq), down(be, &dk), down(be, &dw)]
+            });
+            let case = format!("b{batch} t{seq} H_I{hi} d_I{di}");
+            compare_all("indexer", &case, dt, &["scores", "block scores", "dq_i", "dk_i", "dw"], &want, &got);
+        }
+    }
+    // Selection on identical scores must pick identical sets (ties to the smaller index).
+    let (batch, seq) = (2, 77);
+    let mut rng = Rng::new(seed("select", DType::F32, 0));
+    let scores: Vec<f32> = (0..batch * seq * seq).map(|_| rng.below(7) as f32 - 3.0).collect();
+    for (k, blocks) in [(1usize, false), (5, false), (100, false), (1, true), (3, true)] {
+        let (want, got) = on_both!(r, b, |be| {
+            let st = up(be, &scores, &[batch, seq, seq], DType::F32);
+            let mut idx = Tensor::from_u32(be, &vec![7; batch * seq * k], &[batch, seq, k]).unwrap();
+            attn::select_topk(be, &st, k, blocks, &mut idx).unwrap();
+            idx.to_u32_vec(be).unwrap()
+        });
+        assert_eq!(got, want, "select_topk k={k} blocks={blocks}");
+    }
+    // The KL loss of the indexer against the main attention, dense and kept-set.
+    for dt in float_dtypes(r, b) {
+        let (batch, seq, heads, kv, d) = ATTN_SHAPES[0];
+        let mut rng = Rng::new(seed("indexer_kl", dt, 0));
+        let (qs, ks) = ([batch, seq, heads, d], [batch, seq, kv, d]);
+        let (q, k) = (rng.normal_vec(batch * seq * heads * d), rng.normal_vec(batch * seq * kv * d));
+        let sc = rng.normal_vec(batch * seq * seq);
+        let (_, _, blk, nn) = attn_patterns(batch, seq, seed("indexer_kl-pattern", dt, 0));
+        let nb = seq.div_ceil(ATTN_BLOCK);
+        for dense in [true, false] {
+            let (want, got) = on_both!(r, b, |be| {
+                let (qt, kt) = (up(be, &q, &qs, dt), up(be, &k, &ks, dt));
+                let bt = Tensor::from_u32(be, &blk, &[batch, nb, nn]).unwrap();
+                let pat = || if dense { Pattern::Dense } else { Pattern::Blocks { idx: &bt, block: ATTN_BLOCK } };
+                let mut o = poisoned(be, &qs, dt);
+                let mut lse = poisoned(be, &[batch, heads, seq], DType::F32);
+                attn::attention(be, &qt, &kt, &kt, pat(), &mut o, &mut lse).unwrap();
+                let st = up(be, &sc, &[batch, seq, seq], DType::F32);
+                let mut loss = poisoned(be, &[batch, seq], DType::F32);
+                let mut ds = poisoned(be, &[batch, seq, seq], DType::F32);
+                attn::indexer_kl(be, &qt, &kt, &lse, &st, pat(), &mut loss, &mut ds).unwrap();
+                vec![down(be, &loss), down(be, &ds)]
+            });
+            compare_all("indexer_kl", if dense { "dense" } else { "blocks" }, dt, &["loss", "dscores"], &want, &got);
+        }
+    }
+}
+
 // ------------------------------------------------------------ bad inputs
 
 fn expect_err<T>(what: &str, r: dynsparse::Result<T>, needles: &[&str]) {
@@ -554,6 +731,24 @@ macro_rules! conformance_tests {
         fn adamw_matches_reference() {
             if let Some((r, b)) = $get() {
                 common::adamw(r, b)
+            }
+        }
+        #[test]
+        fn attention_dense_token_and_block_forward_backward_match_reference() {
+            if let Some((r, b)) = $get() {
+                common::attention(r, b)
+            }
+        }
+        #[test]
+        fn sparse_attention_keeping_every_key_equals_dense() {
+            if let Some((r, b)) = $get() {
+                common::sparse_attention_keeping_all_equals_dense(r, b)
+            }
+        }
+        #[test]
+        fn indexer_selection_and_kl_loss_match_reference() {
+            if let Some((r, b)) = $get() {
+                common::indexer_and_selection(r, b)
             }
         }
         #[test]
