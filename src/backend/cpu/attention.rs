@@ -383,43 +383,77 @@ pub(super) fn backward(
     }
 }
 
-/// Scores of the query rows `t0..t1` of batch `b` against keys `0..t1`:
-/// returns `[t1 - t0, t1]` with `-∞` above the diagonal.
-fn indexer_tile(s: &IndexerSpec, qi: &[f32], ki: &[f32], w: &[f32], b: usize, t0: usize, t1: usize) -> Vec<f32> {
-    let (rows, cols, hi, di) = (t1 - t0, t1, s.heads, s.dim);
-    // L[(t, j), s] = q_i[t, j]·k_i[s] for the tile's rows (contiguous: [t][j][e]).
-    let mut l = vec![0.0f32; rows * hi * cols];
+/// Key columns per indexer chunk: the `[rows·H_I, CHUNK]` dot products stay in cache.
+const CHUNK: usize = 256;
+
+/// Indexer scores of the query rows `t0..t1` of batch `b` against the keys
+/// `0..t1`, chunk by chunk of keys: calls `f(k0, scores)` with `scores` the
+/// `[t1 - t0, width]` row-major block for keys `k0..k0+width` (`-∞` above the
+/// diagonal).
+#[allow(clippy::too_many_arguments)]
+fn indexer_chunks(
+    s: &IndexerSpec,
+    qi: &[f32],
+    ki: &[f32],
+    w: &[f32],
+    b: usize,
+    t0: usize,
+    t1: usize,
+    mut f: impl FnMut(usize, usize, &[f32]),
+) {
+    let (rows, hi, di) = (t1 - t0, s.heads, s.dim);
     let qoff = (b * s.seq + t0) * hi * di;
-    gemm(rows * hi, di, cols, 1.0, &qi[qoff..], (di, 1), &ki[b * s.seq * di..], (1, di), 0.0, &mut l, (cols, 1));
-    let mut out = vec![f32::NEG_INFINITY; rows * cols];
-    for r in 0..rows {
-        let t = t0 + r;
-        let wt = &w[(b * s.seq + t) * hi..(b * s.seq + t + 1) * hi];
-        let o = &mut out[r * cols..r * cols + t + 1];
-        o.fill(0.0);
-        for (j, &wj) in wt.iter().enumerate() {
-            let lr = &l[(r * hi + j) * cols..(r * hi + j) * cols + t + 1];
-            o.iter_mut().zip(lr).for_each(|(o, &x)| *o += wj * x.max(0.0));
+    let mut l = vec![0.0f32; rows * hi * CHUNK];
+    let mut out = vec![0.0f32; rows * CHUNK];
+    for k0 in (0..t1).step_by(CHUNK) {
+        let width = CHUNK.min(t1 - k0);
+        // L[(t, j), s] = q_i[t, j]·k_i[s] (q_i rows of the tile are contiguous: [t][j][e]).
+        let l = &mut l[..rows * hi * width];
+        gemm(
+            rows * hi,
+            di,
+            width,
+            1.0,
+            &qi[qoff..],
+            (di, 1),
+            &ki[(b * s.seq + k0) * di..],
+            (1, di),
+            0.0,
+            l,
+            (width, 1),
+        );
+        let out = &mut out[..rows * width];
+        for r in 0..rows {
+            let t = t0 + r;
+            let o = &mut out[r * width..(r + 1) * width];
+            let vis = if t < k0 { 0 } else { (t + 1 - k0).min(width) };
+            o[..vis].fill(0.0);
+            o[vis..].fill(f32::NEG_INFINITY);
+            let wt = &w[(b * s.seq + t) * hi..(b * s.seq + t + 1) * hi];
+            for (j, &wj) in wt.iter().enumerate() {
+                let lr = &l[(r * hi + j) * width..(r * hi + j) * width + vis];
+                o[..vis].iter_mut().zip(lr).for_each(|(o, &x)| *o += wj * x.max(0.0));
+            }
         }
+        f(k0, width, out);
     }
-    out
 }
 
 pub(super) fn indexer_scores(s: &IndexerSpec, qi: &T, ki: &T, w: &T, scores: &mut T) {
     let (qi, ki, w) = (rd(qi), rd(ki), rd(w));
     let n = s.seq;
-    let tasks: Vec<(usize, usize)> = (0..s.batch).flat_map(|b| (0..n).step_by(TILE).map(move |t0| (b, t0))).collect();
-    let tiles: Vec<Vec<f32>> =
-        tasks.par_iter().map(|&(b, t0)| indexer_tile(s, &qi, &ki, &w, b, t0, (t0 + TILE).min(n))).collect();
     scores.buf.produce(|out| {
-        for (&(b, t0), tile) in tasks.iter().zip(&tiles) {
-            let t1 = (t0 + TILE).min(n);
-            for r in 0..t1 - t0 {
-                let dst = &mut out[(b * n + t0 + r) * n..(b * n + t0 + r + 1) * n];
-                dst[..t1].copy_from_slice(&tile[r * t1..(r + 1) * t1]);
-                dst[t1..].fill(f32::NEG_INFINITY);
-            }
-        }
+        out.par_chunks_mut(n * n).enumerate().for_each(|(b, per_batch)| {
+            per_batch.par_chunks_mut(TILE * n).enumerate().for_each(|(ti, tile)| {
+                let (t0, t1) = (ti * TILE, (ti * TILE + TILE).min(n));
+                tile.fill(f32::NEG_INFINITY);
+                indexer_chunks(s, &qi, &ki, &w, b, t0, t1, |k0, width, sc| {
+                    for r in 0..t1 - t0 {
+                        tile[r * n + k0..r * n + k0 + width].copy_from_slice(&sc[r * width..(r + 1) * width]);
+                    }
+                });
+            })
+        })
     });
 }
 
@@ -430,16 +464,17 @@ pub(super) fn indexer_block_scores(s: &IndexerSpec, qi: &T, ki: &T, w: &T, poole
         out.par_chunks_mut(nb).enumerate().for_each(|(row, dst)| {
             let (b, qb) = (row / nb, row % nb);
             let (t0, t1) = (qb * bs, ((qb + 1) * bs).min(s.seq));
-            let tile = indexer_tile(s, &qi, &ki, &w, b, t0, t1);
             dst.fill(f32::NEG_INFINITY);
-            for r in 0..t1 - t0 {
-                for (sidx, &x) in tile[r * t1..r * t1 + t0 + r + 1].iter().enumerate() {
-                    let p = &mut dst[sidx / bs];
-                    if x > *p {
-                        *p = x;
+            indexer_chunks(s, &qi, &ki, &w, b, t0, t1, |k0, width, sc| {
+                for r in 0..t1 - t0 {
+                    for (c, &x) in sc[r * width..(r + 1) * width].iter().enumerate() {
+                        let p = &mut dst[(k0 + c) / bs];
+                        if x > *p {
+                            *p = x;
+                        }
                     }
                 }
-            }
+            });
         })
     });
 }
