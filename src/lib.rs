@@ -22,6 +22,7 @@ pub mod attention;
 pub mod backend;
 pub mod dtype;
 pub mod error;
+pub mod model;
 pub mod ops;
 pub mod tensor;
 pub mod util;

@@ -108,6 +108,12 @@ impl<B: Backend> Tensor<B> {
 
     /// Same data, new shape with the same number of elements.
     pub fn reshape(mut self, shape: &[usize]) -> Result<Self> {
+        self.set_shape(shape)?;
+        Ok(self)
+    }
+
+    /// Reinterprets the data in place with a new shape of the same number of elements.
+    pub fn set_shape(&mut self, shape: &[usize]) -> Result<()> {
         if Self::checked_numel(shape)? != self.numel() {
             return Err(Error::Shape(format!(
                 "reshape: cannot view {} as {}",
@@ -116,7 +122,7 @@ impl<B: Backend> Tensor<B> {
             )));
         }
         self.shape = shape.to_vec();
-        Ok(self)
+        Ok(())
     }
 
     pub fn shape(&self) -> &[usize] {
