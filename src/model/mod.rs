@@ -154,7 +154,7 @@ impl<B: Backend> Model<B> {
         attn: StepAttention,
     ) -> Result<ForwardStats> {
         let (bsz, t) = (ws.batch, ws.seq);
-        let (c, n) = (self.cfg.d_model, bsz * t);
+        let (_c, n) = (self.cfg.d_model, bsz * t);
         if ids.len() != n || targets.is_some_and(|tg| tg.len() != n) {
             return Err(Error::Shape(format!(
                 "model: the workspace is {bsz}×{t} = {n} tokens but got {} ids",
@@ -173,9 +173,9 @@ impl<B: Backend> Model<B> {
             ops::matmul(be, &a.ln1, &w[lp.wq], &mut ws.q_raw, false, false, 1.0, 0.0)?;
             ops::matmul(be, &a.ln1, &w[lp.wk], &mut ws.k_raw, false, false, 1.0, 0.0)?;
             ops::matmul(be, &a.ln1, &w[lp.wv], &mut a.v, false, false, 1.0, 0.0)?;
-            ws.q_raw.set_shape(&a.q.shape().to_vec())?;
-            ws.k_raw.set_shape(&a.k.shape().to_vec())?;
-            a.v.set_shape(&a.k.shape().to_vec())?;
+            ws.q_raw.set_shape(a.q.shape())?;
+            ws.k_raw.set_shape(a.k.shape())?;
+            a.v.set_shape(a.k.shape())?;
             ops::rope(be, &ws.q_raw, &self.rope, 0, &mut a.q)?;
             ops::rope(be, &ws.k_raw, &self.rope, 0, &mut a.k)?;
             ws.q_raw.set_shape(&[n, a.q.numel() / n])?;
@@ -204,7 +204,7 @@ impl<B: Backend> Model<B> {
             // xm = x + att·Wo
             ops::cast(be, x, &mut a.xm)?;
             ops::matmul(be, &a.att, &w[lp.wo], &mut a.xm, false, false, 1.0, 1.0)?;
-            a.att.set_shape(&a.q.shape().to_vec())?;
+            a.att.set_shape(a.q.shape())?;
             ops::layernorm(be, &a.xm, &w[lp.ln2g], &w[lp.ln2b], &mut a.ln2, &mut a.mean2, &mut a.rstd2, 1e-5)?;
             ops::matmul(be, &a.ln2, &w[lp.w1], &mut a.hb, false, false, 1.0, 0.0)?;
             ops::bias_add(be, &mut a.hb, &w[lp.b1])?;
@@ -282,8 +282,8 @@ impl<B: Backend> Model<B> {
             a.att.set_shape(&[n, a.att.numel() / n])?;
             ops::matmul(be, &ws.dx, &w[lp.wo], &mut ws.datt, false, true, 1.0, 0.0)?;
             ops::matmul(be, &a.att, &ws.dx, &mut grads[lp.wo], true, false, 1.0, 1.0)?;
-            a.att.set_shape(&a.q.shape().to_vec())?;
-            ws.datt.set_shape(&a.q.shape().to_vec())?;
+            a.att.set_shape(a.q.shape())?;
+            ws.datt.set_shape(a.q.shape())?;
             let sel =
                 ws.idx.as_ref().filter(|_| matches!(ws.attn, StepAttention::Sparse { .. })).map(|ix| &ix.select[l]);
             let sparse_step = sel.is_some();
