@@ -20,6 +20,7 @@
 
 pub mod attention;
 pub mod backend;
+pub mod data;
 pub mod dtype;
 pub mod error;
 pub mod model;
