@@ -26,6 +26,7 @@ pub mod error;
 pub mod model;
 pub mod ops;
 pub mod tensor;
+pub mod train;
 pub mod util;
 
 pub use backend::{Backend, BackendKind};

@@ -172,6 +172,7 @@ impl<B: Backend> Model<B> {
             ops::layernorm(be, x, &w[lp.ln1g], &w[lp.ln1b], &mut a.ln1, &mut a.mean1, &mut a.rstd1, 1e-5)?;
             ops::matmul(be, &a.ln1, &w[lp.wq], &mut ws.q_raw, false, false, 1.0, 0.0)?;
             ops::matmul(be, &a.ln1, &w[lp.wk], &mut ws.k_raw, false, false, 1.0, 0.0)?;
+            a.v.set_shape(&[n, a.v.numel() / n])?;
             ops::matmul(be, &a.ln1, &w[lp.wv], &mut a.v, false, false, 1.0, 0.0)?;
             ws.q_raw.set_shape(a.q.shape())?;
             ws.k_raw.set_shape(a.k.shape())?;
@@ -382,13 +383,6 @@ impl<B: Backend> Model<B> {
         ops::axpby(be, 1.0, &ws.tmp, 1.0, &mut ws.dx)
     }
 
-    /// Logits of the last forward pass, row `r` (`[vocab]` as f32).
-    pub fn logits_row(&self, be: &B, ws: &Workspace<B>, r: usize) -> Result<Vec<f32>> {
-        let all = ws.logits.to_f32_vec(be)?;
-        let v = self.cfg.vocab;
-        Ok(all[r * v..(r + 1) * v].to_vec())
-    }
-
     /// The parameters as f32 host vectors.
     pub fn values(&self, be: &B) -> Result<Vec<Vec<f32>>> {
         self.params.iter().map(|p| p.to_f32_vec(be)).collect()
@@ -497,6 +491,11 @@ pub struct Workspace<B: Backend> {
 }
 
 impl<B: Backend> Workspace<B> {
+    /// Logits of the last forward pass, `[batch·seq, vocab]` as f32.
+    pub fn logits_f32(&self, be: &B) -> Result<Vec<f32>> {
+        self.logits.to_f32_vec(be)
+    }
+
     /// Allocates every buffer for `batch` sequences of `seq` tokens.
     pub fn new(be: &B, cfg: &ModelConfig, dtype: DType, batch: usize, seq: usize) -> Result<Self> {
         if seq == 0 || batch == 0 {

@@ -1,0 +1,417 @@
+//! The mixed-precision training step (HPGA): f32 master weights and AdamW
+//! moments, working copies in f16/bf16 written by the optimizer kernel,
+//! gradient accumulation into f32, one finite check per optimizer step with
+//! dynamic loss scaling, clipping on unscaled gradients, LR warm-up + cosine,
+//! and the progressive sparsity schedule driving attention and the indexer.
+
+pub mod checkpoint;
+pub mod lr;
+pub mod scaler;
+
+pub use lr::LrSchedule;
+pub use scaler::LossScaler;
+
+use crate::attention::{Budget, Plan, SparsitySchedule};
+use crate::data::{Batcher, Corpus};
+use crate::error::{Error, Result};
+use crate::model::{Model, ModelConfig, StepAttention, Workspace};
+use crate::ops::{self, adamw::AdamWConfig};
+use crate::{Backend, DType, Tensor};
+
+/// Settings of a training run.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TrainConfig {
+    pub steps: u64,
+    /// Sequences per micro-batch.
+    pub batch: usize,
+    pub seq: usize,
+    /// Micro-batches per optimizer step.
+    pub accum: usize,
+    pub precision: DType,
+    pub lr: LrSchedule,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub weight_decay: f32,
+    /// Clip the global norm of the unscaled gradient to this (0: no clipping).
+    pub grad_clip: f32,
+    /// Dense warm-up and ramp fractions of the sparsity schedule.
+    pub warmup_frac: f64,
+    pub ramp_frac: f64,
+    pub seed: u64,
+}
+
+impl TrainConfig {
+    pub fn validate(&self, model: &ModelConfig) -> Result<()> {
+        let bad = |m: String| Err(Error::Invalid(m));
+        if self.steps == 0 || self.batch == 0 || self.seq == 0 || self.accum == 0 {
+            return bad("--steps, --batch, --seq and --accum must be positive".into());
+        }
+        if self.seq > model.context {
+            return bad(format!("--seq {} is longer than the model's context of {} tokens", self.seq, model.context));
+        }
+        if !self.precision.is_float() {
+            return bad(format!("--precision must be f32, f16 or bf16, not {}", self.precision));
+        }
+        if !(self.lr.lr > 0.0 && self.lr.lr.is_finite()) {
+            return bad(format!("--lr {} must be positive", self.lr.lr));
+        }
+        Ok(())
+    }
+}
+
+/// What one optimizer step did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepStats {
+    pub step: u64,
+    /// Mean training loss over the step's micro-batches.
+    pub loss: f64,
+    /// Mean KL of the indexers to the main attention (0 for dense models).
+    pub indexer_kl: f64,
+    /// Global norm of the unscaled gradient (NaN when skipped).
+    pub grad_norm: f64,
+    pub lr: f32,
+    pub loss_scale: f32,
+    pub skipped: bool,
+    pub plan: Option<Plan>,
+    pub tokens: usize,
+}
+
+/// Everything a training run holds on the device.
+pub struct Trainer<B: Backend> {
+    pub model: Model<B>,
+    pub cfg: TrainConfig,
+    /// f32 master weights when the working dtype is not f32 (else the model's own).
+    master: Option<Vec<Tensor<B>>>,
+    /// f32 gradient accumulators, one per parameter.
+    grads: Vec<Tensor<B>>,
+    /// Working-dtype gradients of one micro-batch (when not f32).
+    micro: Option<Vec<Tensor<B>>>,
+    m: Vec<Tensor<B>>,
+    v: Vec<Tensor<B>>,
+    ws: Workspace<B>,
+    flag: Tensor<B>,
+    sumsq: Tensor<B>,
+    pub scaler: LossScaler,
+    pub schedule: Option<SparsitySchedule>,
+    pub batcher: Batcher,
+    /// Optimizer steps taken (skipped ones included).
+    pub step: u64,
+    /// Which parameters take weight decay.
+    decay: Vec<bool>,
+    /// Injects an inf into the first gradient at these steps (tests of the scaler).
+    pub inject_inf_at: Vec<u64>,
+}
+
+/// Bytes of each part of the training state, from the backend's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryReport {
+    pub weights: usize,
+    pub master_weights: usize,
+    pub gradients: usize,
+    pub optimizer: usize,
+    pub activations: usize,
+}
+
+impl MemoryReport {
+    pub fn model_state(&self) -> usize {
+        self.weights + self.master_weights + self.gradients + self.optimizer
+    }
+}
+
+fn zeros_like<B: Backend>(be: &B, ts: &[Tensor<B>], dtype: DType) -> Result<Vec<Tensor<B>>> {
+    ts.iter().map(|t| Tensor::zeros(be, t.shape(), dtype)).collect()
+}
+
+impl<B: Backend> Trainer<B> {
+    /// Builds the training state for `model`; `memory` receives the bytes of each part.
+    pub fn new(be: &B, model: Model<B>, cfg: TrainConfig, memory: &mut MemoryReport) -> Result<Self> {
+        cfg.validate(&model.cfg)?;
+        if model.dtype != cfg.precision {
+            return Err(Error::Invalid(format!("model is {} but --precision is {}", model.dtype, cfg.precision)));
+        }
+        let live = |be: &B| be.memory().allocated;
+        memory.weights = model.params.iter().map(|p| p.size_bytes()).sum();
+        let mut at = live(be);
+        let master = if cfg.precision == DType::F32 {
+            None
+        } else {
+            let vals = model.values(be)?;
+            Some(
+                model
+                    .params
+                    .iter()
+                    .zip(&vals)
+                    .map(|(p, v)| Tensor::from_f32(be, v, p.shape(), DType::F32))
+                    .collect::<Result<Vec<_>>>()?,
+            )
+        };
+        memory.master_weights = live(be) - at;
+        at = live(be);
+        let grads = zeros_like(be, &model.params, DType::F32)?;
+        let micro =
+            if cfg.precision == DType::F32 { None } else { Some(zeros_like(be, &model.params, cfg.precision)?) };
+        memory.gradients = live(be) - at;
+        at = live(be);
+        let m = zeros_like(be, &model.params, DType::F32)?;
+        let v = zeros_like(be, &model.params, DType::F32)?;
+        memory.optimizer = live(be) - at;
+        at = live(be);
+        let ws = Workspace::new(be, &model.cfg, cfg.precision, cfg.batch, cfg.seq)?;
+        memory.activations = live(be) - at;
+        let schedule = match model.cfg.attention {
+            crate::model::AttentionMode::Dense => None,
+            crate::model::AttentionMode::Sparse { block, keep_blocks, .. } => Some(
+                SparsitySchedule {
+                    total_steps: cfg.steps,
+                    warmup: cfg.warmup_frac,
+                    ramp: cfg.ramp_frac,
+                    ramp_start_keep: 0.9,
+                    budget: Budget::Blocks { block, n: keep_blocks },
+                }
+                .validated()?,
+            ),
+        };
+        let decay = model.cfg.params().iter().map(|p| p.decay).collect();
+        Ok(Trainer {
+            master,
+            grads,
+            micro,
+            m,
+            v,
+            ws,
+            flag: Tensor::zeros(be, &[1], DType::U32)?,
+            sumsq: Tensor::zeros(be, &[1], DType::F32)?,
+            scaler: LossScaler::new(cfg.precision == DType::F16),
+            schedule,
+            batcher: Batcher::new(cfg.seed),
+            step: 0,
+            decay,
+            inject_inf_at: Vec::new(),
+            model,
+            cfg,
+        })
+    }
+
+    /// The attention this step runs.
+    pub fn plan(&self) -> (StepAttention, Option<Plan>) {
+        match &self.schedule {
+            None => (StepAttention::Dense, None),
+            Some(s) => {
+                let p = s.plan(self.step, self.cfg.seq);
+                let a = if p.dense { StepAttention::Dense } else { StepAttention::Sparse { keep_blocks: p.keep } };
+                (a, Some(p))
+            }
+        }
+    }
+
+    /// One optimizer step over `accum` micro-batches drawn from `data`.
+    pub fn train_step(&mut self, be: &B, data: &Corpus) -> Result<StepStats> {
+        let (attn, plan) = self.plan();
+        let train_indexer = self.schedule.is_some();
+        let scale = self.scaler.scale;
+        for g in self.grads.iter_mut() {
+            ops::fill(be, g, 0.0)?;
+        }
+        let (mut loss, mut kl) = (0.0, 0.0);
+        for _ in 0..self.cfg.accum {
+            let (ids, tg) = self.batcher.sample(data, self.cfg.batch, self.cfg.seq)?;
+            loss += self.model.forward(be, &mut self.ws, &ids, Some(&tg), attn)?.loss;
+            match self.micro.as_mut() {
+                None => kl += self.model.backward(be, &mut self.ws, &mut self.grads, scale, train_indexer)?,
+                Some(micro) => {
+                    for g in micro.iter_mut() {
+                        ops::fill(be, g, 0.0)?;
+                    }
+                    kl += self.model.backward(be, &mut self.ws, micro, scale, train_indexer)?;
+                    for (acc, g) in self.grads.iter_mut().zip(micro.iter()) {
+                        ops::axpby(be, 1.0, g, 1.0, acc)?;
+                    }
+                }
+            }
+        }
+        let n = self.cfg.accum as f64;
+        if self.inject_inf_at.contains(&self.step) {
+            ops::fill(be, &mut self.grads[0], f32::INFINITY)?;
+        }
+        // One finite check over every gradient, then the scaler decides.
+        let mut finite = true;
+        for g in &self.grads {
+            ops::all_finite(be, g, &mut self.flag)?;
+            finite &= self.flag.to_u32_vec(be)?[0] == 1;
+        }
+        let lr = self.cfg.lr.at(self.step);
+        let skipped = self.scaler.update(!finite);
+        let mut stats = StepStats {
+            step: self.step,
+            loss: loss / n,
+            indexer_kl: kl / n,
+            grad_norm: f64::NAN,
+            lr,
+            loss_scale: scale,
+            skipped,
+            plan,
+            tokens: self.cfg.accum * self.cfg.batch * self.cfg.seq,
+        };
+        self.step += 1;
+        if skipped {
+            return Ok(stats);
+        }
+        // Global norm of the unscaled mean gradient; clipping folds into AdamW's grad_scale.
+        let mut sq = 0.0f64;
+        for g in &self.grads {
+            ops::sum_squares(be, g, &mut self.sumsq)?;
+            sq += self.sumsq.to_f32_vec(be)?[0] as f64;
+        }
+        let unscale = 1.0 / (scale as f64 * n);
+        let norm = sq.sqrt() * unscale;
+        stats.grad_norm = norm;
+        let clip = if self.cfg.grad_clip > 0.0 && norm > self.cfg.grad_clip as f64 {
+            self.cfg.grad_clip as f64 / norm
+        } else {
+            1.0
+        };
+        let grad_scale = (unscale * clip) as f32;
+        let t = self.step; // 1-based step of AdamW
+        for i in 0..self.grads.len() {
+            let cfg = AdamWConfig {
+                lr,
+                beta1: self.cfg.beta1,
+                beta2: self.cfg.beta2,
+                eps: 1e-8,
+                weight_decay: if self.decay[i] { self.cfg.weight_decay } else { 0.0 },
+            };
+            match self.master.as_mut() {
+                None => ops::adamw(
+                    be,
+                    &cfg,
+                    t,
+                    grad_scale,
+                    &mut self.model.params[i],
+                    &self.grads[i],
+                    &mut self.m[i],
+                    &mut self.v[i],
+                    None,
+                )?,
+                Some(master) => ops::adamw(
+                    be,
+                    &cfg,
+                    t,
+                    grad_scale,
+                    &mut master[i],
+                    &self.grads[i],
+                    &mut self.m[i],
+                    &mut self.v[i],
+                    Some(&mut self.model.params[i]),
+                )?,
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Mean loss and retrieval accuracy on validation windows (dense or the
+    /// model's final sparse budget, as `attn` says).
+    pub fn evaluate(&mut self, be: &B, data: &Corpus, windows: usize, attn: StepAttention) -> Result<EvalStats> {
+        evaluate(be, &self.model, &mut self.ws, data, windows, attn)
+    }
+
+    /// The f32 master weights (the model's own when training in f32).
+    pub fn master_values(&self, be: &B) -> Result<Vec<Vec<f32>>> {
+        match &self.master {
+            Some(m) => m.iter().map(|t| t.to_f32_vec(be)).collect(),
+            None => self.model.values(be),
+        }
+    }
+
+    /// AdamW moments as host vectors.
+    pub fn moments(&self, be: &B) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+        let f = |ts: &[Tensor<B>]| ts.iter().map(|t| t.to_f32_vec(be)).collect::<Result<Vec<_>>>();
+        Ok((f(&self.m)?, f(&self.v)?))
+    }
+
+    /// Restores master weights (and working copies), moments, scaler, step and data position.
+    pub fn restore(&mut self, be: &B, st: &checkpoint::TrainState) -> Result<()> {
+        let n = self.model.params.len();
+        if st.params.len() != n || st.m.len() != n || st.v.len() != n {
+            return Err(Error::Format("checkpoint: tensor count does not match the model".into()));
+        }
+        for i in 0..n {
+            match self.master.as_mut() {
+                Some(master) => {
+                    master[i].write_f32(be, &st.params[i])?;
+                    ops::cast(be, &master[i], &mut self.model.params[i])?;
+                }
+                None => self.model.params[i].write_f32(be, &st.params[i])?,
+            }
+            self.m[i].write_f32(be, &st.m[i])?;
+            self.v[i].write_f32(be, &st.v[i])?;
+        }
+        self.scaler = st.scaler;
+        self.step = st.step;
+        self.batcher = Batcher { rng: crate::util::rng::Rng::from_state(st.batcher_rng) };
+        Ok(())
+    }
+}
+
+/// Validation measurements.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EvalStats {
+    pub loss: f64,
+    pub perplexity: f64,
+    /// Fraction of answer bytes (synthetic task) predicted exactly by argmax; NaN without answers.
+    pub retrieval_accuracy: f64,
+    pub answers: usize,
+}
+
+/// Evaluates `model` on consecutive windows of `data` with the workspace's (batch, seq).
+pub fn evaluate<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    ws: &mut Workspace<B>,
+    data: &Corpus,
+    windows: usize,
+    attn: StepAttention,
+) -> Result<EvalStats> {
+    let (batch, seq) = (ws.batch, ws.seq);
+    let wins = crate::data::eval_windows(data, seq, windows.max(batch));
+    if wins.len() < batch {
+        return Err(Error::Invalid(format!("validation data too short for {batch} windows of {seq} tokens")));
+    }
+    let (mut loss, mut count, mut hits, mut answers) = (0.0, 0usize, 0usize, 0usize);
+    for chunk in wins.chunks_exact(batch) {
+        let mut ids = Vec::with_capacity(batch * seq);
+        let mut tg = Vec::with_capacity(batch * seq);
+        for w in chunk {
+            ids.extend(data.tokens[w.start..w.end - 1].iter().map(|&b| b as u32));
+            tg.extend(data.tokens[w.start + 1..w.end].iter().map(|&b| b as u32));
+        }
+        let st = model.forward(be, ws, &ids, Some(&tg), attn)?;
+        loss += st.loss * st.valid as f64;
+        count += st.valid;
+        if !data.answers.is_empty() {
+            let logits = ws.logits_f32(be)?;
+            let v = model.cfg.vocab;
+            for (bi, w) in chunk.iter().enumerate() {
+                for (span, fact) in &data.answers {
+                    // Only answers whose fact is inside the window count: they are retrievable.
+                    if *fact < w.start || span.end > w.end {
+                        continue;
+                    }
+                    for pos in span.clone() {
+                        let row = bi * seq + (pos - 1 - w.start);
+                        let r = &logits[row * v..(row + 1) * v];
+                        let best = r.iter().enumerate().fold(0, |b, (i, &x)| if x > r[b] { i } else { b });
+                        hits += (best == data.tokens[pos] as usize) as usize;
+                        answers += 1;
+                    }
+                }
+            }
+        }
+    }
+    let loss = loss / count.max(1) as f64;
+    Ok(EvalStats {
+        loss,
+        perplexity: loss.exp(),
+        retrieval_accuracy: if answers == 0 { f64::NAN } else { hits as f64 / answers as f64 },
+        answers,
+    })
+}
