@@ -102,6 +102,9 @@ pub struct Trainer<B: Backend> {
     pub inject_inf_at: Vec<u64>,
 }
 
+/// First and second AdamW moments per parameter, on the host.
+pub type Moments = (Vec<Vec<f32>>, Vec<Vec<f32>>);
+
 /// Bytes of each part of the training state, from the backend's counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemoryReport {
@@ -322,8 +325,8 @@ impl<B: Backend> Trainer<B> {
         }
     }
 
-    /// AdamW moments as host vectors.
-    pub fn moments(&self, be: &B) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+    /// AdamW moments `(m, v)` as host vectors.
+    pub fn moments(&self, be: &B) -> Result<Moments> {
         let f = |ts: &[Tensor<B>]| ts.iter().map(|t| t.to_f32_vec(be)).collect::<Result<Vec<_>>>();
         Ok((f(&self.m)?, f(&self.v)?))
     }
