@@ -13,6 +13,9 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Train(a) => cli::train::train(cli.backend, *a),
+        Command::Eval(a) => cli::train::eval(cli.backend, a),
+        Command::Generate(a) => cli::train::generate_text(cli.backend, a),
         Command::Info => cli::info::run(cli.backend),
         Command::Bench(b) => cli::bench::run(cli.backend, b),
     };

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_attention;
 pub mod info;
+pub mod train;
 
 use clap::{Parser, Subcommand};
 use dynsparse::backend::BackendChoice;
@@ -27,6 +28,13 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Train the DSA language model (default: a small model on the embedded long-range retrieval corpus,
+    /// a few minutes on a 2-core CPU). Writes a checkpoint, a CSV log and an SVG loss curve to --out.
+    Train(Box<train::TrainArgs>),
+    /// Validation loss, perplexity and retrieval accuracy of a checkpoint.
+    Eval(train::EvalArgs),
+    /// Generate text from a checkpoint (greedy or sampled).
+    Generate(train::GenerateArgs),
     /// List the compiled-in backends, every GPU adapter found, and what `--backend auto` would pick.
     Info,
     /// Measure op throughput side by side with the CPU backend.

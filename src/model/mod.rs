@@ -6,6 +6,7 @@
 //! known before the first step.
 
 pub mod config;
+pub mod sample;
 
 pub use config::{AttentionMode, ModelConfig, ParamInfo};
 

@@ -6,6 +6,7 @@
 
 pub mod checkpoint;
 pub mod lr;
+pub mod plot;
 pub mod scaler;
 
 pub use lr::LrSchedule;
