@@ -85,6 +85,9 @@ pub struct TrainArgs {
     /// Save a checkpoint every this many steps (and at the end).
     #[arg(long, default_value_t = 100)]
     pub save_every: u64,
+    /// Stop (with a checkpoint) on reaching this step, as if interrupted; `--resume` continues.
+    #[arg(long)]
+    pub stop_at: Option<u64>,
 }
 
 fn precision(s: &str) -> Result<DType> {
@@ -118,8 +121,8 @@ fn fresh_configs(a: &TrainArgs) -> Result<(ModelConfig, TrainConfig)> {
     let lr = a.lr.unwrap_or(3e-3);
     let t = TrainConfig {
         steps,
-        batch: a.batch.unwrap_or(8),
-        seq: a.seq.unwrap_or(256),
+        batch: a.batch.unwrap_or(4),
+        seq: a.seq.unwrap_or(512),
         accum: a.accum.unwrap_or(1),
         precision: precision(a.precision.as_deref().unwrap_or("f32"))?,
         lr: LrSchedule { lr, min_lr: lr / 10.0, warmup_steps: (steps / 20).max(1), total_steps: steps },
@@ -289,7 +292,8 @@ impl BackendJob for TrainJob {
             None => StepAttention::Dense,
         };
         let mut last_eval: Option<EvalStats> = None;
-        while tr.step < train_cfg.steps {
+        let stop = args.stop_at.unwrap_or(train_cfg.steps).min(train_cfg.steps);
+        while tr.step < stop {
             let t0 = Instant::now();
             let st = tr.train_step(be, &train)?;
             let dt = t0.elapsed().as_secs_f64();
@@ -327,13 +331,22 @@ impl BackendJob for TrainJob {
                 keep * 100.0,
                 if st.skipped { " | skipped (inf/nan)" } else { "" }
             ));
-            if tr.step % args.save_every == 0 || tr.step == train_cfg.steps {
+            if tr.step % args.save_every == 0 || tr.step == stop {
                 save(&tr)?;
                 write_log(&log_path, &log_rows)?;
             }
         }
         bar.finish();
         write_log(&log_path, &log_rows)?;
+        if tr.step < train_cfg.steps {
+            println!(
+                "stopped at step {} of {}; continue with --resume {}",
+                tr.step,
+                train_cfg.steps,
+                ckpt_path.display()
+            );
+            return Ok(());
+        }
         plot::loss_curve(&plot_path, &train_pts, &val_pts, "dynsparse training loss")?;
         let ev = match last_eval {
             Some(e) => e,

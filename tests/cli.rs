@@ -1,0 +1,150 @@
+//! The `dynsparse` binary as a user runs it: bad input gives one clear line
+//! and a non-zero exit; a run killed while saving leaves a loadable checkpoint;
+//! `--resume` continues where the checkpoint left off.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dynsparse"));
+    c.env("RUST_LOG", "error").env("XDG_RUNTIME_DIR", "/tmp");
+    c
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("dynsparse-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A model and run small enough for a test.
+const TINY: [&str; 14] = [
+    "--layers",
+    "1",
+    "--d-model",
+    "32",
+    "--heads",
+    "2",
+    "--kv-heads",
+    "1",
+    "--seq",
+    "64",
+    "--batch",
+    "2",
+    "--context",
+    "128",
+];
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().unwrap()
+}
+
+/// Fails unless the command exited non-zero with one `error:` line naming `needle`.
+#[track_caller]
+fn fails_with(out: Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, got success; stderr: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "one error line expected: {err}");
+    assert!(lines[0].contains(needle), "`{}` should mention `{needle}`", lines[0]);
+}
+
+fn train_tiny(out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "--backend",
+        "cpu",
+        "train",
+        "--out",
+        out.to_str().unwrap(),
+        "--eval-windows",
+        "4",
+        "--eval-every",
+        "1000",
+    ];
+    args.extend(TINY);
+    args.extend(extra);
+    run(&args)
+}
+
+#[test]
+fn bad_data_files_are_one_line_errors() {
+    let d = tmp("data");
+    fails_with(train_tiny(&d.join("o"), &["--data", d.join("nope.txt").to_str().unwrap(), "--steps", "1"]), "nope.txt");
+    let bin_file = d.join("bin.dat");
+    std::fs::write(&bin_file, [0xffu8; 1000]).unwrap();
+    fails_with(train_tiny(&d.join("o"), &["--data", bin_file.to_str().unwrap(), "--steps", "1"]), "not UTF-8");
+    fails_with(
+        run(&["--backend", "cpu", "train", "--seq", "4096", "--steps", "1", "--out", d.join("o").to_str().unwrap()]),
+        "context",
+    );
+    fails_with(run(&["train", "--precision", "f64"]), "f64");
+}
+
+#[test]
+fn bad_checkpoints_are_one_line_errors() {
+    let d = tmp("ckpt");
+    let out = d.join("run");
+    let ok = train_tiny(&out, &["--steps", "2"]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let ck = out.join("checkpoint.safetensors");
+    let bytes = std::fs::read(&ck).unwrap();
+    let cut = d.join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
+    fails_with(run(&["eval", "--checkpoint", cut.to_str().unwrap()]), "truncated");
+    let foreign = d.join("foreign.safetensors");
+    std::fs::write(&foreign, b"hello, not a checkpoint").unwrap();
+    fails_with(run(&["generate", "--checkpoint", foreign.to_str().unwrap()]), "foreign");
+    fails_with(
+        train_tiny(&d.join("r2"), &["--resume", ck.to_str().unwrap(), "--steps", "2", "--accum", "2"]),
+        "--accum 2 (checkpoint: 1)",
+    );
+    let long: String = "x".repeat(200);
+    fails_with(run(&["generate", "--checkpoint", ck.to_str().unwrap(), "--prompt", &long]), "context");
+}
+
+#[test]
+fn resume_continues_the_logged_run_exactly() {
+    let d = tmp("resume");
+    let (a, b) = (d.join("a"), d.join("b"));
+    let losses = |p: &Path| -> Vec<String> {
+        let log = std::fs::read_to_string(p.join("log.csv")).unwrap();
+        log.lines().skip(1).map(|l| l.split(',').nth(1).unwrap().to_string()).collect()
+    };
+    for sparse in ["dense", "sparse"] {
+        let straight = train_tiny(&a, &["--steps", "6", "--attention", sparse]);
+        assert!(straight.status.success(), "{}", String::from_utf8_lossy(&straight.stderr));
+        let part = train_tiny(&b, &["--steps", "6", "--stop-at", "3", "--attention", sparse]);
+        assert!(part.status.success(), "{}", String::from_utf8_lossy(&part.stderr));
+        assert_eq!(losses(&b).len(), 3);
+        let ck = b.join("checkpoint.safetensors");
+        let resumed = train_tiny(&b, &["--resume", ck.to_str().unwrap()]);
+        assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+        assert_eq!(losses(&b), losses(&a), "{sparse}: stop at 3 + resume logs the straight run's losses bit for bit");
+    }
+}
+
+#[test]
+fn a_run_killed_while_saving_leaves_a_loadable_checkpoint() {
+    let d = tmp("kill");
+    for (i, delay_ms) in [5u64, 40, 120].into_iter().enumerate() {
+        let out = d.join(format!("run{i}"));
+        let mut args =
+            vec!["--backend", "cpu", "train", "--out", out.to_str().unwrap(), "--steps", "100000", "--save-every", "1"];
+        args.extend(TINY);
+        let mut child =
+            bin().args(&args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        let ck = out.join("checkpoint.safetensors");
+        let t0 = Instant::now();
+        while !ck.exists() && t0.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(ck.exists(), "no checkpoint written within a minute");
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let ev = run(&["--backend", "cpu", "eval", "--checkpoint", ck.to_str().unwrap(), "--windows", "2"]);
+        assert!(ev.status.success(), "checkpoint after SIGKILL must load: {}", String::from_utf8_lossy(&ev.stderr));
+    }
+}
