@@ -492,6 +492,15 @@ pub struct Workspace<B: Backend> {
 }
 
 impl<B: Backend> Workspace<B> {
+    /// The key blocks layer `layer` kept per query block in the last sparse
+    /// forward pass (`[batch, nqb, keep]` U32), if it was sparse.
+    pub fn selection(&self, layer: usize) -> Option<&Tensor<B>> {
+        match self.attn {
+            StepAttention::Sparse { .. } => self.idx.as_ref().and_then(|ix| ix.select.get(layer)),
+            StepAttention::Dense => None,
+        }
+    }
+
     /// Logits of the last forward pass, `[batch·seq, vocab]` as f32.
     pub fn logits_f32(&self, be: &B) -> Result<Vec<f32>> {
         self.logits.to_f32_vec(be)
