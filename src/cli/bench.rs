@@ -19,6 +19,8 @@ pub enum BenchCommand {
     /// Dense vs dynamic sparse attention (block mode): attention alone and end to end with the
     /// indexer and selection, forward and forward+backward, with peak device bytes.
     Attention(AttentionArgs),
+    /// Peak device bytes and tokens/s of one training step in f32, f16 and bf16.
+    Train(super::bench_train::TrainBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -83,6 +85,7 @@ pub fn run(choice: BackendChoice, cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Matmul(a) => matmul(choice, a),
         BenchCommand::Attention(a) => super::bench_attention::run(choice, a),
+        BenchCommand::Train(a) => super::bench_train::run(choice, a),
     }
 }
 

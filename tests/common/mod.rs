@@ -595,6 +595,61 @@ pub fn indexer_and_selection<R: Backend, B: Backend>(r: &R, b: &B) {
     }
 }
 
+// ------------------------------------------------------------ model level
+
+/// One forward + backward + AdamW step of a tiny sparse model: loss and the
+/// parameters after the step match the reference backend.
+pub fn training_step<R: Backend, B: Backend>(r: &R, b: &B) {
+    use dynsparse::data::synthetic::{SyntheticConfig, generate};
+    use dynsparse::model::{AttentionMode, Model, ModelConfig};
+    use dynsparse::train::{LrSchedule, MemoryReport, TrainConfig, Trainer};
+    let data = generate(5, 20_000, SyntheticConfig::default());
+    let cfg = ModelConfig {
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        d_model: 32,
+        vocab: 256,
+        context: 64,
+        mlp_ratio: 2,
+        rope_theta: 10000.0,
+        attention: AttentionMode::Sparse { block: 8, keep_blocks: 3, index_heads: 2, index_dim: 8 },
+    };
+    for dt in float_dtypes(r, b) {
+        for warm in [0.5, 0.0] {
+            // warm-up 0.5: a dense step (indexer KL over all keys); 0.0: a sparse step.
+            let tc = TrainConfig {
+                steps: 4,
+                batch: 2,
+                seq: 40,
+                accum: 2,
+                precision: dt,
+                lr: LrSchedule { lr: 1e-3, min_lr: 1e-4, warmup_steps: 1, total_steps: 4 },
+                beta1: 0.9,
+                beta2: 0.95,
+                weight_decay: 0.1,
+                grad_clip: 1.0,
+                warmup_frac: warm,
+                ramp_frac: 0.0,
+                seed: 3,
+            };
+            let (want, got) = on_both!(r, b, |be| {
+                let model = Model::new(be, cfg, dt, 7).unwrap();
+                let mut tr = Trainer::new(be, model, tc, &mut MemoryReport::default()).unwrap();
+                let st = tr.train_step(be, &data).unwrap();
+                assert!(!st.skipped);
+                let mut out = vec![vec![st.loss as f32, st.indexer_kl as f32]];
+                out.extend(tr.master_values(be).unwrap());
+                out
+            });
+            let what = if warm > 0.0 { "dense step" } else { "sparse step" };
+            assert_close(&format!("training {what} loss and KL"), &got[0], &want[0], dt);
+            let flat = |v: &[Vec<f32>]| v.iter().flatten().copied().collect::<Vec<_>>();
+            assert_close(&format!("training {what} parameters after AdamW"), &flat(&got[1..]), &flat(&want[1..]), dt);
+        }
+    }
+}
+
 // ------------------------------------------------------------ bad inputs
 
 fn expect_err<T>(what: &str, r: dynsparse::Result<T>, needles: &[&str]) {
@@ -749,6 +804,12 @@ macro_rules! conformance_tests {
         fn indexer_selection_and_kl_loss_match_reference() {
             if let Some((r, b)) = $get() {
                 common::indexer_and_selection(r, b)
+            }
+        }
+        #[test]
+        fn one_training_step_matches_reference() {
+            if let Some((r, b)) = $get() {
+                common::training_step(r, b)
             }
         }
         #[test]

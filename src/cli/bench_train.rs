@@ -1,0 +1,148 @@
+//! `dynsparse bench train`: peak device bytes and tokens/s of the training
+//! step per precision, side by side on one backend.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+use dynsparse::backend::{BackendChoice, BackendJob, run_on, select};
+use dynsparse::data::synthetic::{SyntheticConfig, generate};
+use dynsparse::model::{AttentionMode, Model, ModelConfig};
+use dynsparse::train::{LrSchedule, MemoryReport, TrainConfig, Trainer};
+use dynsparse::util::machine::{host_description, update_markdown_section};
+use dynsparse::{Backend, DType, Error, Result};
+
+use super::bench::parse_dtypes;
+
+#[derive(Args, Debug)]
+pub struct TrainBenchArgs {
+    #[arg(long, value_delimiter = ',', default_values_t = ["f32".to_string(), "f16".to_string(), "bf16".to_string()])]
+    pub precisions: Vec<String>,
+    /// Timed optimizer steps per precision (after one warm-up step).
+    #[arg(long, default_value_t = 3)]
+    pub steps: u64,
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 512)]
+    pub seq: usize,
+    #[arg(long, default_value_t = 4)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 128)]
+    pub d_model: usize,
+    /// dense or sparse.
+    #[arg(long, default_value = "sparse")]
+    pub attention: String,
+    /// Write the table into this Markdown file (a section replaced on every run).
+    #[arg(long)]
+    pub write: Option<PathBuf>,
+}
+
+struct Row {
+    dt: DType,
+    mem: MemoryReport,
+    peak: usize,
+    tok_s: f64,
+}
+
+struct Job<'a> {
+    a: &'a TrainBenchArgs,
+    cfg: ModelConfig,
+    dts: Vec<DType>,
+}
+
+impl BackendJob for Job<'_> {
+    type Output = Vec<Row>;
+    fn run<B: Backend>(self, be: &B) -> Result<Vec<Row>> {
+        let data = generate(3, 400_000, SyntheticConfig::default());
+        let mut rows = Vec::new();
+        for dt in self.dts {
+            if !be.supports(dt) {
+                eprintln!("{dt}: not supported by {}, skipped", be.device_name());
+                continue;
+            }
+            let tc = TrainConfig {
+                steps: 1000,
+                batch: self.a.batch,
+                seq: self.a.seq,
+                accum: 1,
+                precision: dt,
+                lr: LrSchedule { lr: 1e-3, min_lr: 1e-4, warmup_steps: 1, total_steps: 1000 },
+                beta1: 0.9,
+                beta2: 0.95,
+                weight_decay: 0.1,
+                grad_clip: 1.0,
+                warmup_frac: 0.0,
+                ramp_frac: 0.0,
+                seed: 1,
+            };
+            let base = be.memory().allocated;
+            be.reset_peak();
+            let mut mem = MemoryReport::default();
+            let mut tr = Trainer::new(be, Model::new(be, self.cfg, dt, 1)?, tc, &mut mem)?;
+            tr.train_step(be, &data)?;
+            be.synchronize()?;
+            let t0 = Instant::now();
+            for _ in 0..self.a.steps {
+                tr.train_step(be, &data)?;
+            }
+            be.synchronize()?;
+            let tok_s = (self.a.steps as usize * self.a.batch * self.a.seq) as f64 / t0.elapsed().as_secs_f64();
+            rows.push(Row { dt, mem, peak: be.memory().peak - base, tok_s });
+            drop(tr);
+        }
+        Ok(rows)
+    }
+}
+
+pub fn run(choice: BackendChoice, a: TrainBenchArgs) -> Result<()> {
+    let dts = parse_dtypes(&a.precisions)?;
+    let mut cfg = ModelConfig { n_layers: a.layers, d_model: a.d_model, ..ModelConfig::default() };
+    cfg.attention = match a.attention.as_str() {
+        "dense" => AttentionMode::Dense,
+        "sparse" => cfg.attention,
+        o => return Err(Error::Invalid(format!("--attention `{o}`: expected dense or sparse"))),
+    };
+    cfg.validate()?;
+    if a.steps == 0 || a.seq > cfg.context {
+        return Err(Error::Invalid(format!("--steps must be positive and --seq at most {}", cfg.context)));
+    }
+    let sel = select(choice)?;
+    let rows = run_on(&sel.backend, Job { a: &a, cfg, dts })?;
+    let kind = sel.backend.kind();
+    let mib = |b: usize| format!("{:.1}", b as f64 / (1u64 << 20) as f64);
+    let f32_peak = rows.iter().find(|r| r.dt == DType::F32).map(|r| r.peak);
+    let mut md = format!(
+        "Machine: {} — device: {} ({kind}).\n\nCommand: `dynsparse --backend {kind} bench train --layers {} --d-model {} --batch {} --seq {} --attention {} --steps {}`\n\n\
+         Model: {} parameters. Peak = the backend's peak live bytes over one training step (weights, f32 masters, gradients, AdamW moments, activations).\n\n\
+         | precision | weights | f32 masters | gradients | AdamW moments | activations | peak MiB | peak / f32 | tokens/s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        host_description(),
+        sel.backend.device_name(),
+        a.layers,
+        a.d_model,
+        a.batch,
+        a.seq,
+        a.attention,
+        a.steps,
+        cfg.n_params()
+    );
+    for r in &rows {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |\n",
+            r.dt,
+            mib(r.mem.weights),
+            mib(r.mem.master_weights),
+            mib(r.mem.gradients),
+            mib(r.mem.optimizer),
+            mib(r.mem.activations),
+            mib(r.peak),
+            f32_peak.map(|f| format!("{:.2}×", r.peak as f64 / f as f64)).unwrap_or("–".into()),
+            r.tok_s
+        ));
+    }
+    println!("{md}");
+    if let Some(p) = &a.write {
+        update_markdown_section(p, &format!("bench train {kind}"), &md)?;
+        println!("written to {}", p.display());
+    }
+    Ok(())
+}
