@@ -286,46 +286,22 @@ impl<B: Backend> Model<B> {
             ops::matmul(be, &a.att, &ws.dx, &mut grads[lp.wo], true, false, 1.0, 1.0)?;
             a.att.set_shape(a.q.shape())?;
             ws.datt.set_shape(a.q.shape())?;
+            let block = match self.cfg.attention {
+                AttentionMode::Sparse { block, .. } => block,
+                AttentionMode::Dense => 0,
+            };
             let sel =
                 ws.idx.as_ref().filter(|_| matches!(ws.attn, StepAttention::Sparse { .. })).map(|ix| &ix.select[l]);
             let sparse_step = sel.is_some();
-            let AttentionMode::Sparse { block, .. } = self.cfg.attention else {
-                attention::attention_backward(
-                    be,
-                    &a.q,
-                    &a.k,
-                    &a.v,
-                    &a.att,
-                    &a.lse,
-                    &ws.datt,
-                    Pattern::Dense,
-                    &mut ws.dq,
-                    &mut ws.dk,
-                    &mut ws.dv,
-                )?;
-                ws.datt.set_shape(&[n, a.att.numel() / n])?;
-                self.qkv_backward(be, ws, l, grads)?;
-                continue;
-            };
-            let pat = || match sel {
+            let pat = match sel {
                 Some(s) => Pattern::Blocks { idx: s, block },
                 None => Pattern::Dense,
             };
             attention::attention_backward(
-                be,
-                &a.q,
-                &a.k,
-                &a.v,
-                &a.att,
-                &a.lse,
-                &ws.datt,
-                pat(),
-                &mut ws.dq,
-                &mut ws.dk,
-                &mut ws.dv,
+                be, &a.q, &a.k, &a.v, &a.att, &a.lse, &ws.datt, pat, &mut ws.dq, &mut ws.dk, &mut ws.dv,
             )?;
             ws.datt.set_shape(&[n, a.att.numel() / n])?;
-            if train_indexer {
+            if train_indexer && self.cfg.is_sparse() {
                 let (Some(ix), Some(ip)) = (ws.idx.as_mut(), lp.indexer) else {
                     unreachable!("sparse model has indexers")
                 };
