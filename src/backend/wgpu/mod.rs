@@ -1,25 +1,849 @@
-//! PLACEHOLDER: replaced by the wgpu backend implementation.
-use crate::error::{Error, Result};
+//! The wgpu backend: WGSL compute shaders on any Vulkan, Metal or DX12 adapter.
+//!
+//! One device and queue per backend. Kernels are recorded into one pending
+//! command encoder and submitted in batches (on a download, a
+//! synchronisation, an upload, or every [`MAX_PENDING`] dispatches). Freed
+//! buffers go back to a pool keyed by size and are reused; compiled pipelines
+//! are cached per kernel and argument dtypes. Shaders live in `shaders/`, one
+//! file per op family; [`kernel`] explains how a kernel is written once and
+//! generated for every dtype. Device errors (a failed allocation, a lost
+//! device) are caught and returned as [`Error::Device`] instead of panicking.
 
+mod attention;
+mod core_ops;
+pub mod kernel;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use kernel::{KernelDef, Params, Role};
+
+use super::{Backend, BackendKind, MemoryCounter, MemoryStats};
+use crate::attention::ops::{AttentionSpec, IndexerLossSpec, IndexerSpec, SelectSpec};
+use crate::error::{Error, Result};
+use crate::ops::*;
+use crate::{DType, Tensor};
+
+/// Dispatches recorded before the pending encoder is submitted.
+const MAX_PENDING: usize = 64;
+
+/// Which adapter to open.
 #[derive(Clone, Debug)]
 pub enum AdapterPick {
+    /// The first hardware adapter (discrete, then integrated GPU); never a software one.
     HardwareOnly,
+    /// The best adapter there is, software (lavapipe) included.
     Any,
+    /// An adapter index from `dynsparse info`, or part of its name (case-insensitive).
     Name(String),
 }
+
 impl AdapterPick {
+    /// `DYNSPARSE_WGPU_ADAPTER=<index or name>`, when set.
     pub fn from_env() -> Option<Self> {
-        std::env::var("DYNSPARSE_WGPU_ADAPTER").ok().map(AdapterPick::Name)
+        std::env::var("DYNSPARSE_WGPU_ADAPTER").ok().filter(|s| !s.trim().is_empty()).map(AdapterPick::Name)
     }
 }
+
 impl std::fmt::Display for AdapterPick {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{self:?}")
+        match self {
+            AdapterPick::HardwareOnly => f.write_str("hardware adapters only"),
+            AdapterPick::Any => f.write_str("any adapter, software included"),
+            AdapterPick::Name(n) => write!(f, "adapter matching `{n}`"),
+        }
     }
 }
-pub struct WgpuBackend;
+
+/// What `dynsparse info` shows about one adapter.
+#[derive(Clone, Debug)]
+pub struct AdapterSummary {
+    pub index: usize,
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+    pub is_software: bool,
+    pub shader_f16: bool,
+    pub subgroups: bool,
+    pub subgroup_sizes: (u32, u32),
+    /// The limits that matter for our kernels, formatted.
+    pub limits: String,
+}
+
+fn instance() -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    if std::env::var_os("WGPU_BACKEND").is_none() {
+        desc.backends = wgpu::Backends::PRIMARY;
+    }
+    wgpu::Instance::new(desc)
+}
+
+fn is_software(info: &wgpu::AdapterInfo) -> bool {
+    let n = info.name.to_ascii_lowercase();
+    info.device_type == wgpu::DeviceType::Cpu || n.contains("llvmpipe") || n.contains("swiftshader")
+}
+
+fn summarize(index: usize, a: &wgpu::Adapter) -> AdapterSummary {
+    let info = a.get_info();
+    let f = a.features();
+    let l = a.limits();
+    AdapterSummary {
+        index,
+        name: info.name.clone(),
+        backend: format!("{:?}", info.backend),
+        device_type: format!("{:?}", info.device_type),
+        driver: [info.driver.as_str(), info.driver_info.as_str()]
+            .iter()
+            .filter(|s| !s.is_empty())
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(" "),
+        is_software: is_software(&info),
+        shader_f16: f.contains(wgpu::Features::SHADER_F16),
+        subgroups: f.contains(wgpu::Features::SUBGROUP),
+        subgroup_sizes: (info.subgroup_min_size, info.subgroup_max_size),
+        limits: format!(
+            "max buffer {} MiB, max storage binding {} MiB, workgroup shared {} KiB, invocations/workgroup {}",
+            l.max_buffer_size >> 20,
+            l.max_storage_buffer_binding_size >> 20,
+            l.max_compute_workgroup_storage_size >> 10,
+            l.max_compute_invocations_per_workgroup
+        ),
+    }
+}
+
+fn adapters() -> Vec<wgpu::Adapter> {
+    pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all()))
+}
+
+/// Every adapter wgpu finds (an empty list when no driver answers).
+pub fn enumerate_adapters() -> Vec<AdapterSummary> {
+    adapters().iter().enumerate().map(|(i, a)| summarize(i, a)).collect()
+}
+
+fn pick_adapter(pick: &AdapterPick) -> Result<wgpu::Adapter> {
+    let all = adapters();
+    let list = |all: &[wgpu::Adapter]| {
+        if all.is_empty() {
+            "no adapters found: no Vulkan, Metal or DX12 driver answered (on Linux without a GPU, \
+             `apt-get install mesa-vulkan-drivers` provides the lavapipe software adapter)"
+                .to_string()
+        } else {
+            let names: Vec<String> = all
+                .iter()
+                .enumerate()
+                .map(|(i, a)| {
+                    let info = a.get_info();
+                    format!("[{i}] {} ({:?}, {:?})", info.name, info.backend, info.device_type)
+                })
+                .collect();
+            format!("adapters found: {}", names.join(", "))
+        }
+    };
+    let rank = |a: &wgpu::Adapter| match a.get_info().device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    };
+    let chosen = match pick {
+        AdapterPick::Any => all.into_iter().min_by_key(|a| (is_software(&a.get_info()), rank(a))),
+        AdapterPick::HardwareOnly => {
+            let why = list(&all);
+            let hw = all.into_iter().filter(|a| !is_software(&a.get_info())).min_by_key(rank);
+            return hw.ok_or_else(|| Error::Unavailable(format!("wgpu: no hardware adapter ({why})")));
+        }
+        AdapterPick::Name(n) => {
+            let why = list(&all);
+            let found = match n.trim().parse::<usize>() {
+                Ok(i) => all.into_iter().nth(i),
+                Err(_) => {
+                    let n = n.to_ascii_lowercase();
+                    all.into_iter().find(|a| a.get_info().name.to_ascii_lowercase().contains(&n))
+                }
+            };
+            return found.ok_or_else(|| Error::Unavailable(format!("wgpu: no adapter matches `{n}` ({why})")));
+        }
+    };
+    chosen.ok_or_else(|| Error::Unavailable(format!("wgpu: {}", list(&[]))))
+}
+
+struct Pipeline {
+    layout: wgpu::BindGroupLayout,
+    pipeline: wgpu::ComputePipeline,
+}
+
+struct Pending {
+    encoder: Option<wgpu::CommandEncoder>,
+    dispatches: usize,
+}
+
+type Pool = Arc<Mutex<HashMap<u64, Vec<wgpu::Buffer>>>>;
+
+/// WGSL compute shaders through wgpu.
+pub struct WgpuBackend {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    mem: MemoryCounter,
+    pool: Pool,
+    kernels: Mutex<HashMap<(String, String), Arc<KernelDef>>>,
+    pipelines: Mutex<HashMap<String, Arc<Pipeline>>>,
+    pending: Mutex<Pending>,
+    error: Arc<Mutex<Option<String>>>,
+}
+
+/// A device allocation. Dropping it returns the memory to the backend's pool.
+pub struct WgpuBuffer {
+    buf: Option<wgpu::Buffer>,
+    /// Bytes the caller asked for (what the memory counters count).
+    bytes: usize,
+    mem: MemoryCounter,
+    pool: Pool,
+}
+
+impl WgpuBuffer {
+    fn raw(&self) -> &wgpu::Buffer {
+        self.buf.as_ref().expect("a live WgpuBuffer always holds its buffer")
+    }
+}
+
+impl Drop for WgpuBuffer {
+    fn drop(&mut self) {
+        self.mem.free(self.bytes);
+        if let Some(b) = self.buf.take()
+            && let Ok(mut pool) = self.pool.lock()
+        {
+            pool.entry(b.size()).or_default().push(b);
+        }
+    }
+}
+
+/// Pool buckets: sizes rounded up to 256 bytes, and to 1/8 of the next power
+/// of two above 64 KiB, so nearby sizes share buffers.
+fn bucket(bytes: usize) -> u64 {
+    let b = bytes.max(4) as u64;
+    if b <= 65_536 {
+        b.div_ceil(256) * 256
+    } else {
+        let step = b.next_power_of_two() / 8;
+        b.div_ceil(step) * step
+    }
+}
+
+/// A tensor argument of a kernel launch.
+pub(crate) enum Arg<'a> {
+    R(&'a Tensor<WgpuBackend>),
+    W(&'a mut Tensor<WgpuBackend>),
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl WgpuBackend {
-    pub fn new(_p: &AdapterPick) -> Result<Self> {
-        Err(Error::Unavailable("wgpu backend not built yet".into()))
+    /// Opens the adapter `pick` selects; the error lists the adapters found.
+    pub fn new(pick: &AdapterPick) -> Result<Self> {
+        let adapter = pick_adapter(pick)?;
+        let info = adapter.get_info();
+        let desc = wgpu::DeviceDescriptor {
+            label: Some("dynsparse"),
+            required_limits: adapter.limits(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            ..Default::default()
+        };
+        let (device, queue) = pollster::block_on(adapter.request_device(&desc))
+            .map_err(|e| Error::Unavailable(format!("wgpu: {} refused to open a device: {e}", info.name)))?;
+        let error: Arc<Mutex<Option<String>>> = Arc::default();
+        let sink = error.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            log::error!("wgpu device error: {e}");
+            let mut s = lock(&sink);
+            if s.is_none() {
+                *s = Some(e.to_string());
+            }
+        }));
+        log::info!("wgpu: opened {} ({:?}, {:?})", info.name, info.backend, info.device_type);
+        Ok(Self {
+            device,
+            queue,
+            info,
+            mem: MemoryCounter::default(),
+            pool: Arc::default(),
+            kernels: Mutex::default(),
+            pipelines: Mutex::default(),
+            pending: Mutex::new(Pending { encoder: None, dispatches: 0 }),
+            error,
+        })
+    }
+
+    /// The adapter's description.
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+
+    fn check_error(&self) -> Result<()> {
+        match lock(&self.error).take() {
+            Some(e) => Err(Error::Device(format!("wgpu: {e}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Submits the pending encoder, if any.
+    fn flush(&self) -> Result<()> {
+        let enc = {
+            let mut p = lock(&self.pending);
+            p.dispatches = 0;
+            p.encoder.take()
+        };
+        if let Some(enc) = enc {
+            self.queue.submit([enc.finish()]);
+        }
+        self.check_error()
+    }
+
+    fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Device(format!("wgpu: waiting for the device failed: {e}")))?;
+        self.check_error()
+    }
+
+    fn raw_alloc(&self, bytes: usize) -> WgpuBuffer {
+        let size = bucket(bytes);
+        let reused = lock(&self.pool).get_mut(&size).and_then(Vec::pop);
+        let buf = reused.unwrap_or_else(|| {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        });
+        self.mem.alloc(bytes);
+        WgpuBuffer { buf: Some(buf), bytes, mem: self.mem.clone(), pool: self.pool.clone() }
+    }
+
+    /// Drops every pooled (free) buffer, returning its memory to the driver.
+    pub fn trim_pool(&self) {
+        lock(&self.pool).clear();
+    }
+
+    fn kernel(&self, family: &str, name: &str) -> Result<Arc<KernelDef>> {
+        let key = (family.to_string(), name.to_string());
+        if let Some(k) = lock(&self.kernels).get(&key) {
+            return Ok(k.clone());
+        }
+        let k = Arc::new(kernel::find(family, name)?);
+        lock(&self.kernels).insert(key, k.clone());
+        Ok(k)
+    }
+
+    fn pipeline(&self, k: &KernelDef, dtypes: &[DType]) -> Result<Arc<Pipeline>> {
+        let key = format!("{}::{}:{:?}", k.family, k.name, dtypes);
+        if let Some(p) = lock(&self.pipelines).get(&key) {
+            return Ok(p.clone());
+        }
+        let src = kernel::generate(k, dtypes)?;
+        kernel::validate(&key, &src)?;
+        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(&key),
+            source: wgpu::ShaderSource::Wgsl(src.into()),
+        });
+        let storage = |b: u32, read_only: bool| wgpu::BindGroupLayoutEntry {
+            binding: b,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Storage { read_only },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        };
+        let mut entries = vec![wgpu::BindGroupLayoutEntry {
+            binding: 0,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Uniform,
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        }];
+        for (i, (_, role)) in k.args.iter().enumerate() {
+            entries.push(storage(i as u32 + 1, !role.writes()));
+        }
+        let layout = self
+            .device
+            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some(&key), entries: &entries });
+        let pl = self.device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some(&key),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&key),
+            layout: Some(&pl),
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        self.check_error()?;
+        let p = Arc::new(Pipeline { layout, pipeline });
+        lock(&self.pipelines).insert(key, p.clone());
+        Ok(p)
+    }
+
+    /// Records one dispatch of `pipeline` over `bufs` (binding 1, 2, …).
+    fn dispatch(&self, p: &Pipeline, params: &Params, bufs: &[&wgpu::Buffer], grid: [u32; 3]) -> Result<()> {
+        if params.0.len() > kernel::PARAM_WORDS {
+            return Err(Error::Device(format!(
+                "{} kernel parameters (at most {})",
+                params.0.len(),
+                kernel::PARAM_WORDS
+            )));
+        }
+        let lim = self.device.limits().max_compute_workgroups_per_dimension;
+        if grid.iter().any(|&g| g > lim) {
+            return Err(Error::Shape(format!(
+                "wgpu: launch grid {grid:?} exceeds the device limit of {lim} per dimension"
+            )));
+        }
+        let mut words = [0u32; kernel::PARAM_WORDS];
+        words[..params.0.len()].copy_from_slice(&params.0);
+        let ubuf = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: (kernel::PARAM_WORDS * 4) as u64,
+            usage: wgpu::BufferUsages::UNIFORM,
+            mapped_at_creation: true,
+        });
+        ubuf.slice(..)
+            .get_mapped_range_mut()
+            .map_err(|e| Error::Device(format!("wgpu: mapping a parameter buffer failed: {e}")))?
+            .copy_from_slice(bytemuck::cast_slice(&words));
+        ubuf.unmap();
+        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: ubuf.as_entire_binding() }];
+        for (i, b) in bufs.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource: b.as_entire_binding() });
+        }
+        let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &p.layout,
+            entries: &entries,
+        });
+        let submit = {
+            let mut pend = lock(&self.pending);
+            let enc = pend.encoder.get_or_insert_with(|| {
+                self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
+            });
+            {
+                let mut pass =
+                    enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+                pass.set_pipeline(&p.pipeline);
+                pass.set_bind_group(0, &bg, &[]);
+                pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
+            }
+            pend.dispatches += 1;
+            pend.dispatches >= MAX_PENDING
+        };
+        if submit { self.flush() } else { Ok(()) }
+    }
+
+    /// Launches kernel `family::name` over `args` (in the order of its header).
+    /// Half-precision outputs are computed into f32 staging buffers and
+    /// packed afterwards; `inout` staging is first filled from the tensor.
+    pub(crate) fn launch(
+        &self,
+        family: &str,
+        name: &str,
+        args: &mut [Arg<'_>],
+        params: Params,
+        grid: [u32; 3],
+    ) -> Result<()> {
+        let k = self.kernel(family, name)?;
+        if k.args.len() != args.len() {
+            return Err(Error::Device(format!("{family}::{name} takes {} tensors, got {}", k.args.len(), args.len())));
+        }
+        let mut dtypes = Vec::with_capacity(args.len());
+        let mut staging: Vec<Option<WgpuBuffer>> = Vec::with_capacity(args.len());
+        for ((an, role), a) in k.args.iter().zip(args.iter()) {
+            let t = match (a, role.writes()) {
+                (Arg::R(t), false) => *t,
+                (Arg::W(t), true) => &**t,
+                _ => return Err(Error::Device(format!("{family}::{name}: `{an}` passed with the wrong mutability"))),
+            };
+            let dt = t.dtype();
+            if role.is_index() != !dt.is_float() {
+                return Err(Error::Device(format!("{family}::{name}: `{an}` has dtype {dt}")));
+            }
+            match role {
+                Role::Out | Role::InOut if dt != DType::F32 => {
+                    let st = self.raw_alloc(t.numel() * 4);
+                    if *role == Role::InOut {
+                        self.half_convert("unpack_half", t.buffer().raw(), st.raw(), dt, t.numel())?;
+                    }
+                    staging.push(Some(st));
+                    dtypes.push(DType::F32);
+                }
+                Role::Idx | Role::IdxOut => {
+                    staging.push(None);
+                    dtypes.push(DType::U32);
+                }
+                _ => {
+                    staging.push(None);
+                    dtypes.push(dt);
+                }
+            }
+        }
+        let p = self.pipeline(&k, &dtypes)?;
+        {
+            let bufs: Vec<&wgpu::Buffer> = args
+                .iter()
+                .zip(&staging)
+                .map(|(a, st)| match (st, a) {
+                    (Some(s), _) => s.raw(),
+                    (None, Arg::R(t)) => t.buffer().raw(),
+                    (None, Arg::W(t)) => t.buffer().raw(),
+                })
+                .collect();
+            self.dispatch(&p, &params, &bufs, grid)?;
+        }
+        for (a, st) in args.iter().zip(&staging) {
+            if let (Some(st), Arg::W(t)) = (st, a) {
+                self.half_convert("pack_half", st.raw(), t.buffer().raw(), t.dtype(), t.numel())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `pack_half`: f32 staging → packed f16/bf16 words; `unpack_half`: the reverse.
+    fn half_convert(&self, which: &str, src: &wgpu::Buffer, dst: &wgpu::Buffer, dt: DType, n: usize) -> Result<()> {
+        let k = self.kernel("elementwise", which)?;
+        let dtypes = if which == "pack_half" { [DType::F32, DType::U32] } else { [DType::U32, DType::F32] };
+        let p = self.pipeline(&k, &dtypes)?;
+        let params = Params::new().u(n).b(dt == DType::BF16);
+        self.dispatch(&p, &params, &[src, dst], kernel::grid1d(n.div_ceil(2)))
+    }
+}
+
+/// Bytes rounded up to whole `u32` words (buffers and copies are word-sized).
+fn padded(bytes: usize) -> usize {
+    bytes.div_ceil(4) * 4
+}
+
+type T<B> = Tensor<B>;
+
+impl Backend for WgpuBackend {
+    type Buffer = WgpuBuffer;
+
+    fn kind(&self) -> BackendKind {
+        BackendKind::Wgpu
+    }
+    fn device_name(&self) -> String {
+        self.info.name.clone()
+    }
+    fn supports(&self, dtype: DType) -> bool {
+        // f16 and bf16 are stored two per u32 word and converted in the shaders,
+        // so every adapter supports every dtype.
+        let _ = dtype;
+        true
+    }
+    fn memory(&self) -> MemoryStats {
+        self.mem.stats()
+    }
+    fn reset_peak(&self) {
+        self.mem.reset_peak()
+    }
+    fn synchronize(&self) -> Result<()> {
+        self.flush()?;
+        self.wait()
+    }
+
+    fn alloc(&self, dtype: DType, len: usize) -> Result<WgpuBuffer> {
+        let bytes =
+            len.checked_mul(dtype.size()).ok_or_else(|| Error::Shape(format!("alloc: {len} elements overflow")))?;
+        let max = self.device.limits().max_storage_buffer_binding_size as usize;
+        if padded(bytes) > max {
+            return Err(Error::Device(format!(
+                "wgpu: a {dtype} buffer of {len} elements ({bytes} bytes) exceeds this adapter's largest storage binding ({max} bytes)"
+            )));
+        }
+        let b = self.raw_alloc(bytes);
+        self.check_error()?;
+        Ok(b)
+    }
+
+    fn upload(&self, dtype: DType, bytes: &[u8]) -> Result<WgpuBuffer> {
+        let mut b = self.alloc(dtype, bytes.len() / dtype.size())?;
+        self.write(&mut b, dtype, bytes)?;
+        Ok(b)
+    }
+
+    fn write(&self, buf: &mut WgpuBuffer, dtype: DType, bytes: &[u8]) -> Result<()> {
+        if bytes.len() != buf.bytes {
+            return Err(Error::Shape(format!(
+                "write: {} bytes into a {dtype} buffer of {} bytes",
+                bytes.len(),
+                buf.bytes
+            )));
+        }
+        // Kernels recorded earlier may still read this buffer: submit them first,
+        // since queue writes land before the *next* submission.
+        self.flush()?;
+        if bytes.len() % 4 == 0 {
+            self.queue.write_buffer(buf.raw(), 0, bytes);
+        } else {
+            let mut v = bytes.to_vec();
+            v.resize(padded(bytes.len()), 0);
+            self.queue.write_buffer(buf.raw(), 0, &v);
+        }
+        self.check_error()
+    }
+
+    fn download(&self, buf: &WgpuBuffer, dtype: DType, len: usize) -> Result<Vec<u8>> {
+        let n = len * dtype.size();
+        if n > buf.bytes {
+            return Err(Error::Shape(format!("download: {n} bytes from a buffer of {}", buf.bytes)));
+        }
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let size = padded(n) as u64;
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        {
+            let mut p = lock(&self.pending);
+            let enc = p.encoder.get_or_insert_with(|| {
+                self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
+            });
+            enc.copy_buffer_to_buffer(buf.raw(), 0, &staging, 0, size);
+        }
+        self.flush()?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        rx.recv()
+            .map_err(|_| Error::Device("wgpu: readback was never mapped".into()))?
+            .map_err(|e| Error::Device(format!("wgpu: readback failed: {e}")))?;
+        let out = staging
+            .slice(..)
+            .get_mapped_range()
+            .map_err(|e| Error::Device(format!("wgpu: reading back failed: {e}")))?[..n]
+            .to_vec();
+        staging.unmap();
+        Ok(out)
+    }
+
+    fn matmul(&self, s: &MatmulSpec, a: &T<Self>, b: &T<Self>, c: &mut T<Self>) -> Result<()> {
+        core_ops::matmul(self, s, a, b, c)
+    }
+    fn fill(&self, s: &FillSpec, x: &mut T<Self>) -> Result<()> {
+        core_ops::fill(self, s, x)
+    }
+    fn add(&self, s: &ElementwiseSpec, a: &T<Self>, b: &T<Self>, out: &mut T<Self>) -> Result<()> {
+        core_ops::add(self, s, a, b, out)
+    }
+    fn axpby(&self, s: &AxpbySpec, x: &T<Self>, y: &mut T<Self>) -> Result<()> {
+        core_ops::axpby(self, s, x, y)
+    }
+    fn scale(&self, s: &ScaleSpec, x: &mut T<Self>) -> Result<()> {
+        core_ops::scale(self, s, x)
+    }
+    fn bias_add(&self, s: &BiasSpec, x: &mut T<Self>, bias: &T<Self>) -> Result<()> {
+        core_ops::bias_add(self, s, x, bias)
+    }
+    fn sum_rows(&self, s: &SumRowsSpec, x: &T<Self>, out: &mut T<Self>) -> Result<()> {
+        core_ops::sum_rows(self, s, x, out)
+    }
+    fn cast(&self, s: &ElementwiseSpec, x: &T<Self>, y: &mut T<Self>) -> Result<()> {
+        core_ops::cast(self, s, x, y)
+    }
+    fn gelu(&self, s: &ElementwiseSpec, x: &T<Self>, y: &mut T<Self>) -> Result<()> {
+        core_ops::gelu(self, s, x, y)
+    }
+    fn gelu_backward(&self, s: &ElementwiseSpec, x: &T<Self>, dy: &T<Self>, dx: &mut T<Self>) -> Result<()> {
+        core_ops::gelu_backward(self, s, x, dy, dx)
+    }
+    fn bias_gelu(&self, s: &BiasSpec, x: &T<Self>, bias: &T<Self>, y: &mut T<Self>) -> Result<()> {
+        core_ops::bias_gelu(self, s, x, bias, y)
+    }
+    fn layernorm(
+        &self,
+        s: &LayerNormSpec,
+        x: &T<Self>,
+        gamma: &T<Self>,
+        beta: &T<Self>,
+        y: &mut T<Self>,
+        mean: &mut T<Self>,
+        rstd: &mut T<Self>,
+    ) -> Result<()> {
+        core_ops::layernorm(self, s, x, gamma, beta, y, mean, rstd)
+    }
+    fn layernorm_backward(
+        &self,
+        s: &LayerNormSpec,
+        dy: &T<Self>,
+        x: &T<Self>,
+        gamma: &T<Self>,
+        mean: &T<Self>,
+        rstd: &T<Self>,
+        dx: &mut T<Self>,
+        dgamma: &mut T<Self>,
+        dbeta: &mut T<Self>,
+    ) -> Result<()> {
+        core_ops::layernorm_backward(self, s, dy, x, gamma, mean, rstd, dx, dgamma, dbeta)
+    }
+    fn softmax(&self, s: &SoftmaxSpec, x: &T<Self>, y: &mut T<Self>) -> Result<()> {
+        core_ops::softmax(self, s, x, y)
+    }
+    fn softmax_backward(&self, s: &SoftmaxSpec, y: &T<Self>, dy: &T<Self>, dx: &mut T<Self>) -> Result<()> {
+        core_ops::softmax_backward(self, s, y, dy, dx)
+    }
+    fn rope(&self, s: &RopeSpec, x: &T<Self>, cos: &T<Self>, sin: &T<Self>, y: &mut T<Self>) -> Result<()> {
+        core_ops::rope(self, s, x, cos, sin, y)
+    }
+    fn embedding(&self, s: &EmbeddingSpec, ids: &T<Self>, table: &T<Self>, out: &mut T<Self>) -> Result<()> {
+        core_ops::embedding(self, s, ids, table, out)
+    }
+    fn embedding_backward(&self, s: &EmbeddingSpec, ids: &T<Self>, dout: &T<Self>, dtable: &mut T<Self>) -> Result<()> {
+        core_ops::embedding_backward(self, s, ids, dout, dtable)
+    }
+    fn cross_entropy(
+        &self,
+        s: &CrossEntropySpec,
+        logits: &T<Self>,
+        targets: &T<Self>,
+        losses: &mut T<Self>,
+    ) -> Result<()> {
+        core_ops::cross_entropy(self, s, logits, targets, losses)
+    }
+    fn cross_entropy_backward(
+        &self,
+        s: &CrossEntropySpec,
+        logits: &T<Self>,
+        targets: &T<Self>,
+        dlogits: &mut T<Self>,
+    ) -> Result<()> {
+        core_ops::cross_entropy_backward(self, s, logits, targets, dlogits)
+    }
+    fn sum_squares(&self, s: &ReduceSpec, x: &T<Self>, out: &mut T<Self>) -> Result<()> {
+        core_ops::sum_squares(self, s, x, out)
+    }
+    fn all_finite(&self, s: &ReduceSpec, x: &T<Self>, out: &mut T<Self>) -> Result<()> {
+        core_ops::all_finite(self, s, x, out)
+    }
+    fn adamw(
+        &self,
+        s: &AdamWSpec,
+        params: &mut T<Self>,
+        grads: &T<Self>,
+        m: &mut T<Self>,
+        v: &mut T<Self>,
+        copy: Option<&mut T<Self>>,
+    ) -> Result<()> {
+        core_ops::adamw(self, s, params, grads, m, v, copy)
+    }
+
+    fn attention(
+        &self,
+        s: &AttentionSpec,
+        q: &T<Self>,
+        k: &T<Self>,
+        v: &T<Self>,
+        idx: Option<&T<Self>>,
+        o: &mut T<Self>,
+        lse: &mut T<Self>,
+    ) -> Result<()> {
+        attention::attention(self, s, q, k, v, idx, o, lse)
+    }
+    fn attention_backward(
+        &self,
+        s: &AttentionSpec,
+        q: &T<Self>,
+        k: &T<Self>,
+        v: &T<Self>,
+        o: &T<Self>,
+        lse: &T<Self>,
+        d_o: &T<Self>,
+        idx: Option<&T<Self>>,
+        dq: &mut T<Self>,
+        dk: &mut T<Self>,
+        dv: &mut T<Self>,
+    ) -> Result<()> {
+        attention::attention_backward(self, s, q, k, v, o, lse, d_o, idx, dq, dk, dv)
+    }
+    fn indexer_scores(
+        &self,
+        s: &IndexerSpec,
+        qi: &T<Self>,
+        ki: &T<Self>,
+        w: &T<Self>,
+        scores: &mut T<Self>,
+    ) -> Result<()> {
+        attention::indexer_scores(self, s, qi, ki, w, scores)
+    }
+    fn indexer_block_scores(
+        &self,
+        s: &IndexerSpec,
+        qi: &T<Self>,
+        ki: &T<Self>,
+        w: &T<Self>,
+        pooled: &mut T<Self>,
+    ) -> Result<()> {
+        attention::indexer_block_scores(self, s, qi, ki, w, pooled)
+    }
+    fn select_topk(&self, s: &SelectSpec, scores: &T<Self>, idx: &mut T<Self>) -> Result<()> {
+        attention::select_topk(self, s, scores, idx)
+    }
+    fn indexer_kl(
+        &self,
+        s: &IndexerLossSpec,
+        q: &T<Self>,
+        k: &T<Self>,
+        lse: &T<Self>,
+        scores: &T<Self>,
+        idx: Option<&T<Self>>,
+        loss: &mut T<Self>,
+        dscores: &mut T<Self>,
+    ) -> Result<()> {
+        attention::indexer_kl(self, s, q, k, lse, scores, idx, loss, dscores)
+    }
+    fn indexer_backward(
+        &self,
+        s: &IndexerSpec,
+        qi: &T<Self>,
+        ki: &T<Self>,
+        w: &T<Self>,
+        dscores: &T<Self>,
+        dqi: &mut T<Self>,
+        dki: &mut T<Self>,
+        dw: &mut T<Self>,
+    ) -> Result<()> {
+        attention::indexer_backward(self, s, qi, ki, w, dscores, dqi, dki, dw)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_buckets_round_up_and_share_nearby_sizes() {
+        assert_eq!(bucket(0), 256);
+        assert_eq!(bucket(257), 512);
+        assert_eq!(bucket(100_000), bucket(98_305));
+        assert!(bucket(100_000) >= 100_000);
+        for b in [1usize, 255, 4097, 65_537, 1 << 20, (1 << 20) + 1, 123_456_789] {
+            assert!(bucket(b) >= b as u64 && bucket(b) < 2 * b.max(256) as u64, "{b}");
+        }
     }
 }

@@ -1,0 +1,1 @@
+// shaders/adamw.wgsl: to be written

@@ -1,0 +1,1 @@
+// shaders/cross_entropy.wgsl: to be written

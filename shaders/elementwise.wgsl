@@ -1,0 +1,157 @@
+// Element-wise ops (fill, add, axpby, scale, bias add, column sums, cast) and
+// the half-precision pack/unpack passes every f16/bf16 output goes through.
+// Parameter word 0 is the element count unless a kernel says otherwise.
+
+// bf16 bits of an f32, rounded to nearest even (NaN stays NaN).
+fn to_bf16(x: f32) -> u32 {
+    let u = bitcast<u32>(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) { return 0x7fc0u; }
+    return (u + 0x7fffu + ((u >> 16u) & 1u)) >> 16u;
+}
+
+// f16 bits of an f32, rounded to nearest even, overflow to infinity.
+fn to_f16(x: f32) -> u32 {
+    let u = bitcast<u32>(x);
+    let sign = (u >> 16u) & 0x8000u;
+    let a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) { return sign | 0x7e00u; }
+    if (a >= 0x477ff000u) { return sign | 0x7c00u; }
+    if (a < 0x38800000u) {
+        // subnormal (or zero) f16: value = m * 2^-24
+        let v = bitcast<f32>(a) * 16777216.0;
+        var m = u32(v);
+        let r = v - f32(m);
+        if (r > 0.5 || (r == 0.5 && (m & 1u) == 1u)) { m = m + 1u; }
+        return sign | m;
+    }
+    let e = (a >> 23u) - 112u;
+    let mant = a & 0x7fffffu;
+    var h = (e << 10u) | (mant >> 13u);
+    let rest = mant & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u) == 1u)) { h = h + 1u; }
+    return sign | h;
+}
+
+fn to_half(x: f32, bf: bool) -> u32 {
+    if (bf) { return to_bf16(x); }
+    return to_f16(x);
+}
+
+//!kernel pack_half(src: in, dst: idxout)
+// p0 = element count, p1 = 1 for bf16 / 0 for f16. One invocation per u32 word.
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let w = lin(g, nw);
+    let n = pu(0u);
+    if (w >= (n + 1u) / 2u) { return; }
+    let bf = pu(1u) == 1u;
+    let lo = to_half(ld_src(2u * w), bf);
+    var hi = 0u;
+    if (2u * w + 1u < n) { hi = to_half(ld_src(2u * w + 1u), bf); }
+    stu_dst(w, lo | (hi << 16u));
+}
+
+//!kernel unpack_half(src: idx, dst: out)
+// p0 = element count, p1 = 1 for bf16 / 0 for f16. One invocation per u32 word.
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let w = lin(g, nw);
+    let n = pu(0u);
+    if (w >= (n + 1u) / 2u) { return; }
+    let bits = ldu_src(w);
+    var lo: f32;
+    var hi: f32;
+    if (pu(1u) == 1u) {
+        lo = bf16_lo(bits);
+        hi = bf16_hi(bits);
+    } else {
+        let v = unpack2x16float(bits);
+        lo = v.x;
+        hi = v.y;
+    }
+    st_dst(2u * w, lo);
+    if (2u * w + 1u < n) { st_dst(2u * w + 1u, hi); }
+}
+
+//!kernel fill(x: out)
+// p1 = value
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let i = lin(g, nw);
+    if (i >= pu(0u)) { return; }
+    st_x(i, pf(1u));
+}
+
+//!kernel add(a: in, b: in, out: out)
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let i = lin(g, nw);
+    if (i >= pu(0u)) { return; }
+    st_out(i, ld_a(i) + ld_b(i));
+}
+
+//!kernel axpby(x: in, y: inout)
+// y = alpha*x + beta*y; p1 = alpha, p2 = beta (y is not read when beta == 0).
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let i = lin(g, nw);
+    if (i >= pu(0u)) { return; }
+    var r = pf(1u) * ld_x(i);
+    if (pf(2u) != 0.0) { r = r + pf(2u) * ld_y(i); }
+    st_y(i, r);
+}
+
+//!kernel axpy0(x: in, y: out)
+// y = alpha*x (axpby with beta == 0: y is write-only, so NaNs in it do not leak).
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let i = lin(g, nw);
+    if (i >= pu(0u)) { return; }
+    st_y(i, pf(1u) * ld_x(i));
+}
+
+//!kernel scale(x: inout)
+// x *= p1
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let i = lin(g, nw);
+    if (i >= pu(0u)) { return; }
+    st_x(i, ld_x(i) * pf(1u));
+}
+
+//!kernel bias_add(x: inout, bias: in)
+// p0 = rows*n, p1 = n: x[r, j] += bias[j]
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let i = lin(g, nw);
+    if (i >= pu(0u)) { return; }
+    st_x(i, ld_x(i) + ld_bias(i % pu(1u)));
+}
+
+//!kernel sum_rows(x: in, out: inout)
+// p0 = n (columns), p1 = rows, p2 = beta: out[j] = sum_r x[r, j] + beta*out[j].
+// One invocation per column; the sum is kept in two f32 (Kahan) for accuracy.
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let j = lin(g, nw);
+    let n = pu(0u);
+    if (j >= n) { return; }
+    var s = 0.0;
+    var c = 0.0;
+    for (var r = 0u; r < pu(1u); r = r + 1u) {
+        let y = ld_x(r * n + j) - c;
+        let t = s + y;
+        c = (t - s) - y;
+        s = t;
+    }
+    if (pf(2u) != 0.0) { s = s + pf(2u) * ld_out(j); }
+    st_out(j, s);
+}
+
+//!kernel cast(x: in, y: out)
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let i = lin(g, nw);
+    if (i >= pu(0u)) { return; }
+    st_y(i, ld_x(i));
+}

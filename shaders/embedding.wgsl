@@ -1,0 +1,1 @@
+// shaders/embedding.wgsl: to be written

@@ -1,0 +1,1 @@
+// shaders/gelu.wgsl: to be written

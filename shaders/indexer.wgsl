@@ -1,0 +1,1 @@
+// shaders/indexer.wgsl: to be written

@@ -1,0 +1,1 @@
+// shaders/layernorm.wgsl: to be written

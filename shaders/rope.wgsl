@@ -1,0 +1,1 @@
+// shaders/rope.wgsl: to be written

@@ -1,0 +1,1 @@
+// shaders/select.wgsl: to be written

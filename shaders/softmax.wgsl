@@ -1,0 +1,1 @@
+// shaders/softmax.wgsl: to be written
