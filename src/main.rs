@@ -8,9 +8,11 @@ use clap::Parser;
 use cli::{Cli, Command};
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("dynsparse=info,warn"))
-        .format_timestamp(None)
-        .init();
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("dynsparse=info,wgpu_hal=off,wgpu_core=error,naga=error,warn"),
+    )
+    .format_timestamp(None)
+    .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(a) => cli::train::train(cli.backend, *a),

@@ -160,7 +160,9 @@ fn wgpu_auto() -> Result<Selection, String> {
             let reason = format!("auto: {why} ({})", be.device_name());
             Ok(Selection { backend: AnyBackend::Wgpu(be), reason })
         }
-        Err(e) => Err(format!("no wgpu ({e})")),
+        Err(e) => {
+            Err(format!("no wgpu adapter to use ({})", e.to_string().trim_start_matches("backend unavailable: wgpu: ")))
+        }
     }
 }
 
