@@ -45,8 +45,32 @@ pub(super) fn cast(be: &WgpuBackend, s: &ElementwiseSpec, x: &T, y: &mut T) -> R
     be.launch("elementwise", "cast", &mut [Arg::R(x), Arg::W(y)], Params::new().u(s.n), grid1d(s.n))
 }
 
-pub(super) fn matmul(_be: &WgpuBackend, _s: &MatmulSpec, _a: &T, _b: &T, _c: &mut T) -> Result<()> {
-    todo("matmul")
+pub(super) fn matmul(be: &WgpuBackend, s: &MatmulSpec, a: &T, b: &T, c: &mut T) -> Result<()> {
+    const TILE: usize = 64;
+    const MAX_Z: usize = 65_535;
+    let (sa, sb, sc) = s.strides();
+    let name = if s.beta == 0.0 { "matmul" } else { "matmul_acc" };
+    let gx = s.n.div_ceil(TILE) as u32;
+    let gy = s.m.div_ceil(TILE) as u32;
+    let mut z0 = 0;
+    while z0 < s.batch {
+        let nz = (s.batch - z0).min(MAX_Z);
+        let p = Params::new()
+            .u(s.m)
+            .u(s.n)
+            .u(s.k)
+            .b(s.trans_a)
+            .b(s.trans_b)
+            .u(sa)
+            .u(sb)
+            .u(sc)
+            .f(s.alpha)
+            .f(s.beta)
+            .u(z0);
+        be.launch("matmul", name, &mut [Arg::R(a), Arg::R(b), Arg::W(c)], p, [gx, gy, nz as u32])?;
+        z0 += nz;
+    }
+    Ok(())
 }
 
 pub(super) fn gelu(_be: &WgpuBackend, _s: &ElementwiseSpec, _x: &T, _y: &mut T) -> Result<()> {
