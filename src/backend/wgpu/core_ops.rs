@@ -73,58 +73,84 @@ pub(super) fn matmul(be: &WgpuBackend, s: &MatmulSpec, a: &T, b: &T, c: &mut T) 
     Ok(())
 }
 
-pub(super) fn gelu(_be: &WgpuBackend, _s: &ElementwiseSpec, _x: &T, _y: &mut T) -> Result<()> {
-    todo("gelu")
+pub(super) fn gelu(be: &WgpuBackend, s: &ElementwiseSpec, x: &T, y: &mut T) -> Result<()> {
+    be.launch("gelu", "gelu", &mut [Arg::R(x), Arg::W(y)], Params::new().u(s.n), grid1d(s.n))
 }
 
-pub(super) fn gelu_backward(_be: &WgpuBackend, _s: &ElementwiseSpec, _x: &T, _dy: &T, _dx: &mut T) -> Result<()> {
-    todo("gelu_backward")
+pub(super) fn gelu_backward(be: &WgpuBackend, s: &ElementwiseSpec, x: &T, dy: &T, dx: &mut T) -> Result<()> {
+    be.launch("gelu", "gelu_backward", &mut [Arg::R(x), Arg::R(dy), Arg::W(dx)], Params::new().u(s.n), grid1d(s.n))
 }
 
-pub(super) fn bias_gelu(_be: &WgpuBackend, _s: &BiasSpec, _x: &T, _bias: &T, _y: &mut T) -> Result<()> {
-    todo("bias_gelu")
+pub(super) fn bias_gelu(be: &WgpuBackend, s: &BiasSpec, x: &T, bias: &T, y: &mut T) -> Result<()> {
+    let n = s.rows * s.n;
+    be.launch("gelu", "bias_gelu", &mut [Arg::R(x), Arg::R(bias), Arg::W(y)], Params::new().u(n).u(s.n), grid1d(n))
+}
+
+/// A launch of `groups` 256-wide workgroups, one per row (folded like [`grid1d`]).
+fn per_row(groups: usize) -> [u32; 3] {
+    grid1d(groups * 256)
 }
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn layernorm(
-    _be: &WgpuBackend,
-    _s: &LayerNormSpec,
-    _x: &T,
-    _gamma: &T,
-    _beta: &T,
-    _y: &mut T,
-    _mean: &mut T,
-    _rstd: &mut T,
+    be: &WgpuBackend,
+    s: &LayerNormSpec,
+    x: &T,
+    gamma: &T,
+    beta: &T,
+    y: &mut T,
+    mean: &mut T,
+    rstd: &mut T,
 ) -> Result<()> {
-    todo("layernorm")
+    let p = Params::new().u(s.rows).u(s.n).f(s.eps);
+    let args = &mut [Arg::R(x), Arg::R(gamma), Arg::R(beta), Arg::W(y), Arg::W(mean), Arg::W(rstd)];
+    be.launch("layernorm", "layernorm", args, p, per_row(s.rows))
 }
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn layernorm_backward(
-    _be: &WgpuBackend,
-    _s: &LayerNormSpec,
-    _dy: &T,
-    _x: &T,
-    _gamma: &T,
-    _mean: &T,
-    _rstd: &T,
-    _dx: &mut T,
-    _dgamma: &mut T,
-    _dbeta: &mut T,
+    be: &WgpuBackend,
+    s: &LayerNormSpec,
+    dy: &T,
+    x: &T,
+    gamma: &T,
+    mean: &T,
+    rstd: &T,
+    dx: &mut T,
+    dgamma: &mut T,
+    dbeta: &mut T,
 ) -> Result<()> {
-    todo("layernorm_backward")
+    let p = Params::new().u(s.rows).u(s.n);
+    let args = &mut [Arg::R(dy), Arg::R(x), Arg::R(gamma), Arg::R(mean), Arg::R(rstd), Arg::W(dx)];
+    be.launch("layernorm", "layernorm_dx", args, p, per_row(s.rows))?;
+    // Column sums of dy·xhat and dy: partial sums over chunks of rows, then
+    // the partials of each column in chunk order (deterministic).
+    let chunk = s.rows.div_ceil(65_535).max(64);
+    let chunks = s.rows.div_ceil(chunk);
+    let mut part = T::empty(be, &[2 * chunks * s.n], crate::DType::F32)?;
+    let p = Params::new().u(s.rows).u(s.n).u(chunk);
+    let grid = [s.n.div_ceil(256) as u32, chunks as u32, 1];
+    let args = &mut [Arg::R(dy), Arg::R(x), Arg::R(mean), Arg::R(rstd), Arg::W(&mut part)];
+    be.launch("layernorm", "ln_colpart", args, p, grid)?;
+    let p = Params::new().u(chunks).u(s.n);
+    be.launch("layernorm", "ln_colsum", &mut [Arg::R(&part), Arg::W(dgamma), Arg::W(dbeta)], p, grid1d(s.n))
 }
 
-pub(super) fn softmax(_be: &WgpuBackend, _s: &SoftmaxSpec, _x: &T, _y: &mut T) -> Result<()> {
-    todo("softmax")
+pub(super) fn softmax(be: &WgpuBackend, s: &SoftmaxSpec, x: &T, y: &mut T) -> Result<()> {
+    let p = Params::new().u(s.rows).u(s.n).u(s.t).b(s.causal);
+    be.launch("softmax", "softmax", &mut [Arg::R(x), Arg::W(y)], p, per_row(s.rows))
 }
 
-pub(super) fn softmax_backward(_be: &WgpuBackend, _s: &SoftmaxSpec, _y: &T, _dy: &T, _dx: &mut T) -> Result<()> {
-    todo("softmax_backward")
+pub(super) fn softmax_backward(be: &WgpuBackend, s: &SoftmaxSpec, y: &T, dy: &T, dx: &mut T) -> Result<()> {
+    let p = Params::new().u(s.rows).u(s.n).u(s.t).b(s.causal);
+    be.launch("softmax", "softmax_backward", &mut [Arg::R(y), Arg::R(dy), Arg::W(dx)], p, per_row(s.rows))
 }
 
-pub(super) fn rope(_be: &WgpuBackend, _s: &RopeSpec, _x: &T, _cos: &T, _sin: &T, _y: &mut T) -> Result<()> {
-    todo("rope")
+pub(super) fn rope(be: &WgpuBackend, s: &RopeSpec, x: &T, cos: &T, sin: &T, y: &mut T) -> Result<()> {
+    let half = s.head_dim / 2;
+    let pairs = s.batch * s.seq * s.heads * half;
+    let p = Params::new().u(pairs).u(half).u(s.heads).u(s.seq).u(s.pos_offset).b(s.inverse);
+    be.launch("rope", "rope", &mut [Arg::R(x), Arg::R(cos), Arg::R(sin), Arg::W(y)], p, grid1d(pairs))
 }
 
 pub(super) fn embedding(_be: &WgpuBackend, _s: &EmbeddingSpec, _ids: &T, _table: &T, _out: &mut T) -> Result<()> {
