@@ -3,15 +3,11 @@
 
 use super::kernel::{Params, grid1d};
 use super::{Arg, WgpuBackend};
-use crate::Tensor;
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::{DType, Tensor};
 use crate::ops::*;
 
 type T = Tensor<WgpuBackend>;
-
-fn todo(op: &str) -> Result<()> {
-    Err(Error::Unavailable(format!("wgpu: {op} is not implemented yet")))
-}
 
 pub(super) fn fill(be: &WgpuBackend, s: &FillSpec, x: &mut T) -> Result<()> {
     be.launch("elementwise", "fill", &mut [Arg::W(x)], Params::new().u(s.n).f(s.value), grid1d(s.n))
@@ -127,7 +123,7 @@ pub(super) fn layernorm_backward(
     // the partials of each column in chunk order (deterministic).
     let chunk = s.rows.div_ceil(65_535).max(64);
     let chunks = s.rows.div_ceil(chunk);
-    let mut part = T::empty(be, &[2 * chunks * s.n], crate::DType::F32)?;
+    let mut part = T::empty(be, &[2 * chunks * s.n], DType::F32)?;
     let p = Params::new().u(s.rows).u(s.n).u(chunk);
     let grid = [s.n.div_ceil(256) as u32, chunks as u32, 1];
     let args = &mut [Arg::R(dy), Arg::R(x), Arg::R(mean), Arg::R(rstd), Arg::W(&mut part)];
@@ -153,56 +149,95 @@ pub(super) fn rope(be: &WgpuBackend, s: &RopeSpec, x: &T, cos: &T, sin: &T, y: &
     be.launch("rope", "rope", &mut [Arg::R(x), Arg::R(cos), Arg::R(sin), Arg::W(y)], p, grid1d(pairs))
 }
 
-pub(super) fn embedding(_be: &WgpuBackend, _s: &EmbeddingSpec, _ids: &T, _table: &T, _out: &mut T) -> Result<()> {
-    todo("embedding")
+pub(super) fn embedding(be: &WgpuBackend, s: &EmbeddingSpec, ids: &T, table: &T, out: &mut T) -> Result<()> {
+    let total = s.n * s.dim;
+    let p = Params::new().u(total).u(s.dim).u(s.vocab);
+    be.launch("embedding", "embedding", &mut [Arg::R(ids), Arg::R(table), Arg::W(out)], p, grid1d(total))
 }
 
 pub(super) fn embedding_backward(
-    _be: &WgpuBackend,
-    _s: &EmbeddingSpec,
-    _ids: &T,
-    _dout: &T,
-    _dtable: &mut T,
+    be: &WgpuBackend,
+    s: &EmbeddingSpec,
+    ids: &T,
+    dout: &T,
+    dtable: &mut T,
 ) -> Result<()> {
-    todo("embedding_backward")
+    // links[i]: the next token with the same id; links[n + i]: i is the first one.
+    let mut links = T::empty(be, &[2 * s.n], DType::U32)?;
+    be.launch("embedding", "emb_links", &mut [Arg::R(ids), Arg::W(&mut links)], Params::new().u(s.n), grid1d(s.n))?;
+    let total = s.n * s.dim;
+    let p = Params::new().u(total).u(s.dim).u(s.vocab).u(s.n);
+    let args = &mut [Arg::R(ids), Arg::R(&links), Arg::R(dout), Arg::W(dtable)];
+    be.launch("embedding", "embedding_backward", args, p, grid1d(total))
 }
 
 pub(super) fn cross_entropy(
-    _be: &WgpuBackend,
-    _s: &CrossEntropySpec,
-    _logits: &T,
-    _targets: &T,
-    _losses: &mut T,
+    be: &WgpuBackend,
+    s: &CrossEntropySpec,
+    logits: &T,
+    targets: &T,
+    losses: &mut T,
 ) -> Result<()> {
-    todo("cross_entropy")
+    let p = Params::new().u(s.rows).u(s.vocab).u(s.ignore_index as usize).f(s.grad_scale);
+    let args = &mut [Arg::R(logits), Arg::R(targets), Arg::W(losses)];
+    be.launch("cross_entropy", "cross_entropy", args, p, per_row(s.rows))
 }
 
 pub(super) fn cross_entropy_backward(
-    _be: &WgpuBackend,
-    _s: &CrossEntropySpec,
-    _logits: &T,
-    _targets: &T,
-    _dlogits: &mut T,
+    be: &WgpuBackend,
+    s: &CrossEntropySpec,
+    logits: &T,
+    targets: &T,
+    dlogits: &mut T,
 ) -> Result<()> {
-    todo("cross_entropy_backward")
+    let p = Params::new().u(s.rows).u(s.vocab).u(s.ignore_index as usize).f(s.grad_scale);
+    let args = &mut [Arg::R(logits), Arg::R(targets), Arg::W(dlogits)];
+    be.launch("cross_entropy", "cross_entropy_backward", args, p, per_row(s.rows))
 }
 
-pub(super) fn sum_squares(_be: &WgpuBackend, _s: &ReduceSpec, _x: &T, _out: &mut T) -> Result<()> {
-    todo("sum_squares")
+/// Workgroups of the first reduction pass (at most 256, so one workgroup finishes).
+fn reduce_groups(n: usize) -> usize {
+    n.div_ceil(256 * 4).clamp(1, 256)
 }
 
-pub(super) fn all_finite(_be: &WgpuBackend, _s: &ReduceSpec, _x: &T, _out: &mut T) -> Result<()> {
-    todo("all_finite")
+pub(super) fn sum_squares(be: &WgpuBackend, s: &ReduceSpec, x: &T, out: &mut T) -> Result<()> {
+    let g = reduce_groups(s.n);
+    let mut part = T::empty(be, &[g], DType::F32)?;
+    be.launch("reduce", "sum_squares_part", &mut [Arg::R(x), Arg::W(&mut part)], Params::new().u(s.n), [g as u32, 1, 1])?;
+    be.launch("reduce", "sum_squares_final", &mut [Arg::R(&part), Arg::W(out)], Params::new().u(g), [1, 1, 1])
+}
+
+pub(super) fn all_finite(be: &WgpuBackend, s: &ReduceSpec, x: &T, out: &mut T) -> Result<()> {
+    let g = reduce_groups(s.n);
+    let mut part = T::empty(be, &[g], DType::U32)?;
+    be.launch("reduce", "all_finite_part", &mut [Arg::R(x), Arg::W(&mut part)], Params::new().u(s.n), [g as u32, 1, 1])?;
+    be.launch("reduce", "all_finite_final", &mut [Arg::R(&part), Arg::W(out)], Params::new().u(g), [1, 1, 1])
 }
 
 pub(super) fn adamw(
-    _be: &WgpuBackend,
-    _s: &AdamWSpec,
-    _params: &mut T,
-    _grads: &T,
-    _m: &mut T,
-    _v: &mut T,
-    _copy: Option<&mut T>,
+    be: &WgpuBackend,
+    s: &AdamWSpec,
+    params: &mut T,
+    grads: &T,
+    m: &mut T,
+    v: &mut T,
+    copy: Option<&mut T>,
 ) -> Result<()> {
-    todo("adamw")
+    let p = Params::new()
+        .u(s.n)
+        .f(s.lr)
+        .f(s.beta1)
+        .f(s.beta2)
+        .f(s.eps)
+        .f(s.weight_decay)
+        .f(s.bc1)
+        .f(s.bc2)
+        .f(s.grad_scale);
+    match copy {
+        Some(c) => {
+            let args = &mut [Arg::W(params), Arg::R(grads), Arg::W(m), Arg::W(v), Arg::W(c)];
+            be.launch("adamw", "adamw_copy", args, p, grid1d(s.n))
+        }
+        None => be.launch("adamw", "adamw", &mut [Arg::W(params), Arg::R(grads), Arg::W(m), Arg::W(v)], p, grid1d(s.n)),
+    }
 }
