@@ -4,8 +4,8 @@
 use super::kernel::{Params, grid1d};
 use super::{Arg, WgpuBackend};
 use crate::error::Result;
-use crate::{DType, Tensor};
 use crate::ops::*;
+use crate::{DType, Tensor};
 
 type T = Tensor<WgpuBackend>;
 
@@ -51,18 +51,8 @@ pub(super) fn matmul(be: &WgpuBackend, s: &MatmulSpec, a: &T, b: &T, c: &mut T) 
     let mut z0 = 0;
     while z0 < s.batch {
         let nz = (s.batch - z0).min(MAX_Z);
-        let p = Params::new()
-            .u(s.m)
-            .u(s.n)
-            .u(s.k)
-            .b(s.trans_a)
-            .b(s.trans_b)
-            .u(sa)
-            .u(sb)
-            .u(sc)
-            .f(s.alpha)
-            .f(s.beta)
-            .u(z0);
+        let p =
+            Params::new().u(s.m).u(s.n).u(s.k).b(s.trans_a).b(s.trans_b).u(sa).u(sb).u(sc).f(s.alpha).f(s.beta).u(z0);
         be.launch("matmul", name, &mut [Arg::R(a), Arg::R(b), Arg::W(c)], p, [gx, gy, nz as u32])?;
         z0 += nz;
     }
@@ -155,13 +145,7 @@ pub(super) fn embedding(be: &WgpuBackend, s: &EmbeddingSpec, ids: &T, table: &T,
     be.launch("embedding", "embedding", &mut [Arg::R(ids), Arg::R(table), Arg::W(out)], p, grid1d(total))
 }
 
-pub(super) fn embedding_backward(
-    be: &WgpuBackend,
-    s: &EmbeddingSpec,
-    ids: &T,
-    dout: &T,
-    dtable: &mut T,
-) -> Result<()> {
+pub(super) fn embedding_backward(be: &WgpuBackend, s: &EmbeddingSpec, ids: &T, dout: &T, dtable: &mut T) -> Result<()> {
     // links[i]: the next token with the same id; links[n + i]: i is the first one.
     let mut links = T::empty(be, &[2 * s.n], DType::U32)?;
     be.launch("embedding", "emb_links", &mut [Arg::R(ids), Arg::W(&mut links)], Params::new().u(s.n), grid1d(s.n))?;
@@ -203,14 +187,26 @@ fn reduce_groups(n: usize) -> usize {
 pub(super) fn sum_squares(be: &WgpuBackend, s: &ReduceSpec, x: &T, out: &mut T) -> Result<()> {
     let g = reduce_groups(s.n);
     let mut part = T::empty(be, &[g], DType::F32)?;
-    be.launch("reduce", "sum_squares_part", &mut [Arg::R(x), Arg::W(&mut part)], Params::new().u(s.n), [g as u32, 1, 1])?;
+    be.launch(
+        "reduce",
+        "sum_squares_part",
+        &mut [Arg::R(x), Arg::W(&mut part)],
+        Params::new().u(s.n),
+        [g as u32, 1, 1],
+    )?;
     be.launch("reduce", "sum_squares_final", &mut [Arg::R(&part), Arg::W(out)], Params::new().u(g), [1, 1, 1])
 }
 
 pub(super) fn all_finite(be: &WgpuBackend, s: &ReduceSpec, x: &T, out: &mut T) -> Result<()> {
     let g = reduce_groups(s.n);
     let mut part = T::empty(be, &[g], DType::U32)?;
-    be.launch("reduce", "all_finite_part", &mut [Arg::R(x), Arg::W(&mut part)], Params::new().u(s.n), [g as u32, 1, 1])?;
+    be.launch(
+        "reduce",
+        "all_finite_part",
+        &mut [Arg::R(x), Arg::W(&mut part)],
+        Params::new().u(s.n),
+        [g as u32, 1, 1],
+    )?;
     be.launch("reduce", "all_finite_final", &mut [Arg::R(&part), Arg::W(out)], Params::new().u(g), [1, 1, 1])
 }
 
@@ -223,16 +219,8 @@ pub(super) fn adamw(
     v: &mut T,
     copy: Option<&mut T>,
 ) -> Result<()> {
-    let p = Params::new()
-        .u(s.n)
-        .f(s.lr)
-        .f(s.beta1)
-        .f(s.beta2)
-        .f(s.eps)
-        .f(s.weight_decay)
-        .f(s.bc1)
-        .f(s.bc2)
-        .f(s.grad_scale);
+    let p =
+        Params::new().u(s.n).f(s.lr).f(s.beta1).f(s.beta2).f(s.eps).f(s.weight_decay).f(s.bc1).f(s.bc2).f(s.grad_scale);
     match copy {
         Some(c) => {
             let args = &mut [Arg::W(params), Arg::R(grads), Arg::W(m), Arg::W(v), Arg::W(c)];
