@@ -1,1 +1,145 @@
-// shaders/matmul.wgsl: to be written
+// Batched C = alpha·op(A)·op(B) + beta·C, row-major, f32 accumulation.
+//
+// Tiling: one 8×8 workgroup computes a 64×64 tile of C; invocation (tx, ty)
+// owns the 8×8 block at rows 8·ty.., columns 8·tx.., kept in 16 vec4
+// accumulators (constant indices only, so they stay in registers). K advances
+// in slices of 16: the 64×16 slice of op(A) and the 16×64 slice of op(B) are
+// loaded cooperatively (4 vec4 slots of each per invocation, zero-padded
+// outside the matrices, slot order chosen per transpose so neighbouring
+// invocations read neighbouring addresses) into workgroup memory stored
+// k-major as vec4, so each k step reads 2 vec4 of A and 2 of B for 64 FMAs.
+// Grid: (ceil(n/64), ceil(m/64), batch chunk ≤ 65535); z0 offsets the batch.
+//
+// Parameters: p0 = m, p1 = n, p2 = k, p3 = trans_a, p4 = trans_b,
+// p5 = A batch stride, p6 = B batch stride (0: broadcast), p7 = C batch stride,
+// p8 = alpha, p9 = beta, p10 = z0.
+
+const TM: u32 = 64u;
+const TK: u32 = 16u;
+
+var<workgroup> As: array<vec4<f32>, 256>; // [kk][mm / 4]
+var<workgroup> Bs: array<vec4<f32>, 256>; // [kk][nn / 4]
+
+// op(A)[i, p] of the matrix at a0, 0 outside.
+fn lda(a0: u32, i: u32, p: u32) -> f32 {
+    let m = pu(0u);
+    let k = pu(2u);
+    if (i >= m || p >= k) { return 0.0; }
+    if (pu(3u) == 1u) { return ld_a(a0 + p * m + i); }
+    return ld_a(a0 + i * k + p);
+}
+
+// op(B)[p, j] of the matrix at b0, 0 outside.
+fn ldb(b0: u32, p: u32, j: u32) -> f32 {
+    let n = pu(1u);
+    let k = pu(2u);
+    if (j >= n || p >= k) { return 0.0; }
+    if (pu(4u) == 1u) { return ld_b(b0 + j * k + p); }
+    return ld_b(b0 + p * n + j);
+}
+
+// Stores C[i, j0..j0+8] (C's matrix at c0) = alpha·(lo, hi) (+ beta·C), within bounds.
+fn store8(c0: u32, i: u32, j0: u32, lo: vec4<f32>, hi: vec4<f32>, accumulate: bool) {
+    let m = pu(0u);
+    let n = pu(1u);
+    if (i >= m) { return; }
+    let base = c0 + i * n;
+    for (var c = 0u; c < 8u; c = c + 1u) {
+        let j = j0 + c;
+        if (j < n) {
+            var v: f32;
+            if (c < 4u) { v = lo[c]; } else { v = hi[c - 4u]; }
+            v = pf(8u) * v;
+            if (accumulate) { v = v + pf(9u) * ld_c(base + j); }
+            st_c(base + j, v);
+        }
+    }
+}
+
+fn mm(l: vec3<u32>, w: vec3<u32>, accumulate: bool) {
+    let m = pu(0u);
+    let n = pu(1u);
+    let k = pu(2u);
+    let ta = pu(3u) == 1u;
+    let tb = pu(4u) == 1u;
+    let z = w.z + pu(10u);
+    let a0 = z * pu(5u);
+    let b0 = z * pu(6u);
+    let c0 = z * pu(7u);
+    let row0 = w.y * TM;
+    let col0 = w.x * TM;
+    let tid = l.y * 8u + l.x;
+
+    var acc: array<vec4<f32>, 16>; // row r: acc[2r] = columns 0..3, acc[2r+1] = columns 4..7
+    for (var q = 0u; q < 16u; q = q + 1u) { acc[q] = vec4<f32>(0.0); }
+
+    let ntiles = (k + TK - 1u) / TK;
+    for (var t = 0u; t < ntiles; t = t + 1u) {
+        let k0 = t * TK;
+        // 256 vec4 slots per slice, 4 per invocation; the slot order keeps
+        // neighbouring invocations on neighbouring addresses.
+        for (var q = 0u; q < 4u; q = q + 1u) {
+            let sl = tid + 64u * q;
+            var kk: u32;
+            var mv: u32;
+            if (ta) { kk = sl / 16u; mv = sl % 16u; } else { kk = sl % 16u; mv = sl / 16u; }
+            let i = row0 + mv * 4u;
+            As[kk * 16u + mv] = vec4<f32>(lda(a0, i, k0 + kk), lda(a0, i + 1u, k0 + kk),
+                                          lda(a0, i + 2u, k0 + kk), lda(a0, i + 3u, k0 + kk));
+            var kb: u32;
+            var nv: u32;
+            if (tb) { kb = sl % 16u; nv = sl / 16u; } else { kb = sl / 16u; nv = sl % 16u; }
+            let j = col0 + nv * 4u;
+            Bs[kb * 16u + nv] = vec4<f32>(ldb(b0, k0 + kb, j), ldb(b0, k0 + kb, j + 1u),
+                                          ldb(b0, k0 + kb, j + 2u), ldb(b0, k0 + kb, j + 3u));
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < TK; kk = kk + 1u) {
+            let a_lo = As[kk * 16u + l.y * 2u];
+            let a_hi = As[kk * 16u + l.y * 2u + 1u];
+            let b_lo = Bs[kk * 16u + l.x * 2u];
+            let b_hi = Bs[kk * 16u + l.x * 2u + 1u];
+            acc[0] = acc[0] + a_lo.x * b_lo;
+            acc[1] = acc[1] + a_lo.x * b_hi;
+            acc[2] = acc[2] + a_lo.y * b_lo;
+            acc[3] = acc[3] + a_lo.y * b_hi;
+            acc[4] = acc[4] + a_lo.z * b_lo;
+            acc[5] = acc[5] + a_lo.z * b_hi;
+            acc[6] = acc[6] + a_lo.w * b_lo;
+            acc[7] = acc[7] + a_lo.w * b_hi;
+            acc[8] = acc[8] + a_hi.x * b_lo;
+            acc[9] = acc[9] + a_hi.x * b_hi;
+            acc[10] = acc[10] + a_hi.y * b_lo;
+            acc[11] = acc[11] + a_hi.y * b_hi;
+            acc[12] = acc[12] + a_hi.z * b_lo;
+            acc[13] = acc[13] + a_hi.z * b_hi;
+            acc[14] = acc[14] + a_hi.w * b_lo;
+            acc[15] = acc[15] + a_hi.w * b_hi;
+        }
+        workgroupBarrier();
+    }
+
+    let i0 = row0 + l.y * 8u;
+    let j0 = col0 + l.x * 8u;
+    store8(c0, i0, j0, acc[0], acc[1], accumulate);
+    store8(c0, i0 + 1u, j0, acc[2], acc[3], accumulate);
+    store8(c0, i0 + 2u, j0, acc[4], acc[5], accumulate);
+    store8(c0, i0 + 3u, j0, acc[6], acc[7], accumulate);
+    store8(c0, i0 + 4u, j0, acc[8], acc[9], accumulate);
+    store8(c0, i0 + 5u, j0, acc[10], acc[11], accumulate);
+    store8(c0, i0 + 6u, j0, acc[12], acc[13], accumulate);
+    store8(c0, i0 + 7u, j0, acc[14], acc[15], accumulate);
+}
+
+//!kernel matmul(a: in, b: in, c: out)
+// beta == 0: C is write-only (NaN in it never leaks).
+@compute @workgroup_size(8, 8)
+fn main(@builtin(local_invocation_id) l: vec3<u32>, @builtin(workgroup_id) w: vec3<u32>) {
+    mm(l, w, false);
+}
+
+//!kernel matmul_acc(a: in, b: in, c: inout)
+@compute @workgroup_size(8, 8)
+fn main(@builtin(local_invocation_id) l: vec3<u32>, @builtin(workgroup_id) w: vec3<u32>) {
+    mm(l, w, true);
+}

@@ -24,6 +24,7 @@ pub enum BackendChoice {
 }
 
 /// One of the compiled-in backends, picked at run time.
+#[allow(clippy::large_enum_variant)] // one long-lived value per process
 pub enum AnyBackend {
     Cpu(CpuBackend),
     #[cfg(feature = "wgpu")]

@@ -3,15 +3,11 @@
 
 use super::kernel::{Params, grid1d};
 use super::{Arg, WgpuBackend};
-use crate::Tensor;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::ops::*;
+use crate::{DType, Tensor};
 
 type T = Tensor<WgpuBackend>;
-
-fn todo(op: &str) -> Result<()> {
-    Err(Error::Unavailable(format!("wgpu: {op} is not implemented yet")))
-}
 
 pub(super) fn fill(be: &WgpuBackend, s: &FillSpec, x: &mut T) -> Result<()> {
     be.launch("elementwise", "fill", &mut [Arg::W(x)], Params::new().u(s.n).f(s.value), grid1d(s.n))
@@ -45,114 +41,191 @@ pub(super) fn cast(be: &WgpuBackend, s: &ElementwiseSpec, x: &T, y: &mut T) -> R
     be.launch("elementwise", "cast", &mut [Arg::R(x), Arg::W(y)], Params::new().u(s.n), grid1d(s.n))
 }
 
-pub(super) fn matmul(_be: &WgpuBackend, _s: &MatmulSpec, _a: &T, _b: &T, _c: &mut T) -> Result<()> {
-    todo("matmul")
+pub(super) fn matmul(be: &WgpuBackend, s: &MatmulSpec, a: &T, b: &T, c: &mut T) -> Result<()> {
+    const TILE: usize = 64;
+    const MAX_Z: usize = 65_535;
+    let (sa, sb, sc) = s.strides();
+    let name = if s.beta == 0.0 { "matmul" } else { "matmul_acc" };
+    let gx = s.n.div_ceil(TILE) as u32;
+    let gy = s.m.div_ceil(TILE) as u32;
+    let mut z0 = 0;
+    while z0 < s.batch {
+        let nz = (s.batch - z0).min(MAX_Z);
+        let p =
+            Params::new().u(s.m).u(s.n).u(s.k).b(s.trans_a).b(s.trans_b).u(sa).u(sb).u(sc).f(s.alpha).f(s.beta).u(z0);
+        be.launch("matmul", name, &mut [Arg::R(a), Arg::R(b), Arg::W(c)], p, [gx, gy, nz as u32])?;
+        z0 += nz;
+    }
+    Ok(())
 }
 
-pub(super) fn gelu(_be: &WgpuBackend, _s: &ElementwiseSpec, _x: &T, _y: &mut T) -> Result<()> {
-    todo("gelu")
+pub(super) fn gelu(be: &WgpuBackend, s: &ElementwiseSpec, x: &T, y: &mut T) -> Result<()> {
+    be.launch("gelu", "gelu", &mut [Arg::R(x), Arg::W(y)], Params::new().u(s.n), grid1d(s.n))
 }
 
-pub(super) fn gelu_backward(_be: &WgpuBackend, _s: &ElementwiseSpec, _x: &T, _dy: &T, _dx: &mut T) -> Result<()> {
-    todo("gelu_backward")
+pub(super) fn gelu_backward(be: &WgpuBackend, s: &ElementwiseSpec, x: &T, dy: &T, dx: &mut T) -> Result<()> {
+    be.launch("gelu", "gelu_backward", &mut [Arg::R(x), Arg::R(dy), Arg::W(dx)], Params::new().u(s.n), grid1d(s.n))
 }
 
-pub(super) fn bias_gelu(_be: &WgpuBackend, _s: &BiasSpec, _x: &T, _bias: &T, _y: &mut T) -> Result<()> {
-    todo("bias_gelu")
+pub(super) fn bias_gelu(be: &WgpuBackend, s: &BiasSpec, x: &T, bias: &T, y: &mut T) -> Result<()> {
+    let n = s.rows * s.n;
+    be.launch("gelu", "bias_gelu", &mut [Arg::R(x), Arg::R(bias), Arg::W(y)], Params::new().u(n).u(s.n), grid1d(n))
+}
+
+/// A launch of `groups` 256-wide workgroups, one per row (folded like [`grid1d`]).
+fn per_row(groups: usize) -> [u32; 3] {
+    grid1d(groups * 256)
 }
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn layernorm(
-    _be: &WgpuBackend,
-    _s: &LayerNormSpec,
-    _x: &T,
-    _gamma: &T,
-    _beta: &T,
-    _y: &mut T,
-    _mean: &mut T,
-    _rstd: &mut T,
+    be: &WgpuBackend,
+    s: &LayerNormSpec,
+    x: &T,
+    gamma: &T,
+    beta: &T,
+    y: &mut T,
+    mean: &mut T,
+    rstd: &mut T,
 ) -> Result<()> {
-    todo("layernorm")
+    let p = Params::new().u(s.rows).u(s.n).f(s.eps);
+    let args = &mut [Arg::R(x), Arg::R(gamma), Arg::R(beta), Arg::W(y), Arg::W(mean), Arg::W(rstd)];
+    be.launch("layernorm", "layernorm", args, p, per_row(s.rows))
 }
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn layernorm_backward(
-    _be: &WgpuBackend,
-    _s: &LayerNormSpec,
-    _dy: &T,
-    _x: &T,
-    _gamma: &T,
-    _mean: &T,
-    _rstd: &T,
-    _dx: &mut T,
-    _dgamma: &mut T,
-    _dbeta: &mut T,
+    be: &WgpuBackend,
+    s: &LayerNormSpec,
+    dy: &T,
+    x: &T,
+    gamma: &T,
+    mean: &T,
+    rstd: &T,
+    dx: &mut T,
+    dgamma: &mut T,
+    dbeta: &mut T,
 ) -> Result<()> {
-    todo("layernorm_backward")
+    let p = Params::new().u(s.rows).u(s.n);
+    let args = &mut [Arg::R(dy), Arg::R(x), Arg::R(gamma), Arg::R(mean), Arg::R(rstd), Arg::W(dx)];
+    be.launch("layernorm", "layernorm_dx", args, p, per_row(s.rows))?;
+    // Column sums of dy·xhat and dy: partial sums over chunks of rows, then
+    // the partials of each column in chunk order (deterministic).
+    let chunk = s.rows.div_ceil(65_535).max(64);
+    let chunks = s.rows.div_ceil(chunk);
+    let mut part = T::empty(be, &[2 * chunks * s.n], DType::F32)?;
+    let p = Params::new().u(s.rows).u(s.n).u(chunk);
+    let grid = [s.n.div_ceil(256) as u32, chunks as u32, 1];
+    let args = &mut [Arg::R(dy), Arg::R(x), Arg::R(mean), Arg::R(rstd), Arg::W(&mut part)];
+    be.launch("layernorm", "ln_colpart", args, p, grid)?;
+    let p = Params::new().u(chunks).u(s.n);
+    be.launch("layernorm", "ln_colsum", &mut [Arg::R(&part), Arg::W(dgamma), Arg::W(dbeta)], p, grid1d(s.n))
 }
 
-pub(super) fn softmax(_be: &WgpuBackend, _s: &SoftmaxSpec, _x: &T, _y: &mut T) -> Result<()> {
-    todo("softmax")
+pub(super) fn softmax(be: &WgpuBackend, s: &SoftmaxSpec, x: &T, y: &mut T) -> Result<()> {
+    let p = Params::new().u(s.rows).u(s.n).u(s.t).b(s.causal);
+    be.launch("softmax", "softmax", &mut [Arg::R(x), Arg::W(y)], p, per_row(s.rows))
 }
 
-pub(super) fn softmax_backward(_be: &WgpuBackend, _s: &SoftmaxSpec, _y: &T, _dy: &T, _dx: &mut T) -> Result<()> {
-    todo("softmax_backward")
+pub(super) fn softmax_backward(be: &WgpuBackend, s: &SoftmaxSpec, y: &T, dy: &T, dx: &mut T) -> Result<()> {
+    let p = Params::new().u(s.rows).u(s.n).u(s.t).b(s.causal);
+    be.launch("softmax", "softmax_backward", &mut [Arg::R(y), Arg::R(dy), Arg::W(dx)], p, per_row(s.rows))
 }
 
-pub(super) fn rope(_be: &WgpuBackend, _s: &RopeSpec, _x: &T, _cos: &T, _sin: &T, _y: &mut T) -> Result<()> {
-    todo("rope")
+pub(super) fn rope(be: &WgpuBackend, s: &RopeSpec, x: &T, cos: &T, sin: &T, y: &mut T) -> Result<()> {
+    let half = s.head_dim / 2;
+    let pairs = s.batch * s.seq * s.heads * half;
+    let p = Params::new().u(pairs).u(half).u(s.heads).u(s.seq).u(s.pos_offset).b(s.inverse);
+    be.launch("rope", "rope", &mut [Arg::R(x), Arg::R(cos), Arg::R(sin), Arg::W(y)], p, grid1d(pairs))
 }
 
-pub(super) fn embedding(_be: &WgpuBackend, _s: &EmbeddingSpec, _ids: &T, _table: &T, _out: &mut T) -> Result<()> {
-    todo("embedding")
+pub(super) fn embedding(be: &WgpuBackend, s: &EmbeddingSpec, ids: &T, table: &T, out: &mut T) -> Result<()> {
+    let total = s.n * s.dim;
+    let p = Params::new().u(total).u(s.dim).u(s.vocab);
+    be.launch("embedding", "embedding", &mut [Arg::R(ids), Arg::R(table), Arg::W(out)], p, grid1d(total))
 }
 
-pub(super) fn embedding_backward(
-    _be: &WgpuBackend,
-    _s: &EmbeddingSpec,
-    _ids: &T,
-    _dout: &T,
-    _dtable: &mut T,
-) -> Result<()> {
-    todo("embedding_backward")
+pub(super) fn embedding_backward(be: &WgpuBackend, s: &EmbeddingSpec, ids: &T, dout: &T, dtable: &mut T) -> Result<()> {
+    // links[i]: the next token with the same id; links[n + i]: i is the first one.
+    let mut links = T::empty(be, &[2 * s.n], DType::U32)?;
+    be.launch("embedding", "emb_links", &mut [Arg::R(ids), Arg::W(&mut links)], Params::new().u(s.n), grid1d(s.n))?;
+    let total = s.n * s.dim;
+    let p = Params::new().u(total).u(s.dim).u(s.vocab).u(s.n);
+    let args = &mut [Arg::R(ids), Arg::R(&links), Arg::R(dout), Arg::W(dtable)];
+    be.launch("embedding", "embedding_backward", args, p, grid1d(total))
 }
 
 pub(super) fn cross_entropy(
-    _be: &WgpuBackend,
-    _s: &CrossEntropySpec,
-    _logits: &T,
-    _targets: &T,
-    _losses: &mut T,
+    be: &WgpuBackend,
+    s: &CrossEntropySpec,
+    logits: &T,
+    targets: &T,
+    losses: &mut T,
 ) -> Result<()> {
-    todo("cross_entropy")
+    let p = Params::new().u(s.rows).u(s.vocab).u(s.ignore_index as usize).f(s.grad_scale);
+    let args = &mut [Arg::R(logits), Arg::R(targets), Arg::W(losses)];
+    be.launch("cross_entropy", "cross_entropy", args, p, per_row(s.rows))
 }
 
 pub(super) fn cross_entropy_backward(
-    _be: &WgpuBackend,
-    _s: &CrossEntropySpec,
-    _logits: &T,
-    _targets: &T,
-    _dlogits: &mut T,
+    be: &WgpuBackend,
+    s: &CrossEntropySpec,
+    logits: &T,
+    targets: &T,
+    dlogits: &mut T,
 ) -> Result<()> {
-    todo("cross_entropy_backward")
+    let p = Params::new().u(s.rows).u(s.vocab).u(s.ignore_index as usize).f(s.grad_scale);
+    let args = &mut [Arg::R(logits), Arg::R(targets), Arg::W(dlogits)];
+    be.launch("cross_entropy", "cross_entropy_backward", args, p, per_row(s.rows))
 }
 
-pub(super) fn sum_squares(_be: &WgpuBackend, _s: &ReduceSpec, _x: &T, _out: &mut T) -> Result<()> {
-    todo("sum_squares")
+/// Workgroups of the first reduction pass (at most 256, so one workgroup finishes).
+fn reduce_groups(n: usize) -> usize {
+    n.div_ceil(256 * 4).clamp(1, 256)
 }
 
-pub(super) fn all_finite(_be: &WgpuBackend, _s: &ReduceSpec, _x: &T, _out: &mut T) -> Result<()> {
-    todo("all_finite")
+pub(super) fn sum_squares(be: &WgpuBackend, s: &ReduceSpec, x: &T, out: &mut T) -> Result<()> {
+    let g = reduce_groups(s.n);
+    let mut part = T::empty(be, &[g], DType::F32)?;
+    be.launch(
+        "reduce",
+        "sum_squares_part",
+        &mut [Arg::R(x), Arg::W(&mut part)],
+        Params::new().u(s.n),
+        [g as u32, 1, 1],
+    )?;
+    be.launch("reduce", "sum_squares_final", &mut [Arg::R(&part), Arg::W(out)], Params::new().u(g), [1, 1, 1])
+}
+
+pub(super) fn all_finite(be: &WgpuBackend, s: &ReduceSpec, x: &T, out: &mut T) -> Result<()> {
+    let g = reduce_groups(s.n);
+    let mut part = T::empty(be, &[g], DType::U32)?;
+    be.launch(
+        "reduce",
+        "all_finite_part",
+        &mut [Arg::R(x), Arg::W(&mut part)],
+        Params::new().u(s.n),
+        [g as u32, 1, 1],
+    )?;
+    be.launch("reduce", "all_finite_final", &mut [Arg::R(&part), Arg::W(out)], Params::new().u(g), [1, 1, 1])
 }
 
 pub(super) fn adamw(
-    _be: &WgpuBackend,
-    _s: &AdamWSpec,
-    _params: &mut T,
-    _grads: &T,
-    _m: &mut T,
-    _v: &mut T,
-    _copy: Option<&mut T>,
+    be: &WgpuBackend,
+    s: &AdamWSpec,
+    params: &mut T,
+    grads: &T,
+    m: &mut T,
+    v: &mut T,
+    copy: Option<&mut T>,
 ) -> Result<()> {
-    todo("adamw")
+    let p =
+        Params::new().u(s.n).f(s.lr).f(s.beta1).f(s.beta2).f(s.eps).f(s.weight_decay).f(s.bc1).f(s.bc2).f(s.grad_scale);
+    match copy {
+        Some(c) => {
+            let args = &mut [Arg::W(params), Arg::R(grads), Arg::W(m), Arg::W(v), Arg::W(c)];
+            be.launch("adamw", "adamw_copy", args, p, grid1d(s.n))
+        }
+        None => be.launch("adamw", "adamw", &mut [Arg::W(params), Arg::R(grads), Arg::W(m), Arg::W(v)], p, grid1d(s.n)),
+    }
 }

@@ -292,14 +292,17 @@ impl WgpuBackend {
     }
 
     /// Submits the pending encoder, if any.
+    /// The lock is held through the submission: otherwise another thread's
+    /// `write` could queue its data (which lands before the next submission)
+    /// while commands already recorded — reading a buffer that has since gone
+    /// back to the pool and been handed to that thread — are not yet submitted.
     fn flush(&self) -> Result<()> {
-        let enc = {
+        {
             let mut p = lock(&self.pending);
             p.dispatches = 0;
-            p.encoder.take()
-        };
-        if let Some(enc) = enc {
-            self.queue.submit([enc.finish()]);
+            if let Some(enc) = p.encoder.take() {
+                self.queue.submit([enc.finish()]);
+            }
         }
         self.check_error()
     }
@@ -476,7 +479,7 @@ impl WgpuBackend {
                 _ => return Err(Error::Device(format!("{family}::{name}: `{an}` passed with the wrong mutability"))),
             };
             let dt = t.dtype();
-            if role.is_index() != !dt.is_float() {
+            if role.is_index() == dt.is_float() {
                 return Err(Error::Device(format!("{family}::{name}: `{an}` has dtype {dt}")));
             }
             match role {
