@@ -16,8 +16,10 @@
 // future key, a block beyond the sequence).
 
 const NONE: u32 = 0xffffffffu;
-// Largest head_dim (the op validates head_dim <= 256).
-const HD: u32 = 256u;
+// Largest head_dim in vec4 units (the op validates head_dim <= 256). Loops
+// over the head dim run 4 lanes at a time: llvmpipe (lavapipe) caps the loop
+// iterations of one invocation at 65 535, so they must stay short.
+const HD4: u32 = 64u;
 
 fn neg_inf() -> f32 {
     return bitcast<f32>(0xff800000u);
@@ -76,6 +78,23 @@ fn k_off(b: u32, s: u32, g: u32) -> u32 {
     return ((b * pu(1u) + s) * pu(3u) + g) * pu(4u);
 }
 
+// Four consecutive elements e..e+3 of a row at `o` (zero beyond d).
+fn q4(o: u32, e: u32, d: u32) -> vec4<f32> {
+    var r = vec4<f32>(ld_q(o + e), 0.0, 0.0, 0.0);
+    if (e + 1u < d) { r.y = ld_q(o + e + 1u); }
+    if (e + 2u < d) { r.z = ld_q(o + e + 2u); }
+    if (e + 3u < d) { r.w = ld_q(o + e + 3u); }
+    return r;
+}
+
+fn k4(o: u32, e: u32, d: u32) -> vec4<f32> {
+    var r = vec4<f32>(ld_k(o + e), 0.0, 0.0, 0.0);
+    if (e + 1u < d) { r.y = ld_k(o + e + 1u); }
+    if (e + 2u < d) { r.z = ld_k(o + e + 2u); }
+    if (e + 3u < d) { r.w = ld_k(o + e + 3u); }
+    return r;
+}
+
 // Workgroup reductions of the 64-wide kernels (called in uniform control flow).
 var<workgroup> red: array<f32, 64>;
 
@@ -97,6 +116,14 @@ fn wg_reduce(lid: u32, v: f32, is_max: bool) -> f32 {
 
 //!kernel attn_fwd(q: in, k: in, v: in, idx: idx, o: out, lse: out)
 // One invocation per (batch, head, query): online softmax over the query's keys.
+fn v4(o: u32, e: u32, d: u32) -> vec4<f32> {
+    var r = vec4<f32>(ld_v(o + e), 0.0, 0.0, 0.0);
+    if (e + 1u < d) { r.y = ld_v(o + e + 1u); }
+    if (e + 2u < d) { r.z = ld_v(o + e + 2u); }
+    if (e + 3u < d) { r.w = ld_v(o + e + 3u); }
+    return r;
+}
+
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(gid, nw);
@@ -104,6 +131,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let nh = pu(2u);
     if (i >= pu(0u) * nh * seq) { return; }
     let d = pu(4u);
+    let nc = (d + 3u) / 4u;
     let sc = pf(5u);
     let t = i % seq;
     let bh = i / seq;
@@ -111,11 +139,11 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let b = bh / nh;
     let g = h / (nh / pu(3u));
     let qo = q_off(b, t, h);
-    var qv: array<f32, HD>;
-    var acc: array<f32, HD>;
-    for (var e = 0u; e < d; e = e + 1u) {
-        qv[e] = ld_q(qo + e);
-        acc[e] = 0.0;
+    var qv: array<vec4<f32>, HD4>;
+    var acc: array<vec4<f32>, HD4>;
+    for (var c = 0u; c < nc; c = c + 1u) {
+        qv[c] = q4(qo, 4u * c, d);
+        acc[c] = vec4<f32>(0.0);
     }
     var m = neg_inf();
     var l = 0.0;
@@ -125,22 +153,19 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         if (s == NONE) { continue; }
         let ko = k_off(b, s, g);
         var x = 0.0;
-        for (var e = 0u; e < d; e = e + 1u) {
-            x = x + qv[e] * ld_k(ko + e);
+        for (var c = 0u; c < nc; c = c + 1u) {
+            x = x + dot(qv[c], k4(ko, 4u * c, d));
         }
         x = sc * x;
+        var corr = 1.0;
         if (x > m) {
-            let c = exp(m - x);
-            l = l * c;
-            for (var e = 0u; e < d; e = e + 1u) {
-                acc[e] = acc[e] * c;
-            }
+            corr = exp(m - x);
             m = x;
         }
         let p = exp(x - m);
-        l = l + p;
-        for (var e = 0u; e < d; e = e + 1u) {
-            acc[e] = acc[e] + p * ld_v(ko + e);
+        l = l * corr + p;
+        for (var c = 0u; c < nc; c = c + 1u) {
+            acc[c] = acc[c] * corr + p * v4(ko, 4u * c, d);
         }
     }
     var inv = 0.0;
@@ -151,13 +176,35 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         st_lse(i, neg_inf());
     }
     for (var e = 0u; e < d; e = e + 1u) {
-        st_o(qo + e, acc[e] * inv);
+        st_o(qo + e, acc[e / 4u][e % 4u] * inv);
     }
 }
 
 //!kernel attn_bwd_dq(q: in, k: in, v: in, d_o: in, o: in, lse: in, idx: idx, dq: out, delta: out)
 // One invocation per (batch, head, query): delta = dO·O (saved for the key
 // pass) and dq = scale · Σ_s p (dO·v_s - delta) k_s over the query's keys.
+fn v4(o: u32, e: u32, d: u32) -> vec4<f32> {
+    var r = vec4<f32>(ld_v(o + e), 0.0, 0.0, 0.0);
+    if (e + 1u < d) { r.y = ld_v(o + e + 1u); }
+    if (e + 2u < d) { r.z = ld_v(o + e + 2u); }
+    if (e + 3u < d) { r.w = ld_v(o + e + 3u); }
+    return r;
+}
+fn d_o4(o: u32, e: u32, d: u32) -> vec4<f32> {
+    var r = vec4<f32>(ld_d_o(o + e), 0.0, 0.0, 0.0);
+    if (e + 1u < d) { r.y = ld_d_o(o + e + 1u); }
+    if (e + 2u < d) { r.z = ld_d_o(o + e + 2u); }
+    if (e + 3u < d) { r.w = ld_d_o(o + e + 3u); }
+    return r;
+}
+fn o4(o: u32, e: u32, d: u32) -> vec4<f32> {
+    var r = vec4<f32>(ld_o(o + e), 0.0, 0.0, 0.0);
+    if (e + 1u < d) { r.y = ld_o(o + e + 1u); }
+    if (e + 2u < d) { r.z = ld_o(o + e + 2u); }
+    if (e + 3u < d) { r.w = ld_o(o + e + 3u); }
+    return r;
+}
+
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(gid, nw);
@@ -165,6 +212,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let nh = pu(2u);
     if (i >= pu(0u) * nh * seq) { return; }
     let d = pu(4u);
+    let nc = (d + 3u) / 4u;
     let sc = pf(5u);
     let t = i % seq;
     let bh = i / seq;
@@ -172,15 +220,15 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let b = bh / nh;
     let g = h / (nh / pu(3u));
     let qo = q_off(b, t, h);
-    var qv: array<f32, HD>;
-    var dov: array<f32, HD>;
-    var acc: array<f32, HD>;
+    var qv: array<vec4<f32>, HD4>;
+    var dov: array<vec4<f32>, HD4>;
+    var acc: array<vec4<f32>, HD4>;
     var dsum = 0.0;
-    for (var e = 0u; e < d; e = e + 1u) {
-        qv[e] = ld_q(qo + e);
-        dov[e] = ld_d_o(qo + e);
-        dsum = dsum + dov[e] * ld_o(qo + e);
-        acc[e] = 0.0;
+    for (var c = 0u; c < nc; c = c + 1u) {
+        qv[c] = q4(qo, 4u * c, d);
+        dov[c] = d_o4(qo, 4u * c, d);
+        dsum = dsum + dot(dov[c], o4(qo, 4u * c, d));
+        acc[c] = vec4<f32>(0.0);
     }
     st_delta(i, dsum);
     let lse = ld_lse(i);
@@ -192,19 +240,19 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
             let ko = k_off(b, s, g);
             var x = 0.0;
             var dp = 0.0;
-            for (var e = 0u; e < d; e = e + 1u) {
-                x = x + qv[e] * ld_k(ko + e);
-                dp = dp + dov[e] * ld_v(ko + e);
+            for (var c = 0u; c < nc; c = c + 1u) {
+                x = x + dot(qv[c], k4(ko, 4u * c, d));
+                dp = dp + dot(dov[c], v4(ko, 4u * c, d));
             }
             let p = exp(sc * x - lse);
             let ds = sc * p * (dp - dsum);
-            for (var e = 0u; e < d; e = e + 1u) {
-                acc[e] = acc[e] + ds * ld_k(ko + e);
+            for (var c = 0u; c < nc; c = c + 1u) {
+                acc[c] = acc[c] + ds * k4(ko, 4u * c, d);
             }
         }
     }
     for (var e = 0u; e < d; e = e + 1u) {
-        st_dq(qo + e, acc[e]);
+        st_dq(qo + e, acc[e / 4u][e % 4u]);
     }
 }
 
@@ -212,6 +260,21 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 // One invocation per (batch, kv head, key s): loops over the queries t >= s
 // (and the query heads of the group) whose pattern contains s, so dk and dv
 // are summed in a fixed order without atomics.
+fn v4(o: u32, e: u32, d: u32) -> vec4<f32> {
+    var r = vec4<f32>(ld_v(o + e), 0.0, 0.0, 0.0);
+    if (e + 1u < d) { r.y = ld_v(o + e + 1u); }
+    if (e + 2u < d) { r.z = ld_v(o + e + 2u); }
+    if (e + 3u < d) { r.w = ld_v(o + e + 3u); }
+    return r;
+}
+fn d_o4(o: u32, e: u32, d: u32) -> vec4<f32> {
+    var r = vec4<f32>(ld_d_o(o + e), 0.0, 0.0, 0.0);
+    if (e + 1u < d) { r.y = ld_d_o(o + e + 1u); }
+    if (e + 2u < d) { r.z = ld_d_o(o + e + 2u); }
+    if (e + 3u < d) { r.w = ld_d_o(o + e + 3u); }
+    return r;
+}
+
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(gid, nw);
@@ -220,6 +283,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let nkv = pu(3u);
     if (i >= pu(0u) * nkv * seq) { return; }
     let d = pu(4u);
+    let nc = (d + 3u) / 4u;
     let sc = pf(5u);
     let grp = nh / nkv;
     let s = i % seq;
@@ -227,15 +291,11 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let g = bg % nkv;
     let b = bg / nkv;
     let ko = k_off(b, s, g);
-    var kv: array<f32, HD>;
-    var vv: array<f32, HD>;
-    var dk: array<f32, HD>;
-    var dv: array<f32, HD>;
-    for (var e = 0u; e < d; e = e + 1u) {
-        kv[e] = ld_k(ko + e);
-        vv[e] = ld_v(ko + e);
-        dk[e] = 0.0;
-        dv[e] = 0.0;
+    var dk: array<vec4<f32>, HD4>;
+    var dv: array<vec4<f32>, HD4>;
+    for (var c = 0u; c < nc; c = c + 1u) {
+        dk[c] = vec4<f32>(0.0);
+        dv[c] = vec4<f32>(0.0);
     }
     let mode = pu(6u);
     var t = s;
@@ -255,15 +315,15 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
                     let qo = q_off(b, tt, h);
                     var x = 0.0;
                     var dp = 0.0;
-                    for (var e = 0u; e < d; e = e + 1u) {
-                        x = x + ld_q(qo + e) * kv[e];
-                        dp = dp + ld_d_o(qo + e) * vv[e];
+                    for (var c = 0u; c < nc; c = c + 1u) {
+                        x = x + dot(q4(qo, 4u * c, d), k4(ko, 4u * c, d));
+                        dp = dp + dot(d_o4(qo, 4u * c, d), v4(ko, 4u * c, d));
                     }
                     let p = exp(sc * x - lse);
                     let ds = sc * p * (dp - ld_delta(li));
-                    for (var e = 0u; e < d; e = e + 1u) {
-                        dv[e] = dv[e] + p * ld_d_o(qo + e);
-                        dk[e] = dk[e] + ds * ld_q(qo + e);
+                    for (var c = 0u; c < nc; c = c + 1u) {
+                        dv[c] = dv[c] + p * d_o4(qo, 4u * c, d);
+                        dk[c] = dk[c] + ds * q4(qo, 4u * c, d);
                     }
                 }
             }
@@ -271,8 +331,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         t = tend;
     }
     for (var e = 0u; e < d; e = e + 1u) {
-        st_dk(ko + e, dk[e]);
-        st_dv(ko + e, dv[e]);
+        st_dk(ko + e, dk[e / 4u][e % 4u]);
+        st_dv(ko + e, dv[e / 4u][e % 4u]);
     }
 }
 
@@ -324,8 +384,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw: vec3<
             let qo = q_off(b, t, h);
             let ko = k_off(b, s, h / grp);
             var x = 0.0;
-            for (var e = 0u; e < d; e = e + 1u) {
-                x = x + ld_q(qo + e) * ld_k(ko + e);
+            for (var e = 0u; e < d; e = e + 4u) {
+                x = x + dot(q4(qo, e, d), k4(ko, e, d));
             }
             p = p + exp(sc * x - l) * inv_h;
         }

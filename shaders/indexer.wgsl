@@ -6,8 +6,10 @@
 // Layouts: qi [batch, seq, H_I, d_I], ki [batch, seq, d_I], w [batch, seq, H_I],
 // scores / dscores [batch, seq, seq] (F32).
 
-// Width of the private accumulator chunks of the backward kernels (any d_I works).
+// Width of the private accumulator chunks of the backward kernels (any d_I
+// works), and the same in vec4 units.
 const CH: u32 = 64u;
+const CH4: u32 = 16u;
 
 fn neg_inf() -> f32 {
     return bitcast<f32>(0xff800000u);
@@ -21,10 +23,28 @@ fn ki_off(b: u32, s: u32) -> u32 {
     return (b * pu(1u) + s) * pu(3u);
 }
 
+fn qi4(o: u32, e: u32, d: u32) -> vec4<f32> {
+    var r = vec4<f32>(ld_qi(o + e), 0.0, 0.0, 0.0);
+    if (e + 1u < d) { r.y = ld_qi(o + e + 1u); }
+    if (e + 2u < d) { r.z = ld_qi(o + e + 2u); }
+    if (e + 3u < d) { r.w = ld_qi(o + e + 3u); }
+    return r;
+}
+fn ki4(o: u32, e: u32, d: u32) -> vec4<f32> {
+    var r = vec4<f32>(ld_ki(o + e), 0.0, 0.0, 0.0);
+    if (e + 1u < d) { r.y = ld_ki(o + e + 1u); }
+    if (e + 2u < d) { r.z = ld_ki(o + e + 2u); }
+    if (e + 3u < d) { r.w = ld_ki(o + e + 3u); }
+    return r;
+}
+
+// Loops run 4 lanes at a time: llvmpipe (lavapipe) caps the loop iterations
+// of one invocation at 65 535.
 fn logit(qo: u32, ko: u32) -> f32 {
+    let d = pu(3u);
     var x = 0.0;
-    for (var e = 0u; e < pu(3u); e = e + 1u) {
-        x = x + ld_qi(qo + e) * ld_ki(ko + e);
+    for (var e = 0u; e < d; e = e + 4u) {
+        x = x + dot(qi4(qo, e, d), ki4(ko, e, d));
     }
     return x;
 }
@@ -118,11 +138,12 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let qo = qi_off(b, t, j);
     let wj = ld_w(i);
     var dwacc = 0.0;
-    var acc: array<f32, CH>;
+    var acc: array<vec4<f32>, CH4>;
     for (var c0 = 0u; c0 < di; c0 = c0 + CH) {
         let cw = min(CH, di - c0);
-        for (var e = 0u; e < cw; e = e + 1u) {
-            acc[e] = 0.0;
+        let nc = (cw + 3u) / 4u;
+        for (var c = 0u; c < nc; c = c + 1u) {
+            acc[c] = vec4<f32>(0.0);
         }
         for (var s = 0u; s <= t; s = s + 1u) {
             let dval = ld_dscores(r * seq + s);
@@ -133,13 +154,13 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
             }
             if (l > 0.0) {
                 let coef = dval * wj;
-                for (var e = 0u; e < cw; e = e + 1u) {
-                    acc[e] = acc[e] + coef * ld_ki(ko + c0 + e);
+                for (var c = 0u; c < nc; c = c + 1u) {
+                    acc[c] = acc[c] + coef * ki4(ko, c0 + 4u * c, di);
                 }
             }
         }
         for (var e = 0u; e < cw; e = e + 1u) {
-            st_dqi(qo + c0 + e, acc[e]);
+            st_dqi(qo + c0 + e, acc[e / 4u][e % 4u]);
         }
     }
     st_dw(i, dwacc);
@@ -157,11 +178,12 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let s = i % seq;
     let b = i / seq;
     let ko = ki_off(b, s);
-    var acc: array<f32, CH>;
+    var acc: array<vec4<f32>, CH4>;
     for (var c0 = 0u; c0 < di; c0 = c0 + CH) {
         let cw = min(CH, di - c0);
-        for (var e = 0u; e < cw; e = e + 1u) {
-            acc[e] = 0.0;
+        let nc = (cw + 3u) / 4u;
+        for (var c = 0u; c < nc; c = c + 1u) {
+            acc[c] = vec4<f32>(0.0);
         }
         for (var t = s; t < seq; t = t + 1u) {
             let dval = ld_dscores((b * seq + t) * seq + s);
@@ -170,14 +192,14 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
                 let l = logit(qo, ko);
                 if (l > 0.0) {
                     let coef = dval * ld_w((b * seq + t) * nh + j);
-                    for (var e = 0u; e < cw; e = e + 1u) {
-                        acc[e] = acc[e] + coef * ld_qi(qo + c0 + e);
+                    for (var c = 0u; c < nc; c = c + 1u) {
+                        acc[c] = acc[c] + coef * qi4(qo, c0 + 4u * c, di);
                     }
                 }
             }
         }
         for (var e = 0u; e < cw; e = e + 1u) {
-            st_dki(ko + c0 + e, acc[e]);
+            st_dki(ko + c0 + e, acc[e / 4u][e % 4u]);
         }
     }
 }
