@@ -23,7 +23,9 @@ pub enum BackendChoice {
     Cuda,
 }
 
-/// One of the compiled-in backends, picked at run time.
+/// One of the compiled-in backends, picked at run time (one value per process,
+/// so the size difference of the variants does not matter).
+#[allow(clippy::large_enum_variant)]
 pub enum AnyBackend {
     Cpu(CpuBackend),
     #[cfg(feature = "wgpu")]

@@ -99,7 +99,8 @@ pub struct KernelDef {
 /// Parses one shader file into its kernels.
 pub fn parse_family(family: &'static str, src: &str) -> Result<Vec<KernelDef>> {
     let mut common = String::new();
-    let mut kernels: Vec<(String, Vec<(String, Role)>, String)> = Vec::new();
+    type Section = (String, Vec<(String, Role)>, String);
+    let mut kernels: Vec<Section> = Vec::new();
     for line in src.lines() {
         if let Some(head) = line.trim_start().strip_prefix("//!kernel ") {
             let bad = || Error::Device(format!("shaders/{family}.wgsl: bad kernel header `{line}`"));

@@ -476,7 +476,7 @@ impl WgpuBackend {
                 _ => return Err(Error::Device(format!("{family}::{name}: `{an}` passed with the wrong mutability"))),
             };
             let dt = t.dtype();
-            if role.is_index() != !dt.is_float() {
+            if role.is_index() == dt.is_float() {
                 return Err(Error::Device(format!("{family}::{name}: `{an}` has dtype {dt}")));
             }
             match role {
