@@ -1,1 +1,205 @@
-// shaders/indexer.wgsl: to be written
+// The lightning indexer: I(t, s) = Σ_j w[t, j]·ReLU(q_i[t, j]·k_i[s]) for s <= t,
+// its block max-pooling, and its backward pass.
+//
+// Parameters shared by every kernel of this file:
+//   p0 batch, p1 seq, p2 heads H_I, p3 dim d_I, p4 block, p5 ceil(seq / block).
+// Layouts: qi [batch, seq, H_I, d_I], ki [batch, seq, d_I], w [batch, seq, H_I],
+// scores / dscores [batch, seq, seq] (F32).
+
+// Width of the private accumulator chunks of the backward kernels (any d_I
+// works), and the same in vec4 units.
+const CH: u32 = 64u;
+const CH4: u32 = 16u;
+
+fn neg_inf() -> f32 {
+    return bitcast<f32>(0xff800000u);
+}
+
+fn qi_off(b: u32, t: u32, j: u32) -> u32 {
+    return ((b * pu(1u) + t) * pu(2u) + j) * pu(3u);
+}
+
+fn ki_off(b: u32, s: u32) -> u32 {
+    return (b * pu(1u) + s) * pu(3u);
+}
+
+fn qi4(o: u32, e: u32, d: u32) -> vec4<f32> {
+    var r = vec4<f32>(ld_qi(o + e), 0.0, 0.0, 0.0);
+    if (e + 1u < d) { r.y = ld_qi(o + e + 1u); }
+    if (e + 2u < d) { r.z = ld_qi(o + e + 2u); }
+    if (e + 3u < d) { r.w = ld_qi(o + e + 3u); }
+    return r;
+}
+fn ki4(o: u32, e: u32, d: u32) -> vec4<f32> {
+    var r = vec4<f32>(ld_ki(o + e), 0.0, 0.0, 0.0);
+    if (e + 1u < d) { r.y = ld_ki(o + e + 1u); }
+    if (e + 2u < d) { r.z = ld_ki(o + e + 2u); }
+    if (e + 3u < d) { r.w = ld_ki(o + e + 3u); }
+    return r;
+}
+
+// Loops run 4 lanes at a time: llvmpipe (lavapipe) caps the loop iterations
+// of one invocation at 65 535.
+fn logit(qo: u32, ko: u32) -> f32 {
+    let d = pu(3u);
+    var x = 0.0;
+    for (var e = 0u; e < d; e = e + 4u) {
+        x = x + dot(qi4(qo, e, d), ki4(ko, e, d));
+    }
+    return x;
+}
+
+// I(t, s) of batch b (causality is the caller's business).
+fn score(b: u32, t: u32, s: u32) -> f32 {
+    let nh = pu(2u);
+    let ko = ki_off(b, s);
+    var acc = 0.0;
+    for (var j = 0u; j < nh; j = j + 1u) {
+        acc = acc + ld_w((b * pu(1u) + t) * nh + j) * max(logit(qi_off(b, t, j), ko), 0.0);
+    }
+    return acc;
+}
+
+var<workgroup> red: array<f32, 64>;
+
+//!kernel indexer_scores(qi: in, ki: in, w: in, scores: out)
+// One invocation per score element; -inf above the diagonal.
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let i = lin(gid, nw);
+    let seq = pu(1u);
+    if (i >= pu(0u) * seq * seq) { return; }
+    let s = i % seq;
+    let r = i / seq;
+    let t = r % seq;
+    let b = r / seq;
+    if (s > t) {
+        st_scores(i, neg_inf());
+    } else {
+        st_scores(i, score(b, t, s));
+    }
+}
+
+//!kernel indexer_block_scores(qi: in, ki: in, w: in, pooled: out)
+// One 64-wide workgroup per (key block, query block, batch) = workgroup id
+// (x, y, z): the max of I over the causal pairs of the two blocks, -inf when
+// there are none (NaN scores are skipped).
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let seq = pu(1u);
+    let blk = pu(4u);
+    let nb = pu(5u);
+    let kb = wg.x;
+    let qb = wg.y;
+    let b = wg.z;
+    var best = neg_inf();
+    if (kb <= qb) {
+        let t0 = qb * blk;
+        let s0 = kb * blk;
+        let rows = min(t0 + blk, seq) - t0;
+        let cols = min(s0 + blk, seq) - s0;
+        for (var p = lid; p < rows * cols; p = p + 64u) {
+            let t = t0 + p / cols;
+            let s = s0 + p % cols;
+            if (s <= t) {
+                let x = score(b, t, s);
+                if (x > best) { best = x; }
+            }
+        }
+    }
+    red[lid] = best;
+    workgroupBarrier();
+    for (var w = 32u; w > 0u; w = w >> 1u) {
+        if (lid < w) {
+            red[lid] = max(red[lid], red[lid + w]);
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        st_pooled((b * nb + qb) * nb + kb, red[0]);
+    }
+}
+
+//!kernel indexer_bwd_q(qi: in, ki: in, w: in, dscores: in, dqi: out, dw: out)
+// One invocation per (batch, query, head j): dw[t, j] = Σ_{s<=t} dI·ReLU(L) and
+// dq_i[t, j] = Σ_{s<=t} dI·w[t, j]·[L > 0]·k_i[s], with L = q_i[t, j]·k_i[s],
+// accumulated CH dims at a time.
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let i = lin(gid, nw);
+    let seq = pu(1u);
+    let nh = pu(2u);
+    let di = pu(3u);
+    if (i >= pu(0u) * seq * nh) { return; }
+    let j = i % nh;
+    let r = i / nh;
+    let t = r % seq;
+    let b = r / seq;
+    let qo = qi_off(b, t, j);
+    let wj = ld_w(i);
+    var dwacc = 0.0;
+    var acc: array<vec4<f32>, CH4>;
+    for (var c0 = 0u; c0 < di; c0 = c0 + CH) {
+        let cw = min(CH, di - c0);
+        let nc = (cw + 3u) / 4u;
+        for (var c = 0u; c < nc; c = c + 1u) {
+            acc[c] = vec4<f32>(0.0);
+        }
+        for (var s = 0u; s <= t; s = s + 1u) {
+            let dval = ld_dscores(r * seq + s);
+            let ko = ki_off(b, s);
+            let l = logit(qo, ko);
+            if (c0 == 0u) {
+                dwacc = dwacc + dval * max(l, 0.0);
+            }
+            if (l > 0.0) {
+                let coef = dval * wj;
+                for (var c = 0u; c < nc; c = c + 1u) {
+                    acc[c] = acc[c] + coef * ki4(ko, c0 + 4u * c, di);
+                }
+            }
+        }
+        for (var e = 0u; e < cw; e = e + 1u) {
+            st_dqi(qo + c0 + e, acc[e / 4u][e % 4u]);
+        }
+    }
+    st_dw(i, dwacc);
+}
+
+//!kernel indexer_bwd_k(qi: in, ki: in, w: in, dscores: in, dki: out)
+// One invocation per (batch, key s): dk_i[s] = Σ_{t>=s} Σ_j dI·w[t, j]·[L > 0]·q_i[t, j].
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let i = lin(gid, nw);
+    let seq = pu(1u);
+    let nh = pu(2u);
+    let di = pu(3u);
+    if (i >= pu(0u) * seq) { return; }
+    let s = i % seq;
+    let b = i / seq;
+    let ko = ki_off(b, s);
+    var acc: array<vec4<f32>, CH4>;
+    for (var c0 = 0u; c0 < di; c0 = c0 + CH) {
+        let cw = min(CH, di - c0);
+        let nc = (cw + 3u) / 4u;
+        for (var c = 0u; c < nc; c = c + 1u) {
+            acc[c] = vec4<f32>(0.0);
+        }
+        for (var t = s; t < seq; t = t + 1u) {
+            let dval = ld_dscores((b * seq + t) * seq + s);
+            for (var j = 0u; j < nh; j = j + 1u) {
+                let qo = qi_off(b, t, j);
+                let l = logit(qo, ko);
+                if (l > 0.0) {
+                    let coef = dval * ld_w((b * seq + t) * nh + j);
+                    for (var c = 0u; c < nc; c = c + 1u) {
+                        acc[c] = acc[c] + coef * qi4(qo, c0 + 4u * c, di);
+                    }
+                }
+            }
+        }
+        for (var e = 0u; e < cw; e = e + 1u) {
+            st_dki(ko + c0 + e, acc[e / 4u][e % 4u]);
+        }
+    }
+}
