@@ -133,6 +133,8 @@ impl<B: Backend> Trainer<B> {
         if model.dtype != cfg.precision {
             return Err(Error::Invalid(format!("model is {} but --precision is {}", model.dtype, cfg.precision)));
         }
+        // Parts are measured as growth of the backend's live bytes, so they are exact only
+        // when nothing else allocates on this backend meanwhile (saturating if it frees).
         let live = |be: &B| be.memory().allocated;
         memory.weights = model.params.iter().map(|p| p.size_bytes()).sum();
         let mut at = live(be);
@@ -149,19 +151,19 @@ impl<B: Backend> Trainer<B> {
                     .collect::<Result<Vec<_>>>()?,
             )
         };
-        memory.master_weights = live(be) - at;
+        memory.master_weights = live(be).saturating_sub(at);
         at = live(be);
         let grads = zeros_like(be, &model.params, DType::F32)?;
         let micro =
             if cfg.precision == DType::F32 { None } else { Some(zeros_like(be, &model.params, cfg.precision)?) };
-        memory.gradients = live(be) - at;
+        memory.gradients = live(be).saturating_sub(at);
         at = live(be);
         let m = zeros_like(be, &model.params, DType::F32)?;
         let v = zeros_like(be, &model.params, DType::F32)?;
-        memory.optimizer = live(be) - at;
+        memory.optimizer = live(be).saturating_sub(at);
         at = live(be);
         let ws = Workspace::new(be, &model.cfg, cfg.precision, cfg.batch, cfg.seq)?;
-        memory.activations = live(be) - at;
+        memory.activations = live(be).saturating_sub(at);
         let schedule = match model.cfg.attention {
             crate::model::AttentionMode::Dense => None,
             crate::model::AttentionMode::Sparse { block, keep_blocks, .. } => Some(
