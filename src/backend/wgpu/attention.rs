@@ -63,7 +63,15 @@ struct Plan {
 /// `fixed` per invocation) into chunks within [`ITER_BUDGET`], for `rows`
 /// rows of partials `width` f32 wide; `align` > 1 rounds the chunk down to a
 /// multiple of it where possible. `max_floats` bounds a scratch buffer.
-fn plan(total: usize, per_item: usize, fixed: usize, align: usize, rows: usize, width: usize, max_floats: usize) -> Plan {
+fn plan(
+    total: usize,
+    per_item: usize,
+    fixed: usize,
+    align: usize,
+    rows: usize,
+    width: usize,
+    max_floats: usize,
+) -> Plan {
     let total = total.max(1);
     let mut chunk = (ITER_BUDGET.saturating_sub(fixed) / per_item.max(1)).max(1);
     if chunk >= total {
@@ -460,4 +468,39 @@ pub(super) fn indexer_backward(
         sum_chunks(be, &pk, pl.nch, r0, n, di, dki)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_loops_run_in_one_chunk() {
+        let p = plan(100, 33, 200, 1, 7, 66, 1 << 20);
+        assert_eq!(p, Plan { chunk: 100, nch: 1, rows: 7 });
+        assert_eq!(plan(0, 33, 200, 1, 7, 66, 1 << 20).nch, 1);
+    }
+
+    #[test]
+    fn long_loops_split_within_the_budget_and_cover_every_item() {
+        for (total, per, fixed, align) in
+            [(2600, 33, 200, 1), (16384, 35, 300, 64), (5000, 133, 100, 1), (3, 20_000, 0, 1)]
+        {
+            let p = plan(total, per, fixed, align, 1000, 64, 1 << 20);
+            assert!(p.nch > 1, "{total}: {p:?}");
+            assert!(p.chunk * per + fixed <= ITER_BUDGET || p.chunk == 1, "{total}: {p:?}");
+            assert!(p.nch * p.chunk >= total && (p.nch - 1) * p.chunk < total, "{total}: {p:?}");
+            if align > 1 {
+                assert_eq!(p.chunk % align, 0);
+            }
+        }
+    }
+
+    #[test]
+    fn scratch_is_bounded_by_slicing_rows() {
+        let p = plan(100_000, 33, 0, 1, 50_000, 66, 1 << 20);
+        assert!(p.nch * p.rows * 66 <= 1 << 20, "{p:?}");
+        let s: Vec<_> = slices(10, 4).collect();
+        assert_eq!(s, vec![(0, 4), (4, 4), (8, 2)]);
+    }
 }
