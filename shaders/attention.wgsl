@@ -4,7 +4,9 @@
 // Parameters shared by every kernel of this file:
 //   p0 batch, p1 seq, p2 n_heads, p3 n_kv_heads, p4 head_dim, p5 scale (f32),
 //   p6 pattern (0 dense, 1 tokens, 2 blocks), p7 k (tokens) or n (blocks),
-//   p8 block, p9 ceil(seq / block).
+//   p8 block, p9 ceil(seq / block); the split kernels (attn_fwd, attn_bwd_dq,
+//   attn_bwd_dkdv) also p10 chunk (slots or queries per chunk), p11 chunks
+//   nch, p12 first row r0 and p13 rows R of this launch.
 // Layouts: q, o [batch, seq, n_heads, head_dim]; k, v [batch, seq, n_kv_heads,
 // head_dim]; lse [batch, n_heads, seq]; idx [batch, seq, k] (tokens) or
 // [batch, nqb, n] (blocks). Every kernel takes the pattern as `idx` (a dummy
@@ -14,6 +16,15 @@
 // slot), tokens k slots (key = idx entry), blocks n·block slots (key = block
 // start + offset); `slot_key` returns NONE for a slot to skip (padding, a
 // future key, a block beyond the sequence).
+//
+// Split kernels: llvmpipe (lavapipe) stops every loop after 65 535 iterations
+// (counted across the loops of a batch of invocations), so no invocation may
+// loop over a whole sequence. Each of these kernels runs one invocation per
+// (chunk c, row r0 + rl): a row is a (batch, query, head) or (batch, key, kv
+// head) in the layout order of its output (so row r starts at r·head_dim), and
+// the chunk is a range of its slots (keys) or queries. With nch = 1 the
+// invocation writes the final result; otherwise it writes partials at
+// (c·R + rl) that `shaders/split.wgsl` combines in chunk order.
 
 const NONE: u32 = 0xffffffffu;
 // Largest head_dim in vec4 units (the op validates head_dim <= 256). Loops
@@ -95,13 +106,14 @@ fn k4(o: u32, e: u32, d: u32) -> vec4<f32> {
     return r;
 }
 
-// Workgroup reductions of the 64-wide kernels (called in uniform control flow).
-var<workgroup> red: array<f32, 64>;
+// Workgroup reductions of the 256-wide kernels (called in uniform control flow).
+const WG: u32 = 256u;
+var<workgroup> red: array<f32, 256>;
 
 fn wg_reduce(lid: u32, v: f32, is_max: bool) -> f32 {
     red[lid] = v;
     workgroupBarrier();
-    for (var w = 32u; w > 0u; w = w >> 1u) {
+    for (var w = WG / 2u; w > 0u; w = w >> 1u) {
         if (lid < w) {
             let a = red[lid];
             let o = red[lid + w];
@@ -115,7 +127,10 @@ fn wg_reduce(lid: u32, v: f32, is_max: bool) -> f32 {
 }
 
 //!kernel attn_fwd(q: in, k: in, v: in, idx: idx, o: out, lse: out)
-// One invocation per (batch, head, query): online softmax over the query's keys.
+// One invocation per (chunk, batch, query, head): online softmax over the
+// chunk's slots [c·p10, (c+1)·p10). nch = 1: o and lse are final. Otherwise o
+// is the partial buffer [nch, R, head_dim] of unnormalised outputs and lse the
+// buffer [nch, R, 2] of (running max m, sum of exp l) per chunk.
 fn v4(o: u32, e: u32, d: u32) -> vec4<f32> {
     var r = vec4<f32>(ld_v(o + e), 0.0, 0.0, 0.0);
     if (e + 1u < d) { r.y = ld_v(o + e + 1u); }
@@ -129,32 +144,38 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let i = lin(gid, nw);
     let seq = pu(1u);
     let nh = pu(2u);
-    if (i >= pu(0u) * nh * seq) { return; }
+    let nch = pu(11u);
+    let nrow = pu(13u);
+    if (i >= nch * nrow) { return; }
     let d = pu(4u);
     let nc = (d + 3u) / 4u;
     let sc = pf(5u);
-    let t = i % seq;
-    let bh = i / seq;
-    let h = bh % nh;
-    let b = bh / nh;
+    let c = i / nrow;
+    let rl = i % nrow;
+    let r = pu(12u) + rl;
+    let h = r % nh;
+    let bt = r / nh;
+    let t = bt % seq;
+    let b = bt / seq;
     let g = h / (nh / pu(3u));
-    let qo = q_off(b, t, h);
+    let qo = r * d;
     var qv: array<vec4<f32>, HD4>;
     var acc: array<vec4<f32>, HD4>;
-    for (var c = 0u; c < nc; c = c + 1u) {
-        qv[c] = q4(qo, 4u * c, d);
-        acc[c] = vec4<f32>(0.0);
+    for (var cc = 0u; cc < nc; cc = cc + 1u) {
+        qv[cc] = q4(qo, 4u * cc, d);
+        acc[cc] = vec4<f32>(0.0);
     }
     var m = neg_inf();
     var l = 0.0;
-    let ns = n_slots(t);
-    for (var si = 0u; si < ns; si = si + 1u) {
+    let s0 = c * pu(10u);
+    let s1 = min(n_slots(t), s0 + pu(10u));
+    for (var si = s0; si < s1; si = si + 1u) {
         let s = slot_key(b, t, si);
         if (s == NONE) { continue; }
         let ko = k_off(b, s, g);
         var x = 0.0;
-        for (var c = 0u; c < nc; c = c + 1u) {
-            x = x + dot(qv[c], k4(ko, 4u * c, d));
+        for (var cc = 0u; cc < nc; cc = cc + 1u) {
+            x = x + dot(qv[cc], k4(ko, 4u * cc, d));
         }
         x = sc * x;
         var corr = 1.0;
@@ -164,25 +185,34 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         }
         let p = exp(x - m);
         l = l * corr + p;
-        for (var c = 0u; c < nc; c = c + 1u) {
-            acc[c] = acc[c] * corr + p * v4(ko, 4u * c, d);
+        for (var cc = 0u; cc < nc; cc = cc + 1u) {
+            acc[cc] = acc[cc] * corr + p * v4(ko, 4u * cc, d);
         }
     }
-    var inv = 0.0;
-    if (l > 0.0) {
-        inv = 1.0 / l;
-        st_lse(i, m + log(l));
+    let oo = (c * nrow + rl) * d;
+    var inv = 1.0;
+    if (nch == 1u) {
+        let li = (b * nh + h) * seq + t;
+        if (l > 0.0) {
+            inv = 1.0 / l;
+            st_lse(li, m + log(l));
+        } else {
+            inv = 0.0;
+            st_lse(li, neg_inf());
+        }
     } else {
-        st_lse(i, neg_inf());
+        st_lse(2u * (c * nrow + rl), m);
+        st_lse(2u * (c * nrow + rl) + 1u, l);
     }
     for (var e = 0u; e < d; e = e + 1u) {
-        st_o(qo + e, acc[e / 4u][e % 4u] * inv);
+        st_o(oo + e, acc[e / 4u][e % 4u] * inv);
     }
 }
 
 //!kernel attn_bwd_dq(q: in, k: in, v: in, d_o: in, o: in, lse: in, idx: idx, dq: out, delta: out)
-// One invocation per (batch, head, query): delta = dO·O (saved for the key
-// pass) and dq = scale · Σ_s p (dO·v_s - delta) k_s over the query's keys.
+// One invocation per (chunk, batch, query, head): dq = scale · Σ_s p (dO·v_s -
+// delta) k_s over the chunk's slots, written to dq (nch = 1) or to the partial
+// buffer [nch, R, head_dim]; chunk 0 also saves delta = dO·O for the key pass.
 fn v4(o: u32, e: u32, d: u32) -> vec4<f32> {
     var r = vec4<f32>(ld_v(o + e), 0.0, 0.0, 0.0);
     if (e + 1u < d) { r.y = ld_v(o + e + 1u); }
@@ -210,56 +240,67 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let i = lin(gid, nw);
     let seq = pu(1u);
     let nh = pu(2u);
-    if (i >= pu(0u) * nh * seq) { return; }
+    let nch = pu(11u);
+    let nrow = pu(13u);
+    if (i >= nch * nrow) { return; }
     let d = pu(4u);
     let nc = (d + 3u) / 4u;
     let sc = pf(5u);
-    let t = i % seq;
-    let bh = i / seq;
-    let h = bh % nh;
-    let b = bh / nh;
+    let c = i / nrow;
+    let rl = i % nrow;
+    let r = pu(12u) + rl;
+    let h = r % nh;
+    let bt = r / nh;
+    let t = bt % seq;
+    let b = bt / seq;
     let g = h / (nh / pu(3u));
-    let qo = q_off(b, t, h);
+    let qo = r * d;
+    let li = (b * nh + h) * seq + t;
     var qv: array<vec4<f32>, HD4>;
     var dov: array<vec4<f32>, HD4>;
     var acc: array<vec4<f32>, HD4>;
     var dsum = 0.0;
-    for (var c = 0u; c < nc; c = c + 1u) {
-        qv[c] = q4(qo, 4u * c, d);
-        dov[c] = d_o4(qo, 4u * c, d);
-        dsum = dsum + dot(dov[c], o4(qo, 4u * c, d));
-        acc[c] = vec4<f32>(0.0);
+    for (var cc = 0u; cc < nc; cc = cc + 1u) {
+        qv[cc] = q4(qo, 4u * cc, d);
+        dov[cc] = d_o4(qo, 4u * cc, d);
+        dsum = dsum + dot(dov[cc], o4(qo, 4u * cc, d));
+        acc[cc] = vec4<f32>(0.0);
     }
-    st_delta(i, dsum);
-    let lse = ld_lse(i);
+    if (c == 0u) {
+        st_delta(li, dsum);
+    }
+    let lse = ld_lse(li);
     if (lse != neg_inf()) {
-        let ns = n_slots(t);
-        for (var si = 0u; si < ns; si = si + 1u) {
+        let s0 = c * pu(10u);
+        let s1 = min(n_slots(t), s0 + pu(10u));
+        for (var si = s0; si < s1; si = si + 1u) {
             let s = slot_key(b, t, si);
             if (s == NONE) { continue; }
             let ko = k_off(b, s, g);
             var x = 0.0;
             var dp = 0.0;
-            for (var c = 0u; c < nc; c = c + 1u) {
-                x = x + dot(qv[c], k4(ko, 4u * c, d));
-                dp = dp + dot(dov[c], v4(ko, 4u * c, d));
+            for (var cc = 0u; cc < nc; cc = cc + 1u) {
+                x = x + dot(qv[cc], k4(ko, 4u * cc, d));
+                dp = dp + dot(dov[cc], v4(ko, 4u * cc, d));
             }
             let p = exp(sc * x - lse);
             let ds = sc * p * (dp - dsum);
-            for (var c = 0u; c < nc; c = c + 1u) {
-                acc[c] = acc[c] + ds * k4(ko, 4u * c, d);
+            for (var cc = 0u; cc < nc; cc = cc + 1u) {
+                acc[cc] = acc[cc] + ds * k4(ko, 4u * cc, d);
             }
         }
     }
+    let oo = (c * nrow + rl) * d;
     for (var e = 0u; e < d; e = e + 1u) {
-        st_dq(qo + e, acc[e / 4u][e % 4u]);
+        st_dq(oo + e, acc[e / 4u][e % 4u]);
     }
 }
 
 //!kernel attn_bwd_dkdv(q: in, k: in, v: in, d_o: in, lse: in, delta: in, idx: idx, dk: out, dv: out)
-// One invocation per (batch, kv head, key s): loops over the queries t >= s
-// (and the query heads of the group) whose pattern contains s, so dk and dv
-// are summed in a fixed order without atomics.
+// One invocation per (chunk, batch, key s, kv head): loops over the chunk's
+// queries t in [c·p10, (c+1)·p10), t >= s (and the query heads of the group)
+// whose pattern contains s, so dk and dv are summed in a fixed order without
+// atomics; written to dk/dv (nch = 1) or the partial buffers [nch, R, head_dim].
 fn v4(o: u32, e: u32, d: u32) -> vec4<f32> {
     var r = vec4<f32>(ld_v(o + e), 0.0, 0.0, 0.0);
     if (e + 1u < d) { r.y = ld_v(o + e + 1u); }
@@ -281,30 +322,36 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let seq = pu(1u);
     let nh = pu(2u);
     let nkv = pu(3u);
-    if (i >= pu(0u) * nkv * seq) { return; }
+    let nch = pu(11u);
+    let nrow = pu(13u);
+    if (i >= nch * nrow) { return; }
     let d = pu(4u);
     let nc = (d + 3u) / 4u;
     let sc = pf(5u);
     let grp = nh / nkv;
-    let s = i % seq;
-    let bg = i / seq;
-    let g = bg % nkv;
-    let b = bg / nkv;
-    let ko = k_off(b, s, g);
+    let c = i / nrow;
+    let rl = i % nrow;
+    let r = pu(12u) + rl;
+    let g = r % nkv;
+    let bs = r / nkv;
+    let s = bs % seq;
+    let b = bs / seq;
+    let ko = r * d;
     var dk: array<vec4<f32>, HD4>;
     var dv: array<vec4<f32>, HD4>;
-    for (var c = 0u; c < nc; c = c + 1u) {
-        dk[c] = vec4<f32>(0.0);
-        dv[c] = vec4<f32>(0.0);
+    for (var cc = 0u; cc < nc; cc = cc + 1u) {
+        dk[cc] = vec4<f32>(0.0);
+        dv[cc] = vec4<f32>(0.0);
     }
     let mode = pu(6u);
-    var t = s;
+    let thi = min(seq, (c + 1u) * pu(10u));
+    var t = max(s, c * pu(10u));
     loop {
-        if (t >= seq) { break; }
+        if (t >= thi) { break; }
         var tend = t + 1u;
         if (mode == 2u) {
             let blk = pu(8u);
-            tend = min((t / blk + 1u) * blk, seq);
+            tend = min((t / blk + 1u) * blk, thi);
         }
         if (attends(b, t, s)) {
             for (var tt = t; tt < tend; tt = tt + 1u) {
@@ -315,32 +362,33 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
                     let qo = q_off(b, tt, h);
                     var x = 0.0;
                     var dp = 0.0;
-                    for (var c = 0u; c < nc; c = c + 1u) {
-                        x = x + dot(q4(qo, 4u * c, d), k4(ko, 4u * c, d));
-                        dp = dp + dot(d_o4(qo, 4u * c, d), v4(ko, 4u * c, d));
+                    for (var cc = 0u; cc < nc; cc = cc + 1u) {
+                        x = x + dot(q4(qo, 4u * cc, d), k4(ko, 4u * cc, d));
+                        dp = dp + dot(d_o4(qo, 4u * cc, d), v4(ko, 4u * cc, d));
                     }
                     let p = exp(sc * x - lse);
                     let ds = sc * p * (dp - ld_delta(li));
-                    for (var c = 0u; c < nc; c = c + 1u) {
-                        dv[c] = dv[c] + p * d_o4(qo, 4u * c, d);
-                        dk[c] = dk[c] + ds * q4(qo, 4u * c, d);
+                    for (var cc = 0u; cc < nc; cc = cc + 1u) {
+                        dv[cc] = dv[cc] + p * d_o4(qo, 4u * cc, d);
+                        dk[cc] = dk[cc] + ds * q4(qo, 4u * cc, d);
                     }
                 }
             }
         }
         t = tend;
     }
+    let oo = (c * nrow + rl) * d;
     for (var e = 0u; e < d; e = e + 1u) {
-        st_dk(ko + e, dk[e / 4u][e % 4u]);
-        st_dv(ko + e, dv[e / 4u][e % 4u]);
+        st_dk(oo + e, dk[e / 4u][e % 4u]);
+        st_dv(oo + e, dv[e / 4u][e % 4u]);
     }
 }
 
 //!kernel indexer_kl(q: in, k: in, lse: in, scores: in, idx: idx, loss: out, dscores: out)
-// One 64-wide workgroup per (batch, query) row: zeroes the dscores row, then
+// One 256-wide workgroup per (batch, query) row: zeroes the dscores row, then
 // over the key set K(t): p = mean over heads of the attention probabilities,
 // r = softmax of the indexer scores; loss = Σ p (ln p - ln r), dscores = r - p.
-@compute @workgroup_size(64)
+@compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
     let row = wg.x + wg.y * nw.x;
@@ -353,20 +401,20 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw: vec3<
     let b = row / seq;
     let t = row % seq;
     let ro = row * seq;
-    for (var s = lid; s < seq; s = s + 64u) {
+    for (var s = lid; s < seq; s = s + WG) {
         st_dscores(ro + s, 0.0);
     }
     storageBarrier();
     let ns = n_slots(t);
     var mx = neg_inf();
-    for (var si = lid; si < ns; si = si + 64u) {
+    for (var si = lid; si < ns; si = si + WG) {
         let s = slot_key(b, t, si);
         if (s == NONE) { continue; }
         mx = max(mx, ld_scores(ro + s));
     }
     let m = wg_reduce(lid, mx, true);
     var z = 0.0;
-    for (var si = lid; si < ns; si = si + 64u) {
+    for (var si = lid; si < ns; si = si + WG) {
         let s = slot_key(b, t, si);
         if (s == NONE) { continue; }
         z = z + exp(ld_scores(ro + s) - m);
@@ -374,7 +422,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw: vec3<
     let lz = log(wg_reduce(lid, z, false));
     var tot = 0.0;
     let inv_h = 1.0 / f32(nh);
-    for (var si = lid; si < ns; si = si + 64u) {
+    for (var si = lid; si < ns; si = si + WG) {
         let s = slot_key(b, t, si);
         if (s == NONE) { continue; }
         var p = 0.0;

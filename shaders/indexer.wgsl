@@ -2,9 +2,17 @@
 // its block max-pooling, and its backward pass.
 //
 // Parameters shared by every kernel of this file:
-//   p0 batch, p1 seq, p2 heads H_I, p3 dim d_I, p4 block, p5 ceil(seq / block).
+//   p0 batch, p1 seq, p2 heads H_I, p3 dim d_I, p4 block, p5 ceil(seq / block);
+//   the split backward kernels also p6 chunk (keys or queries per chunk),
+//   p7 chunks nch, p8 first row r0 and p9 rows R of this launch.
 // Layouts: qi [batch, seq, H_I, d_I], ki [batch, seq, d_I], w [batch, seq, H_I],
 // scores / dscores [batch, seq, seq] (F32).
+//
+// The backward kernels run one invocation per (chunk c, row r0 + rl), a row
+// being a (batch, query, head) or (batch, key) in the layout order of its
+// output, and loop over the chunk's keys or queries only (llvmpipe stops every
+// loop after 65 535 iterations). With nch = 1 they write the final result,
+// otherwise partials at (c·R + rl) that `shaders/split.wgsl` sums in chunk order.
 
 // Width of the private accumulator chunks of the backward kernels (any d_I
 // works), and the same in vec4 units.
@@ -60,7 +68,8 @@ fn score(b: u32, t: u32, s: u32) -> f32 {
     return acc;
 }
 
-var<workgroup> red: array<f32, 64>;
+const WG: u32 = 256u;
+var<workgroup> red: array<f32, 256>;
 
 //!kernel indexer_scores(qi: in, ki: in, w: in, scores: out)
 // One invocation per score element; -inf above the diagonal.
@@ -81,10 +90,10 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 }
 
 //!kernel indexer_block_scores(qi: in, ki: in, w: in, pooled: out)
-// One 64-wide workgroup per (key block, query block, batch) = workgroup id
+// One 256-wide workgroup per (key block, query block, batch) = workgroup id
 // (x, y, z): the max of I over the causal pairs of the two blocks, -inf when
 // there are none (NaN scores are skipped).
-@compute @workgroup_size(64)
+@compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let seq = pu(1u);
     let blk = pu(4u);
@@ -98,7 +107,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let s0 = kb * blk;
         let rows = min(t0 + blk, seq) - t0;
         let cols = min(s0 + blk, seq) - s0;
-        for (var p = lid; p < rows * cols; p = p + 64u) {
+        for (var p = lid; p < rows * cols; p = p + WG) {
             let t = t0 + p / cols;
             let s = s0 + p % cols;
             if (s <= t) {
@@ -109,7 +118,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     red[lid] = best;
     workgroupBarrier();
-    for (var w = 32u; w > 0u; w = w >> 1u) {
+    for (var w = WG / 2u; w > 0u; w = w >> 1u) {
         if (lid < w) {
             red[lid] = max(red[lid], red[lid + w]);
         }
@@ -121,32 +130,39 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
 }
 
 //!kernel indexer_bwd_q(qi: in, ki: in, w: in, dscores: in, dqi: out, dw: out)
-// One invocation per (batch, query, head j): dw[t, j] = Σ_{s<=t} dI·ReLU(L) and
-// dq_i[t, j] = Σ_{s<=t} dI·w[t, j]·[L > 0]·k_i[s], with L = q_i[t, j]·k_i[s],
-// accumulated CH dims at a time.
+// One invocation per (chunk, batch, query, head j): dw[t, j] = Σ_s dI·ReLU(L) and
+// dq_i[t, j] = Σ_s dI·w[t, j]·[L > 0]·k_i[s] over the chunk's keys s <= t, with
+// L = q_i[t, j]·k_i[s], accumulated CH dims at a time.
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(gid, nw);
     let seq = pu(1u);
     let nh = pu(2u);
     let di = pu(3u);
-    if (i >= pu(0u) * seq * nh) { return; }
-    let j = i % nh;
-    let r = i / nh;
-    let t = r % seq;
-    let b = r / seq;
-    let qo = qi_off(b, t, j);
-    let wj = ld_w(i);
+    let nch = pu(7u);
+    let nrow = pu(9u);
+    if (i >= nch * nrow) { return; }
+    let c = i / nrow;
+    let rl = i % nrow;
+    let r = pu(8u) + rl;
+    let bt = r / nh;
+    let t = bt % seq;
+    let b = bt / seq;
+    let qo = r * di;
+    let wj = ld_w(r);
+    let s0 = c * pu(6u);
+    let s1 = min(t + 1u, s0 + pu(6u));
+    let oo = (c * nrow + rl) * di;
     var dwacc = 0.0;
     var acc: array<vec4<f32>, CH4>;
     for (var c0 = 0u; c0 < di; c0 = c0 + CH) {
         let cw = min(CH, di - c0);
         let nc = (cw + 3u) / 4u;
-        for (var c = 0u; c < nc; c = c + 1u) {
-            acc[c] = vec4<f32>(0.0);
+        for (var cc = 0u; cc < nc; cc = cc + 1u) {
+            acc[cc] = vec4<f32>(0.0);
         }
-        for (var s = 0u; s <= t; s = s + 1u) {
-            let dval = ld_dscores(r * seq + s);
+        for (var s = s0; s < s1; s = s + 1u) {
+            let dval = ld_dscores(bt * seq + s);
             let ko = ki_off(b, s);
             let l = logit(qo, ko);
             if (c0 == 0u) {
@@ -154,52 +170,61 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
             }
             if (l > 0.0) {
                 let coef = dval * wj;
-                for (var c = 0u; c < nc; c = c + 1u) {
-                    acc[c] = acc[c] + coef * ki4(ko, c0 + 4u * c, di);
+                for (var cc = 0u; cc < nc; cc = cc + 1u) {
+                    acc[cc] = acc[cc] + coef * ki4(ko, c0 + 4u * cc, di);
                 }
             }
         }
         for (var e = 0u; e < cw; e = e + 1u) {
-            st_dqi(qo + c0 + e, acc[e / 4u][e % 4u]);
+            st_dqi(oo + c0 + e, acc[e / 4u][e % 4u]);
         }
     }
-    st_dw(i, dwacc);
+    st_dw(c * nrow + rl, dwacc);
 }
 
 //!kernel indexer_bwd_k(qi: in, ki: in, w: in, dscores: in, dki: out)
-// One invocation per (batch, key s): dk_i[s] = Σ_{t>=s} Σ_j dI·w[t, j]·[L > 0]·q_i[t, j].
+// One invocation per (chunk, batch, key s): dk_i[s] = Σ_t Σ_j dI·w[t, j]·[L > 0]·q_i[t, j]
+// over the chunk's queries t >= s.
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(gid, nw);
     let seq = pu(1u);
     let nh = pu(2u);
     let di = pu(3u);
-    if (i >= pu(0u) * seq) { return; }
-    let s = i % seq;
-    let b = i / seq;
+    let nch = pu(7u);
+    let nrow = pu(9u);
+    if (i >= nch * nrow) { return; }
+    let c = i / nrow;
+    let rl = i % nrow;
+    let r = pu(8u) + rl;
+    let s = r % seq;
+    let b = r / seq;
     let ko = ki_off(b, s);
+    let t0 = max(s, c * pu(6u));
+    let t1 = min(seq, (c + 1u) * pu(6u));
+    let oo = (c * nrow + rl) * di;
     var acc: array<vec4<f32>, CH4>;
     for (var c0 = 0u; c0 < di; c0 = c0 + CH) {
         let cw = min(CH, di - c0);
         let nc = (cw + 3u) / 4u;
-        for (var c = 0u; c < nc; c = c + 1u) {
-            acc[c] = vec4<f32>(0.0);
+        for (var cc = 0u; cc < nc; cc = cc + 1u) {
+            acc[cc] = vec4<f32>(0.0);
         }
-        for (var t = s; t < seq; t = t + 1u) {
+        for (var t = t0; t < t1; t = t + 1u) {
             let dval = ld_dscores((b * seq + t) * seq + s);
             for (var j = 0u; j < nh; j = j + 1u) {
                 let qo = qi_off(b, t, j);
                 let l = logit(qo, ko);
                 if (l > 0.0) {
                     let coef = dval * ld_w((b * seq + t) * nh + j);
-                    for (var c = 0u; c < nc; c = c + 1u) {
-                        acc[c] = acc[c] + coef * qi4(qo, c0 + 4u * c, di);
+                    for (var cc = 0u; cc < nc; cc = cc + 1u) {
+                        acc[cc] = acc[cc] + coef * qi4(qo, c0 + 4u * cc, di);
                     }
                 }
             }
         }
         for (var e = 0u; e < cw; e = e + 1u) {
-            st_dki(ko + c0 + e, acc[e / 4u][e % 4u]);
+            st_dki(oo + c0 + e, acc[e / 4u][e % 4u]);
         }
     }
 }

@@ -595,6 +595,86 @@ pub fn indexer_and_selection<R: Backend, B: Backend>(r: &R, b: &B) {
     }
 }
 
+/// Long sequences (f32): dense and block-sparse attention forward and
+/// backward, the indexer (scores, block scores, backward) and its KL loss at
+/// a sequence where one invocation looping over every key or query would run
+/// far more than the 65 535 loop iterations software adapters (lavapipe)
+/// execute before silently stopping.
+pub fn attention_long_sequences<R: Backend, B: Backend>(r: &R, b: &B) {
+    use dynsparse::attention::select::select_row;
+    use dynsparse::attention::{self as attn, Pattern};
+    let dt = DType::F32;
+    let (batch, seq, heads, kv, d) = (1usize, 2600usize, 2usize, 1usize, 64usize);
+    let (block, n) = (64usize, 6usize);
+    let mut rng = Rng::new(seed("attention-long", dt, 0));
+    let (qs, ks) = ([batch, seq, heads, d], [batch, seq, kv, d]);
+    let (nq, nk) = (batch * seq * heads * d, batch * seq * kv * d);
+    let (q, k, v, d_o) = (rng.normal_vec(nq), rng.normal_vec(nk), rng.normal_vec(nk), rng.normal_vec(nq));
+    let nb = seq.div_ceil(block);
+    let pooled: Vec<f32> = (0..nb * nb).map(|_| rng.below(1000) as f32).collect();
+    let blk: Vec<u32> = (0..nb).flat_map(|qb| select_row(&pooled[qb * nb..(qb + 1) * nb], qb, n, true)).collect();
+    for mode in ["dense", "blocks"] {
+        let (want, got) = on_both!(r, b, |be| {
+            let (qt, kt, vt, dot) =
+                (up(be, &q, &qs, dt), up(be, &k, &ks, dt), up(be, &v, &ks, dt), up(be, &d_o, &qs, dt));
+            let bt = Tensor::from_u32(be, &blk, &[batch, nb, n]).unwrap();
+            let pat = || if mode == "dense" { Pattern::Dense } else { Pattern::Blocks { idx: &bt, block } };
+            let mut o = poisoned(be, &qs, dt);
+            let mut lse = poisoned(be, &[batch, heads, seq], DType::F32);
+            attn::attention(be, &qt, &kt, &vt, pat(), &mut o, &mut lse).unwrap();
+            let (mut dq, mut dk, mut dv) = (poisoned(be, &qs, dt), poisoned(be, &ks, dt), poisoned(be, &ks, dt));
+            attn::attention_backward(be, &qt, &kt, &vt, &o, &lse, &dot, pat(), &mut dq, &mut dk, &mut dv).unwrap();
+            vec![down(be, &o), down(be, &lse), down(be, &dq), down(be, &dk), down(be, &dv)]
+        });
+        let case = format!("{mode} b{batch} t{seq} h{heads}/{kv} d{d}");
+        compare_all("long attention", &case, dt, &["o", "lse", "dq", "dk", "dv"], &want, &got);
+    }
+    let (hi, di) = (2usize, 64usize);
+    let (qi, ki, w) =
+        (rng.normal_vec(batch * seq * hi * di), rng.normal_vec(batch * seq * di), rng.normal_vec(batch * seq * hi));
+    let dsc = rng.normal_vec(batch * seq * seq);
+    let (want, got) = on_both!(r, b, |be| {
+        let (qt, kt, wt) = (
+            up(be, &qi, &[batch, seq, hi, di], dt),
+            up(be, &ki, &[batch, seq, di], dt),
+            up(be, &w, &[batch, seq, hi], dt),
+        );
+        let mut sc = poisoned(be, &[batch, seq, seq], DType::F32);
+        attn::indexer_scores(be, &qt, &kt, &wt, &mut sc).unwrap();
+        let mut pooled = poisoned(be, &[batch, nb, nb], DType::F32);
+        attn::indexer_block_scores(be, &qt, &kt, &wt, block, &mut pooled).unwrap();
+        let dst = up(be, &dsc, &[batch, seq, seq], DType::F32);
+        let (mut dq, mut dk, mut dw) = (
+            poisoned(be, &[batch, seq, hi, di], dt),
+            poisoned(be, &[batch, seq, di], dt),
+            poisoned(be, &[batch, seq, hi], dt),
+        );
+        attn::indexer_backward(be, &qt, &kt, &wt, &dst, &mut dq, &mut dk, &mut dw).unwrap();
+        // The KL loss of these scores against dense attention of q and k.
+        let (qa, ka) = (up(be, &q, &qs, dt), up(be, &k, &ks, dt));
+        let mut o = poisoned(be, &qs, dt);
+        let mut lse = poisoned(be, &[batch, heads, seq], DType::F32);
+        attn::attention(be, &qa, &ka, &ka, Pattern::Dense, &mut o, &mut lse).unwrap();
+        let mut loss = poisoned(be, &[batch, seq], DType::F32);
+        let mut ds = poisoned(be, &[batch, seq, seq], DType::F32);
+        attn::indexer_kl(be, &qa, &ka, &lse, &sc, Pattern::Dense, &mut loss, &mut ds).unwrap();
+        let fin =
+            |v: Vec<f32>| v.into_iter().map(|x| if x == f32::NEG_INFINITY { -1e30 } else { x }).collect::<Vec<_>>();
+        vec![
+            fin(down(be, &sc)),
+            fin(down(be, &pooled)),
+            down(be, &dq),
+            down(be, &dk),
+            down(be, &dw),
+            down(be, &loss),
+            down(be, &ds),
+        ]
+    });
+    let case = format!("b{batch} t{seq} H_I{hi} d_I{di}");
+    let names = ["scores", "block scores", "dq_i", "dk_i", "dw", "kl loss", "kl dscores"];
+    compare_all("long indexer", &case, dt, &names, &want, &got);
+}
+
 // ------------------------------------------------------------ model level
 
 /// One forward + backward + AdamW step of a tiny sparse model: loss and the
@@ -804,6 +884,12 @@ macro_rules! conformance_tests {
         fn indexer_selection_and_kl_loss_match_reference() {
             if let Some((r, b)) = $get() {
                 common::indexer_and_selection(r, b)
+            }
+        }
+        #[test]
+        fn attention_long_sequences_match_reference() {
+            if let Some((r, b)) = $get() {
+                common::attention_long_sequences(r, b)
             }
         }
         #[test]

@@ -4,16 +4,33 @@
 //! `shaders/indexer.wgsl` and `shaders/select.wgsl`.
 //!
 //! Every kernel accumulates in f32 and is deterministic (no float atomics):
-//! - attention forward: one invocation per (batch, head, query) running an
-//!   online softmax over the keys of its pattern;
-//! - backward: one invocation per (batch, head, query) for `dq` (it also saves
-//!   `delta = dO·O`), then one per (batch, kv head, key) for `dk`/`dv`, looping
-//!   over the queries whose pattern contains the key;
+//! - attention forward: one invocation per (key chunk, batch, query, head)
+//!   running an online softmax over the chunk's keys of its pattern;
+//! - backward: one invocation per (key chunk, batch, query, head) for `dq` (it
+//!   also saves `delta = dO·O`), then one per (query chunk, batch, key, kv
+//!   head) for `dk`/`dv`, looping over the chunk's queries whose pattern
+//!   contains the key;
 //! - indexer scores: one invocation per score; block scores: a workgroup per
 //!   (query block, key block) with a max reduction; indexer backward: one
-//!   invocation per (query, index head) for `dq_i`/`dw`, one per key for `dk_i`;
+//!   invocation per (key chunk, query, index head) for `dq_i`/`dw`, one per
+//!   (query chunk, key) for `dk_i`;
 //! - selection: a workgroup per row (threshold binary search + ordered prefix sum);
 //! - KL loss: a workgroup per query row.
+//!
+//! # Split loops
+//!
+//! Mesa's llvmpipe/lavapipe (the software Vulkan adapter) stops every loop
+//! after 65 535 iterations, counted across all loops of a batch of
+//! invocations, and silently leaves the outputs partly written. So no
+//! invocation loops over a whole sequence: [`plan`] picks a chunk size from
+//! [`ITER_BUDGET`] (loop iterations per invocation, inner vec4 loops
+//! included), and when one chunk does not cover the loop the kernel writes
+//! per-chunk partials to an F32 scratch buffer `[nch, rows, width]` that
+//! `shaders/split.wgsl` merges in chunk order (a log-sum-exp merge for the
+//! forward, ordered sums for the gradients). With one chunk the kernels write
+//! their outputs directly, as before. Scratch buffers are capped at
+//! [`MAX_SCRATCH_BYTES`] (and the adapter's largest binding) by launching
+//! the rows in slices.
 
 use super::kernel::{Params, grid1d};
 use super::{Arg, WgpuBackend};
@@ -22,6 +39,86 @@ use crate::error::Result;
 use crate::{DType, Tensor};
 
 type T = Tensor<WgpuBackend>;
+
+/// Loop iterations one invocation may run (all its loops together), well
+/// under llvmpipe's 65 535.
+const ITER_BUDGET: usize = 16_000;
+
+/// Largest scratch buffer of partial results (also bounded by the adapter's
+/// largest storage binding); longer launches go in slices of rows.
+const MAX_SCRATCH_BYTES: usize = 256 << 20;
+
+/// How a loop over `total` items (keys or queries) is split.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Plan {
+    /// Items per chunk.
+    chunk: usize,
+    /// Number of chunks; 1 means the kernel writes its outputs directly.
+    nch: usize,
+    /// Rows per launch (all of them when `nch` is 1).
+    rows: usize,
+}
+
+/// Splits a loop over `total` items costing `per_item` iterations each (plus
+/// `fixed` per invocation) into chunks within [`ITER_BUDGET`], for `rows`
+/// rows of partials `width` f32 wide; `align` > 1 rounds the chunk down to a
+/// multiple of it where possible. `max_floats` bounds a scratch buffer.
+fn plan(
+    total: usize,
+    per_item: usize,
+    fixed: usize,
+    align: usize,
+    rows: usize,
+    width: usize,
+    max_floats: usize,
+) -> Plan {
+    let total = total.max(1);
+    let mut chunk = (ITER_BUDGET.saturating_sub(fixed) / per_item.max(1)).max(1);
+    if chunk >= total {
+        return Plan { chunk: total, nch: 1, rows };
+    }
+    if align > 1 && chunk >= align {
+        chunk -= chunk % align;
+    }
+    let nch = total.div_ceil(chunk);
+    if align <= 1 {
+        // Even chunks: the same count, each as short as possible.
+        chunk = total.div_ceil(nch);
+    }
+    let rows = (max_floats / (nch * width.max(1))).clamp(1, rows.max(1));
+    Plan { chunk, nch, rows }
+}
+
+/// F32 elements a scratch buffer may hold on this adapter.
+fn max_scratch_floats(be: &WgpuBackend) -> usize {
+    let binding = be.device.limits().max_storage_buffer_binding_size as usize;
+    binding.min(MAX_SCRATCH_BYTES) / 4
+}
+
+/// The row slices `(r0, n)` of a split launch.
+fn slices(rows: usize, per: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..rows).step_by(per.max(1)).map(move |r0| (r0, per.min(rows - r0)))
+}
+
+/// Sums the partials `[nch, n, width]` of rows `r0 .. r0 + n` into `out`.
+fn sum_chunks(be: &WgpuBackend, part: &T, nch: usize, r0: usize, n: usize, width: usize, out: &mut T) -> Result<()> {
+    be.launch(
+        "split",
+        "sum_chunks",
+        &mut [Arg::R(part), Arg::W(out)],
+        Params::new().u(n).u(nch).u(width).u(r0),
+        grid1d(n * width),
+    )
+}
+
+/// Slots per query of the pattern (the length of the forward's key loop).
+fn max_slots(s: &AttentionSpec) -> usize {
+    match s.pattern {
+        PatternSpec::Dense => s.seq,
+        PatternSpec::Tokens { k } => k,
+        PatternSpec::Blocks { block, n } => n * block,
+    }
+}
 
 /// A launch of `n` workgroups, one per row, folded into two grid dimensions
 /// (the kernel recovers the row as `wg.x + wg.y·nw.x` and bounds-checks it).
@@ -72,14 +169,39 @@ pub(super) fn attention(
 ) -> Result<()> {
     let mut holder = None;
     let idx = pattern_idx(be, idx, &mut holder)?;
-    let n = s.batch * s.n_heads * s.seq;
-    be.launch(
-        "attention",
-        "attn_fwd",
-        &mut [Arg::R(q), Arg::R(k), Arg::R(v), Arg::R(idx), Arg::W(o), Arg::W(lse)],
-        attn_params(s),
-        grid1d(n),
-    )
+    let rows = s.batch * s.seq * s.n_heads;
+    let (d, nc) = (s.head_dim, s.head_dim.div_ceil(4));
+    // Per slot: the slot loop, the q·k and the p·v vec4 loops.
+    let pl = plan(max_slots(s), 1 + 2 * nc, nc + d + 64, 1, rows, d + 2, max_scratch_floats(be));
+    let params = |r0: usize, n: usize| attn_params(s).u(pl.chunk).u(pl.nch).u(r0).u(n);
+    if pl.nch == 1 {
+        return be.launch(
+            "attention",
+            "attn_fwd",
+            &mut [Arg::R(q), Arg::R(k), Arg::R(v), Arg::R(idx), Arg::W(o), Arg::W(lse)],
+            params(0, rows),
+            grid1d(rows),
+        );
+    }
+    let mut part = Tensor::empty(be, &[pl.nch * pl.rows * d], DType::F32)?;
+    let mut ml = Tensor::empty(be, &[pl.nch * pl.rows * 2], DType::F32)?;
+    for (r0, n) in slices(rows, pl.rows) {
+        be.launch(
+            "attention",
+            "attn_fwd",
+            &mut [Arg::R(q), Arg::R(k), Arg::R(v), Arg::R(idx), Arg::W(&mut part), Arg::W(&mut ml)],
+            params(r0, n),
+            grid1d(pl.nch * n),
+        )?;
+        be.launch(
+            "split",
+            "attn_fwd_combine",
+            &mut [Arg::R(&part), Arg::R(&ml), Arg::W(o), Arg::W(lse)],
+            params(r0, n),
+            grid1d(n * d),
+        )?;
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -100,40 +222,110 @@ pub(super) fn attention_backward(
     let mut holder = None;
     let idx = pattern_idx(be, idx, &mut holder)?;
     let mut delta = Tensor::empty(be, &[s.batch, s.n_heads, s.seq], DType::F32)?;
-    be.launch(
-        "attention",
-        "attn_bwd_dq",
-        &mut [
-            Arg::R(q),
-            Arg::R(k),
-            Arg::R(v),
-            Arg::R(d_o),
-            Arg::R(o),
-            Arg::R(lse),
-            Arg::R(idx),
-            Arg::W(dq),
-            Arg::W(&mut delta),
-        ],
-        attn_params(s),
-        grid1d(s.batch * s.n_heads * s.seq),
-    )?;
-    be.launch(
-        "attention",
-        "attn_bwd_dkdv",
-        &mut [
-            Arg::R(q),
-            Arg::R(k),
-            Arg::R(v),
-            Arg::R(d_o),
-            Arg::R(lse),
-            Arg::R(&delta),
-            Arg::R(idx),
-            Arg::W(dk),
-            Arg::W(dv),
-        ],
-        attn_params(s),
-        grid1d(s.batch * s.n_kv_heads * s.seq),
-    )
+    let (d, nc) = (s.head_dim, s.head_dim.div_ceil(4));
+    let max_floats = max_scratch_floats(be);
+
+    // dq: split over the query's slots like the forward.
+    let rows = s.batch * s.seq * s.n_heads;
+    let pl = plan(max_slots(s), 1 + 2 * nc, nc + d + 64, 1, rows, d, max_floats);
+    let params = |r0: usize, n: usize| attn_params(s).u(pl.chunk).u(pl.nch).u(r0).u(n);
+    if pl.nch == 1 {
+        be.launch(
+            "attention",
+            "attn_bwd_dq",
+            &mut [
+                Arg::R(q),
+                Arg::R(k),
+                Arg::R(v),
+                Arg::R(d_o),
+                Arg::R(o),
+                Arg::R(lse),
+                Arg::R(idx),
+                Arg::W(dq),
+                Arg::W(&mut delta),
+            ],
+            params(0, rows),
+            grid1d(rows),
+        )?;
+    } else {
+        let mut part = Tensor::empty(be, &[pl.nch * pl.rows * d], DType::F32)?;
+        for (r0, n) in slices(rows, pl.rows) {
+            be.launch(
+                "attention",
+                "attn_bwd_dq",
+                &mut [
+                    Arg::R(q),
+                    Arg::R(k),
+                    Arg::R(v),
+                    Arg::R(d_o),
+                    Arg::R(o),
+                    Arg::R(lse),
+                    Arg::R(idx),
+                    Arg::W(&mut part),
+                    Arg::W(&mut delta),
+                ],
+                params(r0, n),
+                grid1d(pl.nch * n),
+            )?;
+            sum_chunks(be, &part, pl.nch, r0, n, d, dq)?;
+        }
+    }
+
+    // dk, dv: split over the queries. Per query: the group's heads (q·k and
+    // dO·v loop, dk/dv loop) and the pattern test (a scan of the query's
+    // (tokens) or the query block's (blocks) index row).
+    let rows = s.batch * s.seq * s.n_kv_heads;
+    let grp = s.group();
+    let (per_q, fixed, align) = match s.pattern {
+        PatternSpec::Dense => (grp * (1 + 2 * nc) + 2, 0, 1),
+        PatternSpec::Tokens { k } => (grp * (1 + 2 * nc) + 2 + k, 0, 1),
+        PatternSpec::Blocks { block, n } => (grp * (1 + 2 * nc) + 1 + (n + 1).div_ceil(block), 2 * (n + 1), block),
+    };
+    let pl = plan(s.seq, per_q, fixed + 2 * nc + 2 * d + 64, align, rows, 2 * d, max_floats);
+    let params = |r0: usize, n: usize| attn_params(s).u(pl.chunk).u(pl.nch).u(r0).u(n);
+    if pl.nch == 1 {
+        return be.launch(
+            "attention",
+            "attn_bwd_dkdv",
+            &mut [
+                Arg::R(q),
+                Arg::R(k),
+                Arg::R(v),
+                Arg::R(d_o),
+                Arg::R(lse),
+                Arg::R(&delta),
+                Arg::R(idx),
+                Arg::W(dk),
+                Arg::W(dv),
+            ],
+            params(0, rows),
+            grid1d(rows),
+        );
+    }
+    let mut pk = Tensor::empty(be, &[pl.nch * pl.rows * d], DType::F32)?;
+    let mut pv = Tensor::empty(be, &[pl.nch * pl.rows * d], DType::F32)?;
+    for (r0, n) in slices(rows, pl.rows) {
+        be.launch(
+            "attention",
+            "attn_bwd_dkdv",
+            &mut [
+                Arg::R(q),
+                Arg::R(k),
+                Arg::R(v),
+                Arg::R(d_o),
+                Arg::R(lse),
+                Arg::R(&delta),
+                Arg::R(idx),
+                Arg::W(&mut pk),
+                Arg::W(&mut pv),
+            ],
+            params(r0, n),
+            grid1d(pl.nch * n),
+        )?;
+        sum_chunks(be, &pk, pl.nch, r0, n, d, dk)?;
+        sum_chunks(be, &pv, pl.nch, r0, n, d, dv)?;
+    }
+    Ok(())
 }
 
 /// The parameter words shared by the kernels of `shaders/indexer.wgsl`.
@@ -217,18 +409,98 @@ pub(super) fn indexer_backward(
     dki: &mut T,
     dw: &mut T,
 ) -> Result<()> {
-    be.launch(
-        "indexer",
-        "indexer_bwd_q",
-        &mut [Arg::R(qi), Arg::R(ki), Arg::R(w), Arg::R(dscores), Arg::W(dqi), Arg::W(dw)],
-        indexer_params(s),
-        grid1d(s.batch * s.seq * s.heads),
-    )?;
-    be.launch(
-        "indexer",
-        "indexer_bwd_k",
-        &mut [Arg::R(qi), Arg::R(ki), Arg::R(w), Arg::R(dscores), Arg::W(dki)],
-        indexer_params(s),
-        grid1d(s.batch * s.seq),
-    )
+    let (di, nh) = (s.dim, s.heads);
+    let (d4, passes) = (di.div_ceil(4), di.div_ceil(64));
+    let max_floats = max_scratch_floats(be);
+
+    // dq_i, dw: split over the keys s <= t. Per key and pass of 64 dims: the
+    // key loop and the logit loop; the accumulation loops add up to d_I / 4.
+    let rows = s.batch * s.seq * nh;
+    let pl = plan(s.seq, passes * (1 + d4) + d4, d4 + di + passes + 64, 1, rows, di + 1, max_floats);
+    let params = |r0: usize, n: usize| indexer_params(s).u(pl.chunk).u(pl.nch).u(r0).u(n);
+    if pl.nch == 1 {
+        be.launch(
+            "indexer",
+            "indexer_bwd_q",
+            &mut [Arg::R(qi), Arg::R(ki), Arg::R(w), Arg::R(dscores), Arg::W(dqi), Arg::W(dw)],
+            params(0, rows),
+            grid1d(rows),
+        )?;
+    } else {
+        let mut pq = Tensor::empty(be, &[pl.nch * pl.rows * di], DType::F32)?;
+        let mut pw = Tensor::empty(be, &[pl.nch * pl.rows], DType::F32)?;
+        for (r0, n) in slices(rows, pl.rows) {
+            be.launch(
+                "indexer",
+                "indexer_bwd_q",
+                &mut [Arg::R(qi), Arg::R(ki), Arg::R(w), Arg::R(dscores), Arg::W(&mut pq), Arg::W(&mut pw)],
+                params(r0, n),
+                grid1d(pl.nch * n),
+            )?;
+            sum_chunks(be, &pq, pl.nch, r0, n, di, dqi)?;
+            sum_chunks(be, &pw, pl.nch, r0, n, 1, dw)?;
+        }
+    }
+
+    // dk_i: split over the queries t >= s; per query and pass: every head's
+    // logit loop, plus the accumulation loops.
+    let rows = s.batch * s.seq;
+    let pl = plan(s.seq, passes * (1 + nh * (1 + d4)) + nh * d4, d4 + di + passes + 64, 1, rows, di, max_floats);
+    let params = |r0: usize, n: usize| indexer_params(s).u(pl.chunk).u(pl.nch).u(r0).u(n);
+    if pl.nch == 1 {
+        return be.launch(
+            "indexer",
+            "indexer_bwd_k",
+            &mut [Arg::R(qi), Arg::R(ki), Arg::R(w), Arg::R(dscores), Arg::W(dki)],
+            params(0, rows),
+            grid1d(rows),
+        );
+    }
+    let mut pk = Tensor::empty(be, &[pl.nch * pl.rows * di], DType::F32)?;
+    for (r0, n) in slices(rows, pl.rows) {
+        be.launch(
+            "indexer",
+            "indexer_bwd_k",
+            &mut [Arg::R(qi), Arg::R(ki), Arg::R(w), Arg::R(dscores), Arg::W(&mut pk)],
+            params(r0, n),
+            grid1d(pl.nch * n),
+        )?;
+        sum_chunks(be, &pk, pl.nch, r0, n, di, dki)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_loops_run_in_one_chunk() {
+        let p = plan(100, 33, 200, 1, 7, 66, 1 << 20);
+        assert_eq!(p, Plan { chunk: 100, nch: 1, rows: 7 });
+        assert_eq!(plan(0, 33, 200, 1, 7, 66, 1 << 20).nch, 1);
+    }
+
+    #[test]
+    fn long_loops_split_within_the_budget_and_cover_every_item() {
+        for (total, per, fixed, align) in
+            [(2600, 33, 200, 1), (16384, 35, 300, 64), (5000, 133, 100, 1), (3, 20_000, 0, 1)]
+        {
+            let p = plan(total, per, fixed, align, 1000, 64, 1 << 20);
+            assert!(p.nch > 1, "{total}: {p:?}");
+            assert!(p.chunk * per + fixed <= ITER_BUDGET || p.chunk == 1, "{total}: {p:?}");
+            assert!(p.nch * p.chunk >= total && (p.nch - 1) * p.chunk < total, "{total}: {p:?}");
+            if align > 1 {
+                assert_eq!(p.chunk % align, 0);
+            }
+        }
+    }
+
+    #[test]
+    fn scratch_is_bounded_by_slicing_rows() {
+        let p = plan(100_000, 33, 0, 1, 50_000, 66, 1 << 20);
+        assert!(p.nch * p.rows * 66 <= 1 << 20, "{p:?}");
+        let s: Vec<_> = slices(10, 4).collect();
+        assert_eq!(s, vec![(0, 4), (4, 4), (8, 2)]);
+    }
 }

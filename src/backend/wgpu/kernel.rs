@@ -52,6 +52,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("attention", include_str!("../../../shaders/attention.wgsl")),
     ("indexer", include_str!("../../../shaders/indexer.wgsl")),
     ("select", include_str!("../../../shaders/select.wgsl")),
+    ("split", include_str!("../../../shaders/split.wgsl")),
 ];
 
 /// Number of `u32` parameter words a kernel can receive.

@@ -1,0 +1,75 @@
+// Ordered combination of the partial results of the split attention and
+// indexer kernels (see `shaders/attention.wgsl`, `shaders/indexer.wgsl`): a
+// launch covers rows r0 .. r0 + R, and partials are [nch, R, width] (chunk c,
+// row rl at (c·R + rl)·width). Chunks are merged in order, so the result is
+// deterministic. Outputs are `inout` so that a launch over some rows keeps
+// the others (half outputs go through a staging buffer).
+
+fn neg_inf() -> f32 {
+    return bitcast<f32>(0xff800000u);
+}
+
+//!kernel attn_fwd_combine(part: in, ml: in, o: inout, lse: inout)
+// The attention parameters (p0 batch, p1 seq, p2 n_heads, p4 head_dim, p11
+// nch, p12 r0, p13 R). One invocation per (row, element): the log-sum-exp
+// merge of the chunks' (m, l, unnormalised output); the element-0 invocation
+// also writes lse. Rows are (batch, query, head); o [batch, seq, n_heads,
+// head_dim], lse [batch, n_heads, seq], ml [nch, R, 2].
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let i = lin(gid, nw);
+    let seq = pu(1u);
+    let nh = pu(2u);
+    let d = pu(4u);
+    let nch = pu(11u);
+    let nrow = pu(13u);
+    if (i >= nrow * d) { return; }
+    let rl = i / d;
+    let e = i % d;
+    let r = pu(12u) + rl;
+    let h = r % nh;
+    let bt = r / nh;
+    let t = bt % seq;
+    let b = bt / seq;
+    var m = neg_inf();
+    for (var c = 0u; c < nch; c = c + 1u) {
+        m = max(m, ld_ml(2u * (c * nrow + rl)));
+    }
+    var l = 0.0;
+    var acc = 0.0;
+    if (m != neg_inf()) {
+        for (var c = 0u; c < nch; c = c + 1u) {
+            let mc = ld_ml(2u * (c * nrow + rl));
+            if (mc == neg_inf()) { continue; }
+            let f = exp(mc - m);
+            l = l + ld_ml(2u * (c * nrow + rl) + 1u) * f;
+            acc = acc + ld_part((c * nrow + rl) * d + e) * f;
+        }
+    }
+    var lse = neg_inf();
+    var out = 0.0;
+    if (l > 0.0) {
+        lse = m + log(l);
+        out = acc / l;
+    }
+    st_o(r * d + e, out);
+    if (e == 0u) {
+        st_lse((b * nh + h) * seq + t, lse);
+    }
+}
+
+//!kernel sum_chunks(part: in, out: inout)
+// p0 R, p1 nch, p2 width, p3 r0: out[(r0 + rl)·width + e] = Σ_c part[(c·R + rl)·width + e].
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let i = lin(gid, nw);
+    let nrow = pu(0u);
+    let nch = pu(1u);
+    let width = pu(2u);
+    if (i >= nrow * width) { return; }
+    var acc = 0.0;
+    for (var c = 0u; c < nch; c = c + 1u) {
+        acc = acc + ld_part(c * nrow * width + i);
+    }
+    st_out(pu(3u) * width + i, acc);
+}
