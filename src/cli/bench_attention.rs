@@ -202,10 +202,16 @@ pub fn run(choice: BackendChoice, a: AttentionArgs) -> Result<()> {
         let idx_share = r.indexer / r.e2e_fwd();
         md.push_str(&format!(
             "\nAt seq {}: the indexer is {:.0}% of the sparse forward pass; it is O(n²·H_I·d_I) while sparse attention is O(n·k·d), \
-             so {} dominates at this length.\n",
+             so {} at this length.\n",
             r.seq,
             100.0 * idx_share,
-            if idx_share > 0.5 { "the indexer" } else { "attention" }
+            if idx_share > 0.6 {
+                "the indexer dominates"
+            } else if idx_share < 0.4 {
+                "attention dominates"
+            } else {
+                "the two cost about the same"
+            }
         ));
     }
     println!("{md}");
