@@ -913,5 +913,13 @@ pub fn skip(name: &str, why: &str) {
     if std::env::var(&var).is_ok_and(|v| !v.is_empty() && v != "0") {
         panic!("{var} is set but the {name} backend is unavailable: {why}");
     }
-    eprintln!("skipped: no {name} backend ({why})");
+    // Written straight to the process's stderr (not `eprintln!`, which the test
+    // harness captures), once per backend and test binary, so `cargo test` shows the skip.
+    static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    if !seen.iter().any(|n| n == name) {
+        seen.push(name.to_string());
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "skipped: no {name} backend ({why})");
+    }
 }
