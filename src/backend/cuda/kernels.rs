@@ -54,7 +54,6 @@ pub fn compile_options(arch: (i32, i32)) -> Vec<String> {
     vec![
         format!("--gpu-architecture=compute_{}{}", arch.0, arch.1),
         "--std=c++17".into(),
-        "--use_fast_math=false".into(),
         "--fmad=true".into(),
         "-default-device".into(),
     ]
