@@ -145,7 +145,9 @@ fn wgpu_explicit() -> Result<Selection> {
 
 #[cfg(not(feature = "wgpu"))]
 fn wgpu_explicit() -> Result<Selection> {
-    Err(crate::error::Error::Unavailable("this build has no wgpu backend; rebuild with the `wgpu` feature (on by default)".into()))
+    Err(crate::error::Error::Unavailable(
+        "this build has no wgpu backend; rebuild with the `wgpu` feature (on by default)".into(),
+    ))
 }
 
 #[cfg(feature = "wgpu")]

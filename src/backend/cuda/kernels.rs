@@ -89,7 +89,9 @@ pub fn cache_dir() -> Option<PathBuf> {
     if let Some(d) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
         return Some(PathBuf::from(d).join("dynsparse").join("ptx"));
     }
-    std::env::var_os("HOME").filter(|d| !d.is_empty()).map(|h| PathBuf::from(h).join(".cache").join("dynsparse").join("ptx"))
+    std::env::var_os("HOME")
+        .filter(|d| !d.is_empty())
+        .map(|h| PathBuf::from(h).join(".cache").join("dynsparse").join("ptx"))
 }
 
 fn cache_file(dir: &Path, family: &str, arch: (i32, i32), key: &str) -> PathBuf {
@@ -150,7 +152,10 @@ pub fn compile_uncached(family: &str, arch: (i32, i32)) -> Result<String, String
     }
 }
 
-static MEMORY: Mutex<Option<HashMap<(String, (i32, i32)), String>>> = Mutex::new(None);
+/// PTX by (family, compute capability).
+type PtxMap = HashMap<(String, (i32, i32)), String>;
+
+static MEMORY: Mutex<Option<PtxMap>> = Mutex::new(None);
 
 /// The PTX of a family for an architecture: from memory, else from the disk
 /// cache, else compiled with NVRTC (and then stored in both). This is the
@@ -216,9 +221,9 @@ mod tests {
         assert_eq!(read_cached(&dir, "gelu", (8, 0), "abc"), None, "arch is part of the name");
         std::fs::write(&path, "garbage").unwrap();
         assert_eq!(read_cached(&dir, "gelu", (9, 0), "abc"), None, "a torn file is a miss");
-        let leftovers = std::fs::read_dir(&dir).unwrap().filter(|e| {
-            e.as_ref().map(|e| e.file_name().to_string_lossy().ends_with(".tmp")).unwrap_or(false)
-        });
+        let leftovers = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter(|e| e.as_ref().map(|e| e.file_name().to_string_lossy().ends_with(".tmp")).unwrap_or(false));
         assert_eq!(leftovers.count(), 0, "no temporary files left behind");
         std::fs::remove_dir_all(&dir).unwrap();
     }

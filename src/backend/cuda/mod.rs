@@ -97,11 +97,24 @@ impl CudaBuffer {
     }
 }
 
-/// The CUDA backend on one device.
+/// The CUDA backend on one device (a small handle: the state is boxed).
 pub struct CudaBackend {
+    inner: Box<Inner>,
+}
+
+impl std::ops::Deref for CudaBackend {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+/// The state of a [`CudaBackend`].
+pub struct Inner {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    blas: Option<CudaBlas>,
+    /// cuBLAS handles must not be used by two threads at once: one lock per backend.
+    blas: Option<Mutex<CudaBlas>>,
     info: DeviceInfo,
     mem: MemoryCounter,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
@@ -131,9 +144,7 @@ impl CudaBackend {
         let count = CudaContext::device_count()
             .map_err(|e| Error::Unavailable(format!("the CUDA driver is present but did not initialise ({e})")))?;
         if ordinal >= count.max(0) as usize {
-            return Err(Error::Unavailable(format!(
-                "CUDA device {ordinal} does not exist ({count} device(s) found)"
-            )));
+            return Err(Error::Unavailable(format!("CUDA device {ordinal} does not exist ({count} device(s) found)")));
         }
         let info = info_of(ordinal).map_err(Error::Unavailable)?;
         let ctx = CudaContext::new(ordinal)
@@ -146,7 +157,7 @@ impl CudaBackend {
         // SAFETY: only tries to dlopen libcublas by its usual names.
         let blas = if unsafe { cudarc::cublas::sys::is_culib_present() } {
             match CudaBlas::new(stream.clone()) {
-                Ok(b) => Some(b),
+                Ok(b) => Some(Mutex::new(b)),
                 Err(e) => {
                     log::warn!("cuBLAS did not start ({e:?}); matmul uses the fallback kernel");
                     None
@@ -158,14 +169,16 @@ impl CudaBackend {
         };
         let tf32 = std::env::var("DYNSPARSE_CUDA_TF32").is_ok_and(|v| v == "1");
         Ok(CudaBackend {
-            ctx,
-            stream,
-            blas,
-            info,
-            mem: MemoryCounter::default(),
-            modules: Mutex::new(HashMap::new()),
-            funcs: Mutex::new(HashMap::new()),
-            tf32: AtomicBool::new(tf32),
+            inner: Box::new(Inner {
+                ctx,
+                stream,
+                blas,
+                info,
+                mem: MemoryCounter::default(),
+                modules: Mutex::new(HashMap::new()),
+                funcs: Mutex::new(HashMap::new()),
+                tf32: AtomicBool::new(tf32),
+            }),
         })
     }
 
@@ -270,4 +283,3 @@ fn sfx(dt: DType) -> &'static str {
         DType::I32 => "i32",
     }
 }
-

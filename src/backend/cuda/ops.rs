@@ -122,14 +122,18 @@ impl CudaBackend {
 
     fn gemm_cublas(&self, s: &MatmulSpec, a: &T, b: &T, c: &mut T) -> Result<()> {
         use cudarc::cublas::sys::{cublasComputeType_t as Ct, cublasGemmAlgo_t, cublasOperation_t as Op, cudaDataType};
-        let blas = self.blas.as_ref().expect("checked by the caller");
+        let blas = self.blas.as_ref().expect("checked by the caller").lock().unwrap_or_else(|e| e.into_inner());
+        self.ctx.bind_to_thread().map_err(|e| dev_err("binding the CUDA context", e))?;
         let dt = match a.dtype() {
             DType::F16 => cudaDataType::CUDA_R_16F,
             DType::BF16 => cudaDataType::CUDA_R_16BF,
             _ => cudaDataType::CUDA_R_32F,
         };
-        let compute =
-            if a.dtype() == DType::F32 && self.allow_tf32() { Ct::CUBLAS_COMPUTE_32F_FAST_TF32 } else { Ct::CUBLAS_COMPUTE_32F };
+        let compute = if a.dtype() == DType::F32 && self.allow_tf32() {
+            Ct::CUBLAS_COMPUTE_32F_FAST_TF32
+        } else {
+            Ct::CUBLAS_COMPUTE_32F
+        };
         // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: cuBLAS
         // gets B first, with the storage as it is.
         let (m, n, k) = (s.m as i32, s.n as i32, s.k as i32);
@@ -306,7 +310,16 @@ impl Backend for CudaBackend {
         let numel = s.rows * s.n;
         self.launch("gelu", &name, flat(numel), &[p(x), p(bias), p(y), u(numel), u(s.n)])
     }
-    fn layernorm(&self, s: &LayerNormSpec, x: &T, gamma: &T, beta: &T, y: &mut T, mean: &mut T, rstd: &mut T) -> Result<()> {
+    fn layernorm(
+        &self,
+        s: &LayerNormSpec,
+        x: &T,
+        gamma: &T,
+        beta: &T,
+        y: &mut T,
+        mean: &mut T,
+        rstd: &mut T,
+    ) -> Result<()> {
         let name = format!("layernorm_fwd_{}", sfx(x.dtype()));
         let args = [p(x), p(gamma), p(beta), p(y), p(mean), p(rstd), u(s.rows), u(s.n), Arg::F(s.eps)];
         self.launch("layernorm", &name, per_warp(s.rows, 8), &args)
@@ -382,7 +395,15 @@ impl Backend for CudaBackend {
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         self.launch("reduce", &format!("all_finite_{}", sfx(x.dtype())), cfg, &[p(x), u(s.n), p(out)])
     }
-    fn adamw(&self, s: &AdamWSpec, params: &mut T, grads: &T, m: &mut T, v: &mut T, copy: Option<&mut T>) -> Result<()> {
+    fn adamw(
+        &self,
+        s: &AdamWSpec,
+        params: &mut T,
+        grads: &T,
+        m: &mut T,
+        v: &mut T,
+        copy: Option<&mut T>,
+    ) -> Result<()> {
         let (name, cp, has) = match copy {
             Some(c) => (format!("adamw_{}", sfx(c.dtype())), p(c), 1),
             None => ("adamw_f32".to_string(), Arg::P(0), 0),
