@@ -184,9 +184,43 @@ pub fn ptx_for(family: &str, arch: (i32, i32)) -> Result<String, String> {
     Ok(ptx)
 }
 
+/// Byte sizes of the parameters of kernel `name` as declared in `ptx`
+/// (`.param .u64 x` is 8, `.param .align 4 .b8 x[36]` is 36); `None` when the
+/// entry is not there. The backend checks every launch against this, so a
+/// wrong argument list is an error, not a corrupted kernel.
+pub fn entry_param_sizes(ptx: &str, name: &str) -> Option<Vec<usize>> {
+    let start = ptx.find(&format!(".entry {name}("))? + ".entry ".len() + name.len() + 1;
+    let body = &ptx[start..start + ptx[start..].find(')')?];
+    let mut sizes = Vec::new();
+    for param in body.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let size = if let (Some(a), Some(b)) = (param.rfind('['), param.rfind(']')) {
+            param[a + 1..b].parse().ok()?
+        } else if [".u64", ".s64", ".b64", ".f64"].iter().any(|t| param.contains(t)) {
+            8
+        } else if [".u32", ".s32", ".b32", ".f32"].iter().any(|t| param.contains(t)) {
+            4
+        } else if [".u16", ".s16", ".b16", ".f16"].iter().any(|t| param.contains(t)) {
+            2
+        } else {
+            return None;
+        };
+        sizes.push(size);
+    }
+    Some(sizes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entry_param_sizes_reads_scalars_pointers_and_structs() {
+        let ptx = ".visible .entry k_f32(\n\t.param .align 4 .b8 k_f32_param_0[36],\n\t.param .u64 k_f32_param_1,\n\t\
+                   .param .u32 k_f32_param_2,\n\t.param .f32 k_f32_param_3\n)\n{\n}\n.visible .entry k(\n)\n{\n}";
+        assert_eq!(entry_param_sizes(ptx, "k_f32"), Some(vec![36, 8, 4, 4]));
+        assert_eq!(entry_param_sizes(ptx, "k"), Some(vec![]));
+        assert_eq!(entry_param_sizes(ptx, "k_f16"), None);
+    }
 
     #[test]
     fn cache_key_changes_with_source_options_and_arch() {

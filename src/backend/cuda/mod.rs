@@ -118,7 +118,8 @@ pub struct Inner {
     info: DeviceInfo,
     mem: MemoryCounter,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    funcs: Mutex<HashMap<String, CudaFunction>>,
+    /// Loaded kernels with the byte sizes of their parameters (from the PTX).
+    funcs: Mutex<HashMap<String, (CudaFunction, Vec<usize>)>>,
     tf32: AtomicBool,
 }
 
@@ -130,6 +131,17 @@ pub(crate) enum Arg {
     U(u32),
     F(f32),
     Attn(ops::AttnArgs),
+}
+
+impl Arg {
+    /// Bytes this argument occupies in the kernel's parameter list.
+    fn size(&self) -> usize {
+        match self {
+            Arg::P(_) => 8,
+            Arg::U(_) | Arg::F(_) => 4,
+            Arg::Attn(_) => std::mem::size_of::<ops::AttnArgs>(),
+        }
+    }
 }
 
 fn dev_err(what: &str, e: impl std::fmt::Display) -> Error {
@@ -208,11 +220,8 @@ impl CudaBackend {
         self.module(family).map(|_| ())
     }
 
-    fn module(&self, family: &'static str) -> Result<Arc<CudaModule>> {
+    fn module(&self, family: &'static str) -> Result<(Arc<CudaModule>, String)> {
         let mut mods = self.modules.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(m) = mods.get(family) {
-            return Ok(m.clone());
-        }
         let arch = self.info.compute_capability;
         // A device newer than this NVRTC knows still runs sm_90 PTX (JIT).
         let ptx = match kernels::ptx_for(family, arch) {
@@ -220,27 +229,39 @@ impl CudaBackend {
             Err(first) if arch > (9, 0) => kernels::ptx_for(family, (9, 0)).map_err(|_| Error::Device(first))?,
             Err(e) => return Err(Error::Device(e)),
         };
+        if let Some(m) = mods.get(family) {
+            return Ok((m.clone(), ptx));
+        }
         let m = self
             .ctx
-            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+            .load_module(cudarc::nvrtc::Ptx::from_src(ptx.clone()))
             .map_err(|e| dev_err(&format!("loading kernels/{family}.cu"), e))?;
         mods.insert(family, m.clone());
-        Ok(m)
+        Ok((m, ptx))
     }
 
-    fn func(&self, family: &'static str, name: &str) -> Result<CudaFunction> {
+    fn func(&self, family: &'static str, name: &str) -> Result<(CudaFunction, Vec<usize>)> {
         if let Some(f) = self.funcs.lock().unwrap_or_else(|e| e.into_inner()).get(name) {
             return Ok(f.clone());
         }
-        let m = self.module(family)?;
+        let (m, ptx) = self.module(family)?;
         let f = m.load_function(name).map_err(|e| dev_err(&format!("kernel `{name}` in kernels/{family}.cu"), e))?;
-        self.funcs.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), f.clone());
-        Ok(f)
+        let sizes = kernels::entry_param_sizes(&ptx, name).ok_or_else(|| {
+            Error::Device(format!("kernel `{name}`: parameters not found in the PTX of kernels/{family}.cu"))
+        })?;
+        self.funcs.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), (f.clone(), sizes.clone()));
+        Ok((f, sizes))
     }
 
     /// Launches kernel `name` of `family` on this backend's stream.
     pub(crate) fn launch(&self, family: &'static str, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
-        let f = self.func(family, name)?;
+        let (f, sizes) = self.func(family, name)?;
+        let given: Vec<usize> = args.iter().map(Arg::size).collect();
+        if given != sizes {
+            return Err(Error::Device(format!(
+                "kernel `{name}` takes parameters of {sizes:?} bytes but was given {given:?} (a bug in the CUDA backend)"
+            )));
+        }
         let mut b = self.stream.launch_builder(&f);
         for a in args {
             match a {
