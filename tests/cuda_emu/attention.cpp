@@ -1,0 +1,96 @@
+#include <algorithm>
+#include <random>
+// Naive reference, double precision.
+struct P { u32 batch, seq, H, KV, d, mode, kk, block; };
+static std::vector<u32> keys_of(const P& p, const std::vector<u32>& idx, u32 b, u32 t) {
+    std::vector<u32> ks;
+    if (p.mode == 0) for (u32 s = 0; s <= t; s++) ks.push_back(s);
+    else if (p.mode == 1) { for (u32 j = 0; j < p.kk; j++) { u32 s = idx[(b * p.seq + t) * p.kk + j]; if (s <= t) ks.push_back(s); } }
+    else { u32 nqb = (p.seq + p.block - 1) / p.block, qb = t / p.block;
+        for (u32 j = 0; j < p.kk; j++) { u32 kb = idx[(b * nqb + qb) * p.kk + j]; if (kb == 0xffffffffu || kb > qb) continue;
+            for (u32 s = kb * p.block; s < std::min((kb + 1) * p.block, t + 1); s++) ks.push_back(s); } }
+    return ks;
+}
+static double relerr(const std::vector<float>& g, const std::vector<double>& w) {
+    double n = 0, d = 0; for (size_t i = 0; i < g.size(); i++) { if (!std::isfinite(g[i]) && std::isfinite(w[i])) return 1e9; if (std::isfinite(w[i])) { n += (g[i] - w[i]) * (g[i] - w[i]); d += w[i] * w[i]; } else if (g[i] != w[i]) return 1e9; }
+    return d > 0 ? sqrt(n / d) : sqrt(n);
+}
+int main() {
+    std::mt19937 rng(3);
+    std::normal_distribution<float> nd;
+    int fails = 0;
+    for (int cfg = 0; cfg < 6; cfg++) {
+        P p{2, 37, 4, 2, cfg % 2 ? 40u : 16u, (u32)(cfg / 2), 0, 1};
+        u32 nqb = 1;
+        std::vector<u32> idx;
+        if (p.mode == 1) { p.kk = 9; idx.resize(p.batch * p.seq * p.kk);
+            for (u32 r = 0; r < p.batch * p.seq; r++) { std::vector<u32> perm(p.seq + 3); for (u32 i = 0; i < perm.size(); i++) perm[i] = i; std::shuffle(perm.begin(), perm.end(), rng);
+                for (u32 j = 0; j < p.kk; j++) idx[r * p.kk + j] = perm[j] >= p.seq ? 0xffffffffu : perm[j]; } }
+        if (p.mode == 2) { p.block = 8; p.kk = 3; nqb = (p.seq + 7) / 8; idx.resize(p.batch * nqb * p.kk);
+            for (u32 r = 0; r < p.batch * nqb; r++) { std::vector<u32> perm(nqb + 1); for (u32 i = 0; i < perm.size(); i++) perm[i] = i; std::shuffle(perm.begin(), perm.end(), rng);
+                for (u32 j = 0; j < p.kk; j++) idx[r * p.kk + j] = perm[j] >= nqb ? 0xffffffffu : perm[j]; } }
+        size_t nq = (size_t)p.batch * p.seq * p.H * p.d, nk = (size_t)p.batch * p.seq * p.KV * p.d;
+        std::vector<float> q(nq), k(nk), v(nk), dO(nq);
+        for (auto* x : {&q, &k, &v, &dO}) for (auto& e : *x) e = nd(rng);
+        float scale = 1.0f / sqrtf((float)p.d);
+        Attn a{p.batch, p.seq, p.H, p.KV, p.d, scale, p.mode, p.kk, p.block};
+        std::vector<float> o(nq, NAN), lse(p.batch * p.H * p.seq, NAN), dq(nq, NAN), dk(nk, NAN), dv(nk, NAN), D(p.batch * p.H * p.seq);
+        u32 rows = p.batch * p.H * p.seq, dpl = p.d <= 32 ? 1 : 2;
+        auto fwd = dpl == 1 ? attn_fwd_f32_d1 : attn_fwd_f32_d2;
+        const u32* ip = idx.empty() ? nullptr : idx.data();
+        launch(fwd, dim3((rows + 3) / 4), dim3(128), 0, a, (const float*)q.data(), (const float*)k.data(), (const float*)v.data(), ip, o.data(), lse.data());
+        launch(dpl == 1 ? attn_bwd_pre_f32_d1 : attn_bwd_pre_f32_d2, dim3((rows + 3) / 4), dim3(128), 0, a, (const float*)o.data(), (const float*)dO.data(), D.data());
+        launch(dpl == 1 ? attn_bwd_dq_f32_d1 : attn_bwd_dq_f32_d2, dim3((rows + 3) / 4), dim3(128), 0, a, (const float*)q.data(), (const float*)k.data(), (const float*)v.data(), (const float*)lse.data(), (const float*)D.data(), (const float*)dO.data(), ip, dq.data());
+        u32 keys = p.batch * p.seq;
+        std::vector<u32> cnt(keys, 5), off(keys + 1), cur(keys), list(keys * std::max(p.kk, 1u)), sorted(keys * std::max(p.kk, 1u));
+        if (p.mode == 1) {
+            u32 ent = keys * p.kk;
+            launch(csr_zero, dim3(1), dim3(256), 0, cnt.data(), keys);
+            launch(csr_count, dim3(2), dim3(256), 0, (const u32*)idx.data(), cnt.data(), p.batch, p.seq, p.kk);
+            launch(csr_scan, dim3(1), dim3(1024), 0, (const u32*)cnt.data(), off.data(), cur.data(), keys);
+            launch(csr_fill, dim3(2), dim3(256), 0, (const u32*)idx.data(), cur.data(), list.data(), p.batch, p.seq, p.kk);
+            launch(csr_sort, dim3((keys + 3) / 4), dim3(128), 0, (const u32*)off.data(), (const u32*)list.data(), sorted.data(), keys);
+            (void)ent;
+        }
+        u32 krows = p.batch * p.KV * p.seq;
+        launch(dpl == 1 ? attn_bwd_dkdv_f32_d1 : attn_bwd_dkdv_f32_d2, dim3((krows + 3) / 4), dim3(128), 0, a, (const float*)q.data(), (const float*)k.data(), (const float*)v.data(), (const float*)lse.data(), (const float*)D.data(), (const float*)dO.data(), ip, (const u32*)off.data(), (const u32*)sorted.data(), dk.data(), dv.data());
+        // reference
+        std::vector<double> ro(nq, 0), rl(rows), rdq(nq, 0), rdk(nk, 0), rdv(nk, 0);
+        u32 grp = p.H / p.KV;
+        for (u32 b = 0; b < p.batch; b++) for (u32 h = 0; h < p.H; h++) for (u32 t = 0; t < p.seq; t++) {
+            auto ks = keys_of(p, idx, b, t); u32 g = h / grp; size_t qo = ((size_t)(b * p.seq + t) * p.H + h) * p.d;
+            std::vector<double> sc; double m = -INFINITY;
+            for (u32 s : ks) { double x = 0; size_t ko = ((size_t)(b * p.seq + s) * p.KV + g) * p.d; for (u32 e = 0; e < p.d; e++) x += (double)q[qo + e] * k[ko + e]; x *= scale; sc.push_back(x); m = std::max(m, x); }
+            double l = 0; for (double x : sc) l += exp(x - m);
+            size_t row = (b * p.H + h) * p.seq + t;
+            rl[row] = ks.empty() ? -INFINITY : m + log(l);
+            std::vector<double> P(ks.size()); double Dt = 0;
+            for (size_t i = 0; i < ks.size(); i++) { P[i] = exp(sc[i] - m) / l; size_t ko = ((size_t)(b * p.seq + ks[i]) * p.KV + g) * p.d; for (u32 e = 0; e < p.d; e++) ro[qo + e] += P[i] * v[ko + e]; }
+            for (u32 e = 0; e < p.d; e++) Dt += ro[qo + e] * dO[qo + e];
+            for (size_t i = 0; i < ks.size(); i++) { size_t ko = ((size_t)(b * p.seq + ks[i]) * p.KV + g) * p.d; double dp = 0; for (u32 e = 0; e < p.d; e++) dp += (double)dO[qo + e] * v[ko + e];
+                double ds = P[i] * (dp - Dt);
+                for (u32 e = 0; e < p.d; e++) { rdv[ko + e] += P[i] * dO[qo + e]; rdq[qo + e] += scale * ds * k[ko + e]; rdk[ko + e] += scale * ds * q[qo + e]; } }
+        }
+        double e1 = relerr(o, ro), e2 = relerr(lse, rl), e3 = relerr(dq, rdq), e4 = relerr(dk, rdk), e5 = relerr(dv, rdv);
+        bool ok = e1 < 1e-5 && e2 < 1e-5 && e3 < 1e-5 && e4 < 1e-5 && e5 < 1e-5;
+        fails += !ok;
+        printf("attention mode %u d %u: o %.2e lse %.2e dq %.2e dk %.2e dv %.2e %s\n", p.mode, p.d, e1, e2, e3, e4, e5, ok ? "ok" : "FAIL");
+        // indexer_kl with the same pattern: scores random.
+        std::vector<float> sc(p.batch * p.seq * p.seq), loss(p.batch * p.seq, NAN), dsc(sc.size(), NAN);
+        for (auto& x : sc) x = nd(rng);
+        launch(dpl == 1 ? indexer_kl_f32_d1 : indexer_kl_f32_d2, dim3((keys + 3) / 4), dim3(128), 0, a, (const float*)q.data(), (const float*)k.data(), (const float*)lse.data(), (const float*)sc.data(), ip, loss.data(), dsc.data());
+        std::vector<double> rloss(keys, 0), rds(sc.size(), 0);
+        for (u32 b = 0; b < p.batch; b++) for (u32 t = 0; t < p.seq; t++) {
+            auto ks = keys_of(p, idx, b, t); if (ks.empty()) continue; size_t row = b * p.seq + t;
+            double m = -INFINITY; for (u32 s : ks) m = std::max(m, (double)sc[row * p.seq + s]);
+            double z = 0; for (u32 s : ks) z += exp(sc[row * p.seq + s] - m);
+            for (u32 s : ks) { double pp = 0;
+                for (u32 h = 0; h < p.H; h++) { double l = rl[(b * p.H + h) * p.seq + t]; size_t qo = ((size_t)(b * p.seq + t) * p.H + h) * p.d, ko = ((size_t)(b * p.seq + s) * p.KV + h / grp) * p.d; double x = 0; for (u32 e = 0; e < p.d; e++) x += (double)q[qo + e] * k[ko + e]; pp += exp(scale * x - l) / p.H; }
+                double lr = sc[row * p.seq + s] - m - log(z); if (pp > 0) rloss[row] += pp * (log(pp) - lr); rds[row * p.seq + s] = exp(lr) - pp; }
+        }
+        double e6 = relerr(loss, rloss), e7 = relerr(dsc, rds);
+        bool ok2 = e6 < 1e-4 && e7 < 1e-5; fails += !ok2;
+        printf("indexer_kl mode %u: loss %.2e dscores %.2e %s\n", p.mode, e6, e7, ok2 ? "ok" : "FAIL");
+    }
+    return fails != 0;
+}
