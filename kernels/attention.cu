@@ -201,6 +201,118 @@ __device__ void attn_bwd_dkdv(Attn a, const T* q, const T* k, const T* v, const 
     store_row<T, DPL>(dv + ko, a.d, dva, 1.0f);
 }
 
+// Tiled forward for the dense pattern and for blocks patterns whose block is a
+// multiple of 32 (a query tile then lies in one query block), d <= 64: one
+// block of 4 warps per (b, h, 32-query tile); each key tile of 32 keys is
+// staged once in shared memory (as f32) for all 32 queries. Warp w owns
+// queries 8w..8w+7 of the tile; for the scores lane l takes key l of the tile,
+// for P·V lane l owns dims l, l+32. Same online softmax as attn_fwd, so the
+// results agree with it up to rounding. Heavy (late) query tiles start first.
+#define TQ 32
+#define TK 32
+template <typename T, int DPL>
+__device__ void attn_fwd_tiled(Attn a, const T* q, const T* k, const T* v, const u32* idx, T* o, float* lse) {
+    __shared__ float Qs[TQ][DPL * 32 + 1];
+    __shared__ float Ks[TK][DPL * 32 + 1];
+    __shared__ float Vs[TK][DPL * 32];
+    __shared__ float Ps[WARPS][8][TK];
+    u32 qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, g = h / (a.H / a.KV);
+    u32 tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+    u32 t0 = qt * TQ, d = a.d;
+    for (u32 x = tid; x < TQ * d; x += WARPS * 32) {
+        u32 r = x / d, e = x % d, t = t0 + r;
+        Qs[r][e] = t < a.seq ? ld(q + q_off(a, b, t, h), e) : 0.0f;
+    }
+    float m[8], l[8], acc[8][DPL];
+#pragma unroll
+    for (int r = 0; r < 8; r++) {
+        m[r] = NEG_INF;
+        l[r] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < DPL; i++) acc[r][i] = 0.0f;
+    }
+    // The key ranges of this tile: dense [0, min(t0 + TQ, seq)), or the kept blocks.
+    u32 nranges, nqb = 0, qb = 0;
+    const u32* irow = nullptr;
+    if (a.mode == 0) {
+        nranges = 1;
+    } else {
+        nqb = (a.seq + a.block - 1) / a.block;
+        qb = t0 / a.block;
+        irow = idx + ((size_t)b * nqb + qb) * a.kk;
+        nranges = a.kk;
+    }
+    for (u32 ri = 0; ri < nranges; ri++) {
+        u32 s_begin, s_end;
+        if (a.mode == 0) {
+            s_begin = 0;
+            s_end = min(t0 + TQ, a.seq);
+        } else {
+            u32 kb = irow[ri];
+            if (kb == NONE_IDX || kb > qb) continue;  // uniform across the block
+            s_begin = kb * a.block;
+            s_end = min(s_begin + a.block, min(t0 + TQ, a.seq));
+        }
+        for (u32 k0 = s_begin; k0 < s_end; k0 += TK) {
+            __syncthreads();
+            for (u32 x = tid; x < TK * d; x += WARPS * 32) {
+                u32 j = x / d, e = x % d, s = k0 + j;
+                bool in = s < s_end;
+                size_t ko = k_off(a, b, in ? s : 0, g);
+                Ks[j][e] = in ? ld(k + ko, e) : 0.0f;
+                Vs[j][e] = in ? ld(v + ko, e) : 0.0f;
+            }
+            __syncthreads();
+            u32 s = k0 + lane;
+#pragma unroll
+            for (int r = 0; r < 8; r++) {
+                u32 t = t0 + w * 8 + r;
+                float x = 0.0f;
+                for (u32 e = 0; e < d; e++) x += Qs[w * 8 + r][e] * Ks[lane][e];
+                x = (s < s_end && s <= t && t < a.seq) ? a.scale * x : NEG_INF;
+                float mn = fmaxf(m[r], warp_max(x));
+                float p = 0.0f, corr = 1.0f;
+                if (mn != NEG_INF) {
+                    corr = expf(m[r] - mn);
+                    p = expf(x - mn);
+                    m[r] = mn;
+                }
+                l[r] = l[r] * corr + warp_sum(p);
+#pragma unroll
+                for (int i = 0; i < DPL; i++) acc[r][i] *= corr;
+                Ps[w][r][lane] = p;
+            }
+            __syncwarp();
+            for (u32 j = 0; j < TK; j++) {
+                float vj[DPL];
+#pragma unroll
+                for (int i = 0; i < DPL; i++) vj[i] = lane + 32 * i < d ? Vs[j][lane + 32 * i] : 0.0f;
+#pragma unroll
+                for (int r = 0; r < 8; r++) {
+                    float p = Ps[w][r][j];
+#pragma unroll
+                    for (int i = 0; i < DPL; i++) acc[r][i] += p * vj[i];
+                }
+            }
+            __syncwarp();
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 8; r++) {
+        u32 t = t0 + w * 8 + r;
+        if (t >= a.seq) continue;
+        store_row<T, DPL>(o + q_off(a, b, t, h), d, acc[r], l[r] > 0.0f ? 1.0f / l[r] : 0.0f);
+        if (lane == 0) lse[((size_t)b * a.H + h) * a.seq + t] = l[r] > 0.0f ? m[r] + logf(l[r]) : NEG_INF;
+    }
+}
+
+#define ATTN_TILED(S, T) \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) attn_fwd_tiled_##S##_d1(Attn a, const T* q, const T* k, const T* v, const u32* idx, T* o, float* lse) { \
+        attn_fwd_tiled<T, 1>(a, q, k, v, idx, o, lse); } \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) attn_fwd_tiled_##S##_d2(Attn a, const T* q, const T* k, const T* v, const u32* idx, T* o, float* lse) { \
+        attn_fwd_tiled<T, 2>(a, q, k, v, idx, o, lse); }
+FOR_FLOATS(ATTN_TILED)
+
 // ---- tokens CSR: for each key (b, s), the queries t that list it, ascending.
 
 extern "C" __global__ void csr_zero(u32* x, u32 n) {

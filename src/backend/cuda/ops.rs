@@ -14,7 +14,7 @@
 //! | cross_entropy (+ backward) | cross_entropy.cu |
 //! | sum_squares, all_finite | reduce.cu |
 //! | adamw | adamw.cu |
-//! | attention (+ backward), indexer_kl | attention.cu |
+//! | attention (tiled forward for dense / 32-multiple blocks, d ≤ 64; warp per query otherwise), backward, indexer_kl | attention.cu |
 //! | indexer_scores, indexer_block_scores, indexer_backward | indexer.cu |
 //! | select_topk | select.cu |
 
@@ -429,10 +429,27 @@ impl Backend for CudaBackend {
     }
 
     fn attention(&self, s: &AttentionSpec, q: &T, k: &T, v: &T, idx: Option<&T>, o: &mut T, lse: &mut T) -> Result<()> {
-        let name = format!("attn_fwd_{}_d{}", sfx(q.dtype()), dpl(s.head_dim));
         let ip = idx.map(p).unwrap_or(Arg::P(0));
-        let rows = s.batch * s.n_heads * s.seq;
         let args = [Arg::Attn(attn_args(s)), p(q), p(k), p(v), ip, p(o), p(lse)];
+        // Query tiles share key tiles when every query of a 32-query tile has
+        // the same key ranges (dense; blocks of a multiple of 32) and d <= 64.
+        let tiled = s.head_dim <= 64
+            && match s.pattern {
+                PatternSpec::Dense => true,
+                PatternSpec::Blocks { block, .. } => block % 32 == 0,
+                PatternSpec::Tokens { .. } => false,
+            };
+        if tiled && s.n_heads <= 65535 && s.batch <= 65535 {
+            let name = format!("attn_fwd_tiled_{}_d{}", sfx(q.dtype()), dpl(s.head_dim));
+            let cfg = LaunchConfig {
+                grid_dim: (s.seq.div_ceil(32) as u32, s.n_heads as u32, s.batch as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            return self.launch("attention", &name, cfg, &args);
+        }
+        let name = format!("attn_fwd_{}_d{}", sfx(q.dtype()), dpl(s.head_dim));
+        let rows = s.batch * s.n_heads * s.seq;
         self.launch("attention", &name, per_warp(rows, 4), &args)
     }
     fn attention_backward(
