@@ -313,6 +313,181 @@ __device__ void attn_fwd_tiled(Attn a, const T* q, const T* k, const T* v, const
         attn_fwd_tiled<T, 2>(a, q, k, v, idx, o, lse); }
 FOR_FLOATS(ATTN_TILED)
 
+// Tiled backward, same conditions as the tiled forward (dense, or blocks of a
+// multiple of 32; d <= 64). dq: one block per (b, h, 32-query tile), looping
+// over key tiles; dk/dv: one block per (b, kv head g, 32-key tile), looping
+// over the query tiles (and the heads of group g) whose pattern holds the
+// tile. Warp w owns rows 8w..8w+7 of its own tile; lane l takes column l of
+// the other tile for dot products and dims l, l+32 for accumulation.
+#define PAD (DPL * 32 + 1)
+
+// True when query tile t0 (of query block t0/block) sees key tile k0 (blocks mode).
+__device__ __forceinline__ bool tile_kept(const Attn& a, const u32* idx, u32 b, u32 t0, u32 k0) {
+    u32 nqb = (a.seq + a.block - 1) / a.block, qb = t0 / a.block, kb = k0 / a.block;
+    if (kb > qb) return false;
+    const u32* irow = idx + ((size_t)b * nqb + qb) * a.kk;
+    for (u32 j = 0; j < a.kk; j++)
+        if (irow[j] == kb) return true;
+    return false;
+}
+
+template <typename T, int DPL>
+__device__ void attn_bwd_dq_tiled(Attn a, const T* q, const T* k, const T* v, const float* lse, const float* D,
+                                  const T* d_o, const u32* idx, T* dq) {
+    __shared__ float Qs[TQ][PAD], dOs[TQ][PAD], Ks[TK][PAD], Vs[TK][PAD];
+    __shared__ float Ps[WARPS][8][TK];
+    u32 qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, g = h / (a.H / a.KV);
+    u32 tid = threadIdx.x, lane = tid & 31, w = tid >> 5, d = a.d, t0 = qt * TQ;
+    for (u32 x = tid; x < TQ * d; x += WARPS * 32) {
+        u32 r = x / d, e = x % d, t = t0 + r;
+        bool in = t < a.seq;
+        size_t qo = q_off(a, b, in ? t : 0, h);
+        Qs[r][e] = in ? ld(q + qo, e) : 0.0f;
+        dOs[r][e] = in ? ld(d_o + qo, e) : 0.0f;
+    }
+    float L[8], Dr[8], acc[8][DPL];
+#pragma unroll
+    for (int r = 0; r < 8; r++) {
+        u32 t = t0 + w * 8 + r;
+        size_t row = ((size_t)b * a.H + h) * a.seq + t;
+        L[r] = t < a.seq ? lse[row] : NEG_INF;
+        Dr[r] = t < a.seq ? D[row] : 0.0f;
+#pragma unroll
+        for (int i = 0; i < DPL; i++) acc[r][i] = 0.0f;
+    }
+    u32 kend = min(t0 + TQ, a.seq);
+    for (u32 k0 = 0; k0 < kend; k0 += TK) {
+        if (a.mode == 2 && !tile_kept(a, idx, b, t0, k0)) continue;  // uniform
+        __syncthreads();
+        for (u32 x = tid; x < TK * d; x += WARPS * 32) {
+            u32 j = x / d, e = x % d, s = k0 + j;
+            bool in = s < a.seq;
+            size_t ko = k_off(a, b, in ? s : 0, g);
+            Ks[j][e] = in ? ld(k + ko, e) : 0.0f;
+            Vs[j][e] = in ? ld(v + ko, e) : 0.0f;
+        }
+        __syncthreads();
+        u32 s = k0 + lane;
+#pragma unroll
+        for (int r = 0; r < 8; r++) {
+            u32 t = t0 + w * 8 + r;
+            float x = 0.0f, dp = 0.0f;
+            for (u32 e = 0; e < d; e++) {
+                x += Qs[w * 8 + r][e] * Ks[lane][e];
+                dp += dOs[w * 8 + r][e] * Vs[lane][e];
+            }
+            bool valid = s < a.seq && s <= t && t < a.seq && L[r] != NEG_INF;
+            float p = valid ? expf(a.scale * x - L[r]) : 0.0f;
+            Ps[w][r][lane] = p * (dp - Dr[r]);
+        }
+        __syncwarp();
+        for (u32 j = 0; j < TK; j++) {
+            float kj[DPL];
+#pragma unroll
+            for (int i = 0; i < DPL; i++) kj[i] = Ks[j][lane + 32 * i < d ? lane + 32 * i : 0];
+#pragma unroll
+            for (int r = 0; r < 8; r++) {
+                float ds = Ps[w][r][j];
+#pragma unroll
+                for (int i = 0; i < DPL; i++) acc[r][i] += a.scale * ds * kj[i];
+            }
+        }
+        __syncwarp();
+    }
+#pragma unroll
+    for (int r = 0; r < 8; r++) {
+        u32 t = t0 + w * 8 + r;
+        if (t < a.seq) store_row<T, DPL>(dq + q_off(a, b, t, h), d, acc[r], 1.0f);
+    }
+}
+
+template <typename T, int DPL>
+__device__ void attn_bwd_dkdv_tiled(Attn a, const T* q, const T* k, const T* v, const float* lse, const float* D,
+                                    const T* d_o, const u32* idx, T* dk, T* dv) {
+    __shared__ float Ks[TK][PAD], Vs[TK][PAD], Qs[TQ][PAD], dOs[TQ][PAD];
+    __shared__ float Ps[WARPS][8][TQ], Ds[WARPS][8][TQ];
+    u32 kt = blockIdx.x, g = blockIdx.y, b = blockIdx.z, grp = a.H / a.KV;
+    u32 tid = threadIdx.x, lane = tid & 31, w = tid >> 5, d = a.d, k0 = kt * TK;
+    for (u32 x = tid; x < TK * d; x += WARPS * 32) {
+        u32 j = x / d, e = x % d, s = k0 + j;
+        bool in = s < a.seq;
+        size_t ko = k_off(a, b, in ? s : 0, g);
+        Ks[j][e] = in ? ld(k + ko, e) : 0.0f;
+        Vs[j][e] = in ? ld(v + ko, e) : 0.0f;
+    }
+    float dka[8][DPL], dva[8][DPL];
+#pragma unroll
+    for (int r = 0; r < 8; r++)
+#pragma unroll
+        for (int i = 0; i < DPL; i++) dka[r][i] = dva[r][i] = 0.0f;
+    for (u32 t0 = k0 - k0 % TQ; t0 < a.seq; t0 += TQ) {
+        if (a.mode == 2 && !tile_kept(a, idx, b, t0, k0)) continue;  // uniform
+        for (u32 h = g * grp; h < (g + 1) * grp; h++) {
+            __syncthreads();
+            for (u32 x = tid; x < TQ * d; x += WARPS * 32) {
+                u32 r = x / d, e = x % d, t = t0 + r;
+                bool in = t < a.seq;
+                size_t qo = q_off(a, b, in ? t : 0, h);
+                Qs[r][e] = in ? ld(q + qo, e) : 0.0f;
+                dOs[r][e] = in ? ld(d_o + qo, e) : 0.0f;
+            }
+            __syncthreads();
+            u32 t = t0 + lane;
+            size_t row = ((size_t)b * a.H + h) * a.seq + t;
+            float Lt = t < a.seq ? lse[row] : NEG_INF, Dt = t < a.seq ? D[row] : 0.0f;
+#pragma unroll
+            for (int r = 0; r < 8; r++) {
+                u32 s = k0 + w * 8 + r;
+                float x = 0.0f, dp = 0.0f;
+                for (u32 e = 0; e < d; e++) {
+                    x += Ks[w * 8 + r][e] * Qs[lane][e];
+                    dp += Vs[w * 8 + r][e] * dOs[lane][e];
+                }
+                bool valid = s < a.seq && s <= t && t < a.seq && Lt != NEG_INF;
+                float p = valid ? expf(a.scale * x - Lt) : 0.0f;
+                Ps[w][r][lane] = p;
+                Ds[w][r][lane] = p * (dp - Dt);
+            }
+            __syncwarp();
+            for (u32 j = 0; j < TQ; j++) {
+                float qj[DPL], oj[DPL];
+#pragma unroll
+                for (int i = 0; i < DPL; i++) {
+                    u32 e = lane + 32 * i < d ? lane + 32 * i : 0;
+                    qj[i] = Qs[j][e];
+                    oj[i] = dOs[j][e];
+                }
+#pragma unroll
+                for (int r = 0; r < 8; r++) {
+                    float p = Ps[w][r][j], ds = Ds[w][r][j];
+#pragma unroll
+                    for (int i = 0; i < DPL; i++) {
+                        dva[r][i] += p * oj[i];
+                        dka[r][i] += a.scale * ds * qj[i];
+                    }
+                }
+            }
+            __syncwarp();
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 8; r++) {
+        u32 s = k0 + w * 8 + r;
+        if (s >= a.seq) continue;
+        size_t ko = k_off(a, b, s, g);
+        store_row<T, DPL>(dk + ko, d, dka[r], 1.0f);
+        store_row<T, DPL>(dv + ko, d, dva[r], 1.0f);
+    }
+}
+
+#define ATTN_BWD_TILED_DPL(S, T, N) \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) attn_bwd_dq_tiled_##S##_d##N(Attn a, const T* q, const T* k, const T* v, const float* lse, const float* D, const T* d_o, const u32* idx, T* dq) { \
+        attn_bwd_dq_tiled<T, N>(a, q, k, v, lse, D, d_o, idx, dq); } \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) attn_bwd_dkdv_tiled_##S##_d##N(Attn a, const T* q, const T* k, const T* v, const float* lse, const float* D, const T* d_o, const u32* idx, T* dk, T* dv) { \
+        attn_bwd_dkdv_tiled<T, N>(a, q, k, v, lse, D, d_o, idx, dk, dv); }
+#define ATTN_BWD_TILED(S, T) ATTN_BWD_TILED_DPL(S, T, 1) ATTN_BWD_TILED_DPL(S, T, 2)
+FOR_FLOATS(ATTN_BWD_TILED)
+
 // ---- tokens CSR: for each key (b, s), the queries t that list it, ascending.
 
 extern "C" __global__ void csr_zero(u32* x, u32 n) {

@@ -32,7 +32,11 @@ fn expected_entries(family: &str) -> Vec<String> {
         "adamw" => per(&["adamw"]),
         "attention" => {
             let mut v = dpl(&["attn_fwd", "attn_bwd_pre", "attn_bwd_dq", "attn_bwd_dkdv", "indexer_kl"]);
-            v.extend(floats.iter().flat_map(|f| [1, 2].map(|d| format!("attn_fwd_tiled_{f}_d{d}"))));
+            v.extend(floats.iter().flat_map(|f| {
+                ["attn_fwd_tiled", "attn_bwd_dq_tiled", "attn_bwd_dkdv_tiled"]
+                    .into_iter()
+                    .flat_map(move |n| [1, 2].map(|d| format!("{n}_{f}_d{d}")))
+            }));
             v.extend(["csr_zero", "csr_count", "csr_scan", "csr_fill", "csr_sort"].map(String::from));
             v
         }

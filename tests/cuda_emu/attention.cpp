@@ -100,14 +100,20 @@ int main() {
             for (u32 r = 0; r < p.batch * nqb; r++) { std::vector<u32> perm(nqb + 1); for (u32 i = 0; i < perm.size(); i++) perm[i] = i; std::shuffle(perm.begin(), perm.end(), rng);
                 for (u32 j = 0; j < p.kk; j++) idx[r * p.kk + j] = perm[j] >= nqb ? 0xffffffffu : perm[j]; } }
         size_t nq = (size_t)p.batch * p.seq * p.H * p.d, nk = (size_t)p.batch * p.seq * p.KV * p.d;
-        std::vector<float> q(nq), k(nk), v(nk);
-        for (auto* x : {&q, &k, &v}) for (auto& e : *x) e = nd(rng);
+        std::vector<float> q(nq), k(nk), v(nk), dO(nq);
+        for (auto* x : {&q, &k, &v, &dO}) for (auto& e : *x) e = nd(rng);
         float scale = 1.0f / sqrtf((float)p.d);
         Attn a{p.batch, p.seq, p.H, p.KV, p.d, scale, p.mode, p.kk, p.block};
-        std::vector<float> o(nq, NAN), lse(p.batch * p.H * p.seq, NAN);
-        auto f = p.d <= 32 ? attn_fwd_tiled_f32_d1 : attn_fwd_tiled_f32_d2;
-        launch(f, dim3((p.seq + 31) / 32, p.H, p.batch), dim3(128), 0, a, (const float*)q.data(), (const float*)k.data(), (const float*)v.data(), (const u32*)(idx.empty() ? nullptr : idx.data()), o.data(), lse.data());
-        std::vector<double> ro(nq, 0), rl(p.batch * p.H * p.seq);
+        u32 rows = p.batch * p.H * p.seq;
+        std::vector<float> o(nq, NAN), lse(rows, NAN), D(rows, NAN), dq(nq, NAN), dk(nk, NAN), dv(nk, NAN);
+        bool d1 = p.d <= 32;
+        const u32* ip = idx.empty() ? nullptr : idx.data();
+        dim3 qgrid((p.seq + 31) / 32, p.H, p.batch), kgrid((p.seq + 31) / 32, p.KV, p.batch);
+        launch(d1 ? attn_fwd_tiled_f32_d1 : attn_fwd_tiled_f32_d2, qgrid, dim3(128), 0, a, (const float*)q.data(), (const float*)k.data(), (const float*)v.data(), ip, o.data(), lse.data());
+        launch(d1 ? attn_bwd_pre_f32_d1 : attn_bwd_pre_f32_d2, dim3((rows + 3) / 4), dim3(128), 0, a, (const float*)o.data(), (const float*)dO.data(), D.data());
+        launch(d1 ? attn_bwd_dq_tiled_f32_d1 : attn_bwd_dq_tiled_f32_d2, qgrid, dim3(128), 0, a, (const float*)q.data(), (const float*)k.data(), (const float*)v.data(), (const float*)lse.data(), (const float*)D.data(), (const float*)dO.data(), ip, dq.data());
+        launch(d1 ? attn_bwd_dkdv_tiled_f32_d1 : attn_bwd_dkdv_tiled_f32_d2, kgrid, dim3(128), 0, a, (const float*)q.data(), (const float*)k.data(), (const float*)v.data(), (const float*)lse.data(), (const float*)D.data(), (const float*)dO.data(), ip, dk.data(), dv.data());
+        std::vector<double> ro(nq, 0), rl(rows), rdq(nq, 0), rdk(nk, 0), rdv(nk, 0);
         u32 grp = p.H / p.KV;
         for (u32 b = 0; b < p.batch; b++) for (u32 h = 0; h < p.H; h++) for (u32 t = 0; t < p.seq; t++) {
             auto ks = keys_of(p, idx, b, t); u32 g = h / grp; size_t qo = ((size_t)(b * p.seq + t) * p.H + h) * p.d;
@@ -115,8 +121,16 @@ int main() {
             for (u32 s : ks) { double x = 0; size_t ko = ((size_t)(b * p.seq + s) * p.KV + g) * p.d; for (u32 e = 0; e < p.d; e++) x += (double)q[qo + e] * k[ko + e]; x *= scale; sc.push_back(x); m = std::max(m, x); }
             double l = 0; for (double x : sc) l += exp(x - m);
             rl[(b * p.H + h) * p.seq + t] = ks.empty() ? -INFINITY : m + log(l);
-            for (size_t i = 0; i < ks.size(); i++) { size_t ko = ((size_t)(b * p.seq + ks[i]) * p.KV + g) * p.d; for (u32 e = 0; e < p.d; e++) ro[qo + e] += exp(sc[i] - m) / l * v[ko + e]; }
+            std::vector<double> P(ks.size()); double Dt = 0;
+            for (size_t i = 0; i < ks.size(); i++) { P[i] = exp(sc[i] - m) / l; size_t ko = ((size_t)(b * p.seq + ks[i]) * p.KV + g) * p.d; for (u32 e = 0; e < p.d; e++) ro[qo + e] += P[i] * v[ko + e]; }
+            for (u32 e = 0; e < p.d; e++) Dt += ro[qo + e] * dO[qo + e];
+            for (size_t i = 0; i < ks.size(); i++) { size_t ko = ((size_t)(b * p.seq + ks[i]) * p.KV + g) * p.d; double dp = 0; for (u32 e = 0; e < p.d; e++) dp += (double)dO[qo + e] * v[ko + e];
+                double ds = P[i] * (dp - Dt);
+                for (u32 e = 0; e < p.d; e++) { rdv[ko + e] += P[i] * dO[qo + e]; rdq[qo + e] += scale * ds * k[ko + e]; rdk[ko + e] += scale * ds * q[qo + e]; } }
         }
+        double e3 = relerr(dq, rdq), e4 = relerr(dk, rdk), e5 = relerr(dv, rdv);
+        bool okb = e3 < 1e-5 && e4 < 1e-5 && e5 < 1e-5; fails += !okb;
+        printf("tiled backward mode %u block %u d %u: dq %.2e dk %.2e dv %.2e %s\n", p.mode, p.block, p.d, e3, e4, e5, okb ? "ok" : "FAIL");
         double e1 = relerr(o, ro), e2 = relerr(lse, rl);
         bool ok = e1 < 1e-5 && e2 < 1e-5; fails += !ok;
         printf("tiled forward mode %u block %u d %u: o %.2e lse %.2e %s\n", p.mode, p.block, p.d, e1, e2, ok ? "ok" : "FAIL");

@@ -14,7 +14,7 @@
 //! | cross_entropy (+ backward) | cross_entropy.cu |
 //! | sum_squares, all_finite | reduce.cu |
 //! | adamw | adamw.cu |
-//! | attention (tiled forward for dense / 32-multiple blocks, d ≤ 64; warp per query otherwise), backward, indexer_kl | attention.cu |
+//! | attention (+ backward): tiled (32×32 shared-memory tiles) for dense and 32-multiple block patterns with d ≤ 64, one warp per query / key row otherwise; indexer_kl | attention.cu |
 //! | indexer_scores, indexer_block_scores, indexer_backward | indexer.cu |
 //! | select_topk | select.cu |
 
@@ -105,6 +105,26 @@ fn attn_args(s: &AttentionSpec) -> AttnArgs {
         mode,
         kk: kk as u32,
         block: block as u32,
+    }
+}
+
+/// Whether the tiled attention kernels apply: every query of a 32-query tile
+/// has the same key ranges (dense; blocks of a multiple of 32) and d <= 64.
+fn tiled(s: &AttentionSpec) -> bool {
+    let pattern = match s.pattern {
+        PatternSpec::Dense => true,
+        PatternSpec::Blocks { block, .. } => block % 32 == 0,
+        PatternSpec::Tokens { .. } => false,
+    };
+    pattern && s.head_dim <= 64 && s.n_heads <= 65535 && s.batch <= 65535
+}
+
+/// One 128-thread block per (32-row tile, head, batch entry).
+fn tile_grid(s: &AttentionSpec, heads: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (s.seq.div_ceil(32) as u32, heads as u32, s.batch as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
     }
 }
 
@@ -431,22 +451,9 @@ impl Backend for CudaBackend {
     fn attention(&self, s: &AttentionSpec, q: &T, k: &T, v: &T, idx: Option<&T>, o: &mut T, lse: &mut T) -> Result<()> {
         let ip = idx.map(p).unwrap_or(Arg::P(0));
         let args = [Arg::Attn(attn_args(s)), p(q), p(k), p(v), ip, p(o), p(lse)];
-        // Query tiles share key tiles when every query of a 32-query tile has
-        // the same key ranges (dense; blocks of a multiple of 32) and d <= 64.
-        let tiled = s.head_dim <= 64
-            && match s.pattern {
-                PatternSpec::Dense => true,
-                PatternSpec::Blocks { block, .. } => block % 32 == 0,
-                PatternSpec::Tokens { .. } => false,
-            };
-        if tiled && s.n_heads <= 65535 && s.batch <= 65535 {
+        if tiled(s) {
             let name = format!("attn_fwd_tiled_{}_d{}", sfx(q.dtype()), dpl(s.head_dim));
-            let cfg = LaunchConfig {
-                grid_dim: (s.seq.div_ceil(32) as u32, s.n_heads as u32, s.batch as u32),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            return self.launch("attention", &name, cfg, &args);
+            return self.launch("attention", &name, tile_grid(s, s.n_heads), &args);
         }
         let name = format!("attn_fwd_{}_d{}", sfx(q.dtype()), dpl(s.head_dim));
         let rows = s.batch * s.n_heads * s.seq;
@@ -474,6 +481,16 @@ impl Backend for CudaBackend {
         let dp = Arg::P(d.ptr);
         self.launch("attention", &format!("attn_bwd_pre_{dt}_d{n}"), per_warp(qrows, 4), &[a, p(o), p(d_o), dp])?;
         let args = [a, p(q), p(k), p(v), p(lse), dp, p(d_o), ip, p(dq)];
+        if tiled(s) {
+            self.launch("attention", &format!("attn_bwd_dq_tiled_{dt}_d{n}"), tile_grid(s, s.n_heads), &args)?;
+            let args = [a, p(q), p(k), p(v), p(lse), dp, p(d_o), ip, p(dk), p(dv)];
+            return self.launch(
+                "attention",
+                &format!("attn_bwd_dkdv_tiled_{dt}_d{n}"),
+                tile_grid(s, s.n_kv_heads),
+                &args,
+            );
+        }
         self.launch("attention", &format!("attn_bwd_dq_{dt}_d{n}"), per_warp(qrows, 4), &args)?;
         // Tokens: the inverse index (per key, its queries ascending).
         let keys = s.batch * s.seq;
