@@ -1,6 +1,8 @@
 #include <algorithm>
 #include <random>
 // Naive reference, double precision.
+// Inputs representable in bf16 and f16 alike (8 significant bits, small range).
+static float from_f32_round(float x) { return std::round(x * 64.0f) / 64.0f; }
 struct P { u32 batch, seq, H, KV, d, mode, kk, block; };
 static std::vector<u32> keys_of(const P& p, const std::vector<u32>& idx, u32 b, u32 t) {
     std::vector<u32> ks;
@@ -134,6 +136,28 @@ int main() {
         double e1 = relerr(o, ro), e2 = relerr(lse, rl);
         bool ok = e1 < 1e-5 && e2 < 1e-5; fails += !ok;
         printf("tiled forward mode %u block %u d %u: o %.2e lse %.2e %s\n", p.mode, p.block, p.d, e1, e2, ok ? "ok" : "FAIL");
+    }
+    // Half-precision storage: the bf16 and f16 variants of the tiled forward
+    // against the f32 kernel on the same (rounded) inputs.
+    {
+        u32 B = 1, S = 40, H = 2, d = 48;
+        size_t n = (size_t)B * S * H * d;
+        std::vector<float> q(n), k(n), v(n);
+        for (auto* x : {&q, &k, &v}) for (auto& e : *x) e = from_f32_round(nd(rng));
+        Attn a{B, S, H, H, d, 1.0f / sqrtf((float)d), 0, 0, 1};
+        std::vector<float> o(n), lse(B * H * S), lse2(B * H * S), lse3(B * H * S);
+        launch(attn_fwd_tiled_f32_d2, dim3(2, H, B), dim3(128), 0, a, (const float*)q.data(), (const float*)k.data(), (const float*)v.data(), (const u32*)nullptr, o.data(), lse.data());
+        std::vector<bf16> qb(n), kb(n), vb(n), ob(n);
+        std::vector<f16> qh(n), kh(n), vh(n), oh(n);
+        for (size_t i = 0; i < n; i++) { qb[i] = from_f32<bf16>(q[i]); kb[i] = from_f32<bf16>(k[i]); vb[i] = from_f32<bf16>(v[i]); qh[i] = from_f32<f16>(q[i]); kh[i] = from_f32<f16>(k[i]); vh[i] = from_f32<f16>(v[i]); }
+        launch(attn_fwd_tiled_bf16_d2, dim3(2, H, B), dim3(128), 0, a, (const bf16*)qb.data(), (const bf16*)kb.data(), (const bf16*)vb.data(), (const u32*)nullptr, ob.data(), lse2.data());
+        launch(attn_fwd_tiled_f16_d2, dim3(2, H, B), dim3(128), 0, a, (const f16*)qh.data(), (const f16*)kh.data(), (const f16*)vh.data(), (const u32*)nullptr, oh.data(), lse3.data());
+        std::vector<float> gb(n), gh(n);
+        for (size_t i = 0; i < n; i++) { gb[i] = to_f32(ob[i]); gh[i] = to_f32(oh[i]); }
+        std::vector<double> want(o.begin(), o.end());
+        double eb = relerr(gb, want), eh = relerr(gh, want), el = relerr(lse2, std::vector<double>(lse.begin(), lse.end()));
+        bool ok = eb < 1e-2 && eh < 2e-3 && el < 1e-6; fails += !ok;
+        printf("tiled forward bf16 %.2e f16 %.2e (lse %.2e) %s\n", eb, eh, el, ok ? "ok" : "FAIL");
     }
     return fails != 0;
 }
