@@ -24,14 +24,24 @@ mkdir -p "$bundle/bin" "$bundle/lib"
 echo "== release binary"
 # shellcheck disable=SC2086
 cargo build --release $flags --bin dynsparse
-target_dir="$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)"
+# JSON field extraction with jq, or python3 where jq is missing.
+json() {
+  if command -v jq >/dev/null; then jq -r "$1"; else python3 -c "$2"; fi
+}
+target_dir="$(cargo metadata --format-version 1 --no-deps \
+  | json .target_directory 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
 cp "$target_dir/release/dynsparse" "$bundle/bin/"
 
 echo "== test binaries"
 # shellcheck disable=SC2086
 cargo test --release $flags --no-run --message-format=json \
   --test conformance_cuda --test cuda_kernels_compile $( [[ "$flags" == *no-default-features* ]] || echo --test conformance_wgpu ) \
-  | jq -r 'select(.reason == "compiler-artifact" and .executable != null and (.target.kind | index("test"))) | "\(.target.name) \(.executable)"' \
+  | json 'select(.reason == "compiler-artifact" and .executable != null and (.target.kind | index("test"))) | "\(.target.name) \(.executable)"' \
+    'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and "test" in m["target"]["kind"]:
+        print(m["target"]["name"], m["executable"])' \
   | while read -r name exe; do cp "$exe" "$bundle/bin/$name"; done
 strip --strip-debug "$bundle"/bin/* 2>/dev/null || strip "$bundle"/bin/*
 ls "$bundle/bin"
