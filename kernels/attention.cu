@@ -202,20 +202,36 @@ __device__ void attn_bwd_dkdv(Attn a, const T* q, const T* k, const T* v, const 
 }
 
 // Tiled forward for the dense pattern and for blocks patterns whose block is a
-// multiple of 32 (a query tile then lies in one query block), d <= 64: one
+// multiple of 32 (a query tile then lies in one query block), d <= 128: one
 // block of 4 warps per (b, h, 32-query tile); each key tile of 32 keys is
 // staged once in shared memory (as f32) for all 32 queries. Warp w owns
 // queries 8w..8w+7 of the tile; for the scores lane l takes key l of the tile,
-// for P·V lane l owns dims l, l+32. Same online softmax as attn_fwd, so the
+// for P·V lane l owns dims l, l+32, ... Same online softmax as attn_fwd, so the
 // results agree with it up to rounding. Heavy (late) query tiles start first.
+// Shared memory is dynamic (tiled_smem_floats below; > 48 KiB for d > 64,
+// which the host opts into).
 #define TQ 32
 #define TK 32
+
+// Carves the dynamic shared memory: n_rows row tiles of [32][DPL·32+1] floats,
+// then n_p tiles of [WARPS][8][32] floats.
+template <int DPL> struct TiledSmem {
+    typedef float Row[DPL * 32 + 1];
+    typedef float PTile[8][32];
+    static __device__ __forceinline__ Row* rows(float* base, int i) { return (Row*)(base + i * 32 * (DPL * 32 + 1)); }
+    static __device__ __forceinline__ PTile* ps(float* base, int n_rows, int i) {
+        return (PTile*)(base + n_rows * 32 * (DPL * 32 + 1) + i * WARPS * 8 * 32);
+    }
+};
+
 template <typename T, int DPL>
 __device__ void attn_fwd_tiled(Attn a, const T* q, const T* k, const T* v, const u32* idx, T* o, float* lse) {
-    __shared__ float Qs[TQ][DPL * 32 + 1];
-    __shared__ float Ks[TK][DPL * 32 + 1];
-    __shared__ float Vs[TK][DPL * 32];
-    __shared__ float Ps[WARPS][8][TK];
+    extern __shared__ float smem_tiled[];
+    typedef TiledSmem<DPL> S;
+    typename S::Row* Qs = S::rows(smem_tiled, 0);
+    typename S::Row* Ks = S::rows(smem_tiled, 1);
+    typename S::Row* Vs = S::rows(smem_tiled, 2);
+    typename S::PTile* Ps = S::ps(smem_tiled, 3, 0);
     u32 qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, g = h / (a.H / a.KV);
     u32 tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
     u32 t0 = qt * TQ, d = a.d;
@@ -306,21 +322,18 @@ __device__ void attn_fwd_tiled(Attn a, const T* q, const T* k, const T* v, const
     }
 }
 
-#define ATTN_TILED(S, T) \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32) attn_fwd_tiled_##S##_d1(Attn a, const T* q, const T* k, const T* v, const u32* idx, T* o, float* lse) { \
-        attn_fwd_tiled<T, 1>(a, q, k, v, idx, o, lse); } \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32) attn_fwd_tiled_##S##_d2(Attn a, const T* q, const T* k, const T* v, const u32* idx, T* o, float* lse) { \
-        attn_fwd_tiled<T, 2>(a, q, k, v, idx, o, lse); }
+#define ATTN_TILED_DPL(S, T, N) \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) attn_fwd_tiled_##S##_d##N(Attn a, const T* q, const T* k, const T* v, const u32* idx, T* o, float* lse) { \
+        attn_fwd_tiled<T, N>(a, q, k, v, idx, o, lse); }
+#define ATTN_TILED(S, T) ATTN_TILED_DPL(S, T, 1) ATTN_TILED_DPL(S, T, 2) ATTN_TILED_DPL(S, T, 4)
 FOR_FLOATS(ATTN_TILED)
 
 // Tiled backward, same conditions as the tiled forward (dense, or blocks of a
-// multiple of 32; d <= 64). dq: one block per (b, h, 32-query tile), looping
+// multiple of 32; d <= 128). dq: one block per (b, h, 32-query tile), looping
 // over key tiles; dk/dv: one block per (b, kv head g, 32-key tile), looping
 // over the query tiles (and the heads of group g) whose pattern holds the
 // tile. Warp w owns rows 8w..8w+7 of its own tile; lane l takes column l of
 // the other tile for dot products and dims l, l+32 for accumulation.
-#define PAD (DPL * 32 + 1)
-
 // True when query tile t0 (of query block t0/block) sees key tile k0 (blocks mode).
 __device__ __forceinline__ bool tile_kept(const Attn& a, const u32* idx, u32 b, u32 t0, u32 k0) {
     u32 nqb = (a.seq + a.block - 1) / a.block, qb = t0 / a.block, kb = k0 / a.block;
@@ -334,8 +347,11 @@ __device__ __forceinline__ bool tile_kept(const Attn& a, const u32* idx, u32 b, 
 template <typename T, int DPL>
 __device__ void attn_bwd_dq_tiled(Attn a, const T* q, const T* k, const T* v, const float* lse, const float* D,
                                   const T* d_o, const u32* idx, T* dq) {
-    __shared__ float Qs[TQ][PAD], dOs[TQ][PAD], Ks[TK][PAD], Vs[TK][PAD];
-    __shared__ float Ps[WARPS][8][TK];
+    extern __shared__ float smem_tiled[];
+    typedef TiledSmem<DPL> S;
+    typename S::Row *Qs = S::rows(smem_tiled, 0), *dOs = S::rows(smem_tiled, 1);
+    typename S::Row *Ks = S::rows(smem_tiled, 2), *Vs = S::rows(smem_tiled, 3);
+    typename S::PTile* Ps = S::ps(smem_tiled, 4, 0);
     u32 qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, g = h / (a.H / a.KV);
     u32 tid = threadIdx.x, lane = tid & 31, w = tid >> 5, d = a.d, t0 = qt * TQ;
     for (u32 x = tid; x < TQ * d; x += WARPS * 32) {
@@ -404,8 +420,11 @@ __device__ void attn_bwd_dq_tiled(Attn a, const T* q, const T* k, const T* v, co
 template <typename T, int DPL>
 __device__ void attn_bwd_dkdv_tiled(Attn a, const T* q, const T* k, const T* v, const float* lse, const float* D,
                                     const T* d_o, const u32* idx, T* dk, T* dv) {
-    __shared__ float Ks[TK][PAD], Vs[TK][PAD], Qs[TQ][PAD], dOs[TQ][PAD];
-    __shared__ float Ps[WARPS][8][TQ], Ds[WARPS][8][TQ];
+    extern __shared__ float smem_tiled[];
+    typedef TiledSmem<DPL> S;
+    typename S::Row *Ks = S::rows(smem_tiled, 0), *Vs = S::rows(smem_tiled, 1);
+    typename S::Row *Qs = S::rows(smem_tiled, 2), *dOs = S::rows(smem_tiled, 3);
+    typename S::PTile *Ps = S::ps(smem_tiled, 4, 0), *Ds = S::ps(smem_tiled, 4, 1);
     u32 kt = blockIdx.x, g = blockIdx.y, b = blockIdx.z, grp = a.H / a.KV;
     u32 tid = threadIdx.x, lane = tid & 31, w = tid >> 5, d = a.d, k0 = kt * TK;
     for (u32 x = tid; x < TK * d; x += WARPS * 32) {
@@ -485,7 +504,7 @@ __device__ void attn_bwd_dkdv_tiled(Attn a, const T* q, const T* k, const T* v, 
         attn_bwd_dq_tiled<T, N>(a, q, k, v, lse, D, d_o, idx, dq); } \
     extern "C" __global__ void __launch_bounds__(WARPS * 32) attn_bwd_dkdv_tiled_##S##_d##N(Attn a, const T* q, const T* k, const T* v, const float* lse, const float* D, const T* d_o, const u32* idx, T* dk, T* dv) { \
         attn_bwd_dkdv_tiled<T, N>(a, q, k, v, lse, D, d_o, idx, dk, dv); }
-#define ATTN_BWD_TILED(S, T) ATTN_BWD_TILED_DPL(S, T, 1) ATTN_BWD_TILED_DPL(S, T, 2)
+#define ATTN_BWD_TILED(S, T) ATTN_BWD_TILED_DPL(S, T, 1) ATTN_BWD_TILED_DPL(S, T, 2) ATTN_BWD_TILED_DPL(S, T, 4)
 FOR_FLOATS(ATTN_BWD_TILED)
 
 // ---- tokens CSR: for each key (b, s), the queries t that list it, ascending.

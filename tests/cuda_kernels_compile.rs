@@ -35,7 +35,7 @@ fn expected_entries(family: &str) -> Vec<String> {
             v.extend(floats.iter().flat_map(|f| {
                 ["attn_fwd_tiled", "attn_bwd_dq_tiled", "attn_bwd_dkdv_tiled"]
                     .into_iter()
-                    .flat_map(move |n| [1, 2].map(|d| format!("{n}_{f}_d{d}")))
+                    .flat_map(move |n| [1, 2, 4].map(|d| format!("{n}_{f}_d{d}")))
             }));
             v.extend(["csr_zero", "csr_count", "csr_scan", "csr_fill", "csr_sort"].map(String::from));
             v

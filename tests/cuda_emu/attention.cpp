@@ -2,6 +2,8 @@
 #include <random>
 // Naive reference, double precision.
 // Inputs representable in bf16 and f16 alike (8 significant bits, small range).
+// Dynamic shared memory of the tiled kernels (see TiledSmem in attention.cu).
+static size_t tsm(int rows, int nps, int dpl) { return (size_t)(rows * 32 * (dpl * 32 + 1) + nps * 4 * 8 * 32) * 4; }
 static float from_f32_round(float x) { return std::round(x * 64.0f) / 64.0f; }
 struct P { u32 batch, seq, H, KV, d, mode, kk, block; };
 static std::vector<u32> keys_of(const P& p, const std::vector<u32>& idx, u32 b, u32 t) {
@@ -96,7 +98,8 @@ int main() {
     }
     // The tiled forward (dense, and blocks with block % 32 == 0; d <= 64) against the same reference.
     for (int cfg = 0; cfg < 6; cfg++) {
-        P p{2, 75, 4, 2, cfg % 3 == 0 ? 16u : (cfg % 3 == 1 ? 40u : 64u), cfg < 3 ? 0u : 2u, 0, 1};
+        P p{2, 75, 4, 2, cfg % 3 == 0 ? 16u : (cfg % 3 == 1 ? 40u : (cfg < 3 ? 64u : 128u)), cfg < 3 ? 0u : 2u, 0, 1};
+        if (cfg == 1) p.d = 96;
         std::vector<u32> idx;
         if (p.mode == 2) { p.block = cfg == 4 ? 64 : 32; p.kk = 2; u32 nqb = (p.seq + p.block - 1) / p.block; idx.resize(p.batch * nqb * p.kk);
             for (u32 r = 0; r < p.batch * nqb; r++) { std::vector<u32> perm(nqb + 1); for (u32 i = 0; i < perm.size(); i++) perm[i] = i; std::shuffle(perm.begin(), perm.end(), rng);
@@ -108,13 +111,13 @@ int main() {
         Attn a{p.batch, p.seq, p.H, p.KV, p.d, scale, p.mode, p.kk, p.block};
         u32 rows = p.batch * p.H * p.seq;
         std::vector<float> o(nq, NAN), lse(rows, NAN), D(rows, NAN), dq(nq, NAN), dk(nk, NAN), dv(nk, NAN);
-        bool d1 = p.d <= 32;
+        int dp = p.d <= 32 ? 1 : (p.d <= 64 ? 2 : 4);
         const u32* ip = idx.empty() ? nullptr : idx.data();
         dim3 qgrid((p.seq + 31) / 32, p.H, p.batch), kgrid((p.seq + 31) / 32, p.KV, p.batch);
-        launch(d1 ? attn_fwd_tiled_f32_d1 : attn_fwd_tiled_f32_d2, qgrid, dim3(128), 0, a, (const float*)q.data(), (const float*)k.data(), (const float*)v.data(), ip, o.data(), lse.data());
-        launch(d1 ? attn_bwd_pre_f32_d1 : attn_bwd_pre_f32_d2, dim3((rows + 3) / 4), dim3(128), 0, a, (const float*)o.data(), (const float*)dO.data(), D.data());
-        launch(d1 ? attn_bwd_dq_tiled_f32_d1 : attn_bwd_dq_tiled_f32_d2, qgrid, dim3(128), 0, a, (const float*)q.data(), (const float*)k.data(), (const float*)v.data(), (const float*)lse.data(), (const float*)D.data(), (const float*)dO.data(), ip, dq.data());
-        launch(d1 ? attn_bwd_dkdv_tiled_f32_d1 : attn_bwd_dkdv_tiled_f32_d2, kgrid, dim3(128), 0, a, (const float*)q.data(), (const float*)k.data(), (const float*)v.data(), (const float*)lse.data(), (const float*)D.data(), (const float*)dO.data(), ip, dk.data(), dv.data());
+        launch(dp == 1 ? attn_fwd_tiled_f32_d1 : dp == 2 ? attn_fwd_tiled_f32_d2 : attn_fwd_tiled_f32_d4, qgrid, dim3(128), tsm(3, 1, dp), a, (const float*)q.data(), (const float*)k.data(), (const float*)v.data(), ip, o.data(), lse.data());
+        launch(dp == 1 ? attn_bwd_pre_f32_d1 : dp == 2 ? attn_bwd_pre_f32_d2 : attn_bwd_pre_f32_d4, dim3((rows + 3) / 4), dim3(128), 0, a, (const float*)o.data(), (const float*)dO.data(), D.data());
+        launch(dp == 1 ? attn_bwd_dq_tiled_f32_d1 : dp == 2 ? attn_bwd_dq_tiled_f32_d2 : attn_bwd_dq_tiled_f32_d4, qgrid, dim3(128), tsm(4, 1, dp), a, (const float*)q.data(), (const float*)k.data(), (const float*)v.data(), (const float*)lse.data(), (const float*)D.data(), (const float*)dO.data(), ip, dq.data());
+        launch(dp == 1 ? attn_bwd_dkdv_tiled_f32_d1 : dp == 2 ? attn_bwd_dkdv_tiled_f32_d2 : attn_bwd_dkdv_tiled_f32_d4, kgrid, dim3(128), tsm(4, 2, dp), a, (const float*)q.data(), (const float*)k.data(), (const float*)v.data(), (const float*)lse.data(), (const float*)D.data(), (const float*)dO.data(), ip, dk.data(), dv.data());
         std::vector<double> ro(nq, 0), rl(rows), rdq(nq, 0), rdk(nk, 0), rdv(nk, 0);
         u32 grp = p.H / p.KV;
         for (u32 b = 0; b < p.batch; b++) for (u32 h = 0; h < p.H; h++) for (u32 t = 0; t < p.seq; t++) {
@@ -146,12 +149,12 @@ int main() {
         for (auto* x : {&q, &k, &v}) for (auto& e : *x) e = from_f32_round(nd(rng));
         Attn a{B, S, H, H, d, 1.0f / sqrtf((float)d), 0, 0, 1};
         std::vector<float> o(n), lse(B * H * S), lse2(B * H * S), lse3(B * H * S);
-        launch(attn_fwd_tiled_f32_d2, dim3(2, H, B), dim3(128), 0, a, (const float*)q.data(), (const float*)k.data(), (const float*)v.data(), (const u32*)nullptr, o.data(), lse.data());
+        launch(attn_fwd_tiled_f32_d2, dim3(2, H, B), dim3(128), tsm(3, 1, 2), a, (const float*)q.data(), (const float*)k.data(), (const float*)v.data(), (const u32*)nullptr, o.data(), lse.data());
         std::vector<bf16> qb(n), kb(n), vb(n), ob(n);
         std::vector<f16> qh(n), kh(n), vh(n), oh(n);
         for (size_t i = 0; i < n; i++) { qb[i] = from_f32<bf16>(q[i]); kb[i] = from_f32<bf16>(k[i]); vb[i] = from_f32<bf16>(v[i]); qh[i] = from_f32<f16>(q[i]); kh[i] = from_f32<f16>(k[i]); vh[i] = from_f32<f16>(v[i]); }
-        launch(attn_fwd_tiled_bf16_d2, dim3(2, H, B), dim3(128), 0, a, (const bf16*)qb.data(), (const bf16*)kb.data(), (const bf16*)vb.data(), (const u32*)nullptr, ob.data(), lse2.data());
-        launch(attn_fwd_tiled_f16_d2, dim3(2, H, B), dim3(128), 0, a, (const f16*)qh.data(), (const f16*)kh.data(), (const f16*)vh.data(), (const u32*)nullptr, oh.data(), lse3.data());
+        launch(attn_fwd_tiled_bf16_d2, dim3(2, H, B), dim3(128), tsm(3, 1, 2), a, (const bf16*)qb.data(), (const bf16*)kb.data(), (const bf16*)vb.data(), (const u32*)nullptr, ob.data(), lse2.data());
+        launch(attn_fwd_tiled_f16_d2, dim3(2, H, B), dim3(128), tsm(3, 1, 2), a, (const f16*)qh.data(), (const f16*)kh.data(), (const f16*)vh.data(), (const u32*)nullptr, oh.data(), lse3.data());
         std::vector<float> gb(n), gh(n);
         for (size_t i = 0; i < n; i++) { gb[i] = to_f32(ob[i]); gh[i] = to_f32(oh[i]); }
         std::vector<double> want(o.begin(), o.end());

@@ -121,6 +121,8 @@ pub struct Inner {
     /// Loaded kernels with the byte sizes of their parameters (from the PTX).
     funcs: Mutex<HashMap<String, (CudaFunction, Vec<usize>)>>,
     tf32: AtomicBool,
+    /// Shared memory a block may opt into (bytes).
+    smem_optin: usize,
 }
 
 /// One kernel argument.
@@ -180,6 +182,10 @@ impl CudaBackend {
             None
         };
         let tf32 = std::env::var("DYNSPARSE_CUDA_TF32").is_ok_and(|v| v == "1");
+        let smem_optin = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map(|v| v.max(0) as usize)
+            .unwrap_or(48 * 1024);
         Ok(CudaBackend {
             inner: Box::new(Inner {
                 ctx,
@@ -190,6 +196,7 @@ impl CudaBackend {
                 modules: Mutex::new(HashMap::new()),
                 funcs: Mutex::new(HashMap::new()),
                 tf32: AtomicBool::new(tf32),
+                smem_optin,
             }),
         })
     }
@@ -261,6 +268,12 @@ impl CudaBackend {
             return Err(Error::Device(format!(
                 "kernel `{name}` takes parameters of {sizes:?} bytes but was given {given:?} (a bug in the CUDA backend)"
             )));
+        }
+        if cfg.shared_mem_bytes > 48 * 1024 {
+            use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYN;
+            f.set_attribute(MAX_DYN, cfg.shared_mem_bytes as i32).map_err(|e| {
+                dev_err(&format!("`{name}`: opting into {} bytes of shared memory", cfg.shared_mem_bytes), e)
+            })?;
         }
         let mut b = self.stream.launch_builder(&f);
         for a in args {

@@ -14,7 +14,7 @@
 //! | cross_entropy (+ backward) | cross_entropy.cu |
 //! | sum_squares, all_finite | reduce.cu |
 //! | adamw | adamw.cu |
-//! | attention (+ backward): tiled (32×32 shared-memory tiles) for dense and 32-multiple block patterns with d ≤ 64, one warp per query / key row otherwise; indexer_kl | attention.cu |
+//! | attention (+ backward): tiled (32×32 shared-memory tiles) for dense and 32-multiple block patterns with d ≤ 128, one warp per query / key row otherwise; indexer_kl | attention.cu |
 //! | indexer_scores, indexer_block_scores, indexer_backward | indexer.cu |
 //! | select_topk | select.cu |
 
@@ -108,23 +108,19 @@ fn attn_args(s: &AttentionSpec) -> AttnArgs {
     }
 }
 
-/// Whether the tiled attention kernels apply: every query of a 32-query tile
-/// has the same key ranges (dense; blocks of a multiple of 32) and d <= 64.
-fn tiled(s: &AttentionSpec) -> bool {
-    let pattern = match s.pattern {
-        PatternSpec::Dense => true,
-        PatternSpec::Blocks { block, .. } => block % 32 == 0,
-        PatternSpec::Tokens { .. } => false,
-    };
-    pattern && s.head_dim <= 64 && s.n_heads <= 65535 && s.batch <= 65535
+/// Bytes of dynamic shared memory of a tiled attention kernel: `rows` tiles
+/// of 32×(32·dpl+1) floats and `p_tiles` tiles of 4×8×32 floats (`TiledSmem`
+/// in attention.cu).
+fn tiled_smem(rows: usize, p_tiles: usize, dpl: usize) -> usize {
+    (rows * 32 * (32 * dpl + 1) + p_tiles * 4 * 8 * 32) * 4
 }
 
 /// One 128-thread block per (32-row tile, head, batch entry).
-fn tile_grid(s: &AttentionSpec, heads: usize) -> LaunchConfig {
+fn tile_grid(s: &AttentionSpec, heads: usize, smem: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (s.seq.div_ceil(32) as u32, heads as u32, s.batch as u32),
         block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: smem as u32,
     }
 }
 
@@ -136,6 +132,23 @@ fn check_index_dim(op: &str, s: &IndexerSpec) -> Result<()> {
 }
 
 impl CudaBackend {
+    /// Whether the tiled attention kernels apply: every query of a 32-query
+    /// tile has the same key ranges (dense; blocks of a multiple of 32),
+    /// d <= 128, and the device grants the shared memory (d > 64 needs > 48 KiB).
+    fn tiled(&self, s: &AttentionSpec) -> bool {
+        let pattern = match s.pattern {
+            PatternSpec::Dense => true,
+            PatternSpec::Blocks { block, .. } => block % 32 == 0,
+            PatternSpec::Tokens { .. } => false,
+        };
+        let d = dpl(s.head_dim);
+        pattern
+            && s.head_dim <= 128
+            && s.n_heads <= 65535
+            && s.batch <= 65535
+            && (d <= 2 || self.smem_optin >= tiled_smem(4, 2, d))
+    }
+
     fn scratch(&self, dtype: DType, len: usize) -> Result<CudaBuffer> {
         self.raw_alloc(len * dtype.size())
     }
@@ -451,9 +464,10 @@ impl Backend for CudaBackend {
     fn attention(&self, s: &AttentionSpec, q: &T, k: &T, v: &T, idx: Option<&T>, o: &mut T, lse: &mut T) -> Result<()> {
         let ip = idx.map(p).unwrap_or(Arg::P(0));
         let args = [Arg::Attn(attn_args(s)), p(q), p(k), p(v), ip, p(o), p(lse)];
-        if tiled(s) {
-            let name = format!("attn_fwd_tiled_{}_d{}", sfx(q.dtype()), dpl(s.head_dim));
-            return self.launch("attention", &name, tile_grid(s, s.n_heads), &args);
+        if self.tiled(s) {
+            let n = dpl(s.head_dim);
+            let name = format!("attn_fwd_tiled_{}_d{n}", sfx(q.dtype()));
+            return self.launch("attention", &name, tile_grid(s, s.n_heads, tiled_smem(3, 1, n)), &args);
         }
         let name = format!("attn_fwd_{}_d{}", sfx(q.dtype()), dpl(s.head_dim));
         let rows = s.batch * s.n_heads * s.seq;
@@ -481,15 +495,12 @@ impl Backend for CudaBackend {
         let dp = Arg::P(d.ptr);
         self.launch("attention", &format!("attn_bwd_pre_{dt}_d{n}"), per_warp(qrows, 4), &[a, p(o), p(d_o), dp])?;
         let args = [a, p(q), p(k), p(v), p(lse), dp, p(d_o), ip, p(dq)];
-        if tiled(s) {
-            self.launch("attention", &format!("attn_bwd_dq_tiled_{dt}_d{n}"), tile_grid(s, s.n_heads), &args)?;
+        if self.tiled(s) {
+            let cfg = tile_grid(s, s.n_heads, tiled_smem(4, 1, n));
+            self.launch("attention", &format!("attn_bwd_dq_tiled_{dt}_d{n}"), cfg, &args)?;
             let args = [a, p(q), p(k), p(v), p(lse), dp, p(d_o), ip, p(dk), p(dv)];
-            return self.launch(
-                "attention",
-                &format!("attn_bwd_dkdv_tiled_{dt}_d{n}"),
-                tile_grid(s, s.n_kv_heads),
-                &args,
-            );
+            let cfg = tile_grid(s, s.n_kv_heads, tiled_smem(4, 2, n));
+            return self.launch("attention", &format!("attn_bwd_dkdv_tiled_{dt}_d{n}"), cfg, &args);
         }
         self.launch("attention", &format!("attn_bwd_dq_{dt}_d{n}"), per_warp(qrows, 4), &args)?;
         // Tokens: the inverse index (per key, its queries ascending).
