@@ -7,7 +7,7 @@
 
 use super::Backend;
 use super::cpu::CpuBackend;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// What the user asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -110,7 +110,7 @@ fn cuda_explicit() -> Result<Selection> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_explicit() -> Result<Selection> {
-    Err(Error::Unavailable(
+    Err(crate::error::Error::Unavailable(
         "this build has no CUDA backend; rebuild with `cargo build --release --features cuda`".into(),
     ))
 }
@@ -146,7 +146,9 @@ fn wgpu_explicit() -> Result<Selection> {
 
 #[cfg(not(feature = "wgpu"))]
 fn wgpu_explicit() -> Result<Selection> {
-    Err(Error::Unavailable("this build has no wgpu backend; rebuild with the `wgpu` feature (on by default)".into()))
+    Err(crate::error::Error::Unavailable(
+        "this build has no wgpu backend; rebuild with the `wgpu` feature (on by default)".into(),
+    ))
 }
 
 #[cfg(feature = "wgpu")]

@@ -87,7 +87,7 @@ fn cuda_section() {
     println!("\ncuda: not compiled in (build with `--features cuda`)");
 }
 
-#[cfg(any(feature = "wgpu", feature = "cuda"))]
+#[cfg(feature = "wgpu")]
 fn yes(b: bool) -> &'static str {
     if b { "yes" } else { "no" }
 }

@@ -1,0 +1,179 @@
+// The DSA indexer. q_i: [batch, seq, H, D]; k_i: [batch, seq, D]; w: [batch, seq, H].
+//   I(t, s) = Σ_j w[t,j]·ReLU(q_i[t,j]·k_i[s])   for s <= t, -inf above the diagonal
+// scores: [batch, seq, seq] f32; pooled: [batch, nb, nb] f32, the max of I over
+// the causal pairs of (query block, key block), -inf when there are none.
+// Backward (dscores [batch, seq, seq] f32, entries above the diagonal ignored),
+// with L = q_i[t,j]·k_i[s]:
+//   dw[t,j] = Σ_s dI·ReLU(L),  dq_i[t,j] = Σ_s dI·w[t,j]·[L>0]·k_i[s],
+//   dk_i[s] = Σ_{t>=s, j} dI·w[t,j]·[L>0]·q_i[t,j]
+// Token scores: 16×16 tiles, the key tile staged in shared memory. Backward:
+// one warp per (b, t, j) for dq_i/dw and one per (b, s) for dk_i, lanes
+// splitting D (DPL dims per lane, D <= 256): deterministic, no atomics.
+
+template <typename T, typename K>
+__device__ __forceinline__ float index_score(const T* qt, const K* ks, const T* wt, u32 H, u32 D) {
+    float acc = 0.0f;
+    for (u32 j = 0; j < H; j++) {
+        float l = 0.0f;
+        for (u32 e = 0; e < D; e++) l += ld(qt, (size_t)j * D + e) * ld(ks, e);
+        acc += ld(wt, j) * fmaxf(l, 0.0f);
+    }
+    return acc;
+}
+
+// grid (ceil(seq/16), ceil(seq/16), batch), block (16, 16), dynamic smem 16·(D+1) floats.
+template <typename T>
+__device__ void indexer_scores(const T* qi, const T* ki, const T* w, float* scores, u32 seq, u32 H, u32 D) {
+    extern __shared__ float ksh[];
+    u32 b = blockIdx.z, s0 = blockIdx.x * 16, t = blockIdx.y * 16 + threadIdx.y, s = s0 + threadIdx.x;
+    u32 tid = threadIdx.y * 16 + threadIdx.x;
+    for (u32 x = tid; x < 16 * D; x += 256) {
+        u32 r = x / D, e = x % D;
+        ksh[r * (D + 1) + e] = s0 + r < seq ? ld(ki, ((size_t)b * seq + s0 + r) * D + e) : 0.0f;
+    }
+    __syncthreads();
+    if (t >= seq || s >= seq) return;
+    float v = NEG_INF;
+    if (s <= t) {
+        size_t bt = (size_t)b * seq + t;
+        v = index_score(qi + bt * H * D, ksh + threadIdx.x * (D + 1), w + bt * H, H, D);
+    }
+    scores[((size_t)b * seq + t) * seq + s] = v;
+}
+
+// One block (256 threads) per (b, query block, key block); the key block is
+// staged in shared memory (block·(D+1) floats) when use_smem, else read from global.
+template <typename T>
+__device__ void indexer_block_scores(const T* qi, const T* ki, const T* w, float* pooled, u32 seq, u32 H, u32 D,
+                                     u32 block, u32 use_smem) {
+    extern __shared__ float ksh[];
+    __shared__ float red[32];
+    u32 nb = (seq + block - 1) / block;
+    u32 kb = blockIdx.x, qb = blockIdx.y, b = blockIdx.z;
+    float mx = NEG_INF;
+    if (kb <= qb) {
+        u32 t0 = qb * block, t1 = min(t0 + block, seq), s0 = kb * block, s1 = min(s0 + block, seq);
+        u32 bk = s1 - s0, pairs = (t1 - t0) * bk;
+        if (use_smem) {
+            for (u32 x = threadIdx.x; x < bk * D; x += blockDim.x) {
+                u32 r = x / D, e = x % D;
+                ksh[r * (D + 1) + e] = ld(ki, ((size_t)b * seq + s0 + r) * D + e);
+            }
+            __syncthreads();
+        }
+        for (u32 p = threadIdx.x; p < pairs; p += blockDim.x) {
+            u32 t = t0 + p / bk, r = p % bk;
+            if (s0 + r > t) continue;
+            size_t bt = (size_t)b * seq + t;
+            float v = use_smem ? index_score(qi + bt * H * D, ksh + r * (D + 1), w + bt * H, H, D)
+                               : index_score(qi + bt * H * D, ki + ((size_t)b * seq + s0 + r) * D, w + bt * H, H, D);
+            mx = fmaxf(mx, v);  // fmaxf drops NaN, like the reference's `v > max`
+        }
+    }
+    mx = warp_max(mx);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = mx;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float r = NEG_INF;
+        for (u32 i = 0; i < blockDim.x / 32; i++) r = fmaxf(r, red[i]);
+        pooled[((size_t)b * nb + qb) * nb + kb] = r;
+    }
+}
+
+template <typename T, int DPL>
+__device__ void indexer_bwd_q(const T* qi, const T* ki, const T* w, const float* dscores, T* dqi, T* dw, u32 batch,
+                              u32 seq, u32 H, u32 D) {
+    u32 row = blockIdx.x * 4 + threadIdx.x / 32, lane = threadIdx.x & 31;
+    if (row >= batch * seq * H) return;
+    u32 bt = row / H, t = bt % seq, b = bt / seq;
+    float qr[DPL], acc[DPL];
+#pragma unroll
+    for (int i = 0; i < DPL; i++) {
+        u32 e = lane + 32 * i;
+        qr[i] = e < D ? ld(qi, (size_t)row * D + e) : 0.0f;
+        acc[i] = 0.0f;
+    }
+    float wj = ld(w, (size_t)row), adw = 0.0f;
+    const float* dsr = dscores + (size_t)bt * seq;
+    for (u32 s = 0; s <= t; s++) {
+        const T* kr = ki + ((size_t)b * seq + s) * D;
+        float l = 0.0f;
+#pragma unroll
+        for (int i = 0; i < DPL; i++) {
+            u32 e = lane + 32 * i;
+            if (e < D) l += qr[i] * ld(kr, e);
+        }
+        l = warp_sum(l);
+        float dI = dsr[s];
+        adw += dI * fmaxf(l, 0.0f);
+        if (l > 0.0f) {
+            float gcoef = dI * wj;
+#pragma unroll
+            for (int i = 0; i < DPL; i++) {
+                u32 e = lane + 32 * i;
+                if (e < D) acc[i] += gcoef * ld(kr, e);
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < DPL; i++) {
+        u32 e = lane + 32 * i;
+        if (e < D) st(dqi, (size_t)row * D + e, acc[i]);
+    }
+    if (lane == 0) st(dw, (size_t)row, adw);
+}
+
+template <typename T, int DPL>
+__device__ void indexer_bwd_k(const T* qi, const T* ki, const T* w, const float* dscores, T* dki, u32 batch, u32 seq,
+                              u32 H, u32 D) {
+    u32 row = blockIdx.x * 4 + threadIdx.x / 32, lane = threadIdx.x & 31;
+    if (row >= batch * seq) return;
+    u32 s = row % seq, b = row / seq;
+    float kr[DPL], acc[DPL];
+#pragma unroll
+    for (int i = 0; i < DPL; i++) {
+        u32 e = lane + 32 * i;
+        kr[i] = e < D ? ld(ki, (size_t)row * D + e) : 0.0f;
+        acc[i] = 0.0f;
+    }
+    for (u32 t = s; t < seq; t++) {
+        size_t bt = (size_t)b * seq + t;
+        float dI = dscores[bt * seq + s];
+        for (u32 j = 0; j < H; j++) {
+            const T* qr = qi + (bt * H + j) * D;
+            float l = 0.0f;
+#pragma unroll
+            for (int i = 0; i < DPL; i++) {
+                u32 e = lane + 32 * i;
+                if (e < D) l += kr[i] * ld(qr, e);
+            }
+            l = warp_sum(l);
+            if (l > 0.0f) {
+                float gcoef = dI * ld(w, bt * H + j);
+#pragma unroll
+                for (int i = 0; i < DPL; i++) {
+                    u32 e = lane + 32 * i;
+                    if (e < D) acc[i] += gcoef * ld(qr, e);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < DPL; i++) {
+        u32 e = lane + 32 * i;
+        if (e < D) st(dki, (size_t)row * D + e, acc[i]);
+    }
+}
+
+#define INDEXER_DPL(S, T, N) \
+    extern "C" __global__ void __launch_bounds__(128) indexer_bwd_q_##S##_d##N(const T* qi, const T* ki, const T* w, const float* ds, T* dqi, T* dw, u32 batch, u32 seq, u32 H, u32 D) { \
+        indexer_bwd_q<T, N>(qi, ki, w, ds, dqi, dw, batch, seq, H, D); } \
+    extern "C" __global__ void __launch_bounds__(128) indexer_bwd_k_##S##_d##N(const T* qi, const T* ki, const T* w, const float* ds, T* dki, u32 batch, u32 seq, u32 H, u32 D) { \
+        indexer_bwd_k<T, N>(qi, ki, w, ds, dki, batch, seq, H, D); }
+#define INDEXER(S, T) \
+    extern "C" __global__ void indexer_scores_##S(const T* qi, const T* ki, const T* w, float* scores, u32 seq, u32 H, u32 D) { \
+        indexer_scores<T>(qi, ki, w, scores, seq, H, D); } \
+    extern "C" __global__ void indexer_block_scores_##S(const T* qi, const T* ki, const T* w, float* pooled, u32 seq, u32 H, u32 D, u32 block, u32 use_smem) { \
+        indexer_block_scores<T>(qi, ki, w, pooled, seq, H, D, block, use_smem); } \
+    INDEXER_DPL(S, T, 1) INDEXER_DPL(S, T, 2) INDEXER_DPL(S, T, 4) INDEXER_DPL(S, T, 8)
+FOR_FLOATS(INDEXER)

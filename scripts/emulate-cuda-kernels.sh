@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs the CUDA kernels of kernels/*.cu on the CPU (tests/cuda_emu: an
+# emulation of blocks, warps and shared memory with OS threads) against naive
+# f64 references: attention forward/backward for every pattern with GQA, the
+# tokens CSR, indexer scores/pooling/backward, indexer KL, top-k selection
+# (ties, NaN, -0, block mode), LayerNorm, softmax, cross-entropy, embedding,
+# reductions, rope, the fallback GEMM and bf16 rounding. Needs g++ (C++20).
+# Takes about two minutes on 2 cores. No GPU, no CUDA toolkit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+run() {  # run NAME FAMILIES
+  python3 tests/cuda_emu/prepare.py "$2" "tests/cuda_emu/$1.cpp" "$tmp/$1.cpp"
+  g++ -std=c++20 -O1 -w -pthread "$tmp/$1.cpp" -o "$tmp/$1"
+  echo "== $1"
+  "$tmp/$1"
+}
+run ops indexer,layernorm,softmax,cross_entropy,embedding,reduce,elementwise,rope,matmul
+run attention attention
+run select select

@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# GPU check in two halves, because the GPU machine has no Rust toolchain:
+#
+#   scripts/gpu-check.sh build   (here) builds the release `dynsparse` binary and
+#       the test binaries with --features cuda, strips them, pre-compiles every
+#       CUDA kernel to PTX for sm_80/sm_90 (so the GPU machine needs no NVRTC),
+#       and writes everything plus run.sh into the git-ignored gpu-bundle/.
+#   gpu-bundle/run.sh            (there) nvidia-smi, `dynsparse --backend cuda info`,
+#       the CUDA (and wgpu) conformance tests, `bench matmul`, `bench attention`
+#       and the PyTorch baseline; logs in $GPU_CHECK_OUT (default ./gpu-check-out),
+#       a summary table last. About 6 minutes on an H100; every step has a timeout.
+#
+# Environment for `build`: DYNSPARSE_CARGO_FLAGS (default "--features cuda"),
+# DYNSPARSE_CUDA_TOOLS (NVRTC for the PTX cache; default .cuda-tools, fetched if absent).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "${1:-}" = build ] || { echo "usage: scripts/gpu-check.sh build   (then run gpu-bundle/run.sh on the GPU machine)" >&2; exit 2; }
+
+flags="${DYNSPARSE_CARGO_FLAGS:---features cuda}"
+bundle=gpu-bundle
+rm -rf "$bundle"
+mkdir -p "$bundle/bin" "$bundle/lib"
+
+echo "== release binary"
+# shellcheck disable=SC2086
+cargo build --release $flags --bin dynsparse
+# JSON field extraction with jq, or python3 where jq is missing.
+json() {
+  if command -v jq >/dev/null; then jq -r "$1"; else python3 -c "$2"; fi
+}
+target_dir="$(cargo metadata --format-version 1 --no-deps \
+  | json .target_directory 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
+cp "$target_dir/release/dynsparse" "$bundle/bin/"
+
+echo "== test binaries"
+# shellcheck disable=SC2086
+cargo test --release $flags --no-run --message-format=json \
+  --test conformance_cuda --test cuda_kernels_compile $( [[ "$flags" == *no-default-features* ]] || echo --test conformance_wgpu ) \
+  | json 'select(.reason == "compiler-artifact" and .executable != null and (.target.kind | index("test"))) | "\(.target.name) \(.executable)"' \
+    'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and "test" in m["target"]["kind"]:
+        print(m["target"]["name"], m["executable"])' \
+  | while read -r name exe; do cp "$exe" "$bundle/bin/$name"; done
+strip --strip-debug "$bundle"/bin/* 2>/dev/null || strip "$bundle"/bin/*
+ls "$bundle/bin"
+
+echo "== PTX cache (sm_80, sm_90) so the GPU machine needs no NVRTC"
+tools="${DYNSPARSE_CUDA_TOOLS:-.cuda-tools}"
+[ -e "$tools/nvidia/cuda_nvrtc/lib/libnvrtc.so" ] || scripts/fetch-cuda-tools.sh "$tools" || true
+if [ -e "$tools/nvidia/cuda_nvrtc/lib/libnvrtc.so" ]; then
+  tools="$(cd "$tools" && pwd)"
+  LD_LIBRARY_PATH="$tools/nvidia/cuda_nvrtc/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+    DYNSPARSE_REQUIRE_NVRTC=1 DYNSPARSE_PTX_CACHE="$PWD/$bundle/ptx-cache" \
+    "$bundle/bin/cuda_kernels_compile" -q >/dev/null
+  echo "$(ls "$bundle/ptx-cache" | wc -l) PTX files"
+else
+  echo "warning: no NVRTC here; the GPU machine will compile the kernels with its own NVRTC"
+fi
+
+# The Vulkan loader, for the wgpu conformance tests on the GPU machine.
+for l in /usr/lib/x86_64-linux-gnu/libvulkan.so.1; do [ -e "$l" ] && cp -L "$l" "$bundle/lib/"; done
+cp scripts/torch_baseline.py "$bundle/"
+
+cat > "$bundle/run.sh" <<'RUN'
+#!/usr/bin/env bash
+# Runs on the GPU machine; builds nothing. Logs in $GPU_CHECK_OUT (default ./gpu-check-out).
+set -u
+here="$(cd "$(dirname "$0")" && pwd)"
+out="${GPU_CHECK_OUT:-$PWD/gpu-check-out}"
+mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+bin="$here/bin"
+summary="$out/summary.txt"
+: > "$summary"
+
+# A writable copy of the shipped PTX cache.
+mkdir -p "$out/ptx-cache"
+cp -n "$here"/ptx-cache/*.ptx "$out/ptx-cache/" 2>/dev/null || true
+export DYNSPARSE_PTX_CACHE="$out/ptx-cache"
+
+# cudarc looks for libnvrtc.so / libcublas.so / libcublasLt.so (or .so.12): find
+# them in the toolkit, the system or PyTorch's wheels and link them under those names.
+libs="$out/cuda-libs"
+mkdir -p "$libs"
+dirs="/usr/local/cuda/lib64 $(ls -d /usr/local/cuda-*/lib64 /usr/local/cuda-*/targets/x86_64-linux/lib 2>/dev/null | tr '\n' ' ') /usr/lib/x86_64-linux-gnu /usr/lib64"
+if command -v python3 >/dev/null; then
+  dirs="$dirs $(python3 - 2>/dev/null <<'PY'
+import glob, os, site
+roots = site.getsitepackages() + [site.getusersitepackages()]
+found = []
+for r in roots:
+    found += glob.glob(os.path.join(r, "nvidia", "*", "lib")) + glob.glob(os.path.join(r, "nvidia", "cu*", "lib")) + glob.glob(os.path.join(r, "torch", "lib"))
+print(" ".join(found))
+PY
+)"
+fi
+extra=""
+for name in nvrtc cublas cublasLt; do
+  pick=""
+  for ver in 12 13 ""; do
+    for d in $dirs; do
+      for f in "$d"/lib"$name".so."$ver"*; do
+        case "$f" in *builtins*|*alt*|*'*'*) continue ;; esac
+        [ -e "$f" ] && { pick="$f"; break 3; }
+      done
+    done
+  done
+  if [ -n "$pick" ]; then
+    ln -sf "$pick" "$libs/lib$name.so"
+    extra="$extra:$(dirname "$pick")"
+    echo "using $pick for lib$name.so" >> "$out/libs.txt"
+  else
+    echo "lib$name not found" >> "$out/libs.txt"
+  fi
+done
+export LD_LIBRARY_PATH="$libs$extra:$here/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+if [ -e /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]; then
+  export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+fi
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
+
+step() {  # step NAME TIMEOUT_S CMD...
+  local name="$1" limit="$2"; shift 2
+  local log="$out/$name.log" t0 rc status
+  t0=$(date +%s)
+  echo "==== $name (limit ${limit}s)"
+  timeout --kill-after=10 "$limit" "$@" > "$log" 2>&1
+  rc=$?
+  case $rc in 0) status=ok ;; 124|137) status=TIMEOUT ;; *) status="FAIL($rc)" ;; esac
+  tail -n 25 "$log"
+  printf '%-22s %-10s %5ss  %s\n' "$name" "$status" "$(( $(date +%s) - t0 ))" "$log" >> "$summary"
+}
+
+step nvidia-smi 20 nvidia-smi
+step cuda-info 90 "$bin/dynsparse" --backend cuda info
+step conformance-cuda 240 env DYNSPARSE_REQUIRE_CUDA=1 "$bin/conformance_cuda" --test-threads 4
+if [ -x "$bin/conformance_wgpu" ]; then
+  step conformance-wgpu 120 "$bin/conformance_wgpu" --test-threads 4
+fi
+step bench-matmul 90 "$bin/dynsparse" --backend cuda bench matmul --sizes 1024,4096,8192 --min-time 0.3 --no-cpu-baseline
+step bench-attention 150 "$bin/dynsparse" --backend cuda bench attention --seqs 1024,4096,16384 --dtype bf16 --min-time 0.2
+if command -v python3 >/dev/null && python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+  step torch-baseline 120 python3 "$here/torch_baseline.py" --sizes 1024,4096,8192 --seqs 1024,4096,16384 --dtype bf16
+else
+  printf '%-22s %-10s\n' torch-baseline "skipped (no python3 with CUDA torch)" >> "$summary"
+fi
+
+echo
+echo "==== summary (logs in $out)"
+grep -h "GFLOP\|TFLOP\|^|" "$out/bench-matmul.log" "$out/bench-attention.log" "$out/torch-baseline.log" 2>/dev/null | tail -n 40
+echo
+printf '%-22s %-10s %6s  %s\n' step status time log
+cat "$summary"
+! grep -q "FAIL\|TIMEOUT" "$summary"
+RUN
+chmod +x "$bundle/run.sh"
+size=$(du -sm "$bundle" | cut -f1)
+echo "== bundle: ${size} MiB in $bundle/ (run $bundle/run.sh on the GPU machine)"
+if [ "$size" -gt 60 ]; then echo "gpu-check: bundle is ${size} MiB, over the 60 MiB budget" >&2; exit 1; fi
