@@ -89,22 +89,7 @@ fn k_off(b: u32, s: u32, g: u32) -> u32 {
     return ((b * pu(1u) + s) * pu(3u) + g) * pu(4u);
 }
 
-// Four consecutive elements e..e+3 of a row at `o` (zero beyond d).
-fn q4(o: u32, e: u32, d: u32) -> vec4<f32> {
-    var r = vec4<f32>(ld_q(o + e), 0.0, 0.0, 0.0);
-    if (e + 1u < d) { r.y = ld_q(o + e + 1u); }
-    if (e + 2u < d) { r.z = ld_q(o + e + 2u); }
-    if (e + 3u < d) { r.w = ld_q(o + e + 3u); }
-    return r;
-}
 
-fn k4(o: u32, e: u32, d: u32) -> vec4<f32> {
-    var r = vec4<f32>(ld_k(o + e), 0.0, 0.0, 0.0);
-    if (e + 1u < d) { r.y = ld_k(o + e + 1u); }
-    if (e + 2u < d) { r.z = ld_k(o + e + 2u); }
-    if (e + 3u < d) { r.w = ld_k(o + e + 3u); }
-    return r;
-}
 
 // Workgroup reductions of the 256-wide kernels (called in uniform control flow).
 const WG: u32 = 256u;
@@ -131,13 +116,6 @@ fn wg_reduce(lid: u32, v: f32, is_max: bool) -> f32 {
 // chunk's slots [c·p10, (c+1)·p10). nch = 1: o and lse are final. Otherwise o
 // is the partial buffer [nch, R, head_dim] of unnormalised outputs and lse the
 // buffer [nch, R, 2] of (running max m, sum of exp l) per chunk.
-fn v4(o: u32, e: u32, d: u32) -> vec4<f32> {
-    var r = vec4<f32>(ld_v(o + e), 0.0, 0.0, 0.0);
-    if (e + 1u < d) { r.y = ld_v(o + e + 1u); }
-    if (e + 2u < d) { r.z = ld_v(o + e + 2u); }
-    if (e + 3u < d) { r.w = ld_v(o + e + 3u); }
-    return r;
-}
 
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
@@ -162,7 +140,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     var qv: array<vec4<f32>, HD4>;
     var acc: array<vec4<f32>, HD4>;
     for (var cc = 0u; cc < nc; cc = cc + 1u) {
-        qv[cc] = q4(qo, 4u * cc, d);
+        qv[cc] = ld4_q(qo, 4u * cc, d);
         acc[cc] = vec4<f32>(0.0);
     }
     var m = neg_inf();
@@ -175,7 +153,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         let ko = k_off(b, s, g);
         var x = 0.0;
         for (var cc = 0u; cc < nc; cc = cc + 1u) {
-            x = x + dot(qv[cc], k4(ko, 4u * cc, d));
+            x = x + dot(qv[cc], ld4_k(ko, 4u * cc, d));
         }
         x = sc * x;
         var corr = 1.0;
@@ -186,7 +164,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         let p = exp(x - m);
         l = l * corr + p;
         for (var cc = 0u; cc < nc; cc = cc + 1u) {
-            acc[cc] = acc[cc] * corr + p * v4(ko, 4u * cc, d);
+            acc[cc] = acc[cc] * corr + p * ld4_v(ko, 4u * cc, d);
         }
     }
     let oo = (c * nrow + rl) * d;
@@ -213,27 +191,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 // One invocation per (chunk, batch, query, head): dq = scale · Σ_s p (dO·v_s -
 // delta) k_s over the chunk's slots, written to dq (nch = 1) or to the partial
 // buffer [nch, R, head_dim]; chunk 0 also saves delta = dO·O for the key pass.
-fn v4(o: u32, e: u32, d: u32) -> vec4<f32> {
-    var r = vec4<f32>(ld_v(o + e), 0.0, 0.0, 0.0);
-    if (e + 1u < d) { r.y = ld_v(o + e + 1u); }
-    if (e + 2u < d) { r.z = ld_v(o + e + 2u); }
-    if (e + 3u < d) { r.w = ld_v(o + e + 3u); }
-    return r;
-}
-fn d_o4(o: u32, e: u32, d: u32) -> vec4<f32> {
-    var r = vec4<f32>(ld_d_o(o + e), 0.0, 0.0, 0.0);
-    if (e + 1u < d) { r.y = ld_d_o(o + e + 1u); }
-    if (e + 2u < d) { r.z = ld_d_o(o + e + 2u); }
-    if (e + 3u < d) { r.w = ld_d_o(o + e + 3u); }
-    return r;
-}
-fn o4(o: u32, e: u32, d: u32) -> vec4<f32> {
-    var r = vec4<f32>(ld_o(o + e), 0.0, 0.0, 0.0);
-    if (e + 1u < d) { r.y = ld_o(o + e + 1u); }
-    if (e + 2u < d) { r.z = ld_o(o + e + 2u); }
-    if (e + 3u < d) { r.w = ld_o(o + e + 3u); }
-    return r;
-}
 
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
@@ -261,9 +218,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     var acc: array<vec4<f32>, HD4>;
     var dsum = 0.0;
     for (var cc = 0u; cc < nc; cc = cc + 1u) {
-        qv[cc] = q4(qo, 4u * cc, d);
-        dov[cc] = d_o4(qo, 4u * cc, d);
-        dsum = dsum + dot(dov[cc], o4(qo, 4u * cc, d));
+        qv[cc] = ld4_q(qo, 4u * cc, d);
+        dov[cc] = ld4_d_o(qo, 4u * cc, d);
+        dsum = dsum + dot(dov[cc], ld4_o(qo, 4u * cc, d));
         acc[cc] = vec4<f32>(0.0);
     }
     if (c == 0u) {
@@ -280,13 +237,13 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
             var x = 0.0;
             var dp = 0.0;
             for (var cc = 0u; cc < nc; cc = cc + 1u) {
-                x = x + dot(qv[cc], k4(ko, 4u * cc, d));
-                dp = dp + dot(dov[cc], v4(ko, 4u * cc, d));
+                x = x + dot(qv[cc], ld4_k(ko, 4u * cc, d));
+                dp = dp + dot(dov[cc], ld4_v(ko, 4u * cc, d));
             }
             let p = exp(sc * x - lse);
             let ds = sc * p * (dp - dsum);
             for (var cc = 0u; cc < nc; cc = cc + 1u) {
-                acc[cc] = acc[cc] + ds * k4(ko, 4u * cc, d);
+                acc[cc] = acc[cc] + ds * ld4_k(ko, 4u * cc, d);
             }
         }
     }
@@ -301,20 +258,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 // queries t in [c·p10, (c+1)·p10), t >= s (and the query heads of the group)
 // whose pattern contains s, so dk and dv are summed in a fixed order without
 // atomics; written to dk/dv (nch = 1) or the partial buffers [nch, R, head_dim].
-fn v4(o: u32, e: u32, d: u32) -> vec4<f32> {
-    var r = vec4<f32>(ld_v(o + e), 0.0, 0.0, 0.0);
-    if (e + 1u < d) { r.y = ld_v(o + e + 1u); }
-    if (e + 2u < d) { r.z = ld_v(o + e + 2u); }
-    if (e + 3u < d) { r.w = ld_v(o + e + 3u); }
-    return r;
-}
-fn d_o4(o: u32, e: u32, d: u32) -> vec4<f32> {
-    var r = vec4<f32>(ld_d_o(o + e), 0.0, 0.0, 0.0);
-    if (e + 1u < d) { r.y = ld_d_o(o + e + 1u); }
-    if (e + 2u < d) { r.z = ld_d_o(o + e + 2u); }
-    if (e + 3u < d) { r.w = ld_d_o(o + e + 3u); }
-    return r;
-}
 
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
@@ -363,14 +306,14 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
                     var x = 0.0;
                     var dp = 0.0;
                     for (var cc = 0u; cc < nc; cc = cc + 1u) {
-                        x = x + dot(q4(qo, 4u * cc, d), k4(ko, 4u * cc, d));
-                        dp = dp + dot(d_o4(qo, 4u * cc, d), v4(ko, 4u * cc, d));
+                        x = x + dot(ld4_q(qo, 4u * cc, d), ld4_k(ko, 4u * cc, d));
+                        dp = dp + dot(ld4_d_o(qo, 4u * cc, d), ld4_v(ko, 4u * cc, d));
                     }
                     let p = exp(sc * x - lse);
                     let ds = sc * p * (dp - ld_delta(li));
                     for (var cc = 0u; cc < nc; cc = cc + 1u) {
-                        dv[cc] = dv[cc] + p * d_o4(qo, 4u * cc, d);
-                        dk[cc] = dk[cc] + ds * q4(qo, 4u * cc, d);
+                        dv[cc] = dv[cc] + p * ld4_d_o(qo, 4u * cc, d);
+                        dk[cc] = dk[cc] + ds * ld4_q(qo, 4u * cc, d);
                     }
                 }
             }
@@ -433,7 +376,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw: vec3<
             let ko = k_off(b, s, h / grp);
             var x = 0.0;
             for (var e = 0u; e < d; e = e + 4u) {
-                x = x + dot(q4(qo, e, d), k4(ko, e, d));
+                x = x + dot(ld4_q(qo, e, d), ld4_k(ko, e, d));
             }
             p = p + exp(sc * x - l) * inv_h;
         }

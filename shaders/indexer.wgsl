@@ -31,20 +31,6 @@ fn ki_off(b: u32, s: u32) -> u32 {
     return (b * pu(1u) + s) * pu(3u);
 }
 
-fn qi4(o: u32, e: u32, d: u32) -> vec4<f32> {
-    var r = vec4<f32>(ld_qi(o + e), 0.0, 0.0, 0.0);
-    if (e + 1u < d) { r.y = ld_qi(o + e + 1u); }
-    if (e + 2u < d) { r.z = ld_qi(o + e + 2u); }
-    if (e + 3u < d) { r.w = ld_qi(o + e + 3u); }
-    return r;
-}
-fn ki4(o: u32, e: u32, d: u32) -> vec4<f32> {
-    var r = vec4<f32>(ld_ki(o + e), 0.0, 0.0, 0.0);
-    if (e + 1u < d) { r.y = ld_ki(o + e + 1u); }
-    if (e + 2u < d) { r.z = ld_ki(o + e + 2u); }
-    if (e + 3u < d) { r.w = ld_ki(o + e + 3u); }
-    return r;
-}
 
 // Loops run 4 lanes at a time: llvmpipe (lavapipe) caps the loop iterations
 // of one invocation at 65 535.
@@ -52,7 +38,7 @@ fn logit(qo: u32, ko: u32) -> f32 {
     let d = pu(3u);
     var x = 0.0;
     for (var e = 0u; e < d; e = e + 4u) {
-        x = x + dot(qi4(qo, e, d), ki4(ko, e, d));
+        x = x + dot(ld4_qi(qo, e, d), ld4_ki(ko, e, d));
     }
     return x;
 }
@@ -171,7 +157,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
             if (l > 0.0) {
                 let coef = dval * wj;
                 for (var cc = 0u; cc < nc; cc = cc + 1u) {
-                    acc[cc] = acc[cc] + coef * ki4(ko, c0 + 4u * cc, di);
+                    acc[cc] = acc[cc] + coef * ld4_ki(ko, c0 + 4u * cc, di);
                 }
             }
         }
@@ -218,7 +204,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
                 if (l > 0.0) {
                     let coef = dval * ld_w((b * seq + t) * nh + j);
                     for (var cc = 0u; cc < nc; cc = cc + 1u) {
-                        acc[cc] = acc[cc] + coef * qi4(qo, c0 + 4u * cc, di);
+                        acc[cc] = acc[cc] + coef * ld4_qi(qo, c0 + 4u * cc, di);
                     }
                 }
             }

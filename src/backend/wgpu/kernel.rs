@@ -20,11 +20,14 @@
 //!
 //! | role     | WGSL accessors                         | binding                                   |
 //! |----------|----------------------------------------|-------------------------------------------|
-//! | `in`     | `ld_x(i) -> f32`                       | f32, or f16/bf16 packed two per `u32`     |
+//! | `in`     | `ld_x(i) -> f32`, `ld4_x(o, e, d)`     | f32, or f16/bf16 packed two per `u32`     |
 //! | `out`    | `st_x(i, v)`, `ld_x(i)`                | f32 (half outputs go through f32 staging) |
 //! | `inout`  | `ld_x(i)`, `st_x(i, v)`                | as `out`, staging preloaded with the data |
 //! | `idx`    | `ldu_x(i) -> u32`                      | `array<u32>`, read-only                   |
 //! | `idxout` | `ldu_x(i)`, `stu_x(i, v)`              | `array<u32>`, read-write                  |
+//!
+//! `ld4_x(o, e, d)` reads elements `o+e .. o+e+3` of a row of length `d` as a
+//! `vec4<f32>`, zero past the row's end (for head-dim loops in steps of four).
 //!
 //! f16 is converted with `unpack2x16float`/`pack2x16float` and bf16 with bit
 //! shifts (round to nearest even), so half precision works on every adapter,
@@ -167,26 +170,39 @@ pub fn generate(k: &KernelDef, dtypes: &[DType]) -> Result<String> {
         let decl =
             |access: &str, ty: &str| format!("@group(0) @binding({b}) var<storage, {access}> b_{name}: array<{ty}>;\n");
         match role {
-            Role::In => match dt {
-                DType::F32 => {
-                    s += &decl("read", "f32");
-                    s += &format!("fn ld_{name}(i: u32) -> f32 {{ return b_{name}[i]; }}\n");
+            Role::In => {
+                match dt {
+                    DType::F32 => {
+                        s += &decl("read", "f32");
+                        s += &format!("fn ld_{name}(i: u32) -> f32 {{ return b_{name}[i]; }}\n");
+                    }
+                    DType::F16 => {
+                        s += &decl("read", "u32");
+                        s += &format!(
+                            "fn ld_{name}(i: u32) -> f32 {{ return unpack2x16float(b_{name}[i >> 1u])[i & 1u]; }}\n"
+                        );
+                    }
+                    DType::BF16 => {
+                        s += &decl("read", "u32");
+                        s += &format!(
+                            "fn ld_{name}(i: u32) -> f32 {{ let w = b_{name}[i >> 1u]; \
+                             if ((i & 1u) == 0u) {{ return bf16_lo(w); }} return bf16_hi(w); }}\n"
+                        );
+                    }
+                    _ => {
+                        return Err(Error::Device(format!(
+                            "{}::{}: `{name}` must be a float tensor",
+                            k.family, k.name
+                        )));
+                    }
                 }
-                DType::F16 => {
-                    s += &decl("read", "u32");
-                    s += &format!(
-                        "fn ld_{name}(i: u32) -> f32 {{ return unpack2x16float(b_{name}[i >> 1u])[i & 1u]; }}\n"
-                    );
-                }
-                DType::BF16 => {
-                    s += &decl("read", "u32");
-                    s += &format!(
-                        "fn ld_{name}(i: u32) -> f32 {{ let w = b_{name}[i >> 1u]; \
-                         if ((i & 1u) == 0u) {{ return bf16_lo(w); }} return bf16_hi(w); }}\n"
-                    );
-                }
-                _ => return Err(Error::Device(format!("{}::{}: `{name}` must be a float tensor", k.family, k.name))),
-            },
+                // Four consecutive elements o+e..o+e+3 of a row of length d (zero beyond d).
+                s += &format!(
+                    "fn ld4_{name}(o: u32, e: u32, d: u32) -> vec4<f32> {{ var r = vec4<f32>(ld_{name}(o + e), 0.0, 0.0, 0.0); \
+                     if (e + 1u < d) {{ r.y = ld_{name}(o + e + 1u); }} if (e + 2u < d) {{ r.z = ld_{name}(o + e + 2u); }} \
+                     if (e + 3u < d) {{ r.w = ld_{name}(o + e + 3u); }} return r; }}\n"
+                );
+            }
             Role::Out | Role::InOut => {
                 if dt != DType::F32 {
                     return Err(Error::Device(format!("{}::{}: output `{name}` must bind as f32", k.family, k.name)));
