@@ -187,6 +187,174 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     }
 }
 
+//!kernel attn_fwd_tiled(q: in, k: in, v: in, idx: idx, o: out, lse: out)
+// The dense and block patterns, tiled: one 64-wide workgroup per (chunk c,
+// batch, query tile, head), one invocation per query of the tile (p14 TQ <=
+// 64 consecutive queries; for blocks TQ divides the block, so the tile shares
+// its query block's key blocks). The tile's slots [c·p10, (c+1)·p10) go
+// through workgroup memory KT keys at a time: each K/V tile is loaded once,
+// cooperatively, and read by every query, each running its own online
+// softmax. Workgroups cover the tiles p15 .. p15 + p16 (in (batch, tile,
+// head) order, the tiles meeting the rows r0 .. r0 + R); a query writes only
+// if its row is in the launch, in the layout of `attn_fwd`. head_dim <= 128.
+const KT: u32 = 16u;
+const TD4: u32 = 32u;
+var<workgroup> tk: array<vec4<f32>, 512>;
+var<workgroup> tv: array<vec4<f32>, 512>;
+var<workgroup> tkey: array<u32, 16>;
+
+fn tile_key(b: u32, t0: u32, tl: u32, si: u32, s1: u32) -> u32 {
+    if (si >= s1) { return NONE; }
+    if (pu(6u) == 0u) { return si; }
+    let blk = pu(8u);
+    let qb = t0 / blk;
+    let kb = ldu_idx((b * pu(9u) + qb) * pu(7u) + si / blk);
+    if (kb == NONE || kb > qb) { return NONE; }
+    let j = kb * blk + si % blk;
+    if (j > tl) { return NONE; }
+    return j;
+}
+
+// q·k of keys kk0 .. kk0 + 3 of the K tile, on vec4 cc of the head dim.
+fn kdot4(qc: vec4<f32>, kk0: u32, cc: u32) -> vec4<f32> {
+    return vec4<f32>(
+        dot(qc, tk[kk0 * TD4 + cc]),
+        dot(qc, tk[(kk0 + 1u) * TD4 + cc]),
+        dot(qc, tk[(kk0 + 2u) * TD4 + cc]),
+        dot(qc, tk[(kk0 + 3u) * TD4 + cc]),
+    );
+}
+
+// Scores of keys kk0 .. kk0 + 3, -inf where query t does not see the key.
+fn kmask4(x: vec4<f32>, kk0: u32, t: u32) -> vec4<f32> {
+    let j = vec4<u32>(tkey[kk0], tkey[kk0 + 1u], tkey[kk0 + 2u], tkey[kk0 + 3u]);
+    return select(vec4<f32>(neg_inf()), x, j <= vec4<u32>(t));
+}
+
+fn hmax(x: vec4<f32>) -> f32 {
+    return max(max(x.x, x.y), max(x.z, x.w));
+}
+
+// Σ p·v over keys kk0 .. kk0 + 3 of the V tile, on vec4 cc of the head dim.
+fn pv4(p: vec4<f32>, kk0: u32, cc: u32) -> vec4<f32> {
+    return p.x * tv[kk0 * TD4 + cc] + p.y * tv[(kk0 + 1u) * TD4 + cc] + p.z * tv[(kk0 + 2u) * TD4 + cc]
+        + p.w * tv[(kk0 + 3u) * TD4 + cc];
+}
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let w = wid.x + wid.y * nw.x;
+    let seq = pu(1u);
+    let nh = pu(2u);
+    let nch = pu(11u);
+    let r0 = pu(12u);
+    let nrow = pu(13u);
+    let tq = pu(14u);
+    let ntile = pu(16u);
+    let inside = w < nch * ntile;
+    let c = w / ntile;
+    let tile = pu(15u) + w % ntile;
+    let h = tile % nh;
+    let qt = tile / nh;
+    let ntq = (seq + tq - 1u) / tq;
+    let b = qt / ntq;
+    let t0 = (qt % ntq) * tq;
+    let tl = min(t0 + tq, seq) - 1u;
+    let t = t0 + lid;
+    let r = (b * seq + t) * nh + h;
+    let mine = inside && lid < tq && t < seq && r >= r0 && r < r0 + nrow;
+    let d = pu(4u);
+    let nc = (d + 3u) / 4u;
+    let sc = pf(5u);
+    let g = h / (nh / pu(3u));
+    var qv: array<vec4<f32>, TD4>;
+    var acc: array<vec4<f32>, TD4>;
+    for (var cc = 0u; cc < nc; cc = cc + 1u) {
+        qv[cc] = vec4<f32>(0.0);
+        if (mine) { qv[cc] = ld4_q(r * d, 4u * cc, d); }
+        acc[cc] = vec4<f32>(0.0);
+    }
+    var m = neg_inf();
+    var l = 0.0;
+    var ns = pu(7u) * pu(8u);
+    if (pu(6u) == 0u) { ns = tl + 1u; }
+    let s0 = c * pu(10u);
+    var s1 = min(ns, s0 + pu(10u));
+    if (!inside) { s1 = s0; }
+    for (var st = s0; st < s1; st = st + KT) {
+        if (lid < KT) { tkey[lid] = tile_key(b, t0, tl, st + lid, s1); }
+        for (var e = lid; e < KT * nc; e = e + 64u) {
+            let kk = e / nc;
+            let cc = e % nc;
+            let j = tile_key(b, t0, tl, st + kk, s1);
+            var kx = vec4<f32>(0.0);
+            var vx = vec4<f32>(0.0);
+            if (j != NONE) {
+                let ko = k_off(b, j, g);
+                kx = ld4_k(ko, 4u * cc, d);
+                vx = ld4_v(ko, 4u * cc, d);
+            }
+            tk[kk * TD4 + cc] = kx;
+            tv[kk * TD4 + cc] = vx;
+        }
+        workgroupBarrier();
+        if (mine) {
+            // The tile's 16 scores as four vec4s (straight-line code, no
+            // indexed private arrays), then one pass over the head dim.
+            var x0 = vec4<f32>(0.0);
+            var x1 = vec4<f32>(0.0);
+            var x2 = vec4<f32>(0.0);
+            var x3 = vec4<f32>(0.0);
+            for (var cc = 0u; cc < nc; cc = cc + 1u) {
+                let qc = qv[cc];
+                x0 = x0 + kdot4(qc, 0u, cc);
+                x1 = x1 + kdot4(qc, 4u, cc);
+                x2 = x2 + kdot4(qc, 8u, cc);
+                x3 = x3 + kdot4(qc, 12u, cc);
+            }
+            x0 = kmask4(sc * x0, 0u, t);
+            x1 = kmask4(sc * x1, 4u, t);
+            x2 = kmask4(sc * x2, 8u, t);
+            x3 = kmask4(sc * x3, 12u, t);
+            let mx = max(max(hmax(x0), hmax(x1)), max(hmax(x2), hmax(x3)));
+            if (mx > neg_inf()) {
+                let mn = max(m, mx);
+                let corr = exp(m - mn);
+                let p0 = exp(x0 - vec4<f32>(mn));
+                let p1 = exp(x1 - vec4<f32>(mn));
+                let p2 = exp(x2 - vec4<f32>(mn));
+                let p3 = exp(x3 - vec4<f32>(mn));
+                l = l * corr + dot(p0 + p1 + p2 + p3, vec4<f32>(1.0));
+                m = mn;
+                for (var cc = 0u; cc < nc; cc = cc + 1u) {
+                    acc[cc] = acc[cc] * corr + pv4(p0, 0u, cc) + pv4(p1, 4u, cc) + pv4(p2, 8u, cc) + pv4(p3, 12u, cc);
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    if (!mine) { return; }
+    let rl = r - r0;
+    let oo = (c * nrow + rl) * d;
+    var inv = 1.0;
+    if (nch == 1u) {
+        let li = (b * nh + h) * seq + t;
+        if (l > 0.0) {
+            inv = 1.0 / l;
+            st_lse(li, m + log(l));
+        } else {
+            inv = 0.0;
+            st_lse(li, neg_inf());
+        }
+    } else {
+        st_lse(2u * (c * nrow + rl), m);
+        st_lse(2u * (c * nrow + rl) + 1u, l);
+    }
+    for (var e = 0u; e < d; e = e + 1u) {
+        st_o(oo + e, acc[e / 4u][e % 4u] * inv);
+    }
+}
+
 //!kernel attn_bwd_dq(q: in, k: in, v: in, d_o: in, o: in, lse: in, idx: idx, dq: out, delta: out)
 // One invocation per (chunk, batch, query, head): dq = scale · Σ_s p (dO·v_s -
 // delta) k_s over the chunk's slots, written to dq (nch = 1) or to the partial

@@ -172,6 +172,9 @@ pub(super) fn attention(
     let rows = s.batch * s.seq * s.n_heads;
     let (d, nc) = (s.head_dim, s.head_dim.div_ceil(4));
     // Per slot: the slot loop, the q·k and the p·v vec4 loops.
+    if let Some(tq) = fwd_tile(be, s) {
+        return attention_tiled(be, s, tq, q, k, v, idx, o, lse);
+    }
     let pl = plan(max_slots(s), 1 + 2 * nc, nc + d + 64, 1, rows, d + 2, max_scratch_floats(be));
     let params = |r0: usize, n: usize| attn_params(s).u(pl.chunk).u(pl.nch).u(r0).u(n);
     if pl.nch == 1 {
@@ -192,6 +195,99 @@ pub(super) fn attention(
             &mut [Arg::R(q), Arg::R(k), Arg::R(v), Arg::R(idx), Arg::W(&mut part), Arg::W(&mut ml)],
             params(r0, n),
             grid1d(pl.nch * n),
+        )?;
+        be.launch(
+            "split",
+            "attn_fwd_combine",
+            &mut [Arg::R(&part), Arg::R(&ml), Arg::W(o), Arg::W(lse)],
+            params(r0, n),
+            grid1d(n * d),
+        )?;
+    }
+    Ok(())
+}
+
+/// Queries per workgroup of `attn_fwd_tiled` (its workgroup size).
+const FWD_TILE: usize = 64;
+/// Keys per workgroup-memory tile of `attn_fwd_tiled`.
+const FWD_KEYS: usize = 16;
+/// Largest head_dim of `attn_fwd_tiled`.
+const FWD_MAX_DIM: usize = 128;
+/// Workgroup memory of `attn_fwd_tiled`: the K and V tiles and their keys.
+const FWD_SHARED_BYTES: usize = 2 * FWD_KEYS * (FWD_MAX_DIM / 4) * 16 + 4 * FWD_KEYS;
+
+/// The query tile of the tiled forward, if it applies: the dense pattern, or
+/// blocks with a query tile that divides the block (the whole block up to
+/// 64 queries, else 64 when the block is a multiple of it); head_dim <= 128.
+fn fwd_tile(be: &WgpuBackend, s: &AttentionSpec) -> Option<usize> {
+    let shared = be.device.limits().max_compute_workgroup_storage_size as usize;
+    if s.head_dim > FWD_MAX_DIM || shared < FWD_SHARED_BYTES {
+        return None;
+    }
+    match s.pattern {
+        PatternSpec::Dense => Some(FWD_TILE),
+        PatternSpec::Blocks { block, .. } if block <= FWD_TILE => Some(block),
+        PatternSpec::Blocks { block, .. } if block % FWD_TILE == 0 => Some(FWD_TILE),
+        _ => None,
+    }
+}
+
+/// The forward with `attn_fwd_tiled`: a workgroup per (chunk, batch, tile of
+/// `tq` queries, head) sharing K/V tiles in workgroup memory, split over the
+/// tile's slots like `attn_fwd` (same partials and combine).
+#[allow(clippy::too_many_arguments)]
+fn attention_tiled(
+    be: &WgpuBackend,
+    s: &AttentionSpec,
+    tq: usize,
+    q: &T,
+    k: &T,
+    v: &T,
+    idx: &T,
+    o: &mut T,
+    lse: &mut T,
+) -> Result<()> {
+    let rows = s.batch * s.seq * s.n_heads;
+    let (d, nc) = (s.head_dim, s.head_dim.div_ceil(4));
+    let nh = s.n_heads;
+    // Split over key tiles of FWD_KEYS slots; per tile: the tile loop, the
+    // cooperative load loop, and the q·k and p·v vec4 loops.
+    let per = 1 + (FWD_KEYS * nc).div_ceil(FWD_TILE) + 2 * nc;
+    let mut pl = plan(max_slots(s).div_ceil(FWD_KEYS), per, 2 * nc + d + 64, 1, rows, d + 2, max_scratch_floats(be));
+    pl.chunk *= FWD_KEYS;
+    let ntq = s.seq.div_ceil(tq);
+    // The workgroup tiles (batch, query tile, head) meeting rows r0 .. r0 + n.
+    let tiles = |r0: usize, n: usize| {
+        let tile = |r: usize| {
+            let (bt, h) = (r / nh, r % nh);
+            ((bt / s.seq) * ntq + (bt % s.seq) / tq) * nh + h
+        };
+        let (first, last) = (tile(r0) - r0 % nh, tile(r0 + n - 1));
+        (first, last + nh - last % nh - first)
+    };
+    let params = |r0: usize, n: usize| {
+        let (first, nt) = tiles(r0, n);
+        attn_params(s).u(pl.chunk).u(pl.nch).u(r0).u(n).u(tq).u(first).u(nt)
+    };
+    let grid = |r0: usize, n: usize| rows_grid(pl.nch * tiles(r0, n).1);
+    if pl.nch == 1 {
+        return be.launch(
+            "attention",
+            "attn_fwd_tiled",
+            &mut [Arg::R(q), Arg::R(k), Arg::R(v), Arg::R(idx), Arg::W(o), Arg::W(lse)],
+            params(0, rows),
+            grid(0, rows),
+        );
+    }
+    let mut part = Tensor::empty(be, &[pl.nch * pl.rows * d], DType::F32)?;
+    let mut ml = Tensor::empty(be, &[pl.nch * pl.rows * 2], DType::F32)?;
+    for (r0, n) in slices(rows, pl.rows) {
+        be.launch(
+            "attention",
+            "attn_fwd_tiled",
+            &mut [Arg::R(q), Arg::R(k), Arg::R(v), Arg::R(idx), Arg::W(&mut part), Arg::W(&mut ml)],
+            params(r0, n),
+            grid(r0, n),
         )?;
         be.launch(
             "split",
