@@ -188,15 +188,16 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 }
 
 //!kernel attn_fwd_tiled(q: in, k: in, v: in, idx: idx, o: out, lse: out)
-// The dense and block patterns, tiled: one 64-wide workgroup per (chunk c,
-// batch, query tile, head), one invocation per query of the tile (p14 TQ <=
-// 64 consecutive queries; for blocks TQ divides the block, so the tile shares
-// its query block's key blocks). The tile's slots [c·p10, (c+1)·p10) go
-// through workgroup memory KT keys at a time: each K/V tile is loaded once,
-// cooperatively, and read by every query, each running its own online
-// softmax. Workgroups cover the tiles p15 .. p15 + p16 (in (batch, tile,
-// head) order, the tiles meeting the rows r0 .. r0 + R); a query writes only
-// if its row is in the launch, in the layout of `attn_fwd`. head_dim <= 128.
+// The dense and block patterns, tiled: one 32-wide workgroup per (chunk c,
+// batch, query tile, head) of p14 TQ <= 64 consecutive queries, invocation i
+// running queries i and i + 32 of the tile (two online softmaxes sharing every
+// K/V read). For blocks TQ divides the block, so the tile shares its query
+// block's key blocks. The tile's slots [c·p10, (c+1)·p10) go through
+// workgroup memory KT keys at a time: each K/V tile is loaded once,
+// cooperatively, and read by every query. Workgroups cover the tiles p15 ..
+// p15 + p16 (in (batch, tile, head) order, the tiles meeting the rows r0 ..
+// r0 + R); a query writes only if its row is in the launch, in the layout of
+// `attn_fwd`. head_dim <= 128.
 const KT: u32 = 16u;
 const TD4: u32 = 32u;
 var<workgroup> tk: array<vec4<f32>, 512>;
@@ -215,16 +216,6 @@ fn tile_key(b: u32, t0: u32, tl: u32, si: u32, s1: u32) -> u32 {
     return j;
 }
 
-// q·k of keys kk0 .. kk0 + 3 of the K tile, on vec4 cc of the head dim.
-fn kdot4(qc: vec4<f32>, kk0: u32, cc: u32) -> vec4<f32> {
-    return vec4<f32>(
-        dot(qc, tk[kk0 * TD4 + cc]),
-        dot(qc, tk[(kk0 + 1u) * TD4 + cc]),
-        dot(qc, tk[(kk0 + 2u) * TD4 + cc]),
-        dot(qc, tk[(kk0 + 3u) * TD4 + cc]),
-    );
-}
-
 // Scores of keys kk0 .. kk0 + 3, -inf where query t does not see the key.
 fn kmask4(x: vec4<f32>, kk0: u32, t: u32) -> vec4<f32> {
     let j = vec4<u32>(tkey[kk0], tkey[kk0 + 1u], tkey[kk0 + 2u], tkey[kk0 + 3u]);
@@ -235,13 +226,32 @@ fn hmax(x: vec4<f32>) -> f32 {
     return max(max(x.x, x.y), max(x.z, x.w));
 }
 
-// Σ p·v over keys kk0 .. kk0 + 3 of the V tile, on vec4 cc of the head dim.
-fn pv4(p: vec4<f32>, kk0: u32, cc: u32) -> vec4<f32> {
-    return p.x * tv[kk0 * TD4 + cc] + p.y * tv[(kk0 + 1u) * TD4 + cc] + p.z * tv[(kk0 + 2u) * TD4 + cc]
-        + p.w * tv[(kk0 + 3u) * TD4 + cc];
+// The final (nch = 1) or partial output of one query of the tile.
+fn tiled_store(c: u32, rl: u32, r: u32, li: u32, m: f32, l: f32, acc: array<vec4<f32>, TD4>) {
+    let d = pu(4u);
+    let nch = pu(11u);
+    let nrow = pu(13u);
+    var oo = r * d;
+    var inv = 1.0;
+    if (nch == 1u) {
+        if (l > 0.0) {
+            inv = 1.0 / l;
+            st_lse(li, m + log(l));
+        } else {
+            inv = 0.0;
+            st_lse(li, neg_inf());
+        }
+    } else {
+        oo = (c * nrow + rl) * d;
+        st_lse(2u * (c * nrow + rl), m);
+        st_lse(2u * (c * nrow + rl) + 1u, l);
+    }
+    for (var e = 0u; e < d; e = e + 1u) {
+        st_o(oo + e, acc[e / 4u][e % 4u] * inv);
+    }
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(32)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let w = wid.x + wid.y * nw.x;
     let seq = pu(1u);
@@ -260,22 +270,32 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
     let b = qt / ntq;
     let t0 = (qt % ntq) * tq;
     let tl = min(t0 + tq, seq) - 1u;
-    let t = t0 + lid;
-    let r = (b * seq + t) * nh + h;
-    let mine = inside && lid < tq && t < seq && r >= r0 && r < r0 + nrow;
+    let ta = t0 + lid;
+    let tb = ta + 32u;
+    let ra = (b * seq + ta) * nh + h;
+    let rb = (b * seq + tb) * nh + h;
+    let mine_a = inside && lid < tq && ta < seq && ra >= r0 && ra < r0 + nrow;
+    let mine_b = inside && lid + 32u < tq && tb < seq && rb >= r0 && rb < r0 + nrow;
     let d = pu(4u);
     let nc = (d + 3u) / 4u;
     let sc = pf(5u);
     let g = h / (nh / pu(3u));
-    var qv: array<vec4<f32>, TD4>;
-    var acc: array<vec4<f32>, TD4>;
+    var qa: array<vec4<f32>, TD4>;
+    var qb: array<vec4<f32>, TD4>;
+    var acca: array<vec4<f32>, TD4>;
+    var accb: array<vec4<f32>, TD4>;
     for (var cc = 0u; cc < nc; cc = cc + 1u) {
-        qv[cc] = vec4<f32>(0.0);
-        if (mine) { qv[cc] = ld4_q(r * d, 4u * cc, d); }
-        acc[cc] = vec4<f32>(0.0);
+        qa[cc] = vec4<f32>(0.0);
+        qb[cc] = vec4<f32>(0.0);
+        if (mine_a) { qa[cc] = ld4_q(ra * d, 4u * cc, d); }
+        if (mine_b) { qb[cc] = ld4_q(rb * d, 4u * cc, d); }
+        acca[cc] = vec4<f32>(0.0);
+        accb[cc] = vec4<f32>(0.0);
     }
-    var m = neg_inf();
-    var l = 0.0;
+    var ma = neg_inf();
+    var la = 0.0;
+    var mb = neg_inf();
+    var lb = 0.0;
     var ns = pu(7u) * pu(8u);
     if (pu(6u) == 0u) { ns = tl + 1u; }
     let s0 = c * pu(10u);
@@ -283,7 +303,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
     if (!inside) { s1 = s0; }
     for (var st = s0; st < s1; st = st + KT) {
         if (lid < KT) { tkey[lid] = tile_key(b, t0, tl, st + lid, s1); }
-        for (var e = lid; e < KT * nc; e = e + 64u) {
+        for (var e = lid; e < KT * nc; e = e + 32u) {
             let kk = e / nc;
             let cc = e % nc;
             let j = tile_key(b, t0, tl, st + kk, s1);
@@ -298,61 +318,111 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
             tv[kk * TD4 + cc] = vx;
         }
         workgroupBarrier();
-        if (mine) {
-            // The tile's 16 scores as four vec4s (straight-line code, no
-            // indexed private arrays), then one pass over the head dim.
+        // Skip tiles without a key these queries see (masked blocks, the future).
+        let j0 = min(vec4<u32>(tkey[0], tkey[1], tkey[2], tkey[3]), vec4<u32>(tkey[4], tkey[5], tkey[6], tkey[7]));
+        let j1 = min(vec4<u32>(tkey[8], tkey[9], tkey[10], tkey[11]), vec4<u32>(tkey[12], tkey[13], tkey[14], tkey[15]));
+        let jm = min(j0, j1);
+        let jmin = min(min(jm.x, jm.y), min(jm.z, jm.w));
+        let use_a = mine_a && jmin <= ta;
+        let use_b = mine_b && jmin <= tb;
+        if (use_a || use_b) {
+            // The tile's 16 scores of each query as four vec4s (straight-line
+            // code, no indexed private arrays), then one pass over the head dim.
             var x0 = vec4<f32>(0.0);
             var x1 = vec4<f32>(0.0);
             var x2 = vec4<f32>(0.0);
             var x3 = vec4<f32>(0.0);
+            var y0 = vec4<f32>(0.0);
+            var y1 = vec4<f32>(0.0);
+            var y2 = vec4<f32>(0.0);
+            var y3 = vec4<f32>(0.0);
             for (var cc = 0u; cc < nc; cc = cc + 1u) {
-                let qc = qv[cc];
-                x0 = x0 + kdot4(qc, 0u, cc);
-                x1 = x1 + kdot4(qc, 4u, cc);
-                x2 = x2 + kdot4(qc, 8u, cc);
-                x3 = x3 + kdot4(qc, 12u, cc);
+                let ac = qa[cc];
+                let bc = qb[cc];
+                let k0 = tk[0u * TD4 + cc];
+                let k1 = tk[1u * TD4 + cc];
+                let k2 = tk[2u * TD4 + cc];
+                let k3 = tk[3u * TD4 + cc];
+                let k4 = tk[4u * TD4 + cc];
+                let k5 = tk[5u * TD4 + cc];
+                let k6 = tk[6u * TD4 + cc];
+                let k7 = tk[7u * TD4 + cc];
+                let k8 = tk[8u * TD4 + cc];
+                let k9 = tk[9u * TD4 + cc];
+                let k10 = tk[10u * TD4 + cc];
+                let k11 = tk[11u * TD4 + cc];
+                let k12 = tk[12u * TD4 + cc];
+                let k13 = tk[13u * TD4 + cc];
+                let k14 = tk[14u * TD4 + cc];
+                let k15 = tk[15u * TD4 + cc];
+                x0 = x0 + vec4<f32>(dot(ac, k0), dot(ac, k1), dot(ac, k2), dot(ac, k3));
+                x1 = x1 + vec4<f32>(dot(ac, k4), dot(ac, k5), dot(ac, k6), dot(ac, k7));
+                x2 = x2 + vec4<f32>(dot(ac, k8), dot(ac, k9), dot(ac, k10), dot(ac, k11));
+                x3 = x3 + vec4<f32>(dot(ac, k12), dot(ac, k13), dot(ac, k14), dot(ac, k15));
+                y0 = y0 + vec4<f32>(dot(bc, k0), dot(bc, k1), dot(bc, k2), dot(bc, k3));
+                y1 = y1 + vec4<f32>(dot(bc, k4), dot(bc, k5), dot(bc, k6), dot(bc, k7));
+                y2 = y2 + vec4<f32>(dot(bc, k8), dot(bc, k9), dot(bc, k10), dot(bc, k11));
+                y3 = y3 + vec4<f32>(dot(bc, k12), dot(bc, k13), dot(bc, k14), dot(bc, k15));
             }
-            x0 = kmask4(sc * x0, 0u, t);
-            x1 = kmask4(sc * x1, 4u, t);
-            x2 = kmask4(sc * x2, 8u, t);
-            x3 = kmask4(sc * x3, 12u, t);
-            let mx = max(max(hmax(x0), hmax(x1)), max(hmax(x2), hmax(x3)));
-            if (mx > neg_inf()) {
-                let mn = max(m, mx);
-                let corr = exp(m - mn);
-                let p0 = exp(x0 - vec4<f32>(mn));
-                let p1 = exp(x1 - vec4<f32>(mn));
-                let p2 = exp(x2 - vec4<f32>(mn));
-                let p3 = exp(x3 - vec4<f32>(mn));
-                l = l * corr + dot(p0 + p1 + p2 + p3, vec4<f32>(1.0));
-                m = mn;
-                for (var cc = 0u; cc < nc; cc = cc + 1u) {
-                    acc[cc] = acc[cc] * corr + pv4(p0, 0u, cc) + pv4(p1, 4u, cc) + pv4(p2, 8u, cc) + pv4(p3, 12u, cc);
-                }
+            var ua = ta;
+            if (!use_a) { ua = 0u; }
+            var ub = tb;
+            if (!use_b) { ub = 0u; }
+            x0 = kmask4(sc * x0, 0u, ua);
+            x1 = kmask4(sc * x1, 4u, ua);
+            x2 = kmask4(sc * x2, 8u, ua);
+            x3 = kmask4(sc * x3, 12u, ua);
+            y0 = kmask4(sc * y0, 0u, ub);
+            y1 = kmask4(sc * y1, 4u, ub);
+            y2 = kmask4(sc * y2, 8u, ub);
+            y3 = kmask4(sc * y3, 12u, ub);
+            if (!use_a) { x0 = vec4<f32>(neg_inf()); x1 = x0; x2 = x0; x3 = x0; }
+            if (!use_b) { y0 = vec4<f32>(neg_inf()); y1 = y0; y2 = y0; y3 = y0; }
+            // New maxima; a query with no key yet keeps m = -inf and gets p = 0
+            // (exponents taken against 0 then, never -inf - -inf).
+            let mna = max(ma, max(max(hmax(x0), hmax(x1)), max(hmax(x2), hmax(x3))));
+            let mnb = max(mb, max(max(hmax(y0), hmax(y1)), max(hmax(y2), hmax(y3))));
+            let ea = select(mna, 0.0, mna == neg_inf());
+            let eb = select(mnb, 0.0, mnb == neg_inf());
+            let ca = exp(ma - ea);
+            let cb = exp(mb - eb);
+            let pa0 = exp(x0 - vec4<f32>(ea));
+            let pa1 = exp(x1 - vec4<f32>(ea));
+            let pa2 = exp(x2 - vec4<f32>(ea));
+            let pa3 = exp(x3 - vec4<f32>(ea));
+            let pb0 = exp(y0 - vec4<f32>(eb));
+            let pb1 = exp(y1 - vec4<f32>(eb));
+            let pb2 = exp(y2 - vec4<f32>(eb));
+            let pb3 = exp(y3 - vec4<f32>(eb));
+            la = la * ca + dot(pa0 + pa1 + pa2 + pa3, vec4<f32>(1.0));
+            lb = lb * cb + dot(pb0 + pb1 + pb2 + pb3, vec4<f32>(1.0));
+            ma = mna;
+            mb = mnb;
+            for (var cc = 0u; cc < nc; cc = cc + 1u) {
+                let v0 = tv[0u * TD4 + cc];
+                let v1 = tv[1u * TD4 + cc];
+                let v2 = tv[2u * TD4 + cc];
+                let v3 = tv[3u * TD4 + cc];
+                let v4 = tv[4u * TD4 + cc];
+                let v5 = tv[5u * TD4 + cc];
+                let v6 = tv[6u * TD4 + cc];
+                let v7 = tv[7u * TD4 + cc];
+                let v8 = tv[8u * TD4 + cc];
+                let v9 = tv[9u * TD4 + cc];
+                let v10 = tv[10u * TD4 + cc];
+                let v11 = tv[11u * TD4 + cc];
+                let v12 = tv[12u * TD4 + cc];
+                let v13 = tv[13u * TD4 + cc];
+                let v14 = tv[14u * TD4 + cc];
+                let v15 = tv[15u * TD4 + cc];
+                acca[cc] = acca[cc] * ca + pa0.x * v0 + pa0.y * v1 + pa0.z * v2 + pa0.w * v3 + pa1.x * v4 + pa1.y * v5 + pa1.z * v6 + pa1.w * v7 + pa2.x * v8 + pa2.y * v9 + pa2.z * v10 + pa2.w * v11 + pa3.x * v12 + pa3.y * v13 + pa3.z * v14 + pa3.w * v15;
+                accb[cc] = accb[cc] * cb + pb0.x * v0 + pb0.y * v1 + pb0.z * v2 + pb0.w * v3 + pb1.x * v4 + pb1.y * v5 + pb1.z * v6 + pb1.w * v7 + pb2.x * v8 + pb2.y * v9 + pb2.z * v10 + pb2.w * v11 + pb3.x * v12 + pb3.y * v13 + pb3.z * v14 + pb3.w * v15;
             }
         }
         workgroupBarrier();
     }
-    if (!mine) { return; }
-    let rl = r - r0;
-    let oo = (c * nrow + rl) * d;
-    var inv = 1.0;
-    if (nch == 1u) {
-        let li = (b * nh + h) * seq + t;
-        if (l > 0.0) {
-            inv = 1.0 / l;
-            st_lse(li, m + log(l));
-        } else {
-            inv = 0.0;
-            st_lse(li, neg_inf());
-        }
-    } else {
-        st_lse(2u * (c * nrow + rl), m);
-        st_lse(2u * (c * nrow + rl) + 1u, l);
-    }
-    for (var e = 0u; e < d; e = e + 1u) {
-        st_o(oo + e, acc[e / 4u][e % 4u] * inv);
-    }
+    if (mine_a) { tiled_store(c, ra - r0, ra, (b * nh + h) * seq + ta, ma, la, acca); }
+    if (mine_b) { tiled_store(c, rb - r0, rb, (b * nh + h) * seq + tb, mb, lb, accb); }
 }
 
 //!kernel attn_bwd_dq(q: in, k: in, v: in, d_o: in, o: in, lse: in, idx: idx, dq: out, delta: out)

@@ -207,8 +207,10 @@ pub(super) fn attention(
     Ok(())
 }
 
-/// Queries per workgroup of `attn_fwd_tiled` (its workgroup size).
+/// Queries per workgroup of `attn_fwd_tiled`, two per invocation.
 const FWD_TILE: usize = 64;
+/// Invocations per workgroup of `attn_fwd_tiled`.
+const FWD_THREADS: usize = 32;
 /// Keys per workgroup-memory tile of `attn_fwd_tiled`.
 const FWD_KEYS: usize = 16;
 /// Largest head_dim of `attn_fwd_tiled`.
@@ -252,7 +254,7 @@ fn attention_tiled(
     let nh = s.n_heads;
     // Split over key tiles of FWD_KEYS slots; per tile: the tile loop, the
     // cooperative load loop, and the q·k and p·v vec4 loops.
-    let per = 1 + (FWD_KEYS * nc).div_ceil(FWD_TILE) + 2 * nc;
+    let per = 1 + (FWD_KEYS * nc).div_ceil(FWD_THREADS) + 2 * nc;
     let mut pl = plan(max_slots(s).div_ceil(FWD_KEYS), per, 2 * nc + d + 64, 1, rows, d + 2, max_scratch_floats(be));
     pl.chunk *= FWD_KEYS;
     let ntq = s.seq.div_ceil(tq);
