@@ -188,16 +188,19 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 }
 
 //!kernel attn_fwd_tiled(q: in, k: in, v: in, idx: idx, o: out, lse: out)
-// The dense and block patterns, tiled: one 32-wide workgroup per (chunk c,
+// The dense and block patterns, tiled: one 8-wide workgroup per (chunk c,
 // batch, query tile, head) of p14 TQ <= 64 consecutive queries, invocation i
-// running queries i and i + 32 of the tile (two online softmaxes sharing every
-// K/V read). For blocks TQ divides the block, so the tile shares its query
+// running queries i, i + 8, .., i + 56 of the tile (eight online softmaxes
+// sharing every K/V read: software adapters are bound by memory reads, not
+// arithmetic). For blocks TQ divides the block, so the tile shares its query
 // block's key blocks. The tile's slots [c·p10, (c+1)·p10) go through
 // workgroup memory KT keys at a time: each K/V tile is loaded once,
-// cooperatively, and read by every query. Workgroups cover the tiles p15 ..
-// p15 + p16 (in (batch, tile, head) order, the tiles meeting the rows r0 ..
-// r0 + R); a query writes only if its row is in the launch, in the layout of
-// `attn_fwd`. head_dim <= 128.
+// cooperatively, and read by every query; scores and p·v run in
+// straight-line vec4 code over the KT keys, one pass over the head dim each.
+// Workgroups cover the tiles p15 .. p15 + p16 (in (batch, tile, head) order,
+// the tiles meeting the rows r0 .. r0 + R); a query writes only if its row
+// is in the launch, in the layout of `attn_fwd`. head_dim <= 128. The
+// per-query code is generated (unrolled over the eight queries).
 const KT: u32 = 16u;
 const TD4: u32 = 32u;
 var<workgroup> tk: array<vec4<f32>, 512>;
@@ -251,7 +254,7 @@ fn tiled_store(c: u32, rl: u32, r: u32, li: u32, m: f32, l: f32, acc: array<vec4
     }
 }
 
-@compute @workgroup_size(32)
+@compute @workgroup_size(8)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let w = wid.x + wid.y * nw.x;
     let seq = pu(1u);
@@ -270,40 +273,100 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
     let b = qt / ntq;
     let t0 = (qt % ntq) * tq;
     let tl = min(t0 + tq, seq) - 1u;
-    let ta = t0 + lid;
-    let tb = ta + 32u;
-    let ra = (b * seq + ta) * nh + h;
-    let rb = (b * seq + tb) * nh + h;
-    let mine_a = inside && lid < tq && ta < seq && ra >= r0 && ra < r0 + nrow;
-    let mine_b = inside && lid + 32u < tq && tb < seq && rb >= r0 && rb < r0 + nrow;
     let d = pu(4u);
     let nc = (d + 3u) / 4u;
     let sc = pf(5u);
     let g = h / (nh / pu(3u));
-    var qa: array<vec4<f32>, TD4>;
-    var qb: array<vec4<f32>, TD4>;
-    var acca: array<vec4<f32>, TD4>;
-    var accb: array<vec4<f32>, TD4>;
+    let ti0 = t0 + lid + 0u;
+    let rr0 = (b * seq + ti0) * nh + h;
+    let mine0 = inside && lid + 0u < tq && ti0 < seq && rr0 >= r0 && rr0 < r0 + nrow;
+    var q0: array<vec4<f32>, TD4>;
+    var acc0: array<vec4<f32>, TD4>;
+    var m0 = neg_inf();
+    var l0 = 0.0;
+    let ti1 = t0 + lid + 8u;
+    let rr1 = (b * seq + ti1) * nh + h;
+    let mine1 = inside && lid + 8u < tq && ti1 < seq && rr1 >= r0 && rr1 < r0 + nrow;
+    var q1: array<vec4<f32>, TD4>;
+    var acc1: array<vec4<f32>, TD4>;
+    var m1 = neg_inf();
+    var l1 = 0.0;
+    let ti2 = t0 + lid + 16u;
+    let rr2 = (b * seq + ti2) * nh + h;
+    let mine2 = inside && lid + 16u < tq && ti2 < seq && rr2 >= r0 && rr2 < r0 + nrow;
+    var q2: array<vec4<f32>, TD4>;
+    var acc2: array<vec4<f32>, TD4>;
+    var m2 = neg_inf();
+    var l2 = 0.0;
+    let ti3 = t0 + lid + 24u;
+    let rr3 = (b * seq + ti3) * nh + h;
+    let mine3 = inside && lid + 24u < tq && ti3 < seq && rr3 >= r0 && rr3 < r0 + nrow;
+    var q3: array<vec4<f32>, TD4>;
+    var acc3: array<vec4<f32>, TD4>;
+    var m3 = neg_inf();
+    var l3 = 0.0;
+    let ti4 = t0 + lid + 32u;
+    let rr4 = (b * seq + ti4) * nh + h;
+    let mine4 = inside && lid + 32u < tq && ti4 < seq && rr4 >= r0 && rr4 < r0 + nrow;
+    var q4: array<vec4<f32>, TD4>;
+    var acc4: array<vec4<f32>, TD4>;
+    var m4 = neg_inf();
+    var l4 = 0.0;
+    let ti5 = t0 + lid + 40u;
+    let rr5 = (b * seq + ti5) * nh + h;
+    let mine5 = inside && lid + 40u < tq && ti5 < seq && rr5 >= r0 && rr5 < r0 + nrow;
+    var q5: array<vec4<f32>, TD4>;
+    var acc5: array<vec4<f32>, TD4>;
+    var m5 = neg_inf();
+    var l5 = 0.0;
+    let ti6 = t0 + lid + 48u;
+    let rr6 = (b * seq + ti6) * nh + h;
+    let mine6 = inside && lid + 48u < tq && ti6 < seq && rr6 >= r0 && rr6 < r0 + nrow;
+    var q6: array<vec4<f32>, TD4>;
+    var acc6: array<vec4<f32>, TD4>;
+    var m6 = neg_inf();
+    var l6 = 0.0;
+    let ti7 = t0 + lid + 56u;
+    let rr7 = (b * seq + ti7) * nh + h;
+    let mine7 = inside && lid + 56u < tq && ti7 < seq && rr7 >= r0 && rr7 < r0 + nrow;
+    var q7: array<vec4<f32>, TD4>;
+    var acc7: array<vec4<f32>, TD4>;
+    var m7 = neg_inf();
+    var l7 = 0.0;
     for (var cc = 0u; cc < nc; cc = cc + 1u) {
-        qa[cc] = vec4<f32>(0.0);
-        qb[cc] = vec4<f32>(0.0);
-        if (mine_a) { qa[cc] = ld4_q(ra * d, 4u * cc, d); }
-        if (mine_b) { qb[cc] = ld4_q(rb * d, 4u * cc, d); }
-        acca[cc] = vec4<f32>(0.0);
-        accb[cc] = vec4<f32>(0.0);
+        q0[cc] = vec4<f32>(0.0);
+        if (mine0) { q0[cc] = ld4_q(rr0 * d, 4u * cc, d); }
+        acc0[cc] = vec4<f32>(0.0);
+        q1[cc] = vec4<f32>(0.0);
+        if (mine1) { q1[cc] = ld4_q(rr1 * d, 4u * cc, d); }
+        acc1[cc] = vec4<f32>(0.0);
+        q2[cc] = vec4<f32>(0.0);
+        if (mine2) { q2[cc] = ld4_q(rr2 * d, 4u * cc, d); }
+        acc2[cc] = vec4<f32>(0.0);
+        q3[cc] = vec4<f32>(0.0);
+        if (mine3) { q3[cc] = ld4_q(rr3 * d, 4u * cc, d); }
+        acc3[cc] = vec4<f32>(0.0);
+        q4[cc] = vec4<f32>(0.0);
+        if (mine4) { q4[cc] = ld4_q(rr4 * d, 4u * cc, d); }
+        acc4[cc] = vec4<f32>(0.0);
+        q5[cc] = vec4<f32>(0.0);
+        if (mine5) { q5[cc] = ld4_q(rr5 * d, 4u * cc, d); }
+        acc5[cc] = vec4<f32>(0.0);
+        q6[cc] = vec4<f32>(0.0);
+        if (mine6) { q6[cc] = ld4_q(rr6 * d, 4u * cc, d); }
+        acc6[cc] = vec4<f32>(0.0);
+        q7[cc] = vec4<f32>(0.0);
+        if (mine7) { q7[cc] = ld4_q(rr7 * d, 4u * cc, d); }
+        acc7[cc] = vec4<f32>(0.0);
     }
-    var ma = neg_inf();
-    var la = 0.0;
-    var mb = neg_inf();
-    var lb = 0.0;
     var ns = pu(7u) * pu(8u);
     if (pu(6u) == 0u) { ns = tl + 1u; }
     let s0 = c * pu(10u);
     var s1 = min(ns, s0 + pu(10u));
     if (!inside) { s1 = s0; }
     for (var st = s0; st < s1; st = st + KT) {
-        if (lid < KT) { tkey[lid] = tile_key(b, t0, tl, st + lid, s1); }
-        for (var e = lid; e < KT * nc; e = e + 32u) {
+        for (var kk = lid; kk < KT; kk = kk + 8u) { tkey[kk] = tile_key(b, t0, tl, st + kk, s1); }
+        for (var e = lid; e < KT * nc; e = e + 8u) {
             let kk = e / nc;
             let cc = e % nc;
             let j = tile_key(b, t0, tl, st + kk, s1);
@@ -323,22 +386,50 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
         let j1 = min(vec4<u32>(tkey[8], tkey[9], tkey[10], tkey[11]), vec4<u32>(tkey[12], tkey[13], tkey[14], tkey[15]));
         let jm = min(j0, j1);
         let jmin = min(min(jm.x, jm.y), min(jm.z, jm.w));
-        let use_a = mine_a && jmin <= ta;
-        let use_b = mine_b && jmin <= tb;
-        if (use_a || use_b) {
+        let use0 = mine0 && jmin <= ti0;
+        let use1 = mine1 && jmin <= ti1;
+        let use2 = mine2 && jmin <= ti2;
+        let use3 = mine3 && jmin <= ti3;
+        let use4 = mine4 && jmin <= ti4;
+        let use5 = mine5 && jmin <= ti5;
+        let use6 = mine6 && jmin <= ti6;
+        let use7 = mine7 && jmin <= ti7;
+        if (use0 || use1 || use2 || use3 || use4 || use5 || use6 || use7) {
             // The tile's 16 scores of each query as four vec4s (straight-line
             // code, no indexed private arrays), then one pass over the head dim.
-            var x0 = vec4<f32>(0.0);
-            var x1 = vec4<f32>(0.0);
-            var x2 = vec4<f32>(0.0);
-            var x3 = vec4<f32>(0.0);
-            var y0 = vec4<f32>(0.0);
-            var y1 = vec4<f32>(0.0);
-            var y2 = vec4<f32>(0.0);
-            var y3 = vec4<f32>(0.0);
+            var x0_0 = vec4<f32>(0.0);
+            var x0_1 = vec4<f32>(0.0);
+            var x0_2 = vec4<f32>(0.0);
+            var x0_3 = vec4<f32>(0.0);
+            var x1_0 = vec4<f32>(0.0);
+            var x1_1 = vec4<f32>(0.0);
+            var x1_2 = vec4<f32>(0.0);
+            var x1_3 = vec4<f32>(0.0);
+            var x2_0 = vec4<f32>(0.0);
+            var x2_1 = vec4<f32>(0.0);
+            var x2_2 = vec4<f32>(0.0);
+            var x2_3 = vec4<f32>(0.0);
+            var x3_0 = vec4<f32>(0.0);
+            var x3_1 = vec4<f32>(0.0);
+            var x3_2 = vec4<f32>(0.0);
+            var x3_3 = vec4<f32>(0.0);
+            var x4_0 = vec4<f32>(0.0);
+            var x4_1 = vec4<f32>(0.0);
+            var x4_2 = vec4<f32>(0.0);
+            var x4_3 = vec4<f32>(0.0);
+            var x5_0 = vec4<f32>(0.0);
+            var x5_1 = vec4<f32>(0.0);
+            var x5_2 = vec4<f32>(0.0);
+            var x5_3 = vec4<f32>(0.0);
+            var x6_0 = vec4<f32>(0.0);
+            var x6_1 = vec4<f32>(0.0);
+            var x6_2 = vec4<f32>(0.0);
+            var x6_3 = vec4<f32>(0.0);
+            var x7_0 = vec4<f32>(0.0);
+            var x7_1 = vec4<f32>(0.0);
+            var x7_2 = vec4<f32>(0.0);
+            var x7_3 = vec4<f32>(0.0);
             for (var cc = 0u; cc < nc; cc = cc + 1u) {
-                let ac = qa[cc];
-                let bc = qb[cc];
                 let k0 = tk[0u * TD4 + cc];
                 let k1 = tk[1u * TD4 + cc];
                 let k2 = tk[2u * TD4 + cc];
@@ -355,49 +446,177 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
                 let k13 = tk[13u * TD4 + cc];
                 let k14 = tk[14u * TD4 + cc];
                 let k15 = tk[15u * TD4 + cc];
-                x0 = x0 + vec4<f32>(dot(ac, k0), dot(ac, k1), dot(ac, k2), dot(ac, k3));
-                x1 = x1 + vec4<f32>(dot(ac, k4), dot(ac, k5), dot(ac, k6), dot(ac, k7));
-                x2 = x2 + vec4<f32>(dot(ac, k8), dot(ac, k9), dot(ac, k10), dot(ac, k11));
-                x3 = x3 + vec4<f32>(dot(ac, k12), dot(ac, k13), dot(ac, k14), dot(ac, k15));
-                y0 = y0 + vec4<f32>(dot(bc, k0), dot(bc, k1), dot(bc, k2), dot(bc, k3));
-                y1 = y1 + vec4<f32>(dot(bc, k4), dot(bc, k5), dot(bc, k6), dot(bc, k7));
-                y2 = y2 + vec4<f32>(dot(bc, k8), dot(bc, k9), dot(bc, k10), dot(bc, k11));
-                y3 = y3 + vec4<f32>(dot(bc, k12), dot(bc, k13), dot(bc, k14), dot(bc, k15));
+                let qc0 = q0[cc];
+                x0_0 = x0_0 + vec4<f32>(dot(qc0, k0), dot(qc0, k1), dot(qc0, k2), dot(qc0, k3));
+                x0_1 = x0_1 + vec4<f32>(dot(qc0, k4), dot(qc0, k5), dot(qc0, k6), dot(qc0, k7));
+                x0_2 = x0_2 + vec4<f32>(dot(qc0, k8), dot(qc0, k9), dot(qc0, k10), dot(qc0, k11));
+                x0_3 = x0_3 + vec4<f32>(dot(qc0, k12), dot(qc0, k13), dot(qc0, k14), dot(qc0, k15));
+                let qc1 = q1[cc];
+                x1_0 = x1_0 + vec4<f32>(dot(qc1, k0), dot(qc1, k1), dot(qc1, k2), dot(qc1, k3));
+                x1_1 = x1_1 + vec4<f32>(dot(qc1, k4), dot(qc1, k5), dot(qc1, k6), dot(qc1, k7));
+                x1_2 = x1_2 + vec4<f32>(dot(qc1, k8), dot(qc1, k9), dot(qc1, k10), dot(qc1, k11));
+                x1_3 = x1_3 + vec4<f32>(dot(qc1, k12), dot(qc1, k13), dot(qc1, k14), dot(qc1, k15));
+                let qc2 = q2[cc];
+                x2_0 = x2_0 + vec4<f32>(dot(qc2, k0), dot(qc2, k1), dot(qc2, k2), dot(qc2, k3));
+                x2_1 = x2_1 + vec4<f32>(dot(qc2, k4), dot(qc2, k5), dot(qc2, k6), dot(qc2, k7));
+                x2_2 = x2_2 + vec4<f32>(dot(qc2, k8), dot(qc2, k9), dot(qc2, k10), dot(qc2, k11));
+                x2_3 = x2_3 + vec4<f32>(dot(qc2, k12), dot(qc2, k13), dot(qc2, k14), dot(qc2, k15));
+                let qc3 = q3[cc];
+                x3_0 = x3_0 + vec4<f32>(dot(qc3, k0), dot(qc3, k1), dot(qc3, k2), dot(qc3, k3));
+                x3_1 = x3_1 + vec4<f32>(dot(qc3, k4), dot(qc3, k5), dot(qc3, k6), dot(qc3, k7));
+                x3_2 = x3_2 + vec4<f32>(dot(qc3, k8), dot(qc3, k9), dot(qc3, k10), dot(qc3, k11));
+                x3_3 = x3_3 + vec4<f32>(dot(qc3, k12), dot(qc3, k13), dot(qc3, k14), dot(qc3, k15));
+                let qc4 = q4[cc];
+                x4_0 = x4_0 + vec4<f32>(dot(qc4, k0), dot(qc4, k1), dot(qc4, k2), dot(qc4, k3));
+                x4_1 = x4_1 + vec4<f32>(dot(qc4, k4), dot(qc4, k5), dot(qc4, k6), dot(qc4, k7));
+                x4_2 = x4_2 + vec4<f32>(dot(qc4, k8), dot(qc4, k9), dot(qc4, k10), dot(qc4, k11));
+                x4_3 = x4_3 + vec4<f32>(dot(qc4, k12), dot(qc4, k13), dot(qc4, k14), dot(qc4, k15));
+                let qc5 = q5[cc];
+                x5_0 = x5_0 + vec4<f32>(dot(qc5, k0), dot(qc5, k1), dot(qc5, k2), dot(qc5, k3));
+                x5_1 = x5_1 + vec4<f32>(dot(qc5, k4), dot(qc5, k5), dot(qc5, k6), dot(qc5, k7));
+                x5_2 = x5_2 + vec4<f32>(dot(qc5, k8), dot(qc5, k9), dot(qc5, k10), dot(qc5, k11));
+                x5_3 = x5_3 + vec4<f32>(dot(qc5, k12), dot(qc5, k13), dot(qc5, k14), dot(qc5, k15));
+                let qc6 = q6[cc];
+                x6_0 = x6_0 + vec4<f32>(dot(qc6, k0), dot(qc6, k1), dot(qc6, k2), dot(qc6, k3));
+                x6_1 = x6_1 + vec4<f32>(dot(qc6, k4), dot(qc6, k5), dot(qc6, k6), dot(qc6, k7));
+                x6_2 = x6_2 + vec4<f32>(dot(qc6, k8), dot(qc6, k9), dot(qc6, k10), dot(qc6, k11));
+                x6_3 = x6_3 + vec4<f32>(dot(qc6, k12), dot(qc6, k13), dot(qc6, k14), dot(qc6, k15));
+                let qc7 = q7[cc];
+                x7_0 = x7_0 + vec4<f32>(dot(qc7, k0), dot(qc7, k1), dot(qc7, k2), dot(qc7, k3));
+                x7_1 = x7_1 + vec4<f32>(dot(qc7, k4), dot(qc7, k5), dot(qc7, k6), dot(qc7, k7));
+                x7_2 = x7_2 + vec4<f32>(dot(qc7, k8), dot(qc7, k9), dot(qc7, k10), dot(qc7, k11));
+                x7_3 = x7_3 + vec4<f32>(dot(qc7, k12), dot(qc7, k13), dot(qc7, k14), dot(qc7, k15));
             }
-            var ua = ta;
-            if (!use_a) { ua = 0u; }
-            var ub = tb;
-            if (!use_b) { ub = 0u; }
-            x0 = kmask4(sc * x0, 0u, ua);
-            x1 = kmask4(sc * x1, 4u, ua);
-            x2 = kmask4(sc * x2, 8u, ua);
-            x3 = kmask4(sc * x3, 12u, ua);
-            y0 = kmask4(sc * y0, 0u, ub);
-            y1 = kmask4(sc * y1, 4u, ub);
-            y2 = kmask4(sc * y2, 8u, ub);
-            y3 = kmask4(sc * y3, 12u, ub);
-            if (!use_a) { x0 = vec4<f32>(neg_inf()); x1 = x0; x2 = x0; x3 = x0; }
-            if (!use_b) { y0 = vec4<f32>(neg_inf()); y1 = y0; y2 = y0; y3 = y0; }
+            var u0 = ti0;
+            if (!use0) { u0 = 0u; }
+            x0_0 = kmask4(sc * x0_0, 0u, u0);
+            x0_1 = kmask4(sc * x0_1, 4u, u0);
+            x0_2 = kmask4(sc * x0_2, 8u, u0);
+            x0_3 = kmask4(sc * x0_3, 12u, u0);
+            if (!use0) { x0_0 = vec4<f32>(neg_inf()); x0_1 = x0_0; x0_2 = x0_0; x0_3 = x0_0; }
+            var u1 = ti1;
+            if (!use1) { u1 = 0u; }
+            x1_0 = kmask4(sc * x1_0, 0u, u1);
+            x1_1 = kmask4(sc * x1_1, 4u, u1);
+            x1_2 = kmask4(sc * x1_2, 8u, u1);
+            x1_3 = kmask4(sc * x1_3, 12u, u1);
+            if (!use1) { x1_0 = vec4<f32>(neg_inf()); x1_1 = x1_0; x1_2 = x1_0; x1_3 = x1_0; }
+            var u2 = ti2;
+            if (!use2) { u2 = 0u; }
+            x2_0 = kmask4(sc * x2_0, 0u, u2);
+            x2_1 = kmask4(sc * x2_1, 4u, u2);
+            x2_2 = kmask4(sc * x2_2, 8u, u2);
+            x2_3 = kmask4(sc * x2_3, 12u, u2);
+            if (!use2) { x2_0 = vec4<f32>(neg_inf()); x2_1 = x2_0; x2_2 = x2_0; x2_3 = x2_0; }
+            var u3 = ti3;
+            if (!use3) { u3 = 0u; }
+            x3_0 = kmask4(sc * x3_0, 0u, u3);
+            x3_1 = kmask4(sc * x3_1, 4u, u3);
+            x3_2 = kmask4(sc * x3_2, 8u, u3);
+            x3_3 = kmask4(sc * x3_3, 12u, u3);
+            if (!use3) { x3_0 = vec4<f32>(neg_inf()); x3_1 = x3_0; x3_2 = x3_0; x3_3 = x3_0; }
+            var u4 = ti4;
+            if (!use4) { u4 = 0u; }
+            x4_0 = kmask4(sc * x4_0, 0u, u4);
+            x4_1 = kmask4(sc * x4_1, 4u, u4);
+            x4_2 = kmask4(sc * x4_2, 8u, u4);
+            x4_3 = kmask4(sc * x4_3, 12u, u4);
+            if (!use4) { x4_0 = vec4<f32>(neg_inf()); x4_1 = x4_0; x4_2 = x4_0; x4_3 = x4_0; }
+            var u5 = ti5;
+            if (!use5) { u5 = 0u; }
+            x5_0 = kmask4(sc * x5_0, 0u, u5);
+            x5_1 = kmask4(sc * x5_1, 4u, u5);
+            x5_2 = kmask4(sc * x5_2, 8u, u5);
+            x5_3 = kmask4(sc * x5_3, 12u, u5);
+            if (!use5) { x5_0 = vec4<f32>(neg_inf()); x5_1 = x5_0; x5_2 = x5_0; x5_3 = x5_0; }
+            var u6 = ti6;
+            if (!use6) { u6 = 0u; }
+            x6_0 = kmask4(sc * x6_0, 0u, u6);
+            x6_1 = kmask4(sc * x6_1, 4u, u6);
+            x6_2 = kmask4(sc * x6_2, 8u, u6);
+            x6_3 = kmask4(sc * x6_3, 12u, u6);
+            if (!use6) { x6_0 = vec4<f32>(neg_inf()); x6_1 = x6_0; x6_2 = x6_0; x6_3 = x6_0; }
+            var u7 = ti7;
+            if (!use7) { u7 = 0u; }
+            x7_0 = kmask4(sc * x7_0, 0u, u7);
+            x7_1 = kmask4(sc * x7_1, 4u, u7);
+            x7_2 = kmask4(sc * x7_2, 8u, u7);
+            x7_3 = kmask4(sc * x7_3, 12u, u7);
+            if (!use7) { x7_0 = vec4<f32>(neg_inf()); x7_1 = x7_0; x7_2 = x7_0; x7_3 = x7_0; }
             // New maxima; a query with no key yet keeps m = -inf and gets p = 0
             // (exponents taken against 0 then, never -inf - -inf).
-            let mna = max(ma, max(max(hmax(x0), hmax(x1)), max(hmax(x2), hmax(x3))));
-            let mnb = max(mb, max(max(hmax(y0), hmax(y1)), max(hmax(y2), hmax(y3))));
-            let ea = select(mna, 0.0, mna == neg_inf());
-            let eb = select(mnb, 0.0, mnb == neg_inf());
-            let ca = exp(ma - ea);
-            let cb = exp(mb - eb);
-            let pa0 = exp(x0 - vec4<f32>(ea));
-            let pa1 = exp(x1 - vec4<f32>(ea));
-            let pa2 = exp(x2 - vec4<f32>(ea));
-            let pa3 = exp(x3 - vec4<f32>(ea));
-            let pb0 = exp(y0 - vec4<f32>(eb));
-            let pb1 = exp(y1 - vec4<f32>(eb));
-            let pb2 = exp(y2 - vec4<f32>(eb));
-            let pb3 = exp(y3 - vec4<f32>(eb));
-            la = la * ca + dot(pa0 + pa1 + pa2 + pa3, vec4<f32>(1.0));
-            lb = lb * cb + dot(pb0 + pb1 + pb2 + pb3, vec4<f32>(1.0));
-            ma = mna;
-            mb = mnb;
+            let mn0 = max(m0, max(max(hmax(x0_0), hmax(x0_1)), max(hmax(x0_2), hmax(x0_3))));
+            let e0 = select(mn0, 0.0, mn0 == neg_inf());
+            let c0 = exp(m0 - e0);
+            let p0_0 = exp(x0_0 - vec4<f32>(e0));
+            let p0_1 = exp(x0_1 - vec4<f32>(e0));
+            let p0_2 = exp(x0_2 - vec4<f32>(e0));
+            let p0_3 = exp(x0_3 - vec4<f32>(e0));
+            l0 = l0 * c0 + dot(p0_0 + p0_1 + p0_2 + p0_3, vec4<f32>(1.0));
+            m0 = mn0;
+            let mn1 = max(m1, max(max(hmax(x1_0), hmax(x1_1)), max(hmax(x1_2), hmax(x1_3))));
+            let e1 = select(mn1, 0.0, mn1 == neg_inf());
+            let c1 = exp(m1 - e1);
+            let p1_0 = exp(x1_0 - vec4<f32>(e1));
+            let p1_1 = exp(x1_1 - vec4<f32>(e1));
+            let p1_2 = exp(x1_2 - vec4<f32>(e1));
+            let p1_3 = exp(x1_3 - vec4<f32>(e1));
+            l1 = l1 * c1 + dot(p1_0 + p1_1 + p1_2 + p1_3, vec4<f32>(1.0));
+            m1 = mn1;
+            let mn2 = max(m2, max(max(hmax(x2_0), hmax(x2_1)), max(hmax(x2_2), hmax(x2_3))));
+            let e2 = select(mn2, 0.0, mn2 == neg_inf());
+            let c2 = exp(m2 - e2);
+            let p2_0 = exp(x2_0 - vec4<f32>(e2));
+            let p2_1 = exp(x2_1 - vec4<f32>(e2));
+            let p2_2 = exp(x2_2 - vec4<f32>(e2));
+            let p2_3 = exp(x2_3 - vec4<f32>(e2));
+            l2 = l2 * c2 + dot(p2_0 + p2_1 + p2_2 + p2_3, vec4<f32>(1.0));
+            m2 = mn2;
+            let mn3 = max(m3, max(max(hmax(x3_0), hmax(x3_1)), max(hmax(x3_2), hmax(x3_3))));
+            let e3 = select(mn3, 0.0, mn3 == neg_inf());
+            let c3 = exp(m3 - e3);
+            let p3_0 = exp(x3_0 - vec4<f32>(e3));
+            let p3_1 = exp(x3_1 - vec4<f32>(e3));
+            let p3_2 = exp(x3_2 - vec4<f32>(e3));
+            let p3_3 = exp(x3_3 - vec4<f32>(e3));
+            l3 = l3 * c3 + dot(p3_0 + p3_1 + p3_2 + p3_3, vec4<f32>(1.0));
+            m3 = mn3;
+            let mn4 = max(m4, max(max(hmax(x4_0), hmax(x4_1)), max(hmax(x4_2), hmax(x4_3))));
+            let e4 = select(mn4, 0.0, mn4 == neg_inf());
+            let c4 = exp(m4 - e4);
+            let p4_0 = exp(x4_0 - vec4<f32>(e4));
+            let p4_1 = exp(x4_1 - vec4<f32>(e4));
+            let p4_2 = exp(x4_2 - vec4<f32>(e4));
+            let p4_3 = exp(x4_3 - vec4<f32>(e4));
+            l4 = l4 * c4 + dot(p4_0 + p4_1 + p4_2 + p4_3, vec4<f32>(1.0));
+            m4 = mn4;
+            let mn5 = max(m5, max(max(hmax(x5_0), hmax(x5_1)), max(hmax(x5_2), hmax(x5_3))));
+            let e5 = select(mn5, 0.0, mn5 == neg_inf());
+            let c5 = exp(m5 - e5);
+            let p5_0 = exp(x5_0 - vec4<f32>(e5));
+            let p5_1 = exp(x5_1 - vec4<f32>(e5));
+            let p5_2 = exp(x5_2 - vec4<f32>(e5));
+            let p5_3 = exp(x5_3 - vec4<f32>(e5));
+            l5 = l5 * c5 + dot(p5_0 + p5_1 + p5_2 + p5_3, vec4<f32>(1.0));
+            m5 = mn5;
+            let mn6 = max(m6, max(max(hmax(x6_0), hmax(x6_1)), max(hmax(x6_2), hmax(x6_3))));
+            let e6 = select(mn6, 0.0, mn6 == neg_inf());
+            let c6 = exp(m6 - e6);
+            let p6_0 = exp(x6_0 - vec4<f32>(e6));
+            let p6_1 = exp(x6_1 - vec4<f32>(e6));
+            let p6_2 = exp(x6_2 - vec4<f32>(e6));
+            let p6_3 = exp(x6_3 - vec4<f32>(e6));
+            l6 = l6 * c6 + dot(p6_0 + p6_1 + p6_2 + p6_3, vec4<f32>(1.0));
+            m6 = mn6;
+            let mn7 = max(m7, max(max(hmax(x7_0), hmax(x7_1)), max(hmax(x7_2), hmax(x7_3))));
+            let e7 = select(mn7, 0.0, mn7 == neg_inf());
+            let c7 = exp(m7 - e7);
+            let p7_0 = exp(x7_0 - vec4<f32>(e7));
+            let p7_1 = exp(x7_1 - vec4<f32>(e7));
+            let p7_2 = exp(x7_2 - vec4<f32>(e7));
+            let p7_3 = exp(x7_3 - vec4<f32>(e7));
+            l7 = l7 * c7 + dot(p7_0 + p7_1 + p7_2 + p7_3, vec4<f32>(1.0));
+            m7 = mn7;
             for (var cc = 0u; cc < nc; cc = cc + 1u) {
                 let v0 = tv[0u * TD4 + cc];
                 let v1 = tv[1u * TD4 + cc];
@@ -415,14 +634,26 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
                 let v13 = tv[13u * TD4 + cc];
                 let v14 = tv[14u * TD4 + cc];
                 let v15 = tv[15u * TD4 + cc];
-                acca[cc] = acca[cc] * ca + pa0.x * v0 + pa0.y * v1 + pa0.z * v2 + pa0.w * v3 + pa1.x * v4 + pa1.y * v5 + pa1.z * v6 + pa1.w * v7 + pa2.x * v8 + pa2.y * v9 + pa2.z * v10 + pa2.w * v11 + pa3.x * v12 + pa3.y * v13 + pa3.z * v14 + pa3.w * v15;
-                accb[cc] = accb[cc] * cb + pb0.x * v0 + pb0.y * v1 + pb0.z * v2 + pb0.w * v3 + pb1.x * v4 + pb1.y * v5 + pb1.z * v6 + pb1.w * v7 + pb2.x * v8 + pb2.y * v9 + pb2.z * v10 + pb2.w * v11 + pb3.x * v12 + pb3.y * v13 + pb3.z * v14 + pb3.w * v15;
+                acc0[cc] = acc0[cc] * c0 + p0_0.x * v0 + p0_0.y * v1 + p0_0.z * v2 + p0_0.w * v3 + p0_1.x * v4 + p0_1.y * v5 + p0_1.z * v6 + p0_1.w * v7 + p0_2.x * v8 + p0_2.y * v9 + p0_2.z * v10 + p0_2.w * v11 + p0_3.x * v12 + p0_3.y * v13 + p0_3.z * v14 + p0_3.w * v15;
+                acc1[cc] = acc1[cc] * c1 + p1_0.x * v0 + p1_0.y * v1 + p1_0.z * v2 + p1_0.w * v3 + p1_1.x * v4 + p1_1.y * v5 + p1_1.z * v6 + p1_1.w * v7 + p1_2.x * v8 + p1_2.y * v9 + p1_2.z * v10 + p1_2.w * v11 + p1_3.x * v12 + p1_3.y * v13 + p1_3.z * v14 + p1_3.w * v15;
+                acc2[cc] = acc2[cc] * c2 + p2_0.x * v0 + p2_0.y * v1 + p2_0.z * v2 + p2_0.w * v3 + p2_1.x * v4 + p2_1.y * v5 + p2_1.z * v6 + p2_1.w * v7 + p2_2.x * v8 + p2_2.y * v9 + p2_2.z * v10 + p2_2.w * v11 + p2_3.x * v12 + p2_3.y * v13 + p2_3.z * v14 + p2_3.w * v15;
+                acc3[cc] = acc3[cc] * c3 + p3_0.x * v0 + p3_0.y * v1 + p3_0.z * v2 + p3_0.w * v3 + p3_1.x * v4 + p3_1.y * v5 + p3_1.z * v6 + p3_1.w * v7 + p3_2.x * v8 + p3_2.y * v9 + p3_2.z * v10 + p3_2.w * v11 + p3_3.x * v12 + p3_3.y * v13 + p3_3.z * v14 + p3_3.w * v15;
+                acc4[cc] = acc4[cc] * c4 + p4_0.x * v0 + p4_0.y * v1 + p4_0.z * v2 + p4_0.w * v3 + p4_1.x * v4 + p4_1.y * v5 + p4_1.z * v6 + p4_1.w * v7 + p4_2.x * v8 + p4_2.y * v9 + p4_2.z * v10 + p4_2.w * v11 + p4_3.x * v12 + p4_3.y * v13 + p4_3.z * v14 + p4_3.w * v15;
+                acc5[cc] = acc5[cc] * c5 + p5_0.x * v0 + p5_0.y * v1 + p5_0.z * v2 + p5_0.w * v3 + p5_1.x * v4 + p5_1.y * v5 + p5_1.z * v6 + p5_1.w * v7 + p5_2.x * v8 + p5_2.y * v9 + p5_2.z * v10 + p5_2.w * v11 + p5_3.x * v12 + p5_3.y * v13 + p5_3.z * v14 + p5_3.w * v15;
+                acc6[cc] = acc6[cc] * c6 + p6_0.x * v0 + p6_0.y * v1 + p6_0.z * v2 + p6_0.w * v3 + p6_1.x * v4 + p6_1.y * v5 + p6_1.z * v6 + p6_1.w * v7 + p6_2.x * v8 + p6_2.y * v9 + p6_2.z * v10 + p6_2.w * v11 + p6_3.x * v12 + p6_3.y * v13 + p6_3.z * v14 + p6_3.w * v15;
+                acc7[cc] = acc7[cc] * c7 + p7_0.x * v0 + p7_0.y * v1 + p7_0.z * v2 + p7_0.w * v3 + p7_1.x * v4 + p7_1.y * v5 + p7_1.z * v6 + p7_1.w * v7 + p7_2.x * v8 + p7_2.y * v9 + p7_2.z * v10 + p7_2.w * v11 + p7_3.x * v12 + p7_3.y * v13 + p7_3.z * v14 + p7_3.w * v15;
             }
         }
         workgroupBarrier();
     }
-    if (mine_a) { tiled_store(c, ra - r0, ra, (b * nh + h) * seq + ta, ma, la, acca); }
-    if (mine_b) { tiled_store(c, rb - r0, rb, (b * nh + h) * seq + tb, mb, lb, accb); }
+    if (mine0) { tiled_store(c, rr0 - r0, rr0, (b * nh + h) * seq + ti0, m0, l0, acc0); }
+    if (mine1) { tiled_store(c, rr1 - r0, rr1, (b * nh + h) * seq + ti1, m1, l1, acc1); }
+    if (mine2) { tiled_store(c, rr2 - r0, rr2, (b * nh + h) * seq + ti2, m2, l2, acc2); }
+    if (mine3) { tiled_store(c, rr3 - r0, rr3, (b * nh + h) * seq + ti3, m3, l3, acc3); }
+    if (mine4) { tiled_store(c, rr4 - r0, rr4, (b * nh + h) * seq + ti4, m4, l4, acc4); }
+    if (mine5) { tiled_store(c, rr5 - r0, rr5, (b * nh + h) * seq + ti5, m5, l5, acc5); }
+    if (mine6) { tiled_store(c, rr6 - r0, rr6, (b * nh + h) * seq + ti6, m6, l6, acc6); }
+    if (mine7) { tiled_store(c, rr7 - r0, rr7, (b * nh + h) * seq + ti7, m7, l7, acc7); }
 }
 
 //!kernel attn_bwd_dq(q: in, k: in, v: in, d_o: in, o: in, lse: in, idx: idx, dq: out, delta: out)

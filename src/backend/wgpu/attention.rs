@@ -4,8 +4,13 @@
 //! `shaders/indexer.wgsl` and `shaders/select.wgsl`.
 //!
 //! Every kernel accumulates in f32 and is deterministic (no float atomics):
-//! - attention forward: one invocation per (key chunk, batch, query, head)
-//!   running an online softmax over the chunk's keys of its pattern;
+//! - attention forward: for the dense and block patterns (head_dim <= 128),
+//!   a workgroup per (key chunk, batch, tile of 64 queries, head) that loads
+//!   16-key K/V tiles into workgroup memory once for the whole tile, each
+//!   invocation running eight queries' online softmaxes on every tile
+//!   (`attn_fwd_tiled`); otherwise (tokens) one invocation per (key chunk,
+//!   batch, query, head) running an online softmax over the chunk's keys of
+//!   its pattern;
 //! - backward: one invocation per (key chunk, batch, query, head) for `dq` (it
 //!   also saves `delta = dO·O`), then one per (query chunk, batch, key, kv
 //!   head) for `dk`/`dv`, looping over the chunk's queries whose pattern
@@ -207,10 +212,10 @@ pub(super) fn attention(
     Ok(())
 }
 
-/// Queries per workgroup of `attn_fwd_tiled`, two per invocation.
+/// Queries per workgroup of `attn_fwd_tiled`, eight per invocation.
 const FWD_TILE: usize = 64;
 /// Invocations per workgroup of `attn_fwd_tiled`.
-const FWD_THREADS: usize = 32;
+const FWD_THREADS: usize = 8;
 /// Keys per workgroup-memory tile of `attn_fwd_tiled`.
 const FWD_KEYS: usize = 16;
 /// Largest head_dim of `attn_fwd_tiled`.
