@@ -200,7 +200,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 // Workgroups cover the tiles p15 .. p15 + p16 (in (batch, tile, head) order,
 // the tiles meeting the rows r0 .. r0 + R); a query writes only if its row
 // is in the launch, in the layout of `attn_fwd`. head_dim <= 128. The
-// per-query code is generated (unrolled over the eight queries).
+// per-query code is written out for each of the eight queries (0 .. 7).
 const KT: u32 = 16u;
 const TD4: u32 = 32u;
 var<workgroup> tk: array<vec4<f32>, 512>;
