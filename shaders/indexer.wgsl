@@ -115,6 +115,125 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
 }
 
+//!kernel indexer_block_scores_tiled(qi: in, ki: in, w: in, pooled: out)
+// The same result as `indexer_block_scores`, tiled: one 64-wide workgroup per
+// (key block, query block, batch) = workgroup id (x, y, z). Invocation i takes
+// the block's keys i, i + 64, .., one at a time, its k_i row held in sixteen
+// private vec4s (d_I <= 64). The query block's q_i rows (all heads, padded to
+// a stride of ks = 8 or 16 vec4s) and w go through workgroup memory a few
+// queries at a time, loaded once, cooperatively, and read by every key at the
+// same address; each logit is one straight-line sum of ks vec4 dots. Keys
+// after the query are masked and NaN scores skipped; the max over the
+// workgroup is a fixed tree. Needs H_I <= 16 (the launch checks).
+const TWG: u32 = 64u;
+
+// ld4_ki, zero from the row's end on (the rows are padded to ks vec4s).
+fn ld4z_ki(o: u32, e: u32, d: u32) -> vec4<f32> {
+    if (e < d) {
+        return ld4_ki(o, e, d);
+    }
+    return vec4<f32>(0.0);
+}
+
+const QTV: u32 = 960u;
+var<workgroup> qt: array<vec4<f32>, 960>;
+var<workgroup> wt: array<f32, 256>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let seq = pu(1u);
+    let nh = pu(2u);
+    let d = pu(3u);
+    let blk = pu(4u);
+    let nb = pu(5u);
+    let kb = wg.x;
+    let qb = wg.y;
+    let b = wg.z;
+    if (kb > qb) {
+        if (lid == 0u) {
+            st_pooled((b * nb + qb) * nb + kb, neg_inf());
+        }
+        return;
+    }
+    let d4 = (d + 3u) / 4u;
+    var ks = 16u;
+    if (d4 <= 8u) {
+        ks = 8u;
+    }
+    let rs = nh * ks;
+    let qc = min(QTV / rs, 256u / nh);
+    let t0 = qb * blk;
+    let s0 = kb * blk;
+    let rows = min(t0 + blk, seq) - t0;
+    let cols = min(s0 + blk, seq) - s0;
+    var best = neg_inf();
+    var kv: array<vec4<f32>, 16>;
+    for (var k0 = 0u; k0 < cols; k0 = k0 + TWG) {
+        let s = s0 + k0 + lid;
+        let mine = k0 + lid < cols;
+        let ko = ki_off(b, min(s, seq - 1u));
+        kv[0u] = ld4z_ki(ko, 0u, d);
+        kv[1u] = ld4z_ki(ko, 4u, d);
+        kv[2u] = ld4z_ki(ko, 8u, d);
+        kv[3u] = ld4z_ki(ko, 12u, d);
+        kv[4u] = ld4z_ki(ko, 16u, d);
+        kv[5u] = ld4z_ki(ko, 20u, d);
+        kv[6u] = ld4z_ki(ko, 24u, d);
+        kv[7u] = ld4z_ki(ko, 28u, d);
+        kv[8u] = ld4z_ki(ko, 32u, d);
+        kv[9u] = ld4z_ki(ko, 36u, d);
+        kv[10u] = ld4z_ki(ko, 40u, d);
+        kv[11u] = ld4z_ki(ko, 44u, d);
+        kv[12u] = ld4z_ki(ko, 48u, d);
+        kv[13u] = ld4z_ki(ko, 52u, d);
+        kv[14u] = ld4z_ki(ko, 56u, d);
+        kv[15u] = ld4z_ki(ko, 60u, d);
+        for (var c0 = 0u; c0 < rows; c0 = c0 + qc) {
+            let qw = min(qc, rows - c0);
+            workgroupBarrier();
+            for (var i = lid; i < qw * rs; i = i + TWG) {
+                let r = i / rs;
+                let j = (i % rs) / ks;
+                let e = i % ks;
+                qt[i] = vec4<f32>(0.0);
+                if (4u * e < d) {
+                    qt[i] = ld4_qi(qi_off(b, t0 + c0 + r, j), 4u * e, d);
+                }
+            }
+            for (var i = lid; i < qw * nh; i = i + TWG) {
+                wt[i] = ld_w((b * seq + t0 + c0) * nh + i);
+            }
+            workgroupBarrier();
+            for (var r = 0u; r < qw; r = r + 1u) {
+                var x = 0.0;
+                for (var j = 0u; j < nh; j = j + 1u) {
+                    let o = (r * nh + j) * ks;
+                    var l = dot(kv[0u], qt[o + 0u]) + dot(kv[1u], qt[o + 1u]) + dot(kv[2u], qt[o + 2u]) + dot(kv[3u], qt[o + 3u]) + dot(kv[4u], qt[o + 4u]) + dot(kv[5u], qt[o + 5u]) + dot(kv[6u], qt[o + 6u]) + dot(kv[7u], qt[o + 7u]);
+                    if (ks == 16u) {
+                        l = l + dot(kv[8u], qt[o + 8u]) + dot(kv[9u], qt[o + 9u]) + dot(kv[10u], qt[o + 10u]) + dot(kv[11u], qt[o + 11u]) + dot(kv[12u], qt[o + 12u]) + dot(kv[13u], qt[o + 13u]) + dot(kv[14u], qt[o + 14u]) + dot(kv[15u], qt[o + 15u]);
+                    }
+                    x = x + wt[r * nh + j] * max(l, 0.0);
+                }
+                if (mine && s <= t0 + c0 + r && x > best) {
+                    best = x;
+                }
+            }
+        }
+    }
+    workgroupBarrier();
+    wt[lid] = best;
+    workgroupBarrier();
+    for (var h = TWG / 2u; h > 0u; h = h >> 1u) {
+        if (lid < h) {
+            wt[lid] = max(wt[lid], wt[lid + h]);
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        st_pooled((b * nb + qb) * nb + kb, wt[0]);
+    }
+}
+
 //!kernel indexer_bwd_q(qi: in, ki: in, w: in, dscores: in, dqi: out, dw: out)
 // One invocation per (chunk, batch, query, head j): dw[t, j] = Σ_s dI·ReLU(L) and
 // dq_i[t, j] = Σ_s dI·w[t, j]·[L > 0]·k_i[s] over the chunk's keys s <= t, with

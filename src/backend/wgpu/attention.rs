@@ -447,6 +447,14 @@ pub(super) fn indexer_scores(be: &WgpuBackend, s: &IndexerSpec, qi: &T, ki: &T, 
     )
 }
 
+/// Limits of `indexer_block_scores_tiled`: H_I, d_I (its private k_i row) and
+/// its workgroup memory (the q_i and w tiles).
+const IDX_MAX_HEADS: usize = 16;
+const IDX_MAX_DIM: usize = 64;
+const IDX_SHARED_BYTES: usize = 960 * 16 + 256 * 4;
+
+/// The block-pooled indexer scores: `indexer_block_scores_tiled` (k_i tiles in
+/// workgroup memory) where it applies, else the plain kernel.
 pub(super) fn indexer_block_scores(
     be: &WgpuBackend,
     s: &IndexerSpec,
@@ -456,9 +464,11 @@ pub(super) fn indexer_block_scores(
     pooled: &mut T,
 ) -> Result<()> {
     let nb = s.n_blocks() as u32;
+    let shared = be.device.limits().max_compute_workgroup_storage_size as usize;
+    let tiled = shared >= IDX_SHARED_BYTES && s.heads <= IDX_MAX_HEADS && s.dim <= IDX_MAX_DIM;
     be.launch(
         "indexer",
-        "indexer_block_scores",
+        if tiled { "indexer_block_scores_tiled" } else { "indexer_block_scores" },
         &mut [Arg::R(qi), Arg::R(ki), Arg::R(w), Arg::W(pooled)],
         indexer_params(s),
         [nb, nb, s.batch as u32],
