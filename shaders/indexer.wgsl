@@ -116,16 +116,21 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
 }
 
 //!kernel indexer_block_scores_tiled(qi: in, ki: in, w: in, pooled: out)
-// The same result as `indexer_block_scores`, tiled: one 64-wide workgroup per
+// The same result as `indexer_block_scores`, tiled: one 16-wide workgroup per
 // (key block, query block, batch) = workgroup id (x, y, z). Invocation i takes
-// the block's keys i, i + 64, .., one at a time, its k_i row held in sixteen
-// private vec4s (d_I <= 64). The query block's q_i rows (all heads, padded to
-// a stride of ks = 8 or 16 vec4s) and w go through workgroup memory a few
-// queries at a time, loaded once, cooperatively, and read by every key at the
-// same address; each logit is one straight-line sum of ks vec4 dots. Keys
-// after the query are masked and NaN scores skipped; the max over the
-// workgroup is a fixed tree. Needs H_I <= 16 (the launch checks).
-const TWG: u32 = 64u;
+// the block's keys i, i + 16, i + 32, i + 48 (then the same + 64, ..), their
+// k_i rows held in private vec4s (d_I <= 64). The query block's q_i rows (all
+// heads, padded to a stride of ks = 8 or 16 vec4s) and w go through workgroup
+// memory a few queries at a time, loaded once, cooperatively; every q_i vec4
+// read from there serves the invocation's four keys, each logit one
+// straight-line sum of ks vec4 dots. Keys after the query are masked and NaN
+// scores skipped; the max over the workgroup is a fixed tree. Needs
+// H_I <= 16 (the launch checks).
+const TWG: u32 = 16u;
+const TKEYS: u32 = 64u;
+const QTV: u32 = 960u;
+var<workgroup> qt: array<vec4<f32>, 960>;
+var<workgroup> wt: array<f32, 256>;
 
 // ld4_ki, zero from the row's end on (the rows are padded to ks vec4s).
 fn ld4z_ki(o: u32, e: u32, d: u32) -> vec4<f32> {
@@ -135,11 +140,7 @@ fn ld4z_ki(o: u32, e: u32, d: u32) -> vec4<f32> {
     return vec4<f32>(0.0);
 }
 
-const QTV: u32 = 960u;
-var<workgroup> qt: array<vec4<f32>, 960>;
-var<workgroup> wt: array<f32, 256>;
-
-@compute @workgroup_size(64)
+@compute @workgroup_size(16)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let seq = pu(1u);
     let nh = pu(2u);
@@ -167,27 +168,83 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let rows = min(t0 + blk, seq) - t0;
     let cols = min(s0 + blk, seq) - s0;
     var best = neg_inf();
-    var kv: array<vec4<f32>, 16>;
-    for (var k0 = 0u; k0 < cols; k0 = k0 + TWG) {
-        let s = s0 + k0 + lid;
-        let mine = k0 + lid < cols;
-        let ko = ki_off(b, min(s, seq - 1u));
-        kv[0u] = ld4z_ki(ko, 0u, d);
-        kv[1u] = ld4z_ki(ko, 4u, d);
-        kv[2u] = ld4z_ki(ko, 8u, d);
-        kv[3u] = ld4z_ki(ko, 12u, d);
-        kv[4u] = ld4z_ki(ko, 16u, d);
-        kv[5u] = ld4z_ki(ko, 20u, d);
-        kv[6u] = ld4z_ki(ko, 24u, d);
-        kv[7u] = ld4z_ki(ko, 28u, d);
-        kv[8u] = ld4z_ki(ko, 32u, d);
-        kv[9u] = ld4z_ki(ko, 36u, d);
-        kv[10u] = ld4z_ki(ko, 40u, d);
-        kv[11u] = ld4z_ki(ko, 44u, d);
-        kv[12u] = ld4z_ki(ko, 48u, d);
-        kv[13u] = ld4z_ki(ko, 52u, d);
-        kv[14u] = ld4z_ki(ko, 56u, d);
-        kv[15u] = ld4z_ki(ko, 60u, d);
+    var kva: array<vec4<f32>, 16>;
+    var kvb: array<vec4<f32>, 16>;
+    var kvc: array<vec4<f32>, 16>;
+    var kvd: array<vec4<f32>, 16>;
+    for (var k0 = 0u; k0 < cols; k0 = k0 + TKEYS) {
+        let sk0 = s0 + k0 + lid + 0u;
+        let ko0 = ki_off(b, min(sk0, seq - 1u));
+        kva[0u] = ld4z_ki(ko0, 0u, d);
+        kva[1u] = ld4z_ki(ko0, 4u, d);
+        kva[2u] = ld4z_ki(ko0, 8u, d);
+        kva[3u] = ld4z_ki(ko0, 12u, d);
+        kva[4u] = ld4z_ki(ko0, 16u, d);
+        kva[5u] = ld4z_ki(ko0, 20u, d);
+        kva[6u] = ld4z_ki(ko0, 24u, d);
+        kva[7u] = ld4z_ki(ko0, 28u, d);
+        kva[8u] = ld4z_ki(ko0, 32u, d);
+        kva[9u] = ld4z_ki(ko0, 36u, d);
+        kva[10u] = ld4z_ki(ko0, 40u, d);
+        kva[11u] = ld4z_ki(ko0, 44u, d);
+        kva[12u] = ld4z_ki(ko0, 48u, d);
+        kva[13u] = ld4z_ki(ko0, 52u, d);
+        kva[14u] = ld4z_ki(ko0, 56u, d);
+        kva[15u] = ld4z_ki(ko0, 60u, d);
+        let sk1 = s0 + k0 + lid + 16u;
+        let ko1 = ki_off(b, min(sk1, seq - 1u));
+        kvb[0u] = ld4z_ki(ko1, 0u, d);
+        kvb[1u] = ld4z_ki(ko1, 4u, d);
+        kvb[2u] = ld4z_ki(ko1, 8u, d);
+        kvb[3u] = ld4z_ki(ko1, 12u, d);
+        kvb[4u] = ld4z_ki(ko1, 16u, d);
+        kvb[5u] = ld4z_ki(ko1, 20u, d);
+        kvb[6u] = ld4z_ki(ko1, 24u, d);
+        kvb[7u] = ld4z_ki(ko1, 28u, d);
+        kvb[8u] = ld4z_ki(ko1, 32u, d);
+        kvb[9u] = ld4z_ki(ko1, 36u, d);
+        kvb[10u] = ld4z_ki(ko1, 40u, d);
+        kvb[11u] = ld4z_ki(ko1, 44u, d);
+        kvb[12u] = ld4z_ki(ko1, 48u, d);
+        kvb[13u] = ld4z_ki(ko1, 52u, d);
+        kvb[14u] = ld4z_ki(ko1, 56u, d);
+        kvb[15u] = ld4z_ki(ko1, 60u, d);
+        let sk2 = s0 + k0 + lid + 32u;
+        let ko2 = ki_off(b, min(sk2, seq - 1u));
+        kvc[0u] = ld4z_ki(ko2, 0u, d);
+        kvc[1u] = ld4z_ki(ko2, 4u, d);
+        kvc[2u] = ld4z_ki(ko2, 8u, d);
+        kvc[3u] = ld4z_ki(ko2, 12u, d);
+        kvc[4u] = ld4z_ki(ko2, 16u, d);
+        kvc[5u] = ld4z_ki(ko2, 20u, d);
+        kvc[6u] = ld4z_ki(ko2, 24u, d);
+        kvc[7u] = ld4z_ki(ko2, 28u, d);
+        kvc[8u] = ld4z_ki(ko2, 32u, d);
+        kvc[9u] = ld4z_ki(ko2, 36u, d);
+        kvc[10u] = ld4z_ki(ko2, 40u, d);
+        kvc[11u] = ld4z_ki(ko2, 44u, d);
+        kvc[12u] = ld4z_ki(ko2, 48u, d);
+        kvc[13u] = ld4z_ki(ko2, 52u, d);
+        kvc[14u] = ld4z_ki(ko2, 56u, d);
+        kvc[15u] = ld4z_ki(ko2, 60u, d);
+        let sk3 = s0 + k0 + lid + 48u;
+        let ko3 = ki_off(b, min(sk3, seq - 1u));
+        kvd[0u] = ld4z_ki(ko3, 0u, d);
+        kvd[1u] = ld4z_ki(ko3, 4u, d);
+        kvd[2u] = ld4z_ki(ko3, 8u, d);
+        kvd[3u] = ld4z_ki(ko3, 12u, d);
+        kvd[4u] = ld4z_ki(ko3, 16u, d);
+        kvd[5u] = ld4z_ki(ko3, 20u, d);
+        kvd[6u] = ld4z_ki(ko3, 24u, d);
+        kvd[7u] = ld4z_ki(ko3, 28u, d);
+        kvd[8u] = ld4z_ki(ko3, 32u, d);
+        kvd[9u] = ld4z_ki(ko3, 36u, d);
+        kvd[10u] = ld4z_ki(ko3, 40u, d);
+        kvd[11u] = ld4z_ki(ko3, 44u, d);
+        kvd[12u] = ld4z_ki(ko3, 48u, d);
+        kvd[13u] = ld4z_ki(ko3, 52u, d);
+        kvd[14u] = ld4z_ki(ko3, 56u, d);
+        kvd[15u] = ld4z_ki(ko3, 60u, d);
         for (var c0 = 0u; c0 < rows; c0 = c0 + qc) {
             let qw = min(qc, rows - c0);
             workgroupBarrier();
@@ -205,17 +262,56 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             }
             workgroupBarrier();
             for (var r = 0u; r < qw; r = r + 1u) {
-                var x = 0.0;
+                let t = t0 + c0 + r;
+                var x0 = 0.0;
+                var x1 = 0.0;
+                var x2 = 0.0;
+                var x3 = 0.0;
                 for (var j = 0u; j < nh; j = j + 1u) {
                     let o = (r * nh + j) * ks;
-                    var l = dot(kv[0u], qt[o + 0u]) + dot(kv[1u], qt[o + 1u]) + dot(kv[2u], qt[o + 2u]) + dot(kv[3u], qt[o + 3u]) + dot(kv[4u], qt[o + 4u]) + dot(kv[5u], qt[o + 5u]) + dot(kv[6u], qt[o + 6u]) + dot(kv[7u], qt[o + 7u]);
+                    let wj = wt[r * nh + j];
+                    let q0 = qt[o + 0u];
+                    let q1 = qt[o + 1u];
+                    let q2 = qt[o + 2u];
+                    let q3 = qt[o + 3u];
+                    let q4 = qt[o + 4u];
+                    let q5 = qt[o + 5u];
+                    let q6 = qt[o + 6u];
+                    let q7 = qt[o + 7u];
+                    var l0 = dot(kva[0u], q0) + dot(kva[1u], q1) + dot(kva[2u], q2) + dot(kva[3u], q3) + dot(kva[4u], q4) + dot(kva[5u], q5) + dot(kva[6u], q6) + dot(kva[7u], q7);
+                    var l1 = dot(kvb[0u], q0) + dot(kvb[1u], q1) + dot(kvb[2u], q2) + dot(kvb[3u], q3) + dot(kvb[4u], q4) + dot(kvb[5u], q5) + dot(kvb[6u], q6) + dot(kvb[7u], q7);
+                    var l2 = dot(kvc[0u], q0) + dot(kvc[1u], q1) + dot(kvc[2u], q2) + dot(kvc[3u], q3) + dot(kvc[4u], q4) + dot(kvc[5u], q5) + dot(kvc[6u], q6) + dot(kvc[7u], q7);
+                    var l3 = dot(kvd[0u], q0) + dot(kvd[1u], q1) + dot(kvd[2u], q2) + dot(kvd[3u], q3) + dot(kvd[4u], q4) + dot(kvd[5u], q5) + dot(kvd[6u], q6) + dot(kvd[7u], q7);
                     if (ks == 16u) {
-                        l = l + dot(kv[8u], qt[o + 8u]) + dot(kv[9u], qt[o + 9u]) + dot(kv[10u], qt[o + 10u]) + dot(kv[11u], qt[o + 11u]) + dot(kv[12u], qt[o + 12u]) + dot(kv[13u], qt[o + 13u]) + dot(kv[14u], qt[o + 14u]) + dot(kv[15u], qt[o + 15u]);
+                        let q8 = qt[o + 8u];
+                        let q9 = qt[o + 9u];
+                        let q10 = qt[o + 10u];
+                        let q11 = qt[o + 11u];
+                        let q12 = qt[o + 12u];
+                        let q13 = qt[o + 13u];
+                        let q14 = qt[o + 14u];
+                        let q15 = qt[o + 15u];
+                        l0 = l0 + (dot(kva[8u], q8) + dot(kva[9u], q9) + dot(kva[10u], q10) + dot(kva[11u], q11) + dot(kva[12u], q12) + dot(kva[13u], q13) + dot(kva[14u], q14) + dot(kva[15u], q15));
+                        l1 = l1 + (dot(kvb[8u], q8) + dot(kvb[9u], q9) + dot(kvb[10u], q10) + dot(kvb[11u], q11) + dot(kvb[12u], q12) + dot(kvb[13u], q13) + dot(kvb[14u], q14) + dot(kvb[15u], q15));
+                        l2 = l2 + (dot(kvc[8u], q8) + dot(kvc[9u], q9) + dot(kvc[10u], q10) + dot(kvc[11u], q11) + dot(kvc[12u], q12) + dot(kvc[13u], q13) + dot(kvc[14u], q14) + dot(kvc[15u], q15));
+                        l3 = l3 + (dot(kvd[8u], q8) + dot(kvd[9u], q9) + dot(kvd[10u], q10) + dot(kvd[11u], q11) + dot(kvd[12u], q12) + dot(kvd[13u], q13) + dot(kvd[14u], q14) + dot(kvd[15u], q15));
                     }
-                    x = x + wt[r * nh + j] * max(l, 0.0);
+                    x0 = x0 + wj * max(l0, 0.0);
+                    x1 = x1 + wj * max(l1, 0.0);
+                    x2 = x2 + wj * max(l2, 0.0);
+                    x3 = x3 + wj * max(l3, 0.0);
                 }
-                if (mine && s <= t0 + c0 + r && x > best) {
-                    best = x;
+                if (sk0 < s0 + cols && sk0 <= t && x0 > best) {
+                    best = x0;
+                }
+                if (sk1 < s0 + cols && sk1 <= t && x1 > best) {
+                    best = x1;
+                }
+                if (sk2 < s0 + cols && sk2 <= t && x2 > best) {
+                    best = x2;
+                }
+                if (sk3 < s0 + cols && sk3 <= t && x3 > best) {
+                    best = x3;
                 }
             }
         }
