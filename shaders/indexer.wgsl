@@ -116,17 +116,18 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
 }
 
 //!kernel indexer_block_scores_tiled(qi: in, ki: in, w: in, pooled: out)
-// The same result as `indexer_block_scores`, tiled: one 16-wide workgroup per
+// The same result as `indexer_block_scores`, tiled: one 8-wide workgroup per
 // (key block, query block, batch) = workgroup id (x, y, z). Invocation i takes
-// the block's keys i, i + 16, i + 32, i + 48 (then the same + 64, ..), their
-// k_i rows held in private vec4s (d_I <= 64). The query block's q_i rows (all
-// heads, padded to a stride of ks = 8 or 16 vec4s) and w go through workgroup
-// memory a few queries at a time, loaded once, cooperatively; every q_i vec4
-// read from there serves the invocation's four keys, each logit one
-// straight-line sum of ks vec4 dots. Keys after the query are masked and NaN
-// scores skipped; the max over the workgroup is a fixed tree. Needs
-// H_I <= 16 (the launch checks).
-const TWG: u32 = 16u;
+// the block's keys i, i + 8, i + 16, i + 24, i + 32, i + 40, i + 48, i + 56 (then the same + 64, ..),
+// their k_i rows held in private vec4s (d_I <= 64). The query block's q_i rows
+// (all heads, padded to a stride of ks = 8 or 16 vec4s) and w go through
+// workgroup memory a few queries at a time, loaded once, cooperatively; every
+// q_i vec4 read from there serves the invocation's eight keys, each logit one
+// straight-line sum of ks vec4 dots (llvmpipe is bound by memory reads). Keys
+// after the query are masked and NaN scores skipped; the max over the
+// workgroup is a fixed tree. Needs H_I <= 16 (the launch checks). The per-key
+// code is written out for each of the eight keys.
+const TWG: u32 = 8u;
 const TKEYS: u32 = 64u;
 const QTV: u32 = 960u;
 var<workgroup> qt: array<vec4<f32>, 960>;
@@ -140,7 +141,7 @@ fn ld4z_ki(o: u32, e: u32, d: u32) -> vec4<f32> {
     return vec4<f32>(0.0);
 }
 
-@compute @workgroup_size(16)
+@compute @workgroup_size(8)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let seq = pu(1u);
     let nh = pu(2u);
@@ -168,83 +169,159 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let rows = min(t0 + blk, seq) - t0;
     let cols = min(s0 + blk, seq) - s0;
     var best = neg_inf();
-    var kva: array<vec4<f32>, 16>;
-    var kvb: array<vec4<f32>, 16>;
-    var kvc: array<vec4<f32>, 16>;
-    var kvd: array<vec4<f32>, 16>;
+    var kv0: array<vec4<f32>, 16>;
+    var kv1: array<vec4<f32>, 16>;
+    var kv2: array<vec4<f32>, 16>;
+    var kv3: array<vec4<f32>, 16>;
+    var kv4: array<vec4<f32>, 16>;
+    var kv5: array<vec4<f32>, 16>;
+    var kv6: array<vec4<f32>, 16>;
+    var kv7: array<vec4<f32>, 16>;
     for (var k0 = 0u; k0 < cols; k0 = k0 + TKEYS) {
         let sk0 = s0 + k0 + lid + 0u;
         let ko0 = ki_off(b, min(sk0, seq - 1u));
-        kva[0u] = ld4z_ki(ko0, 0u, d);
-        kva[1u] = ld4z_ki(ko0, 4u, d);
-        kva[2u] = ld4z_ki(ko0, 8u, d);
-        kva[3u] = ld4z_ki(ko0, 12u, d);
-        kva[4u] = ld4z_ki(ko0, 16u, d);
-        kva[5u] = ld4z_ki(ko0, 20u, d);
-        kva[6u] = ld4z_ki(ko0, 24u, d);
-        kva[7u] = ld4z_ki(ko0, 28u, d);
-        kva[8u] = ld4z_ki(ko0, 32u, d);
-        kva[9u] = ld4z_ki(ko0, 36u, d);
-        kva[10u] = ld4z_ki(ko0, 40u, d);
-        kva[11u] = ld4z_ki(ko0, 44u, d);
-        kva[12u] = ld4z_ki(ko0, 48u, d);
-        kva[13u] = ld4z_ki(ko0, 52u, d);
-        kva[14u] = ld4z_ki(ko0, 56u, d);
-        kva[15u] = ld4z_ki(ko0, 60u, d);
-        let sk1 = s0 + k0 + lid + 16u;
+        kv0[0u] = ld4z_ki(ko0, 0u, d);
+        kv0[1u] = ld4z_ki(ko0, 4u, d);
+        kv0[2u] = ld4z_ki(ko0, 8u, d);
+        kv0[3u] = ld4z_ki(ko0, 12u, d);
+        kv0[4u] = ld4z_ki(ko0, 16u, d);
+        kv0[5u] = ld4z_ki(ko0, 20u, d);
+        kv0[6u] = ld4z_ki(ko0, 24u, d);
+        kv0[7u] = ld4z_ki(ko0, 28u, d);
+        kv0[8u] = ld4z_ki(ko0, 32u, d);
+        kv0[9u] = ld4z_ki(ko0, 36u, d);
+        kv0[10u] = ld4z_ki(ko0, 40u, d);
+        kv0[11u] = ld4z_ki(ko0, 44u, d);
+        kv0[12u] = ld4z_ki(ko0, 48u, d);
+        kv0[13u] = ld4z_ki(ko0, 52u, d);
+        kv0[14u] = ld4z_ki(ko0, 56u, d);
+        kv0[15u] = ld4z_ki(ko0, 60u, d);
+        let sk1 = s0 + k0 + lid + 8u;
         let ko1 = ki_off(b, min(sk1, seq - 1u));
-        kvb[0u] = ld4z_ki(ko1, 0u, d);
-        kvb[1u] = ld4z_ki(ko1, 4u, d);
-        kvb[2u] = ld4z_ki(ko1, 8u, d);
-        kvb[3u] = ld4z_ki(ko1, 12u, d);
-        kvb[4u] = ld4z_ki(ko1, 16u, d);
-        kvb[5u] = ld4z_ki(ko1, 20u, d);
-        kvb[6u] = ld4z_ki(ko1, 24u, d);
-        kvb[7u] = ld4z_ki(ko1, 28u, d);
-        kvb[8u] = ld4z_ki(ko1, 32u, d);
-        kvb[9u] = ld4z_ki(ko1, 36u, d);
-        kvb[10u] = ld4z_ki(ko1, 40u, d);
-        kvb[11u] = ld4z_ki(ko1, 44u, d);
-        kvb[12u] = ld4z_ki(ko1, 48u, d);
-        kvb[13u] = ld4z_ki(ko1, 52u, d);
-        kvb[14u] = ld4z_ki(ko1, 56u, d);
-        kvb[15u] = ld4z_ki(ko1, 60u, d);
-        let sk2 = s0 + k0 + lid + 32u;
+        kv1[0u] = ld4z_ki(ko1, 0u, d);
+        kv1[1u] = ld4z_ki(ko1, 4u, d);
+        kv1[2u] = ld4z_ki(ko1, 8u, d);
+        kv1[3u] = ld4z_ki(ko1, 12u, d);
+        kv1[4u] = ld4z_ki(ko1, 16u, d);
+        kv1[5u] = ld4z_ki(ko1, 20u, d);
+        kv1[6u] = ld4z_ki(ko1, 24u, d);
+        kv1[7u] = ld4z_ki(ko1, 28u, d);
+        kv1[8u] = ld4z_ki(ko1, 32u, d);
+        kv1[9u] = ld4z_ki(ko1, 36u, d);
+        kv1[10u] = ld4z_ki(ko1, 40u, d);
+        kv1[11u] = ld4z_ki(ko1, 44u, d);
+        kv1[12u] = ld4z_ki(ko1, 48u, d);
+        kv1[13u] = ld4z_ki(ko1, 52u, d);
+        kv1[14u] = ld4z_ki(ko1, 56u, d);
+        kv1[15u] = ld4z_ki(ko1, 60u, d);
+        let sk2 = s0 + k0 + lid + 16u;
         let ko2 = ki_off(b, min(sk2, seq - 1u));
-        kvc[0u] = ld4z_ki(ko2, 0u, d);
-        kvc[1u] = ld4z_ki(ko2, 4u, d);
-        kvc[2u] = ld4z_ki(ko2, 8u, d);
-        kvc[3u] = ld4z_ki(ko2, 12u, d);
-        kvc[4u] = ld4z_ki(ko2, 16u, d);
-        kvc[5u] = ld4z_ki(ko2, 20u, d);
-        kvc[6u] = ld4z_ki(ko2, 24u, d);
-        kvc[7u] = ld4z_ki(ko2, 28u, d);
-        kvc[8u] = ld4z_ki(ko2, 32u, d);
-        kvc[9u] = ld4z_ki(ko2, 36u, d);
-        kvc[10u] = ld4z_ki(ko2, 40u, d);
-        kvc[11u] = ld4z_ki(ko2, 44u, d);
-        kvc[12u] = ld4z_ki(ko2, 48u, d);
-        kvc[13u] = ld4z_ki(ko2, 52u, d);
-        kvc[14u] = ld4z_ki(ko2, 56u, d);
-        kvc[15u] = ld4z_ki(ko2, 60u, d);
-        let sk3 = s0 + k0 + lid + 48u;
+        kv2[0u] = ld4z_ki(ko2, 0u, d);
+        kv2[1u] = ld4z_ki(ko2, 4u, d);
+        kv2[2u] = ld4z_ki(ko2, 8u, d);
+        kv2[3u] = ld4z_ki(ko2, 12u, d);
+        kv2[4u] = ld4z_ki(ko2, 16u, d);
+        kv2[5u] = ld4z_ki(ko2, 20u, d);
+        kv2[6u] = ld4z_ki(ko2, 24u, d);
+        kv2[7u] = ld4z_ki(ko2, 28u, d);
+        kv2[8u] = ld4z_ki(ko2, 32u, d);
+        kv2[9u] = ld4z_ki(ko2, 36u, d);
+        kv2[10u] = ld4z_ki(ko2, 40u, d);
+        kv2[11u] = ld4z_ki(ko2, 44u, d);
+        kv2[12u] = ld4z_ki(ko2, 48u, d);
+        kv2[13u] = ld4z_ki(ko2, 52u, d);
+        kv2[14u] = ld4z_ki(ko2, 56u, d);
+        kv2[15u] = ld4z_ki(ko2, 60u, d);
+        let sk3 = s0 + k0 + lid + 24u;
         let ko3 = ki_off(b, min(sk3, seq - 1u));
-        kvd[0u] = ld4z_ki(ko3, 0u, d);
-        kvd[1u] = ld4z_ki(ko3, 4u, d);
-        kvd[2u] = ld4z_ki(ko3, 8u, d);
-        kvd[3u] = ld4z_ki(ko3, 12u, d);
-        kvd[4u] = ld4z_ki(ko3, 16u, d);
-        kvd[5u] = ld4z_ki(ko3, 20u, d);
-        kvd[6u] = ld4z_ki(ko3, 24u, d);
-        kvd[7u] = ld4z_ki(ko3, 28u, d);
-        kvd[8u] = ld4z_ki(ko3, 32u, d);
-        kvd[9u] = ld4z_ki(ko3, 36u, d);
-        kvd[10u] = ld4z_ki(ko3, 40u, d);
-        kvd[11u] = ld4z_ki(ko3, 44u, d);
-        kvd[12u] = ld4z_ki(ko3, 48u, d);
-        kvd[13u] = ld4z_ki(ko3, 52u, d);
-        kvd[14u] = ld4z_ki(ko3, 56u, d);
-        kvd[15u] = ld4z_ki(ko3, 60u, d);
+        kv3[0u] = ld4z_ki(ko3, 0u, d);
+        kv3[1u] = ld4z_ki(ko3, 4u, d);
+        kv3[2u] = ld4z_ki(ko3, 8u, d);
+        kv3[3u] = ld4z_ki(ko3, 12u, d);
+        kv3[4u] = ld4z_ki(ko3, 16u, d);
+        kv3[5u] = ld4z_ki(ko3, 20u, d);
+        kv3[6u] = ld4z_ki(ko3, 24u, d);
+        kv3[7u] = ld4z_ki(ko3, 28u, d);
+        kv3[8u] = ld4z_ki(ko3, 32u, d);
+        kv3[9u] = ld4z_ki(ko3, 36u, d);
+        kv3[10u] = ld4z_ki(ko3, 40u, d);
+        kv3[11u] = ld4z_ki(ko3, 44u, d);
+        kv3[12u] = ld4z_ki(ko3, 48u, d);
+        kv3[13u] = ld4z_ki(ko3, 52u, d);
+        kv3[14u] = ld4z_ki(ko3, 56u, d);
+        kv3[15u] = ld4z_ki(ko3, 60u, d);
+        let sk4 = s0 + k0 + lid + 32u;
+        let ko4 = ki_off(b, min(sk4, seq - 1u));
+        kv4[0u] = ld4z_ki(ko4, 0u, d);
+        kv4[1u] = ld4z_ki(ko4, 4u, d);
+        kv4[2u] = ld4z_ki(ko4, 8u, d);
+        kv4[3u] = ld4z_ki(ko4, 12u, d);
+        kv4[4u] = ld4z_ki(ko4, 16u, d);
+        kv4[5u] = ld4z_ki(ko4, 20u, d);
+        kv4[6u] = ld4z_ki(ko4, 24u, d);
+        kv4[7u] = ld4z_ki(ko4, 28u, d);
+        kv4[8u] = ld4z_ki(ko4, 32u, d);
+        kv4[9u] = ld4z_ki(ko4, 36u, d);
+        kv4[10u] = ld4z_ki(ko4, 40u, d);
+        kv4[11u] = ld4z_ki(ko4, 44u, d);
+        kv4[12u] = ld4z_ki(ko4, 48u, d);
+        kv4[13u] = ld4z_ki(ko4, 52u, d);
+        kv4[14u] = ld4z_ki(ko4, 56u, d);
+        kv4[15u] = ld4z_ki(ko4, 60u, d);
+        let sk5 = s0 + k0 + lid + 40u;
+        let ko5 = ki_off(b, min(sk5, seq - 1u));
+        kv5[0u] = ld4z_ki(ko5, 0u, d);
+        kv5[1u] = ld4z_ki(ko5, 4u, d);
+        kv5[2u] = ld4z_ki(ko5, 8u, d);
+        kv5[3u] = ld4z_ki(ko5, 12u, d);
+        kv5[4u] = ld4z_ki(ko5, 16u, d);
+        kv5[5u] = ld4z_ki(ko5, 20u, d);
+        kv5[6u] = ld4z_ki(ko5, 24u, d);
+        kv5[7u] = ld4z_ki(ko5, 28u, d);
+        kv5[8u] = ld4z_ki(ko5, 32u, d);
+        kv5[9u] = ld4z_ki(ko5, 36u, d);
+        kv5[10u] = ld4z_ki(ko5, 40u, d);
+        kv5[11u] = ld4z_ki(ko5, 44u, d);
+        kv5[12u] = ld4z_ki(ko5, 48u, d);
+        kv5[13u] = ld4z_ki(ko5, 52u, d);
+        kv5[14u] = ld4z_ki(ko5, 56u, d);
+        kv5[15u] = ld4z_ki(ko5, 60u, d);
+        let sk6 = s0 + k0 + lid + 48u;
+        let ko6 = ki_off(b, min(sk6, seq - 1u));
+        kv6[0u] = ld4z_ki(ko6, 0u, d);
+        kv6[1u] = ld4z_ki(ko6, 4u, d);
+        kv6[2u] = ld4z_ki(ko6, 8u, d);
+        kv6[3u] = ld4z_ki(ko6, 12u, d);
+        kv6[4u] = ld4z_ki(ko6, 16u, d);
+        kv6[5u] = ld4z_ki(ko6, 20u, d);
+        kv6[6u] = ld4z_ki(ko6, 24u, d);
+        kv6[7u] = ld4z_ki(ko6, 28u, d);
+        kv6[8u] = ld4z_ki(ko6, 32u, d);
+        kv6[9u] = ld4z_ki(ko6, 36u, d);
+        kv6[10u] = ld4z_ki(ko6, 40u, d);
+        kv6[11u] = ld4z_ki(ko6, 44u, d);
+        kv6[12u] = ld4z_ki(ko6, 48u, d);
+        kv6[13u] = ld4z_ki(ko6, 52u, d);
+        kv6[14u] = ld4z_ki(ko6, 56u, d);
+        kv6[15u] = ld4z_ki(ko6, 60u, d);
+        let sk7 = s0 + k0 + lid + 56u;
+        let ko7 = ki_off(b, min(sk7, seq - 1u));
+        kv7[0u] = ld4z_ki(ko7, 0u, d);
+        kv7[1u] = ld4z_ki(ko7, 4u, d);
+        kv7[2u] = ld4z_ki(ko7, 8u, d);
+        kv7[3u] = ld4z_ki(ko7, 12u, d);
+        kv7[4u] = ld4z_ki(ko7, 16u, d);
+        kv7[5u] = ld4z_ki(ko7, 20u, d);
+        kv7[6u] = ld4z_ki(ko7, 24u, d);
+        kv7[7u] = ld4z_ki(ko7, 28u, d);
+        kv7[8u] = ld4z_ki(ko7, 32u, d);
+        kv7[9u] = ld4z_ki(ko7, 36u, d);
+        kv7[10u] = ld4z_ki(ko7, 40u, d);
+        kv7[11u] = ld4z_ki(ko7, 44u, d);
+        kv7[12u] = ld4z_ki(ko7, 48u, d);
+        kv7[13u] = ld4z_ki(ko7, 52u, d);
+        kv7[14u] = ld4z_ki(ko7, 56u, d);
+        kv7[15u] = ld4z_ki(ko7, 60u, d);
         for (var c0 = 0u; c0 < rows; c0 = c0 + qc) {
             let qw = min(qc, rows - c0);
             workgroupBarrier();
@@ -267,6 +344,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 var x1 = 0.0;
                 var x2 = 0.0;
                 var x3 = 0.0;
+                var x4 = 0.0;
+                var x5 = 0.0;
+                var x6 = 0.0;
+                var x7 = 0.0;
                 for (var j = 0u; j < nh; j = j + 1u) {
                     let o = (r * nh + j) * ks;
                     let wj = wt[r * nh + j];
@@ -278,10 +359,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                     let q5 = qt[o + 5u];
                     let q6 = qt[o + 6u];
                     let q7 = qt[o + 7u];
-                    var l0 = dot(kva[0u], q0) + dot(kva[1u], q1) + dot(kva[2u], q2) + dot(kva[3u], q3) + dot(kva[4u], q4) + dot(kva[5u], q5) + dot(kva[6u], q6) + dot(kva[7u], q7);
-                    var l1 = dot(kvb[0u], q0) + dot(kvb[1u], q1) + dot(kvb[2u], q2) + dot(kvb[3u], q3) + dot(kvb[4u], q4) + dot(kvb[5u], q5) + dot(kvb[6u], q6) + dot(kvb[7u], q7);
-                    var l2 = dot(kvc[0u], q0) + dot(kvc[1u], q1) + dot(kvc[2u], q2) + dot(kvc[3u], q3) + dot(kvc[4u], q4) + dot(kvc[5u], q5) + dot(kvc[6u], q6) + dot(kvc[7u], q7);
-                    var l3 = dot(kvd[0u], q0) + dot(kvd[1u], q1) + dot(kvd[2u], q2) + dot(kvd[3u], q3) + dot(kvd[4u], q4) + dot(kvd[5u], q5) + dot(kvd[6u], q6) + dot(kvd[7u], q7);
+                    var l0 = dot(kv0[0u], q0) + dot(kv0[1u], q1) + dot(kv0[2u], q2) + dot(kv0[3u], q3) + dot(kv0[4u], q4) + dot(kv0[5u], q5) + dot(kv0[6u], q6) + dot(kv0[7u], q7);
+                    var l1 = dot(kv1[0u], q0) + dot(kv1[1u], q1) + dot(kv1[2u], q2) + dot(kv1[3u], q3) + dot(kv1[4u], q4) + dot(kv1[5u], q5) + dot(kv1[6u], q6) + dot(kv1[7u], q7);
+                    var l2 = dot(kv2[0u], q0) + dot(kv2[1u], q1) + dot(kv2[2u], q2) + dot(kv2[3u], q3) + dot(kv2[4u], q4) + dot(kv2[5u], q5) + dot(kv2[6u], q6) + dot(kv2[7u], q7);
+                    var l3 = dot(kv3[0u], q0) + dot(kv3[1u], q1) + dot(kv3[2u], q2) + dot(kv3[3u], q3) + dot(kv3[4u], q4) + dot(kv3[5u], q5) + dot(kv3[6u], q6) + dot(kv3[7u], q7);
+                    var l4 = dot(kv4[0u], q0) + dot(kv4[1u], q1) + dot(kv4[2u], q2) + dot(kv4[3u], q3) + dot(kv4[4u], q4) + dot(kv4[5u], q5) + dot(kv4[6u], q6) + dot(kv4[7u], q7);
+                    var l5 = dot(kv5[0u], q0) + dot(kv5[1u], q1) + dot(kv5[2u], q2) + dot(kv5[3u], q3) + dot(kv5[4u], q4) + dot(kv5[5u], q5) + dot(kv5[6u], q6) + dot(kv5[7u], q7);
+                    var l6 = dot(kv6[0u], q0) + dot(kv6[1u], q1) + dot(kv6[2u], q2) + dot(kv6[3u], q3) + dot(kv6[4u], q4) + dot(kv6[5u], q5) + dot(kv6[6u], q6) + dot(kv6[7u], q7);
+                    var l7 = dot(kv7[0u], q0) + dot(kv7[1u], q1) + dot(kv7[2u], q2) + dot(kv7[3u], q3) + dot(kv7[4u], q4) + dot(kv7[5u], q5) + dot(kv7[6u], q6) + dot(kv7[7u], q7);
                     if (ks == 16u) {
                         let q8 = qt[o + 8u];
                         let q9 = qt[o + 9u];
@@ -291,15 +376,23 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                         let q13 = qt[o + 13u];
                         let q14 = qt[o + 14u];
                         let q15 = qt[o + 15u];
-                        l0 = l0 + (dot(kva[8u], q8) + dot(kva[9u], q9) + dot(kva[10u], q10) + dot(kva[11u], q11) + dot(kva[12u], q12) + dot(kva[13u], q13) + dot(kva[14u], q14) + dot(kva[15u], q15));
-                        l1 = l1 + (dot(kvb[8u], q8) + dot(kvb[9u], q9) + dot(kvb[10u], q10) + dot(kvb[11u], q11) + dot(kvb[12u], q12) + dot(kvb[13u], q13) + dot(kvb[14u], q14) + dot(kvb[15u], q15));
-                        l2 = l2 + (dot(kvc[8u], q8) + dot(kvc[9u], q9) + dot(kvc[10u], q10) + dot(kvc[11u], q11) + dot(kvc[12u], q12) + dot(kvc[13u], q13) + dot(kvc[14u], q14) + dot(kvc[15u], q15));
-                        l3 = l3 + (dot(kvd[8u], q8) + dot(kvd[9u], q9) + dot(kvd[10u], q10) + dot(kvd[11u], q11) + dot(kvd[12u], q12) + dot(kvd[13u], q13) + dot(kvd[14u], q14) + dot(kvd[15u], q15));
+                        l0 = l0 + (dot(kv0[8u], q8) + dot(kv0[9u], q9) + dot(kv0[10u], q10) + dot(kv0[11u], q11) + dot(kv0[12u], q12) + dot(kv0[13u], q13) + dot(kv0[14u], q14) + dot(kv0[15u], q15));
+                        l1 = l1 + (dot(kv1[8u], q8) + dot(kv1[9u], q9) + dot(kv1[10u], q10) + dot(kv1[11u], q11) + dot(kv1[12u], q12) + dot(kv1[13u], q13) + dot(kv1[14u], q14) + dot(kv1[15u], q15));
+                        l2 = l2 + (dot(kv2[8u], q8) + dot(kv2[9u], q9) + dot(kv2[10u], q10) + dot(kv2[11u], q11) + dot(kv2[12u], q12) + dot(kv2[13u], q13) + dot(kv2[14u], q14) + dot(kv2[15u], q15));
+                        l3 = l3 + (dot(kv3[8u], q8) + dot(kv3[9u], q9) + dot(kv3[10u], q10) + dot(kv3[11u], q11) + dot(kv3[12u], q12) + dot(kv3[13u], q13) + dot(kv3[14u], q14) + dot(kv3[15u], q15));
+                        l4 = l4 + (dot(kv4[8u], q8) + dot(kv4[9u], q9) + dot(kv4[10u], q10) + dot(kv4[11u], q11) + dot(kv4[12u], q12) + dot(kv4[13u], q13) + dot(kv4[14u], q14) + dot(kv4[15u], q15));
+                        l5 = l5 + (dot(kv5[8u], q8) + dot(kv5[9u], q9) + dot(kv5[10u], q10) + dot(kv5[11u], q11) + dot(kv5[12u], q12) + dot(kv5[13u], q13) + dot(kv5[14u], q14) + dot(kv5[15u], q15));
+                        l6 = l6 + (dot(kv6[8u], q8) + dot(kv6[9u], q9) + dot(kv6[10u], q10) + dot(kv6[11u], q11) + dot(kv6[12u], q12) + dot(kv6[13u], q13) + dot(kv6[14u], q14) + dot(kv6[15u], q15));
+                        l7 = l7 + (dot(kv7[8u], q8) + dot(kv7[9u], q9) + dot(kv7[10u], q10) + dot(kv7[11u], q11) + dot(kv7[12u], q12) + dot(kv7[13u], q13) + dot(kv7[14u], q14) + dot(kv7[15u], q15));
                     }
                     x0 = x0 + wj * max(l0, 0.0);
                     x1 = x1 + wj * max(l1, 0.0);
                     x2 = x2 + wj * max(l2, 0.0);
                     x3 = x3 + wj * max(l3, 0.0);
+                    x4 = x4 + wj * max(l4, 0.0);
+                    x5 = x5 + wj * max(l5, 0.0);
+                    x6 = x6 + wj * max(l6, 0.0);
+                    x7 = x7 + wj * max(l7, 0.0);
                 }
                 if (sk0 < s0 + cols && sk0 <= t && x0 > best) {
                     best = x0;
@@ -312,6 +405,18 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 }
                 if (sk3 < s0 + cols && sk3 <= t && x3 > best) {
                     best = x3;
+                }
+                if (sk4 < s0 + cols && sk4 <= t && x4 > best) {
+                    best = x4;
+                }
+                if (sk5 < s0 + cols && sk5 <= t && x5 > best) {
+                    best = x5;
+                }
+                if (sk6 < s0 + cols && sk6 <= t && x6 > best) {
+                    best = x6;
+                }
+                if (sk7 < s0 + cols && sk7 <= t && x7 > best) {
+                    best = x7;
                 }
             }
         }
