@@ -198,8 +198,8 @@ pub fn generate(k: &KernelDef, dtypes: &[DType]) -> Result<String> {
                 }
                 // Four consecutive elements o+e..o+e+3 of a row of length d (zero beyond d).
                 s += &format!(
-                    "fn ld4_{name}(o: u32, e: u32, d: u32) -> vec4<f32> {{ var r = vec4<f32>(ld_{name}(o + e), 0.0, 0.0, 0.0); \
-                     if (e + 1u < d) {{ r.y = ld_{name}(o + e + 1u); }} if (e + 2u < d) {{ r.z = ld_{name}(o + e + 2u); }} \
+                    "fn ld4_{name}(o: u32, e: u32, d: u32) -> vec4<f32> {{ var r = vec4<f32>(0.0); \
+                     if (e < d) {{ r.x = ld_{name}(o + e); }} if (e + 1u < d) {{ r.y = ld_{name}(o + e + 1u); }} if (e + 2u < d) {{ r.z = ld_{name}(o + e + 2u); }} \
                      if (e + 3u < d) {{ r.w = ld_{name}(o + e + 3u); }} return r; }}\n"
                 );
             }
