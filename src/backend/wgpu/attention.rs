@@ -182,25 +182,18 @@ pub(super) fn attention(
     }
     let pl = plan(max_slots(s), 1 + 2 * nc, nc + d + 64, 1, rows, d + 2, max_scratch_floats(be));
     let params = |r0: usize, n: usize| attn_params(s).u(pl.chunk).u(pl.nch).u(r0).u(n);
+    // Writes o/lse directly (one chunk) or the chunks' partials.
+    let fwd = |o: &mut T, lse: &mut T, r0: usize, n: usize| {
+        let args = &mut [Arg::R(q), Arg::R(k), Arg::R(v), Arg::R(idx), Arg::W(o), Arg::W(lse)];
+        be.launch("attention", "attn_fwd", args, params(r0, n), grid1d(pl.nch * n))
+    };
     if pl.nch == 1 {
-        return be.launch(
-            "attention",
-            "attn_fwd",
-            &mut [Arg::R(q), Arg::R(k), Arg::R(v), Arg::R(idx), Arg::W(o), Arg::W(lse)],
-            params(0, rows),
-            grid1d(rows),
-        );
+        return fwd(o, lse, 0, rows);
     }
     let mut part = Tensor::empty(be, &[pl.nch * pl.rows * d], DType::F32)?;
     let mut ml = Tensor::empty(be, &[pl.nch * pl.rows * 2], DType::F32)?;
     for (r0, n) in slices(rows, pl.rows) {
-        be.launch(
-            "attention",
-            "attn_fwd",
-            &mut [Arg::R(q), Arg::R(k), Arg::R(v), Arg::R(idx), Arg::W(&mut part), Arg::W(&mut ml)],
-            params(r0, n),
-            grid1d(pl.nch * n),
-        )?;
+        fwd(&mut part, &mut ml, r0, n)?;
         be.launch(
             "split",
             "attn_fwd_combine",
@@ -276,26 +269,18 @@ fn attention_tiled(
         let (first, nt) = tiles(r0, n);
         attn_params(s).u(pl.chunk).u(pl.nch).u(r0).u(n).u(tq).u(first).u(nt)
     };
-    let grid = |r0: usize, n: usize| rows_grid(pl.nch * tiles(r0, n).1);
+    // Writes o/lse directly (one chunk) or the chunks' partials.
+    let fwd = |o: &mut T, lse: &mut T, r0: usize, n: usize| {
+        let args = &mut [Arg::R(q), Arg::R(k), Arg::R(v), Arg::R(idx), Arg::W(o), Arg::W(lse)];
+        be.launch("attention", "attn_fwd_tiled", args, params(r0, n), rows_grid(pl.nch * tiles(r0, n).1))
+    };
     if pl.nch == 1 {
-        return be.launch(
-            "attention",
-            "attn_fwd_tiled",
-            &mut [Arg::R(q), Arg::R(k), Arg::R(v), Arg::R(idx), Arg::W(o), Arg::W(lse)],
-            params(0, rows),
-            grid(0, rows),
-        );
+        return fwd(o, lse, 0, rows);
     }
     let mut part = Tensor::empty(be, &[pl.nch * pl.rows * d], DType::F32)?;
     let mut ml = Tensor::empty(be, &[pl.nch * pl.rows * 2], DType::F32)?;
     for (r0, n) in slices(rows, pl.rows) {
-        be.launch(
-            "attention",
-            "attn_fwd_tiled",
-            &mut [Arg::R(q), Arg::R(k), Arg::R(v), Arg::R(idx), Arg::W(&mut part), Arg::W(&mut ml)],
-            params(r0, n),
-            grid(r0, n),
-        )?;
+        fwd(&mut part, &mut ml, r0, n)?;
         be.launch(
             "split",
             "attn_fwd_combine",
@@ -332,44 +317,27 @@ pub(super) fn attention_backward(
     let rows = s.batch * s.seq * s.n_heads;
     let pl = plan(max_slots(s), 1 + 2 * nc, nc + d + 64, 1, rows, d, max_floats);
     let params = |r0: usize, n: usize| attn_params(s).u(pl.chunk).u(pl.nch).u(r0).u(n);
+    // Writes dq directly (one chunk) or the chunks' partials, and delta.
+    let bwd_dq = |dq: &mut T, delta: &mut T, r0: usize, n: usize| {
+        let args = &mut [
+            Arg::R(q),
+            Arg::R(k),
+            Arg::R(v),
+            Arg::R(d_o),
+            Arg::R(o),
+            Arg::R(lse),
+            Arg::R(idx),
+            Arg::W(dq),
+            Arg::W(delta),
+        ];
+        be.launch("attention", "attn_bwd_dq", args, params(r0, n), grid1d(pl.nch * n))
+    };
     if pl.nch == 1 {
-        be.launch(
-            "attention",
-            "attn_bwd_dq",
-            &mut [
-                Arg::R(q),
-                Arg::R(k),
-                Arg::R(v),
-                Arg::R(d_o),
-                Arg::R(o),
-                Arg::R(lse),
-                Arg::R(idx),
-                Arg::W(dq),
-                Arg::W(&mut delta),
-            ],
-            params(0, rows),
-            grid1d(rows),
-        )?;
+        bwd_dq(dq, &mut delta, 0, rows)?;
     } else {
         let mut part = Tensor::empty(be, &[pl.nch * pl.rows * d], DType::F32)?;
         for (r0, n) in slices(rows, pl.rows) {
-            be.launch(
-                "attention",
-                "attn_bwd_dq",
-                &mut [
-                    Arg::R(q),
-                    Arg::R(k),
-                    Arg::R(v),
-                    Arg::R(d_o),
-                    Arg::R(o),
-                    Arg::R(lse),
-                    Arg::R(idx),
-                    Arg::W(&mut part),
-                    Arg::W(&mut delta),
-                ],
-                params(r0, n),
-                grid1d(pl.nch * n),
-            )?;
+            bwd_dq(&mut part, &mut delta, r0, n)?;
             sum_chunks(be, &part, pl.nch, r0, n, d, dq)?;
         }
     }
@@ -386,45 +354,28 @@ pub(super) fn attention_backward(
     };
     let pl = plan(s.seq, per_q, fixed + 2 * nc + 2 * d + 64, align, rows, 2 * d, max_floats);
     let params = |r0: usize, n: usize| attn_params(s).u(pl.chunk).u(pl.nch).u(r0).u(n);
+    // Writes dk/dv directly (one chunk) or the chunks' partials.
+    let bwd_dkdv = |dk: &mut T, dv: &mut T, r0: usize, n: usize| {
+        let args = &mut [
+            Arg::R(q),
+            Arg::R(k),
+            Arg::R(v),
+            Arg::R(d_o),
+            Arg::R(lse),
+            Arg::R(&delta),
+            Arg::R(idx),
+            Arg::W(dk),
+            Arg::W(dv),
+        ];
+        be.launch("attention", "attn_bwd_dkdv", args, params(r0, n), grid1d(pl.nch * n))
+    };
     if pl.nch == 1 {
-        return be.launch(
-            "attention",
-            "attn_bwd_dkdv",
-            &mut [
-                Arg::R(q),
-                Arg::R(k),
-                Arg::R(v),
-                Arg::R(d_o),
-                Arg::R(lse),
-                Arg::R(&delta),
-                Arg::R(idx),
-                Arg::W(dk),
-                Arg::W(dv),
-            ],
-            params(0, rows),
-            grid1d(rows),
-        );
+        return bwd_dkdv(dk, dv, 0, rows);
     }
     let mut pk = Tensor::empty(be, &[pl.nch * pl.rows * d], DType::F32)?;
     let mut pv = Tensor::empty(be, &[pl.nch * pl.rows * d], DType::F32)?;
     for (r0, n) in slices(rows, pl.rows) {
-        be.launch(
-            "attention",
-            "attn_bwd_dkdv",
-            &mut [
-                Arg::R(q),
-                Arg::R(k),
-                Arg::R(v),
-                Arg::R(d_o),
-                Arg::R(lse),
-                Arg::R(&delta),
-                Arg::R(idx),
-                Arg::W(&mut pk),
-                Arg::W(&mut pv),
-            ],
-            params(r0, n),
-            grid1d(pl.nch * n),
-        )?;
+        bwd_dkdv(&mut pk, &mut pv, r0, n)?;
         sum_chunks(be, &pk, pl.nch, r0, n, d, dk)?;
         sum_chunks(be, &pv, pl.nch, r0, n, d, dv)?;
     }
@@ -531,25 +482,18 @@ pub(super) fn indexer_backward(
     let rows = s.batch * s.seq * nh;
     let pl = plan(s.seq, passes * (1 + d4) + d4, d4 + di + passes + 64, 1, rows, di + 1, max_floats);
     let params = |r0: usize, n: usize| indexer_params(s).u(pl.chunk).u(pl.nch).u(r0).u(n);
+    // Writes dq_i/dw directly (one chunk) or the chunks' partials.
+    let bwd_q = |dqi: &mut T, dw: &mut T, r0: usize, n: usize| {
+        let args = &mut [Arg::R(qi), Arg::R(ki), Arg::R(w), Arg::R(dscores), Arg::W(dqi), Arg::W(dw)];
+        be.launch("indexer", "indexer_bwd_q", args, params(r0, n), grid1d(pl.nch * n))
+    };
     if pl.nch == 1 {
-        be.launch(
-            "indexer",
-            "indexer_bwd_q",
-            &mut [Arg::R(qi), Arg::R(ki), Arg::R(w), Arg::R(dscores), Arg::W(dqi), Arg::W(dw)],
-            params(0, rows),
-            grid1d(rows),
-        )?;
+        bwd_q(dqi, dw, 0, rows)?;
     } else {
         let mut pq = Tensor::empty(be, &[pl.nch * pl.rows * di], DType::F32)?;
         let mut pw = Tensor::empty(be, &[pl.nch * pl.rows], DType::F32)?;
         for (r0, n) in slices(rows, pl.rows) {
-            be.launch(
-                "indexer",
-                "indexer_bwd_q",
-                &mut [Arg::R(qi), Arg::R(ki), Arg::R(w), Arg::R(dscores), Arg::W(&mut pq), Arg::W(&mut pw)],
-                params(r0, n),
-                grid1d(pl.nch * n),
-            )?;
+            bwd_q(&mut pq, &mut pw, r0, n)?;
             sum_chunks(be, &pq, pl.nch, r0, n, di, dqi)?;
             sum_chunks(be, &pw, pl.nch, r0, n, 1, dw)?;
         }
@@ -560,24 +504,17 @@ pub(super) fn indexer_backward(
     let rows = s.batch * s.seq;
     let pl = plan(s.seq, passes * (1 + nh * (1 + d4)) + nh * d4, d4 + di + passes + 64, 1, rows, di, max_floats);
     let params = |r0: usize, n: usize| indexer_params(s).u(pl.chunk).u(pl.nch).u(r0).u(n);
+    // Writes dk_i directly (one chunk) or the chunks' partials.
+    let bwd_k = |dki: &mut T, r0: usize, n: usize| {
+        let args = &mut [Arg::R(qi), Arg::R(ki), Arg::R(w), Arg::R(dscores), Arg::W(dki)];
+        be.launch("indexer", "indexer_bwd_k", args, params(r0, n), grid1d(pl.nch * n))
+    };
     if pl.nch == 1 {
-        return be.launch(
-            "indexer",
-            "indexer_bwd_k",
-            &mut [Arg::R(qi), Arg::R(ki), Arg::R(w), Arg::R(dscores), Arg::W(dki)],
-            params(0, rows),
-            grid1d(rows),
-        );
+        return bwd_k(dki, 0, rows);
     }
     let mut pk = Tensor::empty(be, &[pl.nch * pl.rows * di], DType::F32)?;
     for (r0, n) in slices(rows, pl.rows) {
-        be.launch(
-            "indexer",
-            "indexer_bwd_k",
-            &mut [Arg::R(qi), Arg::R(ki), Arg::R(w), Arg::R(dscores), Arg::W(&mut pk)],
-            params(r0, n),
-            grid1d(pl.nch * n),
-        )?;
+        bwd_k(&mut pk, r0, n)?;
         sum_chunks(be, &pk, pl.nch, r0, n, di, dki)?;
     }
     Ok(())
