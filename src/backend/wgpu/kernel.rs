@@ -56,6 +56,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("indexer", include_str!("../../../shaders/indexer.wgsl")),
     ("select", include_str!("../../../shaders/select.wgsl")),
     ("split", include_str!("../../../shaders/split.wgsl")),
+    ("cached", include_str!("../../../shaders/cached.wgsl")),
 ];
 
 /// Number of `u32` parameter words a kernel can receive.

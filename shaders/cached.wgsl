@@ -1,0 +1,451 @@
+// Inference ops over a KV cache (semantics in `crate::attention::cached`,
+// `crate::ops::cache` and `crate::ops::rope::rope_rows`).
+//
+// Every kernel takes the row table `rows`, U32 [R, 2] = (base, len) per query
+// row: the row's keys are the cache rows base .. base + len and its query sits
+// at position len - 1. `row_of` clamps a row to the cache (base <= slots,
+// base + len <= slots), so no kernel reads outside it, whatever the table.
+//
+// Loops stay far below llvmpipe's (lavapipe's) 65 535 iterations per
+// invocation: the attention kernel handles one chunk of a row's keys per
+// workgroup (flash-decoding: chunks of a long row run in parallel and
+// `cached_attn_combine` merges their partial softmaxes), the pooled indexer
+// one span of keys per workgroup.
+
+const NONE: u32 = 0xffffffffu;
+// Finite "minus infinity" of the softmaxes (no inf - inf arithmetic).
+const NEG: f32 = -3.4028235e38;
+
+fn neg_inf() -> f32 {
+    return bitcast<f32>(0xff800000u);
+}
+
+fn wg_index(w: vec3<u32>, nw: vec3<u32>) -> u32 {
+    return w.x + w.y * nw.x;
+}
+
+// (base, len) of row r, clamped to a cache of `slots` rows.
+fn row_of(r: u32, slots: u32) -> vec2<u32> {
+    let base = min(ldu_rows(2u * r), slots);
+    return vec2<u32>(base, min(ldu_rows(2u * r + 1u), slots - base));
+}
+
+//!kernel rope_rows(x: in, cos: in, sin: in, rows: idx, y: out)
+// Half-split rotary embedding of x [R, heads, head_dim], row r at position
+// len_r - 1 (0 for an empty row, clamped to the table), as `rope`.
+// p0 pairs (numel / 2), p1 half, p2 heads, p3 table positions.
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let p = lin(g, nw);
+    if (p >= pu(0u)) { return; }
+    let half = pu(1u);
+    let v = p / half;
+    let i = p % half;
+    let len = ldu_rows(2u * (v / pu(2u)) + 1u);
+    let pos = min(max(len, 1u) - 1u, pu(3u) - 1u);
+    let c = ld_cos(pos * half + i);
+    let sn = ld_sin(pos * half + i);
+    let base = v * 2u * half;
+    let a = ld_x(base + i);
+    let b = ld_x(base + i + half);
+    st_y(base + i, a * c - b * sn);
+    st_y(base + i + half, a * sn + b * c);
+}
+
+//!kernel cache_write(src: in, rows: idx, cache: inout)
+// cache[base + len - 1] = src[r], element by element (any row width; half
+// caches go through f32 staging). Rows whose target is outside the cache or
+// that have len 0 are skipped. p0 R, p1 width, p2 slots.
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let i = lin(g, nw);
+    let width = pu(1u);
+    if (i >= pu(0u) * width) { return; }
+    let r = i / width;
+    let base = ldu_rows(2u * r);
+    let len = ldu_rows(2u * r + 1u);
+    let slots = pu(2u);
+    if (len == 0u || base >= slots || len > slots - base) { return; }
+    st_cache((base + len - 1u) * width + i % width, ld_src(i));
+}
+
+//!kernel cache_write_words(src: idx, rows: idx, cache: idxout)
+// The same copy on raw 32-bit words (f32 rows, or half rows of an even
+// width, whose rows start on word boundaries): no conversion, no staging.
+// p0 R, p1 words per row, p2 slots.
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let i = lin(g, nw);
+    let width = pu(1u);
+    if (i >= pu(0u) * width) { return; }
+    let r = i / width;
+    let base = ldu_rows(2u * r);
+    let len = ldu_rows(2u * r + 1u);
+    let slots = pu(2u);
+    if (len == 0u || base >= slots || len > slots - base) { return; }
+    stu_cache((base + len - 1u) * width + i % width, ldu_src(i));
+}
+
+//!kernel cached_attn(q: in, k: in, v: in, rows: idx, idx: idx, o: out, ml: out)
+// One 64-wide workgroup per (chunk c, row, head) of this launch: the row's
+// key slots [c·chunk, (c+1)·chunk) (dense: slot = key, len slots; blocks:
+// slot i is offset i % block of the row's block idx[r, i / block], n·block
+// slots, NONE / future blocks / keys >= len skipped). Scores
+// x_j = scale·q·k_j go to workgroup memory, then m = max_j x_j,
+// p_j = exp(x_j - m), l = Σ p_j and acc = Σ p_j v_j (invocation e owning
+// output elements e, e + 64, ...). nch = 1: o = acc / l (0 when l = 0).
+// Otherwise o is the partial buffer [nch, n, heads, head_dim] of acc and ml
+// [nch, n, heads, 2] of (m, l) for `cached_attn_combine`; a chunk past the
+// row's slots writes nothing (the combine stops at the row's last chunk).
+// p0 R, p1 heads, p2 kv heads, p3 head_dim, p4 scale, p5 slots, p6 mode
+// (0 dense, 2 blocks), p7 n, p8 block, p9 chunk, p10 nch, p11 r0, p12 n rows.
+const WA: u32 = 64u;
+const CH: u32 = 1024u;
+var<workgroup> ws: array<f32, CH>;
+var<workgroup> wkey: array<u32, CH>;
+var<workgroup> wq: array<vec4<f32>, 64>;
+var<workgroup> wred: array<f32, 64>;
+var<workgroup> wrow: vec2<u32>;
+
+fn wa_reduce(lid: u32, x: f32, is_max: bool) -> f32 {
+    wred[lid] = x;
+    workgroupBarrier();
+    for (var s = WA / 2u; s > 0u; s = s >> 1u) {
+        if (lid < s) {
+            let a = wred[lid];
+            let b = wred[lid + s];
+            wred[lid] = select(a + b, max(a, b), is_max);
+        }
+        workgroupBarrier();
+    }
+    let r = wred[0];
+    workgroupBarrier();
+    return r;
+}
+
+// The key of slot i of row r (length len), or NONE.
+fn slot_key(r: u32, len: u32, i: u32) -> u32 {
+    if (pu(6u) == 0u) {
+        if (i < len) { return i; }
+        return NONE;
+    }
+    let blk = pu(8u);
+    let kb = ldu_idx(r * pu(7u) + i / blk);
+    if (kb == NONE || len == 0u || kb > (len - 1u) / blk) { return NONE; }
+    let j = kb * blk + i % blk;
+    if (j >= len) { return NONE; }
+    return j;
+}
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let w = wg_index(wid, nw);
+    let nh = pu(1u);
+    let nrow = pu(12u);
+    let nch = pu(10u);
+    if (w >= nch * nrow * nh) { return; }
+    let c = w / (nrow * nh);
+    let rh = w % (nrow * nh);
+    let rl = rh / nh;
+    let h = rh % nh;
+    let r = pu(11u) + rl;
+    let d = pu(3u);
+    let nc = (d + 3u) / 4u;
+    let kw = pu(2u) * d;
+    let g = h / (nh / pu(2u));
+    let chunk = pu(9u);
+    if (lid == 0u) { wrow = row_of(r, pu(5u)); }
+    let rw = workgroupUniformLoad(&wrow);
+    let base = rw.x;
+    let len = rw.y;
+    var nsl = len;
+    if (pu(6u) != 0u) { nsl = pu(7u) * pu(8u); }
+    let s0 = c * chunk;
+    if (s0 >= nsl && c > 0u) { return; }
+    let cnt = min(nsl, s0 + chunk) - min(s0, nsl);
+    let qo = (r * nh + h) * d;
+    for (var cc = lid; cc < nc; cc = cc + WA) { wq[cc] = ld4_q(qo, 4u * cc, d); }
+    workgroupBarrier();
+    var mx = NEG;
+    for (var j = lid; j < cnt; j = j + WA) {
+        let key = slot_key(r, len, s0 + j);
+        var x = NEG;
+        if (key != NONE) {
+            let ko = (base + key) * kw + g * d;
+            var dotp = 0.0;
+            for (var cc = 0u; cc < nc; cc = cc + 1u) {
+                dotp = dotp + dot(wq[cc], ld4_k(ko, 4u * cc, d));
+            }
+            x = pf(4u) * dotp;
+            mx = max(mx, x);
+        }
+        ws[j] = x;
+        wkey[j] = key;
+    }
+    let m = wa_reduce(lid, mx, true);
+    var ls = 0.0;
+    for (var j = lid; j < cnt; j = j + WA) {
+        var p = 0.0;
+        if (wkey[j] != NONE) { p = exp(ws[j] - m); }
+        ws[j] = p;
+        ls = ls + p;
+    }
+    let l = wa_reduce(lid, ls, false);
+    let last = nch == 1u;
+    var inv = 1.0;
+    var oo = qo;
+    if (last) {
+        inv = 0.0;
+        if (l > 0.0) { inv = 1.0 / l; }
+    } else {
+        let pr = (c * nrow + rl) * nh + h;
+        oo = pr * d;
+        if (lid == 0u) {
+            st_ml(2u * pr, m);
+            st_ml(2u * pr + 1u, l);
+        }
+    }
+    for (var e = lid; e < d; e = e + WA) {
+        var acc = 0.0;
+        for (var j = 0u; j < cnt; j = j + 1u) {
+            let key = wkey[j];
+            if (key != NONE) { acc = acc + ws[j] * ld_v((base + key) * kw + g * d + e); }
+        }
+        st_o(oo + e, acc * inv);
+    }
+}
+
+//!kernel cached_attn_combine(part: in, ml: in, rows: idx, o: inout)
+// The log-sum-exp merge of `cached_attn`'s chunks, in chunk order: one
+// invocation per (row, head, element) of the launch; chunks with l = 0 (no
+// key) are skipped and a row without any key gets o = 0. The parameters of
+// `cached_attn`.
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let i = lin(gid, nw);
+    let nh = pu(1u);
+    let d = pu(3u);
+    let nrow = pu(12u);
+    if (i >= nrow * nh * d) { return; }
+    let rh = i / d;
+    let e = i % d;
+    let h = rh % nh;
+    let r = pu(11u) + rh / nh;
+    let chunk = pu(9u);
+    var nsl = row_of(r, pu(5u)).y;
+    if (pu(6u) != 0u) { nsl = pu(7u) * pu(8u); }
+    let used = min(max((nsl + chunk - 1u) / chunk, 1u), pu(10u));
+    var m = NEG;
+    for (var c = 0u; c < used; c = c + 1u) {
+        let pr = c * nrow * nh + rh;
+        if (ld_ml(2u * pr + 1u) > 0.0) { m = max(m, ld_ml(2u * pr)); }
+    }
+    var l = 0.0;
+    var acc = 0.0;
+    for (var c = 0u; c < used; c = c + 1u) {
+        let pr = c * nrow * nh + rh;
+        let lc = ld_ml(2u * pr + 1u);
+        if (lc > 0.0) {
+            let f = exp(ld_ml(2u * pr) - m);
+            l = l + lc * f;
+            acc = acc + ld_part(pr * d + e) * f;
+        }
+    }
+    var out = 0.0;
+    if (l > 0.0) { out = acc / l; }
+    st_o((r * nh + h) * d + e, out);
+}
+
+//!kernel cached_pool(qi: in, w: in, ki: in, rows: idx, pooled: out)
+// pooled[r, b] = max_{s in b, s < len} Σ_j w[r,j]·ReLU(q_i[r,j]·k_i[base+s])
+// (-inf for a block without keys; NaN scores never win). One 64-wide
+// workgroup per (row, span of p6 keys, a whole number of blocks): invocations
+// score keys lid, lid + 64, ... of the span and fold them into the block's
+// maximum with a workgroup atomicMax on order-preserving keys (exact, so
+// independent of the order). p0 R, p1 heads, p2 dim, p3 block, p4 cols,
+// p5 slots, p6 span, p7 spans per row.
+var<workgroup> pm: array<atomic<u32>, 256>;
+
+// Larger key = larger score (callers skip NaN); 0 means "no key".
+fn okey(x: f32) -> u32 {
+    let u = bitcast<u32>(x);
+    if ((u & 0x80000000u) != 0u) { return ~u; }
+    return u | 0x80000000u;
+}
+
+fn unkey(k: u32) -> f32 {
+    if ((k & 0x80000000u) != 0u) { return bitcast<f32>(k & 0x7fffffffu); }
+    return bitcast<f32>(~k);
+}
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let wi = wg_index(wid, nw);
+    let nsp = pu(7u);
+    if (wi >= pu(0u) * nsp) { return; }
+    let r = wi / nsp;
+    let hi = pu(1u);
+    let di = pu(2u);
+    let d4 = (di + 3u) / 4u;
+    let blk = pu(3u);
+    let cols = pu(4u);
+    let span = pu(6u);
+    let nbs = span / blk;
+    for (var i = lid; i < nbs; i = i + 64u) { atomicStore(&pm[i], 0u); }
+    workgroupBarrier();
+    let rw = row_of(r, pu(5u));
+    let len = min(rw.y, cols * blk);
+    let k0 = (wi % nsp) * span;
+    let k1 = min(k0 + span, len);
+    for (var s = k0 + lid; s < k1; s = s + 64u) {
+        let ko = (rw.x + s) * di;
+        var x = 0.0;
+        for (var j = 0u; j < hi; j = j + 1u) {
+            let qo = (r * hi + j) * di;
+            var lg = 0.0;
+            for (var cc = 0u; cc < d4; cc = cc + 1u) {
+                lg = lg + dot(ld4_qi(qo, 4u * cc, di), ld4_ki(ko, 4u * cc, di));
+            }
+            x = x + ld_w(r * hi + j) * max(lg, 0.0);
+        }
+        if ((bitcast<u32>(x) & 0x7fffffffu) <= 0x7f800000u) {
+            atomicMax(&pm[(s - k0) / blk], okey(x));
+        }
+    }
+    workgroupBarrier();
+    let b0 = k0 / blk;
+    for (var i = lid; i < nbs; i = i + 64u) {
+        if (b0 + i < cols) {
+            let key = atomicLoad(&pm[i]);
+            var y = neg_inf();
+            if (key != 0u) { y = unkey(key); }
+            st_pooled(r * cols + b0 + i, y);
+        }
+    }
+}
+
+//!kernel cached_select(scores: in, rows: idx, idx: idxout)
+// `select_topk` in block mode with the row's own block t / block (t = len - 1,
+// clamped to the columns) as its local block: the own block, the sink block 0
+// and the best others among 1 .. t/block - 1 (score descending, NaN as -inf,
+// ties to the smaller index), ascending, padded with NONE. The algorithm of
+// `shaders/select.wgsl`: one 256-wide workgroup per row, a 33-step binary
+// search for the threshold key, then an ordered prefix-sum pass.
+// p0 R, p1 cols, p2 k, p3 block.
+const WG: u32 = 256u;
+var<workgroup> cnt: atomic<u32>;
+var<workgroup> pre: array<u32, 256>;
+var<workgroup> wlast: u32;
+
+// Larger key = better score; NaN ranks as -inf and -0 as +0.
+fn skey(x: f32) -> u32 {
+    let u = bitcast<u32>(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) { return 0x007fffffu; }
+    if ((u & 0x7fffffffu) == 0u) { return 0x80000000u; }
+    if ((u & 0x80000000u) != 0u) { return ~u; }
+    return u | 0x80000000u;
+}
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let row = wg_index(wg, nw);
+    if (row >= pu(0u)) { return; }
+    let cols = pu(1u);
+    let k = pu(2u);
+    if (lid == 0u) {
+        let len = ldu_rows(2u * row + 1u);
+        wlast = min((max(len, 1u) - 1u) / pu(3u), cols - 1u);
+    }
+    let r = workgroupUniformLoad(&wlast);
+    let base = row * cols;
+    let obase = row * k;
+    // Candidates [c0, c1) = 1 .. r - 1, the budget kk left for them after
+    // the forced own block r and sink block 0 (when r != 0 and k >= 2).
+    let c0 = 1u;
+    let c1 = max(r, 1u);
+    var nforced = 1u;
+    var f0 = 0u;
+    if (r != 0u && k >= 2u) {
+        f0 = 1u;
+        nforced = 2u;
+    }
+    let ncand = c1 - c0;
+    let kk = k - nforced;
+
+    // Binary search for T = max{T : count(key >= T) >= kk} (T = 0 when kk > ncand).
+    var lo = 0u;
+    var hi = 0xffffffffu;
+    for (var it = 0u; it < 33u; it = it + 1u) {
+        let mid = lo + ((hi - lo) >> 1u) + ((hi - lo) & 1u);
+        if (lid == 0u) { atomicStore(&cnt, 0u); }
+        workgroupBarrier();
+        var c = 0u;
+        for (var col = c0 + lid; col < c1; col = col + WG) {
+            if (skey(ld_scores(base + col)) >= mid) { c = c + 1u; }
+        }
+        atomicAdd(&cnt, c);
+        workgroupBarrier();
+        let total = atomicLoad(&cnt);
+        workgroupBarrier();
+        if (lo < hi) {
+            if (total >= kk) { lo = mid; } else { hi = mid - 1u; }
+        }
+    }
+    let thr = lo;
+    if (lid == 0u) { atomicStore(&cnt, 0u); }
+    workgroupBarrier();
+    var c = 0u;
+    for (var col = c0 + lid; col < c1; col = col + WG) {
+        if (skey(ld_scores(base + col)) > thr) { c = c + 1u; }
+    }
+    atomicAdd(&cnt, c);
+    workgroupBarrier();
+    let ngt = atomicLoad(&cnt);
+    var need = 0u;
+    if (kk > ngt) { need = kk - ngt; }
+    let nsel = min(kk, ncand);
+
+    // Ordered pass: position of a selected column = #selected columns before it.
+    var run_gt = 0u;
+    var run_tie = 0u;
+    for (var cb = c0; cb < c1; cb = cb + WG) {
+        let col = cb + lid;
+        var gt = 0u;
+        var tie = 0u;
+        if (col < c1) {
+            let key = skey(ld_scores(base + col));
+            gt = select(0u, 1u, key > thr);
+            tie = select(0u, 1u, key == thr);
+        }
+        let val = (tie << 16u) | gt;
+        pre[lid] = val;
+        workgroupBarrier();
+        for (var off = 1u; off < WG; off = off << 1u) {
+            var v = pre[lid];
+            if (lid >= off) { v = v + pre[lid - off]; }
+            workgroupBarrier();
+            pre[lid] = v;
+            workgroupBarrier();
+        }
+        let excl = pre[lid] - val;
+        let all = pre[WG - 1u];
+        workgroupBarrier();
+        let gt_before = run_gt + (excl & 0xffffu);
+        let tie_before = run_tie + (excl >> 16u);
+        if (gt == 1u || (tie == 1u && tie_before < need)) {
+            stu_idx(obase + f0 + gt_before + min(tie_before, need), col);
+        }
+        run_gt = run_gt + (all & 0xffffu);
+        run_tie = run_tie + (all >> 16u);
+    }
+    if (lid == 0u) {
+        if (f0 == 1u) { stu_idx(obase, 0u); }
+        stu_idx(obase + f0 + nsel, r);
+    }
+    for (var p = nforced + nsel + lid; p < k; p = p + WG) {
+        stu_idx(obase + p, NONE);
+    }
+}
