@@ -195,7 +195,13 @@ pub struct WgpuBackend {
     pipelines: Mutex<HashMap<String, Arc<Pipeline>>>,
     pending: Mutex<Pending>,
     error: Arc<Mutex<Option<String>>>,
+    /// The last readback buffer, reused by the next download that fits in it
+    /// (a decode loop downloads same-sized logits every step).
+    readback: Mutex<Option<wgpu::Buffer>>,
 }
+
+/// Largest readback buffer kept for reuse.
+const MAX_KEPT_READBACK: u64 = 16 << 20;
 
 /// A device allocation. Dropping it returns the memory to the backend's pool.
 pub struct WgpuBuffer {
@@ -278,6 +284,7 @@ impl WgpuBackend {
             pipelines: Mutex::default(),
             pending: Mutex::new(Pending { encoder: None, dispatches: 0 }),
             error,
+            readback: Mutex::default(),
         })
     }
 
@@ -617,11 +624,14 @@ impl Backend for WgpuBackend {
             return Ok(Vec::new());
         }
         let size = padded(n) as u64;
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("readback"),
-            size,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
+        let kept = lock(&self.readback).take().filter(|b| b.size() >= size);
+        let staging = kept.unwrap_or_else(|| {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("readback"),
+                size: size.max(4096),
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
         });
         {
             let mut p = lock(&self.pending);
@@ -632,7 +642,7 @@ impl Backend for WgpuBackend {
         }
         self.flush()?;
         let (tx, rx) = std::sync::mpsc::channel();
-        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+        staging.slice(..size).map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
         self.wait()?;
@@ -640,11 +650,14 @@ impl Backend for WgpuBackend {
             .map_err(|_| Error::Device("wgpu: readback was never mapped".into()))?
             .map_err(|e| Error::Device(format!("wgpu: readback failed: {e}")))?;
         let out = staging
-            .slice(..)
+            .slice(..size)
             .get_mapped_range()
             .map_err(|e| Error::Device(format!("wgpu: reading back failed: {e}")))?[..n]
             .to_vec();
         staging.unmap();
+        if staging.size() <= MAX_KEPT_READBACK {
+            *lock(&self.readback) = Some(staging);
+        }
         Ok(out)
     }
 
