@@ -92,8 +92,8 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw
 // slot i is offset i % block of the row's block idx[r, i / block], n·block
 // slots, NONE / future blocks / keys >= len skipped). Scores
 // x_j = scale·q·k_j go to workgroup memory, then m = max_j x_j,
-// p_j = exp(x_j - m), l = Σ p_j and acc = Σ p_j v_j (invocation e owning
-// output elements e, e + 64, ...). nch = 1: o = acc / l (0 when l = 0).
+// p_j = exp(x_j - m), l = Σ p_j and acc = Σ p_j v_j (in vec4 columns, the
+// keys split over 64 / (head_dim / 4) groups of invocations). nch = 1: o = acc / l (0 when l = 0).
 // Otherwise o is the partial buffer [nch, n, heads, head_dim] of acc and ml
 // [nch, n, heads, 2] of (m, l) for `cached_attn_combine`; a chunk past the
 // row's slots writes nothing (the combine stops at the row's last chunk).
@@ -105,6 +105,7 @@ var<workgroup> ws: array<f32, CH>;
 var<workgroup> wkey: array<u32, CH>;
 var<workgroup> wq: array<vec4<f32>, 64>;
 var<workgroup> wred: array<f32, 64>;
+var<workgroup> wacc: array<vec4<f32>, 64>;
 var<workgroup> wrow: vec2<u32>;
 
 fn wa_reduce(lid: u32, x: f32, is_max: bool) -> f32 {
@@ -206,13 +207,25 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
             st_ml(2u * pr + 1u, l);
         }
     }
-    for (var e = lid; e < d; e = e + WA) {
-        var acc = 0.0;
-        for (var j = 0u; j < cnt; j = j + 1u) {
+    // p·v: invocation (grp, cc) sums keys grp, grp + ng, ... of the chunk on
+    // the four output elements 4·cc .. 4·cc + 3; then group 0 adds the groups.
+    let ng = WA / nc;
+    let cc = lid % nc;
+    let grp = lid / nc;
+    var acc = vec4<f32>(0.0);
+    if (grp < ng) {
+        for (var j = grp; j < cnt; j = j + ng) {
             let key = wkey[j];
-            if (key != NONE) { acc = acc + ws[j] * ld_v((base + key) * kw + g * d + e); }
+            if (key != NONE) { acc = acc + ws[j] * ld4_v((base + key) * kw + g * d, 4u * cc, d); }
         }
-        st_o(oo + e, acc * inv);
+    }
+    wacc[lid] = acc;
+    workgroupBarrier();
+    if (grp == 0u) {
+        for (var i = 1u; i < ng; i = i + 1u) { acc = acc + wacc[i * nc + cc]; }
+        for (var e = 0u; e < 4u; e = e + 1u) {
+            if (4u * cc + e < d) { st_o(oo + 4u * cc + e, acc[e] * inv); }
+        }
     }
 }
 
