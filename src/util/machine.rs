@@ -41,12 +41,18 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> crate::Result<()> {
         path.extension().map(|e| format!("{}.", e.to_string_lossy())).unwrap_or_default()
     ));
     let io = |what: &str, e| crate::Error::io(format!("{what} {}", tmp.display()), e);
-    let mut f = std::fs::File::create(&tmp).map_err(|e| io("creating", e))?;
-    f.write_all(bytes).map_err(|e| io("writing", e))?;
-    f.sync_all().map_err(|e| io("syncing", e))?;
-    drop(f);
-    std::fs::rename(&tmp, path)
-        .map_err(|e| crate::Error::io(format!("renaming {} to {}", tmp.display(), path.display()), e))
+    let result = std::fs::File::create(&tmp).map_err(|e| io("creating", e)).and_then(|mut f| {
+        f.write_all(bytes).map_err(|e| io("writing", e))?;
+        f.sync_all().map_err(|e| io("syncing", e))?;
+        drop(f);
+        std::fs::rename(&tmp, path)
+            .map_err(|e| crate::Error::io(format!("renaming {} to {}", tmp.display(), path.display()), e))
+    });
+    if result.is_err() {
+        // A failed save (full disk, quota, rename across devices) leaves no half-written file behind.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 #[cfg(test)]
