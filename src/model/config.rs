@@ -131,7 +131,11 @@ impl ModelConfig {
         }
         // θ ≤ 1 makes every RoPE frequency θ^(-2i/d) ≥ 1: positions alias instead of rotating apart.
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
-            return Err(Error::Invalid(format!("{} {}: must be a finite number > 1", name("rope_theta"), self.rope_theta)));
+            return Err(Error::Invalid(format!(
+                "{} {}: must be a finite number > 1",
+                name("rope_theta"),
+                self.rope_theta
+            )));
         }
         if let AttentionMode::Sparse { block, keep_blocks, index_heads, index_dim } = self.attention {
             range("block", block, 1, self.context)?;
@@ -218,7 +222,8 @@ mod tests {
     #[test]
     fn closed_form_parameter_count_matches_the_table() {
         for attention in [AttentionMode::Dense, ModelConfig::default().attention] {
-            let c = ModelConfig { n_layers: 3, d_model: 64, n_heads: 4, n_kv_heads: 2, attention, ..Default::default() };
+            let c =
+                ModelConfig { n_layers: 3, d_model: 64, n_heads: 4, n_kv_heads: 2, attention, ..Default::default() };
             let table: usize = c.params().iter().map(|p| p.shape.iter().product::<usize>()).sum();
             assert_eq!(c.n_params(), table);
         }

@@ -214,9 +214,9 @@ pub fn parse(bytes: &[u8], name: &str) -> Result<Checkpoint> {
             bytes.len()
         )));
     }
-    let precision = DType::parse(get("train.precision")?)
-        .filter(|d| d.is_float())
-        .ok_or_else(|| fail(format!("checkpoint field train.precision `{}`: expected f32, f16 or bf16", meta["train.precision"])))?;
+    let precision = DType::parse(get("train.precision")?).filter(|d| d.is_float()).ok_or_else(|| {
+        fail(format!("checkpoint field train.precision `{}`: expected f32, f16 or bf16", meta["train.precision"]))
+    })?;
     let steps = n64("train.steps")?;
     let train = TrainConfig {
         steps,
@@ -276,7 +276,9 @@ pub fn parse(bytes: &[u8], name: &str) -> Result<Checkpoint> {
     match meta.get(DSA_SELECTION_KEY).map(String::as_str) {
         Some(DSA_SELECTION) => {}
         Some(other) => {
-            return Err(fail(format!("checkpoint field {DSA_SELECTION_KEY} `{other}`: this build knows `{DSA_SELECTION}`")));
+            return Err(fail(format!(
+                "checkpoint field {DSA_SELECTION_KEY} `{other}`: this build knows `{DSA_SELECTION}`"
+            )));
         }
         None if model.is_sparse() => log::warn!(
             "{name}: trained with the old query-block selection (which let a query see key blocks after it, i.e. future \

@@ -78,7 +78,8 @@ impl MemoryPlan {
                 ("f32 master weights", Place::Device, if mixed { 4 * p } else { 0 }),
                 ("gradients", Place::Device, 4 * p + if mixed { p * bytes(precision) } else { 0 }),
                 ("AdamW moments", Place::Device, 8 * p),
-                ("activations", Place::Device, act + eact + rope_bytes(cfg)),
+                ("activations", Place::Device, act + eact),
+                ("RoPE tables", Place::Device, rope_bytes(cfg)),
                 ("logits", Place::Device, logits + elogits),
                 ("indexer scores", Place::Device, scores + escores),
                 // Saving reads masters and moments back (3 × f32) and serialises them (3 × f32 again).
@@ -96,7 +97,8 @@ impl MemoryPlan {
             parts: vec![
                 ("checkpoint buffers", Place::Host, file_bytes as u128 + 12 * p),
                 ("weights", Place::Device, p * bytes(precision)),
-                ("activations", Place::Device, act + rope_bytes(cfg)),
+                ("activations", Place::Device, act),
+                ("RoPE tables", Place::Device, rope_bytes(cfg)),
                 ("logits", Place::Device, logits),
                 ("indexer scores", Place::Device, scores),
             ],
@@ -112,7 +114,13 @@ impl MemoryPlan {
     /// is the CPU backend (every part in RAM); otherwise device parts are checked
     /// against `device` when that is known. `what` says what was planned and
     /// `hint` which flags shrink it.
-    pub fn check(&self, what: &str, host_available: Option<u64>, device: Option<(u64, &str)>, hint: &str) -> Result<()> {
+    pub fn check(
+        &self,
+        what: &str,
+        host_available: Option<u64>,
+        device: Option<(u64, &str)>,
+        hint: &str,
+    ) -> Result<()> {
         let list = |place: Option<Place>| {
             self.parts
                 .iter()
@@ -141,7 +149,12 @@ impl MemoryPlan {
                 if let Some(have) = host_available
                     && self.total(Some(Place::Host)) > have as u128
                 {
-                    return refuse(self.total(Some(Place::Host)), have, "of host memory (MemAvailable)", Some(Place::Host));
+                    return refuse(
+                        self.total(Some(Place::Host)),
+                        have,
+                        "of host memory (MemAvailable)",
+                        Some(Place::Host),
+                    );
                 }
                 if self.total(Some(Place::Device)) > have_dev as u128 {
                     let src = format!("on {dev_name}");
@@ -173,10 +186,10 @@ pub fn fmt_bytes(b: u128) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cpu::CpuBackend;
-    use crate::model::Workspace;
     use crate::Backend;
+    use crate::backend::cpu::CpuBackend;
     use crate::model::Model;
+    use crate::model::Workspace;
 
     #[test]
     fn workspace_and_weights_estimate_what_the_cpu_backend_allocates() {

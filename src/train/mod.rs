@@ -57,7 +57,8 @@ impl TrainConfig {
     /// checkpoint names them by metadata key): each error is one line naming the
     /// field, its value and the accepted range.
     pub fn check(&self, model: &ModelConfig, name: &dyn Fn(&str) -> String) -> Result<()> {
-        let bad = |f: &str, v: String, range: &str| Err(Error::Invalid(format!("{} {v}: accepted range {range}", name(f))));
+        let bad =
+            |f: &str, v: String, range: &str| Err(Error::Invalid(format!("{} {v}: accepted range {range}", name(f))));
         let int = |f: &str, v: u64, lo: u64, hi: u64| {
             if (lo..=hi).contains(&v) { Ok(()) } else { bad(f, v.to_string(), &format!("{lo}..={hi}")) }
         };
@@ -70,7 +71,9 @@ impl TrainConfig {
         if !self.precision.is_float() {
             return Err(Error::Invalid(format!("{} {}: expected f32, f16 or bf16", name("precision"), self.precision)));
         }
-        let real = |f: &str, v: f64, ok: bool, range: &str| if ok && v.is_finite() { Ok(()) } else { bad(f, v.to_string(), range) };
+        let real = |f: &str, v: f64, ok: bool, range: &str| {
+            if ok && v.is_finite() { Ok(()) } else { bad(f, crate::util::fmt_real(v), range) }
+        };
         let lr = self.lr.lr as f64;
         real("lr", lr, lr > 0.0 && lr <= MAX_LR as f64, &format!("0 < lr <= {MAX_LR}"))?;
         let min_lr = self.lr.min_lr as f64;
