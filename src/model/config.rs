@@ -123,9 +123,11 @@ impl ModelConfig {
         }
         if self.head_dim() % 2 != 0 || self.head_dim() > 256 {
             return Err(Error::Invalid(format!(
-                "head dimension {} / {} = {} must be even and at most 256",
+                "{} {} / {} {} = {}: the head dimension must be even and at most 256",
                 name("d_model"),
+                self.d_model,
                 name("n_heads"),
+                self.n_heads,
                 self.head_dim()
             )));
         }

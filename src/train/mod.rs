@@ -74,19 +74,22 @@ impl TrainConfig {
         let real = |f: &str, v: f64, ok: bool, range: &str| {
             if ok && v.is_finite() { Ok(()) } else { bad(f, crate::util::fmt_real(v), range) }
         };
-        let lr = self.lr.lr as f64;
-        real("lr", lr, lr > 0.0 && lr <= MAX_LR as f64, &format!("0 < lr <= {MAX_LR}"))?;
-        let min_lr = self.lr.min_lr as f64;
-        real("min_lr", min_lr, (0.0..=lr).contains(&min_lr), "0 <= min_lr <= lr")?;
+        let real32 = |f: &str, v: f32, ok: bool, range: &str| {
+            if ok && v.is_finite() { Ok(()) } else { bad(f, crate::util::fmt_real32(v), range) }
+        };
+        let lr = self.lr.lr;
+        real32("lr", lr, lr > 0.0 && lr <= MAX_LR, &format!("0 < lr <= {MAX_LR}"))?;
+        let min_lr = self.lr.min_lr;
+        real32("min_lr", min_lr, (0.0..=lr).contains(&min_lr), "0 <= min_lr <= lr")?;
         int("warmup_steps", self.lr.warmup_steps, 0, self.steps)?;
         if self.lr.total_steps != self.steps {
             return bad("total_steps", self.lr.total_steps.to_string(), &format!("{} (= steps)", self.steps));
         }
         for (f, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
-            real(f, v as f64, (0.0..1.0).contains(&v), "0 <= beta < 1")?;
+            real32(f, v, (0.0..1.0).contains(&v), "0 <= beta < 1")?;
         }
-        real("weight_decay", self.weight_decay as f64, (0.0..=1.0).contains(&self.weight_decay), "0..=1")?;
-        real("grad_clip", self.grad_clip as f64, self.grad_clip >= 0.0, ">= 0 (0: no clipping)")?;
+        real32("weight_decay", self.weight_decay, (0.0..=1.0).contains(&self.weight_decay), "0..=1")?;
+        real32("grad_clip", self.grad_clip, self.grad_clip >= 0.0, ">= 0 (0: no clipping)")?;
         real("warmup_frac", self.warmup_frac, (0.0..=1.0).contains(&self.warmup_frac), "0..=1")?;
         real("ramp_frac", self.ramp_frac, (0.0..=1.0).contains(&self.ramp_frac), "0..=1")?;
         if self.warmup_frac + self.ramp_frac > 1.0 {
