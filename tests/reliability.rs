@@ -118,8 +118,11 @@ fn tiny_run(d: &Path, name: &str, extra: &[&str]) -> PathBuf {
     out.join("checkpoint.safetensors")
 }
 
-/// Writes a copy of checkpoint `ck` with metadata `key` set to `value` (None: removed).
-fn edit_meta(ck: &Path, to: &Path, edits: &[(&str, Option<&str>)]) {
+/// A metadata key and its new value (None: removed).
+type Edit<'a> = (&'a str, Option<&'a str>);
+
+/// Writes a copy of checkpoint `ck` with metadata edited.
+fn edit_meta(ck: &Path, to: &Path, edits: &[Edit]) {
     let bytes = std::fs::read(ck).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
@@ -188,7 +191,7 @@ fn sizes_beyond_memory_are_refused_with_the_numbers_before_allocating() {
     );
     // Checkpoint metadata is untrusted: huge values are refused, not allocated.
     let ck = tiny_run(&d, "run", &[]);
-    let cases: [(&str, &[(&str, Option<&str>)], &[&str]); 4] = [
+    let cases: [(&str, &[Edit], &[&str]); 4] = [
         ("context", &[("model.context", Some("1000000000000"))], &["memory preflight", "RoPE tables"]),
         ("layers", &[("model.n_layers", Some("1000000000"))], &["model.n_layers 1000000000", "accepted range"]),
         ("batch", &[("train.batch", Some("100000000"))], &["train.batch 100000000", "accepted range"]),
@@ -397,4 +400,57 @@ fn run_folders_are_locked_checked_and_never_overwritten_silently() {
     assert!(!String::from_utf8_lossy(&out.stderr).contains("model:"), "refused before building the model");
     fails_with(out, &["--out", "sub"]);
     fails_with(train(&file, &["--steps", "2"]), &["--out", "not a folder"]);
+}
+
+#[test]
+fn a_run_killed_at_any_moment_resumes_with_a_gapless_log() {
+    let d = tmp("killlog");
+    let mut interrupted = 0;
+    for (i, delay_ms) in [0u64, 15, 60].into_iter().enumerate() {
+        let out = d.join(format!("run{i}"));
+        let a = train_args(&out, &["--steps", "400", "--save-every", "1"]);
+        let mut child = bin().args(&a).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let ck = out.join("checkpoint.safetensors");
+        let t0 = Instant::now();
+        while !ck.exists() && t0.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        child.kill().unwrap(); // SIGKILL, possibly between writing the log and the checkpoint
+        child.wait().unwrap();
+        let resumed =
+            run(&["--backend", "cpu", "train", "--out", out.to_str().unwrap(), "--resume", ck.to_str().unwrap()]);
+        if String::from_utf8_lossy(&resumed.stderr).contains("finished") {
+            continue; // it completed before the kill
+        }
+        ok(&resumed);
+        interrupted += 1;
+        let steps: Vec<u64> = log_steps(&out).iter().map(|r| r.split(',').next().unwrap().parse().unwrap()).collect();
+        assert_eq!(steps, (0..400).collect::<Vec<_>>(), "run {i}: every step logged once, in order");
+    }
+    assert!(interrupted > 0, "no run was interrupted: the test tested nothing");
+}
+
+#[test]
+fn old_sparse_checkpoints_load_with_one_warning_about_the_selection() {
+    let d = tmp("dsa");
+    let ck = tiny_run(&d, "run", &[]);
+    let old = d.join("old.safetensors");
+    edit_meta(&ck, &old, &[("dsa_selection", None)]);
+    let warn = [("RUST_LOG", "warn")];
+    let new = run_env(&["--backend", "cpu", "eval", "--checkpoint", ck.to_str().unwrap(), "--windows", "2"], &warn);
+    ok(&new);
+    assert!(!String::from_utf8_lossy(&new.stderr).contains("selection"), "{}", String::from_utf8_lossy(&new.stderr));
+    let out = run_env(&["--backend", "cpu", "eval", "--checkpoint", old.to_str().unwrap(), "--windows", "2"], &warn);
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| l.contains("query-block selection")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].contains("future") && lines[0].contains("per-query") && lines[0].contains("retraining"), "{err}");
+    let bad = d.join("bad.safetensors");
+    edit_meta(&ck, &bad, &[("dsa_selection", Some("per-block"))]);
+    fails_with(
+        run(&["--backend", "cpu", "eval", "--checkpoint", bad.to_str().unwrap()]),
+        &["dsa_selection", "per-block"],
+    );
 }

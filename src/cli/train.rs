@@ -311,8 +311,11 @@ fn log_rows_before(log: &Path, step: u64) -> Vec<String> {
     rows
 }
 
-/// Splits a log row into the (step, loss, val_loss) points of the plot.
-fn plot_points(rows: &[String]) -> (Vec<(u64, f64)>, Vec<(u64, f64)>) {
+/// Points (step, value) of one curve of the loss plot.
+type Curve = Vec<(u64, f64)>;
+
+/// The (step, loss) and (step, val_loss) curves of the plot, from log rows.
+fn plot_points(rows: &[String]) -> (Curve, Curve) {
     let (mut train, mut val) = (Vec::new(), Vec::new());
     for r in rows {
         let f: Vec<&str> = r.split(',').collect();

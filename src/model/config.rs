@@ -187,7 +187,7 @@ impl ModelConfig {
     /// [`ModelConfig::n_params`] without overflow for any field values.
     pub fn n_params_u128(&self) -> u128 {
         let (c, l) = (self.d_model as u128, self.n_layers as u128);
-        let hd = if self.n_heads == 0 { 0 } else { (self.d_model / self.n_heads) as u128 };
+        let hd = self.d_model.checked_div(self.n_heads).unwrap_or(0) as u128;
         let (h, kv, f) = (self.n_heads as u128, self.n_kv_heads as u128, self.mlp_ratio as u128 * c);
         let mut per_layer = 4 * c + 2 * c * h * hd + 2 * c * kv * hd + 2 * c * f + f + c;
         if let AttentionMode::Sparse { index_heads, index_dim, .. } = self.attention {

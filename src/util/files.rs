@@ -143,16 +143,35 @@ impl DirLock {
             .truncate(false)
             .open(&path)
             .map_err(|e| Error::io(format!("creating the lock file {}", path.display()), e))?;
-        match file.try_lock() {
-            Ok(()) => Ok(DirLock { _file: file, path }),
-            Err(std::fs::TryLockError::WouldBlock) => Err(Error::Invalid(format!(
+        match try_lock(&file) {
+            Ok(true) => Ok(DirLock { _file: file, path }),
+            Ok(false) => Err(Error::Invalid(format!(
                 "{} is in use by another dynsparse process (lock file {}); wait for it or use another --out",
                 dir.display(),
                 path.display()
             ))),
-            Err(std::fs::TryLockError::Error(e)) => Err(Error::io(format!("locking {}", path.display()), e)),
+            Err(e) => Err(Error::io(format!("locking {}", path.display()), e)),
         }
     }
+}
+
+/// An exclusive, non-blocking `flock(2)`: `Ok(false)` when another open file holds it.
+#[cfg(unix)]
+fn try_lock(file: &File) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock only reads the descriptor, which `file` keeps open for the whole call.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) { Ok(false) } else { Err(e) }
+}
+
+/// Elsewhere there is no advisory lock: the folder is taken as free.
+#[cfg(not(unix))]
+fn try_lock(_: &File) -> std::io::Result<bool> {
+    Ok(true)
 }
 
 #[cfg(test)]

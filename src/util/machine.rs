@@ -60,6 +60,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_failed_save_leaves_no_temporary_file() {
+        let dir = std::env::temp_dir().join(format!("dynsparse-tmp-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("target")).unwrap();
+        std::fs::write(dir.join("target").join("x"), b"x").unwrap();
+        // Renaming a file onto a non-empty directory fails after the data was written.
+        let e = write_atomic(&dir.join("target"), b"data").unwrap_err().to_string();
+        assert!(e.contains("renaming"), "{e}");
+        assert!(!dir.join("target.tmp").exists(), "the .tmp file is removed");
+        write_atomic(&dir.join("ok.csv"), b"a").unwrap();
+        assert_eq!(std::fs::read(dir.join("ok.csv")).unwrap(), b"a");
+        assert!(!dir.join("ok.csv.tmp").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn markdown_section_is_replaced_in_place_and_appended_when_missing() {
         let dir = std::env::temp_dir().join(format!("dynsparse-md-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
