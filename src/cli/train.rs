@@ -586,14 +586,6 @@ pub fn train(choice: BackendChoice, args: TrainArgs) -> Result<()> {
             (m, t, None)
         }
     };
-    let _lock = prepare_out(&args)?;
-    let old_log = match (&resume, &args.resume) {
-        (Some(ck), Some(p)) => {
-            let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            log_rows_before(&dir.join("log.csv"), ck.state.step)
-        }
-        _ => Vec::new(),
-    };
     let corpus = load_corpus(args.data.as_deref())?;
     let (train, val) = corpus.split(0.1);
     if train.tokens.len() <= train_cfg.seq || val.tokens.len() <= train_cfg.seq * 2 {
@@ -606,6 +598,16 @@ pub fn train(choice: BackendChoice, args: TrainArgs) -> Result<()> {
     let sel = select(choice)?;
     let plan = MemoryPlan::train(&model_cfg, train_cfg.precision, train_cfg.batch, train_cfg.seq);
     super::preflight(&plan, &sel.backend, "training", "lower --batch, --seq, --context, --d-model or --layers")?;
+    // Last of the checks and before any compute: the folder (an --overwrite deletes nothing
+    // until every other check has passed).
+    let _lock = prepare_out(&args)?;
+    let old_log = match (&resume, &args.resume) {
+        (Some(ck), Some(p)) => {
+            let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            log_rows_before(&dir.join("log.csv"), ck.state.step)
+        }
+        _ => Vec::new(),
+    };
     eprintln!("backend: {} — {} ({})", sel.backend.kind(), sel.backend.device_name(), sel.reason);
     run_on(&sel.backend, TrainJob { args, model_cfg, train_cfg, resume, old_log, train, val })
 }
