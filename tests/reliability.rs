@@ -298,6 +298,12 @@ fn nonsense_that_used_to_be_accepted_is_refused() {
     for cmd in ["eval", "generate"] {
         fails_with(run(&["--backend", "cpu", cmd, "--checkpoint", nan.to_str().unwrap()]), &["param.tok_emb", "NaN"]);
     }
+    // Resuming a run that went NaN names the tensor, not a plotting error.
+    let r = d.join("resume-nan");
+    fails_with(
+        run(&["--backend", "cpu", "train", "--out", r.to_str().unwrap(), "--resume", nan.to_str().unwrap()]),
+        &["param.tok_emb", "NaN", "diverged"],
+    );
     let cases: [(&str, &str, &[&str]); 3] = [
         ("model.rope_theta", "NaN", &["model.rope_theta NaN"]),
         ("model.vocab", "16", &["model.vocab 16", "256"]),
@@ -307,6 +313,11 @@ fn nonsense_that_used_to_be_accepted_is_refused() {
         let bad = d.join(format!("{k}.safetensors"));
         edit_meta(&ck, &bad, &[(k, Some(v))]);
         fails_with(run(&["--backend", "cpu", "eval", "--checkpoint", bad.to_str().unwrap()]), needles);
+        let r = d.join("resume-bad");
+        fails_with(
+            run(&["--backend", "cpu", "train", "--out", r.to_str().unwrap(), "--resume", bad.to_str().unwrap()]),
+            needles,
+        );
     }
 }
 

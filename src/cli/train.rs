@@ -523,6 +523,11 @@ fn write_log(path: &Path, rows: &[String]) -> Result<()> {
 /// Files of a run in its folder.
 const RUN_FILES: [&str; 3] = ["checkpoint.safetensors", "log.csv", "loss.svg"];
 
+/// The folder of a checkpoint path (`.` for a bare file name).
+fn ck_dir(ck: &Path) -> &Path {
+    ck.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
 /// Whether `a` and `b` name the same folder.
 fn same_dir(a: &Path, b: &Path) -> bool {
     match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
@@ -537,7 +542,7 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 fn prepare_out(a: &TrainArgs) -> Result<DirLock> {
     ensure_writable_dir(&a.out, "--out")?;
     let lock = DirLock::acquire(&a.out)?;
-    let own = a.resume.as_ref().and_then(|ck| ck.parent()).is_some_and(|d| same_dir(d, &a.out));
+    let own = a.resume.as_deref().map(ck_dir).is_some_and(|d| same_dir(d, &a.out));
     let present: Vec<&str> = RUN_FILES.iter().copied().filter(|f| a.out.join(f).exists()).collect();
     if !own && !present.is_empty() {
         if !a.overwrite {
@@ -602,10 +607,7 @@ pub fn train(choice: BackendChoice, args: TrainArgs) -> Result<()> {
     // until every other check has passed).
     let _lock = prepare_out(&args)?;
     let old_log = match (&resume, &args.resume) {
-        (Some(ck), Some(p)) => {
-            let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            log_rows_before(&dir.join("log.csv"), ck.state.step)
-        }
+        (Some(ck), Some(p)) => log_rows_before(&ck_dir(p).join("log.csv"), ck.state.step),
         _ => Vec::new(),
     };
     eprintln!("backend: {} — {} ({})", sel.backend.kind(), sel.backend.device_name(), sel.reason);
