@@ -23,6 +23,9 @@ pub enum BenchCommand {
     Attention(AttentionArgs),
     /// Peak device bytes and tokens/s of one training step in f32, f16 and bf16.
     Train(super::bench_train::TrainBenchArgs),
+    /// Prefill and decode tokens/s through the KV cache: dense vs sparse decode at long contexts,
+    /// batch 1 vs B, and the whole-window path for reference (random weights).
+    Decode(super::bench_decode::DecodeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -41,7 +44,7 @@ pub struct AttentionArgs {
     /// Key block size of the sparse pattern.
     #[arg(long, default_value_t = 64)]
     pub block: usize,
-    /// Key blocks kept per query block (incl. the sink and local blocks): 16×64 = 1024 keys.
+    /// Key blocks each query keeps (incl. the sink and its own block): 16×64 = 1024 keys.
     #[arg(long, default_value_t = 16)]
     pub keep_blocks: usize,
     /// Indexer heads H_I.
@@ -88,6 +91,7 @@ pub fn run(choice: BackendChoice, cmd: BenchCommand) -> Result<()> {
         BenchCommand::Matmul(a) => matmul(choice, a),
         BenchCommand::Attention(a) => super::bench_attention::run(choice, a),
         BenchCommand::Train(a) => super::bench_train::run(choice, a),
+        BenchCommand::Decode(a) => super::bench_decode::run(choice, a),
     }
 }
 
