@@ -51,9 +51,11 @@ pub fn workspace_bytes(cfg: &ModelConfig, dtype: DType, batch: usize, seq: usize
             let nb = s.div_ceil(block.max(1) as u128);
             let (ih, id) = (index_heads as u128, index_dim as u128);
             let proj = 2 * e * (n * ih * id + n * id + n * ih);
-            let select = l * b * nb * nb.min(keep_blocks as u128) * 4;
-            // The indexer's [B, seq, seq] scores and their gradient, and the pooled [B, nb, nb] block scores.
-            (proj + select + 4 * n, 2 * 4 * b * s * s + 4 * b * nb * nb)
+            // Each query's kept blocks, per layer: [B, seq, keep] u32.
+            let select = l * b * s * nb.min(keep_blocks as u128) * 4;
+            // The indexer's [B, seq, seq] scores and their gradient, and each query's pooled
+            // per-block scores [B, seq, nb].
+            (proj + select + 4 * n, 2 * 4 * b * s * s + 4 * b * s * nb)
         }
     };
     (l * per_layer + shared + idx_act, logits, scores)
