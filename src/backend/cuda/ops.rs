@@ -14,9 +14,24 @@
 //! | cross_entropy (+ backward) | cross_entropy.cu |
 //! | sum_squares, all_finite | reduce.cu |
 //! | adamw | adamw.cu |
-//! | attention (+ backward): tiled (32×32 shared-memory tiles) for dense and 32-multiple block patterns with d ≤ 128, one warp per query / key row otherwise; indexer_kl | attention.cu |
+//! | attention (+ backward): tiled (32×32 shared-memory tiles) for dense and block patterns with d ≤ 128, one warp per query / key row otherwise; indexer_kl | attention.cu |
 //! | indexer_scores, indexer_block_scores, indexer_backward | indexer.cu |
 //! | select_topk | select.cu |
+//!
+//! Block-sparse attention selects per query and causally (issue 8):
+//! `indexer_block_scores` pools each query's own scores,
+//! `pooled[b, t, kb] = max_{s in kb, s ≤ t} I(t, s)` (`[batch, seq, nkb]`, one
+//! 16×16 thread block per key block and 16-query tile); `select_topk` gives
+//! every query its own row of key blocks (`idx [batch, seq, n]`: own block,
+//! sink, best others, from row `t` alone); attention, its backward and
+//! `indexer_kl` read query `t`'s own row. The tiled attention kernels share
+//! loads, never decisions: a 32-query tile builds the union of its queries'
+//! key tiles (a bitmask in shared memory), visits it in ascending order, and
+//! masks every (query, key) pair by the query's own row; a query with no key
+//! in a key tile skips that tile, so its arithmetic (which tiles, in which
+//! order) depends on its own selection only and the outputs at positions ≤ t
+//! are bit-identical whatever comes after t. The backward's dk/dv of key `s`
+//! sum over the queries `t ≥ s` whose own row lists the block of `s`.
 
 use cudarc::driver::{DeviceRepr, LaunchConfig};
 
@@ -541,6 +556,14 @@ impl Backend for CudaBackend {
     }
     fn indexer_block_scores(&self, s: &IndexerSpec, qi: &T, ki: &T, w: &T, pooled: &mut T) -> Result<()> {
         check_index_dim("indexer_block_scores", s)?;
+        if s.seq.div_ceil(16) > 65535 || s.batch > 65535 {
+            return Err(Error::Shape(format!(
+                "indexer_block_scores: the CUDA backend takes seq up to {} and batch up to 65535, got seq {} batch {}",
+                65535 * 16,
+                s.seq,
+                s.batch
+            )));
+        }
         // One 16×16 block per (key block, 16-query tile, batch entry): pooled
         // is per query, [batch, seq, nkb].
         let cfg = LaunchConfig {
@@ -553,7 +576,8 @@ impl Backend for CudaBackend {
         self.launch("indexer", &name, cfg, &args)
     }
     fn select_topk(&self, s: &SelectSpec, scores: &T, idx: &mut T) -> Result<()> {
-        let args = [p(scores), p(idx), u(s.rows), u(s.cols), u(s.k), u(s.blocks() as usize)];
+        // block 0: tokens; block > 0: row t chooses among the key blocks 0..=t/block.
+        let args = [p(scores), p(idx), u(s.rows), u(s.cols), u(s.k), u(s.block)];
         self.launch("select", "select_topk", per_block(s.batch * s.rows, THREADS), &args)
     }
     fn indexer_kl(
