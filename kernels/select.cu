@@ -10,9 +10,10 @@
 //
 // One block (256 threads) per row. Each candidate c gets a 64-bit key
 // (order(score) << 32 | ~c): larger is better and keys are distinct, so the
-// kk-th largest key K* is found exactly by an 8-pass, 8-bit radix select with
-// a shared histogram, streaming the row from global memory (no row-length
-// limit). The kept set is {c : key(c) >= K*}; a block-wide scan in index
+// kk-th largest key K* is exact: rows of at most 256 candidates (block mode)
+// rank every key against the others in shared memory; longer rows use an
+// 8-pass, 8-bit radix select with a shared histogram, streaming the row from
+// global memory (no row-length limit). The kept set is {c : key(c) >= K*}; a block-wide scan in index
 // order writes it ascending.
 
 #define SEL_THREADS 256
@@ -29,6 +30,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
 select_topk(const float* scores, u32* idx, u32 rows, u32 cols, u32 k, u32 block) {
     __shared__ u32 hist[256];
     __shared__ u64 prefix_sh;
+    __shared__ u64 keys_sh[SEL_THREADS];
     __shared__ u32 wcount[SEL_THREADS / 32];
     u32 row = blockIdx.x, t = row % rows;
     bool blocks = block > 0;
@@ -49,9 +51,21 @@ select_topk(const float* scores, u32* idx, u32 rows, u32 cols, u32 k, u32 block)
     u32 ncand = c1 - c0;
     u32 kk = min(budget, ncand);
 
-    // Radix select of the kk-th largest key among the candidates.
+    // The kk-th largest key among the candidates: by rank when they fit the
+    // block (every thread counts the keys larger than its own), else by radix
+    // select.
     u64 prefix = 0, mask = 0;
-    if (kk > 0 && kk < ncand) {
+    if (kk > 0 && kk < ncand && ncand <= SEL_THREADS) {
+        u32 c = c0 + tid;
+        u64 key = c < c1 ? sel_key(sc[c], c) : 0;
+        keys_sh[tid] = key;
+        __syncthreads();
+        u32 rank = 0;
+        for (u32 i = 0; i < ncand; i++) rank += keys_sh[i] > key;
+        if (c < c1 && rank == kk - 1) prefix_sh = key;  // keys are distinct: exactly one thread
+        __syncthreads();
+        prefix = prefix_sh;
+    } else if (kk > 0 && kk < ncand) {
         u32 remaining = kk;
         for (int pass = 0; pass < 8; pass++) {
             int shift = 56 - 8 * pass;
