@@ -21,6 +21,9 @@ pub enum BenchCommand {
     Attention(AttentionArgs),
     /// Peak device bytes and tokens/s of one training step in f32, f16 and bf16.
     Train(super::bench_train::TrainBenchArgs),
+    /// Prefill and decode tokens/s through the KV cache: dense vs sparse decode at long contexts,
+    /// batch 1 vs B, and the whole-window path for reference (random weights).
+    Decode(super::bench_decode::DecodeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -86,6 +89,7 @@ pub fn run(choice: BackendChoice, cmd: BenchCommand) -> Result<()> {
         BenchCommand::Matmul(a) => matmul(choice, a),
         BenchCommand::Attention(a) => super::bench_attention::run(choice, a),
         BenchCommand::Train(a) => super::bench_train::run(choice, a),
+        BenchCommand::Decode(a) => super::bench_decode::run(choice, a),
     }
 }
 

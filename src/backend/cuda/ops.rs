@@ -35,7 +35,9 @@
 
 use cudarc::driver::{DeviceRepr, LaunchConfig};
 
+use super::cached;
 use super::{Arg, CudaBackend, CudaBuffer, dev_err, sfx};
+use crate::attention::cached::{CachedAttentionSpec, CachedIndexerSpec, CachedSelectSpec};
 use crate::attention::ops::{AttentionSpec, IndexerLossSpec, IndexerSpec, PatternSpec, SelectSpec};
 use crate::backend::{Backend, BackendKind, MemoryStats};
 use crate::error::{Error, Result};
@@ -615,5 +617,37 @@ impl Backend for CudaBackend {
         self.launch("indexer", &format!("indexer_bwd_q_{dt}_d{n}"), per_warp(s.batch * s.seq * s.heads, 4), &args)?;
         let args = [p(qi), p(ki), p(w), p(dscores), p(dki), dims[0], dims[1], dims[2], dims[3]];
         self.launch("indexer", &format!("indexer_bwd_k_{dt}_d{n}"), per_warp(s.batch * s.seq, 4), &args)
+    }
+    fn rope_rows(&self, s: &RopeSpec, x: &T, cos: &T, sin: &T, rows: &T, y: &mut T) -> Result<()> {
+        cached::rope_rows(self, s, x, cos, sin, rows, y)
+    }
+    fn cache_write(&self, s: &CacheWriteSpec, src: &T, rows: &T, cache: &mut T) -> Result<()> {
+        cached::cache_write(self, s, src, rows, cache)
+    }
+    fn cached_attention(
+        &self,
+        s: &CachedAttentionSpec,
+        q: &T,
+        k: &T,
+        v: &T,
+        rows: &T,
+        idx: Option<&T>,
+        o: &mut T,
+    ) -> Result<()> {
+        cached::cached_attention(self, s, q, k, v, rows, idx, o)
+    }
+    fn cached_indexer_block_scores(
+        &self,
+        s: &CachedIndexerSpec,
+        qi: &T,
+        w: &T,
+        ki: &T,
+        rows: &T,
+        pooled: &mut T,
+    ) -> Result<()> {
+        cached::cached_indexer_block_scores(self, s, qi, w, ki, rows, pooled)
+    }
+    fn cached_select(&self, s: &CachedSelectSpec, scores: &T, rows: &T, idx: &mut T) -> Result<()> {
+        cached::cached_select(self, s, scores, rows, idx)
     }
 }
