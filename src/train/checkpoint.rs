@@ -133,8 +133,9 @@ pub fn save(
 /// Metadata key naming the sparse-attention selection the weights were trained with.
 pub const DSA_SELECTION_KEY: &str = "dsa_selection";
 /// Per-query causal block selection: each query row picks its own key blocks among those at
-/// or before it. Checkpoints without the key were trained with the older per-query-block
-/// selection, which let a row see key blocks after it (future tokens).
+/// or before it. Checkpoints without the key were trained with the older query-block
+/// selection (blocks pooled over a whole query block), which let a row see key blocks
+/// after it (future tokens).
 pub const DSA_SELECTION: &str = "per-query";
 
 /// Reads, checks and returns the checkpoint at `path`: only a regular file, at
@@ -214,8 +215,9 @@ pub fn parse(bytes: &[u8], name: &str) -> Result<Checkpoint> {
             bytes.len()
         )));
     }
-    let precision = DType::parse(get("train.precision")?).filter(|d| d.is_float()).ok_or_else(|| {
-        fail(format!("checkpoint field train.precision `{}`: expected f32, f16 or bf16", meta["train.precision"]))
+    let precision_name = get("train.precision")?;
+    let precision = DType::parse(precision_name).filter(|d| d.is_float()).ok_or_else(|| {
+        fail(format!("checkpoint field train.precision `{precision_name}`: expected f32, f16 or bf16"))
     })?;
     let steps = n64("train.steps")?;
     let train = TrainConfig {
