@@ -205,6 +205,7 @@ mod tests {
                 let real = (be.memory().allocated - base) as u128;
                 let (a, l, s) = workspace_bytes(&cfg, dtype, 2, 96);
                 let est = a + l + s + rope_bytes(&cfg) + cfg.n_params_u128() * dtype.size() as u128;
+                eprintln!("{dtype} {attention:?}: estimate {est} B, allocated {real} B");
                 // The estimate is meant to track the real buffers closely (within 10%).
                 assert!(est * 10 >= real * 9 && est * 10 <= real * 11, "{dtype}: estimate {est}, allocated {real}");
                 drop((model, ws));
