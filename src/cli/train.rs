@@ -9,12 +9,11 @@ use clap::Args;
 use dynsparse::backend::{BackendChoice, BackendJob, run_on, select};
 use dynsparse::data::synthetic::{SyntheticConfig, generate};
 use dynsparse::data::{BYTE_VOCAB, Corpus};
-use dynsparse::model::sample::{Sampling, next_token};
-use dynsparse::model::{AttentionMode, Model, ModelConfig, StepAttention, Workspace};
+use dynsparse::model::sample::Sampling;
+use dynsparse::model::{AttentionMode, GenerateOptions, Model, ModelConfig, StepAttention, StopReason, Workspace};
 use dynsparse::train::memory::MemoryPlan;
 use dynsparse::train::{EvalStats, LrSchedule, MemoryReport, TrainConfig, Trainer, checkpoint, plot};
 use dynsparse::util::files::{DirLock, ensure_writable_dir};
-use dynsparse::util::rng::Rng;
 use dynsparse::{Backend, DType, Error, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -703,7 +702,7 @@ pub struct GenerateArgs {
     pub checkpoint: PathBuf,
     #[arg(long, default_value = "key ")]
     pub prompt: String,
-    /// Bytes to generate.
+    /// Bytes (tokens) to generate at most; generation also ends at the model's context.
     #[arg(long, default_value_t = 200)]
     pub max_tokens: usize,
     /// 0 = greedy.
@@ -715,17 +714,26 @@ pub struct GenerateArgs {
     /// Nucleus sampling threshold (1 = off).
     #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
     pub top_p: f32,
+    /// Seed of the sampler (the same seed, prompt and settings give the same text).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Greedy decoding (same as --temperature 0).
     #[arg(long)]
     pub greedy: bool,
+    /// Stop before this string (repeatable); it is not printed.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Prompt tokens per prefill step.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: usize,
+    /// Print prefill and decode tokens/s to stderr at the end.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub stats: bool,
 }
 
 struct GenJob {
     ck: checkpoint::Checkpoint,
     a: GenerateArgs,
-    window: usize,
 }
 
 /// Writes to stdout; `Ok(false)` when the reader has gone (EPIPE): generation stops.
@@ -740,55 +748,45 @@ fn write_out(out: &mut impl std::io::Write, bytes: &[u8]) -> Result<bool> {
 impl BackendJob for GenJob {
     type Output = ();
     fn run<B: Backend>(self, be: &B) -> Result<()> {
-        let (cfg, a, window) = (self.ck.model, self.a, self.window);
+        let (cfg, a) = (self.ck.model, self.a);
         let model = Model::from_values(be, cfg, self.ck.train.precision, &self.ck.state.params)?;
-        let mut toks: Vec<u32> = a.prompt.bytes().map(u32::from).collect();
-        let mut ws = Workspace::new(be, &cfg, self.ck.train.precision, 1, window)?;
-        let attn = match cfg.attention {
-            AttentionMode::Dense => StepAttention::Dense,
-            AttentionMode::Sparse { keep_blocks, .. } => StepAttention::Sparse { keep_blocks },
+        let opts = GenerateOptions {
+            sampling: Sampling {
+                temperature: if a.greedy { 0.0 } else { a.temperature },
+                top_k: a.top_k,
+                top_p: a.top_p,
+            },
+            max_tokens: a.max_tokens,
+            seed: a.seed,
+            stop: a.stop.clone(),
+            chunk: a.prefill_chunk,
         };
-        let s = Sampling { temperature: if a.greedy { 0.0 } else { a.temperature }, top_k: a.top_k, top_p: a.top_p };
-        let mut rng = Rng::new(a.seed);
         let mut out = std::io::stdout().lock();
         if !write_out(&mut out, a.prompt.as_bytes())? {
             return Ok(());
         }
-        let mut pending: Vec<u8> = Vec::new();
-        for _ in 0..a.max_tokens {
-            // Causal attention: padding after the last real token does not change its logits.
-            let start = toks.len().saturating_sub(window);
-            let mut ids: Vec<u32> = toks[start..].to_vec();
-            let last = ids.len() - 1;
-            ids.resize(window, 0);
-            model.forward(be, &mut ws, &ids, None, attn)?;
-            let logits = ws.logits_f32(be)?;
-            let v = cfg.vocab;
-            let row = &logits[last * v..(last + 1) * v];
-            if let Some(i) = row.iter().position(|x| !x.is_finite()) {
-                return Err(Error::NonFinite(format!(
-                    "generation stopped after {} bytes: logit {i} is {} (the weights overflow in {})",
-                    toks.len() - a.prompt.len(),
-                    row[i],
-                    self.ck.train.precision
-                )));
-            }
-            let t = next_token(row, &s, &mut rng);
-            toks.push(t);
-            pending.push(t as u8);
-            // Print whole UTF-8 characters as they complete.
-            let chunk = if std::str::from_utf8(&pending).is_ok() {
-                std::mem::take(&mut pending)
-            } else if pending.len() >= 4 {
-                String::from_utf8_lossy(&std::mem::take(&mut pending)).into_owned().into_bytes()
-            } else {
-                continue;
-            };
-            if !write_out(&mut out, &chunk)? {
-                return Ok(());
-            }
+        let st = model.generate(be, a.prompt.as_bytes(), &opts, |bytes| write_out(&mut out, bytes))?;
+        if st.stop == StopReason::Closed {
+            return Ok(());
         }
         write_out(&mut out, b"\n")?;
+        if a.stats {
+            let why = match st.stop {
+                StopReason::MaxTokens => "--max-tokens reached",
+                StopReason::StopString => "stop string",
+                StopReason::Context => "the model's context is full",
+                StopReason::Closed => "output closed",
+            };
+            eprintln!(
+                "prefill {} tokens at {:.0} tokens/s; decode {} tokens at {:.1} tokens/s ({why}; {} on {})",
+                st.prompt_tokens,
+                st.prefill_tps(),
+                st.generated,
+                st.decode_tps(),
+                self.ck.train.precision,
+                be.device_name()
+            );
+        }
         Ok(())
     }
 }
@@ -803,6 +801,12 @@ pub fn generate_text(choice: BackendChoice, a: GenerateArgs) -> Result<()> {
     if a.prompt.is_empty() {
         return Err(Error::Invalid("--prompt must not be empty".into()));
     }
+    if a.prefill_chunk == 0 || a.prefill_chunk > 65536 {
+        return Err(Error::Invalid(format!("--prefill-chunk {}: accepted range 1..=65536", a.prefill_chunk)));
+    }
+    if let Some(s) = a.stop.iter().find(|s| s.is_empty() || s.len() > 1024) {
+        return Err(Error::Invalid(format!("--stop {s:?}: a stop string must have 1 to 1024 bytes")));
+    }
     let (ck, size) = load_for_inference(&a.checkpoint)?;
     let cfg = ck.model;
     if a.prompt.len() >= cfg.context {
@@ -812,9 +816,9 @@ pub fn generate_text(choice: BackendChoice, a: GenerateArgs) -> Result<()> {
             cfg.context
         )));
     }
-    let window = a.prompt.len().saturating_add(a.max_tokens).min(cfg.context);
     let sel = select(choice)?;
-    let plan = MemoryPlan::inference(&cfg, ck.train.precision, 1, window, size);
+    let rows = a.prefill_chunk.min(a.prompt.len());
+    let plan = MemoryPlan::kv_inference(&cfg, ck.train.precision, 1, cfg.context, rows, size);
     super::preflight(&plan, &sel.backend, "generating from this checkpoint", "its context is too large")?;
-    run_on(&sel.backend, GenJob { ck, a, window })
+    run_on(&sel.backend, GenJob { ck, a })
 }

@@ -153,7 +153,7 @@ impl<B: Backend> Model<B> {
         let t1 = Instant::now();
         while generated < opts.max_tokens {
             if let Some(i) = last.iter().position(|x| !x.is_finite()) {
-                return Err(Error::Invalid(format!(
+                return Err(Error::NonFinite(format!(
                     "generation stopped after {generated} tokens: logit {i} is {} (the weights overflow in {})",
                     last[i], self.dtype
                 )));

@@ -107,6 +107,37 @@ impl MemoryPlan {
         }
     }
 
+    /// Generation / serving through the KV cache: weights, the cache of
+    /// `max_batch × context` rows (K and V per layer, plus a sparse model's
+    /// indexer keys) and the step buffers of `rows` query rows.
+    pub fn kv_inference(
+        cfg: &ModelConfig,
+        precision: DType,
+        max_batch: usize,
+        context: usize,
+        rows: usize,
+        file_bytes: u64,
+    ) -> Self {
+        let p = cfg.n_params_u128();
+        let (l, g, d) = (cfg.n_layers as u128, cfg.n_kv_heads as u128, cfg.head_dim() as u128);
+        let di = match cfg.attention {
+            crate::model::AttentionMode::Sparse { index_dim, .. } => index_dim as u128,
+            crate::model::AttentionMode::Dense => 0,
+        };
+        let cache = l * (max_batch as u128) * (context as u128) * (2 * g * d + di) * bytes(precision);
+        let (c, f) = (cfg.d_model as u128, (cfg.d_model * cfg.mlp_ratio) as u128);
+        let step = rows as u128 * (8 * c + 2 * f + 4 * c + cfg.vocab as u128) * bytes(precision);
+        MemoryPlan {
+            parts: vec![
+                ("checkpoint buffers", Place::Host, file_bytes as u128 + 12 * p),
+                ("weights", Place::Device, p * bytes(precision)),
+                ("KV cache", Place::Device, cache),
+                ("RoPE tables", Place::Device, rope_bytes(cfg)),
+                ("step activations and logits", Place::Device, step),
+            ],
+        }
+    }
+
     /// Bytes in `place` (`None`: all of them, as on the CPU backend).
     pub fn total(&self, place: Option<Place>) -> u128 {
         self.parts.iter().filter(|(_, p, _)| place.is_none_or(|q| *p == q)).map(|(_, _, b)| *b).sum()
