@@ -465,3 +465,35 @@ fn old_sparse_checkpoints_load_with_one_warning_about_the_selection() {
         &["dsa_selection", "per-block"],
     );
 }
+
+#[test]
+fn generate_streams_through_the_kv_cache_with_stops_seeds_and_the_context_end() {
+    let d = tmp("generate");
+    let ck = tiny_run(&d, "run", &[]);
+    let ck = ck.to_str().unwrap();
+    let generate = |extra: &[&str]| {
+        let mut a = vec!["--backend", "cpu", "generate", "--checkpoint", ck, "--prompt", "key ab: "];
+        a.extend(extra);
+        let out = run(&a);
+        ok(&out);
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (a, err) = generate(&["--max-tokens", "40", "--seed", "7"]);
+    let (b, _) = generate(&["--max-tokens", "40", "--seed", "7"]);
+    assert_eq!(a, b, "same seed, same text");
+    assert!(a.starts_with("key ab: ") && a.len() > "key ab: ".len(), "{a:?}");
+    assert!(err.contains("prefill 8 tokens") && err.contains("decode 40 tokens"), "{err}");
+    // A stop string ends the output before it (it never appears after the prompt).
+    let (full, _) = generate(&["--max-tokens", "60", "--greedy"]);
+    let gen_part = &full["key ab: ".len()..full.len() - 1];
+    if let Some(c) = gen_part.chars().nth(5) {
+        let stop = c.to_string();
+        let (cut, err) = generate(&["--max-tokens", "60", "--greedy", "--stop", &stop]);
+        let cut_part = &cut["key ab: ".len()..cut.len() - 1];
+        assert!(!cut_part.contains(&stop) && gen_part.starts_with(cut_part), "{cut_part:?} vs {gen_part:?}");
+        assert!(err.contains("stop string"), "{err}");
+    }
+    // Asking for more than the context stops at the context, saying so.
+    let (_, err) = generate(&["--max-tokens", "100000"]);
+    assert!(err.contains("context is full"), "{err}");
+}
