@@ -4,7 +4,9 @@
 # f64 references: attention forward/backward for every pattern with GQA, the
 # tokens CSR, indexer scores/pooling/backward, indexer KL, top-k selection
 # (ties, NaN, -0, block mode), LayerNorm, softmax, cross-entropy, embedding,
-# reductions, rope, the fallback GEMM and bf16 rounding. Needs g++ (C++20).
+# reductions, rope, the fallback GEMM, bf16 rounding, and the KV-cache
+# inference kernels (rope_rows, cache_write, cached indexer/select,
+# flash-decoding attention). Needs g++ (C++20).
 # Takes about two minutes on 2 cores. No GPU, no CUDA toolkit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,3 +21,4 @@ run() {  # run NAME FAMILIES
 run ops indexer,layernorm,softmax,cross_entropy,embedding,reduce,elementwise,rope,matmul
 run attention attention
 run select select
+run cached cached

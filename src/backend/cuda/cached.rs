@@ -231,13 +231,7 @@ pub(super) fn cached_indexer_block_scores(
     be.launch(FAMILY, &name, cfg, &args)
 }
 
-pub(super) fn cached_select(
-    be: &CudaBackend,
-    s: &CachedSelectSpec,
-    scores: &T,
-    rows: &T,
-    idx: &mut T,
-) -> Result<()> {
+pub(super) fn cached_select(be: &CudaBackend, s: &CachedSelectSpec, scores: &T, rows: &T, idx: &mut T) -> Result<()> {
     let cfg = LaunchConfig {
         grid_dim: (s.rows.clamp(1, 1 << 20) as u32, 1, 1),
         block_dim: (SELECT_THREADS, 1, 1),
