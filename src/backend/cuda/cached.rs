@@ -62,7 +62,7 @@ fn dpl(d: usize) -> usize {
 
 pub(super) fn rope_rows(be: &CudaBackend, s: &RopeSpec, x: &T, c: &T, sn: &T, rows: &T, y: &mut T) -> Result<()> {
     let half = s.head_dim / 2;
-    let max_pos = if half == 0 { 0 } else { c.numel() / half };
+    let max_pos = c.numel().checked_div(half).unwrap_or(0);
     if max_pos == 0 {
         return Err(Error::Shape("rope_rows: the RoPE table has no position".into()));
     }

@@ -284,7 +284,7 @@ impl Backend for CudaBackend {
         if bytes.is_empty() {
             return Ok(());
         }
-        self.stream.memcpy_htod(bytes, &mut buf.slice).map_err(|e| dev_err("upload", e))
+        self.stage.upload(&self.stream, bytes, &buf.slice).map_err(|e| dev_err("upload", e))
     }
 
     fn download(&self, buf: &CudaBuffer, dtype: DType, len: usize) -> Result<Vec<u8>> {
@@ -294,7 +294,7 @@ impl Backend for CudaBackend {
         }
         let mut out = vec![0u8; n];
         if n > 0 {
-            self.stream.memcpy_dtoh(&buf.slice.slice(0..n), &mut out).map_err(|e| dev_err("download", e))?;
+            self.stage.download(&self.stream, &buf.slice, &mut out).map_err(|e| dev_err("download", e))?;
         }
         self.synchronize()?;
         Ok(out)
