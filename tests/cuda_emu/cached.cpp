@@ -209,7 +209,6 @@ static void run_attn(bool use_bf16, u32 H, u32 KV, u32 d, u32 mode, u32 nsplit, 
 
 int main() {
     std::mt19937 rng(11);
-    printf("== cached\n");
     test_rope_and_write(rng);
     test_indexer(rng, 8);
     test_indexer(rng, 100);
