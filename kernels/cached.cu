@@ -219,11 +219,26 @@ cached_select(const float* scores, const u32* rows, u32* idx, u32 n_rows, u32 co
 // part_ml [R, H, nsplit, 2], and cached_attn_merge combines the splits:
 //   M = max_j m_j, L = Σ_j l_j·e^{m_j-M}, o = Σ_j acc_j·e^{m_j-M} / L.
 #define CA_WARPS 4
+// Rows per prefill tile of cached_attn_run, and the fewest rows a tile needs
+// to count as a run.
+#define RUN_ROWS 32
+#define RUN_MIN 8
+
+// Whether the rows of tile `tile` (rows RUN_ROWS·tile ..) are one prefill run:
+// at least RUN_MIN rows, one base, len growing by one from >= 1, all inside the
+// cache. A pure function of the table, so every kernel agrees on it.
+__device__ __forceinline__ bool tile_is_run(const u32* rows, u32 R, u32 slots, u32 tile) {
+    u32 r0 = tile * RUN_ROWS, nr = min((u32)RUN_ROWS, R - r0);
+    u32 base0 = rows[2 * r0], len0 = rows[2 * r0 + 1];
+    bool run = nr >= RUN_MIN && len0 >= 1 && (u64)base0 + len0 + nr - 1 <= slots;
+    for (u32 i = 1; i < nr && run; i++) run = rows[2 * (r0 + i)] == base0 && rows[2 * (r0 + i) + 1] == len0 + i;
+    return run;
+}
 
 template <typename T, int DPL>
 __device__ void cached_attn(const T* q, const T* k, const T* v, const u32* rows, const u32* idx, T* o, float* part_acc,
                             float* part_ml, u32 R, u32 H, u32 KV, u32 d, u32 slots, float scale, u32 mode, u32 n,
-                            u32 block, u32 nsplit, u32 hpc, u32 tk) {
+                            u32 block, u32 nsplit, u32 hpc, u32 tk, u32 skip_runs) {
     extern __shared__ float ca_smem[];
     __shared__ float mst[CA_WARPS], lst[CA_WARPS];
     float* ksh = ca_smem;
@@ -235,6 +250,7 @@ __device__ void cached_attn(const T* q, const T* k, const T* v, const u32* rows,
     bool active = hs < hpc && hg < group;
     u32 h = g * group + (active ? hg : 0);
     for (u32 r = blockIdx.z; r < R; r += gridDim.z) {
+        if (skip_runs && tile_is_run(rows, R, slots, r / RUN_ROWS)) continue;  // cached_attn_run's rows
         u32 base, len;
         row_of(rows, r, slots, base, len);
         float qr[DPL], acc[DPL];
@@ -350,11 +366,14 @@ __device__ void cached_attn(const T* q, const T* k, const T* v, const u32* rows,
     }
 }
 
-// One warp per (row, head): combines the nsplit partial states (see above).
+// One warp per (row, head): combines the nsplit partial states (see above);
+// with skip_runs, rows of prefill runs are cached_attn_run's and left alone.
 template <typename T, int DPL>
-__device__ void cached_attn_merge(const float* part_acc, const float* part_ml, T* o, u32 rh_total, u32 d, u32 nsplit) {
+__device__ void cached_attn_merge(const float* part_acc, const float* part_ml, T* o, u32 rh_total, u32 d, u32 nsplit,
+                                  const u32* rows, u32 R, u32 H, u32 slots, u32 skip_runs) {
     size_t rh = (size_t)blockIdx.x * CA_WARPS + (threadIdx.x >> 5);
     if (rh >= rh_total) return;
+    if (skip_runs && tile_is_run(rows, R, slots, (u32)(rh / H) / RUN_ROWS)) return;
     u32 lane = threadIdx.x & 31;
     const float* ml = part_ml + rh * nsplit * 2;
     float mm = NEG_INF;
@@ -383,6 +402,96 @@ __device__ void cached_attn_merge(const float* part_acc, const float* part_ml, T
     }
 }
 
+// ---- prefill runs (dense, d <= 128): grid (ceil(R/RUN_ROWS), H), CA_WARPS
+// warps. A tile of RUN_ROWS rows that is one run (tile_is_run: one sequence,
+// consecutive positions) shares every K/V tile load among its rows, as
+// attn_fwd_tiled does for a full window: row i of the tile sees the keys
+// s < len0 + i. Warp w owns rows 8w..8w+7; for the scores lane l takes key l
+// of the 32-key tile, for P·V lane l owns dims l, l+32, ... Tiles that are
+// not runs are left to cached_attn (skip_runs). Dynamic shared memory:
+// 3·32·(32·DPL+1) + CA_WARPS·8·32 floats.
+template <typename T, int DPL>
+__device__ void cached_attn_run(const T* q, const T* k, const T* v, const u32* rows, T* o, u32 R, u32 H, u32 KV, u32 d,
+                                u32 slots, float scale) {
+    extern __shared__ float run_smem[];
+    typedef float Row[DPL * 32 + 1];
+    Row* Qs = (Row*)run_smem;
+    Row* Ks = Qs + RUN_ROWS;
+    Row* Vs = Ks + 32;
+    float* Ps = run_smem + (RUN_ROWS + 64) * (DPL * 32 + 1);  // [CA_WARPS][8][32]
+    u32 tile = blockIdx.x, h = blockIdx.y, g = h / (H / KV);
+    if (!tile_is_run(rows, R, slots, tile)) return;  // uniform: the same table for every thread
+    u32 tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+    u32 r0 = tile * RUN_ROWS, nr = min((u32)RUN_ROWS, R - r0);
+    u32 base = rows[2 * r0], len0 = rows[2 * r0 + 1], kend = len0 + nr - 1;
+    for (u32 x = tid; x < RUN_ROWS * d; x += CA_WARPS * 32) {
+        u32 i = x / d, e = x % d;
+        Qs[i][e] = i < nr ? ld(q, ((size_t)(r0 + i) * H + h) * d + e) : 0.0f;
+    }
+    float m[8], l[8], acc[8][DPL];
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        m[i] = NEG_INF;
+        l[i] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < DPL; j++) acc[i][j] = 0.0f;
+    }
+    for (u32 k0 = 0; k0 < kend; k0 += 32) {
+        __syncthreads();
+        for (u32 x = tid; x < 32 * d; x += CA_WARPS * 32) {
+            u32 j = x / d, e = x % d, s = k0 + j;
+            bool in = s < kend;
+            size_t off = (((size_t)base + (in ? s : 0)) * KV + g) * d + e;
+            Ks[j][e] = in ? ld(k, off) : 0.0f;
+            Vs[j][e] = in ? ld(v, off) : 0.0f;
+        }
+        __syncthreads();
+        u32 s = k0 + lane;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            u32 row = w * 8 + i;
+            float x = 0.0f;
+            for (u32 e = 0; e < d; e++) x += Qs[row][e] * Ks[lane][e];
+            x = (row < nr && s < len0 + row) ? scale * x : NEG_INF;
+            float mn = fmaxf(m[i], warp_max(x));
+            float p = 0.0f, corr = 1.0f;
+            if (mn != NEG_INF) {
+                corr = expf(m[i] - mn);
+                p = expf(x - mn);
+                m[i] = mn;
+            }
+            l[i] = l[i] * corr + warp_sum(p);
+#pragma unroll
+            for (int j = 0; j < DPL; j++) acc[i][j] *= corr;
+            Ps[(w * 8 + i) * 32 + lane] = p;
+        }
+        __syncwarp();
+        for (u32 j = 0; j < 32; j++) {
+            float vj[DPL];
+#pragma unroll
+            for (int c = 0; c < DPL; c++) vj[c] = lane + 32 * c < d ? Vs[j][lane + 32 * c] : 0.0f;
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                float p = Ps[(w * 8 + i) * 32 + j];
+#pragma unroll
+                for (int c = 0; c < DPL; c++) acc[i][c] += p * vj[c];
+            }
+        }
+        __syncwarp();
+    }
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        u32 row = w * 8 + i;
+        if (row >= nr) continue;
+        float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+#pragma unroll
+        for (int c = 0; c < DPL; c++) {
+            u32 e = lane + 32 * c;
+            if (e < d) st(o, ((size_t)(r0 + row) * H + h) * d + e, acc[i][c] * inv);
+        }
+    }
+}
+
 #define CACHED_OPS(S, T) \
     extern "C" __global__ void rope_rows_##S(const T* x, const float* cosv, const float* sinv, const u32* rows, T* y, u32 pairs, u32 heads, u32 half, u32 max_pos) { \
         rope_rows<T>(x, cosv, sinv, rows, y, pairs, heads, half, max_pos); } \
@@ -393,9 +502,15 @@ __device__ void cached_attn_merge(const float* part_acc, const float* part_ml, T
 FOR_FLOATS(CACHED_OPS)
 
 #define CACHED_ATTN_DPL(S, T, N) \
-    extern "C" __global__ void __launch_bounds__(CA_WARPS * 32) cached_attn_##S##_d##N(const T* q, const T* k, const T* v, const u32* rows, const u32* idx, T* o, float* part_acc, float* part_ml, u32 R, u32 H, u32 KV, u32 d, u32 slots, float scale, u32 mode, u32 n, u32 block, u32 nsplit, u32 hpc, u32 tk) { \
-        cached_attn<T, N>(q, k, v, rows, idx, o, part_acc, part_ml, R, H, KV, d, slots, scale, mode, n, block, nsplit, hpc, tk); } \
-    extern "C" __global__ void __launch_bounds__(CA_WARPS * 32) cached_attn_merge_##S##_d##N(const float* part_acc, const float* part_ml, T* o, u32 rh_total, u32 d, u32 nsplit) { \
-        cached_attn_merge<T, N>(part_acc, part_ml, o, rh_total, d, nsplit); }
+    extern "C" __global__ void __launch_bounds__(CA_WARPS * 32) cached_attn_##S##_d##N(const T* q, const T* k, const T* v, const u32* rows, const u32* idx, T* o, float* part_acc, float* part_ml, u32 R, u32 H, u32 KV, u32 d, u32 slots, float scale, u32 mode, u32 n, u32 block, u32 nsplit, u32 hpc, u32 tk, u32 skip_runs) { \
+        cached_attn<T, N>(q, k, v, rows, idx, o, part_acc, part_ml, R, H, KV, d, slots, scale, mode, n, block, nsplit, hpc, tk, skip_runs); } \
+    extern "C" __global__ void __launch_bounds__(CA_WARPS * 32) cached_attn_merge_##S##_d##N(const float* part_acc, const float* part_ml, T* o, u32 rh_total, u32 d, u32 nsplit, const u32* rows, u32 R, u32 H, u32 slots, u32 skip_runs) { \
+        cached_attn_merge<T, N>(part_acc, part_ml, o, rh_total, d, nsplit, rows, R, H, slots, skip_runs); }
 #define CACHED_ATTN(S, T) CACHED_ATTN_DPL(S, T, 1) CACHED_ATTN_DPL(S, T, 2) CACHED_ATTN_DPL(S, T, 4) CACHED_ATTN_DPL(S, T, 8)
 FOR_FLOATS(CACHED_ATTN)
+
+#define CACHED_RUN_DPL(S, T, N) \
+    extern "C" __global__ void __launch_bounds__(CA_WARPS * 32) cached_attn_run_##S##_d##N(const T* q, const T* k, const T* v, const u32* rows, T* o, u32 R, u32 H, u32 KV, u32 d, u32 slots, float scale) { \
+        cached_attn_run<T, N>(q, k, v, rows, o, R, H, KV, d, slots, scale); }
+#define CACHED_RUN(S, T) CACHED_RUN_DPL(S, T, 1) CACHED_RUN_DPL(S, T, 2) CACHED_RUN_DPL(S, T, 4)
+FOR_FLOATS(CACHED_RUN)

@@ -138,15 +138,38 @@ static void test_select(std::mt19937& rng) {
     check("cached_select (own block per row, ties, NaN, -0, k > blocks)", bad == 0, bad);
 }
 
+static std::function<void(const void*, const void*, const void*, void*)> run_pending;
 template <typename T>
-static void run_attn(bool use_bf16, u32 H, u32 KV, u32 d, u32 mode, u32 nsplit, u32 tk) {
-    std::mt19937 rng(H * 131 + KV * 17 + d + mode * 7 + nsplit + tk);
+static void run_attn(bool use_bf16, u32 H, u32 KV, u32 d, u32 mode, u32 nsplit, u32 tk, bool prefill = false) {
+    std::mt19937 rng(H * 131 + KV * 17 + d + mode * 7 + nsplit + tk + prefill);
     std::normal_distribution<float> nd;
     u32 slots = 3 * 96, block = 8, n = 5;
     // Ragged decode rows, a prefill run of one sequence, an empty row, a row clamped to the cache.
     std::vector<u32> tab = {0, 90, 96, 17, 192, 1, 192, 0, 250, 100 /* clamped to 38 */};
     for (u32 len = 40; len < 44; len++) tab.insert(tab.end(), {96, len});
+    if (prefill) {
+        // Tiles of 32 rows: 0 a run (sequence at 0, lengths 5..36); 1 a run's
+        // tail, then decode rows and another run's head (not a run); 2 that
+        // run's tail of 11 rows (a run); 3 a run past the cache (not a run).
+        tab.clear();
+        for (u32 len = 5; len < 45; len++) tab.insert(tab.end(), {0, len});
+        tab.insert(tab.end(), {96, 30, 192, 0, 96, 70});
+        for (u32 len = 1; len < 33; len++) tab.insert(tab.end(), {192, len});
+        for (u32 len = 1; len < 11; len++) tab.insert(tab.end(), {200, len});
+        for (u32 len = 80; len < 110; len++) tab.insert(tab.end(), {200, len});
+    }
     u32 R = tab.size() / 2;
+    u32 skip = prefill ? 1 : 0;
+    u32 tiles = (R + 31) / 32;
+    if (prefill) {
+        size_t rs = ((32 + 64) * (32 * (d <= 32 ? 1 : d <= 64 ? 2 : 4) + 1) + 4 * 8 * 32) * 4;
+        run_pending = [=](const void* qp, const void* kp, const void* vp, void* op) {
+            auto f = d <= 32 ? cached_attn_run_f32_d1 : d <= 64 ? cached_attn_run_f32_d2 : cached_attn_run_f32_d4;
+            auto fb = d <= 32 ? cached_attn_run_bf16_d1 : d <= 64 ? cached_attn_run_bf16_d2 : cached_attn_run_bf16_d4;
+            if (sizeof(T) == 2) launch(fb, dim3(tiles, H), dim3(128), rs, (const bf16*)qp, (const bf16*)kp, (const bf16*)vp, (const u32*)tab.data(), (bf16*)op, R, H, KV, d, slots, 1.0f / sqrtf((float)d));
+            else launch(f, dim3(tiles, H), dim3(128), rs, (const float*)qp, (const float*)kp, (const float*)vp, (const u32*)tab.data(), (float*)op, R, H, KV, d, slots, 1.0f / sqrtf((float)d));
+        };
+    }
     std::vector<float> q(R * H * d), k(slots * KV * d), v(slots * KV * d);
     for (auto* x : {&q, &k, &v}) for (auto& e : *x) e = use_bf16 ? bf(nd(rng)) : nd(rng);
     std::vector<u32> idx(R * n);
@@ -170,13 +193,14 @@ static void run_attn(bool use_bf16, u32 H, u32 KV, u32 d, u32 mode, u32 nsplit, 
     const u32* ip = mode ? idx.data() : nullptr;
     if constexpr (sizeof(T) == 2) {
         auto f = pick(cached_attn_bf16_d1, cached_attn_bf16_d2, cached_attn_bf16_d4, cached_attn_bf16_d8);
-        launch(f, dim3(nsplit, KV * nhc, 3), dim3(128), smem, (const bf16*)qt.data(), (const bf16*)kt.data(), (const bf16*)vt.data(), (const u32*)tab.data(), ip, ot.data(), pa, pm, R, H, KV, d, slots, scale, mode, n, block, nsplit, hpc, tk);
-        if (nsplit > 1) launch(pick(cached_attn_merge_bf16_d1, cached_attn_merge_bf16_d2, cached_attn_merge_bf16_d4, cached_attn_merge_bf16_d8), dim3((R * H + 3) / 4), dim3(128), 0, (const float*)pa, (const float*)pm, ot.data(), R * H, d, nsplit);
+        launch(f, dim3(nsplit, KV * nhc, 3), dim3(128), smem, (const bf16*)qt.data(), (const bf16*)kt.data(), (const bf16*)vt.data(), (const u32*)tab.data(), ip, ot.data(), pa, pm, R, H, KV, d, slots, scale, mode, n, block, nsplit, hpc, tk, skip);
+        if (nsplit > 1) launch(pick(cached_attn_merge_bf16_d1, cached_attn_merge_bf16_d2, cached_attn_merge_bf16_d4, cached_attn_merge_bf16_d8), dim3((R * H + 3) / 4), dim3(128), 0, (const float*)pa, (const float*)pm, ot.data(), R * H, d, nsplit, (const u32*)tab.data(), R, H, slots, skip);
     } else {
         auto f = pick(cached_attn_f32_d1, cached_attn_f32_d2, cached_attn_f32_d4, cached_attn_f32_d8);
-        launch(f, dim3(nsplit, KV * nhc, 3), dim3(128), smem, (const float*)qt.data(), (const float*)kt.data(), (const float*)vt.data(), (const u32*)tab.data(), ip, ot.data(), pa, pm, R, H, KV, d, slots, scale, mode, n, block, nsplit, hpc, tk);
-        if (nsplit > 1) launch(pick(cached_attn_merge_f32_d1, cached_attn_merge_f32_d2, cached_attn_merge_f32_d4, cached_attn_merge_f32_d8), dim3((R * H + 3) / 4), dim3(128), 0, (const float*)pa, (const float*)pm, ot.data(), R * H, d, nsplit);
+        launch(f, dim3(nsplit, KV * nhc, 3), dim3(128), smem, (const float*)qt.data(), (const float*)kt.data(), (const float*)vt.data(), (const u32*)tab.data(), ip, ot.data(), pa, pm, R, H, KV, d, slots, scale, mode, n, block, nsplit, hpc, tk, skip);
+        if (nsplit > 1) launch(pick(cached_attn_merge_f32_d1, cached_attn_merge_f32_d2, cached_attn_merge_f32_d4, cached_attn_merge_f32_d8), dim3((R * H + 3) / 4), dim3(128), 0, (const float*)pa, (const float*)pm, ot.data(), R * H, d, nsplit, (const u32*)tab.data(), R, H, slots, skip);
     }
+    if (prefill) { run_pending(qt.data(), kt.data(), vt.data(), ot.data()); run_pending = nullptr; }
     std::vector<float> o;
     if constexpr (sizeof(T) == 2) o = from_bf(ot); else o = ot;
     std::vector<double> want(R * H * d, 0.0);
@@ -203,7 +227,7 @@ static void run_attn(bool use_bf16, u32 H, u32 KV, u32 d, u32 mode, u32 nsplit, 
     }
     double e = relerr(o, want);
     char what[160];
-    snprintf(what, sizeof what, "attention %s %s H %u KV %u d %u nsplit %u tk %u", use_bf16 ? "bf16" : "f32", mode ? "blocks" : "dense", H, KV, d, nsplit, tk);
+    snprintf(what, sizeof what, "attention %s %s%s H %u KV %u d %u nsplit %u tk %u", use_bf16 ? "bf16" : "f32", mode ? "blocks" : "dense", prefill ? " +runs" : "", H, KV, d, nsplit, tk);
     check(what, e < (use_bf16 ? 1e-2 : 1e-5), e);
 }
 
@@ -223,6 +247,10 @@ int main() {
         run_attn<float>(false, 8, 1, 200, mode, 4, 16);  // group 8, d 200 (8 dims per lane)
         run_attn<bf16>(true, 4, 2, 40, mode, 5, 8);
     }
+    run_attn<float>(false, 4, 2, 16, 0, 1, 32, true);   // prefill runs + the rest by flash-decoding
+    run_attn<float>(false, 4, 2, 40, 0, 3, 16, true);
+    run_attn<float>(false, 3, 1, 100, 0, 2, 32, true);
+    run_attn<bf16>(true, 4, 2, 40, 0, 5, 8, true);
     printf("cached: %s (%d failure(s))\n", fails ? "FAIL" : "ok", fails);
     return fails != 0;
 }

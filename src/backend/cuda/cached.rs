@@ -8,6 +8,12 @@
 //! states and a merge kernel combines them. `nsplit` is picked on the host
 //! from the row count and the number of SMs (the key counts live in the row
 //! table on the device, and each block divides its row's actual range).
+//!
+//! Prefill: a dense step of at least `RUN_MIN` rows also launches
+//! `cached_attn_run`, which takes every 32-row tile of the step that is one
+//! run (one sequence, consecutive positions, decided on the device from the
+//! row table) and loads each K/V tile once for its 32 rows; the
+//! flash-decoding kernels then skip those rows.
 
 use cudarc::driver::LaunchConfig;
 
@@ -32,6 +38,9 @@ const ATTN_WARPS: usize = 4;
 const MAX_SPLITS: usize = 256;
 /// Fewest keys per split the host aims at (for caches too small to split further).
 const MIN_SPLIT_KEYS: usize = 64;
+/// `RUN_ROWS` / `RUN_MIN` of cached.cu: rows per prefill tile, fewest rows of a run.
+const RUN_ROWS: usize = 32;
+const RUN_MIN: usize = 8;
 /// Largest grid y / z.
 const GRID_YZ: usize = 65535;
 /// Static shared memory a block may use without opting in.
@@ -92,6 +101,12 @@ struct AttnPlan {
     tk: usize,
 }
 
+/// Dynamic shared memory of `cached_attn_run` (bytes): Q, K, V tiles of
+/// 32×(32·dpl+1) floats and P tiles of 4×8×32 floats.
+fn run_smem(dpl: usize) -> usize {
+    ((RUN_ROWS + 64) * (32 * dpl + 1) + ATTN_WARPS * 8 * 32) * 4
+}
+
 /// `sms` multiprocessors: about four blocks per SM in all, each split
 /// keeping at least [`MIN_SPLIT_KEYS`] of the cache (dense) or one selected
 /// block (sparse).
@@ -138,6 +153,32 @@ pub(super) fn cached_attention(
         _ => return Err(Error::Invalid("cached_attention: a block pattern needs its index".into())),
     };
     let (dt, nd) = (sfx(q.dtype()), dpl(s.head_dim));
+    let runs = mode == 0
+        && s.rows >= RUN_MIN
+        && s.head_dim <= 128
+        && s.n_heads <= GRID_YZ
+        && run_smem(nd) <= be.smem_optin.max(SMEM_DEFAULT);
+    if runs {
+        let cfg = LaunchConfig {
+            grid_dim: (s.rows.div_ceil(RUN_ROWS) as u32, s.n_heads as u32, 1),
+            block_dim: ((ATTN_WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: run_smem(nd) as u32,
+        };
+        let args = [
+            p(q),
+            p(k),
+            p(v),
+            p(rows),
+            p(o),
+            u(s.rows),
+            u(s.n_heads),
+            u(s.n_kv_heads),
+            u(s.head_dim),
+            u(s.slots),
+            Arg::F(s.scale),
+        ];
+        be.launch(FAMILY, &format!("cached_attn_run_{dt}_d{nd}"), cfg, &args)?;
+    }
     // Partial states: acc [R, H, nsplit, d] and (m, l) [R, H, nsplit, 2], f32.
     let parts = if pl.nsplit > 1 {
         let rh = s.rows * s.n_heads * pl.nsplit;
@@ -172,6 +213,7 @@ pub(super) fn cached_attention(
         u(pl.nsplit),
         u(pl.hpc),
         u(pl.tk),
+        u(runs as usize),
     ];
     be.launch(FAMILY, &format!("cached_attn_{dt}_d{nd}"), cfg, &args)?;
     if parts.is_some() {
@@ -181,7 +223,19 @@ pub(super) fn cached_attention(
             block_dim: ((ATTN_WARPS * 32) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let args = [pa, pm, p(o), u(rh), u(s.head_dim), u(pl.nsplit)];
+        let args = [
+            pa,
+            pm,
+            p(o),
+            u(rh),
+            u(s.head_dim),
+            u(pl.nsplit),
+            p(rows),
+            u(s.rows),
+            u(s.n_heads),
+            u(s.slots),
+            u(runs as usize),
+        ];
         be.launch(FAMILY, &format!("cached_attn_merge_{dt}_d{nd}"), cfg, &args)?;
     }
     // The scratch buffers drop here: their frees are ordered after the kernels on the stream.
