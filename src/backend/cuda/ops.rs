@@ -17,6 +17,7 @@
 //! | attention (+ backward): tiled (32×32 shared-memory tiles) for dense and 32-multiple block patterns with d ≤ 128, one warp per query / key row otherwise; indexer_kl | attention.cu |
 //! | indexer_scores, indexer_block_scores, indexer_backward | indexer.cu |
 //! | select_topk | select.cu |
+//! | rope_rows, cache_write, cached_attention (flash-decoding + prefill runs), cached_indexer_block_scores, cached_select | cached.cu (glue in cached.rs) |
 
 use cudarc::driver::{DeviceRepr, LaunchConfig};
 
