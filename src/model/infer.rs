@@ -76,6 +76,20 @@ impl<B: Backend> KvCache<B> {
         self.lens.iter().all(|&l| l == 0)
     }
 
+    /// Benchmarks only: treats the first `len` rows of `slot` as cached
+    /// (whatever they hold), so decode speed at a long context can be timed
+    /// without prefilling it. Errors past the context.
+    pub fn assume_filled(&mut self, slot: usize, len: usize) -> Result<()> {
+        if slot >= self.max_batch || len > self.context {
+            return Err(Error::Invalid(format!(
+                "kv cache: slot {slot} / length {len} outside {} × {}",
+                self.max_batch, self.context
+            )));
+        }
+        self.lens[slot] = len;
+        Ok(())
+    }
+
     /// Forgets the tokens of `slot` (the rows are reused by the next sequence).
     pub fn clear(&mut self, slot: usize) {
         if let Some(l) = self.lens.get_mut(slot) {
