@@ -1,8 +1,13 @@
 // Top-k selection over causal score rows (the semantics of
-// `attention::select::select_row`): per row r the k best candidate columns
+// `attention::select::select_row`): per row the k best candidate columns
 // (score descending, NaN as -inf, ties to the smaller index), sorted
-// ascending, padded with NONE; in block mode the local block r and the sink
-// block 0 are always kept and the rest of the budget goes to blocks 1..r-1.
+// ascending, padded with NONE.
+// - Token mode (block 0): row t of [batch, seq, seq] scores, candidates 0..=t.
+// - Block mode (block > 0): row t of [batch, seq, nkb] per-query block
+//   scores, candidates 0..=r with r = t / block (query t's own block); the
+//   own block r and the sink block 0 are always kept (the sink when k >= 2
+//   and r > 0) and the rest of the budget goes to blocks 1..r-1. What a row
+//   selects depends on that row's scores alone.
 //
 // One 256-wide workgroup per row. Scores map to order-preserving u32 keys;
 // a 32-step binary search (counting with a workgroup atomic) finds the
@@ -10,7 +15,7 @@
 // ordered pass over the candidates, 256 at a time with a workgroup prefix
 // sum, writes the keys > T and the first kk - count(> T) keys == T by index.
 //
-// p0 batch·rows, p1 rows (= cols), p2 k, p3 1 for block mode.
+// p0 batch·rows, p1 rows (= seq), p2 k, p3 block (0: token mode), p4 cols.
 
 const NONE: u32 = 0xffffffffu;
 const WG: u32 = 256u;
@@ -33,10 +38,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw: vec3<
         @builtin(local_invocation_index) lid: u32) {
     let row = wg.x + wg.y * nw.x;
     if (row >= pu(0u)) { return; }
-    let cols = pu(1u);
-    let r = row % cols;
+    let cols = pu(4u);
+    let t = row % pu(1u);
+    let blocks = pu(3u) > 0u;
+    var r = t;
+    if (blocks) { r = t / pu(3u); }
     let k = pu(2u);
-    let blocks = pu(3u) == 1u;
     let base = row * cols;
     let obase = row * k;
     // Candidates [c0, c1), the budget kk left for them, forced entries.
