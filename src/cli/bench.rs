@@ -39,7 +39,7 @@ pub struct AttentionArgs {
     /// Key block size of the sparse pattern.
     #[arg(long, default_value_t = 64)]
     pub block: usize,
-    /// Key blocks kept per query block (incl. the sink and local blocks): 16×64 = 1024 keys.
+    /// Key blocks each query keeps (incl. the sink and its own block): 16×64 = 1024 keys.
     #[arg(long, default_value_t = 16)]
     pub keep_blocks: usize,
     /// Indexer heads H_I.

@@ -54,7 +54,8 @@ pub struct TrainArgs {
     /// Key block size of sparse attention.
     #[arg(long)]
     pub block: Option<usize>,
-    /// Key blocks kept per query block at the end of the schedule.
+    /// Key blocks each query keeps at the end of the schedule (its own block and the sink block
+    /// included; 1 keeps the own block only).
     #[arg(long)]
     pub keep_blocks: Option<usize>,
     /// Fraction of steps of dense warm-up.

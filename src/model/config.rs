@@ -8,8 +8,10 @@ pub enum AttentionMode {
     /// Dense causal attention in every layer.
     Dense,
     /// Dynamic sparse attention: an indexer of `index_heads` × `index_dim`
-    /// scores keys, block mode keeps `keep_blocks` blocks of `block` keys per
-    /// query block (the sparsity schedule may keep more, or run dense).
+    /// scores keys, and each query keeps its own top `keep_blocks` blocks of
+    /// `block` keys, chosen from its own scores (causal; its own block and
+    /// the sink block 0 always among them; the sparsity schedule may keep
+    /// more, or run dense).
     Sparse { block: usize, keep_blocks: usize, index_heads: usize, index_dim: usize },
 }
 

@@ -448,13 +448,12 @@ pub fn attention<R: Backend, B: Backend>(r: &R, b: &B) {
             let nk = batch * seq * kv * d;
             let (q, k, v, d_o) = (rng.normal_vec(nq), rng.normal_vec(nk), rng.normal_vec(nk), rng.normal_vec(nq));
             let (tok, kk, blk, nn) = attn_patterns(batch, seq, seed("attention-pattern", dt, ci));
-            let nb = seq.div_ceil(ATTN_BLOCK);
             for mode in ["dense", "tokens", "blocks"] {
                 let (want, got) = on_both!(r, b, |be| {
                     let (qt, kt, vt, dot) =
                         (up(be, &q, &qs, dt), up(be, &k, &ks, dt), up(be, &v, &ks, dt), up(be, &d_o, &qs, dt));
                     let tt = Tensor::from_u32(be, &tok, &[batch, seq, kk]).unwrap();
-                    let bt = Tensor::from_u32(be, &blk, &[batch, nb, nn]).unwrap();
+                    let bt = Tensor::from_u32(be, &blk, &[batch, seq, nn]).unwrap();
                     let pat = || match mode {
                         "dense" => Pattern::Dense,
                         "tokens" => Pattern::Tokens(&tt),
@@ -491,10 +490,10 @@ pub fn sparse_attention_keeping_all_equals_dense<R: Backend, B: Backend>(r: &R, 
         let d_o = rng.normal_vec(q.len());
         let nb = seq.div_ceil(ATTN_BLOCK);
         let all_tok: Vec<u32> = (0..batch * seq).flat_map(|_| 0..seq as u32).collect();
-        let all_blk: Vec<u32> = (0..batch * nb).flat_map(|_| 0..nb as u32).collect();
+        let all_blk: Vec<u32> = (0..batch * seq).flat_map(|_| 0..nb as u32).collect();
         let (qt, kt, vt, dot) = (up(b, &q, &qs, dt), up(b, &k, &ks, dt), up(b, &v, &ks, dt), up(b, &d_o, &qs, dt));
         let tt = Tensor::from_u32(b, &all_tok, &[batch, seq, seq]).unwrap();
-        let bt = Tensor::from_u32(b, &all_blk, &[batch, nb, nb]).unwrap();
+        let bt = Tensor::from_u32(b, &all_blk, &[batch, seq, nb]).unwrap();
         let mut outs = Vec::new();
         for pat in [Pattern::Dense, Pattern::Tokens(&tt), Pattern::Blocks { idx: &bt, block: ATTN_BLOCK }] {
             let mut o = poisoned(b, &qs, dt);
@@ -535,7 +534,7 @@ pub fn indexer_and_selection<R: Backend, B: Backend>(r: &R, b: &B) {
                 );
                 let mut sc = poisoned(be, &[batch, seq, seq], DType::F32);
                 attn::indexer_scores(be, &qt, &kt, &wt, &mut sc).unwrap();
-                let mut pooled = poisoned(be, &[batch, nb, nb], DType::F32);
+                let mut pooled = poisoned(be, &[batch, seq, nb], DType::F32);
                 attn::indexer_block_scores(be, &qt, &kt, &wt, ATTN_BLOCK, &mut pooled).unwrap();
                 let dst = up(be, &dsc, &[batch, seq, seq], DType::F32);
                 let (mut dq, mut dk, mut dw) = (
@@ -554,18 +553,21 @@ pub fn indexer_and_selection<R: Backend, B: Backend>(r: &R, b: &B) {
             compare_all("indexer", &case, dt, &["scores", "block scores", "dq_i", "dk_i", "dw"], &want, &got);
         }
     }
-    // Selection on identical scores must pick identical sets (ties to the smaller index).
-    let (batch, seq) = (2, 77);
+    // Selection on identical scores must pick identical sets (ties to the
+    // smaller index): token mode over [seq, seq] rows, block mode over
+    // per-query [seq, ceil(seq/block)] rows (own block, then sink, first).
+    let (batch, seq) = (2usize, 77usize);
     let mut rng = Rng::new(seed("select", DType::F32, 0));
-    let scores: Vec<f32> = (0..batch * seq * seq).map(|_| rng.below(7) as f32 - 3.0).collect();
-    for (k, blocks) in [(1usize, false), (5, false), (100, false), (1, true), (3, true)] {
+    for (k, block) in [(1usize, 0usize), (5, 0), (100, 0), (1, 16), (3, 16), (2, 5), (4, 5), (40, 5)] {
+        let cols = if block > 0 { seq.div_ceil(block) } else { seq };
+        let scores: Vec<f32> = (0..batch * seq * cols).map(|_| rng.below(7) as f32 - 3.0).collect();
         let (want, got) = on_both!(r, b, |be| {
-            let st = up(be, &scores, &[batch, seq, seq], DType::F32);
+            let st = up(be, &scores, &[batch, seq, cols], DType::F32);
             let mut idx = Tensor::from_u32(be, &vec![7; batch * seq * k], &[batch, seq, k]).unwrap();
-            attn::select_topk(be, &st, k, blocks, &mut idx).unwrap();
+            attn::select_topk(be, &st, k, block, &mut idx).unwrap();
             idx.to_u32_vec(be).unwrap()
         });
-        assert_eq!(got, want, "select_topk k={k} blocks={blocks}");
+        assert_eq!(got, want, "select_topk k={k} block={block}");
     }
     // The KL loss of the indexer against the main attention, dense and kept-set.
     for dt in float_dtypes(r, b) {
@@ -575,11 +577,10 @@ pub fn indexer_and_selection<R: Backend, B: Backend>(r: &R, b: &B) {
         let (q, k) = (rng.normal_vec(batch * seq * heads * d), rng.normal_vec(batch * seq * kv * d));
         let sc = rng.normal_vec(batch * seq * seq);
         let (_, _, blk, nn) = attn_patterns(batch, seq, seed("indexer_kl-pattern", dt, 0));
-        let nb = seq.div_ceil(ATTN_BLOCK);
         for dense in [true, false] {
             let (want, got) = on_both!(r, b, |be| {
                 let (qt, kt) = (up(be, &q, &qs, dt), up(be, &k, &ks, dt));
-                let bt = Tensor::from_u32(be, &blk, &[batch, nb, nn]).unwrap();
+                let bt = Tensor::from_u32(be, &blk, &[batch, seq, nn]).unwrap();
                 let pat = || if dense { Pattern::Dense } else { Pattern::Blocks { idx: &bt, block: ATTN_BLOCK } };
                 let mut o = poisoned(be, &qs, dt);
                 let mut lse = poisoned(be, &[batch, heads, seq], DType::F32);
@@ -611,13 +612,13 @@ pub fn attention_long_sequences<R: Backend, B: Backend>(r: &R, b: &B) {
     let (nq, nk) = (batch * seq * heads * d, batch * seq * kv * d);
     let (q, k, v, d_o) = (rng.normal_vec(nq), rng.normal_vec(nk), rng.normal_vec(nk), rng.normal_vec(nq));
     let nb = seq.div_ceil(block);
-    let pooled: Vec<f32> = (0..nb * nb).map(|_| rng.below(1000) as f32).collect();
-    let blk: Vec<u32> = (0..nb).flat_map(|qb| select_row(&pooled[qb * nb..(qb + 1) * nb], qb, n, true)).collect();
+    let pooled: Vec<f32> = (0..seq * nb).map(|_| rng.below(1000) as f32).collect();
+    let blk: Vec<u32> = (0..seq).flat_map(|t| select_row(&pooled[t * nb..(t + 1) * nb], t / block, n, true)).collect();
     for mode in ["dense", "blocks"] {
         let (want, got) = on_both!(r, b, |be| {
             let (qt, kt, vt, dot) =
                 (up(be, &q, &qs, dt), up(be, &k, &ks, dt), up(be, &v, &ks, dt), up(be, &d_o, &qs, dt));
-            let bt = Tensor::from_u32(be, &blk, &[batch, nb, n]).unwrap();
+            let bt = Tensor::from_u32(be, &blk, &[batch, seq, n]).unwrap();
             let pat = || if mode == "dense" { Pattern::Dense } else { Pattern::Blocks { idx: &bt, block } };
             let mut o = poisoned(be, &qs, dt);
             let mut lse = poisoned(be, &[batch, heads, seq], DType::F32);
@@ -641,7 +642,7 @@ pub fn attention_long_sequences<R: Backend, B: Backend>(r: &R, b: &B) {
         );
         let mut sc = poisoned(be, &[batch, seq, seq], DType::F32);
         attn::indexer_scores(be, &qt, &kt, &wt, &mut sc).unwrap();
-        let mut pooled = poisoned(be, &[batch, nb, nb], DType::F32);
+        let mut pooled = poisoned(be, &[batch, seq, nb], DType::F32);
         attn::indexer_block_scores(be, &qt, &kt, &wt, block, &mut pooled).unwrap();
         let dst = up(be, &dsc, &[batch, seq, seq], DType::F32);
         let (mut dq, mut dk, mut dw) = (
@@ -673,6 +674,155 @@ pub fn attention_long_sequences<R: Backend, B: Backend>(r: &R, b: &B) {
     let case = format!("b{batch} t{seq} H_I{hi} d_I{di}");
     let names = ["scores", "block scores", "dq_i", "dk_i", "dw", "kl loss", "kl dscores"];
     compare_all("long indexer", &case, dt, &names, &want, &got);
+}
+
+// ------------------------------------------------------------ causality
+
+/// Positions `t` at which the op-level causality check cuts: the first
+/// query, both edges of a block of 8, and inside blocks.
+const CUTS: [usize; 6] = [0, 7, 8, 21, 44, 60];
+
+/// `v` (`[batch, seq, width]`) with every position after `t` redrawn.
+fn redraw_after(v: &[f32], batch: usize, seq: usize, t: usize, rng: &mut Rng) -> Vec<f32> {
+    let width = v.len() / (batch * seq);
+    let mut out = v.to_vec();
+    for b in 0..batch {
+        for x in &mut out[(b * seq + t + 1) * width..(b + 1) * seq * width] {
+            *x = rng.normal() as f32;
+        }
+    }
+    out
+}
+
+/// Asserts that rows `0..=t` of every batch of `a` and `b` (`[batch, seq, width]`)
+/// are bit-identical.
+#[track_caller]
+fn assert_prefix_bits(what: &str, a: &[f32], b: &[f32], batch: usize, seq: usize, t: usize) {
+    let width = a.len() / (batch * seq);
+    for bi in 0..batch {
+        let r = (bi * seq) * width..(bi * seq + t + 1) * width;
+        let (x, y) = (&a[r.clone()], &b[r]);
+        if let Some(i) = x.iter().zip(y).position(|(p, q)| p.to_bits() != q.to_bits()) {
+            let pos = i / width;
+            panic!(
+                "{what}: batch {bi} position {pos} ≤ {t} changed when the tokens after {t} changed ({} → {})",
+                x[i], y[i]
+            );
+        }
+    }
+}
+
+/// Causality at the op level, on the backend under test: for dense, token
+/// and block attention and every dtype, the indexer scores (token scores or
+/// per-query block scores), the selection and the attention outputs of every
+/// query `≤ t` are bit-identical when every input after `t` (q, k, v, and the
+/// indexer's q_i, k_i, w) is replaced.
+pub fn selection_and_attention_are_causal<R: Backend, B: Backend>(r: &R, b: &B) {
+    use dynsparse::attention::{self as attn, Pattern};
+    let (batch, seq, heads, kv, d, hi, di) = (2usize, 70usize, 4usize, 2usize, 16usize, 2usize, 8usize);
+    // Blocks of 8 and 3 kept of up to 9: most queries have a real choice.
+    let (block, k_tok, n_blk) = (8usize, 9usize, 3usize);
+    let nb = seq.div_ceil(block);
+    for dt in float_dtypes(r, b) {
+        let mut rng = Rng::new(seed("causality", dt, 0));
+        let base: Vec<Vec<f32>> =
+            [heads * d, kv * d, kv * d, hi * di, di, hi].iter().map(|&w| rng.normal_vec(batch * seq * w)).collect();
+        // Outputs per position: [scores, idx, o] as [batch, seq, ·], lse transposed to [batch, seq, heads].
+        let run = |x: &[Vec<f32>], mode: &str| -> Vec<Vec<f32>> {
+            let (qt, kt, vt) = (
+                up(b, &x[0], &[batch, seq, heads, d], dt),
+                up(b, &x[1], &[batch, seq, kv, d], dt),
+                up(b, &x[2], &[batch, seq, kv, d], dt),
+            );
+            let (qi, ki, w) = (
+                up(b, &x[3], &[batch, seq, hi, di], dt),
+                up(b, &x[4], &[batch, seq, di], dt),
+                up(b, &x[5], &[batch, seq, hi], dt),
+            );
+            let mut o = poisoned(b, &[batch, seq, heads, d], dt);
+            let mut lse = poisoned(b, &[batch, heads, seq], DType::F32);
+            let (scores, idx) = match mode {
+                "dense" => {
+                    attn::attention(b, &qt, &kt, &vt, Pattern::Dense, &mut o, &mut lse).unwrap();
+                    (vec![0.0; batch * seq], vec![0.0; batch * seq])
+                }
+                "tokens" => {
+                    let mut sc = poisoned(b, &[batch, seq, seq], DType::F32);
+                    attn::indexer_scores(b, &qi, &ki, &w, &mut sc).unwrap();
+                    let mut idx = Tensor::from_u32(b, &vec![7; batch * seq * k_tok], &[batch, seq, k_tok]).unwrap();
+                    attn::select_topk(b, &sc, k_tok, 0, &mut idx).unwrap();
+                    attn::attention(b, &qt, &kt, &vt, Pattern::Tokens(&idx), &mut o, &mut lse).unwrap();
+                    (down(b, &sc), idx.to_u32_vec(b).unwrap().into_iter().map(|x| x as f32).collect())
+                }
+                _ => {
+                    let mut pooled = poisoned(b, &[batch, seq, nb], DType::F32);
+                    attn::indexer_block_scores(b, &qi, &ki, &w, block, &mut pooled).unwrap();
+                    let mut idx = Tensor::from_u32(b, &vec![7; batch * seq * n_blk], &[batch, seq, n_blk]).unwrap();
+                    attn::select_topk(b, &pooled, n_blk, block, &mut idx).unwrap();
+                    attn::attention(b, &qt, &kt, &vt, Pattern::Blocks { idx: &idx, block }, &mut o, &mut lse).unwrap();
+                    (down(b, &pooled), idx.to_u32_vec(b).unwrap().into_iter().map(|x| x as f32).collect())
+                }
+            };
+            let l = down(b, &lse);
+            let lse_t: Vec<f32> = (0..batch * seq)
+                .flat_map(|bt| (0..heads).map(move |h| (bt / seq, bt % seq, h)))
+                .map(|(bi, t, h)| l[(bi * heads + h) * seq + t])
+                .collect();
+            vec![scores, idx, down(b, &o), lse_t]
+        };
+        for mode in ["dense", "tokens", "blocks"] {
+            let full = run(&base, mode);
+            for &t in &CUTS {
+                let changed: Vec<Vec<f32>> = base.iter().map(|v| redraw_after(v, batch, seq, t, &mut rng)).collect();
+                let cut = run(&changed, mode);
+                for (name, (x, y)) in ["indexer scores", "selection", "o", "lse"].iter().zip(full.iter().zip(&cut)) {
+                    assert_prefix_bits(&format!("{dt:?} {mode} `{name}`"), x, y, batch, seq, t);
+                }
+            }
+        }
+    }
+}
+
+/// Causality of the whole model, on the backend under test: a sparse model's
+/// logits at positions `≤ t` are bit-identical when every token after `t` is
+/// replaced, with dense attention (warm-up) and with block-sparse attention
+/// (each query's own top-n blocks), for every dtype.
+pub fn model_is_a_causal_lm<R: Backend, B: Backend>(r: &R, b: &B) {
+    use dynsparse::model::{AttentionMode, Model, ModelConfig, StepAttention, Workspace};
+    let (batch, seq, block) = (2usize, 64usize, 8usize);
+    let cfg = ModelConfig {
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        d_model: 32,
+        vocab: 256,
+        context: seq,
+        mlp_ratio: 2,
+        rope_theta: 10000.0,
+        attention: AttentionMode::Sparse { block, keep_blocks: 3, index_heads: 2, index_dim: 8 },
+    };
+    for dt in float_dtypes(r, b) {
+        let mut rng = Rng::new(seed("model-causality", dt, 0));
+        let model = Model::new(b, cfg, dt, 11).unwrap();
+        let mut ws = Workspace::new(b, &cfg, dt, batch, seq).unwrap();
+        let ids: Vec<u32> = (0..batch * seq).map(|_| rng.below(256) as u32).collect();
+        for attn in [StepAttention::Dense, StepAttention::Sparse { keep_blocks: 3 }] {
+            let mut logits = |ids: &[u32]| {
+                model.forward(b, &mut ws, ids, None, attn).unwrap();
+                ws.logits_f32(b).unwrap()
+            };
+            let full = logits(&ids);
+            for t in [0usize, 7, 8, 13, 30, 47, 62] {
+                let mut other = ids.clone();
+                for bi in 0..batch {
+                    for x in &mut other[bi * seq + t + 1..(bi + 1) * seq] {
+                        *x = (*x + 1 + rng.below(255) as u32) % 256;
+                    }
+                }
+                assert_prefix_bits(&format!("{dt:?} {attn:?} model logits"), &full, &logits(&other), batch, seq, t);
+            }
+        }
+    }
 }
 
 // ------------------------------------------------------------ model level
@@ -890,6 +1040,18 @@ macro_rules! conformance_tests {
         fn attention_long_sequences_match_reference() {
             if let Some((r, b)) = $get() {
                 common::attention_long_sequences(r, b)
+            }
+        }
+        #[test]
+        fn selection_and_attention_outputs_are_causal_in_every_mode() {
+            if let Some((r, b)) = $get() {
+                common::selection_and_attention_are_causal(r, b);
+            }
+        }
+        #[test]
+        fn model_logits_are_causal_dense_and_sparse() {
+            if let Some((r, b)) = $get() {
+                common::model_is_a_causal_lm(r, b);
             }
         }
         #[test]

@@ -556,7 +556,7 @@ impl Backend for CudaBackend {
         self.launch("indexer", &name, cfg, &args)
     }
     fn select_topk(&self, s: &SelectSpec, scores: &T, idx: &mut T) -> Result<()> {
-        let args = [p(scores), p(idx), u(s.rows), u(s.cols), u(s.k), u(s.blocks as usize)];
+        let args = [p(scores), p(idx), u(s.rows), u(s.cols), u(s.k), u(s.blocks() as usize)];
         self.launch("select", "select_topk", per_block(s.batch * s.rows, THREADS), &args)
     }
     fn indexer_kl(
