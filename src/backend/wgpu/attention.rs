@@ -374,11 +374,13 @@ pub(super) fn attention_backward(
     // its own index row) and the group's heads (q·k and dO·v loop, dk/dv loop).
     let rows = s.batch * s.seq * s.n_kv_heads;
     let grp = s.group();
-    let per_q = grp * (1 + 2 * nc) + 2 + match s.pattern {
-        PatternSpec::Dense => 0,
-        PatternSpec::Tokens { k } => k,
-        PatternSpec::Blocks { n, .. } => n,
-    };
+    let per_q = grp * (1 + 2 * nc)
+        + 2
+        + match s.pattern {
+            PatternSpec::Dense => 0,
+            PatternSpec::Tokens { k } => k,
+            PatternSpec::Blocks { n, .. } => n,
+        };
     let pl = plan(s.seq, per_q, 2 * nc + 2 * d + 64, 1, rows, 2 * d, max_floats);
     let params = |r0: usize, n: usize| attn_params(s).u(pl.chunk).u(pl.nch).u(r0).u(n);
     // Writes dk/dv directly (one chunk) or the chunks' partials.
