@@ -137,3 +137,83 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw: vec3<
         stu_idx(obase + p, NONE);
     }
 }
+
+//!kernel select_topk_rows(scores: in, idx: idxout)
+// The same selection, one invocation per row, for short rows (the launch
+// checks k <= SK and cols·(k + 2) within the loop budget): block mode has
+// ceil(seq / block) columns per query, too few to fill a workgroup. The kk
+// best candidates are kept in a private list ordered by (key descending,
+// index ascending), inserting columns in index order (an equal key never
+// passes an earlier one); its last entry (T, iT) is the threshold, and one
+// ordered pass writes the columns with key > T or key == T and index <= iT.
+const SK: u32 = 64u;
+
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let row = lin(gid, nw);
+    if (row >= pu(0u)) { return; }
+    let cols = pu(4u);
+    let t = row % pu(1u);
+    let blocks = pu(3u) > 0u;
+    var r = t;
+    if (blocks) { r = t / pu(3u); }
+    let k = pu(2u);
+    let base = row * cols;
+    let obase = row * k;
+    var c0 = 0u;
+    var c1 = r + 1u;
+    var nforced = 0u;
+    var f0 = 0u;
+    if (blocks) {
+        c0 = 1u;
+        c1 = max(r, 1u);
+        nforced = 1u;
+        if (r != 0u && k >= 2u) {
+            f0 = 1u;
+            nforced = 2u;
+        }
+    }
+    let want = min(k - nforced, c1 - c0);
+    var lk: array<u32, SK>;
+    var li: array<u32, SK>;
+    var cnt = 0u;
+    if (want > 0u) {
+        for (var col = c0; col < c1; col = col + 1u) {
+            let key = okey(ld_scores(base + col));
+            if (cnt == want && key <= lk[want - 1u]) { continue; }
+            var p = cnt;
+            if (cnt == want) { p = want - 1u; } else { cnt = cnt + 1u; }
+            loop {
+                if (p == 0u || lk[p - 1u] >= key) { break; }
+                lk[p] = lk[p - 1u];
+                li[p] = li[p - 1u];
+                p = p - 1u;
+            }
+            lk[p] = key;
+            li[p] = col;
+        }
+    }
+    var o = 0u;
+    if (f0 == 1u) {
+        stu_idx(obase, 0u);
+        o = 1u;
+    }
+    if (cnt > 0u) {
+        let tk = lk[cnt - 1u];
+        let ti = li[cnt - 1u];
+        for (var col = c0; col < c1; col = col + 1u) {
+            let key = okey(ld_scores(base + col));
+            if (key > tk || (key == tk && col <= ti)) {
+                stu_idx(obase + o, col);
+                o = o + 1u;
+            }
+        }
+    }
+    if (blocks) {
+        stu_idx(obase + o, r);
+        o = o + 1u;
+    }
+    for (; o < k; o = o + 1u) {
+        stu_idx(obase + o, NONE);
+    }
+}

@@ -448,15 +448,21 @@ pub(super) fn indexer_block_scores(
     }
 }
 
+/// Largest k of `select_topk_rows` (its private list).
+const SELECT_ROWS_MAX_K: usize = 64;
+
+/// `select_topk_rows` (an invocation per row) where the rows are short enough
+/// for its `cols·(k + 2)` loop iterations, else `select_topk` (a workgroup per
+/// row). Block mode has `ceil(seq / block)` columns per query row.
 pub(super) fn select_topk(be: &WgpuBackend, s: &SelectSpec, scores: &T, idx: &mut T) -> Result<()> {
     let rows = s.batch * s.rows;
-    be.launch(
-        "select",
-        "select_topk",
-        &mut [Arg::R(scores), Arg::W(idx)],
-        Params::new().u(rows).u(s.rows).u(s.k).u(s.block).u(s.cols),
-        rows_grid(rows),
-    )
+    let params = Params::new().u(rows).u(s.rows).u(s.k).u(s.block).u(s.cols);
+    let args = &mut [Arg::R(scores), Arg::W(idx)];
+    if s.k <= SELECT_ROWS_MAX_K && s.cols * (s.k + 2) <= ITER_BUDGET {
+        be.launch("select", "select_topk_rows", args, params, grid1d(rows))
+    } else {
+        be.launch("select", "select_topk", args, params, rows_grid(rows))
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
