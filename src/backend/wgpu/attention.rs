@@ -36,9 +36,10 @@
 //!   in workgroup memory, per-query maxima merged in a fixed order); indexer
 //!   backward: one invocation per (key chunk, query, index head) for
 //!   `dq_i`/`dw`, one per (query chunk, key) for `dk_i`;
-//! - selection: a workgroup per query row (threshold binary search + ordered
-//!   prefix sum) over its causal candidates (keys `0..=t`, or blocks
-//!   `0..=t / block`);
+//! - selection, per query row over its causal candidates (keys `0..=t`, or
+//!   blocks `0..=t / block`): an invocation per row for short rows (block
+//!   mode: insertion top-k, then an ordered threshold pass), else a workgroup
+//!   per row (threshold binary search + ordered prefix sum);
 //! - KL loss: a workgroup per query row, over the query's own key set.
 //!
 //! No kernel does arithmetic with infinities (fast-math compilers such as
