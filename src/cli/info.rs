@@ -1,5 +1,6 @@
 //! `dynsparse info`: what this build and this machine offer.
 
+use crate::outln;
 use dynsparse::Result;
 use dynsparse::backend::{BackendChoice, select};
 use dynsparse::util::machine::host_description;
@@ -8,10 +9,10 @@ pub fn run(choice: BackendChoice) -> Result<()> {
     // An explicitly requested backend must exist: fail with one clear line otherwise.
     if choice != BackendChoice::Auto {
         let sel = select(choice)?;
-        println!("backend {}: {} ({})", sel.backend.kind(), sel.backend.device_name(), sel.reason);
+        outln!("backend {}: {} ({})", sel.backend.kind(), sel.backend.device_name(), sel.reason);
         return Ok(());
     }
-    println!("dynsparse {}", env!("CARGO_PKG_VERSION"));
+    outln!("dynsparse {}", env!("CARGO_PKG_VERSION"));
     let mut compiled = vec!["cpu"];
     if cfg!(feature = "wgpu") {
         compiled.push("wgpu");
@@ -19,12 +20,12 @@ pub fn run(choice: BackendChoice) -> Result<()> {
     if cfg!(feature = "cuda") {
         compiled.push("cuda");
     }
-    println!("compiled backends: {}", compiled.join(", "));
-    println!("\ncpu: {}", host_description());
+    outln!("compiled backends: {}", compiled.join(", "));
+    outln!("\ncpu: {}", host_description());
     wgpu_section();
     cuda_section();
     let sel = select(BackendChoice::Auto)?;
-    println!("\n--backend auto chooses: {} — {} ({})", sel.backend.kind(), sel.backend.device_name(), sel.reason);
+    outln!("\n--backend auto chooses: {} — {} ({})", sel.backend.kind(), sel.backend.device_name(), sel.reason);
     Ok(())
 }
 
@@ -33,16 +34,16 @@ fn wgpu_section() {
     use dynsparse::backend::wgpu::enumerate_adapters;
     let adapters = enumerate_adapters();
     if adapters.is_empty() {
-        println!(
+        outln!(
             "\nwgpu: no adapter found: no Vulkan, Metal or DX12 driver answered \
              (on Linux without a GPU: `apt-get install mesa-vulkan-drivers` for the lavapipe software adapter)"
         );
         return;
     }
-    println!("\nwgpu adapters:");
+    outln!("\nwgpu adapters:");
     for a in adapters {
         let (lo, hi) = a.subgroup_sizes;
-        println!(
+        outln!(
             "  [{}] {} — {} {}{}, driver {}\n      f16 {}, subgroups {} ({lo}..{hi}), {}",
             a.index,
             a.name,
@@ -59,18 +60,18 @@ fn wgpu_section() {
 
 #[cfg(not(feature = "wgpu"))]
 fn wgpu_section() {
-    println!("\nwgpu: not compiled in (build with the default `wgpu` feature)");
+    outln!("\nwgpu: not compiled in (build with the default `wgpu` feature)");
 }
 
 #[cfg(feature = "cuda")]
 fn cuda_section() {
     match dynsparse::backend::cuda::probe() {
-        Ok(devs) if devs.is_empty() => println!("\ncuda: driver found, but no device"),
+        Ok(devs) if devs.is_empty() => outln!("\ncuda: driver found, but no device"),
         Ok(devs) => {
-            println!("\ncuda devices:");
+            outln!("\ncuda devices:");
             for d in devs {
                 let (ma, mi) = d.compute_capability;
-                println!(
+                outln!(
                     "  [{}] {} — sm_{ma}{mi}, {:.1} GiB",
                     d.ordinal,
                     d.name,
@@ -78,13 +79,13 @@ fn cuda_section() {
                 );
             }
         }
-        Err(why) => println!("\ncuda: unavailable: {why}"),
+        Err(why) => outln!("\ncuda: unavailable: {why}"),
     }
 }
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_section() {
-    println!("\ncuda: not compiled in (build with `--features cuda`)");
+    outln!("\ncuda: not compiled in (build with `--features cuda`)");
 }
 
 #[cfg(feature = "wgpu")]

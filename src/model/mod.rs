@@ -6,9 +6,13 @@
 //! known before the first step.
 
 pub mod config;
+pub mod generate;
+pub mod infer;
 pub mod sample;
 
 pub use config::{AttentionMode, ModelConfig, ParamInfo};
+pub use generate::{GenerateOptions, GenerateStats, StopReason};
+pub use infer::{InferState, KvCache, Row};
 
 use crate::attention::{self, Pattern};
 use crate::error::{Error, Result};

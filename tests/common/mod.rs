@@ -891,6 +891,147 @@ pub fn attention_with_keyless_queries<R: Backend, B: Backend>(r: &R, b: &B) {
     }
 }
 
+// ------------------------------------------------------------ inference
+
+/// The row table of a ragged step over 3 cached sequences of 40 slots each:
+/// sequence 0 decodes at length 37, sequence 1 prefills a run of 5 tokens
+/// (lengths 3..=7), sequence 2 takes its first token.
+fn ragged_rows() -> (usize, Vec<u32>) {
+    let ctx = 40usize;
+    let mut t = vec![0, 37];
+    for len in 3..=7u32 {
+        t.extend([ctx as u32, len]);
+    }
+    t.extend([2 * ctx as u32, 1]);
+    (ctx, t)
+}
+
+/// The inference ops over a KV cache (RoPE at per-row positions, cache
+/// writes, pooled indexer scores, per-row selection, dense and block-sparse
+/// cached attention) on a ragged step match the reference.
+pub fn cached_ops<R: Backend, B: Backend>(r: &R, b: &B) {
+    use dynsparse::attention::{self as attn, CachedPattern};
+    let (ctx, tab) = ragged_rows();
+    let (rows, slots) = (tab.len() / 2, 3 * ctx);
+    let (h, g, d, hi, di, block, n) = (4usize, 2usize, 16usize, 2usize, 8usize, 8usize, 3usize);
+    let cols = ctx.div_ceil(block);
+    for dt in float_dtypes(r, b) {
+        let mut rng = Rng::new(seed("cached", dt, 0));
+        let q = rng.normal_vec(rows * h * d);
+        let (kc, vc) = (rng.normal_vec(slots * g * d), rng.normal_vec(slots * g * d));
+        let knew = rng.normal_vec(rows * g * d);
+        let (qi, w, kic) = (rng.normal_vec(rows * hi * di), rng.normal_vec(rows * hi), rng.normal_vec(slots * di));
+        let tied: Vec<f32> = (0..rows * cols).map(|_| rng.below(5) as f32).collect();
+        let (want, got) = on_both!(r, b, |be| {
+            let table = Tensor::from_u32(be, &tab, &[rows, 2]).unwrap();
+            let qt = up(be, &q, &[rows, h, d], dt);
+            let table_rope = RopeTable::new(be, ctx, d, 10000.0).unwrap();
+            let mut qr = poisoned(be, &[rows, h, d], dt);
+            ops::rope_rows(be, &qt, &table_rope, &table, &mut qr).unwrap();
+            let mut kt = up(be, &kc, &[slots, g, d], dt);
+            ops::cache_write(be, &up(be, &knew, &[rows, g, d], dt), &table, &mut kt).unwrap();
+            let vt = up(be, &vc, &[slots, g, d], dt);
+            let (qit, wt, kit) =
+                (up(be, &qi, &[rows, hi, di], dt), up(be, &w, &[rows, hi], dt), up(be, &kic, &[slots, di], dt));
+            let mut pooled = poisoned(be, &[rows, cols], DType::F32);
+            attn::cached_indexer_block_scores(be, &qit, &wt, &kit, &table, block, &mut pooled).unwrap();
+            let mut idx = Tensor::from_u32(be, &vec![9; rows * n], &[rows, n]).unwrap();
+            attn::cached_select(be, &up(be, &tied, &[rows, cols], DType::F32), &table, n, block, &mut idx).unwrap();
+            let mut od = poisoned(be, &[rows, h, d], dt);
+            attn::cached_attention(be, &qr, &kt, &vt, &table, CachedPattern::Dense, &mut od).unwrap();
+            let mut ob = poisoned(be, &[rows, h, d], dt);
+            attn::cached_attention(be, &qr, &kt, &vt, &table, CachedPattern::Blocks { idx: &idx, block }, &mut ob)
+                .unwrap();
+            let fin =
+                |v: Vec<f32>| v.into_iter().map(|x| if x == f32::NEG_INFINITY { -1e30 } else { x }).collect::<Vec<_>>();
+            let sel: Vec<f32> = idx.to_u32_vec(be).unwrap().into_iter().map(|x| x as f32).collect();
+            vec![down(be, &qr), down(be, &kt), fin(down(be, &pooled)), sel, down(be, &od), down(be, &ob)]
+        });
+        assert_eq!(got[3], want[3], "{dt:?} cached_select picks the same blocks");
+        let names = ["rope_rows", "cache_write", "cached indexer pooled", "cached_select", "dense o", "blocks o"];
+        compare_all("cached", "ragged step", dt, &names, &want, &got);
+    }
+}
+
+/// On the backend under test: prefill + token-by-token decode through the KV
+/// cache reproduces the full-window forward pass's logits at every position,
+/// for a dense and a sparse model, f32/f16/bf16, with a prompt prefilled in
+/// two chunks and a ragged decode batch of 3 sequences of different lengths.
+pub fn prefill_and_decode_match_the_full_window<R: Backend, B: Backend>(r: &R, b: &B) {
+    use dynsparse::model::{AttentionMode, InferState, KvCache, Model, ModelConfig, Row, Workspace};
+    let ctx = 48usize;
+    for dt in float_dtypes(r, b) {
+        for sparse in [false, true] {
+            let cfg = ModelConfig {
+                n_layers: 2,
+                n_heads: 4,
+                n_kv_heads: 2,
+                d_model: 32,
+                vocab: 256,
+                context: ctx,
+                mlp_ratio: 2,
+                rope_theta: 10000.0,
+                attention: if sparse {
+                    AttentionMode::Sparse { block: 8, keep_blocks: 3, index_heads: 2, index_dim: 8 }
+                } else {
+                    AttentionMode::Dense
+                },
+            };
+            let model = Model::new(b, cfg, dt, 5).unwrap();
+            let mut rng = Rng::new(seed("prefill-decode", dt, sparse as usize));
+            let seqs: Vec<Vec<u32>> =
+                [ctx, 29, 17].iter().map(|&n| (0..n).map(|_| rng.below(256) as u32).collect()).collect();
+            let full: Vec<Vec<f32>> = seqs
+                .iter()
+                .map(|ids| {
+                    let mut ws = Workspace::new(b, &cfg, dt, 1, ids.len()).unwrap();
+                    model.forward(b, &mut ws, ids, None, model.inference_attention()).unwrap();
+                    ws.logits_f32(b).unwrap()
+                })
+                .collect();
+            let mut cache = KvCache::new(b, &model, 3, ctx).unwrap();
+            let mut st = InferState::default();
+            let prompts = [20usize, 10, 1];
+            let mut got: Vec<Vec<f32>> = vec![Vec::new(); 3];
+            // Sequence 0's prompt in two chunks (12 + 8), the others in one.
+            got[0] = model.prefill(b, &mut cache, &mut st, 0, &seqs[0][..prompts[0]], 12).unwrap();
+            for s in 1..3 {
+                got[s] = model.prefill(b, &mut cache, &mut st, s, &seqs[s][..prompts[s]], 64).unwrap();
+            }
+            let mut pos = prompts;
+            loop {
+                let rows: Vec<Row> = (0..3)
+                    .filter(|&s| pos[s] < seqs[s].len())
+                    .map(|s| Row { slot: s, token: seqs[s][pos[s]] })
+                    .collect();
+                if rows.is_empty() {
+                    break;
+                }
+                let logits = model.step(b, &mut cache, &mut st, &rows, model.inference_attention()).unwrap();
+                for (i, row) in rows.iter().enumerate() {
+                    got[row.slot].extend_from_slice(&logits[i * 256..(i + 1) * 256]);
+                    pos[row.slot] += 1;
+                }
+            }
+            for s in 0..3 {
+                assert_eq!(cache.len(s), seqs[s].len());
+                let what = format!(
+                    "{dt:?} {} model, sequence {s} ({} tokens)",
+                    if sparse { "sparse" } else { "dense" },
+                    seqs[s].len()
+                );
+                assert_close(&format!("{what}: prefill + decode logits vs the full window"), &got[s], &full[s], dt);
+            }
+            // Past the context, a slot beyond the batch, a cache longer than the model: errors.
+            let e = model.step(b, &mut cache, &mut st, &[Row { slot: 0, token: 1 }], model.inference_attention());
+            expect_err("decode past the context", e, &["48 tokens"]);
+            let e = model.step(b, &mut cache, &mut st, &[Row { slot: 3, token: 1 }], model.inference_attention());
+            expect_err("slot beyond the batch", e, &["slot 3", "batch of 3"]);
+            expect_err("cache longer than the model", KvCache::new(b, &model, 1, ctx + 1).map(|_| ()), &["49", "48"]);
+        }
+    }
+}
+
 // ------------------------------------------------------------ model level
 
 /// One forward + backward + AdamW step of a tiny sparse model: loss and the
@@ -1124,6 +1265,18 @@ macro_rules! conformance_tests {
         fn model_logits_are_causal_dense_and_sparse() {
             if let Some((r, b)) = $get() {
                 common::model_is_a_causal_lm(r, b);
+            }
+        }
+        #[test]
+        fn cached_inference_ops_match_reference_on_a_ragged_step() {
+            if let Some((r, b)) = $get() {
+                common::cached_ops(r, b);
+            }
+        }
+        #[test]
+        fn prefill_and_decode_reproduce_the_full_window_logits() {
+            if let Some((r, b)) = $get() {
+                common::prefill_and_decode_match_the_full_window(r, b);
             }
         }
         #[test]

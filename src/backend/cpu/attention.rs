@@ -26,7 +26,7 @@ const TILE: usize = 64;
 /// `C (m×n) = α·A (m×k)·B (k×n) + β·C`, each operand given by a slice and its
 /// row and column strides.
 #[allow(clippy::too_many_arguments)]
-fn gemm(
+pub(super) fn gemm(
     m: usize,
     k: usize,
     n: usize,
@@ -252,7 +252,7 @@ pub(super) fn forward(s: &AttentionSpec, q: &T, k: &T, v: &T, idx: Option<&T>, o
 /// range of which the first `vis` are visible: `row` becomes `exp(x - m)`
 /// (0 past `vis`); returns the factor the row's accumulator must be scaled
 /// by, or `None` when the query has seen no key yet (the row is zeroed).
-fn online_update(row: &mut [f32], vis: usize, m: &mut f32, l: &mut f32) -> Option<f32> {
+pub(super) fn online_update(row: &mut [f32], vis: usize, m: &mut f32, l: &mut f32) -> Option<f32> {
     let mx = row[..vis].iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
     let mnew = m.max(mx);
     if mnew == f32::NEG_INFINITY {
