@@ -1,12 +1,15 @@
 // The lightning indexer: I(t, s) = Σ_j w[t, j]·ReLU(q_i[t, j]·k_i[s]) for s <= t,
-// its block max-pooling, and its backward pass.
+// its per-query block max-pooling, and its backward pass.
 //
 // Parameters shared by every kernel of this file:
 //   p0 batch, p1 seq, p2 heads H_I, p3 dim d_I, p4 block, p5 ceil(seq / block);
 //   the split backward kernels also p6 chunk (keys or queries per chunk),
 //   p7 chunks nch, p8 first row r0 and p9 rows R of this launch.
 // Layouts: qi [batch, seq, H_I, d_I], ki [batch, seq, d_I], w [batch, seq, H_I],
-// scores / dscores [batch, seq, seq] (F32).
+// scores / dscores [batch, seq, seq] (F32); pooled block scores [batch, seq,
+// nkb] (F32), pooled[b, t, kb] = max of I(t, s) over the keys s <= t of key
+// block kb, -inf when kb > t / block (NaN scores are skipped). A query's
+// pooled row depends on that query and the keys s <= t only.
 //
 // The backward kernels run one invocation per (chunk c, row r0 + rl), a row
 // being a (batch, query, head) or (batch, key) in the layout order of its
@@ -21,6 +24,16 @@ const CH4: u32 = 16u;
 
 fn neg_inf() -> f32 {
     return bitcast<f32>(0xff800000u);
+}
+
+// The running maximum starts at the lowest finite f32 (no infinity arithmetic,
+// which fast-math shader compilers do not honour); a maximum still at this
+// value (no key, or only NaN scores) is written as -inf.
+const LOWEST: f32 = -3.4028235e38;
+
+fn pooled_value(best: f32) -> f32 {
+    if (best == LOWEST) { return neg_inf(); }
+    return best;
 }
 
 fn qi_off(b: u32, t: u32, j: u32) -> u32 {
@@ -76,64 +89,51 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 }
 
 //!kernel indexer_block_scores(qi: in, ki: in, w: in, pooled: out)
-// One 256-wide workgroup per (key block, query block, batch) = workgroup id
-// (x, y, z): the max of I over the causal pairs of the two blocks, -inf when
-// there are none (NaN scores are skipped).
+// One invocation per output (batch, query t, key block kb): the max of I(t, s)
+// over the keys s of block kb with s <= t, in key order.
 @compute @workgroup_size(256)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let i = lin(gid, nw);
     let seq = pu(1u);
     let blk = pu(4u);
     let nb = pu(5u);
-    let kb = wg.x;
-    let qb = wg.y;
-    let b = wg.z;
-    var best = neg_inf();
-    if (kb <= qb) {
-        let t0 = qb * blk;
-        let s0 = kb * blk;
-        let rows = min(t0 + blk, seq) - t0;
-        let cols = min(s0 + blk, seq) - s0;
-        for (var p = lid; p < rows * cols; p = p + WG) {
-            let t = t0 + p / cols;
-            let s = s0 + p % cols;
-            if (s <= t) {
-                let x = score(b, t, s);
-                if (x > best) { best = x; }
-            }
-        }
+    if (i >= pu(0u) * seq * nb) { return; }
+    let kb = i % nb;
+    let bt = i / nb;
+    let t = bt % seq;
+    let b = bt / seq;
+    var best = LOWEST;
+    let s1 = min(kb * blk + blk, t + 1u);
+    for (var s = kb * blk; s < s1; s = s + 1u) {
+        let x = score(b, t, s);
+        if (x > best) { best = x; }
     }
-    red[lid] = best;
-    workgroupBarrier();
-    for (var w = WG / 2u; w > 0u; w = w >> 1u) {
-        if (lid < w) {
-            red[lid] = max(red[lid], red[lid + w]);
-        }
-        workgroupBarrier();
-    }
-    if (lid == 0u) {
-        st_pooled((b * nb + qb) * nb + kb, red[0]);
-    }
+    st_pooled(i, pooled_value(best));
 }
 
 //!kernel indexer_block_scores_tiled(qi: in, ki: in, w: in, pooled: out)
 // The same result as `indexer_block_scores`, tiled: one 8-wide workgroup per
-// (key block, query block, batch) = workgroup id (x, y, z). Invocation i takes
-// the block's keys i, i + 8, i + 16, i + 24, i + 32, i + 40, i + 48, i + 56 (then the same + 64, ..),
-// their k_i rows held in private vec4s (d_I <= 64). The query block's q_i rows
-// (all heads, padded to a stride of ks = 8 or 16 vec4s) and w go through
-// workgroup memory a few queries at a time, loaded once, cooperatively; every
-// q_i vec4 read from there serves the invocation's eight keys, each logit one
-// straight-line sum of ks vec4 dots (llvmpipe is bound by memory reads). Keys
-// after the query are masked and NaN scores skipped; the max over the
-// workgroup is a fixed tree. Needs H_I <= 16 (the launch checks). The per-key
-// code is written out for each of the eight keys.
+// (key block, query block, batch) = workgroup id (x, y, z), writing the
+// pooled scores of the query block's queries for that key block. Invocation
+// i takes the block's keys i, i + 8, .., i + 56 (then the same + 64, ..),
+// their k_i rows held in private vec4s (d_I <= 64). The query block's q_i
+// rows (all heads, padded to a stride of ks = 8 or 16 vec4s) and w go through
+// workgroup memory up to 64 queries at a time, loaded once, cooperatively;
+// every q_i vec4 read from there serves the invocation's eight keys, each
+// logit one straight-line sum of ks vec4 dots (llvmpipe is bound by memory
+// reads). Per query, each invocation takes the max over its keys s <= t (NaN
+// skipped) into `pm`; the eight partials are then merged in invocation order
+// and, past the first 64 keys, with the value already written. A query's
+// result depends on its own scores only. Needs H_I <= 16 (the launch checks).
+// The per-key code is written out for each of the eight keys.
 const TWG: u32 = 8u;
 const TKEYS: u32 = 64u;
-const QTV: u32 = 960u;
-var<workgroup> qt: array<vec4<f32>, 960>;
+const QTV: u32 = 832u;
+const PQ: u32 = 64u;
+var<workgroup> qt: array<vec4<f32>, 832>;
 var<workgroup> wt: array<f32, 256>;
+var<workgroup> pm: array<f32, 512>;
 
-// ld4_ki, zero from the row's end on (the rows are padded to ks vec4s).
 @compute @workgroup_size(8)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let seq = pu(1u);
@@ -144,9 +144,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let kb = wg.x;
     let qb = wg.y;
     let b = wg.z;
+    let t0 = qb * blk;
+    let rows = min(t0 + blk, seq) - t0;
     if (kb > qb) {
-        if (lid == 0u) {
-            st_pooled((b * nb + qb) * nb + kb, neg_inf());
+        for (var r = lid; r < rows; r = r + TWG) {
+            st_pooled((b * seq + t0 + r) * nb + kb, neg_inf());
         }
         return;
     }
@@ -156,12 +158,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         ks = 8u;
     }
     let rs = nh * ks;
-    let qc = min(QTV / rs, 256u / nh);
-    let t0 = qb * blk;
+    let qc = min(min(QTV / rs, 256u / nh), PQ);
     let s0 = kb * blk;
-    let rows = min(t0 + blk, seq) - t0;
     let cols = min(s0 + blk, seq) - s0;
-    var best = neg_inf();
     var kv0: array<vec4<f32>, 16>;
     var kv1: array<vec4<f32>, 16>;
     var kv2: array<vec4<f32>, 16>;
@@ -384,44 +383,53 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                     x6 = x6 + wj * max(l6, 0.0);
                     x7 = x7 + wj * max(l7, 0.0);
                 }
-                if (sk0 < s0 + cols && sk0 <= t && x0 > best) {
-                    best = x0;
+                var m = LOWEST;
+                if (sk0 < s0 + cols && sk0 <= t && x0 > m) {
+                    m = x0;
                 }
-                if (sk1 < s0 + cols && sk1 <= t && x1 > best) {
-                    best = x1;
+                if (sk1 < s0 + cols && sk1 <= t && x1 > m) {
+                    m = x1;
                 }
-                if (sk2 < s0 + cols && sk2 <= t && x2 > best) {
-                    best = x2;
+                if (sk2 < s0 + cols && sk2 <= t && x2 > m) {
+                    m = x2;
                 }
-                if (sk3 < s0 + cols && sk3 <= t && x3 > best) {
-                    best = x3;
+                if (sk3 < s0 + cols && sk3 <= t && x3 > m) {
+                    m = x3;
                 }
-                if (sk4 < s0 + cols && sk4 <= t && x4 > best) {
-                    best = x4;
+                if (sk4 < s0 + cols && sk4 <= t && x4 > m) {
+                    m = x4;
                 }
-                if (sk5 < s0 + cols && sk5 <= t && x5 > best) {
-                    best = x5;
+                if (sk5 < s0 + cols && sk5 <= t && x5 > m) {
+                    m = x5;
                 }
-                if (sk6 < s0 + cols && sk6 <= t && x6 > best) {
-                    best = x6;
+                if (sk6 < s0 + cols && sk6 <= t && x6 > m) {
+                    m = x6;
                 }
-                if (sk7 < s0 + cols && sk7 <= t && x7 > best) {
-                    best = x7;
+                if (sk7 < s0 + cols && sk7 <= t && x7 > m) {
+                    m = x7;
                 }
+                pm[r * TWG + lid] = m;
+            }
+            workgroupBarrier();
+            // Query c0 + r's maximum: its eight partials in invocation order,
+            // then the keys of the earlier 64-key groups (already written).
+            for (var r = lid; r < qw; r = r + TWG) {
+                var m = pm[r * TWG];
+                for (var i = 1u; i < TWG; i = i + 1u) {
+                    let x = pm[r * TWG + i];
+                    if (x > m) { m = x; }
+                }
+                let o = (b * seq + t0 + c0 + r) * nb + kb;
+                if (k0 > 0u) {
+                    let prev = ld_pooled(o);
+                    if (prev > m) { m = prev; }
+                }
+                if (k0 + TKEYS >= cols) {
+                    m = pooled_value(m);
+                }
+                st_pooled(o, m);
             }
         }
-    }
-    workgroupBarrier();
-    wt[lid] = best;
-    workgroupBarrier();
-    for (var h = TWG / 2u; h > 0u; h = h >> 1u) {
-        if (lid < h) {
-            wt[lid] = max(wt[lid], wt[lid + h]);
-        }
-        workgroupBarrier();
-    }
-    if (lid == 0u) {
-        st_pooled((b * nb + qb) * nb + kb, wt[0]);
     }
 }
 

@@ -1,8 +1,13 @@
 // Top-k selection over causal score rows (the semantics of
-// `attention::select::select_row`): per row r the k best candidate columns
+// `attention::select::select_row`): per row the k best candidate columns
 // (score descending, NaN as -inf, ties to the smaller index), sorted
-// ascending, padded with NONE; in block mode the local block r and the sink
-// block 0 are always kept and the rest of the budget goes to blocks 1..r-1.
+// ascending, padded with NONE.
+// - Token mode (block 0): row t of [batch, seq, seq] scores, candidates 0..=t.
+// - Block mode (block > 0): row t of [batch, seq, nkb] per-query block
+//   scores, candidates 0..=r with r = t / block (query t's own block); the
+//   own block r and the sink block 0 are always kept (the sink when k >= 2
+//   and r > 0) and the rest of the budget goes to blocks 1..r-1. What a row
+//   selects depends on that row's scores alone.
 //
 // One 256-wide workgroup per row. Scores map to order-preserving u32 keys;
 // a 32-step binary search (counting with a workgroup atomic) finds the
@@ -10,7 +15,7 @@
 // ordered pass over the candidates, 256 at a time with a workgroup prefix
 // sum, writes the keys > T and the first kk - count(> T) keys == T by index.
 //
-// p0 batch·rows, p1 rows (= cols), p2 k, p3 1 for block mode.
+// p0 batch·rows, p1 rows (= seq), p2 k, p3 block (0: token mode), p4 cols.
 
 const NONE: u32 = 0xffffffffu;
 const WG: u32 = 256u;
@@ -33,10 +38,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw: vec3<
         @builtin(local_invocation_index) lid: u32) {
     let row = wg.x + wg.y * nw.x;
     if (row >= pu(0u)) { return; }
-    let cols = pu(1u);
-    let r = row % cols;
+    let cols = pu(4u);
+    let t = row % pu(1u);
+    let blocks = pu(3u) > 0u;
+    var r = t;
+    if (blocks) { r = t / pu(3u); }
     let k = pu(2u);
-    let blocks = pu(3u) == 1u;
     let base = row * cols;
     let obase = row * k;
     // Candidates [c0, c1), the budget kk left for them, forced entries.
@@ -128,5 +135,85 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw: vec3<
     }
     for (var p = nforced + nsel + lid; p < k; p = p + WG) {
         stu_idx(obase + p, NONE);
+    }
+}
+
+//!kernel select_topk_rows(scores: in, idx: idxout)
+// The same selection, one invocation per row, for short rows (the launch
+// checks k <= SK and cols·(k + 2) within the loop budget): block mode has
+// ceil(seq / block) columns per query, too few to fill a workgroup. The kk
+// best candidates are kept in a private list ordered by (key descending,
+// index ascending), inserting columns in index order (an equal key never
+// passes an earlier one); its last entry (T, iT) is the threshold, and one
+// ordered pass writes the columns with key > T or key == T and index <= iT.
+const SK: u32 = 64u;
+
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let row = lin(gid, nw);
+    if (row >= pu(0u)) { return; }
+    let cols = pu(4u);
+    let t = row % pu(1u);
+    let blocks = pu(3u) > 0u;
+    var r = t;
+    if (blocks) { r = t / pu(3u); }
+    let k = pu(2u);
+    let base = row * cols;
+    let obase = row * k;
+    var c0 = 0u;
+    var c1 = r + 1u;
+    var nforced = 0u;
+    var f0 = 0u;
+    if (blocks) {
+        c0 = 1u;
+        c1 = max(r, 1u);
+        nforced = 1u;
+        if (r != 0u && k >= 2u) {
+            f0 = 1u;
+            nforced = 2u;
+        }
+    }
+    let want = min(k - nforced, c1 - c0);
+    var lk: array<u32, SK>;
+    var li: array<u32, SK>;
+    var cnt = 0u;
+    if (want > 0u) {
+        for (var col = c0; col < c1; col = col + 1u) {
+            let key = okey(ld_scores(base + col));
+            if (cnt == want && key <= lk[want - 1u]) { continue; }
+            var p = cnt;
+            if (cnt == want) { p = want - 1u; } else { cnt = cnt + 1u; }
+            loop {
+                if (p == 0u || lk[p - 1u] >= key) { break; }
+                lk[p] = lk[p - 1u];
+                li[p] = li[p - 1u];
+                p = p - 1u;
+            }
+            lk[p] = key;
+            li[p] = col;
+        }
+    }
+    var o = 0u;
+    if (f0 == 1u) {
+        stu_idx(obase, 0u);
+        o = 1u;
+    }
+    if (cnt > 0u) {
+        let tk = lk[cnt - 1u];
+        let ti = li[cnt - 1u];
+        for (var col = c0; col < c1; col = col + 1u) {
+            let key = okey(ld_scores(base + col));
+            if (key > tk || (key == tk && col <= ti)) {
+                stu_idx(obase + o, col);
+                o = o + 1u;
+            }
+        }
+    }
+    if (blocks) {
+        stu_idx(obase + o, r);
+        o = o + 1u;
+    }
+    for (; o < k; o = o + 1u) {
+        stu_idx(obase + o, NONE);
     }
 }

@@ -31,18 +31,22 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let bt = r / nh;
     let t = bt % seq;
     let b = bt / seq;
-    var m = neg_inf();
+    // Chunks without keys have l = 0 (and a sentinel m); they are skipped by
+    // the l > 0 tests, never by comparing with -inf (fast-math compilers do
+    // not honour infinities).
+    var m = -3.4028235e38;
     for (var c = 0u; c < nch; c = c + 1u) {
-        m = max(m, ld_ml(2u * (c * nrow + rl)));
+        if (ld_ml(2u * (c * nrow + rl) + 1u) > 0.0) {
+            m = max(m, ld_ml(2u * (c * nrow + rl)));
+        }
     }
     var l = 0.0;
     var acc = 0.0;
-    if (m != neg_inf()) {
-        for (var c = 0u; c < nch; c = c + 1u) {
-            let mc = ld_ml(2u * (c * nrow + rl));
-            if (mc == neg_inf()) { continue; }
-            let f = exp(mc - m);
-            l = l + ld_ml(2u * (c * nrow + rl) + 1u) * f;
+    for (var c = 0u; c < nch; c = c + 1u) {
+        let lc = ld_ml(2u * (c * nrow + rl) + 1u);
+        if (lc > 0.0) {
+            let f = exp(ld_ml(2u * (c * nrow + rl)) - m);
+            l = l + lc * f;
             acc = acc + ld_part((c * nrow + rl) * d + e) * f;
         }
     }

@@ -40,6 +40,13 @@ fn expected_entries(family: &str) -> Vec<String> {
             v.extend(["csr_zero", "csr_count", "csr_scan", "csr_fill", "csr_sort"].map(String::from));
             v
         }
+        "cached" => {
+            let mut v = per(&["rope_rows", "cache_write", "cached_indexer_block_scores"]);
+            v.extend(dpl(&["cached_attn", "cached_attn_merge"]));
+            v.extend(floats.iter().flat_map(|f| [1, 2, 4].map(|d| format!("cached_attn_run_{f}_d{d}"))));
+            v.push("cached_select".into());
+            v
+        }
         "cast" => pairs("cast"),
         "cross_entropy" => per(&["ce_fwd", "ce_bwd"]),
         "elementwise" => {

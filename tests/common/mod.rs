@@ -825,6 +825,72 @@ pub fn model_is_a_causal_lm<R: Backend, B: Backend>(r: &R, b: &B) {
     }
 }
 
+/// Queries without keys, and query tiles with no key at all: a block pattern
+/// whose first 70 rows are all `NONE` (a whole 64-query tile and part of the
+/// next), then rows listing only their own block, then random selections; a
+/// token pattern with the same empty rows. Keyless queries get `o = 0`,
+/// `lse = -∞` and `dq = 0` on both backends (kernels must not do arithmetic
+/// with infinities for them: fast-math GPU compilers do not honour it), and
+/// everything else matches the reference.
+pub fn attention_with_keyless_queries<R: Backend, B: Backend>(r: &R, b: &B) {
+    use dynsparse::attention::select::{NONE, select_row};
+    use dynsparse::attention::{self as attn, Pattern};
+    let (batch, seq, heads, kv, d, block, n) = (1usize, 150usize, 2usize, 1usize, 16usize, 16usize, 3usize);
+    let (empty, own_only) = (70usize, 100usize);
+    let nb = seq.div_ceil(block);
+    for dt in float_dtypes(r, b) {
+        let mut rng = Rng::new(seed("keyless", dt, 0));
+        let (qs, ks) = ([batch, seq, heads, d], [batch, seq, kv, d]);
+        let (q, k, v, d_o) = (
+            rng.normal_vec(batch * seq * heads * d),
+            rng.normal_vec(batch * seq * kv * d),
+            rng.normal_vec(batch * seq * kv * d),
+            rng.normal_vec(batch * seq * heads * d),
+        );
+        let mut blk = Vec::new();
+        let mut tok = Vec::new();
+        for t in 0..seq {
+            let row: Vec<f32> = (0..nb).map(|_| rng.below(5) as f32).collect();
+            let sel = match t {
+                t if t < empty => vec![NONE; n],
+                t if t < own_only => [vec![(t / block) as u32], vec![NONE; n - 1]].concat(),
+                t => select_row(&row, t / block, n, true),
+            };
+            blk.extend(sel);
+            let keys: Vec<f32> = (0..seq).map(|_| rng.below(5) as f32).collect();
+            tok.extend(if t < empty { vec![NONE; n] } else { select_row(&keys, t, n, false) });
+        }
+        for mode in ["tokens", "blocks"] {
+            let (want, got) = on_both!(r, b, |be| {
+                let (qt, kt, vt, dot) =
+                    (up(be, &q, &qs, dt), up(be, &k, &ks, dt), up(be, &v, &ks, dt), up(be, &d_o, &qs, dt));
+                let it = Tensor::from_u32(be, if mode == "tokens" { &tok } else { &blk }, &[batch, seq, n]).unwrap();
+                let pat = || if mode == "tokens" { Pattern::Tokens(&it) } else { Pattern::Blocks { idx: &it, block } };
+                let mut o = poisoned(be, &qs, dt);
+                let mut lse = poisoned(be, &[batch, heads, seq], DType::F32);
+                attn::attention(be, &qt, &kt, &vt, pat(), &mut o, &mut lse).unwrap();
+                let (mut dq, mut dk, mut dv) = (poisoned(be, &qs, dt), poisoned(be, &ks, dt), poisoned(be, &ks, dt));
+                attn::attention_backward(be, &qt, &kt, &vt, &o, &lse, &dot, pat(), &mut dq, &mut dk, &mut dv).unwrap();
+                vec![down(be, &o), down(be, &lse), down(be, &dq), down(be, &dk), down(be, &dv)]
+            });
+            for (which, out) in [("reference", &want), ("backend", &got)] {
+                for h in 0..heads {
+                    for t in 0..seq {
+                        let l = out[1][h * seq + t];
+                        assert_eq!(t < empty, l == f32::NEG_INFINITY, "{mode} [{dt}] {which}: lse of query {t} is {l}");
+                    }
+                }
+                let keyless = |x: &[f32]| x[..empty * heads * d].iter().all(|&v| v == 0.0);
+                assert!(keyless(&out[0]) && keyless(&out[2]), "{mode} [{dt}] {which}: keyless queries need o = dq = 0");
+            }
+            // -inf compares as NaN in `assert_close`; the lse values were checked above.
+            let fin = |v: &[f32]| v.iter().map(|&x| if x == f32::NEG_INFINITY { -1e30 } else { x }).collect::<Vec<_>>();
+            let (want, got): (Vec<_>, Vec<_>) = want.iter().zip(&got).map(|(w, g)| (fin(w), fin(g))).unzip();
+            compare_all("keyless attention", mode, dt, &["o", "lse", "dq", "dk", "dv"], &want, &got);
+        }
+    }
+}
+
 // ------------------------------------------------------------ inference
 
 /// The row table of a ragged step over 3 cached sequences of 40 slots each:
@@ -1187,6 +1253,12 @@ macro_rules! conformance_tests {
         fn selection_and_attention_outputs_are_causal_in_every_mode() {
             if let Some((r, b)) = $get() {
                 common::selection_and_attention_are_causal(r, b);
+            }
+        }
+        #[test]
+        fn attention_with_keyless_queries_and_tiles_matches_reference() {
+            if let Some((r, b)) = $get() {
+                common::attention_with_keyless_queries(r, b);
             }
         }
         #[test]

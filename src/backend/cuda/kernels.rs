@@ -27,6 +27,7 @@ pub const PRELUDE: &str = include_str!("../../../kernels/common.cuh");
 pub const FAMILIES: &[(&str, &str)] = &[
     ("adamw", include_str!("../../../kernels/adamw.cu")),
     ("attention", include_str!("../../../kernels/attention.cu")),
+    ("cached", include_str!("../../../kernels/cached.cu")),
     ("cast", include_str!("../../../kernels/cast.cu")),
     ("cross_entropy", include_str!("../../../kernels/cross_entropy.cu")),
     ("elementwise", include_str!("../../../kernels/elementwise.cu")),

@@ -13,6 +13,7 @@
 mod cached;
 pub mod kernels;
 mod ops;
+mod pinned;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -124,6 +125,8 @@ pub struct Inner {
     tf32: AtomicBool,
     /// Shared memory a block may opt into (bytes).
     smem_optin: usize,
+    /// Page-locked staging of host transfers.
+    stage: pinned::Staging,
 }
 
 /// One kernel argument.
@@ -198,6 +201,7 @@ impl CudaBackend {
                 funcs: Mutex::new(HashMap::new()),
                 tf32: AtomicBool::new(tf32),
                 smem_optin,
+                stage: pinned::Staging::default(),
             }),
         })
     }

@@ -17,6 +17,7 @@
 //! | attention (+ backward): tiled (32×32 shared-memory tiles) for dense and block patterns with d ≤ 128, one warp per query / key row otherwise; indexer_kl | attention.cu |
 //! | indexer_scores, indexer_block_scores, indexer_backward | indexer.cu |
 //! | select_topk | select.cu |
+//! | rope_rows, cache_write, cached_attention (flash-decoding + prefill runs), cached_indexer_block_scores, cached_select | cached.cu (glue in cached.rs) |
 //!
 //! Block-sparse attention selects per query and causally (issue 8):
 //! `indexer_block_scores` pools each query's own scores,
@@ -297,7 +298,7 @@ impl Backend for CudaBackend {
         if bytes.is_empty() {
             return Ok(());
         }
-        self.stream.memcpy_htod(bytes, &mut buf.slice).map_err(|e| dev_err("upload", e))
+        self.stage.upload(&self.stream, bytes, &buf.slice).map_err(|e| dev_err("upload", e))
     }
 
     fn download(&self, buf: &CudaBuffer, dtype: DType, len: usize) -> Result<Vec<u8>> {
@@ -307,7 +308,7 @@ impl Backend for CudaBackend {
         }
         let mut out = vec![0u8; n];
         if n > 0 {
-            self.stream.memcpy_dtoh(&buf.slice.slice(0..n), &mut out).map_err(|e| dev_err("download", e))?;
+            self.stage.download(&self.stream, &buf.slice, &mut out).map_err(|e| dev_err("download", e))?;
         }
         self.synchronize()?;
         Ok(out)

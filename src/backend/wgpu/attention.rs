@@ -3,24 +3,48 @@
 //! the indexer's KL loss. Kernels in `shaders/attention.wgsl`,
 //! `shaders/indexer.wgsl` and `shaders/select.wgsl`.
 //!
+//! Block mode selects per query (DESIGN §4): the pooled indexer scores are
+//! `[batch, seq, nkb]` (query `t`, key block `kb`: the max of `I(t, s)` over
+//! the keys `s <= t` of the block), the selection keeps `n` blocks per query
+//! (`idx` `[batch, seq, n]`: its own block `t / block`, the sink block 0, then
+//! the best others), and attention, its backward and the KL loss read query
+//! `t`'s own row. Kernels may share work between neighbouring queries, never
+//! a decision or a rounding: what query `t` computes (pooled scores,
+//! selection, `o`, `lse`) is bit-identical whatever the tokens after `t` are.
+//!
 //! Every kernel accumulates in f32 and is deterministic (no float atomics):
 //! - attention forward: for the dense and block patterns (head_dim <= 128),
-//!   a workgroup per (key chunk, batch, tile of 64 queries, head) that loads
-//!   16-key K/V tiles into workgroup memory once for the whole tile, each
-//!   invocation running eight queries' online softmaxes on every tile
-//!   (`attn_fwd_tiled`); otherwise (tokens) one invocation per (key chunk,
-//!   batch, query, head) running an online softmax over the chunk's keys of
-//!   its pattern;
-//! - backward: one invocation per (key chunk, batch, query, head) for `dq` (it
-//!   also saves `delta = dO·O`), then one per (query chunk, batch, key, kv
-//!   head) for `dk`/`dv`, looping over the chunk's queries whose pattern
-//!   contains the key;
-//! - indexer scores: one invocation per score; block scores: a workgroup per
-//!   (query block, key block) with a max reduction; indexer backward: one
-//!   invocation per (key chunk, query, index head) for `dq_i`/`dw`, one per
-//!   (query chunk, key) for `dk_i`;
-//! - selection: a workgroup per row (threshold binary search + ordered prefix sum);
-//! - KL loss: a workgroup per query row.
+//!   a workgroup per (key chunk, batch, tile of 64 queries, head)
+//!   (`attn_fwd_tiled`): the tile walks the union of its queries' key blocks
+//!   (every causal 16-key group for dense), loading 16-key K/V tiles into
+//!   workgroup memory once for the whole tile; each invocation runs eight
+//!   queries' online softmaxes, a query updating its state only on the keys
+//!   of the blocks its own row lists. Key chunks are fixed ranges of key
+//!   blocks, so a query's keys split into chunks the same way whatever its
+//!   neighbours selected. Otherwise (tokens, head_dim > 128) one invocation
+//!   per (key chunk, batch, query, head) runs an online softmax over the
+//!   chunk's keys of its pattern row;
+//! - backward: `attn_bwd_stats` saves (lse, delta = dO·O) per query and head
+//!   in one buffer, then one invocation per (key chunk, batch, query, head)
+//!   for `dq`, then one per (query chunk, batch, key, kv head) for `dk`/`dv`,
+//!   looping over the chunk's queries whose own row lists the key (tokens) or
+//!   its block (blocks). Every kernel binds at most eight storage buffers
+//!   (WebGPU's default limit);
+//! - indexer scores: one invocation per score; pooled block scores: one
+//!   invocation per (batch, query, key block), or the tiled kernel (a
+//!   workgroup per (key block, query block), k_i rows in registers, q_i tiles
+//!   in workgroup memory, per-query maxima merged in a fixed order); indexer
+//!   backward: one invocation per (key chunk, query, index head) for
+//!   `dq_i`/`dw`, one per (query chunk, key) for `dk_i`;
+//! - selection, per query row over its causal candidates (keys `0..=t`, or
+//!   blocks `0..=t / block`): an invocation per row for short rows (block
+//!   mode: insertion top-k, then an ordered threshold pass), else a workgroup
+//!   per row (threshold binary search + ordered prefix sum);
+//! - KL loss: a workgroup per query row, over the query's own key set.
+//!
+//! No kernel does arithmetic with infinities (fast-math compilers such as
+//! Metal's default do not honour them): finite sentinels and `l > 0` tests;
+//! the `-inf` of a keyless query's `lse` is written explicitly.
 //!
 //! # Split loops
 //!
@@ -209,32 +233,33 @@ pub(super) fn attention(
 const FWD_TILE: usize = 64;
 /// Invocations per workgroup of `attn_fwd_tiled`.
 const FWD_THREADS: usize = 8;
-/// Keys per workgroup-memory tile of `attn_fwd_tiled`.
+/// Keys per workgroup-memory tile of `attn_fwd_tiled` (the dense pattern's unit).
 const FWD_KEYS: usize = 16;
+/// Key units per union window of `attn_fwd_tiled`.
+const FWD_WINDOW: usize = 32;
 /// Largest head_dim of `attn_fwd_tiled`.
 const FWD_MAX_DIM: usize = 128;
-/// Workgroup memory of `attn_fwd_tiled`: the K and V tiles and their keys.
-const FWD_SHARED_BYTES: usize = 2 * FWD_KEYS * (FWD_MAX_DIM / 4) * 16 + 4 * FWD_KEYS;
+/// Workgroup memory of `attn_fwd_tiled`: the K and V tiles, their keys and
+/// the window's union words.
+const FWD_SHARED_BYTES: usize = 2 * FWD_KEYS * (FWD_MAX_DIM / 4) * 16 + 4 * FWD_KEYS + 8;
 
-/// The query tile of the tiled forward, if it applies: the dense pattern, or
-/// blocks with a query tile that divides the block (the whole block up to
-/// 64 queries, else 64 when the block is a multiple of it); head_dim <= 128.
+/// The query tile of the tiled forward, if it applies: the dense and block
+/// patterns with head_dim <= 128.
 fn fwd_tile(be: &WgpuBackend, s: &AttentionSpec) -> Option<usize> {
     let shared = be.device.limits().max_compute_workgroup_storage_size as usize;
     if s.head_dim > FWD_MAX_DIM || shared < FWD_SHARED_BYTES {
         return None;
     }
     match s.pattern {
-        PatternSpec::Dense => Some(FWD_TILE),
-        PatternSpec::Blocks { block, .. } if block <= FWD_TILE => Some(block),
-        PatternSpec::Blocks { block, .. } if block % FWD_TILE == 0 => Some(FWD_TILE),
-        _ => None,
+        PatternSpec::Dense | PatternSpec::Blocks { .. } => Some(FWD_TILE),
+        PatternSpec::Tokens { .. } => None,
     }
 }
 
 /// The forward with `attn_fwd_tiled`: a workgroup per (chunk, batch, tile of
-/// `tq` queries, head) sharing K/V tiles in workgroup memory, split over the
-/// tile's slots like `attn_fwd` (same partials and combine).
+/// `tq` queries, head) sharing K/V tiles in workgroup memory, split over key
+/// units (16-key groups, or key blocks) with the partials and combine of
+/// `attn_fwd`.
 #[allow(clippy::too_many_arguments)]
 fn attention_tiled(
     be: &WgpuBackend,
@@ -250,11 +275,16 @@ fn attention_tiled(
     let rows = s.batch * s.seq * s.n_heads;
     let (d, nc) = (s.head_dim, s.head_dim.div_ceil(4));
     let nh = s.n_heads;
-    // Split over key tiles of FWD_KEYS slots; per tile: the tile loop, the
-    // cooperative load loop, and the q·k and p·v vec4 loops.
-    let per = 1 + (FWD_KEYS * nc).div_ceil(FWD_THREADS) + 2 * nc;
-    let mut pl = plan(max_slots(s).div_ceil(FWD_KEYS), per, 2 * nc + d + 64, 1, rows, d + 2, max_scratch_floats(be));
-    pl.chunk *= FWD_KEYS;
+    let (unit, n) = match s.pattern {
+        PatternSpec::Blocks { block, n } => (block, n),
+        _ => (FWD_KEYS, 0),
+    };
+    // Per key tile: the tile loops, the cooperative load loop, and the q·k
+    // and p·v vec4 loops; per unit its tiles, plus its share of the window's
+    // marking loops (eight queries' rows of n entries per 32 units).
+    let per_tile = 3 + (FWD_KEYS * nc).div_ceil(FWD_THREADS) + 2 * nc;
+    let per_unit = unit.div_ceil(FWD_KEYS) * per_tile + 3 + (8 * (n + 1)).div_ceil(FWD_WINDOW);
+    let pl = plan(s.seq.div_ceil(unit), per_unit, 2 * nc + d + 64, 1, rows, d + 2, max_scratch_floats(be));
     let ntq = s.seq.div_ceil(tq);
     // The workgroup tiles (batch, query tile, head) meeting rows r0 .. r0 + n.
     let tiles = |r0: usize, n: usize| {
@@ -267,7 +297,7 @@ fn attention_tiled(
     };
     let params = |r0: usize, n: usize| {
         let (first, nt) = tiles(r0, n);
-        attn_params(s).u(pl.chunk).u(pl.nch).u(r0).u(n).u(tq).u(first).u(nt)
+        attn_params(s).u(pl.chunk).u(pl.nch).u(r0).u(n).u(tq).u(first).u(nt).u(unit)
     };
     // Writes o/lse directly (one chunk) or the chunks' partials.
     let fwd = |o: &mut T, lse: &mut T, r0: usize, n: usize| {
@@ -309,64 +339,55 @@ pub(super) fn attention_backward(
 ) -> Result<()> {
     let mut holder = None;
     let idx = pattern_idx(be, idx, &mut holder)?;
-    let mut delta = Tensor::empty(be, &[s.batch, s.n_heads, s.seq], DType::F32)?;
     let (d, nc) = (s.head_dim, s.head_dim.div_ceil(4));
     let max_floats = max_scratch_floats(be);
+    let rows = s.batch * s.seq * s.n_heads;
+
+    // (lse, delta = dO·O) per query and head, interleaved in one buffer.
+    let mut stats = Tensor::empty(be, &[s.batch, s.n_heads, s.seq, 2], DType::F32)?;
+    be.launch(
+        "attention",
+        "attn_bwd_stats",
+        &mut [Arg::R(d_o), Arg::R(o), Arg::R(lse), Arg::R(idx), Arg::W(&mut stats)],
+        attn_params(s),
+        grid1d(rows),
+    )?;
 
     // dq: split over the query's slots like the forward.
-    let rows = s.batch * s.seq * s.n_heads;
     let pl = plan(max_slots(s), 1 + 2 * nc, nc + d + 64, 1, rows, d, max_floats);
     let params = |r0: usize, n: usize| attn_params(s).u(pl.chunk).u(pl.nch).u(r0).u(n);
-    // Writes dq directly (one chunk) or the chunks' partials, and delta.
-    let bwd_dq = |dq: &mut T, delta: &mut T, r0: usize, n: usize| {
-        let args = &mut [
-            Arg::R(q),
-            Arg::R(k),
-            Arg::R(v),
-            Arg::R(d_o),
-            Arg::R(o),
-            Arg::R(lse),
-            Arg::R(idx),
-            Arg::W(dq),
-            Arg::W(delta),
-        ];
+    // Writes dq directly (one chunk) or the chunks' partials.
+    let bwd_dq = |dq: &mut T, r0: usize, n: usize| {
+        let args = &mut [Arg::R(q), Arg::R(k), Arg::R(v), Arg::R(d_o), Arg::R(&stats), Arg::R(idx), Arg::W(dq)];
         be.launch("attention", "attn_bwd_dq", args, params(r0, n), grid1d(pl.nch * n))
     };
     if pl.nch == 1 {
-        bwd_dq(dq, &mut delta, 0, rows)?;
+        bwd_dq(dq, 0, rows)?;
     } else {
         let mut part = Tensor::empty(be, &[pl.nch * pl.rows * d], DType::F32)?;
         for (r0, n) in slices(rows, pl.rows) {
-            bwd_dq(&mut part, &mut delta, r0, n)?;
+            bwd_dq(&mut part, r0, n)?;
             sum_chunks(be, &part, pl.nch, r0, n, d, dq)?;
         }
     }
 
-    // dk, dv: split over the queries. Per query: the group's heads (q·k and
-    // dO·v loop, dk/dv loop) and the pattern test (a scan of the query's
-    // (tokens) or the query block's (blocks) index row).
+    // dk, dv: split over the queries. Per query: the pattern test (a scan of
+    // its own index row) and the group's heads (q·k and dO·v loop, dk/dv loop).
     let rows = s.batch * s.seq * s.n_kv_heads;
     let grp = s.group();
-    let (per_q, fixed, align) = match s.pattern {
-        PatternSpec::Dense => (grp * (1 + 2 * nc) + 2, 0, 1),
-        PatternSpec::Tokens { k } => (grp * (1 + 2 * nc) + 2 + k, 0, 1),
-        PatternSpec::Blocks { block, n } => (grp * (1 + 2 * nc) + 1 + (n + 1).div_ceil(block), 2 * (n + 1), block),
-    };
-    let pl = plan(s.seq, per_q, fixed + 2 * nc + 2 * d + 64, align, rows, 2 * d, max_floats);
+    let per_q = grp * (1 + 2 * nc)
+        + 2
+        + match s.pattern {
+            PatternSpec::Dense => 0,
+            PatternSpec::Tokens { k } => k,
+            PatternSpec::Blocks { n, .. } => n,
+        };
+    let pl = plan(s.seq, per_q, 2 * nc + 2 * d + 64, 1, rows, 2 * d, max_floats);
     let params = |r0: usize, n: usize| attn_params(s).u(pl.chunk).u(pl.nch).u(r0).u(n);
     // Writes dk/dv directly (one chunk) or the chunks' partials.
     let bwd_dkdv = |dk: &mut T, dv: &mut T, r0: usize, n: usize| {
-        let args = &mut [
-            Arg::R(q),
-            Arg::R(k),
-            Arg::R(v),
-            Arg::R(d_o),
-            Arg::R(lse),
-            Arg::R(&delta),
-            Arg::R(idx),
-            Arg::W(dk),
-            Arg::W(dv),
-        ];
+        let args =
+            &mut [Arg::R(q), Arg::R(k), Arg::R(v), Arg::R(d_o), Arg::R(&stats), Arg::R(idx), Arg::W(dk), Arg::W(dv)];
         be.launch("attention", "attn_bwd_dkdv", args, params(r0, n), grid1d(pl.nch * n))
     };
     if pl.nch == 1 {
@@ -399,13 +420,15 @@ pub(super) fn indexer_scores(be: &WgpuBackend, s: &IndexerSpec, qi: &T, ki: &T, 
 }
 
 /// Limits of `indexer_block_scores_tiled`: H_I, d_I (its private k_i row) and
-/// its workgroup memory (the q_i and w tiles).
+/// its workgroup memory (the q_i and w tiles, the per-query partial maxima).
 const IDX_MAX_HEADS: usize = 16;
 const IDX_MAX_DIM: usize = 64;
-const IDX_SHARED_BYTES: usize = 960 * 16 + 256 * 4;
+const IDX_SHARED_BYTES: usize = 832 * 16 + 256 * 4 + 512 * 4;
 
-/// The block-pooled indexer scores: `indexer_block_scores_tiled` (k_i tiles in
-/// workgroup memory) where it applies, else the plain kernel.
+/// The per-query block-pooled indexer scores `[batch, seq, nkb]`:
+/// `indexer_block_scores_tiled` (q_i tiles in workgroup memory, a workgroup
+/// per (key block, query block)) where it applies, else the plain kernel (an
+/// invocation per output).
 pub(super) fn indexer_block_scores(
     be: &WgpuBackend,
     s: &IndexerSpec,
@@ -417,24 +440,30 @@ pub(super) fn indexer_block_scores(
     let nb = s.n_blocks() as u32;
     let shared = be.device.limits().max_compute_workgroup_storage_size as usize;
     let tiled = shared >= IDX_SHARED_BYTES && s.heads <= IDX_MAX_HEADS && s.dim <= IDX_MAX_DIM;
-    be.launch(
-        "indexer",
-        if tiled { "indexer_block_scores_tiled" } else { "indexer_block_scores" },
-        &mut [Arg::R(qi), Arg::R(ki), Arg::R(w), Arg::W(pooled)],
-        indexer_params(s),
-        [nb, nb, s.batch as u32],
-    )
+    let args = &mut [Arg::R(qi), Arg::R(ki), Arg::R(w), Arg::W(pooled)];
+    if tiled {
+        be.launch("indexer", "indexer_block_scores_tiled", args, indexer_params(s), [nb, nb, s.batch as u32])
+    } else {
+        let n = s.batch * s.seq * s.n_blocks();
+        be.launch("indexer", "indexer_block_scores", args, indexer_params(s), grid1d(n))
+    }
 }
 
+/// Largest k of `select_topk_rows` (its private list).
+const SELECT_ROWS_MAX_K: usize = 64;
+
+/// `select_topk_rows` (an invocation per row) where the rows are short enough
+/// for its `cols·(k + 2)` loop iterations, else `select_topk` (a workgroup per
+/// row). Block mode has `ceil(seq / block)` columns per query row.
 pub(super) fn select_topk(be: &WgpuBackend, s: &SelectSpec, scores: &T, idx: &mut T) -> Result<()> {
     let rows = s.batch * s.rows;
-    be.launch(
-        "select",
-        "select_topk",
-        &mut [Arg::R(scores), Arg::W(idx)],
-        Params::new().u(rows).u(s.rows).u(s.k).b(s.blocks()),
-        rows_grid(rows),
-    )
+    let params = Params::new().u(rows).u(s.rows).u(s.k).u(s.block).u(s.cols);
+    let args = &mut [Arg::R(scores), Arg::W(idx)];
+    if s.k <= SELECT_ROWS_MAX_K && s.cols * (s.k + 2) <= ITER_BUDGET {
+        be.launch("select", "select_topk_rows", args, params, grid1d(rows))
+    } else {
+        be.launch("select", "select_topk", args, params, rows_grid(rows))
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

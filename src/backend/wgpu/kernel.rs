@@ -132,6 +132,24 @@ pub fn parse_family(family: &'static str, src: &str) -> Result<Vec<KernelDef>> {
         .collect())
 }
 
+/// Storage buffers WebGPU guarantees per shader stage (`Limits::default()`);
+/// no kernel may bind more, so every adapter runs every kernel.
+pub const DEFAULT_STORAGE_BINDINGS: usize = 8;
+
+/// The most storage buffers any kernel binds (one per tensor argument), and
+/// that kernel's name.
+pub fn max_storage_bindings() -> Result<(usize, String)> {
+    let mut widest = (0, String::new());
+    for (family, src) in SHADERS {
+        for k in parse_family(family, src)? {
+            if k.args.len() > widest.0 {
+                widest = (k.args.len(), format!("{family}::{}", k.name));
+            }
+        }
+    }
+    Ok(widest)
+}
+
 /// Finds a kernel by family and name.
 pub fn find(family: &str, name: &str) -> Result<KernelDef> {
     let (fam, src) = SHADERS
@@ -308,6 +326,18 @@ mod tests {
             }
         }
         assert!(count >= 3 * 20, "only {count} kernel variants found");
+    }
+
+    /// WebGPU's default limit is 8 storage buffers per stage; a kernel binding
+    /// more only runs where the adapter's own limits are requested.
+    #[test]
+    fn every_kernel_binds_at_most_the_default_storage_buffer_limit() {
+        let (n, which) = max_storage_bindings().unwrap();
+        assert!(
+            n <= DEFAULT_STORAGE_BINDINGS,
+            "{which} binds {n} storage buffers (at most {DEFAULT_STORAGE_BINDINGS})"
+        );
+        assert_eq!(DEFAULT_STORAGE_BINDINGS as u32, wgpu::Limits::default().max_storage_buffers_per_shader_stage);
     }
 
     #[test]

@@ -256,9 +256,23 @@ impl WgpuBackend {
     pub fn new(pick: &AdapterPick) -> Result<Self> {
         let adapter = pick_adapter(pick)?;
         let info = adapter.get_info();
+        // The adapter's own limits, or WebGPU's defaults with
+        // `DYNSPARSE_WGPU_LIMITS=default` (to test what every adapter offers).
+        let limits = match std::env::var("DYNSPARSE_WGPU_LIMITS").as_deref() {
+            Ok("default") => wgpu::Limits::default(),
+            _ => adapter.limits(),
+        };
+        let (need, widest) = kernel::max_storage_bindings()?;
+        let have = limits.max_storage_buffers_per_shader_stage as usize;
+        if need > have {
+            return Err(Error::Unavailable(format!(
+                "wgpu: {} allows {have} storage buffers per shader stage, but kernel {widest} binds {need}",
+                info.name
+            )));
+        }
         let desc = wgpu::DeviceDescriptor {
             label: Some("dynsparse"),
-            required_limits: adapter.limits(),
+            required_limits: limits,
             memory_hints: wgpu::MemoryHints::Performance,
             ..Default::default()
         };
@@ -357,6 +371,13 @@ impl WgpuBackend {
         let key = format!("{}::{}:{:?}", k.family, k.name, dtypes);
         if let Some(p) = lock(&self.pipelines).get(&key) {
             return Ok(p.clone());
+        }
+        let have = self.device.limits().max_storage_buffers_per_shader_stage as usize;
+        if k.args.len() > have {
+            return Err(Error::Device(format!(
+                "wgpu: kernel {key} binds {} storage buffers; this device allows {have} per shader stage",
+                k.args.len()
+            )));
         }
         let src = kernel::generate(k, dtypes)?;
         kernel::validate(&key, &src)?;
