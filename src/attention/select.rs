@@ -16,7 +16,7 @@ fn better(a: (f32, usize), b: (f32, usize)) -> bool {
 
 /// Indices of the `k` best of `cands` (score, index) pairs, sorted ascending.
 fn best(mut cands: Vec<(f32, usize)>, k: usize) -> Vec<u32> {
-    cands.sort_by(|&a, &b| {
+    let order = |&a: &(f32, usize), &b: &(f32, usize)| {
         if better(a, b) {
             std::cmp::Ordering::Less
         } else if better(b, a) {
@@ -24,8 +24,13 @@ fn best(mut cands: Vec<(f32, usize)>, k: usize) -> Vec<u32> {
         } else {
             std::cmp::Ordering::Equal
         }
-    });
-    let mut idx: Vec<u32> = cands.into_iter().take(k).map(|(_, i)| i as u32).collect();
+    };
+    // `better` is a total order (indices are distinct): partition, then keep the first k.
+    if k < cands.len() {
+        cands.select_nth_unstable_by(k, order);
+        cands.truncate(k);
+    }
+    let mut idx: Vec<u32> = cands.into_iter().map(|(_, i)| i as u32).collect();
     idx.sort_unstable();
     idx
 }

@@ -92,7 +92,7 @@ impl Layout {
 }
 
 /// Queries per chunk of the block pattern.
-const QCHUNK: usize = 256;
+const QCHUNK: usize = 1024;
 
 /// A dense query tile `[t0, t1)` and the key ranges `[k0, k1)` it visits.
 type Tile = (usize, usize, Vec<(usize, usize)>);
@@ -283,7 +283,7 @@ fn forward_blocks(
     lse: &mut [f32],
 ) {
     let d = s.head_dim;
-    let (mut qb, mut sb, mut pv) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut qb, mut sb, mut pv, mut corr) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for t0 in (0..s.seq).step_by(QCHUNK) {
         let t1 = (t0 + QCHUNK).min(s.seq);
         let (mut m, mut l) = (vec![f32::NEG_INFINITY; t1 - t0], vec![0.0f32; t1 - t0]);
@@ -293,7 +293,8 @@ fn forward_blocks(
             gather(&mut qb, &q[lay.q(b, 0, h)..], t0, lay.q_rs(), d, &rows);
             sb.resize(nr * cols, 0.0);
             gemm(nr, d, cols, s.scale, &qb, (d, 1), &k[lay.k(b, k0, g)..], (1, lay.k_rs()), 0.0, &mut sb, (cols, 1));
-            let mut corr = vec![0.0f32; nr];
+            corr.clear();
+            corr.resize(nr, 1.0);
             for (i, &r) in rows.iter().enumerate() {
                 let vis = visible(t0 + r, k0, k1);
                 corr[i] = online_update(&mut sb[i * cols..(i + 1) * cols], vis, &mut m[r], &mut l[r]).unwrap_or(1.0);
@@ -536,12 +537,15 @@ pub(super) fn indexer_block_scores(s: &IndexerSpec, qi: &T, ki: &T, w: &T, poole
                 dst.fill(f32::NEG_INFINITY);
                 indexer_chunks(s, &qi, &ki, &w, b, t0, t1, |k0, width, sc| {
                     for r in 0..t1 - t0 {
-                        let prow = &mut dst[r * nb..(r + 1) * nb];
-                        for (c, &x) in sc[r * width..(r + 1) * width].iter().enumerate() {
-                            let p = &mut prow[(k0 + c) / bs];
-                            if x > *p {
-                                *p = x;
-                            }
+                        let (prow, srow) = (&mut dst[r * nb..(r + 1) * nb], &sc[r * width..(r + 1) * width]);
+                        // One max per key block segment of the chunk (f32::max skips NaN).
+                        let mut c0 = 0;
+                        while c0 < width {
+                            let kb = (k0 + c0) / bs;
+                            let c1 = ((kb + 1) * bs - k0).min(width);
+                            let m = srow[c0..c1].iter().fold(prow[kb], |m, &x| m.max(x));
+                            prow[kb] = m;
+                            c0 = c1;
                         }
                     }
                 });
