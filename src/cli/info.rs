@@ -67,7 +67,13 @@ fn cuda_section() {
     match dynsparse::backend::cuda::probe() {
         Ok(devs) if devs.is_empty() => println!("\ncuda: driver found, but no device"),
         Ok(devs) => {
-            println!("\ncuda devices:");
+            match dynsparse::backend::cuda::driver_version() {
+                Ok((ma, mi)) => {
+                    println!("\ncuda driver: CUDA {ma}.{mi} (PTX from a newer NVRTC does not load; CUBIN does)")
+                }
+                Err(why) => println!("\ncuda driver: version unknown ({why})"),
+            }
+            println!("cuda devices:");
             for d in devs {
                 let (ma, mi) = d.compute_capability;
                 println!(
