@@ -9,6 +9,10 @@ pub fn run(choice: BackendChoice) -> Result<()> {
     if choice != BackendChoice::Auto {
         let sel = select(choice)?;
         println!("backend {}: {} ({})", sel.backend.kind(), sel.backend.device_name(), sel.reason);
+        #[cfg(feature = "cuda")]
+        if choice == BackendChoice::Cuda {
+            println!("{}", cuda_driver_line());
+        }
         return Ok(());
     }
     println!("dynsparse {}", env!("CARGO_PKG_VERSION"));
@@ -60,6 +64,14 @@ fn wgpu_section() {
 #[cfg(not(feature = "wgpu"))]
 fn wgpu_section() {
     println!("\nwgpu: not compiled in (build with the default `wgpu` feature)");
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_driver_line() -> String {
+    match dynsparse::backend::cuda::driver_version() {
+        Ok((ma, mi)) => format!("cuda driver: CUDA {ma}.{mi} (loads PTX from NVRTC ≤ {ma}.{mi}, and CUBIN)"),
+        Err(why) => format!("cuda driver: version unknown ({why})"),
+    }
 }
 
 #[cfg(feature = "cuda")]
