@@ -15,7 +15,7 @@ mod common;
 
 use dynsparse::backend::cpu::CpuBackend;
 use dynsparse::backend::wgpu::{AdapterPick, WgpuBackend};
-use dynsparse::{DType, Error, Tensor, ops};
+use dynsparse::{Backend, DType, Error, Tensor, ops};
 use std::sync::OnceLock;
 
 fn gpu() -> Option<&'static WgpuBackend> {
@@ -46,12 +46,12 @@ fn a_half_precision_output_whose_f32_staging_passes_the_limit_is_a_clean_error_a
     // Recorded, not yet submitted: the failure below must not discard it.
     ops::fill(g, &mut small, 7.0).unwrap();
     let mut big = Tensor::empty(g, &[n], DType::BF16).unwrap();
-    let before = dynsparse::Backend::memory(g).allocated;
+    let before = g.memory().allocated;
     let e = ops::fill(g, &mut big, 1.0).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, Error::Device(_)), "{e:?}");
     assert!(msg.contains(&(n * 4).to_string()) && msg.contains(&limit.to_string()), "names size and limit: {msg}");
-    assert_eq!(dynsparse::Backend::memory(g).allocated, before, "nothing allocated for the failed launch");
+    assert_eq!(g.memory().allocated, before, "nothing allocated for the failed launch");
     assert_eq!(small.to_f32_vec(g).unwrap(), vec![7.0; 3], "the pending batch ran");
     // The backend still works after the error.
     let mut ok = Tensor::empty(g, &[1000], DType::BF16).unwrap();
@@ -63,7 +63,7 @@ fn a_half_precision_output_whose_f32_staging_passes_the_limit_is_a_clean_error_a
 fn a_tensor_just_over_the_binding_limit_is_a_clean_error_and_one_at_it_works() {
     let Some(g) = gpu() else { return };
     let limit = max_binding(g);
-    let e = Tensor::empty(g, &[limit / 4 + 1], DType::F32).err().expect("one element past the limit must fail");
+    let Err(e) = Tensor::empty(g, &[limit / 4 + 1], DType::F32) else { panic!("one element past the limit must fail") };
     let msg = e.to_string();
     assert!(msg.contains(&(limit + 4).to_string()) && msg.contains(&limit.to_string()), "{msg}");
     // Exactly at the limit: allocated (the pool's rounding must not push it past), filled, read back.
@@ -73,6 +73,13 @@ fn a_tensor_just_over_the_binding_limit_is_a_clean_error_and_one_at_it_works() {
     let v = t.to_f32_vec(g).unwrap();
     assert_eq!(v.len(), n);
     assert!(v[0] == 3.0 && v[n / 2] == 3.0 && v[n - 1] == 3.0);
+}
+
+fn sum_rows_on<B: Backend>(be: &B, x: &[f32], o: &[f32], rows: usize, n: usize, dt: DType) -> Vec<f32> {
+    let xt = Tensor::from_f32(be, x, &[rows, n], dt).unwrap();
+    let mut out = Tensor::from_f32(be, o, &[n], dt).unwrap();
+    ops::sum_rows(be, &xt, &mut out, 0.5).unwrap();
+    out.to_f32_vec(be).unwrap()
 }
 
 #[test]
@@ -85,19 +92,8 @@ fn sum_rows_over_many_row_chunks_matches_the_cpu() {
     let o0: Vec<f32> = (0..n).map(|j| j as f32 * 0.25 - 3.0).collect();
     for dt in DType::FLOATS {
         let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
-        let run = |be: &dyn Fn(&[f32], &[f32]) -> Vec<f32>| be(&x, &o0);
-        let want = run(&|x, o| {
-            let xt = Tensor::from_f32(&cpu, x, &[rows, n], dt).unwrap();
-            let mut out = Tensor::from_f32(&cpu, o, &[n], dt).unwrap();
-            ops::sum_rows(&cpu, &xt, &mut out, 0.5).unwrap();
-            out.to_f32_vec(&cpu).unwrap()
-        });
-        let got = run(&|x, o| {
-            let xt = Tensor::from_f32(g, x, &[rows, n], dt).unwrap();
-            let mut out = Tensor::from_f32(g, o, &[n], dt).unwrap();
-            ops::sum_rows(g, &xt, &mut out, 0.5).unwrap();
-            out.to_f32_vec(g).unwrap()
-        });
+        let want = sum_rows_on(&cpu, &x, &o0, rows, n, dt);
+        let got = sum_rows_on(g, &x, &o0, rows, n, dt);
         let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
         for (j, (w, gv)) in want.iter().zip(&got).enumerate() {
             assert!((w - gv).abs() <= tol * scale, "{dt} column {j}: cpu {w}, wgpu {gv}");

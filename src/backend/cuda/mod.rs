@@ -132,6 +132,8 @@ pub struct Inner {
     mem: MemoryCounter,
     /// Loaded families with the PTX their parameter sizes are read from.
     modules: Mutex<HashMap<&'static str, (Arc<CudaModule>, Arc<String>)>>,
+    /// Where each loaded family came from (see [`CudaBackend::loaded_from`]).
+    sources: Mutex<HashMap<&'static str, kernels::Source>>,
     /// Loaded kernels with the byte sizes of their parameters (from the PTX).
     funcs: Mutex<HashMap<String, Func>>,
     tf32: AtomicBool,
@@ -262,6 +264,7 @@ impl CudaBackend {
                 info,
                 mem: MemoryCounter::default(),
                 modules: Mutex::new(HashMap::new()),
+                sources: Mutex::new(HashMap::new()),
                 funcs: Mutex::new(HashMap::new()),
                 tf32: AtomicBool::new(tf32),
                 smem_optin,
@@ -293,6 +296,12 @@ impl CudaBackend {
     /// e.g. to pay the compile cost before timing.
     pub fn warm_up(&self, family: &'static str) -> Result<()> {
         self.module(family).map(|_| ())
+    }
+
+    /// The image a loaded family came from (`None` before its first use):
+    /// on an A100 or H100 with the bundle's cache, a CUBIN.
+    pub fn loaded_from(&self, family: &str) -> Option<kernels::Source> {
+        self.sources.lock().unwrap_or_else(|e| e.into_inner()).get(family).copied()
     }
 
     fn module(&self, family: &'static str) -> Result<(Arc<CudaModule>, Arc<String>)> {
@@ -330,6 +339,7 @@ impl CudaBackend {
                         log::info!("kernels/{family}.cu: loaded {source:?} on sm_{}{}", arch.0, arch.1);
                         let entry = (m, Arc::new(img.ptx));
                         mods.insert(family, entry.clone());
+                        self.sources.lock().unwrap_or_else(|e| e.into_inner()).insert(family, *source);
                         return Ok(entry);
                     }
                     Err(e) => {
