@@ -372,7 +372,7 @@ pub fn load_plan(device: (i32, i32), nvrtc: bool, shipped: &[((i32, i32), Format
         plan.push(Source::Nvrtc { arch: device, format: Format::Ptx });
     }
     let mut below: Vec<((i32, i32), Format)> = shipped.iter().copied().filter(|(a, _)| *a <= device).collect();
-    below.sort_by(|x, y| y.0.cmp(&x.0));
+    below.sort_by_key(|x| std::cmp::Reverse(x.0));
     below.dedup();
     for (arch, format) in &below {
         if *format == Format::Cubin && arch.0 == device.0 {

@@ -131,7 +131,7 @@ pub struct Inner {
     info: DeviceInfo,
     mem: MemoryCounter,
     /// Loaded families with the PTX their parameter sizes are read from.
-    modules: Mutex<HashMap<&'static str, (Arc<CudaModule>, Arc<String>)>>,
+    modules: Mutex<HashMap<&'static str, Loaded>>,
     /// Where each loaded family came from (see [`CudaBackend::loaded_from`]).
     sources: Mutex<HashMap<&'static str, kernels::Source>>,
     /// Loaded kernels with the byte sizes of their parameters (from the PTX).
@@ -149,6 +149,9 @@ struct Func {
     params: Vec<usize>,
     static_smem: usize,
 }
+
+/// A loaded family and the PTX its parameter sizes are read from.
+type Loaded = (Arc<CudaModule>, Arc<String>);
 
 /// Shared memory a block gets without opting in (bytes), static and dynamic together.
 const DEFAULT_SMEM: usize = 48 * 1024;
@@ -304,7 +307,7 @@ impl CudaBackend {
         self.sources.lock().unwrap_or_else(|e| e.into_inner()).get(family).copied()
     }
 
-    fn module(&self, family: &'static str) -> Result<(Arc<CudaModule>, Arc<String>)> {
+    fn module(&self, family: &'static str) -> Result<Loaded> {
         use kernels::{Format, Source};
         let mut mods = self.modules.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(m) = mods.get(family) {
