@@ -1,9 +1,9 @@
 //! Trains a dense and a dynamic-sparse model briefly on the long-range
 //! retrieval corpus, compares validation loss and retrieval accuracy, and
 //! draws which key blocks the indexer kept for one sequence
-//! (`sparse_vs_dense.svg`: rows are query blocks, columns key blocks; blue =
-//! kept, grey = causal but dropped; the red cell is the block holding the fact
-//! that the marked query must retrieve).
+//! (`sparse_vs_dense.svg`: rows are queries — each selects its own blocks —,
+//! columns key blocks; blue = kept, grey = causal but dropped; the red cell
+//! is the block holding the fact that the marked query must retrieve).
 //!
 //! ```sh
 //! cargo run --release --example sparse_vs_dense -- --steps 150
@@ -111,40 +111,40 @@ impl BackendJob for Job {
         let layer = cfg.n_layers - 1;
         let sel = ws.selection(layer).ok_or_else(|| Error::Invalid("no selection recorded".into()))?.to_u32_vec(be)?;
         let nb = SEQ.div_ceil(BLOCK);
-        let (qb, fb) = ((span.start - 1 - start) / BLOCK, (fact - start) / BLOCK);
-        let kept_fact = sel[qb * KEEP..(qb + 1) * KEEP].contains(&(fb as u32));
+        let (qt, fb) = (span.start - 1 - start, (fact - start) / BLOCK);
+        let kept_fact = sel[qt * KEEP..(qt + 1) * KEEP].contains(&(fb as u32));
         println!(
-            "\nlayer {layer}: the query at block {qb} {} the block {fb} holding its fact",
+            "\nlayer {layer}: the query at position {qt} {} the block {fb} holding its fact",
             if kept_fact { "kept" } else { "dropped" }
         );
         let root = SVGBackend::new(&self.svg, (640, 680)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| Error::Format(e.to_string()))?;
         let mut chart = ChartBuilder::on(&root)
-            .caption(format!("kept key blocks, layer {layer} (query block {qb} → fact block {fb})"), ("sans-serif", 18))
+            .caption(format!("kept key blocks, layer {layer} (query {qt} → fact block {fb})"), ("sans-serif", 18))
             .margin(10)
             .x_label_area_size(30)
             .y_label_area_size(40)
-            .build_cartesian_2d(0..nb, 0..nb)
+            .build_cartesian_2d(0..nb, 0..SEQ)
             .map_err(|e| Error::Format(e.to_string()))?;
         chart
             .configure_mesh()
             .x_desc("key block")
-            .y_desc("query block (top = first)")
-            .y_label_formatter(&|y| format!("{}", nb.saturating_sub(*y + 1)))
+            .y_desc("query (top = first)")
+            .y_label_formatter(&|y| format!("{}", SEQ.saturating_sub(*y + 1)))
             .disable_mesh()
             .draw()
             .map_err(|e| Error::Format(e.to_string()))?;
-        let cells = (0..nb).flat_map(|q| (0..=q).map(move |k| (q, k))).map(|(q, k)| {
+        let cells = (0..SEQ).flat_map(|q| (0..=q / BLOCK).map(move |k| (q, k))).map(|(q, k)| {
             let kept = sel[q * KEEP..(q + 1) * KEEP].contains(&(k as u32));
-            let color = if q == qb && k == fb {
+            let color = if q == qt && k == fb {
                 RED.mix(0.9)
             } else if kept {
                 BLUE.mix(0.8)
             } else {
                 BLACK.mix(0.12)
             };
-            // Row q is drawn at height nb - 1 - q so the first query block is on top.
-            Rectangle::new([(k, nb - 1 - q), (k + 1, nb - q)], color.filled())
+            // Row q is drawn at height SEQ - 1 - q so the first query is on top.
+            Rectangle::new([(k, SEQ - 1 - q), (k + 1, SEQ - q)], color.filled())
         });
         chart.draw_series(cells).map_err(|e| Error::Format(e.to_string()))?;
         root.present().map_err(|e| Error::Format(e.to_string()))?;

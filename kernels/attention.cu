@@ -2,9 +2,9 @@
 // Layouts (row-major): q, o, dq, dO: [batch, seq, H, d]; k, v, dk, dv:
 // [batch, seq, KV, d]; lse, D: [batch, H, seq] f32. Query head h reads kv head
 // h / (H/KV). Patterns (mode): 0 dense (every s <= t); 1 tokens, idx [batch,
-// seq, kk] key positions; 2 blocks, idx [batch, ceil(seq/block), kk] key
-// block ids of query block t/block. NONE, out-of-range and future entries
-// are skipped; entries are distinct.
+// seq, kk] key positions; 2 blocks, idx [batch, seq, kk] key block ids per
+// query: query t attends to the keys s <= t of the blocks in its own row.
+// NONE, out-of-range and future entries are skipped; entries are distinct.
 //
 //   forward:  p(s) = softmax_s(scale·q·k_s) over K(t); o = Σ p(s)·v_s; lse = ln Σ exp(scale·q·k_s)
 //             (o = 0, lse = -inf when K(t) is empty)
@@ -15,7 +15,8 @@
 // or per key row (dk, dv), online softmax, no n×n matrix. Lane l owns the
 // dims l, l+32, ... (DPL = dims per lane, 1..8, so d <= 256); a dot product
 // is a per-lane partial plus a warp reduction. The key-centric backward needs
-// each key's queries: dense and blocks derive them from idx, tokens use a CSR
+// each key's queries: dense and blocks derive them from idx (blocks: every
+// t >= s whose row lists the block of s), tokens use a CSR
 // inverse index built on the device (count, scan, fill, rank-sort: the lists
 // are in increasing t, so sums have a fixed order and runs are deterministic).
 
@@ -70,8 +71,8 @@ template <typename F> __device__ __forceinline__ void for_keys(const Attn& a, co
             if (s <= t) f(s);
         }
     } else {
-        u32 nqb = (a.seq + a.block - 1) / a.block, qb = t / a.block;
-        const u32* row = idx + ((size_t)b * nqb + qb) * a.kk;
+        u32 qb = t / a.block;
+        const u32* row = idx + ((size_t)b * a.seq + t) * a.kk;
         for (u32 j = 0; j < a.kk; j++) {
             u32 kb = row[j];
             if (kb == NONE_IDX || kb > qb) continue;
@@ -187,40 +188,122 @@ __device__ void attn_bwd_dkdv(Attn a, const T* q, const T* k, const T* v, const 
         size_t kr0 = (size_t)b * a.seq + s;
         for (u32 p = off[kr0]; p < off[kr0 + 1]; p++) visit(list[p]);
     } else {
-        u32 nqb = (a.seq + a.block - 1) / a.block, kb = s / a.block;
-        for (u32 qb = kb; qb < nqb; qb++) {
-            const u32* irow = idx + ((size_t)b * nqb + qb) * a.kk;
+        // The queries t >= s whose own row lists the block of s (t/block >= s/block holds).
+        u32 kb = s / a.block;
+        for (u32 t = s; t < a.seq; t++) {
+            const u32* irow = idx + ((size_t)b * a.seq + t) * a.kk;
             int found = 0;
             for (u32 j = lane; j < a.kk; j += 32) found |= irow[j] == kb;
-            if (!__any_sync(0xffffffffu, found)) continue;
-            u32 t0 = max(qb * a.block, s), t1 = min((qb + 1) * a.block, a.seq);
-            for (u32 t = t0; t < t1; t++) visit(t);
+            if (__any_sync(0xffffffffu, found)) visit(t);
         }
     }
     store_row<T, DPL>(dk + ko, a.d, dka, 1.0f);
     store_row<T, DPL>(dv + ko, a.d, dva, 1.0f);
 }
 
-// Tiled forward for the dense pattern and for blocks patterns whose block is a
-// multiple of 32 (a query tile then lies in one query block), d <= 128: one
-// block of 4 warps per (b, h, 32-query tile); each key tile of 32 keys is
-// staged once in shared memory (as f32) for all 32 queries. Warp w owns
-// queries 8w..8w+7 of the tile; for the scores lane l takes key l of the tile,
-// for P·V lane l owns dims l, l+32, ... Same online softmax as attn_fwd, so the
-// results agree with it up to rounding. Heavy (late) query tiles start first.
-// Shared memory is dynamic (tiled_smem_floats below; > 48 KiB for d > 64,
-// which the host opts into).
+// Tiled kernels for the dense and the blocks pattern, d <= 128. A 32-query
+// tile works against 32-key tiles staged once in shared memory (as f32) for
+// all 32 queries; warp w owns rows 8w..8w+7 of its own tile, lane l takes
+// column l of the other tile for dot products and dims l, l+32, ... for
+// accumulation.
+//
+// Blocks: query t attends to the keys s <= t of the key blocks in ITS OWN idx
+// row. A query tile visits the union of its queries' key tiles (a bitmask over
+// key tiles in shared memory, built from the 32 rows) in ascending order, and
+// per key tile every query gets a 32-bit mask of its own keys (tile_qmask).
+// A query whose mask is empty for a key tile skips that tile entirely, so what
+// query t computes (the tiles it reduces over, their order, every operation)
+// depends on its own key set only, never on what its neighbours selected: the
+// selection stays per query and causal. Dense is the same loop with the causal
+// masks s <= t and every key tile up to the diagonal.
 #define TQ 32
 #define TK 32
 
 // Carves the dynamic shared memory: n_rows row tiles of [32][DPL·32+1] floats,
-// then n_p tiles of [WARPS][8][32] floats.
+// then n_p tiles of [WARPS][8][32] floats, then u32 words: 32 query masks and
+// the key-tile bitmask of the union (ceil(ceil(seq/32)/32) words).
 template <int DPL> struct TiledSmem {
     typedef float Row[DPL * 32 + 1];
     typedef float PTile[8][32];
     static __device__ __forceinline__ Row* rows(float* base, int i) { return (Row*)(base + i * 32 * (DPL * 32 + 1)); }
     static __device__ __forceinline__ PTile* ps(float* base, int n_rows, int i) {
         return (PTile*)(base + n_rows * 32 * (DPL * 32 + 1) + i * WARPS * 8 * 32);
+    }
+    static __device__ __forceinline__ u32* words(float* base, int n_rows, int n_p) {
+        return (u32*)(base + n_rows * 32 * (DPL * 32 + 1) + n_p * WARPS * 8 * 32);
+    }
+};
+
+// Bits lo..hi-1 of a word (lo < hi <= 32).
+__device__ __forceinline__ u32 bit_range(u32 lo, u32 hi) {
+    return (hi >= 32 ? 0xffffffffu : (1u << hi) - 1u) & ~((1u << lo) - 1u);
+}
+
+// The keys k0..k0+31 that query t attends to, as bits, from the entries
+// part, part+nparts, ... of its idx row (blocks) or s <= t (dense).
+__device__ __forceinline__ u32 tile_qmask(const Attn& a, const u32* idx, u32 b, u32 t, u32 k0, u32 part, u32 nparts) {
+    if (t >= a.seq || t < k0) return 0u;
+    u32 kend = min(k0 + TK, t + 1);
+    if (a.mode == 0) return part == 0 ? bit_range(0, kend - k0) : 0u;
+    const u32* row = idx + ((size_t)b * a.seq + t) * a.kk;
+    u32 qb = t / a.block, m = 0u;
+    for (u32 j = part; j < a.kk; j += nparts) {
+        u32 kb = row[j];
+        if (kb == NONE_IDX || kb > qb) continue;
+        u32 lo = max(kb * a.block, k0), hi = min(kb * a.block + a.block, kend);
+        if (lo < hi) m |= bit_range(lo - k0, hi - k0);
+    }
+    return m;
+}
+
+// The masks of queries t0..t0+31 against key tile k0 into qm[32]: four
+// threads per query split its row (block of 128 threads). The caller syncs.
+__device__ __forceinline__ u32 tile_qmasks(const Attn& a, const u32* idx, u32 b, u32 t0, u32 k0, u32* qm) {
+    u32 tid = threadIdx.x;
+    u32 m = tile_qmask(a, idx, b, t0 + (tid >> 2), k0, tid & 3, 4);
+    m |= __shfl_xor_sync(0xffffffffu, m, 1);
+    m |= __shfl_xor_sync(0xffffffffu, m, 2);
+    if ((tid & 3) == 0) qm[tid >> 2] = m;
+    return m;
+}
+
+// The key tiles (bit kt of words[kt/32]) that any query of the tile t0..t0+31
+// attends to. Ends with a block sync.
+__device__ __forceinline__ void tile_union(const Attn& a, const u32* idx, u32 b, u32 t0, u32* words) {
+    u32 tid = threadIdx.x, last = min(t0 + TQ, a.seq) - 1, nw = last / TK / 32 + 1;
+    for (u32 x = tid; x < nw; x += WARPS * 32) {
+        // Dense: every key tile up to the diagonal.
+        u32 lo = x * 32, hi = min(lo + 32, last / TK + 1);
+        words[x] = a.mode == 0 && lo < hi ? bit_range(0, hi - lo) : 0u;
+    }
+    __syncthreads();
+    if (a.mode != 0) {
+        for (u32 x = tid; x < TQ * a.kk; x += WARPS * 32) {
+            u32 t = t0 + x / a.kk;
+            if (t >= a.seq) continue;
+            u32 kb = idx[((size_t)b * a.seq + t) * a.kk + x % a.kk];
+            if (kb == NONE_IDX || kb > t / a.block) continue;
+            u32 s1 = min(kb * a.block + a.block, t + 1) - 1;
+            for (u32 kt = kb * a.block / TK; kt <= s1 / TK; kt++) atomicOr(&words[kt >> 5], 1u << (kt & 31));
+        }
+    }
+    __syncthreads();
+}
+
+// Walks the set bits of words[0..nw) ascending, yielding key tile starts k0.
+// Uniform across the block: every thread reads the same shared words.
+struct KeyTiles {
+    const u32* words;
+    u32 nw, wi, word;
+    __device__ __forceinline__ KeyTiles(const u32* w, u32 n) : words(w), nw(n), wi(0), word(w[0]) {}
+    __device__ __forceinline__ bool next(u32& k0) {
+        while (word == 0u) {
+            if (++wi >= nw) return false;
+            word = words[wi];
+        }
+        k0 = (wi * 32 + (u32)(__ffs(word) - 1)) * TK;
+        word &= word - 1u;
+        return true;
     }
 };
 
@@ -232,6 +315,9 @@ __device__ void attn_fwd_tiled(Attn a, const T* q, const T* k, const T* v, const
     typename S::Row* Ks = S::rows(smem_tiled, 1);
     typename S::Row* Vs = S::rows(smem_tiled, 2);
     typename S::PTile* Ps = S::ps(smem_tiled, 3, 0);
+    u32* qm = S::words(smem_tiled, 3, 1);
+    u32* kts = qm + TQ;
+    // Heavy (late) query tiles start first.
     u32 qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, g = h / (a.H / a.KV);
     u32 tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
     u32 t0 = qt * TQ, d = a.d;
@@ -247,71 +333,54 @@ __device__ void attn_fwd_tiled(Attn a, const T* q, const T* k, const T* v, const
 #pragma unroll
         for (int i = 0; i < DPL; i++) acc[r][i] = 0.0f;
     }
-    // The key ranges of this tile: dense [0, min(t0 + TQ, seq)), or the kept blocks.
-    u32 nranges, nqb = 0, qb = 0;
-    const u32* irow = nullptr;
-    if (a.mode == 0) {
-        nranges = 1;
-    } else {
-        nqb = (a.seq + a.block - 1) / a.block;
-        qb = t0 / a.block;
-        irow = idx + ((size_t)b * nqb + qb) * a.kk;
-        nranges = a.kk;
-    }
-    for (u32 ri = 0; ri < nranges; ri++) {
-        u32 s_begin, s_end;
-        if (a.mode == 0) {
-            s_begin = 0;
-            s_end = min(t0 + TQ, a.seq);
-        } else {
-            u32 kb = irow[ri];
-            if (kb == NONE_IDX || kb > qb) continue;  // uniform across the block
-            s_begin = kb * a.block;
-            s_end = min(s_begin + a.block, min(t0 + TQ, a.seq));
+    tile_union(a, idx, b, t0, kts);
+    KeyTiles tiles(kts, (min(t0 + TQ, a.seq) - 1) / TK / 32 + 1);
+    for (u32 k0; tiles.next(k0);) {
+        __syncthreads();
+        for (u32 x = tid; x < TK * d; x += WARPS * 32) {
+            u32 j = x / d, e = x % d, s = k0 + j;
+            bool in = s < a.seq;
+            size_t ko = k_off(a, b, in ? s : 0, g);
+            Ks[j][e] = in ? ld(k + ko, e) : 0.0f;
+            Vs[j][e] = in ? ld(v + ko, e) : 0.0f;
         }
-        for (u32 k0 = s_begin; k0 < s_end; k0 += TK) {
-            __syncthreads();
-            for (u32 x = tid; x < TK * d; x += WARPS * 32) {
-                u32 j = x / d, e = x % d, s = k0 + j;
-                bool in = s < s_end;
-                size_t ko = k_off(a, b, in ? s : 0, g);
-                Ks[j][e] = in ? ld(k + ko, e) : 0.0f;
-                Vs[j][e] = in ? ld(v + ko, e) : 0.0f;
+        tile_qmasks(a, idx, b, t0, k0, qm);
+        __syncthreads();
+        u32 live = 0;
+#pragma unroll
+        for (int r = 0; r < 8; r++) {
+            u32 mask = qm[w * 8 + r];
+            if (mask == 0u) continue;  // warp-uniform: no key of this tile for query r
+            live |= 1u << r;
+            float x = 0.0f;
+            for (u32 e = 0; e < d; e++) x += Qs[w * 8 + r][e] * Ks[lane][e];
+            x = (mask >> lane) & 1u ? a.scale * x : NEG_INF;
+            float mn = fmaxf(m[r], warp_max(x));
+            float p = 0.0f, corr = 1.0f;
+            if (mn != NEG_INF) {
+                corr = expf(m[r] - mn);
+                p = expf(x - mn);
+                m[r] = mn;
             }
-            __syncthreads();
-            u32 s = k0 + lane;
+            l[r] = l[r] * corr + warp_sum(p);
+#pragma unroll
+            for (int i = 0; i < DPL; i++) acc[r][i] *= corr;
+            Ps[w][r][lane] = p;
+        }
+        __syncwarp();
+        for (u32 j = 0; j < TK; j++) {
+            float vj[DPL];
+#pragma unroll
+            for (int i = 0; i < DPL; i++) vj[i] = lane + 32 * i < d ? Vs[j][lane + 32 * i] : 0.0f;
 #pragma unroll
             for (int r = 0; r < 8; r++) {
-                u32 t = t0 + w * 8 + r;
-                float x = 0.0f;
-                for (u32 e = 0; e < d; e++) x += Qs[w * 8 + r][e] * Ks[lane][e];
-                x = (s < s_end && s <= t && t < a.seq) ? a.scale * x : NEG_INF;
-                float mn = fmaxf(m[r], warp_max(x));
-                float p = 0.0f, corr = 1.0f;
-                if (mn != NEG_INF) {
-                    corr = expf(m[r] - mn);
-                    p = expf(x - mn);
-                    m[r] = mn;
-                }
-                l[r] = l[r] * corr + warp_sum(p);
+                if (!((live >> r) & 1u)) continue;
+                float p = Ps[w][r][j];
 #pragma unroll
-                for (int i = 0; i < DPL; i++) acc[r][i] *= corr;
-                Ps[w][r][lane] = p;
+                for (int i = 0; i < DPL; i++) acc[r][i] += p * vj[i];
             }
-            __syncwarp();
-            for (u32 j = 0; j < TK; j++) {
-                float vj[DPL];
-#pragma unroll
-                for (int i = 0; i < DPL; i++) vj[i] = lane + 32 * i < d ? Vs[j][lane + 32 * i] : 0.0f;
-#pragma unroll
-                for (int r = 0; r < 8; r++) {
-                    float p = Ps[w][r][j];
-#pragma unroll
-                    for (int i = 0; i < DPL; i++) acc[r][i] += p * vj[i];
-                }
-            }
-            __syncwarp();
         }
+        __syncwarp();
     }
 #pragma unroll
     for (int r = 0; r < 8; r++) {
@@ -328,22 +397,12 @@ __device__ void attn_fwd_tiled(Attn a, const T* q, const T* k, const T* v, const
 #define ATTN_TILED(S, T) ATTN_TILED_DPL(S, T, 1) ATTN_TILED_DPL(S, T, 2) ATTN_TILED_DPL(S, T, 4)
 FOR_FLOATS(ATTN_TILED)
 
-// Tiled backward, same conditions as the tiled forward (dense, or blocks of a
-// multiple of 32; d <= 128). dq: one block per (b, h, 32-query tile), looping
-// over key tiles; dk/dv: one block per (b, kv head g, 32-key tile), looping
-// over the query tiles (and the heads of group g) whose pattern holds the
-// tile. Warp w owns rows 8w..8w+7 of its own tile; lane l takes column l of
-// the other tile for dot products and dims l, l+32 for accumulation.
-// True when query tile t0 (of query block t0/block) sees key tile k0 (blocks mode).
-__device__ __forceinline__ bool tile_kept(const Attn& a, const u32* idx, u32 b, u32 t0, u32 k0) {
-    u32 nqb = (a.seq + a.block - 1) / a.block, qb = t0 / a.block, kb = k0 / a.block;
-    if (kb > qb) return false;
-    const u32* irow = idx + ((size_t)b * nqb + qb) * a.kk;
-    for (u32 j = 0; j < a.kk; j++)
-        if (irow[j] == kb) return true;
-    return false;
-}
-
+// Tiled backward (same conditions as the tiled forward). dq: one block per
+// (b, h, 32-query tile) over the union of its key tiles, per-query masks as in
+// the forward. dk/dv: one block per (b, kv head g, 32-key tile) over the query
+// tiles (and the heads of group g) with a query that attends to a key of the
+// tile (found from the same per-query masks; sums over queries t >= s whose
+// own row lists the block of s).
 template <typename T, int DPL>
 __device__ void attn_bwd_dq_tiled(Attn a, const T* q, const T* k, const T* v, const float* lse, const float* D,
                                   const T* d_o, const u32* idx, T* dq) {
@@ -352,6 +411,8 @@ __device__ void attn_bwd_dq_tiled(Attn a, const T* q, const T* k, const T* v, co
     typename S::Row *Qs = S::rows(smem_tiled, 0), *dOs = S::rows(smem_tiled, 1);
     typename S::Row *Ks = S::rows(smem_tiled, 2), *Vs = S::rows(smem_tiled, 3);
     typename S::PTile* Ps = S::ps(smem_tiled, 4, 0);
+    u32* qm = S::words(smem_tiled, 4, 1);
+    u32* kts = qm + TQ;
     u32 qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, g = h / (a.H / a.KV);
     u32 tid = threadIdx.x, lane = tid & 31, w = tid >> 5, d = a.d, t0 = qt * TQ;
     for (u32 x = tid; x < TQ * d; x += WARPS * 32) {
@@ -371,9 +432,9 @@ __device__ void attn_bwd_dq_tiled(Attn a, const T* q, const T* k, const T* v, co
 #pragma unroll
         for (int i = 0; i < DPL; i++) acc[r][i] = 0.0f;
     }
-    u32 kend = min(t0 + TQ, a.seq);
-    for (u32 k0 = 0; k0 < kend; k0 += TK) {
-        if (a.mode == 2 && !tile_kept(a, idx, b, t0, k0)) continue;  // uniform
+    tile_union(a, idx, b, t0, kts);
+    KeyTiles tiles(kts, (min(t0 + TQ, a.seq) - 1) / TK / 32 + 1);
+    for (u32 k0; tiles.next(k0);) {
         __syncthreads();
         for (u32 x = tid; x < TK * d; x += WARPS * 32) {
             u32 j = x / d, e = x % d, s = k0 + j;
@@ -382,18 +443,20 @@ __device__ void attn_bwd_dq_tiled(Attn a, const T* q, const T* k, const T* v, co
             Ks[j][e] = in ? ld(k + ko, e) : 0.0f;
             Vs[j][e] = in ? ld(v + ko, e) : 0.0f;
         }
+        tile_qmasks(a, idx, b, t0, k0, qm);
         __syncthreads();
-        u32 s = k0 + lane;
+        u32 live = 0;
 #pragma unroll
         for (int r = 0; r < 8; r++) {
-            u32 t = t0 + w * 8 + r;
+            u32 mask = qm[w * 8 + r];
+            if (mask == 0u || L[r] == NEG_INF) continue;  // warp-uniform
+            live |= 1u << r;
             float x = 0.0f, dp = 0.0f;
             for (u32 e = 0; e < d; e++) {
                 x += Qs[w * 8 + r][e] * Ks[lane][e];
                 dp += dOs[w * 8 + r][e] * Vs[lane][e];
             }
-            bool valid = s < a.seq && s <= t && t < a.seq && L[r] != NEG_INF;
-            float p = valid ? expf(a.scale * x - L[r]) : 0.0f;
+            float p = (mask >> lane) & 1u ? expf(a.scale * x - L[r]) : 0.0f;
             Ps[w][r][lane] = p * (dp - Dr[r]);
         }
         __syncwarp();
@@ -403,6 +466,7 @@ __device__ void attn_bwd_dq_tiled(Attn a, const T* q, const T* k, const T* v, co
             for (int i = 0; i < DPL; i++) kj[i] = Ks[j][lane + 32 * i < d ? lane + 32 * i : 0];
 #pragma unroll
             for (int r = 0; r < 8; r++) {
+                if (!((live >> r) & 1u)) continue;
                 float ds = Ps[w][r][j];
 #pragma unroll
                 for (int i = 0; i < DPL; i++) acc[r][i] += a.scale * ds * kj[i];
@@ -425,6 +489,7 @@ __device__ void attn_bwd_dkdv_tiled(Attn a, const T* q, const T* k, const T* v, 
     typename S::Row *Ks = S::rows(smem_tiled, 0), *Vs = S::rows(smem_tiled, 1);
     typename S::Row *Qs = S::rows(smem_tiled, 2), *dOs = S::rows(smem_tiled, 3);
     typename S::PTile *Ps = S::ps(smem_tiled, 4, 0), *Ds = S::ps(smem_tiled, 4, 1);
+    u32* qm = S::words(smem_tiled, 4, 2);
     u32 kt = blockIdx.x, g = blockIdx.y, b = blockIdx.z, grp = a.H / a.KV;
     u32 tid = threadIdx.x, lane = tid & 31, w = tid >> 5, d = a.d, k0 = kt * TK;
     for (u32 x = tid; x < TK * d; x += WARPS * 32) {
@@ -440,7 +505,10 @@ __device__ void attn_bwd_dkdv_tiled(Attn a, const T* q, const T* k, const T* v, 
 #pragma unroll
         for (int i = 0; i < DPL; i++) dka[r][i] = dva[r][i] = 0.0f;
     for (u32 t0 = k0 - k0 % TQ; t0 < a.seq; t0 += TQ) {
-        if (a.mode == 2 && !tile_kept(a, idx, b, t0, k0)) continue;  // uniform
+        __syncthreads();  // the previous query tile's masks are read
+        u32 m = tile_qmasks(a, idx, b, t0, k0, qm);
+        if (!__syncthreads_or(m != 0u)) continue;  // no query of this tile attends to the key tile
+        u32 mask = qm[lane];  // the keys query t0 + lane attends to
         for (u32 h = g * grp; h < (g + 1) * grp; h++) {
             __syncthreads();
             for (u32 x = tid; x < TQ * d; x += WARPS * 32) {
@@ -456,13 +524,12 @@ __device__ void attn_bwd_dkdv_tiled(Attn a, const T* q, const T* k, const T* v, 
             float Lt = t < a.seq ? lse[row] : NEG_INF, Dt = t < a.seq ? D[row] : 0.0f;
 #pragma unroll
             for (int r = 0; r < 8; r++) {
-                u32 s = k0 + w * 8 + r;
                 float x = 0.0f, dp = 0.0f;
                 for (u32 e = 0; e < d; e++) {
                     x += Ks[w * 8 + r][e] * Qs[lane][e];
                     dp += Vs[w * 8 + r][e] * dOs[lane][e];
                 }
-                bool valid = s < a.seq && s <= t && t < a.seq && Lt != NEG_INF;
+                bool valid = ((mask >> (w * 8 + r)) & 1u) && Lt != NEG_INF;
                 float p = valid ? expf(a.scale * x - Lt) : 0.0f;
                 Ps[w][r][lane] = p;
                 Ds[w][r][lane] = p * (dp - Dt);

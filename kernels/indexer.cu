@@ -1,7 +1,8 @@
 // The DSA indexer. q_i: [batch, seq, H, D]; k_i: [batch, seq, D]; w: [batch, seq, H].
 //   I(t, s) = Σ_j w[t,j]·ReLU(q_i[t,j]·k_i[s])   for s <= t, -inf above the diagonal
-// scores: [batch, seq, seq] f32; pooled: [batch, nb, nb] f32, the max of I over
-// the causal pairs of (query block, key block), -inf when there are none.
+// scores: [batch, seq, seq] f32; pooled: [batch, seq, nkb] f32 (nkb = ceil(seq/block)),
+// per query t the max of I(t, s) over the keys s <= t of each key block, -inf
+// for the key blocks after t's own.
 // Backward (dscores [batch, seq, seq] f32, entries above the diagonal ignored),
 // with L = q_i[t,j]·k_i[s]:
 //   dw[t,j] = Σ_s dI·ReLU(L),  dq_i[t,j] = Σ_s dI·w[t,j]·[L>0]·k_i[s],
@@ -41,43 +42,39 @@ __device__ void indexer_scores(const T* qi, const T* ki, const T* w, float* scor
     scores[((size_t)b * seq + t) * seq + s] = v;
 }
 
-// One block (256 threads) per (b, query block, key block); the key block is
-// staged in shared memory (block·(D+1) floats) when use_smem, else read from global.
+// Per-query block pooling: pooled[b, t, kb] = max_{s in key block kb, s <= t} I(t, s),
+// -inf when kb > t/block (no causal key). grid (nkb, ceil(seq/16), batch), block
+// (16, 16), dynamic smem 16·(D+1) floats. Thread (x, y) is query t = 16·qt + y;
+// the key block is streamed through shared memory 16 keys at a time and thread x
+// takes key x of each chunk; the 16 lanes of a query then max-reduce (exact and
+// order-free, so the result depends on query t's own keys s <= t only).
 template <typename T>
 __device__ void indexer_block_scores(const T* qi, const T* ki, const T* w, float* pooled, u32 seq, u32 H, u32 D,
-                                     u32 block, u32 use_smem) {
+                                     u32 block) {
     extern __shared__ float ksh[];
-    __shared__ float red[32];
-    u32 nb = (seq + block - 1) / block;
-    u32 kb = blockIdx.x, qb = blockIdx.y, b = blockIdx.z;
+    u32 nkb = (seq + block - 1) / block;
+    u32 kb = blockIdx.x, b = blockIdx.z, t0 = blockIdx.y * 16, t = t0 + threadIdx.y;
+    u32 tid = threadIdx.y * 16 + threadIdx.x;
+    u32 kbeg = kb * block, kend = min(min(kbeg + block, seq), t0 + 16);  // the tile's last query bounds the keys
     float mx = NEG_INF;
-    if (kb <= qb) {
-        u32 t0 = qb * block, t1 = min(t0 + block, seq), s0 = kb * block, s1 = min(s0 + block, seq);
-        u32 bk = s1 - s0, pairs = (t1 - t0) * bk;
-        if (use_smem) {
-            for (u32 x = threadIdx.x; x < bk * D; x += blockDim.x) {
-                u32 r = x / D, e = x % D;
-                ksh[r * (D + 1) + e] = ld(ki, ((size_t)b * seq + s0 + r) * D + e);
-            }
-            __syncthreads();
+    for (u32 c0 = kbeg; c0 < kend; c0 += 16) {
+        __syncthreads();
+        for (u32 x = tid; x < 16 * D; x += 256) {
+            u32 r = x / D, e = x % D;
+            ksh[r * (D + 1) + e] = c0 + r < kend ? ld(ki, ((size_t)b * seq + c0 + r) * D + e) : 0.0f;
         }
-        for (u32 p = threadIdx.x; p < pairs; p += blockDim.x) {
-            u32 t = t0 + p / bk, r = p % bk;
-            if (s0 + r > t) continue;
+        __syncthreads();
+        u32 s = c0 + threadIdx.x;
+        if (t < seq && s < kend && s <= t) {
             size_t bt = (size_t)b * seq + t;
-            float v = use_smem ? index_score(qi + bt * H * D, ksh + r * (D + 1), w + bt * H, H, D)
-                               : index_score(qi + bt * H * D, ki + ((size_t)b * seq + s0 + r) * D, w + bt * H, H, D);
-            mx = fmaxf(mx, v);  // fmaxf drops NaN, like the reference's `v > max`
+            // fmaxf drops NaN, like the reference's `!v.is_nan() && v > max`.
+            mx = fmaxf(mx, index_score(qi + bt * H * D, ksh + threadIdx.x * (D + 1), w + bt * H, H, D));
         }
     }
-    mx = warp_max(mx);
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = mx;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float r = NEG_INF;
-        for (u32 i = 0; i < blockDim.x / 32; i++) r = fmaxf(r, red[i]);
-        pooled[((size_t)b * nb + qb) * nb + kb] = r;
-    }
+    // The 16 lanes of query y are lanes 16·(y%2)..+15 of one warp.
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    if (t < seq && threadIdx.x == 0) pooled[((size_t)b * seq + t) * nkb + kb] = mx;
 }
 
 template <typename T, int DPL>
@@ -173,7 +170,7 @@ __device__ void indexer_bwd_k(const T* qi, const T* ki, const T* w, const float*
 #define INDEXER(S, T) \
     extern "C" __global__ void indexer_scores_##S(const T* qi, const T* ki, const T* w, float* scores, u32 seq, u32 H, u32 D) { \
         indexer_scores<T>(qi, ki, w, scores, seq, H, D); } \
-    extern "C" __global__ void indexer_block_scores_##S(const T* qi, const T* ki, const T* w, float* pooled, u32 seq, u32 H, u32 D, u32 block, u32 use_smem) { \
-        indexer_block_scores<T>(qi, ki, w, pooled, seq, H, D, block, use_smem); } \
+    extern "C" __global__ void indexer_block_scores_##S(const T* qi, const T* ki, const T* w, float* pooled, u32 seq, u32 H, u32 D, u32 block) { \
+        indexer_block_scores<T>(qi, ki, w, pooled, seq, H, D, block); } \
     INDEXER_DPL(S, T, 1) INDEXER_DPL(S, T, 2) INDEXER_DPL(S, T, 4) INDEXER_DPL(S, T, 8)
 FOR_FLOATS(INDEXER)

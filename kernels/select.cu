@@ -1,14 +1,19 @@
 // Top-k selection over causal score rows, on the device. scores: [batch, rows,
-// cols] f32 (row r sees columns 0..=r); idx: [batch, rows, k] u32.
+// cols] f32; idx: [batch, rows, k] u32. Row r is query t = r % rows.
+// - block == 0 (tokens): cols = seq, candidates are the keys 0..=t.
+// - block > 0 (blocks): cols = nkb, candidates are the key blocks 0..=t/block;
+//   query t's own block t/block is kept first, then the sink block 0 (k >= 2 and
+//   t/block > 0), then the best of blocks 1..t/block-1; k = 1 keeps only the own
+//   block. Per query, from query t's own row only (attention::select::select_row).
 // Order: score descending, ties to the smaller index, NaN as -inf (and -0 as
-// +0). Output rows ascending, padded with NONE. Block mode keeps the local
-// block r and the sink block 0 first, then the best of columns 1..r-1.
+// +0). Output rows ascending, padded with NONE.
 //
 // One block (256 threads) per row. Each candidate c gets a 64-bit key
 // (order(score) << 32 | ~c): larger is better and keys are distinct, so the
-// kk-th largest key K* is found exactly by an 8-pass, 8-bit radix select with
-// a shared histogram, streaming the row from global memory (no row-length
-// limit). The kept set is {c : key(c) >= K*}; a block-wide scan in index
+// kk-th largest key K* is exact: rows of at most 256 candidates (block mode)
+// rank every key against the others in shared memory; longer rows use an
+// 8-pass, 8-bit radix select with a shared histogram, streaming the row from
+// global memory (no row-length limit). The kept set is {c : key(c) >= K*}; a block-wide scan in index
 // order writes it ascending.
 
 #define SEL_THREADS 256
@@ -22,11 +27,14 @@ __device__ __forceinline__ u64 sel_key(float v, u32 c) {
 }
 
 extern "C" __global__ void __launch_bounds__(SEL_THREADS)
-select_topk(const float* scores, u32* idx, u32 rows, u32 cols, u32 k, u32 blocks) {
+select_topk(const float* scores, u32* idx, u32 rows, u32 cols, u32 k, u32 block) {
     __shared__ u32 hist[256];
     __shared__ u64 prefix_sh;
+    __shared__ u64 keys_sh[SEL_THREADS];
     __shared__ u32 wcount[SEL_THREADS / 32];
-    u32 row = blockIdx.x, r = row % rows;
+    u32 row = blockIdx.x, t = row % rows;
+    bool blocks = block > 0;
+    u32 r = blocks ? t / block : t;  // the last candidate: t's own block, or t itself
     const float* sc = scores + (size_t)row * cols;
     u32* out = idx + (size_t)row * k;
     u32 tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
@@ -43,9 +51,21 @@ select_topk(const float* scores, u32* idx, u32 rows, u32 cols, u32 k, u32 blocks
     u32 ncand = c1 - c0;
     u32 kk = min(budget, ncand);
 
-    // Radix select of the kk-th largest key among the candidates.
+    // The kk-th largest key among the candidates: by rank when they fit the
+    // block (every thread counts the keys larger than its own), else by radix
+    // select.
     u64 prefix = 0, mask = 0;
-    if (kk > 0 && kk < ncand) {
+    if (kk > 0 && kk < ncand && ncand <= SEL_THREADS) {
+        u32 c = c0 + tid;
+        u64 key = c < c1 ? sel_key(sc[c], c) : 0;
+        keys_sh[tid] = key;
+        __syncthreads();
+        u32 rank = 0;
+        for (u32 i = 0; i < ncand; i++) rank += keys_sh[i] > key;
+        if (c < c1 && rank == kk - 1) prefix_sh = key;  // keys are distinct: exactly one thread
+        __syncthreads();
+        prefix = prefix_sh;
+    } else if (kk > 0 && kk < ncand) {
         u32 remaining = kk;
         for (int pass = 0; pass < 8; pass++) {
             int shift = 56 - 8 * pass;

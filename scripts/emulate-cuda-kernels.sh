@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Runs the CUDA kernels of kernels/*.cu on the CPU (tests/cuda_emu: an
 # emulation of blocks, warps and shared memory with OS threads) against naive
-# f64 references: attention forward/backward for every pattern with GQA, the
-# tokens CSR, indexer scores/pooling/backward, indexer KL, top-k selection
-# (ties, NaN, -0, block mode), LayerNorm, softmax, cross-entropy, embedding,
-# reductions, rope, the fallback GEMM and bf16 rounding. Needs g++ (C++20).
-# Takes about two minutes on 2 cores. No GPU, no CUDA toolkit.
+# f64 references: attention forward/backward for every pattern with GQA
+# (per-query block rows, tiled kernels with blocks of any size), the tokens
+# CSR, indexer scores/per-query pooling/backward, indexer KL, top-k selection
+# (ties, NaN, -0, per-query block mode), LayerNorm, softmax, cross-entropy,
+# embedding, reductions, rope, the fallback GEMM and bf16 rounding; and the
+# causality of the block-mode chain (pooling -> selection -> attention, KL):
+# outputs for queries <= c bit-identical when every input after c changes,
+# with a control showing that query-block pooling is caught. Needs g++
+# (C++20). Takes about ten minutes on 2 cores. No GPU, no CUDA toolkit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tmp="$(mktemp -d)"
@@ -19,3 +23,4 @@ run() {  # run NAME FAMILIES
 run ops indexer,layernorm,softmax,cross_entropy,embedding,reduce,elementwise,rope,matmul
 run attention attention
 run select select
+run causal indexer,select,attention

@@ -25,6 +25,9 @@ pub enum Error {
     /// A file that is not what it claims to be.
     #[error("{0}")]
     Format(String),
+    /// Training produced NaN/inf (diverged); says at which step and what.
+    #[error("{0}")]
+    NonFinite(String),
     #[error("{context}: {source}")]
     Io {
         context: String,

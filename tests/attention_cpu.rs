@@ -35,11 +35,10 @@ impl Keys {
                 .map(|&s| s as usize)
                 .collect(),
             Keys::Blocks(idx, block, n) => {
-                let nqb = sh.seq.div_ceil(*block);
-                let qb = t / block;
-                let mut v: Vec<usize> = idx[(b * nqb + qb) * n..(b * nqb + qb + 1) * n]
+                // Query t's own row of key blocks.
+                let mut v: Vec<usize> = idx[(b * sh.seq + t) * n..(b * sh.seq + t + 1) * n]
                     .iter()
-                    .filter(|&&kb| kb != NONE && (kb as usize) <= qb)
+                    .filter(|&&kb| kb != NONE && (kb as usize) <= t / block)
                     .flat_map(|&kb| kb as usize * block..((kb as usize + 1) * block).min(t + 1))
                     .collect();
                 v.sort_unstable();
@@ -85,9 +84,7 @@ fn pattern_tensor(be: &CpuBackend, sh: &Shape, keys: &Keys) -> Option<Tensor<Cpu
     match keys {
         Keys::Dense => None,
         Keys::Tokens(idx, k) => Some(Tensor::from_u32(be, idx, &[sh.batch, sh.seq, *k]).unwrap()),
-        Keys::Blocks(idx, block, n) => {
-            Some(Tensor::from_u32(be, idx, &[sh.batch, sh.seq.div_ceil(*block), *n]).unwrap())
-        }
+        Keys::Blocks(idx, _, n) => Some(Tensor::from_u32(be, idx, &[sh.batch, sh.seq, *n]).unwrap()),
     }
 }
 
@@ -210,7 +207,7 @@ fn sparse_attention_keeping_every_key_equals_dense() {
         let dense = run(&sh, &Keys::Dense, &q, &k, &v, &d_o, dt);
         let all_tokens: Vec<u32> = (0..sh.batch).flat_map(|_| (0..sh.seq).flat_map(|_| 0..sh.seq as u32)).collect();
         let nb = sh.seq.div_ceil(16);
-        let all_blocks: Vec<u32> = (0..sh.batch * nb).flat_map(|_| 0..nb as u32).collect();
+        let all_blocks: Vec<u32> = (0..sh.batch * sh.seq).flat_map(|_| 0..nb as u32).collect();
         for keys in [Keys::Tokens(all_tokens, sh.seq), Keys::Blocks(all_blocks, 16, nb)] {
             let sparse = run(&sh, &keys, &q, &k, &v, &d_o, dt);
             let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
@@ -260,20 +257,30 @@ fn indexer_scores_pooling_and_selection_match_host_semantics() {
         }
     }
     let nb = seq.div_ceil(block);
-    let mut pooled = Tensor::empty(&be, &[batch, nb, nb], DType::F32).unwrap();
+    let mut pooled = Tensor::empty(&be, &[batch, seq, nb], DType::F32).unwrap();
     attention::indexer_block_scores(&be, &qt, &kt, &wt, block, &mut pooled).unwrap();
-    let pooled = pooled.to_f32_vec(&be).unwrap();
+    let pooled_v = pooled.to_f32_vec(&be).unwrap();
     for b in 0..batch {
         let want = pool_blocks(&sc[b * seq * seq..(b + 1) * seq * seq], seq, block);
-        assert_eq!(&pooled[b * nb * nb..(b + 1) * nb * nb], &want[..], "pooled scores, batch {b}");
+        assert_eq!(&pooled_v[b * seq * nb..(b + 1) * seq * nb], &want[..], "pooled scores, batch {b}");
     }
     let mut idx = Tensor::empty(&be, &[batch, seq, 7], DType::U32).unwrap();
-    attention::select_topk(&be, &scores, 7, false, &mut idx).unwrap();
+    attention::select_topk(&be, &scores, 7, 0, &mut idx).unwrap();
     let idx = idx.to_u32_vec(&be).unwrap();
     for b in 0..batch {
         assert_eq!(
             &idx[b * seq * 7..(b + 1) * seq * 7],
             &topk_tokens(&sc[b * seq * seq..(b + 1) * seq * seq], seq, 7)[..]
+        );
+    }
+    // Block mode: each query's own top-3 blocks of its own pooled scores.
+    let mut bidx = Tensor::empty(&be, &[batch, seq, 3], DType::U32).unwrap();
+    attention::select_topk(&be, &pooled, 3, block, &mut bidx).unwrap();
+    let bidx = bidx.to_u32_vec(&be).unwrap();
+    for b in 0..batch {
+        assert_eq!(
+            &bidx[b * seq * 3..(b + 1) * seq * 3],
+            &topk_blocks(&sc[b * seq * seq..(b + 1) * seq * seq], seq, block, 3)[..]
         );
     }
 }

@@ -113,9 +113,9 @@ fn resume_continues_the_logged_run_exactly() {
         log.lines().skip(1).map(|l| l.split(',').nth(1).unwrap().to_string()).collect()
     };
     for sparse in ["dense", "sparse"] {
-        let straight = train_tiny(&a, &["--steps", "6", "--attention", sparse]);
+        let straight = train_tiny(&a, &["--steps", "6", "--attention", sparse, "--overwrite"]);
         assert!(straight.status.success(), "{}", String::from_utf8_lossy(&straight.stderr));
-        let part = train_tiny(&b, &["--steps", "6", "--stop-at", "3", "--attention", sparse]);
+        let part = train_tiny(&b, &["--steps", "6", "--stop-at", "3", "--attention", sparse, "--overwrite"]);
         assert!(part.status.success(), "{}", String::from_utf8_lossy(&part.stderr));
         assert_eq!(losses(&b).len(), 3);
         let ck = b.join("checkpoint.safetensors");

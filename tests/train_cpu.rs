@@ -171,3 +171,47 @@ fn a_few_steps_lower_the_loss_on_the_synthetic_corpus() {
     let (head, tail) = (losses[..5].iter().sum::<f64>() / 5.0, losses[35..].iter().sum::<f64>() / 5.0);
     assert!(tail < head - 1.0, "loss {head:.3} → {tail:.3}");
 }
+
+#[test]
+fn a_non_finite_loss_in_f32_or_bf16_stops_training_with_the_step() {
+    let be = CpuBackend::new();
+    let data = generate(7, 20_000, SyntheticConfig::default());
+    for precision in [DType::F32, DType::BF16] {
+        let mut tr = trainer(&be, small_model(false), small_train(precision, 2, 1, 10));
+        tr.train_step(&be, &data).unwrap();
+        // Overflowed weights, as a too-large learning rate leaves them.
+        let (m, v) = tr.moments(&be).unwrap();
+        let mut params = tr.master_values(&be).unwrap();
+        params[0].iter_mut().for_each(|x| *x = f32::INFINITY);
+        let st = checkpoint::TrainState {
+            params,
+            m,
+            v,
+            scaler: tr.scaler,
+            step: tr.step,
+            batcher_rng: tr.batcher.rng.state(),
+        };
+        tr.restore(&be, &st).unwrap();
+        let e = tr.train_step(&be, &data).unwrap_err();
+        assert!(matches!(e, Error::NonFinite(_)), "{e}");
+        let m = e.to_string();
+        assert!(m.contains("step 1") && m.contains(&format!("in {precision}")) && m.contains("NaN"), "{m}");
+        assert_eq!(tr.step, 1, "the failed step is not counted");
+    }
+}
+
+#[test]
+fn f16_stops_after_more_than_the_allowed_skipped_steps_in_a_row() {
+    let be = CpuBackend::new();
+    let data = generate(8, 20_000, SyntheticConfig::default());
+    let mut tr = trainer(&be, small_model(false), small_train(DType::F16, 2, 1, 20));
+    tr.max_skipped_in_a_row = 3;
+    // Two skips, a clean step (the counter restarts), then skips until the limit is passed.
+    tr.inject_inf_at = vec![0, 1, 3, 4, 5, 6, 7];
+    for _ in 0..6 {
+        tr.train_step(&be, &data).unwrap();
+    }
+    assert_eq!(tr.skipped_in_a_row, 3, "steps 3, 4, 5 skipped");
+    let e = tr.train_step(&be, &data).unwrap_err().to_string();
+    assert!(e.contains("step 6") && e.contains("4 steps in a row") && e.contains("f16"), "{e}");
+}

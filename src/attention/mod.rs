@@ -1,12 +1,15 @@
-//! Dynamic sparse attention (DSA): the dense-to-sparse training schedule and
-//! the selection semantics (top-k tokens / top-n blocks) every backend's
-//! selection kernel must reproduce. The attention ops themselves (indexer,
-//! dense and sparse flash attention on each backend) are the next layer.
+//! Dynamic sparse attention (DSA): the dense-to-sparse training schedule, the
+//! selection semantics (top-k tokens / each query's top-n blocks) every
+//! backend's selection kernel must reproduce, the attention ops (indexer,
+//! dense and sparse flash attention, forward and backward) and their
+//! inference twins over a KV cache ([`cached`]).
 
+pub mod cached;
 pub mod ops;
 pub mod schedule;
 pub mod select;
 
+pub use cached::{CachedPattern, cached_attention, cached_indexer_block_scores, cached_select};
 pub use ops::{
     Pattern, attention, attention_backward, indexer_backward, indexer_block_scores, indexer_kl, indexer_scores,
     select_topk,

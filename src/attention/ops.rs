@@ -7,8 +7,8 @@
 //! - `o`: like `q`; `lse`: `[batch, n_heads, seq]` F32, the natural log-sum-exp
 //!   of query `t`'s scaled scores over its keys (saved for the backward pass);
 //! - token pattern `idx`: `[batch, seq, k]` U32 key positions per query;
-//! - block pattern `idx`: `[batch, ceil(seq/block), n]` U32 key-block ids per
-//!   query block (query block `t / block`).
+//! - block pattern `idx`: `[batch, seq, n]` U32 key-block ids per query (block
+//!   `b` holds keys `b·block .. (b+1)·block`).
 //!
 //! Semantics: query `t` attends to the keys `s ≤ t` of its pattern — every
 //! `s ≤ t` (dense), the listed positions (tokens), or every position of the
@@ -21,8 +21,17 @@
 //! The indexer: `q_i` `[batch, seq, heads, dim]`, `k_i` `[batch, seq, dim]`,
 //! `w` `[batch, seq, heads]`, `I(t,s) = Σ_j w[t,j]·ReLU(q_i[t,j]·k_i[s])` for
 //! `s ≤ t`. Scores are F32 `[batch, seq, seq]` with `-∞` above the diagonal;
-//! block-pooled scores are F32 `[batch, nqb, nkb]`, the max of `I` over the
-//! causal pairs of (query block, key block), `-∞` when there are none.
+//! block-pooled scores are F32 `[batch, seq, nkb]`, per query
+//! `P(t, b) = max_{s in b, s ≤ t} I(t, s)`, `-∞` for blocks after `t`'s own.
+//!
+//! # Causality
+//!
+//! Selection is per query: what query `t` keeps (and so `o[t]`, `lse[t]`)
+//! depends on tokens `≤ t` only, bit for bit, on every backend. Scores are
+//! never pooled over the queries of a query block (that let a query choose
+//! its keys from later queries' scores: a future-token leak). Kernels may
+//! share loads between neighbouring queries, never the decision or the
+//! arithmetic of one query's result.
 
 use crate::backend::Backend;
 use crate::error::{Error, Result, fmt_shape};
@@ -113,12 +122,14 @@ fn attn_spec<B: Backend>(
         }
         Pattern::Blocks { idx, block } => {
             check_dtype(op, "idx", idx, DType::U32)?;
-            let nqb = if block == 0 { 0 } else { seq.div_ceil(block) };
+            if block == 0 {
+                return Err(Error::Invalid(format!("{op}: the block size of a block pattern must be positive")));
+            }
             match *idx.shape() {
-                [b, q, n] if block > 0 && b == batch && q == nqb && n > 0 => PatternSpec::Blocks { block, n },
+                [b, q, n] if b == batch && q == seq && n > 0 => PatternSpec::Blocks { block, n },
                 _ => {
                     return Err(Error::Shape(format!(
-                        "{op}: block pattern with block {block} must be [{batch}, {nqb}, n], got {}",
+                        "{op}: block pattern must be [{batch}, {seq}, n] (key blocks per query), got {}",
                         fmt_shape(idx.shape())
                     )));
                 }
@@ -239,7 +250,7 @@ fn indexer_spec<B: Backend>(
             fmt_shape(w.shape())
         )));
     }
-    check_u32(op, "batch·seq·seq", batch * seq * seq.div_ceil(block.max(1)))?;
+    check_u32(op, "batch·seq·cols", batch * seq * seq.div_ceil(block.max(1)))?;
     Ok(IndexerSpec { batch, seq, heads, dim, block, checked: CHECKED })
 }
 
@@ -264,7 +275,8 @@ pub fn indexer_scores<B: Backend>(
     be.indexer_scores(&s, qi, ki, w, scores)
 }
 
-/// Block-pooled scores, F32 `[batch, nqb, nkb]` (`nqb = nkb = ceil(seq/block)`),
+/// Per-query block-pooled scores, F32 `[batch, seq, nkb]` (`nkb = ceil(seq/block)`):
+/// `P(t, b) = max_{s in b, s ≤ t} I(t, s)`, `-∞` for `b > t / block`;
 /// computed without materialising the token scores.
 pub fn indexer_block_scores<B: Backend>(
     be: &B,
@@ -281,54 +293,79 @@ pub fn indexer_block_scores<B: Backend>(
     let s = indexer_spec(be, OP, qi, ki, w, block)?;
     check_dtype(OP, "pooled", pooled, DType::F32)?;
     let nb = s.n_blocks();
-    if pooled.shape() != [s.batch, nb, nb] {
+    if pooled.shape() != [s.batch, s.seq, nb] {
         return Err(Error::Shape(format!(
             "{OP}: pooled must be {}, got {}",
-            fmt_shape(&[s.batch, nb, nb]),
+            fmt_shape(&[s.batch, s.seq, nb]),
             fmt_shape(pooled.shape())
         )));
     }
     be.indexer_block_scores(&s, qi, ki, w, pooled)
 }
 
-/// Top-k selection over causal score rows.
+/// Top-k selection over causal score rows, one row per query.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SelectSpec {
     pub batch: usize,
-    /// Score rows (queries, or query blocks).
+    /// Score rows: one per query (`seq`).
     pub rows: usize,
-    /// Candidates per row (keys, or key blocks); row `r` sees `0..=r`.
+    /// Candidates per row: keys (`seq`, token mode) or key blocks
+    /// (`ceil(seq/block)`, block mode).
     pub cols: usize,
     pub k: usize,
-    /// Block mode: always keep the local block `r` and the sink block 0.
-    pub blocks: bool,
+    /// 0: token mode, row `t` sees columns `0..=t`. `b > 0`: block mode, row
+    /// `t` sees blocks `0..=t/b` and always keeps its own block `t/b`, then
+    /// the sink block 0.
+    pub block: usize,
     pub checked: Checked,
 }
 
-/// Per row `r` of `scores` (`[batch, rows, rows]` F32, causal), the `k` best
-/// columns `≤ r` (ties to the smaller index), sorted ascending, padded with
-/// `NONE`; in block mode the local and sink blocks are always kept.
-/// Writes `idx`, U32 `[batch, rows, k]`.
-pub fn select_topk<B: Backend>(be: &B, scores: &Tensor<B>, k: usize, blocks: bool, idx: &mut Tensor<B>) -> Result<()> {
+impl SelectSpec {
+    /// Block mode.
+    pub fn blocks(&self) -> bool {
+        self.block > 0
+    }
+
+    /// The last candidate column of row `r` (the query's own key or block).
+    pub fn last(&self, r: usize) -> usize {
+        r.checked_div(self.block).unwrap_or(r)
+    }
+}
+
+/// Per query row `t` of `scores` (F32, causal), the `k` best candidates
+/// (ties to the smaller index, NaN as -∞), sorted ascending, padded with
+/// `NONE`; writes `idx`, U32 `[batch, seq, k]`.
+///
+/// - `block == 0` (tokens): `scores` is `[batch, seq, seq]`, row `t` chooses
+///   among keys `0..=t`.
+/// - `block > 0` (blocks): `scores` is the per-query pooled
+///   `[batch, seq, ceil(seq/block)]` of [`indexer_block_scores`]; row `t`
+///   chooses among blocks `0..=t/block`, keeping its own block first, then
+///   the sink block 0, then the best others (`k = 1`: the own block only).
+///
+/// Row `t` reads row `t` only: the selection is causal.
+pub fn select_topk<B: Backend>(be: &B, scores: &Tensor<B>, k: usize, block: usize, idx: &mut Tensor<B>) -> Result<()> {
     const OP: &str = "select_topk";
     check_dtype(OP, "scores", scores, DType::F32)?;
     check_dtype(OP, "idx", idx, DType::U32)?;
     check_nonempty(OP, "scores", scores)?;
     let &[batch, rows, cols] = scores.shape() else {
         return Err(Error::Shape(format!(
-            "{OP}: scores must be [batch, rows, cols], got {}",
+            "{OP}: scores must be [batch, seq, cols], got {}",
             fmt_shape(scores.shape())
         )));
     };
-    if rows != cols || k == 0 || idx.shape() != [batch, rows, k] {
+    let want_cols = if block > 0 { rows.div_ceil(block) } else { rows };
+    if cols != want_cols || k == 0 || idx.shape() != [batch, rows, k] {
+        let what = if block > 0 { format!("ceil(seq/{block}) = {want_cols}") } else { format!("seq = {rows}") };
         return Err(Error::Shape(format!(
-            "{OP}: scores {} must be square per batch and idx [{batch}, {rows}, k > 0]; got idx {}",
+            "{OP}: scores {} must have {what} columns and idx must be [{batch}, {rows}, k > 0]; got idx {}",
             fmt_shape(scores.shape()),
             fmt_shape(idx.shape())
         )));
     }
-    check_u32(OP, "numel", scores.numel())?;
-    be.select_topk(&SelectSpec { batch, rows, cols, k, blocks, checked: CHECKED }, scores, idx)
+    check_u32(OP, "numel", scores.numel().max(batch * rows * k))?;
+    be.select_topk(&SelectSpec { batch, rows, cols, k, block, checked: CHECKED }, scores, idx)
 }
 
 /// Sizes of the indexer's training loss.

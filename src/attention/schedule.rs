@@ -8,17 +8,17 @@
 //! 3. **fixed** for the rest (default 60%): the target budget.
 //!
 //! The budget is either `k` tokens per query or `n` key blocks of `block`
-//! tokens per query block; [`SparsitySchedule::plan`] turns a step and a
+//! tokens per query; [`SparsitySchedule::plan`] turns a step and a
 //! sequence length into "dense, or keep this many".
 
 use crate::error::{Error, Result};
 
-/// What sparse attention keeps per query (token mode) or query block (block mode).
+/// What sparse attention keeps per query (top-k tokens, or top-n key blocks).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Budget {
     /// Top-k keys per query.
     Tokens(usize),
-    /// Top-n key blocks of `block` tokens per query block.
+    /// Top-n key blocks of `block` tokens per query.
     Blocks { block: usize, n: usize },
 }
 

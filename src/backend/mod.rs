@@ -18,6 +18,7 @@ pub use select::{AnyBackend, BackendChoice, BackendJob, Selection, run_on, selec
 
 use crate::DType;
 use crate::Tensor;
+use crate::attention::cached::{CachedAttentionSpec, CachedIndexerSpec, CachedSelectSpec};
 use crate::attention::ops::{AttentionSpec, IndexerLossSpec, IndexerSpec, SelectSpec};
 use crate::error::Result;
 use crate::ops::*;
@@ -209,4 +210,44 @@ pub trait Backend: Send + Sync + Sized + 'static {
         dki: &mut T<Self>,
         dw: &mut T<Self>,
     ) -> Result<()>;
+
+    // ---- inference over a KV cache: semantics in `crate::attention::cached`,
+    // `crate::ops::cache` and `crate::ops::rope::rope_rows` ----
+    /// RoPE of query rows at their own positions (`len - 1` of the row table).
+    fn rope_rows(
+        &self,
+        s: &RopeSpec,
+        x: &T<Self>,
+        cos: &T<Self>,
+        sin: &T<Self>,
+        rows: &T<Self>,
+        y: &mut T<Self>,
+    ) -> Result<()>;
+    /// `cache[base + len - 1] = src[r]` per row.
+    fn cache_write(&self, s: &CacheWriteSpec, src: &T<Self>, rows: &T<Self>, cache: &mut T<Self>) -> Result<()>;
+    /// Attention of query rows over their cached keys (`idx` is `None` for dense).
+    #[allow(clippy::too_many_arguments)]
+    fn cached_attention(
+        &self,
+        s: &CachedAttentionSpec,
+        q: &T<Self>,
+        k: &T<Self>,
+        v: &T<Self>,
+        rows: &T<Self>,
+        idx: Option<&T<Self>>,
+        o: &mut T<Self>,
+    ) -> Result<()>;
+    /// Per-row pooled indexer scores over the cached indexer keys.
+    #[allow(clippy::too_many_arguments)]
+    fn cached_indexer_block_scores(
+        &self,
+        s: &CachedIndexerSpec,
+        qi: &T<Self>,
+        w: &T<Self>,
+        ki: &T<Self>,
+        rows: &T<Self>,
+        pooled: &mut T<Self>,
+    ) -> Result<()>;
+    /// Per-row top-n key blocks (own block, sink, best others).
+    fn cached_select(&self, s: &CachedSelectSpec, scores: &T<Self>, rows: &T<Self>, idx: &mut T<Self>) -> Result<()>;
 }

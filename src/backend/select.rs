@@ -91,11 +91,24 @@ pub fn select(choice: BackendChoice) -> Result<Selection> {
             }
             match wgpu_auto() {
                 Ok(sel) => return Ok(sel),
+                // An adapter named in DYNSPARSE_WGPU_ADAPTER is an explicit request: falling
+                // back to the CPU would run somewhere the user did not ask for, silently.
+                Err(e) if adapter_env().is_some() => {
+                    return Err(crate::error::Error::Unavailable(format!(
+                        "DYNSPARSE_WGPU_ADAPTER=`{}`: {e}; unset it to let --backend auto choose",
+                        adapter_env().unwrap_or_default()
+                    )));
+                }
                 Err(e) => why.push(e),
             }
             Ok(cpu(format!("auto: {}", why.join("; "))))
         }
     }
+}
+
+/// `DYNSPARSE_WGPU_ADAPTER`, when set to something.
+fn adapter_env() -> Option<String> {
+    std::env::var("DYNSPARSE_WGPU_ADAPTER").ok().filter(|s| !s.trim().is_empty())
 }
 
 fn cpu(reason: String) -> Selection {

@@ -5,8 +5,10 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use crate::outln;
 use clap::{Args, Subcommand};
 use dynsparse::backend::{AnyBackend, BackendChoice, BackendJob, cpu::CpuBackend, run_on, select};
+use dynsparse::train::memory::{MemoryPlan, Place};
 use dynsparse::util::machine::{host_description, update_markdown_section};
 use dynsparse::util::rng::Rng;
 use dynsparse::{Backend, DType, Error, Result, Tensor, ops};
@@ -21,6 +23,9 @@ pub enum BenchCommand {
     Attention(AttentionArgs),
     /// Peak device bytes and tokens/s of one training step in f32, f16 and bf16.
     Train(super::bench_train::TrainBenchArgs),
+    /// Prefill and decode tokens/s through the KV cache: dense vs sparse decode at long contexts,
+    /// batch 1 vs B, and the whole-window path for reference (random weights).
+    Decode(super::bench_decode::DecodeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -39,7 +44,7 @@ pub struct AttentionArgs {
     /// Key block size of the sparse pattern.
     #[arg(long, default_value_t = 64)]
     pub block: usize,
-    /// Key blocks kept per query block (incl. the sink and local blocks): 16×64 = 1024 keys.
+    /// Key blocks each query keeps (incl. the sink and its own block): 16×64 = 1024 keys.
     #[arg(long, default_value_t = 16)]
     pub keep_blocks: usize,
     /// Indexer heads H_I.
@@ -71,7 +76,7 @@ pub struct MatmulArgs {
     #[arg(long, value_delimiter = ',', default_values_t = ["f32".to_string(), "f16".to_string(), "bf16".to_string()])]
     pub dtypes: Vec<String>,
     /// Minimum seconds of timed work per measurement (after one warm-up call).
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
     pub min_time: f64,
     /// Skip the CPU-backend baseline (and the ratio column).
     #[arg(long)]
@@ -86,6 +91,7 @@ pub fn run(choice: BackendChoice, cmd: BenchCommand) -> Result<()> {
         BenchCommand::Matmul(a) => matmul(choice, a),
         BenchCommand::Attention(a) => super::bench_attention::run(choice, a),
         BenchCommand::Train(a) => super::bench_train::run(choice, a),
+        BenchCommand::Decode(a) => super::bench_decode::run(choice, a),
     }
 }
 
@@ -154,6 +160,9 @@ pub fn measure<B: Backend>(be: &B, min_time: f64, mut f: impl FnMut() -> Result<
     Ok(t0.elapsed().as_secs_f64() / iters as f64)
 }
 
+/// Largest square size `bench matmul` takes (a 65536² f32 matrix is 16 GiB).
+const MAX_MATMUL: usize = 65536;
+
 pub fn parse_dtypes(v: &[String]) -> Result<Vec<DType>> {
     v.iter()
         .map(|s| {
@@ -166,10 +175,29 @@ pub fn parse_dtypes(v: &[String]) -> Result<Vec<DType>> {
 
 fn matmul(choice: BackendChoice, args: MatmulArgs) -> Result<()> {
     let dtypes = parse_dtypes(&args.dtypes)?;
-    if args.sizes.is_empty() || args.sizes.contains(&0) {
+    if let Some(&n) = args.sizes.iter().find(|&&n| n == 0 || n > MAX_MATMUL) {
+        return Err(Error::Invalid(format!("--sizes {n}: accepted range 1..={MAX_MATMUL}")));
+    }
+    if args.sizes.is_empty() {
         return Err(Error::Invalid("--sizes needs positive sizes, e.g. --sizes 256,512,1024".into()));
     }
+    if !(args.min_time.is_finite() && (0.0..=3600.0).contains(&args.min_time)) {
+        return Err(Error::Invalid(format!("--min-time {}: accepted range 0..=3600 seconds", args.min_time)));
+    }
     let sel = select(choice)?;
+    // One size at a time is alive: A, B, C in the widest dtype plus the two f32 host vectors
+    // they are made from; the CPU baseline holds the same in host memory.
+    let n = args.sizes.iter().copied().max().unwrap_or(0) as u128;
+    let width = dtypes.iter().map(|d| d.size()).max().unwrap_or(4) as u128;
+    let cpu_baseline = !args.no_cpu_baseline && !matches!(sel.backend, AnyBackend::Cpu(_));
+    let plan = MemoryPlan {
+        parts: vec![
+            ("A, B, C", Place::Device, 3 * n * n * width),
+            ("host inputs", Place::Host, 8 * n * n),
+            ("CPU baseline", Place::Host, if cpu_baseline { 3 * n * n * width } else { 0 }),
+        ],
+    };
+    super::preflight(&plan, &sel.backend, &format!("bench matmul at n = {n}"), "lower --sizes")?;
     log::info!("bench on {} ({}): {}", sel.backend.kind(), sel.backend.device_name(), sel.reason);
     let with_cpu = !args.no_cpu_baseline && !matches!(sel.backend, AnyBackend::Cpu(_));
     let total = (dtypes.len() * args.sizes.len() * if with_cpu { 2 } else { 1 }) as u64;
@@ -210,10 +238,10 @@ fn matmul(choice: BackendChoice, args: MatmulArgs) -> Result<()> {
             None => md.push_str(&format!("| {} | {} | {:.3} | {:.2} |\n", r.dtype, r.n, r.ms, r.gflops)),
         }
     }
-    println!("{md}");
+    outln!("{md}");
     if let Some(path) = &args.write {
         update_markdown_section(path, &format!("bench matmul {kind}"), &md)?;
-        println!("written to {}", path.display());
+        outln!("written to {}", path.display());
     }
     Ok(())
 }

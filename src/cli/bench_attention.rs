@@ -1,6 +1,7 @@
 //! `dynsparse bench attention`: dense causal flash attention against dynamic
-//! sparse attention in block mode (indexer → block scores → top-n blocks →
-//! block-sparse flash attention), side by side on one backend.
+//! sparse attention in block mode (indexer → per-query block scores → each
+//! query's top-n blocks → block-sparse flash attention), side by side on one
+//! backend.
 
 use dynsparse::attention::{self, Pattern};
 use dynsparse::backend::{BackendChoice, BackendJob, run_on, select};
@@ -104,14 +105,14 @@ impl BackendJob for Job<'_> {
                 let w = up(&[1, seq, a.index_heads])?;
                 let nb = seq.div_ceil(a.block);
                 let keep = a.keep_blocks.min(nb);
-                let mut pooled = Tensor::empty(be, &[1, nb, nb], DType::F32)?;
-                let mut idx = Tensor::empty(be, &[1, nb, keep], DType::U32)?;
+                let mut pooled = Tensor::empty(be, &[1, seq, nb], DType::F32)?;
+                let mut idx = Tensor::empty(be, &[1, seq, keep], DType::U32)?;
                 let mut o = Tensor::empty(be, &qs, self.dt)?;
                 let mut lse = Tensor::empty(be, &[1, a.heads, seq], DType::F32)?;
                 row.indexer = measure(be, a.min_time, || {
                     attention::indexer_block_scores(be, &qi, &ki, &w, a.block, &mut pooled)
                 })?;
-                row.select = measure(be, a.min_time, || attention::select_topk(be, &pooled, keep, true, &mut idx))?;
+                row.select = measure(be, a.min_time, || attention::select_topk(be, &pooled, keep, a.block, &mut idx))?;
                 let pat = || Pattern::Blocks { idx: &idx, block: a.block };
                 row.sparse_fwd =
                     measure(be, a.min_time, || attention::attention(be, &q, &k, &v, pat(), &mut o, &mut lse))?;
@@ -159,7 +160,7 @@ pub fn run(choice: BackendChoice, a: AttentionArgs) -> Result<()> {
     let mut md = format!(
         "Machine: {} — device: {} ({kind}).\n\n\
          Command: `dynsparse --backend {kind} bench attention --seqs {} --heads {} --kv-heads {} --head-dim {} --block {} --keep-blocks {} --index-heads {} --index-dim {} --dtype {dt}`\n\n\
-         Batch 1, causal. Sparse = block mode keeping {} blocks of {} keys per query block (sink and local included). \
+         Batch 1, causal. Sparse = block mode keeping {} blocks of {} keys per query (its own top-n, sink and local included). \
          \"e2e\" = indexer block scores + top-n selection + sparse attention. Times in ms; speed-up = dense / sparse.\n\n\
          | seq | dense fwd | sparse attn fwd | indexer | select | e2e fwd | speed-up attn fwd | speed-up e2e fwd | dense fwd+bwd | e2e fwd+bwd | speed-up e2e fwd+bwd | peak MiB dense / sparse |\n\
          |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",

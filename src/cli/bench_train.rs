@@ -4,10 +4,12 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use crate::outln;
 use clap::Args;
 use dynsparse::backend::{BackendChoice, BackendJob, run_on, select};
 use dynsparse::data::synthetic::{SyntheticConfig, generate};
 use dynsparse::model::{AttentionMode, Model, ModelConfig};
+use dynsparse::train::memory::MemoryPlan;
 use dynsparse::train::{LrSchedule, MemoryReport, TrainConfig, Trainer};
 use dynsparse::util::machine::{host_description, update_markdown_section};
 use dynsparse::{Backend, DType, Error, Result};
@@ -97,16 +99,36 @@ impl BackendJob for Job<'_> {
 pub fn run(choice: BackendChoice, a: TrainBenchArgs) -> Result<()> {
     let dts = parse_dtypes(&a.precisions)?;
     let mut cfg = ModelConfig { n_layers: a.layers, d_model: a.d_model, ..ModelConfig::default() };
+    let flag = |f: &str| match f {
+        "n_layers" => "--layers".to_string(),
+        "d_model" => "--d-model".to_string(),
+        o => format!("model {o}"),
+    };
     cfg.attention = match a.attention.as_str() {
         "dense" => AttentionMode::Dense,
         "sparse" => cfg.attention,
         o => return Err(Error::Invalid(format!("--attention `{o}`: expected dense or sparse"))),
     };
-    cfg.validate()?;
-    if a.steps == 0 || a.seq > cfg.context {
-        return Err(Error::Invalid(format!("--steps must be positive and --seq at most {}", cfg.context)));
+    cfg.check(&flag)?;
+    if a.steps == 0 {
+        return Err(Error::Invalid("--steps 0: accepted range 1 or more".into()));
+    }
+    if !(1..=cfg.context).contains(&a.seq) || a.batch == 0 {
+        return Err(Error::Invalid(format!(
+            "--seq {} and --batch {}: accepted ranges 1..={} and 1..",
+            a.seq, a.batch, cfg.context
+        )));
     }
     let sel = select(choice)?;
+    for &dt in &dts {
+        let plan = MemoryPlan::train(&cfg, dt, a.batch, a.seq);
+        super::preflight(
+            &plan,
+            &sel.backend,
+            &format!("a {dt} training step"),
+            "lower --batch, --seq, --d-model or --layers",
+        )?;
+    }
     let rows = run_on(&sel.backend, Job { a: &a, cfg, dts })?;
     let kind = sel.backend.kind();
     let mib = |b: usize| format!("{:.1}", b as f64 / (1u64 << 20) as f64);
@@ -139,10 +161,10 @@ pub fn run(choice: BackendChoice, a: TrainBenchArgs) -> Result<()> {
             r.tok_s
         ));
     }
-    println!("{md}");
+    outln!("{md}");
     if let Some(p) = &a.write {
         update_markdown_section(p, &format!("bench train {kind}"), &md)?;
-        println!("written to {}", p.display());
+        outln!("written to {}", p.display());
     }
     Ok(())
 }

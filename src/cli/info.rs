@@ -1,5 +1,6 @@
 //! `dynsparse info`: what this build and this machine offer.
 
+use crate::outln;
 use dynsparse::Result;
 use dynsparse::backend::{BackendChoice, select};
 use dynsparse::util::machine::host_description;
@@ -8,14 +9,14 @@ pub fn run(choice: BackendChoice) -> Result<()> {
     // An explicitly requested backend must exist: fail with one clear line otherwise.
     if choice != BackendChoice::Auto {
         let sel = select(choice)?;
-        println!("backend {}: {} ({})", sel.backend.kind(), sel.backend.device_name(), sel.reason);
+        outln!("backend {}: {} ({})", sel.backend.kind(), sel.backend.device_name(), sel.reason);
         #[cfg(feature = "cuda")]
         if choice == BackendChoice::Cuda {
-            println!("{}", cuda_driver_line());
+            outln!("{}", cuda_driver_line());
         }
         return Ok(());
     }
-    println!("dynsparse {}", env!("CARGO_PKG_VERSION"));
+    outln!("dynsparse {}", env!("CARGO_PKG_VERSION"));
     let mut compiled = vec!["cpu"];
     if cfg!(feature = "wgpu") {
         compiled.push("wgpu");
@@ -23,12 +24,12 @@ pub fn run(choice: BackendChoice) -> Result<()> {
     if cfg!(feature = "cuda") {
         compiled.push("cuda");
     }
-    println!("compiled backends: {}", compiled.join(", "));
-    println!("\ncpu: {}", host_description());
+    outln!("compiled backends: {}", compiled.join(", "));
+    outln!("\ncpu: {}", host_description());
     wgpu_section();
     cuda_section();
     let sel = select(BackendChoice::Auto)?;
-    println!("\n--backend auto chooses: {} — {} ({})", sel.backend.kind(), sel.backend.device_name(), sel.reason);
+    outln!("\n--backend auto chooses: {} — {} ({})", sel.backend.kind(), sel.backend.device_name(), sel.reason);
     Ok(())
 }
 
@@ -37,16 +38,16 @@ fn wgpu_section() {
     use dynsparse::backend::wgpu::enumerate_adapters;
     let adapters = enumerate_adapters();
     if adapters.is_empty() {
-        println!(
+        outln!(
             "\nwgpu: no adapter found: no Vulkan, Metal or DX12 driver answered \
              (on Linux without a GPU: `apt-get install mesa-vulkan-drivers` for the lavapipe software adapter)"
         );
         return;
     }
-    println!("\nwgpu adapters:");
+    outln!("\nwgpu adapters:");
     for a in adapters {
         let (lo, hi) = a.subgroup_sizes;
-        println!(
+        outln!(
             "  [{}] {} — {} {}{}, driver {}\n      f16 {}, subgroups {} ({lo}..{hi}), {}",
             a.index,
             a.name,
@@ -63,7 +64,7 @@ fn wgpu_section() {
 
 #[cfg(not(feature = "wgpu"))]
 fn wgpu_section() {
-    println!("\nwgpu: not compiled in (build with the default `wgpu` feature)");
+    outln!("\nwgpu: not compiled in (build with the default `wgpu` feature)");
 }
 
 #[cfg(feature = "cuda")]
@@ -77,18 +78,13 @@ fn cuda_driver_line() -> String {
 #[cfg(feature = "cuda")]
 fn cuda_section() {
     match dynsparse::backend::cuda::probe() {
-        Ok(devs) if devs.is_empty() => println!("\ncuda: driver found, but no device"),
+        Ok(devs) if devs.is_empty() => outln!("\ncuda: driver found, but no device"),
         Ok(devs) => {
-            match dynsparse::backend::cuda::driver_version() {
-                Ok((ma, mi)) => {
-                    println!("\ncuda driver: CUDA {ma}.{mi} (PTX from a newer NVRTC does not load; CUBIN does)")
-                }
-                Err(why) => println!("\ncuda driver: version unknown ({why})"),
-            }
-            println!("cuda devices:");
+            outln!("\n{}", cuda_driver_line());
+            outln!("cuda devices:");
             for d in devs {
                 let (ma, mi) = d.compute_capability;
-                println!(
+                outln!(
                     "  [{}] {} — sm_{ma}{mi}, {:.1} GiB",
                     d.ordinal,
                     d.name,
@@ -96,13 +92,13 @@ fn cuda_section() {
                 );
             }
         }
-        Err(why) => println!("\ncuda: unavailable: {why}"),
+        Err(why) => outln!("\ncuda: unavailable: {why}"),
     }
 }
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_section() {
-    println!("\ncuda: not compiled in (build with `--features cuda`)");
+    outln!("\ncuda: not compiled in (build with `--features cuda`)");
 }
 
 #[cfg(feature = "wgpu")]

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_attention;
+pub mod bench_decode;
 pub mod bench_train;
 pub mod info;
 pub mod train;
@@ -41,4 +42,57 @@ pub enum Command {
     /// Measure op throughput side by side with the CPU backend.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+}
+
+use dynsparse::backend::AnyBackend;
+use dynsparse::train::memory::MemoryPlan;
+use dynsparse::util::files::mem_available;
+
+/// Writes program output to stdout. When the reader has gone (EPIPE, as in
+/// `dynsparse generate … | head -c 20`) the process ends at once with status 0:
+/// the consumer took what it wanted, and nothing is left to do (checkpoints are
+/// saved before anything is printed). Any other write error is an error line, status 1.
+pub fn emit(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_fmt(args).and_then(|_| o.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `println!` through [`emit`].
+#[macro_export]
+macro_rules! outln {
+    () => { $crate::cli::emit(format_args!("\n")) };
+    ($($t:tt)*) => { $crate::cli::emit(format_args!("{}\n", format_args!($($t)*))) };
+}
+
+/// Memory of the chosen device for the memory preflight: `None` when the
+/// device's memory is the host's (the CPU backend, a software wgpu adapter);
+/// else its total bytes (`u64::MAX` where the API does not tell) and name.
+pub fn device_memory(any: &AnyBackend) -> Option<(u64, String)> {
+    match any {
+        AnyBackend::Cpu(_) => None,
+        #[cfg(feature = "wgpu")]
+        AnyBackend::Wgpu(_) => {
+            let name = any.device_name();
+            let n = name.to_ascii_lowercase();
+            if n.contains("llvmpipe") || n.contains("swiftshader") { None } else { Some((u64::MAX, name)) }
+        }
+        #[cfg(feature = "cuda")]
+        AnyBackend::Cuda(_) => {
+            let total = dynsparse::backend::cuda::probe().ok().and_then(|d| d.first().map(|d| d.total_memory as u64));
+            Some((total.unwrap_or(u64::MAX), any.device_name()))
+        }
+    }
+}
+
+/// Runs the memory preflight of `plan` for the backend `any` will run it on.
+pub fn preflight(plan: &MemoryPlan, any: &AnyBackend, what: &str, hint: &str) -> dynsparse::Result<()> {
+    let dev = device_memory(any);
+    plan.check(what, mem_available(), dev.as_ref().map(|(b, n)| (*b, n.as_str())), hint)
 }

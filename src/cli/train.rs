@@ -1,18 +1,19 @@
 //! `dynsparse train`, `eval` and `generate`.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::outln;
 use clap::Args;
 use dynsparse::backend::{BackendChoice, BackendJob, run_on, select};
 use dynsparse::data::synthetic::{SyntheticConfig, generate};
 use dynsparse::data::{BYTE_VOCAB, Corpus};
-use dynsparse::model::sample::{Sampling, next_token};
-use dynsparse::model::{AttentionMode, Model, ModelConfig, StepAttention, Workspace};
+use dynsparse::model::sample::Sampling;
+use dynsparse::model::{AttentionMode, GenerateOptions, Model, ModelConfig, StepAttention, StopReason, Workspace};
+use dynsparse::train::memory::MemoryPlan;
 use dynsparse::train::{EvalStats, LrSchedule, MemoryReport, TrainConfig, Trainer, checkpoint, plot};
-use dynsparse::util::rng::Rng;
+use dynsparse::util::files::{DirLock, ensure_writable_dir};
 use dynsparse::{Backend, DType, Error, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -45,8 +46,8 @@ pub struct TrainArgs {
     /// f32, f16 (with dynamic loss scaling) or bf16; master weights and moments stay f32.
     #[arg(long)]
     pub precision: Option<String>,
-    /// Peak learning rate (after linear warm-up; cosine decay to a tenth of it).
-    #[arg(long)]
+    /// Peak learning rate (after linear warm-up; cosine decay to a tenth of it), in (0, 10].
+    #[arg(long, allow_negative_numbers = true)]
     pub lr: Option<f32>,
     /// dense, or sparse (dynamic sparse attention with indexers on the 3-phase schedule).
     #[arg(long)]
@@ -54,14 +55,15 @@ pub struct TrainArgs {
     /// Key block size of sparse attention.
     #[arg(long)]
     pub block: Option<usize>,
-    /// Key blocks kept per query block at the end of the schedule.
+    /// Key blocks each query keeps at the end of the schedule (its own block and the sink block
+    /// included; 1 keeps the own block only).
     #[arg(long)]
     pub keep_blocks: Option<usize>,
-    /// Fraction of steps of dense warm-up.
-    #[arg(long)]
+    /// Fraction of steps of dense warm-up (sparse attention), in [0, 1].
+    #[arg(long, allow_negative_numbers = true)]
     pub warmup_frac: Option<f64>,
-    /// Fraction of steps of the keep-fraction ramp.
-    #[arg(long)]
+    /// Fraction of steps of the keep-fraction ramp (sparse attention); warm-up + ramp ≤ 1.
+    #[arg(long, allow_negative_numbers = true)]
     pub ramp_frac: Option<f64>,
     #[arg(long)]
     pub layers: Option<usize>,
@@ -88,6 +90,40 @@ pub struct TrainArgs {
     /// Stop (with a checkpoint) on reaching this step, as if interrupted; `--resume` continues.
     #[arg(long)]
     pub stop_at: Option<u64>,
+    /// Replace the run already in --out (its checkpoint, log and plot) instead of refusing.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Stop with an error when more than this many optimizer steps in a row are skipped for
+    /// non-finite gradients (f16 loss scaling skips a few normally; a diverged run skips them all).
+    #[arg(long, default_value_t = dynsparse::train::DEFAULT_MAX_SKIPPED)]
+    pub max_skipped_steps: u64,
+}
+
+/// The command-line flag of each config field a flag sets.
+fn flag_of(field: &str) -> String {
+    match field {
+        "n_layers" => "--layers".into(),
+        "d_model" => "--d-model".into(),
+        "n_heads" => "--heads".into(),
+        "n_kv_heads" => "--kv-heads".into(),
+        "context" | "block" | "steps" | "batch" | "seq" | "accum" | "precision" | "lr" => format!("--{field}"),
+        "keep_blocks" | "warmup_frac" | "ramp_frac" => format!("--{}", field.replace('_', "-")),
+        other => format!("model {other}"),
+    }
+}
+
+/// Range checks of the flags that are not part of a config.
+fn check_run_flags(a: &TrainArgs) -> Result<()> {
+    let pos = |flag: &str, v: u64| {
+        if v == 0 { Err(Error::Invalid(format!("{flag} 0: accepted range 1 or more"))) } else { Ok(()) }
+    };
+    pos("--eval-every", a.eval_every)?;
+    pos("--save-every", a.save_every)?;
+    pos("--eval-windows", a.eval_windows as u64)?;
+    if let Some(s) = a.stop_at {
+        pos("--stop-at", s)?;
+    }
+    Ok(())
 }
 
 fn precision(s: &str) -> Result<DType> {
@@ -105,9 +141,22 @@ fn fresh_configs(a: &TrainArgs) -> Result<(ModelConfig, TrainConfig)> {
     m.n_kv_heads = a.kv_heads.unwrap_or(m.n_kv_heads);
     m.context = a.context.unwrap_or(m.context);
     m.vocab = BYTE_VOCAB;
-    let AttentionMode::Sparse { block, keep_blocks, index_heads, index_dim } = m.attention else { unreachable!() };
+    let AttentionMode::Sparse { block, keep_blocks, index_heads, index_dim } = m.attention else {
+        return Err(Error::Invalid("the default model config must be sparse".into()));
+    };
     m.attention = match a.attention.as_deref().unwrap_or("sparse") {
-        "dense" => AttentionMode::Dense,
+        "dense" => {
+            let sparse_only = [
+                ("--block", a.block.is_some()),
+                ("--keep-blocks", a.keep_blocks.is_some()),
+                ("--warmup-frac", a.warmup_frac.is_some()),
+                ("--ramp-frac", a.ramp_frac.is_some()),
+            ];
+            if let Some((flag, _)) = sparse_only.iter().find(|(_, given)| *given) {
+                return Err(Error::Invalid(format!("{flag} applies to --attention sparse only (given: dense)")));
+            }
+            AttentionMode::Dense
+        }
         "sparse" => AttentionMode::Sparse {
             block: a.block.unwrap_or(block),
             keep_blocks: a.keep_blocks.unwrap_or(keep_blocks),
@@ -116,7 +165,7 @@ fn fresh_configs(a: &TrainArgs) -> Result<(ModelConfig, TrainConfig)> {
         },
         other => return Err(Error::Invalid(format!("--attention `{other}`: expected dense or sparse"))),
     };
-    m.validate()?;
+    m.check(&flag_of)?;
     let steps = a.steps.unwrap_or(300);
     let lr = a.lr.unwrap_or(3e-3);
     let t = TrainConfig {
@@ -125,7 +174,7 @@ fn fresh_configs(a: &TrainArgs) -> Result<(ModelConfig, TrainConfig)> {
         seq: a.seq.unwrap_or(512),
         accum: a.accum.unwrap_or(1),
         precision: precision(a.precision.as_deref().unwrap_or("f32"))?,
-        lr: LrSchedule { lr, min_lr: lr / 10.0, warmup_steps: (steps / 20).max(1), total_steps: steps },
+        lr: LrSchedule { lr, min_lr: lr / 10.0, warmup_steps: (steps / 20).max(1).min(steps), total_steps: steps },
         beta1: 0.9,
         beta2: 0.95,
         weight_decay: 0.1,
@@ -134,7 +183,12 @@ fn fresh_configs(a: &TrainArgs) -> Result<(ModelConfig, TrainConfig)> {
         ramp_frac: a.ramp_frac.unwrap_or(0.3),
         seed: a.seed.unwrap_or(1234),
     };
-    t.validate(&m)?;
+    t.check(&m, &flag_of)?;
+    if let Some(s) = a.stop_at
+        && s >= steps
+    {
+        return Err(Error::Invalid(format!("--stop-at {s}: accepted range 1..={} (below --steps {steps})", steps - 1)));
+    }
     Ok((m, t))
 }
 
@@ -162,6 +216,31 @@ fn check_resume_flags(a: &TrainArgs, ck: &checkpoint::Checkpoint) -> Result<()> 
     cmp("seed", a.seed.map(|x| x.to_string()), t.seed.to_string());
     let mode = if m.is_sparse() { "sparse" } else { "dense" };
     cmp("attention", a.attention.clone(), mode.to_string());
+    // Floats compare as numbers: `--lr 0.003` matches a stored 3e-3.
+    let mut cmpf = |name: &str, given: Option<f64>, have: f64, shown: String| {
+        if let Some(g) = given
+            && g != have
+        {
+            bad.push(format!("--{name} {} (checkpoint: {shown})", dynsparse::util::fmt_real(g)));
+        }
+    };
+    cmpf("lr", a.lr.map(f64::from), t.lr.lr as f64, t.lr.lr.to_string());
+    cmpf("warmup-frac", a.warmup_frac, t.warmup_frac, t.warmup_frac.to_string());
+    cmpf("ramp-frac", a.ramp_frac, t.ramp_frac, t.ramp_frac.to_string());
+    let (block, keep) = match m.attention {
+        AttentionMode::Sparse { block, keep_blocks, .. } => (Some(block), Some(keep_blocks)),
+        AttentionMode::Dense => (None, None),
+    };
+    let opt = |x: Option<usize>| x.map(|x| x.to_string()).unwrap_or_else(|| "none: dense".into());
+    let mut cmp2 = |name: &str, given: Option<usize>, have: Option<usize>| {
+        if let Some(g) = given
+            && Some(g) != have
+        {
+            bad.push(format!("--{name} {g} (checkpoint: {})", opt(have)));
+        }
+    };
+    cmp2("block", a.block, block);
+    cmp2("keep-blocks", a.keep_blocks, keep);
     if a.data.as_ref().map(|p| p.display().to_string()) != ck.extra.get("data").filter(|d| *d != "synthetic").cloned()
         && (a.data.is_some() || ck.extra.get("data").is_some_and(|d| d != "synthetic"))
     {
@@ -174,7 +253,10 @@ fn check_resume_flags(a: &TrainArgs, ck: &checkpoint::Checkpoint) -> Result<()> 
     if bad.is_empty() {
         Ok(())
     } else {
-        Err(Error::Invalid(format!("the checkpoint does not match the flags: {}", bad.join(", "))))
+        Err(Error::Invalid(format!(
+            "a resumed run keeps the checkpoint's settings; these flags contradict it: {}",
+            bad.join(", ")
+        )))
     }
 }
 
@@ -190,6 +272,8 @@ struct TrainJob {
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
     resume: Option<checkpoint::Checkpoint>,
+    /// Log rows (steps 0..resume step) carried over from the resumed run.
+    old_log: Vec<String>,
     train: Corpus,
     val: Corpus,
 }
@@ -198,11 +282,57 @@ fn fmt_bytes(b: usize) -> String {
     format!("{:.2} MiB", b as f64 / (1u64 << 20) as f64)
 }
 
+/// The log's columns; a row's first field is its 0-based step.
+const LOG_HEADER: &str = "step,loss,val_loss,grad_norm,lr,loss_scale,kept_fraction,skipped,ms,tokens_per_s,indexer_kl";
+
+/// Rows of an existing log for steps `0..step`, in order. A log written by a run
+/// killed between logging and saving has rows past the checkpoint: they are
+/// dropped and recomputed (bit for bit) by the resumed run. Missing or damaged
+/// rows are reported in one warning: the checkpoint, not the log, is the state.
+fn log_rows_before(log: &Path, step: u64) -> Vec<String> {
+    let text = match std::fs::metadata(log) {
+        Ok(md) if md.is_file() => std::fs::read_to_string(log).unwrap_or_default(),
+        _ => String::new(),
+    };
+    let mut rows = Vec::new();
+    for line in text.lines().skip(1) {
+        match line.split(',').next().and_then(|x| x.parse::<u64>().ok()) {
+            Some(s) if s == rows.len() as u64 && s < step => rows.push(line.to_string()),
+            _ => break,
+        }
+    }
+    if (rows.len() as u64) < step {
+        log::warn!(
+            "{}: has rows for steps 0..{} only, the checkpoint is at step {step}; the resumed log starts with that gap filled by nothing",
+            log.display(),
+            rows.len()
+        );
+    }
+    rows
+}
+
+/// Points (step, value) of one curve of the loss plot.
+type Curve = Vec<(u64, f64)>;
+
+/// The (step, loss) and (step, val_loss) curves of the plot, from log rows.
+fn plot_points(rows: &[String]) -> (Curve, Curve) {
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for r in rows {
+        let f: Vec<&str> = r.split(',').collect();
+        if let (Some(Ok(s)), Some(Ok(l))) = (f.first().map(|x| x.parse::<u64>()), f.get(1).map(|x| x.parse::<f64>())) {
+            train.push((s, l));
+            if let Some(Ok(v)) = f.get(2).map(|x| x.parse::<f64>()) {
+                val.push((s, v));
+            }
+        }
+    }
+    (train, val)
+}
+
 impl BackendJob for TrainJob {
     type Output = ();
     fn run<B: Backend>(self, be: &B) -> Result<()> {
-        let TrainJob { args, model_cfg, train_cfg, resume, train, val } = self;
-        std::fs::create_dir_all(&args.out).map_err(|e| Error::io(format!("creating {}", args.out.display()), e))?;
+        let TrainJob { args, model_cfg, train_cfg, resume, old_log, train, val } = self;
         let ckpt_path = args.out.join("checkpoint.safetensors");
         let log_path = args.out.join("log.csv");
         let plot_path = args.out.join("loss.svg");
@@ -210,27 +340,10 @@ impl BackendJob for TrainJob {
         let model = Model::new(be, model_cfg, train_cfg.precision, train_cfg.seed)?;
         let mut mem = MemoryReport::default();
         let mut tr = Trainer::new(be, model, train_cfg, &mut mem)?;
-        let mut log_rows: Vec<String> = Vec::new();
-        let (mut train_pts, mut val_pts) = (Vec::new(), Vec::new());
+        tr.max_skipped_in_a_row = args.max_skipped_steps;
+        let mut log_rows = old_log;
         if let Some(ck) = &resume {
             tr.restore(be, &ck.state)?;
-            if let Ok(old) = std::fs::read_to_string(&log_path) {
-                for line in old.lines().skip(1) {
-                    let f: Vec<&str> = line.split(',').collect();
-                    if let (Some(Ok(s)), Some(Ok(l))) =
-                        (f.first().map(|x| x.parse::<u64>()), f.get(1).map(|x| x.parse::<f64>()))
-                    {
-                        if s >= tr.step {
-                            break;
-                        }
-                        train_pts.push((s, l));
-                        if let Some(Ok(v)) = f.get(2).map(|x| x.parse::<f64>()) {
-                            val_pts.push((s, v));
-                        }
-                        log_rows.push(line.to_string());
-                    }
-                }
-            }
             eprintln!(
                 "resuming {} at step {}",
                 args.resume.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
@@ -271,7 +384,11 @@ impl BackendJob for TrainJob {
             "data".to_string(),
             args.data.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "synthetic".into()),
         );
-        let save = |tr: &Trainer<B>| -> Result<()> {
+        let mut saved_step = resume.as_ref().map(|ck| ck.state.step);
+        // The log is written before the checkpoint: a kill between the two leaves log rows past
+        // the checkpoint's step, which the resumed run drops and recomputes, never a gap.
+        let save = |tr: &Trainer<B>, rows: &[String]| -> Result<()> {
+            write_log(&log_path, rows)?;
             let (m, v) = tr.moments(be)?;
             let st = checkpoint::TrainState {
                 params: tr.master_values(be)?,
@@ -291,22 +408,44 @@ impl BackendJob for TrainJob {
             }
             None => StepAttention::Dense,
         };
+        // A non-finite stop keeps what is on disk: the last checkpoint is the last good state.
+        let diverged = |e: Error, saved: Option<u64>| match e {
+            Error::NonFinite(m) => Error::NonFinite(match saved {
+                Some(s) => format!("{m}; {} (step {s}) is the last good state", ckpt_path.display()),
+                None => format!("{m}; no checkpoint was saved"),
+            }),
+            e => e,
+        };
         let mut last_eval: Option<EvalStats> = None;
         let stop = args.stop_at.unwrap_or(train_cfg.steps).min(train_cfg.steps);
         while tr.step < stop {
             let t0 = Instant::now();
-            let st = tr.train_step(be, &train)?;
+            let st = match tr.train_step(be, &train) {
+                Ok(st) => st,
+                Err(e) => {
+                    bar.abandon();
+                    write_log(&log_path, &log_rows)?;
+                    return Err(diverged(e, saved_step));
+                }
+            };
             let dt = t0.elapsed().as_secs_f64();
             let mut val_loss = String::new();
             if (st.step + 1) % args.eval_every == 0 || st.step + 1 == train_cfg.steps {
                 let (attn, _) = tr.plan();
                 let ev = dynsparse::train::evaluate(be, &tr.model, &mut eval_ws, &val, args.eval_windows, attn)?;
-                val_pts.push((st.step, ev.loss));
+                if !ev.loss.is_finite() {
+                    bar.abandon();
+                    write_log(&log_path, &log_rows)?;
+                    let m = format!(
+                        "training stopped at step {}: the validation loss is {} in {} (lower --lr, now {})",
+                        st.step, ev.loss, train_cfg.precision, train_cfg.lr.lr
+                    );
+                    return Err(diverged(Error::NonFinite(m), saved_step));
+                }
                 val_loss = format!("{:.4}", ev.loss);
                 last_eval = Some(ev);
             }
             let keep = st.plan.map(|p| if p.dense { 1.0 } else { p.keep_fraction }).unwrap_or(1.0);
-            train_pts.push((st.step, st.loss));
             log_rows.push(format!(
                 "{},{:.5},{},{:.4},{:.3e},{},{:.3},{},{:.1},{:.0},{:.4}",
                 st.step,
@@ -332,14 +471,13 @@ impl BackendJob for TrainJob {
                 if st.skipped { " | skipped (inf/nan)" } else { "" }
             ));
             if tr.step % args.save_every == 0 || tr.step == stop {
-                save(&tr)?;
-                write_log(&log_path, &log_rows)?;
+                save(&tr, &log_rows)?;
+                saved_step = Some(tr.step);
             }
         }
         bar.finish();
-        write_log(&log_path, &log_rows)?;
         if tr.step < train_cfg.steps {
-            println!(
+            outln!(
                 "stopped at step {} of {}; continue with --resume {}",
                 tr.step,
                 train_cfg.steps,
@@ -347,12 +485,13 @@ impl BackendJob for TrainJob {
             );
             return Ok(());
         }
+        let (train_pts, val_pts) = plot_points(&log_rows);
         plot::loss_curve(&plot_path, &train_pts, &val_pts, "dynsparse training loss")?;
         let ev = match last_eval {
             Some(e) => e,
             None => dynsparse::train::evaluate(be, &tr.model, &mut eval_ws, &val, args.eval_windows, final_attn(&tr))?,
         };
-        println!(
+        outln!(
             "validation loss {:.4} (perplexity {:.2}; unigram baseline {:.4}){}",
             ev.loss,
             ev.perplexity,
@@ -363,18 +502,17 @@ impl BackendJob for TrainJob {
                 format!("; retrieval accuracy {:.1}% over {} answer bytes", 100.0 * ev.retrieval_accuracy, ev.answers)
             }
         );
-        println!("peak device memory: {}", fmt_bytes(be.memory().peak));
-        println!("checkpoint: {}", ckpt_path.display());
-        println!("log:        {}", log_path.display());
-        println!("plot:       {}", plot_path.display());
-        println!("next:       dynsparse generate --checkpoint {} --prompt \"key abc: \"", ckpt_path.display());
+        outln!("peak device memory: {}", fmt_bytes(be.memory().peak));
+        outln!("checkpoint: {}", ckpt_path.display());
+        outln!("log:        {}", log_path.display());
+        outln!("plot:       {}", plot_path.display());
+        outln!("next:       dynsparse generate --checkpoint {} --prompt \"key abc: \"", ckpt_path.display());
         Ok(())
     }
 }
 
 fn write_log(path: &Path, rows: &[String]) -> Result<()> {
-    let mut s =
-        String::from("step,loss,val_loss,grad_norm,lr,loss_scale,kept_fraction,skipped,ms,tokens_per_s,indexer_kl\n");
+    let mut s = format!("{LOG_HEADER}\n");
     for r in rows {
         s.push_str(r);
         s.push('\n');
@@ -382,11 +520,70 @@ fn write_log(path: &Path, rows: &[String]) -> Result<()> {
     dynsparse::util::machine::write_atomic(path, s.as_bytes())
 }
 
+/// Files of a run in its folder.
+const RUN_FILES: [&str; 3] = ["checkpoint.safetensors", "log.csv", "loss.svg"];
+
+/// The folder of a checkpoint path (`.` for a bare file name).
+fn ck_dir(ck: &Path) -> &Path {
+    ck.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
+/// Whether `a` and `b` name the same folder.
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// Prepares `--out` before any compute is spent: writable, locked against a
+/// second process, and not holding another run unless `--overwrite` (a resumed
+/// run may write into its own folder).
+fn prepare_out(a: &TrainArgs) -> Result<DirLock> {
+    ensure_writable_dir(&a.out, "--out")?;
+    let lock = DirLock::acquire(&a.out)?;
+    let own = a.resume.as_deref().map(ck_dir).is_some_and(|d| same_dir(d, &a.out));
+    let present: Vec<&str> = RUN_FILES.iter().copied().filter(|f| a.out.join(f).exists()).collect();
+    if !own && !present.is_empty() {
+        if !a.overwrite {
+            let ck = a.out.join(RUN_FILES[0]);
+            return Err(Error::Invalid(format!(
+                "--out {} already holds a run ({}); continue it with --resume {}, choose another --out, or pass --overwrite to replace it",
+                a.out.display(),
+                present.join(", "),
+                ck.display()
+            )));
+        }
+        for f in present {
+            let p = a.out.join(f);
+            std::fs::remove_file(&p).map_err(|e| Error::io(format!("--overwrite: removing {}", p.display()), e))?;
+        }
+    }
+    Ok(lock)
+}
+
 pub fn train(choice: BackendChoice, args: TrainArgs) -> Result<()> {
+    check_run_flags(&args)?;
     let (model_cfg, train_cfg, resume) = match &args.resume {
         Some(p) => {
             let ck = checkpoint::load(p)?;
             check_resume_flags(&args, &ck)?;
+            let (step, steps) = (ck.state.step, ck.train.steps);
+            if step >= steps {
+                return Err(Error::Invalid(format!(
+                    "{}: the run is finished (step {step} of {steps}); nothing to resume (start a new run in another --out)",
+                    p.display()
+                )));
+            }
+            if let Some(s) = args.stop_at
+                && (s <= step || s >= steps)
+            {
+                return Err(Error::Invalid(format!(
+                    "--stop-at {s}: accepted range {}..={} (the checkpoint is at step {step} of {steps})",
+                    step + 1,
+                    steps - 1
+                )));
+            }
             (ck.model, ck.train, Some(ck))
         }
         None => {
@@ -404,8 +601,17 @@ pub fn train(choice: BackendChoice, args: TrainArgs) -> Result<()> {
         )));
     }
     let sel = select(choice)?;
+    let plan = MemoryPlan::train(&model_cfg, train_cfg.precision, train_cfg.batch, train_cfg.seq);
+    super::preflight(&plan, &sel.backend, "training", "lower --batch, --seq, --context, --d-model or --layers")?;
+    // Last of the checks and before any compute: the folder (an --overwrite deletes nothing
+    // until every other check has passed).
+    let _lock = prepare_out(&args)?;
+    let old_log = match (&resume, &args.resume) {
+        (Some(ck), Some(p)) => log_rows_before(&ck_dir(p).join("log.csv"), ck.state.step),
+        _ => Vec::new(),
+    };
     eprintln!("backend: {} — {} ({})", sel.backend.kind(), sel.backend.device_name(), sel.reason);
-    run_on(&sel.backend, TrainJob { args, model_cfg, train_cfg, resume, train, val })
+    run_on(&sel.backend, TrainJob { args, model_cfg, train_cfg, resume, old_log, train, val })
 }
 
 #[derive(Args, Debug)]
@@ -448,8 +654,19 @@ fn data_of(ck: &checkpoint::Checkpoint, data: Option<&Path>) -> Result<Corpus> {
     }
 }
 
+/// Loads a checkpoint for eval/generate (every metadata field range-checked, every
+/// tensor finite) and returns it with its file size for the memory preflight.
+fn load_for_inference(path: &Path) -> Result<(checkpoint::Checkpoint, u64)> {
+    let ck = checkpoint::load(path)?;
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    Ok((ck, size))
+}
+
 pub fn eval(choice: BackendChoice, a: EvalArgs) -> Result<()> {
-    let ck = checkpoint::load(&a.checkpoint)?;
+    if a.windows == 0 {
+        return Err(Error::Invalid("--windows 0: accepted range 1 or more".into()));
+    }
+    let (ck, size) = load_for_inference(&a.checkpoint)?;
     let attn = match (a.attention.as_deref(), ck.model.attention) {
         (Some("dense"), _) | (None, AttentionMode::Dense) => StepAttention::Dense,
         (Some("sparse") | None, AttentionMode::Sparse { keep_blocks, .. }) => StepAttention::Sparse { keep_blocks },
@@ -460,10 +677,21 @@ pub fn eval(choice: BackendChoice, a: EvalArgs) -> Result<()> {
     };
     let data = data_of(&ck, a.data.as_deref())?;
     let sel = select(choice)?;
+    let plan = MemoryPlan::inference(&ck.model, ck.train.precision, ck.train.batch, ck.train.seq, size);
+    super::preflight(&plan, &sel.backend, "evaluating this checkpoint", "its batch, seq or context is too large")?;
+    let precision = ck.train.precision;
     let ev = run_on(&sel.backend, EvalJob { ck, data, attn, windows: a.windows })?;
-    println!("loss {:.4}  perplexity {:.2}", ev.loss, ev.perplexity);
+    if !ev.loss.is_finite() {
+        return Err(Error::NonFinite(format!(
+            "{}: the loss is {} (the weights are finite but overflow in {}); the checkpoint is unusable",
+            a.checkpoint.display(),
+            ev.loss,
+            precision
+        )));
+    }
+    outln!("loss {:.4}  perplexity {:.2}", ev.loss, ev.perplexity);
     if !ev.retrieval_accuracy.is_nan() {
-        println!("retrieval accuracy {:.1}% over {} answer bytes", 100.0 * ev.retrieval_accuracy, ev.answers);
+        outln!("retrieval accuracy {:.1}% over {} answer bytes", 100.0 * ev.retrieval_accuracy, ev.answers);
     }
     Ok(())
 }
@@ -474,23 +702,33 @@ pub struct GenerateArgs {
     pub checkpoint: PathBuf,
     #[arg(long, default_value = "key ")]
     pub prompt: String,
-    /// Bytes to generate.
+    /// Bytes (tokens) to generate at most; generation also ends at the model's context.
     #[arg(long, default_value_t = 200)]
     pub max_tokens: usize,
     /// 0 = greedy.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
     pub temperature: f32,
     /// Keep the k most likely bytes (0 = all).
     #[arg(long, default_value_t = 40)]
     pub top_k: usize,
     /// Nucleus sampling threshold (1 = off).
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
     pub top_p: f32,
+    /// Seed of the sampler (the same seed, prompt and settings give the same text).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Greedy decoding (same as --temperature 0).
     #[arg(long)]
     pub greedy: bool,
+    /// Stop before this string (repeatable); it is not printed.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Prompt tokens per prefill step.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: usize,
+    /// Print prefill and decode tokens/s to stderr at the end.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub stats: bool,
 }
 
 struct GenJob {
@@ -498,65 +736,89 @@ struct GenJob {
     a: GenerateArgs,
 }
 
+/// Writes to stdout; `Ok(false)` when the reader has gone (EPIPE): generation stops.
+fn write_out(out: &mut impl std::io::Write, bytes: &[u8]) -> Result<bool> {
+    match out.write_all(bytes).and_then(|_| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(Error::io("writing the generated text to stdout", e)),
+    }
+}
+
 impl BackendJob for GenJob {
     type Output = ();
     fn run<B: Backend>(self, be: &B) -> Result<()> {
         let (cfg, a) = (self.ck.model, self.a);
         let model = Model::from_values(be, cfg, self.ck.train.precision, &self.ck.state.params)?;
-        let mut toks: Vec<u32> = a.prompt.bytes().map(u32::from).collect();
-        if toks.is_empty() {
-            return Err(Error::Invalid("--prompt must not be empty".into()));
-        }
-        if toks.len() >= cfg.context {
-            return Err(Error::Invalid(format!(
-                "the prompt has {} bytes; the model's context is {} tokens",
-                toks.len(),
-                cfg.context
-            )));
-        }
-        let window = (toks.len() + a.max_tokens).min(cfg.context);
-        let mut ws = Workspace::new(be, &cfg, self.ck.train.precision, 1, window)?;
-        let attn = match cfg.attention {
-            AttentionMode::Dense => StepAttention::Dense,
-            AttentionMode::Sparse { keep_blocks, .. } => StepAttention::Sparse { keep_blocks },
+        let opts = GenerateOptions {
+            sampling: Sampling {
+                temperature: if a.greedy { 0.0 } else { a.temperature },
+                top_k: a.top_k,
+                top_p: a.top_p,
+            },
+            max_tokens: a.max_tokens,
+            seed: a.seed,
+            stop: a.stop.clone(),
+            chunk: a.prefill_chunk,
         };
-        let s = Sampling { temperature: if a.greedy { 0.0 } else { a.temperature }, top_k: a.top_k, top_p: a.top_p };
-        let mut rng = Rng::new(a.seed);
         let mut out = std::io::stdout().lock();
-        let _ = out.write_all(a.prompt.as_bytes());
-        let mut pending: Vec<u8> = Vec::new();
-        for _ in 0..a.max_tokens {
-            // Causal attention: padding after the last real token does not change its logits.
-            let start = toks.len().saturating_sub(window);
-            let mut ids: Vec<u32> = toks[start..].to_vec();
-            let last = ids.len() - 1;
-            ids.resize(window, 0);
-            model.forward(be, &mut ws, &ids, None, attn)?;
-            let logits = ws.logits_f32(be)?;
-            let v = cfg.vocab;
-            let t = next_token(&logits[last * v..(last + 1) * v], &s, &mut rng);
-            toks.push(t);
-            pending.push(t as u8);
-            // Print whole UTF-8 characters as they complete.
-            if let Ok(text) = std::str::from_utf8(&pending) {
-                let _ = out.write_all(text.as_bytes());
-                let _ = out.flush();
-                pending.clear();
-            } else if pending.len() >= 4 {
-                let _ = out.write_all(String::from_utf8_lossy(&pending).as_bytes());
-                pending.clear();
-            }
+        if !write_out(&mut out, a.prompt.as_bytes())? {
+            return Ok(());
         }
-        let _ = writeln!(out);
+        let st = model.generate(be, a.prompt.as_bytes(), &opts, |bytes| write_out(&mut out, bytes))?;
+        if st.stop == StopReason::Closed {
+            return Ok(());
+        }
+        write_out(&mut out, b"\n")?;
+        if a.stats {
+            let why = match st.stop {
+                StopReason::MaxTokens => "--max-tokens reached",
+                StopReason::StopString => "stop string",
+                StopReason::Context => "the model's context is full",
+                StopReason::Closed => "output closed",
+            };
+            eprintln!(
+                "prefill {} tokens at {:.0} tokens/s; decode {} tokens at {:.1} tokens/s ({why}; {} on {})",
+                st.prompt_tokens,
+                st.prefill_tps(),
+                st.generated,
+                st.decode_tps(),
+                self.ck.train.precision,
+                be.device_name()
+            );
+        }
         Ok(())
     }
 }
 
 pub fn generate_text(choice: BackendChoice, a: GenerateArgs) -> Result<()> {
-    let ck = checkpoint::load(&a.checkpoint)?;
-    if !(a.temperature >= 0.0 && a.temperature.is_finite() && a.top_p > 0.0 && a.top_p <= 1.0) {
-        return Err(Error::Invalid("--temperature must be ≥ 0 and --top-p in (0, 1]".into()));
+    if !(a.temperature.is_finite() && a.temperature >= 0.0 && a.temperature <= 100.0) {
+        return Err(Error::Invalid(format!("--temperature {}: accepted range 0..=100 (0: greedy)", a.temperature)));
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        return Err(Error::Invalid(format!("--top-p {}: accepted range 0 < top_p <= 1", a.top_p)));
+    }
+    if a.prompt.is_empty() {
+        return Err(Error::Invalid("--prompt must not be empty".into()));
+    }
+    if a.prefill_chunk == 0 || a.prefill_chunk > 65536 {
+        return Err(Error::Invalid(format!("--prefill-chunk {}: accepted range 1..=65536", a.prefill_chunk)));
+    }
+    if let Some(s) = a.stop.iter().find(|s| s.is_empty() || s.len() > 1024) {
+        return Err(Error::Invalid(format!("--stop {s:?}: a stop string must have 1 to 1024 bytes")));
+    }
+    let (ck, size) = load_for_inference(&a.checkpoint)?;
+    let cfg = ck.model;
+    if a.prompt.len() >= cfg.context {
+        return Err(Error::Invalid(format!(
+            "the prompt has {} bytes; the model's context is {} tokens",
+            a.prompt.len(),
+            cfg.context
+        )));
     }
     let sel = select(choice)?;
+    let rows = a.prefill_chunk.min(a.prompt.len());
+    let plan = MemoryPlan::kv_inference(&cfg, ck.train.precision, 1, cfg.context, rows, size);
+    super::preflight(&plan, &sel.backend, "generating from this checkpoint", "its context is too large")?;
     run_on(&sel.backend, GenJob { ck, a })
 }

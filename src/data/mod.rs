@@ -7,6 +7,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::util::files::{max_read_bytes, read_regular};
 use crate::util::rng::Rng;
 
 /// The byte-level tokenizer's vocabulary size.
@@ -26,7 +27,8 @@ pub struct Corpus {
 impl Corpus {
     /// Reads a UTF-8 text file as bytes (one token per byte).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(format!("reading data file {}", path.display()), e))?;
+        // Training copies the corpus once more when splitting it: a quarter of the free memory at most.
+        let bytes = read_regular(path, "data file", max_read_bytes() / 2)?;
         if let Err(e) = std::str::from_utf8(&bytes) {
             return Err(Error::Format(format!(
                 "data file {} is not UTF-8 text (invalid byte at offset {})",

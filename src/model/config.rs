@@ -2,14 +2,28 @@
 
 use crate::error::{Error, Result};
 
+/// Upper bounds of the shape fields: far beyond anything trainable here, low
+/// enough that no product of them overflows and that a config read from a
+/// file cannot make the parameter table itself exhaust memory.
+pub const MAX_LAYERS: usize = 1024;
+pub const MAX_D_MODEL: usize = 65536;
+pub const MAX_HEADS: usize = 1024;
+pub const MAX_VOCAB: usize = 1 << 20;
+pub const MAX_MLP_RATIO: usize = 64;
+pub const MAX_INDEX_HEADS: usize = 256;
+pub const MAX_INDEX_DIM: usize = 1024;
+pub const MAX_KEEP_BLOCKS: usize = 1 << 16;
+
 /// Which attention the model runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttentionMode {
     /// Dense causal attention in every layer.
     Dense,
     /// Dynamic sparse attention: an indexer of `index_heads` × `index_dim`
-    /// scores keys, block mode keeps `keep_blocks` blocks of `block` keys per
-    /// query block (the sparsity schedule may keep more, or run dense).
+    /// scores keys, and each query keeps its own top `keep_blocks` blocks of
+    /// `block` keys, chosen from its own scores (causal; its own block and
+    /// the sink block 0 always among them; the sparsity schedule may keep
+    /// more, or run dense).
     Sparse { block: usize, keep_blocks: usize, index_heads: usize, index_dim: usize },
 }
 
@@ -68,24 +82,70 @@ impl ModelConfig {
     }
 
     /// Checks the shape for consistency; every config a user supplies goes through here.
+    /// Errors name the field as `model.FIELD` (the checkpoint's metadata key).
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::Invalid(format!("model config: {m}")));
-        if self.n_layers == 0 || self.d_model == 0 || self.vocab == 0 || self.context == 0 || self.mlp_ratio == 0 {
-            return bad(format!("sizes must be positive: {self:?}"));
+        self.check(&|f: &str| format!("model.{f}"))
+    }
+
+    /// [`ModelConfig::validate`] with the caller's names for the fields (a command
+    /// line names `n_layers` `--layers`), so the one error line points at what the
+    /// user typed, with the accepted range.
+    pub fn check(&self, name: &dyn Fn(&str) -> String) -> Result<()> {
+        let range = |field: &str, v: usize, lo: usize, hi: usize| -> Result<()> {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(Error::Invalid(format!("{} {v}: accepted range {lo}..={hi}", name(field))))
+            }
+        };
+        range("n_layers", self.n_layers, 1, MAX_LAYERS)?;
+        range("d_model", self.d_model, 1, MAX_D_MODEL)?;
+        range("n_heads", self.n_heads, 1, self.d_model.min(MAX_HEADS))?;
+        range("n_kv_heads", self.n_kv_heads, 1, self.n_heads)?;
+        range("vocab", self.vocab, 1, MAX_VOCAB)?;
+        range("context", self.context, 1, usize::MAX)?;
+        range("mlp_ratio", self.mlp_ratio, 1, MAX_MLP_RATIO)?;
+        if self.d_model % self.n_heads != 0 {
+            return Err(Error::Invalid(format!(
+                "{} {} must be a multiple of {} {}",
+                name("d_model"),
+                self.d_model,
+                name("n_heads"),
+                self.n_heads
+            )));
         }
-        if self.n_heads == 0 || self.d_model % self.n_heads != 0 {
-            return bad(format!("d_model {} must be a multiple of n_heads {}", self.d_model, self.n_heads));
-        }
-        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
-            return bad(format!("n_kv_heads {} must divide n_heads {}", self.n_kv_heads, self.n_heads));
+        if self.n_heads % self.n_kv_heads != 0 {
+            return Err(Error::Invalid(format!(
+                "{} {} must divide {} {}",
+                name("n_kv_heads"),
+                self.n_kv_heads,
+                name("n_heads"),
+                self.n_heads
+            )));
         }
         if self.head_dim() % 2 != 0 || self.head_dim() > 256 {
-            return bad(format!("head_dim {} must be even and at most 256", self.head_dim()));
+            return Err(Error::Invalid(format!(
+                "{} {} / {} {} = {}: the head dimension must be even and at most 256",
+                name("d_model"),
+                self.d_model,
+                name("n_heads"),
+                self.n_heads,
+                self.head_dim()
+            )));
+        }
+        // θ ≤ 1 makes every RoPE frequency θ^(-2i/d) ≥ 1: positions alias instead of rotating apart.
+        if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
+            return Err(Error::Invalid(format!(
+                "{} {}: must be a finite number > 1",
+                name("rope_theta"),
+                self.rope_theta
+            )));
         }
         if let AttentionMode::Sparse { block, keep_blocks, index_heads, index_dim } = self.attention {
-            if block == 0 || keep_blocks == 0 || index_heads == 0 || index_dim == 0 {
-                return bad("sparse attention settings must be positive".into());
-            }
+            range("block", block, 1, self.context)?;
+            range("keep_blocks", keep_blocks, 1, self.context.div_ceil(block).max(MAX_KEEP_BLOCKS))?;
+            range("index_heads", index_heads, 1, MAX_INDEX_HEADS)?;
+            range("index_dim", index_dim, 1, MAX_INDEX_DIM)?;
         }
         Ok(())
     }
@@ -120,9 +180,23 @@ impl ModelConfig {
         v
     }
 
-    /// Total number of parameters.
+    /// Total number of parameters, in closed form (no table is built, so a
+    /// config read from a hostile file costs nothing to measure); saturates.
     pub fn n_params(&self) -> usize {
-        self.params().iter().map(|p| p.shape.iter().product::<usize>()).sum()
+        usize::try_from(self.n_params_u128()).unwrap_or(usize::MAX)
+    }
+
+    /// [`ModelConfig::n_params`] without overflow for any field values.
+    pub fn n_params_u128(&self) -> u128 {
+        let (c, l) = (self.d_model as u128, self.n_layers as u128);
+        let hd = self.d_model.checked_div(self.n_heads).unwrap_or(0) as u128;
+        let (h, kv, f) = (self.n_heads as u128, self.n_kv_heads as u128, self.mlp_ratio as u128 * c);
+        let mut per_layer = 4 * c + 2 * c * h * hd + 2 * c * kv * hd + 2 * c * f + f + c;
+        if let AttentionMode::Sparse { index_heads, index_dim, .. } = self.attention {
+            let (ih, id) = (index_heads as u128, index_dim as u128);
+            per_layer += c * ih * id + c * id + c * ih;
+        }
+        self.vocab as u128 * c + l * per_layer + 2 * c
     }
 }
 
@@ -147,6 +221,30 @@ mod tests {
             + 128 * 32
             + 128 * 4;
         assert_eq!(c.n_params(), 256 * 128 + 4 * per_layer + 2 * 128);
+    }
+
+    #[test]
+    fn closed_form_parameter_count_matches_the_table() {
+        for attention in [AttentionMode::Dense, ModelConfig::default().attention] {
+            let c =
+                ModelConfig { n_layers: 3, d_model: 64, n_heads: 4, n_kv_heads: 2, attention, ..Default::default() };
+            let table: usize = c.params().iter().map(|p| p.shape.iter().product::<usize>()).sum();
+            assert_eq!(c.n_params(), table);
+        }
+    }
+
+    #[test]
+    fn errors_name_the_field_and_the_range() {
+        let c = ModelConfig { n_layers: 0, ..Default::default() };
+        let e = c.check(&|f| if f == "n_layers" { "--layers".into() } else { f.into() }).unwrap_err().to_string();
+        assert_eq!(e, "--layers 0: accepted range 1..=1024");
+        let c = ModelConfig { rope_theta: f64::NAN, ..Default::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("model.rope_theta NaN"));
+        let c = ModelConfig {
+            attention: AttentionMode::Sparse { block: 0, keep_blocks: 4, index_heads: 4, index_dim: 32 },
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().starts_with("model.block 0: accepted range 1..=512"));
     }
 
     #[test]

@@ -6,9 +6,13 @@
 //! known before the first step.
 
 pub mod config;
+pub mod generate;
+pub mod infer;
 pub mod sample;
 
 pub use config::{AttentionMode, ModelConfig, ParamInfo};
+pub use generate::{GenerateOptions, GenerateStats, StopReason};
+pub use infer::{InferState, KvCache, Row};
 
 use crate::attention::{self, Pattern};
 use crate::error::{Error, Result};
@@ -20,7 +24,7 @@ use crate::{Backend, DType, Tensor};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StepAttention {
     Dense,
-    /// Block-sparse attention keeping `keep_blocks` blocks per query block.
+    /// Block-sparse attention: each query keeps its own top `keep_blocks` key blocks.
     Sparse {
         keep_blocks: usize,
     },
@@ -191,9 +195,10 @@ impl<B: Backend> Model<B> {
                     let keep = keep_blocks.clamp(1, nb);
                     let sel = &mut ix.select[l];
                     if sel.shape()[2] != keep {
-                        *sel = Tensor::empty(be, &[bsz, nb, keep], DType::U32)?;
+                        *sel = Tensor::empty(be, &[bsz, t, keep], DType::U32)?;
                     }
-                    attention::select_topk(be, &ix.pooled, keep, true, sel)?;
+                    // Per query: query t's blocks come from its own scores (causal).
+                    attention::select_topk(be, &ix.pooled, keep, block, sel)?;
                     let pat = Pattern::Blocks { idx: sel, block };
                     attention::attention(be, &a.q, &a.k, &a.v, pat, &mut a.att, &mut a.lse)?;
                 }
@@ -468,8 +473,8 @@ pub struct Workspace<B: Backend> {
 }
 
 impl<B: Backend> Workspace<B> {
-    /// The key blocks layer `layer` kept per query block in the last sparse
-    /// forward pass (`[batch, nqb, keep]` U32), if it was sparse.
+    /// The key blocks each query of layer `layer` kept in the last sparse
+    /// forward pass (`[batch, seq, keep]` U32), if it was sparse.
     pub fn selection(&self, layer: usize) -> Option<&Tensor<B>> {
         match self.attn {
             StepAttention::Sparse { .. } => self.idx.as_ref().and_then(|ix| ix.select.get(layer)),
@@ -526,9 +531,9 @@ impl<B: Backend> Workspace<B> {
                     qi: e(&[batch, seq, index_heads, index_dim])?,
                     ki: e(&[batch, seq, index_dim])?,
                     w: e(&[batch, seq, index_heads])?,
-                    pooled: f32t(&[batch, nb, nb])?,
+                    pooled: f32t(&[batch, seq, nb])?,
                     select: (0..cfg.n_layers)
-                        .map(|_| Tensor::empty(be, &[batch, nb, keep_blocks.min(nb)], DType::U32))
+                        .map(|_| Tensor::empty(be, &[batch, seq, keep_blocks.min(nb)], DType::U32))
                         .collect::<Result<_>>()?,
                     scores: f32t(&[batch, seq, seq])?,
                     dscores: f32t(&[batch, seq, seq])?,

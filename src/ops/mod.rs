@@ -11,6 +11,7 @@
 //! instead of letting a kernel read out of bounds.
 
 pub mod adamw;
+pub mod cache;
 pub mod cross_entropy;
 pub mod elementwise;
 pub mod embedding;
@@ -22,6 +23,7 @@ pub mod rope;
 pub mod softmax;
 
 pub use adamw::{AdamWSpec, adamw};
+pub use cache::{CacheWriteSpec, cache_write};
 pub use cross_entropy::{CrossEntropySpec, cross_entropy, cross_entropy_backward};
 pub use elementwise::{
     AxpbySpec, BiasSpec, ElementwiseSpec, FillSpec, ScaleSpec, SumRowsSpec, add, axpby, bias_add, cast, fill, scale,
@@ -32,7 +34,7 @@ pub use gelu::{bias_gelu, gelu, gelu_backward};
 pub use layernorm::{LayerNormSpec, layernorm, layernorm_backward};
 pub use matmul::{MatmulSpec, matmul};
 pub use reduce::{ReduceSpec, all_finite, sum_squares};
-pub use rope::{RopeSpec, RopeTable, rope, rope_backward};
+pub use rope::{RopeSpec, RopeTable, rope, rope_backward, rope_rows};
 pub use softmax::{SoftmaxSpec, softmax, softmax_backward};
 
 use crate::backend::Backend;

@@ -93,7 +93,7 @@ fn spec<B: Backend>(
     }
     check_dtype(op, "cos", &table.cos, DType::F32)?;
     check_dtype(op, "sin", &table.sin, DType::F32)?;
-    if pos_offset + seq > table.max_pos {
+    if op != "rope_rows" && pos_offset + seq > table.max_pos {
         return Err(Error::Shape(format!(
             "{op}: positions {pos_offset}..{} exceed the table's {} positions",
             pos_offset + seq,
@@ -130,4 +130,34 @@ pub fn rope_backward<B: Backend>(
     check_same_shape("rope_backward", &[("dy", dy), ("dx", &*dx)])?;
     let s = spec(be, "rope_backward", dy, table, pos_offset, true)?;
     be.rope(&s, dy, &table.cos, &table.sin, dx)
+}
+
+/// `y = rope(x)` for query rows of a KV-cache step: `x`, `y` are
+/// `[R, heads, head_dim]` and row `r` is rotated to its own position
+/// `len - 1` from the row table `rows` (U32 `[R, 2]` = `(base, len)`, see
+/// [`crate::attention::cached`]). Positions past the table are an error of
+/// the caller (the engine checks them); kernels clamp them to the table.
+pub fn rope_rows<B: Backend>(
+    be: &B,
+    x: &Tensor<B>,
+    table: &RopeTable<B>,
+    rows: &Tensor<B>,
+    y: &mut Tensor<B>,
+) -> Result<()> {
+    const OP: &str = "rope_rows";
+    check_same_dtype(OP, &[("x", x), ("y", &*y)])?;
+    check_same_shape(OP, &[("x", x), ("y", &*y)])?;
+    if x.shape().len() != 3 {
+        return Err(Error::Shape(format!("{OP}: x must be [rows, heads, head_dim], got {}", fmt_shape(x.shape()))));
+    }
+    let s = spec(be, OP, x, table, 0, false)?;
+    check_dtype(OP, "rows", rows, DType::U32)?;
+    if rows.shape() != [s.seq, 2] {
+        return Err(Error::Shape(format!(
+            "{OP}: the row table must be [{}, 2], got {}",
+            s.seq,
+            fmt_shape(rows.shape())
+        )));
+    }
+    be.rope_rows(&RopeSpec { pos_offset: 0, ..s }, x, &table.cos, &table.sin, rows, y)
 }

@@ -12,8 +12,10 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use super::{LossScaler, LrSchedule, TrainConfig};
 use crate::DType;
-use crate::error::{Error, Result};
+use crate::data::BYTE_VOCAB;
+use crate::error::{Error, Result, fmt_shape};
 use crate::model::{AttentionMode, ModelConfig};
+use crate::util::files::{max_read_bytes, read_regular};
 use crate::util::machine::write_atomic;
 
 /// Bumped whenever the layout changes; older files are refused with a clear message.
@@ -91,6 +93,7 @@ pub fn save(
     let infos = model.params();
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), FORMAT.to_string());
+    meta.insert(DSA_SELECTION_KEY.to_string(), DSA_SELECTION.to_string());
     model_meta(model, &mut meta);
     train_meta(train, &mut meta);
     meta.insert("state.step".into(), st.step.to_string());
@@ -127,126 +130,190 @@ pub fn save(
     write_atomic(path, &data)
 }
 
-fn get<'a>(m: &'a HashMap<String, String>, k: &str, path: &Path) -> Result<&'a str> {
-    m.get(k).map(String::as_str).ok_or_else(|| {
-        Error::Format(format!(
-            "{}: checkpoint metadata lacks `{k}` (not a dynsparse training checkpoint?)",
-            path.display()
-        ))
-    })
-}
+/// Metadata key naming the sparse-attention selection the weights were trained with.
+pub const DSA_SELECTION_KEY: &str = "dsa_selection";
+/// Per-query causal block selection: each query row picks its own key blocks among those at
+/// or before it. Checkpoints without the key were trained with the older query-block
+/// selection (blocks pooled over a whole query block), which let a row see key blocks
+/// after it (future tokens).
+pub const DSA_SELECTION: &str = "per-query";
 
-fn num<T: std::str::FromStr>(m: &HashMap<String, String>, k: &str, path: &Path) -> Result<T> {
-    get(m, k, path)?
-        .parse()
-        .map_err(|_| Error::Format(format!("{}: checkpoint metadata `{k}` is malformed", path.display())))
-}
-
-/// Loads and checks a checkpoint written by [`save`].
+/// Reads, checks and returns the checkpoint at `path`: only a regular file, at
+/// most [`max_read_bytes`] long, whose metadata and tensors pass [`parse`].
 pub fn load(path: &Path) -> Result<Checkpoint> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(format!("reading checkpoint {}", path.display()), e))?;
+    let bytes = read_regular(path, "checkpoint", max_read_bytes())?;
+    parse(&bytes, &path.display().to_string())
+}
+
+/// Parses checkpoint bytes (`name` labels the messages). Metadata is untrusted
+/// input: every field is parsed, range-checked and cross-checked (shapes
+/// against the file size before any table is built from them), and every tensor
+/// must be finite, so a damaged or hostile file is one clear error, never a
+/// panic, an allocation abort or a silent NaN run.
+pub fn parse(bytes: &[u8], name: &str) -> Result<Checkpoint> {
+    let fail = |m: String| Error::Format(format!("{name}: {m}"));
     let what = |e: safetensors::SafeTensorError| {
-        Error::Format(format!(
-            "{}: not a readable safetensors checkpoint (truncated or foreign file): {e}",
-            path.display()
-        ))
+        fail(format!("not a readable safetensors checkpoint (truncated or foreign file): {e}"))
     };
-    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(what)?;
-    let tensors = SafeTensors::deserialize(&bytes).map_err(what)?;
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(what)?;
+    let tensors = SafeTensors::deserialize(bytes).map_err(what)?;
     let meta = header.metadata().clone().unwrap_or_default();
-    let format = get(&meta, "format", path)?;
-    if format != FORMAT {
-        return Err(Error::Format(format!(
-            "{}: checkpoint format `{format}`, this build reads `{FORMAT}`",
-            path.display()
-        )));
+    let get = |k: &str| -> Result<&str> {
+        meta.get(k)
+            .map(String::as_str)
+            .ok_or_else(|| fail(format!("checkpoint metadata lacks `{k}` (not a dynsparse training checkpoint?)")))
+    };
+    fn num<T: std::str::FromStr>(v: &str, k: &str, fail: &dyn Fn(String) -> Error) -> Result<T> {
+        v.trim().parse().map_err(|_| fail(format!("checkpoint metadata `{k}` = `{v}` is malformed")))
     }
-    let attention = match get(&meta, "model.attention", path)? {
+    let n = |k: &str| -> Result<usize> { num(get(k)?, k, &fail) };
+    let n64 = |k: &str| -> Result<u64> { num(get(k)?, k, &fail) };
+    let f32v = |k: &str| -> Result<f32> { num(get(k)?, k, &fail) };
+    let format = get("format")?;
+    if format != FORMAT {
+        return Err(fail(format!("checkpoint format `{format}`, this build reads `{FORMAT}`")));
+    }
+    let attention = match get("model.attention")? {
         "dense" => AttentionMode::Dense,
         s => {
             let v: Vec<usize> = s
                 .strip_prefix("sparse:")
-                .map(|r| r.split(',').filter_map(|x| x.parse().ok()).collect())
+                .map(|r| r.split(',').map(|x| x.parse().unwrap_or(0)).collect())
                 .unwrap_or_default();
             let [block, keep_blocks, index_heads, index_dim] = v[..] else {
-                return Err(Error::Format(format!("{}: bad attention mode `{s}`", path.display())));
+                return Err(fail(format!("bad attention mode `{s}` (expected dense or sparse:BLOCK,KEEP,HEADS,DIM)")));
             };
             AttentionMode::Sparse { block, keep_blocks, index_heads, index_dim }
         }
     };
     let model = ModelConfig {
-        n_layers: num(&meta, "model.n_layers", path)?,
-        n_heads: num(&meta, "model.n_heads", path)?,
-        n_kv_heads: num(&meta, "model.n_kv_heads", path)?,
-        d_model: num(&meta, "model.d_model", path)?,
-        vocab: num(&meta, "model.vocab", path)?,
-        context: num(&meta, "model.context", path)?,
-        mlp_ratio: num(&meta, "model.mlp_ratio", path)?,
-        rope_theta: num(&meta, "model.rope_theta", path)?,
+        n_layers: n("model.n_layers")?,
+        n_heads: n("model.n_heads")?,
+        n_kv_heads: n("model.n_kv_heads")?,
+        d_model: n("model.d_model")?,
+        vocab: n("model.vocab")?,
+        context: n("model.context")?,
+        mlp_ratio: n("model.mlp_ratio")?,
+        rope_theta: num(get("model.rope_theta")?, "model.rope_theta", &fail)?,
         attention,
     };
-    model.validate().map_err(|e| Error::Format(format!("{}: {e}", path.display())))?;
-    let precision = DType::parse(get(&meta, "train.precision", path)?)
-        .ok_or_else(|| Error::Format(format!("{}: bad precision", path.display())))?;
+    let field = |f: &str| format!("checkpoint field model.{f}");
+    model.check(&field).map_err(|e| fail(e.to_string()))?;
+    if model.vocab != BYTE_VOCAB {
+        return Err(fail(format!(
+            "checkpoint field model.vocab {}: this build's tokenizer has {BYTE_VOCAB} byte tokens",
+            model.vocab
+        )));
+    }
+    // The tensors must fit in the file: 3 f32 tensors (weights, m, v) per parameter. Checked
+    // before the parameter table is built, so metadata cannot make that table huge.
+    let need = 12 * model.n_params_u128();
+    if need > bytes.len() as u128 {
+        return Err(fail(format!(
+            "the metadata describes {} parameters ({need} bytes of tensors) but the file has {} bytes",
+            model.n_params_u128(),
+            bytes.len()
+        )));
+    }
+    let precision_name = get("train.precision")?;
+    let precision = DType::parse(precision_name).filter(|d| d.is_float()).ok_or_else(|| {
+        fail(format!("checkpoint field train.precision `{precision_name}`: expected f32, f16 or bf16"))
+    })?;
+    let steps = n64("train.steps")?;
     let train = TrainConfig {
-        steps: num(&meta, "train.steps", path)?,
-        batch: num(&meta, "train.batch", path)?,
-        seq: num(&meta, "train.seq", path)?,
-        accum: num(&meta, "train.accum", path)?,
+        steps,
+        batch: n("train.batch")?,
+        seq: n("train.seq")?,
+        accum: n("train.accum")?,
         precision,
         lr: LrSchedule {
-            lr: num(&meta, "train.lr", path)?,
-            min_lr: num(&meta, "train.min_lr", path)?,
-            warmup_steps: num(&meta, "train.warmup_steps", path)?,
-            total_steps: num(&meta, "train.steps", path)?,
+            lr: f32v("train.lr")?,
+            min_lr: f32v("train.min_lr")?,
+            warmup_steps: n64("train.warmup_steps")?,
+            total_steps: steps,
         },
-        beta1: num(&meta, "train.beta1", path)?,
-        beta2: num(&meta, "train.beta2", path)?,
-        weight_decay: num(&meta, "train.weight_decay", path)?,
-        grad_clip: num(&meta, "train.grad_clip", path)?,
-        warmup_frac: num(&meta, "train.warmup_frac", path)?,
-        ramp_frac: num(&meta, "train.ramp_frac", path)?,
-        seed: num(&meta, "train.seed", path)?,
+        beta1: f32v("train.beta1")?,
+        beta2: f32v("train.beta2")?,
+        weight_decay: f32v("train.weight_decay")?,
+        grad_clip: f32v("train.grad_clip")?,
+        warmup_frac: num(get("train.warmup_frac")?, "train.warmup_frac", &fail)?,
+        ramp_frac: num(get("train.ramp_frac")?, "train.ramp_frac", &fail)?,
+        seed: n64("train.seed")?,
     };
-    let rng: Vec<u64> = get(&meta, "state.batcher_rng", path)?
+    train.check(&model, &|f: &str| format!("checkpoint field train.{f}")).map_err(|e| fail(e.to_string()))?;
+    let step = n64("state.step")?;
+    if step > steps {
+        return Err(fail(format!("checkpoint field state.step {step}: accepted range 0..={steps} (train.steps)")));
+    }
+    let rng: Vec<u64> = get("state.batcher_rng")?
         .split(',')
         .map(|x| u64::from_str_radix(x, 16))
         .collect::<std::result::Result<_, _>>()
-        .map_err(|_| Error::Format(format!("{}: bad RNG state", path.display())))?;
-    let batcher_rng: [u64; 4] =
-        rng.try_into().map_err(|_| Error::Format(format!("{}: bad RNG state", path.display())))?;
+        .map_err(|_| fail("bad RNG state".into()))?;
+    let batcher_rng: [u64; 4] = rng.try_into().map_err(|_| fail("bad RNG state".into()))?;
+    if batcher_rng == [0; 4] {
+        return Err(fail("bad RNG state (all zero)".into()));
+    }
     let scaler = LossScaler {
-        scale: f32::from_bits(num(&meta, "state.scale", path)?),
-        good_steps: num(&meta, "state.good_steps", path)?,
-        growth_interval: num(&meta, "state.growth_interval", path)?,
-        enabled: num(&meta, "state.scaler_enabled", path)?,
+        scale: f32::from_bits(num(get("state.scale")?, "state.scale", &fail)?),
+        good_steps: num(get("state.good_steps")?, "state.good_steps", &fail)?,
+        growth_interval: num(get("state.growth_interval")?, "state.growth_interval", &fail)?,
+        enabled: num(get("state.scaler_enabled")?, "state.scaler_enabled", &fail)?,
     };
-    let read = |name: String, shape: &[usize]| -> Result<Vec<f32>> {
-        let t = tensors
-            .tensor(&name)
-            .map_err(|_| Error::Format(format!("{}: checkpoint lacks tensor `{name}`", path.display())))?;
-        if t.dtype() != Dtype::F32 || t.shape() != shape {
-            return Err(Error::Format(format!(
-                "{}: tensor `{name}` is {:?} {:?}, the config needs F32 {:?}",
-                path.display(),
-                t.dtype(),
-                t.shape(),
-                shape
+    if !(scaler.scale.is_finite() && scaler.scale > 0.0) {
+        return Err(fail(format!("checkpoint field state.scale {}: must be finite and positive", scaler.scale)));
+    }
+    if scaler.growth_interval == 0 || scaler.good_steps >= scaler.growth_interval {
+        return Err(fail(format!(
+            "checkpoint fields state.good_steps {} and state.growth_interval {}: need 0 <= good_steps < growth_interval",
+            scaler.good_steps, scaler.growth_interval
+        )));
+    }
+    if scaler.enabled != (precision == DType::F16) {
+        return Err(fail(format!(
+            "checkpoint field state.scaler_enabled {} contradicts train.precision {precision} (loss scaling is for f16 only)",
+            scaler.enabled
+        )));
+    }
+    match meta.get(DSA_SELECTION_KEY).map(String::as_str) {
+        Some(DSA_SELECTION) => {}
+        Some(other) => {
+            return Err(fail(format!(
+                "checkpoint field {DSA_SELECTION_KEY} `{other}`: this build knows `{DSA_SELECTION}`"
             )));
         }
-        Ok(bytemuck::pod_collect_to_vec(t.data()))
+        None if model.is_sparse() => log::warn!(
+            "{name}: trained with the old query-block selection (which let a query see key blocks after it, i.e. future \
+             tokens); it is now evaluated with the per-query causal selection, so its numbers differ: retraining is advised"
+        ),
+        None => {}
+    }
+    let read = |tname: String, shape: &[usize], nonneg: bool| -> Result<Vec<f32>> {
+        let t = tensors.tensor(&tname).map_err(|_| fail(format!("checkpoint lacks tensor `{tname}`")))?;
+        if t.dtype() != Dtype::F32 || t.shape() != shape {
+            return Err(fail(format!(
+                "tensor `{tname}` is {:?} {}, the config needs F32 {}",
+                t.dtype(),
+                fmt_shape(t.shape()),
+                fmt_shape(shape)
+            )));
+        }
+        let v: Vec<f32> = bytemuck::pod_collect_to_vec(t.data());
+        if let Some(i) = v.iter().position(|x| !x.is_finite() || (nonneg && *x < 0.0)) {
+            return Err(fail(format!(
+                "tensor `{tname}` holds {} at element {i}{}; refusing to use it",
+                v[i],
+                if v[i].is_finite() { " (a second moment must be >= 0)" } else { " (the run it came from diverged)" }
+            )));
+        }
+        Ok(v)
     };
     let (mut params, mut m, mut v) = (Vec::new(), Vec::new(), Vec::new());
     for p in model.params() {
-        params.push(read(format!("param.{}", p.name), &p.shape)?);
-        m.push(read(format!("adam_m.{}", p.name), &p.shape)?);
-        v.push(read(format!("adam_v.{}", p.name), &p.shape)?);
+        params.push(read(format!("param.{}", p.name), &p.shape, false)?);
+        m.push(read(format!("adam_m.{}", p.name), &p.shape, false)?);
+        v.push(read(format!("adam_v.{}", p.name), &p.shape, true)?);
     }
     let extra = meta.iter().filter_map(|(k, v)| k.strip_prefix("extra.").map(|k| (k.to_string(), v.clone()))).collect();
-    Ok(Checkpoint {
-        model,
-        train,
-        state: TrainState { params, m, v, scaler, step: num(&meta, "state.step", path)?, batcher_rng },
-        extra,
-    })
+    Ok(Checkpoint { model, train, state: TrainState { params, m, v, scaler, step, batcher_rng }, extra })
 }

@@ -6,6 +6,7 @@
 
 pub mod checkpoint;
 pub mod lr;
+pub mod memory;
 pub mod plot;
 pub mod scaler;
 
@@ -42,23 +43,77 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// Checks every setting against `model`; errors name the field as `--FLAG`
+    /// where a flag sets it, else `train.FIELD`.
     pub fn validate(&self, model: &ModelConfig) -> Result<()> {
-        let bad = |m: String| Err(Error::Invalid(m));
-        if self.steps == 0 || self.batch == 0 || self.seq == 0 || self.accum == 0 {
-            return bad("--steps, --batch, --seq and --accum must be positive".into());
-        }
-        if self.seq > model.context {
-            return bad(format!("--seq {} is longer than the model's context of {} tokens", self.seq, model.context));
+        self.check(model, &|f: &str| match f {
+            "steps" | "batch" | "seq" | "accum" | "precision" | "lr" => format!("--{f}"),
+            "warmup_frac" | "ramp_frac" => format!("--{}", f.replace('_', "-")),
+            _ => format!("train.{f}"),
+        })
+    }
+
+    /// [`TrainConfig::validate`] with the caller's names for the fields (a
+    /// checkpoint names them by metadata key): each error is one line naming the
+    /// field, its value and the accepted range.
+    pub fn check(&self, model: &ModelConfig, name: &dyn Fn(&str) -> String) -> Result<()> {
+        let bad =
+            |f: &str, v: String, range: &str| Err(Error::Invalid(format!("{} {v}: accepted range {range}", name(f))));
+        let int = |f: &str, v: u64, lo: u64, hi: u64| {
+            if (lo..=hi).contains(&v) { Ok(()) } else { bad(f, v.to_string(), &format!("{lo}..={hi}")) }
+        };
+        int("steps", self.steps, 1, MAX_STEPS)?;
+        int("batch", self.batch as u64, 1, MAX_BATCH as u64)?;
+        int("accum", self.accum as u64, 1, MAX_BATCH as u64)?;
+        if !(1..=model.context).contains(&self.seq) {
+            return bad("seq", self.seq.to_string(), &format!("1..={} (the model's context)", model.context));
         }
         if !self.precision.is_float() {
-            return bad(format!("--precision must be f32, f16 or bf16, not {}", self.precision));
+            return Err(Error::Invalid(format!("{} {}: expected f32, f16 or bf16", name("precision"), self.precision)));
         }
-        if !(self.lr.lr > 0.0 && self.lr.lr.is_finite()) {
-            return bad(format!("--lr {} must be positive", self.lr.lr));
+        let real = |f: &str, v: f64, ok: bool, range: &str| {
+            if ok && v.is_finite() { Ok(()) } else { bad(f, crate::util::fmt_real(v), range) }
+        };
+        let real32 = |f: &str, v: f32, ok: bool, range: &str| {
+            if ok && v.is_finite() { Ok(()) } else { bad(f, crate::util::fmt_real32(v), range) }
+        };
+        let lr = self.lr.lr;
+        real32("lr", lr, lr > 0.0 && lr <= MAX_LR, &format!("0 < lr <= {MAX_LR}"))?;
+        let min_lr = self.lr.min_lr;
+        real32("min_lr", min_lr, (0.0..=lr).contains(&min_lr), "0 <= min_lr <= lr")?;
+        int("warmup_steps", self.lr.warmup_steps, 0, self.steps)?;
+        if self.lr.total_steps != self.steps {
+            return bad("total_steps", self.lr.total_steps.to_string(), &format!("{} (= steps)", self.steps));
+        }
+        for (f, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            real32(f, v, (0.0..1.0).contains(&v), "0 <= beta < 1")?;
+        }
+        real32("weight_decay", self.weight_decay, (0.0..=1.0).contains(&self.weight_decay), "0..=1")?;
+        real32("grad_clip", self.grad_clip, self.grad_clip >= 0.0, ">= 0 (0: no clipping)")?;
+        real("warmup_frac", self.warmup_frac, (0.0..=1.0).contains(&self.warmup_frac), "0..=1")?;
+        real("ramp_frac", self.ramp_frac, (0.0..=1.0).contains(&self.ramp_frac), "0..=1")?;
+        if self.warmup_frac + self.ramp_frac > 1.0 {
+            return Err(Error::Invalid(format!(
+                "{} {} + {} {} = {}: the dense warm-up and the ramp together must be at most 1",
+                name("warmup_frac"),
+                self.warmup_frac,
+                name("ramp_frac"),
+                self.ramp_frac,
+                self.warmup_frac + self.ramp_frac
+            )));
         }
         Ok(())
     }
 }
+
+/// Accepted ranges of the training settings (see [`TrainConfig::check`]).
+pub const MAX_STEPS: u64 = 1_000_000_000;
+pub const MAX_BATCH: usize = 1 << 20;
+/// AdamW's step is about `lr` per weight: beyond this nothing trains.
+pub const MAX_LR: f32 = 10.0;
+/// Default of [`Trainer::max_skipped_in_a_row`]: sixteen halvings take the f16
+/// loss scale from 2^16 to 1, so more skips in a row mean the run diverged.
+pub const DEFAULT_MAX_SKIPPED: u64 = 16;
 
 /// What one optimizer step did.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -101,6 +156,11 @@ pub struct Trainer<B: Backend> {
     decay: Vec<bool>,
     /// Injects an inf into the first gradient at these steps (tests of the scaler).
     pub inject_inf_at: Vec<u64>,
+    /// Stop with an error once more than this many optimizer steps in a row were
+    /// skipped for non-finite gradients.
+    pub max_skipped_in_a_row: u64,
+    /// Skipped steps since the last applied one.
+    pub skipped_in_a_row: u64,
 }
 
 /// First and second AdamW moments per parameter, on the host.
@@ -193,6 +253,8 @@ impl<B: Backend> Trainer<B> {
             step: 0,
             decay,
             inject_inf_at: Vec::new(),
+            max_skipped_in_a_row: DEFAULT_MAX_SKIPPED,
+            skipped_in_a_row: 0,
             model,
             cfg,
         })
@@ -246,10 +308,33 @@ impl<B: Backend> Trainer<B> {
             finite &= self.flag.to_u32_vec(be)?[0] == 1;
         }
         let lr = self.cfg.lr.at(self.step);
+        // Non-finite policy. f32/bf16 have no loss scale to lower, so a NaN/inf loss means the
+        // weights or activations overflowed: stop before the step is applied. f16 skips
+        // (halving the scale) until more than `max_skipped_in_a_row` in a row.
+        let mean_loss = loss / n;
+        if !mean_loss.is_finite() && self.cfg.precision != DType::F16 {
+            return Err(Error::NonFinite(format!(
+                "training stopped at step {}: the loss is {mean_loss} in {} (the weights or activations overflowed; lower --lr, now {})",
+                self.step, self.cfg.precision, self.cfg.lr.lr
+            )));
+        }
         let skipped = self.scaler.update(!finite);
+        self.skipped_in_a_row = if skipped { self.skipped_in_a_row + 1 } else { 0 };
+        if self.skipped_in_a_row > self.max_skipped_in_a_row {
+            return Err(Error::NonFinite(format!(
+                "training stopped at step {}: {} steps in a row had non-finite gradients in {} (loss scale now {}, limit --max-skipped-steps {}); the run diverged: lower --lr (now {}){}",
+                self.step,
+                self.skipped_in_a_row,
+                self.cfg.precision,
+                self.scaler.scale,
+                self.max_skipped_in_a_row,
+                self.cfg.lr.lr,
+                if self.cfg.precision == DType::F16 { " or train in bf16" } else { "" }
+            )));
+        }
         let mut stats = StepStats {
             step: self.step,
-            loss: loss / n,
+            loss: mean_loss,
             indexer_kl: kl / n,
             grad_norm: f64::NAN,
             lr,

@@ -41,17 +41,38 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> crate::Result<()> {
         path.extension().map(|e| format!("{}.", e.to_string_lossy())).unwrap_or_default()
     ));
     let io = |what: &str, e| crate::Error::io(format!("{what} {}", tmp.display()), e);
-    let mut f = std::fs::File::create(&tmp).map_err(|e| io("creating", e))?;
-    f.write_all(bytes).map_err(|e| io("writing", e))?;
-    f.sync_all().map_err(|e| io("syncing", e))?;
-    drop(f);
-    std::fs::rename(&tmp, path)
-        .map_err(|e| crate::Error::io(format!("renaming {} to {}", tmp.display(), path.display()), e))
+    let result = std::fs::File::create(&tmp).map_err(|e| io("creating", e)).and_then(|mut f| {
+        f.write_all(bytes).map_err(|e| io("writing", e))?;
+        f.sync_all().map_err(|e| io("syncing", e))?;
+        drop(f);
+        std::fs::rename(&tmp, path)
+            .map_err(|e| crate::Error::io(format!("renaming {} to {}", tmp.display(), path.display()), e))
+    });
+    if result.is_err() {
+        // A failed save (full disk, quota, rename across devices) leaves no half-written file behind.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_save_leaves_no_temporary_file() {
+        let dir = std::env::temp_dir().join(format!("dynsparse-tmp-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("target")).unwrap();
+        std::fs::write(dir.join("target").join("x"), b"x").unwrap();
+        // Renaming a file onto a non-empty directory fails after the data was written.
+        let e = write_atomic(&dir.join("target"), b"data").unwrap_err().to_string();
+        assert!(e.contains("renaming"), "{e}");
+        assert!(!dir.join("target.tmp").exists(), "the .tmp file is removed");
+        write_atomic(&dir.join("ok.csv"), b"a").unwrap();
+        assert_eq!(std::fs::read(dir.join("ok.csv")).unwrap(), b"a");
+        assert!(!dir.join("ok.csv.tmp").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn markdown_section_is_replaced_in_place_and_appended_when_missing() {

@@ -448,13 +448,12 @@ pub fn attention<R: Backend, B: Backend>(r: &R, b: &B) {
             let nk = batch * seq * kv * d;
             let (q, k, v, d_o) = (rng.normal_vec(nq), rng.normal_vec(nk), rng.normal_vec(nk), rng.normal_vec(nq));
             let (tok, kk, blk, nn) = attn_patterns(batch, seq, seed("attention-pattern", dt, ci));
-            let nb = seq.div_ceil(ATTN_BLOCK);
             for mode in ["dense", "tokens", "blocks"] {
                 let (want, got) = on_both!(r, b, |be| {
                     let (qt, kt, vt, dot) =
                         (up(be, &q, &qs, dt), up(be, &k, &ks, dt), up(be, &v, &ks, dt), up(be, &d_o, &qs, dt));
                     let tt = Tensor::from_u32(be, &tok, &[batch, seq, kk]).unwrap();
-                    let bt = Tensor::from_u32(be, &blk, &[batch, nb, nn]).unwrap();
+                    let bt = Tensor::from_u32(be, &blk, &[batch, seq, nn]).unwrap();
                     let pat = || match mode {
                         "dense" => Pattern::Dense,
                         "tokens" => Pattern::Tokens(&tt),
@@ -491,10 +490,10 @@ pub fn sparse_attention_keeping_all_equals_dense<R: Backend, B: Backend>(r: &R, 
         let d_o = rng.normal_vec(q.len());
         let nb = seq.div_ceil(ATTN_BLOCK);
         let all_tok: Vec<u32> = (0..batch * seq).flat_map(|_| 0..seq as u32).collect();
-        let all_blk: Vec<u32> = (0..batch * nb).flat_map(|_| 0..nb as u32).collect();
+        let all_blk: Vec<u32> = (0..batch * seq).flat_map(|_| 0..nb as u32).collect();
         let (qt, kt, vt, dot) = (up(b, &q, &qs, dt), up(b, &k, &ks, dt), up(b, &v, &ks, dt), up(b, &d_o, &qs, dt));
         let tt = Tensor::from_u32(b, &all_tok, &[batch, seq, seq]).unwrap();
-        let bt = Tensor::from_u32(b, &all_blk, &[batch, nb, nb]).unwrap();
+        let bt = Tensor::from_u32(b, &all_blk, &[batch, seq, nb]).unwrap();
         let mut outs = Vec::new();
         for pat in [Pattern::Dense, Pattern::Tokens(&tt), Pattern::Blocks { idx: &bt, block: ATTN_BLOCK }] {
             let mut o = poisoned(b, &qs, dt);
@@ -535,7 +534,7 @@ pub fn indexer_and_selection<R: Backend, B: Backend>(r: &R, b: &B) {
                 );
                 let mut sc = poisoned(be, &[batch, seq, seq], DType::F32);
                 attn::indexer_scores(be, &qt, &kt, &wt, &mut sc).unwrap();
-                let mut pooled = poisoned(be, &[batch, nb, nb], DType::F32);
+                let mut pooled = poisoned(be, &[batch, seq, nb], DType::F32);
                 attn::indexer_block_scores(be, &qt, &kt, &wt, ATTN_BLOCK, &mut pooled).unwrap();
                 let dst = up(be, &dsc, &[batch, seq, seq], DType::F32);
                 let (mut dq, mut dk, mut dw) = (
@@ -554,18 +553,21 @@ pub fn indexer_and_selection<R: Backend, B: Backend>(r: &R, b: &B) {
             compare_all("indexer", &case, dt, &["scores", "block scores", "dq_i", "dk_i", "dw"], &want, &got);
         }
     }
-    // Selection on identical scores must pick identical sets (ties to the smaller index).
-    let (batch, seq) = (2, 77);
+    // Selection on identical scores must pick identical sets (ties to the
+    // smaller index): token mode over [seq, seq] rows, block mode over
+    // per-query [seq, ceil(seq/block)] rows (own block, then sink, first).
+    let (batch, seq) = (2usize, 77usize);
     let mut rng = Rng::new(seed("select", DType::F32, 0));
-    let scores: Vec<f32> = (0..batch * seq * seq).map(|_| rng.below(7) as f32 - 3.0).collect();
-    for (k, blocks) in [(1usize, false), (5, false), (100, false), (1, true), (3, true)] {
+    for (k, block) in [(1usize, 0usize), (5, 0), (100, 0), (1, 16), (3, 16), (2, 5), (4, 5), (40, 5)] {
+        let cols = if block > 0 { seq.div_ceil(block) } else { seq };
+        let scores: Vec<f32> = (0..batch * seq * cols).map(|_| rng.below(7) as f32 - 3.0).collect();
         let (want, got) = on_both!(r, b, |be| {
-            let st = up(be, &scores, &[batch, seq, seq], DType::F32);
+            let st = up(be, &scores, &[batch, seq, cols], DType::F32);
             let mut idx = Tensor::from_u32(be, &vec![7; batch * seq * k], &[batch, seq, k]).unwrap();
-            attn::select_topk(be, &st, k, blocks, &mut idx).unwrap();
+            attn::select_topk(be, &st, k, block, &mut idx).unwrap();
             idx.to_u32_vec(be).unwrap()
         });
-        assert_eq!(got, want, "select_topk k={k} blocks={blocks}");
+        assert_eq!(got, want, "select_topk k={k} block={block}");
     }
     // The KL loss of the indexer against the main attention, dense and kept-set.
     for dt in float_dtypes(r, b) {
@@ -575,11 +577,10 @@ pub fn indexer_and_selection<R: Backend, B: Backend>(r: &R, b: &B) {
         let (q, k) = (rng.normal_vec(batch * seq * heads * d), rng.normal_vec(batch * seq * kv * d));
         let sc = rng.normal_vec(batch * seq * seq);
         let (_, _, blk, nn) = attn_patterns(batch, seq, seed("indexer_kl-pattern", dt, 0));
-        let nb = seq.div_ceil(ATTN_BLOCK);
         for dense in [true, false] {
             let (want, got) = on_both!(r, b, |be| {
                 let (qt, kt) = (up(be, &q, &qs, dt), up(be, &k, &ks, dt));
-                let bt = Tensor::from_u32(be, &blk, &[batch, nb, nn]).unwrap();
+                let bt = Tensor::from_u32(be, &blk, &[batch, seq, nn]).unwrap();
                 let pat = || if dense { Pattern::Dense } else { Pattern::Blocks { idx: &bt, block: ATTN_BLOCK } };
                 let mut o = poisoned(be, &qs, dt);
                 let mut lse = poisoned(be, &[batch, heads, seq], DType::F32);
@@ -611,13 +612,13 @@ pub fn attention_long_sequences<R: Backend, B: Backend>(r: &R, b: &B) {
     let (nq, nk) = (batch * seq * heads * d, batch * seq * kv * d);
     let (q, k, v, d_o) = (rng.normal_vec(nq), rng.normal_vec(nk), rng.normal_vec(nk), rng.normal_vec(nq));
     let nb = seq.div_ceil(block);
-    let pooled: Vec<f32> = (0..nb * nb).map(|_| rng.below(1000) as f32).collect();
-    let blk: Vec<u32> = (0..nb).flat_map(|qb| select_row(&pooled[qb * nb..(qb + 1) * nb], qb, n, true)).collect();
+    let pooled: Vec<f32> = (0..seq * nb).map(|_| rng.below(1000) as f32).collect();
+    let blk: Vec<u32> = (0..seq).flat_map(|t| select_row(&pooled[t * nb..(t + 1) * nb], t / block, n, true)).collect();
     for mode in ["dense", "blocks"] {
         let (want, got) = on_both!(r, b, |be| {
             let (qt, kt, vt, dot) =
                 (up(be, &q, &qs, dt), up(be, &k, &ks, dt), up(be, &v, &ks, dt), up(be, &d_o, &qs, dt));
-            let bt = Tensor::from_u32(be, &blk, &[batch, nb, n]).unwrap();
+            let bt = Tensor::from_u32(be, &blk, &[batch, seq, n]).unwrap();
             let pat = || if mode == "dense" { Pattern::Dense } else { Pattern::Blocks { idx: &bt, block } };
             let mut o = poisoned(be, &qs, dt);
             let mut lse = poisoned(be, &[batch, heads, seq], DType::F32);
@@ -641,7 +642,7 @@ pub fn attention_long_sequences<R: Backend, B: Backend>(r: &R, b: &B) {
         );
         let mut sc = poisoned(be, &[batch, seq, seq], DType::F32);
         attn::indexer_scores(be, &qt, &kt, &wt, &mut sc).unwrap();
-        let mut pooled = poisoned(be, &[batch, nb, nb], DType::F32);
+        let mut pooled = poisoned(be, &[batch, seq, nb], DType::F32);
         attn::indexer_block_scores(be, &qt, &kt, &wt, block, &mut pooled).unwrap();
         let dst = up(be, &dsc, &[batch, seq, seq], DType::F32);
         let (mut dq, mut dk, mut dw) = (
@@ -673,6 +674,296 @@ pub fn attention_long_sequences<R: Backend, B: Backend>(r: &R, b: &B) {
     let case = format!("b{batch} t{seq} H_I{hi} d_I{di}");
     let names = ["scores", "block scores", "dq_i", "dk_i", "dw", "kl loss", "kl dscores"];
     compare_all("long indexer", &case, dt, &names, &want, &got);
+}
+
+// ------------------------------------------------------------ causality
+
+/// Positions `t` at which the op-level causality check cuts: the first
+/// query, both edges of a block of 8, and inside blocks.
+const CUTS: [usize; 6] = [0, 7, 8, 21, 44, 60];
+
+/// `v` (`[batch, seq, width]`) with every position after `t` redrawn.
+fn redraw_after(v: &[f32], batch: usize, seq: usize, t: usize, rng: &mut Rng) -> Vec<f32> {
+    let width = v.len() / (batch * seq);
+    let mut out = v.to_vec();
+    for b in 0..batch {
+        for x in &mut out[(b * seq + t + 1) * width..(b + 1) * seq * width] {
+            *x = rng.normal() as f32;
+        }
+    }
+    out
+}
+
+/// Asserts that rows `0..=t` of every batch of `a` and `b` (`[batch, seq, width]`)
+/// are bit-identical.
+#[track_caller]
+fn assert_prefix_bits(what: &str, a: &[f32], b: &[f32], batch: usize, seq: usize, t: usize) {
+    let width = a.len() / (batch * seq);
+    for bi in 0..batch {
+        let r = (bi * seq) * width..(bi * seq + t + 1) * width;
+        let (x, y) = (&a[r.clone()], &b[r]);
+        if let Some(i) = x.iter().zip(y).position(|(p, q)| p.to_bits() != q.to_bits()) {
+            let pos = i / width;
+            panic!(
+                "{what}: batch {bi} position {pos} ≤ {t} changed when the tokens after {t} changed ({} → {})",
+                x[i], y[i]
+            );
+        }
+    }
+}
+
+/// Causality at the op level, on the backend under test: for dense, token
+/// and block attention and every dtype, the indexer scores (token scores or
+/// per-query block scores), the selection and the attention outputs of every
+/// query `≤ t` are bit-identical when every input after `t` (q, k, v, and the
+/// indexer's q_i, k_i, w) is replaced.
+pub fn selection_and_attention_are_causal<R: Backend, B: Backend>(r: &R, b: &B) {
+    use dynsparse::attention::{self as attn, Pattern};
+    let (batch, seq, heads, kv, d, hi, di) = (2usize, 70usize, 4usize, 2usize, 16usize, 2usize, 8usize);
+    // Blocks of 8 and 3 kept of up to 9: most queries have a real choice.
+    let (block, k_tok, n_blk) = (8usize, 9usize, 3usize);
+    let nb = seq.div_ceil(block);
+    for dt in float_dtypes(r, b) {
+        let mut rng = Rng::new(seed("causality", dt, 0));
+        let base: Vec<Vec<f32>> =
+            [heads * d, kv * d, kv * d, hi * di, di, hi].iter().map(|&w| rng.normal_vec(batch * seq * w)).collect();
+        // Outputs per position: [scores, idx, o] as [batch, seq, ·], lse transposed to [batch, seq, heads].
+        let run = |x: &[Vec<f32>], mode: &str| -> Vec<Vec<f32>> {
+            let (qt, kt, vt) = (
+                up(b, &x[0], &[batch, seq, heads, d], dt),
+                up(b, &x[1], &[batch, seq, kv, d], dt),
+                up(b, &x[2], &[batch, seq, kv, d], dt),
+            );
+            let (qi, ki, w) = (
+                up(b, &x[3], &[batch, seq, hi, di], dt),
+                up(b, &x[4], &[batch, seq, di], dt),
+                up(b, &x[5], &[batch, seq, hi], dt),
+            );
+            let mut o = poisoned(b, &[batch, seq, heads, d], dt);
+            let mut lse = poisoned(b, &[batch, heads, seq], DType::F32);
+            let (scores, idx) = match mode {
+                "dense" => {
+                    attn::attention(b, &qt, &kt, &vt, Pattern::Dense, &mut o, &mut lse).unwrap();
+                    (vec![0.0; batch * seq], vec![0.0; batch * seq])
+                }
+                "tokens" => {
+                    let mut sc = poisoned(b, &[batch, seq, seq], DType::F32);
+                    attn::indexer_scores(b, &qi, &ki, &w, &mut sc).unwrap();
+                    let mut idx = Tensor::from_u32(b, &vec![7; batch * seq * k_tok], &[batch, seq, k_tok]).unwrap();
+                    attn::select_topk(b, &sc, k_tok, 0, &mut idx).unwrap();
+                    attn::attention(b, &qt, &kt, &vt, Pattern::Tokens(&idx), &mut o, &mut lse).unwrap();
+                    (down(b, &sc), idx.to_u32_vec(b).unwrap().into_iter().map(|x| x as f32).collect())
+                }
+                _ => {
+                    let mut pooled = poisoned(b, &[batch, seq, nb], DType::F32);
+                    attn::indexer_block_scores(b, &qi, &ki, &w, block, &mut pooled).unwrap();
+                    let mut idx = Tensor::from_u32(b, &vec![7; batch * seq * n_blk], &[batch, seq, n_blk]).unwrap();
+                    attn::select_topk(b, &pooled, n_blk, block, &mut idx).unwrap();
+                    attn::attention(b, &qt, &kt, &vt, Pattern::Blocks { idx: &idx, block }, &mut o, &mut lse).unwrap();
+                    (down(b, &pooled), idx.to_u32_vec(b).unwrap().into_iter().map(|x| x as f32).collect())
+                }
+            };
+            let l = down(b, &lse);
+            let lse_t: Vec<f32> = (0..batch * seq)
+                .flat_map(|bt| (0..heads).map(move |h| (bt / seq, bt % seq, h)))
+                .map(|(bi, t, h)| l[(bi * heads + h) * seq + t])
+                .collect();
+            vec![scores, idx, down(b, &o), lse_t]
+        };
+        for mode in ["dense", "tokens", "blocks"] {
+            let full = run(&base, mode);
+            for &t in &CUTS {
+                let changed: Vec<Vec<f32>> = base.iter().map(|v| redraw_after(v, batch, seq, t, &mut rng)).collect();
+                let cut = run(&changed, mode);
+                for (name, (x, y)) in ["indexer scores", "selection", "o", "lse"].iter().zip(full.iter().zip(&cut)) {
+                    assert_prefix_bits(&format!("{dt:?} {mode} `{name}`"), x, y, batch, seq, t);
+                }
+            }
+        }
+    }
+}
+
+/// Causality of the whole model, on the backend under test: a sparse model's
+/// logits at positions `≤ t` are bit-identical when every token after `t` is
+/// replaced, with dense attention (warm-up) and with block-sparse attention
+/// (each query's own top-n blocks), for every dtype.
+pub fn model_is_a_causal_lm<R: Backend, B: Backend>(r: &R, b: &B) {
+    use dynsparse::model::{AttentionMode, Model, ModelConfig, StepAttention, Workspace};
+    let (batch, seq, block) = (2usize, 64usize, 8usize);
+    let cfg = ModelConfig {
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        d_model: 32,
+        vocab: 256,
+        context: seq,
+        mlp_ratio: 2,
+        rope_theta: 10000.0,
+        attention: AttentionMode::Sparse { block, keep_blocks: 3, index_heads: 2, index_dim: 8 },
+    };
+    for dt in float_dtypes(r, b) {
+        let mut rng = Rng::new(seed("model-causality", dt, 0));
+        let model = Model::new(b, cfg, dt, 11).unwrap();
+        let mut ws = Workspace::new(b, &cfg, dt, batch, seq).unwrap();
+        let ids: Vec<u32> = (0..batch * seq).map(|_| rng.below(256) as u32).collect();
+        for attn in [StepAttention::Dense, StepAttention::Sparse { keep_blocks: 3 }] {
+            let mut logits = |ids: &[u32]| {
+                model.forward(b, &mut ws, ids, None, attn).unwrap();
+                ws.logits_f32(b).unwrap()
+            };
+            let full = logits(&ids);
+            for t in [0usize, 7, 8, 13, 30, 47, 62] {
+                let mut other = ids.clone();
+                for bi in 0..batch {
+                    for x in &mut other[bi * seq + t + 1..(bi + 1) * seq] {
+                        *x = (*x + 1 + rng.below(255) as u32) % 256;
+                    }
+                }
+                assert_prefix_bits(&format!("{dt:?} {attn:?} model logits"), &full, &logits(&other), batch, seq, t);
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------ inference
+
+/// The row table of a ragged step over 3 cached sequences of 40 slots each:
+/// sequence 0 decodes at length 37, sequence 1 prefills a run of 5 tokens
+/// (lengths 3..=7), sequence 2 takes its first token.
+fn ragged_rows() -> (usize, Vec<u32>) {
+    let ctx = 40usize;
+    let mut t = vec![0, 37];
+    for len in 3..=7u32 {
+        t.extend([ctx as u32, len]);
+    }
+    t.extend([2 * ctx as u32, 1]);
+    (ctx, t)
+}
+
+/// The inference ops over a KV cache (RoPE at per-row positions, cache
+/// writes, pooled indexer scores, per-row selection, dense and block-sparse
+/// cached attention) on a ragged step match the reference.
+pub fn cached_ops<R: Backend, B: Backend>(r: &R, b: &B) {
+    use dynsparse::attention::{self as attn, CachedPattern};
+    let (ctx, tab) = ragged_rows();
+    let (rows, slots) = (tab.len() / 2, 3 * ctx);
+    let (h, g, d, hi, di, block, n) = (4usize, 2usize, 16usize, 2usize, 8usize, 8usize, 3usize);
+    let cols = ctx.div_ceil(block);
+    for dt in float_dtypes(r, b) {
+        let mut rng = Rng::new(seed("cached", dt, 0));
+        let q = rng.normal_vec(rows * h * d);
+        let (kc, vc) = (rng.normal_vec(slots * g * d), rng.normal_vec(slots * g * d));
+        let knew = rng.normal_vec(rows * g * d);
+        let (qi, w, kic) = (rng.normal_vec(rows * hi * di), rng.normal_vec(rows * hi), rng.normal_vec(slots * di));
+        let tied: Vec<f32> = (0..rows * cols).map(|_| rng.below(5) as f32).collect();
+        let (want, got) = on_both!(r, b, |be| {
+            let table = Tensor::from_u32(be, &tab, &[rows, 2]).unwrap();
+            let qt = up(be, &q, &[rows, h, d], dt);
+            let table_rope = RopeTable::new(be, ctx, d, 10000.0).unwrap();
+            let mut qr = poisoned(be, &[rows, h, d], dt);
+            ops::rope_rows(be, &qt, &table_rope, &table, &mut qr).unwrap();
+            let mut kt = up(be, &kc, &[slots, g, d], dt);
+            ops::cache_write(be, &up(be, &knew, &[rows, g, d], dt), &table, &mut kt).unwrap();
+            let vt = up(be, &vc, &[slots, g, d], dt);
+            let (qit, wt, kit) =
+                (up(be, &qi, &[rows, hi, di], dt), up(be, &w, &[rows, hi], dt), up(be, &kic, &[slots, di], dt));
+            let mut pooled = poisoned(be, &[rows, cols], DType::F32);
+            attn::cached_indexer_block_scores(be, &qit, &wt, &kit, &table, block, &mut pooled).unwrap();
+            let mut idx = Tensor::from_u32(be, &vec![9; rows * n], &[rows, n]).unwrap();
+            attn::cached_select(be, &up(be, &tied, &[rows, cols], DType::F32), &table, n, block, &mut idx).unwrap();
+            let mut od = poisoned(be, &[rows, h, d], dt);
+            attn::cached_attention(be, &qr, &kt, &vt, &table, CachedPattern::Dense, &mut od).unwrap();
+            let mut ob = poisoned(be, &[rows, h, d], dt);
+            attn::cached_attention(be, &qr, &kt, &vt, &table, CachedPattern::Blocks { idx: &idx, block }, &mut ob)
+                .unwrap();
+            let fin =
+                |v: Vec<f32>| v.into_iter().map(|x| if x == f32::NEG_INFINITY { -1e30 } else { x }).collect::<Vec<_>>();
+            let sel: Vec<f32> = idx.to_u32_vec(be).unwrap().into_iter().map(|x| x as f32).collect();
+            vec![down(be, &qr), down(be, &kt), fin(down(be, &pooled)), sel, down(be, &od), down(be, &ob)]
+        });
+        assert_eq!(got[3], want[3], "{dt:?} cached_select picks the same blocks");
+        let names = ["rope_rows", "cache_write", "cached indexer pooled", "cached_select", "dense o", "blocks o"];
+        compare_all("cached", "ragged step", dt, &names, &want, &got);
+    }
+}
+
+/// On the backend under test: prefill + token-by-token decode through the KV
+/// cache reproduces the full-window forward pass's logits at every position,
+/// for a dense and a sparse model, f32/f16/bf16, with a prompt prefilled in
+/// two chunks and a ragged decode batch of 3 sequences of different lengths.
+pub fn prefill_and_decode_match_the_full_window<R: Backend, B: Backend>(r: &R, b: &B) {
+    use dynsparse::model::{AttentionMode, InferState, KvCache, Model, ModelConfig, Row, Workspace};
+    let ctx = 48usize;
+    for dt in float_dtypes(r, b) {
+        for sparse in [false, true] {
+            let cfg = ModelConfig {
+                n_layers: 2,
+                n_heads: 4,
+                n_kv_heads: 2,
+                d_model: 32,
+                vocab: 256,
+                context: ctx,
+                mlp_ratio: 2,
+                rope_theta: 10000.0,
+                attention: if sparse {
+                    AttentionMode::Sparse { block: 8, keep_blocks: 3, index_heads: 2, index_dim: 8 }
+                } else {
+                    AttentionMode::Dense
+                },
+            };
+            let model = Model::new(b, cfg, dt, 5).unwrap();
+            let mut rng = Rng::new(seed("prefill-decode", dt, sparse as usize));
+            let seqs: Vec<Vec<u32>> =
+                [ctx, 29, 17].iter().map(|&n| (0..n).map(|_| rng.below(256) as u32).collect()).collect();
+            let full: Vec<Vec<f32>> = seqs
+                .iter()
+                .map(|ids| {
+                    let mut ws = Workspace::new(b, &cfg, dt, 1, ids.len()).unwrap();
+                    model.forward(b, &mut ws, ids, None, model.inference_attention()).unwrap();
+                    ws.logits_f32(b).unwrap()
+                })
+                .collect();
+            let mut cache = KvCache::new(b, &model, 3, ctx).unwrap();
+            let mut st = InferState::default();
+            let prompts = [20usize, 10, 1];
+            let mut got: Vec<Vec<f32>> = vec![Vec::new(); 3];
+            // Sequence 0's prompt in two chunks (12 + 8), the others in one.
+            got[0] = model.prefill(b, &mut cache, &mut st, 0, &seqs[0][..prompts[0]], 12).unwrap();
+            for s in 1..3 {
+                got[s] = model.prefill(b, &mut cache, &mut st, s, &seqs[s][..prompts[s]], 64).unwrap();
+            }
+            let mut pos = prompts;
+            loop {
+                let rows: Vec<Row> = (0..3)
+                    .filter(|&s| pos[s] < seqs[s].len())
+                    .map(|s| Row { slot: s, token: seqs[s][pos[s]] })
+                    .collect();
+                if rows.is_empty() {
+                    break;
+                }
+                let logits = model.step(b, &mut cache, &mut st, &rows, model.inference_attention()).unwrap();
+                for (i, row) in rows.iter().enumerate() {
+                    got[row.slot].extend_from_slice(&logits[i * 256..(i + 1) * 256]);
+                    pos[row.slot] += 1;
+                }
+            }
+            for s in 0..3 {
+                assert_eq!(cache.len(s), seqs[s].len());
+                let what = format!(
+                    "{dt:?} {} model, sequence {s} ({} tokens)",
+                    if sparse { "sparse" } else { "dense" },
+                    seqs[s].len()
+                );
+                assert_close(&format!("{what}: prefill + decode logits vs the full window"), &got[s], &full[s], dt);
+            }
+            // Past the context, a slot beyond the batch, a cache longer than the model: errors.
+            let e = model.step(b, &mut cache, &mut st, &[Row { slot: 0, token: 1 }], model.inference_attention());
+            expect_err("decode past the context", e, &["48 tokens"]);
+            let e = model.step(b, &mut cache, &mut st, &[Row { slot: 3, token: 1 }], model.inference_attention());
+            expect_err("slot beyond the batch", e, &["slot 3", "batch of 3"]);
+            expect_err("cache longer than the model", KvCache::new(b, &model, 1, ctx + 1).map(|_| ()), &["49", "48"]);
+        }
+    }
 }
 
 // ------------------------------------------------------------ model level
@@ -890,6 +1181,30 @@ macro_rules! conformance_tests {
         fn attention_long_sequences_match_reference() {
             if let Some((r, b)) = $get() {
                 common::attention_long_sequences(r, b)
+            }
+        }
+        #[test]
+        fn selection_and_attention_outputs_are_causal_in_every_mode() {
+            if let Some((r, b)) = $get() {
+                common::selection_and_attention_are_causal(r, b);
+            }
+        }
+        #[test]
+        fn model_logits_are_causal_dense_and_sparse() {
+            if let Some((r, b)) = $get() {
+                common::model_is_a_causal_lm(r, b);
+            }
+        }
+        #[test]
+        fn cached_inference_ops_match_reference_on_a_ragged_step() {
+            if let Some((r, b)) = $get() {
+                common::cached_ops(r, b);
+            }
+        }
+        #[test]
+        fn prefill_and_decode_reproduce_the_full_window_logits() {
+            if let Some((r, b)) = $get() {
+                common::prefill_and_decode_match_the_full_window(r, b);
             }
         }
         #[test]

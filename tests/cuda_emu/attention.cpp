@@ -3,21 +3,30 @@
 // Naive reference, double precision.
 // Inputs representable in bf16 and f16 alike (8 significant bits, small range).
 // Dynamic shared memory of the tiled kernels (see TiledSmem in attention.cu).
-static size_t tsm(int rows, int nps, int dpl) { return (size_t)(rows * 32 * (dpl * 32 + 1) + nps * 4 * 8 * 32) * 4; }
+static size_t tsm(int rows, int nps, int dpl, u32 seq) { return (size_t)(rows * 32 * (dpl * 32 + 1) + nps * 4 * 8 * 32 + 32 + ((seq + 31) / 32 + 31) / 32) * 4; }
 static float from_f32_round(float x) { return std::round(x * 64.0f) / 64.0f; }
 struct P { u32 batch, seq, H, KV, d, mode, kk, block; };
 static std::vector<u32> keys_of(const P& p, const std::vector<u32>& idx, u32 b, u32 t) {
     std::vector<u32> ks;
     if (p.mode == 0) for (u32 s = 0; s <= t; s++) ks.push_back(s);
     else if (p.mode == 1) { for (u32 j = 0; j < p.kk; j++) { u32 s = idx[(b * p.seq + t) * p.kk + j]; if (s <= t) ks.push_back(s); } }
-    else { u32 nqb = (p.seq + p.block - 1) / p.block, qb = t / p.block;
-        for (u32 j = 0; j < p.kk; j++) { u32 kb = idx[(b * nqb + qb) * p.kk + j]; if (kb == 0xffffffffu || kb > qb) continue;
+    else { u32 qb = t / p.block;  // query t's own row of key blocks
+        for (u32 j = 0; j < p.kk; j++) { u32 kb = idx[(b * p.seq + t) * p.kk + j]; if (kb == 0xffffffffu || kb > qb) continue;
             for (u32 s = kb * p.block; s < std::min((kb + 1) * p.block, t + 1); s++) ks.push_back(s); } }
     return ks;
 }
 static double relerr(const std::vector<float>& g, const std::vector<double>& w) {
     double n = 0, d = 0; for (size_t i = 0; i < g.size(); i++) { if (!std::isfinite(g[i]) && std::isfinite(w[i])) return 1e9; if (std::isfinite(w[i])) { n += (g[i] - w[i]) * (g[i] - w[i]); d += w[i] * w[i]; } else if (g[i] != w[i]) return 1e9; }
     return d > 0 ? sqrt(n / d) : sqrt(n);
+}
+// Per query row (b, t): kk distinct entries drawn from the key blocks 0..nkb and
+// NONE, so rows hold future blocks (skipped) and some queries have no key.
+static std::vector<u32> random_block_rows(const P& p, u32 nkb, std::mt19937& rng) {
+    std::vector<u32> idx(p.batch * p.seq * p.kk);
+    for (u32 r = 0; r < p.batch * p.seq; r++) { std::vector<u32> perm(nkb + 1); for (u32 i = 0; i < perm.size(); i++) perm[i] = i; std::shuffle(perm.begin(), perm.end(), rng);
+        for (u32 j = 0; j < p.kk && j < perm.size(); j++) idx[r * p.kk + j] = perm[j] >= nkb ? 0xffffffffu : perm[j];
+        for (u32 j = perm.size(); j < p.kk; j++) idx[r * p.kk + j] = 0xffffffffu; }
+    return idx;
 }
 int main() {
     std::mt19937 rng(3);
@@ -27,12 +36,11 @@ int main() {
         P p{2, 37, 4, 2, cfg % 2 ? 40u : 16u, (u32)(cfg / 2), 0, 1};
         u32 nqb = 1;
         std::vector<u32> idx;
+        (void)nqb;
         if (p.mode == 1) { p.kk = 9; idx.resize(p.batch * p.seq * p.kk);
             for (u32 r = 0; r < p.batch * p.seq; r++) { std::vector<u32> perm(p.seq + 3); for (u32 i = 0; i < perm.size(); i++) perm[i] = i; std::shuffle(perm.begin(), perm.end(), rng);
                 for (u32 j = 0; j < p.kk; j++) idx[r * p.kk + j] = perm[j] >= p.seq ? 0xffffffffu : perm[j]; } }
-        if (p.mode == 2) { p.block = 8; p.kk = 3; nqb = (p.seq + 7) / 8; idx.resize(p.batch * nqb * p.kk);
-            for (u32 r = 0; r < p.batch * nqb; r++) { std::vector<u32> perm(nqb + 1); for (u32 i = 0; i < perm.size(); i++) perm[i] = i; std::shuffle(perm.begin(), perm.end(), rng);
-                for (u32 j = 0; j < p.kk; j++) idx[r * p.kk + j] = perm[j] >= nqb ? 0xffffffffu : perm[j]; } }
+        if (p.mode == 2) { p.block = 8; p.kk = 3; nqb = (p.seq + 7) / 8; idx = random_block_rows(p, nqb, rng); }
         size_t nq = (size_t)p.batch * p.seq * p.H * p.d, nk = (size_t)p.batch * p.seq * p.KV * p.d;
         std::vector<float> q(nq), k(nk), v(nk), dO(nq);
         for (auto* x : {&q, &k, &v, &dO}) for (auto& e : *x) e = nd(rng);
@@ -97,13 +105,15 @@ int main() {
         printf("indexer_kl mode %u: loss %.2e dscores %.2e %s\n", p.mode, e6, e7, ok2 ? "ok" : "FAIL");
     }
     // The tiled forward (dense, and blocks with block % 32 == 0; d <= 64) against the same reference.
-    for (int cfg = 0; cfg < 6; cfg++) {
+    // Blocks of any size: the tile visits the union of its queries' key tiles
+    // with a per-query key mask (block 8, 16, 48 straddle the 32-key tiles).
+    for (int cfg = 0; cfg < 9; cfg++) {
         P p{2, 75, 4, 2, cfg % 3 == 0 ? 16u : (cfg % 3 == 1 ? 40u : (cfg < 3 ? 64u : 128u)), cfg < 3 ? 0u : 2u, 0, 1};
         if (cfg == 1) p.d = 96;
+        if (cfg == 8) p.d = 64;
         std::vector<u32> idx;
-        if (p.mode == 2) { p.block = cfg == 4 ? 64 : 32; p.kk = 2; u32 nqb = (p.seq + p.block - 1) / p.block; idx.resize(p.batch * nqb * p.kk);
-            for (u32 r = 0; r < p.batch * nqb; r++) { std::vector<u32> perm(nqb + 1); for (u32 i = 0; i < perm.size(); i++) perm[i] = i; std::shuffle(perm.begin(), perm.end(), rng);
-                for (u32 j = 0; j < p.kk; j++) idx[r * p.kk + j] = perm[j] >= nqb ? 0xffffffffu : perm[j]; } }
+        if (p.mode == 2) { const u32 blocks[] = {32, 64, 32, 8, 16, 48}; p.block = blocks[cfg - 3]; p.kk = cfg == 6 ? 4 : 2; u32 nqb = (p.seq + p.block - 1) / p.block;
+            idx = random_block_rows(p, nqb, rng); }
         size_t nq = (size_t)p.batch * p.seq * p.H * p.d, nk = (size_t)p.batch * p.seq * p.KV * p.d;
         std::vector<float> q(nq), k(nk), v(nk), dO(nq);
         for (auto* x : {&q, &k, &v, &dO}) for (auto& e : *x) e = nd(rng);
@@ -114,10 +124,10 @@ int main() {
         int dp = p.d <= 32 ? 1 : (p.d <= 64 ? 2 : 4);
         const u32* ip = idx.empty() ? nullptr : idx.data();
         dim3 qgrid((p.seq + 31) / 32, p.H, p.batch), kgrid((p.seq + 31) / 32, p.KV, p.batch);
-        launch(dp == 1 ? attn_fwd_tiled_f32_d1 : dp == 2 ? attn_fwd_tiled_f32_d2 : attn_fwd_tiled_f32_d4, qgrid, dim3(128), tsm(3, 1, dp), a, (const float*)q.data(), (const float*)k.data(), (const float*)v.data(), ip, o.data(), lse.data());
+        launch(dp == 1 ? attn_fwd_tiled_f32_d1 : dp == 2 ? attn_fwd_tiled_f32_d2 : attn_fwd_tiled_f32_d4, qgrid, dim3(128), tsm(3, 1, dp, p.seq), a, (const float*)q.data(), (const float*)k.data(), (const float*)v.data(), ip, o.data(), lse.data());
         launch(dp == 1 ? attn_bwd_pre_f32_d1 : dp == 2 ? attn_bwd_pre_f32_d2 : attn_bwd_pre_f32_d4, dim3((rows + 3) / 4), dim3(128), 0, a, (const float*)o.data(), (const float*)dO.data(), D.data());
-        launch(dp == 1 ? attn_bwd_dq_tiled_f32_d1 : dp == 2 ? attn_bwd_dq_tiled_f32_d2 : attn_bwd_dq_tiled_f32_d4, qgrid, dim3(128), tsm(4, 1, dp), a, (const float*)q.data(), (const float*)k.data(), (const float*)v.data(), (const float*)lse.data(), (const float*)D.data(), (const float*)dO.data(), ip, dq.data());
-        launch(dp == 1 ? attn_bwd_dkdv_tiled_f32_d1 : dp == 2 ? attn_bwd_dkdv_tiled_f32_d2 : attn_bwd_dkdv_tiled_f32_d4, kgrid, dim3(128), tsm(4, 2, dp), a, (const float*)q.data(), (const float*)k.data(), (const float*)v.data(), (const float*)lse.data(), (const float*)D.data(), (const float*)dO.data(), ip, dk.data(), dv.data());
+        launch(dp == 1 ? attn_bwd_dq_tiled_f32_d1 : dp == 2 ? attn_bwd_dq_tiled_f32_d2 : attn_bwd_dq_tiled_f32_d4, qgrid, dim3(128), tsm(4, 1, dp, p.seq), a, (const float*)q.data(), (const float*)k.data(), (const float*)v.data(), (const float*)lse.data(), (const float*)D.data(), (const float*)dO.data(), ip, dq.data());
+        launch(dp == 1 ? attn_bwd_dkdv_tiled_f32_d1 : dp == 2 ? attn_bwd_dkdv_tiled_f32_d2 : attn_bwd_dkdv_tiled_f32_d4, kgrid, dim3(128), tsm(4, 2, dp, p.seq), a, (const float*)q.data(), (const float*)k.data(), (const float*)v.data(), (const float*)lse.data(), (const float*)D.data(), (const float*)dO.data(), ip, dk.data(), dv.data());
         std::vector<double> ro(nq, 0), rl(rows), rdq(nq, 0), rdk(nk, 0), rdv(nk, 0);
         u32 grp = p.H / p.KV;
         for (u32 b = 0; b < p.batch; b++) for (u32 h = 0; h < p.H; h++) for (u32 t = 0; t < p.seq; t++) {
@@ -149,12 +159,12 @@ int main() {
         for (auto* x : {&q, &k, &v}) for (auto& e : *x) e = from_f32_round(nd(rng));
         Attn a{B, S, H, H, d, 1.0f / sqrtf((float)d), 0, 0, 1};
         std::vector<float> o(n), lse(B * H * S), lse2(B * H * S), lse3(B * H * S);
-        launch(attn_fwd_tiled_f32_d2, dim3(2, H, B), dim3(128), tsm(3, 1, 2), a, (const float*)q.data(), (const float*)k.data(), (const float*)v.data(), (const u32*)nullptr, o.data(), lse.data());
+        launch(attn_fwd_tiled_f32_d2, dim3(2, H, B), dim3(128), tsm(3, 1, 2, S), a, (const float*)q.data(), (const float*)k.data(), (const float*)v.data(), (const u32*)nullptr, o.data(), lse.data());
         std::vector<bf16> qb(n), kb(n), vb(n), ob(n);
         std::vector<f16> qh(n), kh(n), vh(n), oh(n);
         for (size_t i = 0; i < n; i++) { qb[i] = from_f32<bf16>(q[i]); kb[i] = from_f32<bf16>(k[i]); vb[i] = from_f32<bf16>(v[i]); qh[i] = from_f32<f16>(q[i]); kh[i] = from_f32<f16>(k[i]); vh[i] = from_f32<f16>(v[i]); }
-        launch(attn_fwd_tiled_bf16_d2, dim3(2, H, B), dim3(128), tsm(3, 1, 2), a, (const bf16*)qb.data(), (const bf16*)kb.data(), (const bf16*)vb.data(), (const u32*)nullptr, ob.data(), lse2.data());
-        launch(attn_fwd_tiled_f16_d2, dim3(2, H, B), dim3(128), tsm(3, 1, 2), a, (const f16*)qh.data(), (const f16*)kh.data(), (const f16*)vh.data(), (const u32*)nullptr, oh.data(), lse3.data());
+        launch(attn_fwd_tiled_bf16_d2, dim3(2, H, B), dim3(128), tsm(3, 1, 2, S), a, (const bf16*)qb.data(), (const bf16*)kb.data(), (const bf16*)vb.data(), (const u32*)nullptr, ob.data(), lse2.data());
+        launch(attn_fwd_tiled_f16_d2, dim3(2, H, B), dim3(128), tsm(3, 1, 2, S), a, (const f16*)qh.data(), (const f16*)kh.data(), (const f16*)vh.data(), (const u32*)nullptr, oh.data(), lse3.data());
         std::vector<float> gb(n), gh(n);
         for (size_t i = 0; i < n; i++) { gb[i] = to_f32(ob[i]); gh[i] = to_f32(oh[i]); }
         std::vector<double> want(o.begin(), o.end());

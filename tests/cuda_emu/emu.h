@@ -58,6 +58,8 @@ inline unsigned __ballot_sync(unsigned, int p) {
 }
 inline int __any_sync(unsigned m, int p) { return __ballot_sync(m, p) != 0; }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
+inline unsigned atomicOr(unsigned* p, unsigned v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 inline float __int_as_float(int x) { return emu_from<float>((uint32_t)x); }
 inline float __uint_as_float(unsigned x) { return emu_from<float>(x); }

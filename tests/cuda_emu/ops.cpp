@@ -14,22 +14,25 @@ static void check(const char* what, const std::vector<float>& g, const std::vect
 int main() {
     // ---- indexer
     for (u32 D : {8u, 32u, 40u}) {
-        u32 B = 2, S = 35, H = 3, blk = 8, nb = (S + blk - 1) / blk;
+        u32 B = 2, S = 35, H = 3, blk = 8;
         auto qi = rv(B * S * H * D), ki = rv(B * S * D), w = rv(B * S * H), ds = rv(B * S * S);
         std::vector<double> I(B * S * S);
         for (u32 b = 0; b < B; b++) for (u32 t = 0; t < S; t++) for (u32 s = 0; s < S; s++) {
             if (s > t) { I[(b * S + t) * S + s] = -INFINITY; continue; }
             double acc = 0; for (u32 j = 0; j < H; j++) { double l = 0; for (u32 e = 0; e < D; e++) l += (double)qi[((b * S + t) * H + j) * D + e] * ki[(b * S + s) * D + e]; acc += w[(b * S + t) * H + j] * std::max(l, 0.0); }
             I[(b * S + t) * S + s] = acc; }
-        std::vector<float> sc(B * S * S, NAN), pooled(B * nb * nb, NAN);
+        std::vector<float> sc(B * S * S, NAN);
         launch(indexer_scores_f32, dim3((S + 15) / 16, (S + 15) / 16, B), dim3(16, 16), 16 * (D + 1) * 4, CF qi.data(), CF ki.data(), CF w.data(), sc.data(), S, H, D);
         check("indexer_scores", sc, I);
-        for (u32 use = 0; use < 2; use++) {
-            std::fill(pooled.begin(), pooled.end(), NAN);
-            launch(indexer_block_scores_f32, dim3(nb, nb, B), dim3(256), use ? blk * (D + 1) * 4 : 0, CF qi.data(), CF ki.data(), CF w.data(), pooled.data(), S, H, D, blk, use);
-            std::vector<double> rp(B * nb * nb, -INFINITY);
-            for (u32 b = 0; b < B; b++) for (u32 t = 0; t < S; t++) for (u32 s = 0; s <= t; s++) { double& pp = rp[(b * nb + t / blk) * nb + s / blk]; pp = std::max(pp, I[(b * S + t) * S + s]); }
-            check(use ? "block_scores (smem)" : "block_scores (global)", pooled, rp);
+        // Per-query pooling [B, S, nb], block sizes below, at and above the 16-key chunk.
+        for (u32 bl : {blk, 5u, 20u}) {
+            u32 nkb = (S + bl - 1) / bl;
+            std::vector<float> pooled(B * S * nkb, NAN);
+            launch(indexer_block_scores_f32, dim3(nkb, (S + 15) / 16, B), dim3(16, 16), 16 * (D + 1) * 4, CF qi.data(), CF ki.data(), CF w.data(), pooled.data(), S, H, D, bl);
+            std::vector<double> rp(B * S * nkb, -INFINITY);
+            for (u32 b = 0; b < B; b++) for (u32 t = 0; t < S; t++) for (u32 s = 0; s <= t; s++) { double& pp = rp[(b * S + t) * nkb + s / bl]; pp = std::max(pp, I[(b * S + t) * S + s]); }
+            char name[64]; snprintf(name, sizeof name, "block_scores (block %u)", bl);
+            check(name, pooled, rp);
         }
         std::vector<float> dqi(qi.size(), NAN), dki(ki.size(), NAN), dw(w.size(), NAN);
         u32 dpl = D <= 32 ? 1 : 2;

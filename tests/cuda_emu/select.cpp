@@ -24,16 +24,21 @@ static std::vector<u32> ref_row(const float* row, u32 r, u32 k, bool blocks) {
 int main() {
     std::mt19937 rng(1);
     int bad = 0;
-    for (u32 rows : {1u, 5u, 40u, 130u}) for (u32 k : {1u, 2u, 3u, 7u, 140u}) for (int blocks = 0; blocks < 2; blocks++) {
-        u32 batch = 2;
-        std::vector<float> sc(batch * rows * rows);
+    // Token mode: [batch, seq, seq], row t sees 0..=t. Block mode: [batch, seq,
+    // nkb], row t sees the key blocks 0..=t/block (select_row(row, t/block, k, true)).
+    // 300 rows (token mode): rows past 256 candidates take the radix select.
+    for (u32 rows : {1u, 5u, 40u, 100u, 300u}) for (u32 k : {1u, 2u, 3u, 7u, 140u}) for (u32 block : {0u, 3u, 16u}) {
+        if (rows == 300 && (block != 0 || (k != 7 && k != 140))) continue;
+        u32 batch = rows > 40 ? 1 : 2, cols = block ? (rows + block - 1) / block : rows;
+        std::vector<float> sc(batch * rows * cols);
         for (auto& x : sc) x = (float)(rng() % 7) - 3.0f;
-        if (rows > 5) { sc[3 * rows + 1] = NAN; sc[4 * rows + 0] = -0.0f; sc[4*rows+2] = 0.0f; sc[6*rows+1] = -INFINITY; sc[6*rows+2]=NAN; }
+        if (rows > 5 && cols > 2) { sc[3 * cols + 1] = NAN; sc[4 * cols + 0] = -0.0f; sc[4 * cols + 2] = 0.0f; sc[6 * cols + 1] = -INFINITY; sc[6 * cols + 2] = NAN; }
         std::vector<u32> idx(batch * rows * k, 7);
-        launch(select_topk, dim3(batch * rows), dim3(256), 0, (const float*)sc.data(), idx.data(), rows, rows, k, (u32)blocks);
+        launch(select_topk, dim3(batch * rows), dim3(256), 0, (const float*)sc.data(), idx.data(), rows, cols, k, block);
         for (u32 row = 0; row < batch * rows; row++) {
-            auto want = ref_row(&sc[row * rows], row % rows, k, blocks);
-            for (u32 j = 0; j < k; j++) if (idx[row * k + j] != want[j]) { if (bad++ < 5) printf("rows %u k %u blocks %d row %u slot %u: got %u want %u\n", rows, k, blocks, row, j, idx[row*k+j], want[j]); }
+            u32 t = row % rows;
+            auto want = ref_row(&sc[row * cols], block ? t / block : t, k, block > 0);
+            for (u32 j = 0; j < k; j++) if (idx[row * k + j] != want[j]) { if (bad++ < 5) printf("rows %u k %u block %u row %u slot %u: got %u want %u\n", rows, k, block, row, j, idx[row*k+j], want[j]); }
         }
     }
     printf("select: %s (%d mismatches)\n", bad ? "FAIL" : "ok", bad);

@@ -2,10 +2,14 @@
 //! softmax over key tiles, no n×n matrix), the indexer, and top-k selection.
 //! Semantics in `crate::attention::ops`.
 //!
-//! Dense and block patterns run tile by tile with `matrixmultiply` GEMMs
-//! (query tile × key range), so dense and block-sparse attention share one
-//! code path and their speed ratio reflects the work skipped; the token
-//! pattern gathers its keys per query.
+//! The dense pattern runs tile by tile with `matrixmultiply` GEMMs (query
+//! tile × key tile). The block pattern selects per query; a chunk of
+//! [`QCHUNK`] queries visits the union of its queries' key blocks and, per
+//! key block, gathers the rows of exactly the queries that chose it into one
+//! GEMM — no wasted (query, key) pair, and each query's arithmetic (its
+//! blocks in ascending order, the same dot products) does not depend on
+//! which other queries share a block, so outputs are causal bit for bit.
+//! The token pattern gathers its keys per query.
 
 use rayon::prelude::*;
 
@@ -22,7 +26,7 @@ const TILE: usize = 64;
 /// `C (m×n) = α·A (m×k)·B (k×n) + β·C`, each operand given by a slice and its
 /// row and column strides.
 #[allow(clippy::too_many_arguments)]
-fn gemm(
+pub(super) fn gemm(
     m: usize,
     k: usize,
     n: usize,
@@ -87,35 +91,48 @@ impl Layout {
     }
 }
 
-/// A query tile `[t0, t1)` and the key ranges `[k0, k1)` its pattern visits.
+/// Queries per chunk of the block pattern.
+const QCHUNK: usize = 256;
+
+/// A dense query tile `[t0, t1)` and the key ranges `[k0, k1)` it visits.
 type Tile = (usize, usize, Vec<(usize, usize)>);
 
-fn tiles(s: &AttentionSpec, idx: Option<&[u32]>, b: usize) -> Vec<Tile> {
-    match s.pattern {
-        PatternSpec::Dense => (0..s.seq)
-            .step_by(TILE)
-            .map(|t0| {
-                let t1 = (t0 + TILE).min(s.seq);
-                (t0, t1, (0..t1).step_by(TILE).map(|k0| (k0, (k0 + TILE).min(t1))).collect())
-            })
-            .collect(),
-        PatternSpec::Blocks { block, n } => {
-            let idx = idx.expect("block pattern has an index");
-            let nqb = s.seq.div_ceil(block);
-            (0..nqb)
-                .map(|qb| {
-                    let (t0, t1) = (qb * block, ((qb + 1) * block).min(s.seq));
-                    let row = &idx[(b * nqb + qb) * n..(b * nqb + qb + 1) * n];
-                    let ranges = row
-                        .iter()
-                        .filter(|&&kb| kb != NONE && (kb as usize) <= qb)
-                        .map(|&kb| (kb as usize * block, ((kb as usize + 1) * block).min(s.seq)))
-                        .collect();
-                    (t0, t1, ranges)
-                })
-                .collect()
+fn dense_tiles(seq: usize) -> Vec<Tile> {
+    (0..seq)
+        .step_by(TILE)
+        .map(|t0| {
+            let t1 = (t0 + TILE).min(seq);
+            (t0, t1, (0..t1).step_by(TILE).map(|k0| (k0, (k0 + TILE).min(t1))).collect())
+        })
+        .collect()
+}
+
+/// Block pattern, queries `t0..t1` of batch `b`: per key block chosen by at
+/// least one of them (ascending), the key range and the rows (`t - t0`,
+/// ascending) of the queries whose own selection lists it.
+fn chosen_blocks(s: &AttentionSpec, idx: &[u32], b: usize, t0: usize, t1: usize) -> Vec<(usize, usize, Vec<usize>)> {
+    let PatternSpec::Blocks { block, n } = s.pattern else { unreachable!("block pattern") };
+    let nkb = (t1 - 1) / block + 1;
+    let mut rows: Vec<Vec<usize>> = vec![Vec::new(); nkb];
+    for t in t0..t1 {
+        for &kb in &idx[(b * s.seq + t) * n..(b * s.seq + t + 1) * n] {
+            if kb != NONE && kb as usize <= t / block {
+                rows[kb as usize].push(t - t0);
+            }
         }
-        PatternSpec::Tokens { .. } => unreachable!("token pattern gathers per query"),
+    }
+    rows.into_iter()
+        .enumerate()
+        .filter(|(_, r)| !r.is_empty())
+        .map(|(kb, r)| (kb * block, ((kb + 1) * block).min(s.seq), r))
+        .collect()
+}
+
+/// Copies the `d`-wide rows `rows` (relative to row `t0`, stride `rs`) of `src` into `dst`, packed.
+fn gather(dst: &mut Vec<f32>, src: &[f32], t0: usize, rs: usize, d: usize, rows: &[usize]) {
+    dst.clear();
+    for &r in rows {
+        dst.extend_from_slice(&src[(t0 + r) * rs..(t0 + r) * rs + d]);
     }
 }
 
@@ -171,8 +188,13 @@ pub(super) fn forward(s: &AttentionSpec, q: &T, k: &T, v: &T, idx: Option<&T>, o
                 }
                 return (out, lse);
             }
-            let mut sbuf = vec![0.0f32; TILE.max(block_of(s)) * TILE.max(block_of(s))];
-            for (t0, t1, ranges) in tiles(s, idx, b) {
+            if let PatternSpec::Blocks { .. } = s.pattern {
+                let idx = idx.expect("block pattern has an index");
+                forward_blocks(s, &lay, (&q, &k, &v), idx, (b, h, g), &mut out, &mut lse);
+                return (out, lse);
+            }
+            let mut sbuf = vec![0.0f32; TILE * TILE];
+            for (t0, t1, ranges) in dense_tiles(s.seq) {
                 let rows = t1 - t0;
                 let (mut m, mut l) = (vec![f32::NEG_INFINITY; rows], vec![0.0f32; rows]);
                 let acc = &mut out[t0 * d..t1 * d];
@@ -194,22 +216,10 @@ pub(super) fn forward(s: &AttentionSpec, q: &T, k: &T, v: &T, idx: Option<&T>, o
                     );
                     for r in 0..rows {
                         let vis = visible(t0 + r, k0, k1);
-                        let row = &mut sb[r * cols..(r + 1) * cols];
-                        let mx = row[..vis].iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-                        let mnew = m[r].max(mx);
-                        if mnew == f32::NEG_INFINITY {
-                            row.fill(0.0);
-                            continue;
+                        if let Some(corr) = online_update(&mut sb[r * cols..(r + 1) * cols], vis, &mut m[r], &mut l[r])
+                        {
+                            acc[r * d..(r + 1) * d].iter_mut().for_each(|a| *a *= corr);
                         }
-                        let corr = (m[r] - mnew).exp();
-                        let mut sum = 0.0;
-                        for (j, x) in row.iter_mut().enumerate() {
-                            *x = if j < vis { (*x - mnew).exp() } else { 0.0 };
-                            sum += *x;
-                        }
-                        l[r] = l[r] * corr + sum;
-                        m[r] = mnew;
-                        acc[r * d..(r + 1) * d].iter_mut().for_each(|a| *a *= corr);
                     }
                     gemm(rows, cols, d, 1.0, sb, (cols, 1), &v[lay.k(b, k0, g)..], (lay.k_rs(), 1), 1.0, acc, (d, 1));
                 }
@@ -238,10 +248,69 @@ pub(super) fn forward(s: &AttentionSpec, q: &T, k: &T, v: &T, idx: Option<&T>, o
     });
 }
 
-fn block_of(s: &AttentionSpec) -> usize {
-    match s.pattern {
-        PatternSpec::Blocks { block, .. } => block,
-        _ => TILE,
+/// Online-softmax update of one query row with the scores `row` of a key
+/// range of which the first `vis` are visible: `row` becomes `exp(x - m)`
+/// (0 past `vis`); returns the factor the row's accumulator must be scaled
+/// by, or `None` when the query has seen no key yet (the row is zeroed).
+pub(super) fn online_update(row: &mut [f32], vis: usize, m: &mut f32, l: &mut f32) -> Option<f32> {
+    let mx = row[..vis].iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+    let mnew = m.max(mx);
+    if mnew == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return None;
+    }
+    let corr = (*m - mnew).exp();
+    let mut sum = 0.0;
+    for (j, x) in row.iter_mut().enumerate() {
+        *x = if j < vis { (*x - mnew).exp() } else { 0.0 };
+        sum += *x;
+    }
+    *l = *l * corr + sum;
+    *m = mnew;
+    Some(corr)
+}
+
+/// Block-pattern forward of head `h` (kv head `g`) of batch `b`: `out` is
+/// `[seq, d]`, `lse` `[seq]`. Per chunk of queries, per chosen key block,
+/// the rows of the queries that chose it are gathered into one GEMM.
+fn forward_blocks(
+    s: &AttentionSpec,
+    lay: &Layout,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    idx: &[u32],
+    (b, h, g): (usize, usize, usize),
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
+    let d = s.head_dim;
+    let (mut qb, mut sb, mut pv) = (Vec::new(), Vec::new(), Vec::new());
+    for t0 in (0..s.seq).step_by(QCHUNK) {
+        let t1 = (t0 + QCHUNK).min(s.seq);
+        let (mut m, mut l) = (vec![f32::NEG_INFINITY; t1 - t0], vec![0.0f32; t1 - t0]);
+        let acc = &mut out[t0 * d..t1 * d];
+        for (k0, k1, rows) in chosen_blocks(s, idx, b, t0, t1) {
+            let (nr, cols) = (rows.len(), k1 - k0);
+            gather(&mut qb, &q[lay.q(b, 0, h)..], t0, lay.q_rs(), d, &rows);
+            sb.resize(nr * cols, 0.0);
+            gemm(nr, d, cols, s.scale, &qb, (d, 1), &k[lay.k(b, k0, g)..], (1, lay.k_rs()), 0.0, &mut sb, (cols, 1));
+            let mut corr = vec![0.0f32; nr];
+            for (i, &r) in rows.iter().enumerate() {
+                let vis = visible(t0 + r, k0, k1);
+                corr[i] = online_update(&mut sb[i * cols..(i + 1) * cols], vis, &mut m[r], &mut l[r]).unwrap_or(1.0);
+            }
+            pv.resize(nr * d, 0.0);
+            gemm(nr, cols, d, 1.0, &sb, (cols, 1), &v[lay.k(b, k0, g)..], (lay.k_rs(), 1), 0.0, &mut pv, (d, 1));
+            for (i, &r) in rows.iter().enumerate() {
+                let a = &mut acc[r * d..(r + 1) * d];
+                a.iter_mut().zip(&pv[i * d..(i + 1) * d]).for_each(|(a, &x)| *a = *a * corr[i] + x);
+            }
+        }
+        for r in 0..t1 - t0 {
+            if l[r] > 0.0 {
+                acc[r * d..(r + 1) * d].iter_mut().for_each(|a| *a /= l[r]);
+                lse[t0 + r] = m[r] + l[r].ln();
+            }
+        }
     }
 }
 
@@ -301,58 +370,57 @@ pub(super) fn backward(
                     dqs.push(dql);
                     continue;
                 }
-                let bs = TILE.max(block_of(s));
-                let (mut pb, mut dpb) = (vec![0.0f32; bs * bs], vec![0.0f32; bs * bs]);
-                for (t0, t1, ranges) in tiles(s, idx, b) {
-                    let rows = t1 - t0;
-                    for &(k0, k1) in &ranges {
-                        let cols = k1 - k0;
-                        let (p, dp) = (&mut pb[..rows * cols], &mut dpb[..rows * cols]);
-                        let (qt, kt, vt) = (&q[lay.q(b, t0, h)..], &k[lay.k(b, k0, g)..], &v[lay.k(b, k0, g)..]);
-                        let dot_t = &d_o[lay.q(b, t0, h)..];
-                        gemm(rows, d, cols, s.scale, qt, (lay.q_rs(), 1), kt, (1, lay.k_rs()), 0.0, p, (cols, 1));
-                        for r in 0..rows {
-                            let vis = visible(t0 + r, k0, k1);
-                            let l = lse_h[t0 + r];
-                            for (j, x) in p[r * cols..(r + 1) * cols].iter_mut().enumerate() {
-                                *x = if j < vis && l > f32::NEG_INFINITY { (*x - l).exp() } else { 0.0 };
-                            }
-                        }
-                        // dV += Pᵀ·dO; dP = dO·Vᵀ; dS = P∘(dP - D); dQ += s·dS·K; dK += s·dSᵀ·Q.
-                        gemm(cols, rows, d, 1.0, p, (1, cols), dot_t, (lay.q_rs(), 1), 1.0, &mut dvl[k0 * d..], (d, 1));
-                        gemm(rows, d, cols, 1.0, dot_t, (lay.q_rs(), 1), vt, (1, lay.k_rs()), 0.0, dp, (cols, 1));
-                        for r in 0..rows {
-                            for j in 0..cols {
-                                dp[r * cols + j] = p[r * cols + j] * (dp[r * cols + j] - drow[t0 + r]);
-                            }
-                        }
-                        gemm(
-                            rows,
-                            cols,
-                            d,
-                            s.scale,
-                            dp,
-                            (cols, 1),
-                            kt,
-                            (lay.k_rs(), 1),
-                            1.0,
-                            &mut dql[t0 * d..],
-                            (d, 1),
-                        );
-                        gemm(
-                            cols,
-                            rows,
-                            d,
-                            s.scale,
-                            dp,
-                            (1, cols),
-                            qt,
-                            (lay.q_rs(), 1),
-                            1.0,
-                            &mut dkl[k0 * d..],
-                            (d, 1),
-                        );
+                let units: Vec<(usize, usize, usize, Vec<usize>)> = match s.pattern {
+                    PatternSpec::Blocks { .. } => {
+                        let idx = idx.expect("block pattern has an index");
+                        (0..s.seq)
+                            .step_by(QCHUNK)
+                            .flat_map(|t0| {
+                                chosen_blocks(s, idx, b, t0, (t0 + QCHUNK).min(s.seq))
+                                    .into_iter()
+                                    .map(move |(k0, k1, rows)| (t0, k0, k1, rows))
+                            })
+                            .collect()
                     }
+                    _ => dense_tiles(s.seq)
+                        .into_iter()
+                        .flat_map(|(t0, t1, ranges)| {
+                            ranges.into_iter().map(move |(k0, k1)| (t0, k0, k1, (0..t1 - t0).collect()))
+                        })
+                        .collect(),
+                };
+                let (mut qb, mut dob, mut p, mut dp, mut dqt) =
+                    (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                for (t0, k0, k1, rows) in units {
+                    let (nr, cols) = (rows.len(), k1 - k0);
+                    gather(&mut qb, &q[lay.q(b, 0, h)..], t0, lay.q_rs(), d, &rows);
+                    gather(&mut dob, &d_o[lay.q(b, 0, h)..], t0, lay.q_rs(), d, &rows);
+                    let (kt, vt) = (&k[lay.k(b, k0, g)..], &v[lay.k(b, k0, g)..]);
+                    p.resize(nr * cols, 0.0);
+                    dp.resize(nr * cols, 0.0);
+                    dqt.resize(nr * d, 0.0);
+                    gemm(nr, d, cols, s.scale, &qb, (d, 1), kt, (1, lay.k_rs()), 0.0, &mut p, (cols, 1));
+                    for (i, &r) in rows.iter().enumerate() {
+                        let vis = visible(t0 + r, k0, k1);
+                        let l = lse_h[t0 + r];
+                        for (j, x) in p[i * cols..(i + 1) * cols].iter_mut().enumerate() {
+                            *x = if j < vis && l > f32::NEG_INFINITY { (*x - l).exp() } else { 0.0 };
+                        }
+                    }
+                    // dV += Pᵀ·dO; dP = dO·Vᵀ; dS = P∘(dP - D); dQ += s·dS·K; dK += s·dSᵀ·Q.
+                    gemm(cols, nr, d, 1.0, &p, (1, cols), &dob, (d, 1), 1.0, &mut dvl[k0 * d..], (d, 1));
+                    gemm(nr, d, cols, 1.0, &dob, (d, 1), vt, (1, lay.k_rs()), 0.0, &mut dp, (cols, 1));
+                    for (i, &r) in rows.iter().enumerate() {
+                        for j in 0..cols {
+                            dp[i * cols + j] = p[i * cols + j] * (dp[i * cols + j] - drow[t0 + r]);
+                        }
+                    }
+                    gemm(nr, cols, d, s.scale, &dp, (cols, 1), kt, (lay.k_rs(), 1), 0.0, &mut dqt, (d, 1));
+                    for (i, &r) in rows.iter().enumerate() {
+                        let dst = &mut dql[(t0 + r) * d..(t0 + r + 1) * d];
+                        dst.iter_mut().zip(&dqt[i * d..(i + 1) * d]).for_each(|(a, &x)| *a += x);
+                    }
+                    gemm(cols, nr, d, s.scale, &dp, (1, cols), &qb, (d, 1), 1.0, &mut dkl[k0 * d..], (d, 1));
                 }
                 dqs.push(dql);
             }
@@ -459,22 +527,25 @@ pub(super) fn indexer_scores(s: &IndexerSpec, qi: &T, ki: &T, w: &T, scores: &mu
 
 pub(super) fn indexer_block_scores(s: &IndexerSpec, qi: &T, ki: &T, w: &T, pooled: &mut T) {
     let (qi, ki, w) = (rd(qi), rd(ki), rd(w));
-    let (bs, nb) = (s.block, s.n_blocks());
+    let (bs, nb, n) = (s.block, s.n_blocks(), s.seq);
+    // One task per tile of TILE queries; row t pools its own scores only.
     pooled.buf.produce(|out| {
-        out.par_chunks_mut(nb).enumerate().for_each(|(row, dst)| {
-            let (b, qb) = (row / nb, row % nb);
-            let (t0, t1) = (qb * bs, ((qb + 1) * bs).min(s.seq));
-            dst.fill(f32::NEG_INFINITY);
-            indexer_chunks(s, &qi, &ki, &w, b, t0, t1, |k0, width, sc| {
-                for r in 0..t1 - t0 {
-                    for (c, &x) in sc[r * width..(r + 1) * width].iter().enumerate() {
-                        let p = &mut dst[(k0 + c) / bs];
-                        if x > *p {
-                            *p = x;
+        out.par_chunks_mut(n * nb).enumerate().for_each(|(b, per_batch)| {
+            per_batch.par_chunks_mut(TILE * nb).enumerate().for_each(|(ti, dst)| {
+                let (t0, t1) = (ti * TILE, (ti * TILE + TILE).min(n));
+                dst.fill(f32::NEG_INFINITY);
+                indexer_chunks(s, &qi, &ki, &w, b, t0, t1, |k0, width, sc| {
+                    for r in 0..t1 - t0 {
+                        let prow = &mut dst[r * nb..(r + 1) * nb];
+                        for (c, &x) in sc[r * width..(r + 1) * width].iter().enumerate() {
+                            let p = &mut prow[(k0 + c) / bs];
+                            if x > *p {
+                                *p = x;
+                            }
                         }
                     }
-                }
-            });
+                });
+            })
         })
     });
 }
@@ -483,7 +554,7 @@ pub(super) fn select_topk(s: &SelectSpec, scores: &T, idx: &mut T) {
     let sc = rd(scores);
     let out: Vec<u32> = (0..s.batch * s.rows)
         .into_par_iter()
-        .flat_map_iter(|row| select_row(&sc[row * s.cols..(row + 1) * s.cols], row % s.rows, s.k, s.blocks))
+        .flat_map_iter(|row| select_row(&sc[row * s.cols..(row + 1) * s.cols], s.last(row % s.rows), s.k, s.blocks()))
         .collect();
     idx.buf.store_u32(&out);
 }
@@ -499,10 +570,9 @@ fn keys_of(s: &AttentionSpec, idx: Option<&[u32]>, b: usize, t: usize) -> Vec<us
         }
         PatternSpec::Blocks { block, n } => {
             let idx = idx.expect("block index");
-            let (nqb, qb) = (s.seq.div_ceil(block), t / block);
-            let mut v: Vec<usize> = idx[(b * nqb + qb) * n..(b * nqb + qb + 1) * n]
+            let mut v: Vec<usize> = idx[(b * s.seq + t) * n..(b * s.seq + t + 1) * n]
                 .iter()
-                .filter(|&&kb| kb != NONE && kb as usize <= qb)
+                .filter(|&&kb| kb != NONE && kb as usize <= t / block)
                 .flat_map(|&kb| kb as usize * block..((kb as usize + 1) * block).min(t + 1))
                 .collect();
             v.sort_unstable();

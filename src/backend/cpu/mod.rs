@@ -8,6 +8,7 @@
 
 mod adamw;
 mod attention;
+mod cached;
 mod cross_entropy;
 mod elementwise;
 mod embedding;
@@ -23,6 +24,7 @@ use std::borrow::Cow;
 use half::{bf16, f16};
 
 use super::{Backend, BackendKind, MemoryCounter, MemoryStats};
+use crate::attention::cached::{CachedAttentionSpec, CachedIndexerSpec, CachedSelectSpec};
 use crate::attention::ops::{AttentionSpec, IndexerLossSpec, IndexerSpec, SelectSpec};
 use crate::error::{Error, Result};
 use crate::ops::*;
@@ -458,6 +460,63 @@ impl Backend for CpuBackend {
         dw: &mut Tensor<Self>,
     ) -> Result<()> {
         attention::indexer_backward(s, qi, ki, w, dscores, dqi, dki, dw);
+        Ok(())
+    }
+    fn rope_rows(
+        &self,
+        s: &RopeSpec,
+        x: &Tensor<Self>,
+        cos: &Tensor<Self>,
+        sin: &Tensor<Self>,
+        rows: &Tensor<Self>,
+        y: &mut Tensor<Self>,
+    ) -> Result<()> {
+        cached::rope_rows(s, x, cos, sin, rows, y);
+        Ok(())
+    }
+    fn cache_write(
+        &self,
+        s: &CacheWriteSpec,
+        src: &Tensor<Self>,
+        rows: &Tensor<Self>,
+        cache: &mut Tensor<Self>,
+    ) -> Result<()> {
+        cached::cache_write(s, src, rows, cache);
+        Ok(())
+    }
+    fn cached_attention(
+        &self,
+        s: &CachedAttentionSpec,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        rows: &Tensor<Self>,
+        idx: Option<&Tensor<Self>>,
+        o: &mut Tensor<Self>,
+    ) -> Result<()> {
+        cached::cached_attention(s, q, k, v, rows, idx, o);
+        Ok(())
+    }
+    fn cached_indexer_block_scores(
+        &self,
+        s: &CachedIndexerSpec,
+        qi: &Tensor<Self>,
+        w: &Tensor<Self>,
+        ki: &Tensor<Self>,
+        rows: &Tensor<Self>,
+        pooled: &mut Tensor<Self>,
+    ) -> Result<()> {
+        cached::cached_indexer_block_scores(s, qi, w, ki, rows, pooled);
+        Ok(())
+    }
+    fn cached_select(
+        &self,
+        s: &CachedSelectSpec,
+        scores: &Tensor<Self>,
+        rows: &Tensor<Self>,
+        idx: &mut Tensor<Self>,
+    ) -> Result<()> {
+        cached::cached_select(s, scores, rows, idx);
         Ok(())
     }
 }

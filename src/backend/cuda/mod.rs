@@ -10,6 +10,7 @@
 //! Which op runs on which kernel: see `ops.rs` (one function per op, named
 //! after the op) and the math comment above each kernel in `kernels/`.
 
+mod cached;
 pub mod kernels;
 mod ops;
 

@@ -14,13 +14,30 @@
 //! | cross_entropy (+ backward) | cross_entropy.cu |
 //! | sum_squares, all_finite | reduce.cu |
 //! | adamw | adamw.cu |
-//! | attention (+ backward): tiled (32×32 shared-memory tiles) for dense and 32-multiple block patterns with d ≤ 128, one warp per query / key row otherwise; indexer_kl | attention.cu |
+//! | attention (+ backward): tiled (32×32 shared-memory tiles) for dense and block patterns with d ≤ 128, one warp per query / key row otherwise; indexer_kl | attention.cu |
 //! | indexer_scores, indexer_block_scores, indexer_backward | indexer.cu |
 //! | select_topk | select.cu |
+//!
+//! Block-sparse attention selects per query and causally (issue 8):
+//! `indexer_block_scores` pools each query's own scores,
+//! `pooled[b, t, kb] = max_{s in kb, s ≤ t} I(t, s)` (`[batch, seq, nkb]`, one
+//! 16×16 thread block per key block and 16-query tile); `select_topk` gives
+//! every query its own row of key blocks (`idx [batch, seq, n]`: own block,
+//! sink, best others, from row `t` alone); attention, its backward and
+//! `indexer_kl` read query `t`'s own row. The tiled attention kernels share
+//! loads, never decisions: a 32-query tile builds the union of its queries'
+//! key tiles (a bitmask in shared memory), visits it in ascending order, and
+//! masks every (query, key) pair by the query's own row; a query with no key
+//! in a key tile skips that tile, so its arithmetic (which tiles, in which
+//! order) depends on its own selection only and the outputs at positions ≤ t
+//! are bit-identical whatever comes after t. The backward's dk/dv of key `s`
+//! sum over the queries `t ≥ s` whose own row lists the block of `s`.
 
 use cudarc::driver::{DeviceRepr, LaunchConfig};
 
+use super::cached;
 use super::{Arg, CudaBackend, CudaBuffer, dev_err, sfx};
+use crate::attention::cached::{CachedAttentionSpec, CachedIndexerSpec, CachedSelectSpec};
 use crate::attention::ops::{AttentionSpec, IndexerLossSpec, IndexerSpec, PatternSpec, SelectSpec};
 use crate::backend::{Backend, BackendKind, MemoryStats};
 use crate::error::{Error, Result};
@@ -108,11 +125,13 @@ fn attn_args(s: &AttentionSpec) -> AttnArgs {
     }
 }
 
-/// Bytes of dynamic shared memory of a tiled attention kernel: `rows` tiles
-/// of 32×(32·dpl+1) floats and `p_tiles` tiles of 4×8×32 floats (`TiledSmem`
-/// in attention.cu).
-fn tiled_smem(rows: usize, p_tiles: usize, dpl: usize) -> usize {
-    (rows * 32 * (32 * dpl + 1) + p_tiles * 4 * 8 * 32) * 4
+/// Bytes of dynamic shared memory of a tiled attention kernel (`TiledSmem`
+/// in attention.cu): `rows` tiles of 32×(32·dpl+1) floats, `p_tiles` tiles of
+/// 4×8×32 floats, then u32 words: 32 per-query key masks and the bitmask of
+/// the key tiles a query tile visits (one bit per 32 keys of `seq`).
+fn tiled_smem(rows: usize, p_tiles: usize, dpl: usize, seq: usize) -> usize {
+    let words = 32 + seq.div_ceil(32).div_ceil(32).max(1);
+    (rows * 32 * (32 * dpl + 1) + p_tiles * 4 * 8 * 32 + words) * 4
 }
 
 /// One 128-thread block per (32-row tile, head, batch entry).
@@ -132,21 +151,17 @@ fn check_index_dim(op: &str, s: &IndexerSpec) -> Result<()> {
 }
 
 impl CudaBackend {
-    /// Whether the tiled attention kernels apply: every query of a 32-query
-    /// tile has the same key ranges (dense; blocks of a multiple of 32),
-    /// d <= 128, and the device grants the shared memory (d > 64 needs > 48 KiB).
+    /// Whether the tiled attention kernels apply: dense or blocks (any block
+    /// size: a query tile visits the union of its queries' key tiles with a
+    /// per-query key mask), d <= 128, and the device grants the shared memory
+    /// (d > 64, or very long sequences, need more than 48 KiB).
     fn tiled(&self, s: &AttentionSpec) -> bool {
-        let pattern = match s.pattern {
-            PatternSpec::Dense => true,
-            PatternSpec::Blocks { block, .. } => block % 32 == 0,
-            PatternSpec::Tokens { .. } => false,
-        };
-        let d = dpl(s.head_dim);
+        let pattern = !matches!(s.pattern, PatternSpec::Tokens { .. });
         pattern
             && s.head_dim <= 128
             && s.n_heads <= 65535
             && s.batch <= 65535
-            && (d <= 2 || self.smem_optin >= tiled_smem(4, 2, d))
+            && self.smem_optin >= tiled_smem(4, 2, dpl(s.head_dim), s.seq)
     }
 
     fn scratch(&self, dtype: DType, len: usize) -> Result<CudaBuffer> {
@@ -464,7 +479,7 @@ impl Backend for CudaBackend {
         if self.tiled(s) {
             let n = dpl(s.head_dim);
             let name = format!("attn_fwd_tiled_{}_d{n}", sfx(q.dtype()));
-            return self.launch("attention", &name, tile_grid(s, s.n_heads, tiled_smem(3, 1, n)), &args);
+            return self.launch("attention", &name, tile_grid(s, s.n_heads, tiled_smem(3, 1, n, s.seq)), &args);
         }
         let name = format!("attn_fwd_{}_d{}", sfx(q.dtype()), dpl(s.head_dim));
         let rows = s.batch * s.n_heads * s.seq;
@@ -493,10 +508,10 @@ impl Backend for CudaBackend {
         self.launch("attention", &format!("attn_bwd_pre_{dt}_d{n}"), per_warp(qrows, 4), &[a, p(o), p(d_o), dp])?;
         let args = [a, p(q), p(k), p(v), p(lse), dp, p(d_o), ip, p(dq)];
         if self.tiled(s) {
-            let cfg = tile_grid(s, s.n_heads, tiled_smem(4, 1, n));
+            let cfg = tile_grid(s, s.n_heads, tiled_smem(4, 1, n, s.seq));
             self.launch("attention", &format!("attn_bwd_dq_tiled_{dt}_d{n}"), cfg, &args)?;
             let args = [a, p(q), p(k), p(v), p(lse), dp, p(d_o), ip, p(dk), p(dv)];
-            let cfg = tile_grid(s, s.n_kv_heads, tiled_smem(4, 2, n));
+            let cfg = tile_grid(s, s.n_kv_heads, tiled_smem(4, 2, n, s.seq));
             return self.launch("attention", &format!("attn_bwd_dkdv_tiled_{dt}_d{n}"), cfg, &args);
         }
         self.launch("attention", &format!("attn_bwd_dq_{dt}_d{n}"), per_warp(qrows, 4), &args)?;
@@ -540,20 +555,28 @@ impl Backend for CudaBackend {
     }
     fn indexer_block_scores(&self, s: &IndexerSpec, qi: &T, ki: &T, w: &T, pooled: &mut T) -> Result<()> {
         check_index_dim("indexer_block_scores", s)?;
-        let nb = s.n_blocks() as u32;
-        let smem = s.block * (s.dim + 1) * 4;
-        let use_smem = smem <= 48 * 1024;
+        if s.seq.div_ceil(16) > 65535 || s.batch > 65535 {
+            return Err(Error::Shape(format!(
+                "indexer_block_scores: the CUDA backend takes seq up to {} and batch up to 65535, got seq {} batch {}",
+                65535 * 16,
+                s.seq,
+                s.batch
+            )));
+        }
+        // One 16×16 block per (key block, 16-query tile, batch entry): pooled
+        // is per query, [batch, seq, nkb].
         let cfg = LaunchConfig {
-            grid_dim: (nb, nb, s.batch as u32),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: if use_smem { smem as u32 } else { 0 },
+            grid_dim: (s.n_blocks() as u32, s.seq.div_ceil(16) as u32, s.batch as u32),
+            block_dim: (16, 16, 1),
+            shared_mem_bytes: (16 * (s.dim + 1) * 4) as u32,
         };
         let name = format!("indexer_block_scores_{}", sfx(qi.dtype()));
-        let args = [p(qi), p(ki), p(w), p(pooled), u(s.seq), u(s.heads), u(s.dim), u(s.block), u(use_smem as usize)];
+        let args = [p(qi), p(ki), p(w), p(pooled), u(s.seq), u(s.heads), u(s.dim), u(s.block)];
         self.launch("indexer", &name, cfg, &args)
     }
     fn select_topk(&self, s: &SelectSpec, scores: &T, idx: &mut T) -> Result<()> {
-        let args = [p(scores), p(idx), u(s.rows), u(s.cols), u(s.k), u(s.blocks as usize)];
+        // block 0: tokens; block > 0: row t chooses among the key blocks 0..=t/block.
+        let args = [p(scores), p(idx), u(s.rows), u(s.cols), u(s.k), u(s.block)];
         self.launch("select", "select_topk", per_block(s.batch * s.rows, THREADS), &args)
     }
     fn indexer_kl(
@@ -591,5 +614,37 @@ impl Backend for CudaBackend {
         self.launch("indexer", &format!("indexer_bwd_q_{dt}_d{n}"), per_warp(s.batch * s.seq * s.heads, 4), &args)?;
         let args = [p(qi), p(ki), p(w), p(dscores), p(dki), dims[0], dims[1], dims[2], dims[3]];
         self.launch("indexer", &format!("indexer_bwd_k_{dt}_d{n}"), per_warp(s.batch * s.seq, 4), &args)
+    }
+    fn rope_rows(&self, s: &RopeSpec, x: &T, cos: &T, sin: &T, rows: &T, y: &mut T) -> Result<()> {
+        cached::rope_rows(self, s, x, cos, sin, rows, y)
+    }
+    fn cache_write(&self, s: &CacheWriteSpec, src: &T, rows: &T, cache: &mut T) -> Result<()> {
+        cached::cache_write(self, s, src, rows, cache)
+    }
+    fn cached_attention(
+        &self,
+        s: &CachedAttentionSpec,
+        q: &T,
+        k: &T,
+        v: &T,
+        rows: &T,
+        idx: Option<&T>,
+        o: &mut T,
+    ) -> Result<()> {
+        cached::cached_attention(self, s, q, k, v, rows, idx, o)
+    }
+    fn cached_indexer_block_scores(
+        &self,
+        s: &CachedIndexerSpec,
+        qi: &T,
+        w: &T,
+        ki: &T,
+        rows: &T,
+        pooled: &mut T,
+    ) -> Result<()> {
+        cached::cached_indexer_block_scores(self, s, qi, w, ki, rows, pooled)
+    }
+    fn cached_select(&self, s: &CachedSelectSpec, scores: &T, rows: &T, idx: &mut T) -> Result<()> {
+        cached::cached_select(self, s, scores, rows, idx)
     }
 }

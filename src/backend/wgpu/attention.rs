@@ -432,7 +432,7 @@ pub(super) fn select_topk(be: &WgpuBackend, s: &SelectSpec, scores: &T, idx: &mu
         "select",
         "select_topk",
         &mut [Arg::R(scores), Arg::W(idx)],
-        Params::new().u(rows).u(s.rows).u(s.k).b(s.blocks),
+        Params::new().u(rows).u(s.rows).u(s.k).b(s.blocks()),
         rows_grid(rows),
     )
 }

@@ -10,6 +10,7 @@
 //! device) are caught and returned as [`Error::Device`] instead of panicking.
 
 mod attention;
+mod cached;
 mod core_ops;
 pub mod kernel;
 
@@ -19,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use kernel::{KernelDef, Params, Role};
 
 use super::{Backend, BackendKind, MemoryCounter, MemoryStats};
+use crate::attention::cached::{CachedAttentionSpec, CachedIndexerSpec, CachedSelectSpec};
 use crate::attention::ops::{AttentionSpec, IndexerLossSpec, IndexerSpec, SelectSpec};
 use crate::error::{Error, Result};
 use crate::ops::*;
@@ -911,6 +913,46 @@ impl Backend for WgpuBackend {
         dw: &mut T<Self>,
     ) -> Result<()> {
         attention::indexer_backward(self, s, qi, ki, w, dscores, dqi, dki, dw)
+    }
+    fn rope_rows(
+        &self,
+        s: &RopeSpec,
+        x: &T<Self>,
+        cos: &T<Self>,
+        sin: &T<Self>,
+        rows: &T<Self>,
+        y: &mut T<Self>,
+    ) -> Result<()> {
+        cached::rope_rows(self, s, x, cos, sin, rows, y)
+    }
+    fn cache_write(&self, s: &CacheWriteSpec, src: &T<Self>, rows: &T<Self>, cache: &mut T<Self>) -> Result<()> {
+        cached::cache_write(self, s, src, rows, cache)
+    }
+    fn cached_attention(
+        &self,
+        s: &CachedAttentionSpec,
+        q: &T<Self>,
+        k: &T<Self>,
+        v: &T<Self>,
+        rows: &T<Self>,
+        idx: Option<&T<Self>>,
+        o: &mut T<Self>,
+    ) -> Result<()> {
+        cached::cached_attention(self, s, q, k, v, rows, idx, o)
+    }
+    fn cached_indexer_block_scores(
+        &self,
+        s: &CachedIndexerSpec,
+        qi: &T<Self>,
+        w: &T<Self>,
+        ki: &T<Self>,
+        rows: &T<Self>,
+        pooled: &mut T<Self>,
+    ) -> Result<()> {
+        cached::cached_indexer_block_scores(self, s, qi, w, ki, rows, pooled)
+    }
+    fn cached_select(&self, s: &CachedSelectSpec, scores: &T<Self>, rows: &T<Self>, idx: &mut T<Self>) -> Result<()> {
+        cached::cached_select(self, s, scores, rows, idx)
     }
 }
 

@@ -1,0 +1,249 @@
+//! Inference ops over a KV cache on the host (semantics in
+//! `crate::attention::cached` and `crate::ops::cache`).
+//!
+//! Query rows are grouped into *runs* (consecutive rows of one sequence at
+//! consecutive positions, as a prefill chunk issues them; a decode row is a
+//! run of one). Per (run, head), the run visits key tiles (dense) or the
+//! union of its rows' own key blocks (sparse), and per tile gathers the rows
+//! that see it into one GEMM, as the full-window kernels do, so a row's
+//! result does not depend on the other rows of the step.
+
+use std::borrow::Cow;
+
+use rayon::prelude::*;
+
+use super::attention::{gemm, online_update};
+use super::{CpuBackend, CpuBuffer, Storage, rd};
+use crate::Tensor;
+use crate::attention::cached::{CachedAttentionSpec, CachedIndexerSpec, CachedSelectSpec};
+use crate::attention::ops::PatternSpec;
+use crate::attention::select::{NONE, select_row};
+use crate::ops::{CacheWriteSpec, RopeSpec};
+
+type T = Tensor<CpuBackend>;
+
+/// Rows per run at most.
+const RUN: usize = 64;
+/// Key tile of the dense pattern: the full-window forward's tile, so a
+/// cached query runs the same online-softmax steps as in that pass.
+const KTILE: usize = 64;
+
+/// `(base, len)` per row, clamped to the cache.
+fn row_table(rows: &T, slots: usize) -> Vec<(usize, usize)> {
+    rows.buf
+        .u32s()
+        .chunks(2)
+        .map(|p| {
+            let base = (p[0] as usize).min(slots);
+            (base, (p[1] as usize).min(slots - base))
+        })
+        .collect()
+}
+
+/// Runs of rows `[r0, r1)`: one sequence, lengths growing by one.
+fn runs(tab: &[(usize, usize)]) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for (r, &(base, len)) in tab.iter().enumerate() {
+        match out.last_mut() {
+            Some((r0, r1))
+                if *r1 == r && r - *r0 < RUN && tab[r - 1].0 == base && tab[r - 1].1 + 1 == len && len > 0 =>
+            {
+                *r1 = r + 1
+            }
+            _ => out.push((r, r + 1)),
+        }
+    }
+    out
+}
+
+/// Cache rows `[row0, row0 + n)` as f32 (borrowed for f32 caches; only the
+/// asked rows are converted for half-precision ones).
+fn cache_rows(buf: &CpuBuffer, row0: usize, n: usize, width: usize) -> Cow<'_, [f32]> {
+    let r = row0 * width..(row0 + n) * width;
+    match &buf.data {
+        Storage::F32(v) => Cow::Borrowed(&v[r]),
+        Storage::F16(v) => Cow::Owned(v[r].iter().map(|x| x.to_f32()).collect()),
+        Storage::BF16(v) => Cow::Owned(v[r].iter().map(|x| x.to_f32()).collect()),
+        _ => unreachable!("op validation guarantees a float cache"),
+    }
+}
+
+pub(super) fn rope_rows(s: &RopeSpec, x: &T, cos: &T, sin: &T, rows: &T, y: &mut T) {
+    let (x, cos, sin) = (rd(x), rd(cos), rd(sin));
+    let (hd, half) = (s.head_dim, s.head_dim / 2);
+    let max_pos = cos.len() / half;
+    let tab = rows.buf.u32s();
+    y.buf.produce(|o| {
+        o.par_chunks_mut(hd).enumerate().for_each(|(vi, o)| {
+            let r = vi / s.heads;
+            let pos = (tab[2 * r + 1] as usize).saturating_sub(1).min(max_pos - 1);
+            let xv = &x[vi * hd..(vi + 1) * hd];
+            for i in 0..half {
+                let (c, sn) = (cos[pos * half + i], sin[pos * half + i]);
+                let (a, b) = (xv[i], xv[i + half]);
+                o[i] = a * c - b * sn;
+                o[i + half] = a * sn + b * c;
+            }
+        })
+    });
+}
+
+pub(super) fn cache_write(s: &CacheWriteSpec, src: &T, rows: &T, cache: &mut T) {
+    let tab = rows.buf.u32s().to_vec();
+    let w = s.width;
+    macro_rules! copy_rows {
+        ($src:expr, $dst:expr) => {
+            for (r, p) in tab.chunks(2).enumerate() {
+                let (base, len) = (p[0] as usize, p[1] as usize);
+                let Some(dst_row) = (base + len).checked_sub(1).filter(|&d| len > 0 && d < s.slots) else { continue };
+                $dst[dst_row * w..(dst_row + 1) * w].copy_from_slice(&$src[r * w..(r + 1) * w]);
+            }
+        };
+    }
+    match (&src.buf.data, &mut cache.buf.data) {
+        (Storage::F32(a), Storage::F32(b)) => copy_rows!(a, b),
+        (Storage::F16(a), Storage::F16(b)) => copy_rows!(a, b),
+        (Storage::BF16(a), Storage::BF16(b)) => copy_rows!(a, b),
+        _ => unreachable!("op validation guarantees matching float dtypes"),
+    }
+}
+
+/// Per key range `[k0, k1)` the run visits, the run-relative rows that see it.
+fn units(
+    s: &CachedAttentionSpec,
+    tab: &[(usize, usize)],
+    idx: Option<&[u32]>,
+    (r0, r1): (usize, usize),
+) -> Vec<(usize, usize, Vec<usize>)> {
+    let last_len = tab[r1 - 1].1;
+    match s.pattern {
+        PatternSpec::Blocks { block, n } => {
+            let idx = idx.expect("block pattern has an index");
+            let nkb = last_len.div_ceil(block);
+            let mut per: Vec<Vec<usize>> = vec![Vec::new(); nkb];
+            for r in r0..r1 {
+                let len = tab[r].1;
+                if len == 0 {
+                    continue;
+                }
+                for &kb in &idx[r * n..(r + 1) * n] {
+                    if kb != NONE && (kb as usize) <= (len - 1) / block {
+                        per[kb as usize].push(r - r0);
+                    }
+                }
+            }
+            per.into_iter()
+                .enumerate()
+                .filter(|(_, rs)| !rs.is_empty())
+                .map(|(kb, rs)| (kb * block, ((kb + 1) * block).min(last_len), rs))
+                .collect()
+        }
+        _ => (0..last_len)
+            .step_by(KTILE)
+            .map(|k0| (k0, (k0 + KTILE).min(last_len), (r0..r1).filter(|&r| tab[r].1 > k0).map(|r| r - r0).collect()))
+            .collect(),
+    }
+}
+
+pub(super) fn cached_attention(s: &CachedAttentionSpec, q: &T, k: &T, v: &T, rows: &T, idx: Option<&T>, o: &mut T) {
+    let q = rd(q);
+    let tab = row_table(rows, s.slots);
+    let idx = idx.map(|i| i.buf.u32s());
+    let (d, h_n, kw) = (s.head_dim, s.n_heads, s.n_kv_heads * s.head_dim);
+    let tasks: Vec<((usize, usize), usize)> =
+        runs(&tab).into_iter().flat_map(|run| (0..h_n).map(move |h| (run, h))).collect();
+    let outs: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&((r0, r1), h)| {
+            let g = h / s.group();
+            let (base, nr_all) = (tab[r0].0, r1 - r0);
+            let mut acc = vec![0.0f32; nr_all * d];
+            let (mut m, mut l) = (vec![f32::NEG_INFINITY; nr_all], vec![0.0f32; nr_all]);
+            let (mut qb, mut sb, mut pv) = (Vec::new(), Vec::new(), Vec::new());
+            for (k0, k1, rs) in units(s, &tab, idx, (r0, r1)) {
+                let (nr, cols) = (rs.len(), k1 - k0);
+                let (kr, vr) = (cache_rows(&k.buf, base + k0, cols, kw), cache_rows(&v.buf, base + k0, cols, kw));
+                qb.clear();
+                for &r in &rs {
+                    qb.extend_from_slice(&q[((r0 + r) * h_n + h) * d..((r0 + r) * h_n + h + 1) * d]);
+                }
+                sb.resize(nr * cols, 0.0);
+                gemm(nr, d, cols, s.scale, &qb, (d, 1), &kr[g * d..], (1, kw), 0.0, &mut sb, (cols, 1));
+                let mut corr = vec![1.0f32; nr];
+                for (i, &r) in rs.iter().enumerate() {
+                    let vis = tab[r0 + r].1.saturating_sub(k0).min(cols);
+                    corr[i] =
+                        online_update(&mut sb[i * cols..(i + 1) * cols], vis, &mut m[r], &mut l[r]).unwrap_or(1.0);
+                }
+                pv.resize(nr * d, 0.0);
+                gemm(nr, cols, d, 1.0, &sb, (cols, 1), &vr[g * d..], (kw, 1), 0.0, &mut pv, (d, 1));
+                for (i, &r) in rs.iter().enumerate() {
+                    let a = &mut acc[r * d..(r + 1) * d];
+                    a.iter_mut().zip(&pv[i * d..(i + 1) * d]).for_each(|(a, &x)| *a = *a * corr[i] + x);
+                }
+            }
+            for r in 0..nr_all {
+                let a = &mut acc[r * d..(r + 1) * d];
+                if l[r] > 0.0 {
+                    a.iter_mut().for_each(|x| *x /= l[r]);
+                }
+            }
+            acc
+        })
+        .collect();
+    o.buf.produce(|out| {
+        for (&((r0, r1), h), acc) in tasks.iter().zip(&outs) {
+            for r in r0..r1 {
+                out[(r * h_n + h) * d..(r * h_n + h + 1) * d].copy_from_slice(&acc[(r - r0) * d..(r - r0 + 1) * d]);
+            }
+        }
+    });
+}
+
+/// Key columns per indexer chunk.
+const ICHUNK: usize = 512;
+
+pub(super) fn cached_indexer_block_scores(s: &CachedIndexerSpec, qi: &T, w: &T, ki: &T, rows: &T, pooled: &mut T) {
+    let (qi, w) = (rd(qi), rd(w));
+    let tab = row_table(rows, s.slots);
+    let (hi, di, bs) = (s.heads, s.dim, s.block);
+    pooled.buf.produce(|out| {
+        out.par_chunks_mut(s.cols).enumerate().for_each(|(r, dst)| {
+            dst.fill(f32::NEG_INFINITY);
+            let (base, len) = tab[r];
+            let len = len.min(s.cols * bs);
+            let (q, wr) = (&qi[r * hi * di..(r + 1) * hi * di], &w[r * hi..(r + 1) * hi]);
+            let mut lbuf = vec![0.0f32; hi * ICHUNK];
+            for k0 in (0..len).step_by(ICHUNK) {
+                let width = ICHUNK.min(len - k0);
+                let kr = cache_rows(&ki.buf, base + k0, width, di);
+                // L[j, s] = q_i[j]·k_i[s]; I(s) = Σ_j w[j]·ReLU(L[j, s]).
+                let lb = &mut lbuf[..hi * width];
+                gemm(hi, di, width, 1.0, q, (di, 1), &kr, (1, di), 0.0, lb, (width, 1));
+                for c in 0..width {
+                    let mut x = 0.0f32;
+                    for (j, &wj) in wr.iter().enumerate() {
+                        x += wj * lb[j * width + c].max(0.0);
+                    }
+                    let p = &mut dst[(k0 + c) / bs];
+                    if x > *p {
+                        *p = x;
+                    }
+                }
+            }
+        })
+    });
+}
+
+pub(super) fn cached_select(s: &CachedSelectSpec, scores: &T, rows: &T, idx: &mut T) {
+    let sc = rd(scores);
+    let tab = rows.buf.u32s();
+    let out: Vec<u32> = (0..s.rows)
+        .into_par_iter()
+        .flat_map_iter(|r| {
+            let last = ((tab[2 * r + 1] as usize).saturating_sub(1) / s.block).min(s.cols - 1);
+            select_row(&sc[r * s.cols..(r + 1) * s.cols], last, s.k, true)
+        })
+        .collect();
+    idx.buf.store_u32(&out);
+}

@@ -1,0 +1,337 @@
+//! Inference: a KV cache per model and one step over *query rows* — a
+//! prefill chunk (consecutive tokens of one sequence), a ragged decode batch
+//! (one new token per sequence, each at its own length) or any mix — with
+//! nothing of the backward pass allocated. Semantics of the cached ops in
+//! [`crate::attention::cached`]: every row gets exactly the keys (and, in a
+//! sparse model, the key blocks its own indexer scores select) it gets in a
+//! full-window forward pass, so prefill + decode reproduces its logits.
+
+use std::collections::HashMap;
+
+use super::{AttentionMode, Model, StepAttention};
+use crate::attention::{self, CachedPattern};
+use crate::error::{Error, Result};
+use crate::ops;
+use crate::{Backend, DType, Tensor};
+
+/// K and V (and a sparse model's indexer keys) of every layer for
+/// `max_batch` sequences of up to `context` tokens, allocated once.
+/// Sequence `slot` occupies cache rows `slot·context .. (slot+1)·context`.
+pub struct KvCache<B: Backend> {
+    pub max_batch: usize,
+    pub context: usize,
+    k: Vec<Tensor<B>>,
+    v: Vec<Tensor<B>>,
+    ki: Vec<Tensor<B>>,
+    lens: Vec<usize>,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// A cache for `model` (in its working dtype). `context` may not exceed
+    /// the model's.
+    pub fn new(be: &B, model: &Model<B>, max_batch: usize, context: usize) -> Result<Self> {
+        let cfg = &model.cfg;
+        if max_batch == 0 || context == 0 {
+            return Err(Error::Invalid("kv cache: the batch and the context must be positive".into()));
+        }
+        if context > cfg.context {
+            return Err(Error::Invalid(format!(
+                "kv cache: a context of {context} tokens is more than the model's {} (its RoPE table and training length)",
+                cfg.context
+            )));
+        }
+        let slots = max_batch.checked_mul(context).filter(|&s| s <= u32::MAX as usize / 2).ok_or_else(|| {
+            Error::Invalid(format!("kv cache: {max_batch} × {context} rows do not fit 32-bit indexing"))
+        })?;
+        let (g, d) = (cfg.n_kv_heads, cfg.head_dim());
+        let layer = |shape: &[usize]| -> Result<Vec<Tensor<B>>> {
+            (0..cfg.n_layers).map(|_| Tensor::zeros(be, shape, model.dtype)).collect()
+        };
+        let ki = match cfg.attention {
+            AttentionMode::Sparse { index_dim, .. } => layer(&[slots, index_dim])?,
+            AttentionMode::Dense => Vec::new(),
+        };
+        Ok(KvCache {
+            max_batch,
+            context,
+            k: layer(&[slots, g, d])?,
+            v: layer(&[slots, g, d])?,
+            ki,
+            lens: vec![0; max_batch],
+        })
+    }
+
+    /// Bytes held by the cache.
+    pub fn bytes(&self) -> usize {
+        self.k.iter().chain(&self.v).chain(&self.ki).map(|t| t.size_bytes()).sum()
+    }
+
+    /// Tokens cached for `slot`.
+    pub fn len(&self, slot: usize) -> usize {
+        self.lens.get(slot).copied().unwrap_or(0)
+    }
+
+    /// Whether no slot holds any token.
+    pub fn is_empty(&self) -> bool {
+        self.lens.iter().all(|&l| l == 0)
+    }
+
+    /// Benchmarks only: treats the first `len` rows of `slot` as cached
+    /// (whatever they hold), so decode speed at a long context can be timed
+    /// without prefilling it. Errors past the context.
+    pub fn assume_filled(&mut self, slot: usize, len: usize) -> Result<()> {
+        if slot >= self.max_batch || len > self.context {
+            return Err(Error::Invalid(format!(
+                "kv cache: slot {slot} / length {len} outside {} × {}",
+                self.max_batch, self.context
+            )));
+        }
+        self.lens[slot] = len;
+        Ok(())
+    }
+
+    /// Forgets the tokens of `slot` (the rows are reused by the next sequence).
+    pub fn clear(&mut self, slot: usize) {
+        if let Some(l) = self.lens.get_mut(slot) {
+            *l = 0;
+        }
+    }
+}
+
+/// Activation buffers of a step of `rows` query rows.
+struct StepBufs<B: Backend> {
+    ids: Tensor<B>,
+    table: Tensor<B>,
+    x: Tensor<B>,
+    xn: Tensor<B>,
+    ln: Tensor<B>,
+    mean: Tensor<B>,
+    rstd: Tensor<B>,
+    q_raw: Tensor<B>,
+    k_raw: Tensor<B>,
+    q: Tensor<B>,
+    k: Tensor<B>,
+    v: Tensor<B>,
+    att: Tensor<B>,
+    xm: Tensor<B>,
+    hb: Tensor<B>,
+    act: Tensor<B>,
+    logits: Tensor<B>,
+    /// (q_i, k_i, w, pooled, selection) of a sparse model.
+    idx: Option<IndexerBufs<B>>,
+}
+
+type IndexerBufs<B> = (Tensor<B>, Tensor<B>, Tensor<B>, Tensor<B>, Tensor<B>);
+
+impl<B: Backend> StepBufs<B> {
+    fn new(be: &B, model: &Model<B>, cache: &KvCache<B>, r: usize) -> Result<Self> {
+        let cfg = &model.cfg;
+        let (c, h, g, d, f) = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim(), cfg.d_model * cfg.mlp_ratio);
+        let e = |s: &[usize]| Tensor::empty(be, s, model.dtype);
+        let f32t = |s: &[usize]| Tensor::empty(be, s, DType::F32);
+        let idx = match cfg.attention {
+            AttentionMode::Sparse { block, keep_blocks, index_heads, index_dim } => Some((
+                e(&[r, index_heads * index_dim])?,
+                e(&[r, index_dim])?,
+                e(&[r, index_heads])?,
+                f32t(&[r, cache.context.div_ceil(block)])?,
+                Tensor::zeros(be, &[r, keep_blocks], DType::U32)?,
+            )),
+            AttentionMode::Dense => None,
+        };
+        Ok(StepBufs {
+            ids: Tensor::zeros(be, &[r], DType::U32)?,
+            table: Tensor::zeros(be, &[r, 2], DType::U32)?,
+            x: e(&[r, c])?,
+            xn: e(&[r, c])?,
+            ln: e(&[r, c])?,
+            mean: f32t(&[r])?,
+            rstd: f32t(&[r])?,
+            q_raw: e(&[r, h, d])?,
+            k_raw: e(&[r, g, d])?,
+            q: e(&[r, h, d])?,
+            k: e(&[r, g, d])?,
+            v: e(&[r, g * d])?,
+            att: e(&[r, h * d])?,
+            xm: e(&[r, c])?,
+            hb: e(&[r, f])?,
+            act: e(&[r, f])?,
+            logits: e(&[r, cfg.vocab])?,
+            idx,
+        })
+    }
+}
+
+/// Step buffers by row count (a prefill chunk size and a decode batch size
+/// alternate; a few sizes are kept).
+pub struct InferState<B: Backend> {
+    bufs: HashMap<usize, StepBufs<B>>,
+}
+
+impl<B: Backend> Default for InferState<B> {
+    fn default() -> Self {
+        InferState { bufs: HashMap::new() }
+    }
+}
+
+/// One query row of a step: append `token` to the sequence in `slot`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Row {
+    pub slot: usize,
+    pub token: u32,
+}
+
+impl<B: Backend> Model<B> {
+    /// The attention inference runs: a sparse model's trained budget, else dense.
+    pub fn inference_attention(&self) -> StepAttention {
+        match self.cfg.attention {
+            AttentionMode::Sparse { keep_blocks, .. } => StepAttention::Sparse { keep_blocks },
+            AttentionMode::Dense => StepAttention::Dense,
+        }
+    }
+
+    /// One step: appends each row's token to its sequence (rows of one slot
+    /// in order) and returns the logits of every row, f32 `[rows, vocab]`.
+    pub fn step(
+        &self,
+        be: &B,
+        cache: &mut KvCache<B>,
+        st: &mut InferState<B>,
+        rows: &[Row],
+        attn: StepAttention,
+    ) -> Result<Vec<f32>> {
+        let r = rows.len();
+        if r == 0 {
+            return Ok(Vec::new());
+        }
+        let mut lens = cache.lens.clone();
+        let mut table = Vec::with_capacity(2 * r);
+        for row in rows {
+            if row.slot >= cache.max_batch {
+                return Err(Error::Invalid(format!(
+                    "inference: sequence slot {} is beyond the cache's batch of {}",
+                    row.slot, cache.max_batch
+                )));
+            }
+            if row.token as usize >= self.cfg.vocab {
+                return Err(Error::Invalid(format!(
+                    "inference: token {} is outside the vocabulary of {}",
+                    row.token, self.cfg.vocab
+                )));
+            }
+            let len = &mut lens[row.slot];
+            if *len >= cache.context {
+                return Err(Error::Invalid(format!(
+                    "inference: sequence {} is already {} tokens long, the cache's context",
+                    row.slot, cache.context
+                )));
+            }
+            *len += 1;
+            table.extend([(row.slot * cache.context) as u32, *len as u32]);
+        }
+        if st.bufs.len() >= 4 && !st.bufs.contains_key(&r) {
+            st.bufs.clear();
+        }
+        let sb = match st.bufs.entry(r) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(StepBufs::new(be, self, cache, r)?),
+        };
+        sb.ids.write_f32(be, &rows.iter().map(|x| x.token as f32).collect::<Vec<_>>())?;
+        sb.table.write_f32(be, &table.iter().map(|&x| x as f32).collect::<Vec<_>>())?;
+        self.step_layers(be, cache, sb, attn)?;
+        cache.lens = lens;
+        sb.logits.to_f32_vec(be)
+    }
+
+    fn step_layers(&self, be: &B, cache: &mut KvCache<B>, sb: &mut StepBufs<B>, attn: StepAttention) -> Result<()> {
+        let w = &self.params;
+        ops::embedding(be, &sb.ids, &w[self.layout.emb], &mut sb.x)?;
+        let r = sb.x.shape()[0];
+        for (l, lp) in self.layout.layers.iter().enumerate() {
+            ops::layernorm(be, &sb.x, &w[lp.ln1g], &w[lp.ln1b], &mut sb.ln, &mut sb.mean, &mut sb.rstd, 1e-5)?;
+            for (dst, wi) in [(&mut sb.q_raw, lp.wq), (&mut sb.k_raw, lp.wk)] {
+                let shape = dst.shape().to_vec();
+                dst.set_shape(&[r, dst.numel() / r])?;
+                ops::matmul(be, &sb.ln, &w[wi], dst, false, false, 1.0, 0.0)?;
+                dst.set_shape(&shape)?;
+            }
+            ops::matmul(be, &sb.ln, &w[lp.wv], &mut sb.v, false, false, 1.0, 0.0)?;
+            ops::rope_rows(be, &sb.q_raw, &self.rope, &sb.table, &mut sb.q)?;
+            ops::rope_rows(be, &sb.k_raw, &self.rope, &sb.table, &mut sb.k)?;
+            sb.v.set_shape(sb.k.shape())?;
+            ops::cache_write(be, &sb.k, &sb.table, &mut cache.k[l])?;
+            ops::cache_write(be, &sb.v, &sb.table, &mut cache.v[l])?;
+            let (kc, vc) = (&cache.k[l], &cache.v[l]);
+            match (&mut sb.idx, lp.indexer, self.cfg.attention) {
+                (
+                    Some((qi, ki, wt, pooled, sel)),
+                    Some((wq, wk, ww)),
+                    AttentionMode::Sparse { block, index_heads, .. },
+                ) => {
+                    for (dst, wi) in [(&mut *qi, wq), (&mut *ki, wk), (&mut *wt, ww)] {
+                        ops::matmul(be, &sb.ln, &w[wi], dst, false, false, 1.0, 0.0)?;
+                    }
+                    ops::cache_write(be, ki, &sb.table, &mut cache.ki[l])?;
+                    if let StepAttention::Sparse { keep_blocks } = attn {
+                        let di = qi.numel() / (r * index_heads);
+                        qi.set_shape(&[r, index_heads, di])?;
+                        attention::cached_indexer_block_scores(be, qi, wt, &cache.ki[l], &sb.table, block, pooled)?;
+                        qi.set_shape(&[r, index_heads * di])?;
+                        if sel.shape()[1] != keep_blocks {
+                            *sel = Tensor::zeros(be, &[r, keep_blocks], DType::U32)?;
+                        }
+                        attention::cached_select(be, pooled, &sb.table, keep_blocks, block, sel)?;
+                        sb.att.set_shape(sb.q.shape())?;
+                        let pat = CachedPattern::Blocks { idx: sel, block };
+                        attention::cached_attention(be, &sb.q, kc, vc, &sb.table, pat, &mut sb.att)?;
+                    } else {
+                        sb.att.set_shape(sb.q.shape())?;
+                        attention::cached_attention(be, &sb.q, kc, vc, &sb.table, CachedPattern::Dense, &mut sb.att)?;
+                    }
+                }
+                (_, _, _) if matches!(attn, StepAttention::Sparse { .. }) => {
+                    return Err(Error::Invalid("sparse attention requested for a dense model".into()));
+                }
+                _ => {
+                    sb.att.set_shape(sb.q.shape())?;
+                    attention::cached_attention(be, &sb.q, kc, vc, &sb.table, CachedPattern::Dense, &mut sb.att)?;
+                }
+            }
+            sb.v.set_shape(&[r, sb.v.numel() / r])?;
+            sb.att.set_shape(&[r, sb.att.numel() / r])?;
+            // xm = x + att·Wo; x' = xm + GELU(LN2(xm)·W1 + b1)·W2 + b2
+            ops::cast(be, &sb.x, &mut sb.xm)?;
+            ops::matmul(be, &sb.att, &w[lp.wo], &mut sb.xm, false, false, 1.0, 1.0)?;
+            ops::layernorm(be, &sb.xm, &w[lp.ln2g], &w[lp.ln2b], &mut sb.ln, &mut sb.mean, &mut sb.rstd, 1e-5)?;
+            ops::matmul(be, &sb.ln, &w[lp.w1], &mut sb.hb, false, false, 1.0, 0.0)?;
+            ops::bias_add(be, &mut sb.hb, &w[lp.b1])?;
+            ops::gelu(be, &sb.hb, &mut sb.act)?;
+            ops::cast(be, &sb.xm, &mut sb.xn)?;
+            ops::matmul(be, &sb.act, &w[lp.w2], &mut sb.xn, false, false, 1.0, 1.0)?;
+            ops::bias_add(be, &mut sb.xn, &w[lp.b2])?;
+            std::mem::swap(&mut sb.x, &mut sb.xn);
+        }
+        let lay = &self.layout;
+        ops::layernorm(be, &sb.x, &w[lay.lnfg], &w[lay.lnfb], &mut sb.ln, &mut sb.mean, &mut sb.rstd, 1e-5)?;
+        ops::matmul(be, &sb.ln, &w[lay.emb], &mut sb.logits, false, true, 1.0, 0.0)
+    }
+
+    /// Prefills `tokens` into `slot` in chunks of at most `chunk` rows;
+    /// returns the logits of every token, f32 `[tokens, vocab]`.
+    pub fn prefill(
+        &self,
+        be: &B,
+        cache: &mut KvCache<B>,
+        st: &mut InferState<B>,
+        slot: usize,
+        tokens: &[u32],
+        chunk: usize,
+    ) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(tokens.len() * self.cfg.vocab);
+        for part in tokens.chunks(chunk.max(1)) {
+            let rows: Vec<Row> = part.iter().map(|&token| Row { slot, token }).collect();
+            out.extend(self.step(be, cache, st, &rows, self.inference_attention())?);
+        }
+        Ok(out)
+    }
+}
