@@ -65,10 +65,16 @@ if [ -e "$tools/nvidia/cuda_nvrtc/lib/libnvrtc.so" ]; then
   LD_LIBRARY_PATH="$tools/nvidia/cuda_nvrtc/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
     DYNSPARSE_REQUIRE_NVRTC=1 DYNSPARSE_PTX_CACHE="$PWD/$bundle/ptx-cache" \
     "$bundle/bin/cuda_kernels_compile" -q >/dev/null
+  # PTX is kept for the newest architecture only: the JIT path of newer
+  # devices and the parameter sizes of every image (the same for all).
+  rm -f "$bundle"/ptx-cache/*-sm80-*.ptx
   echo "$(ls "$bundle/ptx-cache"/*.cubin | wc -l) CUBIN and $(ls "$bundle/ptx-cache"/*.ptx | wc -l) PTX files"
 else
   echo "warning: no NVRTC here; the GPU machine will compile the kernels with its own NVRTC"
 fi
+
+# Only needed here, to fill the cache.
+rm -f "$bundle/bin/cuda_kernels_compile"
 
 # The Vulkan loader, for the wgpu conformance tests on the GPU machine.
 for l in /usr/lib/x86_64-linux-gnu/libvulkan.so.1; do [ -e "$l" ] && cp -L "$l" "$bundle/lib/"; done

@@ -433,18 +433,34 @@ pub fn image(family: &str, source: Source, use_disk: bool) -> Result<Image, Stri
             };
             Ok(Image { source, bytes, ptx: c.ptx })
         }
-        Source::Cached { arch, format } => {
-            let dir = cache_dir().ok_or("no kernel cache folder")?;
-            let src = family_source(family).ok_or_else(|| format!("no kernel family `{family}`"))?;
-            let key = source_key(&src, &compile_options(arch), arch);
-            let (nvrtc, bytes) = read_cached_any_nvrtc(&dir, family, arch, &key, format)
-                .ok_or_else(|| format!("no cached {format:?} of kernels/{family}.cu for sm_{}{}", arch.0, arch.1))?;
-            let ptx = read_cached(&dir, family, arch, &CacheKey { source: key, nvrtc }, Format::Ptx)
-                .and_then(|p| String::from_utf8(p).ok())
-                .ok_or_else(|| format!("the cached {format:?} of kernels/{family}.cu has no PTX beside it"))?;
-            Ok(Image { source, bytes, ptx })
-        }
+        Source::Cached { .. } => cached_image(&cache_dir().ok_or("no kernel cache folder")?, family, source),
     }
+}
+
+/// A cached image of any NVRTC version from `dir` (see [`Source::Cached`]).
+pub fn cached_image(dir: &Path, family: &str, source: Source) -> Result<Image, String> {
+    let (Source::Cached { arch, format } | Source::Nvrtc { arch, format }) = source;
+    let src = family_source(family).ok_or_else(|| format!("no kernel family `{family}`"))?;
+    let key = source_key(&src, &compile_options(arch), arch);
+    let (nvrtc, bytes) = read_cached_any_nvrtc(dir, family, arch, &key, format)
+        .ok_or_else(|| format!("no cached {format:?} of kernels/{family}.cu for sm_{}{}", arch.0, arch.1))?;
+    // The parameter sizes are the same for every architecture: the
+    // PTX beside the image, else any cached PTX of the family (the
+    // bundle ships PTX for its newest architecture only).
+    let beside = read_cached(dir, family, arch, &CacheKey { source: key, nvrtc }, Format::Ptx);
+    let any = || {
+        let mut ptx: Vec<_> = shipped(dir, family).into_iter().filter(|(_, f)| *f == Format::Ptx).collect();
+        ptx.sort_by_key(|(a, _)| *a);
+        ptx.into_iter().rev().find_map(|(a, _)| {
+            let k = source_key(&src, &compile_options(a), a);
+            read_cached_any_nvrtc(dir, family, a, &k, Format::Ptx).map(|(_, b)| b)
+        })
+    };
+    let ptx = beside
+        .or_else(any)
+        .and_then(|p| String::from_utf8(p).ok())
+        .ok_or_else(|| format!("the cached {format:?} of kernels/{family}.cu has no PTX to read parameters from"))?;
+    Ok(Image { source, bytes, ptx })
 }
 
 /// Byte sizes of the parameters of kernel `name` as declared in `ptx`
@@ -582,6 +598,18 @@ mod tests {
             vec![((8, 0), Format::Cubin), ((8, 0), Format::Ptx), ((9, 0), Format::Cubin), ((9, 0), Format::Ptx)]
         );
         assert!(shipped(&dir, "softmax").is_empty());
+        // Without the PTX beside the sm_80 CUBIN (the bundle drops it), the
+        // parameters come from the sm_90 PTX.
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.to_string_lossy().contains("-sm80-") && p.extension().is_some_and(|x| x == "ptx") {
+                std::fs::remove_file(p).unwrap();
+            }
+        }
+        let img = cached_image(&dir, "gelu", Source::Cached { arch: (8, 0), format: Format::Cubin }).unwrap();
+        assert_eq!(img.bytes, CUBIN);
+        assert_eq!(img.ptx, ptx("8.8"));
+        assert!(cached_image(&dir, "gelu", Source::Cached { arch: (8, 0), format: Format::Ptx }).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
