@@ -3,12 +3,16 @@
 #
 #   scripts/gpu-check.sh build   (here) builds the release `dynsparse` binary and
 #       the test binaries with --features cuda, strips them, pre-compiles every
-#       CUDA kernel to PTX for sm_80/sm_90 (so the GPU machine needs no NVRTC),
-#       and writes everything plus run.sh into the git-ignored gpu-bundle/.
-#   gpu-bundle/run.sh            (there) nvidia-smi, `dynsparse --backend cuda info`,
-#       the CUDA (and wgpu) conformance tests, `bench matmul`, `bench attention`
+#       CUDA kernel to CUBIN and PTX for sm_80/sm_90 (so the GPU machine needs
+#       no NVRTC, and CUBIN loads on drivers older than this NVRTC), and writes
+#       everything plus run.sh and lib.sh into the git-ignored gpu-bundle/.
+#   gpu-bundle/run.sh            (there) checks the host's glibc first, then
+#       nvidia-smi, `dynsparse --backend cuda info`, every CUDA conformance test
+#       in its own process, the wgpu suite and CUDA-vs-wgpu on a *hardware*
+#       Vulkan adapter (SKIP without one), `bench matmul`, `bench attention`
 #       and the PyTorch baseline; logs in $GPU_CHECK_OUT (default ./gpu-check-out),
-#       a summary table last. About 6 minutes on an H100; every step has a timeout.
+#       a summary table last (ok only for what ran on the GPU). About 8 minutes
+#       on an H100; every step has a timeout. Step logic: scripts/gpu-check-lib.sh.
 #
 # Environment for `build`: DYNSPARSE_CARGO_FLAGS (default "--features cuda"),
 # DYNSPARSE_CUDA_TOOLS (NVRTC for the PTX cache; default .cuda-tools, fetched if absent).
@@ -35,7 +39,8 @@ cp "$target_dir/release/dynsparse" "$bundle/bin/"
 echo "== test binaries"
 # shellcheck disable=SC2086
 cargo test --release $flags --no-run --message-format=json \
-  --test conformance_cuda --test cuda_kernels_compile $( [[ "$flags" == *no-default-features* ]] || echo --test conformance_wgpu ) \
+  --test conformance_cuda --test cuda_kernels_compile --test cuda_device \
+  $( [[ "$flags" == *no-default-features* ]] || echo --test conformance_wgpu --test wgpu_limits ) \
   | json 'select(.reason == "compiler-artifact" and .executable != null and (.target.kind | index("test"))) | "\(.target.name) \(.executable)"' \
     'import json, sys
 for line in sys.stdin:
@@ -46,28 +51,49 @@ for line in sys.stdin:
 strip --strip-debug "$bundle"/bin/* 2>/dev/null || strip "$bundle"/bin/*
 ls "$bundle/bin"
 
-echo "== PTX cache (sm_80, sm_90) so the GPU machine needs no NVRTC"
+echo "== kernel cache (CUBIN + PTX for sm_80, sm_90) so the GPU machine needs no NVRTC"
 tools="${DYNSPARSE_CUDA_TOOLS:-.cuda-tools}"
 [ -e "$tools/nvidia/cuda_nvrtc/lib/libnvrtc.so" ] || scripts/fetch-cuda-tools.sh "$tools" || true
 if [ -e "$tools/nvidia/cuda_nvrtc/lib/libnvrtc.so" ]; then
   tools="$(cd "$tools" && pwd)"
+  # A kernel cache filled earlier (CI's) seeds the bundle's: entries are keyed
+  # by source, options and NVRTC version, and the compile test re-checks them.
+  if [ -n "${DYNSPARSE_PTX_CACHE:-}" ] && [ -d "$DYNSPARSE_PTX_CACHE" ]; then
+    mkdir -p "$bundle/ptx-cache"
+    cp "$DYNSPARSE_PTX_CACHE"/*.cubin "$DYNSPARSE_PTX_CACHE"/*.ptx "$bundle/ptx-cache/" 2>/dev/null || true
+  fi
   LD_LIBRARY_PATH="$tools/nvidia/cuda_nvrtc/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
     DYNSPARSE_REQUIRE_NVRTC=1 DYNSPARSE_PTX_CACHE="$PWD/$bundle/ptx-cache" \
     "$bundle/bin/cuda_kernels_compile" -q >/dev/null
-  echo "$(ls "$bundle/ptx-cache" | wc -l) PTX files"
+  # PTX is kept for the newest architecture only: the JIT path of newer
+  # devices and the parameter sizes of every image (the same for all).
+  rm -f "$bundle"/ptx-cache/*-sm80-*.ptx
+  echo "$(ls "$bundle/ptx-cache"/*.cubin | wc -l) CUBIN and $(ls "$bundle/ptx-cache"/*.ptx | wc -l) PTX files"
 else
   echo "warning: no NVRTC here; the GPU machine will compile the kernels with its own NVRTC"
 fi
 
+# Only needed here, to fill the cache.
+rm -f "$bundle/bin/cuda_kernels_compile"
+
 # The Vulkan loader, for the wgpu conformance tests on the GPU machine.
 for l in /usr/lib/x86_64-linux-gnu/libvulkan.so.1; do [ -e "$l" ] && cp -L "$l" "$bundle/lib/"; done
 cp scripts/torch_baseline.py "$bundle/"
+cp scripts/gpu-check-lib.sh "$bundle/lib.sh"
+
+# The newest glibc symbol version the binaries use: run.sh refuses an older host in one line.
+glibc_need="$(objdump -T "$bundle"/bin/* 2>/dev/null | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -n1)"
+echo "${glibc_need}" > "$bundle/glibc-required"
+echo "binaries need glibc >= ${glibc_need:-unknown (objdump missing)}"
 
 cat > "$bundle/run.sh" <<'RUN'
 #!/usr/bin/env bash
 # Runs on the GPU machine; builds nothing. Logs in $GPU_CHECK_OUT (default ./gpu-check-out).
 set -u
 here="$(cd "$(dirname "$0")" && pwd)"
+# shellcheck source=/dev/null
+. "$here/lib.sh"
+glibc_check "$(cat "$here/glibc-required" 2>/dev/null)" || exit 1
 out="${GPU_CHECK_OUT:-$PWD/gpu-check-out}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
@@ -75,9 +101,9 @@ bin="$here/bin"
 summary="$out/summary.txt"
 : > "$summary"
 
-# A writable copy of the shipped PTX cache.
+# A writable copy of the shipped kernel cache (CUBIN and PTX).
 mkdir -p "$out/ptx-cache"
-cp -n "$here"/ptx-cache/*.ptx "$out/ptx-cache/" 2>/dev/null || true
+cp -n "$here"/ptx-cache/* "$out/ptx-cache/" 2>/dev/null || true
 export DYNSPARSE_PTX_CACHE="$out/ptx-cache"
 
 # cudarc looks for libnvrtc.so / libcublas.so / libcublasLt.so (or .so.12): find
@@ -121,39 +147,37 @@ if [ -e /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]; then
 fi
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 
-step() {  # step NAME TIMEOUT_S CMD...
-  local name="$1" limit="$2"; shift 2
-  local log="$out/$name.log" t0 rc status
-  t0=$(date +%s)
-  echo "==== $name (limit ${limit}s)"
-  timeout --kill-after=10 "$limit" "$@" > "$log" 2>&1
-  rc=$?
-  case $rc in 0) status=ok ;; 124|137) status=TIMEOUT ;; *) status="FAIL($rc)" ;; esac
-  tail -n 25 "$log"
-  printf '%-22s %-10s %5ss  %s\n' "$name" "$status" "$(( $(date +%s) - t0 ))" "$log" >> "$summary"
-}
-
 step nvidia-smi 20 nvidia-smi
 step cuda-info 90 "$bin/dynsparse" --backend cuda info
-step conformance-cuda 240 env DYNSPARSE_REQUIRE_CUDA=1 "$bin/conformance_cuda" --test-threads 4
-if [ -x "$bin/conformance_wgpu" ]; then
-  step conformance-wgpu 120 "$bin/conformance_wgpu" --test-threads 4
+# Each test (one op family) in its own process: a kernel fault poisons the
+# CUDA context, and would otherwise fail every later test of the binary.
+EXCEPT='^cuda_vs_wgpu::' tests_each cuda 120 "$bin/conformance_cuda" DYNSPARSE_REQUIRE_CUDA=1
+[ -x "$bin/cuda_device" ] && tests_each cuda-device 120 "$bin/cuda_device" DYNSPARSE_REQUIRE_CUDA=1
+
+# wgpu on the GPU's own Vulkan driver only: a software adapter (lavapipe) must
+# not stand in for it, and without a hardware adapter the steps are SKIP, not ok.
+if DYNSPARSE_WGPU_ADAPTER=hardware "$bin/dynsparse" --backend wgpu info > "$out/wgpu-probe.log" 2>&1; then
+  hw=(DYNSPARSE_WGPU_ADAPTER=hardware DYNSPARSE_REQUIRE_WGPU=1)
+  [ -x "$bin/conformance_wgpu" ] && step conformance-wgpu 180 env "${hw[@]}" "$bin/conformance_wgpu" --test-threads 4
+  [ -x "$bin/wgpu_limits" ] && step wgpu-limits 60 env "${hw[@]}" "$bin/wgpu_limits"
+  ONLY='^cuda_vs_wgpu::' tests_each cuda-vs-wgpu 120 "$bin/conformance_cuda" DYNSPARSE_REQUIRE_CUDA=1 "${hw[@]}"
+else
+  why="no hardware Vulkan adapter: $(tail -n1 "$out/wgpu-probe.log" | cut -c1-160)"
+  skip conformance-wgpu "$why"
+  skip cuda-vs-wgpu "$why"
 fi
 step bench-matmul 90 "$bin/dynsparse" --backend cuda bench matmul --sizes 1024,4096,8192 --min-time 0.3 --no-cpu-baseline
 step bench-attention 150 "$bin/dynsparse" --backend cuda bench attention --seqs 1024,4096,16384 --dtype bf16 --min-time 0.2
 if command -v python3 >/dev/null && python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
   step torch-baseline 120 python3 "$here/torch_baseline.py" --sizes 1024,4096,8192 --seqs 1024,4096,16384 --dtype bf16
 else
-  printf '%-22s %-10s\n' torch-baseline "skipped (no python3 with CUDA torch)" >> "$summary"
+  skip torch-baseline "no python3 with CUDA torch"
 fi
 
 echo
 echo "==== summary (logs in $out)"
 grep -h "GFLOP\|TFLOP\|^|" "$out/bench-matmul.log" "$out/bench-attention.log" "$out/torch-baseline.log" 2>/dev/null | tail -n 40
-echo
-printf '%-22s %-10s %6s  %s\n' step status time log
-cat "$summary"
-! grep -q "FAIL\|TIMEOUT" "$summary"
+summary_exit
 RUN
 chmod +x "$bundle/run.sh"
 size=$(du -sm "$bundle" | cut -f1)

@@ -1,4 +1,4 @@
-// Element-wise ops (fill, add, axpby, scale, bias add, column sums, cast) and
+// Element-wise ops (fill, add, axpby, scale, bias add, cast; column sums are in reduce.wgsl) and
 // the half-precision pack/unpack passes every f16/bf16 output goes through.
 // Parameter word 0 is the element count unless a kernel says otherwise.
 
@@ -126,26 +126,6 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw
     let i = lin(g, nw);
     if (i >= pu(0u)) { return; }
     st_x(i, ld_x(i) + ld_bias(i % pu(1u)));
-}
-
-//!kernel sum_rows(x: in, out: inout)
-// p0 = n (columns), p1 = rows, p2 = beta: out[j] = sum_r x[r, j] + beta*out[j].
-// One invocation per column; the sum is kept in two f32 (Kahan) for accuracy.
-@compute @workgroup_size(256)
-fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
-    let j = lin(g, nw);
-    let n = pu(0u);
-    if (j >= n) { return; }
-    var s = 0.0;
-    var c = 0.0;
-    for (var r = 0u; r < pu(1u); r = r + 1u) {
-        let y = ld_x(r * n + j) - c;
-        let t = s + y;
-        c = (t - s) - y;
-        s = t;
-    }
-    if (pf(2u) != 0.0) { s = s + pf(2u) * ld_out(j); }
-    st_out(j, s);
 }
 
 //!kernel cast(x: in, y: out)

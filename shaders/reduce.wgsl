@@ -75,3 +75,49 @@ fn main(@builtin(local_invocation_id) l: vec3<u32>) {
     let r = wg_min(l.x, ok);
     if (l.x == 0u) { stu_out(0u, r); }
 }
+
+// Column sums of a [rows, n] matrix, split over the rows so no invocation
+// loops over all of them (a long single dispatch trips the Windows TDR and
+// the macOS watchdog): `sum_rows_part` sums each chunk of p2 rows per
+// column, Kahan-compensated, into f32 partials; `sum_rows_final` adds the
+// partials of each column in chunk order (deterministic) and beta·out.
+
+//!kernel sum_rows_part(x: in, part: out)
+// p0 = n, p1 = rows, p2 = chunk rows. Grid (ceil(n/256), chunks):
+// part[c·n + j] = Σ_{r ∈ [c·chunk, min((c+1)·chunk, rows))} x[r, j].
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(workgroup_id) w: vec3<u32>) {
+    let n = pu(0u);
+    let j = g.x;
+    if (j >= n) { return; }
+    let r0 = w.y * pu(2u);
+    let r1 = min(r0 + pu(2u), pu(1u));
+    var s = 0.0;
+    var c = 0.0;
+    for (var r = r0; r < r1; r = r + 1u) {
+        let y = ld_x(r * n + j) - c;
+        let t = s + y;
+        c = (t - s) - y;
+        s = t;
+    }
+    st_part(w.y * n + j, s);
+}
+
+//!kernel sum_rows_final(part: in, out: inout)
+// p0 = n, p1 = chunks, p2 = beta: out[j] = Σ_c part[c·n + j] + beta·out[j].
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let j = lin(g, nw);
+    let n = pu(0u);
+    if (j >= n) { return; }
+    var s = 0.0;
+    var c = 0.0;
+    for (var k = 0u; k < pu(1u); k = k + 1u) {
+        let y = ld_part(k * n + j) - c;
+        let t = s + y;
+        c = (t - s) - y;
+        s = t;
+    }
+    if (pf(2u) != 0.0) { s = s + pf(2u) * ld_out(j); }
+    st_out(j, s);
+}

@@ -1,6 +1,8 @@
 //! Every CUDA kernel family compiles with NVRTC for sm_80 (A100) and sm_90
 //! (H100), every dtype variant included, through the backend's own path
-//! (`kernels::ptx_for`: memory cache, disk cache, NVRTC). No GPU needed.
+//! (`kernels::compiled`: memory cache, disk cache, NVRTC), to PTX and to a
+//! CUBIN for that architecture (what loads on drivers older than the NVRTC).
+//! No GPU needed.
 //!
 //! Without NVRTC on the library path the test prints "skipped" and passes,
 //! unless `DYNSPARSE_REQUIRE_NVRTC=1`. `DYNSPARSE_PTX_OUT=<dir>` also writes
@@ -98,8 +100,20 @@ fn every_kernel_family_compiles_for_sm80_and_sm90() {
     for (family, _) in kernels::FAMILIES {
         for arch in ARCHS {
             let t0 = std::time::Instant::now();
-            match kernels::ptx_for(family, arch) {
-                Ok(ptx) => {
+            match kernels::compiled(family, arch, true) {
+                Ok(c) => {
+                    let ptx = c.ptx;
+                    // ELF header: class 64-bit, machine EM_CUDA (190) at offset 18.
+                    let elf = c.cubin.starts_with(b"\x7fELF")
+                        && c.cubin.len() > 20
+                        && u16::from_le_bytes([c.cubin[18], c.cubin[19]]) == 190;
+                    if !elf {
+                        failures.push(format!("{family} sm_{}{}: the CUBIN is not a CUDA ELF image", arch.0, arch.1));
+                    }
+                    let target = format!(".target sm_{}{}", arch.0, arch.1);
+                    if !ptx.contains(&target) {
+                        failures.push(format!("{family}: PTX without `{target}`"));
+                    }
                     let missing: Vec<String> = expected_entries(family)
                         .into_iter()
                         .filter(|e| !ptx.contains(&format!(".entry {e}(")))
@@ -107,13 +121,39 @@ fn every_kernel_family_compiles_for_sm80_and_sm90() {
                     if !missing.is_empty() {
                         failures.push(format!("{family} sm_{}{}: missing entry points {missing:?}", arch.0, arch.1));
                     }
-                    println!("{family:>14} sm_{}{}: {} bytes of PTX in {:?}", arch.0, arch.1, ptx.len(), t0.elapsed());
+                    println!(
+                        "{family:>14} sm_{}{}: {} bytes of PTX, {} of CUBIN in {:?}",
+                        arch.0,
+                        arch.1,
+                        ptx.len(),
+                        c.cubin.len(),
+                        t0.elapsed()
+                    );
                     if let Some(o) = &out {
                         std::fs::write(o.join(format!("{family}.sm_{}{}.ptx", arch.0, arch.1)), ptx).unwrap();
                     }
                 }
                 Err(e) => failures.push(e),
             }
+        }
+    }
+    // The cache now holds both formats for both architectures, under keys
+    // that name this NVRTC's version (what the GPU bundle ships).
+    let dir = kernels::cache_dir().unwrap();
+    let v = kernels::nvrtc_version().unwrap();
+    for (family, _) in kernels::FAMILIES {
+        let src = kernels::family_source(family).unwrap();
+        for arch in ARCHS {
+            let key = kernels::CacheKey::new(&src, &kernels::compile_options(arch), arch, v);
+            for format in [kernels::Format::Cubin, kernels::Format::Ptx] {
+                if kernels::read_cached(&dir, family, arch, &key, format).is_none() {
+                    failures.push(format!("{family} sm_{}{}: no {format:?} cached for NVRTC {v:?}", arch.0, arch.1));
+                }
+            }
+        }
+        let shipped = kernels::shipped(&dir, family);
+        if ARCHS.iter().any(|a| !shipped.contains(&(*a, kernels::Format::Cubin))) {
+            failures.push(format!("{family}: kernels::shipped lists {shipped:?}"));
         }
     }
     let _ = std::fs::remove_dir_all(&tmp_cache);

@@ -10,6 +10,10 @@ pub fn run(choice: BackendChoice) -> Result<()> {
     if choice != BackendChoice::Auto {
         let sel = select(choice)?;
         outln!("backend {}: {} ({})", sel.backend.kind(), sel.backend.device_name(), sel.reason);
+        #[cfg(feature = "cuda")]
+        if choice == BackendChoice::Cuda {
+            outln!("{}", cuda_driver_line());
+        }
         return Ok(());
     }
     outln!("dynsparse {}", env!("CARGO_PKG_VERSION"));
@@ -64,11 +68,20 @@ fn wgpu_section() {
 }
 
 #[cfg(feature = "cuda")]
+fn cuda_driver_line() -> String {
+    match dynsparse::backend::cuda::driver_version() {
+        Ok((ma, mi)) => format!("cuda driver: CUDA {ma}.{mi} (loads PTX from NVRTC ≤ {ma}.{mi}, and CUBIN)"),
+        Err(why) => format!("cuda driver: version unknown ({why})"),
+    }
+}
+
+#[cfg(feature = "cuda")]
 fn cuda_section() {
     match dynsparse::backend::cuda::probe() {
         Ok(devs) if devs.is_empty() => outln!("\ncuda: driver found, but no device"),
         Ok(devs) => {
-            outln!("\ncuda devices:");
+            outln!("\n{}", cuda_driver_line());
+            outln!("cuda devices:");
             for d in devs {
                 let (ma, mi) = d.compute_capability;
                 outln!(

@@ -226,12 +226,9 @@ impl CudaBackend {
     }
 
     fn gemm_fallback(&self, s: &MatmulSpec, a: &T, b: &T, c: &mut T) -> Result<()> {
-        if s.batch > 65535 {
-            return Err(Error::Shape(format!("matmul: batch {} exceeds the fallback kernel's 65535", s.batch)));
-        }
         let (sa, sb, sc) = s.strides();
         let cfg = LaunchConfig {
-            grid_dim: (s.n.div_ceil(16) as u32, s.m.div_ceil(16) as u32, s.batch as u32),
+            grid_dim: super::fallback_gemm_grid(s.m, s.n, s.batch)?,
             block_dim: (16, 16, 1),
             shared_mem_bytes: 0,
         };

@@ -32,9 +32,30 @@ pub(super) fn bias_add(be: &WgpuBackend, s: &BiasSpec, x: &mut T, bias: &T) -> R
     be.launch("elementwise", "bias_add", &mut [Arg::W(x), Arg::R(bias)], Params::new().u(n).u(s.n), grid1d(n))
 }
 
+/// Rows one `sum_rows_part` invocation sums: about √rows, so both passes
+/// loop about √rows times (10⁶ rows: 1000 each, not 10⁶ in one), at least
+/// [`SUM_ROWS_MIN_CHUNK`]; raised where the adapter's grid height or largest
+/// binding cannot hold that many partials.
+pub(super) fn sum_rows_chunk(rows: usize, n: usize, max_groups: u32, max_binding: u64) -> usize {
+    let mut chunk = (rows as f64).sqrt().ceil() as usize;
+    chunk = chunk.max(SUM_ROWS_MIN_CHUNK).max(rows.div_ceil(max_groups.max(1) as usize));
+    let max_chunks = (max_binding / 4 / n.max(1) as u64).max(1) as usize;
+    chunk.max(rows.div_ceil(max_chunks)).max(1)
+}
+
+const SUM_ROWS_MIN_CHUNK: usize = 64;
+
 pub(super) fn sum_rows(be: &WgpuBackend, s: &SumRowsSpec, x: &T, out: &mut T) -> Result<()> {
-    let p = Params::new().u(s.n).u(s.rows).f(s.beta);
-    be.launch("elementwise", "sum_rows", &mut [Arg::R(x), Arg::W(out)], p, grid1d(s.n))
+    let l = be.limits();
+    let max_binding = l.max_storage_buffer_binding_size.min(l.max_buffer_size);
+    let chunk = sum_rows_chunk(s.rows, s.n, l.max_compute_workgroups_per_dimension, max_binding);
+    let chunks = s.rows.div_ceil(chunk).max(1);
+    let mut part = T::empty(be, &[chunks * s.n], DType::F32)?;
+    let p = Params::new().u(s.n).u(s.rows).u(chunk);
+    let grid = [s.n.div_ceil(256) as u32, chunks as u32, 1];
+    be.launch("reduce", "sum_rows_part", &mut [Arg::R(x), Arg::W(&mut part)], p, grid)?;
+    let p = Params::new().u(s.n).u(chunks).f(s.beta);
+    be.launch("reduce", "sum_rows_final", &mut [Arg::R(&part), Arg::W(out)], p, grid1d(s.n))
 }
 
 pub(super) fn cast(be: &WgpuBackend, s: &ElementwiseSpec, x: &T, y: &mut T) -> Result<()> {
@@ -227,5 +248,26 @@ pub(super) fn adamw(
             be.launch("adamw", "adamw_copy", args, p, grid1d(s.n))
         }
         None => be.launch("adamw", "adamw", &mut [Arg::W(params), Arg::R(grads), Arg::W(m), Arg::W(v)], p, grid1d(s.n)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sum_rows_splits_long_row_loops() {
+        let big = 1 << 30;
+        // A million rows: about a thousand per invocation in each pass, not a million.
+        let c = sum_rows_chunk(1_000_000, 768, 65_535, big);
+        assert_eq!(c, 1000);
+        assert_eq!(1_000_000usize.div_ceil(c), 1000);
+        // Few rows: one chunk of at least the minimum.
+        assert_eq!(sum_rows_chunk(10, 5, 65_535, big), SUM_ROWS_MIN_CHUNK);
+        // The grid height and the partials' binding bound the number of chunks.
+        let c = sum_rows_chunk(100_000_000, 1, 1000, big);
+        assert!(100_000_000usize.div_ceil(c) <= 1000, "{c}");
+        let c = sum_rows_chunk(1_000_000, 1 << 20, 65_535, 128 << 20);
+        assert!((1_000_000usize.div_ceil(c) * (1 << 20) * 4) as u64 <= 128 << 20, "{c}");
     }
 }

@@ -41,9 +41,12 @@ pub enum AdapterPick {
 }
 
 impl AdapterPick {
-    /// `DYNSPARSE_WGPU_ADAPTER=<index or name>`, when set.
+    /// `DYNSPARSE_WGPU_ADAPTER=<index or name>`, when set; the value
+    /// `hardware` asks for [`AdapterPick::HardwareOnly`] (the GPU check uses
+    /// it so a software adapter never stands in for the GPU).
     pub fn from_env() -> Option<Self> {
-        std::env::var("DYNSPARSE_WGPU_ADAPTER").ok().filter(|s| !s.trim().is_empty()).map(AdapterPick::Name)
+        let v = std::env::var("DYNSPARSE_WGPU_ADAPTER").ok().filter(|s| !s.trim().is_empty())?;
+        Some(if v.trim().eq_ignore_ascii_case("hardware") { AdapterPick::HardwareOnly } else { AdapterPick::Name(v) })
     }
 }
 
@@ -172,6 +175,20 @@ fn pick_adapter(pick: &AdapterPick) -> Result<wgpu::Adapter> {
     chosen.ok_or_else(|| Error::Unavailable(format!("wgpu: {}", list(&[]))))
 }
 
+/// The limits to open the device with: the adapter's own, unless
+/// `DYNSPARSE_WGPU_LIMITS=default` asks for WebGPU's defaults (8 storage
+/// buffers per stage, 128 MiB per binding, 256 MiB per buffer), the most a
+/// portable kernel may count on; CI runs the suite so once.
+fn requested_limits(adapter: &wgpu::Limits) -> Result<wgpu::Limits> {
+    match std::env::var("DYNSPARSE_WGPU_LIMITS").ok().as_deref().map(str::trim) {
+        None | Some("") | Some("adapter") => Ok(adapter.clone()),
+        Some("default") => Ok(wgpu::Limits::default()),
+        Some(other) => Err(Error::Unavailable(format!(
+            "DYNSPARSE_WGPU_LIMITS={other}: expected `default` (WebGPU's default limits) or `adapter`"
+        ))),
+    }
+}
+
 struct Pipeline {
     layout: wgpu::BindGroupLayout,
     pipeline: wgpu::ComputePipeline,
@@ -258,10 +275,7 @@ impl WgpuBackend {
         let info = adapter.get_info();
         // The adapter's own limits, or WebGPU's defaults with
         // `DYNSPARSE_WGPU_LIMITS=default` (to test what every adapter offers).
-        let limits = match std::env::var("DYNSPARSE_WGPU_LIMITS").as_deref() {
-            Ok("default") => wgpu::Limits::default(),
-            _ => adapter.limits(),
-        };
+        let limits = requested_limits(&adapter.limits())?;
         let (need, widest) = kernel::max_storage_bindings()?;
         let have = limits.max_storage_buffers_per_shader_stage as usize;
         if need > have {
@@ -302,6 +316,11 @@ impl WgpuBackend {
         })
     }
 
+    /// The limits the device was opened with.
+    pub fn limits(&self) -> wgpu::Limits {
+        self.device.limits()
+    }
+
     /// The adapter's description.
     pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
         &self.info
@@ -337,8 +356,25 @@ impl WgpuBackend {
         self.check_error()
     }
 
-    fn raw_alloc(&self, bytes: usize) -> WgpuBuffer {
-        let size = bucket(bytes);
+    /// The largest buffer a kernel may bind: the smaller of the adapter's
+    /// storage-binding and buffer-size limits.
+    fn max_binding(&self) -> u64 {
+        let l = self.device.limits();
+        l.max_storage_buffer_binding_size.min(l.max_buffer_size)
+    }
+
+    /// Checks that a buffer of `bytes` (for `what`) can be created and
+    /// bound, before anything is created.
+    fn check_fits(&self, bytes: usize, what: &str) -> Result<u64> {
+        buffer_size(bytes, self.max_binding()).map_err(|limit| {
+            Error::Device(format!(
+                "wgpu: {what} needs a buffer of {bytes} bytes, past this adapter's largest storage binding of {limit} bytes"
+            ))
+        })
+    }
+
+    fn raw_alloc(&self, bytes: usize, what: &str) -> Result<WgpuBuffer> {
+        let size = self.check_fits(bytes, what)?;
         let reused = lock(&self.pool).get_mut(&size).and_then(Vec::pop);
         let buf = reused.unwrap_or_else(|| {
             self.device.create_buffer(&wgpu::BufferDescriptor {
@@ -349,7 +385,7 @@ impl WgpuBackend {
             })
         });
         self.mem.alloc(bytes);
-        WgpuBuffer { buf: Some(buf), bytes, mem: self.mem.clone(), pool: self.pool.clone() }
+        Ok(WgpuBuffer { buf: Some(buf), bytes, mem: self.mem.clone(), pool: self.pool.clone() })
     }
 
     /// Drops every pooled (free) buffer, returning its memory to the driver.
@@ -500,6 +536,24 @@ impl WgpuBackend {
         if k.args.len() != args.len() {
             return Err(Error::Device(format!("{family}::{name} takes {} tensors, got {}", k.args.len(), args.len())));
         }
+        // Half-precision outputs are computed in f32 staging buffers twice
+        // their size: check every one against the limits before creating any,
+        // so an oversized output is an error that leaves the pending batch as it was.
+        for ((an, role), a) in k.args.iter().zip(args.iter()) {
+            if let (Role::Out | Role::InOut, Arg::W(t)) = (role, a)
+                && t.dtype() != DType::F32
+                && t.dtype().is_float()
+            {
+                let bytes = t
+                    .numel()
+                    .checked_mul(4)
+                    .ok_or_else(|| Error::Shape(format!("{family}::{name}: `{an}` overflows")))?;
+                self.check_fits(
+                    bytes,
+                    &format!("{family}::{name}: the f32 staging of {} `{an}` ({} elements)", t.dtype(), t.numel()),
+                )?;
+            }
+        }
         let mut dtypes = Vec::with_capacity(args.len());
         let mut staging: Vec<Option<WgpuBuffer>> = Vec::with_capacity(args.len());
         for ((an, role), a) in k.args.iter().zip(args.iter()) {
@@ -514,7 +568,7 @@ impl WgpuBackend {
             }
             match role {
                 Role::Out | Role::InOut if dt != DType::F32 => {
-                    let st = self.raw_alloc(t.numel() * 4);
+                    let st = self.raw_alloc(t.numel() * 4, "f32 staging")?;
                     if *role == Role::InOut {
                         self.half_convert("unpack_half", t.buffer().raw(), st.raw(), dt, t.numel())?;
                     }
@@ -562,6 +616,20 @@ impl WgpuBackend {
     }
 }
 
+/// The size to create a buffer of `bytes` with, given the largest binding:
+/// the pool bucket, or the exact word-padded size where the bucket would
+/// pass the limit (a 2³¹−1 limit is no multiple of any bucket step).
+/// `Err(limit)` when even the exact size does not fit.
+fn buffer_size(bytes: usize, limit: u64) -> std::result::Result<u64, u64> {
+    let exact = padded(bytes.max(4)) as u64;
+    // Buffer sizes and copies are whole words: the largest usable size is the limit rounded down.
+    let usable = limit / 4 * 4;
+    if exact > usable {
+        return Err(limit);
+    }
+    Ok(bucket(bytes).min(usable))
+}
+
 /// Bytes rounded up to whole `u32` words (buffers and copies are word-sized).
 fn padded(bytes: usize) -> usize {
     bytes.div_ceil(4) * 4
@@ -598,13 +666,7 @@ impl Backend for WgpuBackend {
     fn alloc(&self, dtype: DType, len: usize) -> Result<WgpuBuffer> {
         let bytes =
             len.checked_mul(dtype.size()).ok_or_else(|| Error::Shape(format!("alloc: {len} elements overflow")))?;
-        let max = self.device.limits().max_storage_buffer_binding_size as usize;
-        if padded(bytes) > max {
-            return Err(Error::Device(format!(
-                "wgpu: a {dtype} buffer of {len} elements ({bytes} bytes) exceeds this adapter's largest storage binding ({max} bytes)"
-            )));
-        }
-        let b = self.raw_alloc(bytes);
+        let b = self.raw_alloc(bytes, &format!("a {dtype} tensor of {len} elements"))?;
         self.check_error()?;
         Ok(b)
     }
@@ -645,11 +707,17 @@ impl Backend for WgpuBackend {
             return Ok(Vec::new());
         }
         let size = padded(n) as u64;
+        let max = self.device.limits().max_buffer_size;
+        if size > max {
+            return Err(Error::Device(format!(
+                "wgpu: reading back {n} bytes needs a buffer past this adapter's largest of {max} bytes"
+            )));
+        }
         let kept = lock(&self.readback).take().filter(|b| b.size() >= size);
         let staging = kept.unwrap_or_else(|| {
             self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("readback"),
-                size: size.max(4096),
+                size: size.max(4096).min(max),
                 usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             })
@@ -914,6 +982,22 @@ impl Backend for WgpuBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buffer_sizes_never_round_past_the_binding_limit() {
+        let vk = (1u64 << 31) - 1;
+        // A bucket just under 2 GiB rounds up to 2 GiB: past a 2³¹−1 limit.
+        let bytes = (1usize << 31) - 100 * 1024 * 1024;
+        assert!(bucket(bytes) > vk);
+        let s = buffer_size(bytes, vk).unwrap();
+        assert!(s >= bytes as u64 && s <= vk && s % 4 == 0, "{s}");
+        assert_eq!(buffer_size(1000, vk), Ok(bucket(1000)), "small sizes keep their bucket");
+        assert_eq!(buffer_size(vk as usize - 3, vk), Ok(vk - 3), "the largest word-padded size fits");
+        assert_eq!(buffer_size(vk as usize, vk), Err(vk), "one byte more does not");
+        let webgpu = 128 << 20;
+        assert_eq!(buffer_size(webgpu as usize, webgpu), Ok(webgpu));
+        assert_eq!(buffer_size(webgpu as usize + 1, webgpu), Err(webgpu));
+    }
 
     #[test]
     fn pool_buckets_round_up_and_share_nearby_sizes() {

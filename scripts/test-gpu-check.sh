@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Self-test of scripts/gpu-check-lib.sh (no GPU needed; CI runs it): a step
+# that skipped says SKIP, never ok; a failing or hanging one says so; every
+# test of a binary runs in its own process; the glibc check refuses an older
+# host in one line.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/gpu-check-lib.sh
+. scripts/gpu-check-lib.sh
+out="$(mktemp -d)"
+summary="$out/summary.txt"
+: > "$summary"
+bad=0
+expect() {  # expect NAME STATUS
+  if ! grep -Eq "^$1 +$2 " "$summary"; then echo "FAILED: step $1 should be $2:"; cat "$summary"; bad=1; fi
+}
+
+step ran 5 sh -c 'echo test result: ok'
+step skipped 5 sh -c 'echo "skipped: no cuda backend (no driver)"; echo "test result: ok"'
+step failed 5 sh -c 'exit 3'
+step hung 1 sleep 5
+skip not-run "no hardware Vulkan adapter"
+expect ran ok
+expect skipped SKIP
+expect failed 'FAIL\(3\)'
+expect hung TIMEOUT
+expect not-run SKIP
+
+# A fake test binary: `--list` prints two tests; running one records its name.
+fake="$out/fake-tests"
+cat > "$fake" <<FAKE
+#!/bin/sh
+if [ "\$1" = --list ]; then printf 'a_works: test\nb_faults: test\n\n2 tests, 0 benchmarks\n'; exit 0; fi
+echo "\$@ FOO=\$FOO" >> "$out/calls"
+[ "\$2" = b_faults ] && exit 101
+exit 0
+FAKE
+chmod +x "$fake"
+tests_each fam 5 "$fake" FOO=bar
+expect fam:a_works ok
+expect fam:b_faults 'FAIL\(101\)'
+if [ "$(wc -l < "$out/calls")" -ne 2 ] || ! grep -q -- "--exact a_works --test-threads 1 FOO=bar" "$out/calls"; then
+  echo "FAILED: tests_each should run each test alone with the environment given:"; cat "$out/calls"; bad=1
+fi
+if summary_exit > /dev/null; then echo "FAILED: summary_exit must fail when a step failed"; bad=1; fi
+: > "$summary"; step ran 5 true; skip x y
+summary_exit | grep -q "1 step(s) did not run on the GPU" || { echo "FAILED: SKIP count not reported"; bad=1; }
+
+if msg="$(GPU_CHECK_HOST_GLIBC=2.31 glibc_check 2.35 2>&1)"; then echo "FAILED: glibc 2.31 must be refused for 2.35"; bad=1; fi
+[ "$(printf '%s\n' "$msg" | wc -l)" -eq 1 ] && [[ "$msg" == *"glibc >= 2.35"*"has 2.31"* ]] || { echo "FAILED: glibc message: $msg"; bad=1; }
+GPU_CHECK_HOST_GLIBC=2.39 glibc_check 2.35 || { echo "FAILED: glibc 2.39 must pass for 2.35"; bad=1; }
+GPU_CHECK_HOST_GLIBC=2.35 glibc_check 2.35 || { echo "FAILED: glibc 2.35 must pass for 2.35"; bad=1; }
+
+rm -rf "$out"
+[ "$bad" -eq 0 ] && echo "gpu-check self-test: ok"
+exit "$bad"
