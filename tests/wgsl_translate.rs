@@ -67,8 +67,16 @@ fn translate(label: &str, src: &str) -> Result<(), String> {
             .map_err(|e| format!("{label}: HLSL {sm:?}: {e}"))?;
     }
 
-    // Vulkan: SPIR-V 1.0.
-    let spv = naga::back::spv::Options { lang_version: (1, 0), bounds_check_policies: checks, ..Default::default() };
+    // Vulkan: SPIR-V 1.0, with the policies wgpu's Vulkan backend asks for
+    // on a device without robustBufferAccess2 (indices clamped: `Restrict`;
+    // naga has no ReadZeroSkipWrite for atomics, which `cached_pool` uses).
+    let restrict = naga::proc::BoundsCheckPolicies {
+        index: naga::proc::BoundsCheckPolicy::Restrict,
+        buffer: naga::proc::BoundsCheckPolicy::Restrict,
+        image_load: naga::proc::BoundsCheckPolicy::Restrict,
+        binding_array: naga::proc::BoundsCheckPolicy::Unchecked,
+    };
+    let spv = naga::back::spv::Options { lang_version: (1, 0), bounds_check_policies: restrict, ..Default::default() };
     let words = naga::back::spv::write_vec(&module, &info, &spv, None).map_err(|e| format!("{label}: SPIR-V: {e}"))?;
     if words.first() != Some(&0x0723_0203) {
         return Err(format!("{label}: SPIR-V output without the magic number"));
