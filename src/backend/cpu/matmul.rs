@@ -5,10 +5,70 @@ use super::{CpuBackend, rd};
 use crate::Tensor;
 use crate::ops::MatmulSpec;
 
+/// Rows of A up to which a product streams B once without packing it (the
+/// decode case: one or a few new tokens times a weight matrix), instead of
+/// `matrixmultiply`, whose packing copies all of B per call.
+const SKINNY: usize = 16;
+
+/// Columns of C per task of the skinny path.
+const COLS: usize = 256;
+
+/// `C = α·A·op(B) + β·C` for `m ≤ SKINNY` rows of a non-transposed A: per
+/// chunk of columns, every row's accumulators stream the rows of B (or, for
+/// `Bᵀ`, dot products with its rows), in parallel over column chunks.
+#[allow(clippy::too_many_arguments)]
+fn skinny(m: usize, n: usize, k: usize, alpha: f32, ap: &[f32], bp: &[f32], trans_b: bool, beta: f32, cp: &mut [f32]) {
+    use rayon::prelude::*;
+    let chunks: Vec<(usize, Vec<f32>)> = (0..n)
+        .step_by(COLS)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|j0| {
+            let w = COLS.min(n - j0);
+            let mut acc = vec![0.0f32; m * w];
+            if trans_b {
+                for (i, row) in acc.chunks_mut(w).enumerate() {
+                    let ar = &ap[i * k..(i + 1) * k];
+                    for (jj, o) in row.iter_mut().enumerate() {
+                        let br = &bp[(j0 + jj) * k..(j0 + jj + 1) * k];
+                        *o = ar.iter().zip(br).map(|(x, y)| x * y).sum();
+                    }
+                }
+            } else {
+                for p in 0..k {
+                    let br = &bp[p * n + j0..p * n + j0 + w];
+                    for (i, row) in acc.chunks_mut(w).enumerate() {
+                        let x = ap[i * k + p];
+                        row.iter_mut().zip(br).for_each(|(o, &y)| *o += x * y);
+                    }
+                }
+            }
+            (j0, acc)
+        })
+        .collect();
+    for (j0, acc) in chunks {
+        let w = COLS.min(n - j0);
+        for i in 0..m {
+            let dst = &mut cp[i * n + j0..i * n + j0 + w];
+            let src = &acc[i * w..(i + 1) * w];
+            if beta == 0.0 {
+                dst.iter_mut().zip(src).for_each(|(c, &x)| *c = alpha * x);
+            } else {
+                dst.iter_mut().zip(src).for_each(|(c, &x)| *c = alpha * x + beta * *c);
+            }
+        }
+    }
+}
+
 pub(super) fn matmul(s: &MatmulSpec, a: &Tensor<CpuBackend>, b: &Tensor<CpuBackend>, c: &mut Tensor<CpuBackend>) {
     let (av, bv) = (rd(a), rd(b));
     let (m, n, k) = (s.m, s.n, s.k);
     let (sa, sb, sc) = s.strides();
+    if m <= SKINNY && !s.trans_a && s.batch == 1 {
+        let run =
+            |cv: &mut [f32]| skinny(m, n, k, s.alpha, &av[..m * k], &bv[..k * n], s.trans_b, s.beta, &mut cv[..m * n]);
+        return if s.beta == 0.0 { c.buf.produce(run) } else { c.buf.update(run) };
+    }
     // Row and column strides of op(A) (m×k) and op(B) (k×n) in their storage.
     let (rsa, csa) = if s.trans_a { (1, m as isize) } else { (k as isize, 1) };
     let (rsb, csb) = if s.trans_b { (1, k as isize) } else { (n as isize, 1) };
@@ -88,10 +148,11 @@ mod tests {
     fn matmul_matches_f64_loops_for_every_transpose_and_broadcast() {
         let be = CpuBackend::new();
         let mut rng = Rng::new(7);
-        for (ta, tb, bb, beta) in
-            [(false, false, true, 0.0), (true, false, false, 0.5), (false, true, true, 1.0), (true, true, false, -2.0)]
-        {
-            let (batch, m, n, k) = (3, 17, 9, 33);
+        // The last two shapes take the skinny (decode) path: one batch, ≤ 16 rows, columns past one chunk.
+        let cases =
+            [(false, false, true, 0.0), (true, false, false, 0.5), (false, true, true, 1.0), (true, true, false, -2.0)];
+        let shapes = [(3usize, 17usize, 9usize, 33usize), (1, 5, 300, 33), (1, 1, 517, 40)];
+        for ((ta, tb, bb, beta), (batch, m, n, k)) in cases.iter().flat_map(|c| shapes.iter().map(move |s| (*c, *s))) {
             let a = rng.normal_vec(batch * m * k);
             let bsz = if bb { batch } else { 1 } * k * n;
             let b = rng.normal_vec(bsz);
