@@ -158,6 +158,7 @@ EXCEPT='^cuda_vs_wgpu::' tests_each cuda 120 "$bin/conformance_cuda" DYNSPARSE_R
 # not stand in for it, and without a hardware adapter the steps are SKIP, not ok.
 if DYNSPARSE_WGPU_ADAPTER=hardware "$bin/dynsparse" --backend wgpu info > "$out/wgpu-probe.log" 2>&1; then
   hw=(DYNSPARSE_WGPU_ADAPTER=hardware DYNSPARSE_REQUIRE_WGPU=1)
+  ran_wgpu=1
   [ -x "$bin/conformance_wgpu" ] && step conformance-wgpu 180 env "${hw[@]}" "$bin/conformance_wgpu" --test-threads 4
   [ -x "$bin/wgpu_limits" ] && step wgpu-limits 60 env "${hw[@]}" "$bin/wgpu_limits"
   ONLY='^cuda_vs_wgpu::' tests_each cuda-vs-wgpu 120 "$bin/conformance_cuda" DYNSPARSE_REQUIRE_CUDA=1 "${hw[@]}"
@@ -168,6 +169,12 @@ else
 fi
 step bench-matmul 90 "$bin/dynsparse" --backend cuda bench matmul --sizes 1024,4096,8192 --min-time 0.3 --no-cpu-baseline
 step bench-attention 150 "$bin/dynsparse" --backend cuda bench attention --seqs 1024,4096,16384 --dtype bf16 --min-time 0.2
+step bench-decode 240 "$bin/dynsparse" --backend cuda bench decode --contexts 1024,4096,16384 --batches 1,8 --dtype bf16 --prefill-max 16384
+if [ "${ran_wgpu:-0}" = 1 ]; then
+  step bench-decode-wgpu 240 env "${hw[@]}" "$bin/dynsparse" --backend wgpu bench decode --contexts 1024,4096,16384 --batches 1,8 --prefill-max 4096
+else
+  skip bench-decode-wgpu "no hardware Vulkan adapter"
+fi
 if command -v python3 >/dev/null && python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
   step torch-baseline 120 python3 "$here/torch_baseline.py" --sizes 1024,4096,8192 --seqs 1024,4096,16384 --dtype bf16
 else
@@ -176,7 +183,7 @@ fi
 
 echo
 echo "==== summary (logs in $out)"
-grep -h "GFLOP\|TFLOP\|^|" "$out/bench-matmul.log" "$out/bench-attention.log" "$out/torch-baseline.log" 2>/dev/null | tail -n 40
+grep -h "GFLOP\|TFLOP\|^|" "$out/bench-matmul.log" "$out/bench-attention.log" "$out/bench-decode.log" "$out/torch-baseline.log" 2>/dev/null | tail -n 50
 summary_exit
 RUN
 chmod +x "$bundle/run.sh"
