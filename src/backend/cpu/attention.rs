@@ -42,6 +42,9 @@ pub(super) fn gemm(
     if m == 0 || n == 0 {
         return;
     }
+    if m <= SKINNY_ROWS && skinny_gemm(m, k, n, alpha, a, (rsa, csa), b, (rsb, csb), beta, c, (rsc, csc)) {
+        return;
+    }
     let reach =
         |r: usize, c: usize, rs: usize, cs: usize| if r == 0 || c == 0 { 0 } else { (r - 1) * rs + (c - 1) * cs + 1 };
     assert!(
@@ -68,6 +71,62 @@ pub(super) fn gemm(
             rsc as isize,
             csc as isize,
         )
+    }
+}
+
+/// Rows of A up to which [`gemm`] loops directly instead of calling
+/// `matrixmultiply` (a decode step's one query row: packing the K/V tile
+/// would cost more than the product).
+const SKINNY_ROWS: usize = 4;
+
+/// [`gemm`] for a few rows of A with a contiguous dimension in B: dot
+/// products with B's columns or AXPYs over B's rows, no packing. Returns
+/// `false` (doing nothing) when neither of B's strides is 1.
+#[allow(clippy::too_many_arguments)]
+fn skinny_gemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: &[f32],
+    (rsa, csa): (usize, usize),
+    b: &[f32],
+    (rsb, csb): (usize, usize),
+    beta: f32,
+    c: &mut [f32],
+    (rsc, csc): (usize, usize),
+) -> bool {
+    let store = |c: &mut f32, x: f32| *c = if beta == 0.0 { alpha * x } else { alpha * x + beta * *c };
+    if rsb == 1 {
+        // Columns of B contiguous: c[i,j] = a[i,:]·b[:,j].
+        for i in 0..m {
+            for j in 0..n {
+                let bj = &b[j * csb..j * csb + k];
+                let x: f32 = if csa == 1 {
+                    a[i * rsa..i * rsa + k].iter().zip(bj).map(|(x, y)| x * y).sum()
+                } else {
+                    (0..k).map(|p| a[i * rsa + p * csa] * bj[p]).sum()
+                };
+                store(&mut c[i * rsc + j * csc], x);
+            }
+        }
+        true
+    } else if csb == 1 && csc == 1 {
+        // Rows of B contiguous: c[i,:] = Σ_p a[i,p]·b[p,:].
+        let mut acc = vec![0.0f32; n];
+        for i in 0..m {
+            acc.fill(0.0);
+            for p in 0..k {
+                let x = a[i * rsa + p * csa];
+                acc.iter_mut().zip(&b[p * rsb..p * rsb + n]).for_each(|(o, &y)| *o += x * y);
+            }
+            for (cj, &x) in c[i * rsc..i * rsc + n].iter_mut().zip(&acc) {
+                store(cj, x);
+            }
+        }
+        true
+    } else {
+        false
     }
 }
 
