@@ -261,8 +261,8 @@ impl<B: Backend> Model<B> {
             sb.v.set_shape(sb.k.shape())?;
             ops::cache_write(be, &sb.k, &sb.table, &mut cache.k[l])?;
             ops::cache_write(be, &sb.v, &sb.table, &mut cache.v[l])?;
-            let (kc, vc) = (&cache.k[l], &cache.v[l]);
-            match (&mut sb.idx, lp.indexer, self.cfg.attention) {
+            // A sparse model always caches its indexer keys; a sparse step also selects each row's blocks.
+            let sel = match (&mut sb.idx, lp.indexer, self.cfg.attention) {
                 (
                     Some((qi, ki, wt, pooled, sel)),
                     Some((wq, wk, ww)),
@@ -281,22 +281,22 @@ impl<B: Backend> Model<B> {
                             *sel = Tensor::zeros(be, &[r, keep_blocks], DType::U32)?;
                         }
                         attention::cached_select(be, pooled, &sb.table, keep_blocks, block, sel)?;
-                        sb.att.set_shape(sb.q.shape())?;
-                        let pat = CachedPattern::Blocks { idx: sel, block };
-                        attention::cached_attention(be, &sb.q, kc, vc, &sb.table, pat, &mut sb.att)?;
+                        Some((&*sel, block))
                     } else {
-                        sb.att.set_shape(sb.q.shape())?;
-                        attention::cached_attention(be, &sb.q, kc, vc, &sb.table, CachedPattern::Dense, &mut sb.att)?;
+                        None
                     }
                 }
-                (_, _, _) if matches!(attn, StepAttention::Sparse { .. }) => {
+                _ if matches!(attn, StepAttention::Sparse { .. }) => {
                     return Err(Error::Invalid("sparse attention requested for a dense model".into()));
                 }
-                _ => {
-                    sb.att.set_shape(sb.q.shape())?;
-                    attention::cached_attention(be, &sb.q, kc, vc, &sb.table, CachedPattern::Dense, &mut sb.att)?;
-                }
-            }
+                _ => None,
+            };
+            let pat = match sel {
+                Some((idx, block)) => CachedPattern::Blocks { idx, block },
+                None => CachedPattern::Dense,
+            };
+            sb.att.set_shape(sb.q.shape())?;
+            attention::cached_attention(be, &sb.q, &cache.k[l], &cache.v[l], &sb.table, pat, &mut sb.att)?;
             sb.v.set_shape(&[r, sb.v.numel() / r])?;
             sb.att.set_shape(&[r, sb.att.numel() / r])?;
             // xm = x + att·Wo; x' = xm + GELU(LN2(xm)·W1 + b1)·W2 + b2
