@@ -388,10 +388,10 @@ impl<B: Backend> Model<B> {
             for (dst, wi) in [(&mut sb.q_raw, lp.wq), (&mut sb.k_raw, lp.wk)] {
                 let shape = dst.shape().to_vec();
                 dst.set_shape(&[r, dst.numel() / r])?;
-                ops::matmul(be, &sb.ln, &w[wi], dst, false, false, 1.0, 0.0)?;
+                ops::matmul_rows(be, &sb.ln, &w[wi], dst, false, 1.0, 0.0)?;
                 dst.set_shape(&shape)?;
             }
-            ops::matmul(be, &sb.ln, &w[lp.wv], &mut sb.v, false, false, 1.0, 0.0)?;
+            ops::matmul_rows(be, &sb.ln, &w[lp.wv], &mut sb.v, false, 1.0, 0.0)?;
             ops::rope_rows(be, &sb.q_raw, &self.rope, &sb.table, &mut sb.q)?;
             ops::rope_rows(be, &sb.k_raw, &self.rope, &sb.table, &mut sb.k)?;
             sb.v.set_shape(sb.k.shape())?;
@@ -406,7 +406,7 @@ impl<B: Backend> Model<B> {
                     AttentionMode::Sparse { block, index_heads, .. },
                 ) => {
                     for (dst, wi) in [(&mut *qi, wq), (&mut *ki, wk), (&mut *wt, ww)] {
-                        ops::matmul(be, &sb.ln, &w[wi], dst, false, false, 1.0, 0.0)?;
+                        ops::matmul_rows(be, &sb.ln, &w[wi], dst, false, 1.0, 0.0)?;
                     }
                     ops::cache_write(be, ki, &kv, &mut cache.ki[l])?;
                     if let StepAttention::Sparse { keep_blocks } = attn {
@@ -438,19 +438,19 @@ impl<B: Backend> Model<B> {
             sb.att.set_shape(&[r, sb.att.numel() / r])?;
             // xm = x + att·Wo; x' = xm + GELU(LN2(xm)·W1 + b1)·W2 + b2
             ops::cast(be, &sb.x, &mut sb.xm)?;
-            ops::matmul(be, &sb.att, &w[lp.wo], &mut sb.xm, false, false, 1.0, 1.0)?;
+            ops::matmul_rows(be, &sb.att, &w[lp.wo], &mut sb.xm, false, 1.0, 1.0)?;
             ops::layernorm(be, &sb.xm, &w[lp.ln2g], &w[lp.ln2b], &mut sb.ln, &mut sb.mean, &mut sb.rstd, 1e-5)?;
-            ops::matmul(be, &sb.ln, &w[lp.w1], &mut sb.hb, false, false, 1.0, 0.0)?;
+            ops::matmul_rows(be, &sb.ln, &w[lp.w1], &mut sb.hb, false, 1.0, 0.0)?;
             ops::bias_add(be, &mut sb.hb, &w[lp.b1])?;
             ops::gelu(be, &sb.hb, &mut sb.act)?;
             ops::cast(be, &sb.xm, &mut sb.xn)?;
-            ops::matmul(be, &sb.act, &w[lp.w2], &mut sb.xn, false, false, 1.0, 1.0)?;
+            ops::matmul_rows(be, &sb.act, &w[lp.w2], &mut sb.xn, false, 1.0, 1.0)?;
             ops::bias_add(be, &mut sb.xn, &w[lp.b2])?;
             std::mem::swap(&mut sb.x, &mut sb.xn);
         }
         let lay = &self.layout;
         ops::layernorm(be, &sb.x, &w[lay.lnfg], &w[lay.lnfb], &mut sb.ln, &mut sb.mean, &mut sb.rstd, 1e-5)?;
-        ops::matmul(be, &sb.ln, &w[lay.emb], &mut sb.logits, false, true, 1.0, 0.0)
+        ops::matmul_rows(be, &sb.ln, &w[lay.emb], &mut sb.logits, true, 1.0, 0.0)
     }
 
     /// Prefills `tokens` into `slot` in chunks of at most `chunk` rows;

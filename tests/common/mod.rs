@@ -903,6 +903,43 @@ fn ragged_rows() -> (usize, Vec<(usize, usize)>) {
     (40, t)
 }
 
+/// `matmul_rows` (the inference step's products) matches the reference, and
+/// on the backend under test every row of C is bit-identical whether it is
+/// computed alone, in a split of the rows or with all of them.
+pub fn matmul_rows<R: Backend, B: Backend>(r: &R, b: &B) {
+    for dt in float_dtypes(r, b) {
+        // (m, n, k, trans_b, beta): columns past one CPU chunk (256), rows past one row group (16).
+        for (ci, &(m, n, k, tb, beta)) in
+            [(40usize, 300usize, 33usize, false, 0.0f32), (23, 70, 129, true, 1.0), (17, 5, 64, false, 1.0)]
+                .iter()
+                .enumerate()
+        {
+            let mut rng = Rng::new(seed("matmul_rows", dt, ci));
+            let (a, w) = (rng.normal_vec(m * k), rng.normal_vec(k * n));
+            let c0 = rng.normal_vec(m * n);
+            let wsh = if tb { [n, k] } else { [k, n] };
+            let (want, got) = on_both!(r, b, |be| {
+                let wt = up(be, &w, &wsh, dt);
+                let rows = |r0: usize, r1: usize| {
+                    let at = up(be, &a[r0 * k..r1 * k], &[r1 - r0, k], dt);
+                    let mut c = up(be, &c0[r0 * n..r1 * n], &[r1 - r0, n], dt);
+                    ops::matmul_rows(be, &at, &wt, &mut c, tb, 0.75, beta).unwrap();
+                    down(be, &c)
+                };
+                let all = rows(0, m);
+                let split: Vec<f32> = [rows(0, 13.min(m)), rows(13.min(m), m)].concat();
+                let single: Vec<f32> = (0..m).flat_map(|i| rows(i, i + 1)).collect();
+                for (how, v) in [("13 + the rest", &split), ("one at a time", &single)] {
+                    let same = all.iter().zip(v).all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "{dt:?} matmul_rows {m}×{n}×{k} tb={tb}: rows computed {how} differ from one call");
+                }
+                vec![all]
+            });
+            compare_all("matmul_rows", &format!("{m}×{n}×{k} tb={tb} β={beta}"), dt, &["c"], &want, &got);
+        }
+    }
+}
+
 /// A page layout of 3 sequences of `ctx` tokens in a pool of `3·ctx` rows:
 /// `(page, page table, base per sequence)`. Page `ctx` is the contiguous
 /// cache; smaller pages are handed out in a shuffled order.
@@ -1242,6 +1279,12 @@ macro_rules! conformance_tests {
         fn matmul_matches_reference() {
             if let Some((r, b)) = $get() {
                 common::matmul(r, b)
+            }
+        }
+        #[test]
+        fn matmul_rows_match_reference_and_are_batch_invariant() {
+            if let Some((r, b)) = $get() {
+                common::matmul_rows(r, b)
             }
         }
         #[test]
