@@ -318,6 +318,7 @@ mod tests {
             head_dim: 64,
             scale: 0.125,
             pattern,
+            paging: crate::attention::Paging { page: slots, table: 1 },
             checked: CHECKED,
         }
     }
