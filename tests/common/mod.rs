@@ -940,10 +940,13 @@ pub fn matmul_rows<R: Backend, B: Backend>(r: &R, b: &B) {
     }
 }
 
+/// `(page, page table, base per sequence)`.
+type Layout = (usize, Vec<u32>, Vec<usize>);
+
 /// A page layout of 3 sequences of `ctx` tokens in a pool of `3·ctx` rows:
 /// `(page, page table, base per sequence)`. Page `ctx` is the contiguous
 /// cache; smaller pages are handed out in a shuffled order.
-fn page_layout(ctx: usize, page: usize, rng: &mut Rng) -> (usize, Vec<u32>, Vec<usize>) {
+fn page_layout(ctx: usize, page: usize, rng: &mut Rng) -> Layout {
     let per = ctx / page;
     let mut ids: Vec<u32> = (0..(3 * per) as u32).collect();
     if per > 1 {
@@ -974,7 +977,7 @@ pub fn cached_ops<R: Backend, B: Backend>(r: &R, b: &B) {
         let (qi, w, kic) = (rng.normal_vec(rows * hi * di), rng.normal_vec(rows * hi), rng.normal_vec(slots * di));
         let tied: Vec<f32> = (0..rows * cols).map(|_| rng.below(5) as f32).collect();
         let layouts = [page_layout(ctx, ctx, &mut rng), page_layout(ctx, 8, &mut rng)];
-        let run = |be: &dyn Fn(&(usize, Vec<u32>, Vec<usize>)) -> Vec<Vec<f32>>| -> Vec<Vec<f32>> {
+        let run = |be: &dyn Fn(&Layout) -> Vec<Vec<f32>>| -> Vec<Vec<f32>> {
             let (contig, paged) = (be(&layouts[0]), be(&layouts[1]));
             let names = ["rope_rows", "cache_write", "cached indexer pooled", "cached_select", "dense o", "blocks o"];
             for (i, name) in names.iter().enumerate() {
@@ -984,7 +987,7 @@ pub fn cached_ops<R: Backend, B: Backend>(r: &R, b: &B) {
             paged
         };
         let (want, got) = on_both!(r, b, |be| {
-            run(&|(page, ids, base): &(usize, Vec<u32>, Vec<usize>)| {
+            run(&|(page, ids, base): &Layout| {
                 let page = *page;
                 // Physical row of (sequence, position) and the caches scattered accordingly.
                 let phys = |sq: usize, s: usize| ids[base[sq] + s / page] as usize * page + s % page;
