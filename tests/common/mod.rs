@@ -1040,6 +1040,32 @@ pub fn cached_ops<R: Backend, B: Backend>(r: &R, b: &B) {
                     v.into_iter().map(|x| if x == f32::NEG_INFINITY { -1e30 } else { x }).collect::<Vec<_>>()
                 };
                 let sel: Vec<f32> = idx.to_u32_vec(be).unwrap().into_iter().map(|x| x as f32).collect();
+                // Batch invariance: every row computed alone gives the bits it got in the ragged step.
+                let (qrv, selv, wv) = (down(be, &qr), idx.to_u32_vec(be).unwrap(), down(be, &wt));
+                let (odv, obv, pv) = (down(be, &od), down(be, &ob), down(be, &pooled));
+                for i in 0..rows {
+                    let t1 = Tensor::from_u32(be, &flat[2 * i..2 * i + 2], &[1, 2]).unwrap();
+                    let kv1 = KvTable { rows: &t1, pages: &pages, page };
+                    let q1 = up(be, &qrv[i * h * d..(i + 1) * h * d], &[1, h, d], dt);
+                    let i1 = Tensor::from_u32(be, &selv[i * n..(i + 1) * n], &[1, n]).unwrap();
+                    let mut o1 = poisoned(be, &[1, h, d], dt);
+                    attn::cached_attention(be, &q1, &kt, &vt, &kv1, CachedPattern::Dense, &mut o1).unwrap();
+                    let mut b1 = poisoned(be, &[1, h, d], dt);
+                    attn::cached_attention(be, &q1, &kt, &vt, &kv1, CachedPattern::Blocks { idx: &i1, block }, &mut b1)
+                        .unwrap();
+                    let qi1 = up(be, &qi[i * hi * di..(i + 1) * hi * di], &[1, hi, di], dt);
+                    let w1 = up(be, &wv[i * hi..(i + 1) * hi], &[1, hi], dt);
+                    let mut p1 = poisoned(be, &[1, cols], DType::F32);
+                    attn::cached_indexer_block_scores(be, &qi1, &w1, &kit, &kv1, block, &mut p1).unwrap();
+                    for (what, alone, all, w) in [
+                        ("dense o", down(be, &o1), &odv, h * d),
+                        ("blocks o", down(be, &b1), &obv, h * d),
+                        ("pooled", down(be, &p1), &pv, cols),
+                    ] {
+                        let same = alone.iter().zip(&all[i * w..(i + 1) * w]).all(|(x, y)| x.to_bits() == y.to_bits());
+                        assert!(same, "{dt:?} {what} of row {i}: computed alone it differs from the ragged step");
+                    }
+                }
                 let kt_logical = gather(&down(be, &kt), g * d);
                 vec![down(be, &qr), kt_logical, fin(down(be, &pooled)), sel, down(be, &od), down(be, &ob)]
             })
