@@ -1113,13 +1113,12 @@ pub fn prefill_and_decode_match_the_full_window<R: Backend, B: Backend>(r: &R, b
                 })
                 .collect();
             let prompts = [20usize, 10, 1];
-            let run = |cache: &mut KvCache<B>| -> Vec<Vec<f32>> {
-                let mut st = InferState::default();
+            let run = |cache: &mut KvCache<B>, st: &mut InferState<B>| -> Vec<Vec<f32>> {
                 let mut got: Vec<Vec<f32>> = vec![Vec::new(); 3];
                 // Sequence 0's prompt in two chunks (12 + 8), the others in one.
-                got[0] = model.prefill(b, cache, &mut st, 0, &seqs[0][..prompts[0]], 12).unwrap();
+                got[0] = model.prefill(b, cache, st, 0, &seqs[0][..prompts[0]], 12).unwrap();
                 for s in 1..3 {
-                    got[s] = model.prefill(b, cache, &mut st, s, &seqs[s][..prompts[s]], 64).unwrap();
+                    got[s] = model.prefill(b, cache, st, s, &seqs[s][..prompts[s]], 64).unwrap();
                 }
                 let mut pos = prompts;
                 loop {
@@ -1130,7 +1129,7 @@ pub fn prefill_and_decode_match_the_full_window<R: Backend, B: Backend>(r: &R, b
                     if rows.is_empty() {
                         break;
                     }
-                    let logits = model.step(b, cache, &mut st, &rows, model.inference_attention()).unwrap();
+                    let logits = model.step(b, cache, st, &rows, model.inference_attention()).unwrap();
                     for (i, row) in rows.iter().enumerate() {
                         got[row.slot].extend_from_slice(&logits[i * 256..(i + 1) * 256]);
                         pos[row.slot] += 1;
@@ -1147,10 +1146,15 @@ pub fn prefill_and_decode_match_the_full_window<R: Backend, B: Backend>(r: &R, b
             };
             // Pages of 8 tokens, exactly as many as the three sequences need (6 + 4 + 3).
             let mut paged = KvCache::paged(b, &model, 3, ctx, 8, 13).unwrap();
-            let got_paged = run(&mut paged);
+            let got_paged = run(&mut paged, &mut InferState::default());
             assert_eq!(paged.pages_used(), 13);
+            // A state that served a shorter cache first (its 8-row buffers sized for 8 tokens, as sequence
+            // 0's second prefill chunk will use them) still fits this one.
+            let mut st = InferState::default();
+            let mut short = KvCache::new(b, &model, 1, 8).unwrap();
+            model.prefill(b, &mut short, &mut st, 0, &seqs[0][..8], 8).unwrap();
             let mut cache = KvCache::new(b, &model, 3, ctx).unwrap();
-            let got = run(&mut cache);
+            let got = run(&mut cache, &mut st);
             for s in 0..3 {
                 assert_eq!(cache.len(s), seqs[s].len());
                 assert_close(
