@@ -2,12 +2,12 @@
 //! `crate::attention::cached`, `crate::ops::cache`, `crate::ops::rope::rope_rows`).
 //! Kernels in `shaders/cached.wgsl`.
 //!
-//! - `rope_rows`: one invocation per rotated pair, at the row's position;
 //! Every cache access goes through the page tables (`pages`, see the module
 //! doc of `crate::attention::cached`): kernels walk keys by logical position
 //! and compute each key's cache row `pages[base + s / page]·page + s % page`,
 //! so a result is bit-identical whatever the page layout.
 //!
+//! - `rope_rows`: one invocation per rotated pair, at the row's position;
 //! - `cache_write`: one invocation per 32-bit word of the new rows (f32, or
 //!   half rows of an even width, copied as raw words); other half rows go
 //!   element by element through the f32 staging of an `inout` cache;
