@@ -389,5 +389,53 @@ mod tests {
         }
     }
 
+    /// `cache_write` through a shuffled page table (pages of 2 rows) equals
+    /// the CPU reference bit for bit, for the word copy (f32, even half rows)
+    /// and the element path (odd half rows), with the clamps: an empty row, a
+    /// page id past the pool, a `len` past what the row's table holds and a
+    /// `base` past the table.
+    #[test]
+    fn cache_write_goes_through_the_page_table() {
+        let Some(g) = wgpu() else { return };
+        let c = CpuBackend::new();
+        let (slots, page) = (12usize, 2usize);
+        // P = 5 entries; page id 9 is past the 6 physical pages (clamped to 5).
+        let pages = [4u32, 1, 9, 0, 2];
+        // (base, len): positions 2 (entry 1), 0 (entry 2), len 0, len 9 from
+        // base 3 (clamped to 2·2 = 4: position 3, entry 4), base 7 >= P (skipped).
+        let tab = [0u32, 3, 2, 1, 1, 0, 3, 9, 7, 1];
+        let r = tab.len() / 2;
+        for dt in DType::FLOATS {
+            for width in [3usize, 4] {
+                let mut rng = Rng::new(5);
+                let (src, cache) = (rng.normal_vec(r * width), rng.normal_vec(slots * width));
+                let want = {
+                    let srct = Tensor::from_f32(&c, &src, &[r, width], dt).unwrap();
+                    let mut ct = Tensor::from_f32(&c, &cache, &[slots, width], dt).unwrap();
+                    let rows = Tensor::from_u32(&c, &tab, &[r, 2]).unwrap();
+                    let pt = Tensor::from_u32(&c, &pages, &[pages.len()]).unwrap();
+                    let kv = KvTable { rows: &rows, pages: &pt, page };
+                    crate::ops::cache_write(&c, &srct, &kv, &mut ct).unwrap();
+                    ct.to_f32_vec(&c).unwrap()
+                };
+                let got = {
+                    let srct = Tensor::from_f32(&g, &src, &[r, width], dt).unwrap();
+                    let mut ct = Tensor::from_f32(&g, &cache, &[slots, width], dt).unwrap();
+                    let rows = Tensor::from_u32(&g, &tab, &[r, 2]).unwrap();
+                    let pt = Tensor::from_u32(&g, &pages, &[pages.len()]).unwrap();
+                    let kv = KvTable { rows: &rows, pages: &pt, page };
+                    crate::ops::cache_write(&g, &srct, &kv, &mut ct).unwrap();
+                    ct.to_f32_vec(&g).unwrap()
+                };
+                let before = Tensor::from_f32(&c, &cache, &[slots, width], dt).unwrap().to_f32_vec(&c).unwrap();
+                let changed: Vec<usize> = (0..slots).filter(|&i| want[i * width] != before[i * width]).collect();
+                // Rows 0, 1 and 3 land on cache rows 1·2 + 0, 9→5·2 + 0 and 2·2 + 1.
+                assert_eq!(changed, vec![2, 5, 10], "{dt} width {width}: the reference's targets");
+                let same = want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{dt} width {width}: wgpu {got:?} vs reference {want:?}");
+            }
+        }
+    }
+
     const NONE_ID: u32 = crate::attention::select::NONE;
 }
