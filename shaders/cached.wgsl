@@ -1,10 +1,17 @@
-// Inference ops over a KV cache (semantics in `crate::attention::cached`,
+// Inference ops over a paged KV cache (semantics in `crate::attention::cached`,
 // `crate::ops::cache` and `crate::ops::rope::rope_rows`).
 //
 // Every kernel takes the row table `rows`, U32 [R, 2] = (base, len) per query
-// row: the row's keys are the cache rows base .. base + len and its query sits
-// at position len - 1. `row_of` clamps a row to the cache (base <= slots,
-// base + len <= slots), so no kernel reads outside it, whatever the table.
+// row: the row's keys are its sequence's tokens 0 .. len and its query sits
+// at position len - 1. The kernels that touch the cache also take the page
+// tables `pages`, U32 [P]: token s of the row lives in cache row
+// pages[base + s / page]·page + s % page. `row_of` clamps len to what the
+// table holds from base (page·(P - base), 0 when base >= P) and `phys_row`
+// a table index to P - 1 and a page id to the last physical page, as the CPU
+// reference does, so no kernel reads outside the cache whatever the tables.
+// Keys are always walked in logical order (chunks, splits and blocks are
+// ranges of positions s); only the address of a key goes through the table,
+// so a result does not depend on where the pages lie.
 //
 // Loops stay far below llvmpipe's (lavapipe's) 65 535 iterations per
 // invocation: the attention kernel handles one chunk of a row's keys per
@@ -24,10 +31,35 @@ fn wg_index(w: vec3<u32>, nw: vec3<u32>) -> u32 {
     return w.x + w.y * nw.x;
 }
 
-// (base, len) of row r, clamped to a cache of `slots` rows.
-fn row_of(r: u32, slots: u32) -> vec2<u32> {
-    let base = min(ldu_rows(2u * r), slots);
-    return vec2<u32>(base, min(ldu_rows(2u * r + 1u), slots - base));
+// The paging of a call: cache rows per page, entries of the page tables (P)
+// and cache rows.
+struct Pg {
+    page: u32,
+    np: u32,
+    slots: u32,
+}
+
+// (base, len) of row r, len clamped to page·(P - base) (0 when base >= P).
+// len / page >= P - base implies (P - base)·page <= len: no overflow.
+fn row_of(r: u32, pg: Pg) -> vec2<u32> {
+    let base = ldu_rows(2u * r);
+    let len = ldu_rows(2u * r + 1u);
+    if (base >= pg.np) { return vec2<u32>(base, 0u); }
+    let cap = pg.np - base;
+    if (len / pg.page >= cap) { return vec2<u32>(base, cap * pg.page); }
+    return vec2<u32>(base, len);
+}
+
+// The table entry of key s of a row whose table starts at base (clamped to P - 1).
+fn page_entry(pg: Pg, base: u32, s: u32) -> u32 {
+    return min(base + s / pg.page, pg.np - 1u);
+}
+
+// The cache row of key s on page `id` (clamped to the last physical page).
+// Kernels that bind `pages` define key_row(pg, base, s) =
+// phys_row(pg, ldu_pages(page_entry(pg, base, s)), s).
+fn phys_row(pg: Pg, id: u32, s: u32) -> u32 {
+    return min(id, pg.slots / pg.page - 1u) * pg.page + s % pg.page;
 }
 
 //!kernel rope_rows(x: in, cos: in, sin: in, rows: idx, y: out)
@@ -52,53 +84,64 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw
     st_y(base + i + half, a * sn + b * c);
 }
 
-//!kernel cache_write(src: in, rows: idx, cache: inout)
-// cache[base + len - 1] = src[r], element by element (any row width; half
-// caches go through f32 staging). Rows whose target is outside the cache or
-// that have len 0 are skipped. p0 R, p1 width, p2 slots.
+//!kernel cache_write(src: in, rows: idx, pages: idx, cache: inout)
+// cache[key_row(len - 1)] = src[r], element by element (any row width; half
+// caches go through f32 staging); rows with (clamped) len 0 are skipped.
+// p0 R, p1 width, p2 slots, p3 page, p4 P.
+fn key_row(pg: Pg, base: u32, s: u32) -> u32 {
+    return phys_row(pg, ldu_pages(page_entry(pg, base, s)), s);
+}
+
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(g, nw);
     let width = pu(1u);
     if (i >= pu(0u) * width) { return; }
     let r = i / width;
-    let base = ldu_rows(2u * r);
-    let len = ldu_rows(2u * r + 1u);
-    let slots = pu(2u);
-    if (len == 0u || base >= slots || len > slots - base) { return; }
-    st_cache((base + len - 1u) * width + i % width, ld_src(i));
+    let pg = Pg(pu(3u), pu(4u), pu(2u));
+    let rw = row_of(r, pg);
+    if (rw.y == 0u) { return; }
+    st_cache(key_row(pg, rw.x, rw.y - 1u) * width + i % width, ld_src(i));
 }
 
-//!kernel cache_write_words(src: idx, rows: idx, cache: idxout)
+//!kernel cache_write_words(src: idx, rows: idx, pages: idx, cache: idxout)
 // The same copy on raw 32-bit words (f32 rows, or half rows of an even
 // width, whose rows start on word boundaries): no conversion, no staging.
-// p0 R, p1 words per row, p2 slots.
+// p0 R, p1 words per row, p2 slots, p3 page, p4 P.
+fn key_row(pg: Pg, base: u32, s: u32) -> u32 {
+    return phys_row(pg, ldu_pages(page_entry(pg, base, s)), s);
+}
+
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(g, nw);
     let width = pu(1u);
     if (i >= pu(0u) * width) { return; }
     let r = i / width;
-    let base = ldu_rows(2u * r);
-    let len = ldu_rows(2u * r + 1u);
-    let slots = pu(2u);
-    if (len == 0u || base >= slots || len > slots - base) { return; }
-    stu_cache((base + len - 1u) * width + i % width, ldu_src(i));
+    let pg = Pg(pu(3u), pu(4u), pu(2u));
+    let rw = row_of(r, pg);
+    if (rw.y == 0u) { return; }
+    stu_cache(key_row(pg, rw.x, rw.y - 1u) * width + i % width, ldu_src(i));
 }
 
-//!kernel cached_attn(q: in, k: in, v: in, rows: idx, idx: idx, o: out, ml: out)
+//!kernel cached_attn(q: in, k: in, v: in, rows: idx, pages: idx, idx: idx, o: out, ml: out)
 // One 64-wide workgroup per (chunk c, row, head) of this launch: the row's
-// key slots [c·chunk, (c+1)·chunk) (dense: slot = key, len slots; blocks:
-// slot i is offset i % block of the row's block idx[r, i / block], n·block
-// slots, NONE / future blocks / keys >= len skipped). Scores
-// x_j = scale·q·k_j go to workgroup memory, then m = max_j x_j,
+// key slots [c·chunk, (c+1)·chunk) (dense: slot = key position, len slots;
+// blocks: slot i is position i % block of the row's block idx[r, i / block],
+// n·block slots, NONE / future blocks / keys >= len skipped). Slots are
+// logical positions; each key's cache row comes from the page table (stored
+// in `wkey` for the p·v pass), so a block straddling pages is read page by
+// page. Scores x_j = scale·q·k_j go to workgroup memory, then m = max_j x_j,
 // p_j = exp(x_j - m), l = Σ p_j and acc = Σ p_j v_j (in vec4 columns, the
-// keys split over 64 / (head_dim / 4) groups of invocations). nch = 1: o = acc / l (0 when l = 0).
+// keys split over 64 / (head_dim / 4) groups of invocations). nch = 1:
+// o = acc / l (0 when l = 0), a division like the combine's, so a row of one
+// chunk gets the same bits whether or not the launch is split (exp(0) = 1).
 // Otherwise o is the partial buffer [nch, n, heads, head_dim] of acc and ml
 // [nch, n, heads, 2] of (m, l) for `cached_attn_combine`; a chunk past the
 // row's slots writes nothing (the combine stops at the row's last chunk).
 // p0 R, p1 heads, p2 kv heads, p3 head_dim, p4 scale, p5 slots, p6 mode
-// (0 dense, 2 blocks), p7 n, p8 block, p9 chunk, p10 nch, p11 r0, p12 n rows.
+// (0 dense, 2 blocks), p7 n, p8 block, p9 chunk, p10 nch, p11 r0, p12 n rows,
+// p13 page, p14 P.
 const WA: u32 = 64u;
 const CH: u32 = 1024u;
 var<workgroup> ws: array<f32, CH>;
@@ -124,7 +167,11 @@ fn wa_reduce(lid: u32, x: f32, is_max: bool) -> f32 {
     return r;
 }
 
-// The key of slot i of row r (length len), or NONE.
+fn key_row(pg: Pg, base: u32, s: u32) -> u32 {
+    return phys_row(pg, ldu_pages(page_entry(pg, base, s)), s);
+}
+
+// The key position of slot i of row r (length len), or NONE.
 fn slot_key(r: u32, len: u32, i: u32) -> u32 {
     if (pu(6u) == 0u) {
         if (i < len) { return i; }
@@ -156,7 +203,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
     let kw = pu(2u) * d;
     let g = h / (nh / pu(2u));
     let chunk = pu(9u);
-    if (lid == 0u) { wrow = row_of(r, pu(5u)); }
+    let pg = Pg(pu(13u), pu(14u), pu(5u));
+    if (lid == 0u) { wrow = row_of(r, pg); }
     let rw = workgroupUniformLoad(&wrow);
     let base = rw.x;
     let len = rw.y;
@@ -172,8 +220,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
     for (var j = lid; j < cnt; j = j + WA) {
         let key = slot_key(r, len, s0 + j);
         var x = NEG;
+        var kr = NONE;
         if (key != NONE) {
-            let ko = (base + key) * kw + g * d;
+            kr = key_row(pg, base, key);
+            let ko = kr * kw + g * d;
             var dotp = 0.0;
             for (var cc = 0u; cc < nc; cc = cc + 1u) {
                 dotp = dotp + dot(wq[cc], ld4_k(ko, 4u * cc, d));
@@ -182,7 +232,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
             mx = max(mx, x);
         }
         ws[j] = x;
-        wkey[j] = key;
+        wkey[j] = kr;
     }
     let m = wa_reduce(lid, mx, true);
     var ls = 0.0;
@@ -194,12 +244,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
     }
     let l = wa_reduce(lid, ls, false);
     let last = nch == 1u;
-    var inv = 1.0;
     var oo = qo;
-    if (last) {
-        inv = 0.0;
-        if (l > 0.0) { inv = 1.0 / l; }
-    } else {
+    if (!last) {
         let pr = (c * nrow + rl) * nh + h;
         oo = pr * d;
         if (lid == 0u) {
@@ -215,8 +261,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
     var acc = vec4<f32>(0.0);
     if (grp < ng) {
         for (var j = grp; j < cnt; j = j + ng) {
-            let key = wkey[j];
-            if (key != NONE) { acc = acc + ws[j] * ld4_v((base + key) * kw + g * d, 4u * cc, d); }
+            let kr = wkey[j];
+            if (kr != NONE) { acc = acc + ws[j] * ld4_v(kr * kw + g * d, 4u * cc, d); }
         }
     }
     wacc[lid] = acc;
@@ -224,7 +270,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
     if (grp == 0u) {
         for (var i = 1u; i < ng; i = i + 1u) { acc = acc + wacc[i * nc + cc]; }
         for (var e = 0u; e < 4u; e = e + 1u) {
-            if (4u * cc + e < d) { st_o(oo + 4u * cc + e, acc[e] * inv); }
+            if (4u * cc + e < d) {
+                var y = acc[e];
+                if (last) { y = select(0.0, y / l, l > 0.0); }
+                st_o(oo + 4u * cc + e, y);
+            }
         }
     }
 }
@@ -246,7 +296,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let h = rh % nh;
     let r = pu(11u) + rh / nh;
     let chunk = pu(9u);
-    var nsl = row_of(r, pu(5u)).y;
+    var nsl = row_of(r, Pg(pu(13u), pu(14u), pu(5u))).y;
     if (pu(6u) != 0u) { nsl = pu(7u) * pu(8u); }
     let used = min(max((nsl + chunk - 1u) / chunk, 1u), pu(10u));
     var m = NEG;
@@ -270,15 +320,19 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     st_o((r * nh + h) * d + e, out);
 }
 
-//!kernel cached_pool(qi: in, w: in, ki: in, rows: idx, pooled: out)
-// pooled[r, b] = max_{s in b, s < len} Σ_j w[r,j]·ReLU(q_i[r,j]·k_i[base+s])
+//!kernel cached_pool(qi: in, w: in, ki: in, rows: idx, pages: idx, pooled: out)
+// pooled[r, b] = max_{s in b, s < len} Σ_j w[r,j]·ReLU(q_i[r,j]·k_i[key_row(s)])
 // (-inf for a block without keys; NaN scores never win). One 64-wide
 // workgroup per (row, span of p6 keys, a whole number of blocks): invocations
 // score keys lid, lid + 64, ... of the span and fold them into the block's
 // maximum with a workgroup atomicMax on order-preserving keys (exact, so
 // independent of the order). p0 R, p1 heads, p2 dim, p3 block, p4 cols,
-// p5 slots, p6 span, p7 spans per row.
+// p5 slots, p6 span, p7 spans per row, p8 page, p9 P.
 var<workgroup> pm: array<atomic<u32>, 256>;
+
+fn key_row(pg: Pg, base: u32, s: u32) -> u32 {
+    return phys_row(pg, ldu_pages(page_entry(pg, base, s)), s);
+}
 
 // Larger key = larger score (callers skip NaN); 0 means "no key".
 fn okey(x: f32) -> u32 {
@@ -308,12 +362,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
     let nbs = span / blk;
     for (var i = lid; i < nbs; i = i + 64u) { atomicStore(&pm[i], 0u); }
     workgroupBarrier();
-    let rw = row_of(r, pu(5u));
+    let pg = Pg(pu(8u), pu(9u), pu(5u));
+    let rw = row_of(r, pg);
     let len = min(rw.y, cols * blk);
     let k0 = (wi % nsp) * span;
     let k1 = min(k0 + span, len);
     for (var s = k0 + lid; s < k1; s = s + 64u) {
-        let ko = (rw.x + s) * di;
+        let ko = key_row(pg, rw.x, s) * di;
         var x = 0.0;
         for (var j = 0u; j < hi; j = j + 1u) {
             let qo = (r * hi + j) * di;

@@ -2,6 +2,11 @@
 //! `crate::attention::cached`, `crate::ops::cache`, `crate::ops::rope::rope_rows`).
 //! Kernels in `shaders/cached.wgsl`.
 //!
+//! Every cache access goes through the page tables (`pages`, see the module
+//! doc of `crate::attention::cached`): kernels walk keys by logical position
+//! and compute each key's cache row `pages[base + s / page]·page + s % page`,
+//! so a result is bit-identical whatever the page layout.
+//!
 //! - `rope_rows`: one invocation per rotated pair, at the row's position;
 //! - `cache_write`: one invocation per 32-bit word of the new rows (f32, or
 //!   half rows of an even width, copied as raw words); other half rows go
@@ -10,10 +15,11 @@
 //!   chunk, row, head); with more than one chunk the partial softmaxes go to
 //!   an F32 scratch and `cached_attn_combine` merges them, so one long row
 //!   spreads over `len / chunk × heads` workgroups. The number of chunks is
-//!   planned for the longest row the cache can hold (dense: `slots`;
-//!   blocks: `n · block` slots); a workgroup whose chunk lies past its row's
-//!   length exits at once. In the block pattern a row reads only its own
-//!   selected blocks;
+//!   planned for the longest row the page tables can describe (dense:
+//!   `page · P` keys; blocks: `n · block` slots); a workgroup whose chunk lies
+//!   past its row's length exits at once. In the block pattern a row reads
+//!   only its own selected blocks, page by page. Eight storage buffers
+//!   (q, k, v, rows, pages, idx, o, ml): WebGPU's default limit, no more;
 //! - `cached_indexer_block_scores`: one 64-wide workgroup per (row, span of
 //!   whole blocks), max-pooling with workgroup atomics on order-preserving keys;
 //! - `cached_select`: `select_topk`'s algorithm, a workgroup per row.
@@ -69,24 +75,25 @@ pub(super) fn cache_write(
     s: &CacheWriteSpec,
     src: &T,
     rows: &T,
-    _pages: &T,
+    pages: &T,
     cache: &mut T,
 ) -> Result<()> {
     let bytes = s.width * src.dtype().size();
+    let (page, table) = (s.paging.page, s.paging.table);
     if bytes % 4 == 0 {
         // Whole 32-bit words per row: copy them without conversion.
         let words = bytes / 4;
         let k = be.kernel("cached", "cache_write_words")?;
-        let p = be.pipeline(&k, &[DType::U32, DType::U32, DType::U32])?;
-        let params = Params::new().u(s.rows).u(words).u(s.slots);
-        let bufs = [src.buffer().raw(), rows.buffer().raw(), cache.buffer().raw()];
+        let p = be.pipeline(&k, &[DType::U32; 4])?;
+        let params = Params::new().u(s.rows).u(words).u(s.slots).u(page).u(table);
+        let bufs = [src.buffer().raw(), rows.buffer().raw(), pages.buffer().raw(), cache.buffer().raw()];
         return be.dispatch(&p, &params, &bufs, grid1d(s.rows * words));
     }
     be.launch(
         "cached",
         "cache_write",
-        &mut [Arg::R(src), Arg::R(rows), Arg::W(cache)],
-        Params::new().u(s.rows).u(s.width).u(s.slots),
+        &mut [Arg::R(src), Arg::R(rows), Arg::R(pages), Arg::W(cache)],
+        Params::new().u(s.rows).u(s.width).u(s.slots).u(page).u(table),
         grid1d(s.rows * s.width),
     )
 }
@@ -105,12 +112,12 @@ pub(super) fn cached_attention(
     k: &T,
     v: &T,
     rows: &T,
-    _pages: &T,
+    pages: &T,
     idx: Option<&T>,
     o: &mut T,
 ) -> Result<()> {
     let max_floats = (be.device.limits().max_storage_buffer_binding_size as usize).min(MAX_SCRATCH_BYTES) / 4;
-    attend(be, s, q, k, v, rows, idx, o, attn_chunk(be), max_floats)
+    attend(be, s, q, k, v, rows, pages, idx, o, attn_chunk(be), max_floats)
 }
 
 /// `cached_attention` with chunks of at most `chunk` key slots and partial
@@ -123,6 +130,7 @@ fn attend(
     k: &T,
     v: &T,
     rows: &T,
+    pages: &T,
     idx: Option<&T>,
     o: &mut T,
     chunk: usize,
@@ -132,9 +140,17 @@ fn attend(
     let dummy = Tensor::empty(be, &[1], DType::U32)?;
     let (mode, n, block, slots_max, idx) = match (s.pattern, idx) {
         (PatternSpec::Blocks { block, n }, Some(i)) => (2, n, block, n * block, i),
-        (PatternSpec::Dense, None) => (0, 0, 1, s.slots, &dummy),
+        // A row's clamped length is at most page · P (more than `slots` only
+        // when a table repeats pages).
+        (PatternSpec::Dense, None) => (0, 0, 1, s.paging.page * s.paging.table, &dummy),
         _ => return Err(Error::Invalid("cached_attention: the pattern and its index disagree".into())),
     };
+    if slots_max > u32::MAX as usize {
+        return Err(Error::Shape(format!(
+            "cached_attention: page tables of {} entries of {} rows describe more keys than 32-bit indexing holds",
+            s.paging.table, s.paging.page
+        )));
+    }
     let chunk = chunk.clamp(1, MAX_CHUNK).min(slots_max.max(1));
     let nch = slots_max.max(1).div_ceil(chunk);
     // Per invocation: the score loop (keys / 64 · (1 + head_dim / 4)) and the
@@ -156,12 +172,14 @@ fn attend(
             .u(nch)
             .u(r0)
             .u(nr)
+            .u(s.paging.page)
+            .u(s.paging.table)
     };
     let fwd = |o: &mut T, ml: &mut T, r0: usize, nr: usize| {
         be.launch(
             "cached",
             "cached_attn",
-            &mut [Arg::R(q), Arg::R(k), Arg::R(v), Arg::R(rows), Arg::R(idx), Arg::W(o), Arg::W(ml)],
+            &mut [Arg::R(q), Arg::R(k), Arg::R(v), Arg::R(rows), Arg::R(pages), Arg::R(idx), Arg::W(o), Arg::W(ml)],
             params(r0, nr),
             wg_grid(nch * nr * nh),
         )
@@ -195,7 +213,7 @@ pub(super) fn cached_indexer_block_scores(
     w: &T,
     ki: &T,
     rows: &T,
-    _pages: &T,
+    pages: &T,
     pooled: &mut T,
 ) -> Result<()> {
     // A span of whole blocks (at most 256 of them, the kernel's array).
@@ -212,8 +230,18 @@ pub(super) fn cached_indexer_block_scores(
     be.launch(
         "cached",
         "cached_pool",
-        &mut [Arg::R(qi), Arg::R(w), Arg::R(ki), Arg::R(rows), Arg::W(pooled)],
-        Params::new().u(s.rows).u(s.heads).u(s.dim).u(s.block).u(s.cols).u(s.slots).u(span).u(nspan),
+        &mut [Arg::R(qi), Arg::R(w), Arg::R(ki), Arg::R(rows), Arg::R(pages), Arg::W(pooled)],
+        Params::new()
+            .u(s.rows)
+            .u(s.heads)
+            .u(s.dim)
+            .u(s.block)
+            .u(s.cols)
+            .u(s.slots)
+            .u(span)
+            .u(nspan)
+            .u(s.paging.page)
+            .u(s.paging.table),
         wg_grid(s.rows * nspan),
     )
 }
@@ -249,19 +277,46 @@ mod tests {
 
     /// Flash-decoding: with short chunks (many per row, empty chunks past a
     /// row's end, rows launched in slices) the merged partial softmaxes equal
-    /// the CPU reference, dense and block-sparse, every dtype.
+    /// the CPU reference, dense and block-sparse, every dtype; and with the
+    /// sequences' keys scattered over pages of 5 rows in shuffled order
+    /// (chunks of 16 and blocks of 8 keys straddle pages) the result is
+    /// bit-identical to the one of the contiguous layout.
     #[test]
     fn split_chunks_merge_to_the_reference() {
         let Some(g) = wgpu() else { return };
         let c = CpuBackend::new();
         let (h, kv, block, n, slots) = (4usize, 2usize, 8usize, 3usize, 160usize);
-        // (base, len): a long row, a prefill run, an empty row, a row clamped at the cache's end.
+        // (base, len), base a cache row of the contiguous layout (page 1,
+        // identity table): a long row, a prefill run, an empty row, a row
+        // clamped at the cache's end (150 + 30 > 160).
         let mut tab = vec![0u32, 150];
         for len in 20..24 {
             tab.extend([40, len]);
         }
         tab.extend([100, 0, 150, 30]);
         let r = tab.len() / 2;
+        // The scattered layout: page e of the contiguous cache (rows 5e ..
+        // 5e + 5) moves to physical page perm[e]; a row's table starts at
+        // entry base / 5 (every base is a multiple of 5), so it clamps the
+        // last row to 5 · (32 - 30) = 10 keys, as the identity table does.
+        let page = 5usize;
+        let np = slots / page;
+        let mut perm: Vec<u32> = (0..np as u32).collect();
+        let mut prng = Rng::new(11);
+        for i in (1..np).rev() {
+            perm.swap(i, prng.below(i as u64 + 1) as usize);
+        }
+        assert!(perm.iter().enumerate().filter(|&(e, &p)| p as usize != e).count() > np / 2);
+        let scattered_tab: Vec<u32> = tab.chunks(2).flat_map(|p| [p[0] / page as u32, p[1]]).collect();
+        let scatter = |x: &[f32]| {
+            let w = x.len() / slots;
+            let mut out = vec![f32::NAN; x.len()];
+            for (e, &p) in perm.iter().enumerate() {
+                let (src, dst) = (e * page * w, p as usize * page * w);
+                out[dst..dst + page * w].copy_from_slice(&x[src..src + page * w]);
+            }
+            out
+        };
         // Per row: own block, sink, one more, with NONE and a future block to skip.
         let mut sel = Vec::new();
         for p in tab.chunks(2) {
@@ -275,54 +330,109 @@ mod tests {
             let mut rng = Rng::new(7);
             let (q, kc, vc) =
                 (rng.normal_vec(r * h * d), rng.normal_vec(slots * kv * d), rng.normal_vec(slots * kv * d));
-            let run = |dense: bool, chunk: usize, max_floats: usize| -> (Vec<f32>, Vec<f32>) {
-                let want = {
-                    let up = |x: &[f32], sh: &[usize]| Tensor::from_f32(&c, x, sh, dt).unwrap();
-                    let (qt, kt, vt) = (up(&q, &[r, h, d]), up(&kc, &[slots, kv, d]), up(&vc, &[slots, kv, d]));
-                    let rows = Tensor::from_u32(&c, &tab, &[r, 2]).unwrap();
-                    // Pages of one row, in order: `base` is a cache row.
-                    let ids: Vec<u32> = (0..slots as u32).collect();
-                    let pages = Tensor::from_u32(&c, &ids, &[slots]).unwrap();
-                    let idx = Tensor::from_u32(&c, &sel, &[r, n]).unwrap();
-                    let pat = if dense { CachedPattern::Dense } else { CachedPattern::Blocks { idx: &idx, block } };
-                    let mut o = Tensor::zeros(&c, &[r, h, d], dt).unwrap();
-                    let kv = KvTable { rows: &rows, pages: &pages, page: 1 };
-                    cached_attention(&c, &qt, &kt, &vt, &kv, pat, &mut o).unwrap();
-                    o.to_f32_vec(&c).unwrap()
+            let want = |dense: bool| -> Vec<f32> {
+                let up = |x: &[f32], sh: &[usize]| Tensor::from_f32(&c, x, sh, dt).unwrap();
+                let (qt, kt, vt) = (up(&q, &[r, h, d]), up(&kc, &[slots, kv, d]), up(&vc, &[slots, kv, d]));
+                let rows = Tensor::from_u32(&c, &tab, &[r, 2]).unwrap();
+                let ids: Vec<u32> = (0..slots as u32).collect();
+                let pages = Tensor::from_u32(&c, &ids, &[slots]).unwrap();
+                let idx = Tensor::from_u32(&c, &sel, &[r, n]).unwrap();
+                let pat = if dense { CachedPattern::Dense } else { CachedPattern::Blocks { idx: &idx, block } };
+                let mut o = Tensor::zeros(&c, &[r, h, d], dt).unwrap();
+                let kv = KvTable { rows: &rows, pages: &pages, page: 1 };
+                cached_attention(&c, &qt, &kt, &vt, &kv, pat, &mut o).unwrap();
+                o.to_f32_vec(&c).unwrap()
+            };
+            let got = |dense: bool, scattered: bool, chunk: usize, max_floats: usize| -> Vec<f32> {
+                let up = |x: &[f32], sh: &[usize]| Tensor::from_f32(&g, x, sh, dt).unwrap();
+                let (kc, vc, tab, ids, page) = if scattered {
+                    (scatter(&kc), scatter(&vc), &scattered_tab, perm.clone(), page)
+                } else {
+                    (kc.clone(), vc.clone(), &tab, (0..slots as u32).collect(), 1)
                 };
-                let got = {
-                    let up = |x: &[f32], sh: &[usize]| Tensor::from_f32(&g, x, sh, dt).unwrap();
-                    let (qt, kt, vt) = (up(&q, &[r, h, d]), up(&kc, &[slots, kv, d]), up(&vc, &[slots, kv, d]));
-                    let rows = Tensor::from_u32(&g, &tab, &[r, 2]).unwrap();
-                    let idx = Tensor::from_u32(&g, &sel, &[r, n]).unwrap();
-                    let pattern = if dense { PatternSpec::Dense } else { PatternSpec::Blocks { block, n } };
-                    let s = CachedAttentionSpec {
-                        rows: r,
-                        slots,
-                        n_heads: h,
-                        n_kv_heads: kv,
-                        head_dim: d,
-                        scale: 1.0 / (d as f32).sqrt(),
-                        pattern,
-                        paging: Paging { page: 1, table: slots },
-                        checked: CHECKED,
-                    };
-                    let mut o = Tensor::from_f32(&g, &vec![7.0; r * h * d], &[r, h, d], dt).unwrap();
-                    let idx = (!dense).then_some(&idx);
-                    attend(&g, &s, &qt, &kt, &vt, &rows, idx, &mut o, chunk, max_floats).unwrap();
-                    o.to_f32_vec(&g).unwrap()
+                let (qt, kt, vt) = (up(&q, &[r, h, d]), up(&kc, &[slots, kv, d]), up(&vc, &[slots, kv, d]));
+                let rows = Tensor::from_u32(&g, tab, &[r, 2]).unwrap();
+                let pages = Tensor::from_u32(&g, &ids, &[ids.len()]).unwrap();
+                let idx = Tensor::from_u32(&g, &sel, &[r, n]).unwrap();
+                let pattern = if dense { PatternSpec::Dense } else { PatternSpec::Blocks { block, n } };
+                let s = CachedAttentionSpec {
+                    rows: r,
+                    slots,
+                    n_heads: h,
+                    n_kv_heads: kv,
+                    head_dim: d,
+                    scale: 1.0 / (d as f32).sqrt(),
+                    pattern,
+                    paging: Paging { page, table: ids.len() },
+                    checked: CHECKED,
                 };
-                (want, got)
+                let mut o = Tensor::from_f32(&g, &vec![7.0; r * h * d], &[r, h, d], dt).unwrap();
+                let idx = (!dense).then_some(&idx);
+                attend(&g, &s, &qt, &kt, &vt, &rows, &pages, idx, &mut o, chunk, max_floats).unwrap();
+                o.to_f32_vec(&g).unwrap()
             };
             for dense in [true, false] {
+                let want = want(dense);
                 // 10 (dense) or 2 (blocks) chunks; all rows at once, then slices of 3 and 1 rows.
                 for (chunk, max_floats) in [(16, 1 << 20), (16, 3 * 10 * h * (d + 2)), (16, 1)] {
-                    let (want, got) = run(dense, chunk, max_floats);
-                    let err = want.iter().zip(&got).map(|(a, b)| (a - b).powi(2)).sum::<f32>().sqrt()
+                    let contiguous = got(dense, false, chunk, max_floats);
+                    let err = want.iter().zip(&contiguous).map(|(a, b)| (a - b).powi(2)).sum::<f32>().sqrt()
                         / want.iter().map(|a| a * a).sum::<f32>().sqrt();
                     let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
-                    assert!(err <= tol, "{dt} d {d} dense {dense} chunk {chunk} scratch {max_floats}: error {err:e}");
+                    let what = format!("{dt} d {d} dense {dense} chunk {chunk} scratch {max_floats}");
+                    assert!(err <= tol, "{what}: error {err:e}");
+                    let scattered = got(dense, true, chunk, max_floats);
+                    let same = contiguous.iter().zip(&scattered).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{what}: pages of {page} rows in shuffled order change the contiguous result");
                 }
+            }
+        }
+    }
+
+    /// `cache_write` through a shuffled page table (pages of 2 rows) equals
+    /// the CPU reference bit for bit, for the word copy (f32, even half rows)
+    /// and the element path (odd half rows), with the clamps: an empty row, a
+    /// page id past the pool, a `len` past what the row's table holds and a
+    /// `base` past the table.
+    #[test]
+    fn cache_write_goes_through_the_page_table() {
+        let Some(g) = wgpu() else { return };
+        let c = CpuBackend::new();
+        let (slots, page) = (12usize, 2usize);
+        // P = 5 entries; page id 9 is past the 6 physical pages (clamped to 5).
+        let pages = [4u32, 1, 9, 0, 2];
+        // (base, len): positions 2 (entry 1), 0 (entry 2), len 0, len 9 from
+        // base 3 (clamped to 2·2 = 4: position 3, entry 4), base 7 >= P (skipped).
+        let tab = [0u32, 3, 2, 1, 1, 0, 3, 9, 7, 1];
+        let r = tab.len() / 2;
+        for dt in DType::FLOATS {
+            for width in [3usize, 4] {
+                let mut rng = Rng::new(5);
+                let (src, cache) = (rng.normal_vec(r * width), rng.normal_vec(slots * width));
+                let want = {
+                    let srct = Tensor::from_f32(&c, &src, &[r, width], dt).unwrap();
+                    let mut ct = Tensor::from_f32(&c, &cache, &[slots, width], dt).unwrap();
+                    let rows = Tensor::from_u32(&c, &tab, &[r, 2]).unwrap();
+                    let pt = Tensor::from_u32(&c, &pages, &[pages.len()]).unwrap();
+                    let kv = KvTable { rows: &rows, pages: &pt, page };
+                    crate::ops::cache_write(&c, &srct, &kv, &mut ct).unwrap();
+                    ct.to_f32_vec(&c).unwrap()
+                };
+                let got = {
+                    let srct = Tensor::from_f32(&g, &src, &[r, width], dt).unwrap();
+                    let mut ct = Tensor::from_f32(&g, &cache, &[slots, width], dt).unwrap();
+                    let rows = Tensor::from_u32(&g, &tab, &[r, 2]).unwrap();
+                    let pt = Tensor::from_u32(&g, &pages, &[pages.len()]).unwrap();
+                    let kv = KvTable { rows: &rows, pages: &pt, page };
+                    crate::ops::cache_write(&g, &srct, &kv, &mut ct).unwrap();
+                    ct.to_f32_vec(&g).unwrap()
+                };
+                let before = Tensor::from_f32(&c, &cache, &[slots, width], dt).unwrap().to_f32_vec(&c).unwrap();
+                let changed: Vec<usize> = (0..slots).filter(|&i| want[i * width] != before[i * width]).collect();
+                // Rows 0, 1 and 3 land on cache rows 1·2 + 0, 9→5·2 + 0 and 2·2 + 1.
+                assert_eq!(changed, vec![2, 5, 10], "{dt} width {width}: the reference's targets");
+                let same = want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{dt} width {width}: wgpu {got:?} vs reference {want:?}");
             }
         }
     }

@@ -62,6 +62,12 @@ pub(super) fn cast(be: &WgpuBackend, s: &ElementwiseSpec, x: &T, y: &mut T) -> R
     be.launch("elementwise", "cast", &mut [Arg::R(x), Arg::W(y)], Params::new().u(s.n), grid1d(s.n))
 }
 
+/// `s.row_invariant` needs nothing more here: the kernel has one path for
+/// every shape, and element `C[i, j]` is `α·(Σ_p A[i, p]·B[p, j]) (+ β·C[i, j])`
+/// with the sum always taken in `p` order (K slices of 16, one accumulator per
+/// element, zero padding only past `k`); `m` only decides which tiles exist
+/// and rows past `m` are padded, so no row's arithmetic depends on the others
+/// (checked bit for bit by the conformance test `matmul_rows`).
 pub(super) fn matmul(be: &WgpuBackend, s: &MatmulSpec, a: &T, b: &T, c: &mut T) -> Result<()> {
     const TILE: usize = 64;
     const MAX_Z: usize = 65_535;
