@@ -1087,6 +1087,74 @@ pub fn training_step<R: Backend, B: Backend>(r: &R, b: &B) {
     }
 }
 
+/// Loss, KL, logits and every gradient of one forward + backward pass with a
+/// workspace whose buffers are split under `chunk_bytes`.
+#[allow(clippy::too_many_arguments)]
+fn chunked_pass<X: Backend>(
+    be: &X,
+    cfg: dynsparse::model::ModelConfig,
+    dt: DType,
+    (batch, seq): (usize, usize),
+    chunk_bytes: u64,
+    ids: &[u32],
+    tg: &[u32],
+    attn: dynsparse::model::StepAttention,
+) -> (usize, Vec<Vec<f32>>) {
+    use dynsparse::model::{Model, Workspace};
+    let model = Model::new(be, cfg, dt, 9).unwrap();
+    let mut ws = Workspace::with_chunk_bytes(be, &cfg, dt, batch, seq, chunk_bytes).unwrap();
+    let st = model.forward(be, &mut ws, ids, Some(tg), attn).unwrap();
+    let mut grads: Vec<Tensor<X>> = cfg.params().iter().map(|p| Tensor::zeros(be, &p.shape, dt).unwrap()).collect();
+    let kl = model.backward(be, &mut ws, &mut grads, 4.0, true).unwrap();
+    let mut out = vec![vec![st.loss as f32, kl as f32], ws.logits_f32(be).unwrap()];
+    out.extend(grads.iter().map(|g| g.to_f32_vec(be).unwrap()));
+    (ws.lm_chunk_rows(), out)
+}
+
+/// A training pass whose LM head runs in row chunks (forced small, the last
+/// one padded) gives the loss, logits and gradients of the unchunked pass:
+/// the loss and `dE` are sums over rows, `d_lnf` rows are disjoint.
+pub fn chunked_training_matches_unchunked<R: Backend, B: Backend>(r: &R, b: &B) {
+    use dynsparse::model::{AttentionMode, ModelConfig, StepAttention};
+    let (batch, seq, vocab) = (2usize, 40usize, 200usize);
+    let cfg = ModelConfig {
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        d_model: 32,
+        vocab,
+        context: 64,
+        mlp_ratio: 2,
+        rope_theta: 10000.0,
+        attention: AttentionMode::Sparse { block: 8, keep_blocks: 3, index_heads: 2, index_dim: 8 },
+    };
+    for dt in float_dtypes(r, b) {
+        let mut rng = Rng::new(seed("chunked-training", dt, 0));
+        let ids: Vec<u32> = (0..batch * seq).map(|_| rng.below(vocab as u64) as u32).collect();
+        let mut tg: Vec<u32> = (0..batch * seq).map(|_| rng.below(vocab as u64) as u32).collect();
+        tg[7] = dynsparse::model::IGNORE;
+        for attn in [StepAttention::Dense, StepAttention::Sparse { keep_blocks: 3 }] {
+            // Each backend against itself unchunked (the backends against each other: `training_step`).
+            let full = on_both!(r, b, |be| chunked_pass(be, cfg, dt, (batch, seq), u64::MAX, &ids, &tg, attn));
+            assert_eq!((full.0.0, full.1.0), (batch * seq, batch * seq));
+            // 13 rows of 200 f32 logits per chunk: 7 chunks over 80 rows, the last one 2 rows and 11 padding.
+            for (bytes, rows) in [(13 * vocab as u64 * 4, 13), (3 * vocab as u64 * 4 + 5, 3)] {
+                let got = on_both!(r, b, |be| chunked_pass(be, cfg, dt, (batch, seq), bytes, &ids, &tg, attn));
+                for (which, (got_rows, got), want) in [("reference", &got.0, &full.0.1), ("tested", &got.1, &full.1.1)]
+                {
+                    assert_eq!(*got_rows, rows, "{bytes} bytes per chunk");
+                    let mut names = vec!["loss and KL".to_string(), "logits".to_string()];
+                    names.extend(cfg.params().iter().map(|p| format!("gradient of {}", p.name)));
+                    for (i, name) in names.iter().enumerate() {
+                        let what = format!("{which} backend, chunked ({rows} rows) {attn:?} {name}");
+                        assert_close(&what, &got[i], &want[i], dt);
+                    }
+                }
+            }
+        }
+    }
+}
+
 // ------------------------------------------------------------ bad inputs
 
 fn expect_err<T>(what: &str, r: dynsparse::Result<T>, needles: &[&str]) {
@@ -1283,6 +1351,12 @@ macro_rules! conformance_tests {
         fn one_training_step_matches_reference() {
             if let Some((r, b)) = $get() {
                 common::training_step(r, b)
+            }
+        }
+        #[test]
+        fn chunked_lm_head_and_indexer_training_matches_unchunked() {
+            if let Some((r, b)) = $get() {
+                common::chunked_training_matches_unchunked(r, b)
             }
         }
         #[test]
