@@ -20,7 +20,7 @@ mod common;
 use dynsparse::backend::cpu::CpuBackend;
 use dynsparse::backend::wgpu::{AdapterPick, WgpuBackend};
 use dynsparse::data::synthetic::{SyntheticConfig, generate};
-use dynsparse::model::{AttentionMode, Model, ModelConfig};
+use dynsparse::model::{AttentionMode, Model, ModelConfig, Workspace};
 use dynsparse::train::{LrSchedule, MemoryReport, TrainConfig, Trainer};
 use dynsparse::{Backend, DType, Error, Tensor, ops};
 use std::sync::OnceLock;
@@ -84,7 +84,7 @@ fn a_tensor_just_over_the_binding_limit_is_a_clean_error_and_one_at_it_works() {
 
 /// One training step (forward, backward, AdamW) of a small model on `be`:
 /// the loss and the parameters after the update.
-fn one_step<B: Backend>(be: &B, cfg: ModelConfig, seq: usize) -> (f64, Vec<Vec<f32>>) {
+fn one_step<B: Backend>(be: &B, cfg: ModelConfig, seq: usize, warmup_frac: f64) -> (f64, f64, Vec<Vec<f32>>) {
     let data = generate(5, 20_000, SyntheticConfig::default());
     let tc = TrainConfig {
         steps: 2,
@@ -97,7 +97,7 @@ fn one_step<B: Backend>(be: &B, cfg: ModelConfig, seq: usize) -> (f64, Vec<Vec<f
         beta2: 0.95,
         weight_decay: 0.1,
         grad_clip: 1.0,
-        warmup_frac: 0.5,
+        warmup_frac,
         ramp_frac: 0.0,
         seed: 3,
     };
@@ -105,14 +105,16 @@ fn one_step<B: Backend>(be: &B, cfg: ModelConfig, seq: usize) -> (f64, Vec<Vec<f
     let mut tr = Trainer::new(be, model, tc, &mut MemoryReport::default()).unwrap();
     let st = tr.train_step(be, &data).unwrap();
     assert!(!st.skipped);
-    (st.loss, tr.master_values(be).unwrap())
+    (st.loss, st.indexer_kl, tr.master_values(be).unwrap())
 }
 
 /// A device whose largest binding is 4 bytes short of a `[256, 256]` f32
-/// tensor: the step's logits (256 rows of a 256-token vocabulary) pass it,
-/// so the LM head runs in two row chunks, and the step trains like the CPU's.
+/// tensor: the step's logits (256 rows of a 256-token vocabulary) and the
+/// indexer's `[1, 256, 256]` training scores pass it, so the LM head runs in
+/// two row chunks and the indexer in two tiles of query rows (255 + 1), and
+/// the step (dense warm-up with the indexer's KL, and sparse) trains like the CPU's.
 #[test]
-fn a_training_step_whose_logits_pass_the_binding_limit_runs_in_chunks_and_matches_the_cpu() {
+fn a_training_step_whose_logits_and_indexer_scores_pass_the_binding_limit_runs_in_pieces_and_matches_the_cpu() {
     let Some(_) = gpu() else { return };
     let seq = 256;
     let limit = (seq * 256 * 4 - 4) as u64;
@@ -130,15 +132,25 @@ fn a_training_step_whose_logits_pass_the_binding_limit_runs_in_chunks_and_matche
         context: seq,
         mlp_ratio: 2,
         rope_theta: 10000.0,
-        attention: AttentionMode::Dense,
+        attention: AttentionMode::Sparse { block: 32, keep_blocks: 3, index_heads: 2, index_dim: 8 },
     };
-    let t0 = std::time::Instant::now();
-    let (loss, params) = one_step(&g, cfg, seq);
-    eprintln!("chunked step on {}: {:.2} s", g.device_name(), t0.elapsed().as_secs_f64());
-    let (want_loss, want) = one_step(&CpuBackend::new(), cfg, seq);
-    assert!(loss.is_finite() && (loss - want_loss).abs() <= 1e-4 * want_loss.abs(), "loss {loss}, cpu {want_loss}");
-    let flat = |v: &[Vec<f32>]| v.iter().flatten().copied().collect::<Vec<_>>();
-    common::assert_close("parameters after the chunked step", &flat(&params), &flat(&want), DType::F32);
+    let e = Tensor::empty(&g, &[1, seq, seq], DType::F32).unwrap_err().to_string();
+    assert!(e.contains(&limit.to_string()), "{e}");
+    let ws = Workspace::new(&g, &cfg, DType::F32, 1, seq).unwrap();
+    assert_eq!((ws.lm_chunk_rows(), ws.indexer_tile_rows()), (seq - 1, Some(seq - 1)));
+    drop(ws);
+    for warm in [0.5, 0.0] {
+        let t0 = std::time::Instant::now();
+        let (loss, kl, params) = one_step(&g, cfg, seq, warm);
+        eprintln!("warm-up {warm}: chunked step on {}: {:.2} s", g.device_name(), t0.elapsed().as_secs_f64());
+        let (want_loss, want_kl, want) = one_step(&CpuBackend::new(), cfg, seq, warm);
+        // The KL is small (the fresh indexer is near the attention): compared absolutely.
+        let ok = loss.is_finite() && (loss - want_loss).abs() <= 1e-4 * want_loss && (kl - want_kl).abs() <= 1e-6;
+        assert!(ok, "loss {loss} KL {kl}, cpu {want_loss} {want_kl}");
+        assert!(kl > 0.0, "the indexer's KL was trained");
+        let flat = |v: &[Vec<f32>]| v.iter().flatten().copied().collect::<Vec<_>>();
+        common::assert_close("parameters after the chunked step", &flat(&params), &flat(&want), DType::F32);
+    }
 }
 
 fn sum_rows_on<B: Backend>(be: &B, x: &[f32], o: &[f32], rows: usize, n: usize, dt: DType) -> Vec<f32> {

@@ -310,21 +310,35 @@ impl<B: Backend> Model<B> {
                 };
                 let a = &ws.layers[l];
                 ix.project(be, &a.ln1, w, ip)?;
-                attention::indexer_scores(be, &ix.qi, &ix.ki, &ix.w, &mut ix.scores)?;
-                let pat = if sparse_step { Pattern::Blocks { idx: &ix.select[l], block } } else { Pattern::Dense };
-                attention::indexer_kl(be, &a.q, &a.k, &a.lse, &ix.scores, pat, &mut ix.kl, &mut ix.dscores)?;
+                // The [B, seq, seq] scores and their gradient, one tile of query rows at a
+                // time: the KL rows and dq_i, dw rows are the tile's; dk_i adds up over tiles.
+                for q0 in (0..ws.seq).step_by(ix.tile) {
+                    let (scores, dscores) = match ix.tail.as_mut() {
+                        Some(t) if q0 + ix.tile > ws.seq => (&mut t.0, &mut t.1),
+                        _ => (&mut ix.scores, &mut ix.dscores),
+                    };
+                    attention::indexer_scores_rows(be, &ix.qi, &ix.ki, &ix.w, q0, scores)?;
+                    let pat = if sparse_step { Pattern::Blocks { idx: &ix.select[l], block } } else { Pattern::Dense };
+                    attention::indexer_kl_rows(be, &a.q, &a.k, &a.lse, scores, pat, q0, &mut ix.kl, dscores)?;
+                    ops::scale(be, dscores, loss_scale / n as f32)?;
+                    let Some((dki_tile, acc)) = ix.dki_tiles.as_mut() else {
+                        let (dqi, dki, dw) = (&mut ix.dqi, &mut ix.dki, &mut ix.dw);
+                        attention::indexer_backward(be, &ix.qi, &ix.ki, &ix.w, dscores, dqi, dki, dw)?;
+                        continue;
+                    };
+                    let (dqi, dw) = (&mut ix.dqi, &mut ix.dw);
+                    attention::indexer_backward_rows(be, &ix.qi, &ix.ki, &ix.w, dscores, q0, dqi, dki_tile, dw)?;
+                    // dk_i sums the tiles' contributions in f32 (each rounded once to the dtype).
+                    if q0 == 0 {
+                        ops::cast(be, dki_tile, acc)?;
+                    } else {
+                        ops::axpby(be, 1.0, dki_tile, 1.0, acc)?;
+                    }
+                }
+                if let Some((_, acc)) = ix.dki_tiles.as_ref() {
+                    ops::cast(be, acc, &mut ix.dki)?;
+                }
                 kl_total += ix.kl.to_f32_vec(be)?.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
-                ops::scale(be, &mut ix.dscores, loss_scale / n as f32)?;
-                attention::indexer_backward(
-                    be,
-                    &ix.qi,
-                    &ix.ki,
-                    &ix.w,
-                    &ix.dscores,
-                    &mut ix.dqi,
-                    &mut ix.dki,
-                    &mut ix.dw,
-                )?;
                 let (wq, wk, ww) = ip;
                 for (dst, src) in [(wq, &mut ix.dqi), (wk, &mut ix.dki), (ww, &mut ix.dw)] {
                     let shape = src.shape().to_vec();
@@ -464,8 +478,15 @@ struct IndexerWs<B: Backend> {
     w: Tensor<B>,
     pooled: Tensor<B>,
     select: Vec<Tensor<B>>,
+    /// Query rows per tile of the training scores (`seq`: one tile).
+    tile: usize,
+    /// `[batch, tile, seq]` F32 scores and their gradient, and the same for a
+    /// shorter last tile when `tile` does not divide `seq`.
     scores: Tensor<B>,
     dscores: Tensor<B>,
+    tail: Option<(Tensor<B>, Tensor<B>)>,
+    /// Tiled: one tile's contribution to `dk_i`, and their F32 sum.
+    dki_tiles: Option<(Tensor<B>, Tensor<B>)>,
     kl: Tensor<B>,
     dqi: Tensor<B>,
     dki: Tensor<B>,
@@ -527,6 +548,15 @@ pub fn lm_chunk_rows(n: usize, vocab: usize, budget: u64) -> usize {
     let per_row = (vocab as u64).max(1);
     let rows = (budget / 4 / per_row).min(u32::MAX as u64 / per_row);
     (rows as usize).clamp(1, n.max(1))
+}
+
+/// Query rows per tile of the indexer's `[batch, rows, seq]` F32 training
+/// scores under `budget` bytes per buffer (and the u32 element counts of the
+/// op specs); at least one row, at most `seq`.
+pub fn score_tile_rows(batch: usize, seq: usize, budget: u64) -> usize {
+    let per_row = (batch as u64 * seq as u64).max(1);
+    let rows = (budget / 4 / per_row).min(u32::MAX as u64 / per_row);
+    (rows as usize).clamp(1, seq.max(1))
 }
 
 /// Every activation and activation-gradient buffer of one (batch, seq) shape,
@@ -595,6 +625,11 @@ impl<B: Backend> Workspace<B> {
         self.lm.as_ref().map_or(self.batch * self.seq, |c| c.len)
     }
 
+    /// Query rows per tile of the indexer's training scores (sparse models).
+    pub fn indexer_tile_rows(&self) -> Option<usize> {
+        self.idx.as_ref().map(|ix| ix.tile)
+    }
+
     /// Uploads the targets (`IGNORE` on the padding rows of the last chunk).
     fn write_targets(&mut self, be: &B, tg: &[u32]) -> Result<()> {
         let as_f32 = |t: &[u32]| t.iter().map(|&x| x as f32).collect::<Vec<_>>();
@@ -613,8 +648,9 @@ impl<B: Backend> Workspace<B> {
         Self::with_chunk_bytes(be, cfg, dtype, batch, seq, chunk_budget(be)?)
     }
 
-    /// [`Workspace::new`] with at most `chunk_bytes` per LM-head logits chunk
-    /// (and the backend's largest binding).
+    /// [`Workspace::new`] with at most `chunk_bytes` (and the backend's largest
+    /// binding) per LM-head logits chunk and per tile of the indexer's
+    /// training scores.
     pub fn with_chunk_bytes(
         be: &B,
         cfg: &ModelConfig,
@@ -657,10 +693,13 @@ impl<B: Backend> Workspace<B> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let budget = chunk_bytes.min(be.max_binding_bytes());
         let idx = match cfg.attention {
             AttentionMode::Dense => None,
             AttentionMode::Sparse { block, keep_blocks, index_heads, index_dim } => {
                 let nb = seq.div_ceil(block);
+                let tile = score_tile_rows(batch, seq, budget);
+                let rest = seq % tile;
                 Some(IndexerWs {
                     qi: e(&[batch, seq, index_heads, index_dim])?,
                     ki: e(&[batch, seq, index_dim])?,
@@ -669,8 +708,15 @@ impl<B: Backend> Workspace<B> {
                     select: (0..cfg.n_layers)
                         .map(|_| Tensor::empty(be, &[batch, seq, keep_blocks.min(nb)], DType::U32))
                         .collect::<Result<_>>()?,
-                    scores: f32t(&[batch, seq, seq])?,
-                    dscores: f32t(&[batch, seq, seq])?,
+                    tile,
+                    scores: f32t(&[batch, tile, seq])?,
+                    dscores: f32t(&[batch, tile, seq])?,
+                    tail: if rest > 0 { Some((f32t(&[batch, rest, seq])?, f32t(&[batch, rest, seq])?)) } else { None },
+                    dki_tiles: if tile < seq {
+                        Some((e(&[batch, seq, index_dim])?, f32t(&[batch, seq, index_dim])?))
+                    } else {
+                        None
+                    },
                     kl: f32t(&[batch, seq])?,
                     dqi: e(&[batch, seq, index_heads, index_dim])?,
                     dki: e(&[batch, seq, index_dim])?,
@@ -678,7 +724,6 @@ impl<B: Backend> Workspace<B> {
                 })
             }
         };
-        let budget = chunk_bytes.min(be.max_binding_bytes());
         let len = lm_chunk_rows(n, cfg.vocab, budget);
         let (logits, lm) = if len >= n {
             (vec![e(&[n, cfg.vocab])?], None)

@@ -8,7 +8,7 @@
 
 use crate::DType;
 use crate::error::{Error, Result};
-use crate::model::{AttentionMode, ModelConfig, lm_chunk_rows};
+use crate::model::{AttentionMode, ModelConfig, lm_chunk_rows, score_tile_rows};
 
 /// Where the bytes live.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,9 +68,11 @@ pub fn workspace_bytes(
             let proj = 2 * e * (n * ih * id + n * id + n * ih);
             // Each query's kept blocks, per layer: [B, seq, keep] u32.
             let select = l * b * s * nb.min(keep_blocks as u128) * 4;
-            // The indexer's [B, seq, seq] scores and their gradient, and each query's pooled
-            // per-block scores [B, seq, nb].
-            (proj + select + 4 * n, 2 * 4 * b * s * s + 4 * b * s * nb)
+            // The indexer's [B, tile, seq] scores and their gradient (and a shorter last tile's;
+            // tiled, one tile's dk_i and their f32 sum), and each query's pooled per-block scores [B, seq, nb].
+            let tile = score_tile_rows(batch, seq, max_binding) as u128;
+            let tiles = 2 * 4 * b * (tile + s % tile) * s + if tile < s { (e + 4) * n * id } else { 0 };
+            (proj + select + 4 * n, tiles + 4 * b * s * nb)
         }
     };
     (l * per_layer + shared + idx_act, logits, scores)
