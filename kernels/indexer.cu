@@ -7,6 +7,10 @@
 // with L = q_i[t,j]·k_i[s]:
 //   dw[t,j] = Σ_s dI·ReLU(L),  dq_i[t,j] = Σ_s dI·w[t,j]·[L>0]·k_i[s],
 //   dk_i[s] = Σ_{t>=s, j} dI·w[t,j]·[L>0]·q_i[t,j]
+// The training kernels (scores, backward) cover a tile of query rows
+// q0 .. q0 + nq: scores and dscores are then [batch, nq, seq] (row r is query
+// q0 + r; causality uses the absolute position), dq_i and dw are written at
+// the tile's rows only and dk_i is the tile's contribution (t in the tile).
 // Token scores: 16×16 tiles, the key tile staged in shared memory. Backward:
 // one warp per (b, t, j) for dq_i/dw and one per (b, s) for dk_i, lanes
 // splitting D (DPL dims per lane, D <= 256): deterministic, no atomics.
@@ -22,24 +26,25 @@ __device__ __forceinline__ float index_score(const T* qt, const K* ks, const T* 
     return acc;
 }
 
-// grid (ceil(seq/16), ceil(seq/16), batch), block (16, 16), dynamic smem 16·(D+1) floats.
+// grid (ceil(seq/16), ceil(nq/16), batch), block (16, 16), dynamic smem 16·(D+1) floats.
 template <typename T>
-__device__ void indexer_scores(const T* qi, const T* ki, const T* w, float* scores, u32 seq, u32 H, u32 D) {
+__device__ void indexer_scores(const T* qi, const T* ki, const T* w, float* scores, u32 seq, u32 H, u32 D, u32 q0,
+                               u32 nq) {
     extern __shared__ float ksh[];
-    u32 b = blockIdx.z, s0 = blockIdx.x * 16, t = blockIdx.y * 16 + threadIdx.y, s = s0 + threadIdx.x;
+    u32 b = blockIdx.z, s0 = blockIdx.x * 16, r = blockIdx.y * 16 + threadIdx.y, t = q0 + r, s = s0 + threadIdx.x;
     u32 tid = threadIdx.y * 16 + threadIdx.x;
     for (u32 x = tid; x < 16 * D; x += 256) {
         u32 r = x / D, e = x % D;
         ksh[r * (D + 1) + e] = s0 + r < seq ? ld(ki, ((size_t)b * seq + s0 + r) * D + e) : 0.0f;
     }
     __syncthreads();
-    if (t >= seq || s >= seq) return;
+    if (r >= nq || s >= seq) return;
     float v = NEG_INF;
     if (s <= t) {
         size_t bt = (size_t)b * seq + t;
         v = index_score(qi + bt * H * D, ksh + threadIdx.x * (D + 1), w + bt * H, H, D);
     }
-    scores[((size_t)b * seq + t) * seq + s] = v;
+    scores[((size_t)b * nq + r) * seq + s] = v;
 }
 
 // Per-query block pooling: pooled[b, t, kb] = max_{s in key block kb, s <= t} I(t, s),
@@ -77,12 +82,14 @@ __device__ void indexer_block_scores(const T* qi, const T* ki, const T* w, float
     if (t < seq && threadIdx.x == 0) pooled[((size_t)b * seq + t) * nkb + kb] = mx;
 }
 
+// One warp per (b, tile query, j); `row` is its absolute (b, t, j) row.
 template <typename T, int DPL>
 __device__ void indexer_bwd_q(const T* qi, const T* ki, const T* w, const float* dscores, T* dqi, T* dw, u32 batch,
-                              u32 seq, u32 H, u32 D) {
-    u32 row = blockIdx.x * 4 + threadIdx.x / 32, lane = threadIdx.x & 31;
-    if (row >= batch * seq * H) return;
-    u32 bt = row / H, t = bt % seq, b = bt / seq;
+                              u32 seq, u32 H, u32 D, u32 q0, u32 nq) {
+    u32 tr = blockIdx.x * 4 + threadIdx.x / 32, lane = threadIdx.x & 31;
+    if (tr >= batch * nq * H) return;
+    u32 j = tr % H, rt = (tr / H) % nq, b = tr / (H * nq), t = q0 + rt;
+    u32 bt = b * seq + t, row = bt * H + j;
     float qr[DPL], acc[DPL];
 #pragma unroll
     for (int i = 0; i < DPL; i++) {
@@ -91,7 +98,7 @@ __device__ void indexer_bwd_q(const T* qi, const T* ki, const T* w, const float*
         acc[i] = 0.0f;
     }
     float wj = ld(w, (size_t)row), adw = 0.0f;
-    const float* dsr = dscores + (size_t)bt * seq;
+    const float* dsr = dscores + ((size_t)b * nq + rt) * seq;
     for (u32 s = 0; s <= t; s++) {
         const T* kr = ki + ((size_t)b * seq + s) * D;
         float l = 0.0f;
@@ -122,7 +129,7 @@ __device__ void indexer_bwd_q(const T* qi, const T* ki, const T* w, const float*
 
 template <typename T, int DPL>
 __device__ void indexer_bwd_k(const T* qi, const T* ki, const T* w, const float* dscores, T* dki, u32 batch, u32 seq,
-                              u32 H, u32 D) {
+                              u32 H, u32 D, u32 q0, u32 nq) {
     u32 row = blockIdx.x * 4 + threadIdx.x / 32, lane = threadIdx.x & 31;
     if (row >= batch * seq) return;
     u32 s = row % seq, b = row / seq;
@@ -133,9 +140,9 @@ __device__ void indexer_bwd_k(const T* qi, const T* ki, const T* w, const float*
         kr[i] = e < D ? ld(ki, (size_t)row * D + e) : 0.0f;
         acc[i] = 0.0f;
     }
-    for (u32 t = s; t < seq; t++) {
+    for (u32 t = max(s, q0); t < q0 + nq; t++) {
         size_t bt = (size_t)b * seq + t;
-        float dI = dscores[bt * seq + s];
+        float dI = dscores[((size_t)b * nq + t - q0) * seq + s];
         for (u32 j = 0; j < H; j++) {
             const T* qr = qi + (bt * H + j) * D;
             float l = 0.0f;
@@ -163,13 +170,13 @@ __device__ void indexer_bwd_k(const T* qi, const T* ki, const T* w, const float*
 }
 
 #define INDEXER_DPL(S, T, N) \
-    extern "C" __global__ void __launch_bounds__(128) indexer_bwd_q_##S##_d##N(const T* qi, const T* ki, const T* w, const float* ds, T* dqi, T* dw, u32 batch, u32 seq, u32 H, u32 D) { \
-        indexer_bwd_q<T, N>(qi, ki, w, ds, dqi, dw, batch, seq, H, D); } \
-    extern "C" __global__ void __launch_bounds__(128) indexer_bwd_k_##S##_d##N(const T* qi, const T* ki, const T* w, const float* ds, T* dki, u32 batch, u32 seq, u32 H, u32 D) { \
-        indexer_bwd_k<T, N>(qi, ki, w, ds, dki, batch, seq, H, D); }
+    extern "C" __global__ void __launch_bounds__(128) indexer_bwd_q_##S##_d##N(const T* qi, const T* ki, const T* w, const float* ds, T* dqi, T* dw, u32 batch, u32 seq, u32 H, u32 D, u32 q0, u32 nq) { \
+        indexer_bwd_q<T, N>(qi, ki, w, ds, dqi, dw, batch, seq, H, D, q0, nq); } \
+    extern "C" __global__ void __launch_bounds__(128) indexer_bwd_k_##S##_d##N(const T* qi, const T* ki, const T* w, const float* ds, T* dki, u32 batch, u32 seq, u32 H, u32 D, u32 q0, u32 nq) { \
+        indexer_bwd_k<T, N>(qi, ki, w, ds, dki, batch, seq, H, D, q0, nq); }
 #define INDEXER(S, T) \
-    extern "C" __global__ void indexer_scores_##S(const T* qi, const T* ki, const T* w, float* scores, u32 seq, u32 H, u32 D) { \
-        indexer_scores<T>(qi, ki, w, scores, seq, H, D); } \
+    extern "C" __global__ void indexer_scores_##S(const T* qi, const T* ki, const T* w, float* scores, u32 seq, u32 H, u32 D, u32 q0, u32 nq) { \
+        indexer_scores<T>(qi, ki, w, scores, seq, H, D, q0, nq); } \
     extern "C" __global__ void indexer_block_scores_##S(const T* qi, const T* ki, const T* w, float* pooled, u32 seq, u32 H, u32 D, u32 block) { \
         indexer_block_scores<T>(qi, ki, w, pooled, seq, H, D, block); } \
     INDEXER_DPL(S, T, 1) INDEXER_DPL(S, T, 2) INDEXER_DPL(S, T, 4) INDEXER_DPL(S, T, 8)

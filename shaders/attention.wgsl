@@ -7,7 +7,8 @@
 //   p8 block, p9 ceil(seq / block); the split kernels (attn_fwd,
 //   attn_fwd_tiled, attn_bwd_dq, attn_bwd_dkdv) also p10 chunk (slots, key
 //   units or queries per chunk), p11 chunks nch, p12 first row r0 and p13
-//   rows R of this launch.
+//   rows R of this launch; indexer_kl instead p10 first query row q0 and p11
+//   query rows Q of its tile.
 // Layouts: q, o [batch, seq, n_heads, head_dim]; k, v [batch, seq, n_kv_heads,
 // head_dim]; lse [batch, n_heads, seq]; idx [batch, seq, k] (tokens: key
 // positions) or [batch, seq, n] (blocks: key-block ids), one row per query.
@@ -867,8 +868,10 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     }
 }
 
-//!kernel indexer_kl(q: in, k: in, lse: in, scores: in, idx: idx, loss: out, dscores: out)
-// One 256-wide workgroup per (batch, query) row: zeroes the dscores row, then
+//!kernel indexer_kl(q: in, k: in, lse: in, scores: in, idx: idx, loss: inout, dscores: out)
+// One 256-wide workgroup per (batch, query) row of the tile of queries
+// q0 = p10 .. q0 + Q (Q = p11): scores and dscores are [batch, Q, seq], loss
+// [batch, seq] is written at the tile's rows only. Zeroes the dscores row, then
 // over the key set K(t): p = mean over heads of the attention probabilities,
 // r = softmax of the indexer scores; loss = Σ p (ln p - ln r), dscores = r - p.
 // K(t) is query t's own pattern row (blocks: the keys s <= t of its listed
@@ -878,13 +881,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw: vec3<
         @builtin(local_invocation_index) lid: u32) {
     let row = wg.x + wg.y * nw.x;
     let seq = pu(1u);
-    if (row >= pu(0u) * seq) { return; }
+    let nq = pu(11u);
+    if (row >= pu(0u) * nq) { return; }
     let nh = pu(2u);
     let d = pu(4u);
     let sc = pf(5u);
     let grp = nh / pu(3u);
-    let b = row / seq;
-    let t = row % seq;
+    let b = row / nq;
+    let t = pu(10u) + row % nq;
     let ro = row * seq;
     for (var s = lid; s < seq; s = s + WG) {
         st_dscores(ro + s, 0.0);
@@ -929,6 +933,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw: vec3<
     }
     let total = wg_reduce(lid, tot, false);
     if (lid == 0u) {
-        st_loss(row, total);
+        st_loss(b * seq + t, total);
     }
 }

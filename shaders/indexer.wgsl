@@ -2,11 +2,14 @@
 // its per-query block max-pooling, and its backward pass.
 //
 // Parameters shared by every kernel of this file:
-//   p0 batch, p1 seq, p2 heads H_I, p3 dim d_I, p4 block, p5 ceil(seq / block);
-//   the split backward kernels also p6 chunk (keys or queries per chunk),
-//   p7 chunks nch, p8 first row r0 and p9 rows R of this launch.
+//   p0 batch, p1 seq, p2 heads H_I, p3 dim d_I, p4 block, p5 ceil(seq / block),
+//   p6 first query row q0 and p7 query rows Q of the tile the training kernels
+//   (scores, backward) cover (0 and seq for the whole sequence);
+//   the split backward kernels also p8 chunk (keys or queries per chunk),
+//   p9 chunks nch, p10 first row r0 and p11 rows R of this launch.
 // Layouts: qi [batch, seq, H_I, d_I], ki [batch, seq, d_I], w [batch, seq, H_I],
-// scores / dscores [batch, seq, seq] (F32); pooled block scores [batch, seq,
+// scores / dscores [batch, Q, seq] (F32, row r is query q0 + r; causality uses
+// the absolute position q0 + r); pooled block scores [batch, seq,
 // nkb] (F32), pooled[b, t, kb] = max of I(t, s) over the keys s <= t of key
 // block kb, -inf when kb > t / block (NaN scores are skipped). A query's
 // pooled row depends on that query and the keys s <= t only.
@@ -16,6 +19,8 @@
 // output, and loop over the chunk's keys or queries only (llvmpipe stops every
 // loop after 65 535 iterations). With nch = 1 they write the final result,
 // otherwise partials at (c·R + rl) that `shaders/split.wgsl` sums in chunk order.
+// Their rows are absolute (a launch covers rows of the tile's queries only);
+// dk_i is the contribution of the tile's queries.
 
 // Width of the private accumulator chunks of the backward kernels (any d_I
 // works), and the same in vec4 units.
@@ -71,16 +76,17 @@ const WG: u32 = 256u;
 var<workgroup> red: array<f32, 256>;
 
 //!kernel indexer_scores(qi: in, ki: in, w: in, scores: out)
-// One invocation per score element; -inf above the diagonal.
+// One invocation per score element of the tile; -inf above the diagonal.
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(gid, nw);
     let seq = pu(1u);
-    if (i >= pu(0u) * seq * seq) { return; }
+    let nq = pu(7u);
+    if (i >= pu(0u) * nq * seq) { return; }
     let s = i % seq;
     let r = i / seq;
-    let t = r % seq;
-    let b = r / seq;
+    let t = pu(6u) + r % nq;
+    let b = r / nq;
     if (s > t) {
         st_scores(i, neg_inf());
     } else {
@@ -433,7 +439,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
 }
 
-//!kernel indexer_bwd_q(qi: in, ki: in, w: in, dscores: in, dqi: out, dw: out)
+//!kernel indexer_bwd_q(qi: in, ki: in, w: in, dscores: in, dqi: inout, dw: inout)
 // One invocation per (chunk, batch, query, head j): dw[t, j] = Σ_s dI·ReLU(L) and
 // dq_i[t, j] = Σ_s dI·w[t, j]·[L > 0]·k_i[s] over the chunk's keys s <= t, with
 // L = q_i[t, j]·k_i[s], accumulated CH dims at a time.
@@ -443,20 +449,23 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let seq = pu(1u);
     let nh = pu(2u);
     let di = pu(3u);
-    let nch = pu(7u);
-    let nrow = pu(9u);
+    let nch = pu(9u);
+    let nrow = pu(11u);
     if (i >= nch * nrow) { return; }
     let c = i / nrow;
     let rl = i % nrow;
-    let r = pu(8u) + rl;
+    let r = pu(10u) + rl;
     let bt = r / nh;
     let t = bt % seq;
     let b = bt / seq;
+    let dro = (b * pu(7u) + t - pu(6u)) * seq;
     let qo = r * di;
     let wj = ld_w(r);
-    let s0 = c * pu(6u);
-    let s1 = min(t + 1u, s0 + pu(6u));
-    let oo = (c * nrow + rl) * di;
+    let s0 = c * pu(8u);
+    let s1 = min(t + 1u, s0 + pu(8u));
+    // One chunk: the result at its own row; else the chunk's partial.
+    let orow = select(c * nrow + rl, r, nch == 1u);
+    let oo = orow * di;
     var dwacc = 0.0;
     var acc: array<vec4<f32>, CH4>;
     for (var c0 = 0u; c0 < di; c0 = c0 + CH) {
@@ -466,7 +475,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
             acc[cc] = vec4<f32>(0.0);
         }
         for (var s = s0; s < s1; s = s + 1u) {
-            let dval = ld_dscores(bt * seq + s);
+            let dval = ld_dscores(dro + s);
             let ko = ki_off(b, s);
             let l = logit(qo, ko);
             if (c0 == 0u) {
@@ -483,29 +492,31 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
             st_dqi(oo + c0 + e, acc[e / 4u][e % 4u]);
         }
     }
-    st_dw(c * nrow + rl, dwacc);
+    st_dw(orow, dwacc);
 }
 
 //!kernel indexer_bwd_k(qi: in, ki: in, w: in, dscores: in, dki: out)
 // One invocation per (chunk, batch, key s): dk_i[s] = Σ_t Σ_j dI·w[t, j]·[L > 0]·q_i[t, j]
-// over the chunk's queries t >= s.
+// over the chunk's queries t >= s of the tile (chunk c: queries q0 + c·chunk ..).
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(gid, nw);
     let seq = pu(1u);
     let nh = pu(2u);
     let di = pu(3u);
-    let nch = pu(7u);
-    let nrow = pu(9u);
+    let q0 = pu(6u);
+    let nq = pu(7u);
+    let nch = pu(9u);
+    let nrow = pu(11u);
     if (i >= nch * nrow) { return; }
     let c = i / nrow;
     let rl = i % nrow;
-    let r = pu(8u) + rl;
+    let r = pu(10u) + rl;
     let s = r % seq;
     let b = r / seq;
     let ko = ki_off(b, s);
-    let t0 = max(s, c * pu(6u));
-    let t1 = min(seq, (c + 1u) * pu(6u));
+    let t0 = max(s, q0 + c * pu(8u));
+    let t1 = min(q0 + nq, q0 + (c + 1u) * pu(8u));
     let oo = (c * nrow + rl) * di;
     var acc: array<vec4<f32>, CH4>;
     for (var c0 = 0u; c0 < di; c0 = c0 + CH) {
@@ -515,7 +526,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
             acc[cc] = vec4<f32>(0.0);
         }
         for (var t = t0; t < t1; t = t + 1u) {
-            let dval = ld_dscores((b * seq + t) * seq + s);
+            let dval = ld_dscores((b * nq + t - q0) * seq + s);
             for (var j = 0u; j < nh; j = j + 1u) {
                 let qo = qi_off(b, t, j);
                 let l = logit(qo, ko);

@@ -228,7 +228,7 @@ fn ten_thousand_mutated_checkpoints_give_values_never_panics_aborts_or_hangs() {
         let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<bool, Error> {
             let ck = checkpoint::parse(&bytes, "mutant")?;
             // The resume path: memory preflight against a 1 GiB budget, then the trainer.
-            MemoryPlan::train(&ck.model, ck.train.precision, ck.train.batch, ck.train.seq).check(
+            MemoryPlan::train(&ck.model, ck.train.precision, ck.train.batch, ck.train.seq, u64::MAX).check(
                 "resuming",
                 Some(1 << 30),
                 None,

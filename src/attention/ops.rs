@@ -24,6 +24,14 @@
 //! block-pooled scores are F32 `[batch, seq, nkb]`, per query
 //! `P(t, b) = max_{s in b, s ≤ t} I(t, s)`, `-∞` for blocks after `t`'s own.
 //!
+//! The indexer's training ops (`indexer_scores`, `indexer_kl`,
+//! `indexer_backward`) also take a tile of query rows `q0 .. q0 + rows`: their
+//! scores and dscores are then `[batch, rows, seq]` (row `r` is query
+//! `q0 + r`; causality uses the absolute position), so the `[batch, seq, seq]`
+//! tensors never need to exist at once (wgpu caps one binding at 128 MiB to
+//! 2 GiB). Tiles add up to the untiled result: per-query outputs are written
+//! for the tile's rows only, and `dk_i` is the tile's contribution.
+//!
 //! # Causality
 //!
 //! Selection is per query: what query `t` keeps (and so `o[t]`, `lse[t]`)
@@ -217,6 +225,9 @@ pub struct IndexerSpec {
     pub dim: usize,
     /// Pooling block (0: full token scores).
     pub block: usize,
+    /// The tile of query rows `q0 .. q0 + rows` (training ops; `0, seq` otherwise).
+    pub q0: usize,
+    pub rows: usize,
     pub checked: Checked,
 }
 
@@ -250,8 +261,34 @@ fn indexer_spec<B: Backend>(
             fmt_shape(w.shape())
         )));
     }
-    check_u32(op, "batch·seq·cols", batch * seq * seq.div_ceil(block.max(1)))?;
-    Ok(IndexerSpec { batch, seq, heads, dim, block, checked: CHECKED })
+    if block > 0 {
+        check_u32(op, "batch·seq·cols", batch * seq * seq.div_ceil(block))?;
+    }
+    Ok(IndexerSpec { batch, seq, heads, dim, block, q0: 0, rows: seq, checked: CHECKED })
+}
+
+/// The tile `q0 .. q0 + rows` of query rows a `[batch, rows, seq]` F32
+/// tensor (`name`) covers; it must lie within `0 .. seq`.
+fn query_tile<B: Backend>(
+    op: &'static str,
+    name: &str,
+    t: &Tensor<B>,
+    batch: usize,
+    seq: usize,
+    q0: usize,
+) -> Result<usize> {
+    check_dtype(op, name, t, DType::F32)?;
+    match *t.shape() {
+        [b, rows, s] if b == batch && s == seq && rows > 0 && q0.checked_add(rows).is_some_and(|e| e <= seq) => {
+            check_u32(op, "batch·rows·seq", t.numel())?;
+            Ok(rows)
+        }
+        _ => Err(Error::Shape(format!(
+            "{op}: `{name}` must be [{batch}, rows, {seq}] with query rows {q0}..{q0}+rows within the {seq} of \
+             the sequence, got {}",
+            fmt_shape(t.shape())
+        ))),
+    }
 }
 
 /// Full token scores `I(t, s)`, F32 `[batch, seq, seq]`, `-∞` for `s > t`.
@@ -262,16 +299,23 @@ pub fn indexer_scores<B: Backend>(
     w: &Tensor<B>,
     scores: &mut Tensor<B>,
 ) -> Result<()> {
+    indexer_scores_rows(be, qi, ki, w, 0, scores)
+}
+
+/// The token scores of the query rows `q0 .. q0 + rows`: F32 `scores`
+/// `[batch, rows, seq]`, `scores[b, r, s] = I(q0 + r, s)`, `-∞` for `s > q0 + r`.
+pub fn indexer_scores_rows<B: Backend>(
+    be: &B,
+    qi: &Tensor<B>,
+    ki: &Tensor<B>,
+    w: &Tensor<B>,
+    q0: usize,
+    scores: &mut Tensor<B>,
+) -> Result<()> {
     const OP: &str = "indexer_scores";
-    let s = indexer_spec(be, OP, qi, ki, w, 0)?;
-    check_dtype(OP, "scores", scores, DType::F32)?;
-    if scores.shape() != [s.batch, s.seq, s.seq] {
-        return Err(Error::Shape(format!(
-            "{OP}: scores must be {}, got {}",
-            fmt_shape(&[s.batch, s.seq, s.seq]),
-            fmt_shape(scores.shape())
-        )));
-    }
+    let mut s = indexer_spec(be, OP, qi, ki, w, 0)?;
+    s.rows = query_tile(OP, "scores", scores, s.batch, s.seq, q0)?;
+    s.q0 = q0;
     be.indexer_scores(&s, qi, ki, w, scores)
 }
 
@@ -372,6 +416,9 @@ pub fn select_topk<B: Backend>(be: &B, scores: &Tensor<B>, k: usize, block: usiz
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct IndexerLossSpec {
     pub attn: AttentionSpec,
+    /// The tile of query rows `q0 .. q0 + rows`.
+    pub q0: usize,
+    pub rows: usize,
     pub checked: Checked,
 }
 
@@ -396,20 +443,30 @@ pub fn indexer_kl<B: Backend>(
     loss: &mut Tensor<B>,
     dscores: &mut Tensor<B>,
 ) -> Result<()> {
+    indexer_kl_rows(be, q, k, lse, scores, pattern, 0, loss, dscores)
+}
+
+/// [`indexer_kl`] of the query rows `q0 .. q0 + rows`: `scores` and `dscores`
+/// are `[batch, rows, seq]` (row `r` is query `q0 + r`); `loss` stays
+/// `[batch, seq]` and only the tile's rows of it are written.
+#[allow(clippy::too_many_arguments)]
+pub fn indexer_kl_rows<B: Backend>(
+    be: &B,
+    q: &Tensor<B>,
+    k: &Tensor<B>,
+    lse: &Tensor<B>,
+    scores: &Tensor<B>,
+    pattern: Pattern<'_, B>,
+    q0: usize,
+    loss: &mut Tensor<B>,
+    dscores: &mut Tensor<B>,
+) -> Result<()> {
     const OP: &str = "indexer_kl";
     let s = attn_spec(be, OP, q, k, k, &pattern)?;
     check_lse(OP, &s, lse)?;
-    let sq = [s.batch, s.seq, s.seq];
-    for (name, t) in [("scores", scores), ("dscores", &*dscores)] {
-        check_dtype(OP, name, t, DType::F32)?;
-        if t.shape() != sq {
-            return Err(Error::Shape(format!(
-                "{OP}: `{name}` must be {}, got {}",
-                fmt_shape(&sq),
-                fmt_shape(t.shape())
-            )));
-        }
-    }
+    let rows = query_tile(OP, "scores", scores, s.batch, s.seq, q0)?;
+    check_same_shape(OP, &[("scores", scores), ("dscores", &*dscores)])?;
+    check_dtype(OP, "dscores", dscores, DType::F32)?;
     check_dtype(OP, "loss", loss, DType::F32)?;
     if loss.shape() != [s.batch, s.seq] {
         return Err(Error::Shape(format!(
@@ -419,8 +476,9 @@ pub fn indexer_kl<B: Backend>(
             fmt_shape(loss.shape())
         )));
     }
-    check_u32(OP, "batch·seq·seq", s.batch * s.seq * s.seq)?;
-    be.indexer_kl(&IndexerLossSpec { attn: s, checked: CHECKED }, q, k, lse, scores, idx_of(&pattern), loss, dscores)
+    check_u32(OP, "batch·rows·seq", s.batch * rows * s.seq)?;
+    let ls = IndexerLossSpec { attn: s, q0, rows, checked: CHECKED };
+    be.indexer_kl(&ls, q, k, lse, scores, idx_of(&pattern), loss, dscores)
 }
 
 /// Gradients of [`indexer_scores`] given `dscores` (F32 `[batch, seq, seq]`,
@@ -438,16 +496,29 @@ pub fn indexer_backward<B: Backend>(
     dki: &mut Tensor<B>,
     dw: &mut Tensor<B>,
 ) -> Result<()> {
+    indexer_backward_rows(be, qi, ki, w, dscores, 0, dqi, dki, dw)
+}
+
+/// [`indexer_backward`] of the query rows `q0 .. q0 + rows`: `dscores` is
+/// `[batch, rows, seq]` (row `r` is query `q0 + r`); `dq_i` and `dw` are
+/// written at the tile's rows only; `dk_i` is overwritten with the tile's
+/// contribution `Σ_{t in tile, j} dI·w[t,j]·[L>0]·q_i[t,j]` (0 for keys past the tile).
+#[allow(clippy::too_many_arguments)]
+pub fn indexer_backward_rows<B: Backend>(
+    be: &B,
+    qi: &Tensor<B>,
+    ki: &Tensor<B>,
+    w: &Tensor<B>,
+    dscores: &Tensor<B>,
+    q0: usize,
+    dqi: &mut Tensor<B>,
+    dki: &mut Tensor<B>,
+    dw: &mut Tensor<B>,
+) -> Result<()> {
     const OP: &str = "indexer_backward";
-    let s = indexer_spec(be, OP, qi, ki, w, 0)?;
-    check_dtype(OP, "dscores", dscores, DType::F32)?;
-    if dscores.shape() != [s.batch, s.seq, s.seq] {
-        return Err(Error::Shape(format!(
-            "{OP}: dscores must be {}, got {}",
-            fmt_shape(&[s.batch, s.seq, s.seq]),
-            fmt_shape(dscores.shape())
-        )));
-    }
+    let mut s = indexer_spec(be, OP, qi, ki, w, 0)?;
+    s.rows = query_tile(OP, "dscores", dscores, s.batch, s.seq, q0)?;
+    s.q0 = q0;
     check_same_dtype(OP, &[("q_i", qi), ("dq_i", &*dqi), ("dk_i", &*dki), ("dw", &*dw)])?;
     check_same_shape(OP, &[("q_i", qi), ("dq_i", &*dqi)])?;
     check_same_shape(OP, &[("k_i", ki), ("dk_i", &*dki)])?;

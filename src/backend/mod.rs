@@ -62,6 +62,13 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn reset_peak(&self);
     /// Waits until every issued op has finished.
     fn synchronize(&self) -> Result<()>;
+    /// The most bytes one kernel argument may hold: a wgpu adapter's largest
+    /// storage binding; `u64::MAX` where only memory bounds a buffer. The
+    /// model splits its largest activations (LM-head logits, the indexer's
+    /// training scores) into pieces under it.
+    fn max_binding_bytes(&self) -> u64 {
+        u64::MAX
+    }
 
     /// A buffer of `len` elements with unspecified contents.
     fn alloc(&self, dtype: DType, len: usize) -> Result<Self::Buffer>;

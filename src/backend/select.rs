@@ -66,6 +66,16 @@ impl AnyBackend {
             AnyBackend::Cuda(b) => b.kind(),
         }
     }
+    /// [`Backend::max_binding_bytes`] of the backend held.
+    pub fn max_binding_bytes(&self) -> u64 {
+        match self {
+            AnyBackend::Cpu(b) => b.max_binding_bytes(),
+            #[cfg(feature = "wgpu")]
+            AnyBackend::Wgpu(b) => b.max_binding_bytes(),
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda(b) => b.max_binding_bytes(),
+        }
+    }
     pub fn device_name(&self) -> String {
         match self {
             AnyBackend::Cpu(b) => b.device_name(),

@@ -121,7 +121,7 @@ pub fn run(choice: BackendChoice, a: TrainBenchArgs) -> Result<()> {
     }
     let sel = select(choice)?;
     for &dt in &dts {
-        let plan = MemoryPlan::train(&cfg, dt, a.batch, a.seq);
+        let plan = MemoryPlan::train(&cfg, dt, a.batch, a.seq, sel.backend.max_binding_bytes());
         super::preflight(
             &plan,
             &sel.backend,

@@ -601,7 +601,13 @@ pub fn train(choice: BackendChoice, args: TrainArgs) -> Result<()> {
         )));
     }
     let sel = select(choice)?;
-    let plan = MemoryPlan::train(&model_cfg, train_cfg.precision, train_cfg.batch, train_cfg.seq);
+    let plan = MemoryPlan::train(
+        &model_cfg,
+        train_cfg.precision,
+        train_cfg.batch,
+        train_cfg.seq,
+        sel.backend.max_binding_bytes(),
+    );
     super::preflight(&plan, &sel.backend, "training", "lower --batch, --seq, --context, --d-model or --layers")?;
     // Last of the checks and before any compute: the folder (an --overwrite deletes nothing
     // until every other check has passed).
@@ -677,7 +683,8 @@ pub fn eval(choice: BackendChoice, a: EvalArgs) -> Result<()> {
     };
     let data = data_of(&ck, a.data.as_deref())?;
     let sel = select(choice)?;
-    let plan = MemoryPlan::inference(&ck.model, ck.train.precision, ck.train.batch, ck.train.seq, size);
+    let max_binding = sel.backend.max_binding_bytes();
+    let plan = MemoryPlan::inference(&ck.model, ck.train.precision, ck.train.batch, ck.train.seq, size, max_binding);
     super::preflight(&plan, &sel.backend, "evaluating this checkpoint", "its batch, seq or context is too large")?;
     let precision = ck.train.precision;
     let ev = run_on(&sel.backend, EvalJob { ck, data, attn, windows: a.windows })?;

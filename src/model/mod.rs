@@ -167,6 +167,10 @@ impl<B: Backend> Model<B> {
             )));
         }
         ws.ids.write_f32(be, &ids.iter().map(|&x| x as f32).collect::<Vec<_>>())?;
+        // Targets are uploaded before any kernel is recorded (a write submits the pending ones).
+        if let Some(tg) = targets {
+            ws.write_targets(be, tg)?;
+        }
         let w = &self.params;
         ops::embedding(be, &ws.ids, &w[self.layout.emb], &mut ws.x[0])?;
         ws.attn = attn;
@@ -232,10 +236,8 @@ impl<B: Backend> Model<B> {
             &mut ws.rstdf,
             1e-5,
         )?;
-        ops::matmul(be, &ws.lnf, &w[self.layout.emb], &mut ws.logits, false, true, 1.0, 0.0)?;
+        self.lm_head_forward(be, ws, targets.is_some())?;
         let Some(tg) = targets else { return Ok(ForwardStats { loss: f64::NAN, valid: 0 }) };
-        ws.targets.write_f32(be, &tg.iter().map(|&x| x as f32).collect::<Vec<_>>())?;
-        ops::cross_entropy(be, &ws.logits, &ws.targets, &mut ws.losses, IGNORE)?;
         let losses = ws.losses.to_f32_vec(be)?;
         let valid = tg.iter().filter(|&&x| x != IGNORE && (x as usize) < self.cfg.vocab).count();
         ws.valid = valid;
@@ -263,11 +265,7 @@ impl<B: Backend> Model<B> {
         if grads.len() != w.len() {
             return Err(Error::Shape(format!("backward: {} gradient tensors for {} parameters", grads.len(), w.len())));
         }
-        let gs = loss_scale / ws.valid.max(1) as f32;
-        ops::cross_entropy_backward(be, &ws.logits, &ws.targets, &mut ws.dlogits, IGNORE, gs)?;
-        // logits = lnf·Eᵀ: d_lnf = dlogits·E, dE += dlogitsᵀ·lnf
-        ops::matmul(be, &ws.dlogits, &w[lay.emb], &mut ws.dln, false, false, 1.0, 0.0)?;
-        ops::matmul(be, &ws.dlogits, &ws.lnf, &mut grads[lay.emb], true, false, 1.0, 1.0)?;
+        self.lm_head_backward(be, ws, &mut grads[lay.emb], loss_scale / ws.valid.max(1) as f32)?;
         let (gf, gb) = pair(grads, lay.lnfg, lay.lnfb);
         let xl = &ws.x[self.cfg.n_layers];
         ops::layernorm_backward(be, &ws.dln, xl, &w[lay.lnfg], &ws.meanf, &ws.rstdf, &mut ws.dx, gf, gb)?;
@@ -312,21 +310,35 @@ impl<B: Backend> Model<B> {
                 };
                 let a = &ws.layers[l];
                 ix.project(be, &a.ln1, w, ip)?;
-                attention::indexer_scores(be, &ix.qi, &ix.ki, &ix.w, &mut ix.scores)?;
-                let pat = if sparse_step { Pattern::Blocks { idx: &ix.select[l], block } } else { Pattern::Dense };
-                attention::indexer_kl(be, &a.q, &a.k, &a.lse, &ix.scores, pat, &mut ix.kl, &mut ix.dscores)?;
+                // The [B, seq, seq] scores and their gradient, one tile of query rows at a
+                // time: the KL rows and dq_i, dw rows are the tile's; dk_i adds up over tiles.
+                for q0 in (0..ws.seq).step_by(ix.tile) {
+                    let (scores, dscores) = match ix.tail.as_mut() {
+                        Some(t) if q0 + ix.tile > ws.seq => (&mut t.0, &mut t.1),
+                        _ => (&mut ix.scores, &mut ix.dscores),
+                    };
+                    attention::indexer_scores_rows(be, &ix.qi, &ix.ki, &ix.w, q0, scores)?;
+                    let pat = if sparse_step { Pattern::Blocks { idx: &ix.select[l], block } } else { Pattern::Dense };
+                    attention::indexer_kl_rows(be, &a.q, &a.k, &a.lse, scores, pat, q0, &mut ix.kl, dscores)?;
+                    ops::scale(be, dscores, loss_scale / n as f32)?;
+                    let Some((dki_tile, acc)) = ix.dki_tiles.as_mut() else {
+                        let (dqi, dki, dw) = (&mut ix.dqi, &mut ix.dki, &mut ix.dw);
+                        attention::indexer_backward(be, &ix.qi, &ix.ki, &ix.w, dscores, dqi, dki, dw)?;
+                        continue;
+                    };
+                    let (dqi, dw) = (&mut ix.dqi, &mut ix.dw);
+                    attention::indexer_backward_rows(be, &ix.qi, &ix.ki, &ix.w, dscores, q0, dqi, dki_tile, dw)?;
+                    // dk_i sums the tiles' contributions in f32 (each rounded once to the dtype).
+                    if q0 == 0 {
+                        ops::cast(be, dki_tile, acc)?;
+                    } else {
+                        ops::axpby(be, 1.0, dki_tile, 1.0, acc)?;
+                    }
+                }
+                if let Some((_, acc)) = ix.dki_tiles.as_ref() {
+                    ops::cast(be, acc, &mut ix.dki)?;
+                }
                 kl_total += ix.kl.to_f32_vec(be)?.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
-                ops::scale(be, &mut ix.dscores, loss_scale / n as f32)?;
-                attention::indexer_backward(
-                    be,
-                    &ix.qi,
-                    &ix.ki,
-                    &ix.w,
-                    &ix.dscores,
-                    &mut ix.dqi,
-                    &mut ix.dki,
-                    &mut ix.dw,
-                )?;
                 let (wq, wk, ww) = ip;
                 for (dst, src) in [(wq, &mut ix.dqi), (wk, &mut ix.dki), (ww, &mut ix.dw)] {
                     let shape = src.shape().to_vec();
@@ -339,6 +351,57 @@ impl<B: Backend> Model<B> {
         }
         ops::embedding_backward(be, &ws.ids, &ws.dx, &mut grads[lay.emb])?;
         Ok(kl_total / self.cfg.n_layers as f64)
+    }
+
+    /// `logits = lnf·Eᵀ` and, `with_loss`, the per-row cross-entropy into
+    /// `ws.losses`. Chunked (see [`LmChunks`]): chunk `c` gathers its rows of
+    /// `lnf`, keeps its own logits and scatters its losses into their rows.
+    fn lm_head_forward(&self, be: &B, ws: &mut Workspace<B>, with_loss: bool) -> Result<()> {
+        let emb = &self.params[self.layout.emb];
+        let Some(ch) = ws.lm.as_mut() else {
+            ops::matmul(be, &ws.lnf, emb, &mut ws.logits[0], false, true, 1.0, 0.0)?;
+            if with_loss {
+                ops::cross_entropy(be, &ws.logits[0], &ws.targets, &mut ws.losses, IGNORE)?;
+            }
+            return Ok(());
+        };
+        let n = ws.losses.numel();
+        if with_loss {
+            ops::fill(be, &mut ws.losses, 0.0)?;
+            ws.losses.set_shape(&[n, 1])?;
+        }
+        for (c, logits) in ws.logits.iter_mut().enumerate() {
+            ops::embedding(be, &ch.rows[c], &ws.lnf, &mut ch.lnf)?;
+            ops::matmul(be, &ch.lnf, emb, logits, false, true, 1.0, 0.0)?;
+            if with_loss {
+                ch.losses.set_shape(&[ch.len])?;
+                ops::cross_entropy(be, logits, &ch.targets[c], &mut ch.losses, IGNORE)?;
+                ch.losses.set_shape(&[ch.len, 1])?;
+                ops::embedding_backward(be, &ch.rows[c], &ch.losses, &mut ws.losses)?;
+            }
+        }
+        ws.losses.set_shape(&[n])
+    }
+
+    /// Backward of [`Model::lm_head_forward`] with `dlogits = gs·(softmax − onehot)`:
+    /// `d_lnf = dlogits·E` into `ws.dln` (overwritten), `dE += dlogitsᵀ·lnf`. The
+    /// row chunks' contributions to `dE` add up; their `d_lnf` rows are disjoint.
+    fn lm_head_backward(&self, be: &B, ws: &mut Workspace<B>, demb: &mut Tensor<B>, gs: f32) -> Result<()> {
+        let emb = &self.params[self.layout.emb];
+        let Some(ch) = ws.lm.as_mut() else {
+            ops::cross_entropy_backward(be, &ws.logits[0], &ws.targets, &mut ws.dlogits, IGNORE, gs)?;
+            ops::matmul(be, &ws.dlogits, emb, &mut ws.dln, false, false, 1.0, 0.0)?;
+            return ops::matmul(be, &ws.dlogits, &ws.lnf, demb, true, false, 1.0, 1.0);
+        };
+        ops::fill(be, &mut ws.dln, 0.0)?;
+        for (c, logits) in ws.logits.iter().enumerate() {
+            ops::cross_entropy_backward(be, logits, &ch.targets[c], &mut ws.dlogits, IGNORE, gs)?;
+            ops::matmul(be, &ws.dlogits, emb, &mut ch.dln, false, false, 1.0, 0.0)?;
+            ops::embedding_backward(be, &ch.rows[c], &ch.dln, &mut ws.dln)?;
+            ops::embedding(be, &ch.rows[c], &ws.lnf, &mut ch.lnf)?;
+            ops::matmul(be, &ws.dlogits, &ch.lnf, demb, true, false, 1.0, 1.0)?;
+        }
+        Ok(())
     }
 
     /// From dq, dk, dv (post-RoPE) to the q/k/v weight gradients and `dx += d(ln1 path)`.
@@ -415,8 +478,15 @@ struct IndexerWs<B: Backend> {
     w: Tensor<B>,
     pooled: Tensor<B>,
     select: Vec<Tensor<B>>,
+    /// Query rows per tile of the training scores (`seq`: one tile).
+    tile: usize,
+    /// `[batch, tile, seq]` F32 scores and their gradient, and the same for a
+    /// shorter last tile when `tile` does not divide `seq`.
     scores: Tensor<B>,
     dscores: Tensor<B>,
+    tail: Option<(Tensor<B>, Tensor<B>)>,
+    /// Tiled: one tile's contribution to `dk_i`, and their F32 sum.
+    dki_tiles: Option<(Tensor<B>, Tensor<B>)>,
     kl: Tensor<B>,
     dqi: Tensor<B>,
     dki: Tensor<B>,
@@ -437,6 +507,58 @@ impl<B: Backend> IndexerWs<B> {
     }
 }
 
+/// The LM head in row chunks: chunk `c` covers rows `c·len .. (c+1)·len` of
+/// the `n = batch·seq` rows (the last one padded past `n`). No logits tensor
+/// then passes the backend's largest binding; the loss is a sum over rows and
+/// `dE` a sum over rows, so chunks add up to the unchunked result.
+struct LmChunks<B: Backend> {
+    /// Rows per chunk.
+    len: usize,
+    /// Per chunk, U32 `[len]`: its row numbers. Padding rows are `≥ n`, which
+    /// `embedding` gathers as zero rows and `embedding_backward` skips.
+    rows: Vec<Tensor<B>>,
+    /// Per chunk, U32 `[len]`: its targets, `IGNORE` on padding rows.
+    targets: Vec<Tensor<B>>,
+    /// One chunk's rows of `lnf`, and of `d_lnf`: `[len, c]`.
+    lnf: Tensor<B>,
+    dln: Tensor<B>,
+    /// One chunk's losses, F32 `[len, 1]`.
+    losses: Tensor<B>,
+}
+
+/// Bytes one buffer may hold for the model's chunking: the backend's largest
+/// binding, lowered by `DYNSPARSE_CHUNK_BYTES` (tests and benchmarks force
+/// small chunks with it). An unparsable value is an error.
+pub fn chunk_budget<B: Backend>(be: &B) -> Result<u64> {
+    let max = be.max_binding_bytes();
+    match std::env::var("DYNSPARSE_CHUNK_BYTES").ok().as_deref().map(str::trim) {
+        None | Some("") => Ok(max),
+        Some(v) => match v.parse::<u64>() {
+            Ok(b) if b > 0 => Ok(b.min(max)),
+            _ => Err(Error::Invalid(format!("DYNSPARSE_CHUNK_BYTES={v}: expected a positive number of bytes"))),
+        },
+    }
+}
+
+/// Rows per LM-head chunk for `n` rows of `vocab` logits under `budget`
+/// bytes per buffer: logits are counted as f32 whatever the dtype (wgpu
+/// writes half-precision outputs through an f32 staging buffer), and a chunk
+/// stays within the u32 element counts of the op specs. At least one row.
+pub fn lm_chunk_rows(n: usize, vocab: usize, budget: u64) -> usize {
+    let per_row = (vocab as u64).max(1);
+    let rows = (budget / 4 / per_row).min(u32::MAX as u64 / per_row);
+    (rows as usize).clamp(1, n.max(1))
+}
+
+/// Query rows per tile of the indexer's `[batch, rows, seq]` F32 training
+/// scores under `budget` bytes per buffer (and the u32 element counts of the
+/// op specs); at least one row, at most `seq`.
+pub fn score_tile_rows(batch: usize, seq: usize, budget: u64) -> usize {
+    let per_row = (batch as u64 * seq as u64).max(1);
+    let rows = (budget / 4 / per_row).min(u32::MAX as u64 / per_row);
+    (rows as usize).clamp(1, seq.max(1))
+}
+
 /// Every activation and activation-gradient buffer of one (batch, seq) shape,
 /// allocated once.
 pub struct Workspace<B: Backend> {
@@ -451,7 +573,10 @@ pub struct Workspace<B: Backend> {
     lnf: Tensor<B>,
     meanf: Tensor<B>,
     rstdf: Tensor<B>,
-    logits: Tensor<B>,
+    /// `[rows, vocab]` logits: one tensor of all `n` rows, or one per row chunk.
+    logits: Vec<Tensor<B>>,
+    /// The LM head's row chunks, when the logits of all rows do not fit in one binding.
+    lm: Option<LmChunks<B>>,
     losses: Tensor<B>,
     q_raw: Tensor<B>,
     k_raw: Tensor<B>,
@@ -482,13 +607,58 @@ impl<B: Backend> Workspace<B> {
         }
     }
 
-    /// Logits of the last forward pass, `[batch·seq, vocab]` as f32.
+    /// Logits of the last forward pass, `[batch·seq, vocab]` as f32 (the row
+    /// chunks concatenated on the host).
     pub fn logits_f32(&self, be: &B) -> Result<Vec<f32>> {
-        self.logits.to_f32_vec(be)
+        let n = self.batch * self.seq;
+        let mut out = Vec::new();
+        for l in &self.logits {
+            let v = l.to_f32_vec(be)?;
+            let keep = v.len().min((n * l.last_dim()).saturating_sub(out.len()));
+            out.extend_from_slice(&v[..keep]);
+        }
+        Ok(out)
     }
 
-    /// Allocates every buffer for `batch` sequences of `seq` tokens.
+    /// Rows per LM-head chunk (`batch·seq` when the logits are one tensor).
+    pub fn lm_chunk_rows(&self) -> usize {
+        self.lm.as_ref().map_or(self.batch * self.seq, |c| c.len)
+    }
+
+    /// Query rows per tile of the indexer's training scores (sparse models).
+    pub fn indexer_tile_rows(&self) -> Option<usize> {
+        self.idx.as_ref().map(|ix| ix.tile)
+    }
+
+    /// Uploads the targets (`IGNORE` on the padding rows of the last chunk).
+    fn write_targets(&mut self, be: &B, tg: &[u32]) -> Result<()> {
+        let as_f32 = |t: &[u32]| t.iter().map(|&x| x as f32).collect::<Vec<_>>();
+        let Some(ch) = self.lm.as_mut() else { return self.targets.write_f32(be, &as_f32(tg)) };
+        for (c, t) in ch.targets.iter_mut().enumerate() {
+            let mut rows = tg.iter().skip(c * ch.len).take(ch.len).copied().collect::<Vec<_>>();
+            rows.resize(ch.len, IGNORE);
+            t.write_f32(be, &as_f32(&rows))?;
+        }
+        Ok(())
+    }
+
+    /// Allocates every buffer for `batch` sequences of `seq` tokens; the
+    /// largest ones are split under [`chunk_budget`].
     pub fn new(be: &B, cfg: &ModelConfig, dtype: DType, batch: usize, seq: usize) -> Result<Self> {
+        Self::with_chunk_bytes(be, cfg, dtype, batch, seq, chunk_budget(be)?)
+    }
+
+    /// [`Workspace::new`] with at most `chunk_bytes` (and the backend's largest
+    /// binding) per LM-head logits chunk and per tile of the indexer's
+    /// training scores.
+    pub fn with_chunk_bytes(
+        be: &B,
+        cfg: &ModelConfig,
+        dtype: DType,
+        batch: usize,
+        seq: usize,
+        chunk_bytes: u64,
+    ) -> Result<Self> {
         if seq == 0 || batch == 0 {
             return Err(Error::Invalid("workspace: batch and sequence length must be positive".into()));
         }
@@ -523,10 +693,13 @@ impl<B: Backend> Workspace<B> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let budget = chunk_bytes.min(be.max_binding_bytes());
         let idx = match cfg.attention {
             AttentionMode::Dense => None,
             AttentionMode::Sparse { block, keep_blocks, index_heads, index_dim } => {
                 let nb = seq.div_ceil(block);
+                let tile = score_tile_rows(batch, seq, budget);
+                let rest = seq % tile;
                 Some(IndexerWs {
                     qi: e(&[batch, seq, index_heads, index_dim])?,
                     ki: e(&[batch, seq, index_dim])?,
@@ -535,14 +708,39 @@ impl<B: Backend> Workspace<B> {
                     select: (0..cfg.n_layers)
                         .map(|_| Tensor::empty(be, &[batch, seq, keep_blocks.min(nb)], DType::U32))
                         .collect::<Result<_>>()?,
-                    scores: f32t(&[batch, seq, seq])?,
-                    dscores: f32t(&[batch, seq, seq])?,
+                    tile,
+                    scores: f32t(&[batch, tile, seq])?,
+                    dscores: f32t(&[batch, tile, seq])?,
+                    tail: if rest > 0 { Some((f32t(&[batch, rest, seq])?, f32t(&[batch, rest, seq])?)) } else { None },
+                    dki_tiles: if tile < seq {
+                        Some((e(&[batch, seq, index_dim])?, f32t(&[batch, seq, index_dim])?))
+                    } else {
+                        None
+                    },
                     kl: f32t(&[batch, seq])?,
                     dqi: e(&[batch, seq, index_heads, index_dim])?,
                     dki: e(&[batch, seq, index_dim])?,
                     dw: e(&[batch, seq, index_heads])?,
                 })
             }
+        };
+        let len = lm_chunk_rows(n, cfg.vocab, budget);
+        let (logits, lm) = if len >= n {
+            (vec![e(&[n, cfg.vocab])?], None)
+        } else {
+            let chunks = n.div_ceil(len);
+            let rows = (0..chunks)
+                .map(|c| Tensor::from_u32(be, &(c * len..(c + 1) * len).map(|r| r as u32).collect::<Vec<_>>(), &[len]))
+                .collect::<Result<Vec<_>>>()?;
+            let ch = LmChunks {
+                len,
+                rows,
+                targets: (0..chunks).map(|_| Tensor::zeros(be, &[len], DType::U32)).collect::<Result<_>>()?,
+                lnf: e(&[len, c])?,
+                dln: e(&[len, c])?,
+                losses: f32t(&[len, 1])?,
+            };
+            ((0..chunks).map(|_| e(&[len, cfg.vocab])).collect::<Result<_>>()?, Some(ch))
         };
         Ok(Workspace {
             batch,
@@ -555,11 +753,12 @@ impl<B: Backend> Workspace<B> {
             lnf: e(&[n, c])?,
             meanf: f32t(&[n])?,
             rstdf: f32t(&[n])?,
-            logits: e(&[n, cfg.vocab])?,
+            logits,
+            lm,
             losses: f32t(&[n])?,
             q_raw: e(&[n, cfg.n_heads * hd])?,
             k_raw: e(&[n, cfg.n_kv_heads * hd])?,
-            dlogits: e(&[n, cfg.vocab])?,
+            dlogits: e(&[len, cfg.vocab])?,
             dx: e(&[n, c])?,
             dln: e(&[n, c])?,
             tmp: e(&[n, c])?,

@@ -8,7 +8,7 @@
 
 use crate::DType;
 use crate::error::{Error, Result};
-use crate::model::{AttentionMode, ModelConfig};
+use crate::model::{AttentionMode, ModelConfig, lm_chunk_rows, score_tile_rows};
 
 /// Where the bytes live.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,9 +29,16 @@ fn bytes(dtype: DType) -> u128 {
     dtype.size() as u128
 }
 
-/// Bytes of one `Workspace` of `batch × seq` tokens in `dtype`, as
-/// (activations, logits, indexer scores).
-pub fn workspace_bytes(cfg: &ModelConfig, dtype: DType, batch: usize, seq: usize) -> (u128, u128, u128) {
+/// Bytes of one `Workspace` of `batch × seq` tokens in `dtype` whose largest
+/// buffers are split under `max_binding` bytes (the backend's largest
+/// binding), as (activations, logits, indexer scores).
+pub fn workspace_bytes(
+    cfg: &ModelConfig,
+    dtype: DType,
+    batch: usize,
+    seq: usize,
+    max_binding: u64,
+) -> (u128, u128, u128) {
     let e = bytes(dtype);
     let (b, s) = (batch as u128, seq as u128);
     let n = b * s;
@@ -44,7 +51,15 @@ pub fn workspace_bytes(cfg: &ModelConfig, dtype: DType, batch: usize, seq: usize
     let shared = e * ((l + 1) * n * c + n * c + 3 * n * h * hd + 3 * n * kv * hd + 3 * n * c + 2 * n * f + n * h * hd)
         + 4 * (3 * n)
         + 4 * (2 * n);
-    let logits = 2 * e * n * v;
+    // Logits and their gradient; in row chunks, every chunk's logits, one chunk's gradient, and per
+    // chunk its row numbers and targets (u32), one chunk's lnf and d_lnf rows and f32 losses.
+    let len = lm_chunk_rows((b * s) as usize, cfg.vocab, max_binding) as u128;
+    let logits = if len >= n {
+        2 * e * n * v
+    } else {
+        let padded = n.div_ceil(len) * len;
+        e * (padded * v + len * v) + 8 * padded + 2 * e * len * c + 4 * len
+    };
     let (idx_act, scores) = match cfg.attention {
         AttentionMode::Dense => (0, 0),
         AttentionMode::Sparse { block, keep_blocks, index_heads, index_dim } => {
@@ -53,9 +68,11 @@ pub fn workspace_bytes(cfg: &ModelConfig, dtype: DType, batch: usize, seq: usize
             let proj = 2 * e * (n * ih * id + n * id + n * ih);
             // Each query's kept blocks, per layer: [B, seq, keep] u32.
             let select = l * b * s * nb.min(keep_blocks as u128) * 4;
-            // The indexer's [B, seq, seq] scores and their gradient, and each query's pooled
-            // per-block scores [B, seq, nb].
-            (proj + select + 4 * n, 2 * 4 * b * s * s + 4 * b * s * nb)
+            // The indexer's [B, tile, seq] scores and their gradient (and a shorter last tile's;
+            // tiled, one tile's dk_i and their f32 sum), and each query's pooled per-block scores [B, seq, nb].
+            let tile = score_tile_rows(batch, seq, max_binding) as u128;
+            let tiles = 2 * 4 * b * (tile + s % tile) * s + if tile < s { (e + 4) * n * id } else { 0 };
+            (proj + select + 4 * n, tiles + 4 * b * s * nb)
         }
     };
     (l * per_layer + shared + idx_act, logits, scores)
@@ -68,12 +85,13 @@ fn rope_bytes(cfg: &ModelConfig) -> u128 {
 
 impl MemoryPlan {
     /// A training run: weights, f32 masters, gradients, AdamW moments, the
-    /// training and the evaluation workspaces, and the host buffers of a save.
-    pub fn train(cfg: &ModelConfig, precision: DType, batch: usize, seq: usize) -> Self {
+    /// training and the evaluation workspaces, and the host buffers of a save;
+    /// `max_binding` is the backend's largest binding ([`crate::Backend::max_binding_bytes`]).
+    pub fn train(cfg: &ModelConfig, precision: DType, batch: usize, seq: usize, max_binding: u64) -> Self {
         let p = cfg.n_params_u128();
         let mixed = precision != DType::F32;
-        let (act, logits, scores) = workspace_bytes(cfg, precision, batch, seq);
-        let (eact, elogits, escores) = workspace_bytes(cfg, precision, batch, seq);
+        let (act, logits, scores) = workspace_bytes(cfg, precision, batch, seq, max_binding);
+        let (eact, elogits, escores) = (act, logits, scores);
         MemoryPlan {
             parts: vec![
                 ("weights", Place::Device, p * bytes(precision)),
@@ -92,9 +110,16 @@ impl MemoryPlan {
 
     /// Evaluating or generating from a checkpoint of `file_bytes` bytes: the
     /// file, its f32 tensors, the model and one workspace.
-    pub fn inference(cfg: &ModelConfig, precision: DType, batch: usize, seq: usize, file_bytes: u64) -> Self {
+    pub fn inference(
+        cfg: &ModelConfig,
+        precision: DType,
+        batch: usize,
+        seq: usize,
+        file_bytes: u64,
+        max_binding: u64,
+    ) -> Self {
         let p = cfg.n_params_u128();
-        let (act, logits, scores) = workspace_bytes(cfg, precision, batch, seq);
+        let (act, logits, scores) = workspace_bytes(cfg, precision, batch, seq, max_binding);
         MemoryPlan {
             parts: vec![
                 ("checkpoint buffers", Place::Host, file_bytes as u128 + 12 * p),
@@ -229,14 +254,15 @@ mod tests {
         let be = CpuBackend::new();
         for attention in [AttentionMode::Dense, ModelConfig::default().attention] {
             let cfg = ModelConfig { n_layers: 2, d_model: 64, context: 128, attention, ..Default::default() };
-            for dtype in [DType::F32, DType::BF16] {
+            // Whole buffers, and split under 13 rows of logits (15 chunks of the 192 rows).
+            for (dtype, budget) in [(DType::F32, u64::MAX), (DType::BF16, u64::MAX), (DType::F32, 13 * 256 * 4)] {
                 let base = be.memory().allocated;
                 let model = Model::new(&be, cfg, dtype, 1).unwrap();
-                let ws = Workspace::new(&be, &cfg, dtype, 2, 96).unwrap();
+                let ws = Workspace::with_chunk_bytes(&be, &cfg, dtype, 2, 96, budget).unwrap();
                 let real = (be.memory().allocated - base) as u128;
-                let (a, l, s) = workspace_bytes(&cfg, dtype, 2, 96);
+                let (a, l, s) = workspace_bytes(&cfg, dtype, 2, 96, budget);
                 let est = a + l + s + rope_bytes(&cfg) + cfg.n_params_u128() * dtype.size() as u128;
-                eprintln!("{dtype} {attention:?}: estimate {est} B, allocated {real} B");
+                eprintln!("{dtype} {attention:?} {budget}: estimate {est} B, allocated {real} B");
                 // The estimate is meant to track the real buffers closely (within 10%).
                 assert!(est * 10 >= real * 9 && est * 10 <= real * 11, "{dtype}: estimate {est}, allocated {real}");
                 drop((model, ws));
@@ -247,10 +273,10 @@ mod tests {
     #[test]
     fn a_config_larger_than_memory_is_refused_with_the_numbers() {
         let cfg = ModelConfig { context: 1_000_000_000, ..Default::default() };
-        let plan = MemoryPlan::train(&cfg, DType::F32, 4, 1_000_000_000);
+        let plan = MemoryPlan::train(&cfg, DType::F32, 4, 1_000_000_000, u64::MAX);
         let e = plan.check("training", Some(8 << 30), None, "lower --seq").unwrap_err().to_string();
         assert!(e.contains("indexer scores") && e.contains("8.00 GiB") && e.contains("lower --seq"), "{e}");
-        let small = MemoryPlan::train(&ModelConfig::default(), DType::F32, 4, 512);
+        let small = MemoryPlan::train(&ModelConfig::default(), DType::F32, 4, 512, u64::MAX);
         small.check("training", Some(8 << 30), None, "").unwrap();
         // On a GPU only the host parts count against host memory.
         let e = small.check("training", Some(1 << 30), Some((1 << 20, "gpu0")), "").unwrap_err().to_string();

@@ -596,6 +596,110 @@ pub fn indexer_and_selection<R: Backend, B: Backend>(r: &R, b: &B) {
     }
 }
 
+/// The indexer's training ops over tiles of query rows (uneven, one crossing
+/// the CPU's 64-query tiles) reproduce the untiled ops on each backend:
+/// scores and dscores rows, the KL rows, dq_i and dw rows (each tile writes
+/// its own rows and leaves the others), and dk_i as the sum of the tiles'
+/// contributions; and the tiled results agree across backends.
+pub fn indexer_tiles_match_untiled<R: Backend, B: Backend>(r: &R, b: &B) {
+    type Tiles = &'static [(usize, usize)];
+    let cases: [(usize, usize, usize, Tiles); 2] = [
+        (2, 90, 8, &[(0, 7), (7, 64), (64, 90)]),
+        // d_I 64 and 500 queries in one tile: wgpu splits both backward loops (keys and queries) into chunks.
+        (1, 600, 64, &[(0, 100), (100, 600)]),
+    ];
+    for (ci, &(batch, seq, di, tiles)) in cases.iter().enumerate() {
+        let dts = if ci == 0 { float_dtypes(r, b) } else { vec![DType::F32] };
+        for dt in dts {
+            indexer_tiles_case(r, b, dt, (batch, seq, di), tiles);
+        }
+    }
+}
+
+fn indexer_tiles_case<R: Backend, B: Backend>(
+    r: &R,
+    b: &B,
+    dt: DType,
+    (batch, seq, di): (usize, usize, usize),
+    tiles: &[(usize, usize)],
+) {
+    use dynsparse::attention::{self as attn, Pattern};
+    let (hi, heads, kv, d) = (2usize, 4usize, 2usize, 16usize);
+    // Rows q0..q1 of every batch of a [batch, seq, seq] host tensor.
+    let rows_of = |v: &[f32], q0: usize, q1: usize| -> Vec<f32> {
+        (0..batch).flat_map(|bi| v[(bi * seq + q0) * seq..(bi * seq + q1) * seq].to_vec()).collect()
+    };
+    let fin = |v: Vec<f32>| v.into_iter().map(|x| if x == f32::NEG_INFINITY { -1e30 } else { x }).collect::<Vec<_>>();
+    {
+        let mut rng = Rng::new(seed("indexer-tiles", dt, seq));
+        let (qi, ki, w) =
+            (rng.normal_vec(batch * seq * hi * di), rng.normal_vec(batch * seq * di), rng.normal_vec(batch * seq * hi));
+        let (q, k) = (rng.normal_vec(batch * seq * heads * d), rng.normal_vec(batch * seq * kv * d));
+        let (sc, dsc) = (rng.normal_vec(batch * seq * seq), rng.normal_vec(batch * seq * seq));
+        let (_, _, blk, nn) = attn_patterns(batch, seq, seed("indexer-tiles-pattern", dt, 0));
+        let names = ["scores", "kl loss", "kl dscores", "dq_i", "dk_i", "dw"];
+        let (want, got) = on_both!(r, b, |be| {
+            let (qt, kt, wt) = (
+                up(be, &qi, &[batch, seq, hi, di], dt),
+                up(be, &ki, &[batch, seq, di], dt),
+                up(be, &w, &[batch, seq, hi], dt),
+            );
+            let (qs, ks) = ([batch, seq, heads, d], [batch, seq, kv, d]);
+            let (aq, ak) = (up(be, &q, &qs, dt), up(be, &k, &ks, dt));
+            let bt = Tensor::from_u32(be, &blk, &[batch, seq, nn]).unwrap();
+            let pat = || Pattern::Blocks { idx: &bt, block: ATTN_BLOCK };
+            let mut o = poisoned(be, &qs, dt);
+            let mut lse = poisoned(be, &[batch, heads, seq], DType::F32);
+            attn::attention(be, &aq, &ak, &ak, pat(), &mut o, &mut lse).unwrap();
+            let full = [batch, seq, seq];
+            // Untiled.
+            let mut scores = poisoned(be, &full, DType::F32);
+            attn::indexer_scores(be, &qt, &kt, &wt, &mut scores).unwrap();
+            let (mut loss, mut ds) = (poisoned(be, &[batch, seq], DType::F32), poisoned(be, &full, DType::F32));
+            attn::indexer_kl(be, &aq, &ak, &lse, &up(be, &sc, &full, DType::F32), pat(), &mut loss, &mut ds).unwrap();
+            let (mut dq, mut dk, mut dw) = (
+                poisoned(be, &[batch, seq, hi, di], dt),
+                poisoned(be, &[batch, seq, di], dt),
+                poisoned(be, &[batch, seq, hi], dt),
+            );
+            let dst = up(be, &dsc, &full, DType::F32);
+            attn::indexer_backward(be, &qt, &kt, &wt, &dst, &mut dq, &mut dk, &mut dw).unwrap();
+            let untiled =
+                [down(be, &scores), down(be, &loss), down(be, &ds), down(be, &dq), down(be, &dk), down(be, &dw)];
+            // Tiled, into the same full-size per-query outputs.
+            let (mut tscores, mut tds) = (vec![0.0; batch * seq * seq], vec![0.0; batch * seq * seq]);
+            let mut tloss = poisoned(be, &[batch, seq], DType::F32);
+            let (mut tdq, mut tdw) = (poisoned(be, &[batch, seq, hi, di], dt), poisoned(be, &[batch, seq, hi], dt));
+            let mut tdk = vec![0.0f32; batch * seq * di];
+            for &(q0, q1) in tiles {
+                let tile = [batch, q1 - q0, seq];
+                let mut s_t = poisoned(be, &tile, DType::F32);
+                attn::indexer_scores_rows(be, &qt, &kt, &wt, q0, &mut s_t).unwrap();
+                let mut ds_t = poisoned(be, &tile, DType::F32);
+                let sc_t = up(be, &rows_of(&sc, q0, q1), &tile, DType::F32);
+                attn::indexer_kl_rows(be, &aq, &ak, &lse, &sc_t, pat(), q0, &mut tloss, &mut ds_t).unwrap();
+                let mut dk_t = poisoned(be, &[batch, seq, di], dt);
+                let dsc_t = up(be, &rows_of(&dsc, q0, q1), &tile, DType::F32);
+                attn::indexer_backward_rows(be, &qt, &kt, &wt, &dsc_t, q0, &mut tdq, &mut dk_t, &mut tdw).unwrap();
+                for (dst, v) in [(&mut tscores, down(be, &s_t)), (&mut tds, down(be, &ds_t))] {
+                    for bi in 0..batch {
+                        let n = (q1 - q0) * seq;
+                        dst[(bi * seq + q0) * seq..(bi * seq + q1) * seq].copy_from_slice(&v[bi * n..(bi + 1) * n]);
+                    }
+                }
+                tdk.iter_mut().zip(down(be, &dk_t)).for_each(|(a, x)| *a += x);
+            }
+            let tiled = [tscores, down(be, &tloss), tds, down(be, &tdq), tdk, down(be, &tdw)];
+            for (i, name) in names.iter().enumerate() {
+                let what = format!("indexer tiles {name} (tiled vs untiled, same backend)");
+                assert_close(&what, &fin(tiled[i].clone()), &fin(untiled[i].clone()), dt);
+            }
+            tiled.into_iter().map(fin).collect::<Vec<_>>()
+        });
+        compare_all("indexer tiles", &format!("b{batch} t{seq} d_I{di}"), dt, &names, &want, &got);
+    }
+}
+
 /// Long sequences (f32): dense and block-sparse attention forward and
 /// backward, the indexer (scores, block scores, backward) and its KL loss at
 /// a sequence where one invocation looping over every key or query would run
@@ -1242,6 +1346,79 @@ pub fn training_step<R: Backend, B: Backend>(r: &R, b: &B) {
     }
 }
 
+/// Loss, KL, logits and every gradient of one forward + backward pass with a
+/// workspace whose buffers are split under `chunk_bytes`.
+#[allow(clippy::too_many_arguments)]
+fn chunked_pass<X: Backend>(
+    be: &X,
+    cfg: dynsparse::model::ModelConfig,
+    dt: DType,
+    (batch, seq): (usize, usize),
+    chunk_bytes: u64,
+    ids: &[u32],
+    tg: &[u32],
+    attn: dynsparse::model::StepAttention,
+) -> ((usize, usize), Vec<Vec<f32>>) {
+    use dynsparse::model::{Model, Workspace};
+    let model = Model::new(be, cfg, dt, 9).unwrap();
+    let mut ws = Workspace::with_chunk_bytes(be, &cfg, dt, batch, seq, chunk_bytes).unwrap();
+    let st = model.forward(be, &mut ws, ids, Some(tg), attn).unwrap();
+    let mut grads: Vec<Tensor<X>> = cfg.params().iter().map(|p| Tensor::zeros(be, &p.shape, dt).unwrap()).collect();
+    // A loss scale like the f16 trainer's keeps the tiny indexer gradients out of f16 subnormals.
+    let kl = model.backward(be, &mut ws, &mut grads, 256.0, true).unwrap();
+    let mut out = vec![vec![st.loss as f32, kl as f32], ws.logits_f32(be).unwrap()];
+    out.extend(grads.iter().map(|g| g.to_f32_vec(be).unwrap()));
+    ((ws.lm_chunk_rows(), ws.indexer_tile_rows().unwrap_or(0)), out)
+}
+
+/// A training pass whose LM head runs in row chunks (forced small, the last
+/// one padded) and whose indexer scores run in tiles of query rows (the last
+/// one shorter) gives the loss, KL, logits and gradients of the unchunked
+/// pass: the losses and the weight gradients are sums over rows.
+pub fn chunked_training_matches_unchunked<R: Backend, B: Backend>(r: &R, b: &B) {
+    use dynsparse::model::{AttentionMode, ModelConfig, StepAttention};
+    let (batch, seq, vocab) = (2usize, 40usize, 200usize);
+    let cfg = ModelConfig {
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        d_model: 32,
+        vocab,
+        context: 64,
+        mlp_ratio: 2,
+        rope_theta: 10000.0,
+        attention: AttentionMode::Sparse { block: 8, keep_blocks: 3, index_heads: 2, index_dim: 8 },
+    };
+    for dt in float_dtypes(r, b) {
+        let mut rng = Rng::new(seed("chunked-training", dt, 0));
+        let ids: Vec<u32> = (0..batch * seq).map(|_| rng.below(vocab as u64) as u32).collect();
+        let mut tg: Vec<u32> = (0..batch * seq).map(|_| rng.below(vocab as u64) as u32).collect();
+        tg[7] = dynsparse::model::IGNORE;
+        for attn in [StepAttention::Dense, StepAttention::Sparse { keep_blocks: 3 }] {
+            // Each backend against itself unchunked (the backends against each other: `training_step`).
+            let full = on_both!(r, b, |be| chunked_pass(be, cfg, dt, (batch, seq), u64::MAX, &ids, &tg, attn));
+            assert_eq!((full.0.0, full.1.0), ((batch * seq, seq), (batch * seq, seq)));
+            // 13 rows of 200 f32 logits per chunk: 7 chunks over 80 rows, the last one 2 rows and 11 padding.
+            // Indexer scores: 32-row tiles of [2, 32, 40] (and an 8-row tail); 7-row tiles (and a 5-row tail).
+            for (bytes, rows, tiles) in [(13 * vocab as u64 * 4, 13, 32), (3 * vocab as u64 * 4 + 5, 3, 7)] {
+                let got = on_both!(r, b, |be| chunked_pass(be, cfg, dt, (batch, seq), bytes, &ids, &tg, attn));
+                for (which, ((got_rows, tile), got), want) in
+                    [("reference", &got.0, &full.0.1), ("tested", &got.1, &full.1.1)]
+                {
+                    assert_eq!(*got_rows, rows, "{bytes} bytes per chunk");
+                    assert_eq!(*tile, tiles, "{bytes} bytes per tile of indexer scores");
+                    let mut names = vec!["loss and KL".to_string(), "logits".to_string()];
+                    names.extend(cfg.params().iter().map(|p| format!("gradient of {}", p.name)));
+                    for (i, name) in names.iter().enumerate() {
+                        let what = format!("{which} backend, chunked ({rows} rows) {attn:?} {name}");
+                        assert_close(&what, &got[i], &want[i], dt);
+                    }
+                }
+            }
+        }
+    }
+}
+
 // ------------------------------------------------------------ bad inputs
 
 fn expect_err<T>(what: &str, r: dynsparse::Result<T>, needles: &[&str]) {
@@ -1444,6 +1621,18 @@ macro_rules! conformance_tests {
         fn one_training_step_matches_reference() {
             if let Some((r, b)) = $get() {
                 common::training_step(r, b)
+            }
+        }
+        #[test]
+        fn indexer_training_ops_over_query_tiles_match_untiled() {
+            if let Some((r, b)) = $get() {
+                common::indexer_tiles_match_untiled(r, b)
+            }
+        }
+        #[test]
+        fn chunked_lm_head_and_indexer_training_matches_unchunked() {
+            if let Some((r, b)) = $get() {
+                common::chunked_training_matches_unchunked(r, b)
             }
         }
         #[test]

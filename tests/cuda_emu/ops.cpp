@@ -22,8 +22,19 @@ int main() {
             double acc = 0; for (u32 j = 0; j < H; j++) { double l = 0; for (u32 e = 0; e < D; e++) l += (double)qi[((b * S + t) * H + j) * D + e] * ki[(b * S + s) * D + e]; acc += w[(b * S + t) * H + j] * std::max(l, 0.0); }
             I[(b * S + t) * S + s] = acc; }
         std::vector<float> sc(B * S * S, NAN);
-        launch(indexer_scores_f32, dim3((S + 15) / 16, (S + 15) / 16, B), dim3(16, 16), 16 * (D + 1) * 4, CF qi.data(), CF ki.data(), CF w.data(), sc.data(), S, H, D);
+        launch(indexer_scores_f32, dim3((S + 15) / 16, (S + 15) / 16, B), dim3(16, 16), 16 * (D + 1) * 4, CF qi.data(), CF ki.data(), CF w.data(), sc.data(), S, H, D, 0u, S);
         check("indexer_scores", sc, I);
+        // Two tiles of query rows, [B, nq, S] each (the second crosses a 16-query tile of the grid).
+        {
+            std::vector<float> tsc(B * S * S, NAN);
+            for (u32 q0 : {0u, 9u}) {
+                u32 nq = q0 == 0 ? 9 : S - 9;
+                std::vector<float> part(B * nq * S, NAN);
+                launch(indexer_scores_f32, dim3((S + 15) / 16, (nq + 15) / 16, B), dim3(16, 16), 16 * (D + 1) * 4, CF qi.data(), CF ki.data(), CF w.data(), part.data(), S, H, D, q0, nq);
+                for (u32 b = 0; b < B; b++) std::copy_n(part.begin() + (size_t)b * nq * S, nq * S, tsc.begin() + ((size_t)b * S + q0) * S);
+            }
+            check("indexer_scores (tiles)", tsc, I);
+        }
         // Per-query pooling [B, S, nb], block sizes below, at and above the 16-key chunk.
         for (u32 bl : {blk, 5u, 20u}) {
             u32 nkb = (S + bl - 1) / bl;
@@ -36,8 +47,18 @@ int main() {
         }
         std::vector<float> dqi(qi.size(), NAN), dki(ki.size(), NAN), dw(w.size(), NAN);
         u32 dpl = D <= 32 ? 1 : 2;
-        launch(dpl == 1 ? indexer_bwd_q_f32_d1 : indexer_bwd_q_f32_d2, dim3((B * S * H + 3) / 4), dim3(128), 0, CF qi.data(), CF ki.data(), CF w.data(), CF ds.data(), dqi.data(), dw.data(), B, S, H, D);
-        launch(dpl == 1 ? indexer_bwd_k_f32_d1 : indexer_bwd_k_f32_d2, dim3((B * S + 3) / 4), dim3(128), 0, CF qi.data(), CF ki.data(), CF w.data(), CF ds.data(), dki.data(), B, S, H, D);
+        launch(dpl == 1 ? indexer_bwd_q_f32_d1 : indexer_bwd_q_f32_d2, dim3((B * S * H + 3) / 4), dim3(128), 0, CF qi.data(), CF ki.data(), CF w.data(), CF ds.data(), dqi.data(), dw.data(), B, S, H, D, 0u, S);
+        launch(dpl == 1 ? indexer_bwd_k_f32_d1 : indexer_bwd_k_f32_d2, dim3((B * S + 3) / 4), dim3(128), 0, CF qi.data(), CF ki.data(), CF w.data(), CF ds.data(), dki.data(), B, S, H, D, 0u, S);
+        // Tiled: dq_i, dw rows written by their own tile into one NaN-filled tensor; dk_i summed over the tiles.
+        std::vector<float> tdq(qi.size(), NAN), tdw(w.size(), NAN), tdk(ki.size(), 0.0f);
+        for (u32 q0 : {0u, 9u}) {
+            u32 nq = q0 == 0 ? 9 : S - 9;
+            std::vector<float> part(B * nq * S), dk_t(ki.size(), NAN);
+            for (u32 b = 0; b < B; b++) std::copy_n(ds.begin() + ((size_t)b * S + q0) * S, nq * S, part.begin() + (size_t)b * nq * S);
+            launch(dpl == 1 ? indexer_bwd_q_f32_d1 : indexer_bwd_q_f32_d2, dim3((B * nq * H + 3) / 4), dim3(128), 0, CF qi.data(), CF ki.data(), CF w.data(), CF part.data(), tdq.data(), tdw.data(), B, S, H, D, q0, nq);
+            launch(dpl == 1 ? indexer_bwd_k_f32_d1 : indexer_bwd_k_f32_d2, dim3((B * S + 3) / 4), dim3(128), 0, CF qi.data(), CF ki.data(), CF w.data(), CF part.data(), dk_t.data(), B, S, H, D, q0, nq);
+            for (size_t i = 0; i < tdk.size(); i++) tdk[i] += dk_t[i];
+        }
         std::vector<double> rdq(qi.size(), 0), rdk(ki.size(), 0), rdw(w.size(), 0);
         for (u32 b = 0; b < B; b++) for (u32 t = 0; t < S; t++) for (u32 s = 0; s <= t; s++) for (u32 j = 0; j < H; j++) {
             size_t qo = ((b * S + t) * H + j) * D, ko = (b * S + s) * D; double l = 0; for (u32 e = 0; e < D; e++) l += (double)qi[qo + e] * ki[ko + e];
@@ -45,6 +66,7 @@ int main() {
             rdw[(b * S + t) * H + j] += dI * std::max(l, 0.0);
             if (l > 0) for (u32 e = 0; e < D; e++) { rdq[qo + e] += dI * wj * ki[ko + e]; rdk[ko + e] += dI * wj * qi[qo + e]; } }
         check("indexer dq_i", dqi, rdq); check("indexer dk_i", dki, rdk); check("indexer dw", dw, rdw);
+        check("indexer dq_i (tiles)", tdq, rdq); check("indexer dk_i (tiles)", tdk, rdk); check("indexer dw (tiles)", tdw, rdw);
     }
     // ---- layernorm
     { u32 R = 13, N = 77; auto x = rv(R * N), g = rv(N), bb = rv(N), dy = rv(R * N), dg0 = rv(N), db0 = rv(N);

@@ -604,13 +604,20 @@ fn indexer_chunks(
     }
 }
 
+/// The query rows `q0..q0 + rows` of the spec in tiles of [`TILE`]: `(t0, t1)`.
+fn query_tiles(s: &IndexerSpec) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let end = s.q0 + s.rows;
+    (s.q0..end).step_by(TILE).map(move |t0| (t0, (t0 + TILE).min(end)))
+}
+
 pub(super) fn indexer_scores(s: &IndexerSpec, qi: &T, ki: &T, w: &T, scores: &mut T) {
     let (qi, ki, w) = (rd(qi), rd(ki), rd(w));
     let n = s.seq;
+    // scores: [batch, rows, seq], row r is query q0 + r.
     scores.buf.produce(|out| {
-        out.par_chunks_mut(n * n).enumerate().for_each(|(b, per_batch)| {
+        out.par_chunks_mut(s.rows * n).enumerate().for_each(|(b, per_batch)| {
             per_batch.par_chunks_mut(TILE * n).enumerate().for_each(|(ti, tile)| {
-                let (t0, t1) = (ti * TILE, (ti * TILE + TILE).min(n));
+                let (t0, t1) = (s.q0 + ti * TILE, (s.q0 + ti * TILE + TILE).min(s.q0 + s.rows));
                 tile.fill(f32::NEG_INFINITY);
                 indexer_chunks(s, &qi, &ki, &w, b, t0, t1, |k0, width, sc| {
                     for r in 0..t1 - t0 {
@@ -696,11 +703,12 @@ pub(super) fn indexer_kl(
     let (q, k, lse, sc) = (rd(q), rd(k), rd(lse), rd(scores));
     let idx = idx.map(|i| i.buf.u32s());
     let lay = Layout { s: *s };
-    let (n, d) = (s.seq, s.head_dim);
-    let mut losses = vec![0.0f32; s.batch * n];
+    let (n, d, rows) = (s.seq, s.head_dim, ls.rows);
+    // scores and dscores rows are the tile's (row r of batch b is query q0 + r).
+    let mut losses = vec![0.0f32; s.batch * rows];
     dscores.buf.produce(|ds| {
         ds.par_chunks_mut(n).zip(losses.par_iter_mut()).enumerate().for_each(|(row, (dsr, lossr))| {
-            let (b, t) = (row / n, row % n);
+            let (b, t) = (row / rows, ls.q0 + row % rows);
             dsr.fill(0.0);
             let keys = keys_of(s, idx, b, t);
             if keys.is_empty() {
@@ -734,7 +742,11 @@ pub(super) fn indexer_kl(
             *lossr = total;
         })
     });
-    loss.buf.store(&losses);
+    loss.buf.update(|l| {
+        for (b, tile) in losses.chunks(rows).enumerate() {
+            l[b * n + ls.q0..b * n + ls.q0 + rows].copy_from_slice(tile);
+        }
+    });
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -750,12 +762,14 @@ pub(super) fn indexer_backward(
 ) {
     let (qi, ki, w, ds) = (rd(qi), rd(ki), rd(w), rd(dscores));
     let (n, hi, di) = (s.seq, s.heads, s.dim);
-    let tasks: Vec<(usize, usize)> = (0..s.batch).flat_map(|b| (0..n).step_by(TILE).map(move |t0| (b, t0))).collect();
+    let tasks: Vec<(usize, usize, usize)> =
+        (0..s.batch).flat_map(|b| query_tiles(s).map(move |(t0, t1)| (b, t0, t1))).collect();
+    // dscores row of query t of batch b (the spec's tile of rows).
+    let ds_row = |b: usize, t: usize| (b * s.rows + t - s.q0) * n;
     // Per task: dq_i rows, dw rows, and this tile's contribution to dk_i[b, 0..t1].
     let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = tasks
         .par_iter()
-        .map(|&(b, t0)| {
-            let t1 = (t0 + TILE).min(n);
+        .map(|&(b, t0, t1)| {
             let (rows, cols) = (t1 - t0, t1);
             let qoff = (b * n + t0) * hi * di;
             let mut l = vec![0.0f32; rows * hi * cols];
@@ -764,7 +778,7 @@ pub(super) fn indexer_backward(
             // l becomes G = dI·w·[L>0] in place.
             for r in 0..rows {
                 let t = t0 + r;
-                let dsr = &ds[(b * n + t) * n..(b * n + t) * n + t + 1];
+                let dsr = &ds[ds_row(b, t)..ds_row(b, t) + t + 1];
                 for j in 0..hi {
                     let wj = w[(b * n + t) * hi + j];
                     let lr = &mut l[(r * hi + j) * cols..(r * hi + j + 1) * cols];
@@ -789,17 +803,18 @@ pub(super) fn indexer_backward(
         })
         .collect();
     let mut dkv = vec![0.0f32; s.batch * n * di];
-    dqi.buf.produce(|out| {
-        for (&(b, t0), (dq, _, _)) in tasks.iter().zip(&parts) {
+    // dq_i and dw: the tile's rows only (the rest keep their values).
+    dqi.buf.update(|out| {
+        for (&(b, t0, _), (dq, _, _)) in tasks.iter().zip(&parts) {
             out[(b * n + t0) * hi * di..(b * n + t0) * hi * di + dq.len()].copy_from_slice(dq);
         }
     });
-    dw.buf.produce(|out| {
-        for (&(b, t0), (_, dwt, _)) in tasks.iter().zip(&parts) {
+    dw.buf.update(|out| {
+        for (&(b, t0, _), (_, dwt, _)) in tasks.iter().zip(&parts) {
             out[(b * n + t0) * hi..(b * n + t0) * hi + dwt.len()].copy_from_slice(dwt);
         }
     });
-    for (&(b, _), (_, _, dk)) in tasks.iter().zip(&parts) {
+    for (&(b, _, _), (_, _, dk)) in tasks.iter().zip(&parts) {
         dkv[b * n * di..b * n * di + dk.len()].iter_mut().zip(dk).for_each(|(a, x)| *a += x);
     }
     dki.buf.store(&dkv);

@@ -545,14 +545,15 @@ impl Backend for CudaBackend {
     }
     fn indexer_scores(&self, s: &IndexerSpec, qi: &T, ki: &T, w: &T, scores: &mut T) -> Result<()> {
         check_index_dim("indexer_scores", s)?;
-        let t = s.seq.div_ceil(16) as u32;
+        // One 16×16 block per (16 keys, 16 of the tile's queries, batch entry).
         let cfg = LaunchConfig {
-            grid_dim: (t, t, s.batch as u32),
+            grid_dim: (s.seq.div_ceil(16) as u32, s.rows.div_ceil(16) as u32, s.batch as u32),
             block_dim: (16, 16, 1),
             shared_mem_bytes: (16 * (s.dim + 1) * 4) as u32,
         };
         let name = format!("indexer_scores_{}", sfx(qi.dtype()));
-        self.launch("indexer", &name, cfg, &[p(qi), p(ki), p(w), p(scores), u(s.seq), u(s.heads), u(s.dim)])
+        let args = [p(qi), p(ki), p(w), p(scores), u(s.seq), u(s.heads), u(s.dim), u(s.q0), u(s.rows)];
+        self.launch("indexer", &name, cfg, &args)
     }
     fn indexer_block_scores(&self, s: &IndexerSpec, qi: &T, ki: &T, w: &T, pooled: &mut T) -> Result<()> {
         check_index_dim("indexer_block_scores", s)?;
@@ -594,8 +595,9 @@ impl Backend for CudaBackend {
         let s = &ls.attn;
         let name = format!("indexer_kl_{}_d{}", sfx(q.dtype()), dpl(s.head_dim));
         let ip = idx.map(p).unwrap_or(Arg::P(0));
-        let args = [Arg::Attn(attn_args(s)), p(q), p(k), p(lse), p(scores), ip, p(loss), p(dscores)];
-        self.launch("attention", &name, per_warp(s.batch * s.seq, 4), &args)
+        let args =
+            [Arg::Attn(attn_args(s)), p(q), p(k), p(lse), p(scores), ip, p(loss), p(dscores), u(ls.q0), u(ls.rows)];
+        self.launch("attention", &name, per_warp(s.batch * ls.rows, 4), &args)
     }
     fn indexer_backward(
         &self,
@@ -610,10 +612,12 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         check_index_dim("indexer_backward", s)?;
         let (dt, n) = (sfx(qi.dtype()), dpl(s.dim));
-        let dims = [u(s.batch), u(s.seq), u(s.heads), u(s.dim)];
-        let args = [p(qi), p(ki), p(w), p(dscores), p(dqi), p(dw), dims[0], dims[1], dims[2], dims[3]];
-        self.launch("indexer", &format!("indexer_bwd_q_{dt}_d{n}"), per_warp(s.batch * s.seq * s.heads, 4), &args)?;
-        let args = [p(qi), p(ki), p(w), p(dscores), p(dki), dims[0], dims[1], dims[2], dims[3]];
+        let dims = [u(s.batch), u(s.seq), u(s.heads), u(s.dim), u(s.q0), u(s.rows)];
+        let [b, sq, h, d, q0, nq] = dims;
+        let args = [p(qi), p(ki), p(w), p(dscores), p(dqi), p(dw), b, sq, h, d, q0, nq];
+        // dq_i, dw: a warp per (batch, tile query, head); dk_i: a warp per (batch, key).
+        self.launch("indexer", &format!("indexer_bwd_q_{dt}_d{n}"), per_warp(s.batch * s.rows * s.heads, 4), &args)?;
+        let args = [p(qi), p(ki), p(w), p(dscores), p(dki), b, sq, h, d, q0, nq];
         self.launch("indexer", &format!("indexer_bwd_k_{dt}_d{n}"), per_warp(s.batch * s.seq, 4), &args)
     }
     fn rope_rows(&self, s: &RopeSpec, x: &T, cos: &T, sin: &T, rows: &T, y: &mut T) -> Result<()> {

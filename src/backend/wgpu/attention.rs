@@ -406,7 +406,17 @@ pub(super) fn attention_backward(
 /// The parameter words shared by the kernels of `shaders/indexer.wgsl`.
 fn indexer_params(s: &IndexerSpec) -> Params {
     let block = s.block.max(1);
-    Params::new().u(s.batch).u(s.seq).u(s.heads).u(s.dim).u(block).u(s.seq.div_ceil(block))
+    Params::new().u(s.batch).u(s.seq).u(s.heads).u(s.dim).u(block).u(s.seq.div_ceil(block)).u(s.q0).u(s.rows)
+}
+
+/// The rows of a `[batch, seq, per]` layout that belong to the spec's tile of
+/// queries, as `(first, count)` ranges: one per batch entry, or one in all
+/// for the whole sequence.
+fn tile_ranges(s: &IndexerSpec, per: usize) -> Vec<(usize, usize)> {
+    if s.q0 == 0 && s.rows == s.seq {
+        return vec![(0, s.batch * s.seq * per)];
+    }
+    (0..s.batch).map(|b| ((b * s.seq + s.q0) * per, s.rows * per)).collect()
 }
 
 pub(super) fn indexer_scores(be: &WgpuBackend, s: &IndexerSpec, qi: &T, ki: &T, w: &T, scores: &mut T) -> Result<()> {
@@ -415,7 +425,7 @@ pub(super) fn indexer_scores(be: &WgpuBackend, s: &IndexerSpec, qi: &T, ki: &T, 
         "indexer_scores",
         &mut [Arg::R(qi), Arg::R(ki), Arg::R(w), Arg::W(scores)],
         indexer_params(s),
-        grid1d(s.batch * s.seq * s.seq),
+        grid1d(s.batch * s.rows * s.seq),
     )
 }
 
@@ -485,8 +495,8 @@ pub(super) fn indexer_kl(
         "attention",
         "indexer_kl",
         &mut [Arg::R(q), Arg::R(k), Arg::R(lse), Arg::R(scores), Arg::R(idx), Arg::W(loss), Arg::W(dscores)],
-        attn_params(a),
-        rows_grid(a.batch * a.seq),
+        attn_params(a).u(s.q0).u(s.rows),
+        rows_grid(a.batch * s.rows),
     )
 }
 
@@ -508,7 +518,9 @@ pub(super) fn indexer_backward(
 
     // dq_i, dw: split over the keys s <= t. Per key and pass of 64 dims: the
     // key loop and the logit loop; the accumulation loops add up to d_I / 4.
-    let rows = s.batch * s.seq * nh;
+    // Rows (batch, query, head) of the tile's queries only.
+    let ranges = tile_ranges(s, nh);
+    let rows = ranges[0].1;
     let pl = plan(s.seq, passes * (1 + d4) + d4, d4 + di + passes + 64, 1, rows, di + 1, max_floats);
     let params = |r0: usize, n: usize| indexer_params(s).u(pl.chunk).u(pl.nch).u(r0).u(n);
     // Writes dq_i/dw directly (one chunk) or the chunks' partials.
@@ -517,21 +529,25 @@ pub(super) fn indexer_backward(
         be.launch("indexer", "indexer_bwd_q", args, params(r0, n), grid1d(pl.nch * n))
     };
     if pl.nch == 1 {
-        bwd_q(dqi, dw, 0, rows)?;
+        for &(first, count) in &ranges {
+            bwd_q(dqi, dw, first, count)?;
+        }
     } else {
         let mut pq = Tensor::empty(be, &[pl.nch * pl.rows * di], DType::F32)?;
         let mut pw = Tensor::empty(be, &[pl.nch * pl.rows], DType::F32)?;
-        for (r0, n) in slices(rows, pl.rows) {
-            bwd_q(&mut pq, &mut pw, r0, n)?;
-            sum_chunks(be, &pq, pl.nch, r0, n, di, dqi)?;
-            sum_chunks(be, &pw, pl.nch, r0, n, 1, dw)?;
+        for &(first, count) in &ranges {
+            for (r0, n) in slices(count, pl.rows) {
+                bwd_q(&mut pq, &mut pw, first + r0, n)?;
+                sum_chunks(be, &pq, pl.nch, first + r0, n, di, dqi)?;
+                sum_chunks(be, &pw, pl.nch, first + r0, n, 1, dw)?;
+            }
         }
     }
 
-    // dk_i: split over the queries t >= s; per query and pass: every head's
-    // logit loop, plus the accumulation loops.
+    // dk_i: split over the tile's queries t >= s; per query and pass: every
+    // head's logit loop, plus the accumulation loops.
     let rows = s.batch * s.seq;
-    let pl = plan(s.seq, passes * (1 + nh * (1 + d4)) + nh * d4, d4 + di + passes + 64, 1, rows, di, max_floats);
+    let pl = plan(s.rows, passes * (1 + nh * (1 + d4)) + nh * d4, d4 + di + passes + 64, 1, rows, di, max_floats);
     let params = |r0: usize, n: usize| indexer_params(s).u(pl.chunk).u(pl.nch).u(r0).u(n);
     // Writes dk_i directly (one chunk) or the chunks' partials.
     let bwd_k = |dki: &mut T, r0: usize, n: usize| {

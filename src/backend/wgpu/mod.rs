@@ -271,11 +271,26 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl WgpuBackend {
     /// Opens the adapter `pick` selects; the error lists the adapters found.
     pub fn new(pick: &AdapterPick) -> Result<Self> {
+        Self::open(pick, None)
+    }
+
+    /// Like [`WgpuBackend::new`], with the largest storage binding lowered to
+    /// `max_binding` bytes (rounded down to whole words): tests reach the
+    /// binding limit with small, fast tensors this way.
+    pub fn with_max_binding(pick: &AdapterPick, max_binding: u64) -> Result<Self> {
+        Self::open(pick, Some(max_binding))
+    }
+
+    fn open(pick: &AdapterPick, max_binding: Option<u64>) -> Result<Self> {
         let adapter = pick_adapter(pick)?;
         let info = adapter.get_info();
         // The adapter's own limits, or WebGPU's defaults with
         // `DYNSPARSE_WGPU_LIMITS=default` (to test what every adapter offers).
-        let limits = requested_limits(&adapter.limits())?;
+        let mut limits = requested_limits(&adapter.limits())?;
+        if let Some(m) = max_binding {
+            let m = (m / 4 * 4).max(4);
+            limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(m);
+        }
         let (need, widest) = kernel::max_storage_bindings()?;
         let have = limits.max_storage_buffers_per_shader_stage as usize;
         if need > have {
@@ -661,6 +676,9 @@ impl Backend for WgpuBackend {
     fn synchronize(&self) -> Result<()> {
         self.flush()?;
         self.wait()
+    }
+    fn max_binding_bytes(&self) -> u64 {
+        self.max_binding()
     }
 
     fn alloc(&self, dtype: DType, len: usize) -> Result<WgpuBuffer> {
