@@ -272,6 +272,7 @@ pub(super) fn cached_attention(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn cached_indexer_block_scores(
     be: &CudaBackend,
     s: &CachedIndexerSpec,
