@@ -250,7 +250,10 @@ impl<B: Backend> StepBufs<B> {
 /// Step buffers by row count (a prefill chunk size and a decode batch size
 /// alternate; a few sizes are kept).
 pub struct InferState<B: Backend> {
-    bufs: HashMap<usize, StepBufs<B>>,
+    /// By (rows, cache sequences, context, page size): the pooled scores and the
+    /// page-table buffer are sized by the cache, so a state used with another
+    /// cache gets fresh buffers instead of truncated ones.
+    bufs: HashMap<(usize, usize, usize, usize), StepBufs<B>>,
 }
 
 impl<B: Backend> Default for InferState<B> {
@@ -363,10 +366,11 @@ impl<B: Backend> Model<B> {
         mut pages: Vec<f32>,
         attn: StepAttention,
     ) -> Result<Vec<f32>> {
-        if st.bufs.len() >= 4 && !st.bufs.contains_key(&r) {
+        let key = (r, cache.max_batch, cache.context, cache.page);
+        if st.bufs.len() >= 4 && !st.bufs.contains_key(&key) {
             st.bufs.clear();
         }
-        let sb = match st.bufs.entry(r) {
+        let sb = match st.bufs.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => e.insert(StepBufs::new(be, self, cache, r)?),
         };

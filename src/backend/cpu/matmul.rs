@@ -34,7 +34,7 @@ fn skinny(m: usize, n: usize, k: usize, alpha: f32, ap: &[f32], bp: &[f32], tran
                     let ar = &ap[i * k..(i + 1) * k];
                     for (jj, o) in row.iter_mut().enumerate() {
                         let br = &bp[(j0 + jj) * k..(j0 + jj + 1) * k];
-                        *o = ar.iter().zip(br).map(|(x, y)| x * y).sum();
+                        *o = super::attention::dot(ar, br);
                     }
                 }
             } else {
