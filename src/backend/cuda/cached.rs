@@ -16,6 +16,17 @@
 //! splits, each a range of logical positions, so its split points depend on
 //! its length and `nsplit` only, never on the cache's size or page layout.
 //!
+//! Batch invariance (a row's bits whatever it is batched with) holds only
+//! in part: a dense row's split count `min(nsplit, ⌈len / 64⌉)` is the same
+//! alone and in a batch only while `nsplit` (which falls as the step's row
+//! count grows) stays `≥ ⌈len / 64⌉` (always for rows of at most 64 keys:
+//! one split, and one split gives the same bits with or without the merge
+//! kernel), and rows of a prefill run (below) sum in another order than
+//! the same rows through flash-decoding. The fix, not done: fixed-size key
+//! partitions (split count a function of `len` only, as vLLM's
+//! paged-attention v2), the scratch bounded by launching rows in groups,
+//! and a run kernel whose per-row order matches it (or no run kernel).
+//!
 //! Prefill: a dense step of at least `RUN_MIN` rows also launches
 //! `cached_attn_run`, which takes every 32-row tile of the step that is one
 //! run (one sequence, consecutive positions, decided on the device from the
