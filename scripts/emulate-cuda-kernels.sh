@@ -5,7 +5,8 @@
 # (per-query block rows, tiled kernels with blocks of any size), the tokens
 # CSR, indexer scores/per-query pooling/backward, indexer KL, top-k selection
 # (ties, NaN, -0, per-query block mode), LayerNorm, softmax, cross-entropy,
-# embedding, reductions, rope, the fallback GEMM and bf16 rounding; the
+# embedding, reductions, rope, the fallback GEMM (row invariance included:
+# matmul_rows runs on it) and bf16 rounding; the
 # causality of the block-mode chain (pooling -> selection -> attention, KL):
 # outputs for queries <= c bit-identical when every input after c changes,
 # with a control showing that query-block pooling is caught; and the KV-cache
