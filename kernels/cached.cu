@@ -1,22 +1,52 @@
-// Inference over a KV cache (forward only). Semantics: src/attention/cached.rs.
-// A step runs R query rows; the row table rows: u32 [R, 2] = (base, len) says
-// that row r's keys are the cache rows base .. base+len and that its query sits
-// at position len-1. Every kernel clamps a row to the cache first
-// (base <= slots, len <= slots - base), so no read leaves the cache whatever
-// the table holds. Layouts: q, o [R, H, d]; caches k, v [slots, KV, d]; the
-// indexer's q_i [R, H_I, D], w [R, H_I], cached k_i [slots, D].
+// Inference over a paged KV cache (forward only). Semantics:
+// src/attention/cached.rs. A step runs R query rows; the row table
+// rows: u32 [R, 2] = (base, len) says that row r's keys are its sequence's
+// tokens 0 .. len and that its query sits at position len-1; the sequence's
+// page table starts at entry base of pages: u32 [P]. Key s lives in cache row
+//   key_row(s) = min(pages[min(base + s/page, P-1)], slots/page - 1)·page + s % page
+// (Paging::key_row). Every kernel clamps a row first: len <= page·(P - base),
+// 0 when base >= P; so no read leaves the table or the cache, whatever they
+// hold. Keys are walked in logical order (splits and tiles are ranges of
+// positions) and only their addresses go through the table, so the result
+// does not depend on where the pages lie. Layouts: q, o [R, H, d]; caches
+// k, v [slots, KV, d]; the indexer's q_i [R, H_I, D], w [R, H_I], cached
+// k_i [slots, D].
 //
 //   rope_rows:   y = rope(x) at position min(len-1, max_pos-1) of its row
-//   cache_write: cache[base+len-1] = src[r] (skipped when outside the cache)
-//   indexer:     pooled[r, b] = max_{s in b, s < len} Σ_j w[r,j]·ReLU(q_i[r,j]·k_i[base+s]), -inf if none
+//   cache_write: cache[key_row(len-1)] = src[r] (skipped when len = 0)
+//   indexer:     pooled[r, b] = max_{s in b, s < len} Σ_j w[r,j]·ReLU(q_i[r,j]·k_i[key_row(s)]), -inf if none
 //   select:      the k best key blocks among 0..=t/block (t = len-1): own block,
 //                sink block 0, then the best others; ascending, NONE-padded
 //   attention:   o = Σ_s softmax_s(scale·q·k_s)·v_s over keys 0..len (dense)
 //                or over the row's own valid blocks idx[r] (blocks); o = 0 without keys
 
-__device__ __forceinline__ void row_of(const u32* rows, size_t r, u32 slots, u32& base, u32& len) {
-    base = min(rows[2 * r], slots);
-    len = min(rows[2 * r + 1], slots - base);
+// A step's paging: the page tables, rows per page, table entries, physical pages.
+struct Paging {
+    const u32* pages;
+    u32 page, P, nphys;
+};
+
+__device__ __forceinline__ Paging make_paging(const u32* pages, u32 page, u32 P, u32 slots) {
+    Paging pg;
+    pg.pages = pages;
+    pg.page = page;
+    pg.P = P;
+    pg.nphys = slots / page;
+    return pg;
+}
+
+// Row r's (base, len), len clamped to what its page table can hold.
+__device__ __forceinline__ void row_of(const u32* rows, size_t r, const Paging& pg, u32& base, u32& len) {
+    base = rows[2 * r];
+    u32 l = rows[2 * r + 1];
+    len = base < pg.P ? (u32)min((u64)l, (u64)pg.page * (pg.P - base)) : 0u;
+}
+
+// Cache row of key s of a row whose page table starts at base (base < P).
+__device__ __forceinline__ size_t key_row(const Paging& pg, u32 base, u32 s) {
+    u32 e = (u32)min((u64)base + s / pg.page, (u64)pg.P - 1);
+    u32 ph = min(pg.pages[e], pg.nphys - 1);
+    return (size_t)ph * pg.page + s % pg.page;
 }
 
 // ---- rope_rows: one thread per (row, head, pair), half-split convention
@@ -39,13 +69,16 @@ __device__ void rope_rows(const T* x, const float* cosv, const float* sinv, cons
 
 // ---- cache_write: one thread per element, the bits copied as they are.
 template <typename T>
-__device__ void cache_write(const T* src, const u32* rows, T* cache, u32 n_rows, u32 width, u32 slots) {
+__device__ void cache_write(const T* src, const u32* rows, const u32* pages, T* cache, u32 n_rows, u32 width,
+                            u32 slots, u32 page, u32 P) {
+    Paging pg = make_paging(pages, page, P, slots);
     size_t total = (size_t)n_rows * width;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
         size_t r = i / width;
-        u64 len = rows[2 * r + 1], dst = (u64)rows[2 * r] + len - 1;
-        if (len == 0 || dst >= slots) continue;
-        cache[dst * width + i % width] = src[i];
+        u32 base, len;
+        row_of(rows, r, pg, base, len);
+        if (len == 0) continue;
+        cache[key_row(pg, base, len - 1) * width + i % width] = src[i];
     }
 }
 
@@ -80,17 +113,19 @@ __device__ __forceinline__ float cached_index_score(const float* qs, const K* ks
 }
 
 template <typename T>
-__device__ void cached_indexer_block_scores(const T* qi, const T* w, const T* ki, const u32* rows, float* pooled,
-                                            u32 R, u32 H, u32 D, u32 block, u32 cols, u32 slots, u32 nbt) {
+__device__ void cached_indexer_block_scores(const T* qi, const T* w, const T* ki, const u32* rows, const u32* pages,
+                                            float* pooled, u32 R, u32 H, u32 D, u32 block, u32 cols, u32 slots,
+                                            u32 page, u32 P, u32 nbt) {
     extern __shared__ float ci_smem[];
     __shared__ float red[32];
     float* qs = ci_smem;
     float* ws = qs + H * D;
     float* sc = ws + H;
+    Paging pg = make_paging(pages, page, P, slots);
     u32 tid = threadIdx.x, kb0 = blockIdx.x * nbt, kb1 = min(kb0 + nbt, cols);
     for (u32 r = blockIdx.y; r < R; r += gridDim.y) {
         u32 base, len;
-        row_of(rows, r, slots, base, len);
+        row_of(rows, r, pg, base, len);
         len = (u32)min((u64)len, (u64)cols * block);
         __syncthreads();  // the previous row is done with qs, ws, sc
         for (u32 x = tid; x < H * D; x += blockDim.x) qs[x] = ld(qi, (size_t)r * H * D + x);
@@ -98,15 +133,14 @@ __device__ void cached_indexer_block_scores(const T* qi, const T* w, const T* ki
         __syncthreads();
         u64 s0 = (u64)kb0 * block;
         u32 klen = s0 < len ? (u32)min((u64)len - s0, (u64)(kb1 - kb0) * block) : 0u;
-        const T* kbase = ki + ((size_t)base + s0) * D;
         if (nbt == 1) {
             float mx = NEG_INF;
-            for (u32 i = tid; i < klen; i += blockDim.x)
-                mx = fmaxf(mx, cached_index_score(qs, kbase + (size_t)i * D, ws, H, D));  // fmaxf drops NaN
+            for (u32 i = tid; i < klen; i += blockDim.x)  // fmaxf drops NaN
+                mx = fmaxf(mx, cached_index_score(qs, ki + key_row(pg, base, (u32)s0 + i) * D, ws, H, D));
             mx = block_max(mx, red);
             if (tid == 0) pooled[(size_t)r * cols + kb0] = mx;
         } else {
-            sc[tid] = tid < klen ? cached_index_score(qs, kbase + (size_t)tid * D, ws, H, D) : NEG_INF;
+            sc[tid] = tid < klen ? cached_index_score(qs, ki + key_row(pg, base, (u32)s0 + tid) * D, ws, H, D) : NEG_INF;
             __syncthreads();
             if (tid < kb1 - kb0) {
                 float mx = NEG_INF;
@@ -206,11 +240,15 @@ cached_select(const float* scores, const u32* rows, u32* idx, u32 n_rows, u32 co
 // CA_WARPS warps. A block takes one row r, kv head g, a chunk of hpc query
 // heads of g's group (hpc = min(group, CA_WARPS), nhc = ceil(group/hpc)
 // chunks) and the split sp of the row's keys: dense, the keys
-// [len·sp/nsplit, len·(sp+1)/nsplit); blocks, the entries
-// [n·sp/nsplit, n·(sp+1)/nsplit) of idx[r] (each a key block clipped to len,
-// NONE and blocks past the row's own skipped). Keys go through shared memory
-// in tiles of tk rows of K and V (as f32: 2·tk·d floats of dynamic shared
-// memory), loaded once for all hpc heads: the GQA sharing. Warp w serves head
+// [len·sp/ns, len·(sp+1)/ns) with ns = min(nsplit, ceil(len/CA_SPLIT_KEYS))
+// (splits sp >= ns are empty), so a row's splits depend on its own length
+// and nsplit only; blocks, the entries [n·sp/nsplit, n·(sp+1)/nsplit) of
+// idx[r] (each a key block clipped to len, NONE and blocks past the row's
+// own skipped). Keys go through shared memory in tiles of tk logical
+// positions of K and V (as f32: 2·tk·d floats of dynamic shared memory),
+// warp w loading keys w, w + CA_WARPS, ... of the tile, each from its own
+// cache row (a tile, or a key block, may straddle pages), once for all hpc
+// heads: the GQA sharing. Warp w serves head
 // slot w / wph (wph = CA_WARPS / hpc warps per head) and the keys j ≡ w mod wph
 // of each tile, with the online softmax of attn_fwd (lanes split d, DPL dims
 // each); the wph partial states of a head are merged in shared memory. With
@@ -219,26 +257,29 @@ cached_select(const float* scores, const u32* rows, u32* idx, u32 n_rows, u32 co
 // part_ml [R, H, nsplit, 2], and cached_attn_merge combines the splits:
 //   M = max_j m_j, L = Σ_j l_j·e^{m_j-M}, o = Σ_j acc_j·e^{m_j-M} / L.
 #define CA_WARPS 4
+// Fewest keys per dense split (MIN_SPLIT_KEYS of cached.rs).
+#define CA_SPLIT_KEYS 64
 // Rows per prefill tile of cached_attn_run, and the fewest rows a tile needs
 // to count as a run.
 #define RUN_ROWS 32
 #define RUN_MIN 8
 
 // Whether the rows of tile `tile` (rows RUN_ROWS·tile ..) are one prefill run:
-// at least RUN_MIN rows, one base, len growing by one from >= 1, all inside the
-// cache. A pure function of the table, so every kernel agrees on it.
-__device__ __forceinline__ bool tile_is_run(const u32* rows, u32 R, u32 slots, u32 tile) {
+// at least RUN_MIN rows, one base, len growing by one from >= 1, all within
+// what the page table holds (no row clamped). A pure function of the tables,
+// so every kernel agrees on it.
+__device__ __forceinline__ bool tile_is_run(const u32* rows, u32 R, const Paging& pg, u32 tile) {
     u32 r0 = tile * RUN_ROWS, nr = min((u32)RUN_ROWS, R - r0);
     u32 base0 = rows[2 * r0], len0 = rows[2 * r0 + 1];
-    bool run = nr >= RUN_MIN && len0 >= 1 && (u64)base0 + len0 + nr - 1 <= slots;
+    bool run = nr >= RUN_MIN && len0 >= 1 && base0 < pg.P && (u64)len0 + nr - 1 <= (u64)pg.page * (pg.P - base0);
     for (u32 i = 1; i < nr && run; i++) run = rows[2 * (r0 + i)] == base0 && rows[2 * (r0 + i) + 1] == len0 + i;
     return run;
 }
 
 template <typename T, int DPL>
-__device__ void cached_attn(const T* q, const T* k, const T* v, const u32* rows, const u32* idx, T* o, float* part_acc,
-                            float* part_ml, u32 R, u32 H, u32 KV, u32 d, u32 slots, float scale, u32 mode, u32 n,
-                            u32 block, u32 nsplit, u32 hpc, u32 tk, u32 skip_runs) {
+__device__ void cached_attn(const T* q, const T* k, const T* v, const u32* rows, const u32* pages, const u32* idx, T* o,
+                            float* part_acc, float* part_ml, u32 R, u32 H, u32 KV, u32 d, u32 slots, u32 page, u32 P,
+                            float scale, u32 mode, u32 n, u32 block, u32 nsplit, u32 hpc, u32 tk, u32 skip_runs) {
     extern __shared__ float ca_smem[];
     __shared__ float mst[CA_WARPS], lst[CA_WARPS];
     float* ksh = ca_smem;
@@ -249,10 +290,11 @@ __device__ void cached_attn(const T* q, const T* k, const T* v, const u32* rows,
     u32 hs = warp / wph, kp = warp % wph, hg = hc * hpc + hs;
     bool active = hs < hpc && hg < group;
     u32 h = g * group + (active ? hg : 0);
+    Paging pg = make_paging(pages, page, P, slots);
     for (u32 r = blockIdx.z; r < R; r += gridDim.z) {
-        if (skip_runs && tile_is_run(rows, R, slots, r / RUN_ROWS)) continue;  // cached_attn_run's rows
+        if (skip_runs && tile_is_run(rows, R, pg, r / RUN_ROWS)) continue;  // cached_attn_run's rows
         u32 base, len;
-        row_of(rows, r, slots, base, len);
+        row_of(rows, r, pg, base, len);
         float qr[DPL], acc[DPL];
         float m = NEG_INF, l = 0.0f;
         const T* qrow = q + ((size_t)r * H + h) * d;
@@ -264,8 +306,11 @@ __device__ void cached_attn(const T* q, const T* k, const T* v, const u32* rows,
         }
         u32 e0 = 0, e1 = 1, lo = 0, hi = 0;
         if (mode == 0) {
-            lo = (u32)((u64)len * sp / nsplit);
-            hi = (u32)((u64)len * (sp + 1) / nsplit);
+            u32 ns = (u32)min((u64)nsplit, max((u64)1, ((u64)len + CA_SPLIT_KEYS - 1) / CA_SPLIT_KEYS));
+            if (sp < ns) {
+                lo = (u32)((u64)len * sp / ns);
+                hi = (u32)((u64)len * (sp + 1) / ns);
+            }
         } else {
             e0 = (u32)((u64)n * sp / nsplit);
             e1 = (u32)((u64)n * (sp + 1) / nsplit);
@@ -280,11 +325,12 @@ __device__ void cached_attn(const T* q, const T* k, const T* v, const u32* rows,
             for (u32 t0 = lo; t0 < hi; t0 += tk) {
                 u32 cnt = min(tk, hi - t0);
                 __syncthreads();  // the previous tile is consumed
-                for (u32 x = tid; x < cnt * d; x += CA_WARPS * 32) {
-                    u32 j = x / d, e = x % d;
-                    size_t off = (((size_t)base + t0 + j) * KV + g) * d + e;
-                    ksh[x] = ld(k, off);
-                    vsh[x] = ld(v, off);
+                for (u32 j = warp; j < cnt; j += CA_WARPS) {
+                    size_t kr = (key_row(pg, base, t0 + j) * KV + g) * d;
+                    for (u32 e = lane; e < d; e += 32) {
+                        ksh[j * d + e] = ld(k, kr + e);
+                        vsh[j * d + e] = ld(v, kr + e);
+                    }
                 }
                 __syncthreads();
                 if (active) {
@@ -370,10 +416,11 @@ __device__ void cached_attn(const T* q, const T* k, const T* v, const u32* rows,
 // with skip_runs, rows of prefill runs are cached_attn_run's and left alone.
 template <typename T, int DPL>
 __device__ void cached_attn_merge(const float* part_acc, const float* part_ml, T* o, u32 rh_total, u32 d, u32 nsplit,
-                                  const u32* rows, u32 R, u32 H, u32 slots, u32 skip_runs) {
+                                  const u32* rows, u32 R, u32 H, u32 page, u32 P, u32 skip_runs) {
     size_t rh = (size_t)blockIdx.x * CA_WARPS + (threadIdx.x >> 5);
     if (rh >= rh_total) return;
-    if (skip_runs && tile_is_run(rows, R, slots, (u32)(rh / H) / RUN_ROWS)) return;
+    Paging pg = make_paging(nullptr, page, P, page);  // tile_is_run reads the row table only
+    if (skip_runs && tile_is_run(rows, R, pg, (u32)(rh / H) / RUN_ROWS)) return;
     u32 lane = threadIdx.x & 31;
     const float* ml = part_ml + rh * nsplit * 2;
     float mm = NEG_INF;
@@ -406,13 +453,15 @@ __device__ void cached_attn_merge(const float* part_acc, const float* part_ml, T
 // warps. A tile of RUN_ROWS rows that is one run (tile_is_run: one sequence,
 // consecutive positions) shares every K/V tile load among its rows, as
 // attn_fwd_tiled does for a full window: row i of the tile sees the keys
-// s < len0 + i. Warp w owns rows 8w..8w+7; for the scores lane l takes key l
-// of the 32-key tile, for P·V lane l owns dims l, l+32, ... Tiles that are
+// s < len0 + i. Warp w loads keys w, w + CA_WARPS, ... of each 32-key tile
+// (logical positions, each from its own cache row) and owns rows 8w..8w+7;
+// for the scores lane l takes key l of the tile, for P·V lane l owns dims
+// l, l+32, ... Tiles that are
 // not runs are left to cached_attn (skip_runs). Dynamic shared memory:
 // 3·32·(32·DPL+1) + CA_WARPS·8·32 floats.
 template <typename T, int DPL>
-__device__ void cached_attn_run(const T* q, const T* k, const T* v, const u32* rows, T* o, u32 R, u32 H, u32 KV, u32 d,
-                                u32 slots, float scale) {
+__device__ void cached_attn_run(const T* q, const T* k, const T* v, const u32* rows, const u32* pages, T* o, u32 R,
+                                u32 H, u32 KV, u32 d, u32 slots, u32 page, u32 P, float scale) {
     extern __shared__ float run_smem[];
     typedef float Row[DPL * 32 + 1];
     Row* Qs = (Row*)run_smem;
@@ -420,7 +469,8 @@ __device__ void cached_attn_run(const T* q, const T* k, const T* v, const u32* r
     Row* Vs = Ks + 32;
     float* Ps = run_smem + (RUN_ROWS + 64) * (DPL * 32 + 1);  // [CA_WARPS][8][32]
     u32 tile = blockIdx.x, h = blockIdx.y, g = h / (H / KV);
-    if (!tile_is_run(rows, R, slots, tile)) return;  // uniform: the same table for every thread
+    Paging pg = make_paging(pages, page, P, slots);
+    if (!tile_is_run(rows, R, pg, tile)) return;  // uniform: the same table for every thread
     u32 tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
     u32 r0 = tile * RUN_ROWS, nr = min((u32)RUN_ROWS, R - r0);
     u32 base = rows[2 * r0], len0 = rows[2 * r0 + 1], kend = len0 + nr - 1;
@@ -438,12 +488,14 @@ __device__ void cached_attn_run(const T* q, const T* k, const T* v, const u32* r
     }
     for (u32 k0 = 0; k0 < kend; k0 += 32) {
         __syncthreads();
-        for (u32 x = tid; x < 32 * d; x += CA_WARPS * 32) {
-            u32 j = x / d, e = x % d, s = k0 + j;
+        for (u32 j = w; j < 32; j += CA_WARPS) {
+            u32 s = k0 + j;
             bool in = s < kend;
-            size_t off = (((size_t)base + (in ? s : 0)) * KV + g) * d + e;
-            Ks[j][e] = in ? ld(k, off) : 0.0f;
-            Vs[j][e] = in ? ld(v, off) : 0.0f;
+            size_t kr = in ? (key_row(pg, base, s) * KV + g) * d : 0;
+            for (u32 e = lane; e < d; e += 32) {
+                Ks[j][e] = in ? ld(k, kr + e) : 0.0f;
+                Vs[j][e] = in ? ld(v, kr + e) : 0.0f;
+            }
         }
         __syncthreads();
         u32 s = k0 + lane;
@@ -495,22 +547,22 @@ __device__ void cached_attn_run(const T* q, const T* k, const T* v, const u32* r
 #define CACHED_OPS(S, T) \
     extern "C" __global__ void rope_rows_##S(const T* x, const float* cosv, const float* sinv, const u32* rows, T* y, u32 pairs, u32 heads, u32 half, u32 max_pos) { \
         rope_rows<T>(x, cosv, sinv, rows, y, pairs, heads, half, max_pos); } \
-    extern "C" __global__ void cache_write_##S(const T* src, const u32* rows, T* cache, u32 n_rows, u32 width, u32 slots) { \
-        cache_write<T>(src, rows, cache, n_rows, width, slots); } \
-    extern "C" __global__ void __launch_bounds__(CI_THREADS) cached_indexer_block_scores_##S(const T* qi, const T* w, const T* ki, const u32* rows, float* pooled, u32 R, u32 H, u32 D, u32 block, u32 cols, u32 slots, u32 nbt) { \
-        cached_indexer_block_scores<T>(qi, w, ki, rows, pooled, R, H, D, block, cols, slots, nbt); }
+    extern "C" __global__ void cache_write_##S(const T* src, const u32* rows, const u32* pages, T* cache, u32 n_rows, u32 width, u32 slots, u32 page, u32 P) { \
+        cache_write<T>(src, rows, pages, cache, n_rows, width, slots, page, P); } \
+    extern "C" __global__ void __launch_bounds__(CI_THREADS) cached_indexer_block_scores_##S(const T* qi, const T* w, const T* ki, const u32* rows, const u32* pages, float* pooled, u32 R, u32 H, u32 D, u32 block, u32 cols, u32 slots, u32 page, u32 P, u32 nbt) { \
+        cached_indexer_block_scores<T>(qi, w, ki, rows, pages, pooled, R, H, D, block, cols, slots, page, P, nbt); }
 FOR_FLOATS(CACHED_OPS)
 
 #define CACHED_ATTN_DPL(S, T, N) \
-    extern "C" __global__ void __launch_bounds__(CA_WARPS * 32) cached_attn_##S##_d##N(const T* q, const T* k, const T* v, const u32* rows, const u32* idx, T* o, float* part_acc, float* part_ml, u32 R, u32 H, u32 KV, u32 d, u32 slots, float scale, u32 mode, u32 n, u32 block, u32 nsplit, u32 hpc, u32 tk, u32 skip_runs) { \
-        cached_attn<T, N>(q, k, v, rows, idx, o, part_acc, part_ml, R, H, KV, d, slots, scale, mode, n, block, nsplit, hpc, tk, skip_runs); } \
-    extern "C" __global__ void __launch_bounds__(CA_WARPS * 32) cached_attn_merge_##S##_d##N(const float* part_acc, const float* part_ml, T* o, u32 rh_total, u32 d, u32 nsplit, const u32* rows, u32 R, u32 H, u32 slots, u32 skip_runs) { \
-        cached_attn_merge<T, N>(part_acc, part_ml, o, rh_total, d, nsplit, rows, R, H, slots, skip_runs); }
+    extern "C" __global__ void __launch_bounds__(CA_WARPS * 32) cached_attn_##S##_d##N(const T* q, const T* k, const T* v, const u32* rows, const u32* pages, const u32* idx, T* o, float* part_acc, float* part_ml, u32 R, u32 H, u32 KV, u32 d, u32 slots, u32 page, u32 P, float scale, u32 mode, u32 n, u32 block, u32 nsplit, u32 hpc, u32 tk, u32 skip_runs) { \
+        cached_attn<T, N>(q, k, v, rows, pages, idx, o, part_acc, part_ml, R, H, KV, d, slots, page, P, scale, mode, n, block, nsplit, hpc, tk, skip_runs); } \
+    extern "C" __global__ void __launch_bounds__(CA_WARPS * 32) cached_attn_merge_##S##_d##N(const float* part_acc, const float* part_ml, T* o, u32 rh_total, u32 d, u32 nsplit, const u32* rows, u32 R, u32 H, u32 page, u32 P, u32 skip_runs) { \
+        cached_attn_merge<T, N>(part_acc, part_ml, o, rh_total, d, nsplit, rows, R, H, page, P, skip_runs); }
 #define CACHED_ATTN(S, T) CACHED_ATTN_DPL(S, T, 1) CACHED_ATTN_DPL(S, T, 2) CACHED_ATTN_DPL(S, T, 4) CACHED_ATTN_DPL(S, T, 8)
 FOR_FLOATS(CACHED_ATTN)
 
 #define CACHED_RUN_DPL(S, T, N) \
-    extern "C" __global__ void __launch_bounds__(CA_WARPS * 32) cached_attn_run_##S##_d##N(const T* q, const T* k, const T* v, const u32* rows, T* o, u32 R, u32 H, u32 KV, u32 d, u32 slots, float scale) { \
-        cached_attn_run<T, N>(q, k, v, rows, o, R, H, KV, d, slots, scale); }
+    extern "C" __global__ void __launch_bounds__(CA_WARPS * 32) cached_attn_run_##S##_d##N(const T* q, const T* k, const T* v, const u32* rows, const u32* pages, T* o, u32 R, u32 H, u32 KV, u32 d, u32 slots, u32 page, u32 P, float scale) { \
+        cached_attn_run<T, N>(q, k, v, rows, pages, o, R, H, KV, d, slots, page, P, scale); }
 #define CACHED_RUN(S, T) CACHED_RUN_DPL(S, T, 1) CACHED_RUN_DPL(S, T, 2) CACHED_RUN_DPL(S, T, 4)
 FOR_FLOATS(CACHED_RUN)

@@ -1,8 +1,13 @@
-// Fallback GEMM, used only when cuBLAS cannot be loaded:
+// Fallback GEMM, used when cuBLAS cannot be loaded, and for every
+// row-invariant product (matmul_rows; see CudaBackend::matmul in ops.rs):
 //   C[z] = alpha·op(A[z])·op(B[z or 0]) + beta·C[z]   (C not read when beta == 0)
 // Row-major; A is [m, k] ([k, m] when ta), B is [k, n] ([n, k] when tb);
 // sa, sb, sc are the element strides between batch entries (sb = 0: B shared).
 // 16×16 shared-memory tiles, f32 accumulation. grid (ceil(n/16), ceil(m/16), batch).
+// Row invariance: thread (i, j) alone sums A[i, p]·B[p, j] for p = 0, 1, ..,
+// k-1 in that order (zeros past k), so C[i, j] depends on row i of A, column j
+// of B and k, never on m or the other rows. Keep it so (no split-K, no
+// m-dependent tiling).
 
 template <typename T>
 __device__ void gemm_tiled(const T* A, const T* B, T* C, u32 m, u32 n, u32 k, u32 ta, u32 tb, float alpha, float beta,

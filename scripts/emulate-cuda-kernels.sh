@@ -5,13 +5,16 @@
 # (per-query block rows, tiled kernels with blocks of any size), the tokens
 # CSR, indexer scores/per-query pooling/backward, indexer KL, top-k selection
 # (ties, NaN, -0, per-query block mode), LayerNorm, softmax, cross-entropy,
-# embedding, reductions, rope, the fallback GEMM and bf16 rounding; the
+# embedding, reductions, rope, the fallback GEMM (row invariance included:
+# matmul_rows runs on it) and bf16 rounding; the
 # causality of the block-mode chain (pooling -> selection -> attention, KL):
 # outputs for queries <= c bit-identical when every input after c changes,
 # with a control showing that query-block pooling is caught; and the KV-cache
 # inference kernels (rope_rows, cache_write, cached indexer/select,
-# flash-decoding and prefill-run attention). Needs g++ (C++20). Takes about
-# ten minutes on 2 cores. No GPU, no CUDA toolkit.
+# flash-decoding and prefill-run attention), each reading the cache through
+# a contiguous and a scattered page table (pages of 8 rows and smaller): the
+# same bits either way. Needs g++ (C++20). Takes about fifteen minutes on 2
+# cores. No GPU, no CUDA toolkit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tmp="$(mktemp -d)"

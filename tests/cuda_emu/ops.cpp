@@ -125,6 +125,13 @@ int main() {
       launch(gemm_tiled_f32, dim3((N + 15) / 16, (M + 15) / 16, Bt), dim3(16, 16), 0, CF A.data(), CF Bm.data(), C.data(), M, N, K, (u32)ta, (u32)tb, 1.5f, -0.5f, M * K, 0u, M * N);
       std::vector<double> rc(C.size()); for (u32 z = 0; z < Bt; z++) for (u32 i = 0; i < M; i++) for (u32 j = 0; j < N; j++) { double acc = 0; for (u32 p = 0; p < K; p++) acc += (double)A[z * M * K + (ta ? p * M + i : i * K + p)] * Bm[tb ? j * K + p : p * N + j]; rc[z * M * N + i * N + j] = 1.5 * acc - 0.5 * C0[z * M * N + i * N + j]; }
       check("gemm_tiled", C, rc); }
+    // Row invariance (matmul_rows runs on gemm_tiled): each row of C computed
+    // alone (m = 1) has the bits it gets among 40 rows.
+    for (int tb = 0; tb < 2; tb++) {
+      u32 M = 40, N = 20, K = 37; auto A = rv(M * K), Bm = rv(K * N), C0 = rv(M * N); std::vector<float> C = C0, C1 = C0;
+      launch(gemm_tiled_f32, dim3((N + 15) / 16, (M + 15) / 16, 1), dim3(16, 16), 0, CF A.data(), CF Bm.data(), C.data(), M, N, K, 0u, (u32)tb, 0.75f, 1.0f, M * K, 0u, M * N);
+      for (u32 i = 0; i < M; i++) launch(gemm_tiled_f32, dim3((N + 15) / 16, 1, 1), dim3(16, 16), 0, CF(A.data() + i * K), CF Bm.data(), C1.data() + i * N, 1u, N, K, 0u, (u32)tb, 0.75f, 1.0f, K, 0u, N);
+      bool same = memcmp(C.data(), C1.data(), C.size() * 4) == 0; fails += !same; printf("%-28s %s\n", "gemm_tiled rows alone", same ? "ok" : "FAIL"); }
     // ---- bf16 / f16 conversions round to nearest even
     { int bad = 0; std::mt19937 r2(9); for (int i = 0; i < 200000; i++) { u32 bits = r2(); float f; memcpy(&f, &bits, 4);
         bf16 h = from_f32<bf16>(f); u32 x = bits; u16 want;

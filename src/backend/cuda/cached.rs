@@ -2,12 +2,30 @@
 //! `crate::attention::cached`, `crate::ops::cache`, `crate::ops::rope::rope_rows`;
 //! kernels in `kernels/cached.cu`).
 //!
+//! Every kernel reads and writes the cache through the step's page tables
+//! (`pages`, `page` rows per page): keys are walked in logical order and
+//! only each key's address goes through the table, so a scattered cache
+//! gives the bits of a contiguous one.
+//!
 //! Decode attention is flash-decoding: each (row, kv head, chunk of query
 //! heads) is split over `nsplit` blocks along its keys so that the whole
 //! device works even for one sequence; the blocks write partial softmax
 //! states and a merge kernel combines them. `nsplit` is picked on the host
 //! from the row count and the number of SMs (the key counts live in the row
-//! table on the device, and each block divides its row's actual range).
+//! table on the device); a dense row uses `min(nsplit, ⌈len / 64⌉)` of the
+//! splits, each a range of logical positions, so its split points depend on
+//! its length and `nsplit` only, never on the cache's size or page layout.
+//!
+//! Batch invariance (a row's bits whatever it is batched with) holds only
+//! in part: a dense row's split count `min(nsplit, ⌈len / 64⌉)` is the same
+//! alone and in a batch only while `nsplit` (which falls as the step's row
+//! count grows) stays `≥ ⌈len / 64⌉` (always for rows of at most 64 keys:
+//! one split, and one split gives the same bits with or without the merge
+//! kernel), and rows of a prefill run (below) sum in another order than
+//! the same rows through flash-decoding. The fix, not done: fixed-size key
+//! partitions (split count a function of `len` only, as vLLM's
+//! paged-attention v2), the scratch bounded by launching rows in groups,
+//! and a run kernel whose per-row order matches it (or no run kernel).
 //!
 //! Prefill: a dense step of at least `RUN_MIN` rows also launches
 //! `cached_attn_run`, which takes every 32-row tile of the step that is one
@@ -19,7 +37,7 @@ use cudarc::driver::LaunchConfig;
 
 use super::{Arg, CudaBackend, sfx};
 use crate::Tensor;
-use crate::attention::cached::{CachedAttentionSpec, CachedIndexerSpec, CachedSelectSpec};
+use crate::attention::cached::{CachedAttentionSpec, CachedIndexerSpec, CachedSelectSpec, Paging};
 use crate::attention::ops::PatternSpec;
 use crate::error::{Error, Result};
 use crate::ops::{CacheWriteSpec, RopeSpec};
@@ -36,7 +54,7 @@ const SELECT_THREADS: u32 = 256;
 const ATTN_WARPS: usize = 4;
 /// The most blocks one (row, kv head, head chunk) is split into.
 const MAX_SPLITS: usize = 256;
-/// Fewest keys per split the host aims at (for caches too small to split further).
+/// `CA_SPLIT_KEYS` of cached.cu: fewest keys per dense split (a short row uses fewer splits).
 const MIN_SPLIT_KEYS: usize = 64;
 /// `RUN_ROWS` / `RUN_MIN` of cached.cu: rows per prefill tile, fewest rows of a run.
 const RUN_ROWS: usize = 32;
@@ -51,6 +69,10 @@ fn p(t: &T) -> Arg {
 }
 fn u(v: usize) -> Arg {
     Arg::U(v as u32)
+}
+/// The paging arguments every table-reading kernel takes after `slots`: rows per page, table entries.
+fn paging(pg: Paging) -> [Arg; 2] {
+    [u(pg.page), u(pg.table)]
 }
 
 /// A grid-stride launch over `n` items.
@@ -89,11 +111,12 @@ pub(super) fn cache_write(
     s: &CacheWriteSpec,
     src: &T,
     rows: &T,
-    _pages: &T,
+    pages: &T,
     cache: &mut T,
 ) -> Result<()> {
     let name = format!("cache_write_{}", sfx(src.dtype()));
-    let args = [p(src), p(rows), p(cache), u(s.rows), u(s.width), u(s.slots)];
+    let [pg, pt] = paging(s.paging);
+    let args = [p(src), p(rows), p(pages), p(cache), u(s.rows), u(s.width), u(s.slots), pg, pt];
     be.launch(FAMILY, &name, flat(s.rows * s.width), &args)
 }
 
@@ -115,8 +138,9 @@ fn run_smem(dpl: usize) -> usize {
 }
 
 /// `sms` multiprocessors: about four blocks per SM in all, each split
-/// keeping at least [`MIN_SPLIT_KEYS`] of the cache (dense) or one selected
-/// block (sparse).
+/// keeping at least [`MIN_SPLIT_KEYS`] keys of the longest row the page
+/// table can hold (`page · P`; dense, and the kernel also caps each row's
+/// splits by its own length) or one selected block (sparse).
 fn plan(s: &CachedAttentionSpec, sms: usize) -> AttnPlan {
     let group = s.group();
     let hpc = group.min(ATTN_WARPS);
@@ -124,7 +148,7 @@ fn plan(s: &CachedAttentionSpec, sms: usize) -> AttnPlan {
     let base = s.rows * s.n_kv_heads * nhc;
     let max_split = match s.pattern {
         PatternSpec::Blocks { n, .. } => n,
-        _ => s.slots.div_ceil(MIN_SPLIT_KEYS),
+        _ => (s.paging.page * s.paging.table).div_ceil(MIN_SPLIT_KEYS),
     };
     let nsplit = (4 * sms.max(1)).div_ceil(base.max(1)).clamp(1, max_split.clamp(1, MAX_SPLITS));
     let tk = if s.head_dim <= 128 { 32 } else { 16 };
@@ -139,7 +163,7 @@ pub(super) fn cached_attention(
     k: &T,
     v: &T,
     rows: &T,
-    _pages: &T,
+    pages: &T,
     idx: Option<&T>,
     o: &mut T,
 ) -> Result<()> {
@@ -172,17 +196,21 @@ pub(super) fn cached_attention(
             block_dim: ((ATTN_WARPS * 32) as u32, 1, 1),
             shared_mem_bytes: run_smem(nd) as u32,
         };
+        let [pg, pt] = paging(s.paging);
         let args = [
             p(q),
             p(k),
             p(v),
             p(rows),
+            p(pages),
             p(o),
             u(s.rows),
             u(s.n_heads),
             u(s.n_kv_heads),
             u(s.head_dim),
             u(s.slots),
+            pg,
+            pt,
             Arg::F(s.scale),
         ];
         be.launch(FAMILY, &format!("cached_attn_run_{dt}_d{nd}"), cfg, &args)?;
@@ -200,11 +228,13 @@ pub(super) fn cached_attention(
         block_dim: ((ATTN_WARPS * 32) as u32, 1, 1),
         shared_mem_bytes: (2 * pl.tk * s.head_dim * 4) as u32,
     };
+    let [pg, pt] = paging(s.paging);
     let args = [
         p(q),
         p(k),
         p(v),
         p(rows),
+        p(pages),
         ip,
         p(o),
         pa,
@@ -214,6 +244,8 @@ pub(super) fn cached_attention(
         u(s.n_kv_heads),
         u(s.head_dim),
         u(s.slots),
+        pg,
+        pt,
         Arg::F(s.scale),
         u(mode),
         u(n),
@@ -241,7 +273,8 @@ pub(super) fn cached_attention(
             p(rows),
             u(s.rows),
             u(s.n_heads),
-            u(s.slots),
+            u(s.paging.page),
+            u(s.paging.table),
             u(runs as usize),
         ];
         be.launch(FAMILY, &format!("cached_attn_merge_{dt}_d{nd}"), cfg, &args)?;
@@ -258,7 +291,7 @@ pub(super) fn cached_indexer_block_scores(
     w: &T,
     ki: &T,
     rows: &T,
-    _pages: &T,
+    pages: &T,
     pooled: &mut T,
 ) -> Result<()> {
     const OP: &str = "cached_indexer_block_scores";
@@ -278,11 +311,13 @@ pub(super) fn cached_indexer_block_scores(
         shared_mem_bytes: smem as u32,
     };
     let name = format!("cached_indexer_block_scores_{}", sfx(qi.dtype()));
+    let [pg, pt] = paging(s.paging);
     let args = [
         p(qi),
         p(w),
         p(ki),
         p(rows),
+        p(pages),
         p(pooled),
         u(s.rows),
         u(s.heads),
@@ -290,6 +325,8 @@ pub(super) fn cached_indexer_block_scores(
         u(s.block),
         u(s.cols),
         u(s.slots),
+        pg,
+        pt,
         u(nbt),
     ];
     be.launch(FAMILY, &name, cfg, &args)
@@ -338,5 +375,20 @@ mod tests {
         // Group of 12: chunks of 4 heads.
         let pl = plan(&spec(2, 1 << 20, 12, 1, PatternSpec::Dense), 100);
         assert_eq!((pl.hpc, pl.nhc, pl.nsplit), (4, 3, 67));
+    }
+
+    #[test]
+    fn the_split_count_follows_the_page_table_not_the_pool() {
+        // What a row can hold is page · P: 16-row pages (1024 entries) plan as
+        // one contiguous 16K page, whatever the pool's size.
+        let dense = |rows, slots, page, table| {
+            let mut s = spec(rows, slots, 8, 4, PatternSpec::Dense);
+            s.paging = crate::attention::Paging { page, table };
+            plan(&s, 132).nsplit
+        };
+        assert_eq!(dense(1, 16384, 16, 1024), dense(1, 16384, 16384, 1));
+        assert_eq!(dense(1, 4096, 16, 1024), 132, "a pool smaller than one table's reach");
+        assert_eq!(dense(1, 1 << 20, 16, 8), 2, "128 keys at most: two splits of 64");
+        assert_eq!(dense(3, 104, 8, 18), dense(3, 144, 48, 3), "the model test's paged and contiguous caches");
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! | op | kernel (kernels/…) |
 //! | --- | --- |
-//! | matmul | cuBLAS `GemmStridedBatchedEx` (fallback `gemm_tiled_*`, matmul.cu) |
+//! | matmul | cuBLAS `GemmStridedBatchedEx` (fallback `gemm_tiled_*`, matmul.cu); `row_invariant` products (`matmul_rows`) always `gemm_tiled_*` |
 //! | fill, add, axpby, scale, bias_add, sum_rows | elementwise.cu |
 //! | cast | cast.cu |
 //! | gelu, gelu_backward, bias_gelu | gelu.cu |
@@ -311,8 +311,34 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
+    /// `row_invariant` products (`matmul_rows`, an inference step's tokens)
+    /// go to `gemm_tiled`, never to cuBLAS: cuBLAS picks its algorithm by
+    /// shape (tile sizes, split-K with its partial-sum order), so the same
+    /// row can sum in another order when `m` changes, and a sequence's
+    /// logits would depend on what it was batched with. `gemm_tiled`
+    /// computes `C[i, j]` in one thread as `Σ_p A[i, p]·B[p, j]` with `p`
+    /// ascending from 0 to `k` (16-wide shared tiles, zero padding past `k`,
+    /// the same fused multiply-adds in every thread), then
+    /// `α·acc (+ β·C[i, j])`: nothing in it depends on `m` or on the other
+    /// rows, so row `i` of C is the same bits whether A has 1 row or 1000.
+    ///
+    /// Cost (reasoned, not measured: no GPU here): for decode steps (`m` ≤ 16:
+    /// one row of 16×16 tiles) each block streams its 16 columns of B once,
+    /// so B is read once as by cuBLAS's GEMV-like kernels, but with one
+    /// scalar load per thread and two barriers per 16-deep step only a few
+    /// KiB per SM are in flight, far from what HBM needs to run at speed,
+    /// and 15 of 16 thread rows compute padding at `m` = 1: expect it several
+    /// times (up to ~10×) slower than cuBLAS on these bandwidth-bound
+    /// shapes. For prefill chunks (`m` in the hundreds) it runs on CUDA-core
+    /// FMAs with two shared-memory loads per FMA and no tensor cores, one to
+    /// two orders of magnitude below cuBLAS for f16/bf16. A row-invariant
+    /// tensor-core kernel (fixed tile and k order, no split-K) is the fix.
     fn matmul(&self, s: &MatmulSpec, a: &T, b: &T, c: &mut T) -> Result<()> {
-        if self.blas.is_some() { self.gemm_cublas(s, a, b, c) } else { self.gemm_fallback(s, a, b, c) }
+        if self.blas.is_some() && !s.row_invariant {
+            self.gemm_cublas(s, a, b, c)
+        } else {
+            self.gemm_fallback(s, a, b, c)
+        }
     }
     fn fill(&self, s: &FillSpec, x: &mut T) -> Result<()> {
         let name = format!("fill_{}", sfx(x.dtype()));
