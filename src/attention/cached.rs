@@ -1,20 +1,28 @@
-//! Attention ops over a KV cache, for inference (forward only).
+//! Attention ops over a paged KV cache, for inference (forward only).
 //!
-//! A step runs `R` query *rows*; each row belongs to one cached sequence and
-//! is described by the row table `rows`, U32 `[R, 2]` = `(base, len)`: the
-//! row's keys are the cache rows `base .. base + len` (key `s` of the row is
-//! cache row `base + s`), and the query itself sits at position `len - 1`
-//! (its own key, value and indexer key were written to cache row
-//! `base + len - 1` before the call, see [`crate::ops::cache_write`]). So one
-//! call serves a ragged decode batch (one row per sequence, each with its own
+//! The cache of each layer is a pool of `slots` rows cut into physical
+//! *pages* of `page` rows. A sequence owns a list of pages (its *page
+//! table*); its token `s` lives in cache row
+//! `pages[base + s / page] · page + s % page`, where `pages` (U32 `[P]`) holds
+//! the page tables of every sequence of the step back to back.
+//!
+//! A step runs `R` query *rows*; each row belongs to one sequence and is
+//! described by the row table `rows`, U32 `[R, 2]` = `(base, len)`: `base`
+//! is where the row's page table starts in `pages`, and the row's keys are
+//! the sequence's tokens `0 .. len` (the query itself sits at position
+//! `len - 1`; its own key, value and indexer key were written to that
+//! position before the call, see [`crate::ops::cache_write`]). So one call
+//! serves a ragged decode batch (one row per sequence, each with its own
 //! length), a prefill chunk (consecutive rows of one sequence, `len` growing
 //! by one) or any mix of both, as a continuous-batching engine issues them.
-//! Rows whose `base + len` exceeds the cache are clamped to the cache (the
-//! engine never issues them; kernels must not read out of bounds).
+//! A contiguous cache is the special case of one page per sequence
+//! (`page` = its context). Out-of-range entries are clamped (a table index
+//! to `P - 1`, a page id to the last physical page); the engine never issues
+//! them, and kernels must not read out of bounds.
 //!
 //! Layouts: `q` `[R, n_heads, head_dim]`; caches `k`, `v` `[slots, n_kv_heads,
-//! head_dim]` (slots = `max_batch · context` rows); the indexer's `q_i`
-//! `[R, H_I, d_I]`, `w` `[R, H_I]`, cached `k_i` `[slots, d_I]`.
+//! head_dim]`; the indexer's `q_i` `[R, H_I, d_I]`, `w` `[R, H_I]`, cached
+//! `k_i` `[slots, d_I]`.
 //!
 //! Semantics are those of the full-window ops in [`super::ops`] at the query's
 //! position `t = len - 1`: dense attention over keys `0..=t`; block-sparse
@@ -22,7 +30,10 @@
 //! [`NONE`](super::select::NONE) skipped); the pooled indexer scores
 //! `P(t, b) = max_{s in b, s ≤ t} I(t, s)`; the selection keeps the own block
 //! `t / block`, then the sink block 0, then the best others. A query therefore
-//! gets at decode time exactly the keys it gets in the full-window pass.
+//! gets at decode time exactly the keys it gets in the full-window pass, and
+//! its result does not depend on where its pages lie in the pool (every
+//! backend walks logical key positions and only computes addresses through
+//! the page table).
 
 use super::ops::PatternSpec;
 use crate::backend::Backend;
@@ -40,6 +51,58 @@ pub enum CachedPattern<'a, B: Backend> {
     },
 }
 
+/// Where a step's keys are: the row table and the page tables.
+pub struct KvTable<'a, B: Backend> {
+    /// U32 `[R, 2]` = `(base, len)` per query row.
+    pub rows: &'a Tensor<B>,
+    /// U32 `[P]`: physical page ids, each sequence's list back to back.
+    pub pages: &'a Tensor<B>,
+    /// Cache rows per page.
+    pub page: usize,
+}
+
+/// The paging part of a cached op's spec.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Paging {
+    /// Cache rows per page.
+    pub page: usize,
+    /// Entries of the `pages` table (`P`).
+    pub table: usize,
+}
+
+impl Paging {
+    /// Physical pages of a cache of `slots` rows.
+    pub fn phys_pages(&self, slots: usize) -> usize {
+        slots / self.page
+    }
+
+    /// Cache row of key `s` of a row whose page table starts at `base`,
+    /// clamped as the module documents.
+    pub fn key_row(&self, pages: &[u32], base: usize, s: usize, slots: usize) -> usize {
+        let e = (base + s / self.page).min(self.table - 1);
+        let p = (pages[e] as usize).min(self.phys_pages(slots) - 1);
+        p * self.page + s % self.page
+    }
+}
+
+/// Checks a [`KvTable`] against `R` query rows and a cache of `slots` rows.
+pub(crate) fn check_table<B: Backend>(op: &'static str, t: &KvTable<'_, B>, r: usize, slots: usize) -> Result<Paging> {
+    check_rows(op, t.rows, r)?;
+    check_dtype(op, "pages", t.pages, DType::U32)?;
+    let &[table] = t.pages.shape() else {
+        return Err(Error::Shape(format!("{op}: the page table must be 1-D, got {}", fmt_shape(t.pages.shape()))));
+    };
+    if table == 0 || t.page == 0 || slots % t.page != 0 || slots < t.page {
+        return Err(Error::Shape(format!(
+            "{op}: a page of {} rows must divide the cache's {slots} rows and the page table ({table} entries) be \
+             non-empty",
+            t.page
+        )));
+    }
+    check_u32(op, "page table", table)?;
+    Ok(Paging { page: t.page, table })
+}
+
 /// Sizes of a [`cached_attention`] call.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CachedAttentionSpec {
@@ -53,6 +116,7 @@ pub struct CachedAttentionSpec {
     pub scale: f32,
     /// `Dense` or `Blocks { block, n }`.
     pub pattern: PatternSpec,
+    pub paging: Paging,
     pub checked: Checked,
 }
 
@@ -83,7 +147,7 @@ pub fn cached_attention<B: Backend>(
     q: &Tensor<B>,
     k: &Tensor<B>,
     v: &Tensor<B>,
-    rows: &Tensor<B>,
+    table: &KvTable<'_, B>,
     pattern: CachedPattern<'_, B>,
     o: &mut Tensor<B>,
 ) -> Result<()> {
@@ -111,7 +175,7 @@ pub fn cached_attention<B: Backend>(
     if head_dim > 256 {
         return Err(Error::Shape(format!("{OP}: head_dim {head_dim} exceeds the supported 256")));
     }
-    check_rows(OP, rows, r)?;
+    let paging = check_table(OP, table, r, slots)?;
     check_u32(OP, "cache numel", k.numel().max(q.numel()))?;
     let (pattern, idx) = match pattern {
         CachedPattern::Dense => (PatternSpec::Dense, None),
@@ -136,9 +200,10 @@ pub fn cached_attention<B: Backend>(
         head_dim,
         scale: 1.0 / (head_dim as f32).sqrt(),
         pattern,
+        paging,
         checked: CHECKED,
     };
-    be.cached_attention(&s, q, k, v, rows, idx, o)
+    be.cached_attention(&s, q, k, v, table.rows, table.pages, idx, o)
 }
 
 /// Sizes of a [`cached_indexer_block_scores`] call.
@@ -153,11 +218,13 @@ pub struct CachedIndexerSpec {
     pub block: usize,
     /// Pooled columns (key blocks) per row; blocks past the row's own are `-∞`.
     pub cols: usize,
+    pub paging: Paging,
     pub checked: Checked,
 }
 
 /// Per query row, its pooled indexer scores over its cached keys:
-/// `pooled[r, b] = max_{s in b, s < len} Σ_j w[r,j]·ReLU(q_i[r,j]·k_i[base+s])`,
+/// `pooled[r, b] = max_{s in b, s < len} Σ_j w[r,j]·ReLU(q_i[r,j]·k_i[row(s)])`
+/// (`row(s)` the cache row of key `s` through the page table),
 /// F32 `[R, cols]`, `-∞` for blocks with no key `< len`.
 #[allow(clippy::too_many_arguments)]
 pub fn cached_indexer_block_scores<B: Backend>(
@@ -165,7 +232,7 @@ pub fn cached_indexer_block_scores<B: Backend>(
     qi: &Tensor<B>,
     w: &Tensor<B>,
     ki: &Tensor<B>,
-    rows: &Tensor<B>,
+    table: &KvTable<'_, B>,
     block: usize,
     pooled: &mut Tensor<B>,
 ) -> Result<()> {
@@ -192,10 +259,10 @@ pub fn cached_indexer_block_scores<B: Backend>(
             fmt_shape(pooled.shape())
         )));
     }
-    check_rows(OP, rows, r)?;
+    let paging = check_table(OP, table, r, slots)?;
     check_u32(OP, "numel", ki.numel().max(r * cols))?;
-    let s = CachedIndexerSpec { rows: r, slots, heads, dim, block, cols, checked: CHECKED };
-    be.cached_indexer_block_scores(&s, qi, w, ki, rows, pooled)
+    let s = CachedIndexerSpec { rows: r, slots, heads, dim, block, cols, paging, checked: CHECKED };
+    be.cached_indexer_block_scores(&s, qi, w, ki, table.rows, table.pages, pooled)
 }
 
 /// Sizes of a [`cached_select`] call.

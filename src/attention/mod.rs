@@ -9,7 +9,7 @@ pub mod ops;
 pub mod schedule;
 pub mod select;
 
-pub use cached::{CachedPattern, cached_attention, cached_indexer_block_scores, cached_select};
+pub use cached::{CachedPattern, KvTable, Paging, cached_attention, cached_indexer_block_scores, cached_select};
 pub use ops::{
     Pattern, attention, attention_backward, indexer_backward, indexer_block_scores, indexer_kl, indexer_scores,
     select_topk,

@@ -223,8 +223,15 @@ pub trait Backend: Send + Sync + Sized + 'static {
         rows: &T<Self>,
         y: &mut T<Self>,
     ) -> Result<()>;
-    /// `cache[base + len - 1] = src[r]` per row.
-    fn cache_write(&self, s: &CacheWriteSpec, src: &T<Self>, rows: &T<Self>, cache: &mut T<Self>) -> Result<()>;
+    /// `cache[row(len - 1)] = src[r]` per row, `row` through the page table.
+    fn cache_write(
+        &self,
+        s: &CacheWriteSpec,
+        src: &T<Self>,
+        rows: &T<Self>,
+        pages: &T<Self>,
+        cache: &mut T<Self>,
+    ) -> Result<()>;
     /// Attention of query rows over their cached keys (`idx` is `None` for dense).
     #[allow(clippy::too_many_arguments)]
     fn cached_attention(
@@ -234,6 +241,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
         k: &T<Self>,
         v: &T<Self>,
         rows: &T<Self>,
+        pages: &T<Self>,
         idx: Option<&T<Self>>,
         o: &mut T<Self>,
     ) -> Result<()>;
@@ -246,6 +254,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
         w: &T<Self>,
         ki: &T<Self>,
         rows: &T<Self>,
+        pages: &T<Self>,
         pooled: &mut T<Self>,
     ) -> Result<()>;
     /// Per-row top-n key blocks (own block, sink, best others).

@@ -8,31 +8,55 @@
 
 use std::collections::HashMap;
 
-use super::{AttentionMode, Model, StepAttention};
-use crate::attention::{self, CachedPattern};
+use super::{AttentionMode, Model, ModelConfig, StepAttention};
+use crate::attention::{self, CachedPattern, KvTable};
 use crate::error::{Error, Result};
 use crate::ops;
 use crate::{Backend, DType, Tensor};
 
-/// K and V (and a sparse model's indexer keys) of every layer for
-/// `max_batch` sequences of up to `context` tokens, allocated once.
-/// Sequence `slot` occupies cache rows `slot·context .. (slot+1)·context`.
+/// Tokens per page of [`KvCache::paged`] unless told otherwise (vLLM's
+/// default block size: small enough that a sequence wastes at most 15
+/// rows, large enough that the page table stays short).
+pub const DEFAULT_PAGE: usize = 16;
+
+/// K and V (and a sparse model's indexer keys) of every layer in a pool of
+/// fixed-size pages shared by up to `max_batch` sequences ("slots") of up to
+/// `context` tokens. A sequence takes pages as it grows and returns them
+/// when cleared, so memory follows the tokens in use, not
+/// `max_batch × context`. [`KvCache::new`] reserves the worst case (one
+/// page of `context` rows per slot: the classic contiguous cache).
 pub struct KvCache<B: Backend> {
     pub max_batch: usize,
     pub context: usize,
+    page: usize,
     k: Vec<Tensor<B>>,
     v: Vec<Tensor<B>>,
     ki: Vec<Tensor<B>>,
     lens: Vec<usize>,
+    /// Physical pages of each slot, in token order.
+    tables: Vec<Vec<u32>>,
+    /// Free physical pages, highest id first (pages are handed out lowest
+    /// id first, so a run's layout is reproducible).
+    free: Vec<u32>,
+    total: usize,
 }
 
 impl<B: Backend> KvCache<B> {
-    /// A cache for `model` (in its working dtype). `context` may not exceed
-    /// the model's.
+    /// A contiguous cache for `model` (in its working dtype): room for
+    /// `max_batch` sequences of `context` tokens, all of it reserved up
+    /// front. `context` may not exceed the model's.
     pub fn new(be: &B, model: &Model<B>, max_batch: usize, context: usize) -> Result<Self> {
+        Self::paged(be, model, max_batch, context, context.max(1), max_batch)
+    }
+
+    /// A pool of `pages` pages of `page` tokens for up to `max_seqs`
+    /// sequences of up to `context` tokens each.
+    pub fn paged(be: &B, model: &Model<B>, max_seqs: usize, context: usize, page: usize, pages: usize) -> Result<Self> {
         let cfg = &model.cfg;
-        if max_batch == 0 || context == 0 {
-            return Err(Error::Invalid("kv cache: the batch and the context must be positive".into()));
+        if max_seqs == 0 || context == 0 || page == 0 || pages == 0 {
+            return Err(Error::Invalid(
+                "kv cache: the sequences, the context, the page size and the page count must be positive".into(),
+            ));
         }
         if context > cfg.context {
             return Err(Error::Invalid(format!(
@@ -40,8 +64,8 @@ impl<B: Backend> KvCache<B> {
                 cfg.context
             )));
         }
-        let slots = max_batch.checked_mul(context).filter(|&s| s <= u32::MAX as usize / 2).ok_or_else(|| {
-            Error::Invalid(format!("kv cache: {max_batch} × {context} rows do not fit 32-bit indexing"))
+        let slots = pages.checked_mul(page).filter(|&s| s <= u32::MAX as usize / 2).ok_or_else(|| {
+            Error::Invalid(format!("kv cache: {pages} pages × {page} rows do not fit 32-bit indexing"))
         })?;
         let (g, d) = (cfg.n_kv_heads, cfg.head_dim());
         let layer = |shape: &[usize]| -> Result<Vec<Tensor<B>>> {
@@ -52,18 +76,54 @@ impl<B: Backend> KvCache<B> {
             AttentionMode::Dense => Vec::new(),
         };
         Ok(KvCache {
-            max_batch,
+            max_batch: max_seqs,
             context,
+            page,
             k: layer(&[slots, g, d])?,
             v: layer(&[slots, g, d])?,
             ki,
-            lens: vec![0; max_batch],
+            lens: vec![0; max_seqs],
+            tables: vec![Vec::new(); max_seqs],
+            free: (0..pages as u32).rev().collect(),
+            total: pages,
         })
+    }
+
+    /// Bytes of one page over all layers (K, V and a sparse model's indexer
+    /// keys) for a model of `cfg` in `dtype`.
+    pub fn page_bytes(cfg: &ModelConfig, dtype: DType, page: usize) -> usize {
+        let per_row = 2 * cfg.n_kv_heads * cfg.head_dim()
+            + match cfg.attention {
+                AttentionMode::Sparse { index_dim, .. } => index_dim,
+                AttentionMode::Dense => 0,
+            };
+        cfg.n_layers * page * per_row * dtype.size()
     }
 
     /// Bytes held by the cache.
     pub fn bytes(&self) -> usize {
         self.k.iter().chain(&self.v).chain(&self.ki).map(|t| t.size_bytes()).sum()
+    }
+
+    /// Tokens per page.
+    pub fn page(&self) -> usize {
+        self.page
+    }
+
+    /// Pages in the pool.
+    pub fn pages_total(&self) -> usize {
+        self.total
+    }
+
+    /// Pages held by sequences.
+    pub fn pages_used(&self) -> usize {
+        self.total - self.free.len()
+    }
+
+    /// Pages appending `n` tokens to `slot` would take from the pool.
+    pub fn pages_needed(&self, slot: usize, n: usize) -> usize {
+        let have = self.tables.get(slot).map_or(0, Vec::len);
+        (self.len(slot) + n).div_ceil(self.page).saturating_sub(have)
     }
 
     /// Tokens cached for `slot`.
@@ -76,9 +136,26 @@ impl<B: Backend> KvCache<B> {
         self.lens.iter().all(|&l| l == 0)
     }
 
-    /// Benchmarks only: treats the first `len` rows of `slot` as cached
-    /// (whatever they hold), so decode speed at a long context can be timed
-    /// without prefilling it. Errors past the context.
+    /// Gives `slot` pages until it can hold `len` tokens; all or nothing.
+    fn reserve(&mut self, slot: usize, len: usize) -> Result<()> {
+        let need = len.div_ceil(self.page).saturating_sub(self.tables[slot].len());
+        if need > self.free.len() {
+            return Err(Error::Invalid(format!(
+                "kv cache: {need} more pages needed, {} of {} free",
+                self.free.len(),
+                self.total
+            )));
+        }
+        for _ in 0..need {
+            let p = self.free.pop().expect("checked above");
+            self.tables[slot].push(p);
+        }
+        Ok(())
+    }
+
+    /// Benchmarks only: treats the first `len` tokens of `slot` as cached
+    /// (whatever its pages hold), so decode speed at a long context can be
+    /// timed without prefilling it. Errors past the context or the pool.
     pub fn assume_filled(&mut self, slot: usize, len: usize) -> Result<()> {
         if slot >= self.max_batch || len > self.context {
             return Err(Error::Invalid(format!(
@@ -86,14 +163,19 @@ impl<B: Backend> KvCache<B> {
                 self.max_batch, self.context
             )));
         }
+        self.reserve(slot, len)?;
         self.lens[slot] = len;
         Ok(())
     }
 
-    /// Forgets the tokens of `slot` (the rows are reused by the next sequence).
+    /// Forgets the tokens of `slot` and returns its pages to the pool.
     pub fn clear(&mut self, slot: usize) {
         if let Some(l) = self.lens.get_mut(slot) {
             *l = 0;
+            let pages = std::mem::take(&mut self.tables[slot]);
+            self.free.extend(pages.into_iter().rev());
+            // Keep the lowest ids on top so allocation order stays deterministic.
+            self.free.sort_unstable_by(|a, b| b.cmp(a));
         }
     }
 }
@@ -102,6 +184,8 @@ impl<B: Backend> KvCache<B> {
 struct StepBufs<B: Backend> {
     ids: Tensor<B>,
     table: Tensor<B>,
+    /// The step's page tables back to back (sized for every slot's worst case).
+    pages: Tensor<B>,
     x: Tensor<B>,
     xn: Tensor<B>,
     ln: Tensor<B>,
@@ -142,6 +226,7 @@ impl<B: Backend> StepBufs<B> {
         Ok(StepBufs {
             ids: Tensor::zeros(be, &[r], DType::U32)?,
             table: Tensor::zeros(be, &[r, 2], DType::U32)?,
+            pages: Tensor::zeros(be, &[cache.max_batch * cache.context.div_ceil(cache.page)], DType::U32)?,
             x: e(&[r, c])?,
             xn: e(&[r, c])?,
             ln: e(&[r, c])?,
@@ -205,7 +290,9 @@ impl<B: Backend> Model<B> {
             return Ok(Vec::new());
         }
         let mut lens = cache.lens.clone();
-        let mut table = Vec::with_capacity(2 * r);
+        // Slots of the step in order of first appearance.
+        let mut slots: Vec<usize> = Vec::new();
+        let mut row_lens = Vec::with_capacity(r);
         for row in rows {
             if row.slot >= cache.max_batch {
                 return Err(Error::Invalid(format!(
@@ -226,9 +313,56 @@ impl<B: Backend> Model<B> {
                     row.slot, cache.context
                 )));
             }
+            if *len == cache.lens[row.slot] {
+                slots.push(row.slot);
+            }
             *len += 1;
-            table.extend([(row.slot * cache.context) as u32, *len as u32]);
+            row_lens.push(*len);
         }
+        let need: usize = slots.iter().map(|&sl| cache.pages_needed(sl, lens[sl] - cache.lens[sl])).sum();
+        if need > cache.free.len() {
+            return Err(Error::Invalid(format!(
+                "kv cache: the step needs {need} more pages, {} of {} are free",
+                cache.free.len(),
+                cache.total
+            )));
+        }
+        let before: Vec<usize> = slots.iter().map(|&sl| cache.tables[sl].len()).collect();
+        let mut base = vec![0usize; cache.max_batch];
+        let mut pages: Vec<f32> = Vec::new();
+        for &sl in &slots {
+            cache.reserve(sl, lens[sl])?;
+            base[sl] = pages.len();
+            pages.extend(cache.tables[sl].iter().map(|&p| p as f32));
+        }
+        let table: Vec<f32> =
+            rows.iter().zip(&row_lens).flat_map(|(row, &len)| [base[row.slot] as f32, len as f32]).collect();
+        let res = self.run_step(be, cache, st, r, rows, &table, pages, attn);
+        if res.is_err() {
+            // All or nothing: the pages this step took go back.
+            for (&sl, &n) in slots.iter().zip(&before) {
+                let extra = cache.tables[sl].split_off(n);
+                cache.free.extend(extra);
+            }
+            cache.free.sort_unstable_by(|a, b| b.cmp(a));
+        } else {
+            cache.lens = lens;
+        }
+        res
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_step(
+        &self,
+        be: &B,
+        cache: &mut KvCache<B>,
+        st: &mut InferState<B>,
+        r: usize,
+        rows: &[Row],
+        table: &[f32],
+        mut pages: Vec<f32>,
+        attn: StepAttention,
+    ) -> Result<Vec<f32>> {
         if st.bufs.len() >= 4 && !st.bufs.contains_key(&r) {
             st.bufs.clear();
         }
@@ -237,14 +371,16 @@ impl<B: Backend> Model<B> {
             std::collections::hash_map::Entry::Vacant(e) => e.insert(StepBufs::new(be, self, cache, r)?),
         };
         sb.ids.write_f32(be, &rows.iter().map(|x| x.token as f32).collect::<Vec<_>>())?;
-        sb.table.write_f32(be, &table.iter().map(|&x| x as f32).collect::<Vec<_>>())?;
+        sb.table.write_f32(be, table)?;
+        pages.resize(sb.pages.numel(), 0.0);
+        sb.pages.write_f32(be, &pages)?;
         self.step_layers(be, cache, sb, attn)?;
-        cache.lens = lens;
         sb.logits.to_f32_vec(be)
     }
 
     fn step_layers(&self, be: &B, cache: &mut KvCache<B>, sb: &mut StepBufs<B>, attn: StepAttention) -> Result<()> {
         let w = &self.params;
+        let page = cache.page;
         ops::embedding(be, &sb.ids, &w[self.layout.emb], &mut sb.x)?;
         let r = sb.x.shape()[0];
         for (l, lp) in self.layout.layers.iter().enumerate() {
@@ -259,8 +395,9 @@ impl<B: Backend> Model<B> {
             ops::rope_rows(be, &sb.q_raw, &self.rope, &sb.table, &mut sb.q)?;
             ops::rope_rows(be, &sb.k_raw, &self.rope, &sb.table, &mut sb.k)?;
             sb.v.set_shape(sb.k.shape())?;
-            ops::cache_write(be, &sb.k, &sb.table, &mut cache.k[l])?;
-            ops::cache_write(be, &sb.v, &sb.table, &mut cache.v[l])?;
+            let kv = KvTable { rows: &sb.table, pages: &sb.pages, page };
+            ops::cache_write(be, &sb.k, &kv, &mut cache.k[l])?;
+            ops::cache_write(be, &sb.v, &kv, &mut cache.v[l])?;
             // A sparse model always caches its indexer keys; a sparse step also selects each row's blocks.
             let sel = match (&mut sb.idx, lp.indexer, self.cfg.attention) {
                 (
@@ -271,11 +408,11 @@ impl<B: Backend> Model<B> {
                     for (dst, wi) in [(&mut *qi, wq), (&mut *ki, wk), (&mut *wt, ww)] {
                         ops::matmul(be, &sb.ln, &w[wi], dst, false, false, 1.0, 0.0)?;
                     }
-                    ops::cache_write(be, ki, &sb.table, &mut cache.ki[l])?;
+                    ops::cache_write(be, ki, &kv, &mut cache.ki[l])?;
                     if let StepAttention::Sparse { keep_blocks } = attn {
                         let di = qi.numel() / (r * index_heads);
                         qi.set_shape(&[r, index_heads, di])?;
-                        attention::cached_indexer_block_scores(be, qi, wt, &cache.ki[l], &sb.table, block, pooled)?;
+                        attention::cached_indexer_block_scores(be, qi, wt, &cache.ki[l], &kv, block, pooled)?;
                         qi.set_shape(&[r, index_heads * di])?;
                         if sel.shape()[1] != keep_blocks {
                             *sel = Tensor::zeros(be, &[r, keep_blocks], DType::U32)?;
@@ -296,7 +433,7 @@ impl<B: Backend> Model<B> {
                 None => CachedPattern::Dense,
             };
             sb.att.set_shape(sb.q.shape())?;
-            attention::cached_attention(be, &sb.q, &cache.k[l], &cache.v[l], &sb.table, pat, &mut sb.att)?;
+            attention::cached_attention(be, &sb.q, &cache.k[l], &cache.v[l], &kv, pat, &mut sb.att)?;
             sb.v.set_shape(&[r, sb.v.numel() / r])?;
             sb.att.set_shape(&[r, sb.att.numel() / r])?;
             // xm = x + att·Wo; x' = xm + GELU(LN2(xm)·W1 + b1)·W2 + b2

@@ -1,6 +1,7 @@
 //! Writing the new rows of a KV-cache step into the cache.
 
 use super::*;
+use crate::attention::cached::{KvTable, Paging, check_table};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CacheWriteSpec {
@@ -10,16 +11,17 @@ pub struct CacheWriteSpec {
     pub width: usize,
     /// Cache rows.
     pub slots: usize,
+    pub paging: Paging,
     pub checked: Checked,
 }
 
-/// `cache[base_r + len_r - 1] = src[r]` for every row `r` of the row table
-/// `rows` (U32 `[R, 2]` = `(base, len)`, see [`crate::attention::cached`]):
-/// each query row's key (value, indexer key) goes to its own position.
-/// `src` is `[R, …]`, `cache` `[slots, …]` with the same row width and
-/// dtype. Rows whose target is outside the cache are skipped (the engine
-/// never issues them).
-pub fn cache_write<B: Backend>(be: &B, src: &Tensor<B>, rows: &Tensor<B>, cache: &mut Tensor<B>) -> Result<()> {
+/// `cache[row(len_r - 1)] = src[r]` for every row `r` of the table (row
+/// `(base, len)`, `row(s)` the cache row of position `s` through the page
+/// table, see [`crate::attention::cached`]): each query row's key (value,
+/// indexer key) goes to its own position. `src` is `[R, …]`, `cache`
+/// `[slots, …]` with the same row width and dtype. Rows with `len = 0` are
+/// skipped.
+pub fn cache_write<B: Backend>(be: &B, src: &Tensor<B>, table: &KvTable<'_, B>, cache: &mut Tensor<B>) -> Result<()> {
     const OP: &str = "cache_write";
     check_float(be, OP, "src", src)?;
     check_same_dtype(OP, &[("src", src), ("cache", &*cache)])?;
@@ -34,10 +36,13 @@ pub fn cache_write<B: Backend>(be: &B, src: &Tensor<B>, rows: &Tensor<B>, cache:
             fmt_shape(cache.shape())
         )));
     }
-    check_dtype(OP, "rows", rows, DType::U32)?;
-    if rows.shape() != [r, 2] {
-        return Err(Error::Shape(format!("{OP}: the row table must be [{r}, 2], got {}", fmt_shape(rows.shape()))));
-    }
+    let paging = check_table(OP, table, r, slots)?;
     check_u32(OP, "cache numel", cache.numel())?;
-    be.cache_write(&CacheWriteSpec { rows: r, width, slots, checked: CHECKED }, src, rows, cache)
+    be.cache_write(
+        &CacheWriteSpec { rows: r, width, slots, paging, checked: CHECKED },
+        src,
+        table.rows,
+        table.pages,
+        cache,
+    )
 }

@@ -893,59 +893,116 @@ pub fn attention_with_keyless_queries<R: Backend, B: Backend>(r: &R, b: &B) {
 
 // ------------------------------------------------------------ inference
 
-/// The row table of a ragged step over 3 cached sequences of 40 slots each:
-/// sequence 0 decodes at length 37, sequence 1 prefills a run of 5 tokens
-/// (lengths 3..=7), sequence 2 takes its first token.
-fn ragged_rows() -> (usize, Vec<u32>) {
-    let ctx = 40usize;
-    let mut t = vec![0, 37];
-    for len in 3..=7u32 {
-        t.extend([ctx as u32, len]);
-    }
-    t.extend([2 * ctx as u32, 1]);
-    (ctx, t)
+/// A ragged step over 3 cached sequences of up to 40 tokens: sequence 0
+/// decodes at length 37, sequence 1 prefills a run of 5 tokens (lengths
+/// 3..=7), sequence 2 takes its first token. `(sequence, len)` per row.
+fn ragged_rows() -> (usize, Vec<(usize, usize)>) {
+    let mut t = vec![(0, 37)];
+    t.extend((3..=7).map(|len| (1, len)));
+    t.push((2, 1));
+    (40, t)
 }
 
-/// The inference ops over a KV cache (RoPE at per-row positions, cache
+/// A page layout of 3 sequences of `ctx` tokens in a pool of `3·ctx` rows:
+/// `(page, page table, base per sequence)`. Page `ctx` is the contiguous
+/// cache; smaller pages are handed out in a shuffled order.
+fn page_layout(ctx: usize, page: usize, rng: &mut Rng) -> (usize, Vec<u32>, Vec<usize>) {
+    let per = ctx / page;
+    let mut ids: Vec<u32> = (0..(3 * per) as u32).collect();
+    if per > 1 {
+        for i in (1..ids.len()).rev() {
+            ids.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+    }
+    (page, ids, (0..3).map(|s| s * per).collect())
+}
+
+/// The inference ops over a paged KV cache (RoPE at per-row positions, cache
 /// writes, pooled indexer scores, per-row selection, dense and block-sparse
-/// cached attention) on a ragged step match the reference.
+/// cached attention) on a ragged step match the reference, and on every
+/// backend give bit-identical results whether the sequences' pages are
+/// contiguous (one page each) or pages of 8 rows scattered over the pool.
 pub fn cached_ops<R: Backend, B: Backend>(r: &R, b: &B) {
-    use dynsparse::attention::{self as attn, CachedPattern};
+    use dynsparse::attention::{self as attn, CachedPattern, KvTable};
     let (ctx, tab) = ragged_rows();
-    let (rows, slots) = (tab.len() / 2, 3 * ctx);
+    let (rows, slots) = (tab.len(), 3 * ctx);
     let (h, g, d, hi, di, block, n) = (4usize, 2usize, 16usize, 2usize, 8usize, 8usize, 3usize);
     let cols = ctx.div_ceil(block);
     for dt in float_dtypes(r, b) {
         let mut rng = Rng::new(seed("cached", dt, 0));
         let q = rng.normal_vec(rows * h * d);
+        // Logical caches: sequence-major `[3, ctx, width]`.
         let (kc, vc) = (rng.normal_vec(slots * g * d), rng.normal_vec(slots * g * d));
         let knew = rng.normal_vec(rows * g * d);
         let (qi, w, kic) = (rng.normal_vec(rows * hi * di), rng.normal_vec(rows * hi), rng.normal_vec(slots * di));
         let tied: Vec<f32> = (0..rows * cols).map(|_| rng.below(5) as f32).collect();
+        let layouts = [page_layout(ctx, ctx, &mut rng), page_layout(ctx, 8, &mut rng)];
+        let run = |be: &dyn Fn(&(usize, Vec<u32>, Vec<usize>)) -> Vec<Vec<f32>>| -> Vec<Vec<f32>> {
+            let (contig, paged) = (be(&layouts[0]), be(&layouts[1]));
+            let names = ["rope_rows", "cache_write", "cached indexer pooled", "cached_select", "dense o", "blocks o"];
+            for (i, name) in names.iter().enumerate() {
+                let same = contig[i].iter().zip(&paged[i]).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{dt:?} {name}: scattered pages of 8 rows change the result of the contiguous cache");
+            }
+            paged
+        };
         let (want, got) = on_both!(r, b, |be| {
-            let table = Tensor::from_u32(be, &tab, &[rows, 2]).unwrap();
-            let qt = up(be, &q, &[rows, h, d], dt);
-            let table_rope = RopeTable::new(be, ctx, d, 10000.0).unwrap();
-            let mut qr = poisoned(be, &[rows, h, d], dt);
-            ops::rope_rows(be, &qt, &table_rope, &table, &mut qr).unwrap();
-            let mut kt = up(be, &kc, &[slots, g, d], dt);
-            ops::cache_write(be, &up(be, &knew, &[rows, g, d], dt), &table, &mut kt).unwrap();
-            let vt = up(be, &vc, &[slots, g, d], dt);
-            let (qit, wt, kit) =
-                (up(be, &qi, &[rows, hi, di], dt), up(be, &w, &[rows, hi], dt), up(be, &kic, &[slots, di], dt));
-            let mut pooled = poisoned(be, &[rows, cols], DType::F32);
-            attn::cached_indexer_block_scores(be, &qit, &wt, &kit, &table, block, &mut pooled).unwrap();
-            let mut idx = Tensor::from_u32(be, &vec![9; rows * n], &[rows, n]).unwrap();
-            attn::cached_select(be, &up(be, &tied, &[rows, cols], DType::F32), &table, n, block, &mut idx).unwrap();
-            let mut od = poisoned(be, &[rows, h, d], dt);
-            attn::cached_attention(be, &qr, &kt, &vt, &table, CachedPattern::Dense, &mut od).unwrap();
-            let mut ob = poisoned(be, &[rows, h, d], dt);
-            attn::cached_attention(be, &qr, &kt, &vt, &table, CachedPattern::Blocks { idx: &idx, block }, &mut ob)
-                .unwrap();
-            let fin =
-                |v: Vec<f32>| v.into_iter().map(|x| if x == f32::NEG_INFINITY { -1e30 } else { x }).collect::<Vec<_>>();
-            let sel: Vec<f32> = idx.to_u32_vec(be).unwrap().into_iter().map(|x| x as f32).collect();
-            vec![down(be, &qr), down(be, &kt), fin(down(be, &pooled)), sel, down(be, &od), down(be, &ob)]
+            run(&|(page, ids, base): &(usize, Vec<u32>, Vec<usize>)| {
+                let page = *page;
+                // Physical row of (sequence, position) and the caches scattered accordingly.
+                let phys = |sq: usize, s: usize| ids[base[sq] + s / page] as usize * page + s % page;
+                let scatter = |logical: &[f32], width: usize| {
+                    let mut out = vec![0.0f32; logical.len()];
+                    for sq in 0..3 {
+                        for s in 0..ctx {
+                            let (src, dst) = ((sq * ctx + s) * width, phys(sq, s) * width);
+                            out[dst..dst + width].copy_from_slice(&logical[src..src + width]);
+                        }
+                    }
+                    out
+                };
+                let gather = |physical: &[f32], width: usize| {
+                    let mut out = vec![0.0f32; physical.len()];
+                    for sq in 0..3 {
+                        for s in 0..ctx {
+                            let (dst, src) = ((sq * ctx + s) * width, phys(sq, s) * width);
+                            out[dst..dst + width].copy_from_slice(&physical[src..src + width]);
+                        }
+                    }
+                    out
+                };
+                let flat: Vec<u32> = tab.iter().flat_map(|&(sq, len)| [base[sq] as u32, len as u32]).collect();
+                let table = Tensor::from_u32(be, &flat, &[rows, 2]).unwrap();
+                let pages = Tensor::from_u32(be, ids, &[ids.len()]).unwrap();
+                let kv = KvTable { rows: &table, pages: &pages, page };
+                let qt = up(be, &q, &[rows, h, d], dt);
+                let table_rope = RopeTable::new(be, ctx, d, 10000.0).unwrap();
+                let mut qr = poisoned(be, &[rows, h, d], dt);
+                ops::rope_rows(be, &qt, &table_rope, &table, &mut qr).unwrap();
+                let mut kt = up(be, &scatter(&kc, g * d), &[slots, g, d], dt);
+                ops::cache_write(be, &up(be, &knew, &[rows, g, d], dt), &kv, &mut kt).unwrap();
+                let vt = up(be, &scatter(&vc, g * d), &[slots, g, d], dt);
+                let (qit, wt, kit) = (
+                    up(be, &qi, &[rows, hi, di], dt),
+                    up(be, &w, &[rows, hi], dt),
+                    up(be, &scatter(&kic, di), &[slots, di], dt),
+                );
+                let mut pooled = poisoned(be, &[rows, cols], DType::F32);
+                attn::cached_indexer_block_scores(be, &qit, &wt, &kit, &kv, block, &mut pooled).unwrap();
+                let mut idx = Tensor::from_u32(be, &vec![9; rows * n], &[rows, n]).unwrap();
+                attn::cached_select(be, &up(be, &tied, &[rows, cols], DType::F32), &table, n, block, &mut idx).unwrap();
+                let mut od = poisoned(be, &[rows, h, d], dt);
+                attn::cached_attention(be, &qr, &kt, &vt, &kv, CachedPattern::Dense, &mut od).unwrap();
+                let mut ob = poisoned(be, &[rows, h, d], dt);
+                attn::cached_attention(be, &qr, &kt, &vt, &kv, CachedPattern::Blocks { idx: &idx, block }, &mut ob)
+                    .unwrap();
+                let fin = |v: Vec<f32>| {
+                    v.into_iter().map(|x| if x == f32::NEG_INFINITY { -1e30 } else { x }).collect::<Vec<_>>()
+                };
+                let sel: Vec<f32> = idx.to_u32_vec(be).unwrap().into_iter().map(|x| x as f32).collect();
+                let kt_logical = gather(&down(be, &kt), g * d);
+                vec![down(be, &qr), kt_logical, fin(down(be, &pooled)), sel, down(be, &od), down(be, &ob)]
+            })
         });
         assert_eq!(got[3], want[3], "{dt:?} cached_select picks the same blocks");
         let names = ["rope_rows", "cache_write", "cached indexer pooled", "cached_select", "dense o", "blocks o"];
@@ -989,39 +1046,67 @@ pub fn prefill_and_decode_match_the_full_window<R: Backend, B: Backend>(r: &R, b
                     ws.logits_f32(b).unwrap()
                 })
                 .collect();
-            let mut cache = KvCache::new(b, &model, 3, ctx).unwrap();
-            let mut st = InferState::default();
             let prompts = [20usize, 10, 1];
-            let mut got: Vec<Vec<f32>> = vec![Vec::new(); 3];
-            // Sequence 0's prompt in two chunks (12 + 8), the others in one.
-            got[0] = model.prefill(b, &mut cache, &mut st, 0, &seqs[0][..prompts[0]], 12).unwrap();
-            for s in 1..3 {
-                got[s] = model.prefill(b, &mut cache, &mut st, s, &seqs[s][..prompts[s]], 64).unwrap();
-            }
-            let mut pos = prompts;
-            loop {
-                let rows: Vec<Row> = (0..3)
-                    .filter(|&s| pos[s] < seqs[s].len())
-                    .map(|s| Row { slot: s, token: seqs[s][pos[s]] })
-                    .collect();
-                if rows.is_empty() {
-                    break;
+            let run = |cache: &mut KvCache<B>| -> Vec<Vec<f32>> {
+                let mut st = InferState::default();
+                let mut got: Vec<Vec<f32>> = vec![Vec::new(); 3];
+                // Sequence 0's prompt in two chunks (12 + 8), the others in one.
+                got[0] = model.prefill(b, cache, &mut st, 0, &seqs[0][..prompts[0]], 12).unwrap();
+                for s in 1..3 {
+                    got[s] = model.prefill(b, cache, &mut st, s, &seqs[s][..prompts[s]], 64).unwrap();
                 }
-                let logits = model.step(b, &mut cache, &mut st, &rows, model.inference_attention()).unwrap();
-                for (i, row) in rows.iter().enumerate() {
-                    got[row.slot].extend_from_slice(&logits[i * 256..(i + 1) * 256]);
-                    pos[row.slot] += 1;
+                let mut pos = prompts;
+                loop {
+                    let rows: Vec<Row> = (0..3)
+                        .filter(|&s| pos[s] < seqs[s].len())
+                        .map(|s| Row { slot: s, token: seqs[s][pos[s]] })
+                        .collect();
+                    if rows.is_empty() {
+                        break;
+                    }
+                    let logits = model.step(b, cache, &mut st, &rows, model.inference_attention()).unwrap();
+                    for (i, row) in rows.iter().enumerate() {
+                        got[row.slot].extend_from_slice(&logits[i * 256..(i + 1) * 256]);
+                        pos[row.slot] += 1;
+                    }
                 }
-            }
-            for s in 0..3 {
-                assert_eq!(cache.len(s), seqs[s].len());
-                let what = format!(
+                got
+            };
+            let what = |s: usize| {
+                format!(
                     "{dt:?} {} model, sequence {s} ({} tokens)",
                     if sparse { "sparse" } else { "dense" },
                     seqs[s].len()
+                )
+            };
+            // Pages of 8 tokens, exactly as many as the three sequences need (6 + 4 + 3).
+            let mut paged = KvCache::paged(b, &model, 3, ctx, 8, 13).unwrap();
+            let got_paged = run(&mut paged);
+            assert_eq!(paged.pages_used(), 13);
+            let mut cache = KvCache::new(b, &model, 3, ctx).unwrap();
+            let got = run(&mut cache);
+            for s in 0..3 {
+                assert_eq!(cache.len(s), seqs[s].len());
+                assert_close(
+                    &format!("{}: prefill + decode logits vs the full window", what(s)),
+                    &got[s],
+                    &full[s],
+                    dt,
                 );
-                assert_close(&format!("{what}: prefill + decode logits vs the full window"), &got[s], &full[s], dt);
+                let same = got[s].iter().zip(&got_paged[s]).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{}: a paged cache (8-token pages) changes the logits of the contiguous one", what(s));
             }
+            // A full pool refuses a step that needs a page, all or nothing; clearing returns pages.
+            paged.clear(2);
+            assert_eq!((paged.pages_used(), paged.len(2)), (10, 0));
+            let mut st = InferState::default();
+            let rows: Vec<Row> = (0..25).map(|i| Row { slot: 2, token: i }).collect();
+            let e = model.step(b, &mut paged, &mut st, &rows, model.inference_attention());
+            expect_err("a step beyond the pool", e, &["pages"]);
+            assert_eq!((paged.pages_used(), paged.len(2), paged.pages_needed(2, 25)), (10, 0, 4));
+            model.step(b, &mut paged, &mut st, &rows[..24], model.inference_attention()).unwrap();
+            assert_eq!((paged.pages_used(), paged.len(2)), (13, 24));
+            let mut st = InferState::default();
             // Past the context, a slot beyond the batch, a cache longer than the model: errors.
             let e = model.step(b, &mut cache, &mut st, &[Row { slot: 0, token: 1 }], model.inference_attention());
             expect_err("decode past the context", e, &["48 tokens"]);

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use super::attention::{gemm, online_update};
 use super::{CpuBackend, CpuBuffer, Storage, rd};
 use crate::Tensor;
-use crate::attention::cached::{CachedAttentionSpec, CachedIndexerSpec, CachedSelectSpec};
+use crate::attention::cached::{CachedAttentionSpec, CachedIndexerSpec, CachedSelectSpec, Paging};
 use crate::attention::ops::PatternSpec;
 use crate::attention::select::{NONE, select_row};
 use crate::ops::{CacheWriteSpec, RopeSpec};
@@ -28,14 +28,15 @@ const RUN: usize = 64;
 /// cached query runs the same online-softmax steps as in that pass.
 const KTILE: usize = 64;
 
-/// `(base, len)` per row, clamped to the cache.
-fn row_table(rows: &T, slots: usize) -> Vec<(usize, usize)> {
+/// `(base, len)` per row, `len` clamped to what the page table can hold
+/// from `base` (`page · (P − base)`).
+fn row_table(rows: &T, pg: Paging) -> Vec<(usize, usize)> {
     rows.buf
         .u32s()
         .chunks(2)
         .map(|p| {
-            let base = (p[0] as usize).min(slots);
-            (base, (p[1] as usize).min(slots - base))
+            let base = p[0] as usize;
+            (base, (p[1] as usize).min(pg.table.saturating_sub(base) * pg.page))
         })
         .collect()
 }
@@ -68,6 +69,38 @@ fn cache_rows(buf: &CpuBuffer, row0: usize, n: usize, width: usize) -> Cow<'_, [
     }
 }
 
+/// Keys `[k0, k0 + n)` of a sequence whose page table starts at `base`, as
+/// f32 rows of `width`: borrowed when they lie in one page of an f32 cache,
+/// else gathered page segment by page segment. The values, and so every
+/// product over them, do not depend on where the pages lie.
+#[allow(clippy::too_many_arguments)]
+fn seq_rows<'a>(
+    buf: &'a CpuBuffer,
+    pg: Paging,
+    pages: &[u32],
+    base: usize,
+    k0: usize,
+    n: usize,
+    width: usize,
+    slots: usize,
+) -> Cow<'a, [f32]> {
+    if n == 0 {
+        return Cow::Borrowed(&[]);
+    }
+    let first = pg.key_row(pages, base, k0, slots);
+    if k0 / pg.page == (k0 + n - 1) / pg.page {
+        return cache_rows(buf, first, n, width);
+    }
+    let mut out = Vec::with_capacity(n * width);
+    let mut s = k0;
+    while s < k0 + n {
+        let seg = (pg.page - s % pg.page).min(k0 + n - s);
+        out.extend_from_slice(&cache_rows(buf, pg.key_row(pages, base, s, slots), seg, width));
+        s += seg;
+    }
+    Cow::Owned(out)
+}
+
 pub(super) fn rope_rows(s: &RopeSpec, x: &T, cos: &T, sin: &T, rows: &T, y: &mut T) {
     let (x, cos, sin) = (rd(x), rd(cos), rd(sin));
     let (hd, half) = (s.head_dim, s.head_dim / 2);
@@ -88,14 +121,17 @@ pub(super) fn rope_rows(s: &RopeSpec, x: &T, cos: &T, sin: &T, rows: &T, y: &mut
     });
 }
 
-pub(super) fn cache_write(s: &CacheWriteSpec, src: &T, rows: &T, cache: &mut T) {
-    let tab = rows.buf.u32s().to_vec();
+pub(super) fn cache_write(s: &CacheWriteSpec, src: &T, rows: &T, pages: &T, cache: &mut T) {
+    let tab = row_table(rows, s.paging);
+    let pages = pages.buf.u32s().to_vec();
     let w = s.width;
     macro_rules! copy_rows {
         ($src:expr, $dst:expr) => {
-            for (r, p) in tab.chunks(2).enumerate() {
-                let (base, len) = (p[0] as usize, p[1] as usize);
-                let Some(dst_row) = (base + len).checked_sub(1).filter(|&d| len > 0 && d < s.slots) else { continue };
+            for (r, &(base, len)) in tab.iter().enumerate() {
+                if len == 0 {
+                    continue;
+                }
+                let dst_row = s.paging.key_row(&pages, base, len - 1, s.slots);
                 $dst[dst_row * w..(dst_row + 1) * w].copy_from_slice(&$src[r * w..(r + 1) * w]);
             }
         };
@@ -145,9 +181,20 @@ fn units(
     }
 }
 
-pub(super) fn cached_attention(s: &CachedAttentionSpec, q: &T, k: &T, v: &T, rows: &T, idx: Option<&T>, o: &mut T) {
+#[allow(clippy::too_many_arguments)]
+pub(super) fn cached_attention(
+    s: &CachedAttentionSpec,
+    q: &T,
+    k: &T,
+    v: &T,
+    rows: &T,
+    pages: &T,
+    idx: Option<&T>,
+    o: &mut T,
+) {
     let q = rd(q);
-    let tab = row_table(rows, s.slots);
+    let tab = row_table(rows, s.paging);
+    let pages = pages.buf.u32s();
     let idx = idx.map(|i| i.buf.u32s());
     let (d, h_n, kw) = (s.head_dim, s.n_heads, s.n_kv_heads * s.head_dim);
     let tasks: Vec<((usize, usize), usize)> =
@@ -162,7 +209,10 @@ pub(super) fn cached_attention(s: &CachedAttentionSpec, q: &T, k: &T, v: &T, row
             let (mut qb, mut sb, mut pv) = (Vec::new(), Vec::new(), Vec::new());
             for (k0, k1, rs) in units(s, &tab, idx, (r0, r1)) {
                 let (nr, cols) = (rs.len(), k1 - k0);
-                let (kr, vr) = (cache_rows(&k.buf, base + k0, cols, kw), cache_rows(&v.buf, base + k0, cols, kw));
+                let (kr, vr) = (
+                    seq_rows(&k.buf, s.paging, pages, base, k0, cols, kw, s.slots),
+                    seq_rows(&v.buf, s.paging, pages, base, k0, cols, kw, s.slots),
+                );
                 qb.clear();
                 for &r in &rs {
                     qb.extend_from_slice(&q[((r0 + r) * h_n + h) * d..((r0 + r) * h_n + h + 1) * d]);
@@ -203,9 +253,19 @@ pub(super) fn cached_attention(s: &CachedAttentionSpec, q: &T, k: &T, v: &T, row
 /// Key columns per indexer chunk.
 const ICHUNK: usize = 512;
 
-pub(super) fn cached_indexer_block_scores(s: &CachedIndexerSpec, qi: &T, w: &T, ki: &T, rows: &T, pooled: &mut T) {
+#[allow(clippy::too_many_arguments)]
+pub(super) fn cached_indexer_block_scores(
+    s: &CachedIndexerSpec,
+    qi: &T,
+    w: &T,
+    ki: &T,
+    rows: &T,
+    pages: &T,
+    pooled: &mut T,
+) {
     let (qi, w) = (rd(qi), rd(w));
-    let tab = row_table(rows, s.slots);
+    let tab = row_table(rows, s.paging);
+    let pages = pages.buf.u32s();
     let (hi, di, bs) = (s.heads, s.dim, s.block);
     pooled.buf.produce(|out| {
         out.par_chunks_mut(s.cols).enumerate().for_each(|(r, dst)| {
@@ -216,7 +276,7 @@ pub(super) fn cached_indexer_block_scores(s: &CachedIndexerSpec, qi: &T, w: &T, 
             let mut lbuf = vec![0.0f32; hi * ICHUNK];
             for k0 in (0..len).step_by(ICHUNK) {
                 let width = ICHUNK.min(len - k0);
-                let kr = cache_rows(&ki.buf, base + k0, width, di);
+                let kr = seq_rows(&ki.buf, s.paging, pages, base, k0, width, di, s.slots);
                 // L[j, s] = q_i[j]·k_i[s]; I(s) = Σ_j w[j]·ReLU(L[j, s]).
                 let lb = &mut lbuf[..hi * width];
                 gemm(hi, di, width, 1.0, q, (di, 1), &kr, (1, di), 0.0, lb, (width, 1));

@@ -479,9 +479,10 @@ impl Backend for CpuBackend {
         s: &CacheWriteSpec,
         src: &Tensor<Self>,
         rows: &Tensor<Self>,
+        pages: &Tensor<Self>,
         cache: &mut Tensor<Self>,
     ) -> Result<()> {
-        cached::cache_write(s, src, rows, cache);
+        cached::cache_write(s, src, rows, pages, cache);
         Ok(())
     }
     fn cached_attention(
@@ -491,10 +492,11 @@ impl Backend for CpuBackend {
         k: &Tensor<Self>,
         v: &Tensor<Self>,
         rows: &Tensor<Self>,
+        pages: &Tensor<Self>,
         idx: Option<&Tensor<Self>>,
         o: &mut Tensor<Self>,
     ) -> Result<()> {
-        cached::cached_attention(s, q, k, v, rows, idx, o);
+        cached::cached_attention(s, q, k, v, rows, pages, idx, o);
         Ok(())
     }
     fn cached_indexer_block_scores(
@@ -504,9 +506,10 @@ impl Backend for CpuBackend {
         w: &Tensor<Self>,
         ki: &Tensor<Self>,
         rows: &Tensor<Self>,
+        pages: &Tensor<Self>,
         pooled: &mut Tensor<Self>,
     ) -> Result<()> {
-        cached::cached_indexer_block_scores(s, qi, w, ki, rows, pooled);
+        cached::cached_indexer_block_scores(s, qi, w, ki, rows, pages, pooled);
         Ok(())
     }
     fn cached_select(

@@ -84,7 +84,14 @@ pub(super) fn rope_rows(be: &CudaBackend, s: &RopeSpec, x: &T, c: &T, sn: &T, ro
     be.launch(FAMILY, &name, flat(pairs), &args)
 }
 
-pub(super) fn cache_write(be: &CudaBackend, s: &CacheWriteSpec, src: &T, rows: &T, cache: &mut T) -> Result<()> {
+pub(super) fn cache_write(
+    be: &CudaBackend,
+    s: &CacheWriteSpec,
+    src: &T,
+    rows: &T,
+    _pages: &T,
+    cache: &mut T,
+) -> Result<()> {
     let name = format!("cache_write_{}", sfx(src.dtype()));
     let args = [p(src), p(rows), p(cache), u(s.rows), u(s.width), u(s.slots)];
     be.launch(FAMILY, &name, flat(s.rows * s.width), &args)
@@ -132,6 +139,7 @@ pub(super) fn cached_attention(
     k: &T,
     v: &T,
     rows: &T,
+    _pages: &T,
     idx: Option<&T>,
     o: &mut T,
 ) -> Result<()> {
@@ -249,6 +257,7 @@ pub(super) fn cached_indexer_block_scores(
     w: &T,
     ki: &T,
     rows: &T,
+    _pages: &T,
     pooled: &mut T,
 ) -> Result<()> {
     const OP: &str = "cached_indexer_block_scores";

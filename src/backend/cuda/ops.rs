@@ -619,8 +619,8 @@ impl Backend for CudaBackend {
     fn rope_rows(&self, s: &RopeSpec, x: &T, cos: &T, sin: &T, rows: &T, y: &mut T) -> Result<()> {
         cached::rope_rows(self, s, x, cos, sin, rows, y)
     }
-    fn cache_write(&self, s: &CacheWriteSpec, src: &T, rows: &T, cache: &mut T) -> Result<()> {
-        cached::cache_write(self, s, src, rows, cache)
+    fn cache_write(&self, s: &CacheWriteSpec, src: &T, rows: &T, pages: &T, cache: &mut T) -> Result<()> {
+        cached::cache_write(self, s, src, rows, pages, cache)
     }
     fn cached_attention(
         &self,
@@ -629,10 +629,11 @@ impl Backend for CudaBackend {
         k: &T,
         v: &T,
         rows: &T,
+        pages: &T,
         idx: Option<&T>,
         o: &mut T,
     ) -> Result<()> {
-        cached::cached_attention(self, s, q, k, v, rows, idx, o)
+        cached::cached_attention(self, s, q, k, v, rows, pages, idx, o)
     }
     fn cached_indexer_block_scores(
         &self,
@@ -641,9 +642,10 @@ impl Backend for CudaBackend {
         w: &T,
         ki: &T,
         rows: &T,
+        pages: &T,
         pooled: &mut T,
     ) -> Result<()> {
-        cached::cached_indexer_block_scores(self, s, qi, w, ki, rows, pooled)
+        cached::cached_indexer_block_scores(self, s, qi, w, ki, rows, pages, pooled)
     }
     fn cached_select(&self, s: &CachedSelectSpec, scores: &T, rows: &T, idx: &mut T) -> Result<()> {
         cached::cached_select(self, s, scores, rows, idx)

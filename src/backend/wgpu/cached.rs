@@ -64,7 +64,14 @@ pub(super) fn rope_rows(be: &WgpuBackend, s: &RopeSpec, x: &T, c: &T, sn: &T, ro
     )
 }
 
-pub(super) fn cache_write(be: &WgpuBackend, s: &CacheWriteSpec, src: &T, rows: &T, cache: &mut T) -> Result<()> {
+pub(super) fn cache_write(
+    be: &WgpuBackend,
+    s: &CacheWriteSpec,
+    src: &T,
+    rows: &T,
+    _pages: &T,
+    cache: &mut T,
+) -> Result<()> {
     let bytes = s.width * src.dtype().size();
     if bytes % 4 == 0 {
         // Whole 32-bit words per row: copy them without conversion.
@@ -98,6 +105,7 @@ pub(super) fn cached_attention(
     k: &T,
     v: &T,
     rows: &T,
+    _pages: &T,
     idx: Option<&T>,
     o: &mut T,
 ) -> Result<()> {
@@ -186,6 +194,7 @@ pub(super) fn cached_indexer_block_scores(
     w: &T,
     ki: &T,
     rows: &T,
+    _pages: &T,
     pooled: &mut T,
 ) -> Result<()> {
     // A span of whole blocks (at most 256 of them, the kernel's array).
@@ -221,7 +230,7 @@ pub(super) fn cached_select(be: &WgpuBackend, s: &CachedSelectSpec, scores: &T, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attention::{CachedPattern, cached_attention};
+    use crate::attention::{CachedPattern, KvTable, Paging, cached_attention};
     use crate::backend::cpu::CpuBackend;
     use crate::backend::wgpu::AdapterPick;
     use crate::ops::CHECKED;
@@ -270,10 +279,14 @@ mod tests {
                     let up = |x: &[f32], sh: &[usize]| Tensor::from_f32(&c, x, sh, dt).unwrap();
                     let (qt, kt, vt) = (up(&q, &[r, h, d]), up(&kc, &[slots, kv, d]), up(&vc, &[slots, kv, d]));
                     let rows = Tensor::from_u32(&c, &tab, &[r, 2]).unwrap();
+                    // Pages of one row, in order: `base` is a cache row.
+                    let ids: Vec<u32> = (0..slots as u32).collect();
+                    let pages = Tensor::from_u32(&c, &ids, &[slots]).unwrap();
                     let idx = Tensor::from_u32(&c, &sel, &[r, n]).unwrap();
                     let pat = if dense { CachedPattern::Dense } else { CachedPattern::Blocks { idx: &idx, block } };
                     let mut o = Tensor::zeros(&c, &[r, h, d], dt).unwrap();
-                    cached_attention(&c, &qt, &kt, &vt, &rows, pat, &mut o).unwrap();
+                    let kv = KvTable { rows: &rows, pages: &pages, page: 1 };
+                    cached_attention(&c, &qt, &kt, &vt, &kv, pat, &mut o).unwrap();
                     o.to_f32_vec(&c).unwrap()
                 };
                 let got = {
@@ -290,6 +303,7 @@ mod tests {
                         head_dim: d,
                         scale: 1.0 / (d as f32).sqrt(),
                         pattern,
+                        paging: Paging { page: 1, table: slots },
                         checked: CHECKED,
                     };
                     let mut o = Tensor::from_f32(&g, &vec![7.0; r * h * d], &[r, h, d], dt).unwrap();

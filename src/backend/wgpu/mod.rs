@@ -948,8 +948,15 @@ impl Backend for WgpuBackend {
     ) -> Result<()> {
         cached::rope_rows(self, s, x, cos, sin, rows, y)
     }
-    fn cache_write(&self, s: &CacheWriteSpec, src: &T<Self>, rows: &T<Self>, cache: &mut T<Self>) -> Result<()> {
-        cached::cache_write(self, s, src, rows, cache)
+    fn cache_write(
+        &self,
+        s: &CacheWriteSpec,
+        src: &T<Self>,
+        rows: &T<Self>,
+        pages: &T<Self>,
+        cache: &mut T<Self>,
+    ) -> Result<()> {
+        cached::cache_write(self, s, src, rows, pages, cache)
     }
     fn cached_attention(
         &self,
@@ -958,10 +965,11 @@ impl Backend for WgpuBackend {
         k: &T<Self>,
         v: &T<Self>,
         rows: &T<Self>,
+        pages: &T<Self>,
         idx: Option<&T<Self>>,
         o: &mut T<Self>,
     ) -> Result<()> {
-        cached::cached_attention(self, s, q, k, v, rows, idx, o)
+        cached::cached_attention(self, s, q, k, v, rows, pages, idx, o)
     }
     fn cached_indexer_block_scores(
         &self,
@@ -970,9 +978,10 @@ impl Backend for WgpuBackend {
         w: &T<Self>,
         ki: &T<Self>,
         rows: &T<Self>,
+        pages: &T<Self>,
         pooled: &mut T<Self>,
     ) -> Result<()> {
-        cached::cached_indexer_block_scores(self, s, qi, w, ki, rows, pooled)
+        cached::cached_indexer_block_scores(self, s, qi, w, ki, rows, pages, pooled)
     }
     fn cached_select(&self, s: &CachedSelectSpec, scores: &T<Self>, rows: &T<Self>, idx: &mut T<Self>) -> Result<()> {
         cached::cached_select(self, s, scores, rows, idx)
