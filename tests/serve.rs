@@ -179,7 +179,12 @@ fn streaming_and_non_streaming_completions_agree_with_generate() {
         max_tokens: 12,
         ..Default::default()
     };
-    model.generate(&be, b"key value ", &opts, |b| Ok(want.extend_from_slice(b) == ())).unwrap();
+    model
+        .generate(&be, b"key value ", &opts, |b| {
+            want.extend_from_slice(b);
+            Ok(true)
+        })
+        .unwrap();
     assert_eq!(text(&v, 0), String::from_utf8_lossy(&want));
 
     // Streaming: one chunk per token, the last with its finish_reason, a usage chunk, then [DONE].
