@@ -237,22 +237,14 @@ pub fn run(choice: BackendChoice, a: ServeBenchArgs) -> Result<()> {
 
     let mut points = Vec::new();
     for &n in &a.streams {
-        server.metrics.update(|s| s.kv_pages_peak = s.kv_pages_used);
+        server.metrics.update(|s| {
+            s.kv_pages_peak = s.kv_pages_used;
+            s.batch_seqs_peak = 0;
+        });
         let started = Arc::new(AtomicUsize::new(0));
         let results = Arc::new(Mutex::new((Vec::new(), Vec::new(), 0usize, 0usize)));
-        let max_batch = Arc::new(AtomicUsize::new(0));
         let t0 = Instant::now();
         let deadline = t0 + Duration::from_secs_f64(a.max_secs);
-        let stop_watch = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let watcher = {
-            let (m, mb, stop) = (server.metrics.clone(), max_batch.clone(), stop_watch.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    mb.fetch_max(m.update(|s| s.batch_seqs), Ordering::Relaxed);
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            })
-        };
         let errors: Vec<Error> = std::thread::scope(|sc| {
             let hs: Vec<_> = (0..n)
                 .map(|_| {
@@ -284,13 +276,11 @@ pub fn run(choice: BackendChoice, a: ServeBenchArgs) -> Result<()> {
             hs.into_iter().filter_map(|h| h.join().ok().and_then(|r| r.err())).collect()
         });
         let secs = t0.elapsed().as_secs_f64();
-        stop_watch.store(true, Ordering::Relaxed);
-        let _ = watcher.join();
         if let Some(e) = errors.into_iter().next() {
             return Err(e);
         }
         let (ttft, itl, tokens, requests) = std::mem::take(&mut *results.lock().unwrap_or_else(|e| e.into_inner()));
-        let peak_pages = server.metrics.snapshot().kv_pages_peak;
+        let snap = server.metrics.snapshot();
         let p = Point {
             streams: n,
             requests,
@@ -298,8 +288,8 @@ pub fn run(choice: BackendChoice, a: ServeBenchArgs) -> Result<()> {
             secs,
             ttft,
             itl,
-            peak_pages,
-            max_batch_seen: max_batch.load(Ordering::Relaxed),
+            peak_pages: snap.kv_pages_peak,
+            max_batch_seen: snap.batch_seqs_peak,
         };
         eprintln!(
             "{n} streams: {requests} requests, {tokens} tokens in {secs:.1} s = {:.1} tokens/s",

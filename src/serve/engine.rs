@@ -562,6 +562,7 @@ impl<B: Backend> Engine<'_, B> {
             if let Some((s, r)) = batch {
                 m.batch_seqs = s;
                 m.batch_rows = r;
+                m.batch_seqs_peak = m.batch_seqs_peak.max(s);
             } else if self.running.is_empty() {
                 m.batch_seqs = 0;
                 m.batch_rows = 0;

@@ -55,6 +55,8 @@ pub struct Snapshot {
     /// Sequences and query rows of the last step.
     pub batch_seqs: usize,
     pub batch_rows: usize,
+    /// Most sequences in one step so far.
+    pub batch_seqs_peak: usize,
     pub kv_pages_total: usize,
     pub kv_pages_used: usize,
     /// Most pages ever held at once (never above the total).
@@ -82,6 +84,7 @@ impl Default for Snapshot {
             waiting: 0,
             batch_seqs: 0,
             batch_rows: 0,
+            batch_seqs_peak: 0,
             kv_pages_total: 0,
             kv_pages_used: 0,
             kv_pages_peak: 0,
@@ -184,6 +187,7 @@ impl Metrics {
             "Query rows (prefill + decode tokens) in the last engine step.",
             s.batch_rows as f64,
         );
+        gauge(&mut o, "dynsparse_batch_sequences_peak", "Most sequences in one engine step.", s.batch_seqs_peak as f64);
         gauge(&mut o, "dynsparse_kv_pages_total", "KV cache pages in the pool.", s.kv_pages_total as f64);
         gauge(&mut o, "dynsparse_kv_pages_used", "KV cache pages held by sequences.", s.kv_pages_used as f64);
         gauge(
