@@ -2,7 +2,8 @@
 # GPU check in two halves, because the GPU machine has no Rust toolchain:
 #
 #   scripts/gpu-check.sh build   (here) builds the release `dynsparse` binary and
-#       the test binaries with --features cuda, strips them, pre-compiles every
+#       the test binaries (test profile: CI has built most of them already)
+#       with --features cuda, strips and gzips them, pre-compiles every
 #       CUDA kernel to CUBIN and PTX for sm_80/sm_90 (so the GPU machine needs
 #       no NVRTC, and CUBIN loads on drivers older than this NVRTC), and writes
 #       everything plus run.sh and lib.sh into the git-ignored gpu-bundle/.
@@ -37,8 +38,10 @@ target_dir="$(cargo metadata --format-version 1 --no-deps \
 cp "$target_dir/release/dynsparse" "$bundle/bin/"
 
 echo "== test binaries"
+# The test profile (dependencies optimised, our crate at opt-level 1), as CI's
+# CUDA test step builds them: only the wgpu ones are new here.
 # shellcheck disable=SC2086
-cargo test --release $flags --no-run --message-format=json \
+cargo test $flags --no-run --message-format=json \
   --test conformance_cuda --test cuda_kernels_compile --test cuda_device \
   $( [[ "$flags" == *no-default-features* ]] || echo --test conformance_wgpu --test wgpu_limits ) \
   | json 'select(.reason == "compiler-artifact" and .executable != null and (.target.kind | index("test"))) | "\(.target.name) \(.executable)"' \
@@ -85,6 +88,8 @@ cp scripts/gpu-check-lib.sh "$bundle/lib.sh"
 glibc_need="$(objdump -T "$bundle"/bin/* 2>/dev/null | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -n1)"
 echo "${glibc_need}" > "$bundle/glibc-required"
 echo "binaries need glibc >= ${glibc_need:-unknown (objdump missing)}"
+# Shipped compressed (the device machine takes 64 MiB of carried files); run.sh unpacks them.
+gzip -9 "$bundle"/bin/*
 
 cat > "$bundle/run.sh" <<'RUN'
 #!/usr/bin/env bash
@@ -97,7 +102,9 @@ glibc_check "$(cat "$here/glibc-required" 2>/dev/null)" || exit 1
 out="${GPU_CHECK_OUT:-$PWD/gpu-check-out}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
-bin="$here/bin"
+bin="$out/bin"
+mkdir -p "$bin"
+for f in "$here"/bin/*.gz; do gzip -dc "$f" > "$bin/$(basename "$f" .gz)" && chmod +x "$bin/$(basename "$f" .gz)"; done
 summary="$out/summary.txt"
 : > "$summary"
 

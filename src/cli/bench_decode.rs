@@ -59,6 +59,11 @@ pub struct DecodeArgs {
     /// Prefill chunk (rows per step).
     #[arg(long, default_value_t = 512)]
     pub chunk: usize,
+    /// Tokens per KV-cache page (0: one contiguous page per sequence). Compare
+    /// `--kv-page 16` with the default to see what reading keys through page
+    /// tables costs.
+    #[arg(long, default_value_t = 0)]
+    pub kv_page: usize,
     /// Context of the whole-window reference (0: skip it).
     #[arg(long, default_value_t = 1024)]
     pub window_ref: usize,
@@ -123,7 +128,13 @@ impl BackendJob for Job<'_> {
             for &ctx in &a.contexts {
                 let mode = if sparse { "sparse" } else { "dense" };
                 self.bar.set_message(format!("{mode} context {ctx}"));
-                let mut cache = KvCache::new(be, &model, max_batch, ctx + a.steps)?;
+                let mut cache = match a.kv_page {
+                    0 => KvCache::new(be, &model, max_batch, ctx + a.steps)?,
+                    page => {
+                        let pages = max_batch * (ctx + a.steps).div_ceil(page);
+                        KvCache::paged(be, &model, max_batch, ctx + a.steps, page, pages)?
+                    }
+                };
                 // Prefill one prompt.
                 let n = ctx.min(a.prefill_max);
                 let prompt: Vec<u32> = (0..n).map(|_| rng.below(256) as u32).collect();
@@ -221,7 +232,7 @@ pub fn run(choice: BackendChoice, a: DecodeArgs) -> Result<()> {
     let list = |v: &[usize]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
     let mut md = format!(
         "Machine: {} — device: {} ({kind}).\n\n\
-         Command: `dynsparse --backend {kind} bench decode --contexts {} --batches {} --layers {} --d-model {} --heads {} --kv-heads {} --mlp-ratio {} --block {} --keep-blocks {} --index-heads {} --index-dim {} --dtype {dt} --steps {} --prefill-max {} --chunk {}`\n\n\
+         Command: `dynsparse --backend {kind} bench decode --contexts {} --batches {} --layers {} --d-model {} --heads {} --kv-heads {} --mlp-ratio {} --block {} --keep-blocks {} --index-heads {} --index-dim {} --dtype {dt} --steps {} --prefill-max {} --chunk {} --kv-page {}`\n\n\
          Model: {:.1}M parameters (the sparse model adds its indexers), random weights. Decode = one new token per sequence per step, \
          every sequence at the full context (the cache holds `context` tokens); sparse decode includes the indexer over every cached key, \
          the block pooling and the top-{} selection. Prefill: one prompt of min(context, {}) tokens in chunks of {}. Tokens/s.\n\n",
@@ -241,6 +252,7 @@ pub fn run(choice: BackendChoice, a: DecodeArgs) -> Result<()> {
         a.steps,
         a.prefill_max,
         a.chunk,
+        a.kv_page,
         params as f64 / 1e6,
         a.keep_blocks,
         a.prefill_max,
@@ -289,7 +301,11 @@ pub fn run(choice: BackendChoice, a: DecodeArgs) -> Result<()> {
     }
     println!("{md}");
     if let Some(path) = &a.write {
-        update_markdown_section(path, &format!("bench decode {kind}"), &md)?;
+        let section = match a.kv_page {
+            0 => format!("bench decode {kind}"),
+            p => format!("bench decode {kind} kv-page {p}"),
+        };
+        update_markdown_section(path, &section, &md)?;
         println!("written to {}", path.display());
     }
     Ok(())

@@ -250,7 +250,10 @@ impl<B: Backend> StepBufs<B> {
 /// Step buffers by row count (a prefill chunk size and a decode batch size
 /// alternate; a few sizes are kept).
 pub struct InferState<B: Backend> {
-    bufs: HashMap<usize, StepBufs<B>>,
+    /// By (rows, cache sequences, context, page size): the pooled scores and the
+    /// page-table buffer are sized by the cache, so a state used with another
+    /// cache gets fresh buffers instead of truncated ones.
+    bufs: HashMap<(usize, usize, usize, usize), StepBufs<B>>,
 }
 
 impl<B: Backend> Default for InferState<B> {
@@ -363,10 +366,11 @@ impl<B: Backend> Model<B> {
         mut pages: Vec<f32>,
         attn: StepAttention,
     ) -> Result<Vec<f32>> {
-        if st.bufs.len() >= 4 && !st.bufs.contains_key(&r) {
+        let key = (r, cache.max_batch, cache.context, cache.page);
+        if st.bufs.len() >= 4 && !st.bufs.contains_key(&key) {
             st.bufs.clear();
         }
-        let sb = match st.bufs.entry(r) {
+        let sb = match st.bufs.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => e.insert(StepBufs::new(be, self, cache, r)?),
         };
@@ -388,10 +392,10 @@ impl<B: Backend> Model<B> {
             for (dst, wi) in [(&mut sb.q_raw, lp.wq), (&mut sb.k_raw, lp.wk)] {
                 let shape = dst.shape().to_vec();
                 dst.set_shape(&[r, dst.numel() / r])?;
-                ops::matmul(be, &sb.ln, &w[wi], dst, false, false, 1.0, 0.0)?;
+                ops::matmul_rows(be, &sb.ln, &w[wi], dst, false, 1.0, 0.0)?;
                 dst.set_shape(&shape)?;
             }
-            ops::matmul(be, &sb.ln, &w[lp.wv], &mut sb.v, false, false, 1.0, 0.0)?;
+            ops::matmul_rows(be, &sb.ln, &w[lp.wv], &mut sb.v, false, 1.0, 0.0)?;
             ops::rope_rows(be, &sb.q_raw, &self.rope, &sb.table, &mut sb.q)?;
             ops::rope_rows(be, &sb.k_raw, &self.rope, &sb.table, &mut sb.k)?;
             sb.v.set_shape(sb.k.shape())?;
@@ -406,7 +410,7 @@ impl<B: Backend> Model<B> {
                     AttentionMode::Sparse { block, index_heads, .. },
                 ) => {
                     for (dst, wi) in [(&mut *qi, wq), (&mut *ki, wk), (&mut *wt, ww)] {
-                        ops::matmul(be, &sb.ln, &w[wi], dst, false, false, 1.0, 0.0)?;
+                        ops::matmul_rows(be, &sb.ln, &w[wi], dst, false, 1.0, 0.0)?;
                     }
                     ops::cache_write(be, ki, &kv, &mut cache.ki[l])?;
                     if let StepAttention::Sparse { keep_blocks } = attn {
@@ -438,19 +442,19 @@ impl<B: Backend> Model<B> {
             sb.att.set_shape(&[r, sb.att.numel() / r])?;
             // xm = x + att·Wo; x' = xm + GELU(LN2(xm)·W1 + b1)·W2 + b2
             ops::cast(be, &sb.x, &mut sb.xm)?;
-            ops::matmul(be, &sb.att, &w[lp.wo], &mut sb.xm, false, false, 1.0, 1.0)?;
+            ops::matmul_rows(be, &sb.att, &w[lp.wo], &mut sb.xm, false, 1.0, 1.0)?;
             ops::layernorm(be, &sb.xm, &w[lp.ln2g], &w[lp.ln2b], &mut sb.ln, &mut sb.mean, &mut sb.rstd, 1e-5)?;
-            ops::matmul(be, &sb.ln, &w[lp.w1], &mut sb.hb, false, false, 1.0, 0.0)?;
+            ops::matmul_rows(be, &sb.ln, &w[lp.w1], &mut sb.hb, false, 1.0, 0.0)?;
             ops::bias_add(be, &mut sb.hb, &w[lp.b1])?;
             ops::gelu(be, &sb.hb, &mut sb.act)?;
             ops::cast(be, &sb.xm, &mut sb.xn)?;
-            ops::matmul(be, &sb.act, &w[lp.w2], &mut sb.xn, false, false, 1.0, 1.0)?;
+            ops::matmul_rows(be, &sb.act, &w[lp.w2], &mut sb.xn, false, 1.0, 1.0)?;
             ops::bias_add(be, &mut sb.xn, &w[lp.b2])?;
             std::mem::swap(&mut sb.x, &mut sb.xn);
         }
         let lay = &self.layout;
         ops::layernorm(be, &sb.x, &w[lay.lnfg], &w[lay.lnfb], &mut sb.ln, &mut sb.mean, &mut sb.rstd, 1e-5)?;
-        ops::matmul(be, &sb.ln, &w[lay.emb], &mut sb.logits, false, true, 1.0, 0.0)
+        ops::matmul_rows(be, &sb.ln, &w[lay.emb], &mut sb.logits, true, 1.0, 0.0)
     }
 
     /// Prefills `tokens` into `slot` in chunks of at most `chunk` rows;

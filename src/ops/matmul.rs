@@ -24,6 +24,10 @@ pub struct MatmulSpec {
     pub beta: f32,
     /// Whether `B` has one matrix per batch entry (else it is broadcast).
     pub b_batched: bool,
+    /// Every row of C must come out of the same arithmetic whatever `m` is
+    /// (same kernel, same summation order), so a row's result does not
+    /// depend on the other rows of the call; set by [`matmul_rows`].
+    pub row_invariant: bool,
     pub checked: Checked,
 }
 
@@ -46,6 +50,8 @@ fn split(op: &'static str, name: &str, shape: &[usize]) -> Result<(usize, usize,
     }
 }
 
+/// `C = α·op(A)·op(B) + β·C`, 2-D or batched 3-D (a 2-D B broadcast over
+/// the batch), f32 accumulation.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul<B: Backend>(
     be: &B,
@@ -56,6 +62,44 @@ pub fn matmul<B: Backend>(
     trans_b: bool,
     alpha: f32,
     beta: f32,
+) -> Result<()> {
+    matmul_impl(be, a, b, c, trans_a, trans_b, alpha, beta, false)
+}
+
+/// `C = α·A·op(B) + β·C` for a 2-D A `[m, k]` whose rows are independent
+/// requests (an inference step's tokens): each row of C is bit-identical to
+/// what the same row gives in a call with any other rows, so a sequence's
+/// output does not depend on what it was batched with.
+pub fn matmul_rows<B: Backend>(
+    be: &B,
+    a: &Tensor<B>,
+    b: &Tensor<B>,
+    c: &mut Tensor<B>,
+    trans_b: bool,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    if a.shape().len() != 2 || b.shape().len() != 2 {
+        return Err(Error::Shape(format!(
+            "matmul_rows: a and b must be 2-D, got {} and {}",
+            fmt_shape(a.shape()),
+            fmt_shape(b.shape())
+        )));
+    }
+    matmul_impl(be, a, b, c, false, trans_b, alpha, beta, true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_impl<B: Backend>(
+    be: &B,
+    a: &Tensor<B>,
+    b: &Tensor<B>,
+    c: &mut Tensor<B>,
+    trans_a: bool,
+    trans_b: bool,
+    alpha: f32,
+    beta: f32,
+    row_invariant: bool,
 ) -> Result<()> {
     const OP: &str = "matmul";
     check_float(be, OP, "a", a)?;
@@ -90,7 +134,18 @@ pub fn matmul<B: Backend>(
     if !alpha.is_finite() || !beta.is_finite() {
         return Err(Error::Invalid(format!("{OP}: alpha = {alpha} and beta = {beta} must be finite")));
     }
-    let spec =
-        MatmulSpec { batch: ba, m, n, k: ak, trans_a, trans_b, alpha, beta, b_batched: bb != 1, checked: CHECKED };
+    let spec = MatmulSpec {
+        batch: ba,
+        m,
+        n,
+        k: ak,
+        trans_a,
+        trans_b,
+        alpha,
+        beta,
+        b_batched: bb != 1,
+        row_invariant,
+        checked: CHECKED,
+    };
     be.matmul(&spec, a, b, c)
 }

@@ -32,7 +32,7 @@ pub use elementwise::{
 pub use embedding::{EmbeddingSpec, embedding, embedding_backward};
 pub use gelu::{bias_gelu, gelu, gelu_backward};
 pub use layernorm::{LayerNormSpec, layernorm, layernorm_backward};
-pub use matmul::{MatmulSpec, matmul};
+pub use matmul::{MatmulSpec, matmul, matmul_rows};
 pub use reduce::{ReduceSpec, all_finite, sum_squares};
 pub use rope::{RopeSpec, RopeTable, rope, rope_backward, rope_rows};
 pub use softmax::{SoftmaxSpec, softmax, softmax_backward};

@@ -903,10 +903,50 @@ fn ragged_rows() -> (usize, Vec<(usize, usize)>) {
     (40, t)
 }
 
+/// `matmul_rows` (the inference step's products) matches the reference, and
+/// on the backend under test every row of C is bit-identical whether it is
+/// computed alone, in a split of the rows or with all of them.
+pub fn matmul_rows<R: Backend, B: Backend>(r: &R, b: &B) {
+    for dt in float_dtypes(r, b) {
+        // (m, n, k, trans_b, beta): columns past one CPU chunk (256), rows past one row group (16).
+        for (ci, &(m, n, k, tb, beta)) in
+            [(40usize, 300usize, 33usize, false, 0.0f32), (23, 70, 129, true, 1.0), (17, 5, 64, false, 1.0)]
+                .iter()
+                .enumerate()
+        {
+            let mut rng = Rng::new(seed("matmul_rows", dt, ci));
+            let (a, w) = (rng.normal_vec(m * k), rng.normal_vec(k * n));
+            let c0 = rng.normal_vec(m * n);
+            let wsh = if tb { [n, k] } else { [k, n] };
+            let (want, got) = on_both!(r, b, |be| {
+                let wt = up(be, &w, &wsh, dt);
+                let rows = |r0: usize, r1: usize| {
+                    let at = up(be, &a[r0 * k..r1 * k], &[r1 - r0, k], dt);
+                    let mut c = up(be, &c0[r0 * n..r1 * n], &[r1 - r0, n], dt);
+                    ops::matmul_rows(be, &at, &wt, &mut c, tb, 0.75, beta).unwrap();
+                    down(be, &c)
+                };
+                let all = rows(0, m);
+                let split: Vec<f32> = [rows(0, 13.min(m)), rows(13.min(m), m)].concat();
+                let single: Vec<f32> = (0..m).flat_map(|i| rows(i, i + 1)).collect();
+                for (how, v) in [("13 + the rest", &split), ("one at a time", &single)] {
+                    let same = all.iter().zip(v).all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "{dt:?} matmul_rows {m}×{n}×{k} tb={tb}: rows computed {how} differ from one call");
+                }
+                vec![all]
+            });
+            compare_all("matmul_rows", &format!("{m}×{n}×{k} tb={tb} β={beta}"), dt, &["c"], &want, &got);
+        }
+    }
+}
+
+/// `(page, page table, base per sequence)`.
+type Layout = (usize, Vec<u32>, Vec<usize>);
+
 /// A page layout of 3 sequences of `ctx` tokens in a pool of `3·ctx` rows:
 /// `(page, page table, base per sequence)`. Page `ctx` is the contiguous
 /// cache; smaller pages are handed out in a shuffled order.
-fn page_layout(ctx: usize, page: usize, rng: &mut Rng) -> (usize, Vec<u32>, Vec<usize>) {
+fn page_layout(ctx: usize, page: usize, rng: &mut Rng) -> Layout {
     let per = ctx / page;
     let mut ids: Vec<u32> = (0..(3 * per) as u32).collect();
     if per > 1 {
@@ -937,7 +977,7 @@ pub fn cached_ops<R: Backend, B: Backend>(r: &R, b: &B) {
         let (qi, w, kic) = (rng.normal_vec(rows * hi * di), rng.normal_vec(rows * hi), rng.normal_vec(slots * di));
         let tied: Vec<f32> = (0..rows * cols).map(|_| rng.below(5) as f32).collect();
         let layouts = [page_layout(ctx, ctx, &mut rng), page_layout(ctx, 8, &mut rng)];
-        let run = |be: &dyn Fn(&(usize, Vec<u32>, Vec<usize>)) -> Vec<Vec<f32>>| -> Vec<Vec<f32>> {
+        let run = |be: &dyn Fn(&Layout) -> Vec<Vec<f32>>| -> Vec<Vec<f32>> {
             let (contig, paged) = (be(&layouts[0]), be(&layouts[1]));
             let names = ["rope_rows", "cache_write", "cached indexer pooled", "cached_select", "dense o", "blocks o"];
             for (i, name) in names.iter().enumerate() {
@@ -947,7 +987,7 @@ pub fn cached_ops<R: Backend, B: Backend>(r: &R, b: &B) {
             paged
         };
         let (want, got) = on_both!(r, b, |be| {
-            run(&|(page, ids, base): &(usize, Vec<u32>, Vec<usize>)| {
+            run(&|(page, ids, base): &Layout| {
                 let page = *page;
                 // Physical row of (sequence, position) and the caches scattered accordingly.
                 let phys = |sq: usize, s: usize| ids[base[sq] + s / page] as usize * page + s % page;
@@ -1000,6 +1040,32 @@ pub fn cached_ops<R: Backend, B: Backend>(r: &R, b: &B) {
                     v.into_iter().map(|x| if x == f32::NEG_INFINITY { -1e30 } else { x }).collect::<Vec<_>>()
                 };
                 let sel: Vec<f32> = idx.to_u32_vec(be).unwrap().into_iter().map(|x| x as f32).collect();
+                // Batch invariance: every row computed alone gives the bits it got in the ragged step.
+                let (qrv, selv, wv) = (down(be, &qr), idx.to_u32_vec(be).unwrap(), down(be, &wt));
+                let (odv, obv, pv) = (down(be, &od), down(be, &ob), down(be, &pooled));
+                for i in 0..rows {
+                    let t1 = Tensor::from_u32(be, &flat[2 * i..2 * i + 2], &[1, 2]).unwrap();
+                    let kv1 = KvTable { rows: &t1, pages: &pages, page };
+                    let q1 = up(be, &qrv[i * h * d..(i + 1) * h * d], &[1, h, d], dt);
+                    let i1 = Tensor::from_u32(be, &selv[i * n..(i + 1) * n], &[1, n]).unwrap();
+                    let mut o1 = poisoned(be, &[1, h, d], dt);
+                    attn::cached_attention(be, &q1, &kt, &vt, &kv1, CachedPattern::Dense, &mut o1).unwrap();
+                    let mut b1 = poisoned(be, &[1, h, d], dt);
+                    attn::cached_attention(be, &q1, &kt, &vt, &kv1, CachedPattern::Blocks { idx: &i1, block }, &mut b1)
+                        .unwrap();
+                    let qi1 = up(be, &qi[i * hi * di..(i + 1) * hi * di], &[1, hi, di], dt);
+                    let w1 = up(be, &wv[i * hi..(i + 1) * hi], &[1, hi], dt);
+                    let mut p1 = poisoned(be, &[1, cols], DType::F32);
+                    attn::cached_indexer_block_scores(be, &qi1, &w1, &kit, &kv1, block, &mut p1).unwrap();
+                    for (what, alone, all, w) in [
+                        ("dense o", down(be, &o1), &odv, h * d),
+                        ("blocks o", down(be, &b1), &obv, h * d),
+                        ("pooled", down(be, &p1), &pv, cols),
+                    ] {
+                        let same = alone.iter().zip(&all[i * w..(i + 1) * w]).all(|(x, y)| x.to_bits() == y.to_bits());
+                        assert!(same, "{dt:?} {what} of row {i}: computed alone it differs from the ragged step");
+                    }
+                }
                 let kt_logical = gather(&down(be, &kt), g * d);
                 vec![down(be, &qr), kt_logical, fin(down(be, &pooled)), sel, down(be, &od), down(be, &ob)]
             })
@@ -1047,13 +1113,12 @@ pub fn prefill_and_decode_match_the_full_window<R: Backend, B: Backend>(r: &R, b
                 })
                 .collect();
             let prompts = [20usize, 10, 1];
-            let run = |cache: &mut KvCache<B>| -> Vec<Vec<f32>> {
-                let mut st = InferState::default();
+            let run = |cache: &mut KvCache<B>, st: &mut InferState<B>| -> Vec<Vec<f32>> {
                 let mut got: Vec<Vec<f32>> = vec![Vec::new(); 3];
                 // Sequence 0's prompt in two chunks (12 + 8), the others in one.
-                got[0] = model.prefill(b, cache, &mut st, 0, &seqs[0][..prompts[0]], 12).unwrap();
+                got[0] = model.prefill(b, cache, st, 0, &seqs[0][..prompts[0]], 12).unwrap();
                 for s in 1..3 {
-                    got[s] = model.prefill(b, cache, &mut st, s, &seqs[s][..prompts[s]], 64).unwrap();
+                    got[s] = model.prefill(b, cache, st, s, &seqs[s][..prompts[s]], 64).unwrap();
                 }
                 let mut pos = prompts;
                 loop {
@@ -1064,7 +1129,7 @@ pub fn prefill_and_decode_match_the_full_window<R: Backend, B: Backend>(r: &R, b
                     if rows.is_empty() {
                         break;
                     }
-                    let logits = model.step(b, cache, &mut st, &rows, model.inference_attention()).unwrap();
+                    let logits = model.step(b, cache, st, &rows, model.inference_attention()).unwrap();
                     for (i, row) in rows.iter().enumerate() {
                         got[row.slot].extend_from_slice(&logits[i * 256..(i + 1) * 256]);
                         pos[row.slot] += 1;
@@ -1081,10 +1146,15 @@ pub fn prefill_and_decode_match_the_full_window<R: Backend, B: Backend>(r: &R, b
             };
             // Pages of 8 tokens, exactly as many as the three sequences need (6 + 4 + 3).
             let mut paged = KvCache::paged(b, &model, 3, ctx, 8, 13).unwrap();
-            let got_paged = run(&mut paged);
+            let got_paged = run(&mut paged, &mut InferState::default());
             assert_eq!(paged.pages_used(), 13);
+            // A state that served a shorter cache first (its 8-row buffers sized for 8 tokens, as sequence
+            // 0's second prefill chunk will use them) still fits this one.
+            let mut st = InferState::default();
+            let mut short = KvCache::new(b, &model, 1, 8).unwrap();
+            model.prefill(b, &mut short, &mut st, 0, &seqs[0][..8], 8).unwrap();
             let mut cache = KvCache::new(b, &model, 3, ctx).unwrap();
-            let got = run(&mut cache);
+            let got = run(&mut cache, &mut st);
             for s in 0..3 {
                 assert_eq!(cache.len(s), seqs[s].len());
                 assert_close(
@@ -1242,6 +1312,12 @@ macro_rules! conformance_tests {
         fn matmul_matches_reference() {
             if let Some((r, b)) = $get() {
                 common::matmul(r, b)
+            }
+        }
+        #[test]
+        fn matmul_rows_match_reference_and_are_batch_invariant() {
+            if let Some((r, b)) = $get() {
+                common::matmul_rows(r, b)
             }
         }
         #[test]

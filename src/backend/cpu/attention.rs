@@ -74,6 +74,43 @@ pub(super) fn gemm(
     }
 }
 
+/// [`gemm`] in which every element of C is the same function of its row of
+/// A and column of B whatever `m` is (no switch to a packed kernel for many
+/// rows): the cached (inference) kernels use it so that a query row's result
+/// does not depend on the rows it is batched with.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemm_rows(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: &[f32],
+    sa: (usize, usize),
+    b: &[f32],
+    sb: (usize, usize),
+    beta: f32,
+    c: &mut [f32],
+    sc: (usize, usize),
+) {
+    let done = skinny_gemm(m, k, n, alpha, a, sa, b, sb, beta, c, sc);
+    assert!(done, "gemm_rows needs a contiguous dimension in B (a bug: the callers' layouts have one)");
+}
+
+/// `Σ a[i]·b[i]` in 8 lanes (lane `j` sums the `i ≡ j mod 8` in order, the
+/// tail separately), lanes added in a fixed tree: one order for every
+/// caller, and one the compiler vectorises.
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
 /// Rows of A up to which [`gemm`] loops directly instead of calling
 /// `matrixmultiply` (a decode step's one query row: packing the K/V tile
 /// would cost more than the product).
@@ -103,7 +140,7 @@ fn skinny_gemm(
             for j in 0..n {
                 let bj = &b[j * csb..j * csb + k];
                 let x: f32 = if csa == 1 {
-                    a[i * rsa..i * rsa + k].iter().zip(bj).map(|(x, y)| x * y).sum()
+                    dot(&a[i * rsa..i * rsa + k], bj)
                 } else {
                     (0..k).map(|p| a[i * rsa + p * csa] * bj[p]).sum()
                 };

@@ -5,14 +5,16 @@
 //! consecutive positions, as a prefill chunk issues them; a decode row is a
 //! run of one). Per (run, head), the run visits key tiles (dense) or the
 //! union of its rows' own key blocks (sparse), and per tile gathers the rows
-//! that see it into one GEMM, as the full-window kernels do, so a row's
-//! result does not depend on the other rows of the step.
+//! that see it into one product, as the full-window kernels do. Products go
+//! through `gemm_rows` (one summation order per element whatever the number
+//! of rows), so a row's result does not depend on the other rows of the
+//! step: a sequence's tokens are the same alone or in any batch.
 
 use std::borrow::Cow;
 
 use rayon::prelude::*;
 
-use super::attention::{gemm, online_update};
+use super::attention::{gemm, gemm_rows, online_update};
 use super::{CpuBackend, CpuBuffer, Storage, rd};
 use crate::Tensor;
 use crate::attention::cached::{CachedAttentionSpec, CachedIndexerSpec, CachedSelectSpec, Paging};
@@ -218,7 +220,7 @@ pub(super) fn cached_attention(
                     qb.extend_from_slice(&q[((r0 + r) * h_n + h) * d..((r0 + r) * h_n + h + 1) * d]);
                 }
                 sb.resize(nr * cols, 0.0);
-                gemm(nr, d, cols, s.scale, &qb, (d, 1), &kr[g * d..], (1, kw), 0.0, &mut sb, (cols, 1));
+                gemm_rows(nr, d, cols, s.scale, &qb, (d, 1), &kr[g * d..], (1, kw), 0.0, &mut sb, (cols, 1));
                 let mut corr = vec![1.0f32; nr];
                 for (i, &r) in rs.iter().enumerate() {
                     let vis = tab[r0 + r].1.saturating_sub(k0).min(cols);
@@ -226,7 +228,7 @@ pub(super) fn cached_attention(
                         online_update(&mut sb[i * cols..(i + 1) * cols], vis, &mut m[r], &mut l[r]).unwrap_or(1.0);
                 }
                 pv.resize(nr * d, 0.0);
-                gemm(nr, cols, d, 1.0, &sb, (cols, 1), &vr[g * d..], (kw, 1), 0.0, &mut pv, (d, 1));
+                gemm_rows(nr, cols, d, 1.0, &sb, (cols, 1), &vr[g * d..], (kw, 1), 0.0, &mut pv, (d, 1));
                 for (i, &r) in rs.iter().enumerate() {
                     let a = &mut acc[r * d..(r + 1) * d];
                     a.iter_mut().zip(&pv[i * d..(i + 1) * d]).for_each(|(a, &x)| *a = *a * corr[i] + x);

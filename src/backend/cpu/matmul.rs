@@ -13,9 +13,12 @@ const SKINNY: usize = 16;
 /// Columns of C per task of the skinny path.
 const COLS: usize = 256;
 
-/// `C = α·A·op(B) + β·C` for `m ≤ SKINNY` rows of a non-transposed A: per
-/// chunk of columns, every row's accumulators stream the rows of B (or, for
-/// `Bᵀ`, dot products with its rows), in parallel over column chunks.
+/// `C = α·A·op(B) + β·C` for a non-transposed A: per chunk of columns, rows
+/// in groups of `SKINNY` whose accumulators stream the rows of B (or, for
+/// `Bᵀ`, dot products with its rows), in parallel over column chunks. Every
+/// element is one sequential sum over `k` in order, so a row's result does
+/// not depend on `m` (the row-invariant path of the inference step; also
+/// the fast path for a few rows, which `matrixmultiply` would pack B for).
 #[allow(clippy::too_many_arguments)]
 fn skinny(m: usize, n: usize, k: usize, alpha: f32, ap: &[f32], bp: &[f32], trans_b: bool, beta: f32, cp: &mut [f32]) {
     use rayon::prelude::*;
@@ -31,15 +34,18 @@ fn skinny(m: usize, n: usize, k: usize, alpha: f32, ap: &[f32], bp: &[f32], tran
                     let ar = &ap[i * k..(i + 1) * k];
                     for (jj, o) in row.iter_mut().enumerate() {
                         let br = &bp[(j0 + jj) * k..(j0 + jj + 1) * k];
-                        *o = ar.iter().zip(br).map(|(x, y)| x * y).sum();
+                        *o = super::attention::dot(ar, br);
                     }
                 }
             } else {
-                for p in 0..k {
-                    let br = &bp[p * n + j0..p * n + j0 + w];
-                    for (i, row) in acc.chunks_mut(w).enumerate() {
-                        let x = ap[i * k + p];
-                        row.iter_mut().zip(br).for_each(|(o, &y)| *o += x * y);
+                for (g, group) in acc.chunks_mut(SKINNY * w).enumerate() {
+                    let i0 = g * SKINNY;
+                    for p in 0..k {
+                        let br = &bp[p * n + j0..p * n + j0 + w];
+                        for (i, row) in group.chunks_mut(w).enumerate() {
+                            let x = ap[(i0 + i) * k + p];
+                            row.iter_mut().zip(br).for_each(|(o, &y)| *o += x * y);
+                        }
                     }
                 }
             }
@@ -64,7 +70,7 @@ pub(super) fn matmul(s: &MatmulSpec, a: &Tensor<CpuBackend>, b: &Tensor<CpuBacke
     let (av, bv) = (rd(a), rd(b));
     let (m, n, k) = (s.m, s.n, s.k);
     let (sa, sb, sc) = s.strides();
-    if m <= SKINNY && !s.trans_a && s.batch == 1 {
+    if (m <= SKINNY || s.row_invariant) && !s.trans_a && s.batch == 1 {
         let run =
             |cv: &mut [f32]| skinny(m, n, k, s.alpha, &av[..m * k], &bv[..k * n], s.trans_b, s.beta, &mut cv[..m * n]);
         return if s.beta == 0.0 { c.buf.produce(run) } else { c.buf.update(run) };

@@ -18,6 +18,7 @@ mod matmul;
 mod reduce;
 mod rope;
 mod softmax;
+mod vmath;
 
 use std::borrow::Cow;
 

@@ -250,6 +250,7 @@ pub(super) fn cached_attention(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn cached_indexer_block_scores(
     be: &CudaBackend,
     s: &CachedIndexerSpec,
@@ -318,6 +319,7 @@ mod tests {
             head_dim: 64,
             scale: 0.125,
             pattern,
+            paging: crate::attention::Paging { page: slots, table: 1 },
             checked: CHECKED,
         }
     }

@@ -187,6 +187,7 @@ fn attend(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn cached_indexer_block_scores(
     be: &WgpuBackend,
     s: &CachedIndexerSpec,
