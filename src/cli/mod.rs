@@ -3,8 +3,10 @@
 pub mod bench;
 pub mod bench_attention;
 pub mod bench_decode;
+pub mod bench_serve;
 pub mod bench_train;
 pub mod info;
+pub mod serve;
 pub mod train;
 
 use clap::{Parser, Subcommand};
@@ -37,6 +39,9 @@ pub enum Command {
     Eval(train::EvalArgs),
     /// Generate text from a checkpoint (greedy or sampled).
     Generate(train::GenerateArgs),
+    /// Serve a checkpoint over HTTP: an OpenAI-compatible API (/v1/completions with SSE streaming,
+    /// /v1/models, /health, /metrics) with continuous batching over a paged KV cache.
+    Serve(serve::ServeArgs),
     /// List the compiled-in backends, every GPU adapter found, and what `--backend auto` would pick.
     Info,
     /// Measure op throughput side by side with the CPU backend.

@@ -61,19 +61,25 @@ impl GenerateStats {
 }
 
 /// Holds back the bytes that may still turn into a stop string or that end
-/// inside a UTF-8 character; releases the rest.
-struct Streamer<'a> {
+/// inside a UTF-8 character; releases the rest. Shared by [`Model::generate`]
+/// and the server, so a stream stops and splits text the same way in both.
+#[derive(Clone, Debug)]
+pub struct Streamer {
     pending: Vec<u8>,
-    stop: &'a [String],
+    stop: Vec<String>,
 }
 
-impl Streamer<'_> {
-    /// Adds `byte`; returns the bytes safe to emit, and whether a stop string completed.
-    fn push(&mut self, byte: u8) -> (Vec<u8>, bool) {
+impl Streamer {
+    /// A streamer that ends the text before the first of `stop` (empty strings are ignored).
+    pub fn new(stop: &[String]) -> Self {
+        Streamer { pending: Vec::new(), stop: stop.iter().filter(|s| !s.is_empty()).cloned().collect() }
+    }
+
+    /// Adds `byte`; returns the bytes safe to emit (whole UTF-8 characters),
+    /// and whether a stop string completed (then nothing more may be pushed).
+    pub fn push(&mut self, byte: u8) -> (Vec<u8>, bool) {
         self.pending.push(byte);
-        if let Some(at) =
-            self.stop.iter().filter(|s| !s.is_empty()).filter_map(|s| find(&self.pending, s.as_bytes())).min()
-        {
+        if let Some(at) = self.stop.iter().filter_map(|s| find(&self.pending, s.as_bytes())).min() {
             self.pending.truncate(at);
             return (utf8_prefix(&mut self.pending, true), true);
         }
@@ -93,8 +99,8 @@ impl Streamer<'_> {
         (out, false)
     }
 
-    /// Everything still held (at the end of generation).
-    fn finish(&mut self) -> Vec<u8> {
+    /// Everything still held (at the end of generation), as whole characters.
+    pub fn finish(&mut self) -> Vec<u8> {
         utf8_prefix(&mut self.pending, true)
     }
 }
@@ -148,7 +154,7 @@ impl<B: Backend> Model<B> {
         let prefill_secs = t0.elapsed().as_secs_f64();
         let v = self.cfg.vocab;
         let mut last = logits[logits.len() - v..].to_vec();
-        let mut streamer = Streamer { pending: Vec::new(), stop: &opts.stop };
+        let mut streamer = Streamer::new(&opts.stop);
         let (mut generated, mut stop) = (0, StopReason::MaxTokens);
         let t1 = Instant::now();
         while generated < opts.max_tokens {
@@ -195,7 +201,7 @@ mod tests {
 
     fn run(bytes: &[u8], stop: &[&str]) -> (Vec<u8>, bool) {
         let stop: Vec<String> = stop.iter().map(|s| s.to_string()).collect();
-        let mut s = Streamer { pending: Vec::new(), stop: &stop };
+        let mut s = Streamer::new(&stop);
         let mut out = Vec::new();
         for &b in bytes {
             let (o, hit) = s.push(b);
@@ -221,7 +227,7 @@ mod tests {
     fn multibyte_characters_are_never_split_between_chunks() {
         let text = "zé→ü".as_bytes();
         let stop: Vec<String> = Vec::new();
-        let mut s = Streamer { pending: Vec::new(), stop: &stop };
+        let mut s = Streamer::new(&stop);
         let mut chunks = Vec::new();
         for &b in text {
             let (o, _) = s.push(b);

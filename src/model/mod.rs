@@ -11,7 +11,7 @@ pub mod infer;
 pub mod sample;
 
 pub use config::{AttentionMode, ModelConfig, ParamInfo};
-pub use generate::{GenerateOptions, GenerateStats, StopReason};
+pub use generate::{GenerateOptions, GenerateStats, StopReason, Streamer};
 pub use infer::{InferState, KvCache, Row};
 
 use crate::attention::{self, Pattern};
