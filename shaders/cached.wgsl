@@ -32,11 +32,16 @@ fn wg_index(w: vec3<u32>, nw: vec3<u32>) -> u32 {
 }
 
 // The paging of a call: cache rows per page, entries of the page tables (P)
-// and cache rows.
+// and the last physical page id.
 struct Pg {
     page: u32,
     np: u32,
-    slots: u32,
+    last: u32,
+}
+
+// Built once per invocation, so the key loops divide only by `page`.
+fn paging(page: u32, np: u32, slots: u32) -> Pg {
+    return Pg(page, np, slots / page - 1u);
 }
 
 // (base, len) of row r, len clamped to page·(P - base) (0 when base >= P).
@@ -59,7 +64,7 @@ fn page_entry(pg: Pg, base: u32, s: u32) -> u32 {
 // Kernels that bind `pages` define key_row(pg, base, s) =
 // phys_row(pg, ldu_pages(page_entry(pg, base, s)), s).
 fn phys_row(pg: Pg, id: u32, s: u32) -> u32 {
-    return min(id, pg.slots / pg.page - 1u) * pg.page + s % pg.page;
+    return min(id, pg.last) * pg.page + s % pg.page;
 }
 
 //!kernel rope_rows(x: in, cos: in, sin: in, rows: idx, y: out)
@@ -98,7 +103,7 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw
     let width = pu(1u);
     if (i >= pu(0u) * width) { return; }
     let r = i / width;
-    let pg = Pg(pu(3u), pu(4u), pu(2u));
+    let pg = paging(pu(3u), pu(4u), pu(2u));
     let rw = row_of(r, pg);
     if (rw.y == 0u) { return; }
     st_cache(key_row(pg, rw.x, rw.y - 1u) * width + i % width, ld_src(i));
@@ -118,7 +123,7 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw
     let width = pu(1u);
     if (i >= pu(0u) * width) { return; }
     let r = i / width;
-    let pg = Pg(pu(3u), pu(4u), pu(2u));
+    let pg = paging(pu(3u), pu(4u), pu(2u));
     let rw = row_of(r, pg);
     if (rw.y == 0u) { return; }
     stu_cache(key_row(pg, rw.x, rw.y - 1u) * width + i % width, ldu_src(i));
@@ -203,7 +208,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
     let kw = pu(2u) * d;
     let g = h / (nh / pu(2u));
     let chunk = pu(9u);
-    let pg = Pg(pu(13u), pu(14u), pu(5u));
+    let pg = paging(pu(13u), pu(14u), pu(5u));
     if (lid == 0u) { wrow = row_of(r, pg); }
     let rw = workgroupUniformLoad(&wrow);
     let base = rw.x;
@@ -296,7 +301,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let h = rh % nh;
     let r = pu(11u) + rh / nh;
     let chunk = pu(9u);
-    var nsl = row_of(r, Pg(pu(13u), pu(14u), pu(5u))).y;
+    var nsl = row_of(r, paging(pu(13u), pu(14u), pu(5u))).y;
     if (pu(6u) != 0u) { nsl = pu(7u) * pu(8u); }
     let used = min(max((nsl + chunk - 1u) / chunk, 1u), pu(10u));
     var m = NEG;
@@ -362,7 +367,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
     let nbs = span / blk;
     for (var i = lid; i < nbs; i = i + 64u) { atomicStore(&pm[i], 0u); }
     workgroupBarrier();
-    let pg = Pg(pu(8u), pu(9u), pu(5u));
+    let pg = paging(pu(8u), pu(9u), pu(5u));
     let rw = row_of(r, pg);
     let len = min(rw.y, cols * blk);
     let k0 = (wi % nsp) * span;
