@@ -176,6 +176,15 @@ fn key_row(pg: Pg, base: u32, s: u32) -> u32 {
     return phys_row(pg, ldu_pages(page_entry(pg, base, s)), s);
 }
 
+// q·k over the row of k at ko (q in `wq`, nc vec4 columns).
+fn qk(ko: u32, nc: u32, d: u32) -> f32 {
+    var dotp = 0.0;
+    for (var cc = 0u; cc < nc; cc = cc + 1u) {
+        dotp = dotp + dot(wq[cc], ld4_k(ko, 4u * cc, d));
+    }
+    return dotp;
+}
+
 // The key position of slot i of row r (length len), or NONE.
 fn slot_key(r: u32, len: u32, i: u32) -> u32 {
     if (pu(6u) == 0u) {
@@ -222,18 +231,37 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
     for (var cc = lid; cc < nc; cc = cc + WA) { wq[cc] = ld4_q(qo, 4u * cc, d); }
     workgroupBarrier();
     var mx = NEG;
-    for (var j = lid; j < cnt; j = j + WA) {
+    // Dense: slot s0 + j is key position s0 + j (all < len); its table entry
+    // (from base) and page offset advance by (64 / page, 64 % page) per
+    // step, so this loop never divides. One loop per pattern, each with no
+    // trip when the other pattern runs.
+    let dense = pu(6u) == 0u;
+    let nd = select(0u, cnt, dense);
+    let step_e = WA / pg.page;
+    let step_o = WA % pg.page;
+    var pe = (s0 + lid) / pg.page;
+    var po = (s0 + lid) % pg.page;
+    for (var j = lid; j < nd; j = j + WA) {
+        let kr = min(ldu_pages(min(base + pe, pg.np - 1u)), pg.last) * pg.page + po;
+        let x = pf(4u) * qk(kr * kw + g * d, nc, d);
+        mx = max(mx, x);
+        ws[j] = x;
+        wkey[j] = kr;
+        po = po + step_o;
+        pe = pe + step_e;
+        if (po >= pg.page) {
+            po = po - pg.page;
+            pe = pe + 1u;
+        }
+    }
+    let nb = select(cnt, 0u, dense);
+    for (var j = lid; j < nb; j = j + WA) {
         let key = slot_key(r, len, s0 + j);
         var x = NEG;
         var kr = NONE;
         if (key != NONE) {
             kr = key_row(pg, base, key);
-            let ko = kr * kw + g * d;
-            var dotp = 0.0;
-            for (var cc = 0u; cc < nc; cc = cc + 1u) {
-                dotp = dotp + dot(wq[cc], ld4_k(ko, 4u * cc, d));
-            }
-            x = pf(4u) * dotp;
+            x = pf(4u) * qk(kr * kw + g * d, nc, d);
             mx = max(mx, x);
         }
         ws[j] = x;
@@ -335,10 +363,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 // p5 slots, p6 span, p7 spans per row, p8 page, p9 P.
 var<workgroup> pm: array<atomic<u32>, 256>;
 
-fn key_row(pg: Pg, base: u32, s: u32) -> u32 {
-    return phys_row(pg, ldu_pages(page_entry(pg, base, s)), s);
-}
-
 // Larger key = larger score (callers skip NaN); 0 means "no key".
 fn okey(x: f32) -> u32 {
     let u = bitcast<u32>(x);
@@ -372,8 +396,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
     let len = min(rw.y, cols * blk);
     let k0 = (wi % nsp) * span;
     let k1 = min(k0 + span, len);
+    // Table entry and page offset of key s, advanced without dividing (see cached_attn).
+    let step_e = 64u / pg.page;
+    let step_o = 64u % pg.page;
+    var pe = (k0 + lid) / pg.page;
+    var po = (k0 + lid) % pg.page;
     for (var s = k0 + lid; s < k1; s = s + 64u) {
-        let ko = key_row(pg, rw.x, s) * di;
+        let ko = (min(ldu_pages(min(rw.x + pe, pg.np - 1u)), pg.last) * pg.page + po) * di;
+        po = po + step_o;
+        pe = pe + step_e;
+        if (po >= pg.page) {
+            po = po - pg.page;
+            pe = pe + 1u;
+        }
         var x = 0.0;
         for (var j = 0u; j < hi; j = j + 1u) {
             let qo = (r * hi + j) * di;
