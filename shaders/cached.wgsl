@@ -32,11 +32,16 @@ fn wg_index(w: vec3<u32>, nw: vec3<u32>) -> u32 {
 }
 
 // The paging of a call: cache rows per page, entries of the page tables (P)
-// and cache rows.
+// and the last physical page id.
 struct Pg {
     page: u32,
     np: u32,
-    slots: u32,
+    last: u32,
+}
+
+// Built once per invocation, so the key loops divide only by `page`.
+fn paging(page: u32, np: u32, slots: u32) -> Pg {
+    return Pg(page, np, slots / page - 1u);
 }
 
 // (base, len) of row r, len clamped to page·(P - base) (0 when base >= P).
@@ -59,7 +64,7 @@ fn page_entry(pg: Pg, base: u32, s: u32) -> u32 {
 // Kernels that bind `pages` define key_row(pg, base, s) =
 // phys_row(pg, ldu_pages(page_entry(pg, base, s)), s).
 fn phys_row(pg: Pg, id: u32, s: u32) -> u32 {
-    return min(id, pg.slots / pg.page - 1u) * pg.page + s % pg.page;
+    return min(id, pg.last) * pg.page + s % pg.page;
 }
 
 //!kernel rope_rows(x: in, cos: in, sin: in, rows: idx, y: out)
@@ -98,7 +103,7 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw
     let width = pu(1u);
     if (i >= pu(0u) * width) { return; }
     let r = i / width;
-    let pg = Pg(pu(3u), pu(4u), pu(2u));
+    let pg = paging(pu(3u), pu(4u), pu(2u));
     let rw = row_of(r, pg);
     if (rw.y == 0u) { return; }
     st_cache(key_row(pg, rw.x, rw.y - 1u) * width + i % width, ld_src(i));
@@ -118,7 +123,7 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw
     let width = pu(1u);
     if (i >= pu(0u) * width) { return; }
     let r = i / width;
-    let pg = Pg(pu(3u), pu(4u), pu(2u));
+    let pg = paging(pu(3u), pu(4u), pu(2u));
     let rw = row_of(r, pg);
     if (rw.y == 0u) { return; }
     stu_cache(key_row(pg, rw.x, rw.y - 1u) * width + i % width, ldu_src(i));
@@ -171,6 +176,15 @@ fn key_row(pg: Pg, base: u32, s: u32) -> u32 {
     return phys_row(pg, ldu_pages(page_entry(pg, base, s)), s);
 }
 
+// q·k over the row of k at ko (q in `wq`, nc vec4 columns).
+fn qk(ko: u32, nc: u32, d: u32) -> f32 {
+    var dotp = 0.0;
+    for (var cc = 0u; cc < nc; cc = cc + 1u) {
+        dotp = dotp + dot(wq[cc], ld4_k(ko, 4u * cc, d));
+    }
+    return dotp;
+}
+
 // The key position of slot i of row r (length len), or NONE.
 fn slot_key(r: u32, len: u32, i: u32) -> u32 {
     if (pu(6u) == 0u) {
@@ -203,7 +217,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
     let kw = pu(2u) * d;
     let g = h / (nh / pu(2u));
     let chunk = pu(9u);
-    let pg = Pg(pu(13u), pu(14u), pu(5u));
+    let pg = paging(pu(13u), pu(14u), pu(5u));
     if (lid == 0u) { wrow = row_of(r, pg); }
     let rw = workgroupUniformLoad(&wrow);
     let base = rw.x;
@@ -217,18 +231,37 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
     for (var cc = lid; cc < nc; cc = cc + WA) { wq[cc] = ld4_q(qo, 4u * cc, d); }
     workgroupBarrier();
     var mx = NEG;
-    for (var j = lid; j < cnt; j = j + WA) {
+    // Dense: slot s0 + j is key position s0 + j (all < len); its table entry
+    // (from base) and page offset advance by (64 / page, 64 % page) per
+    // step, so this loop never divides. One loop per pattern, each with no
+    // trip when the other pattern runs.
+    let dense = pu(6u) == 0u;
+    let nd = select(0u, cnt, dense);
+    let step_e = WA / pg.page;
+    let step_o = WA % pg.page;
+    var pe = (s0 + lid) / pg.page;
+    var po = (s0 + lid) % pg.page;
+    for (var j = lid; j < nd; j = j + WA) {
+        let kr = min(ldu_pages(min(base + pe, pg.np - 1u)), pg.last) * pg.page + po;
+        let x = pf(4u) * qk(kr * kw + g * d, nc, d);
+        mx = max(mx, x);
+        ws[j] = x;
+        wkey[j] = kr;
+        po = po + step_o;
+        pe = pe + step_e;
+        if (po >= pg.page) {
+            po = po - pg.page;
+            pe = pe + 1u;
+        }
+    }
+    let nb = select(cnt, 0u, dense);
+    for (var j = lid; j < nb; j = j + WA) {
         let key = slot_key(r, len, s0 + j);
         var x = NEG;
         var kr = NONE;
         if (key != NONE) {
             kr = key_row(pg, base, key);
-            let ko = kr * kw + g * d;
-            var dotp = 0.0;
-            for (var cc = 0u; cc < nc; cc = cc + 1u) {
-                dotp = dotp + dot(wq[cc], ld4_k(ko, 4u * cc, d));
-            }
-            x = pf(4u) * dotp;
+            x = pf(4u) * qk(kr * kw + g * d, nc, d);
             mx = max(mx, x);
         }
         ws[j] = x;
@@ -296,7 +329,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let h = rh % nh;
     let r = pu(11u) + rh / nh;
     let chunk = pu(9u);
-    var nsl = row_of(r, Pg(pu(13u), pu(14u), pu(5u))).y;
+    var nsl = row_of(r, paging(pu(13u), pu(14u), pu(5u))).y;
     if (pu(6u) != 0u) { nsl = pu(7u) * pu(8u); }
     let used = min(max((nsl + chunk - 1u) / chunk, 1u), pu(10u));
     var m = NEG;
@@ -330,10 +363,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 // p5 slots, p6 span, p7 spans per row, p8 page, p9 P.
 var<workgroup> pm: array<atomic<u32>, 256>;
 
-fn key_row(pg: Pg, base: u32, s: u32) -> u32 {
-    return phys_row(pg, ldu_pages(page_entry(pg, base, s)), s);
-}
-
 // Larger key = larger score (callers skip NaN); 0 means "no key".
 fn okey(x: f32) -> u32 {
     let u = bitcast<u32>(x);
@@ -362,13 +391,24 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
     let nbs = span / blk;
     for (var i = lid; i < nbs; i = i + 64u) { atomicStore(&pm[i], 0u); }
     workgroupBarrier();
-    let pg = Pg(pu(8u), pu(9u), pu(5u));
+    let pg = paging(pu(8u), pu(9u), pu(5u));
     let rw = row_of(r, pg);
     let len = min(rw.y, cols * blk);
     let k0 = (wi % nsp) * span;
     let k1 = min(k0 + span, len);
+    // Table entry and page offset of key s, advanced without dividing (see cached_attn).
+    let step_e = 64u / pg.page;
+    let step_o = 64u % pg.page;
+    var pe = (k0 + lid) / pg.page;
+    var po = (k0 + lid) % pg.page;
     for (var s = k0 + lid; s < k1; s = s + 64u) {
-        let ko = key_row(pg, rw.x, s) * di;
+        let ko = (min(ldu_pages(min(rw.x + pe, pg.np - 1u)), pg.last) * pg.page + po) * di;
+        po = po + step_o;
+        pe = pe + step_e;
+        if (po >= pg.page) {
+            po = po - pg.page;
+            pe = pe + 1u;
+        }
         var x = 0.0;
         for (var j = 0u; j < hi; j = j + 1u) {
             let qo = (r * hi + j) * di;
