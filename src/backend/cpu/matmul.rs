@@ -12,6 +12,36 @@ const SKINNY: usize = 16;
 
 /// Columns of C per task of the skinny path.
 const COLS: usize = 256;
+/// Register tile of the skinny path: rows × columns.
+const TR: usize = 4;
+const TW: usize = 8;
+
+/// `acc[out(i) + l] = Σ_p a(i, p)·b(p)[l]` for `R` rows and `TW` columns,
+/// each sum taken over `p` in order (`t = t + a·b`, no fused multiply-add):
+/// the same arithmetic as the scalar edge loop, so the tile shape cannot
+/// change a result.
+#[inline(always)]
+fn tile<'b, const R: usize>(
+    k: usize,
+    a: impl Fn(usize, usize) -> f32,
+    b: impl Fn(usize) -> &'b [f32],
+    acc: &mut [f32],
+    out: impl Fn(usize) -> usize,
+) {
+    let mut t = [[0.0f32; TW]; R];
+    for p in 0..k {
+        let bp: &[f32; TW] = b(p).try_into().expect("a full tile");
+        for (i, ti) in t.iter_mut().enumerate() {
+            let x = a(i, p);
+            for l in 0..TW {
+                ti[l] += x * bp[l];
+            }
+        }
+    }
+    for (i, ti) in t.iter().enumerate() {
+        acc[out(i)..out(i) + TW].copy_from_slice(ti);
+    }
+}
 
 /// `C = α·A·op(B) + β·C` for a non-transposed A: per chunk of columns, rows
 /// in groups of `SKINNY` whose accumulators stream the rows of B (or, for
@@ -38,13 +68,30 @@ fn skinny(m: usize, n: usize, k: usize, alpha: f32, ap: &[f32], bp: &[f32], tran
                     }
                 }
             } else {
-                for (g, group) in acc.chunks_mut(SKINNY * w).enumerate() {
-                    let i0 = g * SKINNY;
-                    for p in 0..k {
-                        let br = &bp[p * n + j0..p * n + j0 + w];
-                        for (i, row) in group.chunks_mut(w).enumerate() {
-                            let x = ap[(i0 + i) * k + p];
-                            row.iter_mut().zip(br).for_each(|(o, &y)| *o += x * y);
+                // Column blocks of 8 outside (B's strip stays in L1), row
+                // tiles of up to 4 inside, accumulators in registers.
+                for jb in (0..w).step_by(TW) {
+                    let wb = TW.min(w - jb);
+                    for i0 in (0..m).step_by(TR) {
+                        let rows = TR.min(m - i0);
+                        let at = |i: usize, p: usize| ap[(i0 + i) * k + p];
+                        let bt = |p: usize| &bp[p * n + j0 + jb..p * n + j0 + jb + wb];
+                        let out = |i: usize| (i0 + i) * w + jb;
+                        match (rows, wb) {
+                            (4, TW) => tile::<4>(k, at, bt, &mut acc, out),
+                            (3, TW) => tile::<3>(k, at, bt, &mut acc, out),
+                            (2, TW) => tile::<2>(k, at, bt, &mut acc, out),
+                            (1, TW) => tile::<1>(k, at, bt, &mut acc, out),
+                            _ => {
+                                for i in 0..rows {
+                                    let mut t = [0.0f32; TW];
+                                    for p in 0..k {
+                                        let x = at(i, p);
+                                        t.iter_mut().zip(bt(p)).for_each(|(o, &y)| *o += x * y);
+                                    }
+                                    acc[out(i)..out(i) + wb].copy_from_slice(&t[..wb]);
+                                }
+                            }
                         }
                     }
                 }
