@@ -6,7 +6,8 @@
 //! sparse model, the key blocks its own indexer scores select) it gets in a
 //! full-window forward pass, so prefill + decode reproduces its logits.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 
 use super::{AttentionMode, Model, ModelConfig, StepAttention};
 use crate::attention::{self, CachedPattern, KvTable};
@@ -35,9 +36,9 @@ pub struct KvCache<B: Backend> {
     lens: Vec<usize>,
     /// Physical pages of each slot, in token order.
     tables: Vec<Vec<u32>>,
-    /// Free physical pages, highest id first (pages are handed out lowest
-    /// id first, so a run's layout is reproducible).
-    free: Vec<u32>,
+    /// Free physical pages; the lowest id is handed out first, so a run's
+    /// layout is reproducible.
+    free: BinaryHeap<Reverse<u32>>,
     total: usize,
 }
 
@@ -84,7 +85,7 @@ impl<B: Backend> KvCache<B> {
             ki,
             lens: vec![0; max_seqs],
             tables: vec![Vec::new(); max_seqs],
-            free: (0..pages as u32).rev().collect(),
+            free: (0..pages as u32).map(Reverse).collect(),
             total: pages,
         })
     }
@@ -147,7 +148,7 @@ impl<B: Backend> KvCache<B> {
             )));
         }
         for _ in 0..need {
-            let p = self.free.pop().expect("checked above");
+            let Reverse(p) = self.free.pop().expect("checked above");
             self.tables[slot].push(p);
         }
         Ok(())
@@ -172,10 +173,7 @@ impl<B: Backend> KvCache<B> {
     pub fn clear(&mut self, slot: usize) {
         if let Some(l) = self.lens.get_mut(slot) {
             *l = 0;
-            let pages = std::mem::take(&mut self.tables[slot]);
-            self.free.extend(pages.into_iter().rev());
-            // Keep the lowest ids on top so allocation order stays deterministic.
-            self.free.sort_unstable_by(|a, b| b.cmp(a));
+            self.free.extend(std::mem::take(&mut self.tables[slot]).into_iter().map(Reverse));
         }
     }
 }
@@ -345,9 +343,8 @@ impl<B: Backend> Model<B> {
             // All or nothing: the pages this step took go back.
             for (&sl, &n) in slots.iter().zip(&before) {
                 let extra = cache.tables[sl].split_off(n);
-                cache.free.extend(extra);
+                cache.free.extend(extra.into_iter().map(Reverse));
             }
-            cache.free.sort_unstable_by(|a, b| b.cmp(a));
         } else {
             cache.lens = lens;
         }

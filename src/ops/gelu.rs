@@ -35,18 +35,3 @@ pub fn bias_gelu<B: Backend>(be: &B, x: &Tensor<B>, bias: &Tensor<B>, y: &mut Te
     let spec = bias_spec(OP, x, bias)?;
     be.bias_gelu(&spec, x, bias, y)
 }
-
-/// The scalar GELU (tanh form) in f32, shared by CPU code and tests.
-pub fn gelu_f32(x: f32) -> f32 {
-    const S: f32 = 0.797_884_6; // √(2/π)
-    0.5 * x * (1.0 + (S * (x + 0.044715 * x * x * x)).tanh())
-}
-
-/// d/dx of [`gelu_f32`].
-pub fn gelu_grad_f32(x: f32) -> f32 {
-    const S: f32 = 0.797_884_6;
-    let u = S * (x + 0.044715 * x * x * x);
-    let t = u.tanh();
-    let du = S * (1.0 + 3.0 * 0.044715 * x * x);
-    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
-}
