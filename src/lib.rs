@@ -25,6 +25,7 @@ pub mod dtype;
 pub mod error;
 pub mod model;
 pub mod ops;
+pub mod quant;
 pub mod serve;
 pub mod tensor;
 pub mod train;

@@ -133,6 +133,69 @@ pub fn matmul<R: Backend, B: Backend>(r: &R, b: &B) {
     }
 }
 
+// --------------------------------------------------------------- qmatmul
+
+/// Every quantized format and group size, activations in every float dtype,
+/// odd shapes: the backend under test matches the reference backend, the
+/// reference backend matches the host definition (`QMatrix::matmul_ref`,
+/// dequantize then multiply), and every row computed alone is bit-identical
+/// to the same row in the batch (quantized layers keep decode batch invariant).
+pub fn qmatmul<R: Backend, B: Backend>(r: &R, b: &B) {
+    use dynsparse::quant::{INT4_GROUPS, QFormat, QMatrix};
+    let mut formats = vec![QFormat::Int8, QFormat::Sparse24 { int8: false }, QFormat::Sparse24 { int8: true }];
+    for g in INT4_GROUPS {
+        formats.push(QFormat::Int4 { group: g, asym: false });
+        formats.push(QFormat::Int4 { group: g, asym: true });
+    }
+    for dt in float_dtypes(r, b) {
+        for (fi, &f) in formats.iter().enumerate() {
+            // (m, n, k): a decode row, a small ragged batch, a prefill-sized block.
+            let ks: &[usize] = match f {
+                QFormat::Int4 { group: 128, .. } => &[128, 256],
+                QFormat::Int4 { .. } => &[64, 192],
+                QFormat::Sparse24 { int8: true } => &[8, 200],
+                _ => &[36, 196],
+            };
+            let shapes = [(1, 37, ks[0]), (5, 19, ks[1]), (33, 70, ks[0])];
+            for (ci, &(m, n, k)) in shapes.iter().enumerate() {
+                let mut rng = Rng::new(seed("qmatmul", dt, fi * 8 + ci));
+                let w: Vec<f32> = rng.normal_vec(n * k).into_iter().map(|x| x * 0.1).collect();
+                let qm = QMatrix::quantize(&w, n, k, f).unwrap();
+                let x = rng.normal_vec(m * k);
+                let (want, got) = on_both!(r, b, |be| {
+                    let qw = ops::QWeight::upload(be, &qm).unwrap();
+                    let xt = up(be, &x, &[m, k], dt);
+                    let mut y = poisoned(be, &[m, n], dt);
+                    ops::qmatmul(be, &xt, &qw, &mut y).unwrap();
+                    // Row by row, each alone.
+                    let mut alone = Vec::with_capacity(m * n);
+                    for i in 0..m {
+                        let xi = up(be, &x[i * k..(i + 1) * k], &[1, k], dt);
+                        let mut yi = poisoned(be, &[1, n], dt);
+                        ops::qmatmul(be, &xi, &qw, &mut yi).unwrap();
+                        alone.extend(down(be, &yi));
+                    }
+                    assert_eq!(qw.download(be).unwrap(), qm, "{f}: upload/download changed the weight");
+                    vec![down(be, &y), alone]
+                });
+                let case = format!("{f} m={m} n={n} k={k}");
+                compare_all("qmatmul", &case, dt, &["y"], &want[..1], &got[..1]);
+                for (name, v) in [("reference backend", &want), ("backend under test", &got)] {
+                    let bits = |u: &[f32]| u.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&v[1]),
+                        bits(&v[0]),
+                        "qmatmul {case} [{dt}]: {name}: rows alone differ from the batch"
+                    );
+                }
+                // The reference backend against the host definition (x rounded to dt first).
+                let xr: Vec<f32> = down(r, &up(r, &x, &[m, k], dt));
+                assert_close(&format!("qmatmul {case} host reference"), &want[0], &qm.matmul_ref(&xr, m), dt);
+            }
+        }
+    }
+}
+
 // ------------------------------------------------------------ elementwise
 
 const SHAPES: [&[usize]; 3] = [&[1], &[3, 77], &[5, 13, 11]];
@@ -1495,6 +1558,12 @@ macro_rules! conformance_tests {
         fn matmul_rows_match_reference_and_are_batch_invariant() {
             if let Some((r, b)) = $get() {
                 common::matmul_rows(r, b)
+            }
+        }
+        #[test]
+        fn qmatmul_matches_reference_for_every_format() {
+            if let Some((r, b)) = $get() {
+                common::qmatmul(r, b)
             }
         }
         #[test]

@@ -15,6 +15,7 @@ mod embedding;
 mod gelu;
 mod layernorm;
 mod matmul;
+mod qmatmul;
 mod reduce;
 mod rope;
 mod softmax;
@@ -217,6 +218,10 @@ impl Backend for CpuBackend {
 
     fn matmul(&self, s: &MatmulSpec, a: &Tensor<Self>, b: &Tensor<Self>, c: &mut Tensor<Self>) -> Result<()> {
         matmul::matmul(s, a, b, c);
+        Ok(())
+    }
+    fn qmatmul(&self, s: &QMatmulSpec, x: &Tensor<Self>, w: &QWeight<Self>, y: &mut Tensor<Self>) -> Result<()> {
+        qmatmul::qmatmul(s, x, w, y);
         Ok(())
     }
     fn fill(&self, s: &FillSpec, x: &mut Tensor<Self>) -> Result<()> {

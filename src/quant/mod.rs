@@ -1,0 +1,7 @@
+//! Hardware-aware model compression (HAMC): quantized weight formats and
+//! their host-side quantizers. The device-side weight is
+//! [`crate::ops::QWeight`]; its product is [`crate::ops::qmatmul`].
+
+pub mod format;
+
+pub use format::{INT4_GROUPS, QFormat, QMatrix, QView, transpose};
