@@ -2,6 +2,7 @@
 //! their host-side quantizers. The device-side weight is
 //! [`crate::ops::QWeight`]; its product is [`crate::ops::qmatmul`].
 
+pub mod checkpoint;
 pub mod format;
 
 pub use format::{INT4_GROUPS, QFormat, QMatrix, QView, transpose};
