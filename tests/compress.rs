@@ -147,3 +147,68 @@ fn compressed_checkpoints_load_and_bad_input_is_one_line() {
     assert!(!o.exists(), "a failed compress wrote its output");
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// A model with quantized linear weights computes what the dense model with
+/// the dequantized weights computes (within f32 rounding), in the forward
+/// pass and in prefill + decode; it refuses to train.
+#[test]
+fn quantized_model_matches_its_dequantized_dense_twin() {
+    use dynsparse::backend::cpu::CpuBackend;
+    use dynsparse::model::{
+        AttentionMode, InferState, KvCache, Model, ModelConfig, StepAttention, Workspace, init_params,
+    };
+    use dynsparse::quant::{QFormat, QMatrix, transpose};
+    let be = CpuBackend::new();
+    let cfg = ModelConfig {
+        n_layers: 2,
+        n_heads: 2,
+        n_kv_heads: 1,
+        d_model: 64,
+        vocab: 256,
+        context: 32,
+        mlp_ratio: 2,
+        rope_theta: 10000.0,
+        attention: AttentionMode::Dense,
+    };
+    let dense = init_params(&cfg, 3);
+    let infos = cfg.params();
+    for f in [QFormat::Int8, QFormat::Int4 { group: 32, asym: true }, QFormat::Sparse24 { int8: false }] {
+        let (mut deq, mut quant) = (dense.clone(), vec![None; dense.len()]);
+        for i in Model::<CpuBackend>::quantizable(&cfg) {
+            let [k, n] = infos[i].shape[..] else { unreachable!() };
+            let q = QMatrix::quantize(&transpose(&dense[i], k, n), n, k, f).unwrap();
+            deq[i] = transpose(&q.dequantize(), n, k);
+            quant[i] = Some(q);
+        }
+        let qm = Model::from_parts(&be, cfg, dynsparse::DType::F32, &dense, &quant).unwrap();
+        let dm = Model::from_values(&be, cfg, dynsparse::DType::F32, &deq).unwrap();
+        assert!(qm.weight_bytes() < dm.weight_bytes(), "{f}");
+        let ids: Vec<u32> = (0..16u32).map(|t| (t * 37 + 11) % 256).collect();
+        let run = |m: &Model<CpuBackend>| {
+            let mut ws = Workspace::new(&be, &cfg, dynsparse::DType::F32, 1, 16).unwrap();
+            m.forward(&be, &mut ws, &ids, Some(&ids), StepAttention::Dense).unwrap();
+            let full = ws.logits_f32(&be).unwrap();
+            let mut cache = KvCache::new(&be, m, 1, 32).unwrap();
+            let mut st = InferState::default();
+            let mut steps = m.prefill(&be, &mut cache, &mut st, 0, &ids[..10], 4).unwrap();
+            for &t in &ids[10..] {
+                steps.extend(m.prefill(&be, &mut cache, &mut st, 0, &[t], 1).unwrap());
+            }
+            (full, steps)
+        };
+        let ((qf, qs), (df, ds)) = (run(&qm), run(&dm));
+        let close = |a: &[f32], b: &[f32], what: &str| {
+            let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            assert!(worst < 1e-3, "{f} {what}: worst |Δlogit| {worst}");
+        };
+        close(&qf, &df, "forward");
+        close(&qs, &ds, "prefill+decode");
+        close(&qs, &qf, "step vs forward");
+        let mut ws = Workspace::new(&be, &cfg, dynsparse::DType::F32, 1, 16).unwrap();
+        qm.forward(&be, &mut ws, &ids, Some(&ids), StepAttention::Dense).unwrap();
+        let mut grads: Vec<_> =
+            qm.params.iter().map(|p| dynsparse::Tensor::zeros(&be, p.shape(), p.dtype()).unwrap()).collect();
+        let e = qm.backward(&be, &mut ws, &mut grads, 1.0, false).unwrap_err().to_string();
+        assert!(e.contains("inference-only"), "{e}");
+    }
+}
