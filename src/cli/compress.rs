@@ -168,7 +168,7 @@ fn fmt_mib(b: usize) -> String {
 
 /// Calibration text must hold one training sequence plus its next-token target.
 fn check_calib(path: &Path, seq: usize) -> Result<()> {
-    let n = std::fs::metadata(path).map_err(|e| Error::io(&format!("reading --calib {}", path.display()), e))?.len();
+    let n = std::fs::metadata(path).map_err(|e| Error::io(format!("reading --calib {}", path.display()), e))?.len();
     if n < seq as u64 + 1 {
         return Err(Error::Invalid(format!(
             "--calib {}: {n} bytes of text, shorter than one sequence ({} tokens + 1 target)",
