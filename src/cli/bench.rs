@@ -26,6 +26,8 @@ pub enum BenchCommand {
     /// Prefill and decode tokens/s through the KV cache: dense vs sparse decode at long contexts,
     /// batch 1 vs B, and the whole-window path for reference (random weights).
     Decode(super::bench_decode::DecodeArgs),
+    /// Decode tokens/s by weight format (f32, bf16, int8, int4, 2:4) at batch 1 and B, random weights.
+    Qdecode(super::bench_qdecode::QDecodeArgs),
     /// The OpenAI-compatible server under load: N concurrent streaming clients over loopback;
     /// requests/s, tokens/s, time to first token and inter-token latency, paged vs contiguous KV memory.
     Serve(super::bench_serve::ServeBenchArgs),
@@ -95,6 +97,7 @@ pub fn run(choice: BackendChoice, cmd: BenchCommand) -> Result<()> {
         BenchCommand::Attention(a) => super::bench_attention::run(choice, a),
         BenchCommand::Train(a) => super::bench_train::run(choice, a),
         BenchCommand::Decode(a) => super::bench_decode::run(choice, a),
+        BenchCommand::Qdecode(a) => super::bench_qdecode::run(choice, a),
         BenchCommand::Serve(a) => super::bench_serve::run(choice, a),
     }
 }

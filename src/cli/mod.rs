@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_attention;
 pub mod bench_decode;
+pub mod bench_qdecode;
 pub mod bench_serve;
 pub mod bench_train;
 pub mod compress;
