@@ -13,13 +13,18 @@
 # inference kernels (rope_rows, cache_write, cached indexer/select,
 # flash-decoding and prefill-run attention), each reading the cache through
 # a contiguous and a scattered page table (pages of 8 rows and smaller): the
-# same bits either way. Needs g++ (C++20). Takes about fifteen minutes on 2
-# cores. No GPU, no CUDA toolkit.
+# same bits either way; the quantized matmul kernels (every format, group
+# size and activation dtype, rows alone bit-identical to the batch). Needs
+# g++ (C++20). Takes about fifteen minutes on 2 cores; names as arguments
+# run only those drivers (`scripts/emulate-cuda-kernels.sh qmatmul`: about a
+# minute). No GPU, no CUDA toolkit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
+only=" $* "
 run() {  # run NAME FAMILIES
+  if [ "$only" != "  " ] && [[ "$only" != *" $1 "* ]]; then return; fi
   python3 tests/cuda_emu/prepare.py "$2" "tests/cuda_emu/$1.cpp" "$tmp/$1.cpp"
   g++ -std=c++20 -O1 -w -pthread "$tmp/$1.cpp" -o "$tmp/$1"
   echo "== $1"
@@ -30,3 +35,4 @@ run attention attention
 run select select
 run causal indexer,select,attention
 run cached cached
+run qmatmul qmatmul

@@ -65,6 +65,11 @@ fn expected_entries(family: &str) -> Vec<String> {
         }
         "layernorm" => per(&["layernorm_fwd", "layernorm_bwd_dx", "layernorm_bwd_params"]),
         "matmul" => per(&["gemm_tiled"]),
+        "qmatmul" => ["qmv", "qmm"]
+            .iter()
+            .flat_map(|k| ["int8", "int4", "s24", "s24i8"].map(|f| format!("{k}_{f}")))
+            .flat_map(|n| floats.iter().map(move |f| format!("{n}_{f}")))
+            .collect(),
         "reduce" => {
             let mut v = per(&["sum_squares_partial", "all_finite"]);
             v.extend(["sum_squares_final", "set_u32"].map(String::from));

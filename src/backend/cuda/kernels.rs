@@ -44,6 +44,7 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ("indexer", include_str!("../../../kernels/indexer.cu")),
     ("layernorm", include_str!("../../../kernels/layernorm.cu")),
     ("matmul", include_str!("../../../kernels/matmul.cu")),
+    ("qmatmul", include_str!("../../../kernels/qmatmul.cu")),
     ("reduce", include_str!("../../../kernels/reduce.cu")),
     ("rope", include_str!("../../../kernels/rope.cu")),
     ("select", include_str!("../../../kernels/select.cu")),

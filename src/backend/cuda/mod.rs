@@ -14,6 +14,7 @@ mod cached;
 pub mod kernels;
 mod ops;
 mod pinned;
+mod qmatmul;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

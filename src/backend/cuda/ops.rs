@@ -17,6 +17,7 @@
 //! | attention (+ backward): tiled (32×32 shared-memory tiles) for dense and block patterns with d ≤ 128, one warp per query / key row otherwise; indexer_kl | attention.cu |
 //! | indexer_scores, indexer_block_scores, indexer_backward | indexer.cu |
 //! | select_topk | select.cu |
+//! | qmatmul: `qmv_*` (m < 4), `qmm_*` (8 rows per block), one summation order | qmatmul.cu (glue in qmatmul.rs) |
 //! | rope_rows, cache_write, cached_attention (flash-decoding + prefill runs), cached_indexer_block_scores, cached_select | cached.cu (glue in cached.rs) |
 //!
 //! Block-sparse attention selects per query and causally (issue 8):
@@ -679,5 +680,8 @@ impl Backend for CudaBackend {
     }
     fn cached_select(&self, s: &CachedSelectSpec, scores: &T, rows: &T, idx: &mut T) -> Result<()> {
         cached::cached_select(self, s, scores, rows, idx)
+    }
+    fn qmatmul(&self, s: &QMatmulSpec, x: &T, w: &QWeight<Self>, y: &mut T) -> Result<()> {
+        super::qmatmul::qmatmul(self, s, x, w, y)
     }
 }

@@ -57,6 +57,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("select", include_str!("../../../shaders/select.wgsl")),
     ("split", include_str!("../../../shaders/split.wgsl")),
     ("cached", include_str!("../../../shaders/cached.wgsl")),
+    ("qmatmul", include_str!("../../../shaders/qmatmul.wgsl")),
 ];
 
 /// Number of `u32` parameter words a kernel can receive.

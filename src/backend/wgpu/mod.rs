@@ -13,6 +13,7 @@ mod attention;
 mod cached;
 mod core_ops;
 pub mod kernel;
+mod qmatmul;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -1003,6 +1004,9 @@ impl Backend for WgpuBackend {
     }
     fn cached_select(&self, s: &CachedSelectSpec, scores: &T<Self>, rows: &T<Self>, idx: &mut T<Self>) -> Result<()> {
         cached::cached_select(self, s, scores, rows, idx)
+    }
+    fn qmatmul(&self, s: &QMatmulSpec, x: &T<Self>, w: &QWeight<Self>, y: &mut T<Self>) -> Result<()> {
+        qmatmul::qmatmul(self, s, x, w, y)
     }
 }
 

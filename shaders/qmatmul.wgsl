@@ -1,0 +1,189 @@
+// y = x · Wᵀ with a quantized weight W [n, k] (layouts and the exact
+// dequantization rule: src/quant/format.rs), x [m, k] in any float dtype,
+// f32 accumulation, y rounded once to x's dtype (by pack_half for f16/bf16).
+//
+// The k loop is cut into units of four inputs (p = 4u .. 4u+3; every format's
+// k is a multiple of 4). Invocation t of the QT = 64 of a workgroup owns the
+// units u ≡ t (mod 64) and sums, for each output it holds, in increasing u
+// and, within a unit, increasing p:  acc = fma(x[i][p], w[j][p], acc).  The 64
+// partials of an output are then added in one fixed tree (t + 32, t + 16, …,
+// t + 1). That order depends on k only, never on m or on which rows or
+// channels share a workgroup, so the two kernels below (qmv for decode, qmm for
+// larger m) give every element the same bits: a row computed alone equals the
+// same row in any batch. `fma` is written out rather than left to the
+// compiler's contraction, which could differ between the two kernels.
+//
+// w[j][p] is dequantized in the loop exactly as the rule says: one f32 multiply
+// scale · (small integer), or the f16 value widened (unpack2x16float). Integer
+// dot products (dot4I8Packed) would change that rounding (x is float and the
+// rule multiplies scale·q in f32 before the product with x), so they are not
+// used: the result would no longer be the defined one.
+//
+// Parameters: p0 = m, p1 = n, p2 = k, p3 = format (0 int8, 1 int4 symmetric,
+// 2 int4 asymmetric, 3 2:4 with f16 values, 4 2:4 with int8 values),
+// p4 = int4 group size, p5 = row0 (the first row of this launch).
+// Arguments: `scale` is f32 (a one-element dummy for 2:4 f16); `aux` is the
+// zero points (int4 asym) or the 2:4 positions, `q` itself when unused.
+// Grid: x, y fold the channel tiles (4 channels each, tile = w.x + w.y·nw.x);
+// z is the row (qmv) or the 8-row tile (qmm) relative to row0.
+
+const QT: u32 = 64u;
+const QMM_ROWS: u32 = 8u;
+
+// Partials of every invocation, QT × (rows per workgroup) vec4 (4 channels).
+var<workgroup> red: array<vec4<f32>, 512>;
+
+// Byte b of w as a signed integer (two's complement), in f32.
+fn sbyte(w: u32, b: u32) -> f32 {
+    return f32(bitcast<i32>(w << (24u - 8u * b)) >> 24u);
+}
+
+fn nib(w: u32, e: u32) -> u32 {
+    return (w >> (4u * e)) & 15u;
+}
+
+// w[j][4u .. 4u+3], dequantized by the rule.
+fn deq(j: u32, u: u32) -> vec4<f32> {
+    let k = pu(2u);
+    let fmt = pu(3u);
+    if (fmt == 0u) {
+        let w = ldu_q(j * (k / 4u) + u);
+        let s = ld_scale(j);
+        return vec4<f32>(s * sbyte(w, 0u), s * sbyte(w, 1u), s * sbyte(w, 2u), s * sbyte(w, 3u));
+    }
+    if (fmt <= 2u) {
+        let g = pu(4u);
+        // Nibbles 4(u%2) .. 4(u%2)+3 of word u/2.
+        let w = ldu_q(j * (k / 8u) + u / 2u) >> (16u * (u & 1u));
+        let gi = (4u * u) / g;
+        let s = ld_scale(j * (k / g) + gi);
+        var z = 8i;
+        if (fmt == 2u) {
+            let zw = (k / g + 7u) / 8u;
+            z = i32(nib(ldu_aux(j * zw + gi / 8u), gi % 8u));
+        }
+        return vec4<f32>(s * f32(i32(nib(w, 0u)) - z), s * f32(i32(nib(w, 1u)) - z),
+                         s * f32(i32(nib(w, 2u)) - z), s * f32(i32(nib(w, 3u)) - z));
+    }
+    // 2:4: group u keeps positions a < b (nibble u%8 of word u/8 of the row's metadata).
+    let pos = nib(ldu_aux(j * ((k + 31u) / 32u) + u / 8u), u % 8u);
+    var lo: f32;
+    var hi: f32;
+    if (fmt == 3u) {
+        let h = unpack2x16float(ldu_q(j * (k / 4u) + u));
+        lo = h.x;
+        hi = h.y;
+    } else {
+        let w = ldu_q(j * (k / 8u) + u / 2u);
+        let s = ld_scale(j);
+        let b = 2u * (u & 1u);
+        lo = s * sbyte(w, b);
+        hi = s * sbyte(w, b + 1u);
+    }
+    var r = vec4<f32>(0.0);
+    r[pos & 3u] = lo;
+    r[pos >> 2u] = hi;
+    return r;
+}
+
+// x[i][4u .. 4u+3].
+fn xunit(i: u32, u: u32) -> vec4<f32> {
+    let o = i * pu(2u) + 4u * u;
+    return vec4<f32>(ld_x(o), ld_x(o + 1u), ld_x(o + 2u), ld_x(o + 3u));
+}
+
+// The four channels' weights of one unit, transposed: wt[e] = (w_c[e] for c = 0..3).
+struct Unit { e0: vec4<f32>, e1: vec4<f32>, e2: vec4<f32>, e3: vec4<f32> }
+
+fn unit_w(j0: u32, u: u32) -> Unit {
+    let n = pu(1u);
+    let w0 = deq(j0, u);
+    let w1 = deq(min(j0 + 1u, n - 1u), u);
+    let w2 = deq(min(j0 + 2u, n - 1u), u);
+    let w3 = deq(min(j0 + 3u, n - 1u), u);
+    return Unit(vec4<f32>(w0.x, w1.x, w2.x, w3.x), vec4<f32>(w0.y, w1.y, w2.y, w3.y),
+                vec4<f32>(w0.z, w1.z, w2.z, w3.z), vec4<f32>(w0.w, w1.w, w2.w, w3.w));
+}
+
+// acc (4 channels) += x · w over the unit's inputs, in increasing p.
+fn fma_unit(acc: vec4<f32>, x: vec4<f32>, w: Unit) -> vec4<f32> {
+    var a = fma(vec4<f32>(x.x), w.e0, acc);
+    a = fma(vec4<f32>(x.y), w.e1, a);
+    a = fma(vec4<f32>(x.z), w.e2, a);
+    return fma(vec4<f32>(x.w), w.e3, a);
+}
+
+// Adds the QT partials of each of `rows` outputs (red[t·rows + r]) in the
+// fixed tree; the sums land in red[r]. Call from uniform control flow.
+fn red_tree(t: u32, rows: u32) {
+    workgroupBarrier();
+    for (var s = QT / 2u; s > 0u; s = s / 2u) {
+        if (t < s) {
+            for (var r = 0u; r < rows; r = r + 1u) {
+                red[t * rows + r] = red[t * rows + r] + red[(t + s) * rows + r];
+            }
+        }
+        workgroupBarrier();
+    }
+}
+
+// Stores red[r] (channels j0 .. j0+3 of row i), within bounds; invocation t
+// stores channel t % 4 of row r = t / 4.
+fn store_out(t: u32, i0: u32, rows: u32, j0: u32) {
+    let m = pu(0u);
+    let n = pu(1u);
+    let r = t / 4u;
+    let c = t % 4u;
+    let i = i0 + r;
+    let j = j0 + c;
+    if (r < rows && i < m && j < n) {
+        st_y(i * n + j, red[r][c]);
+    }
+}
+
+//!kernel qmv(x: in, q: idx, scale: in, aux: idx, y: out)
+// One row (z + row0) and four channels per workgroup: the decode product.
+@compute @workgroup_size(64)
+fn main(@builtin(local_invocation_id) l: vec3<u32>, @builtin(workgroup_id) w: vec3<u32>,
+        @builtin(num_workgroups) nw: vec3<u32>) {
+    let n = pu(1u);
+    let j0 = (w.x + w.y * nw.x) * 4u;
+    if (j0 >= n) { return; }
+    let t = l.x;
+    let i = pu(5u) + w.z;
+    let nu = pu(2u) / 4u;
+    var acc = vec4<f32>(0.0);
+    for (var u = t; u < nu; u = u + QT) {
+        acc = fma_unit(acc, xunit(i, u), unit_w(j0, u));
+    }
+    red[t] = acc;
+    red_tree(t, 1u);
+    store_out(t, i, 1u, j0);
+}
+
+//!kernel qmm(x: in, q: idx, scale: in, aux: idx, y: out)
+// Eight rows (tile z after row0) and four channels per workgroup: each
+// dequantized weight unit serves eight rows. Rows past m read row m − 1 and
+// are not stored.
+@compute @workgroup_size(64)
+fn main(@builtin(local_invocation_id) l: vec3<u32>, @builtin(workgroup_id) w: vec3<u32>,
+        @builtin(num_workgroups) nw: vec3<u32>) {
+    let m = pu(0u);
+    let n = pu(1u);
+    let j0 = (w.x + w.y * nw.x) * 4u;
+    if (j0 >= n) { return; }
+    let t = l.x;
+    let i0 = pu(5u) + w.z * QMM_ROWS;
+    let nu = pu(2u) / 4u;
+    var acc: array<vec4<f32>, 8>;
+    for (var r = 0u; r < QMM_ROWS; r = r + 1u) { acc[r] = vec4<f32>(0.0); }
+    for (var u = t; u < nu; u = u + QT) {
+        let wu = unit_w(j0, u);
+        for (var r = 0u; r < QMM_ROWS; r = r + 1u) {
+            acc[r] = fma_unit(acc[r], xunit(min(i0 + r, m - 1u), u), wu);
+        }
+    }
+    for (var r = 0u; r < QMM_ROWS; r = r + 1u) { red[t * QMM_ROWS + r] = acc[r]; }
+    red_tree(t, QMM_ROWS);
+    store_out(t, i0, QMM_ROWS, j0);
+}

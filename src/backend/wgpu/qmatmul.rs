@@ -1,0 +1,96 @@
+//! `y = x · Wᵀ` with a quantized weight on wgpu (`shaders/qmatmul.wgsl`).
+//!
+//! Two kernels, one summation order: `qmv` (one row per workgroup, the
+//! decode product) for `m < QMM_MIN_ROWS`, `qmm` (eight rows per workgroup,
+//! each dequantized weight unit used for all eight) otherwise. Both split k
+//! over the 64 invocations of a workgroup the same way, accumulate with
+//! explicit `fma` in the same order and add the 64 partials in the same
+//! tree, so every output element has the same bits whatever `m` is and
+//! whichever kernel ran (batch invariance; checked bit for bit by the
+//! conformance test `qmatmul`).
+//!
+//! No optional feature is needed: codes are read as `u32` words, f16 2:4
+//! values with `unpack2x16float`. `dot4I8Packed` is not used: the rule
+//! multiplies scale·q in f32 and then by a float x, which an integer dot
+//! product cannot reproduce (it would quantize x and round differently).
+
+use super::kernel::Params;
+use super::{Arg, WgpuBackend};
+use crate::error::Result;
+use crate::ops::{QMatmulSpec, QWeight};
+use crate::quant::QFormat;
+use crate::{DType, Tensor};
+
+type T = Tensor<WgpuBackend>;
+
+/// Rows from which `qmm` (8 rows per workgroup) runs instead of `qmv`.
+const QMM_MIN_ROWS: usize = 4;
+/// `QMM_ROWS` of qmatmul.wgsl.
+const QMM_ROWS: usize = 8;
+/// Output channels per workgroup.
+const CHANNELS: usize = 4;
+/// Largest workgroup count per grid dimension WebGPU guarantees.
+const MAX_GRID: usize = 65_535;
+
+/// The shader's format code (p3).
+fn format_code(f: QFormat) -> u32 {
+    match f {
+        QFormat::Int8 => 0,
+        QFormat::Int4 { asym: false, .. } => 1,
+        QFormat::Int4 { asym: true, .. } => 2,
+        QFormat::Sparse24 { int8: false } => 3,
+        QFormat::Sparse24 { int8: true } => 4,
+    }
+}
+
+/// The channel tiles folded into grid x and y.
+fn channel_grid(n: usize) -> (u32, u32) {
+    let tiles = n.div_ceil(CHANNELS);
+    let gx = tiles.clamp(1, MAX_GRID);
+    (gx as u32, tiles.div_ceil(gx) as u32)
+}
+
+pub(super) fn qmatmul(be: &WgpuBackend, s: &QMatmulSpec, x: &T, w: &QWeight<WgpuBackend>, y: &mut T) -> Result<()> {
+    let group = match s.format {
+        QFormat::Int4 { group, .. } => group,
+        _ => 0,
+    };
+    // Absent parts bind a stand-in the kernel never reads for that format.
+    let dummy;
+    let scale = match &w.scale {
+        Some(t) => t,
+        None => {
+            dummy = T::empty(be, &[1], DType::F32)?;
+            &dummy
+        }
+    };
+    let aux = w.zero.as_ref().or(w.meta.as_ref()).unwrap_or(&w.q);
+    let (gx, gy) = channel_grid(s.n);
+    let (name, rows_per_group) = if s.m < QMM_MIN_ROWS { ("qmv", 1) } else { ("qmm", QMM_ROWS) };
+    // Row chunks of at most MAX_GRID workgroups along z.
+    let chunk = MAX_GRID * rows_per_group;
+    let mut row0 = 0;
+    while row0 < s.m {
+        let rows = (s.m - row0).min(chunk);
+        let p = Params::new().u(s.m).u(s.n).u(s.k).u(format_code(s.format) as usize).u(group).u(row0);
+        let gz = rows.div_ceil(rows_per_group) as u32;
+        let args = &mut [Arg::R(x), Arg::R(&w.q), Arg::R(scale), Arg::R(aux), Arg::W(&mut *y)];
+        be.launch("qmatmul", name, args, p, [gx, gy, gz])?;
+        row0 += rows;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_tiles_fold_under_the_grid_limit() {
+        assert_eq!(channel_grid(1), (1, 1));
+        assert_eq!(channel_grid(37), (10, 1));
+        // A 300k-row vocabulary projection: 75k tiles over two rows of the grid.
+        let (gx, gy) = channel_grid(300_000);
+        assert!(gx as usize <= MAX_GRID && gx as usize * gy as usize * CHANNELS >= 300_000, "{gx}×{gy}");
+    }
+}
