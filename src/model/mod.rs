@@ -709,6 +709,13 @@ impl<B: Backend> Workspace<B> {
         }
     }
 
+    /// The inputs of layer `layer`'s linear weights in the last forward pass,
+    /// `batch·seq` rows each: `ln1` (→ wq, wk, wv), `att` (→ wo), `ln2` (→ w1),
+    /// `act` (→ w2). Compression calibration (`quant::calib`) reads them.
+    pub fn linear_inputs(&self, layer: usize) -> Option<[&Tensor<B>; 4]> {
+        self.layers.get(layer).map(|a| [&a.ln1, &a.att, &a.ln2, &a.act])
+    }
+
     /// Logits of the last forward pass, `[batch·seq, vocab]` as f32 (the row
     /// chunks concatenated on the host).
     pub fn logits_f32(&self, be: &B) -> Result<Vec<f32>> {

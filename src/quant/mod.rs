@@ -2,7 +2,11 @@
 //! their host-side quantizers. The device-side weight is
 //! [`crate::ops::QWeight`]; its product is [`crate::ops::qmatmul`].
 
+pub mod awq;
+pub mod calib;
 pub mod checkpoint;
 pub mod format;
+pub mod plan;
+pub mod prune;
 
 pub use format::{INT4_GROUPS, QFormat, QMatrix, QView, transpose};

@@ -1,0 +1,368 @@
+//! Activation-aware weight quantization (AWQ, Lin et al. 2023) and the
+//! model-level compression entry point.
+//!
+//! A linear `y = X·W` (dense `W: [k, n]`) equals `(X·diag(1/s))·(diag(s)·W)`
+//! for any positive per-input-channel scales `s`. Quantizing `diag(s)·W`
+//! instead of `W` gives channels with large activations (large `s`) finer
+//! steps relative to their weights, at the cost of the others. AWQ searches
+//! `s = mean|X|^α` over a grid of `α ∈ [0, 1]` (normalised so that
+//! `√(max s · min s) = 1`), minimising the output error
+//! `‖X·(Ŵ − W)‖²` with `Ŵ = diag(1/s)·deq(Q(diag(s)·W))` on the calibration
+//! sample; `α = 0` is round-to-nearest, so the search never does worse than RTN
+//! on that sample. The stored weight is `Q(diag(s)·W)` in the contract's
+//! format, and `diag(1/s)` is folded into the op before the linear, in f32:
+//! - wq, wk, wv read LayerNorm 1: `γ₁ ← γ₁/s`, `β₁ ← β₁/s` (one `s` for the
+//!   three, searched on their summed error; a sparse model's indexer
+//!   projections also read LayerNorm 1, so their rows are multiplied by `s`);
+//! - wo reads the attention output, which is linear in V: wv's output column
+//!   `c` is divided by `s_c` (with grouped KV heads, `s` is shared by the query
+//!   heads of one KV head, from their averaged statistics);
+//! - w1 reads LayerNorm 2: `γ₂ ← γ₂/s`, `β₂ ← β₂/s`;
+//! - w2 reads `GELU(h)`, and `GELU(h/s) ≠ GELU(h)/s`: no exact fold exists
+//!   without an extra per-channel multiply that the format does not carry, so
+//!   w2 is quantized round-to-nearest whatever the method.
+
+use crate::error::{Error, Result};
+use crate::model::{AttentionMode, ModelConfig};
+use crate::quant::calib::{Calibration, Input, Linear, linears};
+use crate::quant::{QFormat, QMatrix, transpose};
+
+/// Grid points of α in `[0, 1]` (α = i / ALPHA_STEPS).
+pub const ALPHA_STEPS: usize = 10;
+
+/// How a weight is compressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Method {
+    /// Round to nearest (int8/int4) or magnitude (2:4).
+    Rtn,
+    /// Activation-aware scales (int8, int4).
+    Awq,
+    /// 2:4 keeping the largest `|W|·‖X‖` (2:4 only).
+    Wanda,
+}
+
+impl Method {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Method::Rtn => "rtn",
+            Method::Awq => "awq",
+            Method::Wanda => "wanda",
+        }
+    }
+
+    /// `rtn` (also spelled `magnitude`), `awq`, `wanda`.
+    pub fn parse(s: &str) -> Result<Method> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "rtn" | "magnitude" => Ok(Method::Rtn),
+            "awq" => Ok(Method::Awq),
+            "wanda" => Ok(Method::Wanda),
+            _ => Err(Error::Invalid(format!("unknown compression method `{s}`: expected rtn, awq or wanda"))),
+        }
+    }
+}
+
+/// One weight's format and method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Choice {
+    pub format: QFormat,
+    pub method: Method,
+}
+
+impl Choice {
+    /// Checks that the method fits the format.
+    pub fn check(&self) -> Result<()> {
+        match (self.method, self.format) {
+            (Method::Awq, QFormat::Sparse24 { .. }) => {
+                Err(Error::Invalid("awq scales int8/int4 weights; 2:4 takes rtn (magnitude) or wanda".into()))
+            }
+            (Method::Wanda, QFormat::Int8 | QFormat::Int4 { .. }) => {
+                Err(Error::Invalid(format!("wanda prunes to 2:4, not {}", self.format)))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// AWQ scales `s_p = max(m_p, ε)^α / √(max · min)` for channel statistics `m`.
+pub fn scales(mean_abs: &[f32], alpha: f32) -> Vec<f32> {
+    let s: Vec<f32> = mean_abs.iter().map(|&m| m.max(1e-6).powf(alpha)).collect();
+    let (lo, hi) = s.iter().fold((f32::INFINITY, 0.0f32), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+    let norm = (lo * hi).sqrt();
+    s.into_iter().map(|x| x / norm).collect()
+}
+
+/// The `[n, k]` quantized form of dense `w: [k, n]` with its input channels scaled by `s`.
+fn quantize_scaled(w: &[f32], k: usize, n: usize, s: &[f32], format: QFormat) -> Result<QMatrix> {
+    let mut t = transpose(w, k, n);
+    for row in t.chunks_exact_mut(k) {
+        for (x, &sp) in row.iter_mut().zip(s) {
+            *x *= sp;
+        }
+    }
+    QMatrix::quantize(&t, n, k, format)
+}
+
+/// `Σ_i Σ_j (Σ_p X[i][p] · (ŵ[j][p]/s_p − w[j][p]))²`: the output error of the
+/// scaled quantization on the sample `x: [rows, k]` (`w` dense `[k, n]`).
+pub fn output_error(x: &[f32], k: usize, w: &[f32], n: usize, s: &[f32], format: QFormat) -> Result<f64> {
+    let q = quantize_scaled(w, k, n, s, format)?;
+    let mut d = q.dequantize();
+    let wt = transpose(w, k, n);
+    for (dr, wr) in d.chunks_exact_mut(k).zip(wt.chunks_exact(k)) {
+        for ((dv, &wv), &sp) in dr.iter_mut().zip(wr).zip(s) {
+            *dv = *dv / sp - wv;
+        }
+    }
+    use rayon::prelude::*;
+    Ok(x.par_chunks_exact(k)
+        .map(|xr| {
+            d.chunks_exact(k)
+                .map(|dr| {
+                    let e: f32 = xr.iter().zip(dr).map(|(a, b)| a * b).sum();
+                    (e as f64) * (e as f64)
+                })
+                .sum::<f64>()
+        })
+        .sum())
+}
+
+/// What the search found for one group of linears sharing an input.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Search {
+    pub alpha: f32,
+    pub scales: Vec<f32>,
+    /// Output error at α = 0 (round to nearest) and at the chosen α.
+    pub err_rtn: f64,
+    pub err: f64,
+}
+
+/// Grid search of α for weights `ws` (dense `[k, n_i]`, all in `format`) that
+/// read the same input with sample `x: [rows, k]` and statistics `mean_abs`.
+pub fn search(x: &[f32], k: usize, mean_abs: &[f32], ws: &[(&[f32], usize)], format: QFormat) -> Result<Search> {
+    if mean_abs.len() != k || x.len() % k != 0 || x.is_empty() {
+        return Err(Error::Shape(format!(
+            "awq: a sample of {} values and {} channel statistics for k = {k}",
+            x.len(),
+            mean_abs.len()
+        )));
+    }
+    let mut best: Option<Search> = None;
+    let mut err_rtn = f64::NAN;
+    for i in 0..=ALPHA_STEPS {
+        let alpha = i as f32 / ALPHA_STEPS as f32;
+        let s = scales(mean_abs, alpha);
+        let mut err = 0.0;
+        for &(w, n) in ws {
+            err += output_error(x, k, w, n, &s, format)?;
+        }
+        if i == 0 {
+            err_rtn = err;
+        }
+        if best.as_ref().is_none_or(|b| err < b.err) {
+            best = Some(Search { alpha, scales: s, err_rtn, err });
+        }
+    }
+    let mut b = best.expect("the grid is not empty");
+    b.err_rtn = err_rtn;
+    Ok(b)
+}
+
+/// Multiplies input channel `p` of dense `w: [k, n]` by `s_p` (row `p`).
+fn scale_rows(w: &mut [f32], n: usize, s: &[f32]) {
+    for (row, &sp) in w.chunks_exact_mut(n).zip(s) {
+        row.iter_mut().for_each(|x| *x *= sp);
+    }
+}
+
+/// Folds per-channel scales `s` of layer `layer`'s input `input` into f32
+/// parameter `values`: the linears reading that input get `diag(s)·W`, the op
+/// before them `· 1/s` (see the module docs), so the model computes the same
+/// function (up to f32 rounding). `Input::Act` has no exact fold: an error.
+pub fn fold_scales(cfg: &ModelConfig, values: &mut [Vec<f32>], layer: usize, input: Input, s: &[f32]) -> Result<()> {
+    let names: Vec<String> = cfg.params().into_iter().map(|p| p.name).collect();
+    let at = |n: &str| {
+        let full = format!("layers.{layer}.{n}");
+        names.iter().position(|x| *x == full).ok_or_else(|| Error::Invalid(format!("awq: no parameter {full}")))
+    };
+    let div = |v: &mut [f32], s: &[f32]| v.iter_mut().zip(s).for_each(|(x, &sp)| *x /= sp);
+    match input {
+        Input::Ln1 | Input::Ln2 => {
+            if s.len() != cfg.d_model {
+                return Err(Error::Shape(format!("awq: {} scales for d_model {}", s.len(), cfg.d_model)));
+            }
+            let (g, b, ws): (_, _, Vec<&str>) = if input == Input::Ln1 {
+                let mut ws = vec!["wq", "wk", "wv"];
+                if let AttentionMode::Sparse { .. } = cfg.attention {
+                    ws.extend(["idx.wq", "idx.wk", "idx.ww"]);
+                }
+                ("ln1.gamma", "ln1.beta", ws)
+            } else {
+                ("ln2.gamma", "ln2.beta", vec!["w1"])
+            };
+            div(&mut values[at(g)?], s);
+            div(&mut values[at(b)?], s);
+            for w in ws {
+                let i = at(w)?;
+                let n = values[i].len() / cfg.d_model;
+                scale_rows(&mut values[i], n, s);
+            }
+        }
+        Input::Att => {
+            let (h, kv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim());
+            if s.len() != h * hd {
+                return Err(Error::Shape(format!("awq: {} scales for an attention output of {}", s.len(), h * hd)));
+            }
+            let group = h / kv;
+            for q in 0..h {
+                if s[q * hd..(q + 1) * hd] != s[(q / group) * group * hd..((q / group) * group + 1) * hd] {
+                    return Err(Error::Invalid("awq: wo scales differ between query heads of one KV head".into()));
+                }
+            }
+            // Column (kvh, d) of V feeds column (q, d) of the attention output for
+            // every query head q of that KV head.
+            let sv: Vec<f32> = (0..kv * hd).map(|c| s[(c / hd) * group * hd + c % hd]).collect();
+            let wv = at("wv")?;
+            for row in values[wv].chunks_exact_mut(kv * hd) {
+                div(row, &sv);
+            }
+            let wo = at("wo")?;
+            scale_rows(&mut values[wo], cfg.d_model, s);
+        }
+        Input::Act => {
+            return Err(Error::Invalid("awq: GELU is not homogeneous; w2's input scales cannot be folded".into()));
+        }
+    }
+    Ok(())
+}
+
+/// A compressed model: f32 values with the AWQ scales folded in (the
+/// compressed weights' entries hold `diag(s)·W`, which their `QMatrix`
+/// quantizes), and one `QMatrix` per parameter that is compressed.
+#[derive(Clone, Debug)]
+pub struct Compressed {
+    pub values: Vec<Vec<f32>>,
+    pub weights: Vec<Option<QMatrix>>,
+    /// Per AWQ group: (its first weight's name, α, RTN error, AWQ error) on the sample.
+    pub awq: Vec<(String, f32, f64, f64)>,
+}
+
+impl Compressed {
+    /// The f32 values the compressed model computes with: each compressed
+    /// weight replaced by its dequantization (the reference semantics).
+    pub fn dequantized(&self) -> Vec<Vec<f32>> {
+        let mut v = self.values.clone();
+        for (i, q) in self.weights.iter().enumerate() {
+            if let Some(q) = q {
+                v[i] = transpose(&q.dequantize(), q.n, q.k);
+            }
+        }
+        v
+    }
+
+    /// Bytes of the compressed weights, and of the same weights as f32.
+    pub fn weight_bytes(&self) -> (usize, usize) {
+        self.weights.iter().flatten().fold((0, 0), |(a, b), q| (a + q.bytes(), b + 4 * q.n * q.k))
+    }
+}
+
+/// Compresses `values` (one f32 vector per `cfg.params()` entry): `choices`
+/// has one entry per [`linears`]`(cfg)` (`None`: stays dense). AWQ and Wanda
+/// need `calib`. AWQ runs per input group in the order wo (folded into wv),
+/// then wq/wk/wv (one `s` searched on the members that chose AWQ and applied
+/// to all three), then w1; w2 falls back to RTN (module docs).
+pub fn compress(
+    cfg: &ModelConfig,
+    values: &[Vec<f32>],
+    choices: &[Option<Choice>],
+    calib: Option<&Calibration>,
+) -> Result<Compressed> {
+    let lins = linears(cfg);
+    if choices.len() != lins.len() {
+        return Err(Error::Invalid(format!("compress: {} choices for {} linear weights", choices.len(), lins.len())));
+    }
+    if values.len() != cfg.params().len() {
+        return Err(Error::Invalid(format!(
+            "compress: {} tensors for {} parameters",
+            values.len(),
+            cfg.params().len()
+        )));
+    }
+    for c in choices.iter().flatten() {
+        c.check()?;
+    }
+    let need_calib = choices.iter().flatten().any(|c| c.method != Method::Rtn);
+    let calib = match calib {
+        Some(c) if c.inputs.len() == cfg.n_layers => Some(c),
+        Some(c) => {
+            return Err(Error::Invalid(format!(
+                "compress: calibration of {} layers for a model of {}",
+                c.inputs.len(),
+                cfg.n_layers
+            )));
+        }
+        None if need_calib => return Err(Error::Invalid("compress: awq and wanda need calibration statistics".into())),
+        None => None,
+    };
+    let mut values = values.to_vec();
+    let mut awq = Vec::new();
+    // AWQ first: folding changes wv (from wo's scales), so every fold happens before any quantization.
+    if let Some(cal) = calib {
+        for layer in 0..cfg.n_layers {
+            for input in [Input::Att, Input::Ln1, Input::Ln2] {
+                let members: Vec<(usize, &Linear)> =
+                    lins.iter().enumerate().filter(|(_, l)| l.layer == layer && l.input == input).collect();
+                let awq_members: Vec<&(usize, &Linear)> =
+                    members.iter().filter(|(i, _)| choices[*i].is_some_and(|c| c.method == Method::Awq)).collect();
+                let Some(&&(first, _)) = awq_members.first() else { continue };
+                let format = choices[first].expect("filtered").format;
+                if awq_members.iter().any(|(i, _)| choices[*i].expect("filtered").format != format) {
+                    return Err(Error::Invalid(format!(
+                        "awq: the weights of layer {layer} that read one input share its scales and need one format"
+                    )));
+                }
+                let st = cal.input(layer, input);
+                let mut m = st.mean_abs();
+                if input == Input::Att {
+                    tie_kv_groups(cfg, &mut m);
+                }
+                let ws: Vec<(&[f32], usize)> = awq_members.iter().map(|(_, l)| (&values[l.param][..], l.n)).collect();
+                let k = members[0].1.k;
+                let found = search(&st.sample, k, &m, &ws, format)?;
+                fold_scales(cfg, &mut values, layer, input, &found.scales)?;
+                awq.push((members[0].1.name.clone(), found.alpha, found.err_rtn, found.err));
+            }
+        }
+    }
+    let mut weights = vec![None; values.len()];
+    for (l, c) in lins.iter().zip(choices) {
+        let Some(c) = c else { continue };
+        let wt = transpose(&values[l.param], l.k, l.n);
+        let q = match (c.method, c.format) {
+            (Method::Wanda, f) => {
+                let norms = calib.expect("checked above").input(l.layer, l.input).norms();
+                crate::quant::prune::wanda(&wt, l.n, l.k, &norms, f)?
+            }
+            (_, f) => QMatrix::quantize(&wt, l.n, l.k, f)?,
+        };
+        weights[l.param] = Some(q);
+    }
+    Ok(Compressed { values, weights, awq })
+}
+
+/// Averages attention-output statistics over the query heads of each KV head
+/// (they must share one scale: see [`fold_scales`]).
+fn tie_kv_groups(cfg: &ModelConfig, m: &mut [f32]) {
+    let (h, kv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim());
+    let group = h / kv;
+    if group <= 1 {
+        return;
+    }
+    for g in 0..kv {
+        for d in 0..hd {
+            let mean = (0..group).map(|q| m[(g * group + q) * hd + d]).sum::<f32>() / group as f32;
+            for q in 0..group {
+                m[(g * group + q) * hd + d] = mean;
+            }
+        }
+    }
+}

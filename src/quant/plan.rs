@@ -1,0 +1,512 @@
+//! The hardware-aware planner: one format per linear weight, chosen from
+//! measured sensitivities and measured kernel costs.
+//!
+//! - **Sensitivity** `Δ_i(f)`: the validation-loss increase when only weight
+//!   `i` is compressed to candidate `f` — quantized, dequantized into the f32
+//!   model (exactly what every kernel computes) and evaluated on the backend.
+//! - **Cost** `c_i(f)`: for `--target speed`, the measured time of
+//!   `ops::qmatmul` (of the dense `ops::matmul` for "keep") at weight `i`'s
+//!   shape, summed over the serving batch sizes, on the target backend; cached
+//!   per device name in a JSON file ([`CostCache`]). For `--target size`, its bytes.
+//! - **Choice**: minimise `Σ c_i(f_i)` subject to `Σ max(Δ_i(f_i), 0) ≤ budget`
+//!   (losses assumed additive), a multiple-choice knapsack solved exactly by
+//!   dynamic programming over the budget cut into [`BUDGET_UNITS`] units, each
+//!   `Δ` rounded *up* to whole units so the predicted total never exceeds it.
+//! - **Verification**: the whole plan is evaluated; when interactions push
+//!   the measured increase past the budget, the knapsack is solved again under
+//!   a budget shrunk by the overshoot, a few times, and finally everything
+//!   stays dense (which meets any budget).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::data::Corpus;
+use crate::error::{Error, Result};
+use crate::model::{AttentionMode, Model, ModelConfig, StepAttention, Workspace};
+use crate::ops::{self, QWeight};
+use crate::quant::awq::{Choice, Compressed, Method, compress};
+use crate::quant::calib::{Calibration, linears};
+use crate::quant::{QFormat, QMatrix};
+use crate::util::rng::Rng;
+use crate::{Backend, DType, Tensor};
+
+/// Units the loss budget is cut into by the knapsack.
+pub const BUDGET_UNITS: usize = 2000;
+
+/// What the planner minimises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// Predicted decode time (measured kernel costs).
+    Speed,
+    /// Weight bytes.
+    Size,
+}
+
+impl Target {
+    pub fn parse(s: &str) -> Result<Target> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "speed" => Ok(Target::Speed),
+            "size" => Ok(Target::Size),
+            _ => Err(Error::Invalid(format!("unknown planner target `{s}`: expected speed or size"))),
+        }
+    }
+}
+
+/// Parses a loss budget relative to the uncompressed validation loss:
+/// `1%` or `0.01`. It must be finite, positive and at most 100%.
+pub fn parse_budget(s: &str) -> Result<f64> {
+    let t = s.trim();
+    let (num, pct) = match t.strip_suffix('%') {
+        Some(n) => (n.trim(), true),
+        None => (t, false),
+    };
+    let bad = |why: &str| Error::Invalid(format!("--budget {s}: {why} (e.g. 1% or 0.01 of the validation loss)"));
+    let v: f64 = num.parse().map_err(|_| bad("not a number"))?;
+    let v = if pct { v / 100.0 } else { v };
+    check_budget(v).map_err(|_| bad("expected a loss increase above 0 and at most 100%"))?;
+    Ok(v)
+}
+
+/// Checks a relative budget (fraction of the loss).
+pub fn check_budget(v: f64) -> Result<()> {
+    if !v.is_finite() || v <= 0.0 || v > 1.0 {
+        return Err(Error::Invalid(format!("loss budget {v}: expected a fraction in (0, 1]")));
+    }
+    Ok(())
+}
+
+/// One option for one weight: `choice` None keeps it dense.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlanOption {
+    pub choice: Option<Choice>,
+    /// Validation-loss increase (nats) when only this weight takes this option.
+    pub delta: f64,
+    /// Measured kernel time (µs, summed over the serving batch sizes).
+    pub us: f64,
+    pub bytes: usize,
+}
+
+/// One weight's options.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row {
+    pub name: String,
+    /// Output channels and inputs (`[n, k]`, the formats' view).
+    pub n: usize,
+    pub k: usize,
+    pub options: Vec<PlanOption>,
+}
+
+/// Chooses one option per row minimising `Σ cost` subject to
+/// `Σ max(Δ, 0) ≤ budget` (nats, > 0). Every row must have an option with
+/// `Δ ≤ 0` or the problem may be infeasible (then an error).
+pub fn solve(rows: &[Row], budget: f64, target: Target) -> Result<Vec<usize>> {
+    if !budget.is_finite() || budget <= 0.0 {
+        return Err(Error::Invalid(format!("planner: loss budget {budget} nats must be positive")));
+    }
+    let u = BUDGET_UNITS;
+    let units = |d: f64| -> Option<usize> {
+        if d.is_nan() {
+            return None;
+        }
+        let x = (d.max(0.0) / budget * u as f64).ceil();
+        (x <= u as f64).then_some(x as usize)
+    };
+    let cost = |o: &PlanOption| match target {
+        Target::Speed => o.us,
+        Target::Size => o.bytes as f64,
+    };
+    // best[w]: the least cost of the rows so far using at most w units.
+    let mut best = vec![0.0f64; u + 1];
+    let mut pick: Vec<Vec<u16>> = Vec::with_capacity(rows.len());
+    for r in rows {
+        let mut next = vec![f64::INFINITY; u + 1];
+        let mut choice = vec![u16::MAX; u + 1];
+        for (oi, o) in r.options.iter().enumerate() {
+            let Some(w) = units(o.delta) else { continue };
+            let c = cost(o);
+            for cap in w..=u {
+                let v = best[cap - w] + c;
+                if v < next[cap] {
+                    next[cap] = v;
+                    choice[cap] = oi as u16;
+                }
+            }
+        }
+        best = next;
+        pick.push(choice);
+    }
+    if !best[u].is_finite() {
+        return Err(Error::Invalid("planner: no choice of formats meets the loss budget".into()));
+    }
+    // Walk back from the full budget.
+    let mut out = vec![0usize; rows.len()];
+    let mut cap = u;
+    for (i, r) in rows.iter().enumerate().rev() {
+        let oi = pick[i][cap] as usize;
+        out[i] = oi;
+        cap -= units(r.options[oi].delta).expect("picked options fit");
+    }
+    Ok(out)
+}
+
+/// Measured kernel times per device, in a small JSON file:
+/// `{"<device>|<dtype>|<format>|<n>x<k>|m<batch>": µs}`. Default location:
+/// `$DYNSPARSE_CACHE_DIR/qmatmul-costs.json`, else
+/// `~/.cache/dynsparse/qmatmul-costs.json`.
+#[derive(Clone, Debug, Default)]
+pub struct CostCache {
+    pub path: Option<PathBuf>,
+    pub entries: BTreeMap<String, f64>,
+}
+
+impl CostCache {
+    /// The default cache file.
+    pub fn default_path() -> Option<PathBuf> {
+        if let Some(d) = std::env::var_os("DYNSPARSE_CACHE_DIR").filter(|d| !d.is_empty()) {
+            return Some(PathBuf::from(d).join("qmatmul-costs.json"));
+        }
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/dynsparse/qmatmul-costs.json"))
+    }
+
+    /// Reads the cache at `path` (missing or unreadable: empty — it is only a cache).
+    pub fn load(path: Option<&Path>) -> Self {
+        let entries = path
+            .and_then(|p| std::fs::read(p).ok())
+            .and_then(|b| serde_json::from_slice::<BTreeMap<String, f64>>(&b).ok())
+            .unwrap_or_default();
+        CostCache { path: path.map(Path::to_path_buf), entries }
+    }
+
+    /// Writes the cache back (best effort: a read-only home only costs re-measuring).
+    pub fn save(&self) {
+        let Some(p) = &self.path else { return };
+        if let Some(d) = p.parent() {
+            let _ = std::fs::create_dir_all(d);
+        }
+        if let Ok(s) = serde_json::to_string_pretty(&self.entries) {
+            let tmp = p.with_extension("json.tmp");
+            if std::fs::write(&tmp, s).is_ok() {
+                let _ = std::fs::rename(&tmp, p);
+            }
+        }
+    }
+
+    /// µs of one `[m, k] × [n, k]ᵀ` product in `format` (None: dense matmul
+    /// with a `[k, n]` weight in `dtype`) on `be`: measured once per device and kept.
+    pub fn cost<B: Backend>(
+        &mut self,
+        be: &B,
+        dtype: DType,
+        format: Option<QFormat>,
+        n: usize,
+        k: usize,
+        m: usize,
+    ) -> Result<f64> {
+        let f = format.map_or_else(|| "dense".to_string(), |f| f.name());
+        let key = format!("{}|{}|{f}|{n}x{k}|m{m}", be.device_name(), dtype.name());
+        if let Some(&v) = self.entries.get(&key) {
+            return Ok(v);
+        }
+        let v = measure(be, dtype, format, n, k, m)?;
+        self.entries.insert(key, v);
+        Ok(v)
+    }
+}
+
+/// Median µs of the kernel over 5 timed runs of enough calls to last ≥ 2 ms.
+fn measure<B: Backend>(be: &B, dtype: DType, format: Option<QFormat>, n: usize, k: usize, m: usize) -> Result<f64> {
+    let mut rng = Rng::new(0x5eed);
+    let x = Tensor::from_f32(be, &rng.normal_vec(m * k), &[m, k], dtype)?;
+    let mut y = Tensor::empty(be, &[m, n], dtype)?;
+    let w: Vec<f32> = rng.normal_vec(n * k).into_iter().map(|v| v * 0.02).collect();
+    let run: Box<dyn Fn(&mut Tensor<B>) -> Result<()>> = match format {
+        None => {
+            let wd = Tensor::from_f32(be, &w, &[k, n], dtype)?;
+            Box::new(move |y| ops::matmul(be, &x, &wd, y, false, false, 1.0, 0.0))
+        }
+        Some(f) => {
+            let q = QWeight::upload(be, &QMatrix::quantize(&w, n, k, f)?)?;
+            Box::new(move |y| ops::qmatmul(be, &x, &q, y))
+        }
+    };
+    run(&mut y)?;
+    be.synchronize()?;
+    let t0 = Instant::now();
+    run(&mut y)?;
+    be.synchronize()?;
+    let once = t0.elapsed().as_secs_f64().max(1e-7);
+    let calls = ((2e-3 / once).ceil() as usize).clamp(1, 1000);
+    let mut times = Vec::with_capacity(5);
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        for _ in 0..calls {
+            run(&mut y)?;
+        }
+        be.synchronize()?;
+        times.push(t0.elapsed().as_secs_f64() * 1e6 / calls as f64);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[2])
+}
+
+/// The attention an evaluation runs with: the model's own.
+pub fn eval_attention(cfg: &ModelConfig) -> StepAttention {
+    match cfg.attention {
+        AttentionMode::Dense => StepAttention::Dense,
+        AttentionMode::Sparse { keep_blocks, .. } => StepAttention::Sparse { keep_blocks },
+    }
+}
+
+/// A model on a backend and evaluation text: swaps parameter values in and
+/// out to evaluate variants without rebuilding it.
+pub struct Evaluator<'a, B: Backend> {
+    pub model: Model<B>,
+    ws: Workspace<B>,
+    text: &'a Corpus,
+    windows: usize,
+    base: Vec<Vec<f32>>,
+}
+
+impl<'a, B: Backend> Evaluator<'a, B> {
+    /// `windows` windows of `seq` tokens of `text`, `batch` at a time.
+    pub fn new(
+        be: &B,
+        cfg: &ModelConfig,
+        dtype: DType,
+        values: &[Vec<f32>],
+        text: &'a Corpus,
+        batch: usize,
+        seq: usize,
+        windows: usize,
+    ) -> Result<Self> {
+        let seq = seq.min(cfg.context);
+        if text.tokens.len() < batch * seq + 1 {
+            return Err(Error::Invalid(format!(
+                "evaluation text has {} tokens, fewer than {batch} sequences of {seq}",
+                text.tokens.len()
+            )));
+        }
+        let model = Model::from_values(be, *cfg, dtype, values)?;
+        let ws = Workspace::new(be, cfg, dtype, batch, seq)?;
+        Ok(Evaluator { model, ws, text, windows, base: values.to_vec() })
+    }
+
+    /// Mean validation loss with `values` (only tensors that differ from the
+    /// base are uploaded; the base is restored after).
+    pub fn loss(&mut self, be: &B, values: &[Vec<f32>]) -> Result<f64> {
+        let changed: Vec<usize> = (0..values.len()).filter(|&i| values[i] != self.base[i]).collect();
+        let dtype = self.model.dtype;
+        for &i in &changed {
+            let shape = self.model.params[i].shape().to_vec();
+            self.model.params[i] = Tensor::from_f32(be, &values[i], &shape, dtype)?;
+        }
+        let attn = eval_attention(&self.model.cfg);
+        let r = crate::train::evaluate(be, &self.model, &mut self.ws, self.text, self.windows, attn).map(|s| s.loss);
+        for &i in &changed {
+            let shape = self.model.params[i].shape().to_vec();
+            self.model.params[i] = Tensor::from_f32(be, &self.base[i], &shape, dtype)?;
+        }
+        r
+    }
+}
+
+/// How to plan.
+#[derive(Clone, Debug)]
+pub struct PlanOptions {
+    /// Loss budget as a fraction of the uncompressed loss.
+    pub budget: f64,
+    pub target: Target,
+    /// Candidate formats (with their methods) besides keeping the weight dense.
+    pub candidates: Vec<Choice>,
+    /// Serving batch sizes the costs are measured at.
+    pub batches: Vec<usize>,
+    /// Verification rounds before falling back to all-dense.
+    pub max_rounds: usize,
+}
+
+impl PlanOptions {
+    /// int8 (RTN), int4 g128 and g32 (AWQ with calibration, else RTN), 2:4 (Wanda with calibration, else magnitude).
+    pub fn default_candidates(calibrated: bool) -> Vec<Choice> {
+        let (awq, wanda) = if calibrated { (Method::Awq, Method::Wanda) } else { (Method::Rtn, Method::Rtn) };
+        vec![
+            Choice { format: QFormat::Int8, method: Method::Rtn },
+            Choice { format: QFormat::Int4 { group: 128, asym: false }, method: awq },
+            Choice { format: QFormat::Int4 { group: 32, asym: false }, method: awq },
+            Choice { format: QFormat::Sparse24 { int8: false }, method: wanda },
+        ]
+    }
+}
+
+/// The measured table: base loss and one [`Row`] per linear weight.
+#[derive(Clone, Debug)]
+pub struct Table {
+    pub base_loss: f64,
+    pub rows: Vec<Row>,
+}
+
+/// Measures every weight's sensitivity to every candidate (on `eval`'s text)
+/// and the candidates' costs (on `be`, through `cache`). `progress(i, total)`
+/// is called after each weight.
+pub fn measure_table<B: Backend>(
+    be: &B,
+    eval: &mut Evaluator<'_, B>,
+    values: &[Vec<f32>],
+    calib: Option<&Calibration>,
+    opt: &PlanOptions,
+    cache: &mut CostCache,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Table> {
+    let cfg = eval.model.cfg;
+    let dtype = eval.model.dtype;
+    let lins = linears(&cfg);
+    let base_loss = eval.loss(be, values)?;
+    let mut rows = Vec::with_capacity(lins.len());
+    for (i, l) in lins.iter().enumerate() {
+        let time = |cache: &mut CostCache, f: Option<QFormat>| -> Result<f64> {
+            opt.batches.iter().map(|&m| cache.cost(be, dtype, f, l.n, l.k, m)).sum()
+        };
+        let mut options =
+            vec![PlanOption { choice: None, delta: 0.0, us: time(cache, None)?, bytes: l.n * l.k * dtype.size() }];
+        for c in &opt.candidates {
+            if c.format.check_shape(l.n, l.k).is_err() {
+                continue;
+            }
+            let mut ch = vec![None; lins.len()];
+            ch[i] = Some(*c);
+            let comp = compress(&cfg, values, &ch, calib)?;
+            let delta = eval.loss(be, &comp.dequantized())? - base_loss;
+            options.push(PlanOption {
+                choice: Some(*c),
+                delta,
+                us: time(cache, Some(c.format))?,
+                bytes: c.format.bytes(l.n, l.k),
+            });
+        }
+        rows.push(Row { name: l.name.clone(), n: l.n, k: l.k, options });
+        progress(i + 1, lins.len());
+    }
+    cache.save();
+    Ok(Table { base_loss, rows })
+}
+
+/// A verified plan.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Per linear weight (the order of [`linears`]): its row and chosen option.
+    pub rows: Vec<(Row, usize)>,
+    pub base_loss: f64,
+    /// Budget in nats (fraction × base loss).
+    pub budget: f64,
+    /// `Σ Δ` of the chosen options, and the measured increase of the whole plan.
+    pub predicted: f64,
+    pub verified: f64,
+    /// Verification rounds run.
+    pub rounds: usize,
+}
+
+impl Plan {
+    /// The chosen choices, one per linear weight.
+    pub fn choices(&self) -> Vec<Option<Choice>> {
+        self.rows.iter().map(|(r, o)| r.options[*o].choice).collect()
+    }
+
+    /// The plan as a text table: tensor, shape, format, Δloss, µs, bytes.
+    pub fn table(&self) -> String {
+        let mut s =
+            format!("{:<18} {:>11} {:<20} {:>10} {:>10} {:>10}\n", "tensor", "shape", "format", "Δloss", "µs", "bytes");
+        let (mut us, mut bytes) = (0.0, 0usize);
+        for (r, o) in &self.rows {
+            let op = &r.options[*o];
+            let f = op.choice.map_or("keep".to_string(), |c| format!("{} ({})", c.format, c.method.name()));
+            s += &format!(
+                "{:<18} {:>11} {:<20} {:>+10.5} {:>10.1} {:>10}\n",
+                r.name,
+                format!("{}x{}", r.n, r.k),
+                f,
+                op.delta,
+                op.us,
+                op.bytes
+            );
+            us += op.us;
+            bytes += op.bytes;
+        }
+        s += &format!(
+            "total: {us:.1} µs, {bytes} bytes; Δloss predicted {:+.5}, verified {:+.5} ({:+.3}%), budget {:.5} nats ({} round{})\n",
+            self.predicted,
+            self.verified,
+            100.0 * self.verified / self.base_loss,
+            self.budget,
+            self.rounds,
+            if self.rounds == 1 { "" } else { "s" }
+        );
+        s
+    }
+
+    /// JSON for the checkpoint metadata: `[{"tensor", "format", "method", "delta", "us", "bytes"}]`
+    /// plus the budget and the verified increase.
+    pub fn metadata(&self) -> String {
+        let rows: Vec<serde_json::Value> = self
+            .rows
+            .iter()
+            .map(|(r, o)| {
+                let op = &r.options[*o];
+                serde_json::json!({
+                    "tensor": r.name,
+                    "shape": [r.n, r.k],
+                    "format": op.choice.map_or("keep".to_string(), |c| c.format.name()),
+                    "method": op.choice.map_or("-", |c| c.method.name()),
+                    "delta": op.delta,
+                    "us": op.us,
+                    "bytes": op.bytes,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "base_loss": self.base_loss,
+            "budget": self.budget,
+            "predicted": self.predicted,
+            "verified": self.verified,
+            "tensors": rows,
+        })
+        .to_string()
+    }
+}
+
+/// Solves `table` under `budget` (fraction of the base loss), compresses,
+/// verifies on `eval`'s text and re-solves under a shrunk budget while the
+/// measured increase overshoots. Returns the plan and its compression.
+pub fn choose_and_verify<B: Backend>(
+    be: &B,
+    eval: &mut Evaluator<'_, B>,
+    values: &[Vec<f32>],
+    calib: Option<&Calibration>,
+    table: &Table,
+    opt: &PlanOptions,
+) -> Result<(Plan, Compressed)> {
+    check_budget(opt.budget)?;
+    let cfg = eval.model.cfg;
+    let budget = opt.budget * table.base_loss;
+    let mut target_budget = budget;
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        let last = rounds > opt.max_rounds.max(1);
+        let pick = if last {
+            vec![0; table.rows.len()] // option 0 is "keep"
+        } else {
+            solve(&table.rows, target_budget, opt.target)?
+        };
+        let choices: Vec<Option<Choice>> = table.rows.iter().zip(&pick).map(|(r, &o)| r.options[o].choice).collect();
+        let comp = compress(&cfg, values, &choices, calib)?;
+        let verified = eval.loss(be, &comp.dequantized())? - table.base_loss;
+        let predicted = table.rows.iter().zip(&pick).map(|(r, &o)| r.options[o].delta.max(0.0)).sum();
+        if verified <= budget || last {
+            let rows = table.rows.iter().cloned().zip(pick).collect();
+            let plan = Plan { rows, base_loss: table.base_loss, budget, predicted, verified, rounds };
+            return Ok((plan, comp));
+        }
+        // The weights interact: shrink the budget by the overshoot (and a margin).
+        target_budget *= 0.9 * budget / verified;
+    }
+}

@@ -1,0 +1,226 @@
+//! Compression algorithms (issue 12 part C): AWQ's scale folding, Wanda,
+//! the planner's knapsack and budget checks, calibration errors.
+
+use dynsparse::DType;
+use dynsparse::backend::cpu::CpuBackend;
+use dynsparse::data::Corpus;
+use dynsparse::model::{AttentionMode, Model, ModelConfig, StepAttention, Workspace, init_params};
+use dynsparse::quant::awq::{Choice, Method, compress, fold_scales, output_error, scales, search};
+use dynsparse::quant::calib::{CalibOptions, Input, calibrate, linears};
+use dynsparse::quant::plan::{PlanOption, Row, Target, check_budget, parse_budget, solve};
+use dynsparse::quant::prune::wanda;
+use dynsparse::quant::{QFormat, QMatrix};
+use dynsparse::util::rng::Rng;
+
+fn tiny(attention: AttentionMode) -> ModelConfig {
+    ModelConfig { n_layers: 2, d_model: 32, n_heads: 4, n_kv_heads: 2, context: 16, attention, ..Default::default() }
+}
+
+/// Parameters with non-trivial LayerNorm gains and biases (the fold divides them).
+fn params(cfg: &ModelConfig, seed: u64) -> Vec<Vec<f32>> {
+    let mut rng = Rng::new(seed ^ 0xabc);
+    let mut v = init_params(cfg, seed);
+    for (p, x) in cfg.params().iter().zip(v.iter_mut()) {
+        if p.name.contains("gamma") || p.name.contains("beta") || p.name.ends_with(".b1") {
+            for (e, r) in x.iter_mut().zip(rng.normal_vec(p.shape[0])) {
+                *e += 0.3 * r;
+            }
+        }
+    }
+    v
+}
+
+fn logits(cfg: &ModelConfig, values: &[Vec<f32>], ids: &[u32]) -> Vec<f32> {
+    let be = CpuBackend::new();
+    let m = Model::from_values(&be, *cfg, DType::F32, values).unwrap();
+    let mut ws = Workspace::new(&be, cfg, DType::F32, 1, ids.len()).unwrap();
+    let attn = match cfg.attention {
+        AttentionMode::Dense => StepAttention::Dense,
+        AttentionMode::Sparse { keep_blocks, .. } => StepAttention::Sparse { keep_blocks },
+    };
+    m.forward(&be, &mut ws, ids, None, attn).unwrap();
+    ws.logits_f32(&be).unwrap()
+}
+
+fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    let scale = a.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+#[test]
+fn awq_folding_leaves_the_model_function_unchanged() {
+    let sparse = AttentionMode::Sparse { block: 4, keep_blocks: 2, index_heads: 2, index_dim: 8 };
+    for attention in [AttentionMode::Dense, sparse] {
+        let cfg = tiny(attention);
+        let v = params(&cfg, 7);
+        let ids: Vec<u32> = (0..16u32).map(|i| (i * 37 + 11) % 256).collect();
+        let before = logits(&cfg, &v, &ids);
+        let mut folded = v.clone();
+        let mut rng = Rng::new(3);
+        let mut s_of = |k: usize| -> Vec<f32> { rng.uniform_vec(k, 0.25, 4.0) };
+        for l in 0..cfg.n_layers {
+            fold_scales(&cfg, &mut folded, l, Input::Ln1, &s_of(cfg.d_model)).unwrap();
+            fold_scales(&cfg, &mut folded, l, Input::Ln2, &s_of(cfg.d_model)).unwrap();
+            // Grouped KV heads: the query heads of one KV head share their scales.
+            let hd = cfg.head_dim();
+            let per_kv = s_of(cfg.n_kv_heads * hd);
+            let group = cfg.n_heads / cfg.n_kv_heads;
+            let s: Vec<f32> = (0..cfg.n_heads * hd).map(|c| per_kv[(c / hd / group) * hd + c % hd]).collect();
+            fold_scales(&cfg, &mut folded, l, Input::Att, &s).unwrap();
+            // Scales that differ inside a KV group cannot be folded.
+            let mut bad = s.clone();
+            bad[0] *= 2.0;
+            assert!(fold_scales(&cfg, &mut folded.clone(), l, Input::Att, &bad).is_err());
+        }
+        assert_ne!(folded, v, "the fold changed the parameters");
+        let after = logits(&cfg, &folded, &ids);
+        let e = max_rel(&before, &after);
+        assert!(e <= 1e-5, "{attention:?}: folded model differs by {e}");
+        assert!(fold_scales(&cfg, &mut folded, 0, Input::Act, &vec![1.0; cfg.hidden()]).is_err());
+    }
+}
+
+#[test]
+fn awq_search_never_loses_to_rtn_and_wins_with_outlier_channels() {
+    let (k, n, rows) = (64, 24, 48);
+    let mut rng = Rng::new(11);
+    // Activations with a few loud channels (as LayerNorm outputs have).
+    let loud = [3usize, 17, 40];
+    let mut x = rng.normal_vec(rows * k);
+    for r in 0..rows {
+        for &c in &loud {
+            x[r * k + c] *= 20.0;
+        }
+    }
+    let mean_abs: Vec<f32> = (0..k).map(|c| (0..rows).map(|r| x[r * k + c].abs()).sum::<f32>() / rows as f32).collect();
+    let w = rng.normal_vec(k * n);
+    let f = QFormat::Int4 { group: 32, asym: false };
+    let s = search(&x, k, &mean_abs, &[(&w, n)], f).unwrap();
+    let rtn = output_error(&x, k, &w, n, &vec![1.0; k], f).unwrap();
+    assert_eq!(s.err_rtn, rtn, "alpha 0 is round to nearest");
+    assert!(s.alpha > 0.0 && s.err < 0.9 * rtn, "alpha {} err {} rtn {rtn}", s.alpha, s.err);
+    let sc = scales(&mean_abs, 0.5);
+    let (lo, hi) = sc.iter().fold((f32::MAX, 0.0f32), |(a, b), &v| (a.min(v), b.max(v)));
+    assert!(((lo * hi).sqrt() - 1.0).abs() < 1e-5);
+}
+
+#[test]
+fn compress_awq_keeps_stored_format_and_beats_rtn_on_calibration_model() {
+    let cfg = tiny(AttentionMode::Dense);
+    let v = params(&cfg, 5);
+    let be = CpuBackend::new();
+    let text = Corpus { tokens: (0..400u32).map(|i| ((i * 7919) % 97 + 32) as u8).collect(), ..Default::default() };
+    let model = Model::from_values(&be, cfg, DType::F32, &v).unwrap();
+    let cal = calibrate(&be, &model, &text, CalibOptions { batch: 2, seq: 16, windows: 8, sample_rows: 64 }).unwrap();
+    assert_eq!(cal.tokens, 8 * 16);
+    let lins = linears(&cfg);
+    let f = QFormat::Int4 { group: 32, asym: false };
+    let ch = vec![Some(Choice { format: f, method: Method::Awq }); lins.len()];
+    let c = compress(&cfg, &v, &ch, Some(&cal)).unwrap();
+    for l in &lins {
+        let q = c.weights[l.param].as_ref().unwrap();
+        assert_eq!((q.format, q.n, q.k), (f, l.n, l.k));
+        q.validate().unwrap();
+    }
+    // wo, qkv, w1 per layer were searched; each at least as good as RTN on its sample.
+    assert_eq!(c.awq.len(), 3 * cfg.n_layers);
+    assert!(c.awq.iter().all(|(_, _, rtn, awq)| awq <= rtn));
+    // Wanda needs calibration; AWQ on 2:4 is refused.
+    let wanda_ch = vec![Some(Choice { format: QFormat::Sparse24 { int8: false }, method: Method::Wanda }); lins.len()];
+    assert!(compress(&cfg, &v, &wanda_ch, None).is_err());
+    let bad = vec![Some(Choice { format: QFormat::Sparse24 { int8: false }, method: Method::Awq }); lins.len()];
+    assert!(compress(&cfg, &v, &bad, Some(&cal)).is_err());
+    // Calibration text shorter than one sequence: one clear error.
+    let short = Corpus { tokens: vec![b'a'; 10], ..Default::default() };
+    let e = calibrate(&be, &model, &short, CalibOptions { seq: 16, ..Default::default() }).unwrap_err().to_string();
+    assert!(e.contains("shorter than one sequence"), "{e}");
+}
+
+#[test]
+fn wanda_with_uniform_norms_is_magnitude_pruning() {
+    let (n, k) = (8, 64);
+    let w = Rng::new(2).normal_vec(n * k);
+    for int8 in [false, true] {
+        let f = QFormat::Sparse24 { int8 };
+        let mag = QMatrix::quantize(&w, n, k, f).unwrap();
+        assert_eq!(wanda(&w, n, k, &vec![3.5; k], f).unwrap(), mag);
+        // A loud channel changes which entries survive.
+        let mut norms = vec![1.0; k];
+        norms[1] = 1e3;
+        assert_ne!(wanda(&w, n, k, &norms, f).unwrap(), mag);
+    }
+}
+
+fn opt(delta: f64, us: f64, bytes: usize) -> PlanOption {
+    PlanOption { choice: Some(Choice { format: QFormat::Int8, method: Method::Rtn }), delta, us, bytes }
+}
+
+fn keep(us: f64) -> PlanOption {
+    PlanOption { choice: None, delta: 0.0, us, bytes: 1000 }
+}
+
+/// Least cost over every assignment with `Σ max(Δ,0) ≤ budget`.
+fn brute(rows: &[Row], budget: f64) -> f64 {
+    let mut best = f64::INFINITY;
+    let total: usize = rows.iter().map(|r| r.options.len()).product();
+    for mut code in 0..total {
+        let (mut d, mut c) = (0.0, 0.0);
+        for r in rows {
+            let o = &r.options[code % r.options.len()];
+            code /= r.options.len();
+            d += o.delta.max(0.0);
+            c += o.us;
+        }
+        if d <= budget {
+            best = best.min(c);
+        }
+    }
+    best
+}
+
+#[test]
+fn planner_respects_its_budget_and_finds_the_cheapest_plan() {
+    let mut rng = Rng::new(9);
+    for case in 0..40 {
+        let rows: Vec<Row> = (0..4)
+            .map(|i| Row {
+                name: format!("w{i}"),
+                n: 8,
+                k: 8,
+                options: std::iter::once(keep(10.0 + rng.uniform() * 5.0))
+                    .chain((0..3).map(|_| opt(rng.uniform() * 0.04 - 0.005, rng.uniform() * 10.0, 100)))
+                    .collect(),
+            })
+            .collect();
+        let budget = 0.01 + 0.05 * rng.uniform();
+        let pick = solve(&rows, budget, Target::Speed).unwrap();
+        let used: f64 = rows.iter().zip(&pick).map(|(r, &o)| r.options[o].delta.max(0.0)).sum();
+        let cost: f64 = rows.iter().zip(&pick).map(|(r, &o)| r.options[o].us).sum();
+        assert!(used <= budget + 1e-12, "case {case}: {used} > {budget}");
+        // Exact up to the budget's discretisation: never worse than the optimum under a 1% smaller budget.
+        assert!(cost <= brute(&rows, budget * 0.99) + 1e-9, "case {case}: {cost} vs {}", brute(&rows, budget * 0.99));
+        assert!(cost >= brute(&rows, budget) - 1e-9);
+    }
+    // A format that costs no loss and is cheaper is always taken; by size, the smaller one.
+    let rows =
+        vec![Row { name: "w".into(), n: 8, k: 8, options: vec![keep(10.0), opt(-0.001, 4.0, 10), opt(0.5, 1.0, 5)] }];
+    assert_eq!(solve(&rows, 1e-6, Target::Speed).unwrap(), vec![1]);
+    assert_eq!(solve(&rows, 1.0, Target::Speed).unwrap(), vec![2]);
+    assert_eq!(solve(&rows, 1.0, Target::Size).unwrap(), vec![2]);
+    assert_eq!(solve(&rows, 0.1, Target::Size).unwrap(), vec![1]);
+}
+
+#[test]
+fn bad_budgets_are_errors() {
+    for b in ["0", "0%", "-1%", "-0.01", "abc", "NaN", "inf", "150%", "2", ""] {
+        let e = parse_budget(b).unwrap_err().to_string();
+        assert!(e.contains("--budget"), "{b}: {e}");
+    }
+    assert_eq!(parse_budget("1%").unwrap(), 0.01);
+    assert_eq!(parse_budget(" 0.005 ").unwrap(), 0.005);
+    assert!(check_budget(0.0).is_err() && check_budget(f64::NAN).is_err());
+    let rows = vec![Row { name: "w".into(), n: 8, k: 8, options: vec![keep(1.0)] }];
+    assert!(solve(&rows, 0.0, Target::Speed).is_err());
+    assert!(solve(&rows, -1.0, Target::Size).is_err());
+    assert!(Method::parse("gptq").is_err() && Target::parse("latency").is_err());
+}
