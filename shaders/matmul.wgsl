@@ -10,9 +10,22 @@
 // k-major as vec4, so each k step reads 2 vec4 of A and 2 of B for 64 FMAs.
 // Grid: (ceil(n/64), ceil(m/64), batch chunk ≤ 65535); z0 offsets the batch.
 //
-// Parameters: p0 = m, p1 = n, p2 = k, p3 = trans_a, p4 = trans_b,
-// p5 = A batch stride, p6 = B batch stride (0: broadcast), p7 = C batch stride,
-// p8 = alpha, p9 = beta, p10 = z0.
+// Parameters: `MatmulParams` (mirrored in src/backend/wgpu/core_ops.rs);
+// batch strides are in elements, sb = 0 broadcasts B.
+
+struct MatmulParams {
+    m: u32,
+    n: u32,
+    k: u32,
+    trans_a: u32,
+    trans_b: u32,
+    sa: u32,
+    sb: u32,
+    sc: u32,
+    alpha: f32,
+    beta: f32,
+    z0: u32,
+}
 
 const TM: u32 = 64u;
 const TK: u32 = 16u;
@@ -22,26 +35,26 @@ var<workgroup> Bs: array<vec4<f32>, 256>; // [kk][nn / 4]
 
 // op(A)[i, p] of the matrix at a0, 0 outside.
 fn lda(a0: u32, i: u32, p: u32) -> f32 {
-    let m = pu(0u);
-    let k = pu(2u);
+    let m = P.m;
+    let k = P.k;
     if (i >= m || p >= k) { return 0.0; }
-    if (pu(3u) == 1u) { return ld_a(a0 + p * m + i); }
+    if (P.trans_a == 1u) { return ld_a(a0 + p * m + i); }
     return ld_a(a0 + i * k + p);
 }
 
 // op(B)[p, j] of the matrix at b0, 0 outside.
 fn ldb(b0: u32, p: u32, j: u32) -> f32 {
-    let n = pu(1u);
-    let k = pu(2u);
+    let n = P.n;
+    let k = P.k;
     if (j >= n || p >= k) { return 0.0; }
-    if (pu(4u) == 1u) { return ld_b(b0 + j * k + p); }
+    if (P.trans_b == 1u) { return ld_b(b0 + j * k + p); }
     return ld_b(b0 + p * n + j);
 }
 
 // Stores C[i, j0..j0+8] (C's matrix at c0) = alpha·(lo, hi) (+ beta·C), within bounds.
 fn store8(c0: u32, i: u32, j0: u32, lo: vec4<f32>, hi: vec4<f32>, accumulate: bool) {
-    let m = pu(0u);
-    let n = pu(1u);
+    let m = P.m;
+    let n = P.n;
     if (i >= m) { return; }
     let base = c0 + i * n;
     for (var c = 0u; c < 8u; c = c + 1u) {
@@ -49,23 +62,23 @@ fn store8(c0: u32, i: u32, j0: u32, lo: vec4<f32>, hi: vec4<f32>, accumulate: bo
         if (j < n) {
             var v: f32;
             if (c < 4u) { v = lo[c]; } else { v = hi[c - 4u]; }
-            v = pf(8u) * v;
-            if (accumulate) { v = v + pf(9u) * ld_c(base + j); }
+            v = P.alpha * v;
+            if (accumulate) { v = v + P.beta * ld_c(base + j); }
             st_c(base + j, v);
         }
     }
 }
 
 fn mm(l: vec3<u32>, w: vec3<u32>, accumulate: bool) {
-    let m = pu(0u);
-    let n = pu(1u);
-    let k = pu(2u);
-    let ta = pu(3u) == 1u;
-    let tb = pu(4u) == 1u;
-    let z = w.z + pu(10u);
-    let a0 = z * pu(5u);
-    let b0 = z * pu(6u);
-    let c0 = z * pu(7u);
+    let m = P.m;
+    let n = P.n;
+    let k = P.k;
+    let ta = P.trans_a == 1u;
+    let tb = P.trans_b == 1u;
+    let z = w.z + P.z0;
+    let a0 = z * P.sa;
+    let b0 = z * P.sb;
+    let c0 = z * P.sc;
     let row0 = w.y * TM;
     let col0 = w.x * TM;
     let tid = l.y * 8u + l.x;
@@ -131,14 +144,14 @@ fn mm(l: vec3<u32>, w: vec3<u32>, accumulate: bool) {
     store8(c0, i0 + 7u, j0, acc[14], acc[15], accumulate);
 }
 
-//!kernel matmul(a: in, b: in, c: out)
+//!kernel matmul(a: in, b: in, c: out) : MatmulParams
 // beta == 0: C is write-only (NaN in it never leaks).
 @compute @workgroup_size(8, 8)
 fn main(@builtin(local_invocation_id) l: vec3<u32>, @builtin(workgroup_id) w: vec3<u32>) {
     mm(l, w, false);
 }
 
-//!kernel matmul_acc(a: in, b: in, c: inout)
+//!kernel matmul_acc(a: in, b: in, c: inout) : MatmulParams
 @compute @workgroup_size(8, 8)
 fn main(@builtin(local_invocation_id) l: vec3<u32>, @builtin(workgroup_id) w: vec3<u32>) {
     mm(l, w, true);

@@ -62,6 +62,24 @@ pub(super) fn cast(be: &WgpuBackend, s: &ElementwiseSpec, x: &T, y: &mut T) -> R
     be.launch("elementwise", "cast", &mut [Arg::R(x), Arg::W(y)], Params::new().u(s.n), grid1d(s.n))
 }
 
+crate::wgsl_params! {
+    /// `shaders/matmul.wgsl`: C = alpha·op(A)·op(B) + beta·C over a batch
+    /// chunk starting at matrix z0; batch strides in elements (sb = 0 broadcasts B).
+    pub struct MatmulParams {
+        m: u32,
+        n: u32,
+        k: u32,
+        trans_a: u32,
+        trans_b: u32,
+        sa: u32,
+        sb: u32,
+        sc: u32,
+        alpha: f32,
+        beta: f32,
+        z0: u32,
+    }
+}
+
 /// `s.row_invariant` needs nothing more here: the kernel has one path for
 /// every shape, and element `C[i, j]` is `α·(Σ_p A[i, p]·B[p, j]) (+ β·C[i, j])`
 /// with the sum always taken in `p` order (K slices of 16, one accumulator per
@@ -78,9 +96,20 @@ pub(super) fn matmul(be: &WgpuBackend, s: &MatmulSpec, a: &T, b: &T, c: &mut T) 
     let mut z0 = 0;
     while z0 < s.batch {
         let nz = (s.batch - z0).min(MAX_Z);
-        let p =
-            Params::new().u(s.m).u(s.n).u(s.k).b(s.trans_a).b(s.trans_b).u(sa).u(sb).u(sc).f(s.alpha).f(s.beta).u(z0);
-        be.launch("matmul", name, &mut [Arg::R(a), Arg::R(b), Arg::W(c)], p, [gx, gy, nz as u32])?;
+        let p = MatmulParams {
+            m: s.m as u32,
+            n: s.n as u32,
+            k: s.k as u32,
+            trans_a: s.trans_a as u32,
+            trans_b: s.trans_b as u32,
+            sa: sa as u32,
+            sb: sb as u32,
+            sc: sc as u32,
+            alpha: s.alpha,
+            beta: s.beta,
+            z0: z0 as u32,
+        };
+        be.launch("matmul", name, &mut [Arg::R(a), Arg::R(b), Arg::W(c)], &p, [gx, gy, nz as u32])?;
         z0 += nz;
     }
     Ok(())

@@ -17,7 +17,7 @@ pub mod kernel;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use kernel::{KernelDef, Params, Role};
+use kernel::{Field, KernelDef, ParamBlock, Params, Role};
 
 use super::{Backend, BackendKind, MemoryCounter, MemoryStats};
 use crate::attention::cached::{CachedAttentionSpec, CachedIndexerSpec, CachedSelectSpec};
@@ -192,6 +192,10 @@ fn requested_limits(adapter: &wgpu::Limits) -> Result<wgpu::Limits> {
 struct Pipeline {
     layout: wgpu::BindGroupLayout,
     pipeline: wgpu::ComputePipeline,
+    /// The Rust parameter struct checked against the shader (None: positional words).
+    params: Option<(&'static str, &'static [Field])>,
+    /// Bytes of the uniform parameter buffer.
+    param_bytes: usize,
 }
 
 struct Pending {
@@ -418,9 +422,23 @@ impl WgpuBackend {
         Ok(k)
     }
 
-    fn pipeline(&self, k: &KernelDef, dtypes: &[DType]) -> Result<Arc<Pipeline>> {
+    /// The pipeline of `k` for argument `dtypes`, created (and its parameter
+    /// struct checked against `params`) on first use.
+    fn pipeline(
+        &self,
+        k: &KernelDef,
+        dtypes: &[DType],
+        params: Option<(&'static str, &'static [Field])>,
+    ) -> Result<Arc<Pipeline>> {
         let key = format!("{}::{}:{:?}", k.family, k.name, dtypes);
         if let Some(p) = lock(&self.pipelines).get(&key) {
+            if p.params.map(|p| p.0) != params.map(|p| p.0) {
+                return Err(Error::Device(format!(
+                    "wgpu: kernel {key} was created for parameters {:?}, launched with {:?}",
+                    p.params.map(|p| p.0),
+                    params.map(|p| p.0)
+                )));
+            }
             return Ok(p.clone());
         }
         let have = self.device.limits().max_storage_buffers_per_shader_stage as usize;
@@ -430,8 +448,7 @@ impl WgpuBackend {
                 k.args.len()
             )));
         }
-        let src = kernel::generate(k, dtypes)?;
-        kernel::validate(&key, &src)?;
+        let (src, _, param_bytes) = kernel::compile(k, dtypes, params)?;
         let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(&key),
             source: wgpu::ShaderSource::Wgsl(src.into()),
@@ -476,18 +493,18 @@ impl WgpuBackend {
             cache: None,
         });
         self.check_error()?;
-        let p = Arc::new(Pipeline { layout, pipeline });
+        let p = Arc::new(Pipeline { layout, pipeline, params, param_bytes });
         lock(&self.pipelines).insert(key, p.clone());
         Ok(p)
     }
 
     /// Records one dispatch of `pipeline` over `bufs` (binding 1, 2, …).
-    fn dispatch(&self, p: &Pipeline, params: &Params, bufs: &[&wgpu::Buffer], grid: [u32; 3]) -> Result<()> {
-        if params.0.len() > kernel::PARAM_WORDS {
+    fn dispatch(&self, p: &Pipeline, params: &ParamBlock, bufs: &[&wgpu::Buffer], grid: [u32; 3]) -> Result<()> {
+        if params.bytes.len() > p.param_bytes {
             return Err(Error::Device(format!(
-                "{} kernel parameters (at most {})",
-                params.0.len(),
-                kernel::PARAM_WORDS
+                "{} bytes of kernel parameters (at most {})",
+                params.bytes.len(),
+                p.param_bytes
             )));
         }
         let lim = self.device.limits().max_compute_workgroups_per_dimension;
@@ -496,18 +513,18 @@ impl WgpuBackend {
                 "wgpu: launch grid {grid:?} exceeds the device limit of {lim} per dimension"
             )));
         }
-        let mut words = [0u32; kernel::PARAM_WORDS];
-        words[..params.0.len()].copy_from_slice(&params.0);
+        let mut bytes = vec![0u8; p.param_bytes];
+        bytes[..params.bytes.len()].copy_from_slice(&params.bytes);
         let ubuf = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: None,
-            size: (kernel::PARAM_WORDS * 4) as u64,
+            size: p.param_bytes as u64,
             usage: wgpu::BufferUsages::UNIFORM,
             mapped_at_creation: true,
         });
         ubuf.slice(..)
             .get_mapped_range_mut()
             .map_err(|e| Error::Device(format!("wgpu: mapping a parameter buffer failed: {e}")))?
-            .copy_from_slice(bytemuck::cast_slice(&words));
+            .copy_from_slice(&bytes);
         ubuf.unmap();
         let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: ubuf.as_entire_binding() }];
         for (i, b) in bufs.iter().enumerate() {
@@ -544,9 +561,10 @@ impl WgpuBackend {
         family: &str,
         name: &str,
         args: &mut [Arg<'_>],
-        params: Params,
+        params: impl Into<ParamBlock>,
         grid: [u32; 3],
     ) -> Result<()> {
+        let params: ParamBlock = params.into();
         let k = self.kernel(family, name)?;
         if k.args.len() != args.len() {
             return Err(Error::Device(format!("{family}::{name} takes {} tensors, got {}", k.args.len(), args.len())));
@@ -600,7 +618,7 @@ impl WgpuBackend {
                 }
             }
         }
-        let p = self.pipeline(&k, &dtypes)?;
+        let p = self.pipeline(&k, &dtypes, params.layout)?;
         {
             let bufs: Vec<&wgpu::Buffer> = args
                 .iter()
@@ -625,8 +643,8 @@ impl WgpuBackend {
     fn half_convert(&self, which: &str, src: &wgpu::Buffer, dst: &wgpu::Buffer, dt: DType, n: usize) -> Result<()> {
         let k = self.kernel("elementwise", which)?;
         let dtypes = if which == "pack_half" { [DType::F32, DType::U32] } else { [DType::U32, DType::F32] };
-        let p = self.pipeline(&k, &dtypes)?;
-        let params = Params::new().u(n).b(dt == DType::BF16);
+        let p = self.pipeline(&k, &dtypes, None)?;
+        let params = Params::new().u(n).b(dt == DType::BF16).into();
         self.dispatch(&p, &params, &[src, dst], kernel::grid1d(n.div_ceil(2)))
     }
 }
