@@ -2,7 +2,7 @@
 //! launcher of the WGSL kernels in `shaders/<family>.wgsl`.
 
 use super::kernel::{Params, grid1d};
-use super::{Arg, WgpuBackend};
+use super::{Arg, KernelVariant, WgpuBackend};
 use crate::error::Result;
 use crate::ops::*;
 use crate::{DType, Tensor};
@@ -90,7 +90,12 @@ pub(super) fn matmul(be: &WgpuBackend, s: &MatmulSpec, a: &T, b: &T, c: &mut T) 
     const TILE: usize = 64;
     const MAX_Z: usize = 65_535;
     let (sa, sb, sc) = s.strides();
-    let name = if s.beta == 0.0 { "matmul" } else { "matmul_acc" };
+    let name = match (s.beta == 0.0, be.kernel_variant()) {
+        (true, KernelVariant::Software) => "matmul",
+        (false, KernelVariant::Software) => "matmul_acc",
+        (true, KernelVariant::Hardware) => "matmul_hw",
+        (false, KernelVariant::Hardware) => "matmul_acc_hw",
+    };
     let gx = s.n.div_ceil(TILE) as u32;
     let gy = s.m.div_ceil(TILE) as u32;
     let mut z0 = 0;

@@ -76,6 +76,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("select", include_str!("../../../shaders/select.wgsl")),
     ("split", include_str!("../../../shaders/split.wgsl")),
     ("cached", include_str!("../../../shaders/cached.wgsl")),
+    ("attention_hw", include_str!("../../../shaders/attention_hw.wgsl")),
 ];
 
 /// Helpers linked into any kernel that uses them (see the module docs).

@@ -189,6 +189,40 @@ fn requested_limits(adapter: &wgpu::Limits) -> Result<wgpu::Limits> {
     }
 }
 
+/// Which layout of the hot kernels (matmul, tiled attention forward) runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelVariant {
+    /// Tuned for software adapters (lavapipe): few invocations per workgroup,
+    /// each carrying many rows in private arrays, since a CPU is bound by
+    /// memory reads and runs a workgroup's invocations one after another.
+    Software,
+    /// Tuned for GPUs: 64–256 invocations per workgroup, one row (or a small
+    /// register block) each, tiles shared through workgroup memory.
+    Hardware,
+}
+
+impl KernelVariant {
+    /// `DYNSPARSE_WGPU_KERNELS=hw|sw` when set, else by adapter: software
+    /// adapters (device type CPU, llvmpipe, SwiftShader) and adapters without
+    /// 256 invocations of 16×16 per workgroup get [`KernelVariant::Software`].
+    fn choose(info: &wgpu::AdapterInfo, limits: &wgpu::Limits) -> Result<Self> {
+        match std::env::var("DYNSPARSE_WGPU_KERNELS").ok().as_deref().map(str::trim) {
+            Some("hw") => return Ok(KernelVariant::Hardware),
+            Some("sw") => return Ok(KernelVariant::Software),
+            None | Some("") | Some("auto") => {}
+            Some(other) => {
+                return Err(Error::Unavailable(format!(
+                    "DYNSPARSE_WGPU_KERNELS={other}: expected `hw`, `sw` or `auto`"
+                )));
+            }
+        }
+        let wide = limits.max_compute_invocations_per_workgroup >= 256
+            && limits.max_compute_workgroup_size_x >= 16
+            && limits.max_compute_workgroup_size_y >= 16;
+        Ok(if is_software(info) || !wide { KernelVariant::Software } else { KernelVariant::Hardware })
+    }
+}
+
 struct Pipeline {
     layout: wgpu::BindGroupLayout,
     pipeline: wgpu::ComputePipeline,
@@ -210,6 +244,7 @@ pub struct WgpuBackend {
     device: wgpu::Device,
     queue: wgpu::Queue,
     info: wgpu::AdapterInfo,
+    variant: KernelVariant,
     mem: MemoryCounter,
     pool: Pool,
     kernels: Mutex<HashMap<(String, String), Arc<KernelDef>>>,
@@ -295,6 +330,7 @@ impl WgpuBackend {
             let m = (m / 4 * 4).max(4);
             limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(m);
         }
+        let variant = KernelVariant::choose(&info, &limits)?;
         let (need, widest) = kernel::max_storage_bindings()?;
         let have = limits.max_storage_buffers_per_shader_stage as usize;
         if need > have {
@@ -320,11 +356,12 @@ impl WgpuBackend {
                 *s = Some(e.to_string());
             }
         }));
-        log::info!("wgpu: opened {} ({:?}, {:?})", info.name, info.backend, info.device_type);
+        log::info!("wgpu: opened {} ({:?}, {:?}), {variant:?} kernels", info.name, info.backend, info.device_type);
         Ok(Self {
             device,
             queue,
             info,
+            variant,
             mem: MemoryCounter::default(),
             pool: Arc::default(),
             kernels: Mutex::default(),
@@ -338,6 +375,11 @@ impl WgpuBackend {
     /// The limits the device was opened with.
     pub fn limits(&self) -> wgpu::Limits {
         self.device.limits()
+    }
+
+    /// The kernel layout this backend runs (see [`KernelVariant`]).
+    pub fn kernel_variant(&self) -> KernelVariant {
+        self.variant
     }
 
     /// The adapter's description.
