@@ -518,6 +518,77 @@ pub fn uniform_size(bytes: usize) -> usize {
     bytes.max(16).div_ceil(16) * 16
 }
 
+/// What one workgroup of a kernel holds, from naga's module: workgroup
+/// memory (the workgroup variables its entry point uses), invocations, and
+/// the private (function-local) arrays of one invocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResourceUse {
+    pub workgroup_bytes: usize,
+    pub invocations: u32,
+    pub private_array_bytes: usize,
+}
+
+/// The [`ResourceUse`] of a generated, validated kernel module.
+pub fn resource_use(label: &str, src: &str) -> Result<ResourceUse> {
+    let module = naga::front::wgsl::parse_str(src)
+        .map_err(|e| Error::Device(format!("{label}: WGSL parse error: {}", e.emit_to_string(src))))?;
+    let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+        .validate(&module)
+        .map_err(|e| Error::Device(format!("{label}: WGSL validation error: {}", e.emit_to_string(src))))?;
+    let mut layouter = naga::proc::Layouter::default();
+    layouter.update(module.to_ctx()).map_err(|e| Error::Device(format!("{label}: layout: {e}")))?;
+    let (ei, ep) = module
+        .entry_points
+        .iter()
+        .enumerate()
+        .next()
+        .ok_or_else(|| Error::Device(format!("{label}: no entry point")))?;
+    let ep_info = info.get_entry_point(ei);
+    let workgroup_bytes = module
+        .global_variables
+        .iter()
+        .filter(|(h, g)| g.space == naga::AddressSpace::WorkGroup && !ep_info[*h].is_empty())
+        .map(|(_, g)| layouter[g.ty].size as usize)
+        .sum();
+    // Local arrays of the entry point and of every function it calls.
+    let arrays = |f: &naga::Function| -> usize {
+        f.local_variables
+            .iter()
+            .filter(|(_, v)| matches!(module.types[v.ty].inner, naga::TypeInner::Array { .. }))
+            .map(|(_, v)| layouter[v.ty].size as usize)
+            .sum()
+    };
+    let mut reached = Vec::new();
+    calls(&module, &ep.function.body, &mut reached);
+    let private_array_bytes =
+        arrays(&ep.function) + reached.iter().map(|h| arrays(&module.functions[*h])).sum::<usize>();
+    Ok(ResourceUse { workgroup_bytes, invocations: ep.workgroup_size.iter().product(), private_array_bytes })
+}
+
+/// Adds the functions `block` calls, directly or not, to `out` (once each).
+fn calls(module: &naga::Module, block: &naga::Block, out: &mut Vec<naga::Handle<naga::Function>>) {
+    use naga::Statement as S;
+    for st in block.iter() {
+        match st {
+            S::Call { function, .. } if !out.contains(function) => {
+                out.push(*function);
+                calls(module, &module.functions[*function].body, out);
+            }
+            S::Block(b) => calls(module, b, out),
+            S::If { accept, reject, .. } => {
+                calls(module, accept, out);
+                calls(module, reject, out);
+            }
+            S::Loop { body, continuing, .. } => {
+                calls(module, body, out);
+                calls(module, continuing, out);
+            }
+            S::Switch { cases, .. } => cases.iter().for_each(|c| calls(module, &c.body, out)),
+            _ => {}
+        }
+    }
+}
+
 /// A 1-D launch of `threads` invocations in 256-wide workgroups, folded into
 /// two grid dimensions so it stays under the 65 535-per-dimension limit; the
 /// kernel recovers the index with `lin(g, nw)` and bounds-checks it.
@@ -696,6 +767,41 @@ mod tests {
         assert!(linked.contains("fn neg_inf") && !linked.contains("wg_reduce"), "{linked}");
         assert!(helpers("fn neg_inf() -> f32 { return 0.0; } fn f() { neg_inf(); }").unwrap().is_empty());
         assert!(helpers("fn not_neg_inf() {}").unwrap().is_empty());
+    }
+
+    /// The figures of BENCHMARKS.md's kernel-variant table (printed with
+    /// `cargo test --lib kernel_variant_resources -- --nocapture`): each hot
+    /// kernel's software and hardware variant. The hardware variants run at
+    /// least 64 invocations per workgroup, hold less private memory per
+    /// invocation than the software ones and no more workgroup memory.
+    #[test]
+    fn kernel_variant_resources() {
+        let pairs = [
+            ("matmul", "matmul", "matmul", "matmul_hw"),
+            ("attention", "attn_fwd_tiled", "attention_hw", "attn_fwd_tiled_hw"),
+        ];
+        println!(
+            "| kernel | variant | invocations/workgroup | workgroup memory (bytes) | private arrays per invocation (bytes) |"
+        );
+        println!("|---|---|---:|---:|---:|");
+        for (sf, sn, hf, hn) in pairs {
+            let mut uses = Vec::new();
+            for (variant, fam, name) in [("sw", sf, sn), ("hw", hf, hn)] {
+                let k = find(fam, name).unwrap();
+                let dts: Vec<DType> =
+                    k.args.iter().map(|(_, r)| if r.is_index() { DType::U32 } else { DType::F32 }).collect();
+                let u = resource_use(name, &generate(&k, &dts).unwrap()).unwrap();
+                println!(
+                    "| {fam}::{name} | {variant} | {} | {} | {} |",
+                    u.invocations, u.workgroup_bytes, u.private_array_bytes
+                );
+                uses.push(u);
+            }
+            assert!(uses[1].invocations >= 64, "{hn}: {:?}", uses[1]);
+            assert!(uses[1].private_array_bytes < uses[0].private_array_bytes, "{hn}: {:?} vs {:?}", uses[1], uses[0]);
+            // Same tiles, so the launcher's workgroup-memory checks hold for both.
+            assert!(uses[1].workgroup_bytes <= uses[0].workgroup_bytes, "{hn}: {:?}", uses[1]);
+        }
     }
 
     #[test]
