@@ -70,6 +70,28 @@ tests_each() {
   done
 }
 
+# ratio KEYS VAL MODE CUDA_LOG WGPU_LOG: the wgpu/CUDA ratio of one column of
+# two `bench` Markdown tables, rows matched by their key columns. KEYS: the
+# key columns (1-based, comma-separated), VAL: the value column; MODE `time`
+# (lower is better: ratio = cuda / wgpu) or `rate` (higher is better: ratio =
+# wgpu / cuda). Prints `| key | cuda | wgpu | wgpu/cuda |` rows; a row of one
+# log without its twin in the other is left out.
+ratio() {
+  local keys="$1" val="$2" mode="$3" cuda="$4" wgpu="$5"
+  [ -s "$cuda" ] && [ -s "$wgpu" ] || return 0
+  awk -F'|' -v keys="$keys" -v val="$val" -v mode="$mode" '
+    function trim(s) { gsub(/^[ \t]+|[ \t]+$/, "", s); return s }
+    function key(   n, i, k, ks) { n = split(keys, ks, ","); k = ""; for (i = 1; i <= n; i++) k = k (i > 1 ? " " : "") trim($(ks[i] + 1)); return k }
+    /^\|/ {
+      v = trim($(val + 1)); sub(/[^0-9.eE+-].*$/, "", v)
+      if (v !~ /^[0-9.]+([eE][+-]?[0-9]+)?$/ || v + 0 <= 0) next
+      if (FILENAME == ARGV[1]) { c[key()] = v } else if (key() in c) {
+        r = (mode == "time") ? c[key()] / v : v / c[key()]
+        printf "| %s | %s | %s | %.2f× |\n", key(), c[key()], v, r
+      }
+    }' "$cuda" "$wgpu"
+}
+
 # summary_exit: the table, then a failure if any step failed or timed out.
 summary_exit() {
   echo

@@ -10,8 +10,9 @@
 #   gpu-bundle/run.sh            (there) checks the host's glibc first, then
 #       nvidia-smi, `dynsparse --backend cuda info`, every CUDA conformance test
 #       in its own process, the wgpu suite and CUDA-vs-wgpu on a *hardware*
-#       Vulkan adapter (SKIP without one), `bench matmul`, `bench attention`
-#       and the PyTorch baseline; logs in $GPU_CHECK_OUT (default ./gpu-check-out),
+#       Vulkan adapter (SKIP without one), `bench matmul|attention|train` on
+#       CUDA and on the same card's Vulkan driver (wgpu/CUDA ratios per op in
+#       wgpu-vs-cuda.md) and the PyTorch baseline; logs in $GPU_CHECK_OUT (default ./gpu-check-out),
 #       a summary table last (ok only for what ran on the GPU). About 8 minutes
 #       on an H100; every step has a timeout. Step logic: scripts/gpu-check-lib.sh.
 #
@@ -177,10 +178,29 @@ fi
 step bench-matmul 90 "$bin/dynsparse" --backend cuda bench matmul --sizes 1024,4096,8192 --min-time 0.3 --no-cpu-baseline
 step bench-attention 150 "$bin/dynsparse" --backend cuda bench attention --seqs 1024,4096,16384 --dtype bf16 --min-time 0.2
 step bench-decode 240 "$bin/dynsparse" --backend cuda bench decode --contexts 1024,4096,16384 --batches 1,8 --dtype bf16 --prefill-max 16384
+step bench-train 150 "$bin/dynsparse" --backend cuda bench train
 if [ "${ran_wgpu:-0}" = 1 ]; then
+  # The same benches on the GPU's Vulkan driver (hardware kernel variants, as
+  # chosen for a non-CPU adapter), then the wgpu/CUDA ratio per op.
+  step bench-matmul-wgpu 150 env "${hw[@]}" "$bin/dynsparse" --backend wgpu bench matmul --sizes 1024,4096,8192 --min-time 0.3 --no-cpu-baseline
+  step bench-attention-wgpu 240 env "${hw[@]}" "$bin/dynsparse" --backend wgpu bench attention --seqs 1024,4096,16384 --dtype bf16 --min-time 0.2
+  step bench-train-wgpu 150 env "${hw[@]}" "$bin/dynsparse" --backend wgpu bench train
   step bench-decode-wgpu 240 env "${hw[@]}" "$bin/dynsparse" --backend wgpu bench decode --contexts 1024,4096,16384 --batches 1,8 --prefill-max 4096
+  {
+    echo "## wgpu (Vulkan) / CUDA on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1)"
+    echo "Throughput ratios (>1: wgpu faster). Goals: matmul f32 >= 0.3, attention forward >= 0.3."
+    echo; echo "| matmul dtype n | cuda ms | wgpu ms | wgpu/cuda |"; echo "|---|---:|---:|---:|"
+    ratio 1,2 3 time "$out/bench-matmul.log" "$out/bench-matmul-wgpu.log"
+    echo; echo "| attention seq (dense fwd) | cuda ms | wgpu ms | wgpu/cuda |"; echo "|---|---:|---:|---:|"
+    ratio 1 2 time "$out/bench-attention.log" "$out/bench-attention-wgpu.log"
+    echo; echo "| attention seq (sparse attn fwd) | cuda ms | wgpu ms | wgpu/cuda |"; echo "|---|---:|---:|---:|"
+    ratio 1 3 time "$out/bench-attention.log" "$out/bench-attention-wgpu.log"
+    echo; echo "| train precision | cuda tokens/s | wgpu tokens/s | wgpu/cuda |"; echo "|---|---:|---:|---:|"
+    ratio 1 9 rate "$out/bench-train.log" "$out/bench-train-wgpu.log"
+  } > "$out/wgpu-vs-cuda.md"
+  cat "$out/wgpu-vs-cuda.md"
 else
-  skip bench-decode-wgpu "no hardware Vulkan adapter"
+  for s in bench-matmul-wgpu bench-attention-wgpu bench-train-wgpu bench-decode-wgpu; do skip "$s" "no hardware Vulkan adapter"; done
 fi
 if command -v python3 >/dev/null && python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
   step torch-baseline 120 python3 "$here/torch_baseline.py" --sizes 1024,4096,8192 --seqs 1024,4096,16384 --dtype bf16
@@ -191,6 +211,7 @@ fi
 echo
 echo "==== summary (logs in $out)"
 grep -h "GFLOP\|TFLOP\|^|" "$out/bench-matmul.log" "$out/bench-attention.log" "$out/bench-decode.log" "$out/torch-baseline.log" 2>/dev/null | tail -n 50
+[ -s "$out/wgpu-vs-cuda.md" ] && cat "$out/wgpu-vs-cuda.md"
 summary_exit
 RUN
 chmod +x "$bundle/run.sh"

@@ -51,6 +51,17 @@ if msg="$(GPU_CHECK_HOST_GLIBC=2.31 glibc_check 2.35 2>&1)"; then echo "FAILED: 
 GPU_CHECK_HOST_GLIBC=2.39 glibc_check 2.35 || { echo "FAILED: glibc 2.39 must pass for 2.35"; bad=1; }
 GPU_CHECK_HOST_GLIBC=2.35 glibc_check 2.35 || { echo "FAILED: glibc 2.35 must pass for 2.35"; bad=1; }
 
+# wgpu/CUDA ratios: rows matched by key, time columns inverted, rate columns not.
+printf '| dtype | n | cuda ms | cuda GFLOP/s |\n|---|---:|---:|---:|\n| f32 | 1024 | 0.100 | 21000 |\n| bf16 | 1024 | 0.050 | 42000 |\n' > "$out/c.md"
+printf '| dtype | n | wgpu ms | wgpu GFLOP/s |\n|---|---:|---:|---:|\n| f32 | 1024 | 0.400 | 5250 |\n| f16 | 1024 | 0.3 | 1 |\n' > "$out/w.md"
+got="$(ratio 1,2 3 time "$out/c.md" "$out/w.md")"
+[ "$got" = "| f32 1024 | 0.100 | 0.400 | 0.25× |" ] || { echo "FAILED: matmul ratio: $got"; bad=1; }
+printf '| precision | a | b | c | d | e | f | g | tokens/s |\n| f32 | 1 | 2 | 3 | 4 | 5 | 6 | 1.0 | 1000 |\n' > "$out/ct.md"
+printf '| precision | a | b | c | d | e | f | g | tokens/s |\n| f32 | 1 | 2 | 3 | 4 | 5 | 6 | 1.0 | 600 |\n' > "$out/wt.md"
+got="$(ratio 1 9 rate "$out/ct.md" "$out/wt.md")"
+[ "$got" = "| f32 | 1000 | 600 | 0.60× |" ] || { echo "FAILED: train ratio: $got"; bad=1; }
+[ -z "$(ratio 1 9 rate "$out/ct.md" "$out/missing.md")" ] || { echo "FAILED: a missing log gives no rows"; bad=1; }
+
 rm -rf "$out"
 [ "$bad" -eq 0 ] && echo "gpu-check self-test: ok"
 exit "$bad"

@@ -41,10 +41,6 @@ const NONE: u32 = 0xffffffffu;
 // iterations of one invocation at 65 535, so they must stay short.
 const HD4: u32 = 64u;
 
-fn neg_inf() -> f32 {
-    return bitcast<f32>(0xff800000u);
-}
-
 // Below every real score; exp(MINF - x) is 0 for any real score x.
 const MINF: f32 = -1.0e30;
 // Identity of the max reductions.
@@ -96,27 +92,8 @@ fn k_off(b: u32, s: u32, g: u32) -> u32 {
     return ((b * pu(1u) + s) * pu(3u) + g) * pu(4u);
 }
 
-
-
-// Workgroup reductions of the 256-wide kernels (called in uniform control flow).
+// Workgroup size of the 256-wide kernels (wg_reduce: shaders/common.wgsl).
 const WG: u32 = 256u;
-var<workgroup> red: array<f32, 256>;
-
-fn wg_reduce(lid: u32, v: f32, is_max: bool) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var w = WG / 2u; w > 0u; w = w >> 1u) {
-        if (lid < w) {
-            let a = red[lid];
-            let o = red[lid + w];
-            red[lid] = select(a + o, max(a, o), is_max);
-        }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
 
 //!kernel attn_fwd(q: in, k: in, v: in, idx: idx, o: out, lse: out)
 // One invocation per (chunk, batch, query, head): online softmax over the

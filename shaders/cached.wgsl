@@ -20,16 +20,7 @@
 // one span of keys per workgroup.
 
 const NONE: u32 = 0xffffffffu;
-// Finite "minus infinity" of the softmaxes (no inf - inf arithmetic).
-const NEG: f32 = -3.4028235e38;
-
-fn neg_inf() -> f32 {
-    return bitcast<f32>(0xff800000u);
-}
-
-fn wg_index(w: vec3<u32>, nw: vec3<u32>) -> u32 {
-    return w.x + w.y * nw.x;
-}
+// NEG (shaders/common.wgsl) is the finite "minus infinity" of the softmaxes.
 
 // The paging of a call: cache rows per page, entries of the page tables (P)
 // and the last physical page id.

@@ -9,10 +9,6 @@
 var<workgroup> rm: array<f32, 256>;
 var<workgroup> rs: array<f32, 256>;
 
-fn wg_index(w: vec3<u32>, nw: vec3<u32>) -> u32 {
-    return w.x + w.y * nw.x;
-}
-
 fn merge(a: vec2<f32>, b: vec2<f32>) -> vec2<f32> {
     let m = max(a.x, b.x);
     if (m == -3.4028235e38) { return vec2<f32>(m, 0.0); }

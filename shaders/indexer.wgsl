@@ -27,10 +27,6 @@
 const CH: u32 = 64u;
 const CH4: u32 = 16u;
 
-fn neg_inf() -> f32 {
-    return bitcast<f32>(0xff800000u);
-}
-
 // The running maximum starts at the lowest finite f32 (no infinity arithmetic,
 // which fast-math shader compilers do not honour); a maximum still at this
 // value (no key, or only NaN scores) is written as -inf.
@@ -48,7 +44,6 @@ fn qi_off(b: u32, t: u32, j: u32) -> u32 {
 fn ki_off(b: u32, s: u32) -> u32 {
     return (b * pu(1u) + s) * pu(3u);
 }
-
 
 // Loops run 4 lanes at a time: llvmpipe (lavapipe) caps the loop iterations
 // of one invocation at 65 535.

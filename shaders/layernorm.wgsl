@@ -12,10 +12,6 @@
 var<workgroup> red: array<f32, 256>;
 var<workgroup> red2: array<f32, 256>;
 
-fn wg_index(w: vec3<u32>, nw: vec3<u32>) -> u32 {
-    return w.x + w.y * nw.x;
-}
-
 // Sums `v` over the workgroup (every invocation gets the result).
 fn wg_sum(t: u32, v: f32) -> f32 {
     red[t] = v;

@@ -10,9 +10,22 @@
 // k-major as vec4, so each k step reads 2 vec4 of A and 2 of B for 64 FMAs.
 // Grid: (ceil(n/64), ceil(m/64), batch chunk ≤ 65535); z0 offsets the batch.
 //
-// Parameters: p0 = m, p1 = n, p2 = k, p3 = trans_a, p4 = trans_b,
-// p5 = A batch stride, p6 = B batch stride (0: broadcast), p7 = C batch stride,
-// p8 = alpha, p9 = beta, p10 = z0.
+// Parameters: `MatmulParams` (mirrored in src/backend/wgpu/core_ops.rs);
+// batch strides are in elements, sb = 0 broadcasts B.
+
+struct MatmulParams {
+    m: u32,
+    n: u32,
+    k: u32,
+    trans_a: u32,
+    trans_b: u32,
+    sa: u32,
+    sb: u32,
+    sc: u32,
+    alpha: f32,
+    beta: f32,
+    z0: u32,
+}
 
 const TM: u32 = 64u;
 const TK: u32 = 16u;
@@ -22,26 +35,26 @@ var<workgroup> Bs: array<vec4<f32>, 256>; // [kk][nn / 4]
 
 // op(A)[i, p] of the matrix at a0, 0 outside.
 fn lda(a0: u32, i: u32, p: u32) -> f32 {
-    let m = pu(0u);
-    let k = pu(2u);
+    let m = P.m;
+    let k = P.k;
     if (i >= m || p >= k) { return 0.0; }
-    if (pu(3u) == 1u) { return ld_a(a0 + p * m + i); }
+    if (P.trans_a == 1u) { return ld_a(a0 + p * m + i); }
     return ld_a(a0 + i * k + p);
 }
 
 // op(B)[p, j] of the matrix at b0, 0 outside.
 fn ldb(b0: u32, p: u32, j: u32) -> f32 {
-    let n = pu(1u);
-    let k = pu(2u);
+    let n = P.n;
+    let k = P.k;
     if (j >= n || p >= k) { return 0.0; }
-    if (pu(4u) == 1u) { return ld_b(b0 + j * k + p); }
+    if (P.trans_b == 1u) { return ld_b(b0 + j * k + p); }
     return ld_b(b0 + p * n + j);
 }
 
 // Stores C[i, j0..j0+8] (C's matrix at c0) = alpha·(lo, hi) (+ beta·C), within bounds.
 fn store8(c0: u32, i: u32, j0: u32, lo: vec4<f32>, hi: vec4<f32>, accumulate: bool) {
-    let m = pu(0u);
-    let n = pu(1u);
+    let m = P.m;
+    let n = P.n;
     if (i >= m) { return; }
     let base = c0 + i * n;
     for (var c = 0u; c < 8u; c = c + 1u) {
@@ -49,23 +62,23 @@ fn store8(c0: u32, i: u32, j0: u32, lo: vec4<f32>, hi: vec4<f32>, accumulate: bo
         if (j < n) {
             var v: f32;
             if (c < 4u) { v = lo[c]; } else { v = hi[c - 4u]; }
-            v = pf(8u) * v;
-            if (accumulate) { v = v + pf(9u) * ld_c(base + j); }
+            v = P.alpha * v;
+            if (accumulate) { v = v + P.beta * ld_c(base + j); }
             st_c(base + j, v);
         }
     }
 }
 
 fn mm(l: vec3<u32>, w: vec3<u32>, accumulate: bool) {
-    let m = pu(0u);
-    let n = pu(1u);
-    let k = pu(2u);
-    let ta = pu(3u) == 1u;
-    let tb = pu(4u) == 1u;
-    let z = w.z + pu(10u);
-    let a0 = z * pu(5u);
-    let b0 = z * pu(6u);
-    let c0 = z * pu(7u);
+    let m = P.m;
+    let n = P.n;
+    let k = P.k;
+    let ta = P.trans_a == 1u;
+    let tb = P.trans_b == 1u;
+    let z = w.z + P.z0;
+    let a0 = z * P.sa;
+    let b0 = z * P.sb;
+    let c0 = z * P.sc;
     let row0 = w.y * TM;
     let col0 = w.x * TM;
     let tid = l.y * 8u + l.x;
@@ -131,15 +144,96 @@ fn mm(l: vec3<u32>, w: vec3<u32>, accumulate: bool) {
     store8(c0, i0 + 7u, j0, acc[14], acc[15], accumulate);
 }
 
-//!kernel matmul(a: in, b: in, c: out)
+// The hardware-GPU variant: one 16×16 workgroup (256 invocations) per 64×64
+// tile of C, invocation (tx, ty) owning the 4×4 block at rows 4·ty..,
+// columns 4·tx.. in four vec4 accumulators; the same K slices of 16 through
+// the same workgroup tiles, one vec4 slot of each per invocation. Each
+// element is still t = t + a·b over p in order, so results match the
+// software variant's and no row depends on another.
+fn mm_hw(l: vec3<u32>, w: vec3<u32>, accumulate: bool) {
+    let k = P.k;
+    let ta = P.trans_a == 1u;
+    let tb = P.trans_b == 1u;
+    let z = w.z + P.z0;
+    let a0 = z * P.sa;
+    let b0 = z * P.sb;
+    let c0 = z * P.sc;
+    let row0 = w.y * TM;
+    let col0 = w.x * TM;
+    let sl = l.y * 16u + l.x;
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    let ntiles = (k + TK - 1u) / TK;
+    for (var t = 0u; t < ntiles; t = t + 1u) {
+        let k0 = t * TK;
+        var kk: u32;
+        var mv: u32;
+        if (ta) { kk = sl / 16u; mv = sl % 16u; } else { kk = sl % 16u; mv = sl / 16u; }
+        let i = row0 + mv * 4u;
+        As[kk * 16u + mv] = vec4<f32>(lda(a0, i, k0 + kk), lda(a0, i + 1u, k0 + kk),
+                                      lda(a0, i + 2u, k0 + kk), lda(a0, i + 3u, k0 + kk));
+        var kb: u32;
+        var nv: u32;
+        if (tb) { kb = sl % 16u; nv = sl / 16u; } else { kb = sl / 16u; nv = sl % 16u; }
+        let j = col0 + nv * 4u;
+        Bs[kb * 16u + nv] = vec4<f32>(ldb(b0, k0 + kb, j), ldb(b0, k0 + kb, j + 1u),
+                                      ldb(b0, k0 + kb, j + 2u), ldb(b0, k0 + kb, j + 3u));
+        workgroupBarrier();
+        for (var q = 0u; q < TK; q = q + 1u) {
+            let a = As[q * 16u + l.y];
+            let bv = Bs[q * 16u + l.x];
+            acc0 = acc0 + a.x * bv;
+            acc1 = acc1 + a.y * bv;
+            acc2 = acc2 + a.z * bv;
+            acc3 = acc3 + a.w * bv;
+        }
+        workgroupBarrier();
+    }
+    let i0 = row0 + l.y * 4u;
+    let j0 = col0 + l.x * 4u;
+    store4(c0, i0, j0, acc0, accumulate);
+    store4(c0, i0 + 1u, j0, acc1, accumulate);
+    store4(c0, i0 + 2u, j0, acc2, accumulate);
+    store4(c0, i0 + 3u, j0, acc3, accumulate);
+}
+
+// Stores C[i, j0..j0+4] = alpha·v (+ beta·C), within bounds.
+fn store4(c0: u32, i: u32, j0: u32, v: vec4<f32>, accumulate: bool) {
+    if (i >= P.m) { return; }
+    let base = c0 + i * P.n;
+    for (var c = 0u; c < 4u; c = c + 1u) {
+        let j = j0 + c;
+        if (j < P.n) {
+            var x = P.alpha * v[c];
+            if (accumulate) { x = x + P.beta * ld_c(base + j); }
+            st_c(base + j, x);
+        }
+    }
+}
+
+//!kernel matmul(a: in, b: in, c: out) : MatmulParams
 // beta == 0: C is write-only (NaN in it never leaks).
 @compute @workgroup_size(8, 8)
 fn main(@builtin(local_invocation_id) l: vec3<u32>, @builtin(workgroup_id) w: vec3<u32>) {
     mm(l, w, false);
 }
 
-//!kernel matmul_acc(a: in, b: in, c: inout)
+//!kernel matmul_acc(a: in, b: in, c: inout) : MatmulParams
 @compute @workgroup_size(8, 8)
 fn main(@builtin(local_invocation_id) l: vec3<u32>, @builtin(workgroup_id) w: vec3<u32>) {
     mm(l, w, true);
+}
+
+//!kernel matmul_hw(a: in, b: in, c: out) : MatmulParams
+@compute @workgroup_size(16, 16)
+fn main(@builtin(local_invocation_id) l: vec3<u32>, @builtin(workgroup_id) w: vec3<u32>) {
+    mm_hw(l, w, false);
+}
+
+//!kernel matmul_acc_hw(a: in, b: in, c: inout) : MatmulParams
+@compute @workgroup_size(16, 16)
+fn main(@builtin(local_invocation_id) l: vec3<u32>, @builtin(workgroup_id) w: vec3<u32>) {
+    mm_hw(l, w, true);
 }

@@ -9,10 +9,6 @@
 var<workgroup> rm: array<f32, 256>;
 var<workgroup> rs: array<f32, 256>;
 
-fn wg_index(w: vec3<u32>, nw: vec3<u32>) -> u32 {
-    return w.x + w.y * nw.x;
-}
-
 fn visible(r: u32) -> u32 {
     let n = pu(1u);
     if (pu(3u) == 1u) {

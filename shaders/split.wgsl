@@ -5,10 +5,6 @@
 // deterministic. Outputs are `inout` so that a launch over some rows keeps
 // the others (half outputs go through a staging buffer).
 
-fn neg_inf() -> f32 {
-    return bitcast<f32>(0xff800000u);
-}
-
 //!kernel attn_fwd_combine(part: in, ml: in, o: inout, lse: inout)
 // The attention parameters (p0 batch, p1 seq, p2 n_heads, p4 head_dim, p11
 // nch, p12 r0, p13 R). One invocation per (row, element): the log-sum-exp

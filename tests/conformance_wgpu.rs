@@ -39,3 +39,21 @@ fn wgpu_runs_the_half_precision_variants() {
     eprintln!("wgpu device {}: conformance dtypes {dts:?}", g.device_name());
     assert_eq!(dts, dynsparse::DType::FLOATS.to_vec(), "the wgpu conformance run must cover f32, f16 and bf16");
 }
+
+/// `DYNSPARSE_WGPU_KERNELS=hw|sw` forces a kernel variant whatever the
+/// adapter (CI runs the variant kernels' tests with `hw` on lavapipe, which
+/// would otherwise get `sw`); this fails if the override stops reaching the
+/// backend, so that CI step cannot silently test the other variant.
+#[test]
+fn the_kernel_variant_override_reaches_the_backend() {
+    use dynsparse::backend::wgpu::KernelVariant;
+    let Some((_, g)) = pair() else { return };
+    let want = match std::env::var("DYNSPARSE_WGPU_KERNELS").ok().as_deref().map(str::trim) {
+        Some("hw") => KernelVariant::Hardware,
+        Some("sw") => KernelVariant::Software,
+        _ if g.adapter_info().device_type == wgpu::DeviceType::Cpu => KernelVariant::Software,
+        _ => return,
+    };
+    eprintln!("wgpu device {}: {:?} kernels", g.device_name(), g.kernel_variant());
+    assert_eq!(g.kernel_variant(), want);
+}

@@ -90,6 +90,11 @@ fn every_generated_wgsl_variant_translates_to_msl_hlsl_and_spirv() {
     let failures: Vec<String> = all.iter().filter_map(|(label, src)| translate(label, src).err()).collect();
     println!("{} variants translated", all.len() - failures.len());
     assert!(all.len() >= 138, "only {} kernel variants found", all.len());
+    // The hardware-GPU variants (DYNSPARSE_WGPU_KERNELS=hw) are kernels of
+    // their own and go through every writer like the software ones.
+    for hw in ["matmul.wgsl::matmul_hw ", "matmul.wgsl::matmul_acc_hw ", "attention_hw.wgsl::attn_fwd_tiled_hw "] {
+        assert_eq!(all.iter().filter(|(l, _)| l.contains(hw)).count(), 3, "{hw}in f32, f16 and bf16");
+    }
     assert!(failures.is_empty(), "{} of {} variants fail:\n{}", failures.len(), all.len(), failures.join("\n\n"));
 }
 

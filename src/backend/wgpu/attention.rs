@@ -62,7 +62,7 @@
 //! the rows in slices.
 
 use super::kernel::{Params, grid1d};
-use super::{Arg, WgpuBackend};
+use super::{Arg, KernelVariant, WgpuBackend};
 use crate::attention::ops::{AttentionSpec, IndexerLossSpec, IndexerSpec, PatternSpec, SelectSpec};
 use crate::error::Result;
 use crate::{DType, Tensor};
@@ -156,13 +156,19 @@ fn rows_grid(n: usize) -> [u32; 3] {
     if n <= 65_535 { [n as u32, 1, 1] } else { [65_535, n.div_ceil(65_535) as u32, 1] }
 }
 
+/// The pattern as (mode, k or n, block): mode 0 dense, 1 tokens, 2 blocks.
+fn pattern_words(s: &AttentionSpec) -> (u32, u32, u32) {
+    match s.pattern {
+        PatternSpec::Dense => (0, 0, 1),
+        PatternSpec::Tokens { k } => (1, k as u32, 1),
+        PatternSpec::Blocks { block, n } => (2, n as u32, block as u32),
+    }
+}
+
 /// The parameter words shared by the kernels of `shaders/attention.wgsl`.
 fn attn_params(s: &AttentionSpec) -> Params {
-    let (mode, kn, block) = match s.pattern {
-        PatternSpec::Dense => (0, 0, 1),
-        PatternSpec::Tokens { k } => (1, k, 1),
-        PatternSpec::Blocks { block, n } => (2, n, block),
-    };
+    let (mode, kn, block) = pattern_words(s);
+    let (mode, kn, block) = (mode as usize, kn as usize, block as usize);
     Params::new()
         .u(s.batch)
         .u(s.seq)
@@ -233,6 +239,33 @@ pub(super) fn attention(
 const FWD_TILE: usize = 64;
 /// Invocations per workgroup of `attn_fwd_tiled`.
 const FWD_THREADS: usize = 8;
+/// Invocations per workgroup of `attn_fwd_tiled_hw` (one query each).
+const FWD_THREADS_HW: usize = FWD_TILE;
+
+crate::wgsl_params! {
+    /// `shaders/attention_hw.wgsl`: the attention spec, the key-unit split
+    /// (chunk, nch), the launch's rows (r0, nrow) and query tiles.
+    pub struct AttnTiledParams {
+        batch: u32,
+        seq: u32,
+        n_heads: u32,
+        n_kv_heads: u32,
+        head_dim: u32,
+        scale: f32,
+        mode: u32,
+        kn: u32,
+        block: u32,
+        nkb: u32,
+        chunk: u32,
+        nch: u32,
+        r0: u32,
+        nrow: u32,
+        tq: u32,
+        tile0: u32,
+        ntile: u32,
+        unit: u32,
+    }
+}
 /// Keys per workgroup-memory tile of `attn_fwd_tiled` (the dense pattern's unit).
 const FWD_KEYS: usize = 16;
 /// Key units per union window of `attn_fwd_tiled`.
@@ -282,7 +315,9 @@ fn attention_tiled(
     // Per key tile: the tile loops, the cooperative load loop, and the q·k
     // and p·v vec4 loops; per unit its tiles, plus its share of the window's
     // marking loops (eight queries' rows of n entries per 32 units).
-    let per_tile = 3 + (FWD_KEYS * nc).div_ceil(FWD_THREADS) + 2 * nc;
+    let hw = be.kernel_variant() == KernelVariant::Hardware;
+    let threads = if hw { FWD_THREADS_HW } else { FWD_THREADS };
+    let per_tile = 3 + (FWD_KEYS * nc).div_ceil(threads) + 2 * nc;
     let per_unit = unit.div_ceil(FWD_KEYS) * per_tile + 3 + (8 * (n + 1)).div_ceil(FWD_WINDOW);
     let pl = plan(s.seq.div_ceil(unit), per_unit, 2 * nc + d + 64, 1, rows, d + 2, max_scratch_floats(be));
     let ntq = s.seq.div_ceil(tq);
@@ -299,10 +334,39 @@ fn attention_tiled(
         let (first, nt) = tiles(r0, n);
         attn_params(s).u(pl.chunk).u(pl.nch).u(r0).u(n).u(tq).u(first).u(nt).u(unit)
     };
+    let typed = |r0: usize, n: usize| {
+        let (first, nt) = tiles(r0, n);
+        let (mode, kn, block) = pattern_words(s);
+        AttnTiledParams {
+            batch: s.batch as u32,
+            seq: s.seq as u32,
+            n_heads: s.n_heads as u32,
+            n_kv_heads: s.n_kv_heads as u32,
+            head_dim: s.head_dim as u32,
+            scale: s.scale,
+            mode,
+            kn,
+            block,
+            nkb: s.seq.div_ceil(block as usize) as u32,
+            chunk: pl.chunk as u32,
+            nch: pl.nch as u32,
+            r0: r0 as u32,
+            nrow: n as u32,
+            tq: tq as u32,
+            tile0: first as u32,
+            ntile: nt as u32,
+            unit: unit as u32,
+        }
+    };
     // Writes o/lse directly (one chunk) or the chunks' partials.
     let fwd = |o: &mut T, lse: &mut T, r0: usize, n: usize| {
         let args = &mut [Arg::R(q), Arg::R(k), Arg::R(v), Arg::R(idx), Arg::W(o), Arg::W(lse)];
-        be.launch("attention", "attn_fwd_tiled", args, params(r0, n), rows_grid(pl.nch * tiles(r0, n).1))
+        let grid = rows_grid(pl.nch * tiles(r0, n).1);
+        if hw {
+            be.launch("attention_hw", "attn_fwd_tiled_hw", args, &typed(r0, n), grid)
+        } else {
+            be.launch("attention", "attn_fwd_tiled", args, params(r0, n), grid)
+        }
     };
     if pl.nch == 1 {
         return fwd(o, lse, 0, rows);

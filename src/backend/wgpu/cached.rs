@@ -84,8 +84,8 @@ pub(super) fn cache_write(
         // Whole 32-bit words per row: copy them without conversion.
         let words = bytes / 4;
         let k = be.kernel("cached", "cache_write_words")?;
-        let p = be.pipeline(&k, &[DType::U32; 4])?;
-        let params = Params::new().u(s.rows).u(words).u(s.slots).u(page).u(table);
+        let p = be.pipeline(&k, &[DType::U32; 4], None)?;
+        let params = Params::new().u(s.rows).u(words).u(s.slots).u(page).u(table).into();
         let bufs = [src.buffer().raw(), rows.buffer().raw(), pages.buffer().raw(), cache.buffer().raw()];
         return be.dispatch(&p, &params, &bufs, grid1d(s.rows * words));
     }

@@ -2,7 +2,7 @@
 //! launcher of the WGSL kernels in `shaders/<family>.wgsl`.
 
 use super::kernel::{Params, grid1d};
-use super::{Arg, WgpuBackend};
+use super::{Arg, KernelVariant, WgpuBackend};
 use crate::error::Result;
 use crate::ops::*;
 use crate::{DType, Tensor};
@@ -62,6 +62,24 @@ pub(super) fn cast(be: &WgpuBackend, s: &ElementwiseSpec, x: &T, y: &mut T) -> R
     be.launch("elementwise", "cast", &mut [Arg::R(x), Arg::W(y)], Params::new().u(s.n), grid1d(s.n))
 }
 
+crate::wgsl_params! {
+    /// `shaders/matmul.wgsl`: C = alpha·op(A)·op(B) + beta·C over a batch
+    /// chunk starting at matrix z0; batch strides in elements (sb = 0 broadcasts B).
+    pub struct MatmulParams {
+        m: u32,
+        n: u32,
+        k: u32,
+        trans_a: u32,
+        trans_b: u32,
+        sa: u32,
+        sb: u32,
+        sc: u32,
+        alpha: f32,
+        beta: f32,
+        z0: u32,
+    }
+}
+
 /// `s.row_invariant` needs nothing more here: the kernel has one path for
 /// every shape, and element `C[i, j]` is `α·(Σ_p A[i, p]·B[p, j]) (+ β·C[i, j])`
 /// with the sum always taken in `p` order (K slices of 16, one accumulator per
@@ -72,15 +90,31 @@ pub(super) fn matmul(be: &WgpuBackend, s: &MatmulSpec, a: &T, b: &T, c: &mut T) 
     const TILE: usize = 64;
     const MAX_Z: usize = 65_535;
     let (sa, sb, sc) = s.strides();
-    let name = if s.beta == 0.0 { "matmul" } else { "matmul_acc" };
+    let name = match (s.beta == 0.0, be.kernel_variant()) {
+        (true, KernelVariant::Software) => "matmul",
+        (false, KernelVariant::Software) => "matmul_acc",
+        (true, KernelVariant::Hardware) => "matmul_hw",
+        (false, KernelVariant::Hardware) => "matmul_acc_hw",
+    };
     let gx = s.n.div_ceil(TILE) as u32;
     let gy = s.m.div_ceil(TILE) as u32;
     let mut z0 = 0;
     while z0 < s.batch {
         let nz = (s.batch - z0).min(MAX_Z);
-        let p =
-            Params::new().u(s.m).u(s.n).u(s.k).b(s.trans_a).b(s.trans_b).u(sa).u(sb).u(sc).f(s.alpha).f(s.beta).u(z0);
-        be.launch("matmul", name, &mut [Arg::R(a), Arg::R(b), Arg::W(c)], p, [gx, gy, nz as u32])?;
+        let p = MatmulParams {
+            m: s.m as u32,
+            n: s.n as u32,
+            k: s.k as u32,
+            trans_a: s.trans_a as u32,
+            trans_b: s.trans_b as u32,
+            sa: sa as u32,
+            sb: sb as u32,
+            sc: sc as u32,
+            alpha: s.alpha,
+            beta: s.beta,
+            z0: z0 as u32,
+        };
+        be.launch("matmul", name, &mut [Arg::R(a), Arg::R(b), Arg::W(c)], &p, [gx, gy, nz as u32])?;
         z0 += nz;
     }
     Ok(())

@@ -36,6 +36,25 @@
 //! write races on shared `u32` words. Scalar parameters arrive in a uniform
 //! block read with `pu(i) -> u32` and `pf(i) -> f32`; `lin(g, nw)` turns a 2-D
 //! grid of 256-wide workgroups into a linear index (see [`grid1d`]).
+//!
+//! # Typed parameters
+//!
+//! A kernel header may name a parameter struct after its arguments,
+//! `//!kernel matmul_hw(a: in, b: in, c: out) : MatmulParams`. The struct is
+//! declared in WGSL (scalar `u32`/`i32`/`f32` members) and mirrored in Rust by
+//! [`wgsl_params!`]; the generator binds it as `var<uniform> P: MatmulParams`
+//! (no `pu`/`pf`), and when the pipeline is created [`check_params`] compares
+//! naga's layout of the WGSL struct (member names, offsets, sizes) with the
+//! Rust field table, so a field added, renamed or reordered on one side only
+//! is an error naming that field instead of a silently wrong kernel. Kernels
+//! without a struct keep the positional words, launched with [`Params`].
+//!
+//! # Shared helpers
+//!
+//! `shaders/common.wgsl` holds helpers every family may use (`neg_inf`,
+//! `wg_index`, workgroup reductions), in sections headed `//!helper NAME`.
+//! A section is linked into a kernel's module when the kernel (or another
+//! linked helper) uses `NAME` and does not define it itself.
 
 use crate::DType;
 use crate::error::{Error, Result};
@@ -58,7 +77,11 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("split", include_str!("../../../shaders/split.wgsl")),
     ("cached", include_str!("../../../shaders/cached.wgsl")),
     ("qmatmul", include_str!("../../../shaders/qmatmul.wgsl")),
+    ("attention_hw", include_str!("../../../shaders/attention_hw.wgsl")),
 ];
+
+/// Helpers linked into any kernel that uses them (see the module docs).
+pub const COMMON: &str = include_str!("../../../shaders/common.wgsl");
 
 /// Number of `u32` parameter words a kernel can receive.
 pub const PARAM_WORDS: usize = 32;
@@ -98,6 +121,8 @@ pub struct KernelDef {
     pub family: &'static str,
     pub name: String,
     pub args: Vec<(String, Role)>,
+    /// The WGSL struct its parameters arrive in, or `None` for positional words.
+    pub params: Option<String>,
     /// Shared code of the file followed by this kernel's section.
     pub body: String,
 }
@@ -106,22 +131,33 @@ pub struct KernelDef {
 pub fn parse_family(family: &'static str, src: &str) -> Result<Vec<KernelDef>> {
     let mut common = String::new();
     // (name, arguments, section text) of each kernel, in file order.
-    type Section = (String, Vec<(String, Role)>, String);
+    type Section = (String, Vec<(String, Role)>, Option<String>, String);
     let mut kernels: Vec<Section> = Vec::new();
     for line in src.lines() {
         if let Some(head) = line.trim_start().strip_prefix("//!kernel ") {
             let bad = || Error::Device(format!("shaders/{family}.wgsl: bad kernel header `{line}`"));
             let (name, rest) = head.split_once('(').ok_or_else(bad)?;
-            let rest = rest.trim_end().strip_suffix(')').ok_or_else(bad)?;
+            let (rest, params) = match rest.rsplit_once(')') {
+                Some((args, tail)) => {
+                    let tail = tail.trim();
+                    let params = match tail.strip_prefix(':') {
+                        Some(t) if is_ident(t.trim()) => Some(t.trim().to_string()),
+                        None if tail.is_empty() => None,
+                        _ => return Err(bad()),
+                    };
+                    (args, params)
+                }
+                None => return Err(bad()),
+            };
             let mut args = Vec::new();
             for a in rest.split(',').map(str::trim).filter(|a| !a.is_empty()) {
                 let (n, r) = a.split_once(':').ok_or_else(bad)?;
                 args.push((n.trim().to_string(), Role::parse(r.trim()).ok_or_else(bad)?));
             }
-            kernels.push((name.trim().to_string(), args, String::new()));
+            kernels.push((name.trim().to_string(), args, params, String::new()));
         } else if let Some(k) = kernels.last_mut() {
-            k.2.push_str(line);
-            k.2.push('\n');
+            k.3.push_str(line);
+            k.3.push('\n');
         } else {
             common.push_str(line);
             common.push('\n');
@@ -129,7 +165,7 @@ pub fn parse_family(family: &'static str, src: &str) -> Result<Vec<KernelDef>> {
     }
     Ok(kernels
         .into_iter()
-        .map(|(name, args, sec)| KernelDef { family, name, args, body: format!("{common}\n{sec}") })
+        .map(|(name, args, params, sec)| KernelDef { family, name, args, params, body: format!("{common}\n{sec}") })
         .collect())
 }
 
@@ -163,10 +199,14 @@ pub fn find(family: &str, name: &str) -> Result<KernelDef> {
         .ok_or_else(|| Error::Device(format!("shaders/{family}.wgsl has no kernel `{name}`")))
 }
 
-const PRELUDE: &str = "
+/// Positional parameter words, for kernels without a parameter struct.
+const POSITIONAL: &str = "
 @group(0) @binding(0) var<uniform> P_: array<vec4<u32>, 8>;
 fn pu(i: u32) -> u32 { return P_[i >> 2u][i & 3u]; }
 fn pf(i: u32) -> f32 { return bitcast<f32>(pu(i)); }
+";
+
+const PRELUDE: &str = "
 fn lin(g: vec3<u32>, nw: vec3<u32>) -> u32 { return g.x + g.y * nw.x * 256u; }
 fn bf16_lo(w: u32) -> f32 { return bitcast<f32>(w << 16u); }
 fn bf16_hi(w: u32) -> f32 { return bitcast<f32>(w & 0xffff0000u); }
@@ -184,7 +224,11 @@ pub fn generate(k: &KernelDef, dtypes: &[DType]) -> Result<String> {
             dtypes.len()
         )));
     }
-    let mut s = String::from(PRELUDE);
+    let mut s = match &k.params {
+        None => String::from(POSITIONAL),
+        Some(ty) => format!("\n@group(0) @binding(0) var<uniform> P: {ty};\n"),
+    };
+    s += PRELUDE;
     for (i, ((name, role), &dt)) in k.args.iter().zip(dtypes).enumerate() {
         let b = i + 1;
         let decl =
@@ -246,19 +290,304 @@ pub fn generate(k: &KernelDef, dtypes: &[DType]) -> Result<String> {
             }
         }
     }
+    s += &helpers(&format!("{s}\n{}", k.body))?;
     s += &k.body;
     Ok(s)
+}
+
+fn is_ident(s: &str) -> bool {
+    let mut c = s.chars();
+    c.next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_') && c.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Whether `name` occurs in `src` as a whole identifier.
+fn uses(src: &str, name: &str) -> bool {
+    src.match_indices(name).any(|(i, _)| {
+        let word = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+        !word(src[..i].chars().next_back()) && !word(src[i + name.len()..].chars().next())
+    })
+}
+
+/// Whether `src` declares `name` itself (a function, constant, variable or struct).
+fn defines(src: &str, name: &str) -> bool {
+    ["fn ", "const ", "var<workgroup> ", "var<private> ", "struct "].iter().any(|kw| {
+        let decl = format!("{kw}{name}");
+        src.match_indices(&decl).any(|(i, _)| {
+            let after = src[i + decl.len()..].chars().next();
+            !after.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+    })
+}
+
+/// The sections of [`COMMON`]: (name, text), in file order.
+pub fn helper_sections() -> Result<Vec<(String, String)>> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for line in COMMON.lines() {
+        if let Some(name) = line.trim_start().strip_prefix("//!helper ") {
+            let name = name.trim();
+            if !is_ident(name) {
+                return Err(Error::Device(format!("shaders/common.wgsl: bad helper header `{line}`")));
+            }
+            out.push((name.to_string(), String::new()));
+        } else if let Some(h) = out.last_mut() {
+            h.1.push_str(line);
+            h.1.push('\n');
+        }
+    }
+    Ok(out)
+}
+
+/// The helper sections `src` needs (directly or through other helpers) and
+/// does not define itself, in [`COMMON`]'s order.
+fn helpers(src: &str) -> Result<String> {
+    let sections = helper_sections()?;
+    let mut linked = vec![false; sections.len()];
+    let mut text = src.to_string();
+    loop {
+        let mut more = false;
+        for (i, (name, body)) in sections.iter().enumerate() {
+            if !linked[i] && uses(&text, name) && !defines(src, name) {
+                linked[i] = true;
+                text.push_str(body);
+                more = true;
+            }
+        }
+        if !more {
+            break;
+        }
+    }
+    Ok(sections.iter().zip(&linked).filter(|(_, l)| **l).map(|((_, b), _)| b.as_str()).collect())
 }
 
 /// Parses and validates a generated module with naga (what wgpu does too, but
 /// here it yields an error message instead of a device error).
 pub fn validate(label: &str, src: &str) -> Result<()> {
+    parse_validated(label, src).map(|_| ())
+}
+
+/// The naga module of a generated kernel, validated.
+pub fn parse_validated(label: &str, src: &str) -> Result<naga::Module> {
     let module = naga::front::wgsl::parse_str(src)
         .map_err(|e| Error::Device(format!("{label}: WGSL parse error: {}", e.emit_to_string(src))))?;
     naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
         .validate(&module)
         .map_err(|e| Error::Device(format!("{label}: WGSL validation error: {}", e.emit_to_string(src))))?;
-    Ok(())
+    Ok(module)
+}
+
+/// One field of a parameter struct: name, byte offset, byte size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Field {
+    pub name: &'static str,
+    pub offset: usize,
+    pub size: usize,
+}
+
+/// A kernel's parameters as a `#[repr(C)]` struct mirrored by a WGSL struct
+/// of the same name; declare with [`wgsl_params!`].
+pub trait KernelParams: bytemuck::Pod {
+    /// The WGSL struct's name (the Rust struct's).
+    const NAME: &'static str;
+    /// The fields in declaration order.
+    const FIELDS: &'static [Field];
+}
+
+/// Declares a kernel parameter struct: `#[repr(C)]`, `bytemuck::Pod`, and its
+/// [`KernelParams`] field table (names, offsets and sizes from the compiler).
+/// Fields are 4-byte scalars (`u32`, `i32`, `f32`), which WGSL's uniform
+/// layout places exactly where `repr(C)` does.
+#[macro_export]
+macro_rules! wgsl_params {
+    ($(#[$m:meta])* $vis:vis struct $name:ident { $($(#[$fm:meta])* $f:ident : $t:ty),* $(,)? }) => {
+        $(#[$m])*
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+        $vis struct $name { $($(#[$fm])* pub $f: $t),* }
+        impl $crate::backend::wgpu::kernel::KernelParams for $name {
+            const NAME: &'static str = stringify!($name);
+            const FIELDS: &'static [$crate::backend::wgpu::kernel::Field] = &[$(
+                $crate::backend::wgpu::kernel::Field {
+                    name: stringify!($f),
+                    offset: ::core::mem::offset_of!($name, $f),
+                    size: ::core::mem::size_of::<$t>(),
+                }
+            ),*];
+        }
+    };
+}
+
+/// The parameters of one launch: positional words, or a typed struct's bytes
+/// with its field table (checked against the shader when the pipeline is made).
+#[derive(Clone, Debug)]
+pub struct ParamBlock {
+    pub bytes: Vec<u8>,
+    /// `(struct name, fields)` of a typed block; `None` for positional words.
+    pub layout: Option<(&'static str, &'static [Field])>,
+}
+
+impl From<Params> for ParamBlock {
+    fn from(p: Params) -> Self {
+        let mut words = p.0;
+        words.resize(words.len().max(PARAM_WORDS), 0);
+        ParamBlock { bytes: bytemuck::cast_slice(&words).to_vec(), layout: None }
+    }
+}
+
+impl<P: KernelParams> From<&P> for ParamBlock {
+    fn from(p: &P) -> Self {
+        ParamBlock { bytes: bytemuck::bytes_of(p).to_vec(), layout: Some((P::NAME, P::FIELDS)) }
+    }
+}
+
+/// Checks a kernel's uniform parameter struct (binding 0 of `module`) against
+/// the Rust side's `(name, fields)`, or that a positional kernel gets
+/// positional words. The error names the first field that differs. Returns
+/// the bytes the uniform buffer must hold.
+pub fn check_params(label: &str, module: &naga::Module, rust: Option<(&str, &[Field])>) -> Result<usize> {
+    let err = |m: String| Err(Error::Device(format!("{label}: parameter struct mismatch: {m}")));
+    let uniform = module.global_variables.iter().find(|(_, g)| {
+        g.space == naga::AddressSpace::Uniform && g.binding.as_ref().is_some_and(|b| b.group == 0 && b.binding == 0)
+    });
+    let Some((_, g)) = uniform else { return err("the shader has no uniform at binding 0".into()) };
+    let ty = &module.types[g.ty];
+    let (members, span) = match &ty.inner {
+        naga::TypeInner::Struct { members, span } => (members, *span as usize),
+        _ => {
+            return match rust {
+                None => Ok(PARAM_WORDS * 4),
+                Some((name, _)) => err(format!("Rust passes struct `{name}`, the shader takes positional words")),
+            };
+        }
+    };
+    let wgsl_name = ty.name.clone().unwrap_or_default();
+    let Some((rust_name, fields)) = rust else {
+        return err(format!("the shader takes struct `{wgsl_name}`, Rust passes positional words"));
+    };
+    if wgsl_name != rust_name {
+        return err(format!("the shader takes struct `{wgsl_name}`, Rust passes `{rust_name}`"));
+    }
+    let mut layouter = naga::proc::Layouter::default();
+    layouter
+        .update(module.to_ctx())
+        .map_err(|e| Error::Device(format!("{label}: laying out the parameter struct: {e}")))?;
+    for (i, m) in members.iter().enumerate() {
+        let wname = m.name.as_deref().unwrap_or("?");
+        let wsize = layouter[m.ty].size as usize;
+        let Some(f) = fields.get(i) else {
+            return err(format!(
+                "field `{wname}` (member {i} of WGSL `{wgsl_name}`) is missing from Rust `{rust_name}`"
+            ));
+        };
+        if f.name != wname {
+            return err(format!("field `{}` of Rust `{rust_name}` is `{wname}` in WGSL (member {i})", f.name));
+        }
+        if f.offset != m.offset as usize || f.size != wsize {
+            return err(format!(
+                "field `{wname}`: WGSL offset {} size {wsize}, Rust offset {} size {}",
+                m.offset, f.offset, f.size
+            ));
+        }
+    }
+    if let Some(f) = fields.get(members.len()) {
+        return err(format!("field `{}` of Rust `{rust_name}` is missing from WGSL `{wgsl_name}`", f.name));
+    }
+    let rust_end = fields.last().map_or(0, |f| f.offset + f.size);
+    if rust_end > span {
+        return err(format!("Rust `{rust_name}` is {rust_end} bytes, WGSL `{wgsl_name}` {span}"));
+    }
+    Ok(uniform_size(span))
+}
+
+/// Generates, validates and checks the parameters of kernel `k` — what the
+/// backend does when it creates a pipeline. Returns the WGSL source, the naga
+/// module and the uniform buffer size.
+pub fn compile(
+    k: &KernelDef,
+    dtypes: &[DType],
+    params: Option<(&str, &[Field])>,
+) -> Result<(String, naga::Module, usize)> {
+    let label = format!("{}::{}", k.family, k.name);
+    let src = generate(k, dtypes)?;
+    let module = parse_validated(&label, &src)?;
+    let bytes = check_params(&label, &module, params)?;
+    Ok((src, module, bytes))
+}
+
+/// The uniform buffer size of a parameter block: WGSL's struct span rounded
+/// to 16 bytes (uniform layout), at least the bytes passed.
+pub fn uniform_size(bytes: usize) -> usize {
+    bytes.max(16).div_ceil(16) * 16
+}
+
+/// What one workgroup of a kernel holds, from naga's module: workgroup
+/// memory (the workgroup variables its entry point uses), invocations, and
+/// the private (function-local) arrays of one invocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResourceUse {
+    pub workgroup_bytes: usize,
+    pub invocations: u32,
+    pub private_array_bytes: usize,
+}
+
+/// The [`ResourceUse`] of a generated, validated kernel module.
+pub fn resource_use(label: &str, src: &str) -> Result<ResourceUse> {
+    let module = naga::front::wgsl::parse_str(src)
+        .map_err(|e| Error::Device(format!("{label}: WGSL parse error: {}", e.emit_to_string(src))))?;
+    let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+        .validate(&module)
+        .map_err(|e| Error::Device(format!("{label}: WGSL validation error: {}", e.emit_to_string(src))))?;
+    let mut layouter = naga::proc::Layouter::default();
+    layouter.update(module.to_ctx()).map_err(|e| Error::Device(format!("{label}: layout: {e}")))?;
+    let (ei, ep) = module
+        .entry_points
+        .iter()
+        .enumerate()
+        .next()
+        .ok_or_else(|| Error::Device(format!("{label}: no entry point")))?;
+    let ep_info = info.get_entry_point(ei);
+    let workgroup_bytes = module
+        .global_variables
+        .iter()
+        .filter(|(h, g)| g.space == naga::AddressSpace::WorkGroup && !ep_info[*h].is_empty())
+        .map(|(_, g)| layouter[g.ty].size as usize)
+        .sum();
+    // Local arrays of the entry point and of every function it calls.
+    let arrays = |f: &naga::Function| -> usize {
+        f.local_variables
+            .iter()
+            .filter(|(_, v)| matches!(module.types[v.ty].inner, naga::TypeInner::Array { .. }))
+            .map(|(_, v)| layouter[v.ty].size as usize)
+            .sum()
+    };
+    let mut reached = Vec::new();
+    calls(&module, &ep.function.body, &mut reached);
+    let private_array_bytes =
+        arrays(&ep.function) + reached.iter().map(|h| arrays(&module.functions[*h])).sum::<usize>();
+    Ok(ResourceUse { workgroup_bytes, invocations: ep.workgroup_size.iter().product(), private_array_bytes })
+}
+
+/// Adds the functions `block` calls, directly or not, to `out` (once each).
+fn calls(module: &naga::Module, block: &naga::Block, out: &mut Vec<naga::Handle<naga::Function>>) {
+    use naga::Statement as S;
+    for st in block.iter() {
+        match st {
+            S::Call { function, .. } if !out.contains(function) => {
+                out.push(*function);
+                calls(module, &module.functions[*function].body, out);
+            }
+            S::Block(b) => calls(module, b, out),
+            S::If { accept, reject, .. } => {
+                calls(module, accept, out);
+                calls(module, reject, out);
+            }
+            S::Loop { body, continuing, .. } => {
+                calls(module, body, out);
+                calls(module, continuing, out);
+            }
+            S::Switch { cases, .. } => cases.iter().for_each(|c| calls(module, &c.body, out)),
+            _ => {}
+        }
+    }
 }
 
 /// A 1-D launch of `threads` invocations in 256-wide workgroups, folded into
@@ -361,6 +690,119 @@ mod tests {
         assert_eq!(ks[0].args, vec![("x".into(), Role::In), ("i".into(), Role::Idx), ("y".into(), Role::InOut)]);
         assert!(ks[0].body.contains("common") && ks[0].body.contains('A') && !ks[0].body.contains('B'));
         assert!(parse_family("f", "//!kernel bad(x: sideways)\n").is_err());
+    }
+
+    crate::wgsl_params! {
+        struct GoodParams { n: u32, scale: f32, z0: u32 }
+    }
+    // Same size as GoodParams, but the last two fields swapped.
+    crate::wgsl_params! {
+        struct SwappedParams { n: u32, z0: u32, scale: f32 }
+    }
+    crate::wgsl_params! {
+        struct ShortParams { n: u32, scale: f32 }
+    }
+
+    fn typed_kernel(struct_name: &str) -> KernelDef {
+        let src = format!(
+            "struct {struct_name} {{ n: u32, scale: f32, z0: u32 }}\n\
+             //!kernel k(x: in, y: out) : {struct_name}\n\
+             @compute @workgroup_size(1) fn main() {{ if (P.z0 < P.n) {{ st_y(P.z0, P.scale * ld_x(0u)); }} }}\n"
+        );
+        parse_family("t", Box::leak(src.into_boxed_str())).unwrap().remove(0)
+    }
+
+    /// A Rust parameter struct that differs from the shader's in a field's
+    /// name, offset or presence is refused when the pipeline is compiled,
+    /// with the field named; the matching one is accepted.
+    #[test]
+    fn a_mismatched_parameter_struct_fails_naming_the_field() {
+        let dts = [DType::F32, DType::F32];
+        let ok = compile(&typed_kernel("GoodParams"), &dts, Some((GoodParams::NAME, GoodParams::FIELDS)));
+        assert_eq!(ok.unwrap().2, 16, "12 bytes of fields, a 16-byte uniform");
+
+        let k = typed_kernel("SwappedParams");
+        let e = compile(&k, &dts, Some((SwappedParams::NAME, SwappedParams::FIELDS))).unwrap_err().to_string();
+        assert!(e.contains("field `z0`") && e.contains("`scale` in WGSL"), "{e}");
+
+        let k = typed_kernel("ShortParams");
+        let e = compile(&k, &dts, Some((ShortParams::NAME, ShortParams::FIELDS))).unwrap_err().to_string();
+        assert!(e.contains("field `z0`") && e.contains("missing from Rust"), "{e}");
+
+        let k = typed_kernel("GoodParams");
+        let e = compile(&k, &dts, Some((ShortParams::NAME, ShortParams::FIELDS))).unwrap_err().to_string();
+        assert!(e.contains("`GoodParams`") && e.contains("`ShortParams`"), "{e}");
+        let e = compile(&k, &dts, None).unwrap_err().to_string();
+        assert!(e.contains("positional"), "{e}");
+    }
+
+    /// Every typed kernel in `shaders/` declares a struct the Rust side can
+    /// mirror: scalar 4-byte members at consecutive offsets.
+    #[test]
+    fn typed_kernels_declare_packed_scalar_structs() {
+        let mut typed = 0;
+        for (family, src) in SHADERS {
+            for k in parse_family(family, src).unwrap() {
+                let Some(name) = &k.params else { continue };
+                let dts: Vec<DType> =
+                    k.args.iter().map(|(_, r)| if r.is_index() { DType::U32 } else { DType::F32 }).collect();
+                let m = parse_validated(name, &generate(&k, &dts).unwrap()).unwrap();
+                let (_, g) = m.global_variables.iter().find(|(_, g)| g.space == naga::AddressSpace::Uniform).unwrap();
+                let naga::TypeInner::Struct { members, .. } = &m.types[g.ty].inner else { panic!("{name}") };
+                for (i, mb) in members.iter().enumerate() {
+                    assert_eq!(mb.offset as usize, 4 * i, "{family}::{}: {name}.{:?}", k.name, mb.name);
+                }
+                typed += 1;
+            }
+        }
+        assert!(typed >= 2, "only {typed} typed kernels");
+    }
+
+    /// Helpers of shaders/common.wgsl are linked where used (also through
+    /// other helpers), left out where unused or defined by the kernel.
+    #[test]
+    fn common_helpers_link_where_used() {
+        let names: Vec<String> = helper_sections().unwrap().into_iter().map(|(n, _)| n).collect();
+        assert!(names.iter().any(|n| n == "neg_inf") && names.iter().any(|n| n == "wg_reduce"), "{names:?}");
+        let linked = helpers("fn main() { let x = neg_inf(); }").unwrap();
+        assert!(linked.contains("fn neg_inf") && !linked.contains("wg_reduce"), "{linked}");
+        assert!(helpers("fn neg_inf() -> f32 { return 0.0; } fn f() { neg_inf(); }").unwrap().is_empty());
+        assert!(helpers("fn not_neg_inf() {}").unwrap().is_empty());
+    }
+
+    /// The figures of BENCHMARKS.md's kernel-variant table (printed with
+    /// `cargo test --lib kernel_variant_resources -- --nocapture`): each hot
+    /// kernel's software and hardware variant. The hardware variants run at
+    /// least 64 invocations per workgroup, hold less private memory per
+    /// invocation than the software ones and no more workgroup memory.
+    #[test]
+    fn kernel_variant_resources() {
+        let pairs = [
+            ("matmul", "matmul", "matmul", "matmul_hw"),
+            ("attention", "attn_fwd_tiled", "attention_hw", "attn_fwd_tiled_hw"),
+        ];
+        println!(
+            "| kernel | variant | invocations/workgroup | workgroup memory (bytes) | private arrays per invocation (bytes) |"
+        );
+        println!("|---|---|---:|---:|---:|");
+        for (sf, sn, hf, hn) in pairs {
+            let mut uses = Vec::new();
+            for (variant, fam, name) in [("sw", sf, sn), ("hw", hf, hn)] {
+                let k = find(fam, name).unwrap();
+                let dts: Vec<DType> =
+                    k.args.iter().map(|(_, r)| if r.is_index() { DType::U32 } else { DType::F32 }).collect();
+                let u = resource_use(name, &generate(&k, &dts).unwrap()).unwrap();
+                println!(
+                    "| {fam}::{name} | {variant} | {} | {} | {} |",
+                    u.invocations, u.workgroup_bytes, u.private_array_bytes
+                );
+                uses.push(u);
+            }
+            assert!(uses[1].invocations >= 64, "{hn}: {:?}", uses[1]);
+            assert!(uses[1].private_array_bytes < uses[0].private_array_bytes, "{hn}: {:?} vs {:?}", uses[1], uses[0]);
+            // Same tiles, so the launcher's workgroup-memory checks hold for both.
+            assert!(uses[1].workgroup_bytes <= uses[0].workgroup_bytes, "{hn}: {:?}", uses[1]);
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@ mod qmatmul;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use kernel::{KernelDef, Params, Role};
+use kernel::{Field, KernelDef, ParamBlock, Params, Role};
 
 use super::{Backend, BackendKind, MemoryCounter, MemoryStats};
 use crate::attention::cached::{CachedAttentionSpec, CachedIndexerSpec, CachedSelectSpec};
@@ -190,9 +190,47 @@ fn requested_limits(adapter: &wgpu::Limits) -> Result<wgpu::Limits> {
     }
 }
 
+/// Which layout of the hot kernels (matmul, tiled attention forward) runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelVariant {
+    /// Tuned for software adapters (lavapipe): few invocations per workgroup,
+    /// each carrying many rows in private arrays, since a CPU is bound by
+    /// memory reads and runs a workgroup's invocations one after another.
+    Software,
+    /// Tuned for GPUs: 64–256 invocations per workgroup, one row (or a small
+    /// register block) each, tiles shared through workgroup memory.
+    Hardware,
+}
+
+impl KernelVariant {
+    /// `DYNSPARSE_WGPU_KERNELS=hw|sw` when set, else by adapter: software
+    /// adapters (device type CPU, llvmpipe, SwiftShader) and adapters without
+    /// 256 invocations of 16×16 per workgroup get [`KernelVariant::Software`].
+    fn choose(info: &wgpu::AdapterInfo, limits: &wgpu::Limits) -> Result<Self> {
+        match std::env::var("DYNSPARSE_WGPU_KERNELS").ok().as_deref().map(str::trim) {
+            Some("hw") => return Ok(KernelVariant::Hardware),
+            Some("sw") => return Ok(KernelVariant::Software),
+            None | Some("") | Some("auto") => {}
+            Some(other) => {
+                return Err(Error::Unavailable(format!(
+                    "DYNSPARSE_WGPU_KERNELS={other}: expected `hw`, `sw` or `auto`"
+                )));
+            }
+        }
+        let wide = limits.max_compute_invocations_per_workgroup >= 256
+            && limits.max_compute_workgroup_size_x >= 16
+            && limits.max_compute_workgroup_size_y >= 16;
+        Ok(if is_software(info) || !wide { KernelVariant::Software } else { KernelVariant::Hardware })
+    }
+}
+
 struct Pipeline {
     layout: wgpu::BindGroupLayout,
     pipeline: wgpu::ComputePipeline,
+    /// The Rust parameter struct checked against the shader (None: positional words).
+    params: Option<(&'static str, &'static [Field])>,
+    /// Bytes of the uniform parameter buffer.
+    param_bytes: usize,
 }
 
 struct Pending {
@@ -207,6 +245,7 @@ pub struct WgpuBackend {
     device: wgpu::Device,
     queue: wgpu::Queue,
     info: wgpu::AdapterInfo,
+    variant: KernelVariant,
     mem: MemoryCounter,
     pool: Pool,
     kernels: Mutex<HashMap<(String, String), Arc<KernelDef>>>,
@@ -292,6 +331,7 @@ impl WgpuBackend {
             let m = (m / 4 * 4).max(4);
             limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(m);
         }
+        let variant = KernelVariant::choose(&info, &limits)?;
         let (need, widest) = kernel::max_storage_bindings()?;
         let have = limits.max_storage_buffers_per_shader_stage as usize;
         if need > have {
@@ -317,11 +357,12 @@ impl WgpuBackend {
                 *s = Some(e.to_string());
             }
         }));
-        log::info!("wgpu: opened {} ({:?}, {:?})", info.name, info.backend, info.device_type);
+        log::info!("wgpu: opened {} ({:?}, {:?}), {variant:?} kernels", info.name, info.backend, info.device_type);
         Ok(Self {
             device,
             queue,
             info,
+            variant,
             mem: MemoryCounter::default(),
             pool: Arc::default(),
             kernels: Mutex::default(),
@@ -335,6 +376,11 @@ impl WgpuBackend {
     /// The limits the device was opened with.
     pub fn limits(&self) -> wgpu::Limits {
         self.device.limits()
+    }
+
+    /// The kernel layout this backend runs (see [`KernelVariant`]).
+    pub fn kernel_variant(&self) -> KernelVariant {
+        self.variant
     }
 
     /// The adapter's description.
@@ -419,9 +465,23 @@ impl WgpuBackend {
         Ok(k)
     }
 
-    fn pipeline(&self, k: &KernelDef, dtypes: &[DType]) -> Result<Arc<Pipeline>> {
+    /// The pipeline of `k` for argument `dtypes`, created (and its parameter
+    /// struct checked against `params`) on first use.
+    fn pipeline(
+        &self,
+        k: &KernelDef,
+        dtypes: &[DType],
+        params: Option<(&'static str, &'static [Field])>,
+    ) -> Result<Arc<Pipeline>> {
         let key = format!("{}::{}:{:?}", k.family, k.name, dtypes);
         if let Some(p) = lock(&self.pipelines).get(&key) {
+            if p.params.map(|p| p.0) != params.map(|p| p.0) {
+                return Err(Error::Device(format!(
+                    "wgpu: kernel {key} was created for parameters {:?}, launched with {:?}",
+                    p.params.map(|p| p.0),
+                    params.map(|p| p.0)
+                )));
+            }
             return Ok(p.clone());
         }
         let have = self.device.limits().max_storage_buffers_per_shader_stage as usize;
@@ -431,8 +491,7 @@ impl WgpuBackend {
                 k.args.len()
             )));
         }
-        let src = kernel::generate(k, dtypes)?;
-        kernel::validate(&key, &src)?;
+        let (src, _, param_bytes) = kernel::compile(k, dtypes, params)?;
         let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(&key),
             source: wgpu::ShaderSource::Wgsl(src.into()),
@@ -477,18 +536,18 @@ impl WgpuBackend {
             cache: None,
         });
         self.check_error()?;
-        let p = Arc::new(Pipeline { layout, pipeline });
+        let p = Arc::new(Pipeline { layout, pipeline, params, param_bytes });
         lock(&self.pipelines).insert(key, p.clone());
         Ok(p)
     }
 
     /// Records one dispatch of `pipeline` over `bufs` (binding 1, 2, …).
-    fn dispatch(&self, p: &Pipeline, params: &Params, bufs: &[&wgpu::Buffer], grid: [u32; 3]) -> Result<()> {
-        if params.0.len() > kernel::PARAM_WORDS {
+    fn dispatch(&self, p: &Pipeline, params: &ParamBlock, bufs: &[&wgpu::Buffer], grid: [u32; 3]) -> Result<()> {
+        if params.bytes.len() > p.param_bytes {
             return Err(Error::Device(format!(
-                "{} kernel parameters (at most {})",
-                params.0.len(),
-                kernel::PARAM_WORDS
+                "{} bytes of kernel parameters (at most {})",
+                params.bytes.len(),
+                p.param_bytes
             )));
         }
         let lim = self.device.limits().max_compute_workgroups_per_dimension;
@@ -497,18 +556,18 @@ impl WgpuBackend {
                 "wgpu: launch grid {grid:?} exceeds the device limit of {lim} per dimension"
             )));
         }
-        let mut words = [0u32; kernel::PARAM_WORDS];
-        words[..params.0.len()].copy_from_slice(&params.0);
+        let mut bytes = vec![0u8; p.param_bytes];
+        bytes[..params.bytes.len()].copy_from_slice(&params.bytes);
         let ubuf = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: None,
-            size: (kernel::PARAM_WORDS * 4) as u64,
+            size: p.param_bytes as u64,
             usage: wgpu::BufferUsages::UNIFORM,
             mapped_at_creation: true,
         });
         ubuf.slice(..)
             .get_mapped_range_mut()
             .map_err(|e| Error::Device(format!("wgpu: mapping a parameter buffer failed: {e}")))?
-            .copy_from_slice(bytemuck::cast_slice(&words));
+            .copy_from_slice(&bytes);
         ubuf.unmap();
         let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: ubuf.as_entire_binding() }];
         for (i, b) in bufs.iter().enumerate() {
@@ -545,9 +604,10 @@ impl WgpuBackend {
         family: &str,
         name: &str,
         args: &mut [Arg<'_>],
-        params: Params,
+        params: impl Into<ParamBlock>,
         grid: [u32; 3],
     ) -> Result<()> {
+        let params: ParamBlock = params.into();
         let k = self.kernel(family, name)?;
         if k.args.len() != args.len() {
             return Err(Error::Device(format!("{family}::{name} takes {} tensors, got {}", k.args.len(), args.len())));
@@ -601,7 +661,7 @@ impl WgpuBackend {
                 }
             }
         }
-        let p = self.pipeline(&k, &dtypes)?;
+        let p = self.pipeline(&k, &dtypes, params.layout)?;
         {
             let bufs: Vec<&wgpu::Buffer> = args
                 .iter()
@@ -626,8 +686,8 @@ impl WgpuBackend {
     fn half_convert(&self, which: &str, src: &wgpu::Buffer, dst: &wgpu::Buffer, dt: DType, n: usize) -> Result<()> {
         let k = self.kernel("elementwise", which)?;
         let dtypes = if which == "pack_half" { [DType::F32, DType::U32] } else { [DType::U32, DType::F32] };
-        let p = self.pipeline(&k, &dtypes)?;
-        let params = Params::new().u(n).b(dt == DType::BF16);
+        let p = self.pipeline(&k, &dtypes, None)?;
+        let params = Params::new().u(n).b(dt == DType::BF16).into();
         self.dispatch(&p, &params, &[src, dst], kernel::grid1d(n.div_ceil(2)))
     }
 }

@@ -1,0 +1,225 @@
+// Hardware-GPU variants of the attention kernels (chosen on non-CPU adapters,
+// or forced with DYNSPARSE_WGPU_KERNELS=hw; see src/backend/wgpu/mod.rs).
+// Same math and the same per-query order of operations as the software
+// variants in attention.wgsl, laid out for SIMD hardware: one query (or key)
+// per invocation in 64-wide workgroups, so a query's state is one q row and
+// one accumulator row (2·head_dim floats) instead of eight of each, and K/V
+// tiles shared through workgroup memory by all 64 queries.
+//
+// Parameters: `AttnTiledParams` (src/backend/wgpu/attention.rs). The first
+// ten fields are the attention spec (mode 0 dense, 1 tokens, 2 blocks; kn =
+// k or n, block, nkb = ceil(seq / block)); chunk/nch split the key loop into
+// fixed unit ranges (lavapipe's loop budget), r0/nrow the rows of this
+// launch; tq queries per tile, tiles tile0 .. tile0 + ntile, unit keys per
+// unit (16 for dense, the block for blocks).
+
+struct AttnTiledParams {
+    batch: u32,
+    seq: u32,
+    n_heads: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    scale: f32,
+    mode: u32,
+    kn: u32,
+    block: u32,
+    nkb: u32,
+    chunk: u32,
+    nch: u32,
+    r0: u32,
+    nrow: u32,
+    tq: u32,
+    tile0: u32,
+    ntile: u32,
+    unit: u32,
+}
+
+const NONE: u32 = 0xffffffffu;
+// Below every real score; exp(MINF - x) is 0 for any real score x.
+const MINF: f32 = -1.0e30;
+// Keys per workgroup-memory tile, head_dim / 4 at most, units per union window.
+const KT: u32 = 16u;
+const TD4: u32 = 32u;
+const UW: u32 = 32u;
+// Invocations (queries) per workgroup.
+const WGS: u32 = 64u;
+
+fn k_off(b: u32, s: u32, g: u32) -> u32 {
+    return ((b * P.seq + s) * P.n_kv_heads + g) * P.head_dim;
+}
+
+//!kernel attn_fwd_tiled_hw(q: in, k: in, v: in, idx: idx, o: out, lse: out) : AttnTiledParams
+// The dense and block patterns: one 64-wide workgroup per (chunk c, batch,
+// tile of tq <= 64 queries, head), invocation i running query t0 + i. The
+// tile walks the union of its queries' units in windows of 32 (bit j of an
+// invocation's mask: its query lists unit j; the workgroup ORs the masks),
+// each marked unit through workgroup memory KT keys at a time. Per query and
+// key tile: s = scale·q·k over the tile's keys it sees (keys after it or in
+// units it does not list are skipped, never computed with), m' = max(m, s),
+// l' = l·e^(m−m') + Σ e^(s−m'), acc' = acc·e^(m−m') + Σ e^(s−m')·v — the
+// software variant's order, so each query's result is what it would be alone.
+var<workgroup> tk: array<vec4<f32>, 512>;
+var<workgroup> tv: array<vec4<f32>, 512>;
+var<workgroup> tkey: array<u32, 16>;
+var<workgroup> wany: atomic<u32>;
+var<workgroup> wunion: u32;
+
+fn kvalid4(kk0: u32, t: u32) -> vec4<bool> {
+    let j = vec4<u32>(tkey[kk0], tkey[kk0 + 1u], tkey[kk0 + 2u], tkey[kk0 + 3u]);
+    return j <= vec4<u32>(t);
+}
+
+fn hmax(x: vec4<f32>) -> f32 {
+    return max(max(x.x, x.y), max(x.z, x.w));
+}
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let w = wid.x + wid.y * nw.x;
+    let seq = P.seq;
+    let nh = P.n_heads;
+    let nch = P.nch;
+    let r0 = P.r0;
+    let nrow = P.nrow;
+    let tq = P.tq;
+    let unit = P.unit;
+    let dense = P.mode == 0u;
+    let inside = w < nch * P.ntile;
+    let c = w / P.ntile;
+    let tile = P.tile0 + w % P.ntile;
+    let h = tile % nh;
+    let qt = tile / nh;
+    let ntq = (seq + tq - 1u) / tq;
+    let b = qt / ntq;
+    let t0 = (qt % ntq) * tq;
+    let tl = min(t0 + tq, seq) - 1u;
+    let d = P.head_dim;
+    let nc = (d + 3u) / 4u;
+    let sc = P.scale;
+    let g = h / (nh / P.n_kv_heads);
+    let n = P.kn;
+    let blk = P.block;
+    let ti = t0 + lid;
+    let rr = (b * seq + ti) * nh + h;
+    let valid = inside && lid < tq && ti < seq;
+    let mine = valid && rr >= r0 && rr < r0 + nrow;
+    var q: array<vec4<f32>, TD4>;
+    var acc: array<vec4<f32>, TD4>;
+    var m = MINF;
+    var l = 0.0;
+    for (var cc = 0u; cc < nc; cc = cc + 1u) {
+        q[cc] = vec4<f32>(0.0);
+        if (mine) { q[cc] = ld4_q(rr * d, 4u * cc, d); }
+        acc[cc] = vec4<f32>(0.0);
+    }
+    let u0 = c * P.chunk;
+    var u1 = min(tl / unit + 1u, u0 + P.chunk);
+    if (!inside) { u1 = u0; }
+    if (lid == 0u) { atomicStore(&wany, 0u); }
+    workgroupBarrier();
+    for (var w0 = u0; w0 < u1; w0 = w0 + UW) {
+        let wn = min(UW, u1 - w0);
+        var mk = 0u;
+        if (dense) {
+            mk = select((1u << wn) - 1u, 0xffffffffu, wn == 32u);
+        } else if (valid) {
+            let row = (b * seq + ti) * n;
+            for (var e = 0u; e < n; e = e + 1u) {
+                let kb = ldu_idx(row + e);
+                if (kb != NONE && kb <= ti / blk && kb >= w0 && kb - w0 < wn) {
+                    mk = mk | (1u << (kb - w0));
+                }
+            }
+        }
+        atomicOr(&wany, mk);
+        workgroupBarrier();
+        if (lid == 0u) {
+            wunion = atomicLoad(&wany);
+            atomicStore(&wany, 0u);
+        }
+        let um = workgroupUniformLoad(&wunion);
+        for (var j = 0u; j < wn; j = j + 1u) {
+            if (((um >> j) & 1u) == 0u) { continue; }
+            let listed = mine && ((mk >> j) & 1u) != 0u;
+            let ub = (w0 + j) * unit;
+            let ue = min(ub + unit, tl + 1u);
+            for (var st = ub; st < ue; st = st + KT) {
+                if (lid < KT) { tkey[lid] = select(NONE, st + lid, st + lid < ue); }
+                for (var e = lid; e < KT * nc; e = e + WGS) {
+                    let kk = e / nc;
+                    let cc = e % nc;
+                    var kx = vec4<f32>(0.0);
+                    var vx = vec4<f32>(0.0);
+                    if (st + kk < ue) {
+                        let ko = k_off(b, st + kk, g);
+                        kx = ld4_k(ko, 4u * cc, d);
+                        vx = ld4_v(ko, 4u * cc, d);
+                    }
+                    tk[kk * TD4 + cc] = kx;
+                    tv[kk * TD4 + cc] = vx;
+                }
+                workgroupBarrier();
+                if (listed && st <= ti) {
+                    var x0 = vec4<f32>(0.0);
+                    var x1 = vec4<f32>(0.0);
+                    var x2 = vec4<f32>(0.0);
+                    var x3 = vec4<f32>(0.0);
+                    for (var cc = 0u; cc < nc; cc = cc + 1u) {
+                        let qc = q[cc];
+                        x0 = x0 + vec4<f32>(dot(qc, tk[cc]), dot(qc, tk[TD4 + cc]), dot(qc, tk[2u * TD4 + cc]), dot(qc, tk[3u * TD4 + cc]));
+                        x1 = x1 + vec4<f32>(dot(qc, tk[4u * TD4 + cc]), dot(qc, tk[5u * TD4 + cc]), dot(qc, tk[6u * TD4 + cc]), dot(qc, tk[7u * TD4 + cc]));
+                        x2 = x2 + vec4<f32>(dot(qc, tk[8u * TD4 + cc]), dot(qc, tk[9u * TD4 + cc]), dot(qc, tk[10u * TD4 + cc]), dot(qc, tk[11u * TD4 + cc]));
+                        x3 = x3 + vec4<f32>(dot(qc, tk[12u * TD4 + cc]), dot(qc, tk[13u * TD4 + cc]), dot(qc, tk[14u * TD4 + cc]), dot(qc, tk[15u * TD4 + cc]));
+                    }
+                    let ok0 = kvalid4(0u, ti);
+                    let ok1 = kvalid4(4u, ti);
+                    let ok2 = kvalid4(8u, ti);
+                    let ok3 = kvalid4(12u, ti);
+                    let y0 = select(vec4<f32>(MINF), sc * x0, ok0);
+                    let y1 = select(vec4<f32>(MINF), sc * x1, ok1);
+                    let y2 = select(vec4<f32>(MINF), sc * x2, ok2);
+                    let y3 = select(vec4<f32>(MINF), sc * x3, ok3);
+                    let mn = max(m, max(max(hmax(y0), hmax(y1)), max(hmax(y2), hmax(y3))));
+                    let cf = exp(m - mn);
+                    let p0 = select(vec4<f32>(0.0), exp(y0 - vec4<f32>(mn)), ok0);
+                    let p1 = select(vec4<f32>(0.0), exp(y1 - vec4<f32>(mn)), ok1);
+                    let p2 = select(vec4<f32>(0.0), exp(y2 - vec4<f32>(mn)), ok2);
+                    let p3 = select(vec4<f32>(0.0), exp(y3 - vec4<f32>(mn)), ok3);
+                    l = l * cf + dot(p0 + p1 + p2 + p3, vec4<f32>(1.0));
+                    m = mn;
+                    for (var cc = 0u; cc < nc; cc = cc + 1u) {
+                        acc[cc] = acc[cc] * cf + p0.x * tv[cc] + p0.y * tv[TD4 + cc] + p0.z * tv[2u * TD4 + cc] + p0.w * tv[3u * TD4 + cc]
+                            + p1.x * tv[4u * TD4 + cc] + p1.y * tv[5u * TD4 + cc] + p1.z * tv[6u * TD4 + cc] + p1.w * tv[7u * TD4 + cc]
+                            + p2.x * tv[8u * TD4 + cc] + p2.y * tv[9u * TD4 + cc] + p2.z * tv[10u * TD4 + cc] + p2.w * tv[11u * TD4 + cc]
+                            + p3.x * tv[12u * TD4 + cc] + p3.y * tv[13u * TD4 + cc] + p3.z * tv[14u * TD4 + cc] + p3.w * tv[15u * TD4 + cc];
+                    }
+                }
+                workgroupBarrier();
+            }
+        }
+        workgroupBarrier();
+    }
+    if (!mine) { return; }
+    // Final (nch = 1: normalised o, lse; -inf for a keyless query) or the
+    // chunk's partials (unnormalised o, then (m, l)) in `attn_fwd`'s layout.
+    let rl = rr - r0;
+    var oo = rr * d;
+    var inv = 1.0;
+    if (nch == 1u) {
+        let li = (b * nh + h) * seq + ti;
+        if (l > 0.0) {
+            inv = 1.0 / l;
+            st_lse(li, m + log(l));
+        } else {
+            inv = 0.0;
+            st_lse(li, neg_inf());
+        }
+    } else {
+        oo = (c * nrow + rl) * d;
+        st_lse(2u * (c * nrow + rl), m);
+        st_lse(2u * (c * nrow + rl) + 1u, l);
+    }
+    for (var e = 0u; e < d; e = e + 1u) {
+        st_o(oo + e, acc[e / 4u][e % 4u] * inv);
+    }
+}
