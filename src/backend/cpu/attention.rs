@@ -92,6 +92,33 @@ pub(super) fn gemm_rows(
     c: &mut [f32],
     sc: (usize, usize),
 ) {
+    let v = super::simd::simd();
+    // The SIMD kernels take A's and C's rows contiguous (the cached kernels'
+    // layouts); the variant is fixed per process and the layout per call
+    // site, so a row's operation sequence still does not depend on `m`.
+    if v != super::simd::Simd::Portable && sa.1 == 1 && sc.1 == 1 && (sb.0 == 1 || sb.1 == 1) && m > 0 && n > 0 {
+        let raw = |out: &mut [f32], rso: usize| {
+            if sb.0 == 1 {
+                super::simd::rows_dot_bt(v, m, n, k, a, sa.0, b, sb.1, out, rso);
+            } else {
+                super::simd::rows_times_b(v, m, n, k, a, sa.0, b, sb.0, out, rso);
+            }
+        };
+        if beta == 0.0 {
+            raw(c, sc.0);
+            for i in 0..m {
+                c[i * sc.0..i * sc.0 + n].iter_mut().for_each(|x| *x *= alpha);
+            }
+        } else {
+            let mut t = vec![0.0f32; m * n];
+            raw(&mut t, n);
+            for i in 0..m {
+                let row = &mut c[i * sc.0..i * sc.0 + n];
+                row.iter_mut().zip(&t[i * n..(i + 1) * n]).for_each(|(c, &x)| *c = alpha * x + beta * *c);
+            }
+        }
+        return;
+    }
     let done = skinny_gemm(m, k, n, alpha, a, sa, b, sb, beta, c, sc);
     assert!(done, "gemm_rows needs a contiguous dimension in B (a bug: the callers' layouts have one)");
 }

@@ -14,7 +14,7 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
-use super::attention::{gemm, gemm_rows, online_update};
+use super::attention::{gemm_rows, online_update};
 use super::{CpuBackend, CpuBuffer, Storage, rd};
 use crate::Tensor;
 use crate::attention::cached::{CachedAttentionSpec, CachedIndexerSpec, CachedSelectSpec, Paging};
@@ -101,6 +101,45 @@ fn seq_rows<'a>(
         s += seg;
     }
     Cow::Owned(out)
+}
+
+/// Columns `[col0, col0 + d)` (one KV head) of keys `[k0, k0 + n)` of a
+/// sequence whose page table starts at `base`, as f32 rows and their stride:
+/// borrowed in place (stride `width`) when they lie in one page of an f32
+/// cache, else gathered head row by head row (stride `d`) — never the other
+/// heads' columns. The values, and so every product over them, do not depend
+/// on where the pages lie.
+#[allow(clippy::too_many_arguments)]
+fn head_rows<'a>(
+    buf: &'a CpuBuffer,
+    pg: Paging,
+    pages: &[u32],
+    base: usize,
+    (k0, n): (usize, usize),
+    width: usize,
+    (col0, d): (usize, usize),
+    slots: usize,
+) -> (Cow<'a, [f32]>, usize) {
+    if n == 0 {
+        return (Cow::Borrowed(&[]), d);
+    }
+    if let Storage::F32(v) = &buf.data
+        && k0 / pg.page == (k0 + n - 1) / pg.page
+    {
+        let first = pg.key_row(pages, base, k0, slots);
+        return (Cow::Borrowed(&v[first * width + col0..(first + n - 1) * width + col0 + d]), width);
+    }
+    let mut out = Vec::with_capacity(n * d);
+    for key in k0..k0 + n {
+        let r = pg.key_row(pages, base, key, slots) * width + col0;
+        match &buf.data {
+            Storage::F32(v) => out.extend_from_slice(&v[r..r + d]),
+            Storage::F16(v) => out.extend(v[r..r + d].iter().map(|x| x.to_f32())),
+            Storage::BF16(v) => out.extend(v[r..r + d].iter().map(|x| x.to_f32())),
+            _ => unreachable!("op validation guarantees a float cache"),
+        }
+    }
+    (Cow::Owned(out), d)
 }
 
 pub(super) fn rope_rows(s: &RopeSpec, x: &T, cos: &T, sin: &T, rows: &T, y: &mut T) {
@@ -211,16 +250,16 @@ pub(super) fn cached_attention(
             let (mut qb, mut sb, mut pv) = (Vec::new(), Vec::new(), Vec::new());
             for (k0, k1, rs) in units(s, &tab, idx, (r0, r1)) {
                 let (nr, cols) = (rs.len(), k1 - k0);
-                let (kr, vr) = (
-                    seq_rows(&k.buf, s.paging, pages, base, k0, cols, kw, s.slots),
-                    seq_rows(&v.buf, s.paging, pages, base, k0, cols, kw, s.slots),
+                let ((kr, ks), (vr, vs)) = (
+                    head_rows(&k.buf, s.paging, pages, base, (k0, cols), kw, (g * d, d), s.slots),
+                    head_rows(&v.buf, s.paging, pages, base, (k0, cols), kw, (g * d, d), s.slots),
                 );
                 qb.clear();
                 for &r in &rs {
                     qb.extend_from_slice(&q[((r0 + r) * h_n + h) * d..((r0 + r) * h_n + h + 1) * d]);
                 }
                 sb.resize(nr * cols, 0.0);
-                gemm_rows(nr, d, cols, s.scale, &qb, (d, 1), &kr[g * d..], (1, kw), 0.0, &mut sb, (cols, 1));
+                gemm_rows(nr, d, cols, s.scale, &qb, (d, 1), &kr, (1, ks), 0.0, &mut sb, (cols, 1));
                 let mut corr = vec![1.0f32; nr];
                 for (i, &r) in rs.iter().enumerate() {
                     let vis = tab[r0 + r].1.saturating_sub(k0).min(cols);
@@ -228,7 +267,7 @@ pub(super) fn cached_attention(
                         online_update(&mut sb[i * cols..(i + 1) * cols], vis, &mut m[r], &mut l[r]).unwrap_or(1.0);
                 }
                 pv.resize(nr * d, 0.0);
-                gemm_rows(nr, cols, d, 1.0, &sb, (cols, 1), &vr[g * d..], (kw, 1), 0.0, &mut pv, (d, 1));
+                gemm_rows(nr, cols, d, 1.0, &sb, (cols, 1), &vr, (vs, 1), 0.0, &mut pv, (d, 1));
                 for (i, &r) in rs.iter().enumerate() {
                     let a = &mut acc[r * d..(r + 1) * d];
                     a.iter_mut().zip(&pv[i * d..(i + 1) * d]).for_each(|(a, &x)| *a = *a * corr[i] + x);
@@ -281,7 +320,7 @@ pub(super) fn cached_indexer_block_scores(
                 let kr = seq_rows(&ki.buf, s.paging, pages, base, k0, width, di, s.slots);
                 // L[j, s] = q_i[j]·k_i[s]; I(s) = Σ_j w[j]·ReLU(L[j, s]).
                 let lb = &mut lbuf[..hi * width];
-                gemm(hi, di, width, 1.0, q, (di, 1), &kr, (1, di), 0.0, lb, (width, 1));
+                gemm_rows(hi, di, width, 1.0, q, (di, 1), &kr, (1, di), 0.0, lb, (width, 1));
                 for c in 0..width {
                     let mut x = 0.0f32;
                     for (j, &wj) in wr.iter().enumerate() {

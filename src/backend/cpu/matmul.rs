@@ -1,7 +1,7 @@
 //! `C = α·op(A)·op(B) + β·C` through `matrixmultiply` (f32 accumulation; f16
 //! and bf16 operands are widened first, C rounded once at the end).
 
-use super::{CpuBackend, rd};
+use super::{CpuBackend, rd, simd};
 use crate::Tensor;
 use crate::ops::MatmulSpec;
 
@@ -12,46 +12,18 @@ const SKINNY: usize = 16;
 
 /// Columns of C per task of the skinny path.
 const COLS: usize = 256;
-/// Register tile of the skinny path: rows × columns.
-const TR: usize = 4;
-const TW: usize = 8;
 
-/// `acc[out(i) + l] = Σ_p a(i, p)·b(p)[l]` for `R` rows and `TW` columns,
-/// each sum taken over `p` in order (`t = t + a·b`, no fused multiply-add):
-/// the same arithmetic as the scalar edge loop, so the tile shape cannot
-/// change a result.
-#[inline(always)]
-fn tile<'b, const R: usize>(
-    k: usize,
-    a: impl Fn(usize, usize) -> f32,
-    b: impl Fn(usize) -> &'b [f32],
-    acc: &mut [f32],
-    out: impl Fn(usize) -> usize,
-) {
-    let mut t = [[0.0f32; TW]; R];
-    for p in 0..k {
-        let bp: &[f32; TW] = b(p).try_into().expect("a full tile");
-        for (i, ti) in t.iter_mut().enumerate() {
-            let x = a(i, p);
-            for l in 0..TW {
-                ti[l] += x * bp[l];
-            }
-        }
-    }
-    for (i, ti) in t.iter().enumerate() {
-        acc[out(i)..out(i) + TW].copy_from_slice(ti);
-    }
-}
-
-/// `C = α·A·op(B) + β·C` for a non-transposed A: per chunk of columns, rows
-/// in groups of `SKINNY` whose accumulators stream the rows of B (or, for
-/// `Bᵀ`, dot products with its rows), in parallel over column chunks. Every
-/// element is one sequential sum over `k` in order, so a row's result does
-/// not depend on `m` (the row-invariant path of the inference step; also
-/// the fast path for a few rows, which `matrixmultiply` would pack B for).
+/// `C = α·A·op(B) + β·C` for a non-transposed A: per chunk of columns, the
+/// rows' raw sums from [`simd::rows_times_b`] (B streamed by rows) or, for
+/// `Bᵀ`, [`simd::rows_dot_bt`], in parallel over column chunks, then α and β.
+/// Every element is one fixed sequence of operations over `k` in order (see
+/// `simd`), so a row's result does not depend on `m` (the row-invariant path
+/// of the inference step; also the fast path for a few rows, which
+/// `matrixmultiply` would pack B for).
 #[allow(clippy::too_many_arguments)]
 fn skinny(m: usize, n: usize, k: usize, alpha: f32, ap: &[f32], bp: &[f32], trans_b: bool, beta: f32, cp: &mut [f32]) {
     use rayon::prelude::*;
+    let v = simd::simd();
     let chunks: Vec<(usize, Vec<f32>)> = (0..n)
         .step_by(COLS)
         .collect::<Vec<_>>()
@@ -60,41 +32,9 @@ fn skinny(m: usize, n: usize, k: usize, alpha: f32, ap: &[f32], bp: &[f32], tran
             let w = COLS.min(n - j0);
             let mut acc = vec![0.0f32; m * w];
             if trans_b {
-                for (i, row) in acc.chunks_mut(w).enumerate() {
-                    let ar = &ap[i * k..(i + 1) * k];
-                    for (jj, o) in row.iter_mut().enumerate() {
-                        let br = &bp[(j0 + jj) * k..(j0 + jj + 1) * k];
-                        *o = super::attention::dot(ar, br);
-                    }
-                }
+                simd::rows_dot_bt(v, m, w, k, ap, k, &bp[j0 * k..], k, &mut acc, w);
             } else {
-                // Column blocks of 8 outside (B's strip stays in L1), row
-                // tiles of up to 4 inside, accumulators in registers.
-                for jb in (0..w).step_by(TW) {
-                    let wb = TW.min(w - jb);
-                    for i0 in (0..m).step_by(TR) {
-                        let rows = TR.min(m - i0);
-                        let at = |i: usize, p: usize| ap[(i0 + i) * k + p];
-                        let bt = |p: usize| &bp[p * n + j0 + jb..p * n + j0 + jb + wb];
-                        let out = |i: usize| (i0 + i) * w + jb;
-                        match (rows, wb) {
-                            (4, TW) => tile::<4>(k, at, bt, &mut acc, out),
-                            (3, TW) => tile::<3>(k, at, bt, &mut acc, out),
-                            (2, TW) => tile::<2>(k, at, bt, &mut acc, out),
-                            (1, TW) => tile::<1>(k, at, bt, &mut acc, out),
-                            _ => {
-                                for i in 0..rows {
-                                    let mut t = [0.0f32; TW];
-                                    for p in 0..k {
-                                        let x = at(i, p);
-                                        t.iter_mut().zip(bt(p)).for_each(|(o, &y)| *o += x * y);
-                                    }
-                                    acc[out(i)..out(i) + wb].copy_from_slice(&t[..wb]);
-                                }
-                            }
-                        }
-                    }
-                }
+                simd::rows_times_b(v, m, w, k, ap, k, &bp[j0..], n, &mut acc, w);
             }
             (j0, acc)
         })

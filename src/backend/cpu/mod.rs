@@ -18,6 +18,7 @@ mod matmul;
 mod qmatmul;
 mod reduce;
 mod rope;
+mod simd;
 mod softmax;
 mod vmath;
 
@@ -150,7 +151,7 @@ impl Backend for CpuBackend {
         BackendKind::Cpu
     }
     fn device_name(&self) -> String {
-        format!("host CPU ({} threads)", rayon::current_num_threads())
+        format!("host CPU ({} threads, {} kernels)", rayon::current_num_threads(), simd::simd().name())
     }
     fn supports(&self, _dtype: DType) -> bool {
         true
