@@ -28,6 +28,9 @@ pub enum Error {
     /// Training produced NaN/inf (diverged); says at which step and what.
     #[error("{0}")]
     NonFinite(String),
+    /// A collective operation failed: a peer rank left, timed out or disagreed.
+    #[error("collective: {0}")]
+    Collective(String),
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -21,6 +21,7 @@
 pub mod attention;
 pub mod backend;
 pub mod data;
+pub mod dist;
 pub mod dtype;
 pub mod error;
 pub mod model;

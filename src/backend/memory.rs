@@ -12,6 +12,8 @@ pub struct MemoryStats {
     pub peak: usize,
     /// Number of buffers handed out so far.
     pub allocations: u64,
+    /// Number of device-to-host reads ([`crate::Backend::download`]) so far.
+    pub downloads: u64,
 }
 
 /// Thread-safe counter a backend's buffers report to (cloned into each buffer,
@@ -24,6 +26,7 @@ struct Inner {
     allocated: AtomicUsize,
     peak: AtomicUsize,
     allocations: AtomicU64,
+    downloads: AtomicU64,
 }
 
 impl MemoryCounter {
@@ -31,6 +34,10 @@ impl MemoryCounter {
         let now = self.0.allocated.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.0.peak.fetch_max(now, Ordering::Relaxed);
         self.0.allocations.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Counts one device-to-host read (a training step's readbacks are measured with it).
+    pub fn download(&self) {
+        self.0.downloads.fetch_add(1, Ordering::Relaxed);
     }
     pub fn free(&self, bytes: usize) {
         self.0.allocated.fetch_sub(bytes, Ordering::Relaxed);
@@ -40,6 +47,7 @@ impl MemoryCounter {
             allocated: self.0.allocated.load(Ordering::Relaxed),
             peak: self.0.peak.load(Ordering::Relaxed),
             allocations: self.0.allocations.load(Ordering::Relaxed),
+            downloads: self.0.downloads.load(Ordering::Relaxed),
         }
     }
     pub fn reset_peak(&self) {
@@ -57,7 +65,7 @@ mod tests {
         c.alloc(100);
         c.alloc(50);
         c.free(100);
-        assert_eq!(c.stats(), MemoryStats { allocated: 50, peak: 150, allocations: 2 });
+        assert_eq!(c.stats(), MemoryStats { allocated: 50, peak: 150, allocations: 2, downloads: 0 });
         c.reset_peak();
         assert_eq!(c.stats().peak, 50);
     }

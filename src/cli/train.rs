@@ -9,11 +9,12 @@ use clap::Args;
 use dynsparse::backend::{BackendChoice, BackendJob, run_on, select};
 use dynsparse::data::synthetic::{SyntheticConfig, generate};
 use dynsparse::data::{BYTE_VOCAB, Corpus};
+use dynsparse::dist::{Collective, InProcess};
 use dynsparse::model::sample::Sampling;
 use dynsparse::model::{AttentionMode, GenerateOptions, Model, ModelConfig, StepAttention, StopReason, Workspace};
 use dynsparse::quant::checkpoint::QCheckpoint;
 use dynsparse::train::memory::MemoryPlan;
-use dynsparse::train::{EvalStats, LrSchedule, MemoryReport, TrainConfig, Trainer, checkpoint, plot};
+use dynsparse::train::{DistConfig, EvalStats, LrSchedule, MemoryReport, TrainConfig, Trainer, checkpoint, plot};
 use dynsparse::util::files::{DirLock, ensure_writable_dir};
 use dynsparse::{Backend, DType, Error, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -98,6 +99,35 @@ pub struct TrainArgs {
     /// non-finite gradients (f16 loss scaling skips a few normally; a diverged run skips them all).
     #[arg(long, default_value_t = dynsparse::train::DEFAULT_MAX_SKIPPED)]
     pub max_skipped_steps: u64,
+    /// Data-parallel ranks in this process (threads, one backend each); each rank trains on
+    /// --batch sequences, so one optimizer step sees world × accum × batch sequences.
+    #[arg(long, default_value_t = 1)]
+    pub world: usize,
+    /// ZeRO stage: 0 (every rank holds the optimizer state) or 1 (each holds a 1/world shard).
+    #[arg(long, default_value_t = 0)]
+    pub zero: u8,
+    /// Largest gradient bucket of coalesced small tensors, MiB (the first one: --first-bucket-mb).
+    #[arg(long, default_value_t = 25.0)]
+    pub bucket_mb: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub first_bucket_mb: f64,
+    /// Multiplies the size-class thresholds of the gradient buckets (16, 64, 256 MB).
+    #[arg(long, default_value_t = 1.0)]
+    pub size_class_scale: f64,
+    /// Seconds a rank waits inside one collective before the run ends with an error.
+    #[arg(long, default_value_t = 300.0)]
+    pub collective_timeout: f64,
+}
+
+impl TrainArgs {
+    fn dist(&self) -> DistConfig {
+        DistConfig {
+            zero: self.zero == 1,
+            bucket_mb: self.bucket_mb,
+            first_bucket_mb: self.first_bucket_mb,
+            class_scale: self.size_class_scale,
+        }
+    }
 }
 
 /// The command-line flag of each config field a flag sets.
@@ -124,7 +154,19 @@ fn check_run_flags(a: &TrainArgs) -> Result<()> {
     if let Some(s) = a.stop_at {
         pos("--stop-at", s)?;
     }
-    Ok(())
+    if !(1..=256).contains(&a.world) {
+        return Err(Error::Invalid(format!("--world {}: accepted range 1..=256", a.world)));
+    }
+    if a.zero > 1 {
+        return Err(Error::Invalid(format!("--zero {}: accepted values 0 or 1", a.zero)));
+    }
+    if !(a.collective_timeout.is_finite() && a.collective_timeout > 0.0 && a.collective_timeout <= 86400.0) {
+        return Err(Error::Invalid(format!(
+            "--collective-timeout {}: accepted range 0 < s <= 86400",
+            a.collective_timeout
+        )));
+    }
+    a.dist().validate()
 }
 
 fn precision(s: &str) -> Result<DType> {
@@ -277,6 +319,42 @@ struct TrainJob {
     old_log: Vec<String>,
     train: Corpus,
     val: Corpus,
+    /// Rank 0's handle when the run is data-parallel.
+    comm: Option<Box<dyn Collective>>,
+}
+
+/// A rank other than 0 of an in-process data-parallel run: trains in step with
+/// rank 0 and takes part in its checkpoint gathers; rank 0 logs, evaluates and saves.
+struct RankJob {
+    comm: Box<dyn Collective>,
+    dist: DistConfig,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    resume: Option<checkpoint::TrainState>,
+    train: std::sync::Arc<Corpus>,
+    stop: u64,
+    save_every: u64,
+    max_skipped: u64,
+}
+
+impl BackendJob for RankJob {
+    type Output = ();
+    fn run<B: Backend>(self, be: &B) -> Result<()> {
+        let model = Model::new(be, self.model_cfg, self.train_cfg.precision, self.train_cfg.seed)?;
+        let mut tr =
+            Trainer::new_distributed(be, model, self.train_cfg, self.dist, self.comm, &mut MemoryReport::default())?;
+        tr.max_skipped_in_a_row = self.max_skipped;
+        if let Some(st) = &self.resume {
+            tr.restore(be, st)?;
+        }
+        while tr.step < self.stop {
+            tr.train_step(be, &self.train)?;
+            if self.dist.zero && (tr.step % self.save_every == 0 || tr.step == self.stop) {
+                tr.state(be)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 fn fmt_bytes(b: usize) -> String {
@@ -333,14 +411,17 @@ fn plot_points(rows: &[String]) -> (Curve, Curve) {
 impl BackendJob for TrainJob {
     type Output = ();
     fn run<B: Backend>(self, be: &B) -> Result<()> {
-        let TrainJob { args, model_cfg, train_cfg, resume, old_log, train, val } = self;
+        let TrainJob { args, model_cfg, train_cfg, resume, old_log, train, val, comm } = self;
         let ckpt_path = args.out.join("checkpoint.safetensors");
         let log_path = args.out.join("log.csv");
         let plot_path = args.out.join("loss.svg");
         be.reset_peak();
         let model = Model::new(be, model_cfg, train_cfg.precision, train_cfg.seed)?;
         let mut mem = MemoryReport::default();
-        let mut tr = Trainer::new(be, model, train_cfg, &mut mem)?;
+        let mut tr = match comm {
+            None => Trainer::new(be, model, train_cfg, &mut mem)?,
+            Some(c) => Trainer::new_distributed(be, model, train_cfg, args.dist(), c, &mut mem)?,
+        };
         tr.max_skipped_in_a_row = args.max_skipped_steps;
         let mut log_rows = old_log;
         if let Some(ck) = &resume {
@@ -367,6 +448,13 @@ impl BackendJob for TrainJob {
             train_cfg.seq,
             train_cfg.precision
         );
+        let (_, world) = tr.rank_world();
+        if world > 1 {
+            eprintln!(
+                "data parallel: {world} in-process ranks, ZeRO-{}, buckets ≤ {} MiB (first {} MiB); memory below is per rank",
+                args.zero, args.bucket_mb, args.first_bucket_mb
+            );
+        }
         eprintln!(
             "memory: weights {}, f32 masters {}, gradients {}, optimizer {}, activations {}",
             fmt_bytes(mem.weights),
@@ -390,15 +478,7 @@ impl BackendJob for TrainJob {
         // the checkpoint's step, which the resumed run drops and recomputes, never a gap.
         let save = |tr: &Trainer<B>, rows: &[String]| -> Result<()> {
             write_log(&log_path, rows)?;
-            let (m, v) = tr.moments(be)?;
-            let st = checkpoint::TrainState {
-                params: tr.master_values(be)?,
-                m,
-                v,
-                scaler: tr.scaler,
-                step: tr.step,
-                batcher_rng: tr.batcher.rng.state(),
-            };
+            let st = tr.state(be)?;
             checkpoint::save(&ckpt_path, &model_cfg, &train_cfg, &st, &extra)
         };
         let mut eval_ws = Workspace::new(be, &model_cfg, train_cfg.precision, train_cfg.batch, train_cfg.seq)?;
@@ -618,7 +698,51 @@ pub fn train(choice: BackendChoice, args: TrainArgs) -> Result<()> {
         _ => Vec::new(),
     };
     eprintln!("backend: {} — {} ({})", sel.backend.kind(), sel.backend.device_name(), sel.reason);
-    run_on(&sel.backend, TrainJob { args, model_cfg, train_cfg, resume, old_log, train, val })
+    if args.world == 1 {
+        return run_on(&sel.backend, TrainJob { args, model_cfg, train_cfg, resume, old_log, train, val, comm: None });
+    }
+    // In-process data parallel: ranks 1.. run in threads on backends of their own; a rank that
+    // fails drops its handle, which ends every peer's next collective with an error naming it.
+    let timeout = std::time::Duration::from_secs_f64(args.collective_timeout);
+    let mut comms = InProcess::group(args.world, timeout)?.into_iter();
+    let comm0 = comms.next().ok_or_else(|| Error::Invalid("empty group".into()))?;
+    let shared = std::sync::Arc::new(train.clone());
+    let stop = args.stop_at.unwrap_or(train_cfg.steps).min(train_cfg.steps);
+    let peers: Vec<_> = comms
+        .map(|comm| {
+            let job = RankJob {
+                comm: Box::new(comm),
+                dist: args.dist(),
+                model_cfg,
+                train_cfg,
+                resume: resume.as_ref().map(|c| c.state.clone()),
+                train: shared.clone(),
+                stop,
+                save_every: args.save_every,
+                max_skipped: args.max_skipped_steps,
+            };
+            std::thread::spawn(move || run_on(&select(choice)?.backend, job))
+        })
+        .collect();
+    let job = TrainJob { args, model_cfg, train_cfg, resume, old_log, train, val, comm: Some(Box::new(comm0)) };
+    let first = run_on(&sel.backend, job);
+    let mut rest = Vec::new();
+    for (r, h) in peers.into_iter().enumerate() {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => rest.push(format!("rank {}: {e}", r + 1)),
+            Err(_) => rest.push(format!("rank {}: panicked", r + 1)),
+        }
+    }
+    match (first, rest.is_empty()) {
+        (Ok(()), true) => Ok(()),
+        (Ok(()), false) => Err(Error::Collective(rest.join("; "))),
+        (Err(e), true) => Err(e),
+        // Every rank stops at the same non-finite step: rank 0's message says it all.
+        (Err(e @ Error::NonFinite(_)), false) => Err(e),
+        // Otherwise a peer's own error is the cause of rank 0's (which says the peer left).
+        (Err(e), false) => Err(Error::Collective(format!("{}; rank 0: {e}", rest.join("; ")))),
+    }
 }
 
 #[derive(Args, Debug)]

@@ -5,11 +5,13 @@
 //! and the progressive sparsity schedule driving attention and the indexer.
 
 pub mod checkpoint;
+pub mod dp;
 pub mod lr;
 pub mod memory;
 pub mod plot;
 pub mod scaler;
 
+pub use dp::DistConfig;
 pub use lr::LrSchedule;
 pub use scaler::LossScaler;
 
@@ -147,6 +149,10 @@ pub struct Trainer<B: Backend> {
     ws: Workspace<B>,
     flag: Tensor<B>,
     sumsq: Tensor<B>,
+    /// Σ g² over every gradient, accumulated on the device (one readback per step).
+    sumsq_acc: Tensor<B>,
+    /// The data-parallel group and its state (None: a single-process run).
+    dp: Option<dp::Dp<B>>,
     pub scaler: LossScaler,
     pub schedule: Option<SparsitySchedule>,
     pub batcher: Batcher,
@@ -189,7 +195,34 @@ fn zeros_like<B: Backend>(be: &B, ts: &[Tensor<B>], dtype: DType) -> Result<Vec<
 impl<B: Backend> Trainer<B> {
     /// Builds the training state for `model`; `memory` receives the bytes of each part.
     pub fn new(be: &B, model: Model<B>, cfg: TrainConfig, memory: &mut MemoryReport) -> Result<Self> {
+        Self::build(be, model, cfg, None, memory)
+    }
+
+    /// A rank of a data-parallel run: each rank draws the global batch of
+    /// `cfg.batch · world` sequences from the same sampler and trains on its
+    /// slice; gradients are summed across ranks (in buckets, or reduce-scattered
+    /// under ZeRO-1), so `world` ranks of batch `b` take the steps one rank of
+    /// batch `world · b` takes. Every rank must build its model from the same seed.
+    pub fn new_distributed(
+        be: &B,
+        model: Model<B>,
+        cfg: TrainConfig,
+        dist: DistConfig,
+        comm: Box<dyn crate::dist::Collective>,
+        memory: &mut MemoryReport,
+    ) -> Result<Self> {
+        Self::build(be, model, cfg, Some((dist, comm)), memory)
+    }
+
+    fn build(
+        be: &B,
+        model: Model<B>,
+        cfg: TrainConfig,
+        dist: Option<(DistConfig, Box<dyn crate::dist::Collective>)>,
+        memory: &mut MemoryReport,
+    ) -> Result<Self> {
         cfg.validate(&model.cfg)?;
+        let zero = dist.as_ref().is_some_and(|d| d.0.zero);
         if model.dtype != cfg.precision {
             return Err(Error::Invalid(format!("model is {} but --precision is {}", model.dtype, cfg.precision)));
         }
@@ -198,7 +231,7 @@ impl<B: Backend> Trainer<B> {
         let live = |be: &B| be.memory().allocated;
         memory.weights = model.params.iter().map(|p| p.size_bytes()).sum();
         let mut at = live(be);
-        let master = if cfg.precision == DType::F32 {
+        let master = if cfg.precision == DType::F32 || zero {
             None
         } else {
             let vals = model.values(be)?;
@@ -218,9 +251,17 @@ impl<B: Backend> Trainer<B> {
             if cfg.precision == DType::F32 { None } else { Some(zeros_like(be, &model.params, cfg.precision)?) };
         memory.gradients = live(be).saturating_sub(at);
         at = live(be);
-        let m = zeros_like(be, &model.params, DType::F32)?;
-        let v = zeros_like(be, &model.params, DType::F32)?;
+        // Under ZeRO-1 the master weights and moments are the rank's shard, built below.
+        let (m, v) = if zero {
+            (Vec::new(), Vec::new())
+        } else {
+            (zeros_like(be, &model.params, DType::F32)?, zeros_like(be, &model.params, DType::F32)?)
+        };
         memory.optimizer = live(be).saturating_sub(at);
+        let dp = match dist {
+            None => None,
+            Some((d, comm)) => Some(dp::Dp::new(be, &model, d, comm, memory)?),
+        };
         at = live(be);
         let ws = Workspace::new(be, &model.cfg, cfg.precision, cfg.batch, cfg.seq)?;
         memory.activations = live(be).saturating_sub(at);
@@ -247,6 +288,8 @@ impl<B: Backend> Trainer<B> {
             ws,
             flag: Tensor::zeros(be, &[1], DType::U32)?,
             sumsq: Tensor::zeros(be, &[1], DType::F32)?,
+            sumsq_acc: Tensor::zeros(be, &[1], DType::F32)?,
+            dp,
             scaler: LossScaler::new(cfg.precision == DType::F16),
             schedule,
             batcher: Batcher::new(cfg.seed),
@@ -277,13 +320,18 @@ impl<B: Backend> Trainer<B> {
         let (attn, plan) = self.plan();
         let train_indexer = self.schedule.is_some();
         let scale = self.scaler.scale;
+        let (rank, world) = self.dp.as_ref().map_or((0, 1), |d| (d.comm.rank(), d.comm.world()));
         for g in self.grads.iter_mut() {
             ops::fill(be, g, 0.0)?;
         }
         let (mut loss, mut kl) = (0.0, 0.0);
+        let rows = self.cfg.batch * self.cfg.seq;
         for _ in 0..self.cfg.accum {
-            let (ids, tg) = self.batcher.sample(data, self.cfg.batch, self.cfg.seq)?;
-            loss += self.model.forward(be, &mut self.ws, &ids, Some(&tg), attn)?.loss;
+            // Every rank draws the global batch and keeps its slice: the data order does not
+            // depend on the world size.
+            let (ids, tg) = self.batcher.sample(data, self.cfg.batch * world, self.cfg.seq)?;
+            let (ids, tg) = (&ids[rank * rows..(rank + 1) * rows], &tg[rank * rows..(rank + 1) * rows]);
+            loss += self.model.forward(be, &mut self.ws, ids, Some(tg), attn)?.loss;
             match self.micro.as_mut() {
                 None => kl += self.model.backward(be, &mut self.ws, &mut self.grads, scale, train_indexer)?,
                 Some(micro) => {
@@ -297,16 +345,32 @@ impl<B: Backend> Trainer<B> {
                 }
             }
         }
-        let n = self.cfg.accum as f64;
         if self.inject_inf_at.contains(&self.step) {
             ops::fill(be, &mut self.grads[0], f32::INFINITY)?;
         }
-        // One finite check over every gradient, then the scaler decides.
-        let mut finite = true;
-        for g in &self.grads {
-            ops::all_finite(be, g, &mut self.flag)?;
-            finite &= self.flag.to_u32_vec(be)?[0] == 1;
-        }
+        // Gradients are summed over ranks and micro-batches, each a mean over its tokens
+        // times the loss scale: the mean gradient is sum / (scale · accum · world).
+        let n = (self.cfg.accum * world) as f64;
+        let (sq, finite) = match self.dp.as_mut() {
+            None => self.grad_sumsq(be)?,
+            Some(dp) => {
+                let mut st = [loss as f32, kl as f32, 0.0, 0.0];
+                let (sq, finite) = if dp.zero.is_some() {
+                    dp.reduce_scatter_grads(be, &self.grads)?
+                } else {
+                    dp.all_reduce_grads(be, &mut self.grads)?;
+                    (0.0, true)
+                };
+                st[2] = if finite { 0.0 } else { 1.0 };
+                st[3] = sq as f32;
+                // One small collective: loss, KL, non-finite flag, shard Σg². The flag is
+                // reduced so every rank skips the same steps.
+                dp.comm.all_reduce(&mut st, crate::dist::ReduceOp::Sum)?;
+                loss = st[0] as f64;
+                kl = st[1] as f64;
+                if dp.zero.is_some() { (st[3] as f64, st[2] == 0.0) } else { self.grad_sumsq(be)? }
+            }
+        };
         let lr = self.cfg.lr.at(self.step);
         // Non-finite policy. f32/bf16 have no loss scale to lower, so a NaN/inf loss means the
         // weights or activations overflowed: stop before the step is applied. f16 skips
@@ -341,18 +405,13 @@ impl<B: Backend> Trainer<B> {
             loss_scale: scale,
             skipped,
             plan,
-            tokens: self.cfg.accum * self.cfg.batch * self.cfg.seq,
+            tokens: self.cfg.accum * self.cfg.batch * self.cfg.seq * world,
         };
         self.step += 1;
         if skipped {
             return Ok(stats);
         }
         // Global norm of the unscaled mean gradient; clipping folds into AdamW's grad_scale.
-        let mut sq = 0.0f64;
-        for g in &self.grads {
-            ops::sum_squares(be, g, &mut self.sumsq)?;
-            sq += self.sumsq.to_f32_vec(be)?[0] as f64;
-        }
         let unscale = 1.0 / (scale as f64 * n);
         let norm = sq.sqrt() * unscale;
         stats.grad_norm = norm;
@@ -363,14 +422,18 @@ impl<B: Backend> Trainer<B> {
         };
         let grad_scale = (unscale * clip) as f32;
         let t = self.step; // 1-based step of AdamW
+        let adam = |decay: bool| AdamWConfig {
+            lr,
+            beta1: self.cfg.beta1,
+            beta2: self.cfg.beta2,
+            eps: 1e-8,
+            weight_decay: if decay { self.cfg.weight_decay } else { 0.0 },
+        };
+        if let Some(dp) = self.dp.as_mut().filter(|d| d.zero.is_some()) {
+            return dp.zero_update(be, &mut self.model, &|i| adam(self.decay[i]), t, grad_scale).map(|_| stats);
+        }
         for i in 0..self.grads.len() {
-            let cfg = AdamWConfig {
-                lr,
-                beta1: self.cfg.beta1,
-                beta2: self.cfg.beta2,
-                eps: 1e-8,
-                weight_decay: if self.decay[i] { self.cfg.weight_decay } else { 0.0 },
-            };
+            let cfg = adam(self.decay[i]);
             match self.master.as_mut() {
                 None => ops::adamw(
                     be,
@@ -399,24 +462,84 @@ impl<B: Backend> Trainer<B> {
         Ok(stats)
     }
 
+    /// `(Σ g², every element finite)` over all gradients with one readback: the
+    /// per-tensor sums of squares are added on the device. Squares are never
+    /// negative, so an inf or NaN element makes the sum non-finite; a
+    /// non-finite sum can also be f32 overflow of finite gradients, so only
+    /// then the exact per-tensor check runs (one readback per tensor, on
+    /// overflow steps only) and the skip decision stays exact.
+    fn grad_sumsq(&mut self, be: &B) -> Result<(f64, bool)> {
+        for (i, g) in self.grads.iter().enumerate() {
+            if i == 0 {
+                ops::sum_squares(be, g, &mut self.sumsq_acc)?;
+            } else {
+                ops::sum_squares(be, g, &mut self.sumsq)?;
+                ops::axpby(be, 1.0, &self.sumsq, 1.0, &mut self.sumsq_acc)?;
+            }
+        }
+        let sq = self.sumsq_acc.to_f32_vec(be)?[0] as f64;
+        if sq.is_finite() {
+            return Ok((sq, true));
+        }
+        for g in &self.grads {
+            ops::all_finite(be, g, &mut self.flag)?;
+            if self.flag.to_u32_vec(be)?[0] != 1 {
+                return Ok((sq, false));
+            }
+        }
+        // Every element finite but Σ g² overflowed f32: sum in f64 per tensor instead.
+        let mut sq = 0.0f64;
+        for g in &self.grads {
+            sq += g.to_f32_vec(be)?.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+        }
+        Ok((sq, true))
+    }
+
     /// Mean loss and retrieval accuracy on validation windows (dense or the
     /// model's final sparse budget, as `attn` says).
     pub fn evaluate(&mut self, be: &B, data: &Corpus, windows: usize, attn: StepAttention) -> Result<EvalStats> {
         evaluate(be, &self.model, &mut self.ws, data, windows, attn)
     }
 
-    /// The f32 master weights (the model's own when training in f32).
+    /// The f32 master weights (the model's own when training in f32). Under
+    /// ZeRO-1 this gathers the shards: every rank must call it.
     pub fn master_values(&self, be: &B) -> Result<Vec<Vec<f32>>> {
+        if let Some(dp) = self.dp.as_ref().filter(|d| d.zero.is_some()) {
+            return Ok(dp.split(&dp.gather(be, |s| &s.master)?));
+        }
         match &self.master {
             Some(m) => m.iter().map(|t| t.to_f32_vec(be)).collect(),
             None => self.model.values(be),
         }
     }
 
-    /// AdamW moments `(m, v)` as host vectors.
+    /// AdamW moments `(m, v)` as host vectors (gathered under ZeRO-1: every rank must call it).
     pub fn moments(&self, be: &B) -> Result<Moments> {
+        if let Some(dp) = self.dp.as_ref().filter(|d| d.zero.is_some()) {
+            return Ok((dp.split(&dp.gather(be, |s| &s.m)?), dp.split(&dp.gather(be, |s| &s.v)?)));
+        }
         let f = |ts: &[Tensor<B>]| ts.iter().map(|t| t.to_f32_vec(be)).collect::<Result<Vec<_>>>();
         Ok((f(&self.m)?, f(&self.v)?))
+    }
+
+    /// Everything a checkpoint holds of this run (a collective under ZeRO-1:
+    /// every rank calls it, rank 0 writes the file; the file is the same as a
+    /// single-process run's, so it resumes at any world size).
+    pub fn state(&self, be: &B) -> Result<checkpoint::TrainState> {
+        let (m, v) = self.moments(be)?;
+        Ok(checkpoint::TrainState {
+            params: self.master_values(be)?,
+            m,
+            v,
+            scaler: self.scaler,
+            step: self.step,
+            batcher_rng: self.batcher.rng.state(),
+        })
+    }
+
+    /// This rank and the world size (0 and 1 for a single-process run).
+    pub fn rank_world(&self) -> (usize, usize) {
+        self.dp.as_ref().map_or((0, 1), |d| (d.comm.rank(), d.comm.world()))
     }
 
     /// Restores master weights (and working copies), moments, scaler, step and data position.
@@ -426,15 +549,28 @@ impl<B: Backend> Trainer<B> {
             return Err(Error::Format("checkpoint: tensor count does not match the model".into()));
         }
         for i in 0..n {
-            match self.master.as_mut() {
-                Some(master) => {
-                    master[i].write_f32(be, &st.params[i])?;
-                    ops::cast(be, &master[i], &mut self.model.params[i])?;
-                }
-                None => self.model.params[i].write_f32(be, &st.params[i])?,
+            let want = self.model.params[i].numel();
+            if [&st.params[i], &st.m[i], &st.v[i]].iter().any(|x| x.len() != want) {
+                return Err(Error::Format(format!("checkpoint: tensor {i} does not have the model's {want} elements")));
             }
-            self.m[i].write_f32(be, &st.m[i])?;
-            self.v[i].write_f32(be, &st.v[i])?;
+        }
+        if let Some(dp) = self.dp.as_mut().filter(|d| d.zero.is_some()) {
+            dp.restore_shard(be, &st.params, &st.m, &st.v)?;
+            for (p, w) in self.model.params.iter_mut().zip(&st.params) {
+                p.write_f32(be, w)?;
+            }
+        } else {
+            for i in 0..n {
+                match self.master.as_mut() {
+                    Some(master) => {
+                        master[i].write_f32(be, &st.params[i])?;
+                        ops::cast(be, &master[i], &mut self.model.params[i])?;
+                    }
+                    None => self.model.params[i].write_f32(be, &st.params[i])?,
+                }
+                self.m[i].write_f32(be, &st.m[i])?;
+                self.v[i].write_f32(be, &st.v[i])?;
+            }
         }
         self.scaler = st.scaler;
         self.step = st.step;

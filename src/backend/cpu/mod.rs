@@ -204,6 +204,7 @@ impl Backend for CpuBackend {
     }
 
     fn download(&self, buf: &CpuBuffer, dtype: DType, len: usize) -> Result<Vec<u8>> {
+        self.mem.download();
         let all: &[u8] = match &buf.data {
             Storage::F32(v) => bytemuck::cast_slice(v),
             Storage::F16(v) => bytemuck::cast_slice(v),

@@ -300,6 +300,7 @@ impl Backend for CudaBackend {
     }
 
     fn download(&self, buf: &CudaBuffer, dtype: DType, len: usize) -> Result<Vec<u8>> {
+        self.mem.download();
         let n = len * dtype.size();
         if n > buf.bytes {
             return Err(Error::Shape(format!("download: {n} bytes from a buffer of {}", buf.bytes)));

@@ -778,6 +778,7 @@ impl Backend for WgpuBackend {
     }
 
     fn download(&self, buf: &WgpuBuffer, dtype: DType, len: usize) -> Result<Vec<u8>> {
+        self.mem.download();
         let n = len * dtype.size();
         if n > buf.bytes {
             return Err(Error::Shape(format!("download: {n} bytes from a buffer of {}", buf.bytes)));

@@ -1,0 +1,219 @@
+//! The data-parallel part of a training step: host-staged gradient buckets
+//! all-reduced in reverse layer order, or under ZeRO-1 a reduce-scatter of
+//! the flat gradient, an AdamW update of the rank's shard and an all-gather
+//! of the weights.
+//!
+//! Gradients are staged through one flat host buffer laid out by
+//! [`FlatLayout`]; buckets and shards are ranges of it. The reduction runs
+//! after the backward pass (no overlap with it yet).
+
+use std::ops::Range;
+
+use super::MemoryReport;
+use crate::dist::{Bucket, Collective, FlatLayout, ReduceOp, buckets};
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::ops::{self, adamw::AdamWConfig};
+use crate::{Backend, DType, Tensor};
+
+/// Settings of the data-parallel step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DistConfig {
+    /// ZeRO stage 1: shard the optimizer state (f32 master weights and moments) across ranks.
+    pub zero: bool,
+    /// Largest bucket of coalesced small gradients, MiB (PyTorch DDP: 25).
+    pub bucket_mb: f64,
+    /// Largest first bucket, MiB (PyTorch DDP: 1).
+    pub first_bucket_mb: f64,
+    /// Multiplies the seed's size-class thresholds (16, 64, 256 MB): small models have no
+    /// 16 MB tensors, so e.g. 1/1024 makes the classes 16, 64, 256 KB.
+    pub class_scale: f64,
+}
+
+impl Default for DistConfig {
+    fn default() -> Self {
+        DistConfig { zero: false, bucket_mb: 25.0, first_bucket_mb: 1.0, class_scale: 1.0 }
+    }
+}
+
+impl DistConfig {
+    pub fn validate(&self) -> Result<()> {
+        for (f, v) in [("--bucket-mb", self.bucket_mb), ("--first-bucket-mb", self.first_bucket_mb)] {
+            if !(v.is_finite() && v > 0.0 && v <= 65536.0) {
+                return Err(Error::Invalid(format!("{f} {v}: accepted range 0 < MiB <= 65536")));
+            }
+        }
+        if !(self.class_scale.is_finite() && self.class_scale > 0.0) {
+            return Err(Error::Invalid(format!("--size-class-scale {}: expected > 0", self.class_scale)));
+        }
+        Ok(())
+    }
+}
+
+/// A rank's piece of one parameter under ZeRO-1: flat range and its f32 optimizer state.
+pub(super) struct Segment<B: Backend> {
+    pub param: usize,
+    pub range: Range<usize>,
+    pub master: Tensor<B>,
+    pub m: Tensor<B>,
+    pub v: Tensor<B>,
+    pub grad: Tensor<B>,
+}
+
+pub(super) struct ZeroShard<B: Backend> {
+    pub range: Range<usize>,
+    pub segs: Vec<Segment<B>>,
+}
+
+pub(super) struct Dp<B: Backend> {
+    pub comm: Box<dyn Collective>,
+    pub layout: FlatLayout,
+    pub buckets: Vec<Bucket>,
+    /// Host staging of the flat f32 gradient (padding stays zero).
+    host: Vec<f32>,
+    pub zero: Option<ZeroShard<B>>,
+}
+
+/// Elements per alignment unit of the flat layout (256 bytes of f32).
+const ALIGN: usize = 64;
+
+impl<B: Backend> Dp<B> {
+    pub fn new(
+        be: &B,
+        model: &Model<B>,
+        cfg: DistConfig,
+        comm: Box<dyn Collective>,
+        memory: &mut MemoryReport,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let world = comm.world();
+        let infos = model.cfg.params();
+        let layout = FlatLayout::new(infos.iter().map(|p| (p.name.as_str(), p.shape.as_slice())), ALIGN, world);
+        const MIB: f64 = (1 << 20) as f64;
+        let buckets =
+            buckets(&layout, cfg.class_scale, (cfg.bucket_mb * MIB) as usize, (cfg.first_bucket_mb * MIB) as usize);
+        let zero = if cfg.zero {
+            let s = layout.shard_len(world);
+            let range = comm.rank() * s..(comm.rank() + 1) * s;
+            let vals = model.values(be)?;
+            let before = be.memory().allocated;
+            let mut segs = Vec::new();
+            for (i, r) in layout.segments(range.clone()) {
+                let off = layout.entries[i].offset;
+                let w = &vals[i][r.start - off..r.end - off];
+                segs.push(Segment {
+                    param: i,
+                    range: r.clone(),
+                    master: Tensor::from_f32(be, w, &[w.len()], DType::F32)?,
+                    m: Tensor::zeros(be, &[w.len()], DType::F32)?,
+                    v: Tensor::zeros(be, &[w.len()], DType::F32)?,
+                    grad: Tensor::zeros(be, &[w.len()], DType::F32)?,
+                });
+            }
+            // master 4 + m 4 + v 4 + staged gradient 4 bytes per shard element.
+            let bytes = be.memory().allocated.saturating_sub(before);
+            memory.master_weights += bytes / 4;
+            memory.optimizer += bytes / 2;
+            memory.gradients += bytes / 4;
+            Some(ZeroShard { range, segs })
+        } else {
+            None
+        };
+        Ok(Dp { comm, host: vec![0.0; layout.len], layout, buckets, zero })
+    }
+
+    fn stage(&mut self, be: &B, grads: &[Tensor<B>]) -> Result<()> {
+        for (e, g) in self.layout.entries.iter().zip(grads) {
+            let v = g.to_f32_vec(be)?;
+            self.host[e.range()].copy_from_slice(&v);
+        }
+        Ok(())
+    }
+
+    /// Sums the gradients over ranks, bucket by bucket in reverse layer order.
+    pub fn all_reduce_grads(&mut self, be: &B, grads: &mut [Tensor<B>]) -> Result<()> {
+        self.stage(be, grads)?;
+        for b in &self.buckets {
+            self.comm.all_reduce(&mut self.host[b.range.clone()], ReduceOp::Sum)?;
+        }
+        for (e, g) in self.layout.entries.iter().zip(grads.iter_mut()) {
+            g.write_f32(be, &self.host[e.range()])?;
+        }
+        Ok(())
+    }
+
+    /// ZeRO-1: reduce-scatters the flat gradient, uploads this rank's shard,
+    /// returns the shard's `(Σ g², all finite)` (summed over ranks by the caller).
+    pub fn reduce_scatter_grads(&mut self, be: &B, grads: &[Tensor<B>]) -> Result<(f64, bool)> {
+        self.stage(be, grads)?;
+        let Some(z) = self.zero.as_mut() else {
+            return Err(Error::Invalid("reduce_scatter_grads without ZeRO".into()));
+        };
+        let mut shard = vec![0.0f32; z.range.len()];
+        self.comm.reduce_scatter(&self.host, &mut shard)?;
+        let (mut sq, mut finite) = (0.0f64, true);
+        for s in z.segs.iter_mut() {
+            let g = &shard[s.range.start - z.range.start..s.range.end - z.range.start];
+            finite &= g.iter().all(|x| x.is_finite());
+            sq += g.iter().map(|&x| x as f64 * x as f64).sum::<f64>();
+            s.grad.write_f32(be, g)?;
+        }
+        Ok((sq, finite))
+    }
+
+    /// ZeRO-1: AdamW on this rank's shard, then all-gather the f32 weights into every
+    /// rank's working copy.
+    pub fn zero_update(
+        &mut self,
+        be: &B,
+        model: &mut Model<B>,
+        adam: &dyn Fn(usize) -> AdamWConfig,
+        t: u64,
+        grad_scale: f32,
+    ) -> Result<()> {
+        let Some(z) = self.zero.as_mut() else { return Err(Error::Invalid("zero_update without ZeRO".into())) };
+        for s in z.segs.iter_mut() {
+            ops::adamw(be, &adam(s.param), t, grad_scale, &mut s.master, &s.grad, &mut s.m, &mut s.v, None)?;
+        }
+        let full = self.gather(be, |s| &s.master)?;
+        for (e, p) in self.layout.entries.iter().zip(model.params.iter_mut()) {
+            p.write_f32(be, &full[e.range()])?;
+        }
+        Ok(())
+    }
+
+    /// All-gathers one per-segment state (master, m or v) into the flat layout.
+    pub fn gather(&self, be: &B, pick: impl Fn(&Segment<B>) -> &Tensor<B>) -> Result<Vec<f32>> {
+        let z = self.zero.as_ref().ok_or_else(|| Error::Invalid("gather without ZeRO".into()))?;
+        let mut shard = vec![0.0f32; z.range.len()];
+        for s in &z.segs {
+            let v = pick(s).to_f32_vec(be)?;
+            shard[s.range.start - z.range.start..s.range.end - z.range.start].copy_from_slice(&v);
+        }
+        let mut full = vec![0.0f32; self.layout.len];
+        self.comm.all_gather(&shard, &mut full)?;
+        Ok(full)
+    }
+
+    /// Splits a flat buffer into one vector per parameter.
+    pub fn split(&self, flat: &[f32]) -> Vec<Vec<f32>> {
+        self.layout.entries.iter().map(|e| flat[e.range()].to_vec()).collect()
+    }
+
+    /// ZeRO-1: loads this rank's shard of full per-parameter state (a checkpoint
+    /// written at any world size).
+    pub fn restore_shard(&mut self, be: &B, params: &[Vec<f32>], m: &[Vec<f32>], v: &[Vec<f32>]) -> Result<()> {
+        let Some(z) = self.zero.as_mut() else { return Ok(()) };
+        for s in z.segs.iter_mut() {
+            let e = &self.layout.entries[s.param];
+            let r = s.range.start - e.offset..s.range.end - e.offset;
+            for (src, dst) in [(params, &mut s.master), (m, &mut s.m), (v, &mut s.v)] {
+                let t = src.get(s.param).and_then(|x| x.get(r.clone())).ok_or_else(|| {
+                    Error::Format(format!("checkpoint: tensor {} is shorter than the model's", e.name))
+                })?;
+                dst.write_f32(be, t)?;
+            }
+        }
+        Ok(())
+    }
+}
