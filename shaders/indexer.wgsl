@@ -434,6 +434,139 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
 }
 
+//!kernel indexer_block_scores_tiled_hw(qi: in, ki: in, w: in, pooled: out)
+// The hardware-GPU variant of `indexer_block_scores_tiled` (same inputs,
+// outputs and per-query maxima): a 64-wide workgroup per (key block, query
+// block, batch), invocation i holding key i (then i + 64, ..) of the block
+// in private vec4s, so one k_i row per invocation instead of eight; q_i rows
+// and w through workgroup memory 8 queries at a time (64 partial maxima per
+// query in `pm`), merged in invocation order. Max is exact, so the result
+// is bit-identical to the software variant's.
+const TWG: u32 = 64u;
+const TKEYS: u32 = 64u;
+const QTV: u32 = 832u;
+const PQ: u32 = 8u;
+var<workgroup> qt: array<vec4<f32>, 832>;
+var<workgroup> wt: array<f32, 256>;
+var<workgroup> pm: array<f32, 512>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let seq = pu(1u);
+    let nh = pu(2u);
+    let d = pu(3u);
+    let blk = pu(4u);
+    let nb = pu(5u);
+    let kb = wg.x;
+    let qb = wg.y;
+    let b = wg.z;
+    let t0 = qb * blk;
+    let rows = min(t0 + blk, seq) - t0;
+    if (kb > qb) {
+        for (var r = lid; r < rows; r = r + TWG) {
+            st_pooled((b * seq + t0 + r) * nb + kb, neg_inf());
+        }
+        return;
+    }
+    let d4 = (d + 3u) / 4u;
+    var ks = 16u;
+    if (d4 <= 8u) {
+        ks = 8u;
+    }
+    let rs = nh * ks;
+    let qc = min(min(QTV / rs, 256u / nh), PQ);
+    let s0 = kb * blk;
+    let cols = min(s0 + blk, seq) - s0;
+    var kv0: array<vec4<f32>, 16>;
+    for (var k0 = 0u; k0 < cols; k0 = k0 + TKEYS) {
+        let sk0 = s0 + k0 + lid + 0u;
+        let ko0 = ki_off(b, min(sk0, seq - 1u));
+        kv0[0u] = ld4_ki(ko0, 0u, d);
+        kv0[1u] = ld4_ki(ko0, 4u, d);
+        kv0[2u] = ld4_ki(ko0, 8u, d);
+        kv0[3u] = ld4_ki(ko0, 12u, d);
+        kv0[4u] = ld4_ki(ko0, 16u, d);
+        kv0[5u] = ld4_ki(ko0, 20u, d);
+        kv0[6u] = ld4_ki(ko0, 24u, d);
+        kv0[7u] = ld4_ki(ko0, 28u, d);
+        kv0[8u] = ld4_ki(ko0, 32u, d);
+        kv0[9u] = ld4_ki(ko0, 36u, d);
+        kv0[10u] = ld4_ki(ko0, 40u, d);
+        kv0[11u] = ld4_ki(ko0, 44u, d);
+        kv0[12u] = ld4_ki(ko0, 48u, d);
+        kv0[13u] = ld4_ki(ko0, 52u, d);
+        kv0[14u] = ld4_ki(ko0, 56u, d);
+        kv0[15u] = ld4_ki(ko0, 60u, d);
+        for (var c0 = 0u; c0 < rows; c0 = c0 + qc) {
+            let qw = min(qc, rows - c0);
+            workgroupBarrier();
+            for (var i = lid; i < qw * rs; i = i + TWG) {
+                let r = i / rs;
+                let j = (i % rs) / ks;
+                let e = i % ks;
+                qt[i] = ld4_qi(qi_off(b, t0 + c0 + r, j), 4u * e, d);
+            }
+            for (var i = lid; i < qw * nh; i = i + TWG) {
+                wt[i] = ld_w((b * seq + t0 + c0) * nh + i);
+            }
+            workgroupBarrier();
+            for (var r = 0u; r < qw; r = r + 1u) {
+                let t = t0 + c0 + r;
+                var x0 = 0.0;
+                for (var j = 0u; j < nh; j = j + 1u) {
+                    let o = (r * nh + j) * ks;
+                    let wj = wt[r * nh + j];
+                    let q0 = qt[o + 0u];
+                    let q1 = qt[o + 1u];
+                    let q2 = qt[o + 2u];
+                    let q3 = qt[o + 3u];
+                    let q4 = qt[o + 4u];
+                    let q5 = qt[o + 5u];
+                    let q6 = qt[o + 6u];
+                    let q7 = qt[o + 7u];
+                    var l0 = dot(kv0[0u], q0) + dot(kv0[1u], q1) + dot(kv0[2u], q2) + dot(kv0[3u], q3) + dot(kv0[4u], q4) + dot(kv0[5u], q5) + dot(kv0[6u], q6) + dot(kv0[7u], q7);
+                    if (ks == 16u) {
+                        let q8 = qt[o + 8u];
+                        let q9 = qt[o + 9u];
+                        let q10 = qt[o + 10u];
+                        let q11 = qt[o + 11u];
+                        let q12 = qt[o + 12u];
+                        let q13 = qt[o + 13u];
+                        let q14 = qt[o + 14u];
+                        let q15 = qt[o + 15u];
+                        l0 = l0 + (dot(kv0[8u], q8) + dot(kv0[9u], q9) + dot(kv0[10u], q10) + dot(kv0[11u], q11) + dot(kv0[12u], q12) + dot(kv0[13u], q13) + dot(kv0[14u], q14) + dot(kv0[15u], q15));
+                    }
+                    x0 = x0 + wj * max(l0, 0.0);
+                }
+                var m = LOWEST;
+                if (sk0 < s0 + cols && sk0 <= t && x0 > m) {
+                    m = x0;
+                }
+                pm[r * TWG + lid] = m;
+            }
+            workgroupBarrier();
+            // Query c0 + r's maximum: its 64 partials in invocation order,
+            // then the keys of the earlier 64-key groups (already written).
+            for (var r = lid; r < qw; r = r + TWG) {
+                var m = pm[r * TWG];
+                for (var i = 1u; i < TWG; i = i + 1u) {
+                    let x = pm[r * TWG + i];
+                    if (x > m) { m = x; }
+                }
+                let o = (b * seq + t0 + c0 + r) * nb + kb;
+                if (k0 > 0u) {
+                    let prev = ld_pooled(o);
+                    if (prev > m) { m = prev; }
+                }
+                if (k0 + TKEYS >= cols) {
+                    m = pooled_value(m);
+                }
+                st_pooled(o, m);
+            }
+        }
+    }
+}
+
 //!kernel indexer_bwd_q(qi: in, ki: in, w: in, dscores: in, dqi: inout, dw: inout)
 // One invocation per (chunk, batch, query, head j): dw[t, j] = Σ_s dI·ReLU(L) and
 // dq_i[t, j] = Σ_s dI·w[t, j]·[L > 0]·k_i[s] over the chunk's keys s <= t, with

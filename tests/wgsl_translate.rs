@@ -92,7 +92,12 @@ fn every_generated_wgsl_variant_translates_to_msl_hlsl_and_spirv() {
     assert!(all.len() >= 138, "only {} kernel variants found", all.len());
     // The hardware-GPU variants (DYNSPARSE_WGPU_KERNELS=hw) are kernels of
     // their own and go through every writer like the software ones.
-    for hw in ["matmul.wgsl::matmul_hw ", "matmul.wgsl::matmul_acc_hw ", "attention_hw.wgsl::attn_fwd_tiled_hw "] {
+    for hw in [
+        "matmul.wgsl::matmul_hw ",
+        "matmul.wgsl::matmul_acc_hw ",
+        "attention_hw.wgsl::attn_fwd_tiled_hw ",
+        "indexer.wgsl::indexer_block_scores_tiled_hw ",
+    ] {
         assert_eq!(all.iter().filter(|(l, _)| l.contains(hw)).count(), 3, "{hw}in f32, f16 and bf16");
     }
     assert!(failures.is_empty(), "{} of {} variants fail:\n{}", failures.len(), all.len(), failures.join("\n\n"));

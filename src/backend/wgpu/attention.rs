@@ -501,7 +501,8 @@ const IDX_SHARED_BYTES: usize = 832 * 16 + 256 * 4 + 512 * 4;
 
 /// The per-query block-pooled indexer scores `[batch, seq, nkb]`:
 /// `indexer_block_scores_tiled` (q_i tiles in workgroup memory, a workgroup
-/// per (key block, query block)) where it applies, else the plain kernel (an
+/// per (key block, query block); its `_hw` variant on hardware adapters:
+/// 64 invocations, one key each) where it applies, else the plain kernel (an
 /// invocation per output).
 pub(super) fn indexer_block_scores(
     be: &WgpuBackend,
@@ -516,7 +517,11 @@ pub(super) fn indexer_block_scores(
     let tiled = shared >= IDX_SHARED_BYTES && s.heads <= IDX_MAX_HEADS && s.dim <= IDX_MAX_DIM;
     let args = &mut [Arg::R(qi), Arg::R(ki), Arg::R(w), Arg::W(pooled)];
     if tiled {
-        be.launch("indexer", "indexer_block_scores_tiled", args, indexer_params(s), [nb, nb, s.batch as u32])
+        let name = match be.kernel_variant() {
+            KernelVariant::Software => "indexer_block_scores_tiled",
+            KernelVariant::Hardware => "indexer_block_scores_tiled_hw",
+        };
+        be.launch("indexer", name, args, indexer_params(s), [nb, nb, s.batch as u32])
     } else {
         let n = s.batch * s.seq * s.n_blocks();
         be.launch("indexer", "indexer_block_scores", args, indexer_params(s), grid1d(n))

@@ -780,6 +780,7 @@ mod tests {
         let pairs = [
             ("matmul", "matmul", "matmul", "matmul_hw"),
             ("attention", "attn_fwd_tiled", "attention_hw", "attn_fwd_tiled_hw"),
+            ("indexer", "indexer_block_scores_tiled", "indexer", "indexer_block_scores_tiled_hw"),
         ];
         println!(
             "| kernel | variant | invocations/workgroup | workgroup memory (bytes) | private arrays per invocation (bytes) |"
