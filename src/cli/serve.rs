@@ -25,6 +25,11 @@ pub struct ServeArgs {
     /// Most tokens (decode rows + prefill chunks) in one engine step; long prompts are prefilled in chunks under it.
     #[arg(long, default_value_t = 512)]
     pub max_batched_tokens: usize,
+    /// Prefill rows per step while sequences decode: at most max(this, decode rows), so a step carrying a prompt
+    /// chunk takes about 2× a decode step instead of stalling every stream (lower: steadier inter-token latency;
+    /// higher: faster time to first token). With nothing decoding, prompts get all of --max-batched-tokens.
+    #[arg(long, default_value_t = 32)]
+    pub prefill_chunk: usize,
     /// Most prompts waiting for a slot; a request beyond it gets 429 at once.
     #[arg(long, default_value_t = 256)]
     pub max_queue: usize,
@@ -62,6 +67,7 @@ pub fn run(choice: BackendChoice, a: ServeArgs) -> Result<()> {
         backend: choice,
         max_batch: a.max_batch,
         max_batched_tokens: a.max_batched_tokens,
+        prefill_chunk: a.prefill_chunk,
         max_queue: a.max_queue,
         kv_memory: a.kv_memory.as_deref().map(parse_bytes).transpose()?,
         kv_page: a.kv_page,

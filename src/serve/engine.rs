@@ -10,7 +10,8 @@
 //! may need, preempting the newest running sequence (pages freed, requeued at
 //! the head, recomputed later) until they do; (5) build ONE `Model::step`:
 //! one row per decoding sequence, then prefill chunks in admission order
-//! under `max_batched_tokens`, so a long prompt never stalls the decodes;
+//! under `max_batched_tokens` and [`prefill_budget`], so a long prompt never
+//! stalls the decodes;
 //! (6) sample each sequence whose fed tokens reached its end, with its own
 //! seeded `Rng` — its draws depend on its own logits only, so batching
 //! cannot change its stream — and stream the token out.
@@ -98,12 +99,32 @@ pub enum Msg {
     Shutdown,
 }
 
+/// Prefill rows a step may carry next to `decodes` decode rows, with at most
+/// `max_tokens` rows in all: everything left when nothing decodes (no one
+/// waits on the step), else at most `max(chunk, decodes)`.
+///
+/// Why: on a compute-bound backend (the CPU) a step costs about the weight
+/// reads plus a constant per row, and every decoding sequence waits for the
+/// whole step, so a step carrying a 512-row prompt chunk next to 32 decode
+/// rows delays 32 tokens by 16× a decode step — those steps set the
+/// inter-token p99. Capping the chunk at the decode rows (Sarathi-style
+/// stall-free batching, the budget growing with the batch so that prefill
+/// keeps pace with the sequences that finish) keeps every step within about
+/// 2× a pure decode step; `chunk` keeps a small batch admitting prompts at a
+/// useful rate. The price is time to first token under load.
+pub fn prefill_budget(max_tokens: usize, chunk: usize, decodes: usize) -> usize {
+    let left = max_tokens.saturating_sub(decodes);
+    if decodes == 0 { left } else { left.min(chunk.max(decodes)) }
+}
+
 /// Engine limits.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     pub backend: BackendChoice,
     pub max_batch: usize,
     pub max_batched_tokens: usize,
+    /// See [`prefill_budget`].
+    pub prefill_chunk: usize,
     /// Pool size in pages (already derived from the memory budget).
     pub kv_pages: usize,
     pub kv_page: usize,
@@ -297,20 +318,26 @@ impl<B: Backend> Engine<'_, B> {
     fn retire(&mut self) {
         let now = Instant::now();
         let (mut cancelled, mut timed_out) = (0, 0);
+        // Timeout errors go out after the pages and the metrics are updated, so
+        // a client that sees its stream end reads metrics that count it.
+        let mut errors = Vec::new();
         let mut keep = |s: &mut Seq, this: &mut Self| -> bool {
             let gone = s.events.is_closed();
             let late = now >= s.deadline;
             if gone || late {
                 if late && !gone {
-                    let _ = s.events.send(Event::Error {
-                        index: s.index,
-                        kind: FailKind::Timeout,
-                        message: format!(
-                            "the request timed out after {:.1} s ({} tokens generated)",
-                            now.duration_since(s.arrived).as_secs_f64(),
-                            s.generated()
-                        ),
-                    });
+                    errors.push((
+                        s.events.clone(),
+                        Event::Error {
+                            index: s.index,
+                            kind: FailKind::Timeout,
+                            message: format!(
+                                "the request timed out after {:.1} s ({} tokens generated)",
+                                now.duration_since(s.arrived).as_secs_f64(),
+                                s.generated()
+                            ),
+                        },
+                    ));
                     timed_out += 1;
                 } else {
                     cancelled += 1;
@@ -332,6 +359,10 @@ impl<B: Backend> Engine<'_, B> {
                 m.cancelled += cancelled;
                 m.timed_out += timed_out;
             });
+            self.publish(None);
+        }
+        for (tx, ev) in errors {
+            let _ = tx.send(ev);
         }
     }
 
@@ -414,6 +445,7 @@ impl<B: Backend> Engine<'_, B> {
                     budget -= 1;
                 }
             }
+            budget = prefill_budget(self.cfg.max_batched_tokens, self.cfg.prefill_chunk, plan.len());
             let page = self.cache.page();
             for (i, s) in self.running.iter().enumerate() {
                 let slot = s.slot.expect("running");
@@ -583,5 +615,22 @@ impl<B: Backend> Engine<'_, B> {
             self.unqueue(s);
         }
         self.publish(None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefill_budget;
+
+    #[test]
+    fn prefill_budget_is_capped_by_the_decode_rows_only_while_some_decode() {
+        // Nothing decodes: the whole step budget.
+        assert_eq!(prefill_budget(512, 32, 0), 512);
+        // A few decode: the chunk; many: as many prefill rows as decode rows.
+        assert_eq!(prefill_budget(512, 32, 3), 32);
+        assert_eq!(prefill_budget(512, 32, 100), 100);
+        // Never past the step budget.
+        assert_eq!(prefill_budget(512, 32, 300), 212);
+        assert_eq!(prefill_budget(64, 32, 64), 0);
     }
 }

@@ -70,6 +70,10 @@ pub struct ServeConfig {
     pub max_batch: usize,
     /// Most query rows (decode tokens + prefill chunks) in one engine step.
     pub max_batched_tokens: usize,
+    /// Prefill rows a step may carry while sequences decode: at most
+    /// `max(prefill_chunk, decode rows)` (all of `max_batched_tokens` when
+    /// none decode). See [`engine::prefill_budget`].
+    pub prefill_chunk: usize,
     /// Most sequences waiting for admission; beyond it requests get 429 at once.
     pub max_queue: usize,
     /// KV pool size in bytes; `None`: room for `max_batch` full contexts.
@@ -98,6 +102,7 @@ impl Default for ServeConfig {
             backend: BackendChoice::Auto,
             max_batch: 32,
             max_batched_tokens: 512,
+            prefill_chunk: 32,
             max_queue: 256,
             kv_memory: None,
             kv_page: crate::model::infer::DEFAULT_PAGE,
@@ -200,6 +205,9 @@ pub fn start(cfg: ServeConfig, model: ServeModel) -> Result<ServerHandle> {
             cfg.max_batched_tokens, cfg.max_batch
         ));
     }
+    if cfg.prefill_chunk == 0 {
+        return bad("--prefill-chunk must be at least 1".into());
+    }
     if cfg.max_queue == 0 {
         return bad("--max-queue must be at least 1".into());
     }
@@ -236,6 +244,7 @@ pub fn start(cfg: ServeConfig, model: ServeModel) -> Result<ServerHandle> {
         backend: cfg.backend,
         max_batch: cfg.max_batch,
         max_batched_tokens: cfg.max_batched_tokens,
+        prefill_chunk: cfg.prefill_chunk.min(cfg.max_batched_tokens),
         kv_pages,
         kv_page: cfg.kv_page,
         context,
