@@ -6,8 +6,8 @@
 // k is a multiple of 4). Invocation t of the QT = 64 of a workgroup owns the
 // units u ≡ t (mod 64) and sums, for each output it holds, in increasing u
 // and, within a unit, increasing p:  acc = fma(x[i][p], w[j][p], acc).  The 64
-// partials of an output are then added in one fixed tree (t + 32, t + 16, …,
-// t + 1). That order depends on k only, never on m or on which rows or
+// partials of an output are then added in one fixed order, t = 0, 1, …, 63.
+// That order depends on k only, never on m or on which rows or
 // channels share a workgroup, so the two kernels below (qmv for decode, qmm for
 // larger m) give every element the same bits: a row computed alone equals the
 // same row in any batch. `fma` is written out rather than left to the
@@ -113,23 +113,13 @@ fn fma_unit(acc: vec4<f32>, x: vec4<f32>, w: Unit) -> vec4<f32> {
     return fma(vec4<f32>(x.w), w.e3, a);
 }
 
-// Adds the QT partials of each of `rows` outputs (red[t·rows + r]) in the
-// fixed tree; the sums land in red[r]. Call from uniform control flow.
-fn red_tree(t: u32, rows: u32) {
+// Stores the outputs of the workgroup: invocation t < 4·rows owns channel
+// j0 + t % 4 of row i0 + t / 4 and adds that output's QT partials
+// red[t'·rows + r] in the fixed order t' = 0, 1, …, 63 (one barrier; a tree
+// would need six, each costly where barriers are emulated, as on lavapipe).
+// Call from uniform control flow.
+fn reduce_store(t: u32, i0: u32, rows: u32, j0: u32) {
     workgroupBarrier();
-    for (var s = QT / 2u; s > 0u; s = s / 2u) {
-        if (t < s) {
-            for (var r = 0u; r < rows; r = r + 1u) {
-                red[t * rows + r] = red[t * rows + r] + red[(t + s) * rows + r];
-            }
-        }
-        workgroupBarrier();
-    }
-}
-
-// Stores red[r] (channels j0 .. j0+3 of row i), within bounds; invocation t
-// stores channel t % 4 of row r = t / 4.
-fn store_out(t: u32, i0: u32, rows: u32, j0: u32) {
     let m = pu(0u);
     let n = pu(1u);
     let r = t / 4u;
@@ -137,7 +127,11 @@ fn store_out(t: u32, i0: u32, rows: u32, j0: u32) {
     let i = i0 + r;
     let j = j0 + c;
     if (r < rows && i < m && j < n) {
-        st_y(i * n + j, red[r][c]);
+        var sum = red[r][c];
+        for (var s = 1u; s < QT; s = s + 1u) {
+            sum = sum + red[s * rows + r][c];
+        }
+        st_y(i * n + j, sum);
     }
 }
 
@@ -157,8 +151,7 @@ fn main(@builtin(local_invocation_id) l: vec3<u32>, @builtin(workgroup_id) w: ve
         acc = fma_unit(acc, xunit(i, u), unit_w(j0, u));
     }
     red[t] = acc;
-    red_tree(t, 1u);
-    store_out(t, i, 1u, j0);
+    reduce_store(t, i, 1u, j0);
 }
 
 //!kernel qmm(x: in, q: idx, scale: in, aux: idx, y: out)
@@ -184,6 +177,5 @@ fn main(@builtin(local_invocation_id) l: vec3<u32>, @builtin(workgroup_id) w: ve
         }
     }
     for (var r = 0u; r < QMM_ROWS; r = r + 1u) { red[t * QMM_ROWS + r] = acc[r]; }
-    red_tree(t, QMM_ROWS);
-    store_out(t, i0, QMM_ROWS, j0);
+    reduce_store(t, i0, QMM_ROWS, j0);
 }

@@ -5,7 +5,7 @@
 //! each dequantized weight unit used for all eight) otherwise. Both split k
 //! over the 64 invocations of a workgroup the same way, accumulate with
 //! explicit `fma` in the same order and add the 64 partials in the same
-//! tree, so every output element has the same bits whatever `m` is and
+//! order, so every output element has the same bits whatever `m` is and
 //! whichever kernel ran (batch invariance; checked bit for bit by the
 //! conformance test `qmatmul`).
 //!
