@@ -39,7 +39,7 @@ struct Args {
 
 enum Weight {
     Dense(Tensor<WgpuBackend>),
-    Quant(QWeight<WgpuBackend>),
+    Quant(Box<QWeight<WgpuBackend>>),
 }
 
 fn main() -> Result<()> {
@@ -66,7 +66,7 @@ fn main() -> Result<()> {
         QFormat::Sparse24 { int8: true },
     ] {
         let qm = QMatrix::quantize(&w_nk, n, k, f)?;
-        variants.push((f.name(), DType::F32, Weight::Quant(QWeight::upload(&be, &qm)?), qm.bytes()));
+        variants.push((f.name(), DType::F32, Weight::Quant(Box::new(QWeight::upload(&be, &qm)?)), qm.bytes()));
     }
     println!("device: {} (wgpu); weight {k}×{n}; {} calls per timing, {} rounds", be.device_name(), a.reps, a.rounds);
     println!();
