@@ -6,12 +6,13 @@
 // k is a multiple of 4). Invocation t of the QT = 64 of a workgroup owns the
 // units u ≡ t (mod 64) and sums, for each output it holds, in increasing u
 // and, within a unit, increasing p:  acc = fma(x[i][p], w[j][p], acc).  The 64
-// partials of an output are then added in one fixed tree (t + 32, t + 16, …,
-// t + 1). That order depends on k only, never on m or on which rows or
-// channels share a workgroup, so the two kernels below (qmv for decode, qmm for
-// larger m) give every element the same bits: a row computed alone equals the
-// same row in any batch. `fma` is written out rather than left to the
-// compiler's contraction, which could differ between the two kernels.
+// partials of an output are then added in one fixed order, t = 0, 1, …, 63.
+// That order depends on k only, never on m or on which rows or
+// channels share a workgroup, and one kernel (qmm) serves every m, a decode
+// row included: the same pipeline, so the same instructions per element on
+// every driver, and a row computed alone has the bits of the same row in any
+// batch. (Two pipelines, a GEMV and a GEMM, could be compiled differently:
+// WGSL's `fma` and plain `a * b + c` may each be fused or not, per driver.)
 //
 // w[j][p] is dequantized in the loop exactly as the rule says: one f32 multiply
 // scale · (small integer), or the f16 value widened (unpack2x16float). Integer
@@ -25,7 +26,7 @@
 // Arguments: `scale` is f32 (a one-element dummy for 2:4 f16); `aux` is the
 // zero points (int4 asym) or the 2:4 positions, `q` itself when unused.
 // Grid: x, y fold the channel tiles (4 channels each, tile = w.x + w.y·nw.x);
-// z is the row (qmv) or the 8-row tile (qmm) relative to row0.
+// z is the 8-row tile relative to row0.
 
 const QT: u32 = 64u;
 const QMM_ROWS: u32 = 8u;
@@ -113,23 +114,13 @@ fn fma_unit(acc: vec4<f32>, x: vec4<f32>, w: Unit) -> vec4<f32> {
     return fma(vec4<f32>(x.w), w.e3, a);
 }
 
-// Adds the QT partials of each of `rows` outputs (red[t·rows + r]) in the
-// fixed tree; the sums land in red[r]. Call from uniform control flow.
-fn red_tree(t: u32, rows: u32) {
+// Stores the outputs of the workgroup: invocation t < 4·rows owns channel
+// j0 + t % 4 of row i0 + t / 4 and adds that output's QT partials
+// red[t'·rows + r] in the fixed order t' = 0, 1, …, 63 (one barrier; a tree
+// would need six, each costly where barriers are emulated, as on lavapipe).
+// Call from uniform control flow.
+fn reduce_store(t: u32, i0: u32, rows: u32, j0: u32) {
     workgroupBarrier();
-    for (var s = QT / 2u; s > 0u; s = s / 2u) {
-        if (t < s) {
-            for (var r = 0u; r < rows; r = r + 1u) {
-                red[t * rows + r] = red[t * rows + r] + red[(t + s) * rows + r];
-            }
-        }
-        workgroupBarrier();
-    }
-}
-
-// Stores red[r] (channels j0 .. j0+3 of row i), within bounds; invocation t
-// stores channel t % 4 of row r = t / 4.
-fn store_out(t: u32, i0: u32, rows: u32, j0: u32) {
     let m = pu(0u);
     let n = pu(1u);
     let r = t / 4u;
@@ -137,53 +128,40 @@ fn store_out(t: u32, i0: u32, rows: u32, j0: u32) {
     let i = i0 + r;
     let j = j0 + c;
     if (r < rows && i < m && j < n) {
-        st_y(i * n + j, red[r][c]);
+        var sum = red[r][c];
+        for (var s = 1u; s < QT; s = s + 1u) {
+            sum = sum + red[s * rows + r][c];
+        }
+        st_y(i * n + j, sum);
     }
-}
-
-//!kernel qmv(x: in, q: idx, scale: in, aux: idx, y: out)
-// One row (z + row0) and four channels per workgroup: the decode product.
-@compute @workgroup_size(64)
-fn main(@builtin(local_invocation_id) l: vec3<u32>, @builtin(workgroup_id) w: vec3<u32>,
-        @builtin(num_workgroups) nw: vec3<u32>) {
-    let n = pu(1u);
-    let j0 = (w.x + w.y * nw.x) * 4u;
-    if (j0 >= n) { return; }
-    let t = l.x;
-    let i = pu(5u) + w.z;
-    let nu = pu(2u) / 4u;
-    var acc = vec4<f32>(0.0);
-    for (var u = t; u < nu; u = u + QT) {
-        acc = fma_unit(acc, xunit(i, u), unit_w(j0, u));
-    }
-    red[t] = acc;
-    red_tree(t, 1u);
-    store_out(t, i, 1u, j0);
 }
 
 //!kernel qmm(x: in, q: idx, scale: in, aux: idx, y: out)
-// Eight rows (tile z after row0) and four channels per workgroup: each
-// dequantized weight unit serves eight rows. Rows past m read row m − 1 and
-// are not stored.
+// Up to eight rows (tile z after row0) and four channels per workgroup: each
+// dequantized weight unit serves every row of the tile. The tile's row count
+// only gates which unrolled row slots run, so a decode row (m = 1) does one
+// row's work, and its arithmetic is the same instructions as in any batch.
 @compute @workgroup_size(64)
 fn main(@builtin(local_invocation_id) l: vec3<u32>, @builtin(workgroup_id) w: vec3<u32>,
         @builtin(num_workgroups) nw: vec3<u32>) {
     let m = pu(0u);
     let n = pu(1u);
     let j0 = (w.x + w.y * nw.x) * 4u;
-    if (j0 >= n) { return; }
-    let t = l.x;
     let i0 = pu(5u) + w.z * QMM_ROWS;
+    if (j0 >= n || i0 >= m) { return; }
+    let rows = min(QMM_ROWS, m - i0);
+    let t = l.x;
     let nu = pu(2u) / 4u;
     var acc: array<vec4<f32>, 8>;
     for (var r = 0u; r < QMM_ROWS; r = r + 1u) { acc[r] = vec4<f32>(0.0); }
     for (var u = t; u < nu; u = u + QT) {
         let wu = unit_w(j0, u);
         for (var r = 0u; r < QMM_ROWS; r = r + 1u) {
-            acc[r] = fma_unit(acc[r], xunit(min(i0 + r, m - 1u), u), wu);
+            if (r < rows) {
+                acc[r] = fma_unit(acc[r], xunit(i0 + r, u), wu);
+            }
         }
     }
     for (var r = 0u; r < QMM_ROWS; r = r + 1u) { red[t * QMM_ROWS + r] = acc[r]; }
-    red_tree(t, QMM_ROWS);
-    store_out(t, i0, QMM_ROWS, j0);
+    reduce_store(t, i0, QMM_ROWS, j0);
 }

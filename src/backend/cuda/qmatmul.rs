@@ -48,36 +48,36 @@ fn row_chunks(m: usize, rows_per_block: usize) -> impl Iterator<Item = (usize, u
     (0..m).step_by(chunk).map(move |r0| (r0, (m - r0).min(chunk)))
 }
 
+/// The kernel's arguments in the order of its C signature: `x, q, scale, aux, y`
+/// (device addresses, 0 for an absent part), then `m, n, k, group, asym, row0`.
+fn args(ptrs: [u64; 5], dims: [usize; 6]) -> [Arg; 11] {
+    let [x, q, scale, aux, y] = ptrs.map(Arg::P);
+    let [m, n, k, group, asym, row0] = dims.map(|v| Arg::U(v as u32));
+    [x, q, scale, aux, y, m, n, k, group, asym, row0]
+}
+
+/// The entry point for `m` rows: `qmv_*` or `qmm_*`, and its rows per block.
+fn entry(f: QFormat, m: usize, dtype: crate::DType) -> (String, usize) {
+    let (kind, rows) = if m < QMM_MIN_ROWS { ("qmv", 1) } else { ("qmm", QMM_ROWS) };
+    (format!("{kind}_{}_{}", format_name(f), sfx(dtype)), rows)
+}
+
 pub(super) fn qmatmul(be: &CudaBackend, s: &QMatmulSpec, x: &T, w: &QWeight<CudaBackend>, y: &mut T) -> Result<()> {
     let (group, asym) = match s.format {
         QFormat::Int4 { group, asym } => (group, asym),
         _ => (0, false),
     };
-    let (kind, rows_per_block) = if s.m < QMM_MIN_ROWS { ("qmv", 1) } else { ("qmm", QMM_ROWS) };
-    let name = format!("{kind}_{}_{}", format_name(s.format), sfx(x.dtype()));
+    let (name, rows_per_block) = entry(s.format, s.m, x.dtype());
     // Absent parts are null pointers: the kernel of a format never reads them.
-    let ptr = |t: Option<&T>| Arg::P(t.map_or(0, |t| t.buf.ptr));
-    let aux = w.zero.as_ref().or(w.meta.as_ref());
+    let addr = |t: Option<&T>| t.map_or(0, |t| t.buf.ptr);
+    let ptrs = [x.buf.ptr, w.q.buf.ptr, addr(w.scale.as_ref()), addr(w.zero.as_ref().or(w.meta.as_ref())), y.buf.ptr];
     for (row0, rows) in row_chunks(s.m, rows_per_block) {
         let cfg = LaunchConfig {
             grid_dim: (s.n.div_ceil(CHANNELS) as u32, rows.div_ceil(rows_per_block) as u32, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let args = [
-            Arg::P(x.buf.ptr),
-            Arg::P(w.q.buf.ptr),
-            ptr(w.scale.as_ref()),
-            ptr(aux),
-            Arg::P(y.buf.ptr),
-            Arg::U(s.m as u32),
-            Arg::U(s.n as u32),
-            Arg::U(s.k as u32),
-            Arg::U(group as u32),
-            Arg::U(asym as u32),
-            Arg::U(row0 as u32),
-        ];
-        be.launch(FAMILY, &name, cfg, &args)?;
+        be.launch(FAMILY, &name, cfg, &args(ptrs, [s.m, s.n, s.k, group, asym as usize, row0]))?;
     }
     Ok(())
 }
@@ -93,5 +93,36 @@ mod tests {
         let big = GRID_Y * 8 + 5;
         assert_eq!(row_chunks(big, 8).collect::<Vec<_>>(), vec![(0, GRID_Y * 8), (GRID_Y * 8, 5)]);
         assert_eq!(row_chunks(0, 8).count(), 0);
+    }
+
+    /// Every entry point's PTX parameters are the sizes `args` passes (what
+    /// `CudaBackend::launch` checks at run time), for both kernels of every
+    /// format and dtype. Needs NVRTC (skipped without it).
+    #[test]
+    fn arguments_match_every_entry_points_ptx_signature() {
+        use crate::backend::cuda::kernels;
+        if let Err(why) = kernels::nvrtc_status() {
+            println!("skipped: NVRTC not found ({why})");
+            return;
+        }
+        let ptx = kernels::ptx_for(FAMILY, (9, 0)).unwrap();
+        let given: Vec<usize> = args([0; 5], [0; 6]).iter().map(Arg::size).collect();
+        let formats = [
+            QFormat::Int8,
+            QFormat::Int4 { group: 32, asym: true },
+            QFormat::Sparse24 { int8: false },
+            QFormat::Sparse24 { int8: true },
+        ];
+        let mut seen = 0;
+        for f in formats {
+            for dt in crate::DType::FLOATS {
+                for m in [1, QMM_MIN_ROWS] {
+                    let (name, _) = entry(f, m, dt);
+                    assert_eq!(kernels::entry_param_sizes(&ptx, &name), Some(given.clone()), "{name}");
+                    seen += 1;
+                }
+            }
+        }
+        assert_eq!(seen, 24);
     }
 }

@@ -1,13 +1,13 @@
 //! `y = x · Wᵀ` with a quantized weight on wgpu (`shaders/qmatmul.wgsl`).
 //!
-//! Two kernels, one summation order: `qmv` (one row per workgroup, the
-//! decode product) for `m < QMM_MIN_ROWS`, `qmm` (eight rows per workgroup,
-//! each dequantized weight unit used for all eight) otherwise. Both split k
-//! over the 64 invocations of a workgroup the same way, accumulate with
-//! explicit `fma` in the same order and add the 64 partials in the same
-//! tree, so every output element has the same bits whatever `m` is and
-//! whichever kernel ran (batch invariance; checked bit for bit by the
-//! conformance test `qmatmul`).
+//! One kernel, `qmm`, for every `m`: a workgroup takes four output channels
+//! and up to eight rows, splits k over its 64 invocations, accumulates with
+//! explicit `fma` in a fixed order and adds the 64 partials in a fixed
+//! order. A decode row (m = 1) runs the same kernel with one of its eight
+//! row slots active, i.e. as a matrix-vector product: one pipeline, so a
+//! row's arithmetic is the same instructions alone or in any batch on every
+//! driver (a separate GEMV pipeline could fuse multiply-adds differently);
+//! the conformance test `qmatmul` checks it bit for bit.
 //!
 //! No optional feature is needed: codes are read as `u32` words, f16 2:4
 //! values with `unpack2x16float`. `dot4I8Packed` is not used: the rule
@@ -23,8 +23,6 @@ use crate::{DType, Tensor};
 
 type T = Tensor<WgpuBackend>;
 
-/// Rows from which `qmm` (8 rows per workgroup) runs instead of `qmv`.
-const QMM_MIN_ROWS: usize = 4;
 /// `QMM_ROWS` of qmatmul.wgsl.
 const QMM_ROWS: usize = 8;
 /// Output channels per workgroup.
@@ -66,16 +64,15 @@ pub(super) fn qmatmul(be: &WgpuBackend, s: &QMatmulSpec, x: &T, w: &QWeight<Wgpu
     };
     let aux = w.zero.as_ref().or(w.meta.as_ref()).unwrap_or(&w.q);
     let (gx, gy) = channel_grid(s.n);
-    let (name, rows_per_group) = if s.m < QMM_MIN_ROWS { ("qmv", 1) } else { ("qmm", QMM_ROWS) };
     // Row chunks of at most MAX_GRID workgroups along z.
-    let chunk = MAX_GRID * rows_per_group;
+    let chunk = MAX_GRID * QMM_ROWS;
     let mut row0 = 0;
     while row0 < s.m {
         let rows = (s.m - row0).min(chunk);
         let p = Params::new().u(s.m).u(s.n).u(s.k).u(format_code(s.format) as usize).u(group).u(row0);
-        let gz = rows.div_ceil(rows_per_group) as u32;
+        let gz = rows.div_ceil(QMM_ROWS) as u32;
         let args = &mut [Arg::R(x), Arg::R(&w.q), Arg::R(scale), Arg::R(aux), Arg::W(&mut *y)];
-        be.launch("qmatmul", name, args, p, [gx, gy, gz])?;
+        be.launch("qmatmul", "qmm", args, p, [gx, gy, gz])?;
         row0 += rows;
     }
     Ok(())
