@@ -20,7 +20,7 @@ use crate::DType;
 use crate::Tensor;
 use crate::attention::cached::{CachedAttentionSpec, CachedIndexerSpec, CachedSelectSpec};
 use crate::attention::ops::{AttentionSpec, IndexerLossSpec, IndexerSpec, SelectSpec};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::ops::*;
 
 /// Which implementation a backend is.
@@ -267,10 +267,6 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// Per-row top-n key blocks (own block, sink, best others).
     fn cached_select(&self, s: &CachedSelectSpec, scores: &T<Self>, rows: &T<Self>, idx: &mut T<Self>) -> Result<()>;
 
-    /// `y = x · Wᵀ` with a quantized weight (`ops::qmatmul`). The default
-    /// refuses; every backend overrides it.
-    fn qmatmul(&self, s: &QMatmulSpec, x: &T<Self>, w: &QWeight<Self>, y: &mut T<Self>) -> Result<()> {
-        let _ = (x, w, y);
-        Err(Error::Unavailable(format!("qmatmul ({}) is not implemented on the {} backend", s.format, self.kind())))
-    }
+    /// `y = x · Wᵀ` with a quantized weight (`ops::qmatmul`).
+    fn qmatmul(&self, s: &QMatmulSpec, x: &T<Self>, w: &QWeight<Self>, y: &mut T<Self>) -> Result<()>;
 }
