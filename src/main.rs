@@ -19,6 +19,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => cli::train::eval(cli.backend, a),
         Command::Generate(a) => cli::train::generate_text(cli.backend, a),
         Command::Serve(a) => cli::serve::run(cli.backend, a),
+        Command::Compress(a) => cli::compress::run(cli.backend, a),
         Command::Info => cli::info::run(cli.backend),
         Command::Bench(b) => cli::bench::run(cli.backend, b),
     };

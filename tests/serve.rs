@@ -35,7 +35,7 @@ fn model_cfg() -> ModelConfig {
 
 fn tiny() -> ServeModel {
     let cfg = model_cfg();
-    ServeModel { cfg, dtype: DType::F32, params: init_params(&cfg, 7), name: "tiny".into() }
+    ServeModel { cfg, dtype: DType::F32, params: init_params(&cfg, 7), quant: Vec::new(), name: "tiny".into() }
 }
 
 fn server(f: impl FnOnce(&mut ServeConfig)) -> ServerHandle {

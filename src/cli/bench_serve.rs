@@ -195,7 +195,7 @@ fn model_of(a: &ServeBenchArgs) -> Result<ServeModel> {
     };
     cfg.check(&|f: &str| format!("--{}", f.trim_start_matches("n_").replace('_', "-")))?;
     let dtype = parse_dtypes(std::slice::from_ref(&a.dtype))?[0];
-    Ok(ServeModel { cfg, dtype, params: init_params(&cfg, 3), name: "bench".into() })
+    Ok(ServeModel { cfg, dtype, params: init_params(&cfg, 3), quant: Vec::new(), name: "bench".into() })
 }
 
 pub fn run(choice: BackendChoice, a: ServeBenchArgs) -> Result<()> {

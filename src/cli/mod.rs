@@ -5,6 +5,7 @@ pub mod bench_attention;
 pub mod bench_decode;
 pub mod bench_serve;
 pub mod bench_train;
+pub mod compress;
 pub mod info;
 pub mod serve;
 pub mod train;
@@ -42,6 +43,9 @@ pub enum Command {
     /// Serve a checkpoint over HTTP: an OpenAI-compatible API (/v1/completions with SSE streaming,
     /// /v1/models, /health, /metrics) with continuous batching over a paged KV cache.
     Serve(serve::ServeArgs),
+    /// Quantize a training checkpoint's linear weights (int8, int4, 2:4) into a compressed
+    /// checkpoint that eval, generate and serve load; prints size, Δ validation loss and decode speed.
+    Compress(compress::CompressArgs),
     /// List the compiled-in backends, every GPU adapter found, and what `--backend auto` would pick.
     Info,
     /// Measure op throughput side by side with the CPU backend.

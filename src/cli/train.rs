@@ -11,6 +11,7 @@ use dynsparse::data::synthetic::{SyntheticConfig, generate};
 use dynsparse::data::{BYTE_VOCAB, Corpus};
 use dynsparse::model::sample::Sampling;
 use dynsparse::model::{AttentionMode, GenerateOptions, Model, ModelConfig, StepAttention, StopReason, Workspace};
+use dynsparse::quant::checkpoint::QCheckpoint;
 use dynsparse::train::memory::MemoryPlan;
 use dynsparse::train::{EvalStats, LrSchedule, MemoryReport, TrainConfig, Trainer, checkpoint, plot};
 use dynsparse::util::files::{DirLock, ensure_writable_dir};
@@ -636,7 +637,7 @@ pub struct EvalArgs {
 }
 
 struct EvalJob {
-    ck: checkpoint::Checkpoint,
+    ck: QCheckpoint,
     data: Corpus,
     attn: StepAttention,
     windows: usize,
@@ -645,14 +646,14 @@ struct EvalJob {
 impl BackendJob for EvalJob {
     type Output = EvalStats;
     fn run<B: Backend>(self, be: &B) -> Result<EvalStats> {
-        let model = Model::from_values(be, self.ck.model, self.ck.train.precision, &self.ck.state.params)?;
+        let model = self.ck.to_model(be)?;
         let mut ws =
             Workspace::new(be, &self.ck.model, self.ck.train.precision, self.ck.train.batch, self.ck.train.seq)?;
         dynsparse::train::evaluate(be, &model, &mut ws, &self.data, self.windows, self.attn)
     }
 }
 
-fn data_of(ck: &checkpoint::Checkpoint, data: Option<&Path>) -> Result<Corpus> {
+pub(super) fn data_of(ck: &QCheckpoint, data: Option<&Path>) -> Result<Corpus> {
     match (data, ck.extra.get("data").map(String::as_str)) {
         (Some(p), _) => Ok(Corpus::from_file(p)?.split(0.0).0),
         (None, Some(p)) if p != "synthetic" => Ok(Corpus::from_file(Path::new(p))?.split(0.1).1),
@@ -660,10 +661,11 @@ fn data_of(ck: &checkpoint::Checkpoint, data: Option<&Path>) -> Result<Corpus> {
     }
 }
 
-/// Loads a checkpoint for eval/generate (every metadata field range-checked, every
-/// tensor finite) and returns it with its file size for the memory preflight.
-fn load_for_inference(path: &Path) -> Result<(checkpoint::Checkpoint, u64)> {
-    let ck = checkpoint::load(path)?;
+/// Loads a training or compressed checkpoint for eval/generate (every metadata
+/// field range-checked, every tensor finite, every quantized part consistent) and
+/// returns it with its file size for the memory preflight.
+fn load_for_inference(path: &Path) -> Result<(QCheckpoint, u64)> {
+    let ck = dynsparse::quant::checkpoint::load_for_inference(path)?;
     let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     Ok((ck, size))
 }
@@ -739,7 +741,7 @@ pub struct GenerateArgs {
 }
 
 struct GenJob {
-    ck: checkpoint::Checkpoint,
+    ck: QCheckpoint,
     a: GenerateArgs,
 }
 
@@ -755,8 +757,8 @@ fn write_out(out: &mut impl std::io::Write, bytes: &[u8]) -> Result<bool> {
 impl BackendJob for GenJob {
     type Output = ();
     fn run<B: Backend>(self, be: &B) -> Result<()> {
-        let (cfg, a) = (self.ck.model, self.a);
-        let model = Model::from_values(be, cfg, self.ck.train.precision, &self.ck.state.params)?;
+        let a = self.a;
+        let model = self.ck.to_model(be)?;
         let opts = GenerateOptions {
             sampling: Sampling {
                 temperature: if a.greedy { 0.0 } else { a.temperature },

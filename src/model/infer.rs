@@ -9,7 +9,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 
-use super::{AttentionMode, Model, ModelConfig, StepAttention};
+use super::{AttentionMode, Model, ModelConfig, Product, StepAttention};
 use crate::attention::{self, CachedPattern, KvTable};
 use crate::error::{Error, Result};
 use crate::ops;
@@ -389,10 +389,10 @@ impl<B: Backend> Model<B> {
             for (dst, wi) in [(&mut sb.q_raw, lp.wq), (&mut sb.k_raw, lp.wk)] {
                 let shape = dst.shape().to_vec();
                 dst.set_shape(&[r, dst.numel() / r])?;
-                ops::matmul_rows(be, &sb.ln, &w[wi], dst, false, 1.0, 0.0)?;
+                self.linear(be, Product::Rows, &sb.ln, wi, dst, 0.0)?;
                 dst.set_shape(&shape)?;
             }
-            ops::matmul_rows(be, &sb.ln, &w[lp.wv], &mut sb.v, false, 1.0, 0.0)?;
+            self.linear(be, Product::Rows, &sb.ln, lp.wv, &mut sb.v, 0.0)?;
             ops::rope_rows(be, &sb.q_raw, &self.rope, &sb.table, &mut sb.q)?;
             ops::rope_rows(be, &sb.k_raw, &self.rope, &sb.table, &mut sb.k)?;
             sb.v.set_shape(sb.k.shape())?;
@@ -439,13 +439,13 @@ impl<B: Backend> Model<B> {
             sb.att.set_shape(&[r, sb.att.numel() / r])?;
             // xm = x + att·Wo; x' = xm + GELU(LN2(xm)·W1 + b1)·W2 + b2
             ops::cast(be, &sb.x, &mut sb.xm)?;
-            ops::matmul_rows(be, &sb.att, &w[lp.wo], &mut sb.xm, false, 1.0, 1.0)?;
+            self.linear(be, Product::Rows, &sb.att, lp.wo, &mut sb.xm, 1.0)?;
             ops::layernorm(be, &sb.xm, &w[lp.ln2g], &w[lp.ln2b], &mut sb.ln, &mut sb.mean, &mut sb.rstd, 1e-5)?;
-            ops::matmul_rows(be, &sb.ln, &w[lp.w1], &mut sb.hb, false, 1.0, 0.0)?;
+            self.linear(be, Product::Rows, &sb.ln, lp.w1, &mut sb.hb, 0.0)?;
             ops::bias_add(be, &mut sb.hb, &w[lp.b1])?;
             ops::gelu(be, &sb.hb, &mut sb.act)?;
             ops::cast(be, &sb.xm, &mut sb.xn)?;
-            ops::matmul_rows(be, &sb.act, &w[lp.w2], &mut sb.xn, false, 1.0, 1.0)?;
+            self.linear(be, Product::Rows, &sb.act, lp.w2, &mut sb.xn, 1.0)?;
             ops::bias_add(be, &mut sb.xn, &w[lp.b2])?;
             std::mem::swap(&mut sb.x, &mut sb.xn);
         }

@@ -16,7 +16,8 @@ pub use infer::{InferState, KvCache, Row};
 
 use crate::attention::{self, Pattern};
 use crate::error::{Error, Result};
-use crate::ops::{self, RopeTable};
+use crate::ops::{self, QWeight, RopeTable};
+use crate::quant::QMatrix;
 use crate::util::rng::Rng;
 use crate::{Backend, DType, Tensor};
 
@@ -112,15 +113,42 @@ pub struct Model<B: Backend> {
     pub cfg: ModelConfig,
     /// Working dtype of weights and activations.
     pub dtype: DType,
-    /// One tensor per entry of `cfg.params()`, in that order.
+    /// One tensor per entry of `cfg.params()`, in that order (a one-element
+    /// placeholder where the weight is quantized).
     pub params: Vec<Tensor<B>>,
+    /// Per entry of `cfg.params()`: the quantized weight (`[n, k]`, the
+    /// transpose of the dense `[k, n]`) that replaces it, if any. Only linear
+    /// weights (see [`Model::quantizable`]) may be quantized.
+    pub quant: Vec<Option<QWeight<B>>>,
     rope: RopeTable<B>,
     layout: ParamLayout,
+}
+
+/// The product a linear layer runs: `matmul` (a full forward pass) or
+/// `matmul_rows` (the inference step, batch invariant).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Product {
+    Full,
+    Rows,
 }
 
 impl<B: Backend> Model<B> {
     /// A model with the given parameter values (f32, converted to `dtype`).
     pub fn from_values(be: &B, cfg: ModelConfig, dtype: DType, values: &[Vec<f32>]) -> Result<Self> {
+        Self::from_parts(be, cfg, dtype, values, &[])
+    }
+
+    /// A model whose linear weights may be quantized: `quant[i]` (when
+    /// present and `Some`) replaces parameter `i`, whose dense value in
+    /// `values` is then ignored (it may be empty). `quant` is empty or has one
+    /// entry per parameter. A quantized model is inference-only.
+    pub fn from_parts(
+        be: &B,
+        cfg: ModelConfig,
+        dtype: DType,
+        values: &[Vec<f32>],
+        quant: &[Option<QMatrix>],
+    ) -> Result<Self> {
         cfg.validate()?;
         if !dtype.is_float() || !be.supports(dtype) {
             return Err(Error::DType { op: "model", dtype, why: format!(" as working dtype on {}", be.device_name()) });
@@ -133,13 +161,79 @@ impl<B: Backend> Model<B> {
                 infos.len()
             )));
         }
-        let params = infos
-            .iter()
-            .zip(values)
-            .map(|(p, v)| Tensor::from_f32(be, v, &p.shape, dtype))
-            .collect::<Result<Vec<_>>>()?;
+        if !quant.is_empty() && quant.len() != infos.len() {
+            return Err(Error::Format(format!(
+                "model: {} quantized-weight slots for a config with {} parameters",
+                quant.len(),
+                infos.len()
+            )));
+        }
+        let linear = Self::quantizable(&cfg);
+        let mut params = Vec::with_capacity(infos.len());
+        let mut qs = Vec::with_capacity(infos.len());
+        for (i, (p, v)) in infos.iter().zip(values).enumerate() {
+            match quant.get(i).and_then(Option::as_ref) {
+                Some(q) => {
+                    // The dense weight is [k, n]; its quantized form is [n, k].
+                    let [k, n] = p.shape[..] else { unreachable!("linear weights are 2-D") };
+                    if !linear.contains(&i) || (q.n, q.k) != (n, k) {
+                        return Err(Error::Format(format!(
+                            "model: `{}` {} cannot take a quantized {}×{} weight (only linear weights, as [n, k] = [{n}, {k}])",
+                            p.name,
+                            crate::error::fmt_shape(&p.shape),
+                            q.n,
+                            q.k
+                        )));
+                    }
+                    params.push(Tensor::zeros(be, &[1], dtype)?);
+                    qs.push(Some(QWeight::upload(be, q)?));
+                }
+                None => {
+                    params.push(Tensor::from_f32(be, v, &p.shape, dtype)?);
+                    qs.push(None);
+                }
+            }
+        }
         let rope = RopeTable::new(be, cfg.context, cfg.head_dim(), cfg.rope_theta)?;
-        Ok(Model { layout: ParamLayout::new(&cfg), cfg, dtype, params, rope })
+        Ok(Model { layout: ParamLayout::new(&cfg), cfg, dtype, params, quant: qs, rope })
+    }
+
+    /// Indices (in `cfg.params()`) of the weights that may be quantized: the
+    /// attention and MLP projections wq, wk, wv, wo, w1, w2 of every layer.
+    /// The embedding (also the LM head), LayerNorms, biases and the indexer
+    /// projections stay dense: the indexer's scores pick key blocks by a
+    /// discrete top-k, and its weights are a few percent of a layer.
+    pub fn quantizable(cfg: &ModelConfig) -> Vec<usize> {
+        ParamLayout::new(cfg).layers.iter().flat_map(|l| [l.wq, l.wk, l.wv, l.wo, l.w1, l.w2]).collect()
+    }
+
+    /// Whether any weight is quantized.
+    pub fn is_quantized(&self) -> bool {
+        self.quant.iter().any(Option::is_some)
+    }
+
+    /// Device bytes of the weights: dense tensors in the working dtype plus
+    /// every quantized weight's parts (codes, scales, zeros, metadata).
+    pub fn weight_bytes(&self) -> usize {
+        self.params.iter().zip(&self.quant).map(|(p, q)| q.as_ref().map_or(p.size_bytes(), QWeight::bytes)).sum()
+    }
+
+    /// `y = x·W` (`beta = 0`) or `y += x·W` (`beta = 1`) for the linear weight
+    /// `i` (dense `[k, n]`): `matmul`/`matmul_rows` on a dense weight,
+    /// `qmatmul` on a quantized one (which writes a fresh product, added to
+    /// `y` after rounding to the dtype when accumulating). The one call site
+    /// of every linear product, so no model code branches on the format.
+    fn linear(&self, be: &B, how: Product, x: &Tensor<B>, i: usize, y: &mut Tensor<B>, beta: f32) -> Result<()> {
+        match (&self.quant[i], how) {
+            (None, Product::Full) => ops::matmul(be, x, &self.params[i], y, false, false, 1.0, beta),
+            (None, Product::Rows) => ops::matmul_rows(be, x, &self.params[i], y, false, 1.0, beta),
+            (Some(q), _) if beta == 0.0 => ops::qmatmul(be, x, q, y),
+            (Some(q), _) => {
+                let mut t = Tensor::empty(be, y.shape(), y.dtype())?;
+                ops::qmatmul(be, x, q, &mut t)?;
+                ops::axpby(be, 1.0, &t, beta, y)
+            }
+        }
     }
 
     /// A freshly initialised model.
@@ -179,10 +273,10 @@ impl<B: Backend> Model<B> {
             let (x, xnext) = (&xs[l], &mut rest[0]);
             let a = &mut ws.layers[l];
             ops::layernorm(be, x, &w[lp.ln1g], &w[lp.ln1b], &mut a.ln1, &mut a.mean1, &mut a.rstd1, 1e-5)?;
-            ops::matmul(be, &a.ln1, &w[lp.wq], &mut ws.q_raw, false, false, 1.0, 0.0)?;
-            ops::matmul(be, &a.ln1, &w[lp.wk], &mut ws.k_raw, false, false, 1.0, 0.0)?;
+            self.linear(be, Product::Full, &a.ln1, lp.wq, &mut ws.q_raw, 0.0)?;
+            self.linear(be, Product::Full, &a.ln1, lp.wk, &mut ws.k_raw, 0.0)?;
             a.v.set_shape(&[n, a.v.numel() / n])?;
-            ops::matmul(be, &a.ln1, &w[lp.wv], &mut a.v, false, false, 1.0, 0.0)?;
+            self.linear(be, Product::Full, &a.ln1, lp.wv, &mut a.v, 0.0)?;
             ws.q_raw.set_shape(a.q.shape())?;
             ws.k_raw.set_shape(a.k.shape())?;
             a.v.set_shape(a.k.shape())?;
@@ -214,15 +308,15 @@ impl<B: Backend> Model<B> {
             a.att.set_shape(&[n, a.att.numel() / n])?;
             // xm = x + att·Wo
             ops::cast(be, x, &mut a.xm)?;
-            ops::matmul(be, &a.att, &w[lp.wo], &mut a.xm, false, false, 1.0, 1.0)?;
+            self.linear(be, Product::Full, &a.att, lp.wo, &mut a.xm, 1.0)?;
             a.att.set_shape(a.q.shape())?;
             ops::layernorm(be, &a.xm, &w[lp.ln2g], &w[lp.ln2b], &mut a.ln2, &mut a.mean2, &mut a.rstd2, 1e-5)?;
-            ops::matmul(be, &a.ln2, &w[lp.w1], &mut a.hb, false, false, 1.0, 0.0)?;
+            self.linear(be, Product::Full, &a.ln2, lp.w1, &mut a.hb, 0.0)?;
             ops::bias_add(be, &mut a.hb, &w[lp.b1])?;
             ops::gelu(be, &a.hb, &mut a.act)?;
             // x_{l+1} = xm + act·W2 + b2
             ops::cast(be, &a.xm, xnext)?;
-            ops::matmul(be, &a.act, &w[lp.w2], xnext, false, false, 1.0, 1.0)?;
+            self.linear(be, Product::Full, &a.act, lp.w2, xnext, 1.0)?;
             ops::bias_add(be, xnext, &w[lp.b2])?;
         }
         let xl = &ws.x[self.cfg.n_layers];
@@ -259,6 +353,11 @@ impl<B: Backend> Model<B> {
         loss_scale: f32,
         train_indexer: bool,
     ) -> Result<f64> {
+        if self.is_quantized() {
+            return Err(Error::Invalid(
+                "a model with quantized weights is inference-only: train the dense checkpoint, then compress it".into(),
+            ));
+        }
         let w = &self.params;
         let lay = &self.layout;
         let n = ws.batch * ws.seq;
@@ -430,6 +529,9 @@ impl<B: Backend> Model<B> {
 
     /// The parameters as f32 host vectors.
     pub fn values(&self, be: &B) -> Result<Vec<Vec<f32>>> {
+        if self.is_quantized() {
+            return Err(Error::Invalid("model: the dense values of a quantized model do not exist".into()));
+        }
         self.params.iter().map(|p| p.to_f32_vec(be)).collect()
     }
 }

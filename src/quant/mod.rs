@@ -4,6 +4,7 @@
 
 pub mod awq;
 pub mod calib;
+pub mod checkpoint;
 pub mod format;
 pub mod plan;
 pub mod prune;

@@ -197,7 +197,7 @@ impl BackendJob for Job {
     type Output = ();
     fn run<B: Backend>(self, be: &B) -> Result<()> {
         let Job { cfg, model: sm, rx, ready, metrics, queued } = self;
-        let model = Model::from_values(be, sm.cfg, sm.dtype, &sm.params)?;
+        let model = Model::from_parts(be, sm.cfg, sm.dtype, &sm.params, &sm.quant)?;
         drop(sm);
         let cache = KvCache::paged(be, &model, cfg.max_batch, cfg.context, cfg.kv_page, cfg.kv_pages)?;
         let page_bytes = KvCache::<B>::page_bytes(&model.cfg, model.dtype, cfg.kv_page);

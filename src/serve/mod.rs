@@ -32,7 +32,6 @@ use crate::DType;
 use crate::backend::BackendChoice;
 use crate::error::{Error, Result};
 use crate::model::{KvCache, ModelConfig};
-use crate::train::checkpoint;
 
 pub use engine::EngineInfo;
 pub use metrics::{Metrics, Samples, Snapshot};
@@ -43,18 +42,20 @@ pub struct ServeModel {
     pub cfg: ModelConfig,
     /// Working dtype of weights, activations and the KV cache.
     pub dtype: DType,
-    /// f32 values in [`ModelConfig::params`] order.
+    /// f32 values in [`ModelConfig::params`] order (empty where `quant` has the weight).
     pub params: Vec<Vec<f32>>,
+    /// Quantized weights by parameter (empty: none; see [`crate::model::Model::from_parts`]).
+    pub quant: Vec<Option<crate::quant::QMatrix>>,
     /// The id `/v1/models` lists and requests may name.
     pub name: String,
 }
 
 impl ServeModel {
-    /// The weights of a training checkpoint, in its precision, named after the file.
+    /// The weights of a training or compressed checkpoint, in its precision, named after the file.
     pub fn from_checkpoint(path: &Path) -> Result<Self> {
-        let ck = checkpoint::load(path)?;
+        let ck = crate::quant::checkpoint::load_for_inference(path)?;
         let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "dynsparse".into());
-        Ok(ServeModel { cfg: ck.model, dtype: ck.train.precision, params: ck.state.params, name })
+        Ok(ServeModel { cfg: ck.model, dtype: ck.train.precision, params: ck.params, quant: ck.quant, name })
     }
 }
 

@@ -42,7 +42,7 @@ pub struct Checkpoint {
     pub extra: BTreeMap<String, String>,
 }
 
-fn model_meta(c: &ModelConfig, m: &mut HashMap<String, String>) {
+pub(crate) fn model_meta(c: &ModelConfig, m: &mut HashMap<String, String>) {
     let mut put = |k: &str, v: String| m.insert(format!("model.{k}"), v);
     put("n_layers", c.n_layers.to_string());
     put("n_heads", c.n_heads.to_string());
@@ -63,7 +63,7 @@ fn model_meta(c: &ModelConfig, m: &mut HashMap<String, String>) {
     );
 }
 
-fn train_meta(t: &TrainConfig, m: &mut HashMap<String, String>) {
+pub(crate) fn train_meta(t: &TrainConfig, m: &mut HashMap<String, String>) {
     let mut put = |k: &str, v: String| m.insert(format!("train.{k}"), v);
     put("steps", t.steps.to_string());
     put("batch", t.batch.to_string());
@@ -130,6 +130,95 @@ pub fn save(
     write_atomic(path, &data)
 }
 
+/// Reads a metadata field (`fail` words the error).
+fn meta_get<'a>(meta: &'a HashMap<String, String>, k: &str, fail: &dyn Fn(String) -> Error) -> Result<&'a str> {
+    meta.get(k)
+        .map(String::as_str)
+        .ok_or_else(|| fail(format!("checkpoint metadata lacks `{k}` (not a dynsparse training checkpoint?)")))
+}
+
+fn meta_num<T: std::str::FromStr>(v: &str, k: &str, fail: &dyn Fn(String) -> Error) -> Result<T> {
+    v.trim().parse().map_err(|_| fail(format!("checkpoint metadata `{k}` = `{v}` is malformed")))
+}
+
+/// The model config written by [`model_meta`], range-checked.
+pub(crate) fn model_from_meta(meta: &HashMap<String, String>, fail: &dyn Fn(String) -> Error) -> Result<ModelConfig> {
+    let get = |k: &str| meta_get(meta, k, fail);
+    let n = |k: &str| -> Result<usize> { meta_num(get(k)?, k, fail) };
+    let attention = match get("model.attention")? {
+        "dense" => AttentionMode::Dense,
+        s => {
+            let v: Vec<usize> = s
+                .strip_prefix("sparse:")
+                .map(|r| r.split(',').map(|x| x.parse().unwrap_or(0)).collect())
+                .unwrap_or_default();
+            let [block, keep_blocks, index_heads, index_dim] = v[..] else {
+                return Err(fail(format!("bad attention mode `{s}` (expected dense or sparse:BLOCK,KEEP,HEADS,DIM)")));
+            };
+            AttentionMode::Sparse { block, keep_blocks, index_heads, index_dim }
+        }
+    };
+    let model = ModelConfig {
+        n_layers: n("model.n_layers")?,
+        n_heads: n("model.n_heads")?,
+        n_kv_heads: n("model.n_kv_heads")?,
+        d_model: n("model.d_model")?,
+        vocab: n("model.vocab")?,
+        context: n("model.context")?,
+        mlp_ratio: n("model.mlp_ratio")?,
+        rope_theta: meta_num(get("model.rope_theta")?, "model.rope_theta", fail)?,
+        attention,
+    };
+    let field = |f: &str| format!("checkpoint field model.{f}");
+    model.check(&field).map_err(|e| fail(e.to_string()))?;
+    if model.vocab != BYTE_VOCAB {
+        return Err(fail(format!(
+            "checkpoint field model.vocab {}: this build's tokenizer has {BYTE_VOCAB} byte tokens",
+            model.vocab
+        )));
+    }
+    Ok(model)
+}
+
+/// The training config written by [`train_meta`], range-checked against `model`.
+pub(crate) fn train_from_meta(
+    meta: &HashMap<String, String>,
+    model: &ModelConfig,
+    fail: &dyn Fn(String) -> Error,
+) -> Result<TrainConfig> {
+    let get = |k: &str| meta_get(meta, k, fail);
+    let n = |k: &str| -> Result<usize> { meta_num(get(k)?, k, fail) };
+    let n64 = |k: &str| -> Result<u64> { meta_num(get(k)?, k, fail) };
+    let f32v = |k: &str| -> Result<f32> { meta_num(get(k)?, k, fail) };
+    let precision_name = get("train.precision")?;
+    let precision = DType::parse(precision_name).filter(|d| d.is_float()).ok_or_else(|| {
+        fail(format!("checkpoint field train.precision `{precision_name}`: expected f32, f16 or bf16"))
+    })?;
+    let steps = n64("train.steps")?;
+    let train = TrainConfig {
+        steps,
+        batch: n("train.batch")?,
+        seq: n("train.seq")?,
+        accum: n("train.accum")?,
+        precision,
+        lr: LrSchedule {
+            lr: f32v("train.lr")?,
+            min_lr: f32v("train.min_lr")?,
+            warmup_steps: n64("train.warmup_steps")?,
+            total_steps: steps,
+        },
+        beta1: f32v("train.beta1")?,
+        beta2: f32v("train.beta2")?,
+        weight_decay: f32v("train.weight_decay")?,
+        grad_clip: f32v("train.grad_clip")?,
+        warmup_frac: meta_num(get("train.warmup_frac")?, "train.warmup_frac", fail)?,
+        ramp_frac: meta_num(get("train.ramp_frac")?, "train.ramp_frac", fail)?,
+        seed: n64("train.seed")?,
+    };
+    train.check(model, &|f: &str| format!("checkpoint field train.{f}")).map_err(|e| fail(e.to_string()))?;
+    Ok(train)
+}
+
 /// Metadata key naming the sparse-attention selection the weights were trained with.
 pub const DSA_SELECTION_KEY: &str = "dsa_selection";
 /// Per-query causal block selection: each query row picks its own key blocks among those at
@@ -166,45 +255,12 @@ pub fn parse(bytes: &[u8], name: &str) -> Result<Checkpoint> {
     fn num<T: std::str::FromStr>(v: &str, k: &str, fail: &dyn Fn(String) -> Error) -> Result<T> {
         v.trim().parse().map_err(|_| fail(format!("checkpoint metadata `{k}` = `{v}` is malformed")))
     }
-    let n = |k: &str| -> Result<usize> { num(get(k)?, k, &fail) };
     let n64 = |k: &str| -> Result<u64> { num(get(k)?, k, &fail) };
-    let f32v = |k: &str| -> Result<f32> { num(get(k)?, k, &fail) };
     let format = get("format")?;
     if format != FORMAT {
         return Err(fail(format!("checkpoint format `{format}`, this build reads `{FORMAT}`")));
     }
-    let attention = match get("model.attention")? {
-        "dense" => AttentionMode::Dense,
-        s => {
-            let v: Vec<usize> = s
-                .strip_prefix("sparse:")
-                .map(|r| r.split(',').map(|x| x.parse().unwrap_or(0)).collect())
-                .unwrap_or_default();
-            let [block, keep_blocks, index_heads, index_dim] = v[..] else {
-                return Err(fail(format!("bad attention mode `{s}` (expected dense or sparse:BLOCK,KEEP,HEADS,DIM)")));
-            };
-            AttentionMode::Sparse { block, keep_blocks, index_heads, index_dim }
-        }
-    };
-    let model = ModelConfig {
-        n_layers: n("model.n_layers")?,
-        n_heads: n("model.n_heads")?,
-        n_kv_heads: n("model.n_kv_heads")?,
-        d_model: n("model.d_model")?,
-        vocab: n("model.vocab")?,
-        context: n("model.context")?,
-        mlp_ratio: n("model.mlp_ratio")?,
-        rope_theta: num(get("model.rope_theta")?, "model.rope_theta", &fail)?,
-        attention,
-    };
-    let field = |f: &str| format!("checkpoint field model.{f}");
-    model.check(&field).map_err(|e| fail(e.to_string()))?;
-    if model.vocab != BYTE_VOCAB {
-        return Err(fail(format!(
-            "checkpoint field model.vocab {}: this build's tokenizer has {BYTE_VOCAB} byte tokens",
-            model.vocab
-        )));
-    }
+    let model = model_from_meta(&meta, &fail)?;
     // The tensors must fit in the file: 3 f32 tensors (weights, m, v) per parameter. Checked
     // before the parameter table is built, so metadata cannot make that table huge.
     let need = 12 * model.n_params_u128();
@@ -215,32 +271,9 @@ pub fn parse(bytes: &[u8], name: &str) -> Result<Checkpoint> {
             bytes.len()
         )));
     }
-    let precision_name = get("train.precision")?;
-    let precision = DType::parse(precision_name).filter(|d| d.is_float()).ok_or_else(|| {
-        fail(format!("checkpoint field train.precision `{precision_name}`: expected f32, f16 or bf16"))
-    })?;
-    let steps = n64("train.steps")?;
-    let train = TrainConfig {
-        steps,
-        batch: n("train.batch")?,
-        seq: n("train.seq")?,
-        accum: n("train.accum")?,
-        precision,
-        lr: LrSchedule {
-            lr: f32v("train.lr")?,
-            min_lr: f32v("train.min_lr")?,
-            warmup_steps: n64("train.warmup_steps")?,
-            total_steps: steps,
-        },
-        beta1: f32v("train.beta1")?,
-        beta2: f32v("train.beta2")?,
-        weight_decay: f32v("train.weight_decay")?,
-        grad_clip: f32v("train.grad_clip")?,
-        warmup_frac: num(get("train.warmup_frac")?, "train.warmup_frac", &fail)?,
-        ramp_frac: num(get("train.ramp_frac")?, "train.ramp_frac", &fail)?,
-        seed: n64("train.seed")?,
-    };
-    train.check(&model, &|f: &str| format!("checkpoint field train.{f}")).map_err(|e| fail(e.to_string()))?;
+    let train = train_from_meta(&meta, &model, &fail)?;
+    let steps = train.steps;
+    let precision = train.precision;
     let step = n64("state.step")?;
     if step > steps {
         return Err(fail(format!("checkpoint field state.step {step}: accepted range 0..={steps} (train.steps)")));
