@@ -70,8 +70,8 @@ impl BackendJob for Job {
         let cal = calibrate(be, &model, &calib_text, CalibOptions { batch: 4, seq, windows: 32, sample_rows: 256 })?;
         drop(model);
         eprintln!("calibration: {} tokens in {:.1} s", cal.tokens, t0.elapsed().as_secs_f64());
-        let mut ev_a = Evaluator::new(be, &cfg, dtype, values, &calib_text, 4, seq, args.windows)?;
-        let mut ev_b = Evaluator::new(be, &cfg, dtype, values, &held_out, 4, seq, args.windows)?;
+        let mut ev_a = Evaluator::new(be, &cfg, dtype, values, &calib_text, (4, seq, args.windows))?;
+        let mut ev_b = Evaluator::new(be, &cfg, dtype, values, &held_out, (4, seq, args.windows))?;
         let (base_a, base_b) = (ev_a.loss(be, values)?, ev_b.loss(be, values)?);
         let lins = linears(&cfg);
         let dense_bytes: usize = lins.iter().map(|l| 4 * l.n * l.k).sum();

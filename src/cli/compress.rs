@@ -11,10 +11,14 @@ use std::time::Instant;
 use crate::outln;
 use clap::Args;
 use dynsparse::backend::{BackendChoice, BackendJob, run_on, select};
+use dynsparse::data::Corpus;
 use dynsparse::model::sample::Sampling;
 use dynsparse::model::{AttentionMode, GenerateOptions, Model, StepAttention, Workspace};
+use dynsparse::quant::awq::{self, Choice, Method};
+use dynsparse::quant::calib::{CalibOptions, calibrate, linears};
 use dynsparse::quant::checkpoint::{self as qck, QCheckpoint};
-use dynsparse::quant::{QFormat, QMatrix, transpose};
+use dynsparse::quant::plan::{self, CostCache, Evaluator, PlanOptions, Target};
+use dynsparse::quant::{QFormat, QMatrix};
 use dynsparse::train::checkpoint;
 use dynsparse::{Backend, Error, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -27,8 +31,8 @@ pub struct CompressArgs {
     /// Where to write the compressed checkpoint.
     #[arg(long)]
     pub out: PathBuf,
-    /// int8, int4 (group --group, symmetric unless --asym), 2:4, 2:4-int8, or a full name
-    /// such as int4-g32-asym.
+    /// int8, int4 (group --group, symmetric unless --asym), 2:4, 2:4-int8, a full name
+    /// such as int4-g32-asym, or auto: the hardware-aware planner picks one format per weight.
     #[arg(long, default_value = "int8")]
     pub format: String,
     /// int4 group size along the input dimension: 32, 64 or 128 (default 128).
@@ -37,10 +41,12 @@ pub struct CompressArgs {
     /// int4 with a zero point per group.
     #[arg(long)]
     pub asym: bool,
-    /// rtn (round to nearest) for int8/int4; magnitude (the default for 2:4) for 2:4.
+    /// rtn (round to nearest) or awq (activation-aware scales) for int8/int4; magnitude (the
+    /// default for 2:4) or wanda (|W|·‖X‖) for 2:4. awq and wanda calibrate on --calib.
     #[arg(long)]
     pub method: Option<String>,
-    /// Largest relative validation-loss increase the planner may spend (e.g. 0.01; --format auto).
+    /// Largest relative validation-loss increase the planner may spend (--format auto; default
+    /// 0.01 = 1%). Measured on the calibration text, verified on it after planning.
     #[arg(long, allow_negative_numbers = true)]
     pub budget: Option<f64>,
     /// What the planner minimises: speed or size (--format auto).
@@ -60,11 +66,6 @@ pub struct CompressArgs {
 /// The format named by `--format`, `--group` and `--asym`.
 pub fn parse_format(format: &str, group: Option<usize>, asym: bool) -> Result<QFormat> {
     let f = match format.trim().to_ascii_lowercase().as_str() {
-        "auto" => {
-            return Err(Error::Invalid(
-                "--format auto: the planner is not available in this build; pick int8, int4, 2:4 or 2:4-int8".into(),
-            ));
-        }
         "int4" => {
             let g = group.unwrap_or(128);
             if !dynsparse::quant::INT4_GROUPS.contains(&g) {
@@ -86,36 +87,110 @@ pub fn parse_format(format: &str, group: Option<usize>, asym: bool) -> Result<QF
 }
 
 /// The method by name for format `f`.
-fn parse_method(m: Option<&str>, f: QFormat) -> Result<&'static str> {
+fn parse_method(m: Option<&str>, f: QFormat) -> Result<Method> {
     let sparse = matches!(f, QFormat::Sparse24 { .. });
     match (m.map(|s| s.trim().to_ascii_lowercase()).as_deref(), sparse) {
-        (None, false) | (Some("rtn"), false) => Ok("rtn"),
-        (None, true) | (Some("magnitude"), true) => Ok("magnitude"),
+        (None, false) | (Some("rtn"), false) => Ok(Method::Rtn),
+        (None, true) | (Some("magnitude"), true) => Ok(Method::Rtn),
+        (Some("awq"), false) => Ok(Method::Awq),
+        (Some("wanda"), true) => Ok(Method::Wanda),
         (Some("magnitude"), false) => Err(Error::Invalid(format!("--method magnitude is for 2:4 formats, not {f}"))),
         (Some("rtn"), true) => Err(Error::Invalid(format!("--method rtn is for int8/int4; {f} prunes (magnitude)"))),
-        (Some(o @ ("awq" | "wanda")), _) => {
-            Err(Error::Invalid(format!("--method {o}: not available in this build (rtn or magnitude)")))
+        (Some("awq"), true) => Err(Error::Invalid(format!("--method awq is for int8/int4, not {f} (wanda prunes)"))),
+        (Some("wanda"), false) => Err(Error::Invalid(format!("--method wanda is for 2:4 formats, not {f}"))),
+        (Some(o), _) => {
+            Err(Error::Invalid(format!("--method {o}: expected rtn or awq (int8/int4), magnitude or wanda (2:4)")))
         }
-        (Some(o), _) => Err(Error::Invalid(format!("--method {o}: expected rtn (int8/int4) or magnitude (2:4)"))),
     }
 }
 
-/// Quantizes every linear weight of `ck` to `f` (the caller checked the shapes).
-fn compress(ck: &QCheckpoint, f: QFormat, method: &str, bar: &ProgressBar) -> Result<QCheckpoint> {
-    let infos = ck.model.params();
-    let mut out = ck.clone();
-    for i in Model::<dynsparse::backend::cpu::CpuBackend>::quantizable(&ck.model) {
-        let p = &infos[i];
-        bar.set_message(p.name.clone());
-        let [k, n] = p.shape[..] else { unreachable!("linear weights are 2-D") };
-        // The dense weight is [k, n] (x·W); the quantized one is its transpose [n, k].
-        out.quant[i] = Some(QMatrix::quantize(&transpose(&ck.params[i], k, n), n, k, f)?);
-        out.params[i] = Vec::new();
-        bar.inc(1);
+/// The method's name as the summary and the metadata spell it.
+fn method_name(c: Choice) -> &'static str {
+    match (c.method, c.format) {
+        (Method::Rtn, QFormat::Sparse24 { .. }) => "magnitude",
+        (m, _) => m.name(),
     }
-    out.method = method.to_string();
-    out.plan = format!("every linear weight (wq wk wv wo w1 w2): {f}");
-    Ok(out)
+}
+
+/// One format for every linear weight, or the planner.
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    Fixed(Choice),
+    Auto { budget: f64, target: Target },
+}
+
+/// Compresses on the chosen backend: calibration (AWQ, Wanda, the planner)
+/// runs the model's forward pass there, and the planner measures its
+/// sensitivities and kernel costs there.
+struct CompressJob {
+    ck: QCheckpoint,
+    mode: Mode,
+    calib: Corpus,
+    windows: usize,
+    bar: ProgressBar,
+}
+
+impl BackendJob for CompressJob {
+    type Output = QCheckpoint;
+    fn run<B: Backend>(self, be: &B) -> Result<QCheckpoint> {
+        let CompressJob { ck, mode, calib, windows, bar } = self;
+        let (cfg, dtype, values) = (ck.model, ck.train.precision, &ck.params);
+        let lins = linears(&cfg);
+        let seq = ck.train.seq;
+        let needs_calib = !matches!(mode, Mode::Fixed(Choice { method: Method::Rtn, .. }));
+        let cal = if needs_calib {
+            bar.set_message("calibrating");
+            let model = Model::from_values(be, cfg, dtype, values)?;
+            let opt = CalibOptions { batch: ck.train.batch.min(4), seq, ..Default::default() };
+            Some(calibrate(be, &model, &calib, opt)?)
+        } else {
+            None
+        };
+        let mut out = ck.clone();
+        let comp = match mode {
+            Mode::Fixed(c) => {
+                bar.set_message(format!("{} ({})", c.format, method_name(c)));
+                let comp = awq::compress(&cfg, values, &vec![Some(c); lins.len()], cal.as_ref())?;
+                bar.set_position(lins.len() as u64);
+                out.method = method_name(c).to_string();
+                out.plan = format!("every linear weight (wq wk wv wo w1 w2): {} ({})", c.format, method_name(c));
+                comp
+            }
+            Mode::Auto { budget, target } => {
+                let batch = ck.train.batch.min(4);
+                let mut ev = Evaluator::new(be, &cfg, dtype, values, &calib, (batch, seq, windows))?;
+                let opt = PlanOptions {
+                    budget,
+                    target,
+                    candidates: PlanOptions::default_candidates(true),
+                    batches: vec![1, 8],
+                    max_rounds: 3,
+                };
+                let mut cache = CostCache::load(CostCache::default_path().as_deref());
+                bar.set_message("sensitivity and kernel cost");
+                let table = plan::measure_table(be, &mut ev, values, cal.as_ref(), &opt, &mut cache, |i, _| {
+                    bar.set_position(i as u64)
+                })?;
+                bar.set_message("verifying the plan");
+                let (p, comp) = plan::choose_and_verify(be, &mut ev, values, cal.as_ref(), &table, &opt)?;
+                bar.suspend(|| outln!("{}", p.table()));
+                out.method = format!("auto (budget {:.3}%, target {target:?})", 100.0 * budget).to_lowercase();
+                out.plan = p.metadata();
+                comp
+            }
+        };
+        for (i, (q, v)) in comp.weights.into_iter().zip(comp.values).enumerate() {
+            match q {
+                Some(q) => {
+                    out.quant[i] = Some(q);
+                    out.params[i] = Vec::new();
+                }
+                // AWQ folds its inverse scales into the LayerNorms and wv: those stay dense but change.
+                None => out.params[i] = v,
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Loss and decode speed of a model.
@@ -180,16 +255,28 @@ fn check_calib(path: &Path, seq: usize) -> Result<()> {
 }
 
 pub fn run(choice: BackendChoice, a: CompressArgs) -> Result<()> {
-    let f = parse_format(&a.format, a.group, a.asym)?;
-    let method = parse_method(a.method.as_deref(), f)?;
     if let Some(b) = a.budget
-        && !(b.is_finite() && b > 0.0)
+        && plan::check_budget(b).is_err()
     {
-        return Err(Error::Invalid(format!("--budget {b}: must be a positive loss fraction (e.g. 0.01 for 1%)")));
+        return Err(Error::Invalid(format!("--budget {b}: must be a loss fraction in (0, 1] (e.g. 0.01 for 1%)")));
     }
-    if !matches!(a.target.as_str(), "speed" | "size") {
-        return Err(Error::Invalid(format!("--target {}: expected speed or size", a.target)));
-    }
+    let target = Target::parse(&a.target)
+        .map_err(|_| Error::Invalid(format!("--target {}: expected speed or size", a.target)))?;
+    let auto = a.format.trim().eq_ignore_ascii_case("auto");
+    let mode = if auto {
+        if a.group.is_some() || a.asym || a.method.is_some() {
+            return Err(Error::Invalid(
+                "--format auto picks formats and methods itself: drop --group, --asym and --method".into(),
+            ));
+        }
+        Mode::Auto { budget: a.budget.unwrap_or(0.01), target }
+    } else {
+        if a.budget.is_some() {
+            return Err(Error::Invalid("--budget applies to --format auto (the planner) only".into()));
+        }
+        let f = parse_format(&a.format, a.group, a.asym)?;
+        Mode::Fixed(Choice { format: f, method: parse_method(a.method.as_deref(), f)? })
+    };
     if a.windows == 0 {
         return Err(Error::Invalid("--windows 0: accepted range 1 or more".into()));
     }
@@ -205,18 +292,29 @@ pub fn run(choice: BackendChoice, a: CompressArgs) -> Result<()> {
     }
     let infos = ck.model.params();
     let linear = Model::<dynsparse::backend::cpu::CpuBackend>::quantizable(&ck.model);
-    for &i in &linear {
-        let [k, n] = infos[i].shape[..] else { unreachable!("linear weights are 2-D") };
-        f.check_shape(n, k)
-            .map_err(|e| Error::Invalid(format!("--format {f} cannot take `{}`: {e}", infos[i].name)))?;
+    if let Mode::Fixed(Choice { format: f, .. }) = mode {
+        for &i in &linear {
+            let [k, n] = infos[i].shape[..] else { unreachable!("linear weights are 2-D") };
+            f.check_shape(n, k)
+                .map_err(|e| Error::Invalid(format!("--format {f} cannot take `{}`: {e}", infos[i].name)))?;
+        }
     }
     let data = super::train::data_of(&ck, None)?;
+    let calib = match &a.calib {
+        Some(p) => Corpus::from_file(p)?,
+        None => data.clone(),
+    };
     let sel = select(choice)?;
     let bar = ProgressBar::new(linear.len() as u64)
         .with_style(ProgressStyle::with_template("{bar:25} {pos}/{len} tensors {msg}").expect("static template"));
     let t0 = Instant::now();
-    let out = compress(&ck, f, method, &bar)?;
+    let job = CompressJob { ck: ck.clone(), mode, calib, windows: a.windows, bar: bar.clone() };
+    let out = run_on(&sel.backend, job)?;
     bar.finish_and_clear();
+    let (f, method) = match mode {
+        Mode::Fixed(c) => (c.format.name(), method_name(c).to_string()),
+        Mode::Auto { .. } => ("auto".to_string(), out.method.clone()),
+    };
     let quant_secs = t0.elapsed().as_secs_f64();
     qck::save(&a.out, &out)?;
     let file = |p: &Path| std::fs::metadata(p).map(|m| m.len() as usize).unwrap_or(0);

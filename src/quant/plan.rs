@@ -214,13 +214,16 @@ impl CostCache {
     }
 }
 
+/// One timed kernel call writing its output.
+type Kernel<'a, B> = Box<dyn Fn(&mut Tensor<B>) -> Result<()> + 'a>;
+
 /// Median µs of the kernel over 5 timed runs of enough calls to last ≥ 2 ms.
 fn measure<B: Backend>(be: &B, dtype: DType, format: Option<QFormat>, n: usize, k: usize, m: usize) -> Result<f64> {
     let mut rng = Rng::new(0x5eed);
     let x = Tensor::from_f32(be, &rng.normal_vec(m * k), &[m, k], dtype)?;
     let mut y = Tensor::empty(be, &[m, n], dtype)?;
     let w: Vec<f32> = rng.normal_vec(n * k).into_iter().map(|v| v * 0.02).collect();
-    let run: Box<dyn Fn(&mut Tensor<B>) -> Result<()>> = match format {
+    let run: Kernel<'_, B> = match format {
         None => {
             let wd = Tensor::from_f32(be, &w, &[k, n], dtype)?;
             Box::new(move |y| ops::matmul(be, &x, &wd, y, false, false, 1.0, 0.0))
@@ -269,16 +272,14 @@ pub struct Evaluator<'a, B: Backend> {
 }
 
 impl<'a, B: Backend> Evaluator<'a, B> {
-    /// `windows` windows of `seq` tokens of `text`, `batch` at a time.
+    /// `windows` windows of `seq` tokens of `text`, `batch` at a time (`shape = (batch, seq, windows)`).
     pub fn new(
         be: &B,
         cfg: &ModelConfig,
         dtype: DType,
         values: &[Vec<f32>],
         text: &'a Corpus,
-        batch: usize,
-        seq: usize,
-        windows: usize,
+        (batch, seq, windows): (usize, usize, usize),
     ) -> Result<Self> {
         let seq = seq.min(cfg.context);
         if text.tokens.len() < batch * seq + 1 {
