@@ -196,6 +196,67 @@ pub fn qmatmul<R: Backend, B: Backend>(r: &R, b: &B) {
     }
 }
 
+/// A model whose linear weights are quantized (a different format per
+/// layer and weight) gives the reference's loss and logits on the backend under
+/// test, in the full-window forward pass and in a prefill + decode step: a
+/// compressed checkpoint evaluates and generates alike on every backend.
+pub fn compressed_model<R: Backend, B: Backend>(r: &R, b: &B) {
+    use dynsparse::model::{AttentionMode, InferState, KvCache, Model, ModelConfig, Row, Workspace, init_params};
+    use dynsparse::quant::{QFormat, QMatrix, transpose};
+    let (seq, ctx) = (24usize, 32usize);
+    let cfg = ModelConfig {
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        d_model: 64,
+        vocab: 256,
+        context: ctx,
+        mlp_ratio: 2,
+        rope_theta: 10000.0,
+        attention: AttentionMode::Sparse { block: 8, keep_blocks: 2, index_heads: 2, index_dim: 8 },
+    };
+    let formats = [
+        QFormat::Int8,
+        QFormat::Int4 { group: 32, asym: true },
+        QFormat::Int4 { group: 64, asym: false },
+        QFormat::Sparse24 { int8: true },
+        QFormat::Sparse24 { int8: false },
+    ];
+    let values = init_params(&cfg, 3);
+    let infos = cfg.params();
+    let mut quant: Vec<Option<QMatrix>> = vec![None; infos.len()];
+    let mut which = 0;
+    for (i, p) in infos.iter().enumerate() {
+        let linear = [".wq", ".wk", ".wv", ".wo", ".w1", ".w2"].iter().any(|s| p.name.ends_with(s));
+        if linear && p.shape.len() == 2 {
+            let (k, n) = (p.shape[0], p.shape[1]);
+            let f = formats[which % formats.len()];
+            which += 1;
+            quant[i] = Some(QMatrix::quantize(&transpose(&values[i], k, n), n, k, f).unwrap());
+        }
+    }
+    assert!(which >= 12, "the test model has {which} linear weights");
+    for dt in float_dtypes(r, b) {
+        let mut rng = Rng::new(seed("compressed-model", dt, 0));
+        let ids: Vec<u32> = (0..seq).map(|_| rng.below(256) as u32).collect();
+        let targets: Vec<u32> = (0..seq).map(|_| rng.below(256) as u32).collect();
+        let (want, got) = on_both!(r, b, |be| {
+            let model = Model::from_parts(be, cfg, dt, &values, &quant).unwrap();
+            let mut ws = Workspace::new(be, &cfg, dt, 1, seq).unwrap();
+            let loss = model.forward(be, &mut ws, &ids, Some(&targets), model.inference_attention()).unwrap().loss;
+            let full = ws.logits_f32(be).unwrap();
+            let mut cache = KvCache::new(be, &model, 1, ctx).unwrap();
+            let mut st = InferState::default();
+            let mut steps = model.prefill(be, &mut cache, &mut st, 0, &ids[..seq - 2], 8).unwrap();
+            for &t in &ids[seq - 2..] {
+                steps.extend(model.step(be, &mut cache, &mut st, &[Row { slot: 0, token: t }], model.inference_attention()).unwrap());
+            }
+            vec![vec![loss as f32], full, steps]
+        });
+        compare_all("compressed model", "2 layers, 5 formats", dt, &["loss", "logits", "prefill+decode logits"], &want, &got);
+    }
+}
+
 // ------------------------------------------------------------ elementwise
 
 const SHAPES: [&[usize]; 3] = [&[1], &[3, 77], &[5, 13, 11]];
@@ -1564,6 +1625,12 @@ macro_rules! conformance_tests {
         fn qmatmul_matches_reference_for_every_format() {
             if let Some((r, b)) = $get() {
                 common::qmatmul(r, b)
+            }
+        }
+        #[test]
+        fn compressed_model_matches_reference_in_forward_and_decode() {
+            if let Some((r, b)) = $get() {
+                common::compressed_model(r, b)
             }
         }
         #[test]
