@@ -8,6 +8,7 @@
 pub mod inproc;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+pub mod rendezvous;
 
 pub use inproc::InProcess;
 
