@@ -643,6 +643,36 @@ fn prepare_out(a: &TrainArgs) -> Result<DirLock> {
     Ok(lock)
 }
 
+/// This process's MPI rank when started by `mpirun` with more than one process.
+#[cfg(feature = "mpi")]
+fn mpi_rank(args: &TrainArgs, timeout: std::time::Duration) -> Result<Option<Box<dyn Collective>>> {
+    use dynsparse::dist::mpi::{Mpi, under_mpirun};
+    if !under_mpirun() {
+        return Ok(None);
+    }
+    let comm = Mpi::init(timeout)?;
+    if comm.world() == 1 {
+        return Ok(None);
+    }
+    if args.world != 1 {
+        return Err(Error::Invalid(format!(
+            "--world {} under mpirun: the MPI processes are the ranks (leave --world at 1)",
+            args.world
+        )));
+    }
+    Ok(Some(Box::new(comm)))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn mpi_rank(_: &TrainArgs, _: std::time::Duration) -> Result<Option<Box<dyn Collective>>> {
+    match std::env::var("OMPI_COMM_WORLD_SIZE").or_else(|_| std::env::var("PMI_SIZE")) {
+        Ok(n) if n.trim() != "1" => Err(Error::Unavailable(format!(
+            "started by mpirun with {n} processes, but this build has no MPI support (build with --features mpi)"
+        ))),
+        _ => Ok(None),
+    }
+}
+
 pub fn train(choice: BackendChoice, args: TrainArgs) -> Result<()> {
     check_run_flags(&args)?;
     let (model_cfg, train_cfg, resume) = match &args.resume {
@@ -690,6 +720,39 @@ pub fn train(choice: BackendChoice, args: TrainArgs) -> Result<()> {
         sel.backend.max_binding_bytes(),
     );
     super::preflight(&plan, &sel.backend, "training", "lower --batch, --seq, --context, --d-model or --layers")?;
+    let timeout = std::time::Duration::from_secs_f64(args.collective_timeout);
+    // Under mpirun each process is a rank; rank 0 owns --out, the others only train.
+    if let Some(comm) = mpi_rank(&args, timeout)? {
+        if comm.rank() != 0 {
+            let stop = args.stop_at.unwrap_or(train_cfg.steps).min(train_cfg.steps);
+            let job = RankJob {
+                comm,
+                dist: args.dist(),
+                model_cfg,
+                train_cfg,
+                resume: resume.map(|c| c.state),
+                train: std::sync::Arc::new(train),
+                stop,
+                save_every: args.save_every,
+                max_skipped: args.max_skipped_steps,
+            };
+            return run_on(&sel.backend, job);
+        }
+        let _lock = prepare_out(&args)?;
+        let old_log = match (&resume, &args.resume) {
+            (Some(ck), Some(p)) => log_rows_before(&ck_dir(p).join("log.csv"), ck.state.step),
+            _ => Vec::new(),
+        };
+        eprintln!(
+            "backend: {} — {} ({}); MPI rank 0 of {}",
+            sel.backend.kind(),
+            sel.backend.device_name(),
+            sel.reason,
+            comm.world()
+        );
+        let job = TrainJob { args, model_cfg, train_cfg, resume, old_log, train, val, comm: Some(comm) };
+        return run_on(&sel.backend, job);
+    }
     // Last of the checks and before any compute: the folder (an --overwrite deletes nothing
     // until every other check has passed).
     let _lock = prepare_out(&args)?;
@@ -703,7 +766,6 @@ pub fn train(choice: BackendChoice, args: TrainArgs) -> Result<()> {
     }
     // In-process data parallel: ranks 1.. run in threads on backends of their own; a rank that
     // fails drops its handle, which ends every peer's next collective with an error naming it.
-    let timeout = std::time::Duration::from_secs_f64(args.collective_timeout);
     let mut comms = InProcess::group(args.world, timeout)?.into_iter();
     let comm0 = comms.next().ok_or_else(|| Error::Invalid("empty group".into()))?;
     let shared = std::sync::Arc::new(train.clone());

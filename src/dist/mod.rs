@@ -6,6 +6,9 @@
 //! in rank order (`x₀ + x₁ + … + x_{N-1}`), so every rank gets the same bits.
 
 pub mod inproc;
+#[cfg(feature = "mpi")]
+pub mod mpi;
+pub mod rendezvous;
 
 pub use inproc::InProcess;
 
