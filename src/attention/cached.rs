@@ -92,7 +92,7 @@ pub(crate) fn check_table<B: Backend>(op: &'static str, t: &KvTable<'_, B>, r: u
     let &[table] = t.pages.shape() else {
         return Err(Error::Shape(format!("{op}: the page table must be 1-D, got {}", fmt_shape(t.pages.shape()))));
     };
-    if table == 0 || t.page == 0 || slots % t.page != 0 || slots < t.page {
+    if table == 0 || t.page == 0 || !slots.is_multiple_of(t.page) || slots < t.page {
         return Err(Error::Shape(format!(
             "{op}: a page of {} rows must divide the cache's {slots} rows and the page table ({table} entries) be \
              non-empty",

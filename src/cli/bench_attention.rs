@@ -142,7 +142,7 @@ fn mib(b: usize) -> String {
 
 pub fn run(choice: BackendChoice, a: AttentionArgs) -> Result<()> {
     let dt = parse_dtypes(std::slice::from_ref(&a.dtype))?[0];
-    if a.heads == 0 || a.kv_heads == 0 || a.heads % a.kv_heads != 0 {
+    if a.heads == 0 || a.kv_heads == 0 || !a.heads.is_multiple_of(a.kv_heads) {
         return Err(Error::Invalid(format!("--kv-heads {} must divide --heads {}", a.kv_heads, a.heads)));
     }
     if a.seqs.is_empty() || a.seqs.contains(&0) || a.block == 0 || a.keep_blocks == 0 || a.head_dim == 0 {

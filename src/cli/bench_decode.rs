@@ -206,7 +206,7 @@ pub fn run(choice: BackendChoice, a: DecodeArgs) -> Result<()> {
     if a.batches.is_empty() || a.batches.contains(&0) {
         return bad("--batches needs positive sizes, e.g. --batches 1,8".into());
     }
-    if a.heads == 0 || a.kv_heads == 0 || a.heads % a.kv_heads != 0 || a.d_model % a.heads != 0 {
+    if a.heads == 0 || a.kv_heads == 0 || !a.heads.is_multiple_of(a.kv_heads) || !a.d_model.is_multiple_of(a.heads) {
         return bad(format!(
             "--heads {} must be a multiple of --kv-heads {} and divide --d-model {}",
             a.heads, a.kv_heads, a.d_model

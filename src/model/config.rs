@@ -105,7 +105,7 @@ impl ModelConfig {
         range("vocab", self.vocab, 1, MAX_VOCAB)?;
         range("context", self.context, 1, usize::MAX)?;
         range("mlp_ratio", self.mlp_ratio, 1, MAX_MLP_RATIO)?;
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(Error::Invalid(format!(
                 "{} {} must be a multiple of {} {}",
                 name("d_model"),
@@ -114,7 +114,7 @@ impl ModelConfig {
                 self.n_heads
             )));
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(Error::Invalid(format!(
                 "{} {} must divide {} {}",
                 name("n_kv_heads"),
@@ -123,7 +123,7 @@ impl ModelConfig {
                 self.n_heads
             )));
         }
-        if self.head_dim() % 2 != 0 || self.head_dim() > 256 {
+        if !self.head_dim().is_multiple_of(2) || self.head_dim() > 256 {
             return Err(Error::Invalid(format!(
                 "{} {} / {} {} = {}: the head dimension must be even and at most 256",
                 name("d_model"),

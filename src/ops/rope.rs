@@ -33,7 +33,7 @@ pub struct RopeTable<B: Backend> {
 
 impl<B: Backend> RopeTable<B> {
     pub fn new(be: &B, max_pos: usize, head_dim: usize, theta: f64) -> Result<Self> {
-        if head_dim == 0 || head_dim % 2 != 0 || max_pos == 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) || max_pos == 0 {
             return Err(Error::Invalid(format!(
                 "rope table: head_dim = {head_dim} must be even and positive, max_pos = {max_pos} positive"
             )));

@@ -139,7 +139,7 @@ pub struct Search {
 /// Grid search of α for weights `ws` (dense `[k, n_i]`, all in `format`) that
 /// read the same input with sample `x: [rows, k]` and statistics `mean_abs`.
 pub fn search(x: &[f32], k: usize, mean_abs: &[f32], ws: &[(&[f32], usize)], format: QFormat) -> Result<Search> {
-    if mean_abs.len() != k || x.len() % k != 0 || x.is_empty() {
+    if mean_abs.len() != k || !x.len().is_multiple_of(k) || x.is_empty() {
         return Err(Error::Shape(format!(
             "awq: a sample of {} values and {} channel statistics for k = {k}",
             x.len(),

@@ -165,7 +165,7 @@ pub fn calibrate<B: Backend>(be: &B, model: &Model<B>, text: &Corpus, opt: Calib
                         *a += v.abs() as f64;
                         *q += (v as f64) * (v as f64);
                     }
-                    if (row0 + r) % stride == 0 && s.sample.len() < opt.sample_rows * k {
+                    if (row0 + r).is_multiple_of(stride) && s.sample.len() < opt.sample_rows * k {
                         s.sample.extend_from_slice(row);
                     }
                 }

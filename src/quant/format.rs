@@ -102,7 +102,7 @@ impl QFormat {
             QFormat::Int4 { group, .. } => group,
             QFormat::Sparse24 { int8: true } => 8,
         };
-        if k % unit != 0 {
+        if !k.is_multiple_of(unit) {
             return Err(Error::Shape(format!(
                 "{}: the input dimension {k} is not a multiple of {unit} (weight {n}×{k})",
                 self.name()

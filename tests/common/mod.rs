@@ -249,11 +249,22 @@ pub fn compressed_model<R: Backend, B: Backend>(r: &R, b: &B) {
             let mut st = InferState::default();
             let mut steps = model.prefill(be, &mut cache, &mut st, 0, &ids[..seq - 2], 8).unwrap();
             for &t in &ids[seq - 2..] {
-                steps.extend(model.step(be, &mut cache, &mut st, &[Row { slot: 0, token: t }], model.inference_attention()).unwrap());
+                steps.extend(
+                    model
+                        .step(be, &mut cache, &mut st, &[Row { slot: 0, token: t }], model.inference_attention())
+                        .unwrap(),
+                );
             }
             vec![vec![loss as f32], full, steps]
         });
-        compare_all("compressed model", "2 layers, 5 formats", dt, &["loss", "logits", "prefill+decode logits"], &want, &got);
+        compare_all(
+            "compressed model",
+            "2 layers, 5 formats",
+            dt,
+            &["loss", "logits", "prefill+decode logits"],
+            &want,
+            &got,
+        );
     }
 }
 

@@ -166,10 +166,8 @@ fn int4_rows<const R: usize>(simd: Simd, xs: &[&[f32]; R], w: &RowParts, k: usiz
     out
 }
 
-// The AVX-512 intrinsics of std::arch are stable since Rust 1.89, above the
-// crate's declared rust-version (1.85): this module needs 1.89 or later.
+// The AVX-512 intrinsics of std::arch are stable since Rust 1.89 (the crate's rust-version).
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::incompatible_msrv)]
 mod x86 {
     use super::{RowParts, tail_int8};
     use std::arch::x86_64::*;

@@ -252,12 +252,8 @@ mod portable {
     }
 }
 
-// The AVX-512 intrinsics are stable since Rust 1.89 (the toolchain in use,
-// TOOLCHAIN.md); the `rust-version = "1.85"` in Cargo.toml is already below
-// what the crate needs (let chains, 1.88), and raising it turns on lints in
-// other modules, so the check is waived here only.
+// The AVX-512 intrinsics of std::arch are stable since Rust 1.89 (the crate's rust-version).
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::incompatible_msrv)]
 mod x86 {
     use std::arch::x86_64::*;
 

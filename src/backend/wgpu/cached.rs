@@ -80,7 +80,7 @@ pub(super) fn cache_write(
 ) -> Result<()> {
     let bytes = s.width * src.dtype().size();
     let (page, table) = (s.paging.page, s.paging.table);
-    if bytes % 4 == 0 {
+    if bytes.is_multiple_of(4) {
         // Whole 32-bit words per row: copy them without conversion.
         let words = bytes / 4;
         let k = be.kernel("cached", "cache_write_words")?;

@@ -767,7 +767,7 @@ impl Backend for WgpuBackend {
         // Kernels recorded earlier may still read this buffer: submit them first,
         // since queue writes land before the *next* submission.
         self.flush()?;
-        if bytes.len() % 4 == 0 {
+        if bytes.len().is_multiple_of(4) {
             self.queue.write_buffer(buf.raw(), 0, bytes);
         } else {
             let mut v = bytes.to_vec();
@@ -1082,7 +1082,7 @@ mod tests {
         let bytes = (1usize << 31) - 100 * 1024 * 1024;
         assert!(bucket(bytes) > vk);
         let s = buffer_size(bytes, vk).unwrap();
-        assert!(s >= bytes as u64 && s <= vk && s % 4 == 0, "{s}");
+        assert!(s >= bytes as u64 && s <= vk && s.is_multiple_of(4), "{s}");
         assert_eq!(buffer_size(1000, vk), Ok(bucket(1000)), "small sizes keep their bucket");
         assert_eq!(buffer_size(vk as usize - 3, vk), Ok(vk - 3), "the largest word-padded size fits");
         assert_eq!(buffer_size(vk as usize, vk), Err(vk), "one byte more does not");
