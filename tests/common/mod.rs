@@ -228,7 +228,7 @@ pub fn compressed_model<R: Backend, B: Backend>(r: &R, b: &B) {
     let mut which = 0;
     for (i, p) in infos.iter().enumerate() {
         let linear = [".wq", ".wk", ".wv", ".wo", ".w1", ".w2"].iter().any(|s| p.name.ends_with(s));
-        if linear && p.shape.len() == 2 {
+        if linear && !p.name.contains(".idx.") && p.shape.len() == 2 {
             let (k, n) = (p.shape[0], p.shape[1]);
             let f = formats[which % formats.len()];
             which += 1;
