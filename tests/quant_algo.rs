@@ -95,7 +95,7 @@ fn awq_search_never_loses_to_rtn_and_wins_with_outlier_channels() {
     let mean_abs: Vec<f32> = (0..k).map(|c| (0..rows).map(|r| x[r * k + c].abs()).sum::<f32>() / rows as f32).collect();
     let w = rng.normal_vec(k * n);
     let f = QFormat::Int4 { group: 32, asym: false };
-    let s = search(&x, k, &mean_abs, &[(&w, n)], f).unwrap();
+    let s = search(&x, k, &mean_abs, &[(&w, n, f)]).unwrap();
     let rtn = output_error(&x, k, &w, n, &vec![1.0; k], f).unwrap();
     assert_eq!(s.err_rtn, rtn, "alpha 0 is round to nearest");
     assert!(s.alpha > 0.0 && s.err < 0.9 * rtn, "alpha {} err {} rtn {rtn}", s.alpha, s.err);
@@ -125,6 +125,20 @@ fn compress_awq_keeps_stored_format_and_beats_rtn_on_calibration_model() {
     // wo, qkv, w1 per layer were searched; each at least as good as RTN on its sample.
     assert_eq!(c.awq.len(), 3 * cfg.n_layers);
     assert!(c.awq.iter().all(|(_, _, rtn, awq)| awq <= rtn));
+    // Weights that read one input may take different AWQ formats (the planner mixes them): one shared
+    // scale searched over their summed error, each stored in its own format.
+    let mixed: Vec<Option<Choice>> = lins
+        .iter()
+        .enumerate()
+        .map(|(i, _)| {
+            let format = if i % 2 == 0 { f } else { QFormat::Int8 };
+            Some(Choice { format, method: Method::Awq })
+        })
+        .collect();
+    let c = compress(&cfg, &v, &mixed, Some(&cal)).unwrap();
+    for (l, ch) in lins.iter().zip(&mixed) {
+        assert_eq!(c.weights[l.param].as_ref().unwrap().format, ch.unwrap().format, "{}", l.name);
+    }
     // Wanda needs calibration; AWQ on 2:4 is refused.
     let wanda_ch = vec![Some(Choice { format: QFormat::Sparse24 { int8: false }, method: Method::Wanda }); lins.len()];
     assert!(compress(&cfg, &v, &wanda_ch, None).is_err());

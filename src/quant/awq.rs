@@ -136,9 +136,11 @@ pub struct Search {
     pub err: f64,
 }
 
-/// Grid search of α for weights `ws` (dense `[k, n_i]`, all in `format`) that
-/// read the same input with sample `x: [rows, k]` and statistics `mean_abs`.
-pub fn search(x: &[f32], k: usize, mean_abs: &[f32], ws: &[(&[f32], usize)], format: QFormat) -> Result<Search> {
+/// Grid search of α for weights `ws` (dense `[k, n_i]`, each quantized to its
+/// own format: the planner may give the weights of one input different ones)
+/// that read the same input with sample `x: [rows, k]` and statistics
+/// `mean_abs`; the error minimised is the sum of their output errors.
+pub fn search(x: &[f32], k: usize, mean_abs: &[f32], ws: &[(&[f32], usize, QFormat)]) -> Result<Search> {
     if mean_abs.len() != k || !x.len().is_multiple_of(k) || x.is_empty() {
         return Err(Error::Shape(format!(
             "awq: a sample of {} values and {} channel statistics for k = {k}",
@@ -152,7 +154,7 @@ pub fn search(x: &[f32], k: usize, mean_abs: &[f32], ws: &[(&[f32], usize)], for
         let alpha = i as f32 / ALPHA_STEPS as f32;
         let s = scales(mean_abs, alpha);
         let mut err = 0.0;
-        for &(w, n) in ws {
+        for &(w, n, format) in ws {
             err += output_error(x, k, w, n, &s, format)?;
         }
         if i == 0 {
@@ -313,21 +315,20 @@ pub fn compress(
                     lins.iter().enumerate().filter(|(_, l)| l.layer == layer && l.input == input).collect();
                 let awq_members: Vec<&(usize, &Linear)> =
                     members.iter().filter(|(i, _)| choices[*i].is_some_and(|c| c.method == Method::Awq)).collect();
-                let Some(&&(first, _)) = awq_members.first() else { continue };
-                let format = choices[first].expect("filtered").format;
-                if awq_members.iter().any(|(i, _)| choices[*i].expect("filtered").format != format) {
-                    return Err(Error::Invalid(format!(
-                        "awq: the weights of layer {layer} that read one input share its scales and need one format"
-                    )));
+                if awq_members.is_empty() {
+                    continue;
                 }
                 let st = cal.input(layer, input);
                 let mut m = st.mean_abs();
                 if input == Input::Att {
                     tie_kv_groups(cfg, &mut m);
                 }
-                let ws: Vec<(&[f32], usize)> = awq_members.iter().map(|(_, l)| (&values[l.param][..], l.n)).collect();
+                let ws: Vec<(&[f32], usize, QFormat)> = awq_members
+                    .iter()
+                    .map(|(i, l)| (&values[l.param][..], l.n, choices[*i].expect("filtered").format))
+                    .collect();
                 let k = members[0].1.k;
-                let found = search(&st.sample, k, &m, &ws, format)?;
+                let found = search(&st.sample, k, &m, &ws)?;
                 fold_scales(cfg, &mut values, layer, input, &found.scales)?;
                 awq.push((members[0].1.name.clone(), found.alpha, found.err_rtn, found.err));
             }
