@@ -1,5 +1,6 @@
 //! `dynsparse compress` as a user runs it: a compressed checkpoint that
-//! eval and generate load, its summary, and each bad input as one clear line.
+//! eval and generate load, its summary, `--method awq|wanda` and `--format auto`
+//! (the planner), and each bad input as one clear line.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -7,6 +8,8 @@ use std::process::{Command, Output};
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_dynsparse"));
     c.env("RUST_LOG", "error").env("XDG_RUNTIME_DIR", "/tmp");
+    // The planner's kernel-cost cache stays out of the user's ~/.cache.
+    c.env("DYNSPARSE_CACHE_DIR", std::env::temp_dir().join(format!("dynsparse-compress-cache-{}", std::process::id())));
     c
 }
 
@@ -211,4 +214,25 @@ fn quantized_model_matches_its_dequantized_dense_twin() {
         let e = qm.backward(&be, &mut ws, &mut grads, 1.0, false).unwrap_err().to_string();
         assert!(e.contains("inference-only"), "{e}");
     }
+}
+
+#[test]
+fn awq_wanda_and_the_planner_write_loadable_checkpoints() {
+    let d = tmp("planner");
+    let ck = train_tiny(&d);
+    let o = d.join("q.safetensors");
+    for (fmt, method) in [("int4-g32", "awq"), ("2:4", "wanda")] {
+        let s = ok(compress(&ck, &o, &["--format", fmt, "--method", method]));
+        assert!(s.contains(&format!("({method})")), "{s}");
+        ok(run(&["--backend", "cpu", "eval", "--checkpoint", o.to_str().unwrap(), "--windows", "2"]));
+    }
+    let s = ok(compress(&ck, &o, &["--format", "auto", "--budget", "0.05", "--target", "size"]));
+    assert!(s.contains("verified") && s.contains("layers.0.w2"), "{s}");
+    ok(run(&["--backend", "cpu", "eval", "--checkpoint", o.to_str().unwrap(), "--windows", "2"]));
+    fails_with(compress(&ck, &o, &["--format", "2:4", "--method", "awq"]), "--method awq");
+    fails_with(compress(&ck, &o, &["--format", "int8", "--method", "wanda"]), "--method wanda");
+    fails_with(compress(&ck, &o, &["--format", "auto", "--group", "32"]), "--format auto");
+    fails_with(compress(&ck, &o, &["--format", "auto", "--budget", "2"]), "--budget 2");
+    fails_with(compress(&ck, &o, &["--format", "auto", "--target", "latency"]), "--target latency");
+    std::fs::remove_dir_all(&d).unwrap();
 }
