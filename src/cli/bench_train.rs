@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use crate::outln;
 use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
 use dynsparse::backend::{BackendChoice, BackendJob, run_on, select};
 use dynsparse::data::synthetic::{SyntheticConfig, generate};
 use dynsparse::model::{AttentionMode, Model, ModelConfig};
@@ -34,6 +35,11 @@ pub struct TrainBenchArgs {
     /// dense or sparse.
     #[arg(long, default_value = "sparse")]
     pub attention: String,
+    /// Sequence-length sweep at batch 1: for each length, one f32 step dense and
+    /// one sparse, side by side (e.g. `--seqs 512,2048,8192,16384`). The model's
+    /// context grows to the longest length. Replaces the per-precision table.
+    #[arg(long, value_delimiter = ',')]
+    pub seqs: Vec<usize>,
     /// Write the table into this Markdown file (a section replaced on every run).
     #[arg(long)]
     pub write: Option<PathBuf>,
@@ -52,48 +58,128 @@ struct Job<'a> {
     dts: Vec<DType>,
 }
 
+/// One warm-up step, then `steps` timed optimizer steps of a fresh model.
+fn time_steps<B: Backend>(
+    be: &B,
+    cfg: ModelConfig,
+    dt: DType,
+    batch: usize,
+    seq: usize,
+    steps: u64,
+) -> Result<Row> {
+    let data = generate(3, 400_000.max(4 * batch * seq), SyntheticConfig::default());
+    let tc = TrainConfig {
+        steps: 1000,
+        batch,
+        seq,
+        accum: 1,
+        precision: dt,
+        lr: LrSchedule { lr: 1e-3, min_lr: 1e-4, warmup_steps: 1, total_steps: 1000 },
+        beta1: 0.9,
+        beta2: 0.95,
+        weight_decay: 0.1,
+        grad_clip: 1.0,
+        warmup_frac: 0.0,
+        ramp_frac: 0.0,
+        seed: 1,
+    };
+    let base = be.memory().allocated;
+    be.reset_peak();
+    let mut mem = MemoryReport::default();
+    let mut tr = Trainer::new(be, Model::new(be, cfg, dt, 1)?, tc, &mut mem)?;
+    tr.train_step(be, &data)?;
+    be.synchronize()?;
+    let t0 = Instant::now();
+    for _ in 0..steps {
+        tr.train_step(be, &data)?;
+    }
+    be.synchronize()?;
+    let tok_s = (steps as usize * batch * seq) as f64 / t0.elapsed().as_secs_f64();
+    Ok(Row { dt, mem, peak: be.memory().peak - base, tok_s })
+}
+
 impl BackendJob for Job<'_> {
     type Output = Vec<Row>;
     fn run<B: Backend>(self, be: &B) -> Result<Vec<Row>> {
-        let data = generate(3, 400_000, SyntheticConfig::default());
         let mut rows = Vec::new();
         for dt in self.dts {
             if !be.supports(dt) {
                 eprintln!("{dt}: not supported by {}, skipped", be.device_name());
                 continue;
             }
-            let tc = TrainConfig {
-                steps: 1000,
-                batch: self.a.batch,
-                seq: self.a.seq,
-                accum: 1,
-                precision: dt,
-                lr: LrSchedule { lr: 1e-3, min_lr: 1e-4, warmup_steps: 1, total_steps: 1000 },
-                beta1: 0.9,
-                beta2: 0.95,
-                weight_decay: 0.1,
-                grad_clip: 1.0,
-                warmup_frac: 0.0,
-                ramp_frac: 0.0,
-                seed: 1,
-            };
-            let base = be.memory().allocated;
-            be.reset_peak();
-            let mut mem = MemoryReport::default();
-            let mut tr = Trainer::new(be, Model::new(be, self.cfg, dt, 1)?, tc, &mut mem)?;
-            tr.train_step(be, &data)?;
-            be.synchronize()?;
-            let t0 = Instant::now();
-            for _ in 0..self.a.steps {
-                tr.train_step(be, &data)?;
-            }
-            be.synchronize()?;
-            let tok_s = (self.a.steps as usize * self.a.batch * self.a.seq) as f64 / t0.elapsed().as_secs_f64();
-            rows.push(Row { dt, mem, peak: be.memory().peak - base, tok_s });
-            drop(tr);
+            rows.push(time_steps(be, self.cfg, dt, self.a.batch, self.a.seq, self.a.steps)?);
         }
         Ok(rows)
     }
+}
+
+/// `--seqs`: (seq, dense tokens/s, sparse tokens/s) at batch 1, f32.
+struct SweepJob<'a> {
+    a: &'a TrainBenchArgs,
+    dense: ModelConfig,
+    sparse: ModelConfig,
+}
+
+impl BackendJob for SweepJob<'_> {
+    type Output = Vec<(usize, f64, f64)>;
+    fn run<B: Backend>(self, be: &B) -> Result<Self::Output> {
+        let bar = ProgressBar::new(2 * self.a.seqs.len() as u64)
+            .with_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed}]").expect("static template"));
+        let mut out = Vec::new();
+        for &seq in &self.a.seqs {
+            bar.set_message(format!("seq {seq} dense"));
+            let d = time_steps(be, self.dense, DType::F32, 1, seq, self.a.steps)?.tok_s;
+            bar.inc(1);
+            bar.set_message(format!("seq {seq} sparse"));
+            let s = time_steps(be, self.sparse, DType::F32, 1, seq, self.a.steps)?.tok_s;
+            bar.inc(1);
+            log::info!("seq {seq}: dense {d:.0} tokens/s, sparse {s:.0} tokens/s");
+            out.push((seq, d, s));
+        }
+        bar.finish_and_clear();
+        Ok(out)
+    }
+}
+
+fn run_sweep(choice: BackendChoice, a: &TrainBenchArgs, mut cfg: ModelConfig) -> Result<()> {
+    if a.seqs.contains(&0) {
+        return Err(Error::Invalid("--seqs: every length must be 1 or more".into()));
+    }
+    cfg.context = cfg.context.max(*a.seqs.iter().max().unwrap_or(&1));
+    let dense = ModelConfig { attention: AttentionMode::Dense, ..cfg };
+    let sparse = ModelConfig { attention: ModelConfig::default().attention, ..cfg };
+    let sel = select(choice)?;
+    for c in [&dense, &sparse] {
+        let plan = MemoryPlan::train(c, DType::F32, 1, cfg.context, sel.backend.max_binding_bytes());
+        super::preflight(&plan, &sel.backend, "an f32 training step", "lower the longest of --seqs")?;
+    }
+    let rows = run_on(&sel.backend, SweepJob { a, dense, sparse })?;
+    let kind = sel.backend.kind();
+    let list = a.seqs.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
+    let mut md = format!(
+        "Machine: {} — device: {} ({kind}).\n\nCommand: `dynsparse --backend {kind} bench train --layers {} --d-model {} --seqs {list} --steps {}`\n\n\
+         f32, batch 1, one warm-up step then {} timed steps per cell; sparse = block {}, the default kept blocks, from step 0 (no dense warm-up).\n\n\
+         | seq | dense tokens/s | sparse tokens/s | sparse / dense |\n|---:|---:|---:|---:|\n",
+        host_description(),
+        sel.backend.device_name(),
+        a.layers,
+        a.d_model,
+        a.steps,
+        a.steps,
+        match sparse.attention {
+            AttentionMode::Sparse { block, .. } => block,
+            _ => 0,
+        },
+    );
+    for (seq, d, s) in rows {
+        md.push_str(&format!("| {seq} | {d:.0} | {s:.0} | {:.2}× |\n", s / d));
+    }
+    outln!("{md}");
+    if let Some(p) = &a.write {
+        update_markdown_section(p, &format!("bench train seqs {kind}"), &md)?;
+        outln!("written to {}", p.display());
+    }
+    Ok(())
 }
 
 pub fn run(choice: BackendChoice, a: TrainBenchArgs) -> Result<()> {
@@ -113,6 +199,11 @@ pub fn run(choice: BackendChoice, a: TrainBenchArgs) -> Result<()> {
     if a.steps == 0 {
         return Err(Error::Invalid("--steps 0: accepted range 1 or more".into()));
     }
+    if !a.seqs.is_empty() {
+        return run_sweep(choice, &a, cfg);
+    }
+    // A --seq beyond the default context grows the model's context (RoPE table).
+    cfg.context = cfg.context.max(a.seq);
     if !(1..=cfg.context).contains(&a.seq) || a.batch == 0 {
         return Err(Error::Invalid(format!(
             "--seq {} and --batch {}: accepted ranges 1..={} and 1..",
