@@ -13,7 +13,7 @@
 
 use rayon::prelude::*;
 
-use super::{CpuBackend, rd};
+use super::{CpuBackend, rd, simd, vmath};
 use crate::Tensor;
 use crate::attention::ops::{AttentionSpec, IndexerLossSpec, IndexerSpec, PatternSpec, SelectSpec};
 use crate::attention::select::{NONE, select_row};
@@ -297,11 +297,7 @@ pub(super) fn forward(s: &AttentionSpec, q: &T, k: &T, v: &T, idx: Option<&T>, o
                     if keys.is_empty() {
                         continue;
                     }
-                    let mut l = 0.0;
-                    for x in p.iter_mut() {
-                        *x = (*x - m).exp();
-                        l += *x;
-                    }
+                    let l = vmath::exp_shift_sum(simd::simd(), &mut p, m);
                     let o = &mut out[t * d..(t + 1) * d];
                     for (&j, &pj) in keys.iter().zip(&p) {
                         let vv = &v[lay.k(b, j, g)..lay.k(b, j, g) + d];
@@ -376,18 +372,15 @@ pub(super) fn forward(s: &AttentionSpec, q: &T, k: &T, v: &T, idx: Option<&T>, o
 /// (0 past `vis`); returns the factor the row's accumulator must be scaled
 /// by, or `None` when the query has seen no key yet (the row is zeroed).
 pub(super) fn online_update(row: &mut [f32], vis: usize, m: &mut f32, l: &mut f32) -> Option<f32> {
-    let mx = row[..vis].iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-    let mnew = m.max(mx);
+    let v = simd::simd();
+    let mnew = m.max(vmath::max(v, &row[..vis]));
     if mnew == f32::NEG_INFINITY {
         row.fill(0.0);
         return None;
     }
     let corr = (*m - mnew).exp();
-    let mut sum = 0.0;
-    for (j, x) in row.iter_mut().enumerate() {
-        *x = if j < vis { (*x - mnew).exp() } else { 0.0 };
-        sum += *x;
-    }
+    let sum = vmath::exp_shift_sum(v, &mut row[..vis], mnew);
+    row[vis..].fill(0.0);
     *l = *l * corr + sum;
     *m = mnew;
     Some(corr)
@@ -526,18 +519,18 @@ pub(super) fn backward(
                     gemm(nr, d, cols, s.scale, &qb, (d, 1), kt, (1, lay.k_rs()), 0.0, &mut p, (cols, 1));
                     for (i, &r) in rows.iter().enumerate() {
                         let vis = visible(t0 + r, k0, k1);
-                        let l = lse_h[t0 + r];
-                        for (j, x) in p[i * cols..(i + 1) * cols].iter_mut().enumerate() {
-                            *x = if j < vis && l > f32::NEG_INFINITY { (*x - l).exp() } else { 0.0 };
-                        }
+                        let (l, pr) = (lse_h[t0 + r], &mut p[i * cols..(i + 1) * cols]);
+                        let vis = if l > f32::NEG_INFINITY { vis } else { 0 };
+                        vmath::exp_shift_sum(simd::simd(), &mut pr[..vis], l);
+                        pr[vis..].fill(0.0);
                     }
                     // dV += Pᵀ·dO; dP = dO·Vᵀ; dS = P∘(dP - D); dQ += s·dS·K; dK += s·dSᵀ·Q.
                     gemm(cols, nr, d, 1.0, &p, (1, cols), &dob, (d, 1), 1.0, &mut dvl[k0 * d..], (d, 1));
                     gemm(nr, d, cols, 1.0, &dob, (d, 1), vt, (1, lay.k_rs()), 0.0, &mut dp, (cols, 1));
                     for (i, &r) in rows.iter().enumerate() {
-                        for j in 0..cols {
-                            dp[i * cols + j] = p[i * cols + j] * (dp[i * cols + j] - drow[t0 + r]);
-                        }
+                        let (dpr, pr, dr) =
+                            (&mut dp[i * cols..(i + 1) * cols], &p[i * cols..(i + 1) * cols], drow[t0 + r]);
+                        dpr.iter_mut().zip(pr).for_each(|(x, &p)| *x = p * (*x - dr));
                     }
                     gemm(nr, cols, d, s.scale, &dp, (cols, 1), kt, (lay.k_rs(), 1), 0.0, &mut dqt, (d, 1));
                     for (i, &r) in rows.iter().enumerate() {

@@ -2,48 +2,41 @@
 
 use rayon::prelude::*;
 
-use super::{CpuBackend, rd};
+use super::{CpuBackend, rd, simd, vmath};
 use crate::Tensor;
 use crate::ops::CrossEntropySpec;
 
 type T = Tensor<CpuBackend>;
 
-/// `(max, Σ exp(x - max))` of a row.
-fn max_sum(row: &[f32]) -> (f32, f32) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    (max, row.iter().map(|v| (v - max).exp()).sum())
-}
-
 pub(super) fn forward(s: &CrossEntropySpec, logits: &T, targets: &T, losses: &mut T) {
-    let (x, tg) = (rd(logits), targets.buf.u32s());
+    let (x, tg, v) = (rd(logits), targets.buf.u32s(), simd::simd());
     losses.buf.produce(|o| {
         o.par_iter_mut().enumerate().for_each(|(r, o)| {
             *o = if s.is_ignored(tg[r]) {
                 0.0
             } else {
                 let row = &x[r * s.vocab..(r + 1) * s.vocab];
-                let (max, sum) = max_sum(row);
-                max + sum.ln() - row[tg[r] as usize]
+                let max = vmath::max(v, row);
+                max + vmath::sum_exp_shift(v, row, max).ln() - row[tg[r] as usize]
             }
         })
     });
 }
 
 pub(super) fn backward(s: &CrossEntropySpec, logits: &T, targets: &T, dlogits: &mut T) {
-    let (x, tg) = (rd(logits), targets.buf.u32s());
+    let (x, tg, v) = (rd(logits), targets.buf.u32s(), simd::simd());
     dlogits.buf.produce(|o| {
         o.par_chunks_mut(s.vocab).enumerate().for_each(|(r, o)| {
             if s.is_ignored(tg[r]) {
                 o.fill(0.0);
                 return;
             }
-            let row = &x[r * s.vocab..(r + 1) * s.vocab];
-            let (max, sum) = max_sum(row);
-            for j in 0..s.vocab {
-                let p = (row[j] - max).exp() / sum;
-                let hot = if j == tg[r] as usize { 1.0 } else { 0.0 };
-                o[j] = s.grad_scale * (p - hot);
-            }
+            // o = e^(x - max) in place, then grad_scale·(o/Σo − onehot).
+            o.copy_from_slice(&x[r * s.vocab..(r + 1) * s.vocab]);
+            let max = vmath::max(v, o);
+            let sum = vmath::exp_shift_sum(v, o, max);
+            o.iter_mut().for_each(|p| *p = s.grad_scale * (*p / sum));
+            o[tg[r] as usize] -= s.grad_scale;
         })
     });
 }

@@ -64,18 +64,33 @@ pub(super) fn backward(
             }
         })
     });
-    let sums: Vec<(f64, f64)> = (0..n)
+    // dγ_j = Σ_r dy[r,j]·x̂[r,j], dβ_j = Σ_r dy[r,j], in f64: per block of
+    // ROWS rows a contiguous row-wise pass into 2n partials, then the blocks
+    // added in order (fixed order: deterministic for any thread count).
+    const ROWS: usize = 64;
+    let parts: Vec<Vec<f64>> = (0..s.rows.div_ceil(ROWS))
         .into_par_iter()
-        .map(|j| {
-            (0..s.rows).fold((0.0, 0.0), |(a, b), r| {
-                let xhat = (x[r * n + j] - mu[r]) * rs[r];
-                let d = dy[r * n + j] as f64;
-                (a + d * xhat as f64, b + d)
-            })
+        .map(|blk| {
+            let mut acc = vec![0.0f64; 2 * n];
+            let (ag, ab) = acc.split_at_mut(n);
+            for r in blk * ROWS..((blk + 1) * ROWS).min(s.rows) {
+                let (xr, dyr, m, rstd) = (&x[r * n..(r + 1) * n], &dy[r * n..(r + 1) * n], mu[r], rs[r]);
+                for j in 0..n {
+                    let xhat = (xr[j] - m) * rstd;
+                    ag[j] += dyr[j] as f64 * xhat as f64;
+                    ab[j] += dyr[j] as f64;
+                }
+            }
+            acc
         })
         .collect();
-    dgamma.buf.update(|o| o.iter_mut().zip(&sums).for_each(|(o, s)| *o = (*o as f64 + s.0) as f32));
-    dbeta.buf.update(|o| o.iter_mut().zip(&sums).for_each(|(o, s)| *o = (*o as f64 + s.1) as f32));
+    let mut sums = vec![0.0f64; 2 * n];
+    for p in &parts {
+        sums.iter_mut().zip(p).for_each(|(s, &v)| *s += v);
+    }
+    let (sg, sb) = sums.split_at(n);
+    dgamma.buf.update(|o| o.iter_mut().zip(sg).for_each(|(o, s)| *o = (*o as f64 + s) as f32));
+    dbeta.buf.update(|o| o.iter_mut().zip(sb).for_each(|(o, s)| *o = (*o as f64 + s) as f32));
 }
 
 #[cfg(test)]

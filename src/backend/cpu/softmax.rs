@@ -1,26 +1,22 @@
-//! Row softmax forward/backward on the host; masked (causal) columns are 0
-//! and never read.
+//! Row softmax forward/backward on the host (`exp` and the row max from
+//! [`vmath`](super::vmath)); masked (causal) columns are 0 and never read.
 
 use rayon::prelude::*;
 
-use super::{CpuBackend, rd};
+use super::{CpuBackend, rd, simd, vmath};
 use crate::Tensor;
 use crate::ops::SoftmaxSpec;
 
 type T = Tensor<CpuBackend>;
 
 pub(super) fn forward(s: &SoftmaxSpec, x: &T, y: &mut T) {
-    let x = rd(x);
+    let (x, v) = (rd(x), simd::simd());
     y.buf.produce(|o| {
         o.par_chunks_mut(s.n).enumerate().for_each(|(r, o)| {
             let vis = s.visible(r);
-            let row = &x[r * s.n..r * s.n + vis];
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let mut sum = 0.0f32;
-            for j in 0..vis {
-                o[j] = (row[j] - max).exp();
-                sum += o[j];
-            }
+            o[..vis].copy_from_slice(&x[r * s.n..r * s.n + vis]);
+            let max = vmath::max(v, &o[..vis]);
+            let sum = vmath::exp_shift_sum(v, &mut o[..vis], max);
             o[..vis].iter_mut().for_each(|v| *v /= sum);
             o[vis..].fill(0.0);
         })
