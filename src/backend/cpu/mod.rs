@@ -9,6 +9,7 @@
 mod adamw;
 mod attention;
 mod cached;
+mod convert;
 mod cross_entropy;
 mod elementwise;
 mod embedding;
@@ -81,8 +82,16 @@ impl CpuBuffer {
     pub(crate) fn f32s(&self) -> Cow<'_, [f32]> {
         match &self.data {
             Storage::F32(v) => Cow::Borrowed(v),
-            Storage::F16(v) => Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
-            Storage::BF16(v) => Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
+            Storage::F16(v) => {
+                let mut out = vec![0.0; v.len()];
+                convert::widen_f16(v, &mut out);
+                Cow::Owned(out)
+            }
+            Storage::BF16(v) => {
+                let mut out = vec![0.0; v.len()];
+                convert::widen_bf16(v, &mut out);
+                Cow::Owned(out)
+            }
             Storage::U32(v) => Cow::Owned(v.iter().map(|&x| x as f32).collect()),
             Storage::I32(v) => Cow::Owned(v.iter().map(|&x| x as f32).collect()),
         }
@@ -100,8 +109,8 @@ impl CpuBuffer {
     pub(crate) fn store(&mut self, vals: &[f32]) {
         match &mut self.data {
             Storage::F32(v) => v.copy_from_slice(vals),
-            Storage::F16(v) => v.iter_mut().zip(vals).for_each(|(o, &x)| *o = f16::from_f32(x)),
-            Storage::BF16(v) => v.iter_mut().zip(vals).for_each(|(o, &x)| *o = bf16::from_f32(x)),
+            Storage::F16(v) => convert::narrow_f16(vals, v),
+            Storage::BF16(v) => convert::narrow_bf16(vals, v),
             Storage::U32(v) => v.iter_mut().zip(vals).for_each(|(o, &x)| *o = x as u32),
             Storage::I32(v) => v.iter_mut().zip(vals).for_each(|(o, &x)| *o = x as i32),
         }
