@@ -30,6 +30,10 @@ pub struct ServeArgs {
     /// higher: faster time to first token). With nothing decoding, prompts get all of --max-batched-tokens.
     #[arg(long, default_value_t = 32)]
     pub prefill_chunk: usize,
+    /// While sequences decode, most rows (decode + prefill) in one step, so every step — and so every
+    /// inter-token gap — stays near the cost of this many rows; prompts keep at least an eighth of it. 0: no cap.
+    #[arg(long, default_value_t = dynsparse::serve::DEFAULT_STEP_ROWS)]
+    pub step_rows: usize,
     /// Most prompts waiting for a slot; a request beyond it gets 429 at once.
     #[arg(long, default_value_t = 256)]
     pub max_queue: usize,
@@ -68,6 +72,7 @@ pub fn run(choice: BackendChoice, a: ServeArgs) -> Result<()> {
         max_batch: a.max_batch,
         max_batched_tokens: a.max_batched_tokens,
         prefill_chunk: a.prefill_chunk,
+        step_rows: a.step_rows,
         max_queue: a.max_queue,
         kv_memory: a.kv_memory.as_deref().map(parse_bytes).transpose()?,
         kv_page: a.kv_page,

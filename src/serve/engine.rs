@@ -101,20 +101,28 @@ pub enum Msg {
 
 /// Prefill rows a step may carry next to `decodes` decode rows, with at most
 /// `max_tokens` rows in all: everything left when nothing decodes (no one
-/// waits on the step), else at most `max(chunk, decodes)`.
+/// waits on the step), else at most `max(chunk, decodes)` and, when
+/// `step_rows` > 0, at most `step_rows − decodes` — but never fewer than
+/// `⌈step_rows / 8⌉`, so prompts keep entering however many sequences decode.
 ///
-/// Why: on a compute-bound backend (the CPU) a step costs about the weight
-/// reads plus a constant per row, and every decoding sequence waits for the
-/// whole step, so a step carrying a 512-row prompt chunk next to 32 decode
-/// rows delays 32 tokens by 16× a decode step — those steps set the
-/// inter-token p99. Capping the chunk at the decode rows (Sarathi-style
-/// stall-free batching, the budget growing with the batch so that prefill
-/// keeps pace with the sequences that finish) keeps every step within about
-/// 2× a pure decode step; `chunk` keeps a small batch admitting prompts at a
-/// useful rate. The price is time to first token under load.
-pub fn prefill_budget(max_tokens: usize, chunk: usize, decodes: usize) -> usize {
+/// Why: on a compute-bound backend (the CPU) a step of R rows costs about
+/// T₀ + R·c (T₀ the weight reads, c the compute of a row), and every decoding
+/// sequence waits for the whole step: its inter-token gap *is* the step time.
+/// A step carrying a 512-row prompt chunk next to 32 decode rows delays 32
+/// tokens by 16× a decode step — those steps set the inter-token p99. Capping
+/// the chunk (Sarathi-style stall-free batching) bounds the step at
+/// T₀ + step_rows·c. Under a steady load the step's rows split between
+/// prefill and decode in the load's own ratio (prompt tokens per generated
+/// token) whatever the cap, so generated tokens/s ≈ R / (ratio + 1) / (T₀ + R·c):
+/// a smaller cap costs throughput only through T₀ and the per-row efficiency
+/// of smaller products, while the queue (time to first token) grows.
+pub fn prefill_budget(max_tokens: usize, chunk: usize, step_rows: usize, decodes: usize) -> usize {
     let left = max_tokens.saturating_sub(decodes);
-    if decodes == 0 { left } else { left.min(chunk.max(decodes)) }
+    if decodes == 0 {
+        return left;
+    }
+    let capped = left.min(chunk.max(decodes));
+    if step_rows == 0 { capped } else { capped.min(step_rows.saturating_sub(decodes).max(step_rows.div_ceil(8))) }
 }
 
 /// Engine limits.
@@ -125,6 +133,8 @@ pub struct EngineConfig {
     pub max_batched_tokens: usize,
     /// See [`prefill_budget`].
     pub prefill_chunk: usize,
+    /// See [`prefill_budget`] (0: no cap).
+    pub step_rows: usize,
     /// Pool size in pages (already derived from the memory budget).
     pub kv_pages: usize,
     pub kv_page: usize,
@@ -445,7 +455,8 @@ impl<B: Backend> Engine<'_, B> {
                     budget -= 1;
                 }
             }
-            budget = prefill_budget(self.cfg.max_batched_tokens, self.cfg.prefill_chunk, plan.len());
+            budget =
+                prefill_budget(self.cfg.max_batched_tokens, self.cfg.prefill_chunk, self.cfg.step_rows, plan.len());
             let page = self.cache.page();
             for (i, s) in self.running.iter().enumerate() {
                 let slot = s.slot.expect("running");
@@ -625,12 +636,26 @@ mod tests {
     #[test]
     fn prefill_budget_is_capped_by_the_decode_rows_only_while_some_decode() {
         // Nothing decodes: the whole step budget.
-        assert_eq!(prefill_budget(512, 32, 0), 512);
+        assert_eq!(prefill_budget(512, 32, 0, 0), 512);
         // A few decode: the chunk; many: as many prefill rows as decode rows.
-        assert_eq!(prefill_budget(512, 32, 3), 32);
-        assert_eq!(prefill_budget(512, 32, 100), 100);
+        assert_eq!(prefill_budget(512, 32, 0, 3), 32);
+        assert_eq!(prefill_budget(512, 32, 0, 100), 100);
         // Never past the step budget.
-        assert_eq!(prefill_budget(512, 32, 300), 212);
-        assert_eq!(prefill_budget(64, 32, 64), 0);
+        assert_eq!(prefill_budget(512, 32, 0, 300), 212);
+        assert_eq!(prefill_budget(64, 32, 0, 64), 0);
+    }
+
+    #[test]
+    fn step_rows_cap_the_step_but_leave_prompts_a_floor() {
+        // Nothing decodes: the cap does not apply (no one waits).
+        assert_eq!(prefill_budget(512, 32, 24, 0), 512);
+        // Decode rows plus prefill rows stay within the cap ...
+        assert_eq!(prefill_budget(512, 32, 24, 4), 20);
+        assert_eq!(prefill_budget(512, 32, 40, 4), 32);
+        // ... down to ⌈24/8⌉ = 3 prefill rows when the decode rows fill it.
+        assert_eq!(prefill_budget(512, 32, 24, 23), 3);
+        assert_eq!(prefill_budget(512, 32, 24, 30), 3);
+        // And never past the step budget.
+        assert_eq!(prefill_budget(32, 32, 24, 31), 1);
     }
 }

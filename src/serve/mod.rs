@@ -59,6 +59,11 @@ impl ServeModel {
     }
 }
 
+/// Default of [`ServeConfig::step_rows`]: on the CPU backend (2 cores) a
+/// step of this many rows of the 26M-parameter model stays within about 3×
+/// a single-row decode step (BENCHMARKS.md, "Serving").
+pub const DEFAULT_STEP_ROWS: usize = 32;
+
 /// Server settings (the `serve` command's flags).
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
@@ -74,6 +79,10 @@ pub struct ServeConfig {
     /// `max(prefill_chunk, decode rows)` (all of `max_batched_tokens` when
     /// none decode). See [`engine::prefill_budget`].
     pub prefill_chunk: usize,
+    /// While sequences decode, a step carries at most this many rows (decode
+    /// rows first; prompts keep at least an eighth of it); 0: no cap. See
+    /// [`engine::prefill_budget`].
+    pub step_rows: usize,
     /// Most sequences waiting for admission; beyond it requests get 429 at once.
     pub max_queue: usize,
     /// KV pool size in bytes; `None`: room for `max_batch` full contexts.
@@ -103,6 +112,7 @@ impl Default for ServeConfig {
             max_batch: 32,
             max_batched_tokens: 512,
             prefill_chunk: 32,
+            step_rows: DEFAULT_STEP_ROWS,
             max_queue: 256,
             kv_memory: None,
             kv_page: crate::model::infer::DEFAULT_PAGE,
@@ -245,6 +255,7 @@ pub fn start(cfg: ServeConfig, model: ServeModel) -> Result<ServerHandle> {
         max_batch: cfg.max_batch,
         max_batched_tokens: cfg.max_batched_tokens,
         prefill_chunk: cfg.prefill_chunk.min(cfg.max_batched_tokens),
+        step_rows: cfg.step_rows,
         kv_pages,
         kv_page: cfg.kv_page,
         context,

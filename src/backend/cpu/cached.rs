@@ -15,7 +15,7 @@ use std::borrow::Cow;
 use rayon::prelude::*;
 
 use super::attention::{gemm_rows, online_update};
-use super::{CpuBackend, CpuBuffer, Storage, rd};
+use super::{CpuBackend, CpuBuffer, Storage, rd, simd};
 use crate::Tensor;
 use crate::attention::cached::{CachedAttentionSpec, CachedIndexerSpec, CachedSelectSpec, Paging};
 use crate::attention::ops::PatternSpec;
@@ -103,43 +103,52 @@ fn seq_rows<'a>(
     Cow::Owned(out)
 }
 
-/// Columns `[col0, col0 + d)` (one KV head) of keys `[k0, k0 + n)` of a
-/// sequence whose page table starts at `base`, as f32 rows and their stride:
-/// borrowed in place (stride `width`) when they lie in one page of an f32
-/// cache, else gathered head row by head row (stride `d`) — never the other
-/// heads' columns. The values, and so every product over them, do not depend
-/// on where the pages lie.
-#[allow(clippy::too_many_arguments)]
-fn head_rows<'a>(
-    buf: &'a CpuBuffer,
+/// Columns `[col0, col0 + d)` (one KV head) of the `n` cache rows from
+/// `row0` (keys of one page), as f32 rows and their stride: borrowed in
+/// place (stride `width`) from an f32 cache, else converted head row by head
+/// row (stride `d`) — never the other heads' columns. The values do not
+/// depend on where the page lies.
+fn head_rows(
+    buf: &CpuBuffer,
+    row0: usize,
+    n: usize,
+    width: usize,
+    (col0, d): (usize, usize),
+) -> (Cow<'_, [f32]>, usize) {
+    if n == 0 {
+        return (Cow::Borrowed(&[]), d);
+    }
+    let r = row0 * width + col0..(row0 + n - 1) * width + col0 + d;
+    match &buf.data {
+        Storage::F32(v) => (Cow::Borrowed(&v[r]), width),
+        Storage::F16(v) => {
+            (Cow::Owned(v[r].chunks(width).flat_map(|x| x[..d].iter().map(|y| y.to_f32())).collect()), d)
+        }
+        Storage::BF16(v) => {
+            (Cow::Owned(v[r].chunks(width).flat_map(|x| x[..d].iter().map(|y| y.to_f32())).collect()), d)
+        }
+        _ => unreachable!("op validation guarantees a float cache"),
+    }
+}
+
+/// The page segments of keys `[k0, k0 + n)` of a sequence whose page table
+/// starts at `base`: (offset from `k0`, first cache row, keys), in key order.
+fn page_segments(
     pg: Paging,
     pages: &[u32],
     base: usize,
     (k0, n): (usize, usize),
-    width: usize,
-    (col0, d): (usize, usize),
     slots: usize,
-) -> (Cow<'a, [f32]>, usize) {
-    if n == 0 {
-        return (Cow::Borrowed(&[]), d);
-    }
-    if let Storage::F32(v) = &buf.data
-        && k0 / pg.page == (k0 + n - 1) / pg.page
-    {
-        let first = pg.key_row(pages, base, k0, slots);
-        return (Cow::Borrowed(&v[first * width + col0..(first + n - 1) * width + col0 + d]), width);
-    }
-    let mut out = Vec::with_capacity(n * d);
-    for key in k0..k0 + n {
-        let r = pg.key_row(pages, base, key, slots) * width + col0;
-        match &buf.data {
-            Storage::F32(v) => out.extend_from_slice(&v[r..r + d]),
-            Storage::F16(v) => out.extend(v[r..r + d].iter().map(|x| x.to_f32())),
-            Storage::BF16(v) => out.extend(v[r..r + d].iter().map(|x| x.to_f32())),
-            _ => unreachable!("op validation guarantees a float cache"),
-        }
-    }
-    (Cow::Owned(out), d)
+) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+    let mut s = k0;
+    std::iter::from_fn(move || {
+        (s < k0 + n).then(|| {
+            let seg = (pg.page - s % pg.page).min(k0 + n - s);
+            let item = (s - k0, pg.key_row(pages, base, s, slots), seg);
+            s += seg;
+            item
+        })
+    })
 }
 
 pub(super) fn rope_rows(s: &RopeSpec, x: &T, cos: &T, sin: &T, rows: &T, y: &mut T) {
@@ -238,6 +247,7 @@ pub(super) fn cached_attention(
     let pages = pages.buf.u32s();
     let idx = idx.map(|i| i.buf.u32s());
     let (d, h_n, kw) = (s.head_dim, s.n_heads, s.n_kv_heads * s.head_dim);
+    let simd = simd::simd();
     let tasks: Vec<((usize, usize), usize)> =
         runs(&tab).into_iter().flat_map(|run| (0..h_n).map(move |h| (run, h))).collect();
     let outs: Vec<Vec<f32>> = tasks
@@ -250,24 +260,30 @@ pub(super) fn cached_attention(
             let (mut qb, mut sb, mut pv) = (Vec::new(), Vec::new(), Vec::new());
             for (k0, k1, rs) in units(s, &tab, idx, (r0, r1)) {
                 let (nr, cols) = (rs.len(), k1 - k0);
-                let ((kr, ks), (vr, vs)) = (
-                    head_rows(&k.buf, s.paging, pages, base, (k0, cols), kw, (g * d, d), s.slots),
-                    head_rows(&v.buf, s.paging, pages, base, (k0, cols), kw, (g * d, d), s.slots),
-                );
                 qb.clear();
                 for &r in &rs {
                     qb.extend_from_slice(&q[((r0 + r) * h_n + h) * d..((r0 + r) * h_n + h + 1) * d]);
                 }
+                // S = scale·Q·Kᵀ page by page, read in place: each score is
+                // its own dot product, so the split does not change it.
                 sb.resize(nr * cols, 0.0);
-                gemm_rows(nr, d, cols, s.scale, &qb, (d, 1), &kr, (1, ks), 0.0, &mut sb, (cols, 1));
+                for (off, row0, seg) in page_segments(s.paging, pages, base, (k0, cols), s.slots) {
+                    let (kr, ks) = head_rows(&k.buf, row0, seg, kw, (g * d, d));
+                    gemm_rows(nr, d, seg, s.scale, &qb, (d, 1), &kr, (1, ks), 0.0, &mut sb[off..], (cols, 1));
+                }
                 let mut corr = vec![1.0f32; nr];
                 for (i, &r) in rs.iter().enumerate() {
                     let vis = tab[r0 + r].1.saturating_sub(k0).min(cols);
                     corr[i] =
                         online_update(&mut sb[i * cols..(i + 1) * cols], vis, &mut m[r], &mut l[r]).unwrap_or(1.0);
                 }
+                // P·V page by page, each page's call resuming the sums of the
+                // previous one: the bits of one product over the whole tile.
                 pv.resize(nr * d, 0.0);
-                gemm_rows(nr, cols, d, 1.0, &sb, (cols, 1), &vr, (vs, 1), 0.0, &mut pv, (d, 1));
+                for (off, row0, seg) in page_segments(s.paging, pages, base, (k0, cols), s.slots) {
+                    let (vr, vs) = head_rows(&v.buf, row0, seg, kw, (g * d, d));
+                    simd::rows_times_b_into(simd, nr, d, seg, &sb[off..], cols, &vr, vs, &mut pv, d, off > 0);
+                }
                 for (i, &r) in rs.iter().enumerate() {
                     let a = &mut acc[r * d..(r + 1) * d];
                     a.iter_mut().zip(&pv[i * d..(i + 1) * d]).for_each(|(a, &x)| *a = *a * corr[i] + x);

@@ -107,6 +107,28 @@ pub fn rows_times_b(
     out: &mut [f32],
     rso: usize,
 ) {
+    rows_times_b_into(v, m, n, k, a, rsa, b, rsb, out, rso, false)
+}
+
+/// [`rows_times_b`] continuing from the sums already in `out` when `acc`:
+/// each element's chain of operations resumes where a previous call over
+/// `p < k₀` left it (an exact f32 round trip), so splitting the sum over p
+/// into consecutive calls gives the bits of one call over all of p — the
+/// cached P·V product runs one call per KV page without gathering the pages.
+#[allow(clippy::too_many_arguments)]
+pub fn rows_times_b_into(
+    v: Simd,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    rsa: usize,
+    b: &[f32],
+    rsb: usize,
+    out: &mut [f32],
+    rso: usize,
+    acc: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -115,7 +137,9 @@ pub fn rows_times_b(
         "rows_times_b: {m}×{n}×{k} out of bounds (a bug: callers pass validated shapes)"
     );
     if k == 0 {
-        (0..m).for_each(|i| out[i * rso..i * rso + n].fill(0.0));
+        if !acc {
+            (0..m).for_each(|i| out[i * rso..i * rso + n].fill(0.0));
+        }
         return;
     }
     match v {
@@ -125,14 +149,14 @@ pub fn rows_times_b(
             // assert proves every index the kernel reads or writes
             // (i·rsa + p, p·rsb + j, i·rso + j) lies in its slice; masked lanes
             // past n are neither read nor written.
-            unsafe { x86::rtb_avx512(m, n, k, a.as_ptr(), rsa, b.as_ptr(), rsb, out.as_mut_ptr(), rso) }
+            unsafe { x86::rtb_avx512(m, n, k, a.as_ptr(), rsa, b.as_ptr(), rsb, out.as_mut_ptr(), rso, acc) }
         }
         #[cfg(target_arch = "x86_64")]
         Simd::Avx2 if v.available() => {
             // SAFETY: as above, for AVX2 and FMA.
-            unsafe { x86::rtb_avx2(m, n, k, a.as_ptr(), rsa, b.as_ptr(), rsb, out.as_mut_ptr(), rso) }
+            unsafe { x86::rtb_avx2(m, n, k, a.as_ptr(), rsa, b.as_ptr(), rsb, out.as_mut_ptr(), rso, acc) }
         }
-        _ => portable::rows_times_b(m, n, k, a, rsa, b, rsb, out, rso),
+        _ => portable::rows_times_b(m, n, k, a, rsa, b, rsb, out, rso, acc),
     }
 }
 
@@ -197,8 +221,14 @@ mod portable {
         out: &mut [f32],
         rso: usize,
         (i0, j0): (usize, usize),
+        acc: bool,
     ) {
         let mut t = [[0.0f32; TW]; R];
+        if acc {
+            for (i, ti) in t.iter_mut().enumerate() {
+                ti.copy_from_slice(&out[(i0 + i) * rso + j0..(i0 + i) * rso + j0 + TW]);
+            }
+        }
         for p in 0..k {
             let bp: &[f32; TW] = b[p * rsb + j0..p * rsb + j0 + TW].try_into().expect("a full tile");
             for (i, ti) in t.iter_mut().enumerate() {
@@ -224,6 +254,7 @@ mod portable {
         rsb: usize,
         out: &mut [f32],
         rso: usize,
+        acc: bool,
     ) {
         // Column blocks of 8 outside (B's strip stays in L1), row tiles of up to 4 inside.
         for j0 in (0..n).step_by(TW) {
@@ -232,13 +263,16 @@ mod portable {
                 let rows = TR.min(m - i0);
                 let at = (i0, j0);
                 match (rows, wb) {
-                    (4, TW) => tile::<4>(k, a, rsa, b, rsb, out, rso, at),
-                    (3, TW) => tile::<3>(k, a, rsa, b, rsb, out, rso, at),
-                    (2, TW) => tile::<2>(k, a, rsa, b, rsb, out, rso, at),
-                    (1, TW) => tile::<1>(k, a, rsa, b, rsb, out, rso, at),
+                    (4, TW) => tile::<4>(k, a, rsa, b, rsb, out, rso, at, acc),
+                    (3, TW) => tile::<3>(k, a, rsa, b, rsb, out, rso, at, acc),
+                    (2, TW) => tile::<2>(k, a, rsa, b, rsb, out, rso, at, acc),
+                    (1, TW) => tile::<1>(k, a, rsa, b, rsb, out, rso, at, acc),
                     _ => {
                         for i in i0..i0 + rows {
                             let mut t = [0.0f32; TW];
+                            if acc {
+                                t[..wb].copy_from_slice(&out[i * rso + j0..i * rso + j0 + wb]);
+                            }
                             for p in 0..k {
                                 let x = a[i * rsa + p];
                                 t.iter_mut().zip(&b[p * rsb + j0..p * rsb + j0 + wb]).for_each(|(o, &y)| *o += x * y);
@@ -296,9 +330,10 @@ mod x86 {
         out: *mut f32,
         rso: usize,
         mk: [__mmask16; 4],
+        resume: bool,
     ) {
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
-        if p0 > 0 {
+        if p0 > 0 || resume {
             for (i, acc) in acc.iter_mut().enumerate() {
                 for v in 0..4 {
                     // SAFETY: as below (the stores' lanes).
@@ -347,6 +382,7 @@ mod x86 {
         rsb: usize,
         out: *mut f32,
         rso: usize,
+        resume: bool,
     ) {
         for (j0, kb) in
             (0..n).step_by(64).flat_map(|j0| (0..k).step_by(KB512).map(move |p0| (j0, (p0, k.min(p0 + KB512), k))))
@@ -359,12 +395,12 @@ mod x86 {
                 unsafe {
                     let (at, bt, ot) = (a.add(i0 * rsa), b.add(j0), out.add(i0 * rso + j0));
                     match TR.min(m - i0) {
-                        6 => tile512::<6>(kb, at, rsa, bt, rsb, ot, rso, mk),
-                        5 => tile512::<5>(kb, at, rsa, bt, rsb, ot, rso, mk),
-                        4 => tile512::<4>(kb, at, rsa, bt, rsb, ot, rso, mk),
-                        3 => tile512::<3>(kb, at, rsa, bt, rsb, ot, rso, mk),
-                        2 => tile512::<2>(kb, at, rsa, bt, rsb, ot, rso, mk),
-                        _ => tile512::<1>(kb, at, rsa, bt, rsb, ot, rso, mk),
+                        6 => tile512::<6>(kb, at, rsa, bt, rsb, ot, rso, mk, resume),
+                        5 => tile512::<5>(kb, at, rsa, bt, rsb, ot, rso, mk, resume),
+                        4 => tile512::<4>(kb, at, rsa, bt, rsb, ot, rso, mk, resume),
+                        3 => tile512::<3>(kb, at, rsa, bt, rsb, ot, rso, mk, resume),
+                        2 => tile512::<2>(kb, at, rsa, bt, rsb, ot, rso, mk, resume),
+                        _ => tile512::<1>(kb, at, rsa, bt, rsb, ot, rso, mk, resume),
                     }
                 }
             }
@@ -458,9 +494,10 @@ mod x86 {
         out: *mut f32,
         rso: usize,
         mk: [__m256i; 2],
+        resume: bool,
     ) {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        if p0 > 0 {
+        if p0 > 0 || resume {
             for (i, acc) in acc.iter_mut().enumerate() {
                 for v in 0..2 {
                     // SAFETY: as below (the stores' lanes).
@@ -504,6 +541,7 @@ mod x86 {
         rsb: usize,
         out: *mut f32,
         rso: usize,
+        resume: bool,
     ) {
         for (j0, kb) in
             (0..n).step_by(16).flat_map(|j0| (0..k).step_by(KB256).map(move |p0| (j0, (p0, k.min(p0 + KB256), k))))
@@ -514,12 +552,12 @@ mod x86 {
                 unsafe {
                     let (at, bt, ot) = (a.add(i0 * rsa), b.add(j0), out.add(i0 * rso + j0));
                     match TR.min(m - i0) {
-                        6 => tile256::<6>(kb, at, rsa, bt, rsb, ot, rso, mk),
-                        5 => tile256::<5>(kb, at, rsa, bt, rsb, ot, rso, mk),
-                        4 => tile256::<4>(kb, at, rsa, bt, rsb, ot, rso, mk),
-                        3 => tile256::<3>(kb, at, rsa, bt, rsb, ot, rso, mk),
-                        2 => tile256::<2>(kb, at, rsa, bt, rsb, ot, rso, mk),
-                        _ => tile256::<1>(kb, at, rsa, bt, rsb, ot, rso, mk),
+                        6 => tile256::<6>(kb, at, rsa, bt, rsb, ot, rso, mk, resume),
+                        5 => tile256::<5>(kb, at, rsa, bt, rsb, ot, rso, mk, resume),
+                        4 => tile256::<4>(kb, at, rsa, bt, rsb, ot, rso, mk, resume),
+                        3 => tile256::<3>(kb, at, rsa, bt, rsb, ot, rso, mk, resume),
+                        2 => tile256::<2>(kb, at, rsa, bt, rsb, ot, rso, mk, resume),
+                        _ => tile256::<1>(kb, at, rsa, bt, rsb, ot, rso, mk, resume),
                     }
                 }
             }
@@ -635,6 +673,29 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Splitting the sum over p into consecutive accumulating calls (the
+    /// cached P·V over KV pages) gives the bits of one call, in every variant.
+    #[test]
+    fn split_sums_resume_the_same_chain() {
+        let mut rng = Rng::new(12);
+        let (m, n, k, rsb) = (7usize, 70usize, 45usize, 75usize);
+        let a = rng.normal_vec(m * k);
+        let b = rng.normal_vec(k * rsb);
+        for v in variants() {
+            let mut one = vec![0.0f32; m * n];
+            rows_times_b(v, m, n, k, &a, k, &b, rsb, &mut one, n);
+            let mut split = vec![f32::NAN; m * n];
+            let mut p0 = 0;
+            for (i, seg) in [16usize, 3, 16, 10].into_iter().enumerate() {
+                rows_times_b_into(v, m, n, seg, &a[p0..], k, &b[p0 * rsb..], rsb, &mut split, n, i > 0);
+                p0 += seg;
+            }
+            assert_eq!(p0, k);
+            let bits = |x: &[f32]| x.iter().map(|y| y.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&one), bits(&split), "{v:?}");
         }
     }
 
