@@ -3,9 +3,14 @@
 //! weight, and the hardware-aware planner at the given budgets.
 //!
 //! The checkpoint's validation text (the last 10% of its `--data` file) is
-//! cut in two halves: the first calibrates (AWQ, Wanda) and is the planner's
-//! sensitivity and verification text; the second is **held out**, seen by
-//! nothing, and every figure is reported on it too.
+//! cut in two halves: the first is the calibration text, the second is
+//! **held out**, seen by nothing, and every figure is reported on it too. The
+//! calibration half is cut again: its first part calibrates (AWQ, Wanda) and
+//! is the planner's sensitivity text, its second part only verifies plans
+//! (`quant::plan`, "Verification").
+//!
+//! `--cost-backend wgpu` plans for another device: its kernel costs are
+//! measured there (cached), while the losses are evaluated on `--backend`.
 //!
 //! ```sh
 //! cargo run --example compress_quality -- --checkpoint runs/kjv/checkpoint.safetensors
@@ -20,7 +25,8 @@ use dynsparse::data::Corpus;
 use dynsparse::quant::awq::{Choice, Method, compress};
 use dynsparse::quant::calib::{CalibOptions, calibrate, linears};
 use dynsparse::quant::plan::{
-    CostCache, Evaluator, PlanOptions, Target, choose_and_verify, measure_table, parse_budget,
+    CostCache, Evaluator, Paired, PlanOptions, Target, Z_ONE_SIDED_95, choose_and_verify, measure_table, parse_budget,
+    sensitivity_cache_path,
 };
 use dynsparse::quant::{QFormat, QMatrix};
 use dynsparse::train::checkpoint::{self, Checkpoint};
@@ -35,9 +41,22 @@ struct Args {
     /// Text file (default: the checkpoint's training data).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Evaluation windows of the checkpoint's sequence length per half.
-    #[arg(long, default_value_t = 24)]
+    /// Windows (of the checkpoint's sequence length, at most 128) of the
+    /// sensitivity text (per-format table: of each half).
+    #[arg(long, default_value_t = 16)]
     windows: usize,
+    /// Windows of the planner's verification text.
+    #[arg(long, default_value_t = 32)]
+    verify_windows: usize,
+    /// Windows of the held-out text.
+    #[arg(long, default_value_t = 32)]
+    held_windows: usize,
+    /// Measure kernel costs on this backend instead of --backend.
+    #[arg(long, value_enum)]
+    cost_backend: Option<BackendChoice>,
+    /// Add int4-g128 asymmetric (AWQ) and 2:4-int8 (Wanda) to the planner's candidates.
+    #[arg(long)]
+    more_candidates: bool,
     /// Planner budgets (fractions or percentages of the loss).
     #[arg(long, value_delimiter = ',', default_value = "0.5%,2%")]
     budgets: Vec<String>,
@@ -53,6 +72,44 @@ struct Job {
     ck: Checkpoint,
     calib_text: Corpus,
     held_out: Corpus,
+    /// The device whose cached kernel costs to plan with (None: the backend's own).
+    cost_device: Option<String>,
+}
+
+fn candidates(more: bool) -> Vec<Choice> {
+    let mut c = PlanOptions::default_candidates(true);
+    if more {
+        c.push(Choice { format: QFormat::Int4 { group: 128, asym: true }, method: Method::Awq });
+        c.push(Choice { format: QFormat::Sparse24 { int8: true }, method: Method::Wanda });
+    }
+    c
+}
+
+/// Measures (into the cost cache) every candidate's kernel cost at every
+/// linear shape on one backend; returns its device name.
+struct CostJob {
+    ck: Checkpoint,
+    more: bool,
+}
+
+impl BackendJob for CostJob {
+    type Output = String;
+    fn run<B: Backend>(self, be: &B) -> Result<String> {
+        let mut cache = CostCache::load(CostCache::default_path().as_deref());
+        let dtype = self.ck.train.precision;
+        let t = Instant::now();
+        for l in linears(&self.ck.model) {
+            for m in [1, 8] {
+                cache.cost(be, dtype, None, l.n, l.k, m)?;
+                for c in candidates(self.more) {
+                    cache.cost(be, dtype, Some(c.format), l.n, l.k, m)?;
+                }
+            }
+        }
+        cache.save();
+        eprintln!("kernel costs on {}: {:.1} s", be.device_name(), t.elapsed().as_secs_f64());
+        Ok(be.device_name())
+    }
 }
 
 fn pct(d: f64, base: f64) -> String {
@@ -62,17 +119,20 @@ fn pct(d: f64, base: f64) -> String {
 impl BackendJob for Job {
     type Output = ();
     fn run<B: Backend>(self, be: &B) -> Result<()> {
-        let Job { args, ck, calib_text, held_out } = self;
+        let Job { args, ck, calib_text, held_out, cost_device } = self;
         let (cfg, dtype, values) = (ck.model, ck.train.precision, &ck.state.params);
         let seq = ck.train.seq.min(128);
+        let (sens_text, verify_text) = calib_text.split(0.5);
         let t0 = Instant::now();
         let model = dynsparse::model::Model::from_values(be, cfg, dtype, values)?;
-        let cal = calibrate(be, &model, &calib_text, CalibOptions { batch: 4, seq, windows: 32, sample_rows: 256 })?;
+        let cal = calibrate(be, &model, &sens_text, CalibOptions { batch: 4, seq, windows: 32, sample_rows: 256 })?;
         drop(model);
         eprintln!("calibration: {} tokens in {:.1} s", cal.tokens, t0.elapsed().as_secs_f64());
-        let mut ev_a = Evaluator::new(be, &cfg, dtype, values, &calib_text, (4, seq, args.windows))?;
-        let mut ev_b = Evaluator::new(be, &cfg, dtype, values, &held_out, (4, seq, args.windows))?;
+        let mut ev_a = Evaluator::new(be, &cfg, dtype, values, &sens_text, (4, seq, args.windows))?;
+        let mut ev_v = Evaluator::new(be, &cfg, dtype, values, &verify_text, (1, seq, args.verify_windows))?;
+        let mut ev_b = Evaluator::new(be, &cfg, dtype, values, &held_out, (1, seq, args.held_windows))?;
         let (base_a, base_b) = (ev_a.loss(be, values)?, ev_b.loss(be, values)?);
+        let base_b_windows = ev_b.window_losses(be, values)?;
         let lins = linears(&cfg);
         let dense_bytes: usize = lins.iter().map(|l| 4 * l.n * l.k).sum();
         println!(
@@ -83,11 +143,13 @@ impl BackendJob for Job {
             dense_bytes
         );
         println!(
-            "base loss: calibration half {base_a:.4}, held-out half {base_b:.4} ({} windows of {seq} each)\n",
-            args.windows
+            "base loss: sensitivity text {base_a:.4} ({} windows of {seq}), held-out {base_b:.4} ({} windows); \
+             verification {} windows",
+            args.windows, args.held_windows, args.verify_windows
         );
+        println!("kernel costs of: {}\n", cost_device.clone().unwrap_or_else(|| be.device_name()));
         if !args.planner_only {
-            println!("| format | method | linear bytes | vs f32 | Δloss calib | Δloss held-out |");
+            println!("| format | method | linear bytes | vs f32 | Δloss sensitivity text | Δloss held-out |");
             println!("|---|---|---|---|---|---|");
             let i4 = |g| QFormat::Int4 { group: g, asym: false };
             let runs = [
@@ -127,34 +189,50 @@ impl BackendJob for Job {
         }
         let target = Target::parse(&args.target)?;
         let mut cache = CostCache::load(CostCache::default_path().as_deref());
+        cache.device = cost_device;
+        let mut sens = CostCache::load(sensitivity_cache_path().as_deref());
         let mut opt = PlanOptions {
             budget: 0.01,
             target,
-            candidates: PlanOptions::default_candidates(true),
+            candidates: candidates(args.more_candidates),
             batches: vec![1, 8],
-            max_rounds: 3,
+            max_rounds: 4,
+            z: Z_ONE_SIDED_95,
         };
         let t = Instant::now();
-        let table = measure_table(be, &mut ev_a, values, Some(&cal), &opt, &mut cache, |i, n| {
+        let table = measure_table(be, &mut ev_a, values, Some(&cal), &opt, &mut cache, &mut sens, |i, n| {
             eprint!("\rsensitivity and cost: {i}/{n}");
         })?;
         eprintln!(" ({:.1} s)", t.elapsed().as_secs_f64());
+        let negative = table.rows.iter().flat_map(|r| &r.options[1..]).filter(|o| o.delta < 0.0).count();
+        let all: usize = table.rows.iter().map(|r| r.options.len() - 1).sum();
+        println!("sensitivities: {negative} of {all} measured Δ < 0 (counted as 0)\n");
         for b in &args.budgets {
             opt.budget = parse_budget(b)?;
-            let (plan, comp) = choose_and_verify(be, &mut ev_a, values, Some(&cal), &table, &opt)?;
-            let held = ev_b.loss(be, &comp.dequantized())? - base_b;
+            let t = Instant::now();
+            let (plan, comp) = choose_and_verify(be, &mut ev_v, values, Some(&cal), &table, &opt)?;
+            let held = Paired::new(&base_b_windows, &ev_b.window_losses(be, &comp.dequantized())?)?;
             let (qb, fb) = comp.weight_bytes();
             let kept: usize = lins.iter().filter(|l| comp.weights[l.param].is_none()).map(|l| 4 * l.n * l.k).sum();
             println!("planner, budget {b} of the loss, target {}:", args.target);
             print!("{}", plan.table());
+            let mut formats = std::collections::BTreeMap::<String, usize>::new();
+            for c in plan.choices() {
+                let f = c.map_or("keep".to_string(), |c| format!("{} ({})", c.format, c.method.name()));
+                *formats.entry(f).or_default() += 1;
+            }
+            println!("formats: {formats:?}");
             println!(
-                "held-out Δloss {:+.5} ({}); linear bytes {} ({:.3}× f32; {} of {} compressed)\n",
-                held,
-                pct(held, base_b),
+                "held-out Δloss {:+.5} ± {:.5} ({} of base {base_b:.4}; budget {}); linear bytes {} ({:.3}× f32; {} of {} compressed); {:.1} s\n",
+                held.mean,
+                held.se,
+                pct(held.mean, base_b),
+                b,
                 qb + kept,
                 (qb + kept) as f64 / dense_bytes as f64,
                 fb,
-                dense_bytes
+                dense_bytes,
+                t.elapsed().as_secs_f64()
             );
         }
         Ok(())
@@ -171,6 +249,13 @@ fn main() -> Result<()> {
     };
     let val = Corpus::from_file(&data)?.split(0.1).1;
     let (calib_text, held_out) = val.split(0.5);
+    let cost_device = match args.cost_backend {
+        Some(cb) => {
+            let sel = select(cb)?;
+            Some(run_on(&sel.backend, CostJob { ck: ck.clone(), more: args.more_candidates })?)
+        }
+        None => None,
+    };
     let sel = select(args.backend)?;
-    run_on(&sel.backend, Job { args, ck, calib_text, held_out })
+    run_on(&sel.backend, Job { args, ck, calib_text, held_out, cost_device })
 }

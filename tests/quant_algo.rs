@@ -7,7 +7,10 @@ use dynsparse::data::Corpus;
 use dynsparse::model::{AttentionMode, Model, ModelConfig, StepAttention, Workspace, init_params};
 use dynsparse::quant::awq::{Choice, Method, compress, fold_scales, output_error, scales, search};
 use dynsparse::quant::calib::{CalibOptions, Input, calibrate, linears};
-use dynsparse::quant::plan::{PlanOption, Row, Target, check_budget, parse_budget, solve};
+use dynsparse::quant::plan::{
+    Evaluator, Paired, PlanOption, PlanOptions, Row, Table, Target, Z_ONE_SIDED_95, check_budget, choose_and_verify,
+    parse_budget, shrink_target, solve,
+};
 use dynsparse::quant::prune::wanda;
 use dynsparse::quant::{QFormat, QMatrix};
 use dynsparse::util::rng::Rng;
@@ -237,4 +240,89 @@ fn bad_budgets_are_errors() {
     assert!(solve(&rows, 0.0, Target::Speed).is_err());
     assert!(solve(&rows, -1.0, Target::Size).is_err());
     assert!(Method::parse("gptq").is_err() && Target::parse("latency").is_err());
+}
+
+#[test]
+fn paired_bound_and_budget_shrink_follow_their_formulas() {
+    // d = [0.1, 0.3, 0.1, 0.3]: mean 0.2, sample sd √(4·0.01/3), se = sd/2.
+    let p = Paired::new(&[1.0, 2.0, 1.0, 2.0], &[1.1, 2.3, 1.1, 2.3]).unwrap();
+    let se = (4.0 * 0.01f64 / 3.0).sqrt() / 2.0;
+    assert!((p.mean - 0.2).abs() < 1e-12 && (p.se - se).abs() < 1e-12 && p.n == 4, "{p:?}");
+    assert!((p.upper(Z_ONE_SIDED_95) - (0.2 + 1.645 * se)).abs() < 1e-12);
+    // One window: no spread to estimate.
+    assert_eq!(Paired::new(&[1.0], &[1.5]).unwrap().se, 0.0);
+    assert!(Paired::new(&[1.0, 2.0], &[1.0]).is_err() && Paired::new(&[], &[]).is_err());
+    // The bound overshoots the budget 2×: the planning budget shrinks by 0.9/2; by 1%: by 0.9/1.01.
+    assert!((shrink_target(1.0, 0.01, 0.02) - 0.45).abs() < 1e-12);
+    assert!((shrink_target(2.0, 0.01, 0.0101) - 2.0 * 0.9 / 1.01).abs() < 1e-12);
+    // A bound within the budget (not a failure) still never grows it.
+    assert!((shrink_target(1.0, 0.01, 0.001) - 0.9).abs() < 1e-12);
+    assert!(shrink_target(1.0, 0.01, f64::NAN) < 1.0);
+}
+
+/// The accepted plan's verification bound is within the budget, measured on
+/// the verification text (not the sensitivity text), and the verified figure
+/// is the paired mean over the verification windows. Sensitivities claim 0
+/// for every candidate, so the knapsack compresses everything under any
+/// planning budget: only the verification can stop it.
+#[test]
+fn verification_on_its_own_text_decides_and_falls_back_to_dense() {
+    let be = CpuBackend::new();
+    let cfg = tiny(AttentionMode::Dense);
+    let v = params(&cfg, 11);
+    let text =
+        |mul: u32| Corpus { tokens: (0..600u32).map(|i| ((i * mul) % 89 + 32) as u8).collect(), ..Default::default() };
+    let (sens_text, ver_text) = (text(7919), text(104729));
+    let mut sens_ev = Evaluator::new(&be, &cfg, DType::F32, &v, &sens_text, (2, 16, 4)).unwrap();
+    let mut ver = Evaluator::new(&be, &cfg, DType::F32, &v, &ver_text, (1, 16, 6)).unwrap();
+    let lins = linears(&cfg);
+    let size = QFormat::Int4 { group: 32, asym: false };
+    let rows: Vec<Row> = lins
+        .iter()
+        .map(|l| Row {
+            name: l.name.clone(),
+            n: l.n,
+            k: l.k,
+            options: vec![
+                PlanOption { choice: None, delta: 0.0, us: 1.0, bytes: 4 * l.n * l.k },
+                PlanOption {
+                    choice: Some(Choice { format: size, method: Method::Rtn }),
+                    delta: 0.0,
+                    us: 0.5,
+                    bytes: size.bytes(l.n, l.k),
+                },
+            ],
+        })
+        .collect();
+    let base_loss = sens_ev.loss(&be, &v).unwrap();
+    let table = Table { base_loss, rows };
+    let base_windows = ver.window_losses(&be, &v).unwrap();
+    assert_eq!(base_windows.len(), 6);
+    let everything =
+        compress(&cfg, &v, &vec![Some(Choice { format: size, method: Method::Rtn }); lins.len()], None).unwrap();
+    let all = Paired::new(&base_windows, &ver.window_losses(&be, &everything.dequantized()).unwrap()).unwrap();
+    for budget in [1e-7, 0.5] {
+        let opt = PlanOptions {
+            budget,
+            target: Target::Size,
+            candidates: vec![],
+            batches: vec![1],
+            max_rounds: 2,
+            z: Z_ONE_SIDED_95,
+        };
+        let (plan, _) = choose_and_verify(&be, &mut ver, &v, None, &table, &opt).unwrap();
+        assert!(plan.upper <= plan.budget, "budget {budget}: bound {} over {}", plan.upper, plan.budget);
+        let compressed = plan.choices().iter().filter(|c| c.is_some()).count();
+        if all.upper(Z_ONE_SIDED_95) <= budget * base_loss {
+            // The whole plan passes: accepted at once, measured on the verification windows.
+            assert_eq!((plan.rounds, compressed), (1, lins.len()));
+            assert!((plan.verified.mean - all.mean).abs() < 1e-12 && plan.verified.n == 6);
+        } else {
+            // It cannot pass; shrinking changes nothing (every Δ claims 0): dense after max_rounds.
+            assert_eq!((plan.rounds, compressed), (3, 0));
+            assert_eq!(plan.verified.mean, 0.0);
+        }
+    }
+    // The tiny budget binds here (int4 on 32-wide weights moves the loss by more than 1e-7 nats of ~5.5).
+    assert!(all.upper(Z_ONE_SIDED_95) > 1e-7 * base_loss, "{all:?}");
 }

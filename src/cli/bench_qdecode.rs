@@ -19,7 +19,7 @@ use dynsparse::{Backend, DType, Error, Result};
 pub struct QDecodeArgs {
     /// Weight variants: f32, bf16, f16 (dense weights in that dtype), or a quantized format
     /// (int8, int4-g128, int4-g32-asym, 2:4, 2:4-int8: linear weights quantized, f32 activations).
-    #[arg(long, value_delimiter = ',', default_values_t = ["f32".to_string(), "bf16".into(), "int8".into(), "int4-g128".into(), "int4-g32".into(), "2:4-int8".into()])]
+    #[arg(long, value_delimiter = ',', default_values_t = ["f32".to_string(), "bf16".into(), "int8".into(), "int4-g128".into(), "int4-g32".into(), "2:4".into(), "2:4-int8".into()])]
     pub weights: Vec<String>,
     /// Decode batch sizes.
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8])]

@@ -46,7 +46,8 @@ pub struct CompressArgs {
     #[arg(long)]
     pub method: Option<String>,
     /// Largest relative validation-loss increase the planner may spend (--format auto; default
-    /// 0.01 = 1%). Measured on the calibration text, verified on it after planning.
+    /// 0.01 = 1%). Sensitivities are measured on the first half of the calibration text; the plan is
+    /// accepted when the upper 95% bound of its loss increase on the second half is within it.
     #[arg(long, allow_negative_numbers = true)]
     pub budget: Option<f64>,
     /// What the planner minimises: speed or size (--format auto).
@@ -138,6 +139,15 @@ impl BackendJob for CompressJob {
         let lins = linears(&cfg);
         let seq = ck.train.seq;
         let needs_calib = !matches!(mode, Mode::Fixed(Choice { method: Method::Rtn, .. }));
+        // The planner keeps a part of the calibration text for verification
+        // only (plan.rs, "Verification"); calibration and sensitivities read the other.
+        let (calib, verify_text) = match mode {
+            Mode::Auto { .. } => {
+                let (a, b) = calib.split(0.5);
+                (a, Some(b))
+            }
+            Mode::Fixed(_) => (calib, None),
+        };
         let cal = if needs_calib {
             bar.set_message("calibrating");
             let model = Model::from_values(be, cfg, dtype, values)?;
@@ -158,21 +168,37 @@ impl BackendJob for CompressJob {
             }
             Mode::Auto { budget, target } => {
                 let batch = ck.train.batch.min(4);
-                let mut ev = Evaluator::new(be, &cfg, dtype, values, &calib, (batch, seq, windows))?;
+                let verify_text = verify_text.expect("auto mode splits the calibration text");
+                let short = |what: &str, c: &Corpus| {
+                    Error::Invalid(format!(
+                        "--format auto: the calibration text's {what} part has {} tokens; the planner needs \
+                         at least {} in each half (sensitivity and verification): pass a longer --calib",
+                        c.tokens.len(),
+                        batch * seq + 1
+                    ))
+                };
+                let mut ev = Evaluator::new(be, &cfg, dtype, values, &calib, (batch, seq, windows))
+                    .map_err(|_| short("sensitivity", &calib))?;
+                // Batch 1: one loss per window, the units of the paired standard error.
+                let mut ver = Evaluator::new(be, &cfg, dtype, values, &verify_text, (1, seq, windows))
+                    .map_err(|_| short("verification", &verify_text))?;
                 let opt = PlanOptions {
                     budget,
                     target,
                     candidates: PlanOptions::default_candidates(true),
                     batches: vec![1, 8],
-                    max_rounds: 3,
+                    max_rounds: 4,
+                    z: plan::Z_ONE_SIDED_95,
                 };
                 let mut cache = CostCache::load(CostCache::default_path().as_deref());
+                let mut sens = CostCache::load(plan::sensitivity_cache_path().as_deref());
                 bar.set_message("sensitivity and kernel cost");
-                let table = plan::measure_table(be, &mut ev, values, cal.as_ref(), &opt, &mut cache, |i, _| {
-                    bar.set_position(i as u64)
-                })?;
+                let table =
+                    plan::measure_table(be, &mut ev, values, cal.as_ref(), &opt, &mut cache, &mut sens, |i, _| {
+                        bar.set_position(i as u64)
+                    })?;
                 bar.set_message("verifying the plan");
-                let (p, comp) = plan::choose_and_verify(be, &mut ev, values, cal.as_ref(), &table, &opt)?;
+                let (p, comp) = plan::choose_and_verify(be, &mut ver, values, cal.as_ref(), &table, &opt)?;
                 bar.suspend(|| outln!("{}", p.table()));
                 out.method = format!("auto (budget {:.3}%, target {target:?})", 100.0 * budget).to_lowercase();
                 out.plan = p.metadata();

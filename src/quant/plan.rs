@@ -1,21 +1,39 @@
 //! The hardware-aware planner: one format per linear weight, chosen from
 //! measured sensitivities and measured kernel costs.
 //!
-//! - **Sensitivity** `Δ_i(f)`: the validation-loss increase when only weight
-//!   `i` is compressed to candidate `f` — quantized, dequantized into the f32
+//! - **Text**: the calibration text is cut in two parts that never mix: the
+//!   *sensitivity* part `S` (calibration statistics and every `Δ_i(f)`) and the
+//!   *verification* part `V` (only the whole plan is evaluated on it). Text the
+//!   planner never sees (held-out) is the caller's.
+//! - **Sensitivity** `Δ_i(f)`: the loss increase on `S` when only weight `i`
+//!   is compressed to candidate `f` — quantized, dequantized into the f32
 //!   model (exactly what every kernel computes) and evaluated on the backend.
+//!   Measured once and kept in a [`SensCache`] keyed by a fingerprint of the
+//!   weights, the text, the calibration and the device, so planning again
+//!   under another budget or target costs no evaluation.
 //! - **Cost** `c_i(f)`: for `--target speed`, the measured time of
 //!   `ops::qmatmul` (of the dense `ops::matmul` for "keep") at weight `i`'s
 //!   shape, summed over the serving batch sizes, on the target backend; cached
 //!   per device name in a JSON file ([`CostCache`]). For `--target size`, its bytes.
-//! - **Choice**: minimise `Σ c_i(f_i)` subject to `Σ max(Δ_i(f_i), 0) ≤ budget`
+//! - **Choice**: minimise `Σ c_i(f_i)` subject to `Σ max(Δ_i(f_i), 0) ≤ B_t`
 //!   (losses assumed additive), a multiple-choice knapsack solved exactly by
-//!   dynamic programming over the budget cut into [`BUDGET_UNITS`] units, each
+//!   dynamic programming over `B_t` cut into [`BUDGET_UNITS`] units, each
 //!   `Δ` rounded *up* to whole units so the predicted total never exceeds it.
-//! - **Verification**: the whole plan is evaluated; when interactions push
-//!   the measured increase past the budget, the knapsack is solved again under
-//!   a budget shrunk by the overshoot, a few times, and finally everything
-//!   stays dense (which meets any budget).
+//! - **Verification** (the generalisation rule): the plan is evaluated on the
+//!   `W` windows of `V`, paired with the uncompressed model on the same
+//!   windows: `d_w = L_w(plan) − L_w(base)`, mean `d̄`, standard error
+//!   `s = sd(d)/√W`. The plan is accepted when the one-sided upper confidence
+//!   bound `U = d̄ + z·s` (`z` = [`Z_ONE_SIDED_95`] by default) is within the
+//!   budget `B`: then the loss increase on unseen text of the same kind exceeds
+//!   `B` with probability ≈ 5% at most. The verification text is not the
+//!   sensitivity text, so `d̄` is not biased by the choice having been fitted
+//!   to it (planning on the windows it verifies on overfits them: the measured
+//!   Δ of a selected plan on its own selection text is optimistic).
+//! - **Re-plan**: when `U > B` the knapsack is solved again under
+//!   `B_t ← B_t · min(0.9, 0.9·B/U)` — the budget shrinks by the overshoot of
+//!   the bound, which absorbs both super-additive interactions and the
+//!   noise margin — up to `max_rounds` times; then everything stays dense
+//!   (which meets any budget).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -158,6 +176,9 @@ pub fn solve(rows: &[Row], budget: f64, target: Target) -> Result<Vec<usize>> {
 pub struct CostCache {
     pub path: Option<PathBuf>,
     pub entries: BTreeMap<String, f64>,
+    /// Read the costs of this device instead of the backend's own (planning
+    /// for a device other than the one evaluating): they must be cached.
+    pub device: Option<String>,
 }
 
 impl CostCache {
@@ -175,7 +196,7 @@ impl CostCache {
             .and_then(|p| std::fs::read(p).ok())
             .and_then(|b| serde_json::from_slice::<BTreeMap<String, f64>>(&b).ok())
             .unwrap_or_default();
-        CostCache { path: path.map(Path::to_path_buf), entries }
+        CostCache { path: path.map(Path::to_path_buf), entries, device: None }
     }
 
     /// Writes the cache back (best effort: a read-only home only costs re-measuring).
@@ -204,9 +225,14 @@ impl CostCache {
         m: usize,
     ) -> Result<f64> {
         let f = format.map_or_else(|| "dense".to_string(), |f| f.name());
-        let key = format!("{}|{}|{f}|{n}x{k}|m{m}", be.device_name(), dtype.name());
+        let own = be.device_name();
+        let device = self.device.as_deref().unwrap_or(&own);
+        let key = format!("{device}|{}|{f}|{n}x{k}|m{m}", dtype.name());
         if let Some(&v) = self.entries.get(&key) {
             return Ok(v);
+        }
+        if device != own {
+            return Err(Error::Invalid(format!("no cached kernel cost `{key}`: measure it on {device} first")));
         }
         let v = measure(be, dtype, format, n, k, m)?;
         self.entries.insert(key, v);
@@ -296,20 +322,140 @@ impl<'a, B: Backend> Evaluator<'a, B> {
     /// Mean validation loss with `values` (only tensors that differ from the
     /// base are uploaded; the base is restored after).
     pub fn loss(&mut self, be: &B, values: &[Vec<f32>]) -> Result<f64> {
+        Ok(mean(&self.window_losses(be, values)?))
+    }
+
+    /// The mean loss of each forward batch of windows with `values` (one
+    /// entry per window when the evaluator's batch is 1): the units a paired
+    /// comparison of two weight sets averages over.
+    pub fn window_losses(&mut self, be: &B, values: &[Vec<f32>]) -> Result<Vec<f64>> {
         let changed: Vec<usize> = (0..values.len()).filter(|&i| values[i] != self.base[i]).collect();
         let dtype = self.model.dtype;
         for &i in &changed {
             let shape = self.model.params[i].shape().to_vec();
             self.model.params[i] = Tensor::from_f32(be, &values[i], &shape, dtype)?;
         }
-        let attn = eval_attention(&self.model.cfg);
-        let r = crate::train::evaluate(be, &self.model, &mut self.ws, self.text, self.windows, attn).map(|s| s.loss);
+        let r = self.run_windows(be);
         for &i in &changed {
             let shape = self.model.params[i].shape().to_vec();
             self.model.params[i] = Tensor::from_f32(be, &self.base[i], &shape, dtype)?;
         }
         r
     }
+
+    /// The windows of [`crate::train::evaluate`], one loss per batch.
+    fn run_windows(&mut self, be: &B) -> Result<Vec<f64>> {
+        let (batch, seq) = (self.ws.batch, self.ws.seq);
+        let attn = eval_attention(&self.model.cfg);
+        let wins = crate::data::eval_windows(self.text, seq, self.windows.max(batch));
+        let mut out = Vec::with_capacity(wins.len() / batch);
+        for chunk in wins.chunks_exact(batch) {
+            let mut ids = Vec::with_capacity(batch * seq);
+            let mut tg = Vec::with_capacity(batch * seq);
+            for w in chunk {
+                ids.extend(self.text.tokens[w.start..w.end - 1].iter().map(|&b| b as u32));
+                tg.extend(self.text.tokens[w.start + 1..w.end].iter().map(|&b| b as u32));
+            }
+            out.push(self.model.forward(be, &mut self.ws, &ids, Some(&tg), attn)?.loss);
+        }
+        if out.is_empty() {
+            return Err(Error::Invalid(format!("evaluation text too short for {batch} windows of {seq} tokens")));
+        }
+        Ok(out)
+    }
+
+    /// A fingerprint of what this evaluator measures: device, dtype, base
+    /// weights and the token windows it reads.
+    pub fn fingerprint(&self, be: &B) -> u64 {
+        let mut h = Fnv::new();
+        h.bytes(be.device_name().as_bytes());
+        h.bytes(self.model.dtype.name().as_bytes());
+        for v in &self.base {
+            h.u64(v.len() as u64);
+            for x in v {
+                h.u64(x.to_bits() as u64);
+            }
+        }
+        let (batch, seq) = (self.ws.batch, self.ws.seq);
+        h.u64(batch as u64);
+        for w in crate::data::eval_windows(self.text, seq, self.windows.max(batch)) {
+            h.bytes(&self.text.tokens[w]);
+        }
+        h.0
+    }
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+/// FNV-1a, 64 bits: a stable fingerprint for cache keys (not a security hash).
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        for &x in b {
+            self.0 = (self.0 ^ x as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    fn u64(&mut self, x: u64) {
+        self.bytes(&x.to_le_bytes());
+    }
+}
+
+/// One-sided 95% normal quantile: the default `z` of the verification bound.
+pub const Z_ONE_SIDED_95: f64 = 1.645;
+
+/// A paired comparison over windows: `d_w = new_w − base_w`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Paired {
+    /// Mean difference `d̄` (nats).
+    pub mean: f64,
+    /// Standard error of the mean, `sd(d)/√W` (sample sd, `W − 1` degrees of
+    /// freedom; 0 for one window — a single window gives no spread).
+    pub se: f64,
+    /// Windows `W`.
+    pub n: usize,
+}
+
+impl Paired {
+    /// Errors on a length mismatch or no windows.
+    pub fn new(base: &[f64], new: &[f64]) -> Result<Paired> {
+        if base.len() != new.len() || base.is_empty() {
+            return Err(Error::Invalid(format!(
+                "paired comparison: {} base windows vs {} new windows",
+                base.len(),
+                new.len()
+            )));
+        }
+        let d: Vec<f64> = base.iter().zip(new).map(|(b, n)| n - b).collect();
+        let n = d.len();
+        let m = mean(&d);
+        let se = if n > 1 {
+            let var = d.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (n - 1) as f64;
+            (var / n as f64).sqrt()
+        } else {
+            0.0
+        };
+        Ok(Paired { mean: m, se, n })
+    }
+
+    /// The one-sided upper confidence bound `d̄ + z·s`.
+    pub fn upper(&self, z: f64) -> f64 {
+        self.mean + z * self.se
+    }
+}
+
+/// The planning budget of the next round after a plan whose verification
+/// bound `upper` exceeded the budget `budget` under planning budget `target`:
+/// `target · min(0.9, 0.9·budget/upper)` (at least a 10% cut, more when the
+/// bound overshoots by more).
+pub fn shrink_target(target: f64, budget: f64, upper: f64) -> f64 {
+    let r = if upper > 0.0 && upper.is_finite() { 0.9 * budget / upper } else { 0.5 };
+    target * r.min(0.9)
 }
 
 /// How to plan.
@@ -324,6 +470,8 @@ pub struct PlanOptions {
     pub batches: Vec<usize>,
     /// Verification rounds before falling back to all-dense.
     pub max_rounds: usize,
+    /// `z` of the verification's upper bound `d̄ + z·s` ([`Z_ONE_SIDED_95`]).
+    pub z: f64,
 }
 
 impl PlanOptions {
@@ -346,9 +494,37 @@ pub struct Table {
     pub rows: Vec<Row>,
 }
 
-/// Measures every weight's sensitivity to every candidate (on `eval`'s text)
-/// and the candidates' costs (on `be`, through `cache`). `progress(i, total)`
-/// is called after each weight.
+/// Where measured sensitivities are kept: `plan-sensitivity.json` next to
+/// the kernel-cost cache (a [`CostCache`] file of the same shape, keyed
+/// `"<fingerprint>|<tensor>|<format>|<method>": Δ`).
+pub fn sensitivity_cache_path() -> Option<PathBuf> {
+    CostCache::default_path().map(|p| p.with_file_name("plan-sensitivity.json"))
+}
+
+/// A fingerprint of calibration statistics (they decide AWQ's scales and Wanda's masks).
+fn calib_fingerprint(calib: Option<&Calibration>) -> u64 {
+    let mut h = Fnv::new();
+    let Some(c) = calib else { return h.0 };
+    h.u64(c.tokens as u64);
+    for layer in &c.inputs {
+        for st in layer {
+            h.u64(st.rows as u64);
+            for x in st.abs_sum.iter().chain(&st.sq_sum) {
+                h.u64(x.to_bits());
+            }
+            for x in &st.sample {
+                h.u64(x.to_bits() as u64);
+            }
+        }
+    }
+    h.0
+}
+
+/// Measures every weight's sensitivity to every candidate (on `eval`'s text:
+/// the sensitivity part) and the candidates' costs (on `be`, through
+/// `cache`). Sensitivities already in `sens` under the same fingerprint are
+/// reused, new ones are added. `progress(i, total)` is called after each weight.
+#[allow(clippy::too_many_arguments)]
 pub fn measure_table<B: Backend>(
     be: &B,
     eval: &mut Evaluator<'_, B>,
@@ -356,12 +532,22 @@ pub fn measure_table<B: Backend>(
     calib: Option<&Calibration>,
     opt: &PlanOptions,
     cache: &mut CostCache,
+    sens: &mut CostCache,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Table> {
     let cfg = eval.model.cfg;
     let dtype = eval.model.dtype;
     let lins = linears(&cfg);
-    let base_loss = eval.loss(be, values)?;
+    let fp = format!("{:016x}{:016x}", eval.fingerprint(be), calib_fingerprint(calib));
+    let base_key = format!("{fp}|base");
+    let base_loss = match sens.entries.get(&base_key) {
+        Some(&v) => v,
+        None => {
+            let v = eval.loss(be, values)?;
+            sens.entries.insert(base_key, v);
+            v
+        }
+    };
     let mut rows = Vec::with_capacity(lins.len());
     for (i, l) in lins.iter().enumerate() {
         let time = |cache: &mut CostCache, f: Option<QFormat>| -> Result<f64> {
@@ -373,10 +559,18 @@ pub fn measure_table<B: Backend>(
             if c.format.check_shape(l.n, l.k).is_err() {
                 continue;
             }
-            let mut ch = vec![None; lins.len()];
-            ch[i] = Some(*c);
-            let comp = compress(&cfg, values, &ch, calib)?;
-            let delta = eval.loss(be, &comp.dequantized())? - base_loss;
+            let key = format!("{fp}|{}|{}|{}", l.name, c.format.name(), c.method.name());
+            let delta = match sens.entries.get(&key) {
+                Some(&d) => d,
+                None => {
+                    let mut ch = vec![None; lins.len()];
+                    ch[i] = Some(*c);
+                    let comp = compress(&cfg, values, &ch, calib)?;
+                    let d = eval.loss(be, &comp.dequantized())? - base_loss;
+                    sens.entries.insert(key, d);
+                    d
+                }
+            };
             options.push(PlanOption {
                 choice: Some(*c),
                 delta,
@@ -386,8 +580,12 @@ pub fn measure_table<B: Backend>(
         }
         rows.push(Row { name: l.name.clone(), n: l.n, k: l.k, options });
         progress(i + 1, lins.len());
+        if (i + 1) % 6 == 0 {
+            sens.save();
+        }
     }
     cache.save();
+    sens.save();
     Ok(Table { base_loss, rows })
 }
 
@@ -396,12 +594,18 @@ pub fn measure_table<B: Backend>(
 pub struct Plan {
     /// Per linear weight (the order of [`linears`]): its row and chosen option.
     pub rows: Vec<(Row, usize)>,
+    /// Uncompressed loss on the sensitivity text (the budget's reference).
     pub base_loss: f64,
     /// Budget in nats (fraction × base loss).
     pub budget: f64,
-    /// `Σ Δ` of the chosen options, and the measured increase of the whole plan.
+    /// The budget the accepted plan was solved under (≤ `budget`).
+    pub planned_budget: f64,
+    /// `Σ Δ` of the chosen options (sensitivity text).
     pub predicted: f64,
-    pub verified: f64,
+    /// The whole plan's paired increase on the verification text.
+    pub verified: Paired,
+    /// Its upper bound `d̄ + z·s`.
+    pub upper: f64,
     /// Verification rounds run.
     pub rounds: usize,
 }
@@ -433,10 +637,15 @@ impl Plan {
             bytes += op.bytes;
         }
         s += &format!(
-            "total: {us:.1} µs, {bytes} bytes; Δloss predicted {:+.5}, verified {:+.5} ({:+.3}%), budget {:.5} nats ({} round{})\n",
+            "total: {us:.1} µs, {bytes} bytes; Δloss predicted {:+.5} (planned under {:.5}), verified {:+.5} ± {:.5} \
+             ({:+.3}%, {} windows), bound {:+.5}, budget {:.5} nats ({} round{})\n",
             self.predicted,
-            self.verified,
-            100.0 * self.verified / self.base_loss,
+            self.planned_budget,
+            self.verified.mean,
+            self.verified.se,
+            100.0 * self.verified.mean / self.base_loss,
+            self.verified.n,
+            self.upper,
             self.budget,
             self.rounds,
             if self.rounds == 1 { "" } else { "s" }
@@ -466,28 +675,34 @@ impl Plan {
         serde_json::json!({
             "base_loss": self.base_loss,
             "budget": self.budget,
+            "planned_budget": self.planned_budget,
             "predicted": self.predicted,
-            "verified": self.verified,
+            "verified": self.verified.mean,
+            "verified_se": self.verified.se,
+            "verified_windows": self.verified.n,
+            "upper": self.upper,
             "tensors": rows,
         })
         .to_string()
     }
 }
 
-/// Solves `table` under `budget` (fraction of the base loss), compresses,
-/// verifies on `eval`'s text and re-solves under a shrunk budget while the
-/// measured increase overshoots. Returns the plan and its compression.
+/// Solves `table` under `opt.budget` (fraction of the base loss),
+/// compresses, and verifies on `verify`'s text (not the sensitivity text),
+/// re-solving under a shrunk planning budget while the verification bound
+/// exceeds the budget (module docs). Returns the plan and its compression.
 pub fn choose_and_verify<B: Backend>(
     be: &B,
-    eval: &mut Evaluator<'_, B>,
+    verify: &mut Evaluator<'_, B>,
     values: &[Vec<f32>],
     calib: Option<&Calibration>,
     table: &Table,
     opt: &PlanOptions,
 ) -> Result<(Plan, Compressed)> {
     check_budget(opt.budget)?;
-    let cfg = eval.model.cfg;
+    let cfg = verify.model.cfg;
     let budget = opt.budget * table.base_loss;
+    let base_windows = verify.window_losses(be, values)?;
     let mut target_budget = budget;
     let mut rounds = 0;
     loop {
@@ -500,14 +715,16 @@ pub fn choose_and_verify<B: Backend>(
         };
         let choices: Vec<Option<Choice>> = table.rows.iter().zip(&pick).map(|(r, &o)| r.options[o].choice).collect();
         let comp = compress(&cfg, values, &choices, calib)?;
-        let verified = eval.loss(be, &comp.dequantized())? - table.base_loss;
+        let verified = Paired::new(&base_windows, &verify.window_losses(be, &comp.dequantized())?)?;
+        let upper = verified.upper(opt.z);
         let predicted = table.rows.iter().zip(&pick).map(|(r, &o)| r.options[o].delta.max(0.0)).sum();
-        if verified <= budget || last {
+        if upper <= budget || last {
             let rows = table.rows.iter().cloned().zip(pick).collect();
-            let plan = Plan { rows, base_loss: table.base_loss, budget, predicted, verified, rounds };
+            let planned_budget = if last { 0.0 } else { target_budget };
+            let plan =
+                Plan { rows, base_loss: table.base_loss, budget, planned_budget, predicted, verified, upper, rounds };
             return Ok((plan, comp));
         }
-        // The weights interact: shrink the budget by the overshoot (and a margin).
-        target_budget *= 0.9 * budget / verified;
+        target_budget = shrink_target(target_budget, budget, upper);
     }
 }

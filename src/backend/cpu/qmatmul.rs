@@ -16,8 +16,19 @@
 //! row of y is bit-identical whatever `m` is. Mathematically `scale·Σx·c =
 //! Σx·(scale·c)`: the kernels differ from the reference only by rounding.
 //!
-//! 2:4 formats dequantize one weight row at a time and take its dot product
-//! with every row of x in `p` order (the reference algorithm).
+//! 2:4 formats: the reference sums `x[i][p]·w[j][p]` over every `p` in order
+//! with separate multiply and add. A dropped weight is +0, and for finite `x`
+//! adding `x·(±0) = ±0` to an accumulator that starts at +0 leaves it
+//! bit-for-bit unchanged (round-to-nearest never makes a sum −0 from +0), so
+//! summing only the two kept entries of each group of 4, in `p` order, with
+//! the same multiply-then-add (no fused multiply-add) is **bit-identical** to
+//! the reference. The SIMD kernels put one output column per lane (16 on
+//! AVX-512, 8 on AVX2+F16C): each lane decodes its column's kept positions and
+//! values (f16, or int8 × scale) with gathers and gathers the x entries they
+//! address; lanes never mix, so each `y[i][j]` is a scalar sequential sum.
+//! A row of x holding a non-finite value takes the reference path (there
+//! `∞·0 = NaN` at dropped positions matters). Each row's operations do not
+//! depend on the other rows: every row of y is bit-identical whatever `m` is.
 
 use std::sync::OnceLock;
 
@@ -26,7 +37,7 @@ use crate::Tensor;
 use crate::ops::{QMatmulSpec, QWeight};
 use crate::quant::{QFormat, QView};
 
-/// The instruction set the quantized kernels use.
+/// The instruction set the quantized kernels use (Avx2 means AVX2 + FMA + F16C).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Simd {
     Avx512,
@@ -40,7 +51,7 @@ fn detect() -> Simd {
         if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
             return Simd::Avx512;
         }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
             return Simd::Avx2;
         }
     }
@@ -166,10 +177,134 @@ fn int4_rows<const R: usize>(simd: Simd, xs: &[&[f32]; R], w: &RowParts, k: usiz
     out
 }
 
+/// One 2:4 weight's parts (all rows).
+#[derive(Clone, Copy)]
+struct View24<'a> {
+    q: &'a [u32],
+    meta: &'a [u32],
+    /// 2:4-int8: one scale per row; f16 values: empty.
+    scale: &'a [f32],
+    /// u32 words of q and of meta per row.
+    qw: usize,
+    mw: usize,
+    int8: bool,
+}
+
+impl View24<'_> {
+    /// Row `j`, group `g`'s kept entries in `p` order as (offset in the
+    /// group, weight). Positions `a` (first value) and `b` (second) come from
+    /// the metadata nibble `a | b << 2`; when `a = b` the dequantized row holds
+    /// only the second value there (it is written last), paired with a zero weight.
+    fn group(&self, j: usize, g: usize) -> [(usize, f32); 2] {
+        let m = ((self.meta[j * self.mw + g / 8] >> (4 * (g % 8))) & 0xF) as usize;
+        let (a, b) = (m & 3, m >> 2);
+        let q = &self.q[j * self.qw..(j + 1) * self.qw];
+        let (va, vb) = if self.int8 {
+            let s = self.scale[j];
+            (s * byte_i8(q, 2 * g) as f32, s * byte_i8(q, 2 * g + 1) as f32)
+        } else {
+            let h = |bits: u32| half::f16::from_bits(bits as u16).to_f32();
+            (h(q[g] & 0xFFFF), h(q[g] >> 16))
+        };
+        match a.cmp(&b) {
+            std::cmp::Ordering::Less => [(a, va), (b, vb)],
+            std::cmp::Ordering::Greater => [(b, vb), (a, va)],
+            std::cmp::Ordering::Equal => [(a, vb), (a, 0.0)],
+        }
+    }
+}
+
+/// Lanes (output columns) of the 2:4 kernel at each SIMD level.
+fn lanes24(simd: Simd) -> usize {
+    match simd {
+        Simd::Avx512 => 16,
+        Simd::Avx2 => 8,
+        Simd::Portable => 1,
+    }
+}
+
+/// `y[r][l] = Σ_p xs[r][p]·w[cols[l]][p]` over the kept entries, for R rows
+/// and `lanes24(simd)` columns (`cols` of that length; finite rows only).
+fn s24_rows<const R: usize>(simd: Simd, xs: &[&[f32]; R], v: &View24, cols: &[usize], k: usize) -> [[f32; 16]; R] {
+    #[cfg(target_arch = "x86_64")]
+    match simd {
+        // SAFETY: `simd()` returns Avx512/Avx2 only when the CPU has those features.
+        Simd::Avx512 => return unsafe { x86::s24_avx512(xs, v, cols, k) },
+        // SAFETY: as above.
+        Simd::Avx2 => return unsafe { x86::s24_avx2(xs, v, cols, k) },
+        Simd::Portable => {}
+    }
+    let _ = simd;
+    let mut out = [[0.0f32; 16]; R];
+    for (l, &j) in cols.iter().enumerate() {
+        let mut acc = [0.0f32; R];
+        for g in 0..k / 4 {
+            let [(pa, va), (pb, vb)] = v.group(j, g);
+            for r in 0..R {
+                acc[r] += xs[r][4 * g + pa] * va;
+                acc[r] += xs[r][4 * g + pb] * vb;
+            }
+        }
+        for r in 0..R {
+            out[r][l] = acc[r];
+        }
+    }
+    out
+}
+
+/// Columns `j0..j0 + w` of y for every row of x (`m × k`) with a 2:4 weight,
+/// into `out[i * w + (j − j0)]`.
+#[allow(clippy::too_many_arguments)]
+fn sparse24_block(
+    simd: Simd,
+    v: &View24,
+    full: &QView,
+    xv: &[f32],
+    m: usize,
+    k: usize,
+    (j0, w): (usize, usize),
+    out: &mut [f32],
+) {
+    let row = |i: usize| &xv[i * k..(i + 1) * k];
+    let (finite, odd): (Vec<usize>, Vec<usize>) = (0..m).partition(|&i| row(i).iter().all(|x| x.is_finite()));
+    let lanes = lanes24(simd);
+    for c0 in (0..w).step_by(lanes) {
+        let live = lanes.min(w - c0);
+        // Lanes past the last column repeat it; their sums are dropped.
+        let cols: Vec<usize> = (0..lanes).map(|l| j0 + c0 + l.min(live - 1)).collect();
+        let mut put = |i: usize, y: &[f32; 16]| out[i * w + c0..i * w + c0 + live].copy_from_slice(&y[..live]);
+        let mut t = 0;
+        while t + TILE <= finite.len() {
+            let ys = s24_rows(simd, &std::array::from_fn::<_, TILE, _>(|r| row(finite[t + r])), v, &cols, k);
+            for (r, y) in ys.iter().enumerate() {
+                put(finite[t + r], y);
+            }
+            t += TILE;
+        }
+        for &i in &finite[t..] {
+            put(i, &s24_rows(simd, &[row(i)], v, &cols, k)[0]);
+        }
+    }
+    // Non-finite rows: the reference (dequantize, then the dot product over every p).
+    if !odd.is_empty() {
+        let mut wr = vec![0.0f32; k];
+        for jj in 0..w {
+            full.dequantize_row(j0 + jj, &mut wr);
+            for &i in &odd {
+                let mut acc = 0.0f32;
+                for (a, b) in row(i).iter().zip(&wr) {
+                    acc += a * b;
+                }
+                out[i * w + jj] = acc;
+            }
+        }
+    }
+}
+
 // The AVX-512 intrinsics of std::arch are stable since Rust 1.89 (the crate's rust-version).
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{RowParts, tail_int8};
+    use super::{RowParts, View24, tail_int8};
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx512f,avx512bw")]
@@ -217,6 +352,163 @@ mod x86 {
         let mut out = [0.0f32; R];
         for r in 0..R {
             out[r] = tail_int8(hsum256(acc[r]), xs[r], q, full, k);
+        }
+        out
+    }
+
+    /// AVX-512: 16 columns per lane set (module docs, 2:4).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) fn s24_avx512<const R: usize>(xs: &[&[f32]; R], v: &View24, cols: &[usize], k: usize) -> [[f32; 16]; R] {
+        let col = |stride: usize| {
+            let c: [i32; 16] = std::array::from_fn(|l| (cols[l] * stride) as i32);
+            // SAFETY: `c` holds the 16 ints read.
+            unsafe { _mm512_loadu_si512(c.as_ptr().cast()) }
+        };
+        let (qbase, mbase) = (col(v.qw), col(v.mw));
+        // SAFETY: every lane's index is a row of the scale vector (int8 has one per row).
+        let scale =
+            if v.int8 { unsafe { _mm512_i32gather_ps::<4>(col(1), v.scale.as_ptr()) } } else { _mm512_setzero_ps() };
+        let mut acc = [_mm512_setzero_ps(); R];
+        for g in 0..k / 4 {
+            // SAFETY: lane l reads word g/8 of row cols[l]'s metadata, inside `meta`.
+            let mword = unsafe {
+                _mm512_i32gather_epi32::<4>(
+                    _mm512_add_epi32(mbase, _mm512_set1_epi32((g / 8) as i32)),
+                    v.meta.as_ptr().cast(),
+                )
+            };
+            let m = _mm512_and_si512(
+                _mm512_srlv_epi32(mword, _mm512_set1_epi32((4 * (g % 8)) as i32)),
+                _mm512_set1_epi32(0xF),
+            );
+            let a = _mm512_and_si512(m, _mm512_set1_epi32(3));
+            let b = _mm512_srli_epi32::<2>(m);
+            let (va, vb) = if v.int8 {
+                // SAFETY: lane l reads word g/2 of row cols[l]'s codes.
+                let word = unsafe {
+                    _mm512_i32gather_epi32::<4>(
+                        _mm512_add_epi32(qbase, _mm512_set1_epi32((g / 2) as i32)),
+                        v.q.as_ptr().cast(),
+                    )
+                };
+                // Bytes 2g and 2g+1 sit at bit 16·(g mod 2) and 8 above: shift each to the top, sign-extend down.
+                let sh = (16 * (g % 2)) as i32;
+                let ba = _mm512_srai_epi32::<24>(_mm512_sllv_epi32(word, _mm512_set1_epi32(24 - sh)));
+                let bb = _mm512_srai_epi32::<24>(_mm512_sllv_epi32(word, _mm512_set1_epi32(16 - sh)));
+                (_mm512_mul_ps(scale, _mm512_cvtepi32_ps(ba)), _mm512_mul_ps(scale, _mm512_cvtepi32_ps(bb)))
+            } else {
+                // SAFETY: lane l reads word g of row cols[l]'s values.
+                let word = unsafe {
+                    _mm512_i32gather_epi32::<4>(
+                        _mm512_add_epi32(qbase, _mm512_set1_epi32(g as i32)),
+                        v.q.as_ptr().cast(),
+                    )
+                };
+                (
+                    _mm512_cvtph_ps(_mm512_cvtepi32_epi16(word)),
+                    _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(word))),
+                )
+            };
+            let lt = _mm512_cmplt_epi32_mask(a, b);
+            let gt = _mm512_cmpgt_epi32_mask(a, b);
+            // (lo, first) then (hi, second): first = a<b ? va : vb; second = a<b ? vb : (a>b ? va : 0).
+            let first = _mm512_mask_blend_ps(lt, vb, va);
+            let second = _mm512_mask_blend_ps(lt, _mm512_maskz_mov_ps(gt, va), vb);
+            let base = _mm512_set1_epi32((4 * g) as i32);
+            let ilo = _mm512_add_epi32(base, _mm512_min_epi32(a, b));
+            let ihi = _mm512_add_epi32(base, _mm512_max_epi32(a, b));
+            for r in 0..R {
+                // SAFETY: indices are 4g + (0..4) < k, inside the row of x.
+                let (xl, xh) = unsafe {
+                    (_mm512_i32gather_ps::<4>(ilo, xs[r].as_ptr()), _mm512_i32gather_ps::<4>(ihi, xs[r].as_ptr()))
+                };
+                acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(xl, first));
+                acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(xh, second));
+            }
+        }
+        let mut out = [[0.0f32; 16]; R];
+        for r in 0..R {
+            // SAFETY: `out[r]` holds the 16 floats written.
+            unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
+        }
+        out
+    }
+
+    /// AVX2 + F16C: 8 columns per lane set.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn s24_avx2<const R: usize>(xs: &[&[f32]; R], v: &View24, cols: &[usize], k: usize) -> [[f32; 16]; R] {
+        let col = |stride: usize| {
+            let c: [i32; 8] = std::array::from_fn(|l| (cols[l] * stride) as i32);
+            // SAFETY: `c` holds the 8 ints read.
+            unsafe { _mm256_loadu_si256(c.as_ptr().cast()) }
+        };
+        let (qbase, mbase) = (col(v.qw), col(v.mw));
+        // SAFETY: every lane's index is a row of the scale vector.
+        let scale =
+            if v.int8 { unsafe { _mm256_i32gather_ps::<4>(v.scale.as_ptr(), col(1)) } } else { _mm256_setzero_ps() };
+        let low16 = _mm256_set1_epi32(0xFFFF);
+        // 8 × u32 (each < 2¹⁶) → 8 × u16, in lane order.
+        let pack = |x: __m256i| _mm_packus_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256::<1>(x));
+        let mut acc = [_mm256_setzero_ps(); R];
+        for g in 0..k / 4 {
+            // SAFETY: lane l reads word g/8 of row cols[l]'s metadata.
+            let mword = unsafe {
+                _mm256_i32gather_epi32::<4>(
+                    v.meta.as_ptr().cast(),
+                    _mm256_add_epi32(mbase, _mm256_set1_epi32((g / 8) as i32)),
+                )
+            };
+            let m = _mm256_and_si256(
+                _mm256_srlv_epi32(mword, _mm256_set1_epi32((4 * (g % 8)) as i32)),
+                _mm256_set1_epi32(0xF),
+            );
+            let a = _mm256_and_si256(m, _mm256_set1_epi32(3));
+            let b = _mm256_srli_epi32::<2>(m);
+            let (va, vb) = if v.int8 {
+                // SAFETY: lane l reads word g/2 of row cols[l]'s codes.
+                let word = unsafe {
+                    _mm256_i32gather_epi32::<4>(
+                        v.q.as_ptr().cast(),
+                        _mm256_add_epi32(qbase, _mm256_set1_epi32((g / 2) as i32)),
+                    )
+                };
+                let sh = (16 * (g % 2)) as i32;
+                let ba = _mm256_srai_epi32::<24>(_mm256_sllv_epi32(word, _mm256_set1_epi32(24 - sh)));
+                let bb = _mm256_srai_epi32::<24>(_mm256_sllv_epi32(word, _mm256_set1_epi32(16 - sh)));
+                (_mm256_mul_ps(scale, _mm256_cvtepi32_ps(ba)), _mm256_mul_ps(scale, _mm256_cvtepi32_ps(bb)))
+            } else {
+                // SAFETY: lane l reads word g of row cols[l]'s values.
+                let word = unsafe {
+                    _mm256_i32gather_epi32::<4>(
+                        v.q.as_ptr().cast(),
+                        _mm256_add_epi32(qbase, _mm256_set1_epi32(g as i32)),
+                    )
+                };
+                (
+                    _mm256_cvtph_ps(pack(_mm256_and_si256(word, low16))),
+                    _mm256_cvtph_ps(pack(_mm256_srli_epi32::<16>(word))),
+                )
+            };
+            let lt = _mm256_castsi256_ps(_mm256_cmpgt_epi32(b, a));
+            let gt = _mm256_castsi256_ps(_mm256_cmpgt_epi32(a, b));
+            let first = _mm256_blendv_ps(vb, va, lt);
+            let second = _mm256_blendv_ps(_mm256_and_ps(va, gt), vb, lt);
+            let base = _mm256_set1_epi32((4 * g) as i32);
+            let ilo = _mm256_add_epi32(base, _mm256_min_epi32(a, b));
+            let ihi = _mm256_add_epi32(base, _mm256_max_epi32(a, b));
+            for r in 0..R {
+                // SAFETY: indices are 4g + (0..4) < k, inside the row of x.
+                let (xl, xh) = unsafe {
+                    (_mm256_i32gather_ps::<4>(xs[r].as_ptr(), ilo), _mm256_i32gather_ps::<4>(xs[r].as_ptr(), ihi))
+                };
+                acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(xl, first));
+                acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(xh, second));
+            }
+        }
+        let mut out = [[0.0f32; 16]; R];
+        for r in 0..R {
+            // SAFETY: `out[r]` holds at least the 8 floats written.
+            unsafe { _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
         }
         out
     }
@@ -333,8 +625,9 @@ pub(super) fn qmatmul(s: &QMatmulSpec, x: &Tensor<CpuBackend>, w: &QWeight<CpuBa
         meta: w.meta.as_ref().map_or(&[][..], |t| t.buf.u32s()),
     };
     let f = w.format;
-    let sparse = matches!(f, QFormat::Sparse24 { .. });
     let simd = simd();
+    // The gathers index words with i32: a weight past that falls back to the portable 2:4 kernel.
+    let simd24 = if n * f.q_words(k).max(f.meta_words(k)) < i32::MAX as usize { simd } else { Simd::Portable };
     let (qw, sw, zw) = (f.q_words(k), f.scales_per_row(k), f.zero_words(k));
     // Columns of y per task.
     const COLS: usize = 16;
@@ -345,21 +638,13 @@ pub(super) fn qmatmul(s: &QMatmulSpec, x: &Tensor<CpuBackend>, w: &QWeight<CpuBa
         .map(|j0| {
             let w_ = COLS.min(n - j0);
             let mut out = vec![0.0f32; m * w_];
-            let mut wr = vec![0.0f32; if sparse { k } else { 0 }];
+            if let QFormat::Sparse24 { int8 } = f {
+                let v24 = View24 { q: view.q, meta: view.meta, scale: view.scale, qw, mw: f.meta_words(k), int8 };
+                sparse24_block(simd24, &v24, &view, &xv, m, k, (j0, w_), &mut out);
+                return (j0, out);
+            }
             for jj in 0..w_ {
                 let j = j0 + jj;
-                if sparse {
-                    view.dequantize_row(j, &mut wr);
-                    for i in 0..m {
-                        let xr = &xv[i * k..(i + 1) * k];
-                        let mut acc = 0.0f32;
-                        for p in 0..k {
-                            acc += xr[p] * wr[p];
-                        }
-                        out[i * w_ + jj] = acc;
-                    }
-                    continue;
-                }
                 let parts = RowParts {
                     q: &view.q[j * qw..(j + 1) * qw],
                     scale: &view.scale[j * sw..(j + 1) * sw],
@@ -379,4 +664,63 @@ pub(super) fn qmatmul(s: &QMatmulSpec, x: &Tensor<CpuBackend>, w: &QWeight<CpuBa
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::QMatrix;
+    use crate::util::rng::Rng;
+
+    /// Every 2:4 kernel level this CPU has, against the host reference
+    /// (`QMatrix::matmul_ref`), bit for bit: f16 and int8 values, a column
+    /// count that leaves partial lane sets, a tile of rows plus a tail, a row
+    /// holding ∞ (the reference path), and a group whose two positions
+    /// coincide (the dequantized row keeps the second value).
+    #[test]
+    fn sparse24_kernels_are_bit_identical_to_the_reference() {
+        let mut levels = vec![Simd::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+                levels.push(Simd::Avx2);
+            }
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+                levels.push(Simd::Avx512);
+            }
+        }
+        let (m, n, k) = (7, 37, 200);
+        let mut rng = Rng::new(24);
+        for int8 in [false, true] {
+            let f = QFormat::Sparse24 { int8 };
+            let w: Vec<f32> = rng.normal_vec(n * k).into_iter().map(|x| x * 0.1).collect();
+            let mut qm = QMatrix::quantize(&w, n, k, f).unwrap();
+            // Row 3, group 5: both positions 2.
+            let (mw, g) = (f.meta_words(k), 5);
+            let word = &mut qm.meta[3 * mw + g / 8];
+            *word = (*word & !(0xF << (4 * (g % 8)))) | (0b1010 << (4 * (g % 8)));
+            let mut x: Vec<f32> = rng.normal_vec(m * k);
+            x[5 * k + 11] = f32::INFINITY;
+            let want = qm.matmul_ref(&x, m);
+            let bits = |v: &[f32]| v.iter().map(|y| y.to_bits()).collect::<Vec<_>>();
+            for &simd in &levels {
+                let view = QView { format: f, n, k, q: &qm.q, scale: &qm.scale, zero: &qm.zero, meta: &qm.meta };
+                let v24 = View24 { q: &qm.q, meta: &qm.meta, scale: &qm.scale, qw: f.q_words(k), mw, int8 };
+                let mut got = vec![0.0f32; m * n];
+                for j0 in (0..n).step_by(16) {
+                    let w_ = 16.min(n - j0);
+                    let mut out = vec![0.0f32; m * w_];
+                    sparse24_block(simd, &v24, &view, &x, m, k, (j0, w_), &mut out);
+                    for i in 0..m {
+                        got[i * n + j0..i * n + j0 + w_].copy_from_slice(&out[i * w_..(i + 1) * w_]);
+                    }
+                }
+                assert_eq!(bits(&got), bits(&want), "{f} {simd:?}");
+                // Batch invariance: row 6 alone.
+                let mut alone = vec![0.0f32; 16];
+                sparse24_block(simd, &v24, &view, &x[6 * k..], 1, k, (16, 16), &mut alone);
+                assert_eq!(bits(&alone), bits(&want[6 * n + 16..6 * n + 32]), "{f} {simd:?} alone");
+            }
+        }
+    }
 }
