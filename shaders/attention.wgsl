@@ -1,14 +1,15 @@
 // Flash-style causal attention (dense, token and block patterns), its
 // backward pass, and the indexer's KL loss against the main attention.
 //
-// Parameters shared by every kernel of this file:
-//   p0 batch, p1 seq, p2 n_heads, p3 n_kv_heads, p4 head_dim, p5 scale (f32),
-//   p6 pattern (0 dense, 1 tokens, 2 blocks), p7 k (tokens) or n (blocks),
-//   p8 block, p9 ceil(seq / block); the split kernels (attn_fwd,
-//   attn_fwd_tiled, attn_bwd_dq, attn_bwd_dkdv) also p10 chunk (slots, key
-//   units or queries per chunk), p11 chunks nch, p12 first row r0 and p13
-//   rows R of this launch; indexer_kl instead p10 first query row q0 and p11
-//   query rows Q of its tile.
+// Parameters: typed structs (mirrored in src/backend/wgpu/attention.rs). Every
+// struct starts with the attention spec: batch, seq, n_heads, n_kv_heads,
+// head_dim, scale, mode (0 dense, 1 tokens, 2 blocks), kn (k for tokens, n
+// for blocks), block, nkb = ceil(seq / block). `AttnParams` (attn_fwd,
+// attn_bwd_stats, attn_bwd_dq, attn_bwd_dkdv) adds chunk (slots, key units
+// or queries per chunk), nch chunks, first row r0 and nrow rows of this
+// launch; `AttnTiledParams` (attn_fwd_tiled) adds to those tq queries per
+// tile, tiles tile0 .. tile0 + ntile, unit keys per unit; `AttnKlParams`
+// (indexer_kl) adds q0, the first query row, and qrows, the rows of its tile.
 // Layouts: q, o [batch, seq, n_heads, head_dim]; k, v [batch, seq, n_kv_heads,
 // head_dim]; lse [batch, n_heads, seq]; idx [batch, seq, k] (tokens: key
 // positions) or [batch, seq, n] (blocks: key-block ids), one row per query.
@@ -35,6 +36,59 @@
 // invocation writes the final result; otherwise it writes partials at
 // (c·R + rl) that `shaders/split.wgsl` combines in chunk order.
 
+struct AttnParams {
+    batch: u32,
+    seq: u32,
+    n_heads: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    scale: f32,
+    mode: u32,
+    kn: u32,
+    block: u32,
+    nkb: u32,
+    chunk: u32,
+    nch: u32,
+    r0: u32,
+    nrow: u32,
+}
+
+struct AttnTiledParams {
+    batch: u32,
+    seq: u32,
+    n_heads: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    scale: f32,
+    mode: u32,
+    kn: u32,
+    block: u32,
+    nkb: u32,
+    chunk: u32,
+    nch: u32,
+    r0: u32,
+    nrow: u32,
+    tq: u32,
+    tile0: u32,
+    ntile: u32,
+    unit: u32,
+}
+
+struct AttnKlParams {
+    batch: u32,
+    seq: u32,
+    n_heads: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    scale: f32,
+    mode: u32,
+    kn: u32,
+    block: u32,
+    nkb: u32,
+    q0: u32,
+    qrows: u32,
+}
+
 const NONE: u32 = 0xffffffffu;
 // Largest head_dim in vec4 units (the op validates head_dim <= 256). Loops
 // over the head dim run 4 lanes at a time: llvmpipe (lavapipe) caps the loop
@@ -47,22 +101,22 @@ const MINF: f32 = -1.0e30;
 const LOWEST: f32 = -3.4028235e38;
 
 fn n_slots(t: u32) -> u32 {
-    let mode = pu(6u);
+    let mode = P.mode;
     if (mode == 0u) { return t + 1u; }
-    if (mode == 1u) { return pu(7u); }
-    return pu(7u) * pu(8u);
+    if (mode == 1u) { return P.kn; }
+    return P.kn * P.block;
 }
 
 fn slot_key(b: u32, t: u32, i: u32) -> u32 {
-    let mode = pu(6u);
+    let mode = P.mode;
     if (mode == 0u) { return i; }
     if (mode == 1u) {
-        let j = ldu_idx((b * pu(1u) + t) * pu(7u) + i);
+        let j = ldu_idx((b * P.seq + t) * P.kn + i);
         if (j == NONE || j > t) { return NONE; }
         return j;
     }
-    let blk = pu(8u);
-    let kb = ldu_idx((b * pu(1u) + t) * pu(7u) + i / blk);
+    let blk = P.block;
+    let kb = ldu_idx((b * P.seq + t) * P.kn + i / blk);
     if (kb == NONE || kb > t / blk) { return NONE; }
     let j = kb * blk + i % blk;
     if (j > t) { return NONE; }
@@ -72,12 +126,12 @@ fn slot_key(b: u32, t: u32, i: u32) -> u32 {
 // Does query t (>= s) attend to key s: does t's own row list s (tokens) or
 // s's block (blocks)?
 fn attends(b: u32, t: u32, s: u32) -> bool {
-    let mode = pu(6u);
+    let mode = P.mode;
     if (mode == 0u) { return true; }
-    let n = pu(7u);
-    let row = (b * pu(1u) + t) * n;
+    let n = P.kn;
+    let row = (b * P.seq + t) * n;
     var want = s;
-    if (mode == 2u) { want = s / pu(8u); }
+    if (mode == 2u) { want = s / P.block; }
     for (var i = 0u; i < n; i = i + 1u) {
         if (ldu_idx(row + i) == want) { return true; }
     }
@@ -85,41 +139,41 @@ fn attends(b: u32, t: u32, s: u32) -> bool {
 }
 
 fn q_off(b: u32, t: u32, h: u32) -> u32 {
-    return ((b * pu(1u) + t) * pu(2u) + h) * pu(4u);
+    return ((b * P.seq + t) * P.n_heads + h) * P.head_dim;
 }
 
 fn k_off(b: u32, s: u32, g: u32) -> u32 {
-    return ((b * pu(1u) + s) * pu(3u) + g) * pu(4u);
+    return ((b * P.seq + s) * P.n_kv_heads + g) * P.head_dim;
 }
 
 // Workgroup size of the 256-wide kernels (wg_reduce: shaders/common.wgsl).
 const WG: u32 = 256u;
 
-//!kernel attn_fwd(q: in, k: in, v: in, idx: idx, o: out, lse: out)
+//!kernel attn_fwd(q: in, k: in, v: in, idx: idx, o: out, lse: out) : AttnParams
 // One invocation per (chunk, batch, query, head): online softmax over the
-// chunk's slots [c·p10, (c+1)·p10). nch = 1: o and lse are final. Otherwise o
+// chunk's slots [c·chunk, (c+1)·chunk). nch = 1: o and lse are final. Otherwise o
 // is the partial buffer [nch, R, head_dim] of unnormalised outputs and lse the
 // buffer [nch, R, 2] of (running max m, sum of exp l) per chunk.
 
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(gid, nw);
-    let seq = pu(1u);
-    let nh = pu(2u);
-    let nch = pu(11u);
-    let nrow = pu(13u);
+    let seq = P.seq;
+    let nh = P.n_heads;
+    let nch = P.nch;
+    let nrow = P.nrow;
     if (i >= nch * nrow) { return; }
-    let d = pu(4u);
+    let d = P.head_dim;
     let nc = (d + 3u) / 4u;
-    let sc = pf(5u);
+    let sc = P.scale;
     let c = i / nrow;
     let rl = i % nrow;
-    let r = pu(12u) + rl;
+    let r = P.r0 + rl;
     let h = r % nh;
     let bt = r / nh;
     let t = bt % seq;
     let b = bt / seq;
-    let g = h / (nh / pu(3u));
+    let g = h / (nh / P.n_kv_heads);
     let qo = r * d;
     var qv: array<vec4<f32>, HD4>;
     var acc: array<vec4<f32>, HD4>;
@@ -129,8 +183,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     }
     var m = MINF;
     var l = 0.0;
-    let s0 = c * pu(10u);
-    let s1 = min(n_slots(t), s0 + pu(10u));
+    let s0 = c * P.chunk;
+    let s1 = min(n_slots(t), s0 + P.chunk);
     for (var si = s0; si < s1; si = si + 1u) {
         let s = slot_key(b, t, si);
         if (s == NONE) { continue; }
@@ -171,13 +225,13 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     }
 }
 
-//!kernel attn_fwd_tiled(q: in, k: in, v: in, idx: idx, o: out, lse: out)
+//!kernel attn_fwd_tiled(q: in, k: in, v: in, idx: idx, o: out, lse: out) : AttnTiledParams
 // The dense and block patterns, tiled: one 8-wide workgroup per (chunk c,
-// batch, query tile, head) of p14 TQ <= 64 consecutive queries, invocation i
+// batch, query tile, head) of tq <= 64 consecutive queries, invocation i
 // running queries i, i + 8, .., i + 56 of the tile (eight online softmaxes
 // sharing every K/V read: software adapters are bound by memory reads, not
-// arithmetic). Keys go in "units" of p17 keys: 16-key groups (dense) or the
-// key blocks (blocks). Chunk c covers units [c·p10, (c+1)·p10): chunks are
+// arithmetic). Keys go in "units" of `unit` keys: 16-key groups (dense) or the
+// key blocks (blocks). Chunk c covers units [c·chunk, (c+1)·chunk): chunks are
 // fixed ranges of key positions, so how a query's keys split into chunks
 // never depends on other queries. The tile walks the union of its queries'
 // units, 32 at a time: each invocation marks which of its queries' own rows
@@ -187,9 +241,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 // scores and p·v straight-line vec4 code over the KT keys). A query that
 // does not list a unit leaves its state untouched (selects, not arithmetic
 // with zeros), and keys after a query are masked per query, so each query's
-// result is exactly what it would be alone. Workgroups cover the tiles p15 ..
-// p15 + p16 (in (batch, tile, head) order, the tiles meeting the rows r0 ..
-// r0 + R); a query writes only if its row is in the launch, in the layout
+// result is exactly what it would be alone. Workgroups cover the tiles tile0 ..
+// tile0 + ntile (in (batch, tile, head) order, the tiles meeting the rows r0 ..
+// r0 + nrow); a query writes only if its row is in the launch, in the layout
 // of `attn_fwd`. head_dim <= 128. The per-query code is written out for each
 // of the eight queries (0 .. 7).
 const KT: u32 = 16u;
@@ -215,9 +269,9 @@ fn hmax(x: vec4<f32>) -> f32 {
 
 // The final (nch = 1) or partial output of one query of the tile.
 fn tiled_store(c: u32, rl: u32, r: u32, li: u32, m: f32, l: f32, acc: array<vec4<f32>, TD4>) {
-    let d = pu(4u);
-    let nch = pu(11u);
-    let nrow = pu(13u);
+    let d = P.head_dim;
+    let nch = P.nch;
+    let nrow = P.nrow;
     var oo = r * d;
     var inv = 1.0;
     if (nch == 1u) {
@@ -241,30 +295,30 @@ fn tiled_store(c: u32, rl: u32, r: u32, li: u32, m: f32, l: f32, acc: array<vec4
 @compute @workgroup_size(8)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let w = wid.x + wid.y * nw.x;
-    let seq = pu(1u);
-    let nh = pu(2u);
-    let nch = pu(11u);
-    let r0 = pu(12u);
-    let nrow = pu(13u);
-    let tq = pu(14u);
-    let ntile = pu(16u);
-    let unit = pu(17u);
-    let dense = pu(6u) == 0u;
+    let seq = P.seq;
+    let nh = P.n_heads;
+    let nch = P.nch;
+    let r0 = P.r0;
+    let nrow = P.nrow;
+    let tq = P.tq;
+    let ntile = P.ntile;
+    let unit = P.unit;
+    let dense = P.mode == 0u;
     let inside = w < nch * ntile;
     let c = w / ntile;
-    let tile = pu(15u) + w % ntile;
+    let tile = P.tile0 + w % ntile;
     let h = tile % nh;
     let qt = tile / nh;
     let ntq = (seq + tq - 1u) / tq;
     let b = qt / ntq;
     let t0 = (qt % ntq) * tq;
     let tl = min(t0 + tq, seq) - 1u;
-    let d = pu(4u);
+    let d = P.head_dim;
     let nc = (d + 3u) / 4u;
-    let sc = pf(5u);
-    let g = h / (nh / pu(3u));
-    let n = pu(7u);
-    let blk = pu(8u);
+    let sc = P.scale;
+    let g = h / (nh / P.n_kv_heads);
+    let n = P.kn;
+    let blk = P.block;
     let ti0 = t0 + lid + 0u;
     let rr0 = (b * seq + ti0) * nh + h;
     let mine0 = inside && lid + 0u < tq && ti0 < seq && rr0 >= r0 && rr0 < r0 + nrow;
@@ -348,8 +402,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
         acc7[cc] = vec4<f32>(0.0);
     }
     // Units [u0, u1) of this chunk that hold a key <= tl.
-    let u0 = c * pu(10u);
-    var u1 = min(tl / unit + 1u, u0 + pu(10u));
+    let u0 = c * P.chunk;
+    var u1 = min(tl / unit + 1u, u0 + P.chunk);
     if (!inside) { u1 = u0; }
     // Per unit of the window: bit i = query lid + 8i lists the unit.
     var wmark: array<u32, UW>;
@@ -693,7 +747,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
     if (mine7) { tiled_store(c, rr7 - r0, rr7, (b * nh + h) * seq + ti7, m7, l7, acc7); }
 }
 
-//!kernel attn_bwd_stats(d_o: in, o: in, lse: in, idx: idx, stats: out)
+//!kernel attn_bwd_stats(d_o: in, o: in, lse: in, idx: idx, stats: out) : AttnParams
 // One invocation per (batch, query, head) row of o: stats[2·li] = lse[li] and
 // stats[2·li + 1] = delta = dO·O, li = (batch·n_heads + head)·seq + query
 // (lse and delta share one buffer so that the gradient kernels bind at most
@@ -702,10 +756,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let r = lin(gid, nw);
-    let seq = pu(1u);
-    let nh = pu(2u);
-    if (r >= pu(0u) * seq * nh) { return; }
-    let d = pu(4u);
+    let seq = P.seq;
+    let nh = P.n_heads;
+    if (r >= P.batch * seq * nh) { return; }
+    let d = P.head_dim;
     let nc = (d + 3u) / 4u;
     let h = r % nh;
     let bt = r / nh;
@@ -721,7 +775,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     st_stats(2u * li + 1u, dsum);
 }
 
-//!kernel attn_bwd_dq(q: in, k: in, v: in, d_o: in, stats: in, idx: idx, dq: out)
+//!kernel attn_bwd_dq(q: in, k: in, v: in, d_o: in, stats: in, idx: idx, dq: out) : AttnParams
 // One invocation per (chunk, batch, query, head): dq = scale · Σ_s p (dO·v_s -
 // delta) k_s over the chunk's slots, p = exp(scale·q·k_s - lse), with (lse,
 // delta) from `attn_bwd_stats`; written to dq (nch = 1) or to the partial
@@ -730,22 +784,22 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(gid, nw);
-    let seq = pu(1u);
-    let nh = pu(2u);
-    let nch = pu(11u);
-    let nrow = pu(13u);
+    let seq = P.seq;
+    let nh = P.n_heads;
+    let nch = P.nch;
+    let nrow = P.nrow;
     if (i >= nch * nrow) { return; }
-    let d = pu(4u);
+    let d = P.head_dim;
     let nc = (d + 3u) / 4u;
-    let sc = pf(5u);
+    let sc = P.scale;
     let c = i / nrow;
     let rl = i % nrow;
-    let r = pu(12u) + rl;
+    let r = P.r0 + rl;
     let h = r % nh;
     let bt = r / nh;
     let t = bt % seq;
     let b = bt / seq;
-    let g = h / (nh / pu(3u));
+    let g = h / (nh / P.n_kv_heads);
     let qo = r * d;
     let li = (b * nh + h) * seq + t;
     var qv: array<vec4<f32>, HD4>;
@@ -758,8 +812,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     }
     let lse = ld_stats(2u * li);
     let dsum = ld_stats(2u * li + 1u);
-    let s0 = c * pu(10u);
-    let s1 = min(n_slots(t), s0 + pu(10u));
+    let s0 = c * P.chunk;
+    let s1 = min(n_slots(t), s0 + P.chunk);
     for (var si = s0; si < s1; si = si + 1u) {
         let s = slot_key(b, t, si);
         if (s == NONE) { continue; }
@@ -782,9 +836,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     }
 }
 
-//!kernel attn_bwd_dkdv(q: in, k: in, v: in, d_o: in, stats: in, idx: idx, dk: out, dv: out)
+//!kernel attn_bwd_dkdv(q: in, k: in, v: in, d_o: in, stats: in, idx: idx, dk: out, dv: out) : AttnParams
 // One invocation per (chunk, batch, key s, kv head): loops over the chunk's
-// queries t in [c·p10, (c+1)·p10), t >= s, whose own pattern row contains s
+// queries t in [c·chunk, (c+1)·chunk), t >= s, whose own pattern row contains s
 // (tokens) or s's block (blocks), and over the query heads of the group, so
 // dk and dv are summed in a fixed order without atomics; written to dk/dv
 // (nch = 1) or the partial buffers [nch, R, head_dim]. A query attending s
@@ -793,19 +847,19 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(gid, nw);
-    let seq = pu(1u);
-    let nh = pu(2u);
-    let nkv = pu(3u);
-    let nch = pu(11u);
-    let nrow = pu(13u);
+    let seq = P.seq;
+    let nh = P.n_heads;
+    let nkv = P.n_kv_heads;
+    let nch = P.nch;
+    let nrow = P.nrow;
     if (i >= nch * nrow) { return; }
-    let d = pu(4u);
+    let d = P.head_dim;
     let nc = (d + 3u) / 4u;
-    let sc = pf(5u);
+    let sc = P.scale;
     let grp = nh / nkv;
     let c = i / nrow;
     let rl = i % nrow;
-    let r = pu(12u) + rl;
+    let r = P.r0 + rl;
     let g = r % nkv;
     let bs = r / nkv;
     let s = bs % seq;
@@ -817,8 +871,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         dk[cc] = vec4<f32>(0.0);
         dv[cc] = vec4<f32>(0.0);
     }
-    let thi = min(seq, (c + 1u) * pu(10u));
-    for (var t = max(s, c * pu(10u)); t < thi; t = t + 1u) {
+    let thi = min(seq, (c + 1u) * P.chunk);
+    for (var t = max(s, c * P.chunk); t < thi; t = t + 1u) {
         if (!attends(b, t, s)) { continue; }
         for (var h = g * grp; h < (g + 1u) * grp; h = h + 1u) {
             let li = (b * nh + h) * seq + t;
@@ -845,9 +899,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     }
 }
 
-//!kernel indexer_kl(q: in, k: in, lse: in, scores: in, idx: idx, loss: inout, dscores: out)
+//!kernel indexer_kl(q: in, k: in, lse: in, scores: in, idx: idx, loss: inout, dscores: out) : AttnKlParams
 // One 256-wide workgroup per (batch, query) row of the tile of queries
-// q0 = p10 .. q0 + Q (Q = p11): scores and dscores are [batch, Q, seq], loss
+// q0 .. q0 + Q (Q = qrows): scores and dscores are [batch, Q, seq], loss
 // [batch, seq] is written at the tile's rows only. Zeroes the dscores row, then
 // over the key set K(t): p = mean over heads of the attention probabilities,
 // r = softmax of the indexer scores; loss = Σ p (ln p - ln r), dscores = r - p.
@@ -857,15 +911,15 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
     let row = wg.x + wg.y * nw.x;
-    let seq = pu(1u);
-    let nq = pu(11u);
-    if (row >= pu(0u) * nq) { return; }
-    let nh = pu(2u);
-    let d = pu(4u);
-    let sc = pf(5u);
-    let grp = nh / pu(3u);
+    let seq = P.seq;
+    let nq = P.qrows;
+    if (row >= P.batch * nq) { return; }
+    let nh = P.n_heads;
+    let d = P.head_dim;
+    let sc = P.scale;
+    let grp = nh / P.n_kv_heads;
     let b = row / nq;
-    let t = pu(10u) + row % nq;
+    let t = P.q0 + row % nq;
     let ro = row * seq;
     for (var s = lid; s < seq; s = s + WG) {
         st_dscores(ro + s, 0.0);

@@ -4,7 +4,10 @@
 // variants in attention.wgsl, laid out for SIMD hardware: one query (or key)
 // per invocation in 64-wide workgroups, so a query's state is one q row and
 // one accumulator row (2·head_dim floats) instead of eight of each, and K/V
-// tiles shared through workgroup memory by all 64 queries.
+// tiles shared through workgroup memory by all 64 queries. The backward
+// (FlashAttention-2's, P recomputed from the saved lse): dq per query tile
+// (`attn_bwd_dq_tiled_hw`, the forward's layout) and dk/dv per key tile
+// (`attn_bwd_dkdv_tiled_hw`, one key per invocation, queries staged).
 //
 // Parameters: `AttnTiledParams` (src/backend/wgpu/attention.rs). The first
 // ten fields are the attention spec (mode 0 dense, 1 tokens, 2 blocks; kn =
@@ -32,6 +35,29 @@ struct AttnTiledParams {
     tile0: u32,
     ntile: u32,
     unit: u32,
+}
+
+// `attn_bwd_dkdv_tiled_hw`: the attention spec as above; chunk/nch split the
+// query loop (queries per chunk), r0/nrow the (batch, key, kv head) rows of
+// this launch; tkeys keys per tile, tiles tile0 .. tile0 + ntile.
+struct AttnBwdKvParams {
+    batch: u32,
+    seq: u32,
+    n_heads: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    scale: f32,
+    mode: u32,
+    kn: u32,
+    block: u32,
+    nkb: u32,
+    chunk: u32,
+    nch: u32,
+    r0: u32,
+    nrow: u32,
+    tkeys: u32,
+    tile0: u32,
+    ntile: u32,
 }
 
 const NONE: u32 = 0xffffffffu;
@@ -221,5 +247,347 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
     }
     for (var e = 0u; e < d; e = e + 1u) {
         st_o(oo + e, acc[e / 4u][e % 4u] * inv);
+    }
+}
+
+//!kernel attn_bwd_dq_tiled_hw(q: in, k: in, v: in, d_o: in, stats: in, idx: idx, dq: out) : AttnTiledParams
+// FlashAttention-2's dq pass for the dense and block patterns, laid out like
+// `attn_fwd_tiled_hw`: one 64-wide workgroup per (chunk c, batch, tile of
+// tq <= 64 queries, head), invocation i running query t0 + i with its q, dO
+// and dq rows in private memory, K/V tiles of KT keys staged in workgroup
+// memory once for the tile, over the union of the tile's units. P is
+// recomputed from the saved lse instead of stored: for a key s the query
+// sees (s <= t, in a unit its own row lists), p = exp(scale·q·k_s − lse),
+// ds = scale·p·(dO·v_s − delta) and dq += ds·k_s, with (lse, delta) from
+// `attn_bwd_stats`. Written to dq (nch = 1) or the partials [nch, nrow,
+// head_dim] of `attn_bwd_dq`'s layout, summed by `sum_chunks`.
+var<workgroup> tk: array<vec4<f32>, 512>;
+var<workgroup> tv: array<vec4<f32>, 512>;
+var<workgroup> tkey: array<u32, 16>;
+var<workgroup> wany: atomic<u32>;
+var<workgroup> wunion: u32;
+
+fn kvalid4(kk0: u32, t: u32) -> vec4<bool> {
+    let j = vec4<u32>(tkey[kk0], tkey[kk0 + 1u], tkey[kk0 + 2u], tkey[kk0 + 3u]);
+    return j <= vec4<u32>(t);
+}
+
+// p·(dO·v − delta)·scale for four keys; masked keys get p = exp(MINF) = 0
+// (no exponent of an unmasked-but-invalid score is ever taken).
+fn dscore4(x: vec4<f32>, dp: vec4<f32>, ok: vec4<bool>, sc: f32, lse: f32, dsum: f32) -> vec4<f32> {
+    let p = exp(select(vec4<f32>(MINF), sc * x - vec4<f32>(lse), ok));
+    return sc * p * (dp - vec4<f32>(dsum));
+}
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let w = wid.x + wid.y * nw.x;
+    let seq = P.seq;
+    let nh = P.n_heads;
+    let nch = P.nch;
+    let r0 = P.r0;
+    let nrow = P.nrow;
+    let tq = P.tq;
+    let unit = P.unit;
+    let dense = P.mode == 0u;
+    let inside = w < nch * P.ntile;
+    let c = w / P.ntile;
+    let tile = P.tile0 + w % P.ntile;
+    let h = tile % nh;
+    let qt = tile / nh;
+    let ntq = (seq + tq - 1u) / tq;
+    let b = qt / ntq;
+    let t0 = (qt % ntq) * tq;
+    let tl = min(t0 + tq, seq) - 1u;
+    let d = P.head_dim;
+    let nc = (d + 3u) / 4u;
+    let sc = P.scale;
+    let g = h / (nh / P.n_kv_heads);
+    let n = P.kn;
+    let blk = P.block;
+    let ti = t0 + lid;
+    let rr = (b * seq + ti) * nh + h;
+    let valid = inside && lid < tq && ti < seq;
+    let mine = valid && rr >= r0 && rr < r0 + nrow;
+    var q: array<vec4<f32>, TD4>;
+    var dov: array<vec4<f32>, TD4>;
+    var acc: array<vec4<f32>, TD4>;
+    for (var cc = 0u; cc < nc; cc = cc + 1u) {
+        q[cc] = vec4<f32>(0.0);
+        dov[cc] = vec4<f32>(0.0);
+        if (mine) {
+            q[cc] = ld4_q(rr * d, 4u * cc, d);
+            dov[cc] = ld4_d_o(rr * d, 4u * cc, d);
+        }
+        acc[cc] = vec4<f32>(0.0);
+    }
+    var lse = 0.0;
+    var dsum = 0.0;
+    if (mine) {
+        let li = (b * nh + h) * seq + ti;
+        lse = ld_stats(2u * li);
+        dsum = ld_stats(2u * li + 1u);
+    }
+    let u0 = c * P.chunk;
+    var u1 = min(tl / unit + 1u, u0 + P.chunk);
+    if (!inside) { u1 = u0; }
+    if (lid == 0u) { atomicStore(&wany, 0u); }
+    workgroupBarrier();
+    for (var w0 = u0; w0 < u1; w0 = w0 + UW) {
+        let wn = min(UW, u1 - w0);
+        var mk = 0u;
+        if (dense) {
+            mk = select((1u << wn) - 1u, 0xffffffffu, wn == 32u);
+        } else if (valid) {
+            let row = (b * seq + ti) * n;
+            for (var e = 0u; e < n; e = e + 1u) {
+                let kb = ldu_idx(row + e);
+                if (kb != NONE && kb <= ti / blk && kb >= w0 && kb - w0 < wn) {
+                    mk = mk | (1u << (kb - w0));
+                }
+            }
+        }
+        atomicOr(&wany, mk);
+        workgroupBarrier();
+        if (lid == 0u) {
+            wunion = atomicLoad(&wany);
+            atomicStore(&wany, 0u);
+        }
+        let um = workgroupUniformLoad(&wunion);
+        for (var j = 0u; j < wn; j = j + 1u) {
+            if (((um >> j) & 1u) == 0u) { continue; }
+            let listed = mine && ((mk >> j) & 1u) != 0u;
+            let ub = (w0 + j) * unit;
+            let ue = min(ub + unit, tl + 1u);
+            for (var st = ub; st < ue; st = st + KT) {
+                if (lid < KT) { tkey[lid] = select(NONE, st + lid, st + lid < ue); }
+                for (var e = lid; e < KT * nc; e = e + WGS) {
+                    let kk = e / nc;
+                    let cc = e % nc;
+                    var kx = vec4<f32>(0.0);
+                    var vx = vec4<f32>(0.0);
+                    if (st + kk < ue) {
+                        let ko = k_off(b, st + kk, g);
+                        kx = ld4_k(ko, 4u * cc, d);
+                        vx = ld4_v(ko, 4u * cc, d);
+                    }
+                    tk[kk * TD4 + cc] = kx;
+                    tv[kk * TD4 + cc] = vx;
+                }
+                workgroupBarrier();
+                if (listed && st <= ti) {
+                    var x0 = vec4<f32>(0.0);
+                    var x1 = vec4<f32>(0.0);
+                    var x2 = vec4<f32>(0.0);
+                    var x3 = vec4<f32>(0.0);
+                    var y0 = vec4<f32>(0.0);
+                    var y1 = vec4<f32>(0.0);
+                    var y2 = vec4<f32>(0.0);
+                    var y3 = vec4<f32>(0.0);
+                    for (var cc = 0u; cc < nc; cc = cc + 1u) {
+                        let qc = q[cc];
+                        let oc = dov[cc];
+                        x0 = x0 + vec4<f32>(dot(qc, tk[cc]), dot(qc, tk[TD4 + cc]), dot(qc, tk[2u * TD4 + cc]), dot(qc, tk[3u * TD4 + cc]));
+                        x1 = x1 + vec4<f32>(dot(qc, tk[4u * TD4 + cc]), dot(qc, tk[5u * TD4 + cc]), dot(qc, tk[6u * TD4 + cc]), dot(qc, tk[7u * TD4 + cc]));
+                        x2 = x2 + vec4<f32>(dot(qc, tk[8u * TD4 + cc]), dot(qc, tk[9u * TD4 + cc]), dot(qc, tk[10u * TD4 + cc]), dot(qc, tk[11u * TD4 + cc]));
+                        x3 = x3 + vec4<f32>(dot(qc, tk[12u * TD4 + cc]), dot(qc, tk[13u * TD4 + cc]), dot(qc, tk[14u * TD4 + cc]), dot(qc, tk[15u * TD4 + cc]));
+                        y0 = y0 + vec4<f32>(dot(oc, tv[cc]), dot(oc, tv[TD4 + cc]), dot(oc, tv[2u * TD4 + cc]), dot(oc, tv[3u * TD4 + cc]));
+                        y1 = y1 + vec4<f32>(dot(oc, tv[4u * TD4 + cc]), dot(oc, tv[5u * TD4 + cc]), dot(oc, tv[6u * TD4 + cc]), dot(oc, tv[7u * TD4 + cc]));
+                        y2 = y2 + vec4<f32>(dot(oc, tv[8u * TD4 + cc]), dot(oc, tv[9u * TD4 + cc]), dot(oc, tv[10u * TD4 + cc]), dot(oc, tv[11u * TD4 + cc]));
+                        y3 = y3 + vec4<f32>(dot(oc, tv[12u * TD4 + cc]), dot(oc, tv[13u * TD4 + cc]), dot(oc, tv[14u * TD4 + cc]), dot(oc, tv[15u * TD4 + cc]));
+                    }
+                    let s0 = dscore4(x0, y0, kvalid4(0u, ti), sc, lse, dsum);
+                    let s1 = dscore4(x1, y1, kvalid4(4u, ti), sc, lse, dsum);
+                    let s2 = dscore4(x2, y2, kvalid4(8u, ti), sc, lse, dsum);
+                    let s3 = dscore4(x3, y3, kvalid4(12u, ti), sc, lse, dsum);
+                    for (var cc = 0u; cc < nc; cc = cc + 1u) {
+                        acc[cc] = acc[cc] + s0.x * tk[cc] + s0.y * tk[TD4 + cc] + s0.z * tk[2u * TD4 + cc] + s0.w * tk[3u * TD4 + cc]
+                            + s1.x * tk[4u * TD4 + cc] + s1.y * tk[5u * TD4 + cc] + s1.z * tk[6u * TD4 + cc] + s1.w * tk[7u * TD4 + cc]
+                            + s2.x * tk[8u * TD4 + cc] + s2.y * tk[9u * TD4 + cc] + s2.z * tk[10u * TD4 + cc] + s2.w * tk[11u * TD4 + cc]
+                            + s3.x * tk[12u * TD4 + cc] + s3.y * tk[13u * TD4 + cc] + s3.z * tk[14u * TD4 + cc] + s3.w * tk[15u * TD4 + cc];
+                    }
+                }
+                workgroupBarrier();
+            }
+        }
+        workgroupBarrier();
+    }
+    if (!mine) { return; }
+    var oo = rr * d;
+    if (nch > 1u) { oo = (c * nrow + rr - r0) * d; }
+    for (var e = 0u; e < d; e = e + 1u) {
+        st_dq(oo + e, acc[e / 4u][e % 4u]);
+    }
+}
+
+//!kernel attn_bwd_dkdv_tiled_hw(q: in, k: in, v: in, d_o: in, stats: in, idx: idx, dk: out, dv: out) : AttnBwdKvParams
+// FlashAttention-2's dk/dv pass, every pattern: one 64-wide workgroup per
+// (query chunk c, batch, tile of P.tkeys <= 64 keys, kv head g), invocation i
+// owning key s = s0 + i (its k, v rows and dk, dv accumulators in private
+// memory). The chunk's queries t >= s0 come QT at a time: first one
+// invocation per query builds from that query's own pattern row the mask of
+// the tile's keys it attends (dense: all; tokens: the listed keys; blocks:
+// the keys of the listed blocks; never a decision pooled across queries,
+// DESIGN §4), and a tile no query of which attends any key is skipped; then
+// per head h of the group the QT rows of q and dO (and their lse, delta) are
+// staged in workgroup memory and each key s visits the staged queries t >= s
+// whose mask holds it: p = exp(scale·q·k − lse), dv += p·dO,
+// dk += scale·p·(dO·v − delta)·q. Fixed order (query tiles, heads, queries),
+// no atomics on floats; written to dk/dv (nch = 1) or the partials [nch,
+// nrow, head_dim] of `attn_bwd_dkdv`'s layout.
+var<workgroup> sq: array<vec4<f32>, 512>;
+var<workgroup> sdo: array<vec4<f32>, 512>;
+var<workgroup> sstat: array<vec2<f32>, 16>;
+var<workgroup> smask: array<vec2<u32>, 16>;
+var<workgroup> wany: atomic<u32>;
+var<workgroup> wunion: u32;
+// Queries per staged tile (KT rows of TD4 vec4 each).
+const QT: u32 = 16u;
+
+// Bits lo .. hi - 1 (0 <= lo, hi <= 64) of a 64-bit mask as two words.
+fn range_bits(lo: u32, hi: u32) -> vec2<u32> {
+    var r = vec2<u32>(0u);
+    for (var wd = 0u; wd < 2u; wd = wd + 1u) {
+        let a = min(max(lo, 32u * wd), 32u * wd + 32u) - 32u * wd;
+        let z = min(max(hi, 32u * wd), 32u * wd + 32u) - 32u * wd;
+        let ones_z = select((1u << z) - 1u, 0xffffffffu, z >= 32u);
+        let ones_a = select((1u << a) - 1u, 0xffffffffu, a >= 32u);
+        r[wd] = ones_z & ~ones_a;
+    }
+    return r;
+}
+
+// The keys s0 .. s0 + nk - 1 that query t attends, from t's own row.
+fn key_mask(b: u32, t: u32, s0: u32, nk: u32) -> vec2<u32> {
+    let mode = P.mode;
+    if (mode == 0u) { return range_bits(0u, min(nk, t + 1u - min(t + 1u, s0))); }
+    let n = P.kn;
+    let row = (b * P.seq + t) * n;
+    var m = vec2<u32>(0u);
+    for (var e = 0u; e < n; e = e + 1u) {
+        let j = ldu_idx(row + e);
+        if (j == NONE) { continue; }
+        if (mode == 1u) {
+            if (j <= t && j >= s0 && j - s0 < nk) { m = m | range_bits(j - s0, j - s0 + 1u); }
+        } else if (j <= t / P.block) {
+            let lo = max(j * P.block, s0);
+            let hi = min(min(j * P.block + P.block, t + 1u), s0 + nk);
+            if (lo < hi) { m = m | range_bits(lo - s0, hi - s0); }
+        }
+    }
+    return m;
+}
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let w = wid.x + wid.y * nw.x;
+    let seq = P.seq;
+    let nh = P.n_heads;
+    let nkv = P.n_kv_heads;
+    let nch = P.nch;
+    let r0 = P.r0;
+    let nrow = P.nrow;
+    let tkn = P.tkeys;
+    let inside = w < nch * P.ntile;
+    let c = w / P.ntile;
+    let tile = P.tile0 + w % P.ntile;
+    let g = tile % nkv;
+    let kt = tile / nkv;
+    let nkt = (seq + tkn - 1u) / tkn;
+    let b = kt / nkt;
+    let s0 = (kt % nkt) * tkn;
+    let nk = min(s0 + tkn, seq) - s0;
+    let d = P.head_dim;
+    let nc = (d + 3u) / 4u;
+    let sc = P.scale;
+    let grp = nh / nkv;
+    let si = s0 + lid;
+    let rr = (b * seq + si) * nkv + g;
+    let mine = inside && lid < nk && rr >= r0 && rr < r0 + nrow;
+    var kr: array<vec4<f32>, TD4>;
+    var vr: array<vec4<f32>, TD4>;
+    var dk: array<vec4<f32>, TD4>;
+    var dv: array<vec4<f32>, TD4>;
+    for (var cc = 0u; cc < nc; cc = cc + 1u) {
+        kr[cc] = vec4<f32>(0.0);
+        vr[cc] = vec4<f32>(0.0);
+        if (mine) {
+            kr[cc] = ld4_k(rr * d, 4u * cc, d);
+            vr[cc] = ld4_v(rr * d, 4u * cc, d);
+        }
+        dk[cc] = vec4<f32>(0.0);
+        dv[cc] = vec4<f32>(0.0);
+    }
+    let qa = max(s0, c * P.chunk);
+    var qb = min(seq, (c + 1u) * P.chunk);
+    if (!inside) { qb = qa; }
+    if (lid == 0u) { atomicStore(&wany, 0u); }
+    workgroupBarrier();
+    for (var tt = qa; tt < qb; tt = tt + QT) {
+        let nq = min(QT, qb - tt);
+        if (lid < QT) {
+            var m = vec2<u32>(0u);
+            if (lid < nq) { m = key_mask(b, tt + lid, s0, nk); }
+            smask[lid] = m;
+            if ((m.x | m.y) != 0u) { atomicOr(&wany, 1u); }
+        }
+        workgroupBarrier();
+        if (lid == 0u) {
+            wunion = atomicLoad(&wany);
+            atomicStore(&wany, 0u);
+        }
+        if (workgroupUniformLoad(&wunion) == 0u) { continue; }
+        for (var h = g * grp; h < (g + 1u) * grp; h = h + 1u) {
+            for (var e = lid; e < QT * nc; e = e + WGS) {
+                let j = e / nc;
+                let cc = e % nc;
+                var qx = vec4<f32>(0.0);
+                var ox = vec4<f32>(0.0);
+                if (j < nq) {
+                    let qo = ((b * seq + tt + j) * nh + h) * d;
+                    qx = ld4_q(qo, 4u * cc, d);
+                    ox = ld4_d_o(qo, 4u * cc, d);
+                }
+                sq[j * TD4 + cc] = qx;
+                sdo[j * TD4 + cc] = ox;
+            }
+            if (lid < QT) {
+                var stv = vec2<f32>(0.0);
+                if (lid < nq) {
+                    let li = (b * nh + h) * seq + tt + lid;
+                    stv = vec2<f32>(ld_stats(2u * li), ld_stats(2u * li + 1u));
+                }
+                sstat[lid] = stv;
+            }
+            workgroupBarrier();
+            if (mine) {
+                for (var j = 0u; j < nq; j = j + 1u) {
+                    let mw = smask[j];
+                    let word = select(mw.x, mw.y, lid >= 32u);
+                    if (((word >> (lid & 31u)) & 1u) == 0u) { continue; }
+                    var x = 0.0;
+                    var dp = 0.0;
+                    for (var cc = 0u; cc < nc; cc = cc + 1u) {
+                        x = x + dot(sq[j * TD4 + cc], kr[cc]);
+                        dp = dp + dot(sdo[j * TD4 + cc], vr[cc]);
+                    }
+                    let stv = sstat[j];
+                    let p = exp(sc * x - stv.x);
+                    let ds = sc * p * (dp - stv.y);
+                    for (var cc = 0u; cc < nc; cc = cc + 1u) {
+                        dv[cc] = dv[cc] + p * sdo[j * TD4 + cc];
+                        dk[cc] = dk[cc] + ds * sq[j * TD4 + cc];
+                    }
+                }
+            }
+            workgroupBarrier();
+        }
+    }
+    if (!mine) { return; }
+    var oo = rr * d;
+    if (nch > 1u) { oo = (c * nrow + rr - r0) * d; }
+    for (var e = 0u; e < d; e = e + 1u) {
+        st_dk(oo + e, dk[e / 4u][e % 4u]);
+        st_dv(oo + e, dv[e / 4u][e % 4u]);
     }
 }

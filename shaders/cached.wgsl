@@ -22,6 +22,60 @@
 const NONE: u32 = 0xffffffffu;
 // NEG (shaders/common.wgsl) is the finite "minus infinity" of the softmaxes.
 
+// Parameter structs, mirrored in src/backend/wgpu/cached.rs.
+struct RopeRowsParams {
+    pairs: u32,
+    half: u32,
+    heads: u32,
+    positions: u32,
+}
+
+struct CacheWriteParams {
+    rows: u32,
+    width: u32,
+    slots: u32,
+    page: u32,
+    np: u32,
+}
+
+struct CachedAttnParams {
+    rows: u32,
+    n_heads: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    scale: f32,
+    slots: u32,
+    mode: u32,
+    n: u32,
+    block: u32,
+    chunk: u32,
+    nch: u32,
+    r0: u32,
+    nrow: u32,
+    page: u32,
+    np: u32,
+}
+
+struct CachedPoolParams {
+    rows: u32,
+    heads: u32,
+    dim: u32,
+    block: u32,
+    cols: u32,
+    slots: u32,
+    span: u32,
+    nspan: u32,
+    page: u32,
+    np: u32,
+}
+
+struct CachedSelectParams {
+    rows: u32,
+    cols: u32,
+    k: u32,
+    block: u32,
+}
+
 // The paging of a call: cache rows per page, entries of the page tables (P)
 // and the last physical page id.
 struct Pg {
@@ -58,19 +112,19 @@ fn phys_row(pg: Pg, id: u32, s: u32) -> u32 {
     return min(id, pg.last) * pg.page + s % pg.page;
 }
 
-//!kernel rope_rows(x: in, cos: in, sin: in, rows: idx, y: out)
+//!kernel rope_rows(x: in, cos: in, sin: in, rows: idx, y: out) : RopeRowsParams
 // Half-split rotary embedding of x [R, heads, head_dim], row r at position
 // len_r - 1 (0 for an empty row, clamped to the table), as `rope`.
-// p0 pairs (numel / 2), p1 half, p2 heads, p3 table positions.
+// `RopeRowsParams`: pairs (numel / 2), half, heads, table positions.
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let p = lin(g, nw);
-    if (p >= pu(0u)) { return; }
-    let half = pu(1u);
+    if (p >= P.pairs) { return; }
+    let half = P.half;
     let v = p / half;
     let i = p % half;
-    let len = ldu_rows(2u * (v / pu(2u)) + 1u);
-    let pos = min(max(len, 1u) - 1u, pu(3u) - 1u);
+    let len = ldu_rows(2u * (v / P.heads) + 1u);
+    let pos = min(max(len, 1u) - 1u, P.positions - 1u);
     let c = ld_cos(pos * half + i);
     let sn = ld_sin(pos * half + i);
     let base = v * 2u * half;
@@ -80,10 +134,10 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw
     st_y(base + i + half, a * sn + b * c);
 }
 
-//!kernel cache_write(src: in, rows: idx, pages: idx, cache: inout)
+//!kernel cache_write(src: in, rows: idx, pages: idx, cache: inout) : CacheWriteParams
 // cache[key_row(len - 1)] = src[r], element by element (any row width; half
 // caches go through f32 staging); rows with (clamped) len 0 are skipped.
-// p0 R, p1 width, p2 slots, p3 page, p4 P.
+// `CacheWriteParams`: rows R, width, slots, page, np = P.
 fn key_row(pg: Pg, base: u32, s: u32) -> u32 {
     return phys_row(pg, ldu_pages(page_entry(pg, base, s)), s);
 }
@@ -91,19 +145,19 @@ fn key_row(pg: Pg, base: u32, s: u32) -> u32 {
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(g, nw);
-    let width = pu(1u);
-    if (i >= pu(0u) * width) { return; }
+    let width = P.width;
+    if (i >= P.rows * width) { return; }
     let r = i / width;
-    let pg = paging(pu(3u), pu(4u), pu(2u));
+    let pg = paging(P.page, P.np, P.slots);
     let rw = row_of(r, pg);
     if (rw.y == 0u) { return; }
     st_cache(key_row(pg, rw.x, rw.y - 1u) * width + i % width, ld_src(i));
 }
 
-//!kernel cache_write_words(src: idx, rows: idx, pages: idx, cache: idxout)
+//!kernel cache_write_words(src: idx, rows: idx, pages: idx, cache: idxout) : CacheWriteParams
 // The same copy on raw 32-bit words (f32 rows, or half rows of an even
 // width, whose rows start on word boundaries): no conversion, no staging.
-// p0 R, p1 words per row, p2 slots, p3 page, p4 P.
+// `CacheWriteParams` with width = words per row.
 fn key_row(pg: Pg, base: u32, s: u32) -> u32 {
     return phys_row(pg, ldu_pages(page_entry(pg, base, s)), s);
 }
@@ -111,16 +165,16 @@ fn key_row(pg: Pg, base: u32, s: u32) -> u32 {
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(g, nw);
-    let width = pu(1u);
-    if (i >= pu(0u) * width) { return; }
+    let width = P.width;
+    if (i >= P.rows * width) { return; }
     let r = i / width;
-    let pg = paging(pu(3u), pu(4u), pu(2u));
+    let pg = paging(P.page, P.np, P.slots);
     let rw = row_of(r, pg);
     if (rw.y == 0u) { return; }
     stu_cache(key_row(pg, rw.x, rw.y - 1u) * width + i % width, ldu_src(i));
 }
 
-//!kernel cached_attn(q: in, k: in, v: in, rows: idx, pages: idx, idx: idx, o: out, ml: out)
+//!kernel cached_attn(q: in, k: in, v: in, rows: idx, pages: idx, idx: idx, o: out, ml: out) : CachedAttnParams
 // One 64-wide workgroup per (chunk c, row, head) of this launch: the row's
 // key slots [c·chunk, (c+1)·chunk) (dense: slot = key position, len slots;
 // blocks: slot i is position i % block of the row's block idx[r, i / block],
@@ -135,9 +189,9 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw
 // Otherwise o is the partial buffer [nch, n, heads, head_dim] of acc and ml
 // [nch, n, heads, 2] of (m, l) for `cached_attn_combine`; a chunk past the
 // row's slots writes nothing (the combine stops at the row's last chunk).
-// p0 R, p1 heads, p2 kv heads, p3 head_dim, p4 scale, p5 slots, p6 mode
-// (0 dense, 2 blocks), p7 n, p8 block, p9 chunk, p10 nch, p11 r0, p12 n rows,
-// p13 page, p14 P.
+// `CachedAttnParams`: rows R, n_heads, n_kv_heads, head_dim, scale, slots,
+// mode (0 dense, 2 blocks), n, block, chunk, nch, r0, nrow rows of this
+// launch, page, np = P.
 const WA: u32 = 64u;
 const CH: u32 = 1024u;
 var<workgroup> ws: array<f32, CH>;
@@ -178,12 +232,12 @@ fn qk(ko: u32, nc: u32, d: u32) -> f32 {
 
 // The key position of slot i of row r (length len), or NONE.
 fn slot_key(r: u32, len: u32, i: u32) -> u32 {
-    if (pu(6u) == 0u) {
+    if (P.mode == 0u) {
         if (i < len) { return i; }
         return NONE;
     }
-    let blk = pu(8u);
-    let kb = ldu_idx(r * pu(7u) + i / blk);
+    let blk = P.block;
+    let kb = ldu_idx(r * P.n + i / blk);
     if (kb == NONE || len == 0u || kb > (len - 1u) / blk) { return NONE; }
     let j = kb * blk + i % blk;
     if (j >= len) { return NONE; }
@@ -194,27 +248,27 @@ fn slot_key(r: u32, len: u32, i: u32) -> u32 {
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
     let w = wg_index(wid, nw);
-    let nh = pu(1u);
-    let nrow = pu(12u);
-    let nch = pu(10u);
+    let nh = P.n_heads;
+    let nrow = P.nrow;
+    let nch = P.nch;
     if (w >= nch * nrow * nh) { return; }
     let c = w / (nrow * nh);
     let rh = w % (nrow * nh);
     let rl = rh / nh;
     let h = rh % nh;
-    let r = pu(11u) + rl;
-    let d = pu(3u);
+    let r = P.r0 + rl;
+    let d = P.head_dim;
     let nc = (d + 3u) / 4u;
-    let kw = pu(2u) * d;
-    let g = h / (nh / pu(2u));
-    let chunk = pu(9u);
-    let pg = paging(pu(13u), pu(14u), pu(5u));
+    let kw = P.n_kv_heads * d;
+    let g = h / (nh / P.n_kv_heads);
+    let chunk = P.chunk;
+    let pg = paging(P.page, P.np, P.slots);
     if (lid == 0u) { wrow = row_of(r, pg); }
     let rw = workgroupUniformLoad(&wrow);
     let base = rw.x;
     let len = rw.y;
     var nsl = len;
-    if (pu(6u) != 0u) { nsl = pu(7u) * pu(8u); }
+    if (P.mode != 0u) { nsl = P.n * P.block; }
     let s0 = c * chunk;
     if (s0 >= nsl && c > 0u) { return; }
     let cnt = min(nsl, s0 + chunk) - min(s0, nsl);
@@ -226,7 +280,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
     // (from base) and page offset advance by (64 / page, 64 % page) per
     // step, so this loop never divides. One loop per pattern, each with no
     // trip when the other pattern runs.
-    let dense = pu(6u) == 0u;
+    let dense = P.mode == 0u;
     let nd = select(0u, cnt, dense);
     let step_e = WA / pg.page;
     let step_o = WA % pg.page;
@@ -234,7 +288,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
     var po = (s0 + lid) % pg.page;
     for (var j = lid; j < nd; j = j + WA) {
         let kr = min(ldu_pages(min(base + pe, pg.np - 1u)), pg.last) * pg.page + po;
-        let x = pf(4u) * qk(kr * kw + g * d, nc, d);
+        let x = P.scale * qk(kr * kw + g * d, nc, d);
         mx = max(mx, x);
         ws[j] = x;
         wkey[j] = kr;
@@ -252,7 +306,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
         var kr = NONE;
         if (key != NONE) {
             kr = key_row(pg, base, key);
-            x = pf(4u) * qk(kr * kw + g * d, nc, d);
+            x = P.scale * qk(kr * kw + g * d, nc, d);
             mx = max(mx, x);
         }
         ws[j] = x;
@@ -303,7 +357,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
     }
 }
 
-//!kernel cached_attn_combine(part: in, ml: in, rows: idx, o: inout)
+//!kernel cached_attn_combine(part: in, ml: in, rows: idx, o: inout) : CachedAttnParams
 // The log-sum-exp merge of `cached_attn`'s chunks, in chunk order: one
 // invocation per (row, head, element) of the launch; chunks with l = 0 (no
 // key) are skipped and a row without any key gets o = 0. The parameters of
@@ -311,18 +365,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(gid, nw);
-    let nh = pu(1u);
-    let d = pu(3u);
-    let nrow = pu(12u);
+    let nh = P.n_heads;
+    let d = P.head_dim;
+    let nrow = P.nrow;
     if (i >= nrow * nh * d) { return; }
     let rh = i / d;
     let e = i % d;
     let h = rh % nh;
-    let r = pu(11u) + rh / nh;
-    let chunk = pu(9u);
-    var nsl = row_of(r, paging(pu(13u), pu(14u), pu(5u))).y;
-    if (pu(6u) != 0u) { nsl = pu(7u) * pu(8u); }
-    let used = min(max((nsl + chunk - 1u) / chunk, 1u), pu(10u));
+    let r = P.r0 + rh / nh;
+    let chunk = P.chunk;
+    var nsl = row_of(r, paging(P.page, P.np, P.slots)).y;
+    if (P.mode != 0u) { nsl = P.n * P.block; }
+    let used = min(max((nsl + chunk - 1u) / chunk, 1u), P.nch);
     var m = NEG;
     for (var c = 0u; c < used; c = c + 1u) {
         let pr = c * nrow * nh + rh;
@@ -344,14 +398,14 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     st_o((r * nh + h) * d + e, out);
 }
 
-//!kernel cached_pool(qi: in, w: in, ki: in, rows: idx, pages: idx, pooled: out)
+//!kernel cached_pool(qi: in, w: in, ki: in, rows: idx, pages: idx, pooled: out) : CachedPoolParams
 // pooled[r, b] = max_{s in b, s < len} Σ_j w[r,j]·ReLU(q_i[r,j]·k_i[key_row(s)])
 // (-inf for a block without keys; NaN scores never win). One 64-wide
-// workgroup per (row, span of p6 keys, a whole number of blocks): invocations
+// workgroup per (row, span of `span` keys, a whole number of blocks): invocations
 // score keys lid, lid + 64, ... of the span and fold them into the block's
 // maximum with a workgroup atomicMax on order-preserving keys (exact, so
-// independent of the order). p0 R, p1 heads, p2 dim, p3 block, p4 cols,
-// p5 slots, p6 span, p7 spans per row, p8 page, p9 P.
+// independent of the order). `CachedPoolParams`: rows R, heads, dim,
+// block, cols, slots, span, nspan spans per row, page, np = P.
 var<workgroup> pm: array<atomic<u32>, 256>;
 
 // Larger key = larger score (callers skip NaN); 0 means "no key".
@@ -370,19 +424,19 @@ fn unkey(k: u32) -> f32 {
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
     let wi = wg_index(wid, nw);
-    let nsp = pu(7u);
-    if (wi >= pu(0u) * nsp) { return; }
+    let nsp = P.nspan;
+    if (wi >= P.rows * nsp) { return; }
     let r = wi / nsp;
-    let hi = pu(1u);
-    let di = pu(2u);
+    let hi = P.heads;
+    let di = P.dim;
     let d4 = (di + 3u) / 4u;
-    let blk = pu(3u);
-    let cols = pu(4u);
-    let span = pu(6u);
+    let blk = P.block;
+    let cols = P.cols;
+    let span = P.span;
     let nbs = span / blk;
     for (var i = lid; i < nbs; i = i + 64u) { atomicStore(&pm[i], 0u); }
     workgroupBarrier();
-    let pg = paging(pu(8u), pu(9u), pu(5u));
+    let pg = paging(P.page, P.np, P.slots);
     let rw = row_of(r, pg);
     let len = min(rw.y, cols * blk);
     let k0 = (wi % nsp) * span;
@@ -425,14 +479,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
     }
 }
 
-//!kernel cached_select(scores: in, rows: idx, idx: idxout)
+//!kernel cached_select(scores: in, rows: idx, idx: idxout) : CachedSelectParams
 // `select_topk` in block mode with the row's own block t / block (t = len - 1,
 // clamped to the columns) as its local block: the own block, the sink block 0
 // and the best others among 1 .. t/block - 1 (score descending, NaN as -inf,
 // ties to the smaller index), ascending, padded with NONE. The algorithm of
 // `shaders/select.wgsl`: one 256-wide workgroup per row, a 33-step binary
 // search for the threshold key, then an ordered prefix-sum pass.
-// p0 R, p1 cols, p2 k, p3 block.
+// `CachedSelectParams`: rows R, cols, k, block.
 const WG: u32 = 256u;
 var<workgroup> cnt: atomic<u32>;
 var<workgroup> pre: array<u32, 256>;
@@ -451,12 +505,12 @@ fn skey(x: f32) -> u32 {
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
     let row = wg_index(wg, nw);
-    if (row >= pu(0u)) { return; }
-    let cols = pu(1u);
-    let k = pu(2u);
+    if (row >= P.rows) { return; }
+    let cols = P.cols;
+    let k = P.k;
     if (lid == 0u) {
         let len = ldu_rows(2u * row + 1u);
-        wlast = min((max(len, 1u) - 1u) / pu(3u), cols - 1u);
+        wlast = min((max(len, 1u) - 1u) / P.block, cols - 1u);
     }
     let r = workgroupUniformLoad(&wlast);
     let base = row * cols;

@@ -1,12 +1,13 @@
 // The lightning indexer: I(t, s) = Σ_j w[t, j]·ReLU(q_i[t, j]·k_i[s]) for s <= t,
 // its per-query block max-pooling, and its backward pass.
 //
-// Parameters shared by every kernel of this file:
-//   p0 batch, p1 seq, p2 heads H_I, p3 dim d_I, p4 block, p5 ceil(seq / block),
-//   p6 first query row q0 and p7 query rows Q of the tile the training kernels
-//   (scores, backward) cover (0 and seq for the whole sequence);
-//   the split backward kernels also p8 chunk (keys or queries per chunk),
-//   p9 chunks nch, p10 first row r0 and p11 rows R of this launch.
+// Parameters: `IndexerParams` (src/backend/wgpu/attention.rs) for every
+// kernel of this file: batch, seq, heads H_I, dim d_I, block, nkb =
+// ceil(seq / block), the first query row q0 and query rows qrows = Q of the
+// tile the training kernels (scores, backward) cover (0 and seq for the
+// whole sequence); the split backward kernels also chunk (keys or queries
+// per chunk), nch chunks, the first row r0 and nrow = R rows of this launch
+// (0 for the other kernels).
 // Layouts: qi [batch, seq, H_I, d_I], ki [batch, seq, d_I], w [batch, seq, H_I],
 // scores / dscores [batch, Q, seq] (F32, row r is query q0 + r; causality uses
 // the absolute position q0 + r); pooled block scores [batch, seq,
@@ -21,6 +22,21 @@
 // otherwise partials at (c·R + rl) that `shaders/split.wgsl` sums in chunk order.
 // Their rows are absolute (a launch covers rows of the tile's queries only);
 // dk_i is the contribution of the tile's queries.
+
+struct IndexerParams {
+    batch: u32,
+    seq: u32,
+    heads: u32,
+    dim: u32,
+    block: u32,
+    nkb: u32,
+    q0: u32,
+    qrows: u32,
+    chunk: u32,
+    nch: u32,
+    r0: u32,
+    nrow: u32,
+}
 
 // Width of the private accumulator chunks of the backward kernels (any d_I
 // works), and the same in vec4 units.
@@ -38,17 +54,17 @@ fn pooled_value(best: f32) -> f32 {
 }
 
 fn qi_off(b: u32, t: u32, j: u32) -> u32 {
-    return ((b * pu(1u) + t) * pu(2u) + j) * pu(3u);
+    return ((b * P.seq + t) * P.heads + j) * P.dim;
 }
 
 fn ki_off(b: u32, s: u32) -> u32 {
-    return (b * pu(1u) + s) * pu(3u);
+    return (b * P.seq + s) * P.dim;
 }
 
 // Loops run 4 lanes at a time: llvmpipe (lavapipe) caps the loop iterations
 // of one invocation at 65 535.
 fn logit(qo: u32, ko: u32) -> f32 {
-    let d = pu(3u);
+    let d = P.dim;
     var x = 0.0;
     for (var e = 0u; e < d; e = e + 4u) {
         x = x + dot(ld4_qi(qo, e, d), ld4_ki(ko, e, d));
@@ -58,11 +74,11 @@ fn logit(qo: u32, ko: u32) -> f32 {
 
 // I(t, s) of batch b (causality is the caller's business).
 fn score(b: u32, t: u32, s: u32) -> f32 {
-    let nh = pu(2u);
+    let nh = P.heads;
     let ko = ki_off(b, s);
     var acc = 0.0;
     for (var j = 0u; j < nh; j = j + 1u) {
-        acc = acc + ld_w((b * pu(1u) + t) * nh + j) * max(logit(qi_off(b, t, j), ko), 0.0);
+        acc = acc + ld_w((b * P.seq + t) * nh + j) * max(logit(qi_off(b, t, j), ko), 0.0);
     }
     return acc;
 }
@@ -70,17 +86,17 @@ fn score(b: u32, t: u32, s: u32) -> f32 {
 const WG: u32 = 256u;
 var<workgroup> red: array<f32, 256>;
 
-//!kernel indexer_scores(qi: in, ki: in, w: in, scores: out)
+//!kernel indexer_scores(qi: in, ki: in, w: in, scores: out) : IndexerParams
 // One invocation per score element of the tile; -inf above the diagonal.
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(gid, nw);
-    let seq = pu(1u);
-    let nq = pu(7u);
-    if (i >= pu(0u) * nq * seq) { return; }
+    let seq = P.seq;
+    let nq = P.qrows;
+    if (i >= P.batch * nq * seq) { return; }
     let s = i % seq;
     let r = i / seq;
-    let t = pu(6u) + r % nq;
+    let t = P.q0 + r % nq;
     let b = r / nq;
     if (s > t) {
         st_scores(i, neg_inf());
@@ -89,16 +105,16 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     }
 }
 
-//!kernel indexer_block_scores(qi: in, ki: in, w: in, pooled: out)
+//!kernel indexer_block_scores(qi: in, ki: in, w: in, pooled: out) : IndexerParams
 // One invocation per output (batch, query t, key block kb): the max of I(t, s)
 // over the keys s of block kb with s <= t, in key order.
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(gid, nw);
-    let seq = pu(1u);
-    let blk = pu(4u);
-    let nb = pu(5u);
-    if (i >= pu(0u) * seq * nb) { return; }
+    let seq = P.seq;
+    let blk = P.block;
+    let nb = P.nkb;
+    if (i >= P.batch * seq * nb) { return; }
     let kb = i % nb;
     let bt = i / nb;
     let t = bt % seq;
@@ -112,7 +128,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     st_pooled(i, pooled_value(best));
 }
 
-//!kernel indexer_block_scores_tiled(qi: in, ki: in, w: in, pooled: out)
+//!kernel indexer_block_scores_tiled(qi: in, ki: in, w: in, pooled: out) : IndexerParams
 // The same result as `indexer_block_scores`, tiled: one 8-wide workgroup per
 // (key block, query block, batch) = workgroup id (x, y, z), writing the
 // pooled scores of the query block's queries for that key block. Invocation
@@ -137,11 +153,11 @@ var<workgroup> pm: array<f32, 512>;
 
 @compute @workgroup_size(8)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let seq = pu(1u);
-    let nh = pu(2u);
-    let d = pu(3u);
-    let blk = pu(4u);
-    let nb = pu(5u);
+    let seq = P.seq;
+    let nh = P.heads;
+    let d = P.dim;
+    let blk = P.block;
+    let nb = P.nkb;
     let kb = wg.x;
     let qb = wg.y;
     let b = wg.z;
@@ -434,7 +450,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
 }
 
-//!kernel indexer_block_scores_tiled_hw(qi: in, ki: in, w: in, pooled: out)
+//!kernel indexer_block_scores_tiled_hw(qi: in, ki: in, w: in, pooled: out) : IndexerParams
 // The hardware-GPU variant of `indexer_block_scores_tiled` (same inputs,
 // outputs and per-query maxima): a 64-wide workgroup per (key block, query
 // block, batch), invocation i holding key i (then i + 64, ..) of the block
@@ -452,11 +468,11 @@ var<workgroup> pm: array<f32, 512>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let seq = pu(1u);
-    let nh = pu(2u);
-    let d = pu(3u);
-    let blk = pu(4u);
-    let nb = pu(5u);
+    let seq = P.seq;
+    let nh = P.heads;
+    let d = P.dim;
+    let blk = P.block;
+    let nb = P.nkb;
     let kb = wg.x;
     let qb = wg.y;
     let b = wg.z;
@@ -567,30 +583,30 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
 }
 
-//!kernel indexer_bwd_q(qi: in, ki: in, w: in, dscores: in, dqi: inout, dw: inout)
+//!kernel indexer_bwd_q(qi: in, ki: in, w: in, dscores: in, dqi: inout, dw: inout) : IndexerParams
 // One invocation per (chunk, batch, query, head j): dw[t, j] = Σ_s dI·ReLU(L) and
 // dq_i[t, j] = Σ_s dI·w[t, j]·[L > 0]·k_i[s] over the chunk's keys s <= t, with
 // L = q_i[t, j]·k_i[s], accumulated CH dims at a time.
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(gid, nw);
-    let seq = pu(1u);
-    let nh = pu(2u);
-    let di = pu(3u);
-    let nch = pu(9u);
-    let nrow = pu(11u);
+    let seq = P.seq;
+    let nh = P.heads;
+    let di = P.dim;
+    let nch = P.nch;
+    let nrow = P.nrow;
     if (i >= nch * nrow) { return; }
     let c = i / nrow;
     let rl = i % nrow;
-    let r = pu(10u) + rl;
+    let r = P.r0 + rl;
     let bt = r / nh;
     let t = bt % seq;
     let b = bt / seq;
-    let dro = (b * pu(7u) + t - pu(6u)) * seq;
+    let dro = (b * P.qrows + t - P.q0) * seq;
     let qo = r * di;
     let wj = ld_w(r);
-    let s0 = c * pu(8u);
-    let s1 = min(t + 1u, s0 + pu(8u));
+    let s0 = c * P.chunk;
+    let s1 = min(t + 1u, s0 + P.chunk);
     // One chunk: the result at its own row; else the chunk's partial.
     let orow = select(c * nrow + rl, r, nch == 1u);
     let oo = orow * di;
@@ -623,28 +639,28 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     st_dw(orow, dwacc);
 }
 
-//!kernel indexer_bwd_k(qi: in, ki: in, w: in, dscores: in, dki: out)
+//!kernel indexer_bwd_k(qi: in, ki: in, w: in, dscores: in, dki: out) : IndexerParams
 // One invocation per (chunk, batch, key s): dk_i[s] = Σ_t Σ_j dI·w[t, j]·[L > 0]·q_i[t, j]
 // over the chunk's queries t >= s of the tile (chunk c: queries q0 + c·chunk ..).
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(gid, nw);
-    let seq = pu(1u);
-    let nh = pu(2u);
-    let di = pu(3u);
-    let q0 = pu(6u);
-    let nq = pu(7u);
-    let nch = pu(9u);
-    let nrow = pu(11u);
+    let seq = P.seq;
+    let nh = P.heads;
+    let di = P.dim;
+    let q0 = P.q0;
+    let nq = P.qrows;
+    let nch = P.nch;
+    let nrow = P.nrow;
     if (i >= nch * nrow) { return; }
     let c = i / nrow;
     let rl = i % nrow;
-    let r = pu(10u) + rl;
+    let r = P.r0 + rl;
     let s = r % seq;
     let b = r / seq;
     let ko = ki_off(b, s);
-    let t0 = max(s, q0 + c * pu(8u));
-    let t1 = min(q0 + nq, q0 + (c + 1u) * pu(8u));
+    let t0 = max(s, q0 + c * P.chunk);
+    let t1 = min(q0 + nq, q0 + (c + 1u) * P.chunk);
     let oo = (c * nrow + rl) * di;
     var acc: array<vec4<f32>, CH4>;
     for (var c0 = 0u; c0 < di; c0 = c0 + CH) {

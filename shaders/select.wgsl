@@ -15,7 +15,16 @@
 // ordered pass over the candidates, 256 at a time with a workgroup prefix
 // sum, writes the keys > T and the first kk - count(> T) keys == T by index.
 //
-// p0 batch·rows, p1 rows (= seq), p2 k, p3 block (0: token mode), p4 cols.
+// Parameters `SelectParams`: nrows = batch·rows, rows (= seq), k, block
+// (0: token mode), cols.
+
+struct SelectParams {
+    nrows: u32,
+    rows: u32,
+    k: u32,
+    block: u32,
+    cols: u32,
+}
 
 const NONE: u32 = 0xffffffffu;
 const WG: u32 = 256u;
@@ -32,18 +41,18 @@ fn okey(x: f32) -> u32 {
     return u | 0x80000000u;
 }
 
-//!kernel select_topk(scores: in, idx: idxout)
+//!kernel select_topk(scores: in, idx: idxout) : SelectParams
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
     let row = wg.x + wg.y * nw.x;
-    if (row >= pu(0u)) { return; }
-    let cols = pu(4u);
-    let t = row % pu(1u);
-    let blocks = pu(3u) > 0u;
+    if (row >= P.nrows) { return; }
+    let cols = P.cols;
+    let t = row % P.rows;
+    let blocks = P.block > 0u;
     var r = t;
-    if (blocks) { r = t / pu(3u); }
-    let k = pu(2u);
+    if (blocks) { r = t / P.block; }
+    let k = P.k;
     let base = row * cols;
     let obase = row * k;
     // Candidates [c0, c1), the budget kk left for them, forced entries.
@@ -138,7 +147,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw: vec3<
     }
 }
 
-//!kernel select_topk_rows(scores: in, idx: idxout)
+//!kernel select_topk_rows(scores: in, idx: idxout) : SelectParams
 // The same selection, one invocation per row, for short rows (the launch
 // checks k <= SK and cols·(k + 2) within the loop budget): block mode has
 // ceil(seq / block) columns per query, too few to fill a workgroup. The kk
@@ -151,13 +160,13 @@ const SK: u32 = 64u;
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let row = lin(gid, nw);
-    if (row >= pu(0u)) { return; }
-    let cols = pu(4u);
-    let t = row % pu(1u);
-    let blocks = pu(3u) > 0u;
+    if (row >= P.nrows) { return; }
+    let cols = P.cols;
+    let t = row % P.rows;
+    let blocks = P.block > 0u;
     var r = t;
-    if (blocks) { r = t / pu(3u); }
-    let k = pu(2u);
+    if (blocks) { r = t / P.block; }
+    let k = P.k;
     let base = row * cols;
     let obase = row * k;
     var c0 = 0u;

@@ -5,24 +5,48 @@
 // deterministic. Outputs are `inout` so that a launch over some rows keeps
 // the others (half outputs go through a staging buffer).
 
-//!kernel attn_fwd_combine(part: in, ml: in, o: inout, lse: inout)
-// The attention parameters (p0 batch, p1 seq, p2 n_heads, p4 head_dim, p11
-// nch, p12 r0, p13 R). One invocation per (row, element): the log-sum-exp
+struct AttnParams {
+    batch: u32,
+    seq: u32,
+    n_heads: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    scale: f32,
+    mode: u32,
+    kn: u32,
+    block: u32,
+    nkb: u32,
+    chunk: u32,
+    nch: u32,
+    r0: u32,
+    nrow: u32,
+}
+
+struct SumChunksParams {
+    nrow: u32,
+    nch: u32,
+    width: u32,
+    r0: u32,
+}
+
+//!kernel attn_fwd_combine(part: in, ml: in, o: inout, lse: inout) : AttnParams
+// The attention parameters of `shaders/attention.wgsl` (seq, n_heads,
+// head_dim, nch, r0, nrow = R). One invocation per (row, element): the log-sum-exp
 // merge of the chunks' (m, l, unnormalised output); the element-0 invocation
 // also writes lse. Rows are (batch, query, head); o [batch, seq, n_heads,
 // head_dim], lse [batch, n_heads, seq], ml [nch, R, 2].
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(gid, nw);
-    let seq = pu(1u);
-    let nh = pu(2u);
-    let d = pu(4u);
-    let nch = pu(11u);
-    let nrow = pu(13u);
+    let seq = P.seq;
+    let nh = P.n_heads;
+    let d = P.head_dim;
+    let nch = P.nch;
+    let nrow = P.nrow;
     if (i >= nrow * d) { return; }
     let rl = i / d;
     let e = i % d;
-    let r = pu(12u) + rl;
+    let r = P.r0 + rl;
     let h = r % nh;
     let bt = r / nh;
     let t = bt % seq;
@@ -58,18 +82,18 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     }
 }
 
-//!kernel sum_chunks(part: in, out: inout)
-// p0 R, p1 nch, p2 width, p3 r0: out[(r0 + rl)·width + e] = Σ_c part[(c·R + rl)·width + e].
+//!kernel sum_chunks(part: in, out: inout) : SumChunksParams
+// R = nrow: out[(r0 + rl)·width + e] = Σ_c part[(c·R + rl)·width + e].
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(gid, nw);
-    let nrow = pu(0u);
-    let nch = pu(1u);
-    let width = pu(2u);
+    let nrow = P.nrow;
+    let nch = P.nch;
+    let width = P.width;
     if (i >= nrow * width) { return; }
     var acc = 0.0;
     for (var c = 0u; c < nch; c = c + 1u) {
         acc = acc + ld_part(c * nrow * width + i);
     }
-    st_out(pu(3u) * width + i, acc);
+    st_out(P.r0 * width + i, acc);
 }

@@ -108,3 +108,53 @@ fn indexer_block_scores_match_reference_on_finite_entries() {
         }
     }
 }
+
+/// The attention backward where the key/value pass splits its query loop
+/// into chunks (head_dim 128, two query heads per kv head: a few dozen
+/// queries per chunk under lavapipe's loop budget), so per-chunk partials
+/// and their ordered sums run in both kernel variants (CI also runs it with
+/// `DYNSPARSE_WGPU_KERNELS=hw`): dense, token and block patterns, f32.
+#[test]
+fn attention_backward_with_split_query_loops_matches_reference() {
+    use dynsparse::attention::{self as attn, Pattern};
+    use dynsparse::util::rng::Rng;
+    use dynsparse::{DType, Tensor};
+    let Some((c, g)) = pair() else { return };
+    let dt = DType::F32;
+    let (batch, seq, heads, kv, d) = (1usize, 200usize, 2usize, 1usize, 128usize);
+    let mut rng = Rng::new(common::seed("attention-split-bwd", dt, 0));
+    let (qs, ks) = ([batch, seq, heads, d], [batch, seq, kv, d]);
+    let (nq, nk) = (batch * seq * heads * d, batch * seq * kv * d);
+    let (q, k, v, d_o) = (rng.normal_vec(nq), rng.normal_vec(nk), rng.normal_vec(nk), rng.normal_vec(nq));
+    let (tok, kk, blk, nn) = common::attn_patterns(batch, seq, common::seed("attention-split-bwd-pattern", dt, 0));
+    for mode in ["dense", "tokens", "blocks"] {
+        macro_rules! run {
+            ($be:expr) => {{
+            let be = $be;
+            let (qt, kt, vt, dot) = (
+                common::up(be, &q, &qs, dt),
+                common::up(be, &k, &ks, dt),
+                common::up(be, &v, &ks, dt),
+                common::up(be, &d_o, &qs, dt),
+            );
+            let tt = Tensor::from_u32(be, &tok, &[batch, seq, kk]).unwrap();
+            let bt = Tensor::from_u32(be, &blk, &[batch, seq, nn]).unwrap();
+            let pat = || match mode {
+                "dense" => Pattern::Dense,
+                "tokens" => Pattern::Tokens(&tt),
+                _ => Pattern::Blocks { idx: &bt, block: 16 },
+            };
+            let mut o = common::poisoned(be, &qs, dt);
+            let mut lse = common::poisoned(be, &[batch, heads, seq], DType::F32);
+            attn::attention(be, &qt, &kt, &vt, pat(), &mut o, &mut lse).unwrap();
+            let (mut dq, mut dk, mut dv) =
+                (common::poisoned(be, &qs, dt), common::poisoned(be, &ks, dt), common::poisoned(be, &ks, dt));
+            attn::attention_backward(be, &qt, &kt, &vt, &o, &lse, &dot, pat(), &mut dq, &mut dk, &mut dv).unwrap();
+            vec![common::down(be, &dq), common::down(be, &dk), common::down(be, &dv)]
+            }};
+        }
+        let (want, got) = (run!(c), run!(g));
+        let case = format!("{mode} b{batch} t{seq} h{heads}/{kv} d{d}");
+        common::compare_all("attention backward, split", &case, dt, &["dq", "dk", "dv"], &want, &got);
+    }
+}

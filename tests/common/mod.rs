@@ -94,7 +94,7 @@ macro_rules! on_both {
 
 /// Compares every output of a case.
 #[track_caller]
-fn compare_all(op: &str, case: &str, dt: DType, names: &[&str], want: &[Vec<f32>], got: &[Vec<f32>]) {
+pub fn compare_all(op: &str, case: &str, dt: DType, names: &[&str], want: &[Vec<f32>], got: &[Vec<f32>]) {
     for (i, name) in names.iter().enumerate() {
         assert_close(&format!("{op} {case} `{name}`"), &got[i], &want[i], dt);
     }
@@ -560,7 +560,7 @@ const ATTN_SHAPES: [(usize, usize, usize, usize, usize); 2] = [(2, 75, 4, 2, 16)
 const ATTN_BLOCK: usize = 16;
 
 /// Selections from the CPU reference's semantics on random tied scores.
-fn attn_patterns(batch: usize, seq: usize, seed: u64) -> (Vec<u32>, usize, Vec<u32>, usize) {
+pub fn attn_patterns(batch: usize, seq: usize, seed: u64) -> (Vec<u32>, usize, Vec<u32>, usize) {
     use dynsparse::attention::select::{topk_blocks, topk_tokens};
     let mut rng = Rng::new(seed);
     let (k, n) = (11, 3);

@@ -29,7 +29,14 @@
 //!   for `dq`, then one per (query chunk, batch, key, kv head) for `dk`/`dv`,
 //!   looping over the chunk's queries whose own row lists the key (tokens) or
 //!   its block (blocks). Every kernel binds at most eight storage buffers
-//!   (WebGPU's default limit);
+//!   (WebGPU's default limit). The hardware variant (`shaders/attention_hw.wgsl`,
+//!   head_dim <= 128, FlashAttention-2's backward) tiles both passes: dq a
+//!   64-wide workgroup per (key chunk, batch, tile of 64 queries, head)
+//!   with K/V tiles in workgroup memory (dense and block patterns, the
+//!   token pattern keeps `attn_bwd_dq`), dk/dv a 64-wide workgroup per (query
+//!   chunk, batch, tile of 64 keys, kv head) staging 16 queries' q/dO rows at
+//!   a time, each query's attended keys taken from its own row (every
+//!   pattern); P is recomputed from the saved lse in both;
 //! - indexer scores: one invocation per score; pooled block scores: one
 //!   invocation per (batch, query, key block), or the tiled kernel (a
 //!   workgroup per (key block, query block), k_i rows in registers, q_i tiles
@@ -61,7 +68,7 @@
 //! [`MAX_SCRATCH_BYTES`] (and the adapter's largest binding) by launching
 //! the rows in slices.
 
-use super::kernel::{Params, grid1d};
+use super::kernel::grid1d;
 use super::{Arg, KernelVariant, WgpuBackend};
 use crate::attention::ops::{AttentionSpec, IndexerLossSpec, IndexerSpec, PatternSpec, SelectSpec};
 use crate::error::Result;
@@ -135,7 +142,7 @@ fn sum_chunks(be: &WgpuBackend, part: &T, nch: usize, r0: usize, n: usize, width
         "split",
         "sum_chunks",
         &mut [Arg::R(part), Arg::W(out)],
-        Params::new().u(n).u(nch).u(width).u(r0),
+        &SumChunksParams { nrow: n as u32, nch: nch as u32, width: width as u32, r0: r0 as u32 },
         grid1d(n * width),
     )
 }
@@ -165,21 +172,104 @@ fn pattern_words(s: &AttentionSpec) -> (u32, u32, u32) {
     }
 }
 
-/// The parameter words shared by the kernels of `shaders/attention.wgsl`.
-fn attn_params(s: &AttentionSpec) -> Params {
+crate::wgsl_params! {
+    /// `shaders/attention.wgsl` (attn_fwd, attn_bwd_*) and `attn_fwd_combine`
+    /// of `shaders/split.wgsl`: the attention spec (mode 0 dense, 1 tokens,
+    /// 2 blocks; kn = k or n; nkb = ceil(seq / block)), the loop split
+    /// (chunk, nch) and the launch's rows (r0, nrow).
+    pub struct AttnParams {
+        batch: u32,
+        seq: u32,
+        n_heads: u32,
+        n_kv_heads: u32,
+        head_dim: u32,
+        scale: f32,
+        mode: u32,
+        kn: u32,
+        block: u32,
+        nkb: u32,
+        chunk: u32,
+        nch: u32,
+        r0: u32,
+        nrow: u32,
+    }
+}
+
+crate::wgsl_params! {
+    /// `indexer_kl` of `shaders/attention.wgsl`: the attention spec and its
+    /// tile of query rows q0 .. q0 + qrows.
+    pub struct AttnKlParams {
+        batch: u32,
+        seq: u32,
+        n_heads: u32,
+        n_kv_heads: u32,
+        head_dim: u32,
+        scale: f32,
+        mode: u32,
+        kn: u32,
+        block: u32,
+        nkb: u32,
+        q0: u32,
+        qrows: u32,
+    }
+}
+
+crate::wgsl_params! {
+    /// `sum_chunks` of `shaders/split.wgsl`: rows r0 .. r0 + nrow of `width`
+    /// floats, nch chunks of partials.
+    pub struct SumChunksParams {
+        nrow: u32,
+        nch: u32,
+        width: u32,
+        r0: u32,
+    }
+}
+
+/// The parameters of the kernels of `shaders/attention.wgsl` for a launch
+/// over rows r0 .. r0 + nrow split in `nch` chunks of `chunk` items.
+fn attn_params(s: &AttentionSpec, chunk: usize, nch: usize, r0: usize, nrow: usize) -> AttnParams {
     let (mode, kn, block) = pattern_words(s);
-    let (mode, kn, block) = (mode as usize, kn as usize, block as usize);
-    Params::new()
-        .u(s.batch)
-        .u(s.seq)
-        .u(s.n_heads)
-        .u(s.n_kv_heads)
-        .u(s.head_dim)
-        .f(s.scale)
-        .u(mode)
-        .u(kn)
-        .u(block)
-        .u(s.seq.div_ceil(block))
+    AttnParams {
+        batch: s.batch as u32,
+        seq: s.seq as u32,
+        n_heads: s.n_heads as u32,
+        n_kv_heads: s.n_kv_heads as u32,
+        head_dim: s.head_dim as u32,
+        scale: s.scale,
+        mode,
+        kn,
+        block,
+        nkb: s.seq.div_ceil(block as usize) as u32,
+        chunk: chunk as u32,
+        nch: nch as u32,
+        r0: r0 as u32,
+        nrow: nrow as u32,
+    }
+}
+
+/// [`AttnParams`] plus the query tiles of the tiled kernels: `tq` queries
+/// per tile, tiles `tile0 .. tile0 + ntile`, `unit` keys per key unit.
+fn tiled_params(a: AttnParams, tq: usize, tile0: usize, ntile: usize, unit: usize) -> AttnTiledParams {
+    AttnTiledParams {
+        batch: a.batch,
+        seq: a.seq,
+        n_heads: a.n_heads,
+        n_kv_heads: a.n_kv_heads,
+        head_dim: a.head_dim,
+        scale: a.scale,
+        mode: a.mode,
+        kn: a.kn,
+        block: a.block,
+        nkb: a.nkb,
+        chunk: a.chunk,
+        nch: a.nch,
+        r0: a.r0,
+        nrow: a.nrow,
+        tq: tq as u32,
+        tile0: tile0 as u32,
+        ntile: ntile as u32,
+        unit: unit as u32,
+    }
 }
 
 /// The pattern's index tensor, or a one-word placeholder for the dense
@@ -211,11 +301,11 @@ pub(super) fn attention(
         return attention_tiled(be, s, tq, q, k, v, idx, o, lse);
     }
     let pl = plan(max_slots(s), 1 + 2 * nc, nc + d + 64, 1, rows, d + 2, max_scratch_floats(be));
-    let params = |r0: usize, n: usize| attn_params(s).u(pl.chunk).u(pl.nch).u(r0).u(n);
+    let params = |r0: usize, n: usize| attn_params(s, pl.chunk, pl.nch, r0, n);
     // Writes o/lse directly (one chunk) or the chunks' partials.
     let fwd = |o: &mut T, lse: &mut T, r0: usize, n: usize| {
         let args = &mut [Arg::R(q), Arg::R(k), Arg::R(v), Arg::R(idx), Arg::W(o), Arg::W(lse)];
-        be.launch("attention", "attn_fwd", args, params(r0, n), grid1d(pl.nch * n))
+        be.launch("attention", "attn_fwd", args, &params(r0, n), grid1d(pl.nch * n))
     };
     if pl.nch == 1 {
         return fwd(o, lse, 0, rows);
@@ -228,7 +318,7 @@ pub(super) fn attention(
             "split",
             "attn_fwd_combine",
             &mut [Arg::R(&part), Arg::R(&ml), Arg::W(o), Arg::W(lse)],
-            params(r0, n),
+            &attn_params(s, pl.chunk, pl.nch, r0, n),
             grid1d(n * d),
         )?;
     }
@@ -243,8 +333,10 @@ const FWD_THREADS: usize = 8;
 const FWD_THREADS_HW: usize = FWD_TILE;
 
 crate::wgsl_params! {
-    /// `shaders/attention_hw.wgsl`: the attention spec, the key-unit split
-    /// (chunk, nch), the launch's rows (r0, nrow) and query tiles.
+    /// `attn_fwd_tiled` (`shaders/attention.wgsl`) and the tiled kernels of
+    /// `shaders/attention_hw.wgsl` but dk/dv: the attention spec, the
+    /// key-unit split (chunk, nch), the launch's rows (r0, nrow) and query
+    /// tiles.
     pub struct AttnTiledParams {
         batch: u32,
         seq: u32,
@@ -266,6 +358,45 @@ crate::wgsl_params! {
         unit: u32,
     }
 }
+crate::wgsl_params! {
+    /// `shaders/attention_hw.wgsl`, `attn_bwd_dkdv_tiled_hw`: the attention
+    /// spec, the query split (chunk, nch), the launch's (batch, key, kv head)
+    /// rows (r0, nrow) and key tiles.
+    pub struct AttnBwdKvParams {
+        batch: u32,
+        seq: u32,
+        n_heads: u32,
+        n_kv_heads: u32,
+        head_dim: u32,
+        scale: f32,
+        mode: u32,
+        kn: u32,
+        block: u32,
+        nkb: u32,
+        chunk: u32,
+        nch: u32,
+        r0: u32,
+        nrow: u32,
+        tkeys: u32,
+        tile0: u32,
+        ntile: u32,
+    }
+}
+
+/// The workgroup tiles `(first, count)` meeting rows `r0 .. r0 + n` of a
+/// `[batch, seq, heads]` row layout cut into tiles of `per` positions, tile
+/// `(batch·ceil(seq / per) + position / per)·heads + head`; whole tile rows
+/// (every head) so that the first tile's head is 0.
+fn row_tiles(seq: usize, heads: usize, per: usize, r0: usize, n: usize) -> (usize, usize) {
+    let ntq = seq.div_ceil(per);
+    let tile = |r: usize| {
+        let (bt, h) = (r / heads, r % heads);
+        ((bt / seq) * ntq + (bt % seq) / per) * heads + h
+    };
+    let (first, last) = (tile(r0) - r0 % heads, tile(r0 + n - 1));
+    (first, last + heads - last % heads - first)
+}
+
 /// Keys per workgroup-memory tile of `attn_fwd_tiled` (the dense pattern's unit).
 const FWD_KEYS: usize = 16;
 /// Key units per union window of `attn_fwd_tiled`.
@@ -320,53 +451,18 @@ fn attention_tiled(
     let per_tile = 3 + (FWD_KEYS * nc).div_ceil(threads) + 2 * nc;
     let per_unit = unit.div_ceil(FWD_KEYS) * per_tile + 3 + (8 * (n + 1)).div_ceil(FWD_WINDOW);
     let pl = plan(s.seq.div_ceil(unit), per_unit, 2 * nc + d + 64, 1, rows, d + 2, max_scratch_floats(be));
-    let ntq = s.seq.div_ceil(tq);
     // The workgroup tiles (batch, query tile, head) meeting rows r0 .. r0 + n.
-    let tiles = |r0: usize, n: usize| {
-        let tile = |r: usize| {
-            let (bt, h) = (r / nh, r % nh);
-            ((bt / s.seq) * ntq + (bt % s.seq) / tq) * nh + h
-        };
-        let (first, last) = (tile(r0) - r0 % nh, tile(r0 + n - 1));
-        (first, last + nh - last % nh - first)
-    };
+    let tiles = |r0: usize, n: usize| row_tiles(s.seq, nh, tq, r0, n);
     let params = |r0: usize, n: usize| {
         let (first, nt) = tiles(r0, n);
-        attn_params(s).u(pl.chunk).u(pl.nch).u(r0).u(n).u(tq).u(first).u(nt).u(unit)
-    };
-    let typed = |r0: usize, n: usize| {
-        let (first, nt) = tiles(r0, n);
-        let (mode, kn, block) = pattern_words(s);
-        AttnTiledParams {
-            batch: s.batch as u32,
-            seq: s.seq as u32,
-            n_heads: s.n_heads as u32,
-            n_kv_heads: s.n_kv_heads as u32,
-            head_dim: s.head_dim as u32,
-            scale: s.scale,
-            mode,
-            kn,
-            block,
-            nkb: s.seq.div_ceil(block as usize) as u32,
-            chunk: pl.chunk as u32,
-            nch: pl.nch as u32,
-            r0: r0 as u32,
-            nrow: n as u32,
-            tq: tq as u32,
-            tile0: first as u32,
-            ntile: nt as u32,
-            unit: unit as u32,
-        }
+        tiled_params(attn_params(s, pl.chunk, pl.nch, r0, n), tq, first, nt, unit)
     };
     // Writes o/lse directly (one chunk) or the chunks' partials.
     let fwd = |o: &mut T, lse: &mut T, r0: usize, n: usize| {
         let args = &mut [Arg::R(q), Arg::R(k), Arg::R(v), Arg::R(idx), Arg::W(o), Arg::W(lse)];
         let grid = rows_grid(pl.nch * tiles(r0, n).1);
-        if hw {
-            be.launch("attention_hw", "attn_fwd_tiled_hw", args, &typed(r0, n), grid)
-        } else {
-            be.launch("attention", "attn_fwd_tiled", args, params(r0, n), grid)
-        }
+        let (family, name) = if hw { ("attention_hw", "attn_fwd_tiled_hw") } else { ("attention", "attn_fwd_tiled") };
+        be.launch(family, name, args, &params(r0, n), grid)
     };
     if pl.nch == 1 {
         return fwd(o, lse, 0, rows);
@@ -379,7 +475,7 @@ fn attention_tiled(
             "split",
             "attn_fwd_combine",
             &mut [Arg::R(&part), Arg::R(&ml), Arg::W(o), Arg::W(lse)],
-            params(r0, n),
+            &attn_params(s, pl.chunk, pl.nch, r0, n),
             grid1d(n * d),
         )?;
     }
@@ -403,8 +499,6 @@ pub(super) fn attention_backward(
 ) -> Result<()> {
     let mut holder = None;
     let idx = pattern_idx(be, idx, &mut holder)?;
-    let (d, nc) = (s.head_dim, s.head_dim.div_ceil(4));
-    let max_floats = max_scratch_floats(be);
     let rows = s.batch * s.seq * s.n_heads;
 
     // (lse, delta = dO·O) per query and head, interleaved in one buffer.
@@ -413,30 +507,55 @@ pub(super) fn attention_backward(
         "attention",
         "attn_bwd_stats",
         &mut [Arg::R(d_o), Arg::R(o), Arg::R(lse), Arg::R(idx), Arg::W(&mut stats)],
-        attn_params(s),
+        &attn_params(s, 1, 1, 0, rows),
         grid1d(rows),
     )?;
 
-    // dq: split over the query's slots like the forward.
+    let hw = be.kernel_variant() == KernelVariant::Hardware;
+    if hw && let Some(tq) = fwd_tile(be, s) {
+        bwd_dq_tiled_hw(be, s, tq, [q, k, v, d_o, &stats, idx], dq)?;
+    } else {
+        bwd_dq(be, s, [q, k, v, d_o, &stats, idx], dq)?;
+    }
+    if hw && bwd_kv_tiled(be, s) {
+        bwd_dkdv_tiled_hw(be, s, [q, k, v, d_o, &stats, idx], dk, dv)
+    } else {
+        bwd_dkdv(be, s, [q, k, v, d_o, &stats, idx], dk, dv)
+    }
+}
+
+/// `attn_bwd_dq`: an invocation per (chunk, batch, query, head), split over
+/// the query's slots like the forward. `ins` are q, k, v, dO, stats, idx.
+fn bwd_dq(be: &WgpuBackend, s: &AttentionSpec, ins: [&T; 6], dq: &mut T) -> Result<()> {
+    let [q, k, v, d_o, stats, idx] = ins;
+    let (d, nc) = (s.head_dim, s.head_dim.div_ceil(4));
+    let max_floats = max_scratch_floats(be);
+    let rows = s.batch * s.seq * s.n_heads;
     let pl = plan(max_slots(s), 1 + 2 * nc, nc + d + 64, 1, rows, d, max_floats);
-    let params = |r0: usize, n: usize| attn_params(s).u(pl.chunk).u(pl.nch).u(r0).u(n);
+    let params = |r0: usize, n: usize| attn_params(s, pl.chunk, pl.nch, r0, n);
     // Writes dq directly (one chunk) or the chunks' partials.
     let bwd_dq = |dq: &mut T, r0: usize, n: usize| {
-        let args = &mut [Arg::R(q), Arg::R(k), Arg::R(v), Arg::R(d_o), Arg::R(&stats), Arg::R(idx), Arg::W(dq)];
-        be.launch("attention", "attn_bwd_dq", args, params(r0, n), grid1d(pl.nch * n))
+        let args = &mut [Arg::R(q), Arg::R(k), Arg::R(v), Arg::R(d_o), Arg::R(stats), Arg::R(idx), Arg::W(dq)];
+        be.launch("attention", "attn_bwd_dq", args, &params(r0, n), grid1d(pl.nch * n))
     };
     if pl.nch == 1 {
-        bwd_dq(dq, 0, rows)?;
-    } else {
-        let mut part = Tensor::empty(be, &[pl.nch * pl.rows * d], DType::F32)?;
-        for (r0, n) in slices(rows, pl.rows) {
-            bwd_dq(&mut part, r0, n)?;
-            sum_chunks(be, &part, pl.nch, r0, n, d, dq)?;
-        }
+        return bwd_dq(dq, 0, rows);
     }
+    let mut part = Tensor::empty(be, &[pl.nch * pl.rows * d], DType::F32)?;
+    for (r0, n) in slices(rows, pl.rows) {
+        bwd_dq(&mut part, r0, n)?;
+        sum_chunks(be, &part, pl.nch, r0, n, d, dq)?;
+    }
+    Ok(())
+}
 
-    // dk, dv: split over the queries. Per query: the pattern test (a scan of
-    // its own index row) and the group's heads (q·k and dO·v loop, dk/dv loop).
+/// `attn_bwd_dkdv`: an invocation per (chunk, batch, key, kv head), split
+/// over the queries. Per query: the pattern test (a scan of its own index
+/// row) and the group's heads (q·k and dO·v loop, dk/dv loop).
+fn bwd_dkdv(be: &WgpuBackend, s: &AttentionSpec, ins: [&T; 6], dk: &mut T, dv: &mut T) -> Result<()> {
+    let [q, k, v, d_o, stats, idx] = ins;
+    let (d, nc) = (s.head_dim, s.head_dim.div_ceil(4));
+    let max_floats = max_scratch_floats(be);
     let rows = s.batch * s.seq * s.n_kv_heads;
     let grp = s.group();
     let per_q = grp * (1 + 2 * nc)
@@ -447,12 +566,12 @@ pub(super) fn attention_backward(
             PatternSpec::Blocks { n, .. } => n,
         };
     let pl = plan(s.seq, per_q, 2 * nc + 2 * d + 64, 1, rows, 2 * d, max_floats);
-    let params = |r0: usize, n: usize| attn_params(s).u(pl.chunk).u(pl.nch).u(r0).u(n);
+    let params = |r0: usize, n: usize| attn_params(s, pl.chunk, pl.nch, r0, n);
     // Writes dk/dv directly (one chunk) or the chunks' partials.
     let bwd_dkdv = |dk: &mut T, dv: &mut T, r0: usize, n: usize| {
         let args =
-            &mut [Arg::R(q), Arg::R(k), Arg::R(v), Arg::R(d_o), Arg::R(&stats), Arg::R(idx), Arg::W(dk), Arg::W(dv)];
-        be.launch("attention", "attn_bwd_dkdv", args, params(r0, n), grid1d(pl.nch * n))
+            &mut [Arg::R(q), Arg::R(k), Arg::R(v), Arg::R(d_o), Arg::R(stats), Arg::R(idx), Arg::W(dk), Arg::W(dv)];
+        be.launch("attention", "attn_bwd_dkdv", args, &params(r0, n), grid1d(pl.nch * n))
     };
     if pl.nch == 1 {
         return bwd_dkdv(dk, dv, 0, rows);
@@ -467,10 +586,174 @@ pub(super) fn attention_backward(
     Ok(())
 }
 
-/// The parameter words shared by the kernels of `shaders/indexer.wgsl`.
-fn indexer_params(s: &IndexerSpec) -> Params {
+/// Keys per tile of `attn_bwd_dkdv_tiled_hw` (one per invocation).
+const KV_TILE: usize = 64;
+/// Queries per staged tile of `attn_bwd_dkdv_tiled_hw`.
+const KV_QUERIES: usize = 16;
+/// Workgroup memory of `attn_bwd_dkdv_tiled_hw`: the staged q and dO rows,
+/// their (lse, delta), the queries' key masks and the union word.
+const KV_SHARED_BYTES: usize = 2 * KV_QUERIES * (FWD_MAX_DIM / 4) * 16 + 8 * KV_QUERIES + 8 * KV_QUERIES + 8;
+
+/// Whether `attn_bwd_dkdv_tiled_hw` applies: head_dim <= 128 (its private
+/// rows) and the adapter's workgroup memory.
+fn bwd_kv_tiled(be: &WgpuBackend, s: &AttentionSpec) -> bool {
+    let shared = be.device.limits().max_compute_workgroup_storage_size as usize;
+    s.head_dim <= FWD_MAX_DIM && shared >= KV_SHARED_BYTES
+}
+
+/// dq with `attn_bwd_dq_tiled_hw` (dense and block patterns): a workgroup
+/// per (chunk, batch, tile of `tq` queries, head) over the union of the
+/// tile's key units, split over units like the tiled forward, partials
+/// summed by `sum_chunks`. `ins` are q, k, v, dO, stats, idx.
+fn bwd_dq_tiled_hw(be: &WgpuBackend, s: &AttentionSpec, tq: usize, ins: [&T; 6], dq: &mut T) -> Result<()> {
+    let [q, k, v, d_o, stats, idx] = ins;
+    let rows = s.batch * s.seq * s.n_heads;
+    let (d, nc) = (s.head_dim, s.head_dim.div_ceil(4));
+    let (unit, n) = match s.pattern {
+        PatternSpec::Blocks { block, n } => (block, n),
+        _ => (FWD_KEYS, 0),
+    };
+    // As the forward: per key tile its loops, the cooperative load and the
+    // two vec4 loops (q·k with dO·v, then dq); per unit its tiles and the
+    // window's marking loop.
+    let per_tile = 3 + (FWD_KEYS * nc).div_ceil(FWD_THREADS_HW) + 2 * nc;
+    let per_unit = unit.div_ceil(FWD_KEYS) * per_tile + 3 + (n + 1).div_ceil(FWD_WINDOW);
+    let pl = plan(s.seq.div_ceil(unit), per_unit, 3 * nc + d + 64, 1, rows, d, max_scratch_floats(be));
+    let params = |r0: usize, n: usize| {
+        let (first, nt) = row_tiles(s.seq, s.n_heads, tq, r0, n);
+        let p = tiled_params(attn_params(s, pl.chunk, pl.nch, r0, n), tq, first, nt, unit);
+        (p, rows_grid(pl.nch * nt))
+    };
+    let run = |dq: &mut T, r0: usize, n: usize| {
+        let (p, grid) = params(r0, n);
+        let args = &mut [Arg::R(q), Arg::R(k), Arg::R(v), Arg::R(d_o), Arg::R(stats), Arg::R(idx), Arg::W(dq)];
+        be.launch("attention_hw", "attn_bwd_dq_tiled_hw", args, &p, grid)
+    };
+    if pl.nch == 1 {
+        return run(dq, 0, rows);
+    }
+    let mut part = Tensor::empty(be, &[pl.nch * pl.rows * d], DType::F32)?;
+    for (r0, n) in slices(rows, pl.rows) {
+        run(&mut part, r0, n)?;
+        sum_chunks(be, &part, pl.nch, r0, n, d, dq)?;
+    }
+    Ok(())
+}
+
+/// dk, dv with `attn_bwd_dkdv_tiled_hw` (every pattern): a workgroup per
+/// (query chunk, batch, tile of 64 keys, kv head) staging 16 queries at a
+/// time, split over queries, partials summed by `sum_chunks`.
+fn bwd_dkdv_tiled_hw(be: &WgpuBackend, s: &AttentionSpec, ins: [&T; 6], dk: &mut T, dv: &mut T) -> Result<()> {
+    let [q, k, v, d_o, stats, idx] = ins;
+    let rows = s.batch * s.seq * s.n_kv_heads;
+    let (d, nc) = (s.head_dim, s.head_dim.div_ceil(4));
+    let grp = s.group();
+    let n = match s.pattern {
+        PatternSpec::Dense => 0,
+        PatternSpec::Tokens { k } => k,
+        PatternSpec::Blocks { n, .. } => n,
+    };
+    // Per staged tile of 16 queries: the mask scan of one query's row, the
+    // union step, then per head the staging loop and per query the q·k/dO·v
+    // and dk/dv vec4 loops; chunks are whole tiles.
+    let per_tile = n + 3 + grp * (2 + (KV_QUERIES * nc).div_ceil(KV_TILE) + KV_QUERIES * (1 + 2 * nc));
+    let per_q = per_tile.div_ceil(KV_QUERIES);
+    let pl = plan(s.seq, per_q, 4 * nc + 2 * d + 64, KV_QUERIES, rows, 2 * d, max_scratch_floats(be));
+    let params = |r0: usize, n: usize| {
+        let (first, nt) = row_tiles(s.seq, s.n_kv_heads, KV_TILE, r0, n);
+        let a = attn_params(s, pl.chunk, pl.nch, r0, n);
+        let p = AttnBwdKvParams {
+            batch: a.batch,
+            seq: a.seq,
+            n_heads: a.n_heads,
+            n_kv_heads: a.n_kv_heads,
+            head_dim: a.head_dim,
+            scale: a.scale,
+            mode: a.mode,
+            kn: a.kn,
+            block: a.block,
+            nkb: a.nkb,
+            chunk: a.chunk,
+            nch: a.nch,
+            r0: a.r0,
+            nrow: a.nrow,
+            tkeys: KV_TILE as u32,
+            tile0: first as u32,
+            ntile: nt as u32,
+        };
+        (p, rows_grid(pl.nch * nt))
+    };
+    let run = |dk: &mut T, dv: &mut T, r0: usize, n: usize| {
+        let (p, grid) = params(r0, n);
+        let args =
+            &mut [Arg::R(q), Arg::R(k), Arg::R(v), Arg::R(d_o), Arg::R(stats), Arg::R(idx), Arg::W(dk), Arg::W(dv)];
+        be.launch("attention_hw", "attn_bwd_dkdv_tiled_hw", args, &p, grid)
+    };
+    if pl.nch == 1 {
+        return run(dk, dv, 0, rows);
+    }
+    let mut pk = Tensor::empty(be, &[pl.nch * pl.rows * d], DType::F32)?;
+    let mut pv = Tensor::empty(be, &[pl.nch * pl.rows * d], DType::F32)?;
+    for (r0, n) in slices(rows, pl.rows) {
+        run(&mut pk, &mut pv, r0, n)?;
+        sum_chunks(be, &pk, pl.nch, r0, n, d, dk)?;
+        sum_chunks(be, &pv, pl.nch, r0, n, d, dv)?;
+    }
+    Ok(())
+}
+
+crate::wgsl_params! {
+    /// Every kernel of `shaders/indexer.wgsl`: the indexer spec (nkb =
+    /// ceil(seq / block); the tile of query rows q0 .. q0 + qrows), and for
+    /// the split backward kernels the loop split (chunk, nch) and the
+    /// launch's rows (r0, nrow), zero elsewhere.
+    pub struct IndexerParams {
+        batch: u32,
+        seq: u32,
+        heads: u32,
+        dim: u32,
+        block: u32,
+        nkb: u32,
+        q0: u32,
+        qrows: u32,
+        chunk: u32,
+        nch: u32,
+        r0: u32,
+        nrow: u32,
+    }
+}
+
+crate::wgsl_params! {
+    /// `shaders/select.wgsl`: nrows = batch·rows rows of `cols` candidates,
+    /// k kept, block (0: token mode).
+    pub struct SelectParams {
+        nrows: u32,
+        rows: u32,
+        k: u32,
+        block: u32,
+        cols: u32,
+    }
+}
+
+/// The parameters of the kernels of `shaders/indexer.wgsl`; the split
+/// backward kernels' launch over rows r0 .. r0 + nrow in `nch` chunks of
+/// `chunk` (zeros for the other kernels).
+fn indexer_params(s: &IndexerSpec, chunk: usize, nch: usize, r0: usize, nrow: usize) -> IndexerParams {
     let block = s.block.max(1);
-    Params::new().u(s.batch).u(s.seq).u(s.heads).u(s.dim).u(block).u(s.seq.div_ceil(block)).u(s.q0).u(s.rows)
+    IndexerParams {
+        batch: s.batch as u32,
+        seq: s.seq as u32,
+        heads: s.heads as u32,
+        dim: s.dim as u32,
+        block: block as u32,
+        nkb: s.seq.div_ceil(block) as u32,
+        q0: s.q0 as u32,
+        qrows: s.rows as u32,
+        chunk: chunk as u32,
+        nch: nch as u32,
+        r0: r0 as u32,
+        nrow: nrow as u32,
+    }
 }
 
 /// The rows of a `[batch, seq, per]` layout that belong to the spec's tile of
@@ -488,7 +771,7 @@ pub(super) fn indexer_scores(be: &WgpuBackend, s: &IndexerSpec, qi: &T, ki: &T, 
         "indexer",
         "indexer_scores",
         &mut [Arg::R(qi), Arg::R(ki), Arg::R(w), Arg::W(scores)],
-        indexer_params(s),
+        &indexer_params(s, 0, 0, 0, 0),
         grid1d(s.batch * s.rows * s.seq),
     )
 }
@@ -521,10 +804,10 @@ pub(super) fn indexer_block_scores(
             KernelVariant::Software => "indexer_block_scores_tiled",
             KernelVariant::Hardware => "indexer_block_scores_tiled_hw",
         };
-        be.launch("indexer", name, args, indexer_params(s), [nb, nb, s.batch as u32])
+        be.launch("indexer", name, args, &indexer_params(s, 0, 0, 0, 0), [nb, nb, s.batch as u32])
     } else {
         let n = s.batch * s.seq * s.n_blocks();
-        be.launch("indexer", "indexer_block_scores", args, indexer_params(s), grid1d(n))
+        be.launch("indexer", "indexer_block_scores", args, &indexer_params(s, 0, 0, 0, 0), grid1d(n))
     }
 }
 
@@ -536,7 +819,13 @@ const SELECT_ROWS_MAX_K: usize = 64;
 /// row). Block mode has `ceil(seq / block)` columns per query row.
 pub(super) fn select_topk(be: &WgpuBackend, s: &SelectSpec, scores: &T, idx: &mut T) -> Result<()> {
     let rows = s.batch * s.rows;
-    let params = Params::new().u(rows).u(s.rows).u(s.k).u(s.block).u(s.cols);
+    let params = &SelectParams {
+        nrows: rows as u32,
+        rows: s.rows as u32,
+        k: s.k as u32,
+        block: s.block as u32,
+        cols: s.cols as u32,
+    };
     let args = &mut [Arg::R(scores), Arg::W(idx)];
     if s.k <= SELECT_ROWS_MAX_K && s.cols * (s.k + 2) <= ITER_BUDGET {
         be.launch("select", "select_topk_rows", args, params, grid1d(rows))
@@ -564,7 +853,23 @@ pub(super) fn indexer_kl(
         "attention",
         "indexer_kl",
         &mut [Arg::R(q), Arg::R(k), Arg::R(lse), Arg::R(scores), Arg::R(idx), Arg::W(loss), Arg::W(dscores)],
-        attn_params(a).u(s.q0).u(s.rows),
+        &{
+            let p = attn_params(a, 1, 1, 0, 0);
+            AttnKlParams {
+                batch: p.batch,
+                seq: p.seq,
+                n_heads: p.n_heads,
+                n_kv_heads: p.n_kv_heads,
+                head_dim: p.head_dim,
+                scale: p.scale,
+                mode: p.mode,
+                kn: p.kn,
+                block: p.block,
+                nkb: p.nkb,
+                q0: s.q0 as u32,
+                qrows: s.rows as u32,
+            }
+        },
         rows_grid(a.batch * s.rows),
     )
 }
@@ -591,11 +896,11 @@ pub(super) fn indexer_backward(
     let ranges = tile_ranges(s, nh);
     let rows = ranges[0].1;
     let pl = plan(s.seq, passes * (1 + d4) + d4, d4 + di + passes + 64, 1, rows, di + 1, max_floats);
-    let params = |r0: usize, n: usize| indexer_params(s).u(pl.chunk).u(pl.nch).u(r0).u(n);
+    let params = |r0: usize, n: usize| indexer_params(s, pl.chunk, pl.nch, r0, n);
     // Writes dq_i/dw directly (one chunk) or the chunks' partials.
     let bwd_q = |dqi: &mut T, dw: &mut T, r0: usize, n: usize| {
         let args = &mut [Arg::R(qi), Arg::R(ki), Arg::R(w), Arg::R(dscores), Arg::W(dqi), Arg::W(dw)];
-        be.launch("indexer", "indexer_bwd_q", args, params(r0, n), grid1d(pl.nch * n))
+        be.launch("indexer", "indexer_bwd_q", args, &params(r0, n), grid1d(pl.nch * n))
     };
     if pl.nch == 1 {
         for &(first, count) in &ranges {
@@ -617,11 +922,11 @@ pub(super) fn indexer_backward(
     // head's logit loop, plus the accumulation loops.
     let rows = s.batch * s.seq;
     let pl = plan(s.rows, passes * (1 + nh * (1 + d4)) + nh * d4, d4 + di + passes + 64, 1, rows, di, max_floats);
-    let params = |r0: usize, n: usize| indexer_params(s).u(pl.chunk).u(pl.nch).u(r0).u(n);
+    let params = |r0: usize, n: usize| indexer_params(s, pl.chunk, pl.nch, r0, n);
     // Writes dk_i directly (one chunk) or the chunks' partials.
     let bwd_k = |dki: &mut T, r0: usize, n: usize| {
         let args = &mut [Arg::R(qi), Arg::R(ki), Arg::R(w), Arg::R(dscores), Arg::W(dki)];
-        be.launch("indexer", "indexer_bwd_k", args, params(r0, n), grid1d(pl.nch * n))
+        be.launch("indexer", "indexer_bwd_k", args, &params(r0, n), grid1d(pl.nch * n))
     };
     if pl.nch == 1 {
         return bwd_k(dki, 0, rows);

@@ -24,7 +24,7 @@
 //!   whole blocks), max-pooling with workgroup atomics on order-preserving keys;
 //! - `cached_select`: `select_topk`'s algorithm, a workgroup per row.
 
-use super::kernel::{Params, grid1d};
+use super::kernel::{KernelParams, ParamBlock, grid1d};
 use super::{Arg, WgpuBackend, is_software};
 use crate::attention::cached::{CachedAttentionSpec, CachedIndexerSpec, CachedSelectSpec};
 use crate::attention::ops::PatternSpec;
@@ -47,6 +47,62 @@ const MAX_SCRATCH_BYTES: usize = 256 << 20;
 /// Pooled-indexer keys per workgroup (rounded to whole blocks).
 const POOL_SPAN: usize = 256;
 
+crate::wgsl_params! {
+    /// `rope_rows`: pairs = numel / 2, half = head_dim / 2, heads, table positions.
+    pub struct RopeRowsParams { pairs: u32, half: u32, heads: u32, positions: u32 }
+}
+
+crate::wgsl_params! {
+    /// `cache_write` / `cache_write_words`: rows R of `width` elements (or
+    /// words), cache slots, rows per page, np = entries of the page tables.
+    pub struct CacheWriteParams { rows: u32, width: u32, slots: u32, page: u32, np: u32 }
+}
+
+crate::wgsl_params! {
+    /// `cached_attn` / `cached_attn_combine`: the spec (mode 0 dense, 2
+    /// blocks), the chunking (chunk, nch), the launch's rows r0 .. r0 + nrow
+    /// and the paging.
+    pub struct CachedAttnParams {
+        rows: u32,
+        n_heads: u32,
+        n_kv_heads: u32,
+        head_dim: u32,
+        scale: f32,
+        slots: u32,
+        mode: u32,
+        n: u32,
+        block: u32,
+        chunk: u32,
+        nch: u32,
+        r0: u32,
+        nrow: u32,
+        page: u32,
+        np: u32,
+    }
+}
+
+crate::wgsl_params! {
+    /// `cached_pool`: rows, index heads and dim, block, cols, cache slots,
+    /// keys per span, nspan spans per row, the paging.
+    pub struct CachedPoolParams {
+        rows: u32,
+        heads: u32,
+        dim: u32,
+        block: u32,
+        cols: u32,
+        slots: u32,
+        span: u32,
+        nspan: u32,
+        page: u32,
+        np: u32,
+    }
+}
+
+crate::wgsl_params! {
+    /// `cached_select`: rows, cols (key blocks), k kept, block.
+    pub struct CachedSelectParams { rows: u32, cols: u32, k: u32, block: u32 }
+}
+
 /// A launch of `n` workgroups folded into two grid dimensions (kernels
 /// recover the index as `wg.x + wg.y·nw.x` and bounds-check it).
 fn wg_grid(n: usize) -> [u32; 3] {
@@ -65,7 +121,7 @@ pub(super) fn rope_rows(be: &WgpuBackend, s: &RopeSpec, x: &T, c: &T, sn: &T, ro
         "cached",
         "rope_rows",
         &mut [Arg::R(x), Arg::R(c), Arg::R(sn), Arg::R(rows), Arg::W(y)],
-        Params::new().u(pairs).u(half).u(s.heads).u(max_pos),
+        &RopeRowsParams { pairs: pairs as u32, half: half as u32, heads: s.heads as u32, positions: max_pos as u32 },
         grid1d(pairs),
     )
 }
@@ -84,8 +140,14 @@ pub(super) fn cache_write(
         // Whole 32-bit words per row: copy them without conversion.
         let words = bytes / 4;
         let k = be.kernel("cached", "cache_write_words")?;
-        let p = be.pipeline(&k, &[DType::U32; 4], None)?;
-        let params = Params::new().u(s.rows).u(words).u(s.slots).u(page).u(table).into();
+        let p = be.pipeline(&k, &[DType::U32; 4], Some((CacheWriteParams::NAME, CacheWriteParams::FIELDS)))?;
+        let params = ParamBlock::from(&CacheWriteParams {
+            rows: s.rows as u32,
+            width: words as u32,
+            slots: s.slots as u32,
+            page: page as u32,
+            np: table as u32,
+        });
         let bufs = [src.buffer().raw(), rows.buffer().raw(), pages.buffer().raw(), cache.buffer().raw()];
         return be.dispatch(&p, &params, &bufs, grid1d(s.rows * words));
     }
@@ -93,7 +155,13 @@ pub(super) fn cache_write(
         "cached",
         "cache_write",
         &mut [Arg::R(src), Arg::R(rows), Arg::R(pages), Arg::W(cache)],
-        Params::new().u(s.rows).u(s.width).u(s.slots).u(page).u(table),
+        &CacheWriteParams {
+            rows: s.rows as u32,
+            width: s.width as u32,
+            slots: s.slots as u32,
+            page: page as u32,
+            np: table as u32,
+        },
         grid1d(s.rows * s.width),
     )
 }
@@ -157,30 +225,29 @@ fn attend(
     // p·v loop (keys · head_dim / 64); head_dim <= 256 keeps both far below
     // the budget at MAX_CHUNK keys.
     debug_assert!(chunk.div_ceil(64) * (1 + d.div_ceil(4)) + chunk * d.div_ceil(64) + 64 <= ITER_BUDGET);
-    let params = |r0: usize, nr: usize| {
-        Params::new()
-            .u(s.rows)
-            .u(nh)
-            .u(s.n_kv_heads)
-            .u(d)
-            .f(s.scale)
-            .u(s.slots)
-            .u(mode)
-            .u(n)
-            .u(block)
-            .u(chunk)
-            .u(nch)
-            .u(r0)
-            .u(nr)
-            .u(s.paging.page)
-            .u(s.paging.table)
+    let params = |r0: usize, nr: usize| CachedAttnParams {
+        rows: s.rows as u32,
+        n_heads: nh as u32,
+        n_kv_heads: s.n_kv_heads as u32,
+        head_dim: d as u32,
+        scale: s.scale,
+        slots: s.slots as u32,
+        mode,
+        n: n as u32,
+        block: block as u32,
+        chunk: chunk as u32,
+        nch: nch as u32,
+        r0: r0 as u32,
+        nrow: nr as u32,
+        page: s.paging.page as u32,
+        np: s.paging.table as u32,
     };
     let fwd = |o: &mut T, ml: &mut T, r0: usize, nr: usize| {
         be.launch(
             "cached",
             "cached_attn",
             &mut [Arg::R(q), Arg::R(k), Arg::R(v), Arg::R(rows), Arg::R(pages), Arg::R(idx), Arg::W(o), Arg::W(ml)],
-            params(r0, nr),
+            &params(r0, nr),
             wg_grid(nch * nr * nh),
         )
     };
@@ -198,7 +265,7 @@ fn attend(
             "cached",
             "cached_attn_combine",
             &mut [Arg::R(&part), Arg::R(&ml), Arg::R(rows), Arg::W(o)],
-            params(r0, nr),
+            &params(r0, nr),
             grid1d(nr * nh * d),
         )?;
     }
@@ -231,17 +298,18 @@ pub(super) fn cached_indexer_block_scores(
         "cached",
         "cached_pool",
         &mut [Arg::R(qi), Arg::R(w), Arg::R(ki), Arg::R(rows), Arg::R(pages), Arg::W(pooled)],
-        Params::new()
-            .u(s.rows)
-            .u(s.heads)
-            .u(s.dim)
-            .u(s.block)
-            .u(s.cols)
-            .u(s.slots)
-            .u(span)
-            .u(nspan)
-            .u(s.paging.page)
-            .u(s.paging.table),
+        &CachedPoolParams {
+            rows: s.rows as u32,
+            heads: s.heads as u32,
+            dim: s.dim as u32,
+            block: s.block as u32,
+            cols: s.cols as u32,
+            slots: s.slots as u32,
+            span: span as u32,
+            nspan: nspan as u32,
+            page: s.paging.page as u32,
+            np: s.paging.table as u32,
+        },
         wg_grid(s.rows * nspan),
     )
 }
@@ -251,7 +319,7 @@ pub(super) fn cached_select(be: &WgpuBackend, s: &CachedSelectSpec, scores: &T, 
         "cached",
         "cached_select",
         &mut [Arg::R(scores), Arg::R(rows), Arg::W(idx)],
-        Params::new().u(s.rows).u(s.cols).u(s.k).u(s.block),
+        &CachedSelectParams { rows: s.rows as u32, cols: s.cols as u32, k: s.k as u32, block: s.block as u32 },
         wg_grid(s.rows),
     )
 }

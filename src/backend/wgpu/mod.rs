@@ -190,7 +190,8 @@ fn requested_limits(adapter: &wgpu::Limits) -> Result<wgpu::Limits> {
     }
 }
 
-/// Which layout of the hot kernels (matmul, tiled attention forward) runs.
+/// Which layout of the hot kernels (matmul, tiled attention forward and
+/// backward, pooled indexer scores) runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelVariant {
     /// Tuned for software adapters (lavapipe): few invocations per workgroup,
