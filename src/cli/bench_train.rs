@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use crate::outln;
 use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
 use dynsparse::backend::{BackendChoice, BackendJob, run_on, select};
 use dynsparse::data::synthetic::{SyntheticConfig, generate};
 use dynsparse::model::{AttentionMode, Model, ModelConfig};
@@ -13,7 +14,6 @@ use dynsparse::train::memory::MemoryPlan;
 use dynsparse::train::{LrSchedule, MemoryReport, TrainConfig, Trainer};
 use dynsparse::util::machine::{host_description, update_markdown_section};
 use dynsparse::{Backend, DType, Error, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 
 use super::bench::parse_dtypes;
 
@@ -59,7 +59,14 @@ struct Job<'a> {
 }
 
 /// One warm-up step, then `steps` timed optimizer steps of a fresh model.
-fn time_steps<B: Backend>(be: &B, cfg: ModelConfig, dt: DType, batch: usize, seq: usize, steps: u64) -> Result<Row> {
+fn time_steps<B: Backend>(
+    be: &B,
+    cfg: ModelConfig,
+    dt: DType,
+    batch: usize,
+    seq: usize,
+    steps: u64,
+) -> Result<Row> {
     let data = generate(3, 400_000.max(4 * batch * seq), SyntheticConfig::default());
     let tc = TrainConfig {
         steps: 1000,
@@ -116,9 +123,8 @@ struct SweepJob<'a> {
 impl BackendJob for SweepJob<'_> {
     type Output = Vec<(usize, f64, f64)>;
     fn run<B: Backend>(self, be: &B) -> Result<Self::Output> {
-        let bar = ProgressBar::new(2 * self.a.seqs.len() as u64).with_style(
-            ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed}]").expect("static template"),
-        );
+        let bar = ProgressBar::new(2 * self.a.seqs.len() as u64)
+            .with_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed}]").expect("static template"));
         let mut out = Vec::new();
         for &seq in &self.a.seqs {
             bar.set_message(format!("seq {seq} dense"));

@@ -44,7 +44,7 @@ const P1: f32 = 1.398_199_9e-3;
 const P2: f32 = 8.333_452e-3;
 const P3: f32 = 4.166_579_6e-2;
 const P4: f32 = 1.666_666_5e-1;
-const P5: f32 = 5.000_000_1e-1;
+const P5: f32 = 0.5; // Cephes' 5.0000001201e-1 rounds to 0.5 in f32
 /// `1.5·2²³`: adding and subtracting it rounds an f32 of magnitude < 2²² to
 /// the nearest integer (no SSE4.1 `round` needed).
 const ROUND: f32 = 12_582_912.0;
