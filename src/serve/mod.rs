@@ -62,7 +62,7 @@ impl ServeModel {
 /// Default of [`ServeConfig::step_rows`]: on the CPU backend (2 cores) a
 /// step of this many rows of the 26M-parameter model stays within about 3×
 /// a single-row decode step (BENCHMARKS.md, "Serving").
-pub const DEFAULT_STEP_ROWS: usize = 32;
+pub const DEFAULT_STEP_ROWS: usize = 24;
 
 /// Server settings (the `serve` command's flags).
 #[derive(Clone, Debug)]
