@@ -54,6 +54,10 @@ struct Args {
     /// Measure kernel costs on this backend instead of --backend.
     #[arg(long, value_enum)]
     cost_backend: Option<BackendChoice>,
+    /// Spread the verification and held-out windows evenly over their texts
+    /// (default: the first windows in a row; the sensitivity text always reads its first windows).
+    #[arg(long)]
+    spread: bool,
     /// Add int4-g128 asymmetric (AWQ) and 2:4-int8 (Wanda) to the planner's candidates.
     #[arg(long)]
     more_candidates: bool,
@@ -131,7 +135,12 @@ impl BackendJob for Job {
         let mut ev_a = Evaluator::new(be, &cfg, dtype, values, &sens_text, (4, seq, args.windows))?;
         let mut ev_v = Evaluator::new(be, &cfg, dtype, values, &verify_text, (1, seq, args.verify_windows))?;
         let mut ev_b = Evaluator::new(be, &cfg, dtype, values, &held_out, (1, seq, args.held_windows))?;
+        if args.spread {
+            ev_v = ev_v.spread();
+            ev_b = ev_b.spread();
+        }
         let (base_a, base_b) = (ev_a.loss(be, values)?, ev_b.loss(be, values)?);
+        println!("verification text base loss {:.4}", ev_v.loss(be, values)?);
         let base_b_windows = ev_b.window_losses(be, values)?;
         let lins = linears(&cfg);
         let dense_bytes: usize = lins.iter().map(|l| 4 * l.n * l.k).sum();

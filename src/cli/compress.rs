@@ -178,10 +178,12 @@ impl BackendJob for CompressJob {
                     ))
                 };
                 let mut ev = Evaluator::new(be, &cfg, dtype, values, &calib, (batch, seq, windows))
-                    .map_err(|_| short("sensitivity", &calib))?;
+                    .map_err(|_| short("sensitivity", &calib))?
+                    .spread();
                 // Batch 1: one loss per window, the units of the paired standard error.
                 let mut ver = Evaluator::new(be, &cfg, dtype, values, &verify_text, (1, seq, windows))
-                    .map_err(|_| short("verification", &verify_text))?;
+                    .map_err(|_| short("verification", &verify_text))?
+                    .spread();
                 let opt = PlanOptions {
                     budget,
                     target,

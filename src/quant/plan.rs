@@ -295,6 +295,8 @@ pub struct Evaluator<'a, B: Backend> {
     text: &'a Corpus,
     windows: usize,
     base: Vec<Vec<f32>>,
+    /// Windows spread evenly over the whole text instead of the first ones.
+    spread: bool,
 }
 
 impl<'a, B: Backend> Evaluator<'a, B> {
@@ -316,7 +318,27 @@ impl<'a, B: Backend> Evaluator<'a, B> {
         }
         let model = Model::from_values(be, *cfg, dtype, values)?;
         let ws = Workspace::new(be, cfg, dtype, batch, seq)?;
-        Ok(Evaluator { model, ws, text, windows, base: values.to_vec() })
+        Ok(Evaluator { model, ws, text, windows, base: values.to_vec(), spread: false })
+    }
+
+    /// Reads its windows spread evenly over the whole text (window `i` of `W`
+    /// starts at `i·⌊(len − seq − 1)/W⌋`) rather than the first `W` in a row:
+    /// consecutive windows cover a few chapters, a sample of one passage.
+    pub fn spread(mut self) -> Self {
+        self.spread = true;
+        self
+    }
+
+    fn window_ranges(&self) -> Vec<std::ops::Range<usize>> {
+        let (batch, seq) = (self.ws.batch, self.ws.seq);
+        let want = self.windows.max(batch);
+        if !self.spread {
+            return crate::data::eval_windows(self.text, seq, want);
+        }
+        let room = self.text.tokens.len().saturating_sub(seq + 1);
+        let n = want.min(room / seq.max(1) + 1);
+        let stride = room / n.max(1);
+        (0..n).map(|i| i * stride..i * stride + seq + 1).collect()
     }
 
     /// Mean validation loss with `values` (only tensors that differ from the
@@ -347,7 +369,7 @@ impl<'a, B: Backend> Evaluator<'a, B> {
     fn run_windows(&mut self, be: &B) -> Result<Vec<f64>> {
         let (batch, seq) = (self.ws.batch, self.ws.seq);
         let attn = eval_attention(&self.model.cfg);
-        let wins = crate::data::eval_windows(self.text, seq, self.windows.max(batch));
+        let wins = self.window_ranges();
         let mut out = Vec::with_capacity(wins.len() / batch);
         for chunk in wins.chunks_exact(batch) {
             let mut ids = Vec::with_capacity(batch * seq);
@@ -376,9 +398,8 @@ impl<'a, B: Backend> Evaluator<'a, B> {
                 h.u64(x.to_bits() as u64);
             }
         }
-        let (batch, seq) = (self.ws.batch, self.ws.seq);
-        h.u64(batch as u64);
-        for w in crate::data::eval_windows(self.text, seq, self.windows.max(batch)) {
+        h.u64(self.ws.batch as u64);
+        for w in self.window_ranges() {
             h.bytes(&self.text.tokens[w]);
         }
         h.0
