@@ -130,27 +130,27 @@ fn attention_backward_with_split_query_loops_matches_reference() {
     for mode in ["dense", "tokens", "blocks"] {
         macro_rules! run {
             ($be:expr) => {{
-            let be = $be;
-            let (qt, kt, vt, dot) = (
-                common::up(be, &q, &qs, dt),
-                common::up(be, &k, &ks, dt),
-                common::up(be, &v, &ks, dt),
-                common::up(be, &d_o, &qs, dt),
-            );
-            let tt = Tensor::from_u32(be, &tok, &[batch, seq, kk]).unwrap();
-            let bt = Tensor::from_u32(be, &blk, &[batch, seq, nn]).unwrap();
-            let pat = || match mode {
-                "dense" => Pattern::Dense,
-                "tokens" => Pattern::Tokens(&tt),
-                _ => Pattern::Blocks { idx: &bt, block: 16 },
-            };
-            let mut o = common::poisoned(be, &qs, dt);
-            let mut lse = common::poisoned(be, &[batch, heads, seq], DType::F32);
-            attn::attention(be, &qt, &kt, &vt, pat(), &mut o, &mut lse).unwrap();
-            let (mut dq, mut dk, mut dv) =
-                (common::poisoned(be, &qs, dt), common::poisoned(be, &ks, dt), common::poisoned(be, &ks, dt));
-            attn::attention_backward(be, &qt, &kt, &vt, &o, &lse, &dot, pat(), &mut dq, &mut dk, &mut dv).unwrap();
-            vec![common::down(be, &dq), common::down(be, &dk), common::down(be, &dv)]
+                let be = $be;
+                let (qt, kt, vt, dot) = (
+                    common::up(be, &q, &qs, dt),
+                    common::up(be, &k, &ks, dt),
+                    common::up(be, &v, &ks, dt),
+                    common::up(be, &d_o, &qs, dt),
+                );
+                let tt = Tensor::from_u32(be, &tok, &[batch, seq, kk]).unwrap();
+                let bt = Tensor::from_u32(be, &blk, &[batch, seq, nn]).unwrap();
+                let pat = || match mode {
+                    "dense" => Pattern::Dense,
+                    "tokens" => Pattern::Tokens(&tt),
+                    _ => Pattern::Blocks { idx: &bt, block: 16 },
+                };
+                let mut o = common::poisoned(be, &qs, dt);
+                let mut lse = common::poisoned(be, &[batch, heads, seq], DType::F32);
+                attn::attention(be, &qt, &kt, &vt, pat(), &mut o, &mut lse).unwrap();
+                let (mut dq, mut dk, mut dv) =
+                    (common::poisoned(be, &qs, dt), common::poisoned(be, &ks, dt), common::poisoned(be, &ks, dt));
+                attn::attention_backward(be, &qt, &kt, &vt, &o, &lse, &dot, pat(), &mut dq, &mut dk, &mut dv).unwrap();
+                vec![common::down(be, &dq), common::down(be, &dk), common::down(be, &dv)]
             }};
         }
         let (want, got) = (run!(c), run!(g));

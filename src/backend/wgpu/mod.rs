@@ -384,6 +384,12 @@ impl WgpuBackend {
         self.variant
     }
 
+    /// Switches the kernel layout of later launches (benchmarks time both
+    /// variants side by side on one device; pipelines of both stay cached).
+    pub fn set_kernel_variant(&mut self, v: KernelVariant) {
+        self.variant = v;
+    }
+
     /// The adapter's description.
     pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
         &self.info

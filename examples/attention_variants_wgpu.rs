@@ -1,0 +1,138 @@
+//! Times the wgpu attention kernels' software and hardware variants side by
+//! side on one adapter (`DYNSPARSE_WGPU_KERNELS` is ignored: the variant is
+//! switched between timings): the forward, and the backward alone (dq, dk,
+//! dv from a saved forward), dense and block-sparse, batch 1, causal.
+//! Rounds alternate between the variants, so the machine's noise hits them
+//! alike; the table shows each variant's median over the rounds, its spread
+//! (min–max) and the hw / sw ratio of the medians.
+//!
+//! ```sh
+//! XDG_RUNTIME_DIR=/tmp cargo run --example attention_variants_wgpu -- --seq 256 --head-dim 64
+//! ```
+
+use std::time::Instant;
+
+use clap::Parser;
+use dynsparse::attention::{self, Pattern};
+use dynsparse::backend::wgpu::{AdapterPick, KernelVariant, WgpuBackend};
+use dynsparse::util::rng::Rng;
+use dynsparse::{Backend, DType, Result, Tensor};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+    #[arg(long, default_value_t = 2)]
+    heads: usize,
+    #[arg(long, default_value_t = 2)]
+    kv_heads: usize,
+    #[arg(long, default_value_t = 64)]
+    head_dim: usize,
+    /// Keys per block of the sparse pattern.
+    #[arg(long, default_value_t = 16)]
+    block: usize,
+    /// Blocks each query keeps (its own, the sink and the first others).
+    #[arg(long, default_value_t = 4)]
+    keep: usize,
+    /// Calls per timing.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Timings per variant (interleaved).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+}
+
+type T = Tensor<WgpuBackend>;
+
+fn time(be: &WgpuBackend, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    be.synchronize()?;
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        f()?;
+    }
+    be.synchronize()?;
+    Ok(t0.elapsed().as_secs_f64() * 1e3 / reps as f64)
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    let mut be = WgpuBackend::new(&AdapterPick::from_env().unwrap_or(AdapterPick::Any))?;
+    let (seq, d) = (a.seq, a.head_dim);
+    let qs = [1, seq, a.heads, d];
+    let ks = [1, seq, a.kv_heads, d];
+    let mut rng = Rng::new(11);
+    let mut up = |shape: &[usize]| -> Result<T> {
+        let n = shape.iter().product();
+        Tensor::from_f32(&be, &rng.normal_vec(n), shape, DType::F32)
+    };
+    let (q, k, v, d_o) = (up(&qs)?, up(&ks)?, up(&ks)?, up(&qs)?);
+    // Per query: its own block, the sink, then the blocks just before its own.
+    let nb = seq.div_ceil(a.block);
+    let n = a.keep.min(nb);
+    let mut blk = Vec::with_capacity(seq * n);
+    for t in 0..seq {
+        let own = t / a.block;
+        let mut row = vec![own as u32];
+        if own > 0 {
+            row.push(0);
+        }
+        row.extend((1..own).rev().take(n.saturating_sub(row.len())).map(|b| b as u32));
+        row.resize(n, u32::MAX);
+        row.sort_unstable();
+        blk.extend(row);
+    }
+    let idx = Tensor::from_u32(&be, &blk, &[1, seq, n])?;
+    let (mut o, mut lse) = (Tensor::empty(&be, &qs, DType::F32)?, Tensor::empty(&be, &[1, a.heads, seq], DType::F32)?);
+    let (mut dq, mut dk, mut dv) = (
+        Tensor::empty(&be, &qs, DType::F32)?,
+        Tensor::empty(&be, &ks, DType::F32)?,
+        Tensor::empty(&be, &ks, DType::F32)?,
+    );
+    let ops = ["dense fwd", "dense bwd", "sparse fwd", "sparse bwd"];
+    let variants = [KernelVariant::Software, KernelVariant::Hardware];
+    let mut times = vec![vec![Vec::new(); ops.len()]; variants.len()];
+    for _ in 0..a.rounds {
+        for (vi, &var) in variants.iter().enumerate() {
+            be.set_kernel_variant(var);
+            let be = &be;
+            for (oi, op) in ops.iter().enumerate() {
+                let pat = || {
+                    if op.starts_with("dense") { Pattern::Dense } else { Pattern::Blocks { idx: &idx, block: a.block } }
+                };
+                attention::attention(be, &q, &k, &v, pat(), &mut o, &mut lse)?;
+                let ms = if op.ends_with("fwd") {
+                    time(be, a.reps, || attention::attention(be, &q, &k, &v, pat(), &mut o, &mut lse))?
+                } else {
+                    time(be, a.reps, || {
+                        attention::attention_backward(be, &q, &k, &v, &o, &lse, &d_o, pat(), &mut dq, &mut dk, &mut dv)
+                    })?
+                };
+                times[vi][oi].push(ms);
+            }
+        }
+    }
+    println!(
+        "device: {} (wgpu); seq {seq}, heads {}/{}, head_dim {d}, f32; sparse: {n} blocks of {} per query; {} calls per timing, {} rounds",
+        be.device_name(),
+        a.heads,
+        a.kv_heads,
+        a.block,
+        a.reps,
+        a.rounds
+    );
+    println!();
+    println!("| op | sw ms (median) | sw spread | hw ms (median) | hw spread | hw / sw |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let stats = |v: &[f64]| {
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        (s[s.len() / 2], s[0], s[s.len() - 1])
+    };
+    for (oi, op) in ops.iter().enumerate() {
+        let (sm, s0, s1) = stats(&times[0][oi]);
+        let (hm, h0, h1) = stats(&times[1][oi]);
+        println!("| {op} | {sm:.1} | {s0:.1}–{s1:.1} | {hm:.1} | {h0:.1}–{h1:.1} | {:.2}× |", hm / sm);
+    }
+    Ok(())
+}
