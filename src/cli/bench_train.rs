@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use crate::outln;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use dynsparse::backend::{BackendChoice, BackendJob, run_on, select};
 use dynsparse::data::synthetic::{SyntheticConfig, generate};
 use dynsparse::model::{AttentionMode, Model, ModelConfig};
@@ -14,6 +13,7 @@ use dynsparse::train::memory::MemoryPlan;
 use dynsparse::train::{LrSchedule, MemoryReport, TrainConfig, Trainer};
 use dynsparse::util::machine::{host_description, update_markdown_section};
 use dynsparse::{Backend, DType, Error, Result};
+use indicatif::{ProgressBar, ProgressStyle};
 
 use super::bench::parse_dtypes;
 
@@ -157,8 +157,9 @@ struct SweepJob<'a> {
 impl BackendJob for SweepJob<'_> {
     type Output = Vec<Cell>;
     fn run<B: Backend>(self, be: &B) -> Result<Self::Output> {
-        let bar = ProgressBar::new(2 * self.a.seqs.len() as u64)
-            .with_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed}]").expect("static template"));
+        let bar = ProgressBar::new(2 * self.a.seqs.len() as u64).with_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed}]").expect("static template"),
+        );
         let mut out = Vec::new();
         for &seq in &self.a.seqs {
             let steps = sweep_steps(self.a.steps, seq);

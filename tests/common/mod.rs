@@ -884,7 +884,19 @@ pub fn indexer_train_kept<R: Backend, B: Backend>(r: &R, b: &B) {
             let mut fdq = poisoned(be, &[batch, seq, hi, di], dt);
             let (mut fdk, mut fdw) = (poisoned(be, &[batch, seq, di], dt), poisoned(be, &[batch, seq, hi], dt));
             let fused = attn::indexer_train_kept(
-                be, &qt, &kt, &wt, &aq, &ak, &lse, pat(), gs, &mut floss, &mut fdq, &mut fdk, &mut fdw,
+                be,
+                &qt,
+                &kt,
+                &wt,
+                &aq,
+                &ak,
+                &lse,
+                pat(),
+                gs,
+                &mut floss,
+                &mut fdq,
+                &mut fdk,
+                &mut fdw,
             )
             .unwrap();
             // A backend without the fused kernel: the chain is what its model runs.
