@@ -525,3 +525,78 @@ pub fn indexer_backward_rows<B: Backend>(
     check_same_shape(OP, &[("w", w), ("dw", &*dw)])?;
     be.indexer_backward(&s, qi, ki, w, dscores, dqi, dki, dw)
 }
+
+/// Sizes of the fused kept-set indexer training ([`indexer_train_kept`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct IndexerTrainSpec {
+    /// The main attention's sizes; `pattern` is the block pattern whose kept
+    /// set the KL runs over.
+    pub attn: AttentionSpec,
+    /// Index heads `H_I` and index head dim `d_I`.
+    pub heads: usize,
+    pub dim: usize,
+    /// The factor on `dscores` (`r - p`) before the backward pass.
+    pub grad_scale: f32,
+    pub checked: Checked,
+}
+
+/// The indexer's sparse-phase training step fused over the kept set: the
+/// result of [`indexer_scores`], [`indexer_kl`] with the block pattern,
+/// `dscores *= grad_scale` and [`indexer_backward`], without the
+/// `[batch, seq, seq]` scores. Every quantity of that chain is non-zero only
+/// on `K(t)` (the kept keys of query `t`), so the fused op costs
+/// `O(batch·seq·|K|·(H_I·d_I + H·d))` instead of `O(batch·seq²·H_I·d_I)`:
+/// `loss` (F32 `[batch, seq]`) and `dq_i`, `dk_i`, `dw` (overwritten) are
+/// those of the chain up to rounding (dot products summed in another order).
+///
+/// Optional: returns `Ok(false)` and leaves the outputs alone when the
+/// backend has no fused kernel; the caller then runs the chain of ops.
+#[allow(clippy::too_many_arguments)]
+pub fn indexer_train_kept<B: Backend>(
+    be: &B,
+    qi: &Tensor<B>,
+    ki: &Tensor<B>,
+    w: &Tensor<B>,
+    q: &Tensor<B>,
+    k: &Tensor<B>,
+    lse: &Tensor<B>,
+    pattern: Pattern<'_, B>,
+    grad_scale: f32,
+    loss: &mut Tensor<B>,
+    dqi: &mut Tensor<B>,
+    dki: &mut Tensor<B>,
+    dw: &mut Tensor<B>,
+) -> Result<bool> {
+    const OP: &str = "indexer_train_kept";
+    if !matches!(pattern, Pattern::Blocks { .. }) {
+        return Err(Error::Invalid(format!("{OP}: the kept set must be a block pattern")));
+    }
+    let s = attn_spec(be, OP, q, k, k, &pattern)?;
+    check_lse(OP, &s, lse)?;
+    let is = indexer_spec(be, OP, qi, ki, w, 0)?;
+    if (is.batch, is.seq) != (s.batch, s.seq) {
+        return Err(Error::Shape(format!(
+            "{OP}: q_i {} and q {} disagree on batch and seq",
+            fmt_shape(qi.shape()),
+            fmt_shape(q.shape())
+        )));
+    }
+    check_same_dtype(OP, &[("q_i", qi), ("dq_i", &*dqi), ("dk_i", &*dki), ("dw", &*dw)])?;
+    check_same_shape(OP, &[("q_i", qi), ("dq_i", &*dqi)])?;
+    check_same_shape(OP, &[("k_i", ki), ("dk_i", &*dki)])?;
+    check_same_shape(OP, &[("w", w), ("dw", &*dw)])?;
+    check_dtype(OP, "loss", loss, DType::F32)?;
+    if loss.shape() != [s.batch, s.seq] {
+        return Err(Error::Shape(format!(
+            "{OP}: loss must be [{}, {}], got {}",
+            s.batch,
+            s.seq,
+            fmt_shape(loss.shape())
+        )));
+    }
+    if !grad_scale.is_finite() {
+        return Err(Error::Invalid(format!("{OP}: grad_scale {grad_scale} must be finite")));
+    }
+    let ts = IndexerTrainSpec { attn: s, heads: is.heads, dim: is.dim, grad_scale, checked: CHECKED };
+    be.indexer_train_kept(&ts, qi, ki, w, q, k, lse, idx_of(&pattern).expect("block pattern"), loss, dqi, dki, dw)
+}

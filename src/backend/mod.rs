@@ -19,7 +19,7 @@ pub use select::{AnyBackend, BackendChoice, BackendJob, Selection, run_on, selec
 use crate::DType;
 use crate::Tensor;
 use crate::attention::cached::{CachedAttentionSpec, CachedIndexerSpec, CachedSelectSpec};
-use crate::attention::ops::{AttentionSpec, IndexerLossSpec, IndexerSpec, SelectSpec};
+use crate::attention::ops::{AttentionSpec, IndexerLossSpec, IndexerSpec, IndexerTrainSpec, SelectSpec};
 use crate::error::Result;
 use crate::ops::*;
 
@@ -217,6 +217,28 @@ pub trait Backend: Send + Sync + Sized + 'static {
         dki: &mut T<Self>,
         dw: &mut T<Self>,
     ) -> Result<()>;
+    /// The fused kept-set indexer training of
+    /// [`crate::attention::indexer_train_kept`] (`idx`: the block pattern).
+    /// Optional: the default (no fused kernel) returns `Ok(false)` and the
+    /// model runs the unfused chain of indexer ops instead.
+    #[allow(clippy::too_many_arguments)]
+    fn indexer_train_kept(
+        &self,
+        _s: &IndexerTrainSpec,
+        _qi: &T<Self>,
+        _ki: &T<Self>,
+        _w: &T<Self>,
+        _q: &T<Self>,
+        _k: &T<Self>,
+        _lse: &T<Self>,
+        _idx: &T<Self>,
+        _loss: &mut T<Self>,
+        _dqi: &mut T<Self>,
+        _dki: &mut T<Self>,
+        _dw: &mut T<Self>,
+    ) -> Result<bool> {
+        Ok(false)
+    }
 
     // ---- inference over a KV cache: semantics in `crate::attention::cached`,
     // `crate::ops::cache` and `crate::ops::rope::rope_rows` ----

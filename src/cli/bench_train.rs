@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use crate::outln;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use dynsparse::backend::{BackendChoice, BackendJob, run_on, select};
 use dynsparse::data::synthetic::{SyntheticConfig, generate};
 use dynsparse::model::{AttentionMode, Model, ModelConfig};
@@ -14,6 +13,7 @@ use dynsparse::train::memory::MemoryPlan;
 use dynsparse::train::{LrSchedule, MemoryReport, TrainConfig, Trainer};
 use dynsparse::util::machine::{host_description, update_markdown_section};
 use dynsparse::{Backend, DType, Error, Result};
+use indicatif::{ProgressBar, ProgressStyle};
 
 use super::bench::parse_dtypes;
 
@@ -40,6 +40,10 @@ pub struct TrainBenchArgs {
     /// context grows to the longest length. Replaces the per-precision table.
     #[arg(long, value_delimiter = ',')]
     pub seqs: Vec<usize>,
+    /// `--seqs`: timed rounds per cell (each of `--steps` steps, more at short
+    /// lengths); the table reports the median round and the spread.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u64,
     /// Write the table into this Markdown file (a section replaced on every run).
     #[arg(long)]
     pub write: Option<PathBuf>,
@@ -50,6 +54,7 @@ struct Row {
     mem: MemoryReport,
     peak: usize,
     tok_s: f64,
+    rounds: Vec<f64>,
 }
 
 struct Job<'a> {
@@ -58,7 +63,8 @@ struct Job<'a> {
     dts: Vec<DType>,
 }
 
-/// One warm-up step, then `steps` timed optimizer steps of a fresh model.
+/// One warm-up step, then `n_rounds` rounds of `steps` timed optimizer steps
+/// of a fresh model: tokens/s per round, and their median.
 fn time_steps<B: Backend>(
     be: &B,
     cfg: ModelConfig,
@@ -66,6 +72,7 @@ fn time_steps<B: Backend>(
     batch: usize,
     seq: usize,
     steps: u64,
+    n_rounds: u64,
 ) -> Result<Row> {
     let data = generate(3, 400_000.max(4 * batch * seq), SyntheticConfig::default());
     let tc = TrainConfig {
@@ -89,13 +96,32 @@ fn time_steps<B: Backend>(
     let mut tr = Trainer::new(be, Model::new(be, cfg, dt, 1)?, tc, &mut mem)?;
     tr.train_step(be, &data)?;
     be.synchronize()?;
-    let t0 = Instant::now();
-    for _ in 0..steps {
-        tr.train_step(be, &data)?;
+    let mut rounds = Vec::with_capacity(n_rounds as usize);
+    for _ in 0..n_rounds.max(1) {
+        let t0 = Instant::now();
+        for _ in 0..steps {
+            tr.train_step(be, &data)?;
+        }
+        be.synchronize()?;
+        rounds.push((steps as usize * batch * seq) as f64 / t0.elapsed().as_secs_f64());
     }
-    be.synchronize()?;
-    let tok_s = (steps as usize * batch * seq) as f64 / t0.elapsed().as_secs_f64();
-    Ok(Row { dt, mem, peak: be.memory().peak - base, tok_s })
+    let tok_s = median(&rounds);
+    Ok(Row { dt, mem, peak: be.memory().peak - base, tok_s, rounds })
+}
+
+/// The median of `v` (the mean of the middle two for an even count).
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let m = s.len() / 2;
+    if s.len() % 2 == 1 { s[m] } else { (s[m - 1] + s[m]) / 2.0 }
+}
+
+/// Timed steps per round of a `--seqs` cell: at least `steps`, and about
+/// `steps·2048` tokens per round at shorter lengths (a 512-token step is too
+/// short to time alone on a noisy machine).
+fn sweep_steps(steps: u64, seq: usize) -> u64 {
+    steps.max((steps * 2048).div_ceil(seq.max(1) as u64))
 }
 
 impl BackendJob for Job<'_> {
@@ -107,13 +133,21 @@ impl BackendJob for Job<'_> {
                 eprintln!("{dt}: not supported by {}, skipped", be.device_name());
                 continue;
             }
-            rows.push(time_steps(be, self.cfg, dt, self.a.batch, self.a.seq, self.a.steps)?);
+            rows.push(time_steps(be, self.cfg, dt, self.a.batch, self.a.seq, self.a.steps, 1)?);
         }
         Ok(rows)
     }
 }
 
-/// `--seqs`: (seq, dense tokens/s, sparse tokens/s) at batch 1, f32.
+/// One `--seqs` cell: the length, timed steps per round, and the dense and sparse rows.
+struct Cell {
+    seq: usize,
+    steps: u64,
+    dense: Row,
+    sparse: Row,
+}
+
+/// `--seqs`: per length, dense then sparse at batch 1, f32.
 struct SweepJob<'a> {
     a: &'a TrainBenchArgs,
     dense: ModelConfig,
@@ -121,27 +155,38 @@ struct SweepJob<'a> {
 }
 
 impl BackendJob for SweepJob<'_> {
-    type Output = Vec<(usize, f64, f64)>;
+    type Output = Vec<Cell>;
     fn run<B: Backend>(self, be: &B) -> Result<Self::Output> {
-        let bar = ProgressBar::new(2 * self.a.seqs.len() as u64)
-            .with_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed}]").expect("static template"));
+        let bar = ProgressBar::new(2 * self.a.seqs.len() as u64).with_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed}]").expect("static template"),
+        );
         let mut out = Vec::new();
         for &seq in &self.a.seqs {
+            let steps = sweep_steps(self.a.steps, seq);
             bar.set_message(format!("seq {seq} dense"));
-            let d = time_steps(be, self.dense, DType::F32, 1, seq, self.a.steps)?.tok_s;
+            let dense = time_steps(be, self.dense, DType::F32, 1, seq, steps, self.a.rounds)?;
             bar.inc(1);
             bar.set_message(format!("seq {seq} sparse"));
-            let s = time_steps(be, self.sparse, DType::F32, 1, seq, self.a.steps)?.tok_s;
+            let sparse = time_steps(be, self.sparse, DType::F32, 1, seq, steps, self.a.rounds)?;
             bar.inc(1);
-            log::info!("seq {seq}: dense {d:.0} tokens/s, sparse {s:.0} tokens/s");
-            out.push((seq, d, s));
+            log::info!("seq {seq}: dense {:?} tokens/s, sparse {:?} tokens/s (rounds)", dense.rounds, sparse.rounds);
+            out.push(Cell { seq, steps, dense, sparse });
         }
         bar.finish_and_clear();
         Ok(out)
     }
 }
 
+/// `median (min–max)` of a cell's rounds.
+fn spread(r: &Row) -> String {
+    let (lo, hi) = r.rounds.iter().fold((f64::INFINITY, 0.0f64), |(l, h), &x| (l.min(x), h.max(x)));
+    format!("{:.0} ({lo:.0}–{hi:.0})", r.tok_s)
+}
+
 fn run_sweep(choice: BackendChoice, a: &TrainBenchArgs, mut cfg: ModelConfig) -> Result<()> {
+    if a.rounds == 0 {
+        return Err(Error::Invalid("--rounds 0: accepted range 1 or more".into()));
+    }
     if a.seqs.contains(&0) {
         return Err(Error::Invalid("--seqs: every length must be 1 or more".into()));
     }
@@ -157,13 +202,18 @@ fn run_sweep(choice: BackendChoice, a: &TrainBenchArgs, mut cfg: ModelConfig) ->
     let kind = sel.backend.kind();
     let list = a.seqs.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
     let mut md = format!(
-        "Machine: {} — device: {} ({kind}).\n\nCommand: `dynsparse --backend {kind} bench train --layers {} --d-model {} --seqs {list} --steps {}`\n\n\
-         f32, batch 1, one warm-up step then {} timed steps per cell; sparse = block {}, the default kept blocks, from step 0 (no dense warm-up).\n\n\
-         | seq | dense tokens/s | sparse tokens/s | sparse / dense |\n|---:|---:|---:|---:|\n",
+        "Machine: {} — device: {} ({kind}).\n\nCommand: `dynsparse --backend {kind} bench train --layers {} --d-model {} --seqs {list} --steps {} --rounds {}`\n\n\
+         f32, batch 1, per cell one warm-up step then {} timed rounds of the steps shown (at least {}, about {}·2048 tokens per round at shorter lengths); \
+         tokens/s as the median round (min–max); sparse = block {}, the default kept blocks, from step 0 (no dense warm-up); \
+         sparse / dense is the ratio of the medians.\n\n\
+         | seq | steps/round | dense tokens/s | sparse tokens/s | sparse / dense |\n|---:|---:|---:|---:|---:|\n",
         host_description(),
         sel.backend.device_name(),
         a.layers,
         a.d_model,
+        a.steps,
+        a.rounds,
+        a.rounds,
         a.steps,
         a.steps,
         match sparse.attention {
@@ -171,8 +221,15 @@ fn run_sweep(choice: BackendChoice, a: &TrainBenchArgs, mut cfg: ModelConfig) ->
             _ => 0,
         },
     );
-    for (seq, d, s) in rows {
-        md.push_str(&format!("| {seq} | {d:.0} | {s:.0} | {:.2}× |\n", s / d));
+    for c in rows {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {:.2}× |\n",
+            c.seq,
+            c.steps,
+            spread(&c.dense),
+            spread(&c.sparse),
+            c.sparse.tok_s / c.dense.tok_s
+        ));
     }
     outln!("{md}");
     if let Some(p) = &a.write {

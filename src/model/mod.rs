@@ -409,9 +409,28 @@ impl<B: Backend> Model<B> {
                 };
                 let a = &ws.layers[l];
                 ix.project(be, &a.ln1, w, ip)?;
-                // The [B, seq, seq] scores and their gradient, one tile of query rows at a
-                // time: the KL rows and dq_i, dw rows are the tile's; dk_i adds up over tiles.
-                for q0 in (0..ws.seq).step_by(ix.tile) {
+                // Sparse phase: the KL and its gradient live on the kept keys only; a backend
+                // with the fused kernel computes them there, in O(n·|K|) instead of O(n²).
+                let fused = sparse_step
+                    && attention::indexer_train_kept(
+                        be,
+                        &ix.qi,
+                        &ix.ki,
+                        &ix.w,
+                        &a.q,
+                        &a.k,
+                        &a.lse,
+                        Pattern::Blocks { idx: &ix.select[l], block },
+                        loss_scale / n as f32,
+                        &mut ix.kl,
+                        &mut ix.dqi,
+                        &mut ix.dki,
+                        &mut ix.dw,
+                    )?;
+                // Otherwise the [B, seq, seq] scores and their gradient, one tile of query rows
+                // at a time: the KL rows and dq_i, dw rows are the tile's; dk_i adds up over tiles.
+                let tiles = if fused { 0 } else { ws.seq };
+                for q0 in (0..tiles).step_by(ix.tile) {
                     let (scores, dscores) = match ix.tail.as_mut() {
                         Some(t) if q0 + ix.tile > ws.seq => (&mut t.0, &mut t.1),
                         _ => (&mut ix.scores, &mut ix.dscores),
@@ -434,7 +453,7 @@ impl<B: Backend> Model<B> {
                         ops::axpby(be, 1.0, dki_tile, 1.0, acc)?;
                     }
                 }
-                if let Some((_, acc)) = ix.dki_tiles.as_ref() {
+                if let Some((_, acc)) = ix.dki_tiles.as_ref().filter(|_| !fused) {
                     ops::cast(be, acc, &mut ix.dki)?;
                 }
                 kl_total += ix.kl.to_f32_vec(be)?.iter().map(|&x| x as f64).sum::<f64>() / n as f64;

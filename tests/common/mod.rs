@@ -835,6 +835,86 @@ fn indexer_tiles_case<R: Backend, B: Backend>(
     }
 }
 
+/// The fused kept-set indexer training, where a backend has it, against the
+/// unfused chain on the same backend (scores, KL over the block pattern,
+/// `dscores·grad_scale`, backward), and the results across backends. The
+/// pattern lists a `NONE` entry and a future block, which both must skip.
+pub fn indexer_train_kept<R: Backend, B: Backend>(r: &R, b: &B) {
+    use dynsparse::attention::select::NONE;
+    use dynsparse::attention::{self as attn, Pattern};
+    let (batch, seq, heads, kv, d, hi, di) = (2usize, 75usize, 4usize, 2usize, 16usize, 2usize, 8usize);
+    let gs = 0.37f32;
+    for dt in float_dtypes(r, b) {
+        let mut rng = Rng::new(seed("indexer-train-kept", dt, 0));
+        let (qi, ki, w) =
+            (rng.normal_vec(batch * seq * hi * di), rng.normal_vec(batch * seq * di), rng.normal_vec(batch * seq * hi));
+        let (q, k) = (rng.normal_vec(batch * seq * heads * d), rng.normal_vec(batch * seq * kv * d));
+        let (_, _, mut blk, nn) = attn_patterns(batch, seq, seed("indexer-train-kept-pattern", dt, 0));
+        // Query 40 of batch 0 (blocks 0..=2 visible): a NONE entry; query 20 of batch 1: block 4 is its future.
+        blk[40 * nn + 1] = NONE;
+        let row = &mut blk[(seq + 20) * nn..(seq + 21) * nn];
+        if !row.contains(&4) {
+            row[nn - 1] = 4;
+        }
+        let names = ["kl loss", "dq_i", "dk_i", "dw"];
+        let (want, got) = on_both!(r, b, |be| {
+            let (qt, kt, wt) = (
+                up(be, &qi, &[batch, seq, hi, di], dt),
+                up(be, &ki, &[batch, seq, di], dt),
+                up(be, &w, &[batch, seq, hi], dt),
+            );
+            let (qs, ks) = ([batch, seq, heads, d], [batch, seq, kv, d]);
+            let (aq, ak) = (up(be, &q, &qs, dt), up(be, &k, &ks, dt));
+            let bt = Tensor::from_u32(be, &blk, &[batch, seq, nn]).unwrap();
+            let pat = || Pattern::Blocks { idx: &bt, block: ATTN_BLOCK };
+            let mut o = poisoned(be, &qs, dt);
+            let mut lse = poisoned(be, &[batch, heads, seq], DType::F32);
+            attn::attention(be, &aq, &ak, &ak, pat(), &mut o, &mut lse).unwrap();
+            let full = [batch, seq, seq];
+            let mut scores = poisoned(be, &full, DType::F32);
+            attn::indexer_scores(be, &qt, &kt, &wt, &mut scores).unwrap();
+            let (mut loss, mut ds) = (poisoned(be, &[batch, seq], DType::F32), poisoned(be, &full, DType::F32));
+            attn::indexer_kl(be, &aq, &ak, &lse, &scores, pat(), &mut loss, &mut ds).unwrap();
+            dynsparse::ops::scale(be, &mut ds, gs).unwrap();
+            let mut dq = poisoned(be, &[batch, seq, hi, di], dt);
+            let (mut dk, mut dw) = (poisoned(be, &[batch, seq, di], dt), poisoned(be, &[batch, seq, hi], dt));
+            attn::indexer_backward(be, &qt, &kt, &wt, &ds, &mut dq, &mut dk, &mut dw).unwrap();
+            let chain = vec![down(be, &loss), down(be, &dq), down(be, &dk), down(be, &dw)];
+            let mut floss = poisoned(be, &[batch, seq], DType::F32);
+            let mut fdq = poisoned(be, &[batch, seq, hi, di], dt);
+            let (mut fdk, mut fdw) = (poisoned(be, &[batch, seq, di], dt), poisoned(be, &[batch, seq, hi], dt));
+            let fused = attn::indexer_train_kept(
+                be,
+                &qt,
+                &kt,
+                &wt,
+                &aq,
+                &ak,
+                &lse,
+                pat(),
+                gs,
+                &mut floss,
+                &mut fdq,
+                &mut fdk,
+                &mut fdw,
+            )
+            .unwrap();
+            // A backend without the fused kernel: the chain is what its model runs.
+            if fused {
+                let fused = vec![down(be, &floss), down(be, &fdq), down(be, &fdk), down(be, &fdw)];
+                for (i, name) in names.iter().enumerate() {
+                    let what = format!("indexer_train_kept {name} (fused vs chain, same backend)");
+                    assert_close(&what, &fused[i], &chain[i], dt);
+                }
+                fused
+            } else {
+                chain
+            }
+        });
+        compare_all("indexer_train_kept", "blocks", dt, &names, &want, &got);
+    }
+}
+
 /// Long sequences (f32): dense and block-sparse attention forward and
 /// backward, the indexer (scores, block scores, backward) and its KL loss at
 /// a sequence where one invocation looping over every key or query would run
@@ -1774,6 +1854,12 @@ macro_rules! conformance_tests {
         fn indexer_training_ops_over_query_tiles_match_untiled() {
             if let Some((r, b)) = $get() {
                 common::indexer_tiles_match_untiled(r, b)
+            }
+        }
+        #[test]
+        fn fused_kept_set_indexer_training_matches_the_op_chain() {
+            if let Some((r, b)) = $get() {
+                common::indexer_train_kept(r, b)
             }
         }
         #[test]

@@ -14,6 +14,7 @@ mod cross_entropy;
 mod elementwise;
 mod embedding;
 mod gelu;
+mod indexer_train;
 mod layernorm;
 mod matmul;
 mod qmatmul;
@@ -29,7 +30,7 @@ use half::{bf16, f16};
 
 use super::{Backend, BackendKind, MemoryCounter, MemoryStats};
 use crate::attention::cached::{CachedAttentionSpec, CachedIndexerSpec, CachedSelectSpec};
-use crate::attention::ops::{AttentionSpec, IndexerLossSpec, IndexerSpec, SelectSpec};
+use crate::attention::ops::{AttentionSpec, IndexerLossSpec, IndexerSpec, IndexerTrainSpec, SelectSpec};
 use crate::error::{Error, Result};
 use crate::ops::*;
 use crate::{DType, Tensor};
@@ -478,6 +479,24 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         attention::indexer_backward(s, qi, ki, w, dscores, dqi, dki, dw);
         Ok(())
+    }
+    fn indexer_train_kept(
+        &self,
+        s: &IndexerTrainSpec,
+        qi: &Tensor<Self>,
+        ki: &Tensor<Self>,
+        w: &Tensor<Self>,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        lse: &Tensor<Self>,
+        idx: &Tensor<Self>,
+        loss: &mut Tensor<Self>,
+        dqi: &mut Tensor<Self>,
+        dki: &mut Tensor<Self>,
+        dw: &mut Tensor<Self>,
+    ) -> Result<bool> {
+        indexer_train::indexer_train_kept(s, qi, ki, w, q, k, lse, idx, loss, dqi, dki, dw);
+        Ok(true)
     }
     fn rope_rows(
         &self,
