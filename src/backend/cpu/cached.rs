@@ -15,7 +15,7 @@ use std::borrow::Cow;
 use rayon::prelude::*;
 
 use super::attention::{gemm_rows, online_update};
-use super::{CpuBackend, CpuBuffer, Storage, rd, simd};
+use super::{CpuBackend, CpuBuffer, Storage, convert, rd, simd};
 use crate::Tensor;
 use crate::attention::cached::{CachedAttentionSpec, CachedIndexerSpec, CachedSelectSpec, Paging};
 use crate::attention::ops::PatternSpec;
@@ -65,8 +65,16 @@ fn cache_rows(buf: &CpuBuffer, row0: usize, n: usize, width: usize) -> Cow<'_, [
     let r = row0 * width..(row0 + n) * width;
     match &buf.data {
         Storage::F32(v) => Cow::Borrowed(&v[r]),
-        Storage::F16(v) => Cow::Owned(v[r].iter().map(|x| x.to_f32()).collect()),
-        Storage::BF16(v) => Cow::Owned(v[r].iter().map(|x| x.to_f32()).collect()),
+        Storage::F16(v) => {
+            let mut out = vec![0.0; r.len()];
+            convert::widen_f16(&v[r], &mut out);
+            Cow::Owned(out)
+        }
+        Storage::BF16(v) => {
+            let mut out = vec![0.0; r.len()];
+            convert::widen_bf16(&v[r], &mut out);
+            Cow::Owned(out)
+        }
         _ => unreachable!("op validation guarantees a float cache"),
     }
 }
@@ -122,10 +130,14 @@ fn head_rows(
     match &buf.data {
         Storage::F32(v) => (Cow::Borrowed(&v[r]), width),
         Storage::F16(v) => {
-            (Cow::Owned(v[r].chunks(width).flat_map(|x| x[..d].iter().map(|y| y.to_f32())).collect()), d)
+            let mut out = vec![0.0; n * d];
+            v[r].chunks(width).zip(out.chunks_mut(d)).for_each(|(s, o)| convert::widen_f16(&s[..d], o));
+            (Cow::Owned(out), d)
         }
         Storage::BF16(v) => {
-            (Cow::Owned(v[r].chunks(width).flat_map(|x| x[..d].iter().map(|y| y.to_f32())).collect()), d)
+            let mut out = vec![0.0; n * d];
+            v[r].chunks(width).zip(out.chunks_mut(d)).for_each(|(s, o)| convert::widen_bf16(&s[..d], o));
+            (Cow::Owned(out), d)
         }
         _ => unreachable!("op validation guarantees a float cache"),
     }
