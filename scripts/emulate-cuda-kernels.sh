@@ -15,9 +15,10 @@
 # a contiguous and a scattered page table (pages of 8 rows and smaller): the
 # same bits either way; the quantized matmul kernels (every format, group
 # size and activation dtype, rows alone bit-identical to the batch). Needs
-# g++ (C++20). Takes about fifteen minutes on 2 cores; names as arguments
-# run only those drivers (`scripts/emulate-cuda-kernels.sh qmatmul`: about a
-# minute). No GPU, no CUDA toolkit.
+# g++ (C++20). Takes about a minute and a half on 2 cores, mostly g++ (the
+# CUDA threads are cooperative fibers, see emu.h); names as arguments run
+# only those drivers (`scripts/emulate-cuda-kernels.sh qmatmul`). No GPU, no
+# CUDA toolkit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tmp="$(mktemp -d)"
