@@ -35,44 +35,8 @@
 // the chunk is a range of its slots (keys), key units or queries. With nch = 1 the
 // invocation writes the final result; otherwise it writes partials at
 // (c·R + rl) that `shaders/split.wgsl` combines in chunk order.
-
-struct AttnParams {
-    batch: u32,
-    seq: u32,
-    n_heads: u32,
-    n_kv_heads: u32,
-    head_dim: u32,
-    scale: f32,
-    mode: u32,
-    kn: u32,
-    block: u32,
-    nkb: u32,
-    chunk: u32,
-    nch: u32,
-    r0: u32,
-    nrow: u32,
-}
-
-struct AttnTiledParams {
-    batch: u32,
-    seq: u32,
-    n_heads: u32,
-    n_kv_heads: u32,
-    head_dim: u32,
-    scale: f32,
-    mode: u32,
-    kn: u32,
-    block: u32,
-    nkb: u32,
-    chunk: u32,
-    nch: u32,
-    r0: u32,
-    nrow: u32,
-    tq: u32,
-    tile0: u32,
-    ntile: u32,
-    unit: u32,
-}
+//
+// `AttnParams` and `AttnTiledParams` are declared once, in shaders/common.wgsl.
 
 struct AttnKlParams {
     batch: u32,

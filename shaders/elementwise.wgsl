@@ -1,6 +1,23 @@
 // Element-wise ops (fill, add, axpby, scale, bias add, cast; column sums are in reduce.wgsl) and
 // the half-precision pack/unpack passes every f16/bf16 output goes through.
-// Parameter word 0 is the element count unless a kernel says otherwise.
+// Parameters: typed structs mirrored in src/backend/wgpu/core_ops.rs (`CountParams`
+// and `BiasParams` are in shaders/common.wgsl); n is the element count.
+
+struct HalfParams {
+    n: u32,
+    bf16: u32,
+}
+
+struct ScalarParams {
+    n: u32,
+    value: f32,
+}
+
+struct AxpbyParams {
+    n: u32,
+    alpha: f32,
+    beta: f32,
+}
 
 // bf16 bits of an f32, rounded to nearest even (NaN stays NaN).
 fn to_bf16(x: f32) -> u32 {
@@ -37,31 +54,31 @@ fn to_half(x: f32, bf: bool) -> u32 {
     return to_f16(x);
 }
 
-//!kernel pack_half(src: in, dst: idxout)
-// p0 = element count, p1 = 1 for bf16 / 0 for f16. One invocation per u32 word.
+//!kernel pack_half(src: in, dst: idxout) : HalfParams
+// n elements, bf16 = 1 for bf16 / 0 for f16. One invocation per u32 word.
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let w = lin(g, nw);
-    let n = pu(0u);
+    let n = P.n;
     if (w >= (n + 1u) / 2u) { return; }
-    let bf = pu(1u) == 1u;
+    let bf = P.bf16 == 1u;
     let lo = to_half(ld_src(2u * w), bf);
     var hi = 0u;
     if (2u * w + 1u < n) { hi = to_half(ld_src(2u * w + 1u), bf); }
     stu_dst(w, lo | (hi << 16u));
 }
 
-//!kernel unpack_half(src: idx, dst: out)
-// p0 = element count, p1 = 1 for bf16 / 0 for f16. One invocation per u32 word.
+//!kernel unpack_half(src: idx, dst: out) : HalfParams
+// n elements, bf16 = 1 for bf16 / 0 for f16. One invocation per u32 word.
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let w = lin(g, nw);
-    let n = pu(0u);
+    let n = P.n;
     if (w >= (n + 1u) / 2u) { return; }
     let bits = ldu_src(w);
     var lo: f32;
     var hi: f32;
-    if (pu(1u) == 1u) {
+    if (P.bf16 == 1u) {
         lo = bf16_lo(bits);
         hi = bf16_hi(bits);
     } else {
@@ -73,65 +90,65 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw
     if (2u * w + 1u < n) { st_dst(2u * w + 1u, hi); }
 }
 
-//!kernel fill(x: out)
-// p1 = value
+//!kernel fill(x: out) : ScalarParams
+// x = value
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(g, nw);
-    if (i >= pu(0u)) { return; }
-    st_x(i, pf(1u));
+    if (i >= P.n) { return; }
+    st_x(i, P.value);
 }
 
-//!kernel add(a: in, b: in, out: out)
+//!kernel add(a: in, b: in, out: out) : CountParams
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(g, nw);
-    if (i >= pu(0u)) { return; }
+    if (i >= P.n) { return; }
     st_out(i, ld_a(i) + ld_b(i));
 }
 
-//!kernel axpby(x: in, y: inout)
-// y = alpha*x + beta*y; p1 = alpha, p2 = beta (y is not read when beta == 0).
+//!kernel axpby(x: in, y: inout) : AxpbyParams
+// y = alpha*x + beta*y (y is not read when beta == 0).
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(g, nw);
-    if (i >= pu(0u)) { return; }
-    var r = pf(1u) * ld_x(i);
-    if (pf(2u) != 0.0) { r = r + pf(2u) * ld_y(i); }
+    if (i >= P.n) { return; }
+    var r = P.alpha * ld_x(i);
+    if (P.beta != 0.0) { r = r + P.beta * ld_y(i); }
     st_y(i, r);
 }
 
-//!kernel axpy0(x: in, y: out)
+//!kernel axpy0(x: in, y: out) : AxpbyParams
 // y = alpha*x (axpby with beta == 0: y is write-only, so NaNs in it do not leak).
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(g, nw);
-    if (i >= pu(0u)) { return; }
-    st_y(i, pf(1u) * ld_x(i));
+    if (i >= P.n) { return; }
+    st_y(i, P.alpha * ld_x(i));
 }
 
-//!kernel scale(x: inout)
-// x *= p1
+//!kernel scale(x: inout) : ScalarParams
+// x *= value
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(g, nw);
-    if (i >= pu(0u)) { return; }
-    st_x(i, ld_x(i) * pf(1u));
+    if (i >= P.n) { return; }
+    st_x(i, ld_x(i) * P.value);
 }
 
-//!kernel bias_add(x: inout, bias: in)
-// p0 = rows*n, p1 = n: x[r, j] += bias[j]
+//!kernel bias_add(x: inout, bias: in) : BiasParams
+// n = rows·cols: x[r, j] += bias[j]
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(g, nw);
-    if (i >= pu(0u)) { return; }
-    st_x(i, ld_x(i) + ld_bias(i % pu(1u)));
+    if (i >= P.n) { return; }
+    st_x(i, ld_x(i) + ld_bias(i % P.cols));
 }
 
-//!kernel cast(x: in, y: out)
+//!kernel cast(x: in, y: out) : CountParams
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(g, nw);
-    if (i >= pu(0u)) { return; }
+    if (i >= P.n) { return; }
     st_y(i, ld_x(i));
 }

@@ -10,28 +10,37 @@
 
 const NONE: u32 = 0xffffffffu;
 
-//!kernel embedding(ids: idx, table: in, out: out)
-// p0 = n·dim, p1 = dim, p2 = vocab. Out-of-range ids give a zero row.
+// `embedding` and `embedding_backward` (src/backend/wgpu/core_ops.rs): total =
+// n·dim elements, dim, vocab, n tokens. `emb_links` takes `CountParams` (n).
+struct EmbeddingParams {
+    total: u32,
+    dim: u32,
+    vocab: u32,
+    n: u32,
+}
+
+//!kernel embedding(ids: idx, table: in, out: out) : EmbeddingParams
+// Out-of-range ids give a zero row.
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(g, nw);
-    if (i >= pu(0u)) { return; }
-    let dim = pu(1u);
+    if (i >= P.total) { return; }
+    let dim = P.dim;
     let id = ldu_ids(i / dim);
     var v = 0.0;
-    if (id < pu(2u)) { v = ld_table(id * dim + i % dim); }
+    if (id < P.vocab) { v = ld_table(id * dim + i % dim); }
     st_out(i, v);
 }
 
-//!kernel emb_links(ids: idx, links: idxout)
-// p0 = n. One invocation per token; grid (ceil(n/256), 1, 1) folded by lin.
+//!kernel emb_links(ids: idx, links: idxout) : CountParams
+// One invocation per token; grid (ceil(n/256), 1, 1) folded by lin.
 var<workgroup> tile: array<u32, 256>;
 
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>,
         @builtin(local_invocation_id) l: vec3<u32>) {
     let i = lin(g, nw);
-    let n = pu(0u);
+    let n = P.n;
     let valid = i < n;
     var id = NONE;
     if (valid) { id = ldu_ids(i); }
@@ -60,18 +69,17 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw
     }
 }
 
-//!kernel embedding_backward(ids: idx, links: idx, dout: in, dtable: inout)
-// p0 = n·dim, p1 = dim, p2 = vocab, p3 = n.
+//!kernel embedding_backward(ids: idx, links: idx, dout: in, dtable: inout) : EmbeddingParams
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let e = lin(g, nw);
-    if (e >= pu(0u)) { return; }
-    let dim = pu(1u);
-    let n = pu(3u);
+    if (e >= P.total) { return; }
+    let dim = P.dim;
+    let n = P.n;
     let i = e / dim;
     let j = e % dim;
     let id = ldu_ids(i);
-    if (id >= pu(2u) || ldu_links(n + i) == 0u) { return; }
+    if (id >= P.vocab || ldu_links(n + i) == 0u) { return; }
     let o = id * dim + j;
     var acc = ld_dtable(o);
     var k = i;

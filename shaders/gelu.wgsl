@@ -1,5 +1,6 @@
 // GELU, tanh form: gelu(x) = 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
-// p0 = element count (bias_gelu: p1 = bias length). One invocation per element.
+// Parameters: `CountParams` (bias_gelu: `BiasParams`, n = rows·cols, a bias of
+// cols), both in shaders/common.wgsl. One invocation per element.
 
 const S: f32 = 0.7978846;
 
@@ -20,26 +21,26 @@ fn gelu_grad(x: f32) -> f32 {
     return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du;
 }
 
-//!kernel gelu(x: in, y: out)
+//!kernel gelu(x: in, y: out) : CountParams
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(g, nw);
-    if (i >= pu(0u)) { return; }
+    if (i >= P.n) { return; }
     st_y(i, gelu(ld_x(i)));
 }
 
-//!kernel gelu_backward(x: in, dy: in, dx: out)
+//!kernel gelu_backward(x: in, dy: in, dx: out) : CountParams
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(g, nw);
-    if (i >= pu(0u)) { return; }
+    if (i >= P.n) { return; }
     st_dx(i, ld_dy(i) * gelu_grad(ld_x(i)));
 }
 
-//!kernel bias_gelu(x: in, bias: in, y: out)
+//!kernel bias_gelu(x: in, bias: in, y: out) : BiasParams
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let i = lin(g, nw);
-    if (i >= pu(0u)) { return; }
-    st_y(i, gelu(ld_x(i) + ld_bias(i % pu(1u))));
+    if (i >= P.n) { return; }
+    st_y(i, gelu(ld_x(i) + ld_bias(i % P.cols)));
 }

@@ -7,25 +7,31 @@
 // chunks of CHUNK rows per column into F32 partials, `ln_colsum` adds the
 // partials of each column in chunk order to dgamma/dbeta.
 //
-// Parameters: p0 = rows, p1 = n (columns), p2 = eps (forward) / chunk rows.
+// Parameters: typed structs mirrored in src/backend/wgpu/core_ops.rs; rows
+// and n (columns) of x, eps (the forward's; the dx kernel ignores it), chunk
+// rows of a partial. `wg_sum` is in shaders/common.wgsl.
+
+struct LayerNormParams {
+    rows: u32,
+    n: u32,
+    eps: f32,
+}
+
+struct LnColPartParams {
+    rows: u32,
+    n: u32,
+    chunk: u32,
+}
+
+struct LnColSumParams {
+    chunks: u32,
+    n: u32,
+}
 
 var<workgroup> red: array<f32, 256>;
 var<workgroup> red2: array<f32, 256>;
 
-// Sums `v` over the workgroup (every invocation gets the result).
-fn wg_sum(t: u32, v: f32) -> f32 {
-    red[t] = v;
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s = s >> 1u) {
-        if (t < s) { red[t] = red[t] + red[t + s]; }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
-
-// Sums two values at once.
+// Sums two values over the workgroup at once (every invocation gets the result).
 fn wg_sum2(t: u32, a: f32, b: f32) -> vec2<f32> {
     red[t] = a;
     red2[t] = b;
@@ -42,14 +48,14 @@ fn wg_sum2(t: u32, a: f32, b: f32) -> vec2<f32> {
     return r;
 }
 
-//!kernel layernorm(x: in, gamma: in, beta: in, y: out, mean: out, rstd: out)
+//!kernel layernorm(x: in, gamma: in, beta: in, y: out, mean: out, rstd: out) : LayerNormParams
 @compute @workgroup_size(256)
 fn main(@builtin(local_invocation_id) l: vec3<u32>, @builtin(workgroup_id) w: vec3<u32>,
         @builtin(num_workgroups) nw: vec3<u32>) {
     let t = l.x;
     let row = wg_index(w, nw);
-    let valid = row < pu(0u);
-    let n = pu(1u);
+    let valid = row < P.rows;
+    let n = P.n;
     var cols = 0u;
     if (valid) { cols = n; }
     let base = row * n;
@@ -61,7 +67,7 @@ fn main(@builtin(local_invocation_id) l: vec3<u32>, @builtin(workgroup_id) w: ve
         let d = ld_x(base + j) - mu;
         q = q + d * d;
     }
-    let rs = 1.0 / sqrt(wg_sum(t, q) / f32(n) + pf(2u));
+    let rs = 1.0 / sqrt(wg_sum(t, q) / f32(n) + P.eps);
     for (var j = t; j < cols; j = j + 256u) {
         st_y(base + j, (ld_x(base + j) - mu) * rs * ld_gamma(j) + ld_beta(j));
     }
@@ -71,15 +77,15 @@ fn main(@builtin(local_invocation_id) l: vec3<u32>, @builtin(workgroup_id) w: ve
     }
 }
 
-//!kernel layernorm_dx(dy: in, x: in, gamma: in, mean: in, rstd: in, dx: out)
+//!kernel layernorm_dx(dy: in, x: in, gamma: in, mean: in, rstd: in, dx: out) : LayerNormParams
 // dx = rstd·(g - mean(g) - xhat·mean(g·xhat)), g = dy·gamma.
 @compute @workgroup_size(256)
 fn main(@builtin(local_invocation_id) l: vec3<u32>, @builtin(workgroup_id) w: vec3<u32>,
         @builtin(num_workgroups) nw: vec3<u32>) {
     let t = l.x;
     let row = wg_index(w, nw);
-    let valid = row < pu(0u);
-    let n = pu(1u);
+    let valid = row < P.rows;
+    let n = P.n;
     var cols = 0u;
     var m = 0.0;
     var rs = 0.0;
@@ -104,16 +110,16 @@ fn main(@builtin(local_invocation_id) l: vec3<u32>, @builtin(workgroup_id) w: ve
     }
 }
 
-//!kernel ln_colpart(dy: in, x: in, mean: in, rstd: in, part: out)
-// part[c, j] = Σ_{r in chunk c} dy·xhat, part[chunks + c, j] = Σ dy (p2 = chunk rows).
+//!kernel ln_colpart(dy: in, x: in, mean: in, rstd: in, part: out) : LnColPartParams
+// part[c, j] = Σ_{r in chunk c} dy·xhat, part[chunks + c, j] = Σ dy.
 // Grid: (columns folded, chunks) — one invocation per (chunk, column).
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) g: vec3<u32>) {
     let j = g.x;
     let c = g.y;
-    let rows = pu(0u);
-    let n = pu(1u);
-    let chunk = pu(2u);
+    let rows = P.rows;
+    let n = P.n;
+    let chunk = P.chunk;
     if (j >= n) { return; }
     let nchunks = (rows + chunk - 1u) / chunk;
     let r1 = min(rows, (c + 1u) * chunk);
@@ -129,13 +135,13 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>) {
     st_part((nchunks + c) * n + j, b);
 }
 
-//!kernel ln_colsum(part: in, dgamma: inout, dbeta: inout)
-// p0 = chunks, p1 = n: dgamma[j] += Σ_c part[c, j], dbeta[j] += Σ_c part[chunks + c, j].
+//!kernel ln_colsum(part: in, dgamma: inout, dbeta: inout) : LnColSumParams
+// dgamma[j] += Σ_c part[c, j], dbeta[j] += Σ_c part[chunks + c, j].
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let j = lin(g, nw);
-    let chunks = pu(0u);
-    let n = pu(1u);
+    let chunks = P.chunks;
+    let n = P.n;
     if (j >= n) { return; }
     var a = 0.0;
     var b = 0.0;

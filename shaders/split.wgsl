@@ -3,24 +3,8 @@
 // launch covers rows r0 .. r0 + R, and partials are [nch, R, width] (chunk c,
 // row rl at (c·R + rl)·width). Chunks are merged in order, so the result is
 // deterministic. Outputs are `inout` so that a launch over some rows keeps
-// the others (half outputs go through a staging buffer).
-
-struct AttnParams {
-    batch: u32,
-    seq: u32,
-    n_heads: u32,
-    n_kv_heads: u32,
-    head_dim: u32,
-    scale: f32,
-    mode: u32,
-    kn: u32,
-    block: u32,
-    nkb: u32,
-    chunk: u32,
-    nch: u32,
-    r0: u32,
-    nrow: u32,
-}
+// the others (half outputs go through a staging buffer). `AttnParams` is
+// declared in shaders/common.wgsl.
 
 struct SumChunksParams {
     nrow: u32,

@@ -33,9 +33,9 @@
 //! shifts (round to nearest even), so half precision works on every adapter,
 //! with or without `SHADER_F16`. Half outputs are written in f32 to a staging
 //! buffer and packed by `pack_half` afterwards, which keeps kernels free of
-//! write races on shared `u32` words. Scalar parameters arrive in a uniform
-//! block read with `pu(i) -> u32` and `pf(i) -> f32`; `lin(g, nw)` turns a 2-D
-//! grid of 256-wide workgroups into a linear index (see [`grid1d`]).
+//! write races on shared `u32` words. Scalar parameters arrive in a typed
+//! uniform struct `P` (below); `lin(g, nw)` turns a 2-D grid of 256-wide
+//! workgroups into a linear index (see [`grid1d`]).
 //!
 //! # Typed parameters
 //!
@@ -46,13 +46,18 @@
 //! (no `pu`/`pf`), and when the pipeline is created [`check_params`] compares
 //! naga's layout of the WGSL struct (member names, offsets, sizes) with the
 //! Rust field table, so a field added, renamed or reordered on one side only
-//! is an error naming that field instead of a silently wrong kernel. Kernels
-//! without a struct keep the positional words, launched with [`Params`].
+//! is an error naming that field instead of a silently wrong kernel. A
+//! struct several files share (`CountParams`, `AttnParams`, …) is declared
+//! once, in `shaders/common.wgsl`. Every kernel is typed except
+//! `qmatmul::qmm`, which still reads positional words with `pu(i) -> u32`
+//! and `pf(i) -> f32`, launched with [`Params`] (the tests list the
+//! positional kernels, so a new one is a deliberate choice).
 //!
 //! # Shared helpers
 //!
 //! `shaders/common.wgsl` holds helpers every family may use (`neg_inf`,
-//! `wg_index`, workgroup reductions), in sections headed `//!helper NAME`.
+//! `wg_index`, workgroup reductions, online softmax statistics, shared
+//! parameter structs), in sections headed `//!helper NAME`.
 //! A section is linked into a kernel's module when the kernel (or another
 //! linked helper) uses `NAME` and does not define it itself.
 
@@ -199,7 +204,8 @@ pub fn find(family: &str, name: &str) -> Result<KernelDef> {
         .ok_or_else(|| Error::Device(format!("shaders/{family}.wgsl has no kernel `{name}`")))
 }
 
-/// Positional parameter words, for kernels without a parameter struct.
+/// Positional parameter words, for kernels without a parameter struct (only
+/// `qmatmul::qmm` now).
 const POSITIONAL: &str = "
 @group(0) @binding(0) var<uniform> P_: array<vec4<u32>, 8>;
 fn pu(i: u32) -> u32 { return P_[i >> 2u][i & 3u]; }
@@ -816,6 +822,134 @@ mod tests {
                 assert!(hw.private_array_bytes <= sw.private_array_bytes, "{hn}: {hw:?} vs {sw:?}");
                 assert!(hw.workgroup_bytes > 0 && hw.workgroup_bytes <= 16 * 1024 + 512, "{hn}: {hw:?}");
             }
+        }
+    }
+
+    /// Every `wgsl_params!` struct a launcher passes, by WGSL name. A typed
+    /// kernel whose struct is missing here fails the tests below.
+    fn registered_params() -> Vec<(&'static str, &'static [Field])> {
+        use crate::backend::wgpu::{attention as at, cached as ca, core_ops as co};
+        fn e<P: KernelParams>() -> (&'static str, &'static [Field]) {
+            (P::NAME, P::FIELDS)
+        }
+        vec![
+            e::<co::CountParams>(),
+            e::<co::BiasParams>(),
+            e::<co::HalfParams>(),
+            e::<co::ScalarParams>(),
+            e::<co::AxpbyParams>(),
+            e::<co::SumRowsPartParams>(),
+            e::<co::SumRowsFinalParams>(),
+            e::<co::LayerNormParams>(),
+            e::<co::LnColPartParams>(),
+            e::<co::LnColSumParams>(),
+            e::<co::SoftmaxParams>(),
+            e::<co::RopeParams>(),
+            e::<co::EmbeddingParams>(),
+            e::<co::CrossEntropyParams>(),
+            e::<co::AdamWParams>(),
+            e::<co::MatmulParams>(),
+            e::<at::AttnParams>(),
+            e::<at::AttnKlParams>(),
+            e::<at::SumChunksParams>(),
+            e::<at::AttnTiledParams>(),
+            e::<at::AttnBwdKvParams>(),
+            e::<at::IndexerParams>(),
+            e::<at::SelectParams>(),
+            e::<ca::RopeRowsParams>(),
+            e::<ca::CacheWriteParams>(),
+            e::<ca::CachedAttnParams>(),
+            e::<ca::CachedPoolParams>(),
+            e::<ca::CachedSelectParams>(),
+        ]
+    }
+
+    /// Kernels still on positional `pu`/`pf` words.
+    const POSITIONAL_KERNELS: &[&str] = &["qmatmul::qmm"];
+
+    fn f32_dtypes(k: &KernelDef) -> Vec<DType> {
+        k.args.iter().map(|(_, r)| if r.is_index() { DType::U32 } else { DType::F32 }).collect()
+    }
+
+    /// Table-driven over every kernel of `shaders/`: a typed kernel's WGSL
+    /// struct has a registered Rust mirror that passes the pipeline check
+    /// (names, offsets, sizes, span), every registered struct is some
+    /// kernel's, and the only untyped kernels are those of
+    /// [`POSITIONAL_KERNELS`].
+    #[test]
+    fn every_kernel_struct_matches_its_rust_mirror() {
+        let reg = registered_params();
+        let mut used = vec![false; reg.len()];
+        let mut positional = Vec::new();
+        let mut typed = 0;
+        for (family, src) in SHADERS {
+            for k in parse_family(family, src).unwrap() {
+                let label = format!("{family}::{}", k.name);
+                let Some(name) = &k.params else {
+                    positional.push(label);
+                    continue;
+                };
+                let i = reg
+                    .iter()
+                    .position(|(n, _)| n == name)
+                    .unwrap_or_else(|| panic!("{label}: no Rust struct `{name}` registered"));
+                used[i] = true;
+                let (src, module, bytes) = compile(&k, &f32_dtypes(&k), Some(reg[i])).unwrap();
+                assert!(!uses(&src, "pu") && !uses(&src, "pf"), "{label} still reads positional words");
+                let rust_bytes = reg[i].1.last().map_or(0, |f| f.offset + f.size);
+                assert_eq!(bytes, uniform_size(rust_bytes), "{label}: uniform size");
+                assert!(check_params(&label, &module, None).is_err(), "{label} accepts positional words");
+                typed += 1;
+            }
+        }
+        assert_eq!(positional, POSITIONAL_KERNELS, "kernels without a parameter struct");
+        for ((name, _), u) in reg.iter().zip(&used) {
+            assert!(*u, "Rust struct `{name}` is registered but no kernel takes it");
+        }
+        assert!(typed >= 60, "only {typed} typed kernels");
+    }
+
+    /// For every registered struct, Rust tables that differ from the shader's
+    /// in one field (dropped, renamed, moved, resized) fail the pipeline check
+    /// with that field named.
+    #[test]
+    fn every_registered_struct_mismatch_names_the_field() {
+        let reg = registered_params();
+        for (name, fields) in &reg {
+            let k = SHADERS
+                .iter()
+                .flat_map(|(family, src)| parse_family(family, src).unwrap())
+                .find(|k| k.params.as_deref() == Some(*name))
+                .unwrap();
+            let dts = f32_dtypes(&k);
+            let check = |fs: &[Field]| compile(&k, &dts, Some((name, fs))).map(|_| ()).unwrap_err().to_string();
+            let last = fields.last().unwrap();
+
+            let e = check(&fields[..fields.len() - 1]);
+            assert!(e.contains(&format!("field `{}`", last.name)) && e.contains("missing from Rust"), "{name}: {e}");
+
+            let mut extra = fields.to_vec();
+            extra.push(Field { name: "extra", offset: last.offset + 4, size: 4 });
+            let e = check(&extra);
+            assert!(e.contains("field `extra`") && e.contains("missing from WGSL"), "{name}: {e}");
+
+            let mut renamed = fields.to_vec();
+            renamed[0].name = "renamed";
+            let e = check(&renamed);
+            assert!(
+                e.contains("field `renamed`") && e.contains(&format!("`{}` in WGSL", fields[0].name)),
+                "{name}: {e}"
+            );
+
+            let mut moved = fields.to_vec();
+            moved[fields.len() - 1].offset += 4;
+            let e = check(&moved);
+            assert!(e.contains(&format!("field `{}`: WGSL offset {}", last.name, last.offset)), "{name}: {e}");
+
+            let mut wide = fields.to_vec();
+            wide[0].size = 8;
+            let e = check(&wide);
+            assert!(e.contains(&format!("field `{}`", fields[0].name)) && e.contains("size 8"), "{name}: {e}");
         }
     }
 

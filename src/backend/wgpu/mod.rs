@@ -18,7 +18,7 @@ mod qmatmul;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use kernel::{Field, KernelDef, ParamBlock, Params, Role};
+use kernel::{Field, KernelDef, KernelParams, ParamBlock, Role};
 
 use super::{Backend, BackendKind, MemoryCounter, MemoryStats};
 use crate::attention::cached::{CachedAttentionSpec, CachedIndexerSpec, CachedSelectSpec};
@@ -693,9 +693,9 @@ impl WgpuBackend {
     fn half_convert(&self, which: &str, src: &wgpu::Buffer, dst: &wgpu::Buffer, dt: DType, n: usize) -> Result<()> {
         let k = self.kernel("elementwise", which)?;
         let dtypes = if which == "pack_half" { [DType::F32, DType::U32] } else { [DType::U32, DType::F32] };
-        let p = self.pipeline(&k, &dtypes, None)?;
-        let params = Params::new().u(n).b(dt == DType::BF16).into();
-        self.dispatch(&p, &params, &[src, dst], kernel::grid1d(n.div_ceil(2)))
+        let p = self.pipeline(&k, &dtypes, Some((core_ops::HalfParams::NAME, core_ops::HalfParams::FIELDS)))?;
+        let params = core_ops::HalfParams { n: n as u32, bf16: (dt == DType::BF16) as u32 };
+        self.dispatch(&p, &(&params).into(), &[src, dst], kernel::grid1d(n.div_ceil(2)))
     }
 }
 
