@@ -58,6 +58,21 @@ fn the_kernel_variant_override_reaches_the_backend() {
     assert_eq!(g.kernel_variant(), want);
 }
 
+/// `DYNSPARSE_WGPU_SUBGROUPS=0|1` reaches the backend (CI runs the decode
+/// kernels' tests with each value under `DYNSPARSE_WGPU_KERNELS=hw`); with
+/// `1` the backend could not even open without usable subgroups.
+#[test]
+fn the_subgroup_override_reaches_the_backend() {
+    let Some((_, g)) = pair() else { return };
+    let want = match std::env::var("DYNSPARSE_WGPU_SUBGROUPS").ok().as_deref().map(str::trim) {
+        Some("0") => false,
+        Some("1") => true,
+        _ => return,
+    };
+    eprintln!("wgpu device {}: subgroup kernels {}", g.device_name(), g.subgroups());
+    assert_eq!(g.subgroups(), want);
+}
+
 /// The pooled block scores of the indexer against the CPU reference, over
 /// the finite entries only, and the same `-inf` entries (future blocks,
 /// keyless rows). The shared suite compares the whole output with `-inf`
