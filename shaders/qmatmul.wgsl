@@ -20,13 +20,23 @@
 // rule multiplies scale·q in f32 before the product with x), so they are not
 // used: the result would no longer be the defined one.
 //
-// Parameters: p0 = m, p1 = n, p2 = k, p3 = format (0 int8, 1 int4 symmetric,
-// 2 int4 asymmetric, 3 2:4 with f16 values, 4 2:4 with int8 values),
-// p4 = int4 group size, p5 = row0 (the first row of this launch).
+// Parameters (`QmmParams`, mirrored in src/backend/wgpu/qmatmul.rs): m, n, k,
+// format (0 int8, 1 int4 symmetric, 2 int4 asymmetric, 3 2:4 with f16
+// values, 4 2:4 with int8 values), group = int4 group size, row0 (the first
+// row of this launch).
 // Arguments: `scale` is f32 (a one-element dummy for 2:4 f16); `aux` is the
 // zero points (int4 asym) or the 2:4 positions, `q` itself when unused.
 // Grid: x, y fold the channel tiles (4 channels each, tile = w.x + w.y·nw.x);
 // z is the 8-row tile relative to row0.
+
+struct QmmParams {
+    m: u32,
+    n: u32,
+    k: u32,
+    format: u32,
+    group: u32,
+    row0: u32,
+}
 
 const QT: u32 = 64u;
 const QMM_ROWS: u32 = 8u;
@@ -45,15 +55,15 @@ fn nib(w: u32, e: u32) -> u32 {
 
 // w[j][4u .. 4u+3], dequantized by the rule.
 fn deq(j: u32, u: u32) -> vec4<f32> {
-    let k = pu(2u);
-    let fmt = pu(3u);
+    let k = P.k;
+    let fmt = P.format;
     if (fmt == 0u) {
         let w = ldu_q(j * (k / 4u) + u);
         let s = ld_scale(j);
         return vec4<f32>(s * sbyte(w, 0u), s * sbyte(w, 1u), s * sbyte(w, 2u), s * sbyte(w, 3u));
     }
     if (fmt <= 2u) {
-        let g = pu(4u);
+        let g = P.group;
         // Nibbles 4(u%2) .. 4(u%2)+3 of word u/2.
         let w = ldu_q(j * (k / 8u) + u / 2u) >> (16u * (u & 1u));
         let gi = (4u * u) / g;
@@ -89,7 +99,7 @@ fn deq(j: u32, u: u32) -> vec4<f32> {
 
 // x[i][4u .. 4u+3].
 fn xunit(i: u32, u: u32) -> vec4<f32> {
-    let o = i * pu(2u) + 4u * u;
+    let o = i * P.k + 4u * u;
     return vec4<f32>(ld_x(o), ld_x(o + 1u), ld_x(o + 2u), ld_x(o + 3u));
 }
 
@@ -97,7 +107,7 @@ fn xunit(i: u32, u: u32) -> vec4<f32> {
 struct Unit { e0: vec4<f32>, e1: vec4<f32>, e2: vec4<f32>, e3: vec4<f32> }
 
 fn unit_w(j0: u32, u: u32) -> Unit {
-    let n = pu(1u);
+    let n = P.n;
     let w0 = deq(j0, u);
     let w1 = deq(min(j0 + 1u, n - 1u), u);
     let w2 = deq(min(j0 + 2u, n - 1u), u);
@@ -121,8 +131,8 @@ fn fma_unit(acc: vec4<f32>, x: vec4<f32>, w: Unit) -> vec4<f32> {
 // Call from uniform control flow.
 fn reduce_store(t: u32, i0: u32, rows: u32, j0: u32) {
     workgroupBarrier();
-    let m = pu(0u);
-    let n = pu(1u);
+    let m = P.m;
+    let n = P.n;
     let r = t / 4u;
     let c = t % 4u;
     let i = i0 + r;
@@ -136,7 +146,39 @@ fn reduce_store(t: u32, i0: u32, rows: u32, j0: u32) {
     }
 }
 
-//!kernel qmm(x: in, q: idx, scale: in, aux: idx, y: out)
+// ---------------------------------------------------------------- hardware variant
+// `qmm_hw` / `qmm_hw_sg` (KernelVariant::Hardware): the tile of `qmm` (four
+// channels, up to eight rows) on QH = 256 invocations, for GPUs whose SIMD
+// lanes a 64-wide workgroup leaves idle. Invocation t owns the units
+// u ≡ t (mod 256) and accumulates exactly as `qmm` does (fma in increasing u
+// and p); the 256 partials of an output are then added by a fixed tree in
+// workgroup memory (`qmm_hw`) or by `subgroupAdd` and a sum of the subgroups'
+// results in subgroup order (`qmm_hw_sg`, where the adapter has SUBGROUP).
+// Either order depends on k and the adapter only, never on m or on the
+// rows sharing a workgroup, and one pipeline serves every m, a decode row
+// included: a row alone has the bits of the same row in any batch, per
+// variant (the variants differ from each other and from `qmm` in the last
+// bits, all within the reference tolerance).
+const QH: u32 = 256u;
+
+// The partials of invocation t for the rows i0 .. i0 + rows of channels j0 .. j0 + 3.
+fn qmm_hw_acc(t: u32, i0: u32, rows: u32, j0: u32) -> array<vec4<f32>, 8> {
+    var acc: array<vec4<f32>, 8>;
+    for (var r = 0u; r < QMM_ROWS; r = r + 1u) { acc[r] = vec4<f32>(0.0); }
+    let nu = P.k / 4u;
+    for (var u = t; u < nu; u = u + QH) {
+        let wu = unit_w(j0, u);
+        for (var r = 0u; r < QMM_ROWS; r = r + 1u) {
+            if (r < rows) {
+                acc[r] = fma_unit(acc[r], xunit(i0 + r, u), wu);
+            }
+        }
+    }
+    return acc;
+}
+
+
+//!kernel qmm(x: in, q: idx, scale: in, aux: idx, y: out) : QmmParams
 // Up to eight rows (tile z after row0) and four channels per workgroup: each
 // dequantized weight unit serves every row of the tile. The tile's row count
 // only gates which unrolled row slots run, so a decode row (m = 1) does one
@@ -144,14 +186,14 @@ fn reduce_store(t: u32, i0: u32, rows: u32, j0: u32) {
 @compute @workgroup_size(64)
 fn main(@builtin(local_invocation_id) l: vec3<u32>, @builtin(workgroup_id) w: vec3<u32>,
         @builtin(num_workgroups) nw: vec3<u32>) {
-    let m = pu(0u);
-    let n = pu(1u);
+    let m = P.m;
+    let n = P.n;
     let j0 = (w.x + w.y * nw.x) * 4u;
-    let i0 = pu(5u) + w.z * QMM_ROWS;
+    let i0 = P.row0 + w.z * QMM_ROWS;
     if (j0 >= n || i0 >= m) { return; }
     let rows = min(QMM_ROWS, m - i0);
     let t = l.x;
-    let nu = pu(2u) / 4u;
+    let nu = P.k / 4u;
     var acc: array<vec4<f32>, 8>;
     for (var r = 0u; r < QMM_ROWS; r = r + 1u) { acc[r] = vec4<f32>(0.0); }
     for (var u = t; u < nu; u = u + QT) {
@@ -164,4 +206,64 @@ fn main(@builtin(local_invocation_id) l: vec3<u32>, @builtin(workgroup_id) w: ve
     }
     for (var r = 0u; r < QMM_ROWS; r = r + 1u) { red[t * QMM_ROWS + r] = acc[r]; }
     reduce_store(t, i0, QMM_ROWS, j0);
+}
+
+//!kernel qmm_hw(x: in, q: idx, scale: in, aux: idx, y: out) : QmmParams
+// Workgroup-memory reduction: per row of the tile, a tree over the 256
+// partials (eight halving steps).
+var<workgroup> hred: array<vec4<f32>, 256>;
+
+@compute @workgroup_size(256)
+fn main(@builtin(local_invocation_index) t: u32, @builtin(workgroup_id) w: vec3<u32>,
+        @builtin(num_workgroups) nw: vec3<u32>) {
+    let m = P.m;
+    let n = P.n;
+    let j0 = (w.x + w.y * nw.x) * 4u;
+    let i0 = P.row0 + w.z * QMM_ROWS;
+    if (j0 >= n || i0 >= m) { return; }
+    let rows = min(QMM_ROWS, m - i0);
+    let acc = qmm_hw_acc(t, i0, rows, j0);
+    for (var r = 0u; r < rows; r = r + 1u) {
+        hred[t] = acc[r];
+        workgroupBarrier();
+        for (var s = QH / 2u; s > 0u; s = s >> 1u) {
+            if (t < s) { hred[t] = hred[t] + hred[t + s]; }
+            workgroupBarrier();
+        }
+        if (t < 4u && j0 + t < n) { st_y((i0 + r) * n + j0 + t, hred[0][t]); }
+        workgroupBarrier();
+    }
+}
+
+//!kernel qmm_hw_sg(x: in, q: idx, scale: in, aux: idx, y: out) : QmmParams
+// Subgroup reduction: `subgroupAdd` per row, the subgroups' sums to workgroup
+// memory (at most 256 / 8 subgroups: the backend takes this kernel only with
+// subgroups of at least 8), added in subgroup order by the storing invocation.
+var<workgroup> sgred: array<vec4<f32>, 256>;
+
+@compute @workgroup_size(256)
+fn main(@builtin(local_invocation_index) t: u32, @builtin(workgroup_id) w: vec3<u32>,
+        @builtin(num_workgroups) nw: vec3<u32>, @builtin(subgroup_invocation_id) si: u32,
+        @builtin(subgroup_id) sid: u32, @builtin(num_subgroups) ns: u32) {
+    let m = P.m;
+    let n = P.n;
+    let j0 = (w.x + w.y * nw.x) * 4u;
+    let i0 = P.row0 + w.z * QMM_ROWS;
+    if (j0 >= n || i0 >= m) { return; }
+    let rows = min(QMM_ROWS, m - i0);
+    let acc = qmm_hw_acc(t, i0, rows, j0);
+    for (var r = 0u; r < QMM_ROWS; r = r + 1u) {
+        if (r < rows) {
+            let v = subgroupAdd(acc[r]);
+            if (si == 0u) { sgred[sid * QMM_ROWS + r] = v; }
+        }
+    }
+    workgroupBarrier();
+    let r = t / 4u;
+    let c = t % 4u;
+    if (r < rows && j0 + c < n) {
+        var sum = sgred[r][c];
+        for (var i = 1u; i < ns; i = i + 1u) { sum = sum + sgred[i * QMM_ROWS + r][c]; }
+        st_y((i0 + r) * n + j0 + c, sum);
+    }
 }

@@ -58,6 +58,21 @@ fn the_kernel_variant_override_reaches_the_backend() {
     assert_eq!(g.kernel_variant(), want);
 }
 
+/// `DYNSPARSE_WGPU_SUBGROUPS=0|1` reaches the backend (CI runs the decode
+/// kernels' tests with each value under `DYNSPARSE_WGPU_KERNELS=hw`); with
+/// `1` the backend could not even open without usable subgroups.
+#[test]
+fn the_subgroup_override_reaches_the_backend() {
+    let Some((_, g)) = pair() else { return };
+    let want = match std::env::var("DYNSPARSE_WGPU_SUBGROUPS").ok().as_deref().map(str::trim) {
+        Some("0") => false,
+        Some("1") => true,
+        _ => return,
+    };
+    eprintln!("wgpu device {}: subgroup kernels {}", g.device_name(), g.subgroups());
+    assert_eq!(g.subgroups(), want);
+}
+
 /// The pooled block scores of the indexer against the CPU reference, over
 /// the finite entries only, and the same `-inf` entries (future blocks,
 /// keyless rows). The shared suite compares the whole output with `-inf`
@@ -156,5 +171,128 @@ fn attention_backward_with_split_query_loops_matches_reference() {
         let (want, got) = (run!(c), run!(g));
         let case = format!("{mode} b{batch} t{seq} h{heads}/{kv} d{d}");
         common::compare_all("attention backward, split", &case, dt, &["dq", "dk", "dv"], &want, &got);
+    }
+}
+
+/// The decode kernels' variants (sw; hw with workgroup-memory reductions;
+/// hw with subgroup reductions where the adapter has subgroups) in one
+/// process, switched with `set_kernel_variant` / `set_subgroups` on one
+/// device: decode attention over a paged cache (dense and block-sparse,
+/// rows of 0 to 300 keys, so the hw kernel splits a row over chunks and
+/// merges them) and the quantized matmul (int8, int4 asymmetric, 2:4) match
+/// the CPU reference (f32, 1e-5), and every row computed alone is
+/// bit-identical to the same row in the batch, per variant. The full suites
+/// (`cached_inference_ops…`, `qmatmul_matches…`, every dtype) run per
+/// variant when it is forced by `DYNSPARSE_WGPU_KERNELS` and
+/// `DYNSPARSE_WGPU_SUBGROUPS`.
+#[test]
+fn decode_kernel_variants_match_reference_in_one_process() {
+    use dynsparse::attention::{self as attn, CachedPattern, KvTable};
+    use dynsparse::backend::wgpu::KernelVariant;
+    use dynsparse::ops;
+    use dynsparse::quant::{QFormat, QMatrix};
+    use dynsparse::util::rng::Rng;
+    use dynsparse::{DType, Tensor};
+    let Some((c, _)) = pair() else { return };
+    let mut g = WgpuBackend::new(&AdapterPick::from_env().unwrap_or(AdapterPick::Any)).unwrap();
+    let has_sg = g.set_subgroups(true).is_ok();
+    if !has_sg {
+        eprintln!("decode variants: {} has no usable subgroups; the subgroup kernels are skipped", g.device_name());
+    }
+    let (h, kv, d, page, block, n) = (4usize, 2usize, 32usize, 8usize, 16usize, 3usize);
+    // (sequence, len): a long row (two chunks of 256 on the hw variant), short ones, an empty one.
+    let seqs = [(0usize, 300usize), (1, 17), (2, 1), (1, 0)];
+    let per = 320 / page;
+    let slots = 3 * 320;
+    let mut rng = Rng::new(41);
+    let mut ids: Vec<u32> = (0..(3 * per) as u32).collect();
+    for i in (1..ids.len()).rev() {
+        ids.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    let tab: Vec<u32> = seqs.iter().flat_map(|&(s, len)| [(s * per) as u32, len as u32]).collect();
+    let sel: Vec<u32> = seqs
+        .iter()
+        .flat_map(|&(_, len)| {
+            let own = len.saturating_sub(1) / block;
+            [0, own / 2, own].map(|b| b as u32)
+        })
+        .collect();
+    let r = seqs.len();
+    let (q, kc, vc) = (rng.normal_vec(r * h * d), rng.normal_vec(slots * kv * d), rng.normal_vec(slots * kv * d));
+    let (qm, qk) = (23usize, 72usize);
+    let w: Vec<f32> = rng.normal_vec(37 * qk).into_iter().map(|x| x * 0.1).collect();
+    let x = rng.normal_vec(qm * qk);
+    let formats = [QFormat::Int8, QFormat::Int4 { group: 8, asym: true }, QFormat::Sparse24 { int8: true }];
+    // Attention (dense, blocks) of the rows in `rows` (indices into seqs), and qmatmul of x rows `xr`.
+    fn run<B: dynsparse::Backend>(
+        be: &B,
+        data: (&[f32], &[f32], &[f32], &[u32], &[u32], &[u32]),
+        rows: std::ops::Range<usize>,
+        dims: (usize, usize, usize, usize, usize, usize),
+    ) -> Vec<Vec<f32>> {
+        let (q, kc, vc, tab, ids, sel) = data;
+        let (h, kv, d, page, block, n) = dims;
+        let (r0, nr) = (rows.start, rows.len());
+        let slots = kc.len() / (kv * d);
+        let qt = Tensor::from_f32(be, &q[r0 * h * d..(r0 + nr) * h * d], &[nr, h, d], DType::F32).unwrap();
+        let kt = Tensor::from_f32(be, kc, &[slots, kv, d], DType::F32).unwrap();
+        let vt = Tensor::from_f32(be, vc, &[slots, kv, d], DType::F32).unwrap();
+        let table = Tensor::from_u32(be, &tab[2 * r0..2 * (r0 + nr)], &[nr, 2]).unwrap();
+        let pages = Tensor::from_u32(be, ids, &[ids.len()]).unwrap();
+        let idx = Tensor::from_u32(be, &sel[r0 * n..(r0 + nr) * n], &[nr, n]).unwrap();
+        let kvt = KvTable { rows: &table, pages: &pages, page };
+        let mut out = Vec::new();
+        for pat in [CachedPattern::Dense, CachedPattern::Blocks { idx: &idx, block }] {
+            let mut o = Tensor::from_f32(be, &vec![f32::NAN; nr * h * d], &[nr, h, d], DType::F32).unwrap();
+            attn::cached_attention(be, &qt, &kt, &vt, &kvt, pat, &mut o).unwrap();
+            out.push(o.to_f32_vec(be).unwrap());
+        }
+        out
+    }
+    let qmm = |be: &dyn Fn(&QMatrix, std::ops::Range<usize>) -> Vec<f32>, m: &QMatrix| -> (Vec<f32>, Vec<f32>) {
+        let all = be(m, 0..qm);
+        let alone: Vec<f32> = (0..qm).flat_map(|i| be(m, i..i + 1)).collect();
+        (all, alone)
+    };
+    let data = (&q[..], &kc[..], &vc[..], &tab[..], &ids[..], &sel[..]);
+    let dims = (h, kv, d, page, block, n);
+    let want = run(c, data, 0..r, dims);
+    let on_cpu = |m: &QMatrix, rows: std::ops::Range<usize>| -> Vec<f32> {
+        let xt = Tensor::from_f32(c, &x[rows.start * qk..rows.end * qk], &[rows.len(), qk], DType::F32).unwrap();
+        let mut y = Tensor::empty(c, &[rows.len(), 37], DType::F32).unwrap();
+        ops::qmatmul(c, &xt, &ops::QWeight::upload(c, m).unwrap(), &mut y).unwrap();
+        y.to_f32_vec(c).unwrap()
+    };
+    let mats: Vec<QMatrix> = formats.iter().map(|&f| QMatrix::quantize(&w, 37, qk, f).unwrap()).collect();
+    let mut variants = vec![("sw", KernelVariant::Software, false), ("hw", KernelVariant::Hardware, false)];
+    if has_sg {
+        variants.push(("hw+sg", KernelVariant::Hardware, true));
+    }
+    for (name, var, sg) in variants {
+        g.set_kernel_variant(var);
+        g.set_subgroups(sg).unwrap();
+        let got = run(&g, data, 0..r, dims);
+        for (pi, pat) in ["dense", "blocks"].iter().enumerate() {
+            common::assert_close(&format!("{name} cached_attention {pat}"), &got[pi], &want[pi], DType::F32);
+            for i in 0..r {
+                let alone = run(&g, data, i..i + 1, dims);
+                let w = h * d;
+                let same = alone[pi].iter().zip(&got[pi][i * w..(i + 1) * w]).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{name} cached_attention {pat}: row {i} alone differs from the batch");
+            }
+        }
+        let gb = &g;
+        let on_gpu = |m: &QMatrix, rows: std::ops::Range<usize>| -> Vec<f32> {
+            let xt = Tensor::from_f32(gb, &x[rows.start * qk..rows.end * qk], &[rows.len(), qk], DType::F32).unwrap();
+            let mut y = Tensor::empty(gb, &[rows.len(), 37], DType::F32).unwrap();
+            ops::qmatmul(gb, &xt, &ops::QWeight::upload(gb, m).unwrap(), &mut y).unwrap();
+            y.to_f32_vec(gb).unwrap()
+        };
+        for (f, m) in formats.iter().zip(&mats) {
+            let (all, alone) = qmm(&on_gpu, m);
+            common::assert_close(&format!("{name} qmatmul {f}"), &all, &on_cpu(m, 0..qm), DType::F32);
+            let same = all.iter().zip(&alone).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{name} qmatmul {f}: rows alone differ from the batch");
+        }
     }
 }

@@ -20,12 +20,18 @@
 //!   past its row's length exits at once. In the block pattern a row reads
 //!   only its own selected blocks, page by page. Eight storage buffers
 //!   (q, k, v, rows, pages, idx, o, ml): WebGPU's default limit, no more;
+//!   The hardware variant ([`KernelVariant::Hardware`], `shaders/cached_hw.wgsl`)
+//!   runs 128-invocation workgroups over chunks of at most [`HW_CHUNK`] slots,
+//!   teams of 8 invocations per key (coalesced key reads), and reduces through
+//!   workgroup memory (`cached_attn_hw`) or subgroup operations
+//!   (`cached_attn_hw_sg`, see [`WgpuBackend::subgroups`]); the same partial
+//!   layout and `cached_attn_combine`;
 //! - `cached_indexer_block_scores`: one 64-wide workgroup per (row, span of
 //!   whole blocks), max-pooling with workgroup atomics on order-preserving keys;
 //! - `cached_select`: `select_topk`'s algorithm, a workgroup per row.
 
 use super::kernel::{KernelParams, ParamBlock, grid1d};
-use super::{Arg, WgpuBackend, is_software};
+use super::{Arg, KernelVariant, WgpuBackend, is_software};
 use crate::attention::cached::{CachedAttentionSpec, CachedIndexerSpec, CachedSelectSpec};
 use crate::attention::ops::PatternSpec;
 use crate::error::{Error, Result};
@@ -40,7 +46,8 @@ const ITER_BUDGET: usize = 16_000;
 /// Key slots per `cached_attn` workgroup at most (its workgroup arrays).
 const MAX_CHUNK: usize = 1024;
 /// Key slots per chunk on a hardware adapter: short chunks put a single
-/// long decode row on many workgroups.
+/// long decode row on many workgroups. Also the most `cached_attn_hw` takes
+/// (`HCH` of shaders/cached_hw.wgsl).
 const HW_CHUNK: usize = 256;
 /// Largest scratch buffer of partial results; longer launches go in slices of rows.
 const MAX_SCRATCH_BYTES: usize = 256 << 20;
@@ -169,7 +176,16 @@ pub(super) fn cache_write(
 /// Key slots per `cached_attn` chunk on this adapter: long ones on a software
 /// adapter (few cores, where every workgroup costs), short ones elsewhere.
 fn attn_chunk(be: &WgpuBackend) -> usize {
-    if is_software(&be.info) { MAX_CHUNK } else { HW_CHUNK }
+    if is_software(&be.info) && be.kernel_variant() == KernelVariant::Software { MAX_CHUNK } else { HW_CHUNK }
+}
+
+/// The `cached_attn` kernel of `be`'s variant (family, name) and its largest chunk.
+fn attn_kernel(be: &WgpuBackend) -> (&'static str, &'static str, usize) {
+    match (be.kernel_variant(), be.subgroups()) {
+        (KernelVariant::Software, _) => ("cached", "cached_attn", MAX_CHUNK),
+        (KernelVariant::Hardware, false) => ("cached_hw", "cached_attn_hw", HW_CHUNK),
+        (KernelVariant::Hardware, true) => ("cached_hw", "cached_attn_hw_sg", HW_CHUNK),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -219,7 +235,8 @@ fn attend(
             s.paging.table, s.paging.page
         )));
     }
-    let chunk = chunk.clamp(1, MAX_CHUNK).min(slots_max.max(1));
+    let (family, kernel, most) = attn_kernel(be);
+    let chunk = chunk.clamp(1, most).min(slots_max.max(1));
     let nch = slots_max.max(1).div_ceil(chunk);
     // Per invocation: the score loop (keys / 64 · (1 + head_dim / 4)) and the
     // p·v loop (keys · head_dim / 64); head_dim <= 256 keeps both far below
@@ -244,8 +261,8 @@ fn attend(
     };
     let fwd = |o: &mut T, ml: &mut T, r0: usize, nr: usize| {
         be.launch(
-            "cached",
-            "cached_attn",
+            family,
+            kernel,
             &mut [Arg::R(q), Arg::R(k), Arg::R(v), Arg::R(rows), Arg::R(pages), Arg::R(idx), Arg::W(o), Arg::W(ml)],
             &params(r0, nr),
             wg_grid(nch * nr * nh),

@@ -81,6 +81,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("select", include_str!("../../../shaders/select.wgsl")),
     ("split", include_str!("../../../shaders/split.wgsl")),
     ("cached", include_str!("../../../shaders/cached.wgsl")),
+    ("cached_hw", include_str!("../../../shaders/cached_hw.wgsl")),
     ("qmatmul", include_str!("../../../shaders/qmatmul.wgsl")),
     ("attention_hw", include_str!("../../../shaders/attention_hw.wgsl")),
 ];
@@ -793,6 +794,10 @@ mod tests {
             ("indexer", "indexer_block_scores_tiled", "indexer", "indexer_block_scores_tiled_hw", true),
             ("attention", "attn_bwd_dq", "attention_hw", "attn_bwd_dq_tiled_hw", false),
             ("attention", "attn_bwd_dkdv", "attention_hw", "attn_bwd_dkdv_tiled_hw", false),
+            ("cached", "cached_attn", "cached_hw", "cached_attn_hw", false),
+            ("cached", "cached_attn", "cached_hw", "cached_attn_hw_sg", false),
+            ("qmatmul", "qmm", "qmatmul", "qmm_hw", false),
+            ("qmatmul", "qmm", "qmatmul", "qmm_hw_sg", false),
         ];
         println!(
             "| kernel | variant | invocations/workgroup | workgroup memory (bytes) | private arrays per invocation (bytes) |"

@@ -225,6 +225,31 @@ impl KernelVariant {
     }
 }
 
+/// Whether subgroup kernels can run: the feature, and subgroups of at least
+/// 8 invocations (the decode kernels reduce 8-invocation teams by shuffles).
+fn subgroups_usable(feature: bool, info: &wgpu::AdapterInfo) -> bool {
+    feature && info.subgroup_min_size >= 8 && info.subgroup_max_size <= 128
+}
+
+/// `DYNSPARSE_WGPU_SUBGROUPS=0|1` when set (1 fails where subgroups are
+/// unusable), else whether they are usable.
+fn subgroups_wanted(feature: bool, info: &wgpu::AdapterInfo) -> Result<bool> {
+    let usable = subgroups_usable(feature, info);
+    match std::env::var("DYNSPARSE_WGPU_SUBGROUPS").ok().as_deref().map(str::trim) {
+        None | Some("") | Some("auto") => Ok(usable),
+        Some("0") => Ok(false),
+        Some("1") if usable => Ok(true),
+        Some("1") => Err(Error::Unavailable(format!(
+            "DYNSPARSE_WGPU_SUBGROUPS=1: {} has no subgroups of at least 8 invocations \
+             (feature {feature}, sizes {}..{})",
+            info.name, info.subgroup_min_size, info.subgroup_max_size
+        ))),
+        Some(other) => {
+            Err(Error::Unavailable(format!("DYNSPARSE_WGPU_SUBGROUPS={other}: expected `0`, `1` or `auto`")))
+        }
+    }
+}
+
 struct Pipeline {
     layout: wgpu::BindGroupLayout,
     pipeline: wgpu::ComputePipeline,
@@ -247,6 +272,8 @@ pub struct WgpuBackend {
     queue: wgpu::Queue,
     info: wgpu::AdapterInfo,
     variant: KernelVariant,
+    /// Whether kernels with a subgroup path take it (see [`WgpuBackend::subgroups`]).
+    subgroups: bool,
     mem: MemoryCounter,
     pool: Pool,
     kernels: Mutex<HashMap<(String, String), Arc<KernelDef>>>,
@@ -341,8 +368,12 @@ impl WgpuBackend {
                 info.name
             )));
         }
+        let has_subgroups = adapter.features().contains(wgpu::Features::SUBGROUP);
+        let subgroups = subgroups_wanted(has_subgroups, &info)?;
         let desc = wgpu::DeviceDescriptor {
             label: Some("dynsparse"),
+            // SUBGROUP only where the adapter has it (so `set_subgroups` can switch later).
+            required_features: if has_subgroups { wgpu::Features::SUBGROUP } else { wgpu::Features::empty() },
             required_limits: limits,
             memory_hints: wgpu::MemoryHints::Performance,
             ..Default::default()
@@ -364,6 +395,7 @@ impl WgpuBackend {
             queue,
             info,
             variant,
+            subgroups,
             mem: MemoryCounter::default(),
             pool: Arc::default(),
             kernels: Mutex::default(),
@@ -388,6 +420,29 @@ impl WgpuBackend {
     /// variants side by side on one device; pipelines of both stay cached).
     pub fn set_kernel_variant(&mut self, v: KernelVariant) {
         self.variant = v;
+    }
+
+    /// Whether the kernels with a subgroup path (decode attention and the
+    /// quantized matmul of the hardware variant) reduce through subgroup
+    /// operations instead of workgroup memory: the adapter has
+    /// `Features::SUBGROUP` (with subgroups of at least 8 invocations),
+    /// unless `DYNSPARSE_WGPU_SUBGROUPS=0`.
+    pub fn subgroups(&self) -> bool {
+        self.subgroups
+    }
+
+    /// Switches the subgroup paths of later launches on or off (tests and
+    /// benchmarks run both in one process). Turning them on fails where the
+    /// device has no `SUBGROUP` feature or subgroups under 8 invocations.
+    pub fn set_subgroups(&mut self, on: bool) -> Result<()> {
+        if on && !subgroups_usable(self.device.features().contains(wgpu::Features::SUBGROUP), &self.info) {
+            return Err(Error::Unavailable(format!(
+                "wgpu: {} has no subgroups of at least 8 invocations",
+                self.info.name
+            )));
+        }
+        self.subgroups = on;
+        Ok(())
     }
 
     /// The adapter's description.

@@ -9,13 +9,18 @@
 //! driver (a separate GEMV pipeline could fuse multiply-adds differently);
 //! the conformance test `qmatmul` checks it bit for bit.
 //!
-//! No optional feature is needed: codes are read as `u32` words, f16 2:4
+//! The hardware variant ([`KernelVariant::Hardware`]) runs the same tile
+//! on 256 invocations, `qmm_hw` (a workgroup-memory tree over the partials)
+//! or `qmm_hw_sg` (subgroup sums, where the device has subgroups and
+//! `DYNSPARSE_WGPU_SUBGROUPS` is not 0): again one pipeline for every m, so
+//! the bit-for-bit batch invariance holds per variant.
+//!
+//! No optional feature is needed by `qmm` and `qmm_hw`: codes are read as `u32` words, f16 2:4
 //! values with `unpack2x16float`. `dot4I8Packed` is not used: the rule
 //! multiplies scale·q in f32 and then by a float x, which an integer dot
 //! product cannot reproduce (it would quantize x and round differently).
 
-use super::kernel::Params;
-use super::{Arg, WgpuBackend};
+use super::{Arg, KernelVariant, WgpuBackend};
 use crate::error::Result;
 use crate::ops::{QMatmulSpec, QWeight};
 use crate::quant::QFormat;
@@ -30,7 +35,22 @@ const CHANNELS: usize = 4;
 /// Largest workgroup count per grid dimension WebGPU guarantees.
 const MAX_GRID: usize = 65_535;
 
-/// The shader's format code (p3).
+crate::wgsl_params! {
+    /// `qmm*`: y [m, n] = x [m, k] · Wᵀ, the weight format's code, the int4
+    /// group size and the first row of the launch.
+    pub struct QmmParams { m: u32, n: u32, k: u32, format: u32, group: u32, row0: u32 }
+}
+
+/// The kernel of `be`'s variant (and subgroup choice).
+fn kernel_name(be: &WgpuBackend) -> &'static str {
+    match (be.kernel_variant(), be.subgroups()) {
+        (KernelVariant::Software, _) => "qmm",
+        (KernelVariant::Hardware, false) => "qmm_hw",
+        (KernelVariant::Hardware, true) => "qmm_hw_sg",
+    }
+}
+
+/// The shader's format code (`QmmParams::format`).
 fn format_code(f: QFormat) -> u32 {
     match f {
         QFormat::Int8 => 0,
@@ -69,10 +89,17 @@ pub(super) fn qmatmul(be: &WgpuBackend, s: &QMatmulSpec, x: &T, w: &QWeight<Wgpu
     let mut row0 = 0;
     while row0 < s.m {
         let rows = (s.m - row0).min(chunk);
-        let p = Params::new().u(s.m).u(s.n).u(s.k).u(format_code(s.format) as usize).u(group).u(row0);
+        let p = QmmParams {
+            m: s.m as u32,
+            n: s.n as u32,
+            k: s.k as u32,
+            format: format_code(s.format),
+            group: group as u32,
+            row0: row0 as u32,
+        };
         let gz = rows.div_ceil(QMM_ROWS) as u32;
         let args = &mut [Arg::R(x), Arg::R(&w.q), Arg::R(scale), Arg::R(aux), Arg::W(&mut *y)];
-        be.launch("qmatmul", "qmm", args, p, [gx, gy, gz])?;
+        be.launch("qmatmul", kernel_name(be), args, &p, [gx, gy, gz])?;
         row0 += rows;
     }
     Ok(())
