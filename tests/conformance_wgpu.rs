@@ -223,10 +223,12 @@ fn decode_kernel_variants_match_reference_in_one_process() {
     let w: Vec<f32> = rng.normal_vec(37 * qk).into_iter().map(|x| x * 0.1).collect();
     let x = rng.normal_vec(qm * qk);
     let formats = [QFormat::Int8, QFormat::Int4 { group: 8, asym: true }, QFormat::Sparse24 { int8: true }];
-    // Attention (dense, blocks) of the rows in `rows` (indices into seqs), and qmatmul of x rows `xr`.
+    // q, k cache, v cache, row table, page ids, selected blocks.
+    type Data<'a> = (&'a [f32], &'a [f32], &'a [f32], &'a [u32], &'a [u32], &'a [u32]);
+    // Attention (dense, blocks) of the rows in `rows` (indices into seqs).
     fn run<B: dynsparse::Backend>(
         be: &B,
-        data: (&[f32], &[f32], &[f32], &[u32], &[u32], &[u32]),
+        data: Data<'_>,
         rows: std::ops::Range<usize>,
         dims: (usize, usize, usize, usize, usize, usize),
     ) -> Vec<Vec<f32>> {
