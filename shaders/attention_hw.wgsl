@@ -84,8 +84,32 @@ fn k_off(b: u32, s: u32, g: u32) -> u32 {
 // units it does not list are skipped, never computed with), m' = max(m, s),
 // l' = l·e^(m−m') + Σ e^(s−m'), acc' = acc·e^(m−m') + Σ e^(s−m')·v — the
 // software variant's order, so each query's result is what it would be alone.
+//
+// With f16 q/k/v on a SHADER_F16 device, q and the K/V tiles are held in f16
+// (half the workgroup memory and private q) and each q·k product is an f16
+// multiply, summed in f32; scores, exponentials and the accumulator stay f32.
+// With subgroups, the tile's unit masks are OR-ed per subgroup first (one
+// atomic per subgroup instead of one per invocation).
+//#if f16
+alias QV = vec4<f16>;
+var<workgroup> tk: array<vec4<f16>, 512>;
+var<workgroup> tv: array<vec4<f16>, 512>;
+fn ldq4(o: u32, e: u32, d: u32) -> QV { return ld4h_q(o, e, d); }
+fn ldk4(o: u32, e: u32, d: u32) -> QV { return ld4h_k(o, e, d); }
+fn ldv4(o: u32, e: u32, d: u32) -> QV { return ld4h_v(o, e, d); }
+// q·k over four elements: f16 products, f32 sum.
+fn qk(q: QV, i: u32) -> f32 { return dot(vec4<f32>(q * tk[i]), vec4<f32>(1.0)); }
+fn vt(i: u32) -> vec4<f32> { return vec4<f32>(tv[i]); }
+//#else
+alias QV = vec4<f32>;
 var<workgroup> tk: array<vec4<f32>, 512>;
 var<workgroup> tv: array<vec4<f32>, 512>;
+fn ldq4(o: u32, e: u32, d: u32) -> QV { return ld4_q(o, e, d); }
+fn ldk4(o: u32, e: u32, d: u32) -> QV { return ld4_k(o, e, d); }
+fn ldv4(o: u32, e: u32, d: u32) -> QV { return ld4_v(o, e, d); }
+fn qk(q: QV, i: u32) -> f32 { return dot(q, tk[i]); }
+fn vt(i: u32) -> vec4<f32> { return tv[i]; }
+//#endif
 var<workgroup> tkey: array<u32, 16>;
 var<workgroup> wany: atomic<u32>;
 var<workgroup> wunion: u32;
@@ -100,7 +124,11 @@ fn hmax(x: vec4<f32>) -> f32 {
 }
 
 @compute @workgroup_size(64)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+//#if subgroups
+        @builtin(subgroup_invocation_id) sgi: u32,
+//#endif
+) {
     let w = wid.x + wid.y * nw.x;
     let seq = P.seq;
     let nh = P.n_heads;
@@ -129,13 +157,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
     let rr = (b * seq + ti) * nh + h;
     let valid = inside && lid < tq && ti < seq;
     let mine = valid && rr >= r0 && rr < r0 + nrow;
-    var q: array<vec4<f32>, TD4>;
+    var q: array<QV, TD4>;
     var acc: array<vec4<f32>, TD4>;
     var m = MINF;
     var l = 0.0;
     for (var cc = 0u; cc < nc; cc = cc + 1u) {
-        q[cc] = vec4<f32>(0.0);
-        if (mine) { q[cc] = ld4_q(rr * d, 4u * cc, d); }
+        q[cc] = QV(0.0);
+        if (mine) { q[cc] = ldq4(rr * d, 4u * cc, d); }
         acc[cc] = vec4<f32>(0.0);
     }
     let u0 = c * P.chunk;
@@ -157,7 +185,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
                 }
             }
         }
+//#if subgroups
+        let smk = subgroupOr(mk);
+        if (sgi == 0u) { atomicOr(&wany, smk); }
+//#else
         atomicOr(&wany, mk);
+//#endif
         workgroupBarrier();
         if (lid == 0u) {
             wunion = atomicLoad(&wany);
@@ -174,12 +207,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
                 for (var e = lid; e < KT * nc; e = e + WGS) {
                     let kk = e / nc;
                     let cc = e % nc;
-                    var kx = vec4<f32>(0.0);
-                    var vx = vec4<f32>(0.0);
+                    var kx = QV(0.0);
+                    var vx = QV(0.0);
                     if (st + kk < ue) {
                         let ko = k_off(b, st + kk, g);
-                        kx = ld4_k(ko, 4u * cc, d);
-                        vx = ld4_v(ko, 4u * cc, d);
+                        kx = ldk4(ko, 4u * cc, d);
+                        vx = ldv4(ko, 4u * cc, d);
                     }
                     tk[kk * TD4 + cc] = kx;
                     tv[kk * TD4 + cc] = vx;
@@ -192,10 +225,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
                     var x3 = vec4<f32>(0.0);
                     for (var cc = 0u; cc < nc; cc = cc + 1u) {
                         let qc = q[cc];
-                        x0 = x0 + vec4<f32>(dot(qc, tk[cc]), dot(qc, tk[TD4 + cc]), dot(qc, tk[2u * TD4 + cc]), dot(qc, tk[3u * TD4 + cc]));
-                        x1 = x1 + vec4<f32>(dot(qc, tk[4u * TD4 + cc]), dot(qc, tk[5u * TD4 + cc]), dot(qc, tk[6u * TD4 + cc]), dot(qc, tk[7u * TD4 + cc]));
-                        x2 = x2 + vec4<f32>(dot(qc, tk[8u * TD4 + cc]), dot(qc, tk[9u * TD4 + cc]), dot(qc, tk[10u * TD4 + cc]), dot(qc, tk[11u * TD4 + cc]));
-                        x3 = x3 + vec4<f32>(dot(qc, tk[12u * TD4 + cc]), dot(qc, tk[13u * TD4 + cc]), dot(qc, tk[14u * TD4 + cc]), dot(qc, tk[15u * TD4 + cc]));
+                        x0 = x0 + vec4<f32>(qk(qc, cc), qk(qc, TD4 + cc), qk(qc, 2u * TD4 + cc), qk(qc, 3u * TD4 + cc));
+                        x1 = x1 + vec4<f32>(qk(qc, 4u * TD4 + cc), qk(qc, 5u * TD4 + cc), qk(qc, 6u * TD4 + cc), qk(qc, 7u * TD4 + cc));
+                        x2 = x2 + vec4<f32>(qk(qc, 8u * TD4 + cc), qk(qc, 9u * TD4 + cc), qk(qc, 10u * TD4 + cc), qk(qc, 11u * TD4 + cc));
+                        x3 = x3 + vec4<f32>(qk(qc, 12u * TD4 + cc), qk(qc, 13u * TD4 + cc), qk(qc, 14u * TD4 + cc), qk(qc, 15u * TD4 + cc));
                     }
                     let ok0 = kvalid4(0u, ti);
                     let ok1 = kvalid4(4u, ti);
@@ -214,10 +247,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
                     l = l * cf + dot(p0 + p1 + p2 + p3, vec4<f32>(1.0));
                     m = mn;
                     for (var cc = 0u; cc < nc; cc = cc + 1u) {
-                        acc[cc] = acc[cc] * cf + p0.x * tv[cc] + p0.y * tv[TD4 + cc] + p0.z * tv[2u * TD4 + cc] + p0.w * tv[3u * TD4 + cc]
-                            + p1.x * tv[4u * TD4 + cc] + p1.y * tv[5u * TD4 + cc] + p1.z * tv[6u * TD4 + cc] + p1.w * tv[7u * TD4 + cc]
-                            + p2.x * tv[8u * TD4 + cc] + p2.y * tv[9u * TD4 + cc] + p2.z * tv[10u * TD4 + cc] + p2.w * tv[11u * TD4 + cc]
-                            + p3.x * tv[12u * TD4 + cc] + p3.y * tv[13u * TD4 + cc] + p3.z * tv[14u * TD4 + cc] + p3.w * tv[15u * TD4 + cc];
+                        acc[cc] = acc[cc] * cf + p0.x * vt(cc) + p0.y * vt(TD4 + cc) + p0.z * vt(2u * TD4 + cc) + p0.w * vt(3u * TD4 + cc)
+                            + p1.x * vt(4u * TD4 + cc) + p1.y * vt(5u * TD4 + cc) + p1.z * vt(6u * TD4 + cc) + p1.w * vt(7u * TD4 + cc)
+                            + p2.x * vt(8u * TD4 + cc) + p2.y * vt(9u * TD4 + cc) + p2.z * vt(10u * TD4 + cc) + p2.w * vt(11u * TD4 + cc)
+                            + p3.x * vt(12u * TD4 + cc) + p3.y * vt(13u * TD4 + cc) + p3.z * vt(14u * TD4 + cc) + p3.w * vt(15u * TD4 + cc);
                     }
                 }
                 workgroupBarrier();

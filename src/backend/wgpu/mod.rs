@@ -18,6 +18,7 @@ mod qmatmul;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+pub use kernel::KernelFeatures;
 use kernel::{Field, KernelDef, ParamBlock, Params, Role};
 
 use super::{Backend, BackendKind, MemoryCounter, MemoryStats};
@@ -247,6 +248,10 @@ pub struct WgpuBackend {
     queue: wgpu::Queue,
     info: wgpu::AdapterInfo,
     variant: KernelVariant,
+    /// Optional shader features the kernels use now (see [`KernelFeatures`]).
+    features: KernelFeatures,
+    /// The optional features the device was opened with (the most `features` may hold).
+    device_features: KernelFeatures,
     mem: MemoryCounter,
     pool: Pool,
     kernels: Mutex<HashMap<(String, String), Arc<KernelDef>>>,
@@ -333,6 +338,7 @@ impl WgpuBackend {
             limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(m);
         }
         let variant = KernelVariant::choose(&info, &limits)?;
+        let features = KernelFeatures::detect(adapter.features())?;
         let (need, widest) = kernel::max_storage_bindings()?;
         let have = limits.max_storage_buffers_per_shader_stage as usize;
         if need > have {
@@ -343,6 +349,7 @@ impl WgpuBackend {
         }
         let desc = wgpu::DeviceDescriptor {
             label: Some("dynsparse"),
+            required_features: features.wgpu_features(),
             required_limits: limits,
             memory_hints: wgpu::MemoryHints::Performance,
             ..Default::default()
@@ -358,12 +365,19 @@ impl WgpuBackend {
                 *s = Some(e.to_string());
             }
         }));
-        log::info!("wgpu: opened {} ({:?}, {:?}), {variant:?} kernels", info.name, info.backend, info.device_type);
+        log::info!(
+            "wgpu: opened {} ({:?}, {:?}), {variant:?} kernels, {features}",
+            info.name,
+            info.backend,
+            info.device_type
+        );
         Ok(Self {
             device,
             queue,
             info,
             variant,
+            features,
+            device_features: features,
             mem: MemoryCounter::default(),
             pool: Arc::default(),
             kernels: Mutex::default(),
@@ -388,6 +402,25 @@ impl WgpuBackend {
     /// variants side by side on one device; pipelines of both stay cached).
     pub fn set_kernel_variant(&mut self, v: KernelVariant) {
         self.variant = v;
+    }
+
+    /// The optional shader features later launches use (see [`KernelFeatures`]).
+    pub fn kernel_features(&self) -> KernelFeatures {
+        self.features
+    }
+
+    /// Switches the optional features of later launches (tests and benchmarks
+    /// run every combination on one device): at most those the device was
+    /// opened with, else an error naming the missing one.
+    pub fn set_kernel_features(&mut self, f: KernelFeatures) -> Result<()> {
+        if !self.device_features.contains(f) {
+            return Err(Error::Unavailable(format!(
+                "wgpu: kernel features ({f}) asked for, the device has {}",
+                self.device_features
+            )));
+        }
+        self.features = f;
+        Ok(())
     }
 
     /// The adapter's description.
@@ -480,7 +513,8 @@ impl WgpuBackend {
         dtypes: &[DType],
         params: Option<(&'static str, &'static [Field])>,
     ) -> Result<Arc<Pipeline>> {
-        let key = format!("{}::{}:{:?}", k.family, k.name, dtypes);
+        let features = self.features.for_kernel(k, dtypes);
+        let key = format!("{}::{}:{:?}:{features:?}", k.family, k.name, dtypes);
         if let Some(p) = lock(&self.pipelines).get(&key) {
             if p.params.map(|p| p.0) != params.map(|p| p.0) {
                 return Err(Error::Device(format!(
@@ -498,7 +532,7 @@ impl WgpuBackend {
                 k.args.len()
             )));
         }
-        let (src, _, param_bytes) = kernel::compile(k, dtypes, params)?;
+        let (src, _, param_bytes) = kernel::compile_with(k, dtypes, features, params)?;
         let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(&key),
             source: wgpu::ShaderSource::Wgsl(src.into()),
