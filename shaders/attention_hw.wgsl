@@ -294,6 +294,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
 // ds = scale·p·(dO·v_s − delta) and dq += ds·k_s, with (lse, delta) from
 // `attn_bwd_stats`. Written to dq (nch = 1) or the partials [nch, nrow,
 // head_dim] of `attn_bwd_dq`'s layout, summed by `sum_chunks`.
+// The token pattern (mode 1) runs the same tiles over units of KT keys: a
+// query marks the units holding its listed tokens, and per unit of the
+// window a KT-bit word of which keys it lists (`km`, private), so a staged
+// key counts for the query only if the query lists it.
 var<workgroup> tk: array<vec4<f32>, 512>;
 var<workgroup> tv: array<vec4<f32>, 512>;
 var<workgroup> tkey: array<u32, 16>;
@@ -303,6 +307,12 @@ var<workgroup> wunion: u32;
 fn kvalid4(kk0: u32, t: u32) -> vec4<bool> {
     let j = vec4<u32>(tkey[kk0], tkey[kk0 + 1u], tkey[kk0 + 2u], tkey[kk0 + 3u]);
     return j <= vec4<u32>(t);
+}
+
+// kvalid4, and bit kk of `bits` set for each key kk0 + i of the tile.
+fn kvalid4b(kk0: u32, t: u32, bits: u32) -> vec4<bool> {
+    let on = ((vec4<u32>(bits) >> vec4<u32>(kk0, kk0 + 1u, kk0 + 2u, kk0 + 3u)) & vec4<u32>(1u)) != vec4<u32>(0u);
+    return kvalid4(kk0, t) & on;
 }
 
 // p·(dO·v − delta)·scale for four keys; masked keys get p = exp(MINF) = 0
@@ -323,6 +333,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
     let tq = P.tq;
     let unit = P.unit;
     let dense = P.mode == 0u;
+    let tokens = P.mode == 1u;
     let inside = w < nch * P.ntile;
     let c = w / P.ntile;
     let tile = P.tile0 + w % P.ntile;
@@ -345,6 +356,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
     var q: array<vec4<f32>, TD4>;
     var dov: array<vec4<f32>, TD4>;
     var acc: array<vec4<f32>, TD4>;
+    var km: array<u32, UW>;
     for (var cc = 0u; cc < nc; cc = cc + 1u) {
         q[cc] = vec4<f32>(0.0);
         dov[cc] = vec4<f32>(0.0);
@@ -371,6 +383,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
         var mk = 0u;
         if (dense) {
             mk = select((1u << wn) - 1u, 0xffffffffu, wn == 32u);
+        } else if (tokens) {
+            for (var j = 0u; j < wn; j = j + 1u) { km[j] = 0u; }
+            if (valid) {
+                let row = (b * seq + ti) * n;
+                for (var e = 0u; e < n; e = e + 1u) {
+                    let s = ldu_idx(row + e);
+                    let u = s / unit;
+                    if (s != NONE && s <= ti && u >= w0 && u - w0 < wn) {
+                        mk = mk | (1u << (u - w0));
+                        km[u - w0] = km[u - w0] | (1u << (s - u * unit));
+                    }
+                }
+            }
         } else if (valid) {
             let row = (b * seq + ti) * n;
             for (var e = 0u; e < n; e = e + 1u) {
@@ -390,6 +415,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
         for (var j = 0u; j < wn; j = j + 1u) {
             if (((um >> j) & 1u) == 0u) { continue; }
             let listed = mine && ((mk >> j) & 1u) != 0u;
+            // Which keys of the unit the query lists (unit == KT for tokens: one tile).
+            let bits = select(0xffffffffu, km[j], tokens);
             let ub = (w0 + j) * unit;
             let ue = min(ub + unit, tl + 1u);
             for (var st = ub; st < ue; st = st + KT) {
@@ -429,10 +456,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
                         y2 = y2 + vec4<f32>(dot(oc, tv[8u * TD4 + cc]), dot(oc, tv[9u * TD4 + cc]), dot(oc, tv[10u * TD4 + cc]), dot(oc, tv[11u * TD4 + cc]));
                         y3 = y3 + vec4<f32>(dot(oc, tv[12u * TD4 + cc]), dot(oc, tv[13u * TD4 + cc]), dot(oc, tv[14u * TD4 + cc]), dot(oc, tv[15u * TD4 + cc]));
                     }
-                    let s0 = dscore4(x0, y0, kvalid4(0u, ti), sc, lse, dsum);
-                    let s1 = dscore4(x1, y1, kvalid4(4u, ti), sc, lse, dsum);
-                    let s2 = dscore4(x2, y2, kvalid4(8u, ti), sc, lse, dsum);
-                    let s3 = dscore4(x3, y3, kvalid4(12u, ti), sc, lse, dsum);
+                    let s0 = dscore4(x0, y0, kvalid4b(0u, ti, bits), sc, lse, dsum);
+                    let s1 = dscore4(x1, y1, kvalid4b(4u, ti, bits), sc, lse, dsum);
+                    let s2 = dscore4(x2, y2, kvalid4b(8u, ti, bits), sc, lse, dsum);
+                    let s3 = dscore4(x3, y3, kvalid4b(12u, ti, bits), sc, lse, dsum);
                     for (var cc = 0u; cc < nc; cc = cc + 1u) {
                         acc[cc] = acc[cc] + s0.x * tk[cc] + s0.y * tk[TD4 + cc] + s0.z * tk[2u * TD4 + cc] + s0.w * tk[3u * TD4 + cc]
                             + s1.x * tk[4u * TD4 + cc] + s1.y * tk[5u * TD4 + cc] + s1.z * tk[6u * TD4 + cc] + s1.w * tk[7u * TD4 + cc]

@@ -252,6 +252,8 @@ pub struct WgpuBackend {
     features: KernelFeatures,
     /// The optional features the device was opened with (the most `features` may hold).
     device_features: KernelFeatures,
+    /// Test override of the attention kernels' loop budget (None: the default).
+    attention_loop_budget: Option<usize>,
     mem: MemoryCounter,
     pool: Pool,
     kernels: Mutex<HashMap<(String, String), Arc<KernelDef>>>,
@@ -378,6 +380,7 @@ impl WgpuBackend {
             variant,
             features,
             device_features: features,
+            attention_loop_budget: None,
             mem: MemoryCounter::default(),
             pool: Arc::default(),
             kernels: Mutex::default(),
@@ -421,6 +424,15 @@ impl WgpuBackend {
         }
         self.features = f;
         Ok(())
+    }
+
+    /// Lowers the loop-iteration budget by which the attention kernels split
+    /// their key or query loops into chunks (None: the default, sized for
+    /// lavapipe), so tests reach the split paths (partials summed or
+    /// combined afterwards) with small inputs. Results do not depend on it.
+    #[doc(hidden)]
+    pub fn set_attention_loop_budget(&mut self, budget: Option<usize>) {
+        self.attention_loop_budget = budget;
     }
 
     /// The adapter's description.
