@@ -305,7 +305,12 @@ pub(super) fn attention(
     let rows = s.batch * s.seq * s.n_heads;
     let (d, nc) = (s.head_dim, s.head_dim.div_ceil(4));
     // Per slot: the slot loop, the q·k and the p·v vec4 loops.
-    if let Some(tq) = fwd_tile(be, s) {
+    // The hardware variant's f16 tiles (f16 q/k/v with SHADER_F16) take half the workgroup memory.
+    let half_tiles = be.kernel_variant() == KernelVariant::Hardware
+        && be.kernel_features().f16
+        && [q, k, v].iter().all(|t| t.dtype() == DType::F16);
+    let shared = if half_tiles { FWD_SHARED_BYTES_F16 } else { FWD_SHARED_BYTES };
+    if let Some(tq) = fwd_tile(be, s, shared) {
         return attention_tiled(be, s, tq, q, k, v, idx, o, lse);
     }
     let pl = plan(loop_budget(be), max_slots(s), 1 + 2 * nc, nc + d + 64, 1, rows, d + 2, max_scratch_floats(be));
@@ -414,12 +419,15 @@ const FWD_MAX_DIM: usize = 128;
 /// Workgroup memory of `attn_fwd_tiled`: the K and V tiles, their keys and
 /// the window's union words.
 const FWD_SHARED_BYTES: usize = 2 * FWD_KEYS * (FWD_MAX_DIM / 4) * 16 + 4 * FWD_KEYS + 8;
+/// The same with f16 K/V tiles (`attn_fwd_tiled_hw` with the f16 feature):
+/// within WebGPU's default 16 KiB.
+const FWD_SHARED_BYTES_F16: usize = 2 * FWD_KEYS * (FWD_MAX_DIM / 4) * 8 + 4 * FWD_KEYS + 8;
 
 /// The query tile of the tiled forward, if it applies: the dense and block
 /// patterns with head_dim <= 128.
-fn fwd_tile(be: &WgpuBackend, s: &AttentionSpec) -> Option<usize> {
+fn fwd_tile(be: &WgpuBackend, s: &AttentionSpec, need: usize) -> Option<usize> {
     let shared = be.device.limits().max_compute_workgroup_storage_size as usize;
-    if s.head_dim > FWD_MAX_DIM || shared < FWD_SHARED_BYTES {
+    if s.head_dim > FWD_MAX_DIM || shared < need {
         return None;
     }
     match s.pattern {
@@ -969,6 +977,33 @@ pub(super) fn indexer_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The launcher's workgroup-memory figures of the tiled forward are
+    /// naga's for the kernel as generated (f32 tiles, and f16 tiles with the
+    /// f16 feature and f16 inputs).
+    #[test]
+    fn fwd_shared_bytes_match_the_kernel() {
+        use super::super::kernel::{KernelFeatures, Role, find, generate_with, resource_use};
+        let k = find("attention_hw", "attn_fwd_tiled_hw").unwrap();
+        for (dt, f, want) in [
+            (DType::F32, KernelFeatures::ALL, FWD_SHARED_BYTES),
+            (DType::F16, KernelFeatures::NONE, FWD_SHARED_BYTES),
+            (DType::F16, KernelFeatures::ALL, FWD_SHARED_BYTES_F16),
+        ] {
+            let dts: Vec<DType> = k
+                .args
+                .iter()
+                .map(|(_, r)| match r {
+                    Role::In => dt,
+                    Role::Idx | Role::IdxOut => DType::U32,
+                    _ => DType::F32,
+                })
+                .collect();
+            let u = resource_use("attn_fwd_tiled_hw", &generate_with(&k, &dts, f).unwrap()).unwrap();
+            assert_eq!(u.workgroup_bytes, want, "{dt} {f}");
+        }
+        const { assert!(FWD_SHARED_BYTES_F16 <= 16 * 1024 && FWD_SHARED_BYTES > 16 * 1024) };
+    }
 
     #[test]
     fn short_loops_run_in_one_chunk() {
