@@ -1,10 +1,13 @@
 //! Times the wgpu attention kernels' software and hardware variants side by
 //! side on one adapter (`DYNSPARSE_WGPU_KERNELS` is ignored: the variant is
 //! switched between timings): the forward, and the backward alone (dq, dk,
-//! dv from a saved forward), dense and block-sparse, batch 1, causal.
+//! dv from a saved forward), dense and block-sparse, batch 1, causal, and a
+//! seq × seq × seq matmul. Three columns: the software variant, the hardware
+//! variant without optional features, and the hardware variant with every
+//! feature the device has (subgroups, f16 arithmetic for `--dtype f16`).
 //! Rounds alternate between the variants, so the machine's noise hits them
 //! alike; the table shows each variant's median over the rounds, its spread
-//! (min–max) and the hw / sw ratio of the medians.
+//! (min–max) and the ratios of the medians to sw.
 //!
 //! ```sh
 //! XDG_RUNTIME_DIR=/tmp cargo run --example attention_variants_wgpu -- --seq 256 --head-dim 64
@@ -14,7 +17,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use dynsparse::attention::{self, Pattern};
-use dynsparse::backend::wgpu::{AdapterPick, KernelVariant, WgpuBackend};
+use dynsparse::backend::wgpu::{AdapterPick, KernelFeatures, KernelVariant, WgpuBackend};
 use dynsparse::util::rng::Rng;
 use dynsparse::{Backend, DType, Result, Tensor};
 
@@ -40,6 +43,9 @@ struct Args {
     /// Timings per variant (interleaved).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Dtype of q, k, v, dO and the matmul operands: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
 }
 
 type T = Tensor<WgpuBackend>;
@@ -57,16 +63,22 @@ fn time(be: &WgpuBackend, reps: usize, mut f: impl FnMut() -> Result<()>) -> Res
 
 fn main() -> Result<()> {
     let a = Args::parse();
+    let dt = DType::parse(&a.dtype)
+        .filter(|d| d.is_float())
+        .ok_or_else(|| dynsparse::Error::Invalid(format!("--dtype {}: expected f32, f16 or bf16", a.dtype)))?;
     let mut be = WgpuBackend::new(&AdapterPick::from_env().unwrap_or(AdapterPick::Any))?;
+    let dev = be.kernel_features();
     let (seq, d) = (a.seq, a.head_dim);
     let qs = [1, seq, a.heads, d];
     let ks = [1, seq, a.kv_heads, d];
     let mut rng = Rng::new(11);
     let mut up = |shape: &[usize]| -> Result<T> {
         let n = shape.iter().product();
-        Tensor::from_f32(&be, &rng.normal_vec(n), shape, DType::F32)
+        Tensor::from_f32(&be, &rng.normal_vec(n), shape, dt)
     };
     let (q, k, v, d_o) = (up(&qs)?, up(&ks)?, up(&ks)?, up(&qs)?);
+    let (ma, mb) = (up(&[seq, seq])?, up(&[seq, seq])?);
+    let mut mc = Tensor::empty(&be, &[seq, seq], dt)?;
     // Per query: its own block, the sink, then the blocks just before its own.
     let nb = seq.div_ceil(a.block);
     let n = a.keep.min(nb);
@@ -83,20 +95,28 @@ fn main() -> Result<()> {
         blk.extend(row);
     }
     let idx = Tensor::from_u32(&be, &blk, &[1, seq, n])?;
-    let (mut o, mut lse) = (Tensor::empty(&be, &qs, DType::F32)?, Tensor::empty(&be, &[1, a.heads, seq], DType::F32)?);
-    let (mut dq, mut dk, mut dv) = (
-        Tensor::empty(&be, &qs, DType::F32)?,
-        Tensor::empty(&be, &ks, DType::F32)?,
-        Tensor::empty(&be, &ks, DType::F32)?,
-    );
-    let ops = ["dense fwd", "dense bwd", "sparse fwd", "sparse bwd"];
-    let variants = [KernelVariant::Software, KernelVariant::Hardware];
+    let (mut o, mut lse) = (Tensor::empty(&be, &qs, dt)?, Tensor::empty(&be, &[1, a.heads, seq], DType::F32)?);
+    let (mut dq, mut dk, mut dv) =
+        (Tensor::empty(&be, &qs, dt)?, Tensor::empty(&be, &ks, dt)?, Tensor::empty(&be, &ks, dt)?);
+    let ops = ["dense fwd", "dense bwd", "sparse fwd", "sparse bwd", "matmul"];
+    let variants = [
+        (KernelVariant::Software, KernelFeatures::NONE),
+        (KernelVariant::Hardware, KernelFeatures::NONE),
+        (KernelVariant::Hardware, dev),
+    ];
     let mut times = vec![vec![Vec::new(); ops.len()]; variants.len()];
     for _ in 0..a.rounds {
-        for (vi, &var) in variants.iter().enumerate() {
+        for (vi, &(var, feats)) in variants.iter().enumerate() {
             be.set_kernel_variant(var);
+            be.set_kernel_features(feats)?;
             let be = &be;
             for (oi, op) in ops.iter().enumerate() {
+                if *op == "matmul" {
+                    let ms =
+                        time(be, a.reps, || dynsparse::ops::matmul(be, &ma, &mb, &mut mc, false, false, 1.0, 0.0))?;
+                    times[vi][oi].push(ms);
+                    continue;
+                }
                 let pat = || {
                     if op.starts_with("dense") { Pattern::Dense } else { Pattern::Blocks { idx: &idx, block: a.block } }
                 };
@@ -113,7 +133,8 @@ fn main() -> Result<()> {
         }
     }
     println!(
-        "device: {} (wgpu); seq {seq}, heads {}/{}, head_dim {d}, f32; sparse: {n} blocks of {} per query; {} calls per timing, {} rounds",
+        "device: {} (wgpu, {dev}); seq {seq}, heads {}/{}, head_dim {d}, {dt}; sparse: {n} blocks of {} per query; \
+         matmul {seq}×{seq}×{seq}; {} calls per timing, {} rounds",
         be.device_name(),
         a.heads,
         a.kv_heads,
@@ -122,8 +143,10 @@ fn main() -> Result<()> {
         a.rounds
     );
     println!();
-    println!("| op | sw ms (median) | sw spread | hw ms (median) | hw spread | hw / sw |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| op | sw ms (median) | sw spread | hw ms (median) | hw spread | hw+features ms (median) | hw+features spread | hw / sw | hw+features / sw |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let stats = |v: &[f64]| {
         let mut s = v.to_vec();
         s.sort_by(f64::total_cmp);
@@ -132,7 +155,12 @@ fn main() -> Result<()> {
     for (oi, op) in ops.iter().enumerate() {
         let (sm, s0, s1) = stats(&times[0][oi]);
         let (hm, h0, h1) = stats(&times[1][oi]);
-        println!("| {op} | {sm:.1} | {s0:.1}–{s1:.1} | {hm:.1} | {h0:.1}–{h1:.1} | {:.2}× |", hm / sm);
+        let (fm, f0, f1) = stats(&times[2][oi]);
+        println!(
+            "| {op} | {sm:.1} | {s0:.1}–{s1:.1} | {hm:.1} | {h0:.1}–{h1:.1} | {fm:.1} | {f0:.1}–{f1:.1} | {:.2}× | {:.2}× |",
+            hm / sm,
+            fm / sm
+        );
     }
     Ok(())
 }

@@ -84,8 +84,32 @@ fn k_off(b: u32, s: u32, g: u32) -> u32 {
 // units it does not list are skipped, never computed with), m' = max(m, s),
 // l' = l·e^(m−m') + Σ e^(s−m'), acc' = acc·e^(m−m') + Σ e^(s−m')·v — the
 // software variant's order, so each query's result is what it would be alone.
+//
+// With f16 q/k/v on a SHADER_F16 device, q and the K/V tiles are held in f16
+// (half the workgroup memory and private q) and each q·k product is an f16
+// multiply, summed in f32; scores, exponentials and the accumulator stay f32.
+// With subgroups, the tile's unit masks are OR-ed per subgroup first (one
+// atomic per subgroup instead of one per invocation).
+//#if f16
+alias QV = vec4<f16>;
+var<workgroup> tk: array<vec4<f16>, 512>;
+var<workgroup> tv: array<vec4<f16>, 512>;
+fn ldq4(o: u32, e: u32, d: u32) -> QV { return ld4h_q(o, e, d); }
+fn ldk4(o: u32, e: u32, d: u32) -> QV { return ld4h_k(o, e, d); }
+fn ldv4(o: u32, e: u32, d: u32) -> QV { return ld4h_v(o, e, d); }
+// q·k over four elements: f16 products, f32 sum.
+fn qk(q: QV, i: u32) -> f32 { return dot(vec4<f32>(q * tk[i]), vec4<f32>(1.0)); }
+fn vt(i: u32) -> vec4<f32> { return vec4<f32>(tv[i]); }
+//#else
+alias QV = vec4<f32>;
 var<workgroup> tk: array<vec4<f32>, 512>;
 var<workgroup> tv: array<vec4<f32>, 512>;
+fn ldq4(o: u32, e: u32, d: u32) -> QV { return ld4_q(o, e, d); }
+fn ldk4(o: u32, e: u32, d: u32) -> QV { return ld4_k(o, e, d); }
+fn ldv4(o: u32, e: u32, d: u32) -> QV { return ld4_v(o, e, d); }
+fn qk(q: QV, i: u32) -> f32 { return dot(q, tk[i]); }
+fn vt(i: u32) -> vec4<f32> { return tv[i]; }
+//#endif
 var<workgroup> tkey: array<u32, 16>;
 var<workgroup> wany: atomic<u32>;
 var<workgroup> wunion: u32;
@@ -100,7 +124,11 @@ fn hmax(x: vec4<f32>) -> f32 {
 }
 
 @compute @workgroup_size(64)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+//#if subgroups
+        @builtin(subgroup_invocation_id) sgi: u32,
+//#endif
+) {
     let w = wid.x + wid.y * nw.x;
     let seq = P.seq;
     let nh = P.n_heads;
@@ -129,13 +157,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
     let rr = (b * seq + ti) * nh + h;
     let valid = inside && lid < tq && ti < seq;
     let mine = valid && rr >= r0 && rr < r0 + nrow;
-    var q: array<vec4<f32>, TD4>;
+    var q: array<QV, TD4>;
     var acc: array<vec4<f32>, TD4>;
     var m = MINF;
     var l = 0.0;
     for (var cc = 0u; cc < nc; cc = cc + 1u) {
-        q[cc] = vec4<f32>(0.0);
-        if (mine) { q[cc] = ld4_q(rr * d, 4u * cc, d); }
+        q[cc] = QV(0.0);
+        if (mine) { q[cc] = ldq4(rr * d, 4u * cc, d); }
         acc[cc] = vec4<f32>(0.0);
     }
     let u0 = c * P.chunk;
@@ -157,7 +185,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
                 }
             }
         }
+//#if subgroups
+        let smk = subgroupOr(mk);
+        if (sgi == 0u) { atomicOr(&wany, smk); }
+//#else
         atomicOr(&wany, mk);
+//#endif
         workgroupBarrier();
         if (lid == 0u) {
             wunion = atomicLoad(&wany);
@@ -174,12 +207,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
                 for (var e = lid; e < KT * nc; e = e + WGS) {
                     let kk = e / nc;
                     let cc = e % nc;
-                    var kx = vec4<f32>(0.0);
-                    var vx = vec4<f32>(0.0);
+                    var kx = QV(0.0);
+                    var vx = QV(0.0);
                     if (st + kk < ue) {
                         let ko = k_off(b, st + kk, g);
-                        kx = ld4_k(ko, 4u * cc, d);
-                        vx = ld4_v(ko, 4u * cc, d);
+                        kx = ldk4(ko, 4u * cc, d);
+                        vx = ldv4(ko, 4u * cc, d);
                     }
                     tk[kk * TD4 + cc] = kx;
                     tv[kk * TD4 + cc] = vx;
@@ -192,10 +225,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
                     var x3 = vec4<f32>(0.0);
                     for (var cc = 0u; cc < nc; cc = cc + 1u) {
                         let qc = q[cc];
-                        x0 = x0 + vec4<f32>(dot(qc, tk[cc]), dot(qc, tk[TD4 + cc]), dot(qc, tk[2u * TD4 + cc]), dot(qc, tk[3u * TD4 + cc]));
-                        x1 = x1 + vec4<f32>(dot(qc, tk[4u * TD4 + cc]), dot(qc, tk[5u * TD4 + cc]), dot(qc, tk[6u * TD4 + cc]), dot(qc, tk[7u * TD4 + cc]));
-                        x2 = x2 + vec4<f32>(dot(qc, tk[8u * TD4 + cc]), dot(qc, tk[9u * TD4 + cc]), dot(qc, tk[10u * TD4 + cc]), dot(qc, tk[11u * TD4 + cc]));
-                        x3 = x3 + vec4<f32>(dot(qc, tk[12u * TD4 + cc]), dot(qc, tk[13u * TD4 + cc]), dot(qc, tk[14u * TD4 + cc]), dot(qc, tk[15u * TD4 + cc]));
+                        x0 = x0 + vec4<f32>(qk(qc, cc), qk(qc, TD4 + cc), qk(qc, 2u * TD4 + cc), qk(qc, 3u * TD4 + cc));
+                        x1 = x1 + vec4<f32>(qk(qc, 4u * TD4 + cc), qk(qc, 5u * TD4 + cc), qk(qc, 6u * TD4 + cc), qk(qc, 7u * TD4 + cc));
+                        x2 = x2 + vec4<f32>(qk(qc, 8u * TD4 + cc), qk(qc, 9u * TD4 + cc), qk(qc, 10u * TD4 + cc), qk(qc, 11u * TD4 + cc));
+                        x3 = x3 + vec4<f32>(qk(qc, 12u * TD4 + cc), qk(qc, 13u * TD4 + cc), qk(qc, 14u * TD4 + cc), qk(qc, 15u * TD4 + cc));
                     }
                     let ok0 = kvalid4(0u, ti);
                     let ok1 = kvalid4(4u, ti);
@@ -214,10 +247,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
                     l = l * cf + dot(p0 + p1 + p2 + p3, vec4<f32>(1.0));
                     m = mn;
                     for (var cc = 0u; cc < nc; cc = cc + 1u) {
-                        acc[cc] = acc[cc] * cf + p0.x * tv[cc] + p0.y * tv[TD4 + cc] + p0.z * tv[2u * TD4 + cc] + p0.w * tv[3u * TD4 + cc]
-                            + p1.x * tv[4u * TD4 + cc] + p1.y * tv[5u * TD4 + cc] + p1.z * tv[6u * TD4 + cc] + p1.w * tv[7u * TD4 + cc]
-                            + p2.x * tv[8u * TD4 + cc] + p2.y * tv[9u * TD4 + cc] + p2.z * tv[10u * TD4 + cc] + p2.w * tv[11u * TD4 + cc]
-                            + p3.x * tv[12u * TD4 + cc] + p3.y * tv[13u * TD4 + cc] + p3.z * tv[14u * TD4 + cc] + p3.w * tv[15u * TD4 + cc];
+                        acc[cc] = acc[cc] * cf + p0.x * vt(cc) + p0.y * vt(TD4 + cc) + p0.z * vt(2u * TD4 + cc) + p0.w * vt(3u * TD4 + cc)
+                            + p1.x * vt(4u * TD4 + cc) + p1.y * vt(5u * TD4 + cc) + p1.z * vt(6u * TD4 + cc) + p1.w * vt(7u * TD4 + cc)
+                            + p2.x * vt(8u * TD4 + cc) + p2.y * vt(9u * TD4 + cc) + p2.z * vt(10u * TD4 + cc) + p2.w * vt(11u * TD4 + cc)
+                            + p3.x * vt(12u * TD4 + cc) + p3.y * vt(13u * TD4 + cc) + p3.z * vt(14u * TD4 + cc) + p3.w * vt(15u * TD4 + cc);
                     }
                 }
                 workgroupBarrier();
@@ -261,6 +294,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
 // ds = scale·p·(dO·v_s − delta) and dq += ds·k_s, with (lse, delta) from
 // `attn_bwd_stats`. Written to dq (nch = 1) or the partials [nch, nrow,
 // head_dim] of `attn_bwd_dq`'s layout, summed by `sum_chunks`.
+// The token pattern (mode 1) runs the same tiles over units of KT keys: a
+// query marks the units holding its listed tokens, and per unit of the
+// window a KT-bit word of which keys it lists (`km`, private), so a staged
+// key counts for the query only if the query lists it.
 var<workgroup> tk: array<vec4<f32>, 512>;
 var<workgroup> tv: array<vec4<f32>, 512>;
 var<workgroup> tkey: array<u32, 16>;
@@ -270,6 +307,12 @@ var<workgroup> wunion: u32;
 fn kvalid4(kk0: u32, t: u32) -> vec4<bool> {
     let j = vec4<u32>(tkey[kk0], tkey[kk0 + 1u], tkey[kk0 + 2u], tkey[kk0 + 3u]);
     return j <= vec4<u32>(t);
+}
+
+// kvalid4, and bit kk of `bits` set for each key kk0 + i of the tile.
+fn kvalid4b(kk0: u32, t: u32, bits: u32) -> vec4<bool> {
+    let on = ((vec4<u32>(bits) >> vec4<u32>(kk0, kk0 + 1u, kk0 + 2u, kk0 + 3u)) & vec4<u32>(1u)) != vec4<u32>(0u);
+    return kvalid4(kk0, t) & on;
 }
 
 // p·(dO·v − delta)·scale for four keys; masked keys get p = exp(MINF) = 0
@@ -290,6 +333,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
     let tq = P.tq;
     let unit = P.unit;
     let dense = P.mode == 0u;
+    let tokens = P.mode == 1u;
     let inside = w < nch * P.ntile;
     let c = w / P.ntile;
     let tile = P.tile0 + w % P.ntile;
@@ -312,6 +356,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
     var q: array<vec4<f32>, TD4>;
     var dov: array<vec4<f32>, TD4>;
     var acc: array<vec4<f32>, TD4>;
+    var km: array<u32, UW>;
     for (var cc = 0u; cc < nc; cc = cc + 1u) {
         q[cc] = vec4<f32>(0.0);
         dov[cc] = vec4<f32>(0.0);
@@ -338,6 +383,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
         var mk = 0u;
         if (dense) {
             mk = select((1u << wn) - 1u, 0xffffffffu, wn == 32u);
+        } else if (tokens) {
+            for (var j = 0u; j < wn; j = j + 1u) { km[j] = 0u; }
+            if (valid) {
+                let row = (b * seq + ti) * n;
+                for (var e = 0u; e < n; e = e + 1u) {
+                    let s = ldu_idx(row + e);
+                    let u = s / unit;
+                    if (s != NONE && s <= ti && u >= w0 && u - w0 < wn) {
+                        mk = mk | (1u << (u - w0));
+                        km[u - w0] = km[u - w0] | (1u << (s - u * unit));
+                    }
+                }
+            }
         } else if (valid) {
             let row = (b * seq + ti) * n;
             for (var e = 0u; e < n; e = e + 1u) {
@@ -357,6 +415,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
         for (var j = 0u; j < wn; j = j + 1u) {
             if (((um >> j) & 1u) == 0u) { continue; }
             let listed = mine && ((mk >> j) & 1u) != 0u;
+            // Which keys of the unit the query lists (unit == KT for tokens: one tile).
+            let bits = select(0xffffffffu, km[j], tokens);
             let ub = (w0 + j) * unit;
             let ue = min(ub + unit, tl + 1u);
             for (var st = ub; st < ue; st = st + KT) {
@@ -396,10 +456,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
                         y2 = y2 + vec4<f32>(dot(oc, tv[8u * TD4 + cc]), dot(oc, tv[9u * TD4 + cc]), dot(oc, tv[10u * TD4 + cc]), dot(oc, tv[11u * TD4 + cc]));
                         y3 = y3 + vec4<f32>(dot(oc, tv[12u * TD4 + cc]), dot(oc, tv[13u * TD4 + cc]), dot(oc, tv[14u * TD4 + cc]), dot(oc, tv[15u * TD4 + cc]));
                     }
-                    let s0 = dscore4(x0, y0, kvalid4(0u, ti), sc, lse, dsum);
-                    let s1 = dscore4(x1, y1, kvalid4(4u, ti), sc, lse, dsum);
-                    let s2 = dscore4(x2, y2, kvalid4(8u, ti), sc, lse, dsum);
-                    let s3 = dscore4(x3, y3, kvalid4(12u, ti), sc, lse, dsum);
+                    let s0 = dscore4(x0, y0, kvalid4b(0u, ti, bits), sc, lse, dsum);
+                    let s1 = dscore4(x1, y1, kvalid4b(4u, ti, bits), sc, lse, dsum);
+                    let s2 = dscore4(x2, y2, kvalid4b(8u, ti, bits), sc, lse, dsum);
+                    let s3 = dscore4(x3, y3, kvalid4b(12u, ti, bits), sc, lse, dsum);
                     for (var cc = 0u; cc < nc; cc = cc + 1u) {
                         acc[cc] = acc[cc] + s0.x * tk[cc] + s0.y * tk[TD4 + cc] + s0.z * tk[2u * TD4 + cc] + s0.w * tk[3u * TD4 + cc]
                             + s1.x * tk[4u * TD4 + cc] + s1.y * tk[5u * TD4 + cc] + s1.z * tk[6u * TD4 + cc] + s1.w * tk[7u * TD4 + cc]

@@ -457,7 +457,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
 // in private vec4s, so one k_i row per invocation instead of eight; q_i rows
 // and w through workgroup memory 8 queries at a time (64 partial maxima per
 // query in `pm`), merged in invocation order. Max is exact, so the result
-// is bit-identical to the software variant's.
+// is bit-identical to the software variant's. With subgroups, each
+// subgroup first takes the maximum of its invocations' partials
+// (subgroupMax) and only its first invocation writes it, at the subgroup's
+// index: a query's maximum then merges num_subgroups partials instead of 64
+// (max is exact and order-free, so still bit-identical).
 const TWG: u32 = 64u;
 const TKEYS: u32 = 64u;
 const QTV: u32 = 832u;
@@ -467,7 +471,11 @@ var<workgroup> wt: array<f32, 256>;
 var<workgroup> pm: array<f32, 512>;
 
 @compute @workgroup_size(64)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+//#if subgroups
+        @builtin(subgroup_invocation_id) sgi: u32, @builtin(subgroup_id) sgid: u32, @builtin(num_subgroups) nsg: u32,
+//#endif
+) {
     let seq = P.seq;
     let nh = P.heads;
     let d = P.dim;
@@ -558,14 +566,24 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 if (sk0 < s0 + cols && sk0 <= t && x0 > m) {
                     m = x0;
                 }
+//#if subgroups
+                let sm = subgroupMax(m);
+                if (sgi == 0u) { pm[r * TWG + sgid] = sm; }
+//#else
                 pm[r * TWG + lid] = m;
+//#endif
             }
             workgroupBarrier();
             // Query c0 + r's maximum: its 64 partials in invocation order,
             // then the keys of the earlier 64-key groups (already written).
+//#if subgroups
+            let parts = nsg;
+//#else
+            let parts = TWG;
+//#endif
             for (var r = lid; r < qw; r = r + TWG) {
                 var m = pm[r * TWG];
-                for (var i = 1u; i < TWG; i = i + 1u) {
+                for (var i = 1u; i < parts; i = i + 1u) {
                     let x = pm[r * TWG + i];
                     if (x > m) { m = x; }
                 }

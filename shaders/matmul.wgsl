@@ -51,6 +51,30 @@ fn ldb(b0: u32, p: u32, j: u32) -> f32 {
     return ld_b(b0 + p * n + j);
 }
 
+//#if f16
+// The f16 tiles of `mm_hw` when A and B are f16 and the device has
+// SHADER_F16: half the workgroup memory, products in f16 (exact inputs, one
+// f16 rounding per product), accumulated in f32 (DESIGN §3).
+var<workgroup> AsH: array<vec4<f16>, 256>;
+var<workgroup> BsH: array<vec4<f16>, 256>;
+
+fn ldah(a0: u32, i: u32, p: u32) -> f16 {
+    let m = P.m;
+    let k = P.k;
+    if (i >= m || p >= k) { return 0.0h; }
+    if (P.trans_a == 1u) { return ldh_a(a0 + p * m + i); }
+    return ldh_a(a0 + i * k + p);
+}
+
+fn ldbh(b0: u32, p: u32, j: u32) -> f16 {
+    let n = P.n;
+    let k = P.k;
+    if (j >= n || p >= k) { return 0.0h; }
+    if (P.trans_b == 1u) { return ldh_b(b0 + j * k + p); }
+    return ldh_b(b0 + p * n + j);
+}
+//#endif
+
 // Stores C[i, j0..j0+8] (C's matrix at c0) = alpha·(lo, hi) (+ beta·C), within bounds.
 fn store8(c0: u32, i: u32, j0: u32, lo: vec4<f32>, hi: vec4<f32>, accumulate: bool) {
     let m = P.m;
@@ -149,7 +173,10 @@ fn mm(l: vec3<u32>, w: vec3<u32>, accumulate: bool) {
 // columns 4·tx.. in four vec4 accumulators; the same K slices of 16 through
 // the same workgroup tiles, one vec4 slot of each per invocation. Each
 // element is still t = t + a·b over p in order, so results match the
-// software variant's and no row depends on another.
+// software variant's and no row depends on another. With f16 A and B on a
+// SHADER_F16 device the tiles hold f16 and each product a·b is an f16
+// multiply (widened to f32 for the sum), so f16 results differ from the
+// software variant's by one f16 rounding per product.
 fn mm_hw(l: vec3<u32>, w: vec3<u32>, accumulate: bool) {
     let k = P.k;
     let ta = P.trans_a == 1u;
@@ -172,22 +199,38 @@ fn mm_hw(l: vec3<u32>, w: vec3<u32>, accumulate: bool) {
         var mv: u32;
         if (ta) { kk = sl / 16u; mv = sl % 16u; } else { kk = sl % 16u; mv = sl / 16u; }
         let i = row0 + mv * 4u;
-        As[kk * 16u + mv] = vec4<f32>(lda(a0, i, k0 + kk), lda(a0, i + 1u, k0 + kk),
-                                      lda(a0, i + 2u, k0 + kk), lda(a0, i + 3u, k0 + kk));
         var kb: u32;
         var nv: u32;
         if (tb) { kb = sl % 16u; nv = sl / 16u; } else { kb = sl / 16u; nv = sl % 16u; }
         let j = col0 + nv * 4u;
+//#if f16
+        AsH[kk * 16u + mv] = vec4<f16>(ldah(a0, i, k0 + kk), ldah(a0, i + 1u, k0 + kk),
+                                       ldah(a0, i + 2u, k0 + kk), ldah(a0, i + 3u, k0 + kk));
+        BsH[kb * 16u + nv] = vec4<f16>(ldbh(b0, k0 + kb, j), ldbh(b0, k0 + kb, j + 1u),
+                                       ldbh(b0, k0 + kb, j + 2u), ldbh(b0, k0 + kb, j + 3u));
+//#else
+        As[kk * 16u + mv] = vec4<f32>(lda(a0, i, k0 + kk), lda(a0, i + 1u, k0 + kk),
+                                      lda(a0, i + 2u, k0 + kk), lda(a0, i + 3u, k0 + kk));
         Bs[kb * 16u + nv] = vec4<f32>(ldb(b0, k0 + kb, j), ldb(b0, k0 + kb, j + 1u),
                                       ldb(b0, k0 + kb, j + 2u), ldb(b0, k0 + kb, j + 3u));
+//#endif
         workgroupBarrier();
         for (var q = 0u; q < TK; q = q + 1u) {
+//#if f16
+            let a = AsH[q * 16u + l.y];
+            let bv = BsH[q * 16u + l.x];
+            acc0 = acc0 + vec4<f32>(a.x * bv);
+            acc1 = acc1 + vec4<f32>(a.y * bv);
+            acc2 = acc2 + vec4<f32>(a.z * bv);
+            acc3 = acc3 + vec4<f32>(a.w * bv);
+//#else
             let a = As[q * 16u + l.y];
             let bv = Bs[q * 16u + l.x];
             acc0 = acc0 + a.x * bv;
             acc1 = acc1 + a.y * bv;
             acc2 = acc2 + a.z * bv;
             acc3 = acc3 + a.w * bv;
+//#endif
         }
         workgroupBarrier();
     }

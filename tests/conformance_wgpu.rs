@@ -83,10 +83,14 @@ fn the_subgroup_override_reaches_the_backend() {
 /// already written).
 #[test]
 fn indexer_block_scores_match_reference_on_finite_entries() {
+    let Some((c, g)) = pair() else { return };
+    indexer_finite(c, g);
+}
+
+fn indexer_finite(c: &CpuBackend, g: &WgpuBackend) {
     use dynsparse::DType;
     use dynsparse::attention as attn;
     use dynsparse::util::rng::Rng;
-    let Some((c, g)) = pair() else { return };
     for dt in common::float_dtypes(c, g) {
         for (ci, &(batch, seq, hi, di, block)) in
             [(2usize, 90usize, 4usize, 32usize, 16usize), (1, 200, 3, 64, 128)].iter().enumerate()
@@ -131,12 +135,15 @@ fn indexer_block_scores_match_reference_on_finite_entries() {
 /// `DYNSPARSE_WGPU_KERNELS=hw`): dense, token and block patterns, f32.
 #[test]
 fn attention_backward_with_split_query_loops_matches_reference() {
+    let Some((c, g)) = pair() else { return };
+    split_backward(c, g, dynsparse::DType::F32, 128);
+}
+
+fn split_backward(c: &CpuBackend, g: &WgpuBackend, dt: dynsparse::DType, d: usize) {
     use dynsparse::attention::{self as attn, Pattern};
     use dynsparse::util::rng::Rng;
     use dynsparse::{DType, Tensor};
-    let Some((c, g)) = pair() else { return };
-    let dt = DType::F32;
-    let (batch, seq, heads, kv, d) = (1usize, 200usize, 2usize, 1usize, 128usize);
+    let (batch, seq, heads, kv) = (1usize, 200usize, 2usize, 1usize);
     let mut rng = Rng::new(common::seed("attention-split-bwd", dt, 0));
     let (qs, ks) = ([batch, seq, heads, d], [batch, seq, kv, d]);
     let (nq, nk) = (batch * seq * heads * d, batch * seq * kv * d);
@@ -296,5 +303,76 @@ fn decode_kernel_variants_match_reference_in_one_process() {
             let same = all.iter().zip(&alone).all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "{name} qmatmul {f}: rows alone differ from the batch");
         }
+    }
+}
+
+/// Every kernel variant of the hot kernels against the CPU reference, in one
+/// process on one device: the hardware variant with every optional-feature
+/// set the device offers (subgroups on/off × f16 on/off; f16 in effect for
+/// f16 inputs), and the software variant without features — except the
+/// device's own feature set, which the rest of the suite runs (plainly: the
+/// software variant on lavapipe; under `DYNSPARSE_WGPU_KERNELS=hw`, which CI
+/// runs too, the hardware one). Matmul, attention forward and backward
+/// (dense, token and block patterns), and the indexer's pooled scores, in
+/// f32, f16 and bf16. A feature set the device lacks prints that it skipped.
+#[test]
+fn every_kernel_variant_and_feature_set_matches_reference() {
+    use dynsparse::backend::wgpu::{KernelFeatures, KernelVariant};
+    let Some((c, _)) = pair() else { return };
+    let pick = AdapterPick::from_env().unwrap_or(AdapterPick::Any);
+    let mut g = WgpuBackend::new(&pick).expect("the shared backend opened, so a second one opens too");
+    let dev = g.kernel_features();
+    let mut combos: Vec<(KernelVariant, KernelFeatures)> =
+        KernelFeatures::every().into_iter().filter(|f| *f != dev).map(|f| (KernelVariant::Hardware, f)).collect();
+    if dev != KernelFeatures::NONE {
+        combos.push((KernelVariant::Software, KernelFeatures::NONE));
+    }
+    let mut ran = 0;
+    for (variant, f) in combos {
+        if !dev.contains(f) {
+            eprintln!("skipped: {variant:?} kernels with {f} (the device has {dev})");
+            continue;
+        }
+        g.set_kernel_variant(variant);
+        g.set_kernel_features(f).unwrap();
+        eprintln!("wgpu device {}: {variant:?} kernels, {f}", g.device_name());
+        common::matmul(c, &g);
+        common::attention(c, &g);
+        indexer_finite(c, &g);
+        ran += 1;
+    }
+    // Without optional features the device's own set is the only one, run by the rest of the suite.
+    assert!(ran >= 1 || dev == KernelFeatures::NONE, "no variant ran on a device with {dev}");
+    // Asking for a feature the device lacks is an error, not a silent fallback.
+    if dev != KernelFeatures::ALL {
+        assert!(g.set_kernel_features(KernelFeatures::ALL).is_err());
+    }
+}
+
+/// Every split path of the attention kernels: with the loop budget lowered
+/// (`set_attention_loop_budget`), the forward splits its key loop, the dq
+/// pass (untiled, and the hardware variant's tiled `attn_bwd_dq_tiled_hw`,
+/// which at the default budget splits only past ~3 000 keys) and the dk/dv
+/// pass split theirs, and partials are combined or summed; each variant and
+/// feature set against the CPU reference (head_dim 64; f32 without
+/// features, f16 with the device's features, so the f16 kernels split too).
+#[test]
+fn attention_split_paths_match_reference_in_every_variant() {
+    use dynsparse::DType;
+    use dynsparse::backend::wgpu::{KernelFeatures, KernelVariant};
+    let Some((c, _)) = pair() else { return };
+    let pick = AdapterPick::from_env().unwrap_or(AdapterPick::Any);
+    let mut g = WgpuBackend::new(&pick).expect("the shared backend opened, so a second one opens too");
+    g.set_attention_loop_budget(Some(600));
+    let dev = g.kernel_features();
+    for (variant, f, dt) in [
+        (KernelVariant::Software, KernelFeatures::NONE, DType::F32),
+        (KernelVariant::Hardware, KernelFeatures::NONE, DType::F32),
+        (KernelVariant::Hardware, dev, DType::F16),
+    ] {
+        g.set_kernel_variant(variant);
+        g.set_kernel_features(f).unwrap();
+        eprintln!("wgpu device {}: {variant:?} kernels, {f}, {dt}, loop budget 600", g.device_name());
+        split_backward(c, &g, dt, 64);
     }
 }

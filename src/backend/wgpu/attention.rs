@@ -32,8 +32,8 @@
 //!   (WebGPU's default limit). The hardware variant (`shaders/attention_hw.wgsl`,
 //!   head_dim <= 128, FlashAttention-2's backward) tiles both passes: dq a
 //!   64-wide workgroup per (key chunk, batch, tile of 64 queries, head)
-//!   with K/V tiles in workgroup memory (dense and block patterns, the
-//!   token pattern keeps `attn_bwd_dq`), dk/dv a 64-wide workgroup per (query
+//!   with K/V tiles in workgroup memory (every pattern: tokens over 16-key
+//!   units, each query masking the keys it lists), dk/dv a 64-wide workgroup per (query
 //!   chunk, batch, tile of 64 keys, kv head) staging 16 queries' q/dO rows at
 //!   a time, each query's attended keys taken from its own row (every
 //!   pattern); P is recomputed from the saved lse in both;
@@ -99,7 +99,9 @@ struct Plan {
 /// `fixed` per invocation) into chunks within [`ITER_BUDGET`], for `rows`
 /// rows of partials `width` f32 wide; `align` > 1 rounds the chunk down to a
 /// multiple of it where possible. `max_floats` bounds a scratch buffer.
+#[allow(clippy::too_many_arguments)]
 fn plan(
+    budget: usize,
     total: usize,
     per_item: usize,
     fixed: usize,
@@ -109,7 +111,7 @@ fn plan(
     max_floats: usize,
 ) -> Plan {
     let total = total.max(1);
-    let mut chunk = (ITER_BUDGET.saturating_sub(fixed) / per_item.max(1)).max(1);
+    let mut chunk = (budget.saturating_sub(fixed) / per_item.max(1)).max(1);
     if chunk >= total {
         return Plan { chunk: total, nch: 1, rows };
     }
@@ -123,6 +125,12 @@ fn plan(
     }
     let rows = (max_floats / (nch * width.max(1))).clamp(1, rows.max(1));
     Plan { chunk, nch, rows }
+}
+
+/// The loop budget of [`plan`]: [`ITER_BUDGET`], or the backend's test
+/// override ([`WgpuBackend::set_attention_loop_budget`]).
+fn loop_budget(be: &WgpuBackend) -> usize {
+    be.attention_loop_budget.unwrap_or(ITER_BUDGET)
 }
 
 /// F32 elements a scratch buffer may hold on this adapter.
@@ -297,10 +305,15 @@ pub(super) fn attention(
     let rows = s.batch * s.seq * s.n_heads;
     let (d, nc) = (s.head_dim, s.head_dim.div_ceil(4));
     // Per slot: the slot loop, the q·k and the p·v vec4 loops.
-    if let Some(tq) = fwd_tile(be, s) {
+    // The hardware variant's f16 tiles (f16 q/k/v with SHADER_F16) take half the workgroup memory.
+    let half_tiles = be.kernel_variant() == KernelVariant::Hardware
+        && be.kernel_features().f16
+        && [q, k, v].iter().all(|t| t.dtype() == DType::F16);
+    let shared = if half_tiles { FWD_SHARED_BYTES_F16 } else { FWD_SHARED_BYTES };
+    if let Some(tq) = fwd_tile(be, s, shared) {
         return attention_tiled(be, s, tq, q, k, v, idx, o, lse);
     }
-    let pl = plan(max_slots(s), 1 + 2 * nc, nc + d + 64, 1, rows, d + 2, max_scratch_floats(be));
+    let pl = plan(loop_budget(be), max_slots(s), 1 + 2 * nc, nc + d + 64, 1, rows, d + 2, max_scratch_floats(be));
     let params = |r0: usize, n: usize| attn_params(s, pl.chunk, pl.nch, r0, n);
     // Writes o/lse directly (one chunk) or the chunks' partials.
     let fwd = |o: &mut T, lse: &mut T, r0: usize, n: usize| {
@@ -406,18 +419,29 @@ const FWD_MAX_DIM: usize = 128;
 /// Workgroup memory of `attn_fwd_tiled`: the K and V tiles, their keys and
 /// the window's union words.
 const FWD_SHARED_BYTES: usize = 2 * FWD_KEYS * (FWD_MAX_DIM / 4) * 16 + 4 * FWD_KEYS + 8;
+/// The same with f16 K/V tiles (`attn_fwd_tiled_hw` with the f16 feature):
+/// within WebGPU's default 16 KiB.
+const FWD_SHARED_BYTES_F16: usize = 2 * FWD_KEYS * (FWD_MAX_DIM / 4) * 8 + 4 * FWD_KEYS + 8;
 
 /// The query tile of the tiled forward, if it applies: the dense and block
 /// patterns with head_dim <= 128.
-fn fwd_tile(be: &WgpuBackend, s: &AttentionSpec) -> Option<usize> {
+fn fwd_tile(be: &WgpuBackend, s: &AttentionSpec, need: usize) -> Option<usize> {
     let shared = be.device.limits().max_compute_workgroup_storage_size as usize;
-    if s.head_dim > FWD_MAX_DIM || shared < FWD_SHARED_BYTES {
+    if s.head_dim > FWD_MAX_DIM || shared < need {
         return None;
     }
     match s.pattern {
         PatternSpec::Dense | PatternSpec::Blocks { .. } => Some(FWD_TILE),
         PatternSpec::Tokens { .. } => None,
     }
+}
+
+/// The query tile of `attn_bwd_dq_tiled_hw`, if it applies: the forward's
+/// tiles, for every pattern (tokens too: units of [`FWD_KEYS`] keys with a
+/// per-query bit word of the keys it lists).
+fn dq_tile(be: &WgpuBackend, s: &AttentionSpec) -> Option<usize> {
+    let shared = be.device.limits().max_compute_workgroup_storage_size as usize;
+    (s.head_dim <= FWD_MAX_DIM && shared >= FWD_SHARED_BYTES).then_some(FWD_TILE)
 }
 
 /// The forward with `attn_fwd_tiled`: a workgroup per (chunk, batch, tile of
@@ -450,7 +474,8 @@ fn attention_tiled(
     let threads = if hw { FWD_THREADS_HW } else { FWD_THREADS };
     let per_tile = 3 + (FWD_KEYS * nc).div_ceil(threads) + 2 * nc;
     let per_unit = unit.div_ceil(FWD_KEYS) * per_tile + 3 + (8 * (n + 1)).div_ceil(FWD_WINDOW);
-    let pl = plan(s.seq.div_ceil(unit), per_unit, 2 * nc + d + 64, 1, rows, d + 2, max_scratch_floats(be));
+    let pl =
+        plan(loop_budget(be), s.seq.div_ceil(unit), per_unit, 2 * nc + d + 64, 1, rows, d + 2, max_scratch_floats(be));
     // The workgroup tiles (batch, query tile, head) meeting rows r0 .. r0 + n.
     let tiles = |r0: usize, n: usize| row_tiles(s.seq, nh, tq, r0, n);
     let params = |r0: usize, n: usize| {
@@ -512,7 +537,7 @@ pub(super) fn attention_backward(
     )?;
 
     let hw = be.kernel_variant() == KernelVariant::Hardware;
-    if hw && let Some(tq) = fwd_tile(be, s) {
+    if hw && let Some(tq) = dq_tile(be, s) {
         bwd_dq_tiled_hw(be, s, tq, [q, k, v, d_o, &stats, idx], dq)?;
     } else {
         bwd_dq(be, s, [q, k, v, d_o, &stats, idx], dq)?;
@@ -531,7 +556,7 @@ fn bwd_dq(be: &WgpuBackend, s: &AttentionSpec, ins: [&T; 6], dq: &mut T) -> Resu
     let (d, nc) = (s.head_dim, s.head_dim.div_ceil(4));
     let max_floats = max_scratch_floats(be);
     let rows = s.batch * s.seq * s.n_heads;
-    let pl = plan(max_slots(s), 1 + 2 * nc, nc + d + 64, 1, rows, d, max_floats);
+    let pl = plan(loop_budget(be), max_slots(s), 1 + 2 * nc, nc + d + 64, 1, rows, d, max_floats);
     let params = |r0: usize, n: usize| attn_params(s, pl.chunk, pl.nch, r0, n);
     // Writes dq directly (one chunk) or the chunks' partials.
     let bwd_dq = |dq: &mut T, r0: usize, n: usize| {
@@ -565,7 +590,7 @@ fn bwd_dkdv(be: &WgpuBackend, s: &AttentionSpec, ins: [&T; 6], dk: &mut T, dv: &
             PatternSpec::Tokens { k } => k,
             PatternSpec::Blocks { n, .. } => n,
         };
-    let pl = plan(s.seq, per_q, 2 * nc + 2 * d + 64, 1, rows, 2 * d, max_floats);
+    let pl = plan(loop_budget(be), s.seq, per_q, 2 * nc + 2 * d + 64, 1, rows, 2 * d, max_floats);
     let params = |r0: usize, n: usize| attn_params(s, pl.chunk, pl.nch, r0, n);
     // Writes dk/dv directly (one chunk) or the chunks' partials.
     let bwd_dkdv = |dk: &mut T, dv: &mut T, r0: usize, n: usize| {
@@ -601,7 +626,7 @@ fn bwd_kv_tiled(be: &WgpuBackend, s: &AttentionSpec) -> bool {
     s.head_dim <= FWD_MAX_DIM && shared >= KV_SHARED_BYTES
 }
 
-/// dq with `attn_bwd_dq_tiled_hw` (dense and block patterns): a workgroup
+/// dq with `attn_bwd_dq_tiled_hw` (every pattern; tokens over 16-key units): a workgroup
 /// per (chunk, batch, tile of `tq` queries, head) over the union of the
 /// tile's key units, split over units like the tiled forward, partials
 /// summed by `sum_chunks`. `ins` are q, k, v, dO, stats, idx.
@@ -611,6 +636,7 @@ fn bwd_dq_tiled_hw(be: &WgpuBackend, s: &AttentionSpec, tq: usize, ins: [&T; 6],
     let (d, nc) = (s.head_dim, s.head_dim.div_ceil(4));
     let (unit, n) = match s.pattern {
         PatternSpec::Blocks { block, n } => (block, n),
+        PatternSpec::Tokens { k } => (FWD_KEYS, k),
         _ => (FWD_KEYS, 0),
     };
     // As the forward: per key tile its loops, the cooperative load and the
@@ -618,7 +644,7 @@ fn bwd_dq_tiled_hw(be: &WgpuBackend, s: &AttentionSpec, tq: usize, ins: [&T; 6],
     // window's marking loop.
     let per_tile = 3 + (FWD_KEYS * nc).div_ceil(FWD_THREADS_HW) + 2 * nc;
     let per_unit = unit.div_ceil(FWD_KEYS) * per_tile + 3 + (n + 1).div_ceil(FWD_WINDOW);
-    let pl = plan(s.seq.div_ceil(unit), per_unit, 3 * nc + d + 64, 1, rows, d, max_scratch_floats(be));
+    let pl = plan(loop_budget(be), s.seq.div_ceil(unit), per_unit, 3 * nc + d + 64, 1, rows, d, max_scratch_floats(be));
     let params = |r0: usize, n: usize| {
         let (first, nt) = row_tiles(s.seq, s.n_heads, tq, r0, n);
         let p = tiled_params(attn_params(s, pl.chunk, pl.nch, r0, n), tq, first, nt, unit);
@@ -658,7 +684,7 @@ fn bwd_dkdv_tiled_hw(be: &WgpuBackend, s: &AttentionSpec, ins: [&T; 6], dk: &mut
     // and dk/dv vec4 loops; chunks are whole tiles.
     let per_tile = n + 3 + grp * (2 + (KV_QUERIES * nc).div_ceil(KV_TILE) + KV_QUERIES * (1 + 2 * nc));
     let per_q = per_tile.div_ceil(KV_QUERIES);
-    let pl = plan(s.seq, per_q, 4 * nc + 2 * d + 64, KV_QUERIES, rows, 2 * d, max_scratch_floats(be));
+    let pl = plan(loop_budget(be), s.seq, per_q, 4 * nc + 2 * d + 64, KV_QUERIES, rows, 2 * d, max_scratch_floats(be));
     let params = |r0: usize, n: usize| {
         let (first, nt) = row_tiles(s.seq, s.n_kv_heads, KV_TILE, r0, n);
         let a = attn_params(s, pl.chunk, pl.nch, r0, n);
@@ -895,7 +921,7 @@ pub(super) fn indexer_backward(
     // Rows (batch, query, head) of the tile's queries only.
     let ranges = tile_ranges(s, nh);
     let rows = ranges[0].1;
-    let pl = plan(s.seq, passes * (1 + d4) + d4, d4 + di + passes + 64, 1, rows, di + 1, max_floats);
+    let pl = plan(loop_budget(be), s.seq, passes * (1 + d4) + d4, d4 + di + passes + 64, 1, rows, di + 1, max_floats);
     let params = |r0: usize, n: usize| indexer_params(s, pl.chunk, pl.nch, r0, n);
     // Writes dq_i/dw directly (one chunk) or the chunks' partials.
     let bwd_q = |dqi: &mut T, dw: &mut T, r0: usize, n: usize| {
@@ -921,7 +947,16 @@ pub(super) fn indexer_backward(
     // dk_i: split over the tile's queries t >= s; per query and pass: every
     // head's logit loop, plus the accumulation loops.
     let rows = s.batch * s.seq;
-    let pl = plan(s.rows, passes * (1 + nh * (1 + d4)) + nh * d4, d4 + di + passes + 64, 1, rows, di, max_floats);
+    let pl = plan(
+        loop_budget(be),
+        s.rows,
+        passes * (1 + nh * (1 + d4)) + nh * d4,
+        d4 + di + passes + 64,
+        1,
+        rows,
+        di,
+        max_floats,
+    );
     let params = |r0: usize, n: usize| indexer_params(s, pl.chunk, pl.nch, r0, n);
     // Writes dk_i directly (one chunk) or the chunks' partials.
     let bwd_k = |dki: &mut T, r0: usize, n: usize| {
@@ -943,11 +978,38 @@ pub(super) fn indexer_backward(
 mod tests {
     use super::*;
 
+    /// The launcher's workgroup-memory figures of the tiled forward are
+    /// naga's for the kernel as generated (f32 tiles, and f16 tiles with the
+    /// f16 feature and f16 inputs).
+    #[test]
+    fn fwd_shared_bytes_match_the_kernel() {
+        use super::super::kernel::{KernelFeatures, Role, find, generate_with, resource_use};
+        let k = find("attention_hw", "attn_fwd_tiled_hw").unwrap();
+        for (dt, f, want) in [
+            (DType::F32, KernelFeatures::ALL, FWD_SHARED_BYTES),
+            (DType::F16, KernelFeatures::NONE, FWD_SHARED_BYTES),
+            (DType::F16, KernelFeatures::ALL, FWD_SHARED_BYTES_F16),
+        ] {
+            let dts: Vec<DType> = k
+                .args
+                .iter()
+                .map(|(_, r)| match r {
+                    Role::In => dt,
+                    Role::Idx | Role::IdxOut => DType::U32,
+                    _ => DType::F32,
+                })
+                .collect();
+            let u = resource_use("attn_fwd_tiled_hw", &generate_with(&k, &dts, f).unwrap()).unwrap();
+            assert_eq!(u.workgroup_bytes, want, "{dt} {f}");
+        }
+        const { assert!(FWD_SHARED_BYTES_F16 <= 16 * 1024 && FWD_SHARED_BYTES > 16 * 1024) };
+    }
+
     #[test]
     fn short_loops_run_in_one_chunk() {
-        let p = plan(100, 33, 200, 1, 7, 66, 1 << 20);
+        let p = plan(ITER_BUDGET, 100, 33, 200, 1, 7, 66, 1 << 20);
         assert_eq!(p, Plan { chunk: 100, nch: 1, rows: 7 });
-        assert_eq!(plan(0, 33, 200, 1, 7, 66, 1 << 20).nch, 1);
+        assert_eq!(plan(ITER_BUDGET, 0, 33, 200, 1, 7, 66, 1 << 20).nch, 1);
     }
 
     #[test]
@@ -955,7 +1017,7 @@ mod tests {
         for (total, per, fixed, align) in
             [(2600, 33, 200, 1), (16384, 35, 300, 64), (5000, 133, 100, 1), (3, 20_000, 0, 1)]
         {
-            let p = plan(total, per, fixed, align, 1000, 64, 1 << 20);
+            let p = plan(ITER_BUDGET, total, per, fixed, align, 1000, 64, 1 << 20);
             assert!(p.nch > 1, "{total}: {p:?}");
             assert!(p.chunk * per + fixed <= ITER_BUDGET || p.chunk == 1, "{total}: {p:?}");
             assert!(p.nch * p.chunk >= total && (p.nch - 1) * p.chunk < total, "{total}: {p:?}");
@@ -967,7 +1029,7 @@ mod tests {
 
     #[test]
     fn scratch_is_bounded_by_slicing_rows() {
-        let p = plan(100_000, 33, 0, 1, 50_000, 66, 1 << 20);
+        let p = plan(ITER_BUDGET, 100_000, 33, 0, 1, 50_000, 66, 1 << 20);
         assert!(p.nch * p.rows * 66 <= 1 << 20, "{p:?}");
         let s: Vec<_> = slices(10, 4).collect();
         assert_eq!(s, vec![(0, 4), (4, 4), (8, 2)]);

@@ -48,10 +48,10 @@
 //! Rust field table, so a field added, renamed or reordered on one side only
 //! is an error naming that field instead of a silently wrong kernel. A
 //! struct several files share (`CountParams`, `AttnParams`, …) is declared
-//! once, in `shaders/common.wgsl`. Every kernel is typed except
-//! `qmatmul::qmm`, which still reads positional words with `pu(i) -> u32`
-//! and `pf(i) -> f32`, launched with [`Params`] (the tests list the
-//! positional kernels, so a new one is a deliberate choice).
+//! once, in `shaders/common.wgsl`. Every kernel is typed; the generator
+//! still accepts a kernel without a struct (positional words `pu(i) -> u32`,
+//! `pf(i) -> f32`, launched with [`Params`]), but the tests list the
+//! positional kernels (none), so a new one is a deliberate choice.
 //!
 //! # Shared helpers
 //!
@@ -60,6 +60,29 @@
 //! parameter structs), in sections headed `//!helper NAME`.
 //! A section is linked into a kernel's module when the kernel (or another
 //! linked helper) uses `NAME` and does not define it itself.
+//!
+//! # Optional features
+//!
+//! [`KernelFeatures`] says which optional shader capabilities a device was
+//! opened with: subgroup operations (`SUBGROUP`) and f16 arithmetic
+//! (`SHADER_F16`); `DYNSPARSE_WGPU_SUBGROUPS=0|1` and `DYNSPARSE_WGPU_F16=0|1`
+//! override the adapter's answer. A kernel section opts in with line blocks
+//!
+//! ```text
+//! //#if subgroups
+//! let s = subgroupAdd(v);
+//! //#else
+//! let s = wg_sum(lid, v);
+//! //#endif
+//! ```
+//!
+//! (`//#if f16`, `//#if !subgroups`, … likewise; blocks do not nest). The
+//! generator keeps the branch of the features in effect for that kernel:
+//! those requested that its text names in an `//#if`, and `f16` only when
+//! every float input is f16. With `f16` in effect the module starts with
+//! `enable f16;` and f16 inputs bind as `array<f16>`, read as f16 with
+//! `ldh_x(i)` and `ld4h_x(o, e, d)` (and as f32 with `ld_x`, `ld4_x`). Subgroup builtins need no
+//! directive in naga 30 (its `enable subgroups;` is not implemented yet).
 
 use crate::DType;
 use crate::error::{Error, Result};
@@ -205,8 +228,147 @@ pub fn find(family: &str, name: &str) -> Result<KernelDef> {
         .ok_or_else(|| Error::Device(format!("shaders/{family}.wgsl has no kernel `{name}`")))
 }
 
-/// Positional parameter words, for kernels without a parameter struct (only
-/// `qmatmul::qmm` now).
+/// Optional shader capabilities the kernels may use (see the module docs):
+/// the device's features after the environment overrides, shared by every
+/// kernel family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct KernelFeatures {
+    /// Subgroup operations (`subgroupAdd`, `subgroupMax`, …): `wgpu::Features::SUBGROUP`.
+    pub subgroups: bool,
+    /// f16 arithmetic and f16 storage arrays: `wgpu::Features::SHADER_F16`.
+    pub f16: bool,
+}
+
+impl KernelFeatures {
+    /// No optional feature: every kernel's fallback path.
+    pub const NONE: Self = Self { subgroups: false, f16: false };
+    /// Both features.
+    pub const ALL: Self = Self { subgroups: true, f16: true };
+
+    /// Every combination, [`KernelFeatures::NONE`] first (for tests that
+    /// build every variant).
+    pub fn every() -> [Self; 4] {
+        [Self::NONE, Self { subgroups: true, f16: false }, Self { subgroups: false, f16: true }, Self::ALL]
+    }
+
+    /// The features to open a device with, given what the adapter offers:
+    /// each one on when the adapter has it, unless `DYNSPARSE_WGPU_SUBGROUPS`
+    /// / `DYNSPARSE_WGPU_F16` says `0` (off) or `1` (on; an error if the
+    /// adapter lacks it).
+    pub fn detect(available: wgpu::Features) -> Result<Self> {
+        let var = |n: &str| std::env::var(n).ok();
+        Self::resolve(available, var("DYNSPARSE_WGPU_SUBGROUPS").as_deref(), var("DYNSPARSE_WGPU_F16").as_deref())
+    }
+
+    /// [`KernelFeatures::detect`] with the two variables' values given.
+    pub fn resolve(available: wgpu::Features, subgroups: Option<&str>, f16: Option<&str>) -> Result<Self> {
+        let pick = |var: &str, value: Option<&str>, feature: wgpu::Features| -> Result<bool> {
+            let have = available.contains(feature);
+            match value.map(str::trim) {
+                None | Some("") | Some("auto") => Ok(have),
+                Some("0") => Ok(false),
+                Some("1") if have => Ok(true),
+                Some("1") => Err(Error::Unavailable(format!("{var}=1: the adapter lacks {feature:?}"))),
+                Some(other) => Err(Error::Unavailable(format!("{var}={other}: expected `0`, `1` or `auto`"))),
+            }
+        };
+        Ok(Self {
+            subgroups: pick("DYNSPARSE_WGPU_SUBGROUPS", subgroups, wgpu::Features::SUBGROUP)?,
+            f16: pick("DYNSPARSE_WGPU_F16", f16, wgpu::Features::SHADER_F16)?,
+        })
+    }
+
+    /// The wgpu device features these need.
+    pub fn wgpu_features(self) -> wgpu::Features {
+        let mut f = wgpu::Features::empty();
+        if self.subgroups {
+            f |= wgpu::Features::SUBGROUP;
+        }
+        if self.f16 {
+            f |= wgpu::Features::SHADER_F16;
+        }
+        f
+    }
+
+    /// Whether every feature of `other` is in `self`.
+    pub fn contains(self, other: Self) -> bool {
+        (self.subgroups || !other.subgroups) && (self.f16 || !other.f16)
+    }
+
+    /// The features in effect for kernel `k` with argument `dtypes`: those of
+    /// `self` that `k` names in an `//#if` block, `f16` only when every float
+    /// input is f16.
+    pub fn for_kernel(self, k: &KernelDef, dtypes: &[DType]) -> Self {
+        let names = |f: &str| k.body.lines().any(|l| cond_of(l).is_some_and(|(_, name)| name == f));
+        let halves = k.args.iter().zip(dtypes).filter(|((_, r), _)| *r == Role::In).all(|(_, &d)| d == DType::F16)
+            && k.args.iter().any(|(_, r)| *r == Role::In);
+        Self { subgroups: self.subgroups && names("subgroups"), f16: self.f16 && names("f16") && halves }
+    }
+
+    fn has(self, name: &str) -> Option<bool> {
+        match name {
+            "subgroups" => Some(self.subgroups),
+            "f16" => Some(self.f16),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for KernelFeatures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let on = |b: bool| if b { "on" } else { "off" };
+        write!(f, "subgroups {}, f16 {}", on(self.subgroups), on(self.f16))
+    }
+}
+
+/// `(negated, name)` of an `//#if [!]name` line.
+fn cond_of(line: &str) -> Option<(bool, &str)> {
+    let c = line.trim().strip_prefix("//#if ")?.trim();
+    Some(match c.strip_prefix('!') {
+        Some(n) => (true, n.trim()),
+        None => (false, c),
+    })
+}
+
+/// Keeps the `//#if` / `//#else` / `//#endif` branches of `body` that
+/// `features` select (dropped lines become empty, so line numbers in naga's
+/// messages still match the section).
+fn preprocess(label: &str, body: &str, features: KernelFeatures) -> Result<String> {
+    let bad = |why: &str| Err(Error::Device(format!("{label}: {why}")));
+    let mut out = String::with_capacity(body.len());
+    // Some(keep) inside a block.
+    let mut block: Option<bool> = None;
+    for line in body.lines() {
+        let t = line.trim();
+        if let Some((neg, name)) = cond_of(line) {
+            if block.is_some() {
+                return bad("nested `//#if`");
+            }
+            let Some(on) = features.has(name) else {
+                return bad(&format!("unknown feature in `{t}` (expected subgroups or f16)"));
+            };
+            block = Some(on != neg);
+        } else if t == "//#else" {
+            match block {
+                Some(k) => block = Some(!k),
+                None => return bad("`//#else` outside `//#if`"),
+            }
+        } else if t == "//#endif" {
+            if block.take().is_none() {
+                return bad("`//#endif` outside `//#if`");
+            }
+        } else if block != Some(false) {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    if block.is_some() {
+        return bad("`//#if` without `//#endif`");
+    }
+    Ok(out)
+}
+
+/// Positional parameter words, for kernels without a parameter struct.
 const POSITIONAL: &str = "
 @group(0) @binding(0) var<uniform> P_: array<vec4<u32>, 8>;
 fn pu(i: u32) -> u32 { return P_[i >> 2u][i & 3u]; }
@@ -220,8 +382,15 @@ fn bf16_hi(w: u32) -> f32 { return bitcast<f32>(w & 0xffff0000u); }
 ";
 
 /// The WGSL module of `k` for the given argument dtypes (the dtype of each
-/// argument as bound: for `out`/`inout` that is always F32, the staging type).
+/// argument as bound: for `out`/`inout` that is always F32, the staging type),
+/// without optional features.
 pub fn generate(k: &KernelDef, dtypes: &[DType]) -> Result<String> {
+    generate_with(k, dtypes, KernelFeatures::NONE)
+}
+
+/// [`generate`] with the optional `features` of the device (narrowed to
+/// those in effect for this kernel, see [`KernelFeatures::for_kernel`]).
+pub fn generate_with(k: &KernelDef, dtypes: &[DType], features: KernelFeatures) -> Result<String> {
     if dtypes.len() != k.args.len() {
         return Err(Error::Device(format!(
             "kernel {}::{} takes {} tensors, got {}",
@@ -231,7 +400,13 @@ pub fn generate(k: &KernelDef, dtypes: &[DType]) -> Result<String> {
             dtypes.len()
         )));
     }
-    let mut s = match &k.params {
+    let features = features.for_kernel(k, dtypes);
+    let body = preprocess(&format!("{}::{}", k.family, k.name), &k.body, features)?;
+    let mut s = String::new();
+    if features.f16 {
+        s += "enable f16;\n";
+    }
+    s += &match &k.params {
         None => String::from(POSITIONAL),
         Some(ty) => format!("\n@group(0) @binding(0) var<uniform> P: {ty};\n"),
     };
@@ -246,6 +421,16 @@ pub fn generate(k: &KernelDef, dtypes: &[DType]) -> Result<String> {
                     DType::F32 => {
                         s += &decl("read", "f32");
                         s += &format!("fn ld_{name}(i: u32) -> f32 {{ return b_{name}[i]; }}\n");
+                    }
+                    DType::F16 if features.f16 => {
+                        s += &decl("read", "f16");
+                        s += &format!(
+                            "fn ld_{name}(i: u32) -> f32 {{ return f32(b_{name}[i]); }}\n\
+                             fn ldh_{name}(i: u32) -> f16 {{ return b_{name}[i]; }}\n\
+                             fn ld4h_{name}(o: u32, e: u32, d: u32) -> vec4<f16> {{ var r = vec4<f16>(0.0h); \
+                             if (e < d) {{ r.x = b_{name}[o + e]; }} if (e + 1u < d) {{ r.y = b_{name}[o + e + 1u]; }} \
+                             if (e + 2u < d) {{ r.z = b_{name}[o + e + 2u]; }} if (e + 3u < d) {{ r.w = b_{name}[o + e + 3u]; }} return r; }}\n"
+                        );
                     }
                     DType::F16 => {
                         s += &decl("read", "u32");
@@ -297,8 +482,8 @@ pub fn generate(k: &KernelDef, dtypes: &[DType]) -> Result<String> {
             }
         }
     }
-    s += &helpers(&format!("{s}\n{}", k.body))?;
-    s += &k.body;
+    s += &helpers(&format!("{s}\n{body}"))?;
+    s += &body;
     Ok(s)
 }
 
@@ -513,8 +698,18 @@ pub fn compile(
     dtypes: &[DType],
     params: Option<(&str, &[Field])>,
 ) -> Result<(String, naga::Module, usize)> {
+    compile_with(k, dtypes, KernelFeatures::NONE, params)
+}
+
+/// [`compile`] with the device's optional features.
+pub fn compile_with(
+    k: &KernelDef,
+    dtypes: &[DType],
+    features: KernelFeatures,
+    params: Option<(&str, &[Field])>,
+) -> Result<(String, naga::Module, usize)> {
     let label = format!("{}::{}", k.family, k.name);
-    let src = generate(k, dtypes)?;
+    let src = generate_with(k, dtypes, features)?;
     let module = parse_validated(&label, &src)?;
     let bytes = check_params(&label, &module, params)?;
     Ok((src, module, bytes))
@@ -534,6 +729,11 @@ pub struct ResourceUse {
     pub workgroup_bytes: usize,
     pub invocations: u32,
     pub private_array_bytes: usize,
+    /// Every function-local variable (arrays and scalars) of the entry point
+    /// and the functions it calls: an upper bound of one invocation's
+    /// variable registers (a compiler keeps fewer live at once; temporaries
+    /// are not counted).
+    pub local_bytes: usize,
 }
 
 /// The [`ResourceUse`] of a generated, validated kernel module.
@@ -566,11 +766,19 @@ pub fn resource_use(label: &str, src: &str) -> Result<ResourceUse> {
             .map(|(_, v)| layouter[v.ty].size as usize)
             .sum()
     };
+    let locals =
+        |f: &naga::Function| -> usize { f.local_variables.iter().map(|(_, v)| layouter[v.ty].size as usize).sum() };
     let mut reached = Vec::new();
     calls(&module, &ep.function.body, &mut reached);
     let private_array_bytes =
         arrays(&ep.function) + reached.iter().map(|h| arrays(&module.functions[*h])).sum::<usize>();
-    Ok(ResourceUse { workgroup_bytes, invocations: ep.workgroup_size.iter().product(), private_array_bytes })
+    let local_bytes = locals(&ep.function) + reached.iter().map(|h| locals(&module.functions[*h])).sum::<usize>();
+    Ok(ResourceUse {
+        workgroup_bytes,
+        invocations: ep.workgroup_size.iter().product(),
+        private_array_bytes,
+        local_bytes,
+    })
 }
 
 /// Adds the functions `block` calls, directly or not, to `out` (once each).
@@ -637,7 +845,8 @@ mod tests {
     use super::*;
 
     /// Every kernel of every shader file, with every float dtype its inputs
-    /// can take, passes naga's parser and validator.
+    /// can take and every optional-feature branch it has (subgroups, f16),
+    /// passes naga's parser and validator.
     #[test]
     fn every_shader_and_dtype_variant_validates_with_naga() {
         let mut count = 0;
@@ -653,12 +862,21 @@ mod tests {
                             Role::Idx | Role::IdxOut => DType::U32,
                         })
                         .collect();
-                    let label = format!("shaders/{family}.wgsl::{} [{dt}]", k.name);
-                    let src = generate(&k, &dts).unwrap();
-                    if let Err(e) = validate(&label, &src) {
-                        panic!("{e}");
+                    // Each distinct feature set in effect (every `//#if` branch).
+                    let mut seen = Vec::new();
+                    for f in KernelFeatures::every() {
+                        let f = f.for_kernel(&k, &dts);
+                        if seen.contains(&f) {
+                            continue;
+                        }
+                        seen.push(f);
+                        let label = format!("shaders/{family}.wgsl::{} [{dt}, {f}]", k.name);
+                        let src = generate_with(&k, &dts, f).unwrap();
+                        if let Err(e) = validate(&label, &src) {
+                            panic!("{e}");
+                        }
+                        count += 1;
                     }
-                    count += 1;
                 }
             }
         }
@@ -800,30 +1018,66 @@ mod tests {
             ("qmatmul", "qmm", "qmatmul", "qmm_hw_sg", false),
         ];
         println!(
-            "| kernel | variant | invocations/workgroup | workgroup memory (bytes) | private arrays per invocation (bytes) |"
+            "| kernel | variant | features | invocations/workgroup | workgroup memory (bytes) | \
+             private arrays per invocation (bytes) | function variables per invocation (bytes) |"
         );
-        println!("|---|---|---:|---:|---:|");
+        println!("|---|---|---|---:|---:|---:|---:|");
+        let row = |fam: &str, name: &str, variant: &str, f: KernelFeatures, dt: DType| -> (ResourceUse, String) {
+            let k = find(fam, name).unwrap();
+            let dts: Vec<DType> = k
+                .args
+                .iter()
+                .map(|(_, r)| match r {
+                    Role::In => dt,
+                    Role::Idx | Role::IdxOut => DType::U32,
+                    _ => DType::F32,
+                })
+                .collect();
+            let f = f.for_kernel(&k, &dts);
+            let src = generate_with(&k, &dts, f).unwrap();
+            let u = resource_use(name, &src).unwrap();
+            let feats = match (f.subgroups, f.f16) {
+                (false, false) => "none".to_string(),
+                (true, false) => "subgroups".to_string(),
+                (false, true) => format!("f16 ({dt} inputs)"),
+                (true, true) => format!("subgroups, f16 ({dt} inputs)"),
+            };
+            println!(
+                "| {fam}::{name} | {variant} | {feats} | {} | {} | {} | {} |",
+                u.invocations, u.workgroup_bytes, u.private_array_bytes, u.local_bytes
+            );
+            (u, src)
+        };
         for (sf, sn, hf, hn, same_tiles) in pairs {
-            let mut uses = Vec::new();
-            for (variant, fam, name) in [("sw", sf, sn), ("hw", hf, hn)] {
-                let k = find(fam, name).unwrap();
+            let (sw, _) = row(sf, sn, "sw", KernelFeatures::NONE, DType::F32);
+            let (hw, plain) = row(hf, hn, "hw", KernelFeatures::NONE, DType::F32);
+            // The feature variants of the hardware kernel, where a feature changes its code.
+            let mut seen = vec![plain];
+            for f in KernelFeatures::every().into_iter().skip(1) {
+                let dt = if f.f16 { DType::F16 } else { DType::F32 };
+                let k = find(hf, hn).unwrap();
                 let dts: Vec<DType> =
-                    k.args.iter().map(|(_, r)| if r.is_index() { DType::U32 } else { DType::F32 }).collect();
-                let u = resource_use(name, &generate(&k, &dts).unwrap()).unwrap();
-                println!(
-                    "| {fam}::{name} | {variant} | {} | {} | {} |",
-                    u.invocations, u.workgroup_bytes, u.private_array_bytes
-                );
-                uses.push(u);
+                    k.args.iter().map(|(_, r)| if *r == Role::In { dt } else { DType::U32 }).collect();
+                let fk = f.for_kernel(&k, &dts);
+                if fk != f {
+                    continue;
+                }
+                let (u, src) = row(hf, hn, "hw", f, dt);
+                if seen.contains(&src) {
+                    continue;
+                }
+                seen.push(src);
+                assert!(u.workgroup_bytes <= hw.workgroup_bytes && u.invocations == hw.invocations, "{hn} {f}: {u:?}");
+                if f.f16 && fk.f16 {
+                    assert!(u.local_bytes <= hw.local_bytes, "{hn} {f}: {u:?} vs {hw:?}");
+                }
             }
-            assert!(uses[1].invocations >= 64, "{hn}: {:?}", uses[1]);
+            assert!(hw.invocations >= 64, "{hn}: {hw:?}");
             if same_tiles {
-                let (hw, sw) = (uses[1], uses[0]);
                 assert!(hw.private_array_bytes < sw.private_array_bytes, "{hn}: {hw:?} vs {sw:?}");
                 // Same tiles, so the launcher's workgroup-memory checks hold for both.
                 assert!(hw.workgroup_bytes <= sw.workgroup_bytes, "{hn}: {hw:?}");
             } else {
-                let (hw, sw) = (uses[1], uses[0]);
                 assert!(hw.private_array_bytes <= sw.private_array_bytes, "{hn}: {hw:?} vs {sw:?}");
                 assert!(hw.workgroup_bytes > 0 && hw.workgroup_bytes <= 16 * 1024 + 512, "{hn}: {hw:?}");
             }
@@ -833,7 +1087,7 @@ mod tests {
     /// Every `wgsl_params!` struct a launcher passes, by WGSL name. A typed
     /// kernel whose struct is missing here fails the tests below.
     fn registered_params() -> Vec<(&'static str, &'static [Field])> {
-        use crate::backend::wgpu::{attention as at, cached as ca, core_ops as co};
+        use crate::backend::wgpu::{attention as at, cached as ca, core_ops as co, qmatmul as qm};
         fn e<P: KernelParams>() -> (&'static str, &'static [Field]) {
             (P::NAME, P::FIELDS)
         }
@@ -866,11 +1120,12 @@ mod tests {
             e::<ca::CachedAttnParams>(),
             e::<ca::CachedPoolParams>(),
             e::<ca::CachedSelectParams>(),
+            e::<qm::QmmParams>(),
         ]
     }
 
     /// Kernels still on positional `pu`/`pf` words.
-    const POSITIONAL_KERNELS: &[&str] = &["qmatmul::qmm"];
+    const POSITIONAL_KERNELS: &[&str] = &[];
 
     fn f32_dtypes(k: &KernelDef) -> Vec<DType> {
         k.args.iter().map(|(_, r)| if r.is_index() { DType::U32 } else { DType::F32 }).collect()
@@ -955,6 +1210,51 @@ mod tests {
             wide[0].size = 8;
             let e = check(&wide);
             assert!(e.contains(&format!("field `{}`", fields[0].name)) && e.contains("size 8"), "{name}: {e}");
+        }
+    }
+
+    /// `DYNSPARSE_WGPU_SUBGROUPS` / `DYNSPARSE_WGPU_F16`: default to the
+    /// adapter, `0` turns off, `1` insists (an error without the feature).
+    #[test]
+    fn kernel_features_follow_the_adapter_and_the_overrides() {
+        let both = wgpu::Features::SUBGROUP | wgpu::Features::SHADER_F16;
+        assert_eq!(KernelFeatures::resolve(both, None, None).unwrap(), KernelFeatures::ALL);
+        assert_eq!(KernelFeatures::resolve(wgpu::Features::empty(), None, Some("")).unwrap(), KernelFeatures::NONE);
+        let f = KernelFeatures::resolve(both, Some("0"), Some("1")).unwrap();
+        assert_eq!(f, KernelFeatures { subgroups: false, f16: true });
+        assert_eq!(f.wgpu_features(), wgpu::Features::SHADER_F16);
+        let e = KernelFeatures::resolve(wgpu::Features::SUBGROUP, None, Some("1")).unwrap_err().to_string();
+        assert!(e.contains("DYNSPARSE_WGPU_F16=1"), "{e}");
+        let e = KernelFeatures::resolve(both, Some("yes"), None).unwrap_err().to_string();
+        assert!(e.contains("DYNSPARSE_WGPU_SUBGROUPS=yes"), "{e}");
+        assert!(KernelFeatures::ALL.contains(f) && !f.contains(KernelFeatures::ALL));
+    }
+
+    /// `//#if` blocks keep the branch of the features in effect; `f16` is in
+    /// effect only for kernels that name it and whose float inputs are f16.
+    #[test]
+    fn feature_blocks_select_their_branch() {
+        let k = parse_family(
+            "t",
+            "//!kernel k(x: in, y: out)\n@compute @workgroup_size(64) fn main(@builtin(local_invocation_id) l: vec3<u32>) {\n\
+             //#if f16\nlet v = f32(ldh_x(l.x) * ldh_x(l.x));\n//#else\nlet v = ld_x(l.x) * ld_x(l.x);\n//#endif\n\
+             //#if subgroups\nlet s = subgroupAdd(v);\n//#else\nlet s = v;\n//#endif\nst_y(l.x, s); }\n",
+        )
+        .unwrap()
+        .remove(0);
+        let half = [DType::F16, DType::F32];
+        for f in KernelFeatures::every() {
+            for dts in [half, [DType::F32, DType::F32]] {
+                let src = generate_with(&k, &dts, f).unwrap();
+                validate("t::k", &src).unwrap();
+                let want = f.for_kernel(&k, &dts);
+                assert_eq!(src.contains("enable f16;") && src.contains("ldh_x(l.x)"), want.f16, "{f:?} {dts:?}");
+                assert_eq!(src.contains("subgroupAdd"), want.subgroups, "{f:?}");
+            }
+        }
+        assert!(!KernelFeatures::ALL.for_kernel(&k, &[DType::BF16, DType::F32]).f16);
+        for bad in ["//#if f17\n//#endif\n", "//#else\n", "//#if f16\n", "//#endif\n"] {
+            assert!(preprocess("t", bad, KernelFeatures::ALL).is_err(), "{bad:?}");
         }
     }
 

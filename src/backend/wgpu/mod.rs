@@ -18,6 +18,7 @@ mod qmatmul;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+pub use kernel::KernelFeatures;
 use kernel::{Field, KernelDef, KernelParams, ParamBlock, Role};
 
 use super::{Backend, BackendKind, MemoryCounter, MemoryStats};
@@ -231,25 +232,6 @@ fn subgroups_usable(feature: bool, info: &wgpu::AdapterInfo) -> bool {
     feature && info.subgroup_min_size >= 8 && info.subgroup_max_size <= 128
 }
 
-/// `DYNSPARSE_WGPU_SUBGROUPS=0|1` when set (1 fails where subgroups are
-/// unusable), else whether they are usable.
-fn subgroups_wanted(feature: bool, info: &wgpu::AdapterInfo) -> Result<bool> {
-    let usable = subgroups_usable(feature, info);
-    match std::env::var("DYNSPARSE_WGPU_SUBGROUPS").ok().as_deref().map(str::trim) {
-        None | Some("") | Some("auto") => Ok(usable),
-        Some("0") => Ok(false),
-        Some("1") if usable => Ok(true),
-        Some("1") => Err(Error::Unavailable(format!(
-            "DYNSPARSE_WGPU_SUBGROUPS=1: {} has no subgroups of at least 8 invocations \
-             (feature {feature}, sizes {}..{})",
-            info.name, info.subgroup_min_size, info.subgroup_max_size
-        ))),
-        Some(other) => {
-            Err(Error::Unavailable(format!("DYNSPARSE_WGPU_SUBGROUPS={other}: expected `0`, `1` or `auto`")))
-        }
-    }
-}
-
 struct Pipeline {
     layout: wgpu::BindGroupLayout,
     pipeline: wgpu::ComputePipeline,
@@ -272,8 +254,12 @@ pub struct WgpuBackend {
     queue: wgpu::Queue,
     info: wgpu::AdapterInfo,
     variant: KernelVariant,
-    /// Whether kernels with a subgroup path take it (see [`WgpuBackend::subgroups`]).
-    subgroups: bool,
+    /// Optional shader features the kernels use now (see [`KernelFeatures`]).
+    features: KernelFeatures,
+    /// The optional features the device was opened with (the most `features` may hold).
+    device_features: KernelFeatures,
+    /// Test override of the attention kernels' loop budget (None: the default).
+    attention_loop_budget: Option<usize>,
     mem: MemoryCounter,
     pool: Pool,
     kernels: Mutex<HashMap<(String, String), Arc<KernelDef>>>,
@@ -360,6 +346,16 @@ impl WgpuBackend {
             limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(m);
         }
         let variant = KernelVariant::choose(&info, &limits)?;
+        // Subgroups count only with sizes the subgroup kernels are written for.
+        let mut available = adapter.features();
+        if !subgroups_usable(available.contains(wgpu::Features::SUBGROUP), &info) {
+            available.remove(wgpu::Features::SUBGROUP);
+        }
+        let features = KernelFeatures::detect(available)?;
+        let device_features = KernelFeatures {
+            subgroups: available.contains(wgpu::Features::SUBGROUP),
+            f16: available.contains(wgpu::Features::SHADER_F16),
+        };
         let (need, widest) = kernel::max_storage_bindings()?;
         let have = limits.max_storage_buffers_per_shader_stage as usize;
         if need > have {
@@ -368,12 +364,11 @@ impl WgpuBackend {
                 info.name
             )));
         }
-        let has_subgroups = adapter.features().contains(wgpu::Features::SUBGROUP);
-        let subgroups = subgroups_wanted(has_subgroups, &info)?;
         let desc = wgpu::DeviceDescriptor {
             label: Some("dynsparse"),
-            // SUBGROUP only where the adapter has it (so `set_subgroups` can switch later).
-            required_features: if has_subgroups { wgpu::Features::SUBGROUP } else { wgpu::Features::empty() },
+            // Every optional feature the kernels can use (so `set_kernel_features`
+            // can switch them on later); `features` says which are in effect.
+            required_features: device_features.wgpu_features(),
             required_limits: limits,
             memory_hints: wgpu::MemoryHints::Performance,
             ..Default::default()
@@ -389,13 +384,20 @@ impl WgpuBackend {
                 *s = Some(e.to_string());
             }
         }));
-        log::info!("wgpu: opened {} ({:?}, {:?}), {variant:?} kernels", info.name, info.backend, info.device_type);
+        log::info!(
+            "wgpu: opened {} ({:?}, {:?}), {variant:?} kernels, {features}",
+            info.name,
+            info.backend,
+            info.device_type
+        );
         Ok(Self {
             device,
             queue,
             info,
             variant,
-            subgroups,
+            features,
+            device_features,
+            attention_loop_budget: None,
             mem: MemoryCounter::default(),
             pool: Arc::default(),
             kernels: Mutex::default(),
@@ -422,27 +424,47 @@ impl WgpuBackend {
         self.variant = v;
     }
 
+    /// The optional shader features later launches use (see [`KernelFeatures`]).
+    pub fn kernel_features(&self) -> KernelFeatures {
+        self.features
+    }
+
+    /// Switches the optional features of later launches (tests and benchmarks
+    /// run every combination on one device): at most those the device was
+    /// opened with, else an error naming the missing one.
+    pub fn set_kernel_features(&mut self, f: KernelFeatures) -> Result<()> {
+        if !self.device_features.contains(f) {
+            return Err(Error::Unavailable(format!(
+                "wgpu: kernel features ({f}) asked for, the device has {}",
+                self.device_features
+            )));
+        }
+        self.features = f;
+        Ok(())
+    }
+
+    /// Lowers the loop-iteration budget by which the attention kernels split
+    /// their key or query loops into chunks (None: the default, sized for
+    /// lavapipe), so tests reach the split paths (partials summed or
+    /// combined afterwards) with small inputs. Results do not depend on it.
+    #[doc(hidden)]
+    pub fn set_attention_loop_budget(&mut self, budget: Option<usize>) {
+        self.attention_loop_budget = budget;
+    }
+
     /// Whether the kernels with a subgroup path (decode attention and the
-    /// quantized matmul of the hardware variant) reduce through subgroup
-    /// operations instead of workgroup memory: the adapter has
-    /// `Features::SUBGROUP` (with subgroups of at least 8 invocations),
-    /// unless `DYNSPARSE_WGPU_SUBGROUPS=0`.
+    /// quantized matmul of the hardware variant, the hardware indexer and
+    /// attention forward) reduce through subgroup operations instead of
+    /// workgroup memory: the adapter has `Features::SUBGROUP` with subgroups of
+    /// 8 to 128 invocations, unless `DYNSPARSE_WGPU_SUBGROUPS=0`.
     pub fn subgroups(&self) -> bool {
-        self.subgroups
+        self.features.subgroups
     }
 
     /// Switches the subgroup paths of later launches on or off (tests and
-    /// benchmarks run both in one process). Turning them on fails where the
-    /// device has no `SUBGROUP` feature or subgroups under 8 invocations.
+    /// benchmarks run both in one process); see [`Self::set_kernel_features`].
     pub fn set_subgroups(&mut self, on: bool) -> Result<()> {
-        if on && !subgroups_usable(self.device.features().contains(wgpu::Features::SUBGROUP), &self.info) {
-            return Err(Error::Unavailable(format!(
-                "wgpu: {} has no subgroups of at least 8 invocations",
-                self.info.name
-            )));
-        }
-        self.subgroups = on;
-        Ok(())
+        self.set_kernel_features(KernelFeatures { subgroups: on, ..self.features })
     }
 
     /// The adapter's description.
@@ -535,7 +557,8 @@ impl WgpuBackend {
         dtypes: &[DType],
         params: Option<(&'static str, &'static [Field])>,
     ) -> Result<Arc<Pipeline>> {
-        let key = format!("{}::{}:{:?}", k.family, k.name, dtypes);
+        let features = self.features.for_kernel(k, dtypes);
+        let key = format!("{}::{}:{:?}:{features:?}", k.family, k.name, dtypes);
         if let Some(p) = lock(&self.pipelines).get(&key) {
             if p.params.map(|p| p.0) != params.map(|p| p.0) {
                 return Err(Error::Device(format!(
@@ -553,7 +576,7 @@ impl WgpuBackend {
                 k.args.len()
             )));
         }
-        let (src, _, param_bytes) = kernel::compile(k, dtypes, params)?;
+        let (src, _, param_bytes) = kernel::compile_with(k, dtypes, features, params)?;
         let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(&key),
             source: wgpu::ShaderSource::Wgsl(src.into()),
