@@ -14,7 +14,7 @@
 //! under `dynsparse launch`) ends the job with a clear line, non-zero, and no
 //! process left.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
@@ -343,8 +343,10 @@ impl Job {
         s
     }
 
+    #[cfg(feature = "mpi")]
     fn parse(spec: &str) -> (Self, PathBuf) {
-        let kv: HashMap<&str, &str> = spec.split_whitespace().filter_map(|t| t.split_once('=')).collect();
+        let kv: std::collections::HashMap<&str, &str> =
+            spec.split_whitespace().filter_map(|t| t.split_once('=')).collect();
         let num = |k: &str| kv[k].parse::<u64>().unwrap();
         let job = Job {
             batch: num("batch") as usize,
@@ -387,6 +389,7 @@ fn run_job(job: &Job, rank: usize, comm: Option<Box<dyn dynsparse::dist::Collect
 }
 
 /// One line per step: step, loss bits, skipped, loss scale bits, tokens.
+#[cfg(feature = "mpi")]
 fn stats_text(stats: &[StepStats]) -> String {
     stats
         .iter()
@@ -659,10 +662,16 @@ fn mpirun_train_through_the_cli_matches_one_process_and_a_killed_rank_ends_the_j
     assert!(d <= 1e-6, "CLI checkpoints differ by {d:.2e} relative");
 
     // SIGKILL one rank mid-run, under mpirun and under `dynsparse launch` (which runs mpirun).
-    for via_launch in [false, true] {
-        let dir = tmpdir(&format!("kill-{via_launch}"));
+    // Then SIGSTOP one rank (a hang): the watchdog of the waiting rank ends the job after the
+    // collective timeout.
+    for (via_launch, hang) in [(false, false), (true, false), (false, true)] {
+        let dir = tmpdir(&format!("kill-{via_launch}-{hang}"));
         let mut args = tiny_train(&dir, 2, 100_000);
         args.extend(["--save-every".into(), "1".into()]);
+        if hang {
+            let i = args.iter().position(|a| a == "--collective-timeout").unwrap();
+            args[i + 1] = "3".into();
+        }
         let mut cmd = if via_launch {
             let mut c = Command::new(BIN);
             c.args(["launch", "--nproc", "2", "--grace", "2", "--"])
@@ -677,7 +686,11 @@ fn mpirun_train_through_the_cli_matches_one_process_and_a_killed_rank_ends_the_j
             c
         };
         let child = spawn(&mut cmd);
-        let what = if via_launch { "launch" } else { "mpirun" };
+        let what = match (via_launch, hang) {
+            (true, _) => "launch",
+            (false, false) => "mpirun",
+            (false, true) => "mpirun, a rank stopped",
+        };
         // Wait until training runs (rank 0 has logged a step), then kill rank 1.
         let t0 = Instant::now();
         while !dir.join("log.csv").exists() {
@@ -696,13 +709,24 @@ fn mpirun_train_through_the_cli_matches_one_process_and_a_killed_rank_ends_the_j
                     .unwrap_or(false)
             })
             .expect("rank 1 by its OMPI_COMM_WORLD_RANK");
+        let sig = if hang { libc::SIGSTOP } else { libc::SIGKILL };
         // SAFETY: signalling a process this test started (through mpirun).
-        unsafe { libc::kill(rank1 as libc::pid_t, libc::SIGKILL) };
+        unsafe { libc::kill(rank1 as libc::pid_t, sig) };
         // The job must end well within the 10 s collective timeout plus start-up slack.
         let out = wait_guarded(child, Duration::from_secs(40), what);
         let se = text(&out.stderr);
         assert!(!out.status.success(), "{what}: {se}");
-        assert!(se.contains("process rank 1"), "{what}: no line names rank 1:\n{se}");
+        if hang {
+            let errs = error_lines(&se);
+            assert_eq!(errs.len(), 1, "{what}: {se}");
+            assert!(
+                errs[0].starts_with("error: collective: ")
+                    && errs[0].contains("on rank 0 of 2 timed out after 3.0 s (a peer rank died or hangs)"),
+                "{what}: {se}"
+            );
+        } else {
+            assert!(se.contains("process rank 1"), "{what}: no line names rank 1:\n{se}");
+        }
         if via_launch {
             let errs = error_lines(&se);
             assert_eq!(errs.len(), 1, "{se}");
