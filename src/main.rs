@@ -22,6 +22,8 @@ fn main() -> ExitCode {
         Command::Compress(a) => cli::compress::run(cli.backend, a),
         Command::Info => cli::info::run(cli.backend),
         Command::Bench(b) => cli::bench::run(cli.backend, b),
+        Command::Launch(a) => cli::launch::run(cli.backend, a),
+        Command::RankEnv(a) => cli::launch::rank_env(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,6 +8,7 @@ pub mod bench_serve;
 pub mod bench_train;
 pub mod compress;
 pub mod info;
+pub mod launch;
 pub mod serve;
 pub mod train;
 
@@ -52,6 +53,23 @@ pub enum Command {
     /// Measure op throughput side by side with the CPU backend.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Start the ranks of a data-parallel job on this node, like torchrun.
+    ///
+    /// Runs N processes of this program, each running the command after `--` with RANK,
+    /// WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT set. Every line a
+    /// rank prints is forwarded with a `[rank R] ` prefix. SIGINT/SIGTERM are forwarded to the
+    /// ranks; when a rank fails the others get SIGTERM, then SIGKILL after --grace seconds, and
+    /// launch exits non-zero naming the rank. CUDA ranks reduce with NCCL. `train` on the cpu
+    /// or wgpu backend is run as `mpirun -np N …` instead (the collectives come from MPI; needs
+    /// a build with --features mpi and mpirun on PATH; extra mpirun flags in
+    /// DYNSPARSE_MPIRUN_ARGS; output as mpirun prints it); without them, use `train --world N`
+    /// (ranks in one process).
+    ///
+    /// Example: dynsparse launch --nproc 2 -- --backend cpu train --out runs/dp --batch 2
+    Launch(launch::LaunchArgs),
+    /// Prints the rank variables set by `launch` (a diagnostic for its tests).
+    #[command(hide = true)]
+    RankEnv(launch::RankEnvArgs),
 }
 
 use dynsparse::backend::AnyBackend;

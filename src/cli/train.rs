@@ -451,8 +451,11 @@ impl BackendJob for TrainJob {
         let (_, world) = tr.rank_world();
         if world > 1 {
             eprintln!(
-                "data parallel: {world} in-process ranks, ZeRO-{}, buckets ≤ {} MiB (first {} MiB); memory below is per rank",
-                args.zero, args.bucket_mb, args.first_bucket_mb
+                "data parallel: {world} {} ranks, ZeRO-{}, buckets ≤ {} MiB (first {} MiB); memory below is per rank",
+                if args.world > 1 { "in-process" } else { "MPI" },
+                args.zero,
+                args.bucket_mb,
+                args.first_bucket_mb
             );
         }
         eprintln!(
@@ -673,6 +676,26 @@ fn mpi_rank(_: &TrainArgs, _: std::time::Duration) -> Result<Option<Box<dyn Coll
     }
 }
 
+/// Refuses a `train` that `dynsparse launch` started as one of several ranks (torchrun
+/// variables, not mpirun): the collective of such ranks is NCCL, which this build lacks.
+fn launch_rank(any: &dynsparse::backend::AnyBackend) -> Result<()> {
+    let Some(env) = dynsparse::dist::LaunchEnv::from_vars(|k| std::env::var(k).ok())? else { return Ok(()) };
+    if env.world == 1 {
+        return Ok(());
+    }
+    let kind = any.kind();
+    if kind == dynsparse::backend::BackendKind::Cuda {
+        return Err(Error::Unavailable(format!(
+            "rank {} of {}: CUDA ranks started by launch reduce with NCCL, which is not available in this build; run them under mpirun (`mpirun -np {} dynsparse --backend cuda train …`, a build with --features mpi) or in one process with `train --world {}`",
+            env.rank, env.world, env.world, env.world
+        )));
+    }
+    Err(Error::Invalid(format!(
+        "rank {} of {} (WORLD_SIZE is set): {kind} ranks take their collective from MPI, not from launch's variables: use `dynsparse launch` from a build with --features mpi (it runs train under mpirun), `mpirun -np {} dynsparse train …`, or `train --world {}` in one process",
+        env.rank, env.world, env.world, env.world
+    )))
+}
+
 pub fn train(choice: BackendChoice, args: TrainArgs) -> Result<()> {
     check_run_flags(&args)?;
     let (model_cfg, train_cfg, resume) = match &args.resume {
@@ -753,6 +776,7 @@ pub fn train(choice: BackendChoice, args: TrainArgs) -> Result<()> {
         let job = TrainJob { args, model_cfg, train_cfg, resume, old_log, train, val, comm: Some(comm) };
         return run_on(&sel.backend, job);
     }
+    launch_rank(&sel.backend)?;
     // Last of the checks and before any compute: the folder (an --overwrite deletes nothing
     // until every other check has passed).
     let _lock = prepare_out(&args)?;
