@@ -102,3 +102,53 @@ summary_exit() {
   [ "$skipped" -eq 0 ] || echo "$skipped step(s) did not run on the GPU (SKIP): their checks are NOT done"
   ! grep -q "FAIL\|TIMEOUT" "$summary"
 }
+
+# gpu_count: GPUs nvidia-smi lists (GPU_CHECK_NGPU overrides, for the self-test).
+gpu_count() {
+  if [ -n "${GPU_CHECK_NGPU:-}" ]; then echo "$GPU_CHECK_NGPU"; return; fi
+  nvidia-smi -L 2>/dev/null | grep -c '^GPU '
+}
+
+# same_losses TOL A.csv B.csv: the loss column (2) of two train logs agrees
+# step by step within relative TOL (and both have the same steps, at least one).
+same_losses() {
+  local tol="$1" a="$2" b="$3"
+  [ -s "$a" ] && [ -s "$b" ] || { echo "same_losses: missing log $a or $b"; return 1; }
+  awk -F, -v tol="$tol" '
+    FNR == 1 { f++; next }
+    f == 1 { la[$1] = $2; na++; next }
+    { nb++; if (!($1 in la)) { printf "step %s only in %s\n", $1, FILENAME; bad = 1; next }
+      d = la[$1] - $2; if (d < 0) d = -d; m = la[$1] < 0 ? -la[$1] : la[$1]
+      if (d > tol * (m > 1e-30 ? m : 1e-30)) { printf "step %s: loss %s vs %s (tol %s)\n", $1, la[$1], $2, tol; bad = 1 } }
+    END { if (na == 0 || na != nb) { printf "%d vs %d logged steps\n", na, nb; bad = 1 }
+          if (!bad) printf "%d steps agree within %s\n", na, tol; exit bad }' "$a" "$b"
+}
+
+# nccl_world2 BIN: world-2 NCCL on two GPUs — 2 ranks × batch 2 vs 1 rank ×
+# batch 4 (the same losses), and `bench allreduce --collective nccl` — or one
+# SKIP line when the machine has fewer than 2 GPUs.
+nccl_world2() {
+  local bin="$1" n w="$out/nccl-world2" port="${GPU_CHECK_NCCL_PORT:-29533}"
+  n="$(gpu_count)"
+  if [ "${n:-0}" -lt 2 ]; then
+    echo "SKIP: world-2 NCCL needs 2 GPUs, this machine has ${n:-0}"
+    skip nccl-world2-train "world-2 NCCL needs 2 GPUs, this machine has ${n:-0}"
+    skip nccl-world2-bench "world-2 NCCL needs 2 GPUs, this machine has ${n:-0}"
+    return 0
+  fi
+  mkdir -p "$w"
+  local common=(train --steps 4 --seq 64 --layers 2 --d-model 64 --eval-every 1000 --save-every 1000 --overwrite)
+  # Two ranks in the background, each with its own LOCAL_RANK device; fails if either fails.
+  local two='pids=""; for r in 0 1; do RANK=$r LOCAL_RANK=$r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$PORT "$@" & pids="$pids $!"; done; rc=0; for p in $pids; do wait $p || rc=1; done; exit $rc'
+  step nccl-world1-ref 180 "$bin" --backend cuda "${common[@]}" --batch 4 --out "$w/one"
+  step nccl-world2-train 240 env PORT="$port" sh -c "$two" sh "$bin" --backend cuda "${common[@]}" --batch 2 --out "$w/two"
+  local t0 log="$out/nccl-world2-same-losses.log"
+  t0=$(date +%s)
+  if same_losses 1e-4 "$w/one/log.csv" "$w/two/log.csv" > "$log" 2>&1; then
+    record nccl-world2-same-losses ok "$(( $(date +%s) - t0 ))" "$log"
+  else
+    record nccl-world2-same-losses "FAIL(1)" "$(( $(date +%s) - t0 ))" "$log"
+  fi
+  cat "$log"
+  step nccl-world2-bench 180 env PORT="$((port + 1))" sh -c "$two" sh "$bin" bench allreduce --collective nccl --sizes 4K,64K,1M,16M,64M --iters 20
+}

@@ -9,20 +9,21 @@
 #       everything plus run.sh and lib.sh into the git-ignored gpu-bundle/.
 #   gpu-bundle/run.sh            (there) checks the host's glibc first, then
 #       nvidia-smi, `dynsparse --backend cuda info`, every CUDA conformance test
-#       in its own process, the wgpu suite and CUDA-vs-wgpu on a *hardware*
+#       in its own process, NCCL (`bench allreduce --collective nccl` at world 1; at
+#       world 2 a 2-rank vs 1-rank training equivalence and the bench, on >= 2 GPUs), the wgpu suite and CUDA-vs-wgpu on a *hardware*
 #       Vulkan adapter (SKIP without one), `bench matmul|attention|train` on
 #       CUDA and on the same card's Vulkan driver (wgpu/CUDA ratios per op in
 #       wgpu-vs-cuda.md) and the PyTorch baseline; logs in $GPU_CHECK_OUT (default ./gpu-check-out),
 #       a summary table last (ok only for what ran on the GPU). About 8 minutes
 #       on an H100; every step has a timeout. Step logic: scripts/gpu-check-lib.sh.
 #
-# Environment for `build`: DYNSPARSE_CARGO_FLAGS (default "--features cuda"),
+# Environment for `build`: DYNSPARSE_CARGO_FLAGS (default "--features cuda,nccl"),
 # DYNSPARSE_CUDA_TOOLS (NVRTC for the PTX cache; default .cuda-tools, fetched if absent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "${1:-}" = build ] || { echo "usage: scripts/gpu-check.sh build   (then run gpu-bundle/run.sh on the GPU machine)" >&2; exit 2; }
 
-flags="${DYNSPARSE_CARGO_FLAGS:---features cuda}"
+flags="${DYNSPARSE_CARGO_FLAGS:---features cuda,nccl}"
 bundle=gpu-bundle
 rm -rf "$bundle"
 mkdir -p "$bundle/bin" "$bundle/lib"
@@ -131,7 +132,7 @@ PY
 )"
 fi
 extra=""
-for name in nvrtc cublas cublasLt; do
+for name in nvrtc cublas cublasLt nccl; do
   pick=""
   for ver in 12 13 ""; do
     for d in $dirs; do
@@ -161,6 +162,10 @@ step cuda-info 90 "$bin/dynsparse" --backend cuda info
 # CUDA context, and would otherwise fail every later test of the binary.
 EXCEPT='^cuda_vs_wgpu::' tests_each cuda 120 "$bin/conformance_cuda" DYNSPARSE_REQUIRE_CUDA=1
 [ -x "$bin/cuda_device" ] && tests_each cuda-device 120 "$bin/cuda_device" DYNSPARSE_REQUIRE_CUDA=1
+# NCCL (libnccl from PyTorch's nvidia-nccl wheel, linked as libnccl.so above): world 1 runs on
+# any GPU (device-buffer collectives, results checked); world 2 needs two GPUs, else one SKIP line.
+step nccl-bench-world1 120 "$bin/dynsparse" bench allreduce --collective nccl --sizes 4K,1M,64M --iters 20
+nccl_world2 "$bin/dynsparse"
 
 # wgpu on the GPU's own Vulkan driver only: a software adapter (lavapipe) must
 # not stand in for it, and without a hardware adapter the steps are SKIP, not ok.

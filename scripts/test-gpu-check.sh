@@ -62,6 +62,41 @@ got="$(ratio 1 9 rate "$out/ct.md" "$out/wt.md")"
 [ "$got" = "| f32 | 1000 | 600 | 0.60× |" ] || { echo "FAILED: train ratio: $got"; bad=1; }
 [ -z "$(ratio 1 9 rate "$out/ct.md" "$out/missing.md")" ] || { echo "FAILED: a missing log gives no rows"; bad=1; }
 
+# World-2 NCCL: one SKIP line on a 1-GPU machine; on 2 GPUs two ranks run with
+# RANK/LOCAL_RANK/WORLD_SIZE set and their losses are compared with world 1's.
+: > "$summary"
+got="$(GPU_CHECK_NGPU=1 nccl_world2 /nonexistent)"
+[[ "$got" == *"SKIP: world-2 NCCL needs 2 GPUs, this machine has 1"* ]] || { echo "FAILED: nccl_world2 on 1 GPU: $got"; bad=1; }
+expect nccl-world2-train SKIP
+expect nccl-world2-bench SKIP
+nb="$out/fake-dynsparse"
+cat > "$nb" <<FAKE
+#!/bin/sh
+echo "rank=\${RANK:-none} local=\${LOCAL_RANK:-none} world=\${WORLD_SIZE:-none} \$*" >> "$out/nccl-calls"
+o=""; prev=""
+for a in "\$@"; do [ "\$prev" = --out ] && o="\$a"; prev="\$a"; done
+if [ -n "\$o" ] && [ "\${RANK:-0}" = 0 ]; then
+  mkdir -p "\$o"; printf 'step,loss\n1,5.0\n2,4.5\n' > "\$o/log.csv"
+  [ -n "\${FAKE_DRIFT:-}" ] && [ -n "\${RANK:-}" ] && printf 'step,loss\n1,5.0\n2,4.6\n' > "\$o/log.csv"
+fi
+exit 0
+FAKE
+chmod +x "$nb"
+: > "$summary"; : > "$out/nccl-calls"
+GPU_CHECK_NGPU=2 nccl_world2 "$nb" > /dev/null
+expect nccl-world1-ref ok
+expect nccl-world2-train ok
+expect nccl-world2-same-losses ok
+expect nccl-world2-bench ok
+grep -q "rank=1 local=1 world=2 --backend cuda train .*--batch 2" "$out/nccl-calls" || { echo "FAILED: rank 1 not started:"; cat "$out/nccl-calls"; bad=1; }
+grep -q "rank=0 local=0 world=2 bench allreduce --collective nccl" "$out/nccl-calls" || { echo "FAILED: nccl bench not started"; bad=1; }
+: > "$summary"
+FAKE_DRIFT=1 GPU_CHECK_NGPU=2 nccl_world2 "$nb" > /dev/null
+expect nccl-world2-same-losses 'FAIL\(1\)'
+printf 'step,loss\n1,5\n' > "$out/a.csv"; printf 'step,loss\n1,5\n2,4\n' > "$out/b.csv"
+same_losses 1e-6 "$out/a.csv" "$out/b.csv" > /dev/null && { echo "FAILED: same_losses must refuse logs of different lengths"; bad=1; }
+same_losses 1e-6 "$out/a.csv" "$out/a.csv" > /dev/null || { echo "FAILED: same_losses of a log with itself"; bad=1; }
+
 rm -rf "$out"
 [ "$bad" -eq 0 ] && echo "gpu-check self-test: ok"
 exit "$bad"

@@ -148,3 +148,39 @@ fn a_run_killed_while_saving_leaves_a_loadable_checkpoint() {
         assert!(ev.status.success(), "checkpoint after SIGKILL must load: {}", String::from_utf8_lossy(&ev.stderr));
     }
 }
+
+#[test]
+fn bench_allreduce_checks_its_results_and_refuses_bad_flags_in_one_line() {
+    let out = run(&[
+        "bench",
+        "allreduce",
+        "--world",
+        "2",
+        "--sizes",
+        "4K,1000",
+        "--ops",
+        "all-reduce,reduce-scatter,all-gather,broadcast",
+        "--iters",
+        "2",
+        "--scaling",
+        "0",
+    ]);
+    let so = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for op in ["all-reduce", "reduce-scatter", "all-gather", "broadcast"] {
+        assert_eq!(
+            so.lines().filter(|l| l.starts_with(&format!("| {op} |")) && l.ends_with("| checked |")).count(),
+            2,
+            "{so}"
+        );
+    }
+    assert!(so.contains("| all-reduce | 4096 |") && so.contains("| all-reduce | 1000 |"), "{so}");
+    fails_with(run(&["bench", "allreduce", "--sizes", "4Q", "--scaling", "0"]), "--sizes");
+    fails_with(run(&["bench", "allreduce", "--ops", "gather", "--scaling", "0"]), "--ops");
+    fails_with(run(&["bench", "allreduce", "--collective", "tcp", "--scaling", "0"]), "--collective tcp");
+    // Without the nccl feature: says so; with it but no GPU here: says why the device is missing.
+    let out = run(&["bench", "allreduce", "--collective", "nccl", "--sizes", "4K", "--scaling", "0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(err.lines().filter(|l| l.starts_with("error:")).count(), 1, "{err}");
+}

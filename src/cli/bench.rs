@@ -31,6 +31,9 @@ pub enum BenchCommand {
     /// The OpenAI-compatible server under load: N concurrent streaming clients over loopback;
     /// requests/s, tokens/s, time to first token and inter-token latency, paged vs contiguous KV memory.
     Serve(super::bench_serve::ServeBenchArgs),
+    /// Time, algorithm and bus bandwidth of all-reduce, reduce-scatter, all-gather and broadcast per
+    /// message size (in-process, MPI or NCCL ranks), and training tokens/s at world 1, 2, 4.
+    Allreduce(super::bench_allreduce::AllreduceArgs),
 }
 
 #[derive(Args, Debug)]
@@ -99,6 +102,7 @@ pub fn run(choice: BackendChoice, cmd: BenchCommand) -> Result<()> {
         BenchCommand::Decode(a) => super::bench_decode::run(choice, a),
         BenchCommand::Qdecode(a) => super::bench_qdecode::run(choice, a),
         BenchCommand::Serve(a) => super::bench_serve::run(choice, a),
+        BenchCommand::Allreduce(a) => super::bench_allreduce::run(a),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The `dynsparse` command line.
 
 pub mod bench;
+pub mod bench_allreduce;
 pub mod bench_attention;
 pub mod bench_decode;
 pub mod bench_qdecode;

@@ -676,23 +676,70 @@ fn mpi_rank(_: &TrainArgs, _: std::time::Duration) -> Result<Option<Box<dyn Coll
     }
 }
 
-/// Refuses a `train` that `dynsparse launch` started as one of several ranks (torchrun
-/// variables, not mpirun): the collective of such ranks is NCCL, which this build lacks.
-fn launch_rank(any: &dynsparse::backend::AnyBackend) -> Result<()> {
+/// Refuses a `train` that `dynsparse launch` (or torchrun) started as one of several host
+/// ranks (torchrun variables, not mpirun): host ranks reduce through MPI, not through
+/// launch's variables. (CUDA ranks took NCCL in [`launch_rank`] before this.)
+fn host_rank_without_collective(any: &dynsparse::backend::AnyBackend) -> Result<()> {
     let Some(env) = dynsparse::dist::LaunchEnv::from_vars(|k| std::env::var(k).ok())? else { return Ok(()) };
     if env.world == 1 {
         return Ok(());
     }
     let kind = any.kind();
-    if kind == dynsparse::backend::BackendKind::Cuda {
-        return Err(Error::Unavailable(format!(
-            "rank {} of {}: CUDA ranks started by launch reduce with NCCL, which is not available in this build; run them under mpirun (`mpirun -np {} dynsparse --backend cuda train …`, a build with --features mpi) or in one process with `train --world {}`",
-            env.rank, env.world, env.world, env.world
-        )));
-    }
     Err(Error::Invalid(format!(
         "rank {} of {} (WORLD_SIZE is set): {kind} ranks take their collective from MPI, not from launch's variables: use `dynsparse launch` from a build with --features mpi (it runs train under mpirun), `mpirun -np {} dynsparse train …`, or `train --world {}` in one process",
         env.rank, env.world, env.world, env.world
+    )))
+}
+
+/// A CUDA rank of a torchrun-style job (RANK, WORLD_SIZE > 1, LOCAL_RANK, MASTER_ADDR,
+/// MASTER_PORT set, e.g. by `dynsparse launch` or torchrun): NCCL on device LOCAL_RANK, which
+/// replaces the selected backend. Other backends are left to the launcher's own collective.
+fn launch_rank(
+    args: &TrainArgs,
+    sel: &mut dynsparse::backend::Selection,
+    timeout: std::time::Duration,
+) -> Result<Option<Box<dyn Collective>>> {
+    let Some(env) = dynsparse::dist::LaunchEnv::from_vars(|k| std::env::var(k).ok())? else {
+        return Ok(None);
+    };
+    if env.world == 1 || sel.backend.kind() != dynsparse::BackendKind::Cuda {
+        return Ok(None);
+    }
+    if args.world != 1 {
+        return Err(Error::Invalid(format!(
+            "--world {} with WORLD_SIZE={}: the launched processes are the ranks (leave --world at 1)",
+            args.world, env.world
+        )));
+    }
+    nccl_rank(&env, sel, timeout).map(Some)
+}
+
+#[cfg(feature = "nccl")]
+fn nccl_rank(
+    env: &dynsparse::dist::LaunchEnv,
+    sel: &mut dynsparse::backend::Selection,
+    timeout: std::time::Duration,
+) -> Result<Box<dyn Collective>> {
+    use dynsparse::backend::cuda::CudaBackend;
+    use dynsparse::dist::nccl::Nccl;
+    use dynsparse::dist::nccl_prep::Bootstrap;
+    let be = CudaBackend::new(env.local_rank)?;
+    let boot = Bootstrap::from_env(env, |k| std::env::var(k).ok());
+    let comm = Nccl::from_launch(&be, env, &boot, timeout)?;
+    sel.backend = dynsparse::backend::AnyBackend::Cuda(be);
+    sel.reason = format!("NCCL rank {} of {} on CUDA device LOCAL_RANK={}", env.rank, env.world, env.local_rank);
+    Ok(Box::new(comm))
+}
+
+#[cfg(not(feature = "nccl"))]
+fn nccl_rank(
+    env: &dynsparse::dist::LaunchEnv,
+    _: &mut dynsparse::backend::Selection,
+    _: std::time::Duration,
+) -> Result<Box<dyn Collective>> {
+    Err(Error::Unavailable(format!(
+        "WORLD_SIZE={} with the CUDA backend needs NCCL, but this build has none (build with --features cuda,nccl)",
+        env.world
     )))
 }
 
@@ -734,7 +781,7 @@ pub fn train(choice: BackendChoice, args: TrainArgs) -> Result<()> {
             train_cfg.seq
         )));
     }
-    let sel = select(choice)?;
+    let mut sel = select(choice)?;
     let plan = MemoryPlan::train(
         &model_cfg,
         train_cfg.precision,
@@ -745,7 +792,12 @@ pub fn train(choice: BackendChoice, args: TrainArgs) -> Result<()> {
     super::preflight(&plan, &sel.backend, "training", "lower --batch, --seq, --context, --d-model or --layers")?;
     let timeout = std::time::Duration::from_secs_f64(args.collective_timeout);
     // Under mpirun each process is a rank; rank 0 owns --out, the others only train.
-    if let Some(comm) = mpi_rank(&args, timeout)? {
+    // A CUDA rank under RANK/WORLD_SIZE: NCCL on device LOCAL_RANK (replaces the selected backend).
+    let comm = match mpi_rank(&args, timeout)? {
+        Some(c) => Some(c),
+        None => launch_rank(&args, &mut sel, timeout)?,
+    };
+    if let Some(comm) = comm {
         if comm.rank() != 0 {
             let stop = args.stop_at.unwrap_or(train_cfg.steps).min(train_cfg.steps);
             let job = RankJob {
@@ -767,7 +819,7 @@ pub fn train(choice: BackendChoice, args: TrainArgs) -> Result<()> {
             _ => Vec::new(),
         };
         eprintln!(
-            "backend: {} — {} ({}); MPI rank 0 of {}",
+            "backend: {} — {} ({}); rank 0 of {}",
             sel.backend.kind(),
             sel.backend.device_name(),
             sel.reason,
@@ -776,7 +828,7 @@ pub fn train(choice: BackendChoice, args: TrainArgs) -> Result<()> {
         let job = TrainJob { args, model_cfg, train_cfg, resume, old_log, train, val, comm: Some(comm) };
         return run_on(&sel.backend, job);
     }
-    launch_rank(&sel.backend)?;
+    host_rank_without_collective(&sel.backend)?;
     // Last of the checks and before any compute: the folder (an --overwrite deletes nothing
     // until every other check has passed).
     let _lock = prepare_out(&args)?;

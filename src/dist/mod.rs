@@ -5,9 +5,13 @@
 //! Collectives work on host-staged f32 slices. Every implementation reduces
 //! in rank order (`x₀ + x₁ + … + x_{N-1}`), so every rank gets the same bits.
 
+pub mod bench;
 pub mod inproc;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
+pub mod nccl_prep;
 pub mod rendezvous;
 
 pub use inproc::InProcess;
@@ -46,6 +50,12 @@ pub trait Collective: Send {
     /// Every rank's `buf` becomes `root`'s.
     fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()>;
     fn barrier(&self) -> Result<()>;
+    /// The NCCL communicator behind this handle, for device-buffer collectives
+    /// without host staging ([`nccl::Nccl::all_reduce_device`] & co.); `None` for the others.
+    #[cfg(feature = "nccl")]
+    fn as_nccl(&self) -> Option<&nccl::Nccl> {
+        None
+    }
 }
 
 /// Checks the length contract of [`Collective::reduce_scatter`] / [`Collective::all_gather`].

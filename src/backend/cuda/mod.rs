@@ -111,6 +111,11 @@ impl CudaBuffer {
     pub fn len_bytes(&self) -> usize {
         self.bytes
     }
+
+    /// The device address of the first byte (for collectives that take raw pointers, e.g. NCCL).
+    pub(crate) fn device_addr(&self) -> u64 {
+        self.ptr
+    }
 }
 
 /// The CUDA backend on one device (a small handle: the state is boxed).
@@ -279,6 +284,12 @@ impl CudaBackend {
                 stage: pinned::Staging::default(),
             }),
         })
+    }
+
+    /// The context and the one stream every op of this backend is ordered on
+    /// (collectives on device buffers enqueue on it too).
+    pub(crate) fn context_and_stream(&self) -> (&Arc<CudaContext>, &Arc<CudaStream>) {
+        (&self.ctx, &self.stream)
     }
 
     /// The device this backend runs on.
