@@ -649,7 +649,8 @@ fn mpirun_train_through_the_cli_matches_one_process_and_a_killed_rank_ends_the_j
     let child = spawn(mpirun_cmd(&mpirun).arg(BIN).args(tiny_train(&d2, 2, STEPS)));
     let out = wait_guarded(child, Duration::from_secs(120), "mpirun train");
     assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
-    assert!(text(&out.stderr).contains("MPI rank 0 of 2"), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("rank 0 of 2") && err.contains("data parallel: 2 MPI ranks"), "{err}");
     let (l1, l2) = (log_losses(&d1), log_losses(&d2));
     assert_eq!(l1.len(), STEPS as usize);
     assert_eq!(l1.iter().map(|x| x.0).collect::<Vec<_>>(), l2.iter().map(|x| x.0).collect::<Vec<_>>());
@@ -717,13 +718,17 @@ fn mpirun_train_through_the_cli_matches_one_process_and_a_killed_rank_ends_the_j
         let se = text(&out.stderr);
         assert!(!out.status.success(), "{what}: {se}");
         if hang {
+            // Rank 0's watchdog names the timeout. The stopped rank may print the same line
+            // for its own side if mpirun lets it run (SIGCONT) before killing it, so a
+            // second line is allowed, as long as every error line is such a timeout.
             let errs = error_lines(&se);
-            assert_eq!(errs.len(), 1, "{what}: {se}");
+            assert!(matches!(errs.len(), 1 | 2), "{what}: {se}");
             assert!(
-                errs[0].starts_with("error: collective: ")
-                    && errs[0].contains("on rank 0 of 2 timed out after 3.0 s (a peer rank died or hangs)"),
+                errs.iter().all(|e| e.starts_with("error: collective: ")
+                    && e.contains("timed out after 3.0 s (a peer rank died or hangs)")),
                 "{what}: {se}"
             );
+            assert!(errs.iter().any(|e| e.contains("on rank 0 of 2 timed out")), "{what}: {se}");
         } else {
             assert!(se.contains("process rank 1"), "{what}: no line names rank 1:\n{se}");
         }
