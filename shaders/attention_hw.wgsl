@@ -9,33 +9,13 @@
 // (`attn_bwd_dq_tiled_hw`, the forward's layout) and dk/dv per key tile
 // (`attn_bwd_dkdv_tiled_hw`, one key per invocation, queries staged).
 //
-// Parameters: `AttnTiledParams` (src/backend/wgpu/attention.rs). The first
+// Parameters: `AttnTiledParams` (shaders/common.wgsl; Rust side in
+// src/backend/wgpu/attention.rs). The first
 // ten fields are the attention spec (mode 0 dense, 1 tokens, 2 blocks; kn =
 // k or n, block, nkb = ceil(seq / block)); chunk/nch split the key loop into
 // fixed unit ranges (lavapipe's loop budget), r0/nrow the rows of this
 // launch; tq queries per tile, tiles tile0 .. tile0 + ntile, unit keys per
 // unit (16 for dense, the block for blocks).
-
-struct AttnTiledParams {
-    batch: u32,
-    seq: u32,
-    n_heads: u32,
-    n_kv_heads: u32,
-    head_dim: u32,
-    scale: f32,
-    mode: u32,
-    kn: u32,
-    block: u32,
-    nkb: u32,
-    chunk: u32,
-    nch: u32,
-    r0: u32,
-    nrow: u32,
-    tq: u32,
-    tile0: u32,
-    ntile: u32,
-    unit: u32,
-}
 
 // `attn_bwd_dkdv_tiled_hw`: the attention spec as above; chunk/nch split the
 // query loop (queries per chunk), r0/nrow the (batch, key, kv head) rows of
