@@ -8,14 +8,31 @@
 #![cfg(feature = "wgpu")]
 
 use dynsparse::DType;
+use dynsparse::backend::wgpu::KernelFeatures;
 use dynsparse::backend::wgpu::kernel::{self, Role, SHADERS};
 
 /// The naga capabilities wgpu-core validates a shader module with on a
 /// device opened with no optional features (as the backend opens it) on a
 /// Vulkan, Metal or DX12 adapter (the backends it asks wgpu for: all are
 /// downlevel-compliant, which grants the f16 packing built-ins in f32).
-fn granted() -> naga::valid::Capabilities {
-    wgpu_naga_bridge::features_to_naga_capabilities(wgpu::Features::empty(), wgpu::DownlevelFlags::compliant())
+/// With optional device features requested, the capabilities those grant
+/// too (the backend asks for `SUBGROUP` and `SHADER_F16` where the adapter
+/// has them).
+fn granted_with(features: wgpu::Features) -> naga::valid::Capabilities {
+    wgpu_naga_bridge::features_to_naga_capabilities(features, wgpu::DownlevelFlags::compliant())
+}
+
+/// The optional features a generated module uses: subgroup built-ins need
+/// `SUBGROUP`, `enable f16;` needs `SHADER_F16`.
+fn features_of(src: &str) -> wgpu::Features {
+    let mut f = wgpu::Features::empty();
+    if src.contains("subgroup") {
+        f |= wgpu::Features::SUBGROUP;
+    }
+    if src.contains("enable f16;") {
+        f |= wgpu::Features::SHADER_F16;
+    }
+    f
 }
 
 fn variants() -> Vec<(String, String)> {
@@ -33,6 +50,16 @@ fn variants() -> Vec<(String, String)> {
                     })
                     .collect();
                 out.push((format!("shaders/{family}.wgsl::{} [{dt}]", k.name), kernel::generate(&k, &dts).unwrap()));
+                // The optional-feature builds (subgroups, f16), where they change the code.
+                let plain = kernel::generate_with(&k, &dts, KernelFeatures::NONE).unwrap();
+                let mut seen = vec![plain];
+                for f in KernelFeatures::every().into_iter().skip(1) {
+                    let src = kernel::generate_with(&k, &dts, f).unwrap();
+                    if !seen.contains(&src) {
+                        out.push((format!("shaders/{family}.wgsl::{} [{dt}, {f}]", k.name), src.clone()));
+                        seen.push(src);
+                    }
+                }
             }
         }
     }
@@ -41,7 +68,8 @@ fn variants() -> Vec<(String, String)> {
 
 fn translate(label: &str, src: &str) -> Result<(), String> {
     let module = naga::front::wgsl::parse_str(src).map_err(|e| format!("{label}: parse: {}", e.emit_to_string(src)))?;
-    let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), granted())
+    let features = features_of(src);
+    let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), granted_with(features))
         .validate(&module)
         .map_err(|e| format!("{label}: validation with wgpu's capabilities: {}", e.emit_to_string(src)))?;
 
@@ -98,7 +126,12 @@ fn every_generated_wgsl_variant_translates_to_msl_hlsl_and_spirv() {
         "attention_hw.wgsl::attn_fwd_tiled_hw ",
         "indexer.wgsl::indexer_block_scores_tiled_hw ",
     ] {
-        assert_eq!(all.iter().filter(|(l, _)| l.contains(hw)).count(), 3, "{hw}in f32, f16 and bf16");
+        let plain = all.iter().filter(|(l, _)| l.contains(hw) && !l.contains(", ")).count();
+        assert_eq!(plain, 3, "{hw}in f32, f16 and bf16");
+    }
+    // The optional-feature builds are translated too (subgroup reductions, f16 arithmetic).
+    for (what, n) in [("subgroups", "cached_attn_hw_sg "), ("f16", "matmul_hw [f16, ")] {
+        assert!(all.iter().any(|(l, _)| l.contains(n)), "no {what} build ({n}) among the variants");
     }
     assert!(failures.is_empty(), "{} of {} variants fail:\n{}", failures.len(), all.len(), failures.join("\n\n"));
 }
