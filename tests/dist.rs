@@ -8,46 +8,14 @@ use std::time::Duration;
 
 use dynsparse::backend::cpu::CpuBackend;
 use dynsparse::data::Corpus;
-use dynsparse::data::synthetic::{SyntheticConfig, generate};
 use dynsparse::dist::InProcess;
-use dynsparse::model::{AttentionMode, Model, ModelConfig};
+use dynsparse::model::Model;
 use dynsparse::train::checkpoint::TrainState;
-use dynsparse::train::{DistConfig, LrSchedule, MemoryReport, StepStats, TrainConfig, Trainer};
+use dynsparse::train::{DistConfig, MemoryReport, StepStats, Trainer};
 use dynsparse::{Backend, DType};
 
-fn model_cfg() -> ModelConfig {
-    ModelConfig {
-        n_layers: 2,
-        n_heads: 2,
-        n_kv_heads: 1,
-        d_model: 32,
-        vocab: 256,
-        context: 64,
-        mlp_ratio: 2,
-        rope_theta: 10000.0,
-        attention: AttentionMode::Sparse { block: 8, keep_blocks: 3, index_heads: 2, index_dim: 8 },
-    }
-}
-
-fn train_cfg(precision: DType, batch: usize, accum: usize) -> TrainConfig {
-    TrainConfig {
-        steps: STEPS,
-        batch,
-        seq: 32,
-        accum,
-        precision,
-        lr: LrSchedule { lr: 3e-3, min_lr: 3e-4, warmup_steps: 2, total_steps: STEPS },
-        beta1: 0.9,
-        beta2: 0.95,
-        weight_decay: 0.1,
-        grad_clip: 1.0,
-        warmup_frac: 0.2,
-        ramp_frac: 0.3,
-        seed: 5,
-    }
-}
-
-const STEPS: u64 = 20;
+mod dist_setup;
+use dist_setup::{STEPS, model_cfg, rel, train_cfg};
 
 /// One rank's outcome: per-step stats, final master weights and full state.
 struct RankRun {
@@ -117,36 +85,13 @@ impl Job {
     }
 }
 
-fn rel(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
-        num += (*x as f64 - *y as f64).powi(2);
-        den += (*x as f64).powi(2);
-    }
-    (num / den).sqrt()
-}
-
 fn assert_same_run(one: &RankRun, many: &[RankRun], tol: f64, what: &str) {
-    for (r, run) in many.iter().enumerate() {
-        assert_eq!(run.weights, many[0].weights, "{what}: rank {r} weights differ from rank 0's");
-        assert_eq!(run.stats.len(), one.stats.len());
-        for (a, b) in one.stats.iter().zip(&run.stats) {
-            assert_eq!(
-                (a.skipped, a.loss_scale, a.tokens),
-                (b.skipped, b.loss_scale, b.tokens),
-                "{what}: step {}",
-                a.step
-            );
-            let d = (a.loss - b.loss).abs() / a.loss.abs();
-            assert!(d <= tol, "{what}: step {} loss {} vs {} (rel {d:.2e})", a.step, a.loss, b.loss);
-        }
-    }
-    let d = rel(&one.weights, &many[0].weights);
-    assert!(d <= tol, "{what}: weights differ by {d:.2e} relative");
+    let many: Vec<_> = many.iter().map(|r| (&r.stats[..], &r.weights[..])).collect();
+    dist_setup::assert_same_run((&one.stats, &one.weights), &many, tol, what);
 }
 
 fn data() -> Arc<Corpus> {
-    Arc::new(generate(11, 20_000, SyntheticConfig::default()))
+    Arc::new(dist_setup::corpus())
 }
 
 #[test]
