@@ -2,40 +2,16 @@
 //! and a non-zero exit; a run killed while saving leaves a loadable checkpoint;
 //! `--resume` continues where the checkpoint left off.
 
+mod cli_setup;
+use cli_setup::{TINY, bin};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_dynsparse"));
-    c.env("RUST_LOG", "error").env("XDG_RUNTIME_DIR", "/tmp");
-    c
-}
-
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("dynsparse-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    cli_setup::scratch("cli", name)
 }
-
-/// A model and run small enough for a test.
-const TINY: [&str; 14] = [
-    "--layers",
-    "1",
-    "--d-model",
-    "32",
-    "--heads",
-    "2",
-    "--kv-heads",
-    "1",
-    "--seq",
-    "64",
-    "--batch",
-    "2",
-    "--context",
-    "128",
-];
 
 fn run(args: &[&str]) -> Output {
     bin().args(args).output().unwrap()

@@ -2,6 +2,9 @@
 //! panic, abort, hang or silent NaN; nothing a user saved is lost. One test per
 //! class of the issue, against the binary (tiny models, a few steps).
 
+mod cli_setup;
+use cli_setup::{TINY, bin};
+
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -10,35 +13,9 @@ use std::time::{Duration, Instant};
 
 use safetensors::tensor::{SafeTensors, TensorView};
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_dynsparse"));
-    c.env("RUST_LOG", "error").env("XDG_RUNTIME_DIR", "/tmp").env_remove("DYNSPARSE_WGPU_ADAPTER");
-    c
-}
-
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("dynsparse-rel-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    cli_setup::scratch("rel", name)
 }
-
-const TINY: [&str; 14] = [
-    "--layers",
-    "1",
-    "--d-model",
-    "32",
-    "--heads",
-    "2",
-    "--kv-heads",
-    "1",
-    "--seq",
-    "64",
-    "--batch",
-    "2",
-    "--context",
-    "128",
-];
 
 /// Waits for `child`, killing it after `secs` (a hang fails the test instead of stalling it).
 fn wait_bounded(mut child: Child, secs: u64) -> Output {
