@@ -122,6 +122,8 @@ fn zero1_matches_world_one_and_its_checkpoint_resumes_at_world_two_and_one() {
     let opt = zero[0].memory.master_weights + zero[0].memory.optimizer;
     assert!(opt >= 12 * n / 2 && opt < 12 * (n / 2 + 64 * 40), "zero-1 optimizer state {opt} B for {n} parameters");
     assert!(one.memory.optimizer == 8 * n, "world 1 moments {} B", one.memory.optimizer);
+    // 4 + 12/N: the reduced shard of the gradient is not kept on the device beside the working gradient.
+    assert_eq!(zero[0].memory.gradients, one.memory.gradients, "zero-1 keeps only the working gradient");
 
     // Checkpoint after 10 steps at world 2 under ZeRO-1, then resume at world 2 and at world 1.
     let mut first = Job::new(2, 2);

@@ -5,7 +5,10 @@
 //!
 //! Gradients are staged through one flat host buffer laid out by
 //! [`FlatLayout`]; buckets and shards are ranges of it. The reduction runs
-//! after the backward pass (no overlap with it yet).
+//! after the backward pass (no overlap with it yet). Under ZeRO-1 the device
+//! holds 12/N bytes of optimizer state per parameter (f32 master, m, v of the
+//! shard) beside the working weights and gradients: the reduced gradient
+//! shard stays on the host until its AdamW launch.
 
 use std::ops::Range;
 
@@ -57,12 +60,16 @@ pub(super) struct Segment<B: Backend> {
     pub master: Tensor<B>,
     pub m: Tensor<B>,
     pub v: Tensor<B>,
-    pub grad: Tensor<B>,
 }
 
 pub(super) struct ZeroShard<B: Backend> {
     pub range: Range<usize>,
     pub segs: Vec<Segment<B>>,
+    /// This rank's shard of the reduced gradient, on the host (where the
+    /// reduce-scatter leaves it): each segment is uploaded into a scratch
+    /// tensor for its AdamW launch and freed, so the device holds no
+    /// per-shard gradient between steps.
+    grad: Vec<f32>,
 }
 
 pub(super) struct Dp<B: Backend> {
@@ -107,15 +114,14 @@ impl<B: Backend> Dp<B> {
                     master: Tensor::from_f32(be, w, &[w.len()], DType::F32)?,
                     m: Tensor::zeros(be, &[w.len()], DType::F32)?,
                     v: Tensor::zeros(be, &[w.len()], DType::F32)?,
-                    grad: Tensor::zeros(be, &[w.len()], DType::F32)?,
                 });
             }
-            // master 4 + m 4 + v 4 + staged gradient 4 bytes per shard element.
+            // master 4 + m 4 + v 4 bytes per shard element: 12/N per parameter
+            // beside the working weights and gradients.
             let bytes = be.memory().allocated.saturating_sub(before);
-            memory.master_weights += bytes / 4;
-            memory.optimizer += bytes / 2;
-            memory.gradients += bytes / 4;
-            Some(ZeroShard { range, segs })
+            memory.master_weights += bytes / 3;
+            memory.optimizer += bytes - bytes / 3;
+            Some(ZeroShard { grad: vec![0.0; range.len()], range, segs })
         } else {
             None
         };
@@ -149,14 +155,12 @@ impl<B: Backend> Dp<B> {
         let Some(z) = self.zero.as_mut() else {
             return Err(Error::Invalid("reduce_scatter_grads without ZeRO".into()));
         };
-        let mut shard = vec![0.0f32; z.range.len()];
-        self.comm.reduce_scatter(&self.host, &mut shard)?;
+        self.comm.reduce_scatter(&self.host, &mut z.grad)?;
         let (mut sq, mut finite) = (0.0f64, true);
-        for s in z.segs.iter_mut() {
-            let g = &shard[s.range.start - z.range.start..s.range.end - z.range.start];
+        for s in &z.segs {
+            let g = &z.grad[s.range.start - z.range.start..s.range.end - z.range.start];
             finite &= g.iter().all(|x| x.is_finite());
             sq += g.iter().map(|&x| x as f64 * x as f64).sum::<f64>();
-            s.grad.write_f32(be, g)?;
         }
         Ok((sq, finite))
     }
@@ -173,7 +177,9 @@ impl<B: Backend> Dp<B> {
     ) -> Result<()> {
         let Some(z) = self.zero.as_mut() else { return Err(Error::Invalid("zero_update without ZeRO".into())) };
         for s in z.segs.iter_mut() {
-            ops::adamw(be, &adam(s.param), t, grad_scale, &mut s.master, &s.grad, &mut s.m, &mut s.v, None)?;
+            let g = &z.grad[s.range.start - z.range.start..s.range.end - z.range.start];
+            let g = Tensor::from_f32(be, g, &[g.len()], DType::F32)?;
+            ops::adamw(be, &adam(s.param), t, grad_scale, &mut s.master, &g, &mut s.m, &mut s.v, None)?;
         }
         let full = self.gather(be, |s| &s.master)?;
         for (e, p) in self.layout.entries.iter().zip(model.params.iter_mut()) {
