@@ -873,8 +873,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 // blocks); a query with keys has a finite lse in every head.
 // With subgroups (of at least 8 invocations: at most 32 per workgroup), the
 // three reductions take each subgroup's subgroupMax/subgroupAdd and combine
-// the subgroups' results in subgroup order (one barrier pair instead of
-// eight); the sums' order differs from the tree's, so results may differ in
+// the subgroups' results in subgroup order (two barriers per reduction
+// instead of ten); the sums' order differs from the tree's, so results may differ in
 // the last bits (both orders are fixed: each is deterministic).
 // The layout (a 256-wide workgroup per query row, keys spread over the
 // invocations) is already the hardware-GPU shape, so there is no separate

@@ -22,6 +22,10 @@
 // otherwise partials at (c·R + rl) that `shaders/split.wgsl` sums in chunk order.
 // Their rows are absolute (a launch covers rows of the tile's queries only);
 // dk_i is the contribution of the tile's queries.
+//
+// `_hw` kernels (the hardware-GPU variant, at the end of the file) compute
+// the same outputs with cooperative tiles in workgroup memory: 64–256
+// invocations per workgroup, each tile's q_i/k_i rows loaded once.
 
 struct IndexerParams {
     batch: u32,

@@ -42,12 +42,20 @@
 //!   workgroup per (key block, query block), k_i rows in registers, q_i tiles
 //!   in workgroup memory, per-query maxima merged in a fixed order); indexer
 //!   backward: one invocation per (key chunk, query, index head) for
-//!   `dq_i`/`dw`, one per (query chunk, key) for `dk_i`;
+//!   `dq_i`/`dw`, one per (query chunk, key) for `dk_i`. The hardware
+//!   variant (d_I <= 64) tiles the training kernels: scores a 256-wide
+//!   workgroup per 16 × 16 (queries × keys) tile, q_i/k_i tiles in workgroup
+//!   memory (f16 tiles and products with SHADER_F16); `dq_i`/`dw` a 64-wide
+//!   workgroup per (key chunk, 32 rows) streaming 16-key k_i tiles, `dk_i`
+//!   one per (query chunk, 32 keys) streaming 16 (query, head) q_i rows at a
+//!   time, each in the software kernel's summation order;
 //! - selection, per query row over its causal candidates (keys `0..=t`, or
 //!   blocks `0..=t / block`): an invocation per row for short rows (block
 //!   mode: insertion top-k, then an ordered threshold pass), else a workgroup
 //!   per row (threshold binary search + ordered prefix sum);
-//! - KL loss: a workgroup per query row, over the query's own key set.
+//! - KL loss: a workgroup per query row, over the query's own key set (both
+//!   variants; its reductions through subgroup operations where the device
+//!   has them).
 //!
 //! No kernel does arithmetic with infinities (fast-math compilers such as
 //! Metal's default do not honour them): finite sentinels and `l > 0` tests;
