@@ -1,8 +1,11 @@
 //! Times the wgpu attention kernels' software and hardware variants side by
 //! side on one adapter (`DYNSPARSE_WGPU_KERNELS` is ignored: the variant is
 //! switched between timings): the forward, and the backward alone (dq, dk,
-//! dv from a saved forward), dense and block-sparse, batch 1, causal, and a
-//! seq × seq × seq matmul. Three columns: the software variant, the hardware
+//! dv from a saved forward), dense and block-sparse, batch 1, causal, a
+//! seq × seq × seq matmul, and the indexer's training ops (token scores, the
+//! KL loss against dense attention, the backward; `--index-heads` heads of
+//! `--index-dim`). `--ops` picks a subset (comma-separated names as in the
+//! table). Three columns: the software variant, the hardware
 //! variant without optional features, and the hardware variant with every
 //! feature the device has (subgroups, f16 arithmetic for `--dtype f16`).
 //! Rounds alternate between the variants, so the machine's noise hits them
@@ -43,9 +46,18 @@ struct Args {
     /// Timings per variant (interleaved).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Dtype of q, k, v, dO and the matmul operands: f32, f16 or bf16.
+    /// Dtype of q, k, v, dO, the matmul operands and the indexer's inputs: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Index heads H_I of the indexer ops.
+    #[arg(long, default_value_t = 4)]
+    index_heads: usize,
+    /// Index head dim d_I of the indexer ops.
+    #[arg(long, default_value_t = 32)]
+    index_dim: usize,
+    /// Ops to time, comma-separated (default: all).
+    #[arg(long, value_delimiter = ',')]
+    ops: Vec<String>,
 }
 
 type T = Tensor<WgpuBackend>;
@@ -98,7 +110,22 @@ fn main() -> Result<()> {
     let (mut o, mut lse) = (Tensor::empty(&be, &qs, dt)?, Tensor::empty(&be, &[1, a.heads, seq], DType::F32)?);
     let (mut dq, mut dk, mut dv) =
         (Tensor::empty(&be, &qs, dt)?, Tensor::empty(&be, &ks, dt)?, Tensor::empty(&be, &ks, dt)?);
-    let ops = ["dense fwd", "dense bwd", "sparse fwd", "sparse bwd", "matmul"];
+    let (hi, di) = (a.index_heads, a.index_dim);
+    let (qi, ki, wi) = (up(&[1, seq, hi, di])?, up(&[1, seq, di])?, up(&[1, seq, hi])?);
+    let mut sc = Tensor::empty(&be, &[1, seq, seq], DType::F32)?;
+    let (mut loss, mut ds) =
+        (Tensor::empty(&be, &[1, seq], DType::F32)?, Tensor::empty(&be, &[1, seq, seq], DType::F32)?);
+    let (mut dqi, mut dki, mut dwi) = (
+        Tensor::empty(&be, &[1, seq, hi, di], dt)?,
+        Tensor::empty(&be, &[1, seq, di], dt)?,
+        Tensor::empty(&be, &[1, seq, hi], dt)?,
+    );
+    let all =
+        ["dense fwd", "dense bwd", "sparse fwd", "sparse bwd", "matmul", "indexer scores", "indexer kl", "indexer bwd"];
+    if let Some(bad) = a.ops.iter().find(|o| !all.contains(&o.as_str())) {
+        return Err(dynsparse::Error::Invalid(format!("--ops {bad}: expected some of {}", all.join(", "))));
+    }
+    let ops: Vec<&str> = all.into_iter().filter(|o| a.ops.is_empty() || a.ops.iter().any(|x| x == o)).collect();
     let variants = [
         (KernelVariant::Software, KernelFeatures::NONE),
         (KernelVariant::Hardware, KernelFeatures::NONE),
@@ -111,6 +138,29 @@ fn main() -> Result<()> {
             be.set_kernel_features(feats)?;
             let be = &be;
             for (oi, op) in ops.iter().enumerate() {
+                if op.starts_with("indexer") {
+                    let ms = match *op {
+                        "indexer scores" => time(be, a.reps, || attention::indexer_scores(be, &qi, &ki, &wi, &mut sc))?,
+                        "indexer kl" => {
+                            attention::attention(be, &q, &k, &v, Pattern::Dense, &mut o, &mut lse)?;
+                            attention::indexer_scores(be, &qi, &ki, &wi, &mut sc)?;
+                            time(be, a.reps, || {
+                                attention::indexer_kl(be, &q, &k, &lse, &sc, Pattern::Dense, &mut loss, &mut ds)
+                            })?
+                        }
+                        _ => {
+                            // dscores from the KL loss (untimed), as in training.
+                            attention::attention(be, &q, &k, &v, Pattern::Dense, &mut o, &mut lse)?;
+                            attention::indexer_scores(be, &qi, &ki, &wi, &mut sc)?;
+                            attention::indexer_kl(be, &q, &k, &lse, &sc, Pattern::Dense, &mut loss, &mut ds)?;
+                            time(be, a.reps, || {
+                                attention::indexer_backward(be, &qi, &ki, &wi, &ds, &mut dqi, &mut dki, &mut dwi)
+                            })?
+                        }
+                    };
+                    times[vi][oi].push(ms);
+                    continue;
+                }
                 if *op == "matmul" {
                     let ms =
                         time(be, a.reps, || dynsparse::ops::matmul(be, &ma, &mb, &mut mc, false, false, 1.0, 0.0))?;
@@ -134,7 +184,7 @@ fn main() -> Result<()> {
     }
     println!(
         "device: {} (wgpu, {dev}); seq {seq}, heads {}/{}, head_dim {d}, {dt}; sparse: {n} blocks of {} per query; \
-         matmul {seq}×{seq}×{seq}; {} calls per timing, {} rounds",
+         matmul {seq}×{seq}×{seq}; indexer H_I {hi}, d_I {di}; {} calls per timing, {} rounds",
         be.device_name(),
         a.heads,
         a.kv_heads,

@@ -871,9 +871,41 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 // r = softmax of the indexer scores; loss = Σ p (ln p - ln r), dscores = r - p.
 // K(t) is query t's own pattern row (blocks: the keys s <= t of its listed
 // blocks); a query with keys has a finite lse in every head.
+// With subgroups (of at least 8 invocations: at most 32 per workgroup), the
+// three reductions take each subgroup's subgroupMax/subgroupAdd and combine
+// the subgroups' results in subgroup order (two barriers per reduction
+// instead of ten); the sums' order differs from the tree's, so results may differ in
+// the last bits (both orders are fixed: each is deterministic).
+// The layout (a 256-wide workgroup per query row, keys spread over the
+// invocations) is already the hardware-GPU shape, so there is no separate
+// `_hw` variant: the per-key work (nh dots of head_dim) reads the row's q
+// from global memory, every invocation the same addresses (broadcast reads
+// a GPU's cache serves).
+//#if subgroups
+var<workgroup> kl_sg: array<f32, 32>;
+// (subgroup id, subgroups in the workgroup, lane).
+var<private> kl_sgv: vec3<u32>;
+fn kl_reduce(lid: u32, v: f32, is_max: bool) -> f32 {
+    let x = select(subgroupAdd(v), subgroupMax(v), is_max);
+    if (kl_sgv.z == 0u) { kl_sg[kl_sgv.x] = x; }
+    workgroupBarrier();
+    var r = kl_sg[0];
+    for (var i = 1u; i < kl_sgv.y; i = i + 1u) { r = select(r + kl_sg[i], max(r, kl_sg[i]), is_max); }
+    workgroupBarrier();
+    return r;
+}
+//#else
+fn kl_reduce(lid: u32, v: f32, is_max: bool) -> f32 { return wg_reduce(lid, v, is_max); }
+//#endif
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>,
+//#if subgroups
+        @builtin(subgroup_id) sgid: u32, @builtin(num_subgroups) nsg: u32, @builtin(subgroup_invocation_id) sgi: u32,
+//#endif
         @builtin(local_invocation_index) lid: u32) {
+//#if subgroups
+    kl_sgv = vec3<u32>(sgid, nsg, sgi);
+//#endif
     let row = wg.x + wg.y * nw.x;
     let seq = P.seq;
     let nq = P.qrows;
@@ -896,14 +928,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw: vec3<
         if (s == NONE) { continue; }
         mx = max(mx, ld_scores(ro + s));
     }
-    let m = wg_reduce(lid, mx, true);
+    let m = kl_reduce(lid, mx, true);
     var z = 0.0;
     for (var si = lid; si < ns; si = si + WG) {
         let s = slot_key(b, t, si);
         if (s == NONE) { continue; }
         z = z + exp(ld_scores(ro + s) - m);
     }
-    let lz = log(wg_reduce(lid, z, false));
+    let lz = log(kl_reduce(lid, z, false));
     var tot = 0.0;
     let inv_h = 1.0 / f32(nh);
     for (var si = lid; si < ns; si = si + WG) {
@@ -926,7 +958,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw: vec3<
         }
         st_dscores(ro + s, exp(log_r) - p);
     }
-    let total = wg_reduce(lid, tot, false);
+    let total = kl_reduce(lid, tot, false);
     if (lid == 0u) {
         st_loss(b * seq + t, total);
     }

@@ -22,6 +22,10 @@
 // otherwise partials at (c·R + rl) that `shaders/split.wgsl` sums in chunk order.
 // Their rows are absolute (a launch covers rows of the tile's queries only);
 // dk_i is the contribution of the tile's queries.
+//
+// `_hw` kernels (the hardware-GPU variant, at the end of the file) compute
+// the same outputs with cooperative tiles in workgroup memory: 64–256
+// invocations per workgroup, each tile's q_i/k_i rows loaded once.
 
 struct IndexerParams {
     batch: u32,
@@ -702,6 +706,303 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         }
         for (var e = 0u; e < cw; e = e + 1u) {
             st_dki(oo + c0 + e, acc[e / 4u][e % 4u]);
+        }
+    }
+}
+
+//!kernel indexer_scores_hw(qi: in, ki: in, w: in, scores: out) : IndexerParams
+// The hardware-GPU variant of `indexer_scores` (same outputs): a 256-wide
+// workgroup per (key tile, query tile, batch) = workgroup id (x, y, z), a
+// tile being 16 keys × 16 queries of the spec's query rows q0 .. q0 + Q,
+// invocation i computing I(t, s) of query i / 16 and key i % 16 of the tile.
+// The tile's k_i rows and w are loaded into workgroup memory once, its q_i
+// rows one head at a time, each element by one invocation; each logit is
+// then a d_I / 4-long sum of vec4 dots from workgroup memory, summed over the
+// heads in head order as the software variant does (its result in f32 is the
+// same sum). Key tiles wholly after the tile's last query only write -inf.
+// Needs d_I <= 64 and H_I <= 16 (the launch checks and falls back).
+// With f16 q_i, k_i and w on a SHADER_F16 device the tiles hold f16 (half the
+// workgroup memory) and each q·k product is an f16 multiply, summed in f32 (as
+// `matmul_hw` and `attn_fwd_tiled_hw`); ReLU, w and the head sum stay f32.
+//#if f16
+var<workgroup> sq: array<vec4<f16>, 256>;
+var<workgroup> sk: array<vec4<f16>, 256>;
+fn ldq4(o: u32, e: u32, d: u32) -> vec4<f16> { return ld4h_qi(o, e, d); }
+fn ldk4(o: u32, e: u32, d: u32) -> vec4<f16> { return ld4h_ki(o, e, d); }
+fn qk4(i: u32, j: u32) -> f32 { return dot(vec4<f32>(sq[i] * sk[j]), vec4<f32>(1.0)); }
+//#else
+var<workgroup> sq: array<vec4<f32>, 256>;
+var<workgroup> sk: array<vec4<f32>, 256>;
+fn ldq4(o: u32, e: u32, d: u32) -> vec4<f32> { return ld4_qi(o, e, d); }
+fn ldk4(o: u32, e: u32, d: u32) -> vec4<f32> { return ld4_ki(o, e, d); }
+fn qk4(i: u32, j: u32) -> f32 { return dot(sq[i], sk[j]); }
+//#endif
+var<workgroup> swt: array<f32, 256>;
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let seq = P.seq;
+    let nh = P.heads;
+    let d = P.dim;
+    let q0 = P.q0;
+    let nq = P.qrows;
+    let b = wg.z;
+    let ti = lid / 16u;
+    let si = lid % 16u;
+    let tr = wg.y * 16u + ti;
+    let t = q0 + tr;
+    let s = wg.x * 16u + si;
+    let valid = tr < nq && s < seq;
+    let o = (b * nq + tr) * seq + s;
+    let tlast = q0 + min(wg.y * 16u + 15u, nq - 1u);
+    if (wg.x * 16u > tlast) {
+        if (valid) { st_scores(o, neg_inf()); }
+        return;
+    }
+    let d4 = (d + 3u) / 4u;
+    let tq = min(t, q0 + nq - 1u);
+    // Key si's vec4 ti, query ti's weight of head si.
+    sk[si * 16u + ti] = ldk4(ki_off(b, min(wg.x * 16u + si, seq - 1u)), 4u * ti, d);
+    if (si < nh) {
+        swt[lid] = ld_w((b * seq + tq) * nh + si);
+    }
+    var acc = 0.0;
+    for (var j = 0u; j < nh; j = j + 1u) {
+        workgroupBarrier();
+        sq[lid] = ldq4(qi_off(b, tq, j), 4u * si, d);
+        workgroupBarrier();
+        var x = 0.0;
+        for (var e = 0u; e < d4; e = e + 1u) {
+            x = x + qk4(ti * 16u + e, si * 16u + e);
+        }
+        acc = acc + swt[ti * 16u + j] * max(x, 0.0);
+    }
+    if (valid) {
+        if (s > t) {
+            st_scores(o, neg_inf());
+        } else {
+            st_scores(o, acc);
+        }
+    }
+}
+
+//!kernel indexer_bwd_q_hw(qi: in, ki: in, w: in, dscores: in, dqi: inout, dw: inout) : IndexerParams
+// The hardware-GPU variant of `indexer_bwd_q` (same rows, chunks, partials
+// and outputs): a 64-wide workgroup per (chunk c, tile of 32 rows of the
+// launch's rows r0 .. r0 + R), the rows of one launch lying in one batch
+// entry (the launcher's business). The tile's q_i rows are staged in
+// workgroup memory once; the chunk's keys s <= (the tile's last query) are
+// streamed through it 16 k_i rows at a time. Per key tile, invocation i
+// first computes the logits L = q_i[t, j]·k_i[s] of row i % 32 with keys
+// (i / 32)·8 .. + 8, adding dI·ReLU(L) to its dw partial and writing the
+// coefficient dI·w[t, j]·[L > 0] (0 for s > t) to workgroup memory; then
+// accumulates dq_i of row i / 2, vec4s (i % 2)·8 .. + 8, as Σ coef·k_i[s] in
+// key order (the software variant's order). A row's dw is the sum of its
+// two invocations' partials. Needs d_I <= 64 (the launch checks).
+const BQR: u32 = 32u;
+const BQK: u32 = 16u;
+var<workgroup> bq: array<vec4<f32>, 512>;
+var<workgroup> bk: array<vec4<f32>, 256>;
+var<workgroup> bcf: array<f32, 512>;
+var<workgroup> bdw: array<f32, 64>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let seq = P.seq;
+    let nh = P.heads;
+    let d = P.dim;
+    let nrow = P.nrow;
+    let nch = P.nch;
+    let ntile = (nrow + BQR - 1u) / BQR;
+    let gi = wg_index(wid, nw);
+    if (gi >= nch * ntile) { return; }
+    let c = gi / ntile;
+    let rl0 = (gi % ntile) * BQR;
+    let nr = min(BQR, nrow - rl0);
+    let rf = P.r0 + rl0;
+    let b = rf / nh / seq;
+    let tmax = ((rf + nr - 1u) / nh) % seq;
+    let s0 = c * P.chunk;
+    let s1 = min(tmax + 1u, s0 + P.chunk);
+    let d4 = (d + 3u) / 4u;
+    for (var i = lid; i < BQR * 16u; i = i + 64u) {
+        bq[i] = ld4_qi((rf + min(i / 16u, nr - 1u)) * d, 4u * (i % 16u), d);
+    }
+    // Phase 1: row pr, keys kh·8 .. + 8 of each tile.
+    let pr = lid % BQR;
+    let kh = lid / BQR;
+    let prow = rf + min(pr, nr - 1u);
+    let pt = (prow / nh) % seq;
+    let wj = ld_w(prow);
+    let dro = (b * P.qrows + pt - P.q0) * seq;
+    // Phase 2: row qr, vec4s dh·8 .. + 8.
+    let qr = lid / 2u;
+    let dh = lid % 2u;
+    var dwacc = 0.0;
+    var acc: array<vec4<f32>, 8>;
+    for (var k0 = s0; k0 < s1; k0 = k0 + BQK) {
+        workgroupBarrier();
+        for (var i = lid; i < BQK * 16u; i = i + 64u) {
+            bk[i] = ld4_ki(ki_off(b, min(k0 + i / 16u, seq - 1u)), 4u * (i % 16u), d);
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < 8u; kk = kk + 1u) {
+            let key = kh * 8u + kk;
+            let s = k0 + key;
+            var cf = 0.0;
+            if (pr < nr && s < s1 && s <= pt) {
+                var l = 0.0;
+                for (var e = 0u; e < d4; e = e + 1u) {
+                    l = l + dot(bq[pr * 16u + e], bk[key * 16u + e]);
+                }
+                let dval = ld_dscores(dro + s);
+                dwacc = dwacc + dval * max(l, 0.0);
+                if (l > 0.0) {
+                    cf = dval * wj;
+                }
+            }
+            bcf[pr * BQK + key] = cf;
+        }
+        workgroupBarrier();
+        let kn = min(BQK, s1 - k0);
+        for (var key = 0u; key < kn; key = key + 1u) {
+            let cv = bcf[qr * BQK + key];
+            let ko = key * 16u + dh * 8u;
+            acc[0] = acc[0] + cv * bk[ko];
+            acc[1] = acc[1] + cv * bk[ko + 1u];
+            acc[2] = acc[2] + cv * bk[ko + 2u];
+            acc[3] = acc[3] + cv * bk[ko + 3u];
+            acc[4] = acc[4] + cv * bk[ko + 4u];
+            acc[5] = acc[5] + cv * bk[ko + 5u];
+            acc[6] = acc[6] + cv * bk[ko + 6u];
+            acc[7] = acc[7] + cv * bk[ko + 7u];
+        }
+    }
+    workgroupBarrier();
+    bdw[lid] = dwacc;
+    workgroupBarrier();
+    if (qr < nr) {
+        let rl = rl0 + qr;
+        // One chunk: the result at its own row; else the chunk's partial.
+        let orow = select(c * nrow + rl, P.r0 + rl, nch == 1u);
+        for (var cc = 0u; cc < 8u; cc = cc + 1u) {
+            let e0 = (dh * 8u + cc) * 4u;
+            for (var l = 0u; l < 4u; l = l + 1u) {
+                if (e0 + l < d) { st_dqi(orow * d + e0 + l, acc[cc][l]); }
+            }
+        }
+        if (dh == 0u) {
+            st_dw(orow, bdw[qr] + bdw[qr + BQR]);
+        }
+    }
+}
+
+//!kernel indexer_bwd_k_hw(qi: in, ki: in, w: in, dscores: in, dki: out) : IndexerParams
+// The hardware-GPU variant of `indexer_bwd_k` (same rows, chunks, partials
+// and outputs): a 64-wide workgroup per (chunk c, tile of 32 keys of the
+// launch's rows r0 .. r0 + R), the rows of one launch lying in one batch
+// entry (the launcher's business). The tile's k_i rows are staged in
+// workgroup memory once; the chunk's (query t >= the tile's first key, head
+// j) rows, in (t, j) order, are streamed through it 16 q_i rows at a time.
+// Per step, invocation i computes the coefficients dI·w[t, j]·[L > 0] (0
+// for t < s) of key i % 32 with rows (i / 32)·8 .. + 8 into workgroup
+// memory, then accumulates dk_i of key i / 2, vec4s (i % 2)·8 .. + 8, as
+// Σ coef·q_i[t, j] in (t, j) order (the software variant's order). Needs
+// d_I <= 64 (the launch checks).
+const BKK: u32 = 32u;
+const BKR: u32 = 16u;
+var<workgroup> ck: array<vec4<f32>, 512>;
+var<workgroup> cq: array<vec4<f32>, 256>;
+var<workgroup> ccf: array<f32, 512>;
+var<workgroup> cw: array<f32, 16>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let seq = P.seq;
+    let nh = P.heads;
+    let d = P.dim;
+    let q0 = P.q0;
+    let nq = P.qrows;
+    let nrow = P.nrow;
+    let nch = P.nch;
+    let ntile = (nrow + BKK - 1u) / BKK;
+    let gi = wg_index(wid, nw);
+    if (gi >= nch * ntile) { return; }
+    let c = gi / ntile;
+    let rl0 = (gi % ntile) * BKK;
+    let nr = min(BKK, nrow - rl0);
+    let rf = P.r0 + rl0;
+    let b = rf / seq;
+    let sf = rf % seq;
+    let t0 = max(sf, q0 + c * P.chunk);
+    let t1 = min(q0 + nq, q0 + (c + 1u) * P.chunk);
+    var ntot = 0u;
+    if (t1 > t0) { ntot = (t1 - t0) * nh; }
+    let d4 = (d + 3u) / 4u;
+    for (var i = lid; i < BKK * 16u; i = i + 64u) {
+        ck[i] = ld4_ki(ki_off(b, sf + min(i / 16u, nr - 1u)), 4u * (i % 16u), d);
+    }
+    // Phase 1: key pk, rows ph·8 .. + 8 of each step.
+    let pk = lid % BKK;
+    let ph = lid / BKK;
+    let s = sf + pk;
+    // Phase 2: key qk, vec4s dh·8 .. + 8.
+    let qk = lid / 2u;
+    let dh = lid % 2u;
+    var acc: array<vec4<f32>, 8>;
+    for (var f0 = 0u; f0 < ntot; f0 = f0 + BKR) {
+        workgroupBarrier();
+        for (var i = lid; i < BKR * 16u; i = i + 64u) {
+            let f = min(f0 + i / 16u, ntot - 1u);
+            cq[i] = ld4_qi(qi_off(b, t0 + f / nh, f % nh), 4u * (i % 16u), d);
+        }
+        if (lid < BKR) {
+            let f = min(f0 + lid, ntot - 1u);
+            cw[lid] = ld_w((b * seq + t0 + f / nh) * nh + f % nh);
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < 8u; kk = kk + 1u) {
+            let rr = ph * 8u + kk;
+            let f = f0 + rr;
+            let t = t0 + f / nh;
+            var cf = 0.0;
+            if (pk < nr && f < ntot && t >= s) {
+                var l = 0.0;
+                for (var e = 0u; e < d4; e = e + 1u) {
+                    l = l + dot(cq[rr * 16u + e], ck[pk * 16u + e]);
+                }
+                if (l > 0.0) {
+                    cf = ld_dscores((b * nq + t - q0) * seq + s) * cw[rr];
+                }
+            }
+            ccf[pk * BKR + rr] = cf;
+        }
+        workgroupBarrier();
+        let rn = min(BKR, ntot - f0);
+        for (var rr = 0u; rr < rn; rr = rr + 1u) {
+            let cv = ccf[qk * BKR + rr];
+            let qo = rr * 16u + dh * 8u;
+            acc[0] = acc[0] + cv * cq[qo];
+            acc[1] = acc[1] + cv * cq[qo + 1u];
+            acc[2] = acc[2] + cv * cq[qo + 2u];
+            acc[3] = acc[3] + cv * cq[qo + 3u];
+            acc[4] = acc[4] + cv * cq[qo + 4u];
+            acc[5] = acc[5] + cv * cq[qo + 5u];
+            acc[6] = acc[6] + cv * cq[qo + 6u];
+            acc[7] = acc[7] + cv * cq[qo + 7u];
+        }
+    }
+    if (qk < nr) {
+        let rl = rl0 + qk;
+        // One chunk: the result at its own row; else the chunk's partial.
+        let orow = select(c * nrow + rl, P.r0 + rl, nch == 1u);
+        for (var cc = 0u; cc < 8u; cc = cc + 1u) {
+            let e0 = (dh * 8u + cc) * 4u;
+            for (var l = 0u; l < 4u; l = l + 1u) {
+                if (e0 + l < d) { st_dki(orow * d + e0 + l, acc[cc][l]); }
+            }
         }
     }
 }

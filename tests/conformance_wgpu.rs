@@ -306,6 +306,119 @@ fn decode_kernel_variants_match_reference_in_one_process() {
     }
 }
 
+/// The indexer's training ops through the public op entry points (scores,
+/// KL loss over the dense and a block pattern, backward), whole and over
+/// tiles of query rows (q0 = 0 and q0 > 0, per-tile dk_i contributions
+/// summed), against the CPU reference. Sizes fall off every tile of the
+/// hardware kernels (16×16 score tiles, 32-row/16-key and 32-key/16-row
+/// backward tiles): seq 77, d_I 6 (not a multiple of 4), 3 index heads, in
+/// every float dtype; then d_I 64, the largest the hardware kernels take
+/// (f32, where a lowered loop budget splits both backward loops).
+fn indexer_training(c: &CpuBackend, g: &WgpuBackend) {
+    use dynsparse::attention::{self as attn, Pattern};
+    use dynsparse::util::rng::Rng;
+    use dynsparse::{DType, Tensor};
+    let (heads, kv, d, block) = (2usize, 1usize, 16usize, 16usize);
+    let cases = [(2usize, 77usize, 3usize, 6usize, [(0usize, 30usize), (30, 77)]), (1, 70, 2, 64, [(0, 21), (21, 70)])];
+    for (ci, &(batch, seq, hi, di, tiles)) in cases.iter().enumerate() {
+        let dts = if ci == 0 { common::float_dtypes(c, g) } else { vec![DType::F32] };
+        for dt in dts {
+            let mut rng = Rng::new(common::seed("indexer-training-variants", dt, ci));
+            let (qi, ki, w) = (
+                rng.normal_vec(batch * seq * hi * di),
+                rng.normal_vec(batch * seq * di),
+                rng.normal_vec(batch * seq * hi),
+            );
+            let (q, k) = (rng.normal_vec(batch * seq * heads * d), rng.normal_vec(batch * seq * kv * d));
+            let (sc, dsc) = (rng.normal_vec(batch * seq * seq), rng.normal_vec(batch * seq * seq));
+            let (_, _, blk, nn) = common::attn_patterns(batch, seq, common::seed("indexer-training-pattern", dt, ci));
+            let rows_of = |v: &[f32], q0: usize, q1: usize| -> Vec<f32> {
+                (0..batch).flat_map(|bi| v[(bi * seq + q0) * seq..(bi * seq + q1) * seq].to_vec()).collect()
+            };
+            // Scores as (-inf mask, values with -inf as 0): a finite stand-in for -inf would
+            // dominate the relative error and hide wrong finite scores.
+            let split = |v: Vec<f32>| -> (Vec<f32>, Vec<f32>) {
+                let inf = v.iter().map(|&x| if x == f32::NEG_INFINITY { 1.0 } else { 0.0 }).collect();
+                (inf, v.into_iter().map(|x| if x == f32::NEG_INFINITY { 0.0 } else { x }).collect())
+            };
+            let names = ["scores", "kl loss dense", "kl dscores dense", "kl loss blocks", "kl dscores blocks"];
+            let names = [&names[..], &["dq_i", "dk_i", "dw"]].concat();
+            macro_rules! run {
+                ($be:expr) => {{
+                    let be = $be;
+                    let (qt, kt, wt) = (
+                        common::up(be, &qi, &[batch, seq, hi, di], dt),
+                        common::up(be, &ki, &[batch, seq, di], dt),
+                        common::up(be, &w, &[batch, seq, hi], dt),
+                    );
+                    let (qs, ks) = ([batch, seq, heads, d], [batch, seq, kv, d]);
+                    let (aq, ak) = (common::up(be, &q, &qs, dt), common::up(be, &k, &ks, dt));
+                    let bt = Tensor::from_u32(be, &blk, &[batch, seq, nn]).unwrap();
+                    let mut outs: Vec<Vec<Vec<f32>>> = Vec::new();
+                    // None: untiled; then each tile into full-size outputs.
+                    for tiling in [None, Some(&tiles[..])] {
+                        let parts: Vec<(usize, usize)> = tiling.map_or(vec![(0, seq)], |t| t.to_vec());
+                        let mut scores = vec![0.0; batch * seq * seq];
+                        let mut kl = Vec::new();
+                        for dense in [true, false] {
+                            let pat = || if dense { Pattern::Dense } else { Pattern::Blocks { idx: &bt, block } };
+                            let mut o = common::poisoned(be, &qs, dt);
+                            let mut lse = common::poisoned(be, &[batch, heads, seq], DType::F32);
+                            attn::attention(be, &aq, &ak, &ak, pat(), &mut o, &mut lse).unwrap();
+                            let mut loss = common::poisoned(be, &[batch, seq], DType::F32);
+                            let mut ds = vec![0.0; batch * seq * seq];
+                            for &(q0, q1) in &parts {
+                                let tile = [batch, q1 - q0, seq];
+                                let sc_t = common::up(be, &rows_of(&sc, q0, q1), &tile, DType::F32);
+                                let mut ds_t = common::poisoned(be, &tile, DType::F32);
+                                attn::indexer_kl_rows(be, &aq, &ak, &lse, &sc_t, pat(), q0, &mut loss, &mut ds_t)
+                                    .unwrap();
+                                let mut s_t = common::poisoned(be, &tile, DType::F32);
+                                attn::indexer_scores_rows(be, &qt, &kt, &wt, q0, &mut s_t).unwrap();
+                                for (dst, v) in
+                                    [(&mut ds, common::down(be, &ds_t)), (&mut scores, common::down(be, &s_t))]
+                                {
+                                    for bi in 0..batch {
+                                        let n = (q1 - q0) * seq;
+                                        dst[(bi * seq + q0) * seq..(bi * seq + q1) * seq]
+                                            .copy_from_slice(&v[bi * n..(bi + 1) * n]);
+                                    }
+                                }
+                            }
+                            kl.push(common::down(be, &loss));
+                            kl.push(ds);
+                        }
+                        let mut dq = common::poisoned(be, &[batch, seq, hi, di], dt);
+                        let mut dw = common::poisoned(be, &[batch, seq, hi], dt);
+                        let mut dk = vec![0.0f32; batch * seq * di];
+                        for &(q0, q1) in &parts {
+                            let tile = [batch, q1 - q0, seq];
+                            let dsc_t = common::up(be, &rows_of(&dsc, q0, q1), &tile, DType::F32);
+                            let mut dk_t = common::poisoned(be, &[batch, seq, di], dt);
+                            attn::indexer_backward_rows(be, &qt, &kt, &wt, &dsc_t, q0, &mut dq, &mut dk_t, &mut dw)
+                                .unwrap();
+                            dk.iter_mut().zip(common::down(be, &dk_t)).for_each(|(a, x)| *a += x);
+                        }
+                        let (inf, scores) = split(scores);
+                        let mut out = vec![scores];
+                        out.extend(kl);
+                        out.extend([common::down(be, &dq), dk, common::down(be, &dw), inf]);
+                        outs.push(out);
+                    }
+                    outs
+                }};
+            }
+            let (want, got) = (run!(c), run!(g));
+            for (ti, tiled) in ["untiled", "tiled"].iter().enumerate() {
+                let case = format!("{tiled} b{batch} t{seq} H_I{hi} d_I{di}");
+                let inf = names.len();
+                assert_eq!(got[ti][inf], want[ti][inf], "indexer training {case} [{dt}]: -inf scores differ");
+                common::compare_all("indexer training", &case, dt, &names, &want[ti], &got[ti]);
+            }
+        }
+    }
+}
+
 /// Every kernel variant of the hot kernels against the CPU reference, in one
 /// process on one device: the hardware variant with every optional-feature
 /// set the device offers (subgroups on/off × f16 on/off; f16 in effect for
@@ -313,7 +426,8 @@ fn decode_kernel_variants_match_reference_in_one_process() {
 /// device's own feature set, which the rest of the suite runs (plainly: the
 /// software variant on lavapipe; under `DYNSPARSE_WGPU_KERNELS=hw`, which CI
 /// runs too, the hardware one). Matmul, attention forward and backward
-/// (dense, token and block patterns), and the indexer's pooled scores, in
+/// (dense, token and block patterns), the indexer's pooled scores and its
+/// training ops (scores, KL loss, backward, whole and over query tiles), in
 /// f32, f16 and bf16. A feature set the device lacks prints that it skipped.
 #[test]
 fn every_kernel_variant_and_feature_set_matches_reference() {
@@ -339,6 +453,7 @@ fn every_kernel_variant_and_feature_set_matches_reference() {
         common::matmul(c, &g);
         common::attention(c, &g);
         indexer_finite(c, &g);
+        indexer_training(c, &g);
         ran += 1;
     }
     // Without optional features the device's own set is the only one, run by the rest of the suite.
@@ -356,6 +471,8 @@ fn every_kernel_variant_and_feature_set_matches_reference() {
 /// pass split theirs, and partials are combined or summed; each variant and
 /// feature set against the CPU reference (head_dim 64; f32 without
 /// features, f16 with the device's features, so the f16 kernels split too).
+/// The indexer's training ops likewise (with d_I 64 both backward loops of
+/// both variants split).
 #[test]
 fn attention_split_paths_match_reference_in_every_variant() {
     use dynsparse::DType;
@@ -374,5 +491,6 @@ fn attention_split_paths_match_reference_in_every_variant() {
         g.set_kernel_features(f).unwrap();
         eprintln!("wgpu device {}: {variant:?} kernels, {f}, {dt}, loop budget 600", g.device_name());
         split_backward(c, &g, dt, 64);
+        indexer_training(c, &g);
     }
 }

@@ -42,12 +42,20 @@
 //!   workgroup per (key block, query block), k_i rows in registers, q_i tiles
 //!   in workgroup memory, per-query maxima merged in a fixed order); indexer
 //!   backward: one invocation per (key chunk, query, index head) for
-//!   `dq_i`/`dw`, one per (query chunk, key) for `dk_i`;
+//!   `dq_i`/`dw`, one per (query chunk, key) for `dk_i`. The hardware
+//!   variant (d_I <= 64) tiles the training kernels: scores a 256-wide
+//!   workgroup per 16 × 16 (queries × keys) tile, q_i/k_i tiles in workgroup
+//!   memory (f16 tiles and products with SHADER_F16); `dq_i`/`dw` a 64-wide
+//!   workgroup per (key chunk, 32 rows) streaming 16-key k_i tiles, `dk_i`
+//!   one per (query chunk, 32 keys) streaming 16 (query, head) q_i rows at a
+//!   time, each in the software kernel's summation order;
 //! - selection, per query row over its causal candidates (keys `0..=t`, or
 //!   blocks `0..=t / block`): an invocation per row for short rows (block
 //!   mode: insertion top-k, then an ordered threshold pass), else a workgroup
 //!   per row (threshold binary search + ordered prefix sum);
-//! - KL loss: a workgroup per query row, over the query's own key set.
+//! - KL loss: a workgroup per query row, over the query's own key set (both
+//!   variants; its reductions through subgroup operations where the device
+//!   has them).
 //!
 //! No kernel does arithmetic with infinities (fast-math compilers such as
 //! Metal's default do not honour them): finite sentinels and `l > 0` tests;
@@ -792,14 +800,46 @@ fn tile_ranges(s: &IndexerSpec, per: usize) -> Vec<(usize, usize)> {
     (0..s.batch).map(|b| ((b * s.seq + s.q0) * per, s.rows * per)).collect()
 }
 
+/// Largest d_I of the indexer's hardware training kernels (their 16-vec4 rows
+/// in workgroup memory and private accumulators).
+const IDX_HW_MAX_DIM: usize = 64;
+/// Side of the key × query tiles of `indexer_scores_hw`.
+const IDX_SCORES_TILE: usize = 16;
+/// Workgroup memory of `indexer_scores_hw` (f32 tiles): the q_i and k_i
+/// tiles and w.
+const IDX_SCORES_HW_SHARED_BYTES: usize = 2 * 256 * 16 + 256 * 4;
+/// Rows per workgroup and keys per streamed tile of `indexer_bwd_q_hw`.
+const IDX_BWD_Q_ROWS: usize = 32;
+const IDX_BWD_Q_KEYS: usize = 16;
+/// Workgroup memory of `indexer_bwd_q_hw`: the q_i rows, the k_i tile, the
+/// coefficients and the dw partials.
+const IDX_BWD_Q_HW_SHARED_BYTES: usize = 512 * 16 + 256 * 16 + 512 * 4 + 64 * 4;
+/// Keys per workgroup and (query, head) rows per streamed tile of `indexer_bwd_k_hw`.
+const IDX_BWD_K_KEYS: usize = 32;
+const IDX_BWD_K_ROWS: usize = 16;
+/// Workgroup memory of `indexer_bwd_k_hw`: the k_i rows, the q_i tile, the
+/// coefficients and the rows' w.
+const IDX_BWD_K_HW_SHARED_BYTES: usize = 512 * 16 + 256 * 16 + 512 * 4 + 16 * 4;
+
+/// Whether an indexer hardware training kernel needing `shared` bytes of
+/// workgroup memory applies: the hardware variant, d_I <= 64 and the
+/// adapter's workgroup memory (else the software kernel runs).
+fn idx_hw(be: &WgpuBackend, s: &IndexerSpec, shared: usize) -> bool {
+    let limit = be.device.limits().max_compute_workgroup_storage_size as usize;
+    be.kernel_variant() == KernelVariant::Hardware && s.dim <= IDX_HW_MAX_DIM && limit >= shared
+}
+
+/// The indexer scores of the spec's query rows: `indexer_scores` (an
+/// invocation per score), or on the hardware variant `indexer_scores_hw` (a
+/// 256-wide workgroup per 16 × 16 tile of keys × queries; H_I <= 16).
 pub(super) fn indexer_scores(be: &WgpuBackend, s: &IndexerSpec, qi: &T, ki: &T, w: &T, scores: &mut T) -> Result<()> {
-    be.launch(
-        "indexer",
-        "indexer_scores",
-        &mut [Arg::R(qi), Arg::R(ki), Arg::R(w), Arg::W(scores)],
-        &indexer_params(s, 0, 0, 0, 0),
-        grid1d(s.batch * s.rows * s.seq),
-    )
+    let args = &mut [Arg::R(qi), Arg::R(ki), Arg::R(w), Arg::W(scores)];
+    let p = indexer_params(s, 0, 0, 0, 0);
+    if idx_hw(be, s, IDX_SCORES_HW_SHARED_BYTES) && s.heads <= IDX_MAX_HEADS {
+        let grid = [s.seq.div_ceil(IDX_SCORES_TILE) as u32, s.rows.div_ceil(IDX_SCORES_TILE) as u32, s.batch as u32];
+        return be.launch("indexer", "indexer_scores_hw", args, &p, grid);
+    }
+    be.launch("indexer", "indexer_scores", args, &p, grid1d(s.batch * s.rows * s.seq))
 }
 
 /// Limits of `indexer_block_scores_tiled`: H_I, d_I (its private k_i row) and
@@ -915,6 +955,9 @@ pub(super) fn indexer_backward(
     let (di, nh) = (s.dim, s.heads);
     let (d4, passes) = (di.div_ceil(4), di.div_ceil(64));
     let max_floats = max_scratch_floats(be);
+    if idx_hw(be, s, IDX_BWD_Q_HW_SHARED_BYTES.max(IDX_BWD_K_HW_SHARED_BYTES)) {
+        return indexer_backward_hw(be, s, [qi, ki, w, dscores], dqi, dki, dw);
+    }
 
     // dq_i, dw: split over the keys s <= t. Per key and pass of 64 dims: the
     // key loop and the logit loop; the accumulation loops add up to d_I / 4.
@@ -968,6 +1011,90 @@ pub(super) fn indexer_backward(
     }
     let mut pk = Tensor::empty(be, &[pl.nch * pl.rows * di], DType::F32)?;
     for (r0, n) in slices(rows, pl.rows) {
+        bwd_k(&mut pk, r0, n)?;
+        sum_chunks(be, &pk, pl.nch, r0, n, di, dki)?;
+    }
+    Ok(())
+}
+
+/// Loop iterations per invocation of one streamed tile of the indexer's
+/// hardware backward kernels (both have the same shape): the tile's load
+/// loop, eight d_I / 4-long logit loops, and the 16-step accumulation loop
+/// (eight vec4s written out per step).
+fn idx_bwd_hw_step(d4: usize) -> usize {
+    4 + 8 * (1 + d4) + 16 + 4
+}
+
+/// `indexer_backward` with `indexer_bwd_q_hw` and `indexer_bwd_k_hw`: the
+/// software kernels' rows, chunks and partials, each launch within one batch
+/// entry (their tiles of rows share one batch's keys or queries). `ins` are
+/// q_i, k_i, w, dscores.
+fn indexer_backward_hw(
+    be: &WgpuBackend,
+    s: &IndexerSpec,
+    ins: [&T; 4],
+    dqi: &mut T,
+    dki: &mut T,
+    dw: &mut T,
+) -> Result<()> {
+    let [qi, ki, w, dscores] = ins;
+    let (di, nh) = (s.dim, s.heads);
+    let step = idx_bwd_hw_step(di.div_ceil(4));
+    let max_floats = max_scratch_floats(be);
+    // The launch's rows, as many as fit the scratch, within one batch entry each.
+    let batch_slices = |first: usize, count: usize, per: usize| {
+        (0..s.batch).flat_map(move |b| slices(count, per).map(move |(r0, n)| (b, first + r0, n)))
+    };
+
+    // dq_i, dw: rows (batch, query, head) of the tile's queries, split over
+    // the keys in multiples of the 16-key tile; the q_i staging and the
+    // output loops are fixed.
+    let rows = s.rows * nh;
+    let fixed = 8 + 8 * 4 + 64;
+    let pl =
+        plan(loop_budget(be), s.seq, step.div_ceil(IDX_BWD_Q_KEYS), fixed, IDX_BWD_Q_KEYS, rows, di + 1, max_floats);
+    let params = |r0: usize, n: usize| indexer_params(s, pl.chunk, pl.nch, r0, n);
+    let bwd_q = |dqi: &mut T, dw: &mut T, r0: usize, n: usize| {
+        let args = &mut [Arg::R(qi), Arg::R(ki), Arg::R(w), Arg::R(dscores), Arg::W(dqi), Arg::W(dw)];
+        let grid = rows_grid(pl.nch * n.div_ceil(IDX_BWD_Q_ROWS));
+        be.launch("indexer", "indexer_bwd_q_hw", args, &params(r0, n), grid)
+    };
+    let first = |b: usize| (b * s.seq + s.q0) * nh;
+    if pl.nch == 1 {
+        for b in 0..s.batch {
+            bwd_q(dqi, dw, first(b), rows)?;
+        }
+    } else {
+        let mut pq = Tensor::empty(be, &[pl.nch * pl.rows * di], DType::F32)?;
+        let mut pw = Tensor::empty(be, &[pl.nch * pl.rows], DType::F32)?;
+        for (b, r0, n) in batch_slices(0, rows, pl.rows) {
+            let r0 = first(b) + r0;
+            bwd_q(&mut pq, &mut pw, r0, n)?;
+            sum_chunks(be, &pq, pl.nch, r0, n, di, dqi)?;
+            sum_chunks(be, &pw, pl.nch, r0, n, 1, dw)?;
+        }
+    }
+
+    // dk_i: rows (batch, key), split over the tile's queries; per query its
+    // H_I (query, head) rows of the streamed tiles.
+    let rows = s.seq;
+    let per_q = (nh * step).div_ceil(IDX_BWD_K_ROWS);
+    let pl = plan(loop_budget(be), s.rows, per_q, fixed, 1, rows, di, max_floats);
+    let params = |r0: usize, n: usize| indexer_params(s, pl.chunk, pl.nch, r0, n);
+    let bwd_k = |dki: &mut T, r0: usize, n: usize| {
+        let args = &mut [Arg::R(qi), Arg::R(ki), Arg::R(w), Arg::R(dscores), Arg::W(dki)];
+        let grid = rows_grid(pl.nch * n.div_ceil(IDX_BWD_K_KEYS));
+        be.launch("indexer", "indexer_bwd_k_hw", args, &params(r0, n), grid)
+    };
+    if pl.nch == 1 {
+        for b in 0..s.batch {
+            bwd_k(dki, b * s.seq, rows)?;
+        }
+        return Ok(());
+    }
+    let mut pk = Tensor::empty(be, &[pl.nch * pl.rows * di], DType::F32)?;
+    for (b, r0, n) in batch_slices(0, rows, pl.rows) {
+        let r0 = b * s.seq + r0;
         bwd_k(&mut pk, r0, n)?;
         sum_chunks(be, &pk, pl.nch, r0, n, di, dki)?;
     }

@@ -1016,6 +1016,11 @@ mod tests {
             ("cached", "cached_attn", "cached_hw", "cached_attn_hw_sg", false),
             ("qmatmul", "qmm", "qmatmul", "qmm_hw", false),
             ("qmatmul", "qmm", "qmatmul", "qmm_hw_sg", false),
+            ("indexer", "indexer_scores", "indexer", "indexer_scores_hw", false),
+            ("indexer", "indexer_bwd_q", "indexer", "indexer_bwd_q_hw", false),
+            ("indexer", "indexer_bwd_k", "indexer", "indexer_bwd_k_hw", false),
+            // One kernel for both variants (already 256-wide); its subgroup build differs.
+            ("attention", "indexer_kl", "attention", "indexer_kl", false),
         ];
         println!(
             "| kernel | variant | features | invocations/workgroup | workgroup memory (bytes) | \
