@@ -278,8 +278,34 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
 // query marks the units holding its listed tokens, and per unit of the
 // window a KT-bit word of which keys it lists (`km`, private), so a staged
 // key counts for the query only if the query lists it.
+//
+// With f16 q, k, v and dO on a SHADER_F16 device (as in the forward): q, dO
+// and the K/V tiles are held in f16 (half the workgroup memory and private
+// rows), each q·k and dO·v element product is an f16 multiply summed in f32;
+// p, ds and the dq accumulator stay f32 (k widened exactly for ds·k).
+//#if f16
+alias QV = vec4<f16>;
+var<workgroup> tk: array<vec4<f16>, 512>;
+var<workgroup> tv: array<vec4<f16>, 512>;
+fn ldq4(o: u32, e: u32, d: u32) -> QV { return ld4h_q(o, e, d); }
+fn ldo4(o: u32, e: u32, d: u32) -> QV { return ld4h_d_o(o, e, d); }
+fn ldk4(o: u32, e: u32, d: u32) -> QV { return ld4h_k(o, e, d); }
+fn ldv4(o: u32, e: u32, d: u32) -> QV { return ld4h_v(o, e, d); }
+fn qk(q: QV, i: u32) -> f32 { return dot(vec4<f32>(q * tk[i]), vec4<f32>(1.0)); }
+fn ov(o: QV, i: u32) -> f32 { return dot(vec4<f32>(o * tv[i]), vec4<f32>(1.0)); }
+fn kt(i: u32) -> vec4<f32> { return vec4<f32>(tk[i]); }
+//#else
+alias QV = vec4<f32>;
 var<workgroup> tk: array<vec4<f32>, 512>;
 var<workgroup> tv: array<vec4<f32>, 512>;
+fn ldq4(o: u32, e: u32, d: u32) -> QV { return ld4_q(o, e, d); }
+fn ldo4(o: u32, e: u32, d: u32) -> QV { return ld4_d_o(o, e, d); }
+fn ldk4(o: u32, e: u32, d: u32) -> QV { return ld4_k(o, e, d); }
+fn ldv4(o: u32, e: u32, d: u32) -> QV { return ld4_v(o, e, d); }
+fn qk(q: QV, i: u32) -> f32 { return dot(q, tk[i]); }
+fn ov(o: QV, i: u32) -> f32 { return dot(o, tv[i]); }
+fn kt(i: u32) -> vec4<f32> { return tk[i]; }
+//#endif
 var<workgroup> tkey: array<u32, 16>;
 var<workgroup> wany: atomic<u32>;
 var<workgroup> wunion: u32;
@@ -333,16 +359,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
     let rr = (b * seq + ti) * nh + h;
     let valid = inside && lid < tq && ti < seq;
     let mine = valid && rr >= r0 && rr < r0 + nrow;
-    var q: array<vec4<f32>, TD4>;
-    var dov: array<vec4<f32>, TD4>;
+    var q: array<QV, TD4>;
+    var dov: array<QV, TD4>;
     var acc: array<vec4<f32>, TD4>;
     var km: array<u32, UW>;
     for (var cc = 0u; cc < nc; cc = cc + 1u) {
-        q[cc] = vec4<f32>(0.0);
-        dov[cc] = vec4<f32>(0.0);
+        q[cc] = QV(0.0);
+        dov[cc] = QV(0.0);
         if (mine) {
-            q[cc] = ld4_q(rr * d, 4u * cc, d);
-            dov[cc] = ld4_d_o(rr * d, 4u * cc, d);
+            q[cc] = ldq4(rr * d, 4u * cc, d);
+            dov[cc] = ldo4(rr * d, 4u * cc, d);
         }
         acc[cc] = vec4<f32>(0.0);
     }
@@ -404,12 +430,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
                 for (var e = lid; e < KT * nc; e = e + WGS) {
                     let kk = e / nc;
                     let cc = e % nc;
-                    var kx = vec4<f32>(0.0);
-                    var vx = vec4<f32>(0.0);
+                    var kx = QV(0.0);
+                    var vx = QV(0.0);
                     if (st + kk < ue) {
                         let ko = k_off(b, st + kk, g);
-                        kx = ld4_k(ko, 4u * cc, d);
-                        vx = ld4_v(ko, 4u * cc, d);
+                        kx = ldk4(ko, 4u * cc, d);
+                        vx = ldv4(ko, 4u * cc, d);
                     }
                     tk[kk * TD4 + cc] = kx;
                     tv[kk * TD4 + cc] = vx;
@@ -427,24 +453,24 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
                     for (var cc = 0u; cc < nc; cc = cc + 1u) {
                         let qc = q[cc];
                         let oc = dov[cc];
-                        x0 = x0 + vec4<f32>(dot(qc, tk[cc]), dot(qc, tk[TD4 + cc]), dot(qc, tk[2u * TD4 + cc]), dot(qc, tk[3u * TD4 + cc]));
-                        x1 = x1 + vec4<f32>(dot(qc, tk[4u * TD4 + cc]), dot(qc, tk[5u * TD4 + cc]), dot(qc, tk[6u * TD4 + cc]), dot(qc, tk[7u * TD4 + cc]));
-                        x2 = x2 + vec4<f32>(dot(qc, tk[8u * TD4 + cc]), dot(qc, tk[9u * TD4 + cc]), dot(qc, tk[10u * TD4 + cc]), dot(qc, tk[11u * TD4 + cc]));
-                        x3 = x3 + vec4<f32>(dot(qc, tk[12u * TD4 + cc]), dot(qc, tk[13u * TD4 + cc]), dot(qc, tk[14u * TD4 + cc]), dot(qc, tk[15u * TD4 + cc]));
-                        y0 = y0 + vec4<f32>(dot(oc, tv[cc]), dot(oc, tv[TD4 + cc]), dot(oc, tv[2u * TD4 + cc]), dot(oc, tv[3u * TD4 + cc]));
-                        y1 = y1 + vec4<f32>(dot(oc, tv[4u * TD4 + cc]), dot(oc, tv[5u * TD4 + cc]), dot(oc, tv[6u * TD4 + cc]), dot(oc, tv[7u * TD4 + cc]));
-                        y2 = y2 + vec4<f32>(dot(oc, tv[8u * TD4 + cc]), dot(oc, tv[9u * TD4 + cc]), dot(oc, tv[10u * TD4 + cc]), dot(oc, tv[11u * TD4 + cc]));
-                        y3 = y3 + vec4<f32>(dot(oc, tv[12u * TD4 + cc]), dot(oc, tv[13u * TD4 + cc]), dot(oc, tv[14u * TD4 + cc]), dot(oc, tv[15u * TD4 + cc]));
+                        x0 = x0 + vec4<f32>(qk(qc, cc), qk(qc, TD4 + cc), qk(qc, 2u * TD4 + cc), qk(qc, 3u * TD4 + cc));
+                        x1 = x1 + vec4<f32>(qk(qc, 4u * TD4 + cc), qk(qc, 5u * TD4 + cc), qk(qc, 6u * TD4 + cc), qk(qc, 7u * TD4 + cc));
+                        x2 = x2 + vec4<f32>(qk(qc, 8u * TD4 + cc), qk(qc, 9u * TD4 + cc), qk(qc, 10u * TD4 + cc), qk(qc, 11u * TD4 + cc));
+                        x3 = x3 + vec4<f32>(qk(qc, 12u * TD4 + cc), qk(qc, 13u * TD4 + cc), qk(qc, 14u * TD4 + cc), qk(qc, 15u * TD4 + cc));
+                        y0 = y0 + vec4<f32>(ov(oc, cc), ov(oc, TD4 + cc), ov(oc, 2u * TD4 + cc), ov(oc, 3u * TD4 + cc));
+                        y1 = y1 + vec4<f32>(ov(oc, 4u * TD4 + cc), ov(oc, 5u * TD4 + cc), ov(oc, 6u * TD4 + cc), ov(oc, 7u * TD4 + cc));
+                        y2 = y2 + vec4<f32>(ov(oc, 8u * TD4 + cc), ov(oc, 9u * TD4 + cc), ov(oc, 10u * TD4 + cc), ov(oc, 11u * TD4 + cc));
+                        y3 = y3 + vec4<f32>(ov(oc, 12u * TD4 + cc), ov(oc, 13u * TD4 + cc), ov(oc, 14u * TD4 + cc), ov(oc, 15u * TD4 + cc));
                     }
                     let s0 = dscore4(x0, y0, kvalid4b(0u, ti, bits), sc, lse, dsum);
                     let s1 = dscore4(x1, y1, kvalid4b(4u, ti, bits), sc, lse, dsum);
                     let s2 = dscore4(x2, y2, kvalid4b(8u, ti, bits), sc, lse, dsum);
                     let s3 = dscore4(x3, y3, kvalid4b(12u, ti, bits), sc, lse, dsum);
                     for (var cc = 0u; cc < nc; cc = cc + 1u) {
-                        acc[cc] = acc[cc] + s0.x * tk[cc] + s0.y * tk[TD4 + cc] + s0.z * tk[2u * TD4 + cc] + s0.w * tk[3u * TD4 + cc]
-                            + s1.x * tk[4u * TD4 + cc] + s1.y * tk[5u * TD4 + cc] + s1.z * tk[6u * TD4 + cc] + s1.w * tk[7u * TD4 + cc]
-                            + s2.x * tk[8u * TD4 + cc] + s2.y * tk[9u * TD4 + cc] + s2.z * tk[10u * TD4 + cc] + s2.w * tk[11u * TD4 + cc]
-                            + s3.x * tk[12u * TD4 + cc] + s3.y * tk[13u * TD4 + cc] + s3.z * tk[14u * TD4 + cc] + s3.w * tk[15u * TD4 + cc];
+                        acc[cc] = acc[cc] + s0.x * kt(cc) + s0.y * kt(TD4 + cc) + s0.z * kt(2u * TD4 + cc) + s0.w * kt(3u * TD4 + cc)
+                            + s1.x * kt(4u * TD4 + cc) + s1.y * kt(5u * TD4 + cc) + s1.z * kt(6u * TD4 + cc) + s1.w * kt(7u * TD4 + cc)
+                            + s2.x * kt(8u * TD4 + cc) + s2.y * kt(9u * TD4 + cc) + s2.z * kt(10u * TD4 + cc) + s2.w * kt(11u * TD4 + cc)
+                            + s3.x * kt(12u * TD4 + cc) + s3.y * kt(13u * TD4 + cc) + s3.z * kt(14u * TD4 + cc) + s3.w * kt(15u * TD4 + cc);
                     }
                 }
                 workgroupBarrier();
@@ -475,8 +501,32 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
 // dk += scale·p·(dO·v − delta)·q. Fixed order (query tiles, heads, queries),
 // no atomics on floats; written to dk/dv (nch = 1) or the partials [nch,
 // nrow, head_dim] of `attn_bwd_dkdv`'s layout.
+//
+// With f16 q, k, v and dO on a SHADER_F16 device: the staged q and dO rows
+// and the key's k and v rows are f16 (half the workgroup memory and private
+// rows), each q·k and dO·v element product an f16 multiply summed in f32; p,
+// ds and the dk/dv accumulators stay f32 (q and dO widened exactly).
+//#if f16
+alias QV = vec4<f16>;
+var<workgroup> sq: array<vec4<f16>, 512>;
+var<workgroup> sdo: array<vec4<f16>, 512>;
+fn ldq4(o: u32, e: u32, d: u32) -> QV { return ld4h_q(o, e, d); }
+fn ldo4(o: u32, e: u32, d: u32) -> QV { return ld4h_d_o(o, e, d); }
+fn ldk4(o: u32, e: u32, d: u32) -> QV { return ld4h_k(o, e, d); }
+fn ldv4(o: u32, e: u32, d: u32) -> QV { return ld4h_v(o, e, d); }
+fn hdot(a: QV, b: QV) -> f32 { return dot(vec4<f32>(a * b), vec4<f32>(1.0)); }
+fn wide(a: QV) -> vec4<f32> { return vec4<f32>(a); }
+//#else
+alias QV = vec4<f32>;
 var<workgroup> sq: array<vec4<f32>, 512>;
 var<workgroup> sdo: array<vec4<f32>, 512>;
+fn ldq4(o: u32, e: u32, d: u32) -> QV { return ld4_q(o, e, d); }
+fn ldo4(o: u32, e: u32, d: u32) -> QV { return ld4_d_o(o, e, d); }
+fn ldk4(o: u32, e: u32, d: u32) -> QV { return ld4_k(o, e, d); }
+fn ldv4(o: u32, e: u32, d: u32) -> QV { return ld4_v(o, e, d); }
+fn hdot(a: QV, b: QV) -> f32 { return dot(a, b); }
+fn wide(a: QV) -> vec4<f32> { return a; }
+//#endif
 var<workgroup> sstat: array<vec2<f32>, 16>;
 var<workgroup> smask: array<vec2<u32>, 16>;
 var<workgroup> wany: atomic<u32>;
@@ -544,16 +594,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
     let si = s0 + lid;
     let rr = (b * seq + si) * nkv + g;
     let mine = inside && lid < nk && rr >= r0 && rr < r0 + nrow;
-    var kr: array<vec4<f32>, TD4>;
-    var vr: array<vec4<f32>, TD4>;
+    var kr: array<QV, TD4>;
+    var vr: array<QV, TD4>;
     var dk: array<vec4<f32>, TD4>;
     var dv: array<vec4<f32>, TD4>;
     for (var cc = 0u; cc < nc; cc = cc + 1u) {
-        kr[cc] = vec4<f32>(0.0);
-        vr[cc] = vec4<f32>(0.0);
+        kr[cc] = QV(0.0);
+        vr[cc] = QV(0.0);
         if (mine) {
-            kr[cc] = ld4_k(rr * d, 4u * cc, d);
-            vr[cc] = ld4_v(rr * d, 4u * cc, d);
+            kr[cc] = ldk4(rr * d, 4u * cc, d);
+            vr[cc] = ldv4(rr * d, 4u * cc, d);
         }
         dk[cc] = vec4<f32>(0.0);
         dv[cc] = vec4<f32>(0.0);
@@ -581,12 +631,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
             for (var e = lid; e < QT * nc; e = e + WGS) {
                 let j = e / nc;
                 let cc = e % nc;
-                var qx = vec4<f32>(0.0);
-                var ox = vec4<f32>(0.0);
+                var qx = QV(0.0);
+                var ox = QV(0.0);
                 if (j < nq) {
                     let qo = ((b * seq + tt + j) * nh + h) * d;
-                    qx = ld4_q(qo, 4u * cc, d);
-                    ox = ld4_d_o(qo, 4u * cc, d);
+                    qx = ldq4(qo, 4u * cc, d);
+                    ox = ldo4(qo, 4u * cc, d);
                 }
                 sq[j * TD4 + cc] = qx;
                 sdo[j * TD4 + cc] = ox;
@@ -608,15 +658,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3
                     var x = 0.0;
                     var dp = 0.0;
                     for (var cc = 0u; cc < nc; cc = cc + 1u) {
-                        x = x + dot(sq[j * TD4 + cc], kr[cc]);
-                        dp = dp + dot(sdo[j * TD4 + cc], vr[cc]);
+                        x = x + hdot(sq[j * TD4 + cc], kr[cc]);
+                        dp = dp + hdot(sdo[j * TD4 + cc], vr[cc]);
                     }
                     let stv = sstat[j];
                     let p = exp(sc * x - stv.x);
                     let ds = sc * p * (dp - stv.y);
                     for (var cc = 0u; cc < nc; cc = cc + 1u) {
-                        dv[cc] = dv[cc] + p * sdo[j * TD4 + cc];
-                        dk[cc] = dk[cc] + ds * sq[j * TD4 + cc];
+                        dv[cc] = dv[cc] + p * wide(sdo[j * TD4 + cc]);
+                        dk[cc] = dk[cc] + ds * wide(sq[j * TD4 + cc]);
                     }
                 }
             }

@@ -602,3 +602,280 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw: vec3<
         stu_idx(obase + p, NONE);
     }
 }
+
+// ---------------------------------------------------------------- hardware variants
+// `cached_pool_hw` / `cached_select_hw` (KernelVariant::Hardware): the decode
+// step's block selection laid out for SIMD hardware, same results.
+
+//!kernel cached_pool_hw(qi: in, w: in, ki: in, rows: idx, pages: idx, pooled: out) : CachedPoolParams
+// `cached_pool` on 256-wide workgroups, one per (row, span) as there: the
+// row's index queries q_i [heads, dim] and weights w are staged once in
+// workgroup memory (heads · ceil(dim / 4) <= 256 vec4 and heads <= 64: the
+// launcher checks, else `cached_pool`), invocation lid scoring keys
+// k0 + lid, k0 + lid + 256, … of the span with the same expression in the
+// same order as `cached_pool` (per head the vec4 dot products by increasing
+// column, the heads by increasing j). A block's maximum goes through an
+// atomicMax on order-preserving keys (exact, so independent of the order);
+// with subgroups, where a subgroup's keys of one pass lie in one block (the
+// usual case: blocks of 16 and more keys), one subgroupMax and one atomic per
+// subgroup instead of one per key.
+const PWG: u32 = 256u;
+var<workgroup> pmx: array<atomic<u32>, 256>;
+var<workgroup> pq: array<vec4<f32>, 256>;
+var<workgroup> pw: array<f32, 64>;
+
+// Larger key = larger score (callers skip NaN); 0 means "no key".
+fn okey(x: f32) -> u32 {
+    let u = bitcast<u32>(x);
+    if ((u & 0x80000000u) != 0u) { return ~u; }
+    return u | 0x80000000u;
+}
+
+fn unkey(k: u32) -> f32 {
+    if ((k & 0x80000000u) != 0u) { return bitcast<f32>(k & 0x7fffffffu); }
+    return bitcast<f32>(~k);
+}
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32,
+//#if subgroups
+        @builtin(subgroup_invocation_id) sgi: u32,
+//#endif
+) {
+    let wi = wg_index(wid, nw);
+    let nsp = P.nspan;
+    if (wi >= P.rows * nsp) { return; }
+    let r = wi / nsp;
+    let hi = P.heads;
+    let di = P.dim;
+    let d4 = (di + 3u) / 4u;
+    let blk = P.block;
+    let cols = P.cols;
+    let span = P.span;
+    let nbs = span / blk;
+    for (var i = lid; i < nbs; i = i + PWG) { atomicStore(&pmx[i], 0u); }
+    for (var i = lid; i < hi * d4; i = i + PWG) {
+        let j = i / d4;
+        pq[i] = ld4_qi((r * hi + j) * di, 4u * (i % d4), di);
+    }
+    if (lid < hi) { pw[lid] = ld_w(r * hi + lid); }
+    workgroupBarrier();
+    let pg = paging(P.page, P.np, P.slots);
+    let rw = row_of(r, pg);
+    let len = min(rw.y, cols * blk);
+    let k0 = (wi % nsp) * span;
+    let k1 = min(k0 + span, len);
+    // A uniform trip count (the subgroup operations need every invocation).
+    for (var s0 = k0; s0 < k1; s0 = s0 + PWG) {
+        let s = s0 + lid;
+        let on = s < k1;
+        var key = 0u;
+        var bi = 0u;
+        if (on) {
+            let ko = phys_row(pg, ldu_pages(page_entry(pg, rw.x, s)), s) * di;
+            var x = 0.0;
+            for (var j = 0u; j < hi; j = j + 1u) {
+                var lg = 0.0;
+                for (var cc = 0u; cc < d4; cc = cc + 1u) {
+                    lg = lg + dot(pq[j * d4 + cc], ld4_ki(ko, 4u * cc, di));
+                }
+                x = x + pw[j] * max(lg, 0.0);
+            }
+            if ((bitcast<u32>(x) & 0x7fffffffu) <= 0x7f800000u) { key = okey(x); }
+            bi = (s - k0) / blk;
+        }
+//#if subgroups
+        let lo = subgroupMin(select(0xffffffffu, bi, on));
+        let hb = subgroupMax(select(0u, bi, on));
+        if (lo == hb) {
+            let m = subgroupMax(key);
+            if (sgi == 0u && m != 0u) { atomicMax(&pmx[lo], m); }
+        } else if (key != 0u) {
+            atomicMax(&pmx[bi], key);
+        }
+//#else
+        if (key != 0u) { atomicMax(&pmx[bi], key); }
+//#endif
+    }
+    workgroupBarrier();
+    let b0 = k0 / blk;
+    for (var i = lid; i < nbs; i = i + PWG) {
+        if (b0 + i < cols) {
+            let key = atomicLoad(&pmx[i]);
+            var y = neg_inf();
+            if (key != 0u) { y = unkey(key); }
+            st_pooled(r * cols + b0 + i, y);
+        }
+    }
+}
+
+//!kernel cached_select_hw(scores: in, rows: idx, idx: idxout) : CachedSelectParams
+// `cached_select`'s algorithm and result (exact integer logic: the same
+// blocks in the same order) with subgroup reductions where the device has
+// them: the binary search's counts by subgroupAdd and one workgroup atomic
+// per subgroup (instead of one per invocation), and the ordered pass's
+// prefix sums by subgroupExclusiveAdd plus the subgroups' totals in
+// subgroup order (one barrier pair instead of eight). Invocations are
+// numbered subgroup by subgroup (id · size + lane, as `cached_attn_hw_sg`;
+// the backend enables subgroups only with sizes of 8 to 128, which tile the
+// 256) so the prefix order is the column order. Without subgroups, the
+// workgroup-memory paths of `cached_select`.
+const SWG: u32 = 256u;
+var<workgroup> cnt: atomic<u32>;
+var<workgroup> pre: array<u32, 256>;
+var<workgroup> sgt: array<u32, 32>;
+var<workgroup> wlast: u32;
+// (subgroup lane, subgroup id, subgroups in the workgroup).
+var<private> sg: vec3<u32>;
+
+// Larger key = better score; NaN ranks as -inf and -0 as +0.
+fn skey(x: f32) -> u32 {
+    let u = bitcast<u32>(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) { return 0x007fffffu; }
+    if ((u & 0x7fffffffu) == 0u) { return 0x80000000u; }
+    if ((u & 0x80000000u) != 0u) { return ~u; }
+    return u | 0x80000000u;
+}
+
+// Adds this invocation's count c to `cnt` (call from uniform control flow).
+fn add_count(c: u32) {
+//#if subgroups
+    let s = subgroupAdd(c);
+    if (sg.x == 0u) { atomicAdd(&cnt, s); }
+//#else
+    atomicAdd(&cnt, c);
+//#endif
+}
+
+// (exclusive prefix sum of val over invocations 0 .. me - 1, total): uniform control flow.
+fn scan(me: u32, val: u32) -> vec2<u32> {
+//#if subgroups
+    let ex = subgroupExclusiveAdd(val);
+    let tot = subgroupAdd(val);
+    if (sg.x == 0u) { sgt[sg.y] = tot; }
+    workgroupBarrier();
+    var before = 0u;
+    var all = 0u;
+    for (var i = 0u; i < sg.z; i = i + 1u) {
+        let t = sgt[i];
+        if (i < sg.y) { before = before + t; }
+        all = all + t;
+    }
+    workgroupBarrier();
+    return vec2<u32>(before + ex, all);
+//#else
+    pre[me] = val;
+    workgroupBarrier();
+    for (var off = 1u; off < SWG; off = off << 1u) {
+        var v = pre[me];
+        if (me >= off) { v = v + pre[me - off]; }
+        workgroupBarrier();
+        pre[me] = v;
+        workgroupBarrier();
+    }
+    let r = vec2<u32>(pre[me] - val, pre[SWG - 1u]);
+    workgroupBarrier();
+    return r;
+//#endif
+}
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>,
+        @builtin(local_invocation_index) li: u32,
+//#if subgroups
+        @builtin(subgroup_invocation_id) si: u32, @builtin(subgroup_size) ss: u32,
+        @builtin(subgroup_id) sid: u32, @builtin(num_subgroups) ns: u32,
+//#endif
+) {
+//#if subgroups
+    sg = vec3<u32>(si, sid, ns);
+    let lid = sid * ss + si;
+//#else
+    let lid = li;
+//#endif
+    let row = wg_index(wg, nw);
+    if (row >= P.rows) { return; }
+    let cols = P.cols;
+    let k = P.k;
+    if (lid == 0u) {
+        let len = ldu_rows(2u * row + 1u);
+        wlast = min((max(len, 1u) - 1u) / P.block, cols - 1u);
+    }
+    let r = workgroupUniformLoad(&wlast);
+    let base = row * cols;
+    let obase = row * k;
+    let c0 = 1u;
+    let c1 = max(r, 1u);
+    var nforced = 1u;
+    var f0 = 0u;
+    if (r != 0u && k >= 2u) {
+        f0 = 1u;
+        nforced = 2u;
+    }
+    let ncand = c1 - c0;
+    let kk = k - nforced;
+
+    var lo = 0u;
+    var hi = 0xffffffffu;
+    for (var it = 0u; it < 33u; it = it + 1u) {
+        let mid = lo + ((hi - lo) >> 1u) + ((hi - lo) & 1u);
+        if (lid == 0u) { atomicStore(&cnt, 0u); }
+        workgroupBarrier();
+        var c = 0u;
+        for (var col = c0 + lid; col < c1; col = col + SWG) {
+            if (skey(ld_scores(base + col)) >= mid) { c = c + 1u; }
+        }
+        add_count(c);
+        workgroupBarrier();
+        let total = atomicLoad(&cnt);
+        workgroupBarrier();
+        if (lo < hi) {
+            if (total >= kk) { lo = mid; } else { hi = mid - 1u; }
+        }
+    }
+    let thr = lo;
+    if (lid == 0u) { atomicStore(&cnt, 0u); }
+    workgroupBarrier();
+    var c = 0u;
+    for (var col = c0 + lid; col < c1; col = col + SWG) {
+        if (skey(ld_scores(base + col)) > thr) { c = c + 1u; }
+    }
+    add_count(c);
+    workgroupBarrier();
+    let ngt = atomicLoad(&cnt);
+    var need = 0u;
+    if (kk > ngt) { need = kk - ngt; }
+    let nsel = min(kk, ncand);
+
+    var run_gt = 0u;
+    var run_tie = 0u;
+    for (var cb = c0; cb < c1; cb = cb + SWG) {
+        let col = cb + lid;
+        var gt = 0u;
+        var tie = 0u;
+        if (col < c1) {
+            let key = skey(ld_scores(base + col));
+            gt = select(0u, 1u, key > thr);
+            tie = select(0u, 1u, key == thr);
+        }
+        let val = (tie << 16u) | gt;
+        let sc = scan(lid, val);
+        let excl = sc.x;
+        let all = sc.y;
+        let gt_before = run_gt + (excl & 0xffffu);
+        let tie_before = run_tie + (excl >> 16u);
+        if (gt == 1u || (tie == 1u && tie_before < need)) {
+            stu_idx(obase + f0 + gt_before + min(tie_before, need), col);
+        }
+        run_gt = run_gt + (all & 0xffffu);
+        run_tie = run_tie + (all >> 16u);
+    }
+    if (lid == 0u) {
+        if (f0 == 1u) { stu_idx(obase, 0u); }
+        stu_idx(obase + f0 + nsel, r);
+    }
+    for (var p = nforced + nsel + lid; p < k; p = p + SWG) {
+        stu_idx(obase + p, NONE);
+    }
+}

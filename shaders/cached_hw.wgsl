@@ -88,7 +88,20 @@ const TEAM: u32 = 8u;
 const HCH: u32 = 256u;
 var<workgroup> hs: array<f32, HCH>;
 var<workgroup> hkey: array<u32, HCH>;
+//#if f16
+// f16 q, k and v on a SHADER_F16 device: q staged in f16 (half the
+// workgroup memory), each q·k element product an f16 multiply summed in f32;
+// the scores, softmax and p·v accumulation stay f32 (v widened exactly).
+var<workgroup> hq: array<vec4<f16>, 64>;
+fn ldq4(o: u32, e: u32, d: u32) -> vec4<f16> { return ld4h_q(o, e, d); }
+fn qk4(cc: u32, ko: u32, d: u32) -> f32 { return dot(vec4<f32>(hq[cc] * ld4h_k(ko, 4u * cc, d)), vec4<f32>(1.0)); }
+fn ldv4(o: u32, e: u32, d: u32) -> vec4<f32> { return vec4<f32>(ld4h_v(o, e, d)); }
+//#else
 var<workgroup> hq: array<vec4<f32>, 64>;
+fn ldq4(o: u32, e: u32, d: u32) -> vec4<f32> { return ld4_q(o, e, d); }
+fn qk4(cc: u32, ko: u32, d: u32) -> f32 { return dot(hq[cc], ld4_k(ko, 4u * cc, d)); }
+fn ldv4(o: u32, e: u32, d: u32) -> vec4<f32> { return ld4_v(o, e, d); }
+//#endif
 var<workgroup> hacc: array<vec4<f32>, WH>;
 var<workgroup> hrow: vec2<u32>;
 
@@ -119,7 +132,7 @@ fn attn_hw(w: u32, lid: u32) {
     if (s0 >= nsl && c > 0u) { return; }
     let cnt = min(nsl, s0 + P.chunk) - min(s0, nsl);
     let qo = (r * nh + h) * d;
-    for (var cc = lid; cc < nc; cc = cc + WH) { hq[cc] = ld4_q(qo, 4u * cc, d); }
+    for (var cc = lid; cc < nc; cc = cc + WH) { hq[cc] = ldq4(qo, 4u * cc, d); }
     workgroupBarrier();
     // Scores, WH / TEAM keys per pass (a uniform trip count: team_sum may
     // synchronise the workgroup).
@@ -135,7 +148,7 @@ fn attn_hw(w: u32, lid: u32) {
             if (key != NONE) {
                 kr = key_row(pg, base, key);
                 let ko = kr * kw + g * d;
-                for (var cc = e; cc < nc; cc = cc + TEAM) { part = part + dot(hq[cc], ld4_k(ko, 4u * cc, d)); }
+                for (var cc = e; cc < nc; cc = cc + TEAM) { part = part + qk4(cc, ko, d); }
             }
         }
         let x = P.scale * team_sum(lid, part);
@@ -175,7 +188,7 @@ fn attn_hw(w: u32, lid: u32) {
     if (grp < ng) {
         for (var j = grp; j < cnt; j = j + ng) {
             let kr = hkey[j];
-            if (kr != NONE) { acc = acc + hs[j] * ld4_v(kr * kw + g * d, 4u * cc, d); }
+            if (kr != NONE) { acc = acc + hs[j] * ldv4(kr * kw + g * d, 4u * cc, d); }
         }
     }
     hacc[lid] = acc;

@@ -159,7 +159,42 @@ fn reduce_store(t: u32, i0: u32, rows: u32, j0: u32) {
 // included: a row alone has the bits of the same row in any batch, per
 // variant (the variants differ from each other and from `qmm` in the last
 // bits, all within the reference tolerance).
+//
+// With f16 x on a SHADER_F16 device the hardware variants multiply in f16:
+// the unit's dequantized weights (the rule's f32 values) are rounded to f16
+// once per unit, each x·w is an f16 product, and the products are added in
+// f32 in the same order (one extra rounding of w and one per product: f16
+// results differ from the f32-product ones by a few f16 ulps; a product past
+// 65 504 overflows, as in `matmul_hw`). Only `xunit_h` / `fma_unit_h` differ;
+// `qmm` never calls them, so its arithmetic is the same with or without f16.
 const QH: u32 = 256u;
+
+//#if f16
+alias XH = vec4<f16>;
+struct UnitH { e0: vec4<f16>, e1: vec4<f16>, e2: vec4<f16>, e3: vec4<f16> }
+
+fn xunit_h(i: u32, u: u32) -> XH {
+    let o = i * P.k + 4u * u;
+    return XH(ldh_x(o), ldh_x(o + 1u), ldh_x(o + 2u), ldh_x(o + 3u));
+}
+
+fn unit_h(j0: u32, u: u32) -> UnitH {
+    let w = unit_w(j0, u);
+    return UnitH(vec4<f16>(w.e0), vec4<f16>(w.e1), vec4<f16>(w.e2), vec4<f16>(w.e3));
+}
+
+// acc += x·w over the unit's inputs: f16 products, f32 sums in increasing p.
+fn fma_unit_h(acc: vec4<f32>, x: XH, w: UnitH) -> vec4<f32> {
+    var a = acc + vec4<f32>(x.x * w.e0);
+    a = a + vec4<f32>(x.y * w.e1);
+    a = a + vec4<f32>(x.z * w.e2);
+    return a + vec4<f32>(x.w * w.e3);
+}
+//#else
+fn xunit_h(i: u32, u: u32) -> vec4<f32> { return xunit(i, u); }
+fn unit_h(j0: u32, u: u32) -> Unit { return unit_w(j0, u); }
+fn fma_unit_h(acc: vec4<f32>, x: vec4<f32>, w: Unit) -> vec4<f32> { return fma_unit(acc, x, w); }
+//#endif
 
 // The partials of invocation t for the rows i0 .. i0 + rows of channels j0 .. j0 + 3.
 fn qmm_hw_acc(t: u32, i0: u32, rows: u32, j0: u32) -> array<vec4<f32>, 8> {
@@ -167,10 +202,10 @@ fn qmm_hw_acc(t: u32, i0: u32, rows: u32, j0: u32) -> array<vec4<f32>, 8> {
     for (var r = 0u; r < QMM_ROWS; r = r + 1u) { acc[r] = vec4<f32>(0.0); }
     let nu = P.k / 4u;
     for (var u = t; u < nu; u = u + QH) {
-        let wu = unit_w(j0, u);
+        let wu = unit_h(j0, u);
         for (var r = 0u; r < QMM_ROWS; r = r + 1u) {
             if (r < rows) {
-                acc[r] = fma_unit(acc[r], xunit(i0 + r, u), wu);
+                acc[r] = fma_unit_h(acc[r], xunit_h(i0 + r, u), wu);
             }
         }
     }

@@ -188,7 +188,10 @@ fn split_backward(c: &CpuBackend, g: &WgpuBackend, dt: dynsparse::DType, d: usiz
 /// rows of 0 to 300 keys, so the hw kernel splits a row over chunks and
 /// merges them) and the quantized matmul (int8, int4 asymmetric, 2:4) match
 /// the CPU reference (f32, 1e-5), and every row computed alone is
-/// bit-identical to the same row in the batch, per variant. The full suites
+/// bit-identical to the same row in the batch, per variant; the hardware
+/// variants also with f16 inputs and the f16 feature where the device has
+/// SHADER_F16 (f16 products in `cached_attn_hw(_sg)` and `qmm_hw(_sg)`,
+/// against the CPU in f16, 1e-2). The full suites
 /// (`cached_inference_ops…`, `qmatmul_matches…`, every dtype) run per
 /// variant when it is forced by `DYNSPARSE_WGPU_KERNELS` and
 /// `DYNSPARSE_WGPU_SUBGROUPS`.
@@ -205,6 +208,10 @@ fn decode_kernel_variants_match_reference_in_one_process() {
     let has_sg = g.set_subgroups(true).is_ok();
     if !has_sg {
         eprintln!("decode variants: {} has no usable subgroups; the subgroup kernels are skipped", g.device_name());
+    }
+    let has_f16 = g.kernel_features().f16;
+    if !has_f16 {
+        eprintln!("decode variants: {} has no SHADER_F16; the f16 kernels are skipped", g.device_name());
     }
     let (h, kv, d, page, block, n) = (4usize, 2usize, 32usize, 8usize, 16usize, 3usize);
     // (sequence, len): a long row (two chunks of 256 on the hw variant), short ones, an empty one.
@@ -238,21 +245,22 @@ fn decode_kernel_variants_match_reference_in_one_process() {
         data: Data<'_>,
         rows: std::ops::Range<usize>,
         dims: (usize, usize, usize, usize, usize, usize),
+        dt: DType,
     ) -> Vec<Vec<f32>> {
         let (q, kc, vc, tab, ids, sel) = data;
         let (h, kv, d, page, block, n) = dims;
         let (r0, nr) = (rows.start, rows.len());
         let slots = kc.len() / (kv * d);
-        let qt = Tensor::from_f32(be, &q[r0 * h * d..(r0 + nr) * h * d], &[nr, h, d], DType::F32).unwrap();
-        let kt = Tensor::from_f32(be, kc, &[slots, kv, d], DType::F32).unwrap();
-        let vt = Tensor::from_f32(be, vc, &[slots, kv, d], DType::F32).unwrap();
+        let qt = Tensor::from_f32(be, &q[r0 * h * d..(r0 + nr) * h * d], &[nr, h, d], dt).unwrap();
+        let kt = Tensor::from_f32(be, kc, &[slots, kv, d], dt).unwrap();
+        let vt = Tensor::from_f32(be, vc, &[slots, kv, d], dt).unwrap();
         let table = Tensor::from_u32(be, &tab[2 * r0..2 * (r0 + nr)], &[nr, 2]).unwrap();
         let pages = Tensor::from_u32(be, ids, &[ids.len()]).unwrap();
         let idx = Tensor::from_u32(be, &sel[r0 * n..(r0 + nr) * n], &[nr, n]).unwrap();
         let kvt = KvTable { rows: &table, pages: &pages, page };
         let mut out = Vec::new();
         for pat in [CachedPattern::Dense, CachedPattern::Blocks { idx: &idx, block }] {
-            let mut o = Tensor::from_f32(be, &vec![f32::NAN; nr * h * d], &[nr, h, d], DType::F32).unwrap();
+            let mut o = Tensor::from_f32(be, &vec![f32::NAN; nr * h * d], &[nr, h, d], dt).unwrap();
             attn::cached_attention(be, &qt, &kt, &vt, &kvt, pat, &mut o).unwrap();
             out.push(o.to_f32_vec(be).unwrap());
         }
@@ -265,26 +273,36 @@ fn decode_kernel_variants_match_reference_in_one_process() {
     };
     let data = (&q[..], &kc[..], &vc[..], &tab[..], &ids[..], &sel[..]);
     let dims = (h, kv, d, page, block, n);
-    let want = run(c, data, 0..r, dims);
-    let on_cpu = |m: &QMatrix, rows: std::ops::Range<usize>| -> Vec<f32> {
-        let xt = Tensor::from_f32(c, &x[rows.start * qk..rows.end * qk], &[rows.len(), qk], DType::F32).unwrap();
-        let mut y = Tensor::empty(c, &[rows.len(), 37], DType::F32).unwrap();
+    let wants = [DType::F32, DType::F16].map(|dt| run(c, data, 0..r, dims, dt));
+    let on_cpu = |m: &QMatrix, rows: std::ops::Range<usize>, dt: DType| -> Vec<f32> {
+        let xt = Tensor::from_f32(c, &x[rows.start * qk..rows.end * qk], &[rows.len(), qk], dt).unwrap();
+        let mut y = Tensor::empty(c, &[rows.len(), 37], dt).unwrap();
         ops::qmatmul(c, &xt, &ops::QWeight::upload(c, m).unwrap(), &mut y).unwrap();
         y.to_f32_vec(c).unwrap()
     };
     let mats: Vec<QMatrix> = formats.iter().map(|&f| QMatrix::quantize(&w, 37, qk, f).unwrap()).collect();
-    let mut variants = vec![("sw", KernelVariant::Software, false), ("hw", KernelVariant::Hardware, false)];
+    let mut variants =
+        vec![("sw", KernelVariant::Software, false, false), ("hw", KernelVariant::Hardware, false, false)];
     if has_sg {
-        variants.push(("hw+sg", KernelVariant::Hardware, true));
+        variants.push(("hw+sg", KernelVariant::Hardware, true, false));
     }
-    for (name, var, sg) in variants {
+    if has_f16 {
+        variants.push(("hw+f16", KernelVariant::Hardware, false, true));
+        if has_sg {
+            variants.push(("hw+sg+f16", KernelVariant::Hardware, true, true));
+        }
+    }
+    for (name, var, sg, f16) in variants {
+        use dynsparse::backend::wgpu::KernelFeatures;
         g.set_kernel_variant(var);
-        g.set_subgroups(sg).unwrap();
-        let got = run(&g, data, 0..r, dims);
+        g.set_kernel_features(KernelFeatures { subgroups: sg, f16 }).unwrap();
+        let dt = if f16 { DType::F16 } else { DType::F32 };
+        let want = &wants[f16 as usize];
+        let got = run(&g, data, 0..r, dims, dt);
         for (pi, pat) in ["dense", "blocks"].iter().enumerate() {
-            common::assert_close(&format!("{name} cached_attention {pat}"), &got[pi], &want[pi], DType::F32);
+            common::assert_close(&format!("{name} cached_attention {pat}"), &got[pi], &want[pi], dt);
             for i in 0..r {
-                let alone = run(&g, data, i..i + 1, dims);
+                let alone = run(&g, data, i..i + 1, dims, dt);
                 let w = h * d;
                 let same = alone[pi].iter().zip(&got[pi][i * w..(i + 1) * w]).all(|(a, b)| a.to_bits() == b.to_bits());
                 assert!(same, "{name} cached_attention {pat}: row {i} alone differs from the batch");
@@ -292,14 +310,14 @@ fn decode_kernel_variants_match_reference_in_one_process() {
         }
         let gb = &g;
         let on_gpu = |m: &QMatrix, rows: std::ops::Range<usize>| -> Vec<f32> {
-            let xt = Tensor::from_f32(gb, &x[rows.start * qk..rows.end * qk], &[rows.len(), qk], DType::F32).unwrap();
-            let mut y = Tensor::empty(gb, &[rows.len(), 37], DType::F32).unwrap();
+            let xt = Tensor::from_f32(gb, &x[rows.start * qk..rows.end * qk], &[rows.len(), qk], dt).unwrap();
+            let mut y = Tensor::empty(gb, &[rows.len(), 37], dt).unwrap();
             ops::qmatmul(gb, &xt, &ops::QWeight::upload(gb, m).unwrap(), &mut y).unwrap();
             y.to_f32_vec(gb).unwrap()
         };
         for (f, m) in formats.iter().zip(&mats) {
             let (all, alone) = qmm(&on_gpu, m);
-            common::assert_close(&format!("{name} qmatmul {f}"), &all, &on_cpu(m, 0..qm), DType::F32);
+            common::assert_close(&format!("{name} qmatmul {f}"), &all, &on_cpu(m, 0..qm, dt), dt);
             let same = all.iter().zip(&alone).all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "{name} qmatmul {f}: rows alone differ from the batch");
         }
@@ -429,6 +447,11 @@ fn indexer_training(c: &CpuBackend, g: &WgpuBackend) {
 /// (dense, token and block patterns), the indexer's pooled scores and its
 /// training ops (scores, KL loss, backward, whole and over query tiles), in
 /// f32, f16 and bf16. A feature set the device lacks prints that it skipped.
+/// (dense, token and block patterns; the tiled backward's f16 path with f16
+/// on), the indexer's pooled scores, the quantized matmul (every format) and
+/// the decode step's ops (rope_rows, cache_write, the cached indexer's pooled
+/// scores, cached_select, decode attention), in f32, f16 and bf16. A feature
+/// set the device lacks prints that it skipped.
 #[test]
 fn every_kernel_variant_and_feature_set_matches_reference() {
     use dynsparse::backend::wgpu::{KernelFeatures, KernelVariant};
@@ -454,6 +477,8 @@ fn every_kernel_variant_and_feature_set_matches_reference() {
         common::attention(c, &g);
         indexer_finite(c, &g);
         indexer_training(c, &g);
+        common::qmatmul(c, &g);
+        common::cached_ops(c, &g);
         ran += 1;
     }
     // Without optional features the device's own set is the only one, run by the rest of the suite.
@@ -473,6 +498,9 @@ fn every_kernel_variant_and_feature_set_matches_reference() {
 /// features, f16 with the device's features, so the f16 kernels split too).
 /// The indexer's training ops likewise (with d_I 64 both backward loops of
 /// both variants split).
+/// features, f16 with the device's features, so the f16 kernels — the
+/// forward's and, since issue 14, `attn_bwd_dq_tiled_hw`'s and
+/// `attn_bwd_dkdv_tiled_hw`'s f16 tiles — split too).
 #[test]
 fn attention_split_paths_match_reference_in_every_variant() {
     use dynsparse::DType;

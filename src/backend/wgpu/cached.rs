@@ -26,9 +26,19 @@
 //!   workgroup memory (`cached_attn_hw`) or subgroup operations
 //!   (`cached_attn_hw_sg`, see [`WgpuBackend::subgroups`]); the same partial
 //!   layout and `cached_attn_combine`;
+//!   With f16 q, k and v and the f16 feature, the hardware kernels stage q in
+//!   f16 and multiply q·k in f16 (f32 sums, softmax and p·v);
 //! - `cached_indexer_block_scores`: one 64-wide workgroup per (row, span of
 //!   whole blocks), max-pooling with workgroup atomics on order-preserving keys;
-//! - `cached_select`: `select_topk`'s algorithm, a workgroup per row.
+//!   the hardware variant (`cached_pool_hw`) runs 256-wide workgroups with the
+//!   row's index queries staged in workgroup memory and a subgroupMax per
+//!   subgroup before the atomic where the device has subgroups;
+//! - `cached_select`: `select_topk`'s algorithm, a workgroup per row; the
+//!   hardware variant (`cached_select_hw`) counts and prefix-sums by subgroup
+//!   operations where the device has them (same blocks, exact).
+//! - `rope_rows` and `cache_write` have no hardware variant: one invocation
+//!   per pair or word in 256-wide workgroups, no reduction and no reuse, so
+//!   a GPU layout would only change the workgroup size, which 256 already suits.
 
 use super::kernel::{KernelParams, ParamBlock, grid1d};
 use super::{Arg, KernelVariant, WgpuBackend, is_software};
@@ -53,6 +63,10 @@ const HW_CHUNK: usize = 256;
 const MAX_SCRATCH_BYTES: usize = 256 << 20;
 /// Pooled-indexer keys per workgroup (rounded to whole blocks).
 const POOL_SPAN: usize = 256;
+/// Index heads and vec4 of index queries `cached_pool_hw` stages per row
+/// (its workgroup arrays `pw`, `pq`).
+const POOL_HW_HEADS: usize = 64;
+const POOL_HW_QVEC4: usize = 256;
 
 crate::wgsl_params! {
     /// `rope_rows`: pairs = numel / 2, half = head_dim / 2, heads, table positions.
@@ -147,7 +161,7 @@ pub(super) fn cache_write(
         // Whole 32-bit words per row: copy them without conversion.
         let words = bytes / 4;
         let k = be.kernel("cached", "cache_write_words")?;
-        let p = be.pipeline(&k, &[DType::U32; 4], Some((CacheWriteParams::NAME, CacheWriteParams::FIELDS)))?;
+        let p = be.pipeline(&k, &[DType::U32; 4], (CacheWriteParams::NAME, CacheWriteParams::FIELDS))?;
         let params = ParamBlock::from(&CacheWriteParams {
             rows: s.rows as u32,
             width: words as u32,
@@ -302,7 +316,13 @@ pub(super) fn cached_indexer_block_scores(
 ) -> Result<()> {
     // A span of whole blocks (at most 256 of them, the kernel's array).
     let span = s.block * (POOL_SPAN / s.block).max(1);
-    let per_thread = span.div_ceil(64) * (1 + s.heads * (1 + s.dim.div_ceil(4)));
+    // The hardware variant stages the row's index queries in workgroup memory
+    // (at most POOL_HW_QVEC4 vec4 and POOL_HW_HEADS weights), else the software one.
+    let hw = be.kernel_variant() == KernelVariant::Hardware
+        && s.heads <= POOL_HW_HEADS
+        && s.heads * s.dim.div_ceil(4) <= POOL_HW_QVEC4;
+    let (name, width) = if hw { ("cached_pool_hw", 256) } else { ("cached_pool", 64) };
+    let per_thread = span.div_ceil(width) * (1 + s.heads * (1 + s.dim.div_ceil(4)));
     if per_thread > ITER_BUDGET && is_software(&be.info) {
         return Err(Error::Unavailable(format!(
             "cached_indexer_block_scores: block {} with {} index heads of dim {} exceeds the loop budget of a \
@@ -313,7 +333,7 @@ pub(super) fn cached_indexer_block_scores(
     let nspan = (s.cols * s.block).div_ceil(span);
     be.launch(
         "cached",
-        "cached_pool",
+        name,
         &mut [Arg::R(qi), Arg::R(w), Arg::R(ki), Arg::R(rows), Arg::R(pages), Arg::W(pooled)],
         &CachedPoolParams {
             rows: s.rows as u32,
@@ -332,9 +352,13 @@ pub(super) fn cached_indexer_block_scores(
 }
 
 pub(super) fn cached_select(be: &WgpuBackend, s: &CachedSelectSpec, scores: &T, rows: &T, idx: &mut T) -> Result<()> {
+    let name = match be.kernel_variant() {
+        KernelVariant::Hardware => "cached_select_hw",
+        KernelVariant::Software => "cached_select",
+    };
     be.launch(
         "cached",
-        "cached_select",
+        name,
         &mut [Arg::R(scores), Arg::R(rows), Arg::W(idx)],
         &CachedSelectParams { rows: s.rows as u32, cols: s.cols as u32, k: s.k as u32, block: s.block as u32 },
         wg_grid(s.rows),

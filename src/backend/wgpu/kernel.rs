@@ -6,11 +6,11 @@
 //! header line naming the kernel and its tensor arguments in call order:
 //!
 //! ```text
-//! //!kernel add(a: in, b: in, out: out)
+//! //!kernel add(a: in, b: in, out: out) : CountParams
 //! @compute @workgroup_size(256)
 //! fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
 //!     let i = lin(g, nw);
-//!     if (i >= pu(0u)) { return; }
+//!     if (i >= P.n) { return; }
 //!     st_out(i, ld_a(i) + ld_b(i));
 //! }
 //! ```
@@ -39,19 +39,17 @@
 //!
 //! # Typed parameters
 //!
-//! A kernel header may name a parameter struct after its arguments,
+//! A kernel header names its parameter struct after its arguments,
 //! `//!kernel matmul_hw(a: in, b: in, c: out) : MatmulParams`. The struct is
 //! declared in WGSL (scalar `u32`/`i32`/`f32` members) and mirrored in Rust by
-//! [`wgsl_params!`]; the generator binds it as `var<uniform> P: MatmulParams`
-//! (no `pu`/`pf`), and when the pipeline is created [`check_params`] compares
+//! [`wgsl_params!`]; the generator binds it as `var<uniform> P: MatmulParams`,
+//! and when the pipeline is created [`check_params`] compares
 //! naga's layout of the WGSL struct (member names, offsets, sizes) with the
 //! Rust field table, so a field added, renamed or reordered on one side only
 //! is an error naming that field instead of a silently wrong kernel. A
 //! struct several files share (`CountParams`, `AttnParams`, …) is declared
-//! once, in `shaders/common.wgsl`. Every kernel is typed; the generator
-//! still accepts a kernel without a struct (positional words `pu(i) -> u32`,
-//! `pf(i) -> f32`, launched with [`Params`]), but the tests list the
-//! positional kernels (none), so a new one is a deliberate choice.
+//! once, in `shaders/common.wgsl`. A header without a struct is an error
+//! (the positional-word path the first kernels used is gone).
 //!
 //! # Shared helpers
 //!
@@ -79,7 +77,9 @@
 //! (`//#if f16`, `//#if !subgroups`, … likewise; blocks do not nest). The
 //! generator keeps the branch of the features in effect for that kernel:
 //! those requested that its text names in an `//#if`, and `f16` only when
-//! every float input is f16. With `f16` in effect the module starts with
+//! every input the kernel reads as f16 (`ldh_x` / `ld4h_x` anywhere in its
+//! text) is f16 — other inputs (an f32 `stats` or `scale` beside f16
+//! activations) keep their own dtype. With `f16` in effect the module starts with
 //! `enable f16;` and f16 inputs bind as `array<f16>`, read as f16 with
 //! `ldh_x(i)` and `ld4h_x(o, e, d)` (and as f32 with `ld_x`, `ld4_x`). Subgroup builtins need no
 //! directive in naga 30 (its `enable subgroups;` is not implemented yet).
@@ -111,9 +111,6 @@ pub const SHADERS: &[(&str, &str)] = &[
 
 /// Helpers linked into any kernel that uses them (see the module docs).
 pub const COMMON: &str = include_str!("../../../shaders/common.wgsl");
-
-/// Number of `u32` parameter words a kernel can receive.
-pub const PARAM_WORDS: usize = 32;
 
 /// What a kernel does with one tensor argument.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,8 +147,8 @@ pub struct KernelDef {
     pub family: &'static str,
     pub name: String,
     pub args: Vec<(String, Role)>,
-    /// The WGSL struct its parameters arrive in, or `None` for positional words.
-    pub params: Option<String>,
+    /// The WGSL struct its parameters arrive in (binding 0, `P`).
+    pub params: String,
     /// Shared code of the file followed by this kernel's section.
     pub body: String,
 }
@@ -160,7 +157,7 @@ pub struct KernelDef {
 pub fn parse_family(family: &'static str, src: &str) -> Result<Vec<KernelDef>> {
     let mut common = String::new();
     // (name, arguments, section text) of each kernel, in file order.
-    type Section = (String, Vec<(String, Role)>, Option<String>, String);
+    type Section = (String, Vec<(String, Role)>, String, String);
     let mut kernels: Vec<Section> = Vec::new();
     for line in src.lines() {
         if let Some(head) = line.trim_start().strip_prefix("//!kernel ") {
@@ -170,8 +167,7 @@ pub fn parse_family(family: &'static str, src: &str) -> Result<Vec<KernelDef>> {
                 Some((args, tail)) => {
                     let tail = tail.trim();
                     let params = match tail.strip_prefix(':') {
-                        Some(t) if is_ident(t.trim()) => Some(t.trim().to_string()),
-                        None if tail.is_empty() => None,
+                        Some(t) if is_ident(t.trim()) => t.trim().to_string(),
                         _ => return Err(bad()),
                     };
                     (args, params)
@@ -296,12 +292,13 @@ impl KernelFeatures {
     }
 
     /// The features in effect for kernel `k` with argument `dtypes`: those of
-    /// `self` that `k` names in an `//#if` block, `f16` only when every float
-    /// input is f16.
+    /// `self` that `k` names in an `//#if` block, `f16` only when every input
+    /// `k` reads as f16 (`ldh_x` / `ld4h_x`) is f16, and there is one.
     pub fn for_kernel(self, k: &KernelDef, dtypes: &[DType]) -> Self {
         let names = |f: &str| k.body.lines().any(|l| cond_of(l).is_some_and(|(_, name)| name == f));
-        let halves = k.args.iter().zip(dtypes).filter(|((_, r), _)| *r == Role::In).all(|(_, &d)| d == DType::F16)
-            && k.args.iter().any(|(_, r)| *r == Role::In);
+        let read_half = |n: &str| uses(&k.body, &format!("ldh_{n}")) || uses(&k.body, &format!("ld4h_{n}"));
+        let mut half_ins = k.args.iter().zip(dtypes).filter(|((n, r), _)| *r == Role::In && read_half(n)).peekable();
+        let halves = half_ins.peek().is_some() && half_ins.all(|(_, &d)| d == DType::F16);
         Self { subgroups: self.subgroups && names("subgroups"), f16: self.f16 && names("f16") && halves }
     }
 
@@ -368,13 +365,6 @@ fn preprocess(label: &str, body: &str, features: KernelFeatures) -> Result<Strin
     Ok(out)
 }
 
-/// Positional parameter words, for kernels without a parameter struct.
-const POSITIONAL: &str = "
-@group(0) @binding(0) var<uniform> P_: array<vec4<u32>, 8>;
-fn pu(i: u32) -> u32 { return P_[i >> 2u][i & 3u]; }
-fn pf(i: u32) -> f32 { return bitcast<f32>(pu(i)); }
-";
-
 const PRELUDE: &str = "
 fn lin(g: vec3<u32>, nw: vec3<u32>) -> u32 { return g.x + g.y * nw.x * 256u; }
 fn bf16_lo(w: u32) -> f32 { return bitcast<f32>(w << 16u); }
@@ -406,10 +396,7 @@ pub fn generate_with(k: &KernelDef, dtypes: &[DType], features: KernelFeatures) 
     if features.f16 {
         s += "enable f16;\n";
     }
-    s += &match &k.params {
-        None => String::from(POSITIONAL),
-        Some(ty) => format!("\n@group(0) @binding(0) var<uniform> P: {ty};\n"),
-    };
+    s += &format!("\n@group(0) @binding(0) var<uniform> P: {};\n", k.params);
     s += PRELUDE;
     for (i, ((name, role), &dt)) in k.args.iter().zip(dtypes).enumerate() {
         let b = i + 1;
@@ -608,53 +595,37 @@ macro_rules! wgsl_params {
     };
 }
 
-/// The parameters of one launch: positional words, or a typed struct's bytes
-/// with its field table (checked against the shader when the pipeline is made).
+/// The parameters of one launch: a typed struct's bytes with its field table
+/// (checked against the shader when the pipeline is made).
 #[derive(Clone, Debug)]
 pub struct ParamBlock {
     pub bytes: Vec<u8>,
-    /// `(struct name, fields)` of a typed block; `None` for positional words.
-    pub layout: Option<(&'static str, &'static [Field])>,
-}
-
-impl From<Params> for ParamBlock {
-    fn from(p: Params) -> Self {
-        let mut words = p.0;
-        words.resize(words.len().max(PARAM_WORDS), 0);
-        ParamBlock { bytes: bytemuck::cast_slice(&words).to_vec(), layout: None }
-    }
+    /// `(struct name, fields)` of the block.
+    pub layout: (&'static str, &'static [Field]),
 }
 
 impl<P: KernelParams> From<&P> for ParamBlock {
     fn from(p: &P) -> Self {
-        ParamBlock { bytes: bytemuck::bytes_of(p).to_vec(), layout: Some((P::NAME, P::FIELDS)) }
+        ParamBlock { bytes: bytemuck::bytes_of(p).to_vec(), layout: (P::NAME, P::FIELDS) }
     }
 }
 
 /// Checks a kernel's uniform parameter struct (binding 0 of `module`) against
-/// the Rust side's `(name, fields)`, or that a positional kernel gets
-/// positional words. The error names the first field that differs. Returns
-/// the bytes the uniform buffer must hold.
-pub fn check_params(label: &str, module: &naga::Module, rust: Option<(&str, &[Field])>) -> Result<usize> {
+/// the Rust side's `(name, fields)`. The error names the first field that
+/// differs. Returns the bytes the uniform buffer must hold.
+pub fn check_params(label: &str, module: &naga::Module, rust: (&str, &[Field])) -> Result<usize> {
     let err = |m: String| Err(Error::Device(format!("{label}: parameter struct mismatch: {m}")));
     let uniform = module.global_variables.iter().find(|(_, g)| {
         g.space == naga::AddressSpace::Uniform && g.binding.as_ref().is_some_and(|b| b.group == 0 && b.binding == 0)
     });
     let Some((_, g)) = uniform else { return err("the shader has no uniform at binding 0".into()) };
     let ty = &module.types[g.ty];
-    let (members, span) = match &ty.inner {
-        naga::TypeInner::Struct { members, span } => (members, *span as usize),
-        _ => {
-            return match rust {
-                None => Ok(PARAM_WORDS * 4),
-                Some((name, _)) => err(format!("Rust passes struct `{name}`, the shader takes positional words")),
-            };
-        }
+    let (rust_name, fields) = rust;
+    let naga::TypeInner::Struct { members, span } = &ty.inner else {
+        return err(format!("Rust passes struct `{rust_name}`, the shader's uniform is not a struct"));
     };
+    let span = *span as usize;
     let wgsl_name = ty.name.clone().unwrap_or_default();
-    let Some((rust_name, fields)) = rust else {
-        return err(format!("the shader takes struct `{wgsl_name}`, Rust passes positional words"));
-    };
     if wgsl_name != rust_name {
         return err(format!("the shader takes struct `{wgsl_name}`, Rust passes `{rust_name}`"));
     }
@@ -693,11 +664,7 @@ pub fn check_params(label: &str, module: &naga::Module, rust: Option<(&str, &[Fi
 /// Generates, validates and checks the parameters of kernel `k` — what the
 /// backend does when it creates a pipeline. Returns the WGSL source, the naga
 /// module and the uniform buffer size.
-pub fn compile(
-    k: &KernelDef,
-    dtypes: &[DType],
-    params: Option<(&str, &[Field])>,
-) -> Result<(String, naga::Module, usize)> {
+pub fn compile(k: &KernelDef, dtypes: &[DType], params: (&str, &[Field])) -> Result<(String, naga::Module, usize)> {
     compile_with(k, dtypes, KernelFeatures::NONE, params)
 }
 
@@ -706,7 +673,7 @@ pub fn compile_with(
     k: &KernelDef,
     dtypes: &[DType],
     features: KernelFeatures,
-    params: Option<(&str, &[Field])>,
+    params: (&str, &[Field]),
 ) -> Result<(String, naga::Module, usize)> {
     let label = format!("{}::{}", k.family, k.name);
     let src = generate_with(k, dtypes, features)?;
@@ -818,28 +785,6 @@ pub fn grid1d(threads: usize) -> [u32; 3] {
     }
 }
 
-/// Packs kernel parameters: each entry is one `u32` word.
-#[derive(Clone, Debug, Default)]
-pub struct Params(pub Vec<u32>);
-
-impl Params {
-    pub fn new() -> Self {
-        Self::default()
-    }
-    pub fn u(mut self, v: usize) -> Self {
-        self.0.push(v as u32);
-        self
-    }
-    pub fn f(mut self, v: f32) -> Self {
-        self.0.push(v.to_bits());
-        self
-    }
-    pub fn b(mut self, v: bool) -> Self {
-        self.0.push(v as u32);
-        self
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -899,7 +844,7 @@ mod tests {
     fn a_broken_shader_fails_validation_with_a_message() {
         let k = parse_family(
             "t",
-            "//!kernel k(x: in, y: out)\n@compute @workgroup_size(1) fn main() { st_y(0u, ld_z(0u)); }\n",
+            "struct K { n: u32 }\n//!kernel k(x: in, y: out) : K\n@compute @workgroup_size(1) fn main() { st_y(0u, ld_z(0u)); }\n",
         )
         .unwrap()
         .remove(0);
@@ -910,11 +855,16 @@ mod tests {
     #[test]
     fn headers_parse_names_and_roles() {
         let ks =
-            parse_family("f", "fn common() {}\n//!kernel a(x: in, i: idx, y: inout)\nA\n//!kernel b()\nB\n").unwrap();
+            parse_family("f", "fn common() {}\n//!kernel a(x: in, i: idx, y: inout) : AP\nA\n//!kernel b() : BP\nB\n")
+                .unwrap();
         assert_eq!(ks.len(), 2);
         assert_eq!(ks[0].args, vec![("x".into(), Role::In), ("i".into(), Role::Idx), ("y".into(), Role::InOut)]);
+        assert_eq!((ks[0].params.as_str(), ks[1].params.as_str()), ("AP", "BP"));
         assert!(ks[0].body.contains("common") && ks[0].body.contains('A') && !ks[0].body.contains('B'));
-        assert!(parse_family("f", "//!kernel bad(x: sideways)\n").is_err());
+        assert!(parse_family("f", "//!kernel bad(x: sideways) : P\n").is_err());
+        // Every kernel names its parameter struct (no positional words).
+        assert!(parse_family("f", "//!kernel untyped(x: in)\n").is_err());
+        assert!(parse_family("f", "//!kernel untyped(x: in) : \n").is_err());
     }
 
     crate::wgsl_params! {
@@ -943,22 +893,20 @@ mod tests {
     #[test]
     fn a_mismatched_parameter_struct_fails_naming_the_field() {
         let dts = [DType::F32, DType::F32];
-        let ok = compile(&typed_kernel("GoodParams"), &dts, Some((GoodParams::NAME, GoodParams::FIELDS)));
+        let ok = compile(&typed_kernel("GoodParams"), &dts, (GoodParams::NAME, GoodParams::FIELDS));
         assert_eq!(ok.unwrap().2, 16, "12 bytes of fields, a 16-byte uniform");
 
         let k = typed_kernel("SwappedParams");
-        let e = compile(&k, &dts, Some((SwappedParams::NAME, SwappedParams::FIELDS))).unwrap_err().to_string();
+        let e = compile(&k, &dts, (SwappedParams::NAME, SwappedParams::FIELDS)).unwrap_err().to_string();
         assert!(e.contains("field `z0`") && e.contains("`scale` in WGSL"), "{e}");
 
         let k = typed_kernel("ShortParams");
-        let e = compile(&k, &dts, Some((ShortParams::NAME, ShortParams::FIELDS))).unwrap_err().to_string();
+        let e = compile(&k, &dts, (ShortParams::NAME, ShortParams::FIELDS)).unwrap_err().to_string();
         assert!(e.contains("field `z0`") && e.contains("missing from Rust"), "{e}");
 
         let k = typed_kernel("GoodParams");
-        let e = compile(&k, &dts, Some((ShortParams::NAME, ShortParams::FIELDS))).unwrap_err().to_string();
+        let e = compile(&k, &dts, (ShortParams::NAME, ShortParams::FIELDS)).unwrap_err().to_string();
         assert!(e.contains("`GoodParams`") && e.contains("`ShortParams`"), "{e}");
-        let e = compile(&k, &dts, None).unwrap_err().to_string();
-        assert!(e.contains("positional"), "{e}");
     }
 
     /// Every typed kernel in `shaders/` declares a struct the Rust side can
@@ -968,7 +916,7 @@ mod tests {
         let mut typed = 0;
         for (family, src) in SHADERS {
             for k in parse_family(family, src).unwrap() {
-                let Some(name) = &k.params else { continue };
+                let name = &k.params;
                 let dts: Vec<DType> =
                     k.args.iter().map(|(_, r)| if r.is_index() { DType::U32 } else { DType::F32 }).collect();
                 let m = parse_validated(name, &generate(&k, &dts).unwrap()).unwrap();
@@ -1021,6 +969,8 @@ mod tests {
             ("indexer", "indexer_bwd_k", "indexer", "indexer_bwd_k_hw", false),
             // One kernel for both variants (already 256-wide); its subgroup build differs.
             ("attention", "indexer_kl", "attention", "indexer_kl", false),
+            ("cached", "cached_pool", "cached", "cached_pool_hw", false),
+            ("cached", "cached_select", "cached", "cached_select_hw", false),
         ];
         println!(
             "| kernel | variant | features | invocations/workgroup | workgroup memory (bytes) | \
@@ -1129,45 +1079,35 @@ mod tests {
         ]
     }
 
-    /// Kernels still on positional `pu`/`pf` words.
-    const POSITIONAL_KERNELS: &[&str] = &[];
-
     fn f32_dtypes(k: &KernelDef) -> Vec<DType> {
         k.args.iter().map(|(_, r)| if r.is_index() { DType::U32 } else { DType::F32 }).collect()
     }
 
     /// Table-driven over every kernel of `shaders/`: a typed kernel's WGSL
     /// struct has a registered Rust mirror that passes the pipeline check
-    /// (names, offsets, sizes, span), every registered struct is some
-    /// kernel's, and the only untyped kernels are those of
-    /// [`POSITIONAL_KERNELS`].
+    /// (names, offsets, sizes, span), and every registered struct is some
+    /// kernel's (every kernel is typed: the parser refuses a header without
+    /// a struct).
     #[test]
     fn every_kernel_struct_matches_its_rust_mirror() {
         let reg = registered_params();
         let mut used = vec![false; reg.len()];
-        let mut positional = Vec::new();
         let mut typed = 0;
         for (family, src) in SHADERS {
             for k in parse_family(family, src).unwrap() {
                 let label = format!("{family}::{}", k.name);
-                let Some(name) = &k.params else {
-                    positional.push(label);
-                    continue;
-                };
+                let name = &k.params;
                 let i = reg
                     .iter()
                     .position(|(n, _)| n == name)
                     .unwrap_or_else(|| panic!("{label}: no Rust struct `{name}` registered"));
                 used[i] = true;
-                let (src, module, bytes) = compile(&k, &f32_dtypes(&k), Some(reg[i])).unwrap();
-                assert!(!uses(&src, "pu") && !uses(&src, "pf"), "{label} still reads positional words");
+                let (_, _, bytes) = compile(&k, &f32_dtypes(&k), reg[i]).unwrap();
                 let rust_bytes = reg[i].1.last().map_or(0, |f| f.offset + f.size);
                 assert_eq!(bytes, uniform_size(rust_bytes), "{label}: uniform size");
-                assert!(check_params(&label, &module, None).is_err(), "{label} accepts positional words");
                 typed += 1;
             }
         }
-        assert_eq!(positional, POSITIONAL_KERNELS, "kernels without a parameter struct");
         for ((name, _), u) in reg.iter().zip(&used) {
             assert!(*u, "Rust struct `{name}` is registered but no kernel takes it");
         }
@@ -1184,10 +1124,10 @@ mod tests {
             let k = SHADERS
                 .iter()
                 .flat_map(|(family, src)| parse_family(family, src).unwrap())
-                .find(|k| k.params.as_deref() == Some(*name))
+                .find(|k| k.params == *name)
                 .unwrap();
             let dts = f32_dtypes(&k);
-            let check = |fs: &[Field]| compile(&k, &dts, Some((name, fs))).map(|_| ()).unwrap_err().to_string();
+            let check = |fs: &[Field]| compile(&k, &dts, (name, fs)).map(|_| ()).unwrap_err().to_string();
             let last = fields.last().unwrap();
 
             let e = check(&fields[..fields.len() - 1]);
@@ -1236,28 +1176,31 @@ mod tests {
     }
 
     /// `//#if` blocks keep the branch of the features in effect; `f16` is in
-    /// effect only for kernels that name it and whose float inputs are f16.
+    /// effect only for kernels that name it and whose inputs read as f16
+    /// (`ldh_x`) are f16 — an input read as f32 only (`s`) keeps its dtype.
     #[test]
     fn feature_blocks_select_their_branch() {
         let k = parse_family(
             "t",
-            "//!kernel k(x: in, y: out)\n@compute @workgroup_size(64) fn main(@builtin(local_invocation_id) l: vec3<u32>) {\n\
-             //#if f16\nlet v = f32(ldh_x(l.x) * ldh_x(l.x));\n//#else\nlet v = ld_x(l.x) * ld_x(l.x);\n//#endif\n\
+            "struct K { n: u32 }\n//!kernel k(x: in, s: in, y: out) : K\n\
+             @compute @workgroup_size(64) fn main(@builtin(local_invocation_id) l: vec3<u32>) {\n\
+             //#if f16\nlet v = f32(ldh_x(l.x) * ldh_x(l.x)) + ld_s(0u);\n//#else\nlet v = ld_x(l.x) * ld_x(l.x) + ld_s(0u);\n//#endif\n\
              //#if subgroups\nlet s = subgroupAdd(v);\n//#else\nlet s = v;\n//#endif\nst_y(l.x, s); }\n",
         )
         .unwrap()
         .remove(0);
-        let half = [DType::F16, DType::F32];
-        for f in KernelFeatures::every() {
-            for dts in [half, [DType::F32, DType::F32]] {
-                let src = generate_with(&k, &dts, f).unwrap();
+        let (h, f, b) = (DType::F16, DType::F32, DType::BF16);
+        for fs in KernelFeatures::every() {
+            for dts in [[h, f, f], [h, h, f], [h, b, f], [f, f, f], [b, h, f]] {
+                let src = generate_with(&k, &dts, fs).unwrap();
                 validate("t::k", &src).unwrap();
-                let want = f.for_kernel(&k, &dts);
-                assert_eq!(src.contains("enable f16;") && src.contains("ldh_x(l.x)"), want.f16, "{f:?} {dts:?}");
-                assert_eq!(src.contains("subgroupAdd"), want.subgroups, "{f:?}");
+                let want = fs.for_kernel(&k, &dts);
+                assert_eq!(want.f16, fs.f16 && dts[0] == h, "{fs:?} {dts:?}");
+                assert_eq!(src.contains("enable f16;") && src.contains("ldh_x(l.x)"), want.f16, "{fs:?} {dts:?}");
+                assert_eq!(src.contains("subgroupAdd"), want.subgroups, "{fs:?}");
             }
         }
-        assert!(!KernelFeatures::ALL.for_kernel(&k, &[DType::BF16, DType::F32]).f16);
+        assert!(!KernelFeatures::ALL.for_kernel(&k, &[b, f, f]).f16);
         for bad in ["//#if f17\n//#endif\n", "//#else\n", "//#if f16\n", "//#endif\n"] {
             assert!(preprocess("t", bad, KernelFeatures::ALL).is_err(), "{bad:?}");
         }

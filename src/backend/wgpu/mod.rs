@@ -235,8 +235,8 @@ fn subgroups_usable(feature: bool, info: &wgpu::AdapterInfo) -> bool {
 struct Pipeline {
     layout: wgpu::BindGroupLayout,
     pipeline: wgpu::ComputePipeline,
-    /// The Rust parameter struct checked against the shader (None: positional words).
-    params: Option<(&'static str, &'static [Field])>,
+    /// The Rust parameter struct checked against the shader.
+    params: (&'static str, &'static [Field]),
     /// Bytes of the uniform parameter buffer.
     param_bytes: usize,
 }
@@ -555,16 +555,15 @@ impl WgpuBackend {
         &self,
         k: &KernelDef,
         dtypes: &[DType],
-        params: Option<(&'static str, &'static [Field])>,
+        params: (&'static str, &'static [Field]),
     ) -> Result<Arc<Pipeline>> {
         let features = self.features.for_kernel(k, dtypes);
         let key = format!("{}::{}:{:?}:{features:?}", k.family, k.name, dtypes);
         if let Some(p) = lock(&self.pipelines).get(&key) {
-            if p.params.map(|p| p.0) != params.map(|p| p.0) {
+            if p.params.0 != params.0 {
                 return Err(Error::Device(format!(
-                    "wgpu: kernel {key} was created for parameters {:?}, launched with {:?}",
-                    p.params.map(|p| p.0),
-                    params.map(|p| p.0)
+                    "wgpu: kernel {key} was created for parameters `{}`, launched with `{}`",
+                    p.params.0, params.0
                 )));
             }
             return Ok(p.clone());
@@ -771,7 +770,7 @@ impl WgpuBackend {
     fn half_convert(&self, which: &str, src: &wgpu::Buffer, dst: &wgpu::Buffer, dt: DType, n: usize) -> Result<()> {
         let k = self.kernel("elementwise", which)?;
         let dtypes = if which == "pack_half" { [DType::F32, DType::U32] } else { [DType::U32, DType::F32] };
-        let p = self.pipeline(&k, &dtypes, Some((core_ops::HalfParams::NAME, core_ops::HalfParams::FIELDS)))?;
+        let p = self.pipeline(&k, &dtypes, (core_ops::HalfParams::NAME, core_ops::HalfParams::FIELDS))?;
         let params = core_ops::HalfParams { n: n as u32, bf16: (dt == DType::BF16) as u32 };
         self.dispatch(&p, &(&params).into(), &[src, dst], kernel::grid1d(n.div_ceil(2)))
     }
