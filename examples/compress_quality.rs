@@ -3,11 +3,14 @@
 //! weight, and the hardware-aware planner at the given budgets.
 //!
 //! The checkpoint's validation text (the last 10% of its `--data` file) is
-//! cut in two halves: the first is the calibration text, the second is
-//! **held out**, seen by nothing, and every figure is reported on it too. The
-//! calibration half is cut again: its first part calibrates (AWQ, Wanda) and
-//! is the planner's sensitivity text, its second part only verifies plans
-//! (`quant::plan`, "Verification").
+//! cut into windows dealt to three disjoint parts (`quant::plan::Parts`):
+//! the *sensitivity* part calibrates (AWQ, Wanda) and gives the planner's
+//! `Δ` table, the *verification* part only verifies plans (`quant::plan`,
+//! "Verification"), the *held-out* part is seen by nothing, and every figure
+//! is reported on it too. `--split interleaved` (default) deals the windows
+//! round-robin over the whole text: three samples of the same text.
+//! `--split halves` keeps the second half as the held-out part: a
+//! distribution-shift check (other books than the plan was fitted on).
 //!
 //! `--cost-backend wgpu` plans for another device: its kernel costs are
 //! measured there (cached), while the losses are evaluated on `--backend`.
@@ -25,8 +28,8 @@ use dynsparse::data::Corpus;
 use dynsparse::quant::awq::{Choice, Method, compress};
 use dynsparse::quant::calib::{CalibOptions, calibrate, linears};
 use dynsparse::quant::plan::{
-    CostCache, Evaluator, Paired, PlanOptions, Target, Z_ONE_SIDED_95, choose_and_verify, measure_table, parse_budget,
-    sensitivity_cache_path,
+    CostCache, Evaluator, Paired, Parts, PlanOptions, Split, Target, Z_ONE_SIDED_95, choose_and_verify, measure_table,
+    parse_budget, sensitivity_cache_path,
 };
 use dynsparse::quant::{QFormat, QMatrix};
 use dynsparse::train::checkpoint::{self, Checkpoint};
@@ -54,10 +57,13 @@ struct Args {
     /// Measure kernel costs on this backend instead of --backend.
     #[arg(long, value_enum)]
     cost_backend: Option<BackendChoice>,
-    /// Spread the verification and held-out windows evenly over their texts
-    /// (default: the first windows in a row; the sensitivity text always reads its first windows).
+    /// interleaved (sensitivity, verification and held-out windows dealt round-robin over the
+    /// whole text) or halves (held-out = the second half: a distribution-shift check).
+    #[arg(long, default_value = "interleaved")]
+    split: String,
+    /// The per-format table only (no planner).
     #[arg(long)]
-    spread: bool,
+    table_only: bool,
     /// Add int4-g128 asymmetric (AWQ) and 2:4-int8 (Wanda) to the planner's candidates.
     #[arg(long)]
     more_candidates: bool,
@@ -74,8 +80,7 @@ struct Args {
 struct Job {
     args: Args,
     ck: Checkpoint,
-    calib_text: Corpus,
-    held_out: Corpus,
+    parts: Parts,
     /// The device whose cached kernel costs to plan with (None: the backend's own).
     cost_device: Option<String>,
 }
@@ -116,6 +121,18 @@ impl BackendJob for CostJob {
     }
 }
 
+/// Whether the budget changed the plan: its cost exceeds the unconstrained
+/// optimum (every weight in its cheapest option, whatever its Δ).
+fn binds(plan: &dynsparse::quant::plan::Plan, target: Target) -> bool {
+    let cost = |o: &dynsparse::quant::plan::PlanOption| match target {
+        Target::Speed => o.us,
+        Target::Size => o.bytes as f64,
+    };
+    let chosen: f64 = plan.rows.iter().map(|(r, o)| cost(&r.options[*o])).sum();
+    let free: f64 = plan.rows.iter().map(|(r, _)| r.options.iter().map(cost).fold(f64::INFINITY, f64::min)).sum();
+    chosen > free * (1.0 + 1e-9)
+}
+
 fn pct(d: f64, base: f64) -> String {
     format!("{:+.2}%", 100.0 * d / base)
 }
@@ -123,24 +140,37 @@ fn pct(d: f64, base: f64) -> String {
 impl BackendJob for Job {
     type Output = ();
     fn run<B: Backend>(self, be: &B) -> Result<()> {
-        let Job { args, ck, calib_text, held_out, cost_device } = self;
+        let Job { args, ck, parts, cost_device } = self;
         let (cfg, dtype, values) = (ck.model, ck.train.precision, &ck.state.params);
         let seq = ck.train.seq.min(128);
-        let (sens_text, verify_text) = calib_text.split(0.5);
         let t0 = Instant::now();
         let model = dynsparse::model::Model::from_values(be, cfg, dtype, values)?;
-        let cal = calibrate(be, &model, &sens_text, CalibOptions { batch: 4, seq, windows: 32, sample_rows: 256 })?;
+        let cal_text = parts.calibration(32);
+        let cal = calibrate(be, &model, &cal_text, CalibOptions { batch: 4, seq, windows: 32, sample_rows: 256 })?;
         drop(model);
         eprintln!("calibration: {} tokens in {:.1} s", cal.tokens, t0.elapsed().as_secs_f64());
-        let mut ev_a = Evaluator::new(be, &cfg, dtype, values, &sens_text, (4, seq, args.windows))?;
-        let mut ev_v = Evaluator::new(be, &cfg, dtype, values, &verify_text, (1, seq, args.verify_windows))?;
-        let mut ev_b = Evaluator::new(be, &cfg, dtype, values, &held_out, (1, seq, args.held_windows))?;
-        if args.spread {
-            ev_v = ev_v.spread();
-            ev_b = ev_b.spread();
-        }
+        let mut ev_a = Evaluator::new(be, &cfg, dtype, values, &parts.sensitivity, (4, seq, args.windows))?.chunked();
+        let mut ev_v =
+            Evaluator::new(be, &cfg, dtype, values, &parts.verification, (1, seq, args.verify_windows))?.chunked();
+        let mut ev_b = Evaluator::new(be, &cfg, dtype, values, &parts.held_out, (1, seq, args.held_windows))?.chunked();
+        let span = |r: &[std::ops::Range<usize>]| {
+            format!(
+                "{} windows at tokens {}..{}",
+                r.len(),
+                r.first().map_or(0, |x| x.start),
+                r.last().map_or(0, |x| x.end)
+            )
+        };
+        println!(
+            "split {}: sensitivity {}, verification {}, held-out {}",
+            args.split,
+            span(&parts.ranges[0]),
+            span(&parts.ranges[1]),
+            span(&parts.ranges[2])
+        );
         let (base_a, base_b) = (ev_a.loss(be, values)?, ev_b.loss(be, values)?);
-        println!("verification text base loss {:.4}", ev_v.loss(be, values)?);
+        let base_v = ev_v.loss(be, values)?;
+        println!("verification text base loss {base_v:.4}");
         let base_b_windows = ev_b.window_losses(be, values)?;
         let lins = linears(&cfg);
         let dense_bytes: usize = lins.iter().map(|l| 4 * l.n * l.k).sum();
@@ -196,6 +226,9 @@ impl BackendJob for Job {
             }
             println!();
         }
+        if args.table_only {
+            return Ok(());
+        }
         let target = Target::parse(&args.target)?;
         let mut cache = CostCache::load(CostCache::default_path().as_deref());
         cache.device = cost_device;
@@ -207,6 +240,7 @@ impl BackendJob for Job {
             batches: vec![1, 8],
             max_rounds: 4,
             z: Z_ONE_SIDED_95,
+            predict_windows: args.held_windows,
         };
         let t = Instant::now();
         let table = measure_table(be, &mut ev_a, values, Some(&cal), &opt, &mut cache, &mut sens, |i, n| {
@@ -231,6 +265,13 @@ impl BackendJob for Job {
                 *formats.entry(f).or_default() += 1;
             }
             println!("formats: {formats:?}");
+            println!(
+                "verified {} ({} windows), bound {} of the sensitivity base; budget binds: {}",
+                pct(plan.verified.mean, base_v),
+                plan.verified.n,
+                pct(plan.upper, base_a),
+                if binds(&plan, target) { "yes" } else { "no" }
+            );
             println!(
                 "held-out Δloss {:+.5} ± {:.5} ({} of base {base_b:.4}; budget {}); linear bytes {} ({:.3}× f32; {} of {} compressed); {:.1} s\n",
                 held.mean,
@@ -257,7 +298,7 @@ fn main() -> Result<()> {
         _ => return Err(Error::Invalid("the checkpoint names no data file: pass --data".into())),
     };
     let val = Corpus::from_file(&data)?.split(0.1).1;
-    let (calib_text, held_out) = val.split(0.5);
+    let parts = Parts::new(&val, ck.train.seq.min(128), Split::parse(&args.split)?)?;
     let cost_device = match args.cost_backend {
         Some(cb) => {
             let sel = select(cb)?;
@@ -266,5 +307,5 @@ fn main() -> Result<()> {
         None => None,
     };
     let sel = select(args.backend)?;
-    run_on(&sel.backend, Job { args, ck, calib_text, held_out, cost_device })
+    run_on(&sel.backend, Job { args, ck, parts, cost_device })
 }

@@ -234,5 +234,11 @@ fn awq_wanda_and_the_planner_write_loadable_checkpoints() {
     fails_with(compress(&ck, &o, &["--format", "auto", "--group", "32"]), "--format auto");
     fails_with(compress(&ck, &o, &["--format", "auto", "--budget", "2"]), "--budget 2");
     fails_with(compress(&ck, &o, &["--format", "auto", "--target", "latency"]), "--target latency");
+    // Long enough to read (64 bytes) but short of one window (33 tokens) for each of the planner's two parts.
+    let short = d.join("short.txt");
+    let text = "In the beginning God created the heaven and the earth. And the e";
+    assert_eq!(text.len(), 64);
+    std::fs::write(&short, text).unwrap();
+    fails_with(compress(&ck, &o, &["--format", "auto", "--calib", short.to_str().unwrap()]), "--format auto");
     std::fs::remove_dir_all(&d).unwrap();
 }

@@ -8,8 +8,8 @@ use dynsparse::model::{AttentionMode, Model, ModelConfig, StepAttention, Workspa
 use dynsparse::quant::awq::{Choice, Method, compress, fold_scales, output_error, scales, search};
 use dynsparse::quant::calib::{CalibOptions, Input, calibrate, linears};
 use dynsparse::quant::plan::{
-    Evaluator, Paired, PlanOption, PlanOptions, Row, Table, Target, Z_ONE_SIDED_95, check_budget, choose_and_verify,
-    parse_budget, shrink_target, solve,
+    Evaluator, Paired, Parts, PlanOption, PlanOptions, Row, Split, Table, Target, Z_ONE_SIDED_95, check_budget,
+    choose_and_verify, interleave, parse_budget, pick_even, shrink_target, solve,
 };
 use dynsparse::quant::prune::wanda;
 use dynsparse::quant::{QFormat, QMatrix};
@@ -252,12 +252,90 @@ fn paired_bound_and_budget_shrink_follow_their_formulas() {
     // One window: no spread to estimate.
     assert_eq!(Paired::new(&[1.0], &[1.5]).unwrap().se, 0.0);
     assert!(Paired::new(&[1.0, 2.0], &[1.0]).is_err() && Paired::new(&[], &[]).is_err());
-    // The bound overshoots the budget 2×: the planning budget shrinks by 0.9/2; by 1%: by 0.9/1.01.
-    assert!((shrink_target(1.0, 0.01, 0.02) - 0.45).abs() < 1e-12);
-    assert!((shrink_target(2.0, 0.01, 0.0101) - 2.0 * 0.9 / 1.01).abs() < 1e-12);
-    // A bound within the budget (not a failure) still never grows it.
-    assert!((shrink_target(1.0, 0.01, 0.001) - 0.9).abs() < 1e-12);
-    assert!(shrink_target(1.0, 0.01, f64::NAN) < 1.0);
+    // Prediction bound for the mean of w new windows: d̄ + z·se·√(1 + W/w); w = 0: the confidence bound.
+    assert!((p.predict_upper(2.0, 4) - (0.2 + 2.0 * se * 2f64.sqrt())).abs() < 1e-12);
+    assert!((p.predict_upper(2.0, 12) - (0.2 + 2.0 * se * (4.0f64 / 3.0).sqrt())).abs() < 1e-12);
+    assert_eq!(p.predict_upper(2.0, 0), p.upper(2.0));
+    assert!(p.predict_upper(2.0, 1_000_000) > p.upper(2.0));
+    // Ratio rule: predicted 0.004, verified mean 0.008 (ratio 2), margin 0.002, budget 0.01:
+    // the next plan should predict ≤ (0.01 − 0.002)/2 = 0.004, below 0.9 × target 0.01.
+    assert!((shrink_target(0.01, 0.01, 0.004, 0.008, 0.010 + 1e-3) - (0.01 - 0.003) / 2.0).abs() < 1e-12);
+    assert!((shrink_target(0.01, 0.01, 0.004, 0.008, 0.010) - 0.004).abs() < 1e-12);
+    // The table over-predicted (ratio 0.5): still at least a 10% cut.
+    assert!((shrink_target(0.01, 0.01, 0.02, 0.01, 0.0105) - 0.009).abs() < 1e-12);
+    // No ratio (nothing predicted, or the verified mean ≤ 0: the margin alone broke it): the overshoot rule.
+    assert!((shrink_target(1.0, 0.01, 0.0, 0.01, 0.02) - 0.45).abs() < 1e-12);
+    assert!((shrink_target(2.0, 0.01, 0.5, -0.001, 0.0101) - 2.0 * 0.9 / 1.01).abs() < 1e-12);
+    // The margin alone fills the budget: the overshoot rule.
+    assert!((shrink_target(1.0, 0.01, 0.005, 0.005, 0.02) - 0.45).abs() < 1e-12);
+    // Never grows, and non-finite inputs halve it.
+    assert!((shrink_target(1.0, 0.01, 0.001, 0.001, 0.0011) - 0.0099).abs() < 1e-12);
+    assert!((shrink_target(0.001, 0.01, 0.001, 0.001, 0.0011) - 0.0009).abs() < 1e-12);
+    assert_eq!(shrink_target(1.0, 0.01, 0.5, 0.5, f64::NAN), 0.5);
+    for (p, m, u) in [(1e-3, 2e-3, 3e-3), (5e-3, 1e-3, 1.2e-2), (0.0, 0.0, 0.02), (1e-2, 1e-2, 1e-2 + 1e-9)] {
+        let t = shrink_target(0.02, 0.01, p, m, u);
+        assert!(t > 0.0 && t <= 0.9 * 0.02 + 1e-15, "{p} {m} {u}: {t}");
+    }
+}
+
+/// The three parts are disjoint, each spans the whole text (interleaved),
+/// hold exactly the text's tokens at their ranges, and an evaluator reading
+/// a part in chunks reads whole chunks; `--split halves` keeps the second
+/// half held out.
+#[test]
+fn interleaved_parts_are_disjoint_and_span_the_text() {
+    assert_eq!(pick_even(10, 4), vec![0, 2, 5, 7]);
+    assert_eq!(pick_even(3, 8), vec![0, 1, 2]);
+    assert_eq!(interleave(10, 3, 2), vec![vec![0..3, 6..9], vec![3..6]]);
+    let text = Corpus { tokens: (0..5000u32).map(|i| (i * 7 % 251) as u8).collect(), ..Default::default() };
+    let seq = 16;
+    let p = Parts::new(&text, seq, Split::Interleaved).unwrap();
+    let mut owner = vec![None; text.tokens.len()];
+    for (k, rs) in p.ranges.iter().enumerate() {
+        assert!(rs.len() >= 5000 / 17 / 3, "part {k}: {} chunks", rs.len());
+        // Spans the text: a chunk in the first and in the last 5%.
+        assert!(rs[0].start < 250 && rs.last().unwrap().end > 4750, "part {k}: {:?}", (&rs[0], rs.last()));
+        for r in rs {
+            assert_eq!(r.len(), seq + 1);
+            for t in r.clone() {
+                assert_eq!(owner[t], None, "token {t} in parts {:?} and {k}", owner[t]);
+                owner[t] = Some(k);
+            }
+        }
+        let part = [&p.sensitivity, &p.verification, &p.held_out][k];
+        let want: Vec<u8> = rs.iter().flat_map(|r| text.tokens[r.clone()].to_vec()).collect();
+        assert_eq!(part.tokens, want, "part {k}");
+    }
+    // The calibration text is made of sensitivity chunks only.
+    let cal = p.calibration(5);
+    assert_eq!(cal.tokens.len(), 5 * (seq + 1));
+    for c in cal.tokens.chunks(seq + 1) {
+        assert!(p.ranges[0].iter().any(|r| &text.tokens[r.clone()] == c));
+    }
+    // Halves: sensitivity and verification in the first half, held-out the second.
+    let h = Parts::new(&text, seq, Split::Halves).unwrap();
+    let half = text.tokens.len() / 2;
+    assert!(h.ranges[0].iter().chain(&h.ranges[1]).all(|r| r.end <= half));
+    assert!(h.ranges[2].iter().all(|r| r.start >= half - seq) && h.ranges[2].len() >= 2500 / 17 - 1);
+    assert!(Split::parse("halves").unwrap() == Split::Halves && Split::parse("random").is_err());
+    // Too short for three windows: an error naming the part.
+    let short = Corpus { tokens: vec![65; 40], ..Default::default() };
+    assert!(Parts::new(&short, seq, Split::Interleaved).unwrap_err().to_string().contains("held-out"));
+    // A chunked evaluator's windows are whole chunks: its losses equal those of each chunk alone.
+    let be = CpuBackend::new();
+    let cfg = tiny(AttentionMode::Dense);
+    let v = params(&cfg, 5);
+    let mut all = Evaluator::new(&be, &cfg, DType::F32, &v, &p.verification, (1, seq, 3)).unwrap().chunked();
+    let got = all.window_losses(&be, &v).unwrap();
+    let n = p.ranges[1].len();
+    for (i, c) in pick_even(n, 3).into_iter().enumerate() {
+        // One trailing byte: the first-windows layout wants a token past the window.
+        let mut tokens = text.tokens[p.ranges[1][c].clone()].to_vec();
+        tokens.push(0);
+        let one = Corpus { tokens, ..Default::default() };
+        let mut ev = Evaluator::new(&be, &cfg, DType::F32, &v, &one, (1, seq, 1)).unwrap();
+        assert_eq!(ev.window_losses(&be, &v).unwrap(), vec![got[i]], "window {i} = chunk {c}");
+    }
 }
 
 /// The accepted plan's verification bound is within the budget, measured on
@@ -309,6 +387,7 @@ fn verification_on_its_own_text_decides_and_falls_back_to_dense() {
             batches: vec![1],
             max_rounds: 2,
             z: Z_ONE_SIDED_95,
+            predict_windows: 0,
         };
         let (plan, _) = choose_and_verify(&be, &mut ver, &v, None, &table, &opt).unwrap();
         assert!(plan.upper <= plan.budget, "budget {budget}: bound {} over {}", plan.upper, plan.budget);

@@ -17,7 +17,7 @@ use dynsparse::model::{AttentionMode, GenerateOptions, Model, StepAttention, Wor
 use dynsparse::quant::awq::{self, Choice, Method};
 use dynsparse::quant::calib::{CalibOptions, calibrate, linears};
 use dynsparse::quant::checkpoint::{self as qck, QCheckpoint};
-use dynsparse::quant::plan::{self, CostCache, Evaluator, PlanOptions, Target};
+use dynsparse::quant::plan::{self, CostCache, Evaluator, Parts, PlanOptions, Target};
 use dynsparse::quant::{QFormat, QMatrix};
 use dynsparse::train::checkpoint;
 use dynsparse::{Backend, Error, Result};
@@ -46,8 +46,9 @@ pub struct CompressArgs {
     #[arg(long)]
     pub method: Option<String>,
     /// Largest relative validation-loss increase the planner may spend (--format auto; default
-    /// 0.01 = 1%). Sensitivities are measured on the first half of the calibration text; the plan is
-    /// accepted when the upper 95% bound of its loss increase on the second half is within it.
+    /// 0.01 = 1%). The calibration text's windows are dealt round-robin to a sensitivity part and a
+    /// verification part; the plan is accepted when the upper 95% prediction bound of its loss
+    /// increase, from the verification part, is within it.
     #[arg(long, allow_negative_numbers = true)]
     pub budget: Option<f64>,
     /// What the planner minimises: speed or size (--format auto).
@@ -139,19 +140,34 @@ impl BackendJob for CompressJob {
         let lins = linears(&cfg);
         let seq = ck.train.seq;
         let needs_calib = !matches!(mode, Mode::Fixed(Choice { method: Method::Rtn, .. }));
-        // The planner keeps a part of the calibration text for verification
-        // only (plan.rs, "Verification"); calibration and sensitivities read the other.
-        let (calib, verify_text) = match mode {
+        let batch = ck.train.batch.min(4);
+        // The planner deals the calibration text's windows round-robin to a
+        // sensitivity part (calibration and the Δ table) and a verification
+        // part (whole plans only): two samples of the same text (plan.rs, "Text").
+        let (calib, parts) = match mode {
             Mode::Auto { .. } => {
-                let (a, b) = calib.split(0.5);
-                (a, Some(b))
+                let short = || {
+                    Error::Invalid(format!(
+                        "--format auto: the calibration text has {} tokens; the planner needs at least {} \
+                         ({} windows of {} tokens for each of its sensitivity and verification parts): pass a longer --calib",
+                        calib.tokens.len(),
+                        2 * batch * (seq + 1),
+                        batch,
+                        seq + 1
+                    ))
+                };
+                let parts = Parts::without_held_out(&calib, seq).map_err(|_| short())?;
+                if parts.ranges[0].len() < batch || parts.ranges[1].is_empty() {
+                    return Err(short());
+                }
+                (parts.calibration(32), Some(parts))
             }
             Mode::Fixed(_) => (calib, None),
         };
         let cal = if needs_calib {
             bar.set_message("calibrating");
             let model = Model::from_values(be, cfg, dtype, values)?;
-            let opt = CalibOptions { batch: ck.train.batch.min(4), seq, ..Default::default() };
+            let opt = CalibOptions { batch, seq, ..Default::default() };
             Some(calibrate(be, &model, &calib, opt)?)
         } else {
             None
@@ -167,23 +183,12 @@ impl BackendJob for CompressJob {
                 comp
             }
             Mode::Auto { budget, target } => {
-                let batch = ck.train.batch.min(4);
-                let verify_text = verify_text.expect("auto mode splits the calibration text");
-                let short = |what: &str, c: &Corpus| {
-                    Error::Invalid(format!(
-                        "--format auto: the calibration text's {what} part has {} tokens; the planner needs \
-                         at least {} in each half (sensitivity and verification): pass a longer --calib",
-                        c.tokens.len(),
-                        batch * seq + 1
-                    ))
-                };
-                let mut ev = Evaluator::new(be, &cfg, dtype, values, &calib, (batch, seq, windows))
-                    .map_err(|_| short("sensitivity", &calib))?
-                    .spread();
+                let parts = parts.expect("auto mode splits the calibration text");
+                let mut ev =
+                    Evaluator::new(be, &cfg, dtype, values, &parts.sensitivity, (batch, seq, windows))?.chunked();
                 // Batch 1: one loss per window, the units of the paired standard error.
-                let mut ver = Evaluator::new(be, &cfg, dtype, values, &verify_text, (1, seq, windows))
-                    .map_err(|_| short("verification", &verify_text))?
-                    .spread();
+                let mut ver =
+                    Evaluator::new(be, &cfg, dtype, values, &parts.verification, (1, seq, 2 * windows))?.chunked();
                 let opt = PlanOptions {
                     budget,
                     target,
@@ -191,6 +196,8 @@ impl BackendJob for CompressJob {
                     batches: vec![1, 8],
                     max_rounds: 4,
                     z: plan::Z_ONE_SIDED_95,
+                    // Unseen text as long as the verification sample.
+                    predict_windows: 2 * windows,
                 };
                 let mut cache = CostCache::load(CostCache::default_path().as_deref());
                 let mut sens = CostCache::load(plan::sensitivity_cache_path().as_deref());

@@ -1,16 +1,22 @@
 //! The hardware-aware planner: one format per linear weight, chosen from
 //! measured sensitivities and measured kernel costs.
 //!
-//! - **Text**: the calibration text is cut in two parts that never mix: the
-//!   *sensitivity* part `S` (calibration statistics and every `Δ_i(f)`) and the
-//!   *verification* part `V` (only the whole plan is evaluated on it). Text the
-//!   planner never sees (held-out) is the caller's.
+//! - **Text** ([`Parts`]): the evaluation text is cut into windows (chunks of
+//!   `seq + 1` tokens) dealt round-robin to parts that never share a token:
+//!   the *sensitivity* part `S` (calibration statistics and every `Δ_i(f)`),
+//!   the *verification* part `V` (only whole plans are evaluated on it) and,
+//!   for a caller that checks the plan, a *held-out* part `H`. Interleaving
+//!   makes the parts samples of the same text (stratified over it: every part
+//!   has a window in every stretch of three), so a bound computed on `V` is a
+//!   statement about `H`. [`Split::Halves`] (held-out = the second half of
+//!   the text) is kept as a *distribution-shift* check only: no bound on one
+//!   text's windows covers other text.
 //! - **Sensitivity** `Δ_i(f)`: the loss increase on `S` when only weight `i`
 //!   is compressed to candidate `f` — quantized, dequantized into the f32
 //!   model (exactly what every kernel computes) and evaluated on the backend.
-//!   Measured once and kept in a [`SensCache`] keyed by a fingerprint of the
-//!   weights, the text, the calibration and the device, so planning again
-//!   under another budget or target costs no evaluation.
+//!   Measured once and kept in a sensitivity cache keyed by a fingerprint of
+//!   the weights, the windows, the calibration and the device, so planning
+//!   again under another budget or target costs no evaluation.
 //! - **Cost** `c_i(f)`: for `--target speed`, the measured time of
 //!   `ops::qmatmul` (of the dense `ops::matmul` for "keep") at weight `i`'s
 //!   shape, summed over the serving batch sizes, on the target backend; cached
@@ -22,20 +28,29 @@
 //! - **Verification** (the generalisation rule): the plan is evaluated on the
 //!   `W` windows of `V`, paired with the uncompressed model on the same
 //!   windows: `d_w = L_w(plan) − L_w(base)`, mean `d̄`, standard error
-//!   `s = sd(d)/√W`. The plan is accepted when the one-sided upper confidence
-//!   bound `U = d̄ + z·s` (`z` = [`Z_ONE_SIDED_95`] by default) is within the
-//!   budget `B`: then the loss increase on unseen text of the same kind exceeds
-//!   `B` with probability ≈ 5% at most. The verification text is not the
-//!   sensitivity text, so `d̄` is not biased by the choice having been fitted
-//!   to it (planning on the windows it verifies on overfits them: the measured
-//!   Δ of a selected plan on its own selection text is optimistic).
-//! - **Re-plan**: when `U > B` the knapsack is solved again under
-//!   `B_t ← B_t · min(0.9, 0.9·B/U)` — the budget shrinks by the overshoot of
-//!   the bound, which absorbs both super-additive interactions and the
-//!   noise margin — up to `max_rounds` times; then everything stays dense
-//!   (which meets any budget).
+//!   `s = sd(d)/√W`. The plan is accepted when the one-sided upper
+//!   *prediction* bound for the mean over `w` unseen windows of the same text,
+//!   `U = d̄ + z·s·√(1 + W/w)` ([`Paired::predict_upper`]; `z` =
+//!   [`Z_ONE_SIDED_95`], `w` = [`PlanOptions::predict_windows`], `w = 0`: the
+//!   expectation, `U = d̄ + z·s`), is within the budget `B`: the unseen
+//!   sample's own noise (`sd²/w`) is what a bound on the expectation alone
+//!   does not see — with it, the measured increase on `w` held-out windows
+//!   exceeds `B` with probability ≈ 5% at most. The verification text is not
+//!   the sensitivity text, so `d̄` is not biased by the choice having been
+//!   fitted to it (the `Δ` of the entries a knapsack selects are optimistic:
+//!   it picks the ones whose noise came out low).
+//! - **Re-plan** ([`shrink_target`]): when `U > B` the knapsack is solved again
+//!   under a smaller planning budget. The table's error — noise, the
+//!   selection's optimism, non-additive interactions — shows as the ratio
+//!   `r = d̄ / P` of the verified mean to the plan's predicted `P = Σ Δ`; the
+//!   next planning budget is `min(0.9·B_t, (B − (U − d̄))/r)`, the largest
+//!   predicted total that would verify within `B` at the observed ratio and
+//!   margin (falling back to `B_t·min(0.9, 0.9·B/U)` where `r` says nothing);
+//!   up to `max_rounds` times, then everything stays dense (which meets any
+//!   budget).
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -295,8 +310,19 @@ pub struct Evaluator<'a, B: Backend> {
     text: &'a Corpus,
     windows: usize,
     base: Vec<Vec<f32>>,
-    /// Windows spread evenly over the whole text instead of the first ones.
-    spread: bool,
+    layout: Layout,
+}
+
+/// Where an [`Evaluator`] reads its windows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    /// The first windows in a row ([`crate::data::eval_windows`]).
+    First,
+    /// Spread evenly over the text (overlapping windows of `seq + 1` at a fixed stride).
+    Spread,
+    /// The text is whole chunks of `seq + 1` tokens ([`Parts`]): each window is
+    /// one chunk, chunks picked evenly ([`pick_even`]).
+    Chunks,
 }
 
 impl<'a, B: Backend> Evaluator<'a, B> {
@@ -318,22 +344,35 @@ impl<'a, B: Backend> Evaluator<'a, B> {
         }
         let model = Model::from_values(be, *cfg, dtype, values)?;
         let ws = Workspace::new(be, cfg, dtype, batch, seq)?;
-        Ok(Evaluator { model, ws, text, windows, base: values.to_vec(), spread: false })
+        Ok(Evaluator { model, ws, text, windows, base: values.to_vec(), layout: Layout::First })
     }
 
     /// Reads its windows spread evenly over the whole text (window `i` of `W`
     /// starts at `i·⌊(len − seq − 1)/W⌋`) rather than the first `W` in a row:
     /// consecutive windows cover a few chapters, a sample of one passage.
     pub fn spread(mut self) -> Self {
-        self.spread = true;
+        self.layout = Layout::Spread;
+        self
+    }
+
+    /// Reads a text made of whole windows ([`Parts`]: chunks of `seq + 1`
+    /// tokens laid end to end): window `i` of `W` is chunk `⌊i·n/W⌋` of the
+    /// `n`, so no window crosses the seam between two chunks.
+    pub fn chunked(mut self) -> Self {
+        self.layout = Layout::Chunks;
         self
     }
 
     fn window_ranges(&self) -> Vec<std::ops::Range<usize>> {
         let (batch, seq) = (self.ws.batch, self.ws.seq);
         let want = self.windows.max(batch);
-        if !self.spread {
-            return crate::data::eval_windows(self.text, seq, want);
+        match self.layout {
+            Layout::First => return crate::data::eval_windows(self.text, seq, want),
+            Layout::Chunks => {
+                let n = self.text.tokens.len() / (seq + 1);
+                return pick_even(n, want).into_iter().map(|c| c * (seq + 1)..(c + 1) * (seq + 1)).collect();
+            }
+            Layout::Spread => {}
         }
         let room = self.text.tokens.len().saturating_sub(seq + 1);
         let n = want.min(room / seq.max(1) + 1);
@@ -406,6 +445,133 @@ impl<'a, B: Backend> Evaluator<'a, B> {
     }
 }
 
+/// `min(want, n)` indices of `0..n` spread evenly: `⌊i·n/W⌋` for `i < W`
+/// (increasing, distinct; the first is 0).
+pub fn pick_even(n: usize, want: usize) -> Vec<usize> {
+    let w = want.min(n);
+    (0..w).map(|i| i * n / w).collect()
+}
+
+/// How the evaluation text is cut into the planner's parts ([`Parts`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    /// Sensitivity, verification and held-out chunks interleaved round-robin
+    /// over the whole text: three samples of the same text (the default).
+    Interleaved,
+    /// Sensitivity and verification interleaved over the first half, held-out
+    /// = the second half: a *distribution-shift* check (the held-out text is
+    /// other passages than the ones the plan was fitted and verified on).
+    Halves,
+}
+
+impl Split {
+    pub fn parse(s: &str) -> Result<Split> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "interleaved" | "stratified" => Ok(Split::Interleaved),
+            "halves" => Ok(Split::Halves),
+            _ => Err(Error::Invalid(format!("--split {s}: expected interleaved or halves"))),
+        }
+    }
+}
+
+/// Chunks of `chunk` tokens of a text of `len` tokens (the tail shorter than
+/// a chunk is dropped), dealt round-robin to `parts` parts: chunk `c` =
+/// `c·chunk..(c+1)·chunk` goes to part `c mod parts`. Every part spans the
+/// whole text and no two share a token.
+pub fn interleave(len: usize, chunk: usize, parts: usize) -> Vec<Vec<Range<usize>>> {
+    let mut out = vec![Vec::new(); parts.max(1)];
+    if chunk == 0 {
+        return out;
+    }
+    let n = out.len();
+    for c in 0..len / chunk {
+        out[c % n].push(c * chunk..(c + 1) * chunk);
+    }
+    out
+}
+
+/// The planner's three disjoint texts cut from one evaluation text, as
+/// chunks of one window (`seq + 1` tokens) each: the *sensitivity* part
+/// (calibration and every `Δ_i(f)`), the *verification* part (whole plans
+/// only) and the *held-out* part (seen by neither: the caller's check).
+/// Each part's text is its chunks laid end to end; read it with
+/// [`Evaluator::chunked`] so that windows never cross a seam.
+#[derive(Clone, Debug)]
+pub struct Parts {
+    pub sensitivity: Corpus,
+    pub verification: Corpus,
+    pub held_out: Corpus,
+    /// The chunks of each part (sensitivity, verification, held-out) as token ranges of the text.
+    pub ranges: [Vec<Range<usize>>; 3],
+    /// Tokens per chunk (`seq + 1`).
+    pub chunk: usize,
+}
+
+impl Parts {
+    /// Cuts `text` per `split` into chunks of `seq + 1` tokens. With
+    /// [`Split::Halves`] the held-out part is the second half of the text.
+    pub fn new(text: &Corpus, seq: usize, split: Split) -> Result<Parts> {
+        Self::cut(text, seq, Some(split))
+    }
+
+    /// Sensitivity and verification parts only, interleaved over the whole
+    /// text (the `compress` command: its held-out text is the user's).
+    pub fn without_held_out(text: &Corpus, seq: usize) -> Result<Parts> {
+        Self::cut(text, seq, None)
+    }
+
+    fn cut(text: &Corpus, seq: usize, split: Option<Split>) -> Result<Parts> {
+        let chunk = seq + 1;
+        let ranges: [Vec<Range<usize>>; 3] = match split {
+            None => {
+                let mut p = interleave(text.tokens.len(), chunk, 2).into_iter();
+                [p.next().unwrap_or_default(), p.next().unwrap_or_default(), Vec::new()]
+            }
+            Some(Split::Interleaved) => {
+                let mut p = interleave(text.tokens.len(), chunk, 3).into_iter();
+                [p.next().unwrap_or_default(), p.next().unwrap_or_default(), p.next().unwrap_or_default()]
+            }
+            Some(Split::Halves) => {
+                let half = text.tokens.len() / 2 / chunk * chunk;
+                let mut p = interleave(half, chunk, 2).into_iter();
+                let held = interleave(text.tokens.len() - half, chunk, 1).remove(0);
+                let held = held.into_iter().map(|r| r.start + half..r.end + half).collect();
+                [p.next().unwrap_or_default(), p.next().unwrap_or_default(), held]
+            }
+        };
+        let wanted = if split.is_some() { 3 } else { 2 };
+        if let Some(i) = ranges[..wanted].iter().position(|r| r.is_empty()) {
+            let what = ["sensitivity", "verification", "held-out"][i];
+            return Err(Error::Invalid(format!(
+                "evaluation text has {} tokens: too short to give the planner's {what} part one window of {chunk}",
+                text.tokens.len()
+            )));
+        }
+        let gather = |rs: &[Range<usize>]| Corpus {
+            tokens: rs.iter().flat_map(|r| text.tokens[r.clone()].iter().copied()).collect(),
+            ..Default::default()
+        };
+        Ok(Parts {
+            sensitivity: gather(&ranges[0]),
+            verification: gather(&ranges[1]),
+            held_out: gather(&ranges[2]),
+            ranges,
+            chunk,
+        })
+    }
+
+    /// `n` chunks of the sensitivity part picked evenly, end to end: the
+    /// calibration text (AWQ, Wanda), a sample of the whole sensitivity part.
+    pub fn calibration(&self, n: usize) -> Corpus {
+        let toks = &self.sensitivity.tokens;
+        let tokens = pick_even(toks.len() / self.chunk, n)
+            .into_iter()
+            .flat_map(|c| toks[c * self.chunk..(c + 1) * self.chunk].iter().copied())
+            .collect();
+        Corpus { tokens, ..Default::default() }
+    }
+}
+
 fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
@@ -464,18 +630,47 @@ impl Paired {
         Ok(Paired { mean: m, se, n })
     }
 
-    /// The one-sided upper confidence bound `d̄ + z·s`.
+    /// The one-sided upper confidence bound `d̄ + z·s` of the expected increase.
     pub fn upper(&self, z: f64) -> f64 {
         self.mean + z * self.se
+    }
+
+    /// The one-sided upper *prediction* bound of the mean increase over `w`
+    /// new windows of the same text: `d̄ + z·s·√(1 + W/w)` (the new mean has
+    /// variance `sd²/w` besides the `sd²/W` of `d̄`). `w = 0` means an
+    /// unbounded text: [`Paired::upper`].
+    pub fn predict_upper(&self, z: f64, w: usize) -> f64 {
+        if w == 0 {
+            return self.upper(z);
+        }
+        self.mean + z * self.se * (1.0 + self.n as f64 / w as f64).sqrt()
     }
 }
 
 /// The planning budget of the next round after a plan whose verification
-/// bound `upper` exceeded the budget `budget` under planning budget `target`:
-/// `target · min(0.9, 0.9·budget/upper)` (at least a 10% cut, more when the
-/// bound overshoots by more).
-pub fn shrink_target(target: f64, budget: f64, upper: f64) -> f64 {
-    let r = if upper > 0.0 && upper.is_finite() { 0.9 * budget / upper } else { 0.5 };
+/// bound `upper` exceeded the budget `budget`; the plan was solved under the
+/// planning budget `target`, its sensitivities predicted `predicted` (`Σ Δ`)
+/// and the verification measured the mean `mean`.
+///
+/// The table's own error (noise of each `Δ_i`, the winner's curse of picking
+/// the entries that measured low, non-additive interactions) shows as the
+/// ratio `r = mean/predicted`; the noise margin is `m = upper − mean`. The
+/// next plan should verify at `r·P' + m ≤ budget`, so the planning budget
+/// becomes `min(0.9·target, (budget − m)/r)`. Where the ratio says nothing
+/// (`predicted` or `mean` ≤ 0) or the margin alone fills the budget it
+/// falls back to `target · min(0.9, 0.9·budget/upper)`. Never grows:
+/// every failed round cuts at least 10%.
+pub fn shrink_target(target: f64, budget: f64, predicted: f64, mean: f64, upper: f64) -> f64 {
+    let cut = 0.9 * target;
+    if !(upper.is_finite() && mean.is_finite() && predicted.is_finite()) {
+        return 0.5 * target;
+    }
+    let margin = upper - mean;
+    if predicted > 0.0 && mean > 0.0 && budget > margin {
+        let ratio = mean / predicted;
+        return cut.min((budget - margin) / ratio);
+    }
+    let r = if upper > 0.0 { 0.9 * budget / upper } else { 0.5 };
     target * r.min(0.9)
 }
 
@@ -491,8 +686,12 @@ pub struct PlanOptions {
     pub batches: Vec<usize>,
     /// Verification rounds before falling back to all-dense.
     pub max_rounds: usize,
-    /// `z` of the verification's upper bound `d̄ + z·s` ([`Z_ONE_SIDED_95`]).
+    /// `z` of the verification's upper bound ([`Z_ONE_SIDED_95`]).
     pub z: f64,
+    /// Windows of the unseen text the plan must keep its budget on: the
+    /// bound is [`Paired::predict_upper`] for that many windows (0: the
+    /// expectation over an unbounded text, [`Paired::upper`]).
+    pub predict_windows: usize,
 }
 
 impl PlanOptions {
@@ -625,7 +824,7 @@ pub struct Plan {
     pub predicted: f64,
     /// The whole plan's paired increase on the verification text.
     pub verified: Paired,
-    /// Its upper bound `d̄ + z·s`.
+    /// Its upper bound ([`Paired::predict_upper`]).
     pub upper: f64,
     /// Verification rounds run.
     pub rounds: usize,
@@ -737,8 +936,8 @@ pub fn choose_and_verify<B: Backend>(
         let choices: Vec<Option<Choice>> = table.rows.iter().zip(&pick).map(|(r, &o)| r.options[o].choice).collect();
         let comp = compress(&cfg, values, &choices, calib)?;
         let verified = Paired::new(&base_windows, &verify.window_losses(be, &comp.dequantized())?)?;
-        let upper = verified.upper(opt.z);
-        let predicted = table.rows.iter().zip(&pick).map(|(r, &o)| r.options[o].delta.max(0.0)).sum();
+        let upper = verified.predict_upper(opt.z, opt.predict_windows);
+        let predicted: f64 = table.rows.iter().zip(&pick).map(|(r, &o)| r.options[o].delta.max(0.0)).sum();
         if upper <= budget || last {
             let rows = table.rows.iter().cloned().zip(pick).collect();
             let planned_budget = if last { 0.0 } else { target_budget };
@@ -746,6 +945,6 @@ pub fn choose_and_verify<B: Backend>(
                 Plan { rows, base_loss: table.base_loss, budget, planned_budget, predicted, verified, upper, rounds };
             return Ok((plan, comp));
         }
-        target_budget = shrink_target(target_budget, budget, upper);
+        target_budget = shrink_target(target_budget, budget, predicted, verified.mean, upper);
     }
 }
