@@ -64,7 +64,7 @@ fn has_f16c() -> bool {
     std::arch::is_x86_feature_detected!("f16c")
 }
 
-fn widen_f16_with(v: Simd, src: &[f16], dst: &mut [f32]) {
+pub(super) fn widen_f16_with(v: Simd, src: &[f16], dst: &mut [f32]) {
     let n = src.len().min(dst.len());
     let done = match v {
         #[cfg(target_arch = "x86_64")]
@@ -81,7 +81,7 @@ fn widen_f16_with(v: Simd, src: &[f16], dst: &mut [f32]) {
     src[done..n].iter().zip(&mut dst[done..n]).for_each(|(s, d)| *d = f16_to_f32(s.to_bits()));
 }
 
-fn widen_bf16_with(v: Simd, src: &[bf16], dst: &mut [f32]) {
+pub(super) fn widen_bf16_with(v: Simd, src: &[bf16], dst: &mut [f32]) {
     let n = src.len().min(dst.len());
     let done = match v {
         #[cfg(target_arch = "x86_64")]
@@ -95,7 +95,7 @@ fn widen_bf16_with(v: Simd, src: &[bf16], dst: &mut [f32]) {
     src[done..n].iter().zip(&mut dst[done..n]).for_each(|(s, d)| *d = bf16_to_f32(s.to_bits()));
 }
 
-fn narrow_f16_with(v: Simd, src: &[f32], dst: &mut [f16]) {
+pub(super) fn narrow_f16_with(v: Simd, src: &[f32], dst: &mut [f16]) {
     let n = src.len().min(dst.len());
     let done = match v {
         #[cfg(target_arch = "x86_64")]
@@ -111,7 +111,7 @@ fn narrow_f16_with(v: Simd, src: &[f32], dst: &mut [f16]) {
     src[done..n].iter().zip(&mut dst[done..n]).for_each(|(&s, d)| *d = f16::from_bits(f32_to_f16(s)));
 }
 
-fn narrow_bf16_with(v: Simd, src: &[f32], dst: &mut [bf16]) {
+pub(super) fn narrow_bf16_with(v: Simd, src: &[f32], dst: &mut [bf16]) {
     let n = src.len().min(dst.len());
     let done = match v {
         #[cfg(target_arch = "x86_64")]

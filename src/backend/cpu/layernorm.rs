@@ -2,25 +2,45 @@
 
 use rayon::prelude::*;
 
-use super::{CpuBackend, rd};
+use super::{CpuBackend, chunked, rd};
 use crate::Tensor;
 use crate::ops::LayerNormSpec;
 
 type T = Tensor<CpuBackend>;
 
+/// Rows per parallel task: about [`CHUNK_ELEMS`] elements (f16/bf16 rows are
+/// converted per task, see [`chunked`]).
+fn rows_per_task(n: usize) -> usize {
+    (CHUNK_ELEMS / n.max(1)).max(1)
+}
+
+const CHUNK_ELEMS: usize = 8192;
+
 pub(super) fn forward(s: &LayerNormSpec, x: &T, gamma: &T, beta: &T, y: &mut T, mean: &mut T, rstd: &mut T) {
-    let (x, g, b) = (rd(x), rd(gamma), rd(beta));
+    let (g, b) = (rd(gamma), rd(beta));
     let n = s.n;
-    let stats: Vec<(f32, f32)> = x
-        .par_chunks(n)
-        .map(|row| {
-            let mu = row.iter().sum::<f32>() / n as f32;
-            let var = row.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / n as f32;
-            (mu, 1.0 / (var + s.eps).sqrt())
+    if n == 0 {
+        return;
+    }
+    let per = rows_per_task(n);
+    let stats: Vec<(f32, f32)> = (0..s.rows.div_ceil(per))
+        .into_par_iter()
+        .flat_map_iter(|t| {
+            let r0 = t * per;
+            let rows = per.min(s.rows - r0);
+            let xs = x.buf.f32_range(r0 * n, rows * n);
+            xs.chunks(n)
+                .map(|row| {
+                    let mu = row.iter().sum::<f32>() / n as f32;
+                    let var = row.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / n as f32;
+                    (mu, 1.0 / (var + s.eps).sqrt())
+                })
+                .collect::<Vec<_>>()
         })
         .collect();
-    y.buf.produce(|o| {
-        o.par_chunks_mut(n).zip(x.par_chunks(n)).zip(&stats).for_each(|((o, row), &(mu, rs))| {
+    chunked(&mut y.buf, [&x.buf], per * n, false, |first, [xs], o| {
+        let r0 = first / n;
+        o.chunks_mut(n).zip(xs.chunks(n)).zip(&stats[r0..]).for_each(|((o, row), &(mu, rs))| {
             for j in 0..n {
                 o[j] = (row[j] - mu) * rs * g[j] + b[j];
             }
@@ -42,12 +62,16 @@ pub(super) fn backward(
     dgamma: &mut T,
     dbeta: &mut T,
 ) {
-    let (dy, x, g, mu, rs) = (rd(dy), rd(x), rd(gamma), rd(mean), rd(rstd));
+    let (g, mu, rs) = (rd(gamma), rd(mean), rd(rstd));
     let n = s.n;
-    dx.buf.produce(|o| {
-        o.par_chunks_mut(n).enumerate().for_each(|(r, o)| {
-            let (xr, dyr) = (&x[r * n..(r + 1) * n], &dy[r * n..(r + 1) * n]);
-            let (m, rstd) = (mu[r], rs[r]);
+    if n == 0 {
+        return;
+    }
+    chunked(&mut dx.buf, [&x.buf, &dy.buf], rows_per_task(n) * n, false, |first, [xs, dys], o| {
+        let r0 = first / n;
+        o.chunks_mut(n).enumerate().for_each(|(i, o)| {
+            let (xr, dyr) = (&xs[i * n..(i + 1) * n], &dys[i * n..(i + 1) * n]);
+            let (m, rstd) = (mu[r0 + i], rs[r0 + i]);
             let mut mean_g = 0.0f32;
             let mut mean_gx = 0.0f32;
             for j in 0..n {
@@ -73,8 +97,11 @@ pub(super) fn backward(
         .map(|blk| {
             let mut acc = vec![0.0f64; 2 * n];
             let (ag, ab) = acc.split_at_mut(n);
-            for r in blk * ROWS..((blk + 1) * ROWS).min(s.rows) {
-                let (xr, dyr, m, rstd) = (&x[r * n..(r + 1) * n], &dy[r * n..(r + 1) * n], mu[r], rs[r]);
+            let (r0, r1) = (blk * ROWS, ((blk + 1) * ROWS).min(s.rows));
+            let (xs, dys) = (x.buf.f32_range(r0 * n, (r1 - r0) * n), dy.buf.f32_range(r0 * n, (r1 - r0) * n));
+            for r in r0..r1 {
+                let (xr, dyr, m, rstd) =
+                    (&xs[(r - r0) * n..(r - r0 + 1) * n], &dys[(r - r0) * n..(r - r0 + 1) * n], mu[r], rs[r]);
                 for j in 0..n {
                     let xhat = (xr[j] - m) * rstd;
                     ag[j] += dyr[j] as f64 * xhat as f64;

@@ -1,7 +1,8 @@
-//! `C = α·op(A)·op(B) + β·C` through `matrixmultiply` (f32 accumulation; f16
-//! and bf16 operands are widened first, C rounded once at the end).
+//! `C = α·op(A)·op(B) + β·C`: f32 through `matrixmultiply`; f16 and bf16
+//! through the packed GEMM of [`gemm`], which converts while packing and
+//! writes C in its dtype (f32 accumulation, C rounded once at the end).
 
-use super::{CpuBackend, rd, simd};
+use super::{CpuBackend, Storage, gemm, rd, simd};
 use crate::Tensor;
 use crate::ops::MatmulSpec;
 
@@ -54,14 +55,22 @@ fn skinny(m: usize, n: usize, k: usize, alpha: f32, ap: &[f32], bp: &[f32], tran
 }
 
 pub(super) fn matmul(s: &MatmulSpec, a: &Tensor<CpuBackend>, b: &Tensor<CpuBackend>, c: &mut Tensor<CpuBackend>) {
-    let (av, bv) = (rd(a), rd(b));
     let (m, n, k) = (s.m, s.n, s.k);
-    let (sa, sb, sc) = s.strides();
     if (m <= SKINNY || s.row_invariant) && !s.trans_a && s.batch == 1 {
+        let (av, bv) = (rd(a), rd(b));
         let run =
             |cv: &mut [f32]| skinny(m, n, k, s.alpha, &av[..m * k], &bv[..k * n], s.trans_b, s.beta, &mut cv[..m * n]);
         return if s.beta == 0.0 { c.buf.produce(run) } else { c.buf.update(run) };
     }
+    // Half precision: the packed GEMM converts while packing and writes C in
+    // its dtype (no f32 copies of A, B or C).
+    match (&a.buf.data, &b.buf.data, &mut c.buf.data) {
+        (Storage::F16(av), Storage::F16(bv), Storage::F16(cv)) => return packed(s, av, bv, cv),
+        (Storage::BF16(av), Storage::BF16(bv), Storage::BF16(cv)) => return packed(s, av, bv, cv),
+        _ => {}
+    }
+    let (av, bv) = (rd(a), rd(b));
+    let (sa, sb, sc) = s.strides();
     // Row and column strides of op(A) (m×k) and op(B) (k×n) in their storage.
     let (rsa, csa) = if s.trans_a { (1, m as isize) } else { (k as isize, 1) };
     let (rsb, csb) = if s.trans_b { (1, k as isize) } else { (n as isize, 1) };
@@ -94,6 +103,20 @@ pub(super) fn matmul(s: &MatmulSpec, a: &Tensor<CpuBackend>, b: &Tensor<CpuBacke
         }
     };
     if s.beta == 0.0 { c.buf.produce(run) } else { c.buf.update(run) }
+}
+
+/// The batched product through [`gemm::gemm`], one call per batch entry.
+fn packed<T: gemm::Elem>(s: &MatmulSpec, av: &[T], bv: &[T], cv: &mut [T]) {
+    let (m, n, k) = (s.m, s.n, s.k);
+    let (sa, sb, sc) = s.strides();
+    let (rsa, csa) = if s.trans_a { (1, m) } else { (k, 1) };
+    let (rsb, csb) = if s.trans_b { (1, k) } else { (n, 1) };
+    let v = simd::simd();
+    for i in 0..s.batch {
+        let a = gemm::Operand { x: &av[i * sa..i * sa + m * k], rs: rsa, cs: csa };
+        let b = gemm::Operand { x: &bv[i * sb..i * sb + k * n], rs: rsb, cs: csb };
+        gemm::gemm(v, m, n, k, s.alpha, a, b, s.beta, &mut cv[i * sc..i * sc + m * n]);
+    }
 }
 
 #[cfg(test)]

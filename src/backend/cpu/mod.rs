@@ -14,6 +14,7 @@ mod cross_entropy;
 mod elementwise;
 mod embedding;
 mod gelu;
+mod gemm;
 mod indexer_train;
 mod layernorm;
 mod matmul;
@@ -149,6 +150,72 @@ impl CpuBuffer {
     }
 }
 
+impl CpuBuffer {
+    /// Elements `start..start + len` as f32 (borrowed when already f32).
+    fn f32_range(&self, start: usize, len: usize) -> Cow<'_, [f32]> {
+        let v = simd::simd();
+        let widen = |f: &dyn Fn(&mut [f32])| {
+            let mut out = vec![0.0; len];
+            f(&mut out);
+            Cow::Owned(out)
+        };
+        match &self.data {
+            Storage::F32(x) => Cow::Borrowed(&x[start..start + len]),
+            Storage::F16(x) => widen(&|o| convert::widen_f16_with(v, &x[start..start + len], o)),
+            Storage::BF16(x) => widen(&|o| convert::widen_bf16_with(v, &x[start..start + len], o)),
+            Storage::U32(x) => Cow::Owned(x[start..start + len].iter().map(|&e| e as f32).collect()),
+            Storage::I32(x) => Cow::Owned(x[start..start + len].iter().map(|&e| e as f32).collect()),
+        }
+    }
+}
+
+/// Runs `f(first, ins, out)` over consecutive chunks of `chunk` elements of
+/// `out` in parallel (`first` = the chunk's first element): each of `ins` is
+/// the same element range of its buffer as f32, `out` the chunk as f32 (its
+/// old values when `read_out`, else unspecified: `f` must write every
+/// element), rounded once into the buffer's dtype after `f`. For f16/bf16 the
+/// conversions happen per chunk, inside the task, instead of whole-tensor f32
+/// copies of every input and of the output (what `rd` + `produce` do).
+pub(crate) fn chunked<const N: usize>(
+    out: &mut CpuBuffer,
+    ins: [&CpuBuffer; N],
+    chunk: usize,
+    read_out: bool,
+    f: impl Fn(usize, [&[f32]; N], &mut [f32]) + Sync,
+) {
+    use rayon::prelude::*;
+    let chunk = chunk.max(1);
+    let v = simd::simd();
+    let run = |i: usize, o: &mut [f32]| {
+        let views: [Cow<'_, [f32]>; N] = std::array::from_fn(|j| ins[j].f32_range(i * chunk, o.len()));
+        let refs: [&[f32]; N] = std::array::from_fn(|j| &*views[j]);
+        f(i * chunk, refs, o);
+    };
+    match &mut out.data {
+        Storage::F32(x) => x.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| run(i, o)),
+        Storage::F16(x) => x.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
+            let mut tmp = vec![0.0f32; o.len()];
+            if read_out {
+                convert::widen_f16_with(v, o, &mut tmp);
+            }
+            run(i, &mut tmp);
+            convert::narrow_f16_with(v, &tmp, o);
+        }),
+        Storage::BF16(x) => x.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
+            let mut tmp = vec![0.0f32; o.len()];
+            if read_out {
+                convert::widen_bf16_with(v, o, &mut tmp);
+            }
+            run(i, &mut tmp);
+            convert::narrow_bf16_with(v, &tmp, o);
+        }),
+        Storage::U32(_) | Storage::I32(_) => {
+            let each = |o: &mut [f32]| o.chunks_mut(chunk).enumerate().for_each(|(i, o)| run(i, o));
+            if read_out { out.update(each) } else { out.produce(each) }
+        }
+    }
+}
+
 /// The f32 view of a tensor's elements.
 fn rd(t: &Tensor<CpuBackend>) -> Cow<'_, [f32]> {
     t.buf.f32s()
@@ -249,7 +316,7 @@ impl Backend for CpuBackend {
         Ok(())
     }
     fn scale(&self, s: &ScaleSpec, x: &mut Tensor<Self>) -> Result<()> {
-        x.buf.update(|v| v.iter_mut().for_each(|e| *e *= s.s));
+        elementwise::scale(s, x);
         Ok(())
     }
     fn bias_add(&self, s: &BiasSpec, x: &mut Tensor<Self>, bias: &Tensor<Self>) -> Result<()> {
