@@ -128,6 +128,75 @@ fn indexer_finite(c: &CpuBackend, g: &WgpuBackend) {
     }
 }
 
+/// The decode step's block selection against the CPU reference on the
+/// finite pooled scores only (the shared `cached_ops` compares the pooled
+/// scores with `-inf` mapped to -1e30, whose norm hides a wrong finite
+/// score): the cached indexer's pooled block maxima (`cached_pool`, or
+/// `cached_pool_hw` on the hardware variant) over scattered pages, rows of
+/// 300, 17, 129 and 0 keys, the same `-inf` entries; and `cached_select`
+/// (`cached_select_hw`) keeping 7 of 20 blocks from the reference's scores,
+/// the same indices. Every float dtype.
+fn decode_selection_finite(c: &CpuBackend, g: &WgpuBackend) {
+    use dynsparse::attention::{self as attn, KvTable};
+    use dynsparse::util::rng::Rng;
+    use dynsparse::{Backend, DType, Tensor};
+    let (hi, di, block, keep, page) = (3usize, 16usize, 16usize, 7usize, 16usize);
+    let lens = [300usize, 17, 129, 0];
+    let per = 320 / page;
+    let slots = lens.len() * 320;
+    let cols = 320 / block;
+    for dt in common::float_dtypes(c, g) {
+        let mut rng = Rng::new(common::seed("decode_selection", dt, 0));
+        let mut ids: Vec<u32> = (0..(lens.len() * per) as u32).collect();
+        for i in (1..ids.len()).rev() {
+            ids.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        let tab: Vec<u32> = lens.iter().enumerate().flat_map(|(i, &l)| [(i * per) as u32, l as u32]).collect();
+        let r = lens.len();
+        let (qi, w, ki) = (rng.normal_vec(r * hi * di), rng.normal_vec(r * hi), rng.normal_vec(slots * di));
+        // q_I, w, k_I cache, row table, page ids.
+        type Data<'a> = (&'a [f32], &'a [f32], &'a [f32], &'a [u32], &'a [u32]);
+        fn run<B: Backend>(
+            be: &B,
+            data: Data<'_>,
+            dims: (usize, usize, usize, usize, usize, usize),
+            dt: DType,
+            scores: Option<&[f32]>,
+        ) -> (Vec<f32>, Vec<u32>) {
+            let (qi, w, ki, tab, ids) = data;
+            let (r, hi, di, block, keep, page) = dims;
+            let (slots, cols) = (ki.len() / di, 320 / block);
+            let table = Tensor::from_u32(be, tab, &[r, 2]).unwrap();
+            let pages = Tensor::from_u32(be, ids, &[ids.len()]).unwrap();
+            let kv = KvTable { rows: &table, pages: &pages, page };
+            let (qt, wt, kt) = (
+                common::up(be, qi, &[r, hi, di], dt),
+                common::up(be, w, &[r, hi], dt),
+                common::up(be, ki, &[slots, di], dt),
+            );
+            let mut pooled = common::poisoned(be, &[r, cols], DType::F32);
+            attn::cached_indexer_block_scores(be, &qt, &wt, &kt, &kv, block, &mut pooled).unwrap();
+            let pv = common::down(be, &pooled);
+            let st = Tensor::from_f32(be, scores.unwrap_or(&pv), &[r, cols], DType::F32).unwrap();
+            let mut idx = Tensor::from_u32(be, &vec![9; r * keep], &[r, keep]).unwrap();
+            attn::cached_select(be, &st, &table, keep, block, &mut idx).unwrap();
+            (pv, idx.to_u32_vec(be).unwrap())
+        }
+        let data = (&qi[..], &w[..], &ki[..], &tab[..], &ids[..]);
+        let dims = (r, hi, di, block, keep, page);
+        let (want, want_idx) = run(c, data, dims, dt, None);
+        let (got, got_idx) = run(g, data, dims, dt, Some(&want));
+        let inf = |v: &[f32]| v.iter().map(|x| *x == f32::NEG_INFINITY).collect::<Vec<_>>();
+        assert_eq!(inf(&got), inf(&want), "[{dt}] cached pooled scores: -inf entries differ");
+        let keep_f =
+            |v: &[f32]| v.iter().zip(&want).filter(|(_, w)| w.is_finite()).map(|(x, _)| *x).collect::<Vec<_>>();
+        let finite = keep_f(&want);
+        assert!(finite.len() >= cols, "[{dt}] too few finite pooled scores");
+        common::assert_close("cached pooled scores (finite)", &keep_f(&got), &finite, dt);
+        assert_eq!(got_idx, want_idx, "[{dt}] cached_select picks other blocks");
+    }
+}
+
 /// The attention backward where the key/value pass splits its query loop
 /// into chunks (head_dim 128, two query heads per kv head: a few dozen
 /// queries per chunk under lavapipe's loop budget), so per-chunk partials
@@ -444,14 +513,15 @@ fn indexer_training(c: &CpuBackend, g: &WgpuBackend) {
 /// device's own feature set, which the rest of the suite runs (plainly: the
 /// software variant on lavapipe; under `DYNSPARSE_WGPU_KERNELS=hw`, which CI
 /// runs too, the hardware one). Matmul, attention forward and backward
-/// (dense, token and block patterns), the indexer's pooled scores and its
-/// training ops (scores, KL loss, backward, whole and over query tiles), in
-/// f32, f16 and bf16. A feature set the device lacks prints that it skipped.
 /// (dense, token and block patterns; the tiled backward's f16 path with f16
-/// on), the indexer's pooled scores, the quantized matmul (every format) and
-/// the decode step's ops (rope_rows, cache_write, the cached indexer's pooled
-/// scores, cached_select, decode attention), in f32, f16 and bf16. A feature
-/// set the device lacks prints that it skipped.
+/// on), the indexer's pooled scores, its training ops (scores, KL loss,
+/// backward, whole and over query tiles) and the decode step's ops (rope_rows,
+/// cache_write, the cached indexer's pooled scores, cached_select, decode
+/// attention; the selection also on finite scores,
+/// `decode_selection_finite`), in f32, f16 and bf16. A feature set the device lacks prints
+/// that it skipped. (The quantized matmul's variants run in
+/// `decode_kernel_variants_match_reference_in_one_process`: its full suite
+/// per variant would take this test from seconds to minutes on lavapipe.)
 #[test]
 fn every_kernel_variant_and_feature_set_matches_reference() {
     use dynsparse::backend::wgpu::{KernelFeatures, KernelVariant};
@@ -477,8 +547,8 @@ fn every_kernel_variant_and_feature_set_matches_reference() {
         common::attention(c, &g);
         indexer_finite(c, &g);
         indexer_training(c, &g);
-        common::qmatmul(c, &g);
         common::cached_ops(c, &g);
+        decode_selection_finite(c, &g);
         ran += 1;
     }
     // Without optional features the device's own set is the only one, run by the rest of the suite.
