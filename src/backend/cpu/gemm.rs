@@ -177,7 +177,7 @@ fn pack_a<T: Elem>(
     tmp: &mut [f32],
 ) {
     let out = &mut out[..mc.div_ceil(MR) * kc * MR];
-    if mc % MR != 0 {
+    if !mc.is_multiple_of(MR) {
         out.fill(0.0);
     }
     if a.cs == 1 {
