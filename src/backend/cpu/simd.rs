@@ -554,9 +554,7 @@ mod x86 {
         for (i, acc) in acc.iter().enumerate() {
             for (v, x) in acc.iter().enumerate() {
                 let o = out.wrapping_add(i * rso + 8 * v);
-                unsafe {
-                    if FULL { _mm256_storeu_ps(o, *x) } else { _mm256_maskstore_ps(o, mk[v], *x) }
-                }
+                unsafe { if FULL { _mm256_storeu_ps(o, *x) } else { _mm256_maskstore_ps(o, mk[v], *x) } }
             }
         }
     }
