@@ -57,9 +57,14 @@ pub struct ServeBenchArgs {
     /// Server: prefill rows per step while sequences decode (at most max(this, decode rows)).
     #[arg(long, default_value_t = 32)]
     pub prefill_chunk: usize,
-    /// Server: while sequences decode, most rows (decode + prefill) per step; 0: no cap.
+    /// Server: while sequences decode, most rows (decode + prefill) per step; 0: no cap. With --itl-target,
+    /// the floor of the fitted cap.
     #[arg(long, default_value_t = dynsparse::serve::DEFAULT_STEP_ROWS)]
     pub step_rows: usize,
+    /// Server: inter-token target as a multiple of a one-row step (the step-row cap follows the fitted step
+    /// cost T0 + c·rows: rows ≤ target + (target − 1)·T0/c, never below --step-rows); 0: the fixed --step-rows.
+    #[arg(long, default_value_t = dynsparse::serve::DEFAULT_ITL_TARGET)]
+    pub itl_target: f64,
     /// Server: tokens per KV page.
     #[arg(long, default_value_t = 16)]
     pub kv_page: usize,
@@ -232,6 +237,7 @@ pub fn run(choice: BackendChoice, a: ServeBenchArgs) -> Result<()> {
         max_batched_tokens: a.max_batched_tokens.max(max_streams),
         prefill_chunk: a.prefill_chunk.min(a.max_batched_tokens.max(max_streams)),
         step_rows: a.step_rows,
+        itl_target: a.itl_target,
         max_queue: max_streams * 2,
         kv_page: a.kv_page,
         keep_samples: false,
@@ -320,11 +326,11 @@ pub fn run(choice: BackendChoice, a: ServeBenchArgs) -> Result<()> {
     };
     let mut md = format!(
         "Machine: {} — device: {} ({kind}).\n\n\
-         Command: `dynsparse --backend {kind} bench serve --streams {list} --requests {} --max-secs {} --prompt-min {} --prompt-max {} --output-min {} --output-max {} --max-batched-tokens {} --prefill-chunk {} --step-rows {} --kv-page {}{}`\n\n\
+         Command: `dynsparse --backend {kind} bench serve --streams {list} --requests {} --max-secs {} --prompt-min {} --prompt-max {} --output-min {} --output-max {} --max-batched-tokens {} --prefill-chunk {} --step-rows {} --itl-target {} --kv-page {}{}`\n\n\
          Model: {:.1}M parameters, {dtype}, {model_desc}. Load: each stream sends one streaming completion after another \
          (closed loop) over loopback HTTP; prompt lengths uniform in {}..={} bytes, max_tokens uniform in {}..={}, temperature 0.8, \
          seeded; at most {} requests or {} s per row. Latencies as the client sees them (one SSE chunk per token). \
-         Server: --max-batch {max_streams}, --max-batched-tokens {}, --prefill-chunk {}, --step-rows {}, --kv-page {}.\n\n\
+         Server: --max-batch {max_streams}, --max-batched-tokens {}, --prefill-chunk {}, --step-rows {}, --itl-target {}, --kv-page {}.\n\n\
          | streams | requests | req/s | generated tok/s | TTFT p50 ms | TTFT p99 ms | inter-token p50 ms | inter-token p99 ms | largest step (seqs) | KV peak (paged) MiB | KV contiguous MiB |\n\
          |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         host_description(),
@@ -338,6 +344,7 @@ pub fn run(choice: BackendChoice, a: ServeBenchArgs) -> Result<()> {
         a.max_batched_tokens,
         a.prefill_chunk,
         a.step_rows,
+        a.itl_target,
         a.kv_page,
         if a.checkpoint.is_some() { " --checkpoint …".to_string() } else { String::new() },
         mc.n_params() as f64 / 1e6,
@@ -350,6 +357,7 @@ pub fn run(choice: BackendChoice, a: ServeBenchArgs) -> Result<()> {
         a.max_batched_tokens.max(max_streams),
         a.prefill_chunk,
         a.step_rows,
+        a.itl_target,
         a.kv_page,
     );
     let mib = |b: usize| b as f64 / (1 << 20) as f64;

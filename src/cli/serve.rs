@@ -32,8 +32,16 @@ pub struct ServeArgs {
     pub prefill_chunk: usize,
     /// While sequences decode, most rows (decode + prefill) in one step, so every step — and so every
     /// inter-token gap — stays near the cost of this many rows; prompts keep at least an eighth of it. 0: no cap.
+    /// With --itl-target (the default) this is the floor: the cap rises when the measured step cost allows.
     #[arg(long, default_value_t = dynsparse::serve::DEFAULT_STEP_ROWS)]
     pub step_rows: usize,
+    /// Inter-token latency target, a multiple of a one-row step's time: the engine fits each step's wall time as
+    /// T0 + c·rows over the recent steps and, while sequences decode, caps a step at the most rows whose predicted
+    /// time stays within this × (T0 + c), i.e. rows ≤ target + (target − 1)·T0/c, when that is more than
+    /// --step-rows: where rows are cheap next to the weight reads (T0/c large) more sequences decode at once.
+    /// 0: the fixed --step-rows cap.
+    #[arg(long, default_value_t = dynsparse::serve::DEFAULT_ITL_TARGET)]
+    pub itl_target: f64,
     /// Most prompts waiting for a slot; a request beyond it gets 429 at once.
     #[arg(long, default_value_t = 256)]
     pub max_queue: usize,
@@ -73,6 +81,7 @@ pub fn run(choice: BackendChoice, a: ServeArgs) -> Result<()> {
         max_batched_tokens: a.max_batched_tokens,
         prefill_chunk: a.prefill_chunk,
         step_rows: a.step_rows,
+        itl_target: a.itl_target,
         max_queue: a.max_queue,
         kv_memory: a.kv_memory.as_deref().map(parse_bytes).transpose()?,
         kv_page: a.kv_page,

@@ -125,6 +125,72 @@ pub fn prefill_budget(max_tokens: usize, chunk: usize, step_rows: usize, decodes
     if step_rows == 0 { capped } else { capped.min(step_rows.saturating_sub(decodes).max(step_rows.div_ceil(8))) }
 }
 
+/// Least-squares fit of an engine step's wall time against its rows,
+/// `t ≈ T₀ + c·R`, over the recent steps (each older step's weight decays by
+/// [`StepCost::DECAY`] per step, so the fit follows the contexts and the
+/// machine's load).
+#[derive(Clone, Debug, Default)]
+pub struct StepCost {
+    /// Σw, Σw·R, Σw·R², Σw·t, Σw·R·t.
+    s: [f64; 5],
+    steps: usize,
+}
+
+impl StepCost {
+    pub const DECAY: f64 = 0.97;
+    /// Steps observed before the fit is used.
+    pub const MIN_STEPS: usize = 8;
+
+    pub fn observe(&mut self, rows: usize, secs: f64) {
+        if !(secs.is_finite() && secs >= 0.0) || rows == 0 {
+            return;
+        }
+        let r = rows as f64;
+        for (x, y) in self.s.iter_mut().zip([1.0, r, r * r, secs, r * secs]) {
+            *x = *x * Self::DECAY + y;
+        }
+        self.steps += 1;
+    }
+
+    /// `(T₀, c)` in seconds once [`Self::MIN_STEPS`] steps came in with row
+    /// counts that vary (a standard deviation of at least one row); `T₀`
+    /// clamped at 0, `c` at 1 ns.
+    pub fn fit(&self) -> Option<(f64, f64)> {
+        let [s0, s1, s2, sy, sxy] = self.s;
+        if self.steps < Self::MIN_STEPS || s0 <= 0.0 {
+            return None;
+        }
+        let var = s2 / s0 - (s1 / s0).powi(2);
+        if var < 1.0 {
+            return None;
+        }
+        let c = ((sxy / s0 - (s1 / s0) * (sy / s0)) / var).max(1e-9);
+        let t0 = ((sy - c * s1) / s0).max(0.0);
+        Some((t0, c))
+    }
+
+    /// Most rows of a step whose predicted cost stays within `factor` × the
+    /// cost of a one-row step: `T₀ + c·R ≤ factor·(T₀ + c)`, i.e.
+    /// `R ≤ factor + (factor − 1)·T₀/c`. `None` before [`Self::fit`] has one.
+    pub fn rows_within(&self, factor: f64) -> Option<usize> {
+        let (t0, c) = self.fit()?;
+        let r = factor + (factor - 1.0) * t0 / c;
+        Some(if r.is_finite() { r.clamp(1.0, 1e6) as usize } else { 1_000_000 })
+    }
+}
+
+/// The step-row cap of the next step: `fixed` (`--step-rows`; 0: no cap),
+/// raised with an inter-token target (`factor` > 0) to the most rows the
+/// fitted step cost allows when that is more — rows that are cheap next to
+/// the per-step cost let more sequences into a step, and the cap never
+/// falls below the hand-set one (a noisy fit cannot shrink the batch).
+pub fn step_row_cap(cost: &StepCost, factor: f64, fixed: usize) -> usize {
+    if factor <= 0.0 || fixed == 0 {
+        return fixed;
+    }
+    cost.rows_within(factor).map_or(fixed, |r| r.max(fixed))
+}
+
 /// Engine limits.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -133,8 +199,11 @@ pub struct EngineConfig {
     pub max_batched_tokens: usize,
     /// See [`prefill_budget`].
     pub prefill_chunk: usize,
-    /// See [`prefill_budget`] (0: no cap).
+    /// See [`prefill_budget`] (0: no cap); with `itl_target` > 0, the floor
+    /// of the fitted cap (see [`step_row_cap`]).
     pub step_rows: usize,
+    /// Inter-token target as a multiple of a one-row step's cost (0: off).
+    pub itl_target: f64,
     /// Pool size in pages (already derived from the memory budget).
     pub kv_pages: usize,
     pub kv_page: usize,
@@ -179,6 +248,8 @@ struct Engine<'a, B: Backend> {
     model: Model<B>,
     cache: KvCache<B>,
     st: InferState<B>,
+    /// Fitted step cost (rows → seconds), for the step-row cap.
+    cost: StepCost,
     cfg: EngineConfig,
     queue: VecDeque<Seq>,
     running: Vec<Seq>,
@@ -246,6 +317,7 @@ impl BackendJob for Job {
             model,
             cache,
             st: InferState::default(),
+            cost: StepCost::default(),
             free_slots: (0..cfg.max_batch).rev().collect(),
             cfg,
             queue: VecDeque::new(),
@@ -455,8 +527,8 @@ impl<B: Backend> Engine<'_, B> {
                     budget -= 1;
                 }
             }
-            budget =
-                prefill_budget(self.cfg.max_batched_tokens, self.cfg.prefill_chunk, self.cfg.step_rows, plan.len());
+            let cap = step_row_cap(&self.cost, self.cfg.itl_target, self.cfg.step_rows);
+            budget = prefill_budget(self.cfg.max_batched_tokens, self.cfg.prefill_chunk, cap, plan.len());
             let page = self.cache.page();
             for (i, s) in self.running.iter().enumerate() {
                 let slot = s.slot.expect("running");
@@ -493,7 +565,10 @@ impl<B: Backend> Engine<'_, B> {
             })
             .collect();
         let attn = self.model.inference_attention();
-        let logits = match self.model.step(self.be, &mut self.cache, &mut self.st, &rows, attn) {
+        let t0 = Instant::now();
+        let res = self.model.step(self.be, &mut self.cache, &mut self.st, &rows, attn);
+        self.cost.observe(rows.len(), t0.elapsed().as_secs_f64());
+        let logits = match res {
             Ok(l) => l,
             Err(e) => {
                 log::error!("serve: a step of {} rows failed: {e}", rows.len());
@@ -631,7 +706,48 @@ impl<B: Backend> Engine<'_, B> {
 
 #[cfg(test)]
 mod tests {
-    use super::prefill_budget;
+    use super::{StepCost, prefill_budget, step_row_cap};
+
+    #[test]
+    fn step_cost_fit_recovers_a_linear_cost_and_derives_the_row_cap() {
+        let mut c = StepCost::default();
+        // Too few steps, then steps of one row count only: no fit.
+        for _ in 0..20 {
+            assert_eq!(c.fit(), None);
+            c.observe(24, 0.005 + 0.0005 * 24.0);
+        }
+        assert_eq!(c.fit(), None);
+        assert_eq!(step_row_cap(&c, 3.0, 24), 24);
+        // Varying rows on t = 5 ms + 0.5 ms·R: T₀ and c come back.
+        for i in 0..40 {
+            let r = 1 + (i * 7) % 40;
+            c.observe(r, 0.005 + 0.0005 * r as f64);
+        }
+        let (t0, k) = c.fit().expect("a fit");
+        assert!((t0 - 0.005).abs() < 1e-9 && (k - 0.0005).abs() < 1e-12, "{t0} {k}");
+        // R ≤ 3 + 2·T₀/c = 3 + 2·10 = 23 (T₀ + 23c = 16.5 ms = 3 × 5.5 ms).
+        // (The fit is exact to ~1e-12 relative, so the floor may land one below.)
+        assert!(matches!(c.rows_within(3.0), Some(22..=23)), "{:?}", c.rows_within(3.0));
+        assert!(matches!(c.rows_within(2.0), Some(11..=12)), "{:?}", c.rows_within(2.0));
+        // The fit raises the hand-set cap, never lowers it; no target or no cap: the fixed one.
+        assert!((22..=23).contains(&step_row_cap(&c, 3.0, 8)));
+        assert_eq!(step_row_cap(&c, 3.0, 24), 24);
+        assert_eq!(step_row_cap(&c, 0.0, 8), 8);
+        assert_eq!(step_row_cap(&c, 3.0, 0), 0);
+        // A cost that is all per-row work: the fixed cap.
+        let mut d = StepCost::default();
+        for i in 0..40 {
+            let r = 1 + i % 30;
+            d.observe(r, 0.001 * r as f64);
+        }
+        assert_eq!(d.rows_within(1.5), Some(1));
+        assert_eq!(step_row_cap(&d, 1.5, 24), 24);
+        // Bad samples are ignored.
+        let before = format!("{d:?}");
+        d.observe(0, 1.0);
+        d.observe(3, f64::NAN);
+        assert_eq!(format!("{d:?}"), before);
+    }
 
     #[test]
     fn prefill_budget_is_capped_by_the_decode_rows_only_while_some_decode() {

@@ -64,6 +64,10 @@ impl ServeModel {
 /// a single-row decode step (BENCHMARKS.md, "Serving").
 pub const DEFAULT_STEP_ROWS: usize = 24;
 
+/// Default of [`ServeConfig::itl_target`]: the inter-token target,
+/// p99 at 32 streams ≤ 3× a single stream's.
+pub const DEFAULT_ITL_TARGET: f64 = 3.0;
+
 /// Server settings (the `serve` command's flags).
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
@@ -83,6 +87,11 @@ pub struct ServeConfig {
     /// rows first; prompts keep at least an eighth of it); 0: no cap. See
     /// [`engine::prefill_budget`].
     pub step_rows: usize,
+    /// Inter-token latency target as a multiple of a one-row step: while
+    /// sequences decode, the step-row cap rises from `step_rows` to the most
+    /// rows whose cost — fitted online from the steps run so far,
+    /// `T₀ + c·rows` — stays within it. 0: `step_rows` always.
+    pub itl_target: f64,
     /// Most sequences waiting for admission; beyond it requests get 429 at once.
     pub max_queue: usize,
     /// KV pool size in bytes; `None`: room for `max_batch` full contexts.
@@ -113,6 +122,7 @@ impl Default for ServeConfig {
             max_batched_tokens: 512,
             prefill_chunk: 32,
             step_rows: DEFAULT_STEP_ROWS,
+            itl_target: DEFAULT_ITL_TARGET,
             max_queue: 256,
             kv_memory: None,
             kv_page: crate::model::infer::DEFAULT_PAGE,
@@ -218,6 +228,9 @@ pub fn start(cfg: ServeConfig, model: ServeModel) -> Result<ServerHandle> {
     if cfg.prefill_chunk == 0 {
         return bad("--prefill-chunk must be at least 1".into());
     }
+    if !(cfg.itl_target == 0.0 || (cfg.itl_target > 1.0 && cfg.itl_target <= 1000.0)) {
+        return bad(format!("--itl-target {}: 0 (off) or a factor in (1, 1000]", cfg.itl_target));
+    }
     if cfg.max_queue == 0 {
         return bad("--max-queue must be at least 1".into());
     }
@@ -256,6 +269,7 @@ pub fn start(cfg: ServeConfig, model: ServeModel) -> Result<ServerHandle> {
         max_batched_tokens: cfg.max_batched_tokens,
         prefill_chunk: cfg.prefill_chunk.min(cfg.max_batched_tokens),
         step_rows: cfg.step_rows,
+        itl_target: cfg.itl_target,
         kv_pages,
         kv_page: cfg.kv_page,
         context,

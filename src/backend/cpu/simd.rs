@@ -22,9 +22,15 @@
 //! to the same row in any ragged step.
 //!
 //! Register tiles: AVX-512 6 rows × 64 columns (24 zmm accumulators, 4 loads
-//! of B and 6 broadcasts per 24 FMAs), AVX2 6 rows × 16 columns (12 ymm). B is
-//! streamed in place (row stride `rsb`), never packed: a decode step's product
-//! reads each weight once per 6 rows.
+//! of B and 6 broadcasts per 24 FMAs). AVX2: panels of 64 columns of B
+//! outside, K blocks of 64 rows (16 KiB, kept in L1), every row tile of A
+//! inside, so B — the weights — is read from memory once per call whatever
+//! `m` is; a tile of R rows spans 8–12 ymm accumulators (4–6 rows × 16
+//! columns, 2–3 × 32, a lone decode row 1 × 64), enough independent FMA
+//! chains to hide the FMA latency. B is streamed in place (row stride
+//! `rsb`), never packed. [`rows_dot_bt`]'s AVX2 kernel runs 8 columns of B per
+//! pass over a row of A (8 chains). The tile shape never changes an
+//! element's operation sequence (above), only which registers hold it.
 
 use std::sync::OnceLock;
 
@@ -298,11 +304,11 @@ mod x86 {
     /// hardware prefetchers do not follow, so without it every row of a
     /// tile's first pass waits on L3 or DRAM.
     const PREFETCH: usize = 24;
-    /// Rows of B per K block: a tile's block of B (KB × 64 floats for
-    /// AVX-512, KB × 16 for AVX2: 32 KiB, 16 KiB) stays in L1 while every row
-    /// group of A passes over it, instead of being re-read from L2 or L3.
+    /// Rows of B per K block: a block of B (KB × 64 floats for AVX-512 and
+    /// for an AVX2 panel: 32 KiB, 16 KiB) stays in L1 while every row group
+    /// of A passes over it, instead of being re-read from L2 or L3.
     const KB512: usize = 128;
-    const KB256: usize = 256;
+    const KB256: usize = 64;
 
     // ------------------------------------------------------------ AVX-512
 
@@ -468,11 +474,28 @@ mod x86 {
 
     // ------------------------------------------------------------ AVX2
 
-    /// Lanes `j0 + 8·v + l < n` of the 2 vectors of a 16-column block, as
-    /// `maskload` masks (sign bit set = lane on).
+    /// Columns per panel of the AVX2 product: the panel's K block of B
+    /// (`KB256` × 64 floats = 16 KiB) stays in L1 while every row tile of A
+    /// passes over it, so B (the weights) is read from memory once per call,
+    /// whatever `m` is.
+    const PANEL: usize = 64;
+
+    /// 8-float vectors per register tile of R rows: 8–12 independent FMA
+    /// chains whatever R is (two FMA units × 4 cycles of latency need 8), so
+    /// a lone decode row runs 1 × 64 columns instead of 1 × 16.
+    const fn vecs(r: usize) -> usize {
+        match r {
+            1 => 8,
+            2 | 3 => 4,
+            _ => 2,
+        }
+    }
+
+    /// Lanes `j0 + 8·v + l < n` of the V vectors of a block, as `maskload`
+    /// masks (sign bit set = lane on).
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn masks256(n: usize, j0: usize) -> [__m256i; 2] {
+    fn masks256<const V: usize>(n: usize, j0: usize) -> [__m256i; V] {
         let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
         std::array::from_fn(|v| {
             let left = n.saturating_sub(j0 + 8 * v).min(8) as i32;
@@ -480,12 +503,14 @@ mod x86 {
         })
     }
 
-    /// R rows × 16 columns: `acc[i][v] ← fma(a[i,p], b[p, 8v..8v+8], acc[i][v])`
-    /// for p in `[p0, p1)`, as `tile512`.
+    /// R rows × 8V columns: `acc[i][v] ← fma(a[i,p], b[p, 8v..8v+8], acc[i][v])`
+    /// for p in `[p0, p1)`, as `tile512`. `FULL`: every lane is inside `n`
+    /// (plain loads and stores); else the lanes are masked by `mk`. `pf`: the
+    /// first row tile over this block of B prefetches B's rows ahead.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn tile256<const R: usize>(
+    unsafe fn tile256<const R: usize, const V: usize, const FULL: bool>(
         (p0, p1, k): (usize, usize, usize),
         a: *const f32,
         rsa: usize,
@@ -493,39 +518,79 @@ mod x86 {
         rsb: usize,
         out: *mut f32,
         rso: usize,
-        mk: [__m256i; 2],
-        resume: bool,
+        mk: [__m256i; V],
+        (resume, pf): (bool, bool),
     ) {
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        // SAFETY (all blocks of this function): as in `tile512`: the caller
+        // proved rows i < R of A up to k, rows p < k of B and rows i < R of
+        // out up to 8V columns (FULL) or up to the masked lanes lie in their
+        // slices; AVX `maskload`/`maskstore` do not touch masked-off lanes.
+        let load = |p: *const f32, v: usize| unsafe {
+            if FULL { _mm256_loadu_ps(p.wrapping_add(8 * v)) } else { _mm256_maskload_ps(p.wrapping_add(8 * v), mk[v]) }
+        };
+        let mut acc = [[_mm256_setzero_ps(); V]; R];
         if p0 > 0 || resume {
             for (i, acc) in acc.iter_mut().enumerate() {
-                for v in 0..2 {
-                    // SAFETY: as below (the stores' lanes).
-                    acc[v] = unsafe { _mm256_maskload_ps(out.wrapping_add(i * rso + 8 * v), mk[v]) };
+                for (v, x) in acc.iter_mut().enumerate() {
+                    *x = load(out.wrapping_add(i * rso), v);
                 }
             }
         }
         for p in p0..p1 {
-            // SAFETY (all blocks of this function): as in `tile512`; AVX
-            // `maskload`/`maskstore` do not touch masked-off lanes.
             let bp = unsafe { b.add(p * rsb) };
-            if p + PREFETCH < k {
-                for v in 0..2 {
+            if pf && p + PREFETCH < k {
+                for v in (0..V).step_by(2) {
                     _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(PREFETCH * rsb + 8 * v) as *const i8);
                 }
             }
-            let bv: [__m256; 2] = std::array::from_fn(|v| unsafe { _mm256_maskload_ps(bp.wrapping_add(8 * v), mk[v]) });
+            let bv: [__m256; V] = std::array::from_fn(|v| load(bp, v));
             for (i, acc) in acc.iter_mut().enumerate() {
                 let x = _mm256_set1_ps(unsafe { *a.add(i * rsa + p) });
-                for v in 0..2 {
+                for v in 0..V {
                     acc[v] = _mm256_fmadd_ps(x, bv[v], acc[v]);
                 }
             }
         }
         for (i, acc) in acc.iter().enumerate() {
-            for v in 0..2 {
-                unsafe { _mm256_maskstore_ps(out.wrapping_add(i * rso + 8 * v), mk[v], acc[v]) };
+            for (v, x) in acc.iter().enumerate() {
+                let o = out.wrapping_add(i * rso + 8 * v);
+                unsafe { if FULL { _mm256_storeu_ps(o, *x) } else { _mm256_maskstore_ps(o, mk[v], *x) } }
             }
+        }
+    }
+
+    /// One row tile of R rows over columns `[j, j + pw)` of a panel, in
+    /// sub-tiles of 8·vecs(R) columns.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn row_tile256<const R: usize, const V: usize>(
+        kb: (usize, usize, usize),
+        a: *const f32,
+        rsa: usize,
+        b: *const f32,
+        rsb: usize,
+        out: *mut f32,
+        rso: usize,
+        (j, pw): (usize, usize),
+        flags: (bool, bool),
+    ) {
+        let w = 8 * V;
+        let mut jj = 0;
+        while jj < pw {
+            // SAFETY: jj < pw ≤ n − j, so the sub-tile's origin is inside the
+            // ranges the caller proved; a sub-tile past the panel's end is masked.
+            unsafe {
+                let (bt, ot) = (b.add(j + jj), out.add(j + jj));
+                if jj + w <= pw {
+                    let mk = [_mm256_setzero_si256(); V];
+                    tile256::<R, V, true>(kb, a, rsa, bt, rsb, ot, rso, mk, flags);
+                } else {
+                    let mk = masks256::<V>(pw, jj);
+                    tile256::<R, V, false>(kb, a, rsa, bt, rsb, ot, rso, mk, flags);
+                }
+            }
+            jj += w;
         }
     }
 
@@ -543,21 +608,28 @@ mod x86 {
         rso: usize,
         resume: bool,
     ) {
-        for (j0, kb) in
-            (0..n).step_by(16).flat_map(|j0| (0..k).step_by(KB256).map(move |p0| (j0, (p0, k.min(p0 + KB256), k))))
-        {
-            let mk = masks256(n, j0);
-            for i0 in (0..m).step_by(TR) {
-                // SAFETY: as in `rtb_avx512`.
-                unsafe {
-                    let (at, bt, ot) = (a.add(i0 * rsa), b.add(j0), out.add(i0 * rso + j0));
-                    match TR.min(m - i0) {
-                        6 => tile256::<6>(kb, at, rsa, bt, rsb, ot, rso, mk, resume),
-                        5 => tile256::<5>(kb, at, rsa, bt, rsb, ot, rso, mk, resume),
-                        4 => tile256::<4>(kb, at, rsa, bt, rsb, ot, rso, mk, resume),
-                        3 => tile256::<3>(kb, at, rsa, bt, rsb, ot, rso, mk, resume),
-                        2 => tile256::<2>(kb, at, rsa, bt, rsb, ot, rso, mk, resume),
-                        _ => tile256::<1>(kb, at, rsa, bt, rsb, ot, rso, mk, resume),
+        // Panels of B's columns outside, K blocks, then every row tile of A
+        // inside: each block of B is loaded from memory once per call.
+        for j0 in (0..n).step_by(PANEL) {
+            let pw = PANEL.min(n - j0);
+            for p0 in (0..k).step_by(KB256) {
+                let kb = (p0, k.min(p0 + KB256), k);
+                for i0 in (0..m).step_by(TR) {
+                    let flags = (resume, i0 == 0);
+                    // SAFETY: i0 < m and j0 < n, so the tile's origin is inside
+                    // the ranges the caller proved; the tile stays inside them
+                    // (rows up to min(TR, m − i0), columns masked to n).
+                    unsafe {
+                        let (at, ot) = (a.add(i0 * rsa), out.add(i0 * rso));
+                        let jp = (j0, pw);
+                        match TR.min(m - i0) {
+                            6 => row_tile256::<6, { vecs(6) }>(kb, at, rsa, b, rsb, ot, rso, jp, flags),
+                            5 => row_tile256::<5, { vecs(5) }>(kb, at, rsa, b, rsb, ot, rso, jp, flags),
+                            4 => row_tile256::<4, { vecs(4) }>(kb, at, rsa, b, rsb, ot, rso, jp, flags),
+                            3 => row_tile256::<3, { vecs(3) }>(kb, at, rsa, b, rsb, ot, rso, jp, flags),
+                            2 => row_tile256::<2, { vecs(2) }>(kb, at, rsa, b, rsb, ot, rso, jp, flags),
+                            _ => row_tile256::<1, { vecs(1) }>(kb, at, rsa, b, rsb, ot, rso, jp, flags),
+                        }
                     }
                 }
             }
@@ -573,7 +645,10 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)))
     }
 
-    /// As `dot_avx512` with 8 lanes.
+    /// Columns per pass of the AVX2 dot kernel: 8 independent FMA chains.
+    const DOTC: usize = 8;
+
+    /// As `dot_avx512` with 8 lanes, 8 columns of B per pass over a row of A.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn dot_avx2(
@@ -591,24 +666,26 @@ mod x86 {
         let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
         let tail = _mm256_cmpgt_epi32(_mm256_set1_epi32((k - full) as i32), lanes);
         for i in 0..m {
-            // SAFETY (this loop): as in `dot_avx512`.
+            // SAFETY (this loop): as in `dot_avx512`; a pass with fewer than
+            // DOTC columns left repeats the last one (its extra sums are not
+            // stored).
             let ar = unsafe { a.add(i * rsa) };
             let mut j = 0;
             while j < n {
-                let cols = 4.min(n - j);
-                let br: [*const f32; 4] = std::array::from_fn(|c| b.wrapping_add((j + c.min(cols - 1)) * rsb));
-                let mut acc = [_mm256_setzero_ps(); 4];
+                let cols = DOTC.min(n - j);
+                let br: [*const f32; DOTC] = std::array::from_fn(|c| b.wrapping_add((j + c.min(cols - 1)) * rsb));
+                let mut acc = [_mm256_setzero_ps(); DOTC];
                 let mut p = 0;
                 while p < full {
                     let x = unsafe { _mm256_loadu_ps(ar.add(p)) };
-                    for c in 0..4 {
+                    for c in 0..DOTC {
                         acc[c] = _mm256_fmadd_ps(x, unsafe { _mm256_loadu_ps(br[c].add(p)) }, acc[c]);
                     }
                     p += 8;
                 }
                 if k > full {
                     let x = unsafe { _mm256_maskload_ps(ar.add(full), tail) };
-                    for c in 0..4 {
+                    for c in 0..DOTC {
                         acc[c] = _mm256_fmadd_ps(x, unsafe { _mm256_maskload_ps(br[c].add(full), tail) }, acc[c]);
                     }
                 }
