@@ -5,9 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod cli_setup;
+
 fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_dynsparse"));
-    c.env("RUST_LOG", "error").env("XDG_RUNTIME_DIR", "/tmp");
+    let mut c = cli_setup::bin();
     // The planner's kernel-cost cache stays out of the user's ~/.cache.
     c.env("DYNSPARSE_CACHE_DIR", std::env::temp_dir().join(format!("dynsparse-compress-cache-{}", std::process::id())));
     c
@@ -18,10 +19,7 @@ fn run(args: &[&str]) -> Output {
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("dynsparse-compress-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    cli_setup::scratch("compress", name)
 }
 
 /// Fails unless the command exited non-zero with one `error:` line naming `needle`.
