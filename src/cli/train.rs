@@ -590,9 +590,36 @@ impl BackendJob for TrainJob {
         outln!("checkpoint: {}", ckpt_path.display());
         outln!("log:        {}", log_path.display());
         outln!("plot:       {}", plot_path.display());
-        outln!("next:       dynsparse generate --checkpoint {} --prompt \"key abc: \"", ckpt_path.display());
+        let prompt = if args.data.is_some() { prompt_from(&val.tokens) } else { "key abc: ".to_string() };
+        outln!("next:       dynsparse generate --checkpoint {} --prompt \"{prompt}\"", ckpt_path.display());
         Ok(())
     }
+}
+
+/// A prompt for the closing `next:` hint from the user's own text: the first
+/// words (≤ 24 bytes, whole words, valid UTF-8) of the validation text's first
+/// full line, escaped for a shell's double quotes. The synthetic corpus's
+/// retrieval prompt would mean nothing to a model trained on other text.
+fn prompt_from(text: &[u8]) -> String {
+    let start = text.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let line = text[start..].split(|&b| b == b'\n').find(|l| !l.iter().all(u8::is_ascii_whitespace)).unwrap_or(&[]);
+    let line = String::from_utf8_lossy(line);
+    let mut out = String::new();
+    for word in line.split_whitespace() {
+        let next = if out.is_empty() { word.to_string() } else { format!("{out} {word}") };
+        if next.len() > 24 && !out.is_empty() {
+            break;
+        }
+        out = next.chars().filter(|c| !c.is_control()).take(24).collect();
+    }
+    let out = if out.is_empty() { "The".to_string() } else { format!("{out} ") };
+    out.chars().fold(String::new(), |mut s, c| {
+        if matches!(c, '"' | '\\' | '$' | '`') {
+            s.push('\\');
+        }
+        s.push(c);
+        s
+    })
 }
 
 fn write_log(path: &Path, rows: &[String]) -> Result<()> {
@@ -1092,4 +1119,20 @@ pub fn generate_text(choice: BackendChoice, a: GenerateArgs) -> Result<()> {
     let plan = MemoryPlan::kv_inference(&cfg, ck.train.precision, 1, cfg.context, rows, size);
     super::preflight(&plan, &sel.backend, "generating from this checkpoint", "its context is too large")?;
     run_on(&sel.backend, GenJob { ck, a })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prompt_from;
+
+    #[test]
+    fn the_next_hint_prompts_with_the_users_own_words() {
+        let kjv = b"ter end of a verse\nActs 1:1 The former treatise have I made, O Theophilus\n";
+        assert_eq!(prompt_from(kjv), "Acts 1:1 The former ");
+        // Shell-special characters are escaped for the hint's double quotes; blank lines are skipped.
+        assert_eq!(prompt_from(b"x\n\n  \nsay \"$HOME\" `now`\n"), "say \\\"\\$HOME\\\" \\`now\\` ");
+        // One overlong word is cut at 24 characters (on a char boundary); no text at all still gives a prompt.
+        assert_eq!(prompt_from("\nééééééééééééééééééééééééééé\n".as_bytes()).chars().count(), 25);
+        assert_eq!(prompt_from(b""), "The");
+    }
 }
