@@ -25,7 +25,7 @@ use std::time::Instant;
 use clap::Parser;
 use dynsparse::backend::{BackendChoice, BackendJob, run_on, select};
 use dynsparse::data::Corpus;
-use dynsparse::quant::awq::{Choice, Method, compress};
+use dynsparse::quant::awq::{AwqOptions, Choice, Method, compress_with};
 use dynsparse::quant::calib::{CalibOptions, calibrate, linears};
 use dynsparse::quant::plan::{
     CostCache, Evaluator, Paired, Parts, PlanOptions, Split, Target, Z_ONE_SIDED_95, choose_and_verify, measure_table,
@@ -75,6 +75,12 @@ struct Args {
     /// Skip the per-format table (planner only).
     #[arg(long)]
     planner_only: bool,
+    /// AWQ without its clipping search (the α scale search alone): an ablation of the table.
+    #[arg(long)]
+    no_clip: bool,
+    /// The table's int4 rows only.
+    #[arg(long)]
+    int4_only: bool,
 }
 
 struct Job {
@@ -211,10 +217,14 @@ impl BackendJob for Job {
                 (QFormat::Sparse24 { int8: true }, Method::Rtn),
                 (QFormat::Sparse24 { int8: true }, Method::Wanda),
             ];
+            let awq_opt = AwqOptions { clip: !args.no_clip, ..Default::default() };
             for (f, m) in runs {
+                if args.int4_only && !matches!(f, QFormat::Int4 { .. }) {
+                    continue;
+                }
                 let t = Instant::now();
                 let ch = vec![Some(Choice { format: f, method: m }); lins.len()];
-                let comp = compress(&cfg, values, &ch, Some(&cal))?;
+                let comp = compress_with(&cfg, values, &ch, Some(&cal), &awq_opt)?;
                 let deq = comp.dequantized();
                 let da = ev_a.loss(be, &deq)? - base_a;
                 let wins = ev_b.window_losses(be, &deq)?;
