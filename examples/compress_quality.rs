@@ -25,7 +25,7 @@ use std::time::Instant;
 use clap::Parser;
 use dynsparse::backend::{BackendChoice, BackendJob, run_on, select};
 use dynsparse::data::Corpus;
-use dynsparse::quant::awq::{Choice, Method, compress};
+use dynsparse::quant::awq::{AwqOptions, Choice, Method, compress_with};
 use dynsparse::quant::calib::{CalibOptions, calibrate, linears};
 use dynsparse::quant::plan::{
     CostCache, Evaluator, Paired, Parts, PlanOptions, Split, Target, Z_ONE_SIDED_95, choose_and_verify, measure_table,
@@ -75,6 +75,12 @@ struct Args {
     /// Skip the per-format table (planner only).
     #[arg(long)]
     planner_only: bool,
+    /// AWQ without its clipping search (the α scale search alone): an ablation of the table.
+    #[arg(long)]
+    no_clip: bool,
+    /// The table's int4 rows only.
+    #[arg(long)]
+    int4_only: bool,
 }
 
 struct Job {
@@ -146,7 +152,7 @@ impl BackendJob for Job {
         let t0 = Instant::now();
         let model = dynsparse::model::Model::from_values(be, cfg, dtype, values)?;
         let cal_text = parts.calibration(32);
-        let cal = calibrate(be, &model, &cal_text, CalibOptions { batch: 4, seq, windows: 32, sample_rows: 256 })?;
+        let cal = calibrate(be, &model, &cal_text, CalibOptions { batch: 4, seq, windows: 32, sample_rows: 4096 })?;
         drop(model);
         eprintln!("calibration: {} tokens in {:.1} s", cal.tokens, t0.elapsed().as_secs_f64());
         let mut ev_a = Evaluator::new(be, &cfg, dtype, values, &parts.sensitivity, (4, seq, args.windows))?.chunked();
@@ -188,8 +194,14 @@ impl BackendJob for Job {
         );
         println!("kernel costs of: {}\n", cost_device.clone().unwrap_or_else(|| be.device_name()));
         if !args.planner_only {
-            println!("| format | method | linear bytes | vs f32 | Δloss sensitivity text | Δloss held-out |");
-            println!("|---|---|---|---|---|---|");
+            println!(
+                "| format | method | linear bytes | vs f32 | Δloss sensitivity text | Δloss held-out (± se) | \
+                 paired vs rtn/magnitude, held-out (± se) |"
+            );
+            println!("|---|---|---|---|---|---|---|");
+            // Held-out window losses of each format's RTN/magnitude run: the AWQ/Wanda rows
+            // report their paired difference window by window.
+            let mut first: std::collections::HashMap<String, Vec<f64>> = Default::default();
             let i4 = |g| QFormat::Int4 { group: g, asym: false };
             let runs = [
                 (QFormat::Int8, Method::Rtn),
@@ -205,22 +217,47 @@ impl BackendJob for Job {
                 (QFormat::Sparse24 { int8: true }, Method::Rtn),
                 (QFormat::Sparse24 { int8: true }, Method::Wanda),
             ];
+            let awq_opt = AwqOptions { clip: !args.no_clip, ..Default::default() };
             for (f, m) in runs {
+                if args.int4_only && !matches!(f, QFormat::Int4 { .. }) {
+                    continue;
+                }
                 let t = Instant::now();
                 let ch = vec![Some(Choice { format: f, method: m }); lins.len()];
-                let comp = compress(&cfg, values, &ch, Some(&cal))?;
+                let comp = compress_with(&cfg, values, &ch, Some(&cal), &awq_opt)?;
                 let deq = comp.dequantized();
-                let (da, db) = (ev_a.loss(be, &deq)? - base_a, ev_b.loss(be, &deq)? - base_b);
+                let da = ev_a.loss(be, &deq)? - base_a;
+                let wins = ev_b.window_losses(be, &deq)?;
+                let held = Paired::new(&base_b_windows, &wins)?;
+                let vs = match first.get(&f.to_string()) {
+                    Some(r) => {
+                        let p = Paired::new(r, &wins)?;
+                        format!("{} (±{:.3}%)", pct(p.mean, base_b), 100.0 * p.se / base_b)
+                    }
+                    None => {
+                        first.insert(f.to_string(), wins);
+                        "–".to_string()
+                    }
+                };
+                if !comp.clip.is_empty() {
+                    let (e0, e1) = comp.clip.iter().fold((0.0, 0.0), |(a, b), c| (a + c.1, b + c.2));
+                    eprintln!("  clipping: {} weights, group error {:.4e} → {:.4e}", comp.clip.len(), e0, e1);
+                }
+                let alphas: Vec<String> = comp.awq.iter().map(|a| format!("{:.1}", a.1)).collect();
+                if !alphas.is_empty() {
+                    eprintln!("  alphas (wo, qkv, w1 per layer): {}", alphas.join(" "));
+                }
                 let bytes: usize = comp.weights.iter().flatten().map(QMatrix::bytes).sum();
                 let mname = match (m, f) {
                     (Method::Rtn, QFormat::Sparse24 { .. }) => "magnitude",
                     _ => m.name(),
                 };
                 println!(
-                    "| {f} | {mname} | {bytes} | {:.3}× | {} | {} |",
+                    "| {f} | {mname} | {bytes} | {:.3}× | {} | {} (±{:.3}%) | {vs} |",
                     bytes as f64 / dense_bytes as f64,
                     pct(da, base_a),
-                    pct(db, base_b)
+                    pct(held.mean, base_b),
+                    100.0 * held.se / base_b
                 );
                 eprintln!("  {f} {mname}: {:.1} s", t.elapsed().as_secs_f64());
             }

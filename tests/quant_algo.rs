@@ -5,7 +5,10 @@ use dynsparse::DType;
 use dynsparse::backend::cpu::CpuBackend;
 use dynsparse::data::Corpus;
 use dynsparse::model::{AttentionMode, Model, ModelConfig, StepAttention, Workspace, init_params};
-use dynsparse::quant::awq::{Choice, Method, compress, fold_scales, output_error, scales, search};
+use dynsparse::quant::awq::{
+    AwqOptions, CLIP_GRID, Choice, Method, clip_search, compress, compress_with, fold_scales, gram, output_error,
+    scales, search,
+};
 use dynsparse::quant::calib::{CalibOptions, Input, calibrate, linears};
 use dynsparse::quant::plan::{
     Evaluator, Paired, Parts, PlanOption, PlanOptions, Row, Split, Table, Target, Z_ONE_SIDED_95, check_budget,
@@ -128,6 +131,30 @@ fn compress_awq_keeps_stored_format_and_beats_rtn_on_calibration_model() {
     // wo, qkv, w1 per layer were searched; each at least as good as RTN on its sample.
     assert_eq!(c.awq.len(), 3 * cfg.n_layers);
     assert!(c.awq.iter().all(|(_, _, rtn, awq)| awq <= rtn));
+    // wv, wo, w1, w2 per layer were clipped (not wq, wk); never worse than no clipping.
+    assert_eq!(c.clip.len(), 4 * cfg.n_layers);
+    assert!(c.clip.iter().all(|(n, _, _)| !n.ends_with(".wq") && !n.ends_with(".wk")));
+    assert!(c.clip.iter().all(|(_, e0, e)| e <= e0));
+    // Folding exactness: the searched scales folded into the f32 model, un-quantized, give the same logits.
+    let ids: Vec<u32> = (0..16u32).map(|i| (i * 37 + 11) % 256).collect();
+    let no_clip = AwqOptions { clip: false, ..Default::default() };
+    let folded = compress_with(&cfg, &v, &ch, Some(&cal), &no_clip).unwrap();
+    assert!(folded.awq.iter().any(|a| a.1 > 0.0), "some search chose scales: {:?}", folded.awq);
+    assert_ne!(folded.values, v);
+    let e = max_rel(&logits(&cfg, &v, &ids), &logits(&cfg, &folded.values, &ids));
+    assert!(e <= 1e-5, "the folded, un-quantized model differs by {e}");
+    // α = 0 without clipping is round to nearest, bit for bit (values and codes).
+    assert!(scales(&cal.input(0, Input::Ln1).mean_abs(), 0.0).iter().all(|&x| x == 1.0));
+    let rtn_ch = vec![Some(Choice { format: f, method: Method::Rtn }); lins.len()];
+    let rtn = compress(&cfg, &v, &rtn_ch, Some(&cal)).unwrap();
+    let a0 = compress_with(&cfg, &v, &ch, Some(&cal), &AwqOptions { alphas: vec![0.0], clip: false }).unwrap();
+    assert_eq!(a0.values, rtn.values);
+    assert_eq!(a0.weights, rtn.weights);
+    assert!(rtn.clip.is_empty() && rtn.awq.is_empty(), "rtn is plain: no scales, no clipping");
+    // The default search with α = 0 in its grid: the grid point 0 reproduces RTN's error exactly.
+    let a0_grid =
+        compress_with(&cfg, &v, &ch, Some(&cal), &AwqOptions { alphas: vec![0.0, 0.5], clip: false }).unwrap();
+    assert!(a0_grid.awq.iter().all(|(_, _, rtn, awq)| awq <= rtn));
     // Weights that read one input may take different AWQ formats (the planner mixes them): one shared
     // scale searched over their summed error, each stored in its own format.
     let mixed: Vec<Option<Choice>> = lins
@@ -151,6 +178,46 @@ fn compress_awq_keeps_stored_format_and_beats_rtn_on_calibration_model() {
     let short = Corpus { tokens: vec![b'a'; 10], ..Default::default() };
     let e = calibrate(&be, &model, &short, CalibOptions { seq: 16, ..Default::default() }).unwrap_err().to_string();
     assert!(e.contains("shorter than one sequence"), "{e}");
+}
+
+#[test]
+fn clip_search_never_increases_the_sampled_group_error() {
+    let (k, n, rows) = (64, 12, 96);
+    let mut rng = Rng::new(21);
+    let x = rng.normal_vec(rows * k);
+    let h = gram(&x, k);
+    let s = rng.uniform_vec(k, 0.5, 2.0);
+    for f in [QFormat::Int4 { group: 32, asym: false }, QFormat::Int4 { group: 32, asym: true }] {
+        // Heavy-tailed weights (a few outliers per row): clipping pays on some groups.
+        let mut t = rng.normal_vec(n * k);
+        for j in 0..n {
+            t[j * k + (j * 7) % k] *= 8.0;
+        }
+        let orig = t.clone();
+        let c = clip_search(&h, k, &mut t, n, &s, f).unwrap();
+        assert_eq!(c.ratios.len(), n * k / 32);
+        assert!(c.ratios.iter().all(|r| CLIP_GRID.contains(r)));
+        assert!(c.err <= c.err_noclip, "{f}: {} > {}", c.err, c.err_noclip);
+        assert!(c.ratios.iter().any(|&r| r < 1.0) && c.err < c.err_noclip, "{f}: no group clipped");
+        // The per-group objective, recomputed directly on the sample rows: never above no clipping,
+        // and a ratio of 1.0 leaves the group bit for bit.
+        let err_of = |w: &[f32], j: usize, g: usize| -> f64 {
+            let deq = QMatrix::quantize(w, 1, 32, f).unwrap().dequantize();
+            let d: Vec<f64> = (0..32).map(|p| ((deq[p] - orig[j * k + g * 32 + p]) / s[g * 32 + p]) as f64).collect();
+            (0..rows).map(|r| (0..32).map(|p| x[r * k + g * 32 + p] as f64 * d[p]).sum::<f64>().powi(2)).sum()
+        };
+        for j in 0..n {
+            for g in 0..k / 32 {
+                let (a, b) = (j * k + g * 32, j * k + g * 32 + 32);
+                let (e0, e1) = (err_of(&orig[a..b], j, g), err_of(&t[a..b], j, g));
+                assert!(e1 <= e0 * (1.0 + 1e-9), "{f} row {j} group {g}: {e1} > {e0}");
+                if c.ratios[j * (k / 32) + g] == 1.0 {
+                    assert_eq!(t[a..b], orig[a..b]);
+                }
+            }
+        }
+    }
+    assert!(clip_search(&h, k, &mut vec![0.0; n * k], n, &s, QFormat::Int8).is_err());
 }
 
 #[test]

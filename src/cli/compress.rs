@@ -41,8 +41,9 @@ pub struct CompressArgs {
     /// int4 with a zero point per group.
     #[arg(long)]
     pub asym: bool,
-    /// rtn (round to nearest) or awq (activation-aware scales) for int8/int4; magnitude (the
-    /// default for 2:4) or wanda (|W|·‖X‖) for 2:4. awq and wanda calibrate on --calib.
+    /// rtn (round to nearest) or awq (AWQ: activation-aware per-channel scales folded into the op
+    /// before, plus a per-group clipping search for int4) for int8/int4; magnitude (the default
+    /// for 2:4) or wanda (|W|·‖X‖) for 2:4. awq and wanda calibrate on --calib.
     #[arg(long)]
     pub method: Option<String>,
     /// Largest relative validation-loss increase the planner may spend (--format auto; default

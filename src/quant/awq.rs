@@ -20,7 +20,23 @@
 //! - w1 reads LayerNorm 2: `γ₂ ← γ₂/s`, `β₂ ← β₂/s`;
 //! - w2 reads `GELU(h)`, and `GELU(h/s) ≠ GELU(h)/s`: no exact fold exists
 //!   without an extra per-channel multiply that the format does not carry, so
-//!   w2 is quantized round-to-nearest whatever the method.
+//!   w2 gets no scales whatever the method (α = 0), only the clipping below.
+//!
+//! **Objective on every calibration row.** The errors are quadratic forms in
+//! the input's Gram matrix `H = XᵀX` (`‖X·D‖² = Σ_j d_jᵀ H d_j`), computed in
+//! f64 once per input from all of the calibration sample's rows
+//! ([`crate::quant::calib::CalibOptions::sample_rows`], 4096 by default: 32
+//! windows × 128 tokens, i.e. every row), so the search costs `O(n·k²)` per
+//! grid point whatever the number of rows.
+//!
+//! **Weight clipping** (AWQ's `auto_clip`), int4 only, after the scales are
+//! folded: per output row and group, the scaled weight is clamped to
+//! `±c·max|w_g|` before quantizing, `c` from [`CLIP_GRID`] (1.0 = no clip,
+//! down to 0.5), choosing the `c` that minimises the group's output error
+//! `‖X_g·diag(1/s_g)·(Q(clamp(w_g)) − w_g)‖²` (`d_gᵀ H_gg d_g`). As in the
+//! paper's code, wq and wk are not clipped (their outputs go through the
+//! attention scores, which the local error does not see); wv, wo, w1 and w2
+//! are. Round to nearest (`Method::Rtn`) is plain: no scales, no clipping.
 
 use crate::error::{Error, Result};
 use crate::model::{AttentionMode, ModelConfig};
@@ -29,6 +45,24 @@ use crate::quant::{QFormat, QMatrix, transpose};
 
 /// Grid points of α in `[0, 1]` (α = i / ALPHA_STEPS).
 pub const ALPHA_STEPS: usize = 10;
+
+/// Clipping ratios tried per output row and group (1.0 = no clipping).
+pub const CLIP_GRID: [f32; 11] = [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5];
+
+/// What [`compress_with`] searches for `Method::Awq` weights.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AwqOptions {
+    /// α grid of the scale search (`[0.0]`: no scales).
+    pub alphas: Vec<f32>,
+    /// Run the clipping search on int4 weights (not wq/wk).
+    pub clip: bool,
+}
+
+impl Default for AwqOptions {
+    fn default() -> Self {
+        AwqOptions { alphas: (0..=ALPHA_STEPS).map(|i| i as f32 / ALPHA_STEPS as f32).collect(), clip: true }
+    }
+}
 
 /// How a weight is compressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -102,9 +136,61 @@ fn quantize_scaled(w: &[f32], k: usize, n: usize, s: &[f32], format: QFormat) ->
     QMatrix::quantize(&t, n, k, format)
 }
 
+/// `H = XᵀX` (`[k, k]`, f64) of the sample `x: [rows, k]`.
+pub fn gram(x: &[f32], k: usize) -> Vec<f64> {
+    use rayon::prelude::*;
+    let rows = x.len() / k.max(1);
+    // Channel-major copy: H[i][j] is the dot product of channels i and j.
+    let mut xt = vec![0.0f64; k * rows];
+    for (r, row) in x.chunks_exact(k).enumerate() {
+        for (p, &v) in row.iter().enumerate() {
+            xt[p * rows + r] = v as f64;
+        }
+    }
+    let upper: Vec<Vec<f64>> = (0..k)
+        .into_par_iter()
+        .map(|i| {
+            let a = &xt[i * rows..(i + 1) * rows];
+            (i..k).map(|j| a.iter().zip(&xt[j * rows..(j + 1) * rows]).map(|(u, v)| u * v).sum()).collect()
+        })
+        .collect();
+    let mut h = vec![0.0f64; k * k];
+    for (i, u) in upper.iter().enumerate() {
+        for (o, &v) in u.iter().enumerate() {
+            h[i * k + i + o] = v;
+            h[(i + o) * k + i] = v;
+        }
+    }
+    h
+}
+
+/// `dᵀ H d` over the channels `lo..lo + d.len()` of `h: [k, k]`.
+fn quad(h: &[f64], k: usize, lo: usize, d: &[f64]) -> f64 {
+    d.iter()
+        .enumerate()
+        .map(|(a, &da)| {
+            let hr = &h[(lo + a) * k + lo..(lo + a) * k + lo + d.len()];
+            da * hr.iter().zip(d).map(|(x, y)| x * y).sum::<f64>()
+        })
+        .sum()
+}
+
+/// `Σ_j d_jᵀ H d_j` for the rows of `d: [n, k]` (summed in row order: deterministic).
+fn rows_error(h: &[f64], k: usize, d: &[f32]) -> f64 {
+    use rayon::prelude::*;
+    let per: Vec<f64> =
+        d.par_chunks_exact(k).map(|r| quad(h, k, 0, &r.iter().map(|&v| v as f64).collect::<Vec<_>>())).collect();
+    per.iter().sum()
+}
+
 /// `Σ_i Σ_j (Σ_p X[i][p] · (ŵ[j][p]/s_p − w[j][p]))²`: the output error of the
 /// scaled quantization on the sample `x: [rows, k]` (`w` dense `[k, n]`).
 pub fn output_error(x: &[f32], k: usize, w: &[f32], n: usize, s: &[f32], format: QFormat) -> Result<f64> {
+    output_error_gram(&gram(x, k), k, w, n, s, format)
+}
+
+/// [`output_error`] from the sample's Gram matrix `h = XᵀX`.
+pub fn output_error_gram(h: &[f64], k: usize, w: &[f32], n: usize, s: &[f32], format: QFormat) -> Result<f64> {
     let q = quantize_scaled(w, k, n, s, format)?;
     let mut d = q.dequantize();
     let wt = transpose(w, k, n);
@@ -113,17 +199,85 @@ pub fn output_error(x: &[f32], k: usize, w: &[f32], n: usize, s: &[f32], format:
             *dv = *dv / sp - wv;
         }
     }
+    Ok(rows_error(h, k, &d))
+}
+
+/// What the clipping search did to one weight.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Clip {
+    /// Chosen ratio per output row and group, `[n, k / group]`.
+    pub ratios: Vec<f32>,
+    /// Summed per-group output error without clipping and with the chosen ratios.
+    pub err_noclip: f64,
+    pub err: f64,
+}
+
+/// AWQ's clipping search on the scaled weight `t: [n, k]` (rows = outputs,
+/// the scales `s` already applied: `t[j][p] = s_p·W[p][j]`) for an int4
+/// format: per row and group, clamps the group to `±c·max|t_g|` with the
+/// `c` of [`CLIP_GRID`] that minimises `d_gᵀ H_gg d_g`, `d = (Q(clamp(t_g)) −
+/// t_g) / s_g`, `h = XᵀX` of the unscaled input. `t` is clamped in place, so
+/// that `QMatrix::quantize(t)` stores the clipped codes. Ratio 1.0 leaves the
+/// group bit for bit as it was; ties keep the larger ratio.
+pub fn clip_search(h: &[f64], k: usize, t: &mut [f32], n: usize, s: &[f32], format: QFormat) -> Result<Clip> {
     use rayon::prelude::*;
-    Ok(x.par_chunks_exact(k)
-        .map(|xr| {
-            d.chunks_exact(k)
-                .map(|dr| {
-                    let e: f32 = xr.iter().zip(dr).map(|(a, b)| a * b).sum();
-                    (e as f64) * (e as f64)
-                })
-                .sum::<f64>()
+    let QFormat::Int4 { group, asym } = format else {
+        return Err(Error::Invalid(format!("awq: the clipping search is for int4, not {format}")));
+    };
+    format.check_shape(n, k)?;
+    if t.len() != n * k || s.len() != k || h.len() != k * k {
+        return Err(Error::Shape(format!(
+            "awq clip: weight {} / scales {} / gram {} for [{n}, {k}]",
+            t.len(),
+            s.len(),
+            h.len()
+        )));
+    }
+    let gf = QFormat::Int4 { group, asym };
+    let per_row: Vec<Result<(Vec<f32>, f64, f64)>> = t
+        .par_chunks_exact_mut(k)
+        .map(|row| {
+            let mut ratios = Vec::with_capacity(k / group);
+            let (mut e0, mut e1) = (0.0, 0.0);
+            for (g, chunk) in row.chunks_exact_mut(group).enumerate() {
+                let lo = g * group;
+                let amax = chunk.iter().fold(0.0f32, |a, &x| a.max(x.abs()));
+                let mut best: Option<(f32, f64, Vec<f32>)> = None;
+                for &c in &CLIP_GRID {
+                    let bound = c * amax;
+                    let clamped: Vec<f32> =
+                        if c == 1.0 { chunk.to_vec() } else { chunk.iter().map(|&x| x.clamp(-bound, bound)).collect() };
+                    let deq = QMatrix::quantize(&clamped, 1, group, gf)?.dequantize();
+                    let d: Vec<f64> = deq
+                        .iter()
+                        .zip(chunk.iter())
+                        .zip(&s[lo..lo + group])
+                        .map(|((&q, &w), &sp)| ((q - w) / sp) as f64)
+                        .collect();
+                    let e = quad(h, k, lo, &d);
+                    if c == 1.0 {
+                        e0 += e;
+                    }
+                    if best.as_ref().is_none_or(|b| e < b.1) {
+                        best = Some((c, e, clamped));
+                    }
+                }
+                let (c, e, clamped) = best.expect("the grid is not empty");
+                e1 += e;
+                ratios.push(c);
+                chunk.copy_from_slice(&clamped);
+            }
+            Ok((ratios, e0, e1))
         })
-        .sum())
+        .collect();
+    let mut out = Clip { ratios: Vec::with_capacity(n * k / group), err_noclip: 0.0, err: 0.0 };
+    for r in per_row {
+        let (ratios, e0, e1) = r?;
+        out.ratios.extend(ratios);
+        out.err_noclip += e0;
+        out.err += e1;
+    }
+    Ok(out)
 }
 
 /// What the search found for one group of linears sharing an input.
@@ -148,14 +302,33 @@ pub fn search(x: &[f32], k: usize, mean_abs: &[f32], ws: &[(&[f32], usize, QForm
             mean_abs.len()
         )));
     }
+    search_gram(&gram(x, k), k, mean_abs, ws, &AwqOptions::default().alphas)
+}
+
+/// [`search`] from the sample's Gram matrix over the grid `alphas`
+/// (`alphas[0]` should be 0: `err_rtn` is the error at the first point).
+pub fn search_gram(
+    h: &[f64],
+    k: usize,
+    mean_abs: &[f32],
+    ws: &[(&[f32], usize, QFormat)],
+    alphas: &[f32],
+) -> Result<Search> {
+    if mean_abs.len() != k || h.len() != k * k || alphas.is_empty() {
+        return Err(Error::Shape(format!(
+            "awq: a Gram matrix of {} values, {} channel statistics and {} grid points for k = {k}",
+            h.len(),
+            mean_abs.len(),
+            alphas.len()
+        )));
+    }
     let mut best: Option<Search> = None;
     let mut err_rtn = f64::NAN;
-    for i in 0..=ALPHA_STEPS {
-        let alpha = i as f32 / ALPHA_STEPS as f32;
+    for (i, &alpha) in alphas.iter().enumerate() {
         let s = scales(mean_abs, alpha);
         let mut err = 0.0;
         for &(w, n, format) in ws {
-            err += output_error(x, k, w, n, &s, format)?;
+            err += output_error_gram(h, k, w, n, &s, format)?;
         }
         if i == 0 {
             err_rtn = err;
@@ -246,6 +419,8 @@ pub struct Compressed {
     pub weights: Vec<Option<QMatrix>>,
     /// Per AWQ group: (its first weight's name, α, RTN error, AWQ error) on the sample.
     pub awq: Vec<(String, f32, f64, f64)>,
+    /// Per clipped weight: (name, summed group error without clipping, with the chosen ratios).
+    pub clip: Vec<(String, f64, f64)>,
 }
 
 impl Compressed {
@@ -271,12 +446,26 @@ impl Compressed {
 /// has one entry per [`linears`]`(cfg)` (`None`: stays dense). AWQ and Wanda
 /// need `calib`. AWQ runs per input group in the order wo (folded into wv),
 /// then wq/wk/wv (one `s` searched on the members that chose AWQ and applied
-/// to all three), then w1; w2 falls back to RTN (module docs).
+/// to all three), then w1; w2 takes no scales (module docs); then the int4
+/// AWQ weights but wq/wk get the clipping search. [`AwqOptions::default`].
 pub fn compress(
     cfg: &ModelConfig,
     values: &[Vec<f32>],
     choices: &[Option<Choice>],
     calib: Option<&Calibration>,
+) -> Result<Compressed> {
+    compress_with(cfg, values, choices, calib, &AwqOptions::default())
+}
+
+/// [`compress`] with the AWQ search's grid and clipping switch: with
+/// `alphas = [0.0]` and `clip = false`, `Method::Awq` is round to nearest bit
+/// for bit.
+pub fn compress_with(
+    cfg: &ModelConfig,
+    values: &[Vec<f32>],
+    choices: &[Option<Choice>],
+    calib: Option<&Calibration>,
+    opt: &AwqOptions,
 ) -> Result<Compressed> {
     let lins = linears(cfg);
     if choices.len() != lins.len() {
@@ -307,8 +496,20 @@ pub fn compress(
     };
     let mut values = values.to_vec();
     let mut awq = Vec::new();
+    let mut clip = Vec::new();
+    // Gram matrices of the inputs (layer, input), computed once each.
+    let mut grams: std::collections::HashMap<(usize, usize), Vec<f64>> = Default::default();
+    let mut gram_of = |cal: &Calibration, layer: usize, input: Input| -> Result<Vec<f64>> {
+        let st = cal.input(layer, input);
+        if st.sample.is_empty() || !st.sample.len().is_multiple_of(st.k) {
+            return Err(Error::Invalid(format!("awq: no calibration sample for layer {layer}'s {input:?} input")));
+        }
+        Ok(grams.entry((layer, input as usize)).or_insert_with(|| gram(&st.sample, st.k)).clone())
+    };
+    // The scales folded per (layer, input), for the clipping search.
+    let mut folded: std::collections::HashMap<(usize, usize), Vec<f32>> = Default::default();
     // AWQ first: folding changes wv (from wo's scales), so every fold happens before any quantization.
-    if let Some(cal) = calib {
+    if let Some(cal) = calib.filter(|_| opt.alphas.iter().any(|&a| a != 0.0)) {
         for layer in 0..cfg.n_layers {
             for input in [Input::Att, Input::Ln1, Input::Ln2] {
                 let members: Vec<(usize, &Linear)> =
@@ -318,8 +519,7 @@ pub fn compress(
                 if awq_members.is_empty() {
                     continue;
                 }
-                let st = cal.input(layer, input);
-                let mut m = st.mean_abs();
+                let mut m = cal.input(layer, input).mean_abs();
                 if input == Input::Att {
                     tie_kv_groups(cfg, &mut m);
                 }
@@ -328,10 +528,29 @@ pub fn compress(
                     .map(|(i, l)| (&values[l.param][..], l.n, choices[*i].expect("filtered").format))
                     .collect();
                 let k = members[0].1.k;
-                let found = search(&st.sample, k, &m, &ws)?;
+                let h = gram_of(cal, layer, input)?;
+                let found = search_gram(&h, k, &m, &ws, &opt.alphas)?;
                 fold_scales(cfg, &mut values, layer, input, &found.scales)?;
                 awq.push((members[0].1.name.clone(), found.alpha, found.err_rtn, found.err));
+                folded.insert((layer, input as usize), found.scales);
             }
+        }
+    }
+    // Then the clipping search on the folded (scaled) int4 AWQ weights.
+    if let Some(cal) = calib.filter(|_| opt.clip) {
+        for (l, c) in lins.iter().zip(choices) {
+            let Some(c) = c else { continue };
+            let skip = l.name.ends_with(".wq") || l.name.ends_with(".wk");
+            if c.method != Method::Awq || !matches!(c.format, QFormat::Int4 { .. }) || skip {
+                continue;
+            }
+            let h = gram_of(cal, l.layer, l.input)?;
+            let ones = vec![1.0; l.k];
+            let s = folded.get(&(l.layer, l.input as usize)).unwrap_or(&ones);
+            let mut t = transpose(&values[l.param], l.k, l.n);
+            let found = clip_search(&h, l.k, &mut t, l.n, s, c.format)?;
+            values[l.param] = transpose(&t, l.n, l.k);
+            clip.push((l.name.clone(), found.err_noclip, found.err));
         }
     }
     let mut weights = vec![None; values.len()];
@@ -347,7 +566,7 @@ pub fn compress(
         };
         weights[l.param] = Some(q);
     }
-    Ok(Compressed { values, weights, awq })
+    Ok(Compressed { values, weights, awq, clip })
 }
 
 /// Averages attention-output statistics over the query heads of each KV head
@@ -363,6 +582,45 @@ fn tie_kv_groups(cfg: &ModelConfig, m: &mut [f32]) {
             let mean = (0..group).map(|q| m[(g * group + q) * hd + d]).sum::<f32>() / group as f32;
             for q in 0..group {
                 m[(g * group + q) * hd + d] = mean;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Gram form of the output error equals the error summed over the sample rows directly.
+    #[test]
+    fn gram_error_equals_the_row_by_row_error() {
+        let (k, n, rows) = (32, 5, 40);
+        let x: Vec<f32> = (0..rows * k).map(|i| ((i * 7919 % 97) as f32 - 48.0) / 17.0).collect();
+        let w: Vec<f32> = (0..k * n).map(|i| ((i * 104729 % 89) as f32 - 44.0) / 31.0).collect();
+        let s: Vec<f32> = (0..k).map(|p| 0.5 + (p % 5) as f32 * 0.3).collect();
+        let f = QFormat::Int4 { group: 32, asym: false };
+        let d = {
+            let mut d = quantize_scaled(&w, k, n, &s, f).unwrap().dequantize();
+            let wt = transpose(&w, k, n);
+            for ((dv, &wv), p) in d.iter_mut().zip(&wt).zip(0..) {
+                *dv = *dv / s[p % k] - wv;
+            }
+            d
+        };
+        let direct: f64 = x
+            .chunks_exact(k)
+            .map(|xr| {
+                d.chunks_exact(k)
+                    .map(|dr| xr.iter().zip(dr).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>().powi(2))
+                    .sum::<f64>()
+            })
+            .sum();
+        let via = output_error(&x, k, &w, n, &s, f).unwrap();
+        assert!(direct > 0.0 && ((via - direct) / direct).abs() < 1e-9, "{via} vs {direct}");
+        let h = gram(&x, k);
+        for i in 0..k {
+            for j in 0..k {
+                assert_eq!(h[i * k + j], h[j * k + i]);
             }
         }
     }

@@ -115,13 +115,13 @@ pub struct CalibOptions {
     pub seq: usize,
     /// Windows of `seq + 1` tokens at most.
     pub windows: usize,
-    /// Rows of each input kept for AWQ's search, at most.
+    /// Rows of each input kept for AWQ's search, at most (default 4096: every row of 32 windows of 128).
     pub sample_rows: usize,
 }
 
 impl Default for CalibOptions {
     fn default() -> Self {
-        CalibOptions { batch: 4, seq: 128, windows: 32, sample_rows: 256 }
+        CalibOptions { batch: 4, seq: 128, windows: 32, sample_rows: 4096 }
     }
 }
 
