@@ -113,6 +113,7 @@ impl CudaBuffer {
     }
 
     /// The device address of the first byte (for collectives that take raw pointers, e.g. NCCL).
+    #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
     pub(crate) fn device_addr(&self) -> u64 {
         self.ptr
     }
@@ -288,6 +289,7 @@ impl CudaBackend {
 
     /// The context and the one stream every op of this backend is ordered on
     /// (collectives on device buffers enqueue on it too).
+    #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
     pub(crate) fn context_and_stream(&self) -> (&Arc<CudaContext>, &Arc<CudaStream>) {
         (&self.ctx, &self.stream)
     }
