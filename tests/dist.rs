@@ -23,6 +23,8 @@ struct RankRun {
     weights: Vec<Vec<f32>>,
     state: TrainState,
     memory: MemoryReport,
+    /// Host readbacks per training step (the backend's download counter).
+    downloads_per_step: u64,
 }
 
 struct Job {
@@ -75,9 +77,11 @@ impl Job {
                     if let Some(st) = &job.resume {
                         tr.restore(&be, st).unwrap();
                     }
+                    let before = be.memory().downloads;
                     let stats = (0..job.steps).map(|_| tr.train_step(&be, &data).unwrap()).collect();
+                    let downloads_per_step = (be.memory().downloads - before) / job.steps;
                     let state = tr.state(&be).unwrap();
-                    RankRun { stats, weights: state.params.clone(), state, memory }
+                    RankRun { stats, weights: state.params.clone(), state, memory, downloads_per_step }
                 })
             })
             .collect();
@@ -195,4 +199,21 @@ fn a_single_process_step_reads_back_one_gradient_statistic() {
     // layer's indexer KL (model code). Before the device-side sum it was two per parameter tensor.
     let layers = model_cfg().n_layers as u64;
     assert_eq!(per_step, 1 + accum as u64 * (1 + layers), "host readbacks per training step");
+}
+
+#[test]
+fn a_data_parallel_step_stages_the_flat_gradient_with_one_readback() {
+    let data = data();
+    let layers = model_cfg().n_layers as u64;
+    for (zero, accum) in [(false, 1u64), (false, 2), (true, 1), (true, 2)] {
+        let mut j = Job::new(2, 2);
+        (j.accum, j.dist.zero, j.steps) = (accum as usize, zero, 2);
+        // The flat gradient once (staging for the collective), Σg² once unless ZeRO-1
+        // (which sums its host shard), and per micro-batch the loss and each layer's KL.
+        // Per-tensor staging read back once per parameter tensor instead of once.
+        let want = 1 + u64::from(!zero) + accum * (1 + layers);
+        for r in j.run(&data) {
+            assert_eq!(r.downloads_per_step, want, "world 2, zero {zero}, accum {accum}: readbacks per step");
+        }
+    }
 }

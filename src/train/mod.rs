@@ -291,7 +291,10 @@ impl<B: Backend> Trainer<B> {
         // Parts are measured as growth of the backend's live bytes, so they are exact only
         // when nothing else allocates on this backend meanwhile (saturating if it frees).
         let live = |be: &B| be.memory().allocated;
-        if flat && be.supports_views() && !model.is_quantized() {
+        // Views hold whole 32-bit words (wgpu kernels write words): an odd-sized
+        // half-precision tensor keeps the per-tensor layout.
+        let words = cfg.precision.size() == 4 || model.params.iter().all(|p| p.numel() % 2 == 0);
+        if flat && words && be.supports_views() && !model.is_quantized() {
             return Self::build_flat(be, model, cfg, dist, memory);
         }
         memory.weights = model.params.iter().map(|p| p.size_bytes()).sum();

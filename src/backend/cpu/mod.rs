@@ -101,6 +101,9 @@ impl Drop for CpuBuffer {
     }
 }
 
+const ALIASED: &str = "cpu backend: an op writes a view of a buffer that it also reads through another view \
+     (views of one flat buffer must not be an op's input and output at once)";
+
 /// A read lock on a buffer's elements.
 pub(crate) struct ReadGuard<'a> {
     g: RwLockReadGuard<'a, Storage>,
@@ -184,7 +187,18 @@ impl CpuBuffer {
 
     /// Read-locks the storage (shared: many readers at once).
     pub(crate) fn lock(&self) -> ReadGuard<'_> {
-        ReadGuard { g: self.data.read().unwrap_or_else(|e| e.into_inner()), r: self.range.clone() }
+        ReadGuard { g: self.read_lock(), r: self.range.clone() }
+    }
+
+    /// The shared lock. Writers never wait (see [`CpuBuffer::lock_mut`]), so
+    /// this fails only while the same op write-locks the allocation: it
+    /// panics with the cause instead of deadlocking.
+    fn read_lock(&self) -> RwLockReadGuard<'_, Storage> {
+        match self.data.try_read() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => panic!("{ALIASED}"),
+        }
     }
 
     /// Write-locks the storage. Panics (instead of deadlocking) when the
@@ -194,10 +208,7 @@ impl CpuBuffer {
         let g = match self.data.try_write() {
             Ok(g) => g,
             Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => panic!(
-                "cpu backend: an op writes a view of a buffer that it also reads through another view \
-                 (views of one flat buffer must not be an op's input and output at once)"
-            ),
+            Err(std::sync::TryLockError::WouldBlock) => panic!("{ALIASED}"),
         };
         WriteGuard { g, r: self.range.clone() }
     }
@@ -209,7 +220,7 @@ impl CpuBuffer {
 
     /// The elements of a U32 buffer (the op specs guarantee the dtype).
     pub(crate) fn u32s(&self) -> Elems<'_, u32> {
-        Elems::Locked(self.data.read().unwrap_or_else(|e| e.into_inner()), self.range.clone())
+        Elems::Locked(self.read_lock(), self.range.clone())
     }
 
     /// Overwrites the buffer with f32 values rounded to its dtype.
@@ -263,7 +274,7 @@ impl CpuBuffer {
     /// Elements `start..start + len` as f32 (borrowed when already f32).
     fn f32_range(&self, start: usize, len: usize) -> Elems<'_, f32> {
         let v = simd::simd();
-        let g = self.data.read().unwrap_or_else(|e| e.into_inner());
+        let g = self.read_lock();
         let r = self.range.start + start..self.range.start + start + len;
         let widen = |f: &dyn Fn(&mut [f32])| {
             let mut out = vec![0.0; len];
