@@ -76,6 +76,19 @@ impl<B: Backend> Tensor<B> {
         Ok(Tensor { buf, dtype, shape: shape.to_vec() })
     }
 
+    /// A tensor of `shape` that aliases elements `offset..offset + numel` of
+    /// `base`'s buffer (same dtype): ops read and write `base`'s memory through
+    /// it; it allocates nothing and keeps `base`'s allocation alive. An op must
+    /// not take two views of one buffer as an input and an output at once.
+    pub fn view(backend: &B, base: &Tensor<B>, offset: usize, shape: &[usize]) -> Result<Self> {
+        let n = Self::checked_numel(shape)?;
+        if offset.checked_add(n).is_none_or(|end| end > base.numel()) {
+            return Err(Error::Shape(format!("view: elements {offset}..{offset}+{n} of a {} tensor", base.describe())));
+        }
+        let buf = backend.view(&base.buf, base.dtype, offset, n)?;
+        Ok(Tensor { buf, dtype: base.dtype, shape: shape.to_vec() })
+    }
+
     /// Downloads the raw little-endian bytes.
     pub fn to_bytes(&self, backend: &B) -> Result<Vec<u8>> {
         backend.download(&self.buf, self.dtype, self.numel())

@@ -592,3 +592,69 @@ fn attention_split_paths_match_reference_in_every_variant() {
         indexer_training(c, &g);
     }
 }
+
+/// Views bind byte ranges: reading one view and writing another of the same
+/// buffer in one dispatch is a wgpu validation error, which must come back
+/// as an error (a fresh device, so the failed batch cannot touch other tests).
+/// Training on flat buffers never does it: it matches per-tensor training bit for bit.
+#[test]
+fn views_on_wgpu_alias_clearly_and_flat_training_matches_per_tensor() {
+    use dynsparse::data::synthetic::{SyntheticConfig, generate};
+    use dynsparse::model::{AttentionMode, Model, ModelConfig};
+    use dynsparse::train::{LrSchedule, MemoryReport, TrainConfig, Trainer};
+    use dynsparse::{DType, Tensor, ops};
+    let Some((_, g)) = pair() else { return };
+    let pick = AdapterPick::from_env().unwrap_or(AdapterPick::Any);
+    let fresh = WgpuBackend::new(&pick).unwrap();
+    let flat = Tensor::<WgpuBackend>::zeros(&fresh, &[512], DType::F32).unwrap();
+    let x = Tensor::view(&fresh, &flat, 0, &[256]).unwrap();
+    let mut y = Tensor::view(&fresh, &flat, 256, &[256]).unwrap();
+    let r = ops::axpby(&fresh, 1.0, &x, 1.0, &mut y).and_then(|_| fresh.synchronize());
+    assert!(r.is_err(), "one buffer bound read-only and read-write in one dispatch must be an error");
+
+    let m = ModelConfig {
+        n_layers: 2,
+        n_heads: 2,
+        n_kv_heads: 1,
+        d_model: 32,
+        vocab: 256,
+        context: 32,
+        mlp_ratio: 2,
+        rope_theta: 10000.0,
+        attention: AttentionMode::Sparse { block: 8, keep_blocks: 2, index_heads: 2, index_dim: 8 },
+    };
+    let data = generate(5, 8_000, SyntheticConfig::default());
+    for precision in [DType::F32, DType::BF16] {
+        let t = TrainConfig {
+            steps: 3,
+            batch: 2,
+            seq: 32,
+            accum: 2,
+            precision,
+            lr: LrSchedule { lr: 3e-3, min_lr: 3e-4, warmup_steps: 1, total_steps: 3 },
+            beta1: 0.9,
+            beta2: 0.95,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            warmup_frac: 0.0,
+            ramp_frac: 0.5,
+            seed: 3,
+        };
+        let mut a = Trainer::new(g, Model::new(g, m, precision, 1).unwrap(), t, &mut MemoryReport::default()).unwrap();
+        let mut b =
+            Trainer::new_per_tensor(g, Model::new(g, m, precision, 1).unwrap(), t, &mut MemoryReport::default())
+                .unwrap();
+        for step in 0..3 {
+            let (sa, sb) = (a.train_step(g, &data).unwrap(), b.train_step(g, &data).unwrap());
+            assert_eq!(
+                sa.loss.to_bits(),
+                sb.loss.to_bits(),
+                "{precision} step {step}: loss {} vs {}",
+                sa.loss,
+                sb.loss
+            );
+        }
+        assert_eq!(a.master_values(g).unwrap(), b.master_values(g).unwrap(), "{precision}: weights");
+        assert_eq!(a.moments(g).unwrap(), b.moments(g).unwrap(), "{precision}: moments");
+    }
+}

@@ -23,6 +23,8 @@ struct RankRun {
     weights: Vec<Vec<f32>>,
     state: TrainState,
     memory: MemoryReport,
+    /// Host readbacks per training step (the backend's download counter).
+    downloads_per_step: u64,
 }
 
 struct Job {
@@ -75,9 +77,11 @@ impl Job {
                     if let Some(st) = &job.resume {
                         tr.restore(&be, st).unwrap();
                     }
+                    let before = be.memory().downloads;
                     let stats = (0..job.steps).map(|_| tr.train_step(&be, &data).unwrap()).collect();
+                    let downloads_per_step = (be.memory().downloads - before) / job.steps;
                     let state = tr.state(&be).unwrap();
-                    RankRun { stats, weights: state.params.clone(), state, memory }
+                    RankRun { stats, weights: state.params.clone(), state, memory, downloads_per_step }
                 })
             })
             .collect();
@@ -121,7 +125,15 @@ fn zero1_matches_world_one_and_its_checkpoint_resumes_at_world_two_and_one() {
     let n: usize = model_cfg().params().iter().map(|p| p.shape.iter().product::<usize>()).sum();
     let opt = zero[0].memory.master_weights + zero[0].memory.optimizer;
     assert!(opt >= 12 * n / 2 && opt < 12 * (n / 2 + 64 * 40), "zero-1 optimizer state {opt} B for {n} parameters");
-    assert!(one.memory.optimizer == 8 * n, "world 1 moments {} B", one.memory.optimizer);
+    // World 1 keeps m and v as two flat f32 buffers: every tensor padded to the flat alignment.
+    let align = dynsparse::train::FLAT_ALIGN;
+    let padded: usize =
+        model_cfg().params().iter().map(|p| p.shape.iter().product::<usize>().div_ceil(align) * align).sum();
+    assert!(
+        one.memory.optimizer == 8 * padded,
+        "world 1 moments {} B for {padded} padded elements",
+        one.memory.optimizer
+    );
     // 4 + 12/N: the reduced shard of the gradient is not kept on the device beside the working gradient.
     assert_eq!(zero[0].memory.gradients, one.memory.gradients, "zero-1 keeps only the working gradient");
 
@@ -187,4 +199,28 @@ fn a_single_process_step_reads_back_one_gradient_statistic() {
     // layer's indexer KL (model code). Before the device-side sum it was two per parameter tensor.
     let layers = model_cfg().n_layers as u64;
     assert_eq!(per_step, 1 + accum as u64 * (1 + layers), "host readbacks per training step");
+}
+
+#[test]
+fn a_data_parallel_step_stages_the_flat_gradient_with_one_readback() {
+    let data = data();
+    let layers = model_cfg().n_layers as u64;
+    for (zero, accum) in [(false, 1u64), (false, 2), (true, 1), (true, 2)] {
+        let mut j = Job::new(2, 2);
+        (j.accum, j.dist.zero, j.steps) = (accum as usize, zero, 2);
+        // The flat gradient once (staging for the collective), Σg² once unless ZeRO-1
+        // (which sums its host shard), and per micro-batch the loss and each layer's KL.
+        // Per-tensor staging read back once per parameter tensor instead of once.
+        // ZeRO-1 also reads back its f32 master shard for the weight all-gather: one
+        // readback per segment (a tensor's piece in the shard), not yet one flat shard.
+        let want = 1 + u64::from(!zero) + accum * (1 + layers);
+        for r in j.run(&data) {
+            eprintln!("world 2, zero {zero}, accum {accum}: {} readbacks per step", r.downloads_per_step);
+            if zero {
+                assert!(r.downloads_per_step > want, "zero-1 reads its master segments back");
+            } else {
+                assert_eq!(r.downloads_per_step, want, "world 2, accum {accum}: readbacks per step");
+            }
+        }
+    }
 }

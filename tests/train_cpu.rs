@@ -215,3 +215,33 @@ fn f16_stops_after_more_than_the_allowed_skipped_steps_in_a_row() {
     let e = tr.train_step(&be, &data).unwrap_err().to_string();
     assert!(e.contains("step 6") && e.contains("4 steps in a row") && e.contains("f16"), "{e}");
 }
+
+#[test]
+fn flat_buffers_with_views_train_bit_identically_to_per_tensor_buffers() {
+    let be = CpuBackend::new();
+    let data = generate(4, 20_000, SyntheticConfig::default());
+    let cases = [(DType::F32, false, 1.0), (DType::F32, true, 0.0), (DType::BF16, true, 1.0), (DType::F16, false, 1.0)];
+    for (precision, sparse, clip) in cases {
+        let mut t = small_train(precision, 2, 2, 6);
+        t.grad_clip = clip;
+        let mut flat = trainer(&be, small_model(sparse), t);
+        let model = Model::new(&be, small_model(sparse), precision, 1).unwrap();
+        let mut each = Trainer::new_per_tensor(&be, model, t, &mut MemoryReport::default()).unwrap();
+        for step in 0..6 {
+            let (a, b) = (flat.train_step(&be, &data).unwrap(), each.train_step(&be, &data).unwrap());
+            let what = format!("{precision} sparse {sparse} clip {clip} step {step}");
+            assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "{what}: loss {} vs {}", a.loss, b.loss);
+            assert_eq!(a.skipped, b.skipped, "{what}");
+            assert!(
+                (a.grad_norm - b.grad_norm).abs() <= 1e-6 * b.grad_norm.abs(),
+                "{what}: norm {} vs {}",
+                a.grad_norm,
+                b.grad_norm
+            );
+        }
+        let what = format!("{precision} sparse {sparse} clip {clip}");
+        assert_eq!(flat.master_values(&be).unwrap(), each.master_values(&be).unwrap(), "{what}: weights");
+        assert_eq!(flat.moments(&be).unwrap(), each.moments(&be).unwrap(), "{what}: moments");
+        assert_eq!(flat.model.values(&be).unwrap(), each.model.values(&be).unwrap(), "{what}: working weights");
+    }
+}

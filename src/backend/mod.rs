@@ -76,6 +76,21 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn upload(&self, dtype: DType, bytes: &[u8]) -> Result<Self::Buffer>;
     /// Overwrites a whole buffer with `bytes` (same length as the buffer).
     fn write(&self, buf: &mut Self::Buffer, dtype: DType, bytes: &[u8]) -> Result<()>;
+    /// A buffer that aliases elements `offset..offset + len` of `base` (same
+    /// dtype): ops read and write `base`'s memory through it, and it allocates
+    /// nothing (the memory counters do not count it). The view keeps the
+    /// allocation alive. An op must not read one
+    /// view and write another view of the same allocation (backends reject or
+    /// panic on it; see each backend). Backends without views return
+    /// [`crate::Error::Unavailable`], and callers fall back to separate buffers.
+    fn view(&self, base: &Self::Buffer, dtype: DType, offset: usize, len: usize) -> Result<Self::Buffer> {
+        let _ = (base, dtype, offset, len);
+        Err(crate::Error::Unavailable(format!("{} backend: tensor views", self.kind())))
+    }
+    /// Whether [`Backend::view`] is implemented (offsets a multiple of [`crate::dist::FlatLayout`]'s alignment).
+    fn supports_views(&self) -> bool {
+        false
+    }
     /// Reads `len` elements back to the host.
     fn download(&self, buf: &Self::Buffer, dtype: DType, len: usize) -> Result<Vec<u8>>;
 

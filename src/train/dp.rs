@@ -81,6 +81,14 @@ pub(super) struct Dp<B: Backend> {
     pub zero: Option<ZeroShard<B>>,
 }
 
+/// The gradients a step reduces: one tensor per parameter, or the trainer's
+/// flat gradient with each parameter's range in it (staged with one download
+/// and one upload).
+pub(crate) enum Grads<'a, B: Backend> {
+    Each(&'a mut [Tensor<B>]),
+    Flat(&'a mut Tensor<B>, &'a [Range<usize>]),
+}
+
 /// Elements per alignment unit of the flat layout (256 bytes of f32).
 const ALIGN: usize = 64;
 
@@ -128,29 +136,51 @@ impl<B: Backend> Dp<B> {
         Ok(Dp { comm, host: vec![0.0; layout.len], layout, buckets, zero })
     }
 
-    fn stage(&mut self, be: &B, grads: &[Tensor<B>]) -> Result<()> {
-        for (e, g) in self.layout.entries.iter().zip(grads) {
-            let v = g.to_f32_vec(be)?;
-            self.host[e.range()].copy_from_slice(&v);
+    fn stage(&mut self, be: &B, grads: &Grads<'_, B>) -> Result<()> {
+        match grads {
+            Grads::Each(gs) => {
+                for (e, g) in self.layout.entries.iter().zip(gs.iter()) {
+                    let v = g.to_f32_vec(be)?;
+                    self.host[e.range()].copy_from_slice(&v);
+                }
+            }
+            Grads::Flat(flat, ranges) => {
+                let v = flat.to_f32_vec(be)?;
+                for (e, r) in self.layout.entries.iter().zip(ranges.iter()) {
+                    self.host[e.range()].copy_from_slice(&v[r.clone()]);
+                }
+            }
         }
         Ok(())
     }
 
     /// Sums the gradients over ranks, bucket by bucket in reverse layer order.
-    pub fn all_reduce_grads(&mut self, be: &B, grads: &mut [Tensor<B>]) -> Result<()> {
+    pub fn all_reduce_grads(&mut self, be: &B, grads: &mut Grads<'_, B>) -> Result<()> {
         self.stage(be, grads)?;
         for b in &self.buckets {
             self.comm.all_reduce(&mut self.host[b.range.clone()], ReduceOp::Sum)?;
         }
-        for (e, g) in self.layout.entries.iter().zip(grads.iter_mut()) {
-            g.write_f32(be, &self.host[e.range()])?;
+        match grads {
+            Grads::Each(gs) => {
+                for (e, g) in self.layout.entries.iter().zip(gs.iter_mut()) {
+                    g.write_f32(be, &self.host[e.range()])?;
+                }
+            }
+            Grads::Flat(flat, ranges) => {
+                // The flat gradient's padding is zero and stays zero.
+                let mut v = vec![0.0f32; flat.numel()];
+                for (e, r) in self.layout.entries.iter().zip(ranges.iter()) {
+                    v[r.clone()].copy_from_slice(&self.host[e.range()]);
+                }
+                flat.write_f32(be, &v)?;
+            }
         }
         Ok(())
     }
 
     /// ZeRO-1: reduce-scatters the flat gradient, uploads this rank's shard,
     /// returns the shard's `(Σ g², all finite)` (summed over ranks by the caller).
-    pub fn reduce_scatter_grads(&mut self, be: &B, grads: &[Tensor<B>]) -> Result<(f64, bool)> {
+    pub fn reduce_scatter_grads(&mut self, be: &B, grads: &mut Grads<'_, B>) -> Result<(f64, bool)> {
         self.stage(be, grads)?;
         let Some(z) = self.zero.as_mut() else {
             return Err(Error::Invalid("reduce_scatter_grads without ZeRO".into()));

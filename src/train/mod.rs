@@ -153,6 +153,9 @@ pub struct Trainer<B: Backend> {
     sumsq_acc: Tensor<B>,
     /// The data-parallel group and its state (None: a single-process run).
     dp: Option<dp::Dp<B>>,
+    /// The flat buffers the per-tensor states above are views of (None on a
+    /// backend without views: then each tensor is its own buffer).
+    flat: Option<Flat<B>>,
     pub scaler: LossScaler,
     pub schedule: Option<SparsitySchedule>,
     pub batcher: Batcher,
@@ -188,6 +191,57 @@ impl MemoryReport {
     }
 }
 
+/// Elements per alignment unit of the trainer's flat buffers: 256 bytes of a
+/// 2-byte dtype (wgpu's usual `min_storage_buffer_offset_alignment`), 512 of f32.
+pub const FLAT_ALIGN: usize = 128;
+
+/// Parameters (working dtype), f32 masters, gradients and AdamW moments as
+/// one buffer each, laid out by one [`FlatLayout`](crate::dist::FlatLayout):
+/// tensors with weight decay first, then those without, so each decay group
+/// is one contiguous slice (padding between tensors stays zero in every
+/// buffer, which AdamW leaves zero). The trainer's per-tensor states are views.
+struct Flat<B: Backend> {
+    /// Element range of each parameter (model order) in the flat buffers.
+    ranges: Vec<std::ops::Range<usize>>,
+    params: Tensor<B>,
+    master: Option<Tensor<B>>,
+    grads: Tensor<B>,
+    micro: Option<Tensor<B>>,
+    m: Option<Tensor<B>>,
+    v: Option<Tensor<B>>,
+    /// One AdamW launch each: views of a decay group's slice.
+    groups: Vec<Group<B>>,
+}
+
+/// Views of one weight-decay group's slice of every flat buffer.
+struct Group<B: Backend> {
+    decay: bool,
+    /// f32 weights AdamW updates (the masters in half precision).
+    p: Tensor<B>,
+    g: Tensor<B>,
+    m: Tensor<B>,
+    v: Tensor<B>,
+    /// The working copy AdamW writes (half precision only).
+    copy: Option<Tensor<B>>,
+}
+
+impl<B: Backend> Flat<B> {
+    /// Splits a downloaded flat buffer into one vector per parameter.
+    fn split(&self, flat: &[f32]) -> Vec<Vec<f32>> {
+        self.ranges.iter().map(|r| flat[r.clone()].to_vec()).collect()
+    }
+}
+
+/// Views of `flat` at `ranges`, shaped like `like`.
+fn views<B: Backend>(
+    be: &B,
+    flat: &Tensor<B>,
+    ranges: &[std::ops::Range<usize>],
+    like: &[Tensor<B>],
+) -> Result<Vec<Tensor<B>>> {
+    ranges.iter().zip(like).map(|(r, t)| Tensor::view(be, flat, r.start, t.shape())).collect()
+}
+
 fn zeros_like<B: Backend>(be: &B, ts: &[Tensor<B>], dtype: DType) -> Result<Vec<Tensor<B>>> {
     ts.iter().map(|t| Tensor::zeros(be, t.shape(), dtype)).collect()
 }
@@ -195,7 +249,14 @@ fn zeros_like<B: Backend>(be: &B, ts: &[Tensor<B>], dtype: DType) -> Result<Vec<
 impl<B: Backend> Trainer<B> {
     /// Builds the training state for `model`; `memory` receives the bytes of each part.
     pub fn new(be: &B, model: Model<B>, cfg: TrainConfig, memory: &mut MemoryReport) -> Result<Self> {
-        Self::build(be, model, cfg, None, memory)
+        Self::build(be, model, cfg, None, memory, true)
+    }
+
+    /// [`Trainer::new`] with every parameter, gradient and moment in its own
+    /// buffer (what backends without views get): the reference the flat
+    /// buffers are tested against.
+    pub fn new_per_tensor(be: &B, model: Model<B>, cfg: TrainConfig, memory: &mut MemoryReport) -> Result<Self> {
+        Self::build(be, model, cfg, None, memory, false)
     }
 
     /// A rank of a data-parallel run: each rank draws the global batch of
@@ -211,7 +272,7 @@ impl<B: Backend> Trainer<B> {
         comm: Box<dyn crate::dist::Collective>,
         memory: &mut MemoryReport,
     ) -> Result<Self> {
-        Self::build(be, model, cfg, Some((dist, comm)), memory)
+        Self::build(be, model, cfg, Some((dist, comm)), memory, true)
     }
 
     fn build(
@@ -220,6 +281,7 @@ impl<B: Backend> Trainer<B> {
         cfg: TrainConfig,
         dist: Option<(DistConfig, Box<dyn crate::dist::Collective>)>,
         memory: &mut MemoryReport,
+        flat: bool,
     ) -> Result<Self> {
         cfg.validate(&model.cfg)?;
         let zero = dist.as_ref().is_some_and(|d| d.0.zero);
@@ -229,6 +291,12 @@ impl<B: Backend> Trainer<B> {
         // Parts are measured as growth of the backend's live bytes, so they are exact only
         // when nothing else allocates on this backend meanwhile (saturating if it frees).
         let live = |be: &B| be.memory().allocated;
+        // Views hold whole 32-bit words (wgpu kernels write words): an odd-sized
+        // half-precision tensor keeps the per-tensor layout.
+        let words = cfg.precision.size() == 4 || model.params.iter().all(|p| p.numel() % 2 == 0);
+        if flat && words && be.supports_views() && !model.is_quantized() {
+            return Self::build_flat(be, model, cfg, dist, memory);
+        }
         memory.weights = model.params.iter().map(|p| p.size_bytes()).sum();
         let mut at = live(be);
         let master = if cfg.precision == DType::F32 || zero {
@@ -258,11 +326,118 @@ impl<B: Backend> Trainer<B> {
             (zeros_like(be, &model.params, DType::F32)?, zeros_like(be, &model.params, DType::F32)?)
         };
         memory.optimizer = live(be).saturating_sub(at);
+        Self::finish(be, model, cfg, dist, memory, (master, grads, micro, m, v), None)
+    }
+
+    /// [`Trainer::build`] on flat buffers whose views are the model's
+    /// parameters and the trainer's per-tensor states.
+    fn build_flat(
+        be: &B,
+        mut model: Model<B>,
+        cfg: TrainConfig,
+        dist: Option<(DistConfig, Box<dyn crate::dist::Collective>)>,
+        memory: &mut MemoryReport,
+    ) -> Result<Self> {
+        let zero = dist.as_ref().is_some_and(|d| d.0.zero);
+        let live = |be: &B| be.memory().allocated;
+        let infos = model.cfg.params();
+        let n = model.params.len();
+        if infos.len() != n {
+            return Err(Error::Invalid("trainer: the model's parameter table does not match its tensors".into()));
+        }
+        let order: Vec<usize> = (0..n).filter(|&i| infos[i].decay).chain((0..n).filter(|&i| !infos[i].decay)).collect();
+        let layout = crate::dist::FlatLayout::new(
+            order.iter().map(|&i| (infos[i].name.as_str(), model.params[i].shape())),
+            FLAT_ALIGN,
+            1,
+        );
+        let mut ranges = vec![0..0; n];
+        for (k, &i) in order.iter().enumerate() {
+            ranges[i] = layout.entries[k].range();
+        }
+        let vals = model.values(be)?;
+        let mut host = vec![0.0f32; layout.len];
+        for (r, v) in ranges.iter().zip(&vals) {
+            host[r.clone()].copy_from_slice(v);
+        }
+        let len = [layout.len];
+        // The working weights move into the flat buffer (the per-tensor ones are freed).
+        let params = Tensor::from_f32(be, &host, &len, cfg.precision)?;
+        let pviews = views(be, &params, &ranges, &model.params)?;
+        model.params = pviews;
+        memory.weights = params.size_bytes();
+        let mut at = live(be);
+        let master = if cfg.precision == DType::F32 || zero {
+            None
+        } else {
+            Some(Tensor::from_f32(be, &host, &len, DType::F32)?)
+        };
+        memory.master_weights = live(be).saturating_sub(at);
+        at = live(be);
+        let grads = Tensor::zeros(be, &len, DType::F32)?;
+        let micro = if cfg.precision == DType::F32 { None } else { Some(Tensor::zeros(be, &len, cfg.precision)?) };
+        memory.gradients = live(be).saturating_sub(at);
+        at = live(be);
+        let (m, v) = if zero {
+            (None, None)
+        } else {
+            (Some(Tensor::zeros(be, &len, DType::F32)?), Some(Tensor::zeros(be, &len, DType::F32)?))
+        };
+        memory.optimizer = live(be).saturating_sub(at);
+        // Decay group: from 0 to the first tensor without decay; the rest is the other group.
+        let split = order.iter().position(|&i| !infos[i].decay).map_or(layout.len, |k| layout.entries[k].offset);
+        let mut groups = Vec::new();
+        if let (Some(m), Some(v)) = (&m, &v) {
+            for (r, decay) in [(0..split, true), (split..layout.len, false)] {
+                if r.is_empty() {
+                    continue;
+                }
+                let sh = [r.len()];
+                let view = |t: &Tensor<B>| Tensor::view(be, t, r.start, &sh);
+                groups.push(Group {
+                    decay,
+                    p: view(master.as_ref().unwrap_or(&params))?,
+                    g: view(&grads)?,
+                    m: view(m)?,
+                    v: view(v)?,
+                    copy: if master.is_some() { Some(view(&params)?) } else { None },
+                });
+            }
+        }
+        let like = &model.params;
+        let state = (
+            master.as_ref().map(|t| views(be, t, &ranges, like)).transpose()?,
+            views(be, &grads, &ranges, like)?,
+            micro.as_ref().map(|t| views(be, t, &ranges, like)).transpose()?,
+            m.as_ref().map_or(Ok(Vec::new()), |t| views(be, t, &ranges, like))?,
+            v.as_ref().map_or(Ok(Vec::new()), |t| views(be, t, &ranges, like))?,
+        );
+        let flat = Flat { ranges, params, master, grads, micro, m, v, groups };
+        Self::finish(be, model, cfg, dist, memory, state, Some(flat))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn finish(
+        be: &B,
+        model: Model<B>,
+        cfg: TrainConfig,
+        dist: Option<(DistConfig, Box<dyn crate::dist::Collective>)>,
+        memory: &mut MemoryReport,
+        (master, grads, micro, m, v): (
+            Option<Vec<Tensor<B>>>,
+            Vec<Tensor<B>>,
+            Option<Vec<Tensor<B>>>,
+            Vec<Tensor<B>>,
+            Vec<Tensor<B>>,
+        ),
+        flat: Option<Flat<B>>,
+    ) -> Result<Self> {
+        let live = |be: &B| be.memory().allocated;
         let dp = match dist {
             None => None,
             Some((d, comm)) => Some(dp::Dp::new(be, &model, d, comm, memory)?),
         };
-        at = live(be);
+        let at = live(be);
         let ws = Workspace::new(be, &model.cfg, cfg.precision, cfg.batch, cfg.seq)?;
         memory.activations = live(be).saturating_sub(at);
         let schedule = match model.cfg.attention {
@@ -290,6 +465,7 @@ impl<B: Backend> Trainer<B> {
             sumsq: Tensor::zeros(be, &[1], DType::F32)?,
             sumsq_acc: Tensor::zeros(be, &[1], DType::F32)?,
             dp,
+            flat,
             scaler: LossScaler::new(cfg.precision == DType::F16),
             schedule,
             batcher: Batcher::new(cfg.seed),
@@ -321,8 +497,13 @@ impl<B: Backend> Trainer<B> {
         let train_indexer = self.schedule.is_some();
         let scale = self.scaler.scale;
         let (rank, world) = self.dp.as_ref().map_or((0, 1), |d| (d.comm.rank(), d.comm.world()));
-        for g in self.grads.iter_mut() {
-            ops::fill(be, g, 0.0)?;
+        match self.flat.as_mut() {
+            Some(f) => ops::fill(be, &mut f.grads, 0.0)?,
+            None => {
+                for g in self.grads.iter_mut() {
+                    ops::fill(be, g, 0.0)?;
+                }
+            }
         }
         let (mut loss, mut kl) = (0.0, 0.0);
         let rows = self.cfg.batch * self.cfg.seq;
@@ -334,15 +515,22 @@ impl<B: Backend> Trainer<B> {
             loss += self.model.forward(be, &mut self.ws, ids, Some(tg), attn)?.loss;
             match self.micro.as_mut() {
                 None => kl += self.model.backward(be, &mut self.ws, &mut self.grads, scale, train_indexer)?,
-                Some(micro) => {
-                    for g in micro.iter_mut() {
-                        ops::fill(be, g, 0.0)?;
+                Some(micro) => match self.flat.as_mut() {
+                    Some(Flat { micro: Some(fm), grads: fg, .. }) => {
+                        ops::fill(be, fm, 0.0)?;
+                        kl += self.model.backward(be, &mut self.ws, micro, scale, train_indexer)?;
+                        ops::axpby(be, 1.0, fm, 1.0, fg)?;
                     }
-                    kl += self.model.backward(be, &mut self.ws, micro, scale, train_indexer)?;
-                    for (acc, g) in self.grads.iter_mut().zip(micro.iter()) {
-                        ops::axpby(be, 1.0, g, 1.0, acc)?;
+                    _ => {
+                        for g in micro.iter_mut() {
+                            ops::fill(be, g, 0.0)?;
+                        }
+                        kl += self.model.backward(be, &mut self.ws, micro, scale, train_indexer)?;
+                        for (acc, g) in self.grads.iter_mut().zip(micro.iter()) {
+                            ops::axpby(be, 1.0, g, 1.0, acc)?;
+                        }
                     }
-                }
+                },
             }
         }
         if self.inject_inf_at.contains(&self.step) {
@@ -355,10 +543,14 @@ impl<B: Backend> Trainer<B> {
             None => self.grad_sumsq(be)?,
             Some(dp) => {
                 let mut st = [loss as f32, kl as f32, 0.0, 0.0];
+                let mut grads = match self.flat.as_mut() {
+                    Some(f) => dp::Grads::Flat(&mut f.grads, &f.ranges),
+                    None => dp::Grads::Each(&mut self.grads),
+                };
                 let (sq, finite) = if dp.zero.is_some() {
-                    dp.reduce_scatter_grads(be, &self.grads)?
+                    dp.reduce_scatter_grads(be, &mut grads)?
                 } else {
-                    dp.all_reduce_grads(be, &mut self.grads)?;
+                    dp.all_reduce_grads(be, &mut grads)?;
                     (0.0, true)
                 };
                 st[2] = if finite { 0.0 } else { 1.0 };
@@ -432,6 +624,13 @@ impl<B: Backend> Trainer<B> {
         if let Some(dp) = self.dp.as_mut().filter(|d| d.zero.is_some()) {
             return dp.zero_update(be, &mut self.model, &|i| adam(self.decay[i]), t, grad_scale).map(|_| stats);
         }
+        if let Some(f) = self.flat.as_mut() {
+            // One launch per weight-decay group over its slice of the flat buffers.
+            for g in f.groups.iter_mut() {
+                ops::adamw(be, &adam(g.decay), t, grad_scale, &mut g.p, &g.g, &mut g.m, &mut g.v, g.copy.as_mut())?;
+            }
+            return Ok(stats);
+        }
         for i in 0..self.grads.len() {
             let cfg = adam(self.decay[i]);
             match self.master.as_mut() {
@@ -469,6 +668,32 @@ impl<B: Backend> Trainer<B> {
     /// then the exact per-tensor check runs (one readback per tensor, on
     /// overflow steps only) and the skip decision stays exact.
     fn grad_sumsq(&mut self, be: &B) -> Result<(f64, bool)> {
+        if let Some(f) = &self.flat {
+            // Σ g² per view, summed in tensor order on the device: the same bits as
+            // per-tensor buffers (one launch over the flat buffer would sum in another
+            // order and move the clipped weights by rounding). The rare checks below
+            // run once over the flat gradient (its padding is zero).
+            for (i, g) in self.grads.iter().enumerate() {
+                if i == 0 {
+                    ops::sum_squares(be, g, &mut self.sumsq_acc)?;
+                } else {
+                    ops::sum_squares(be, g, &mut self.sumsq)?;
+                    ops::axpby(be, 1.0, &self.sumsq, 1.0, &mut self.sumsq_acc)?;
+                }
+            }
+            let sq = self.sumsq_acc.to_f32_vec(be)?[0] as f64;
+            if sq.is_finite() {
+                return Ok((sq, true));
+            }
+            ops::all_finite(be, &f.grads, &mut self.flag)?;
+            if self.flag.to_u32_vec(be)?[0] != 1 {
+                return Ok((sq, false));
+            }
+            let host = f.grads.to_f32_vec(be)?;
+            let sq =
+                f.ranges.iter().map(|r| host[r.clone()].iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).sum();
+            return Ok((sq, true));
+        }
         for (i, g) in self.grads.iter().enumerate() {
             if i == 0 {
                 ops::sum_squares(be, g, &mut self.sumsq_acc)?;
@@ -507,6 +732,10 @@ impl<B: Backend> Trainer<B> {
         if let Some(dp) = self.dp.as_ref().filter(|d| d.zero.is_some()) {
             return Ok(dp.split(&dp.gather(be, |s| &s.master)?));
         }
+        if let Some(f) = &self.flat {
+            // One download of the flat f32 buffer (the working weights in f32).
+            return Ok(f.split(&f.master.as_ref().unwrap_or(&f.params).to_f32_vec(be)?));
+        }
         match &self.master {
             Some(m) => m.iter().map(|t| t.to_f32_vec(be)).collect(),
             None => self.model.values(be),
@@ -517,6 +746,10 @@ impl<B: Backend> Trainer<B> {
     pub fn moments(&self, be: &B) -> Result<Moments> {
         if let Some(dp) = self.dp.as_ref().filter(|d| d.zero.is_some()) {
             return Ok((dp.split(&dp.gather(be, |s| &s.m)?), dp.split(&dp.gather(be, |s| &s.v)?)));
+        }
+        if let Some(Flat { m: Some(m), v: Some(v), .. }) = &self.flat {
+            let f = self.flat.as_ref().expect("matched above");
+            return Ok((f.split(&m.to_f32_vec(be)?), f.split(&v.to_f32_vec(be)?)));
         }
         let f = |ts: &[Tensor<B>]| ts.iter().map(|t| t.to_f32_vec(be)).collect::<Result<Vec<_>>>();
         Ok((f(&self.m)?, f(&self.v)?))

@@ -1687,12 +1687,147 @@ pub fn bad_inputs_are_errors<X: Backend>(be: &X) {
     expect_err("upload length", r, &["3 values", "2×2"]);
 }
 
+// ---------------------------------------------------------------- views
+
+/// Places op arguments either in standalone tensors or as views at
+/// non-zero, gapped offsets of six flat buffers (0: inputs, 1: outputs in
+/// the case's dtype; 2–5: f32 params, grads, m, v), remembering the ranges.
+struct Placer<'a, X: Backend> {
+    be: &'a X,
+    dt: DType,
+    flats: Option<Vec<Tensor<X>>>,
+    cursor: [usize; 6],
+    used: [Vec<std::ops::Range<usize>>; 6],
+}
+
+const VIEW_FLAT: usize = 4096;
+
+impl<'a, X: Backend> Placer<'a, X> {
+    fn new(be: &'a X, dt: DType, views: bool) -> Self {
+        let flats = views.then(|| {
+            (0..6)
+                .map(|slot| {
+                    let d = if slot < 2 { dt } else { DType::F32 };
+                    let mut rng = Rng::new(seed("views-flat", d, slot));
+                    up(be, &rng.normal_vec(VIEW_FLAT), &[VIEW_FLAT], d)
+                })
+                .collect()
+        });
+        Placer { be, dt, flats, cursor: [128; 6], used: Default::default() }
+    }
+
+    fn put(&mut self, vals: &[f32], shape: &[usize], slot: usize) -> Tensor<X> {
+        let dt = if slot < 2 { self.dt } else { DType::F32 };
+        let Some(flats) = &self.flats else { return up(self.be, vals, shape, dt) };
+        let off = self.cursor[slot];
+        self.cursor[slot] = off + vals.len().div_ceil(128) * 128 + 128;
+        assert!(self.cursor[slot] <= VIEW_FLAT, "test flat buffer too small");
+        self.used[slot].push(off..off + vals.len());
+        let mut t = Tensor::view(self.be, &flats[slot], off, shape).expect("view");
+        t.write_f32(self.be, vals).expect("write through a view");
+        t
+    }
+}
+
+/// Ops on views at non-zero offsets of larger buffers give the same bits as
+/// on standalone tensors, and leave every element outside the views alone.
+pub fn views_match_standalone<R: Backend, B: Backend>(_r: &R, b: &B) {
+    if !b.supports_views() {
+        eprintln!("views_match_standalone: skipped: the {} backend has no tensor views", b.kind());
+        return;
+    }
+    for dt in float_dtypes(b, b) {
+        let (m, k, n, l) = (8usize, 16usize, 12usize, 200usize);
+        let mut rng = Rng::new(seed("views", dt, 0));
+        let mut v = |len: usize| rng.normal_vec(len);
+        let (x, w, c0, dy, dw0) = (v(m * k), v(k * n), v(m * n), v(m * n), v(k * n));
+        let (xl, g, bb, dg0, db0, y2) = (v(m * n), v(n), v(n), v(n), v(n), v(m * n));
+        let (p0, gr, m0) = (v(l), v(l), v(l));
+        let v0: Vec<f32> = v(l).iter().map(|x| x.abs()).collect();
+        let run = |views: bool| {
+            let mut pl = Placer::new(b, dt, views);
+            let (xa, wa, mut c) = (pl.put(&x, &[m, k], 0), pl.put(&w, &[k, n], 0), pl.put(&c0, &[m, n], 1));
+            ops::matmul(b, &xa, &wa, &mut c, false, false, 1.0, 0.5).unwrap();
+            let (dyt, mut dw) = (pl.put(&dy, &[m, n], 0), pl.put(&dw0, &[k, n], 1));
+            ops::matmul(b, &xa, &dyt, &mut dw, true, false, 1.0, 1.0).unwrap();
+            let (xt, gt, bt) = (pl.put(&xl, &[m, n], 0), pl.put(&g, &[n], 0), pl.put(&bb, &[n], 0));
+            let mut y = pl.put(&vec![0.0; m * n], &[m, n], 1);
+            let mut mean = Tensor::zeros(b, &[m], DType::F32).unwrap();
+            let mut rstd = Tensor::zeros(b, &[m], DType::F32).unwrap();
+            ops::layernorm(b, &xt, &gt, &bt, &mut y, &mut mean, &mut rstd, 1e-5).unwrap();
+            let mut dx = pl.put(&vec![0.0; m * n], &[m, n], 1);
+            let (mut dg, mut db) = (pl.put(&dg0, &[n], 1), pl.put(&db0, &[n], 1));
+            ops::layernorm_backward(b, &dyt, &xt, &gt, &mean, &rstd, &mut dx, &mut dg, &mut db).unwrap();
+            let mut f = pl.put(&vec![1.0; n], &[n], 1);
+            ops::fill(b, &mut f, 0.75).unwrap();
+            let mut ax = pl.put(&y2, &[m, n], 1);
+            ops::axpby(b, 0.5, &xt, -1.5, &mut ax).unwrap();
+            let mut sq = Tensor::zeros(b, &[1], DType::F32).unwrap();
+            ops::sum_squares(b, &xt, &mut sq).unwrap();
+            let (mut p, gt2, mut mm, mut vv) =
+                (pl.put(&p0, &[l], 2), pl.put(&gr, &[l], 3), pl.put(&m0, &[l], 4), pl.put(&v0, &[l], 5));
+            let mut copy = (dt != DType::F32).then(|| pl.put(&vec![0.0; l], &[l], 1));
+            let cfg = AdamWConfig { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+            ops::adamw(b, &cfg, 3, 0.5, &mut p, &gt2, &mut mm, &mut vv, copy.as_mut()).unwrap();
+            let mut outs: Vec<Vec<u8>> = [&c, &dw, &y, &dx, &dg, &db, &f, &ax, &sq, &p, &mm, &vv]
+                .iter()
+                .map(|t| t.to_bytes(b).unwrap())
+                .collect();
+            outs.extend(copy.map(|t| t.to_bytes(b).unwrap()));
+            (outs, pl)
+        };
+        let (want, _) = run(false);
+        let (got, pl) = run(true);
+        let names = [
+            "matmul",
+            "matmul_bwd",
+            "layernorm",
+            "ln_dx",
+            "ln_dgamma",
+            "ln_dbeta",
+            "fill",
+            "axpby",
+            "sum_squares",
+            "adamw p",
+            "adamw m",
+            "adamw v",
+            "adamw copy",
+        ];
+        for ((w, g), name) in want.iter().zip(&got).zip(names) {
+            assert!(w == g, "{dt} {name}: a view's result differs from a standalone tensor's");
+        }
+        // Outside the views every flat element keeps its initial value.
+        for (slot, flat) in pl.flats.as_ref().unwrap().iter().enumerate() {
+            let d = if slot < 2 { dt } else { DType::F32 };
+            let init = up(b, &Rng::new(seed("views-flat", d, slot)).normal_vec(VIEW_FLAT), &[VIEW_FLAT], d)
+                .to_bytes(b)
+                .unwrap();
+            let now = flat.to_bytes(b).unwrap();
+            let sz = d.size();
+            for i in 0..VIEW_FLAT {
+                if !pl.used[slot].iter().any(|r| r.contains(&i)) {
+                    assert!(
+                        now[i * sz..(i + 1) * sz] == init[i * sz..(i + 1) * sz],
+                        "{dt}: flat {slot} element {i} outside every view changed"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Generates one `#[test]` per op for a backend pair. `$get` returns
 /// `Option<(&R, &B)>`: `None` means the backend under test is not available
 /// here and the test reports itself skipped (the getter prints why).
 #[macro_export]
 macro_rules! conformance_tests {
     ($get:path) => {
+        #[test]
+        fn ops_on_views_match_standalone_tensors_bit_for_bit() {
+            if let Some((r, b)) = $get() {
+                common::views_match_standalone(r, b)
+            }
+        }
         #[test]
         fn matmul_matches_reference() {
             if let Some((r, b)) = $get() {

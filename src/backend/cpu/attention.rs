@@ -272,7 +272,8 @@ fn visible(t: usize, k0: usize, k1: usize) -> usize {
 
 pub(super) fn forward(s: &AttentionSpec, q: &T, k: &T, v: &T, idx: Option<&T>, o: &mut T, lse: &mut T) {
     let (q, k, v) = (rd(q), rd(k), rd(v));
-    let idx = idx.map(|i| i.buf.u32s());
+    let idx_g = idx.map(|i| i.buf.u32s());
+    let idx = idx_g.as_deref();
     let lay = Layout { s: *s };
     let d = s.head_dim;
     // One task per (batch, head): returns its o rows ([seq, d]) and lse.
@@ -446,7 +447,8 @@ pub(super) fn backward(
     dv: &mut T,
 ) {
     let (q, k, v, o, lse, d_o) = (rd(q), rd(k), rd(v), rd(o), rd(lse), rd(d_o));
-    let idx = idx.map(|i| i.buf.u32s());
+    let idx_g = idx.map(|i| i.buf.u32s());
+    let idx = idx_g.as_deref();
     let lay = Layout { s: *s };
     let d = s.head_dim;
     let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
@@ -721,7 +723,8 @@ pub(super) fn indexer_kl(
 ) {
     let s = &ls.attn;
     let (q, k, lse, sc) = (rd(q), rd(k), rd(lse), rd(scores));
-    let idx = idx.map(|i| i.buf.u32s());
+    let idx_g = idx.map(|i| i.buf.u32s());
+    let idx = idx_g.as_deref();
     let lay = Layout { s: *s };
     let (n, d, rows) = (s.seq, s.head_dim, ls.rows);
     // scores and dscores rows are the tile's (row r of batch b is query q0 + r).

@@ -10,12 +10,10 @@
 //! of rows), so a row's result does not depend on the other rows of the
 //! step: a sequence's tokens are the same alone or in any batch.
 
-use std::borrow::Cow;
-
 use rayon::prelude::*;
 
 use super::attention::{gemm_rows, online_update};
-use super::{CpuBackend, CpuBuffer, Storage, convert, rd, simd};
+use super::{CpuBackend, CpuBuffer, Elems, SliceMut, SliceRef, convert, rd, simd};
 use crate::Tensor;
 use crate::attention::cached::{CachedAttentionSpec, CachedIndexerSpec, CachedSelectSpec, Paging};
 use crate::attention::ops::PatternSpec;
@@ -61,22 +59,9 @@ fn runs(tab: &[(usize, usize)]) -> Vec<(usize, usize)> {
 
 /// Cache rows `[row0, row0 + n)` as f32 (borrowed for f32 caches; only the
 /// asked rows are converted for half-precision ones).
-fn cache_rows(buf: &CpuBuffer, row0: usize, n: usize, width: usize) -> Cow<'_, [f32]> {
+fn cache_rows(buf: &CpuBuffer, row0: usize, n: usize, width: usize) -> Elems<'_, f32> {
     let r = row0 * width..(row0 + n) * width;
-    match &buf.data {
-        Storage::F32(v) => Cow::Borrowed(&v[r]),
-        Storage::F16(v) => {
-            let mut out = vec![0.0; r.len()];
-            convert::widen_f16(&v[r], &mut out);
-            Cow::Owned(out)
-        }
-        Storage::BF16(v) => {
-            let mut out = vec![0.0; r.len()];
-            convert::widen_bf16(&v[r], &mut out);
-            Cow::Owned(out)
-        }
-        _ => unreachable!("op validation guarantees a float cache"),
-    }
+    buf.f32_range(r.start, r.len())
 }
 
 /// Keys `[k0, k0 + n)` of a sequence whose page table starts at `base`, as
@@ -93,9 +78,9 @@ fn seq_rows<'a>(
     n: usize,
     width: usize,
     slots: usize,
-) -> Cow<'a, [f32]> {
+) -> Elems<'a, f32> {
     if n == 0 {
-        return Cow::Borrowed(&[]);
+        return Elems::Owned(Vec::new());
     }
     let first = pg.key_row(pages, base, k0, slots);
     if k0 / pg.page == (k0 + n - 1) / pg.page {
@@ -108,7 +93,7 @@ fn seq_rows<'a>(
         out.extend_from_slice(&cache_rows(buf, pg.key_row(pages, base, s, slots), seg, width));
         s += seg;
     }
-    Cow::Owned(out)
+    Elems::Owned(out)
 }
 
 /// Columns `[col0, col0 + d)` (one KV head) of the `n` cache rows from
@@ -122,22 +107,25 @@ fn head_rows(
     n: usize,
     width: usize,
     (col0, d): (usize, usize),
-) -> (Cow<'_, [f32]>, usize) {
+) -> (Elems<'_, f32>, usize) {
     if n == 0 {
-        return (Cow::Borrowed(&[]), d);
+        return (Elems::Owned(Vec::new()), d);
     }
     let r = row0 * width + col0..(row0 + n - 1) * width + col0 + d;
-    match &buf.data {
-        Storage::F32(v) => (Cow::Borrowed(&v[r]), width),
-        Storage::F16(v) => {
+    if matches!(buf.lock().slice(), SliceRef::F32(_)) {
+        return (buf.f32_range(r.start, r.len()), width);
+    }
+    let g = buf.lock();
+    match g.slice() {
+        SliceRef::F16(v) => {
             let mut out = vec![0.0; n * d];
             v[r].chunks(width).zip(out.chunks_mut(d)).for_each(|(s, o)| convert::widen_f16(&s[..d], o));
-            (Cow::Owned(out), d)
+            (Elems::Owned(out), d)
         }
-        Storage::BF16(v) => {
+        SliceRef::BF16(v) => {
             let mut out = vec![0.0; n * d];
             v[r].chunks(width).zip(out.chunks_mut(d)).for_each(|(s, o)| convert::widen_bf16(&s[..d], o));
-            (Cow::Owned(out), d)
+            (Elems::Owned(out), d)
         }
         _ => unreachable!("op validation guarantees a float cache"),
     }
@@ -167,7 +155,8 @@ pub(super) fn rope_rows(s: &RopeSpec, x: &T, cos: &T, sin: &T, rows: &T, y: &mut
     let (x, cos, sin) = (rd(x), rd(cos), rd(sin));
     let (hd, half) = (s.head_dim, s.head_dim / 2);
     let max_pos = cos.len() / half;
-    let tab = rows.buf.u32s();
+    let tab_g = rows.buf.u32s();
+    let tab = &*tab_g;
     y.buf.produce(|o| {
         o.par_chunks_mut(hd).enumerate().for_each(|(vi, o)| {
             let r = vi / s.heads;
@@ -198,10 +187,11 @@ pub(super) fn cache_write(s: &CacheWriteSpec, src: &T, rows: &T, pages: &T, cach
             }
         };
     }
-    match (&src.buf.data, &mut cache.buf.data) {
-        (Storage::F32(a), Storage::F32(b)) => copy_rows!(a, b),
-        (Storage::F16(a), Storage::F16(b)) => copy_rows!(a, b),
-        (Storage::BF16(a), Storage::BF16(b)) => copy_rows!(a, b),
+    let (gs, mut gc) = (src.buf.lock(), cache.buf.lock_mut());
+    match (gs.slice(), gc.slice()) {
+        (SliceRef::F32(a), SliceMut::F32(b)) => copy_rows!(a, b),
+        (SliceRef::F16(a), SliceMut::F16(b)) => copy_rows!(a, b),
+        (SliceRef::BF16(a), SliceMut::BF16(b)) => copy_rows!(a, b),
         _ => unreachable!("op validation guarantees matching float dtypes"),
     }
 }
@@ -256,8 +246,10 @@ pub(super) fn cached_attention(
 ) {
     let q = rd(q);
     let tab = row_table(rows, s.paging);
-    let pages = pages.buf.u32s();
-    let idx = idx.map(|i| i.buf.u32s());
+    let pages_g = pages.buf.u32s();
+    let pages = &*pages_g;
+    let idx_g = idx.map(|i| i.buf.u32s());
+    let idx = idx_g.as_deref();
     let (d, h_n, kw) = (s.head_dim, s.n_heads, s.n_kv_heads * s.head_dim);
     let simd = simd::simd();
     let tasks: Vec<((usize, usize), usize)> =
@@ -334,7 +326,8 @@ pub(super) fn cached_indexer_block_scores(
 ) {
     let (qi, w) = (rd(qi), rd(w));
     let tab = row_table(rows, s.paging);
-    let pages = pages.buf.u32s();
+    let pages_g = pages.buf.u32s();
+    let pages = &*pages_g;
     let (hi, di, bs) = (s.heads, s.dim, s.block);
     pooled.buf.produce(|out| {
         out.par_chunks_mut(s.cols).enumerate().for_each(|(r, dst)| {
@@ -366,7 +359,8 @@ pub(super) fn cached_indexer_block_scores(
 
 pub(super) fn cached_select(s: &CachedSelectSpec, scores: &T, rows: &T, idx: &mut T) {
     let sc = rd(scores);
-    let tab = rows.buf.u32s();
+    let tab_g = rows.buf.u32s();
+    let tab = &*tab_g;
     let out: Vec<u32> = (0..s.rows)
         .into_par_iter()
         .flat_map_iter(|r| {

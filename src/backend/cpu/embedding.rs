@@ -11,7 +11,7 @@ type T = Tensor<CpuBackend>;
 pub(super) fn forward(s: &EmbeddingSpec, ids: &T, table: &T, out: &mut T) {
     let (ids, table) = (ids.buf.u32s(), rd(table));
     out.buf.produce(|o| {
-        o.par_chunks_mut(s.dim).zip(ids).for_each(|(o, &id)| {
+        o.par_chunks_mut(s.dim).zip(&ids[..]).for_each(|(o, &id)| {
             let id = id as usize;
             if id < s.vocab {
                 o.copy_from_slice(&table[id * s.dim..(id + 1) * s.dim]);

@@ -2,7 +2,7 @@
 //! through the packed GEMM of [`gemm`], which converts while packing and
 //! writes C in its dtype (f32 accumulation, C rounded once at the end).
 
-use super::{CpuBackend, Storage, gemm, rd, simd};
+use super::{CpuBackend, SliceMut, SliceRef, gemm, rd, simd};
 use crate::Tensor;
 use crate::ops::MatmulSpec;
 
@@ -64,10 +64,13 @@ pub(super) fn matmul(s: &MatmulSpec, a: &Tensor<CpuBackend>, b: &Tensor<CpuBacke
     }
     // Half precision: the packed GEMM converts while packing and writes C in
     // its dtype (no f32 copies of A, B or C).
-    match (&a.buf.data, &b.buf.data, &mut c.buf.data) {
-        (Storage::F16(av), Storage::F16(bv), Storage::F16(cv)) => return packed(s, av, bv, cv),
-        (Storage::BF16(av), Storage::BF16(bv), Storage::BF16(cv)) => return packed(s, av, bv, cv),
-        _ => {}
+    {
+        let (ga, gb, mut gc) = (a.buf.lock(), b.buf.lock(), c.buf.lock_mut());
+        match (ga.slice(), gb.slice(), gc.slice()) {
+            (SliceRef::F16(av), SliceRef::F16(bv), SliceMut::F16(cv)) => return packed(s, av, bv, cv),
+            (SliceRef::BF16(av), SliceRef::BF16(bv), SliceMut::BF16(cv)) => return packed(s, av, bv, cv),
+            _ => {}
+        }
     }
     let (av, bv) = (rd(a), rd(b));
     let (sa, sb, sc) = s.strides();

@@ -25,7 +25,8 @@ mod simd;
 mod softmax;
 mod vmath;
 
-use std::borrow::Cow;
+use std::ops::Range;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use half::{bf16, f16};
 
@@ -48,7 +49,7 @@ impl CpuBackend {
     }
 }
 
-enum Storage {
+pub(crate) enum Storage {
     F32(Vec<f32>),
     F16(Vec<f16>),
     BF16(Vec<bf16>),
@@ -56,72 +57,187 @@ enum Storage {
     I32(Vec<i32>),
 }
 
-/// A host allocation of one dtype.
+/// A borrowed element range of one dtype.
+pub(crate) enum SliceRef<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    BF16(&'a [bf16]),
+    U32(&'a [u32]),
+    I32(&'a [i32]),
+}
+
+/// A mutably borrowed element range of one dtype.
+pub(crate) enum SliceMut<'a> {
+    F32(&'a mut [f32]),
+    F16(&'a mut [f16]),
+    BF16(&'a mut [bf16]),
+    U32(&'a mut [u32]),
+    I32(&'a mut [i32]),
+}
+
+/// A host allocation of one dtype, or a view of an element range of one.
+///
+/// The storage sits behind `Arc<RwLock<…>>` so that views of a flat buffer
+/// (parameters, gradients, moments) share it safely: an op read-locks its
+/// inputs and write-locks its outputs for the op's duration. An op that
+/// reads one view and writes another view of the *same* allocation cannot
+/// take the write lock; it panics with a clear message instead of
+/// deadlocking ([`CpuBuffer::lock_mut`]). No training op does that: params,
+/// grads and the two moments are separate flat allocations.
 pub struct CpuBuffer {
-    data: Storage,
+    data: Arc<RwLock<Storage>>,
+    /// The elements of `data` this buffer covers (all of them unless a view).
+    range: Range<usize>,
     bytes: usize,
-    mem: MemoryCounter,
+    /// The allocation's counter; `None` for a view (a view allocates nothing).
+    mem: Option<MemoryCounter>,
 }
 
 impl Drop for CpuBuffer {
     fn drop(&mut self) {
-        self.mem.free(self.bytes);
+        if let Some(m) = &self.mem {
+            m.free(self.bytes);
+        }
+    }
+}
+
+const ALIASED: &str = "cpu backend: an op writes a view of a buffer that it also reads through another view \
+     (views of one flat buffer must not be an op's input and output at once)";
+
+/// A read lock on a buffer's elements.
+pub(crate) struct ReadGuard<'a> {
+    g: RwLockReadGuard<'a, Storage>,
+    r: Range<usize>,
+}
+
+impl ReadGuard<'_> {
+    pub(crate) fn slice(&self) -> SliceRef<'_> {
+        let r = self.r.clone();
+        match &*self.g {
+            Storage::F32(v) => SliceRef::F32(&v[r]),
+            Storage::F16(v) => SliceRef::F16(&v[r]),
+            Storage::BF16(v) => SliceRef::BF16(&v[r]),
+            Storage::U32(v) => SliceRef::U32(&v[r]),
+            Storage::I32(v) => SliceRef::I32(&v[r]),
+        }
+    }
+}
+
+/// A write lock on a buffer's elements.
+pub(crate) struct WriteGuard<'a> {
+    g: RwLockWriteGuard<'a, Storage>,
+    r: Range<usize>,
+}
+
+impl WriteGuard<'_> {
+    pub(crate) fn slice(&mut self) -> SliceMut<'_> {
+        let r = self.r.clone();
+        match &mut *self.g {
+            Storage::F32(v) => SliceMut::F32(&mut v[r]),
+            Storage::F16(v) => SliceMut::F16(&mut v[r]),
+            Storage::BF16(v) => SliceMut::BF16(&mut v[r]),
+            Storage::U32(v) => SliceMut::U32(&mut v[r]),
+            Storage::I32(v) => SliceMut::I32(&mut v[r]),
+        }
+    }
+}
+
+/// Element types a locked range derefs to without a copy.
+pub(crate) trait Elem: Sized {
+    fn of(s: &Storage) -> &[Self];
+}
+impl Elem for f32 {
+    fn of(s: &Storage) -> &[f32] {
+        match s {
+            Storage::F32(v) => v,
+            _ => unreachable!("only f32 storage is borrowed as f32"),
+        }
+    }
+}
+impl Elem for u32 {
+    fn of(s: &Storage) -> &[u32] {
+        match s {
+            Storage::U32(v) => v,
+            _ => unreachable!("op validation guarantees a u32 buffer"),
+        }
+    }
+}
+
+/// Elements as `T`: a read-locked range of the buffer (no copy) or a
+/// converted copy. Derefs to `[T]`.
+pub(crate) enum Elems<'a, T: Elem> {
+    Locked(RwLockReadGuard<'a, Storage>, Range<usize>),
+    Owned(Vec<T>),
+}
+
+impl<T: Elem> std::ops::Deref for Elems<'_, T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        match self {
+            Elems::Locked(g, r) => &T::of(g)[r.clone()],
+            Elems::Owned(v) => v,
+        }
     }
 }
 
 impl CpuBuffer {
     fn len(&self) -> usize {
-        match &self.data {
-            Storage::F32(v) => v.len(),
-            Storage::F16(v) => v.len(),
-            Storage::BF16(v) => v.len(),
-            Storage::U32(v) => v.len(),
-            Storage::I32(v) => v.len(),
+        self.range.len()
+    }
+
+    /// Read-locks the storage (shared: many readers at once).
+    pub(crate) fn lock(&self) -> ReadGuard<'_> {
+        ReadGuard { g: self.read_lock(), r: self.range.clone() }
+    }
+
+    /// The shared lock. Writers never wait (see [`CpuBuffer::lock_mut`]), so
+    /// this fails only while the same op write-locks the allocation: it
+    /// panics with the cause instead of deadlocking.
+    fn read_lock(&self) -> RwLockReadGuard<'_, Storage> {
+        match self.data.try_read() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => panic!("{ALIASED}"),
         }
+    }
+
+    /// Write-locks the storage. Panics (instead of deadlocking) when the
+    /// allocation is read-locked meanwhile, i.e. when an op reads and writes
+    /// views of the same flat buffer, which no op may do.
+    pub(crate) fn lock_mut(&mut self) -> WriteGuard<'_> {
+        let g = match self.data.try_write() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => panic!("{ALIASED}"),
+        };
+        WriteGuard { g, r: self.range.clone() }
     }
 
     /// The elements as f32 (borrowed when already f32).
-    pub(crate) fn f32s(&self) -> Cow<'_, [f32]> {
-        match &self.data {
-            Storage::F32(v) => Cow::Borrowed(v),
-            Storage::F16(v) => {
-                let mut out = vec![0.0; v.len()];
-                convert::widen_f16(v, &mut out);
-                Cow::Owned(out)
-            }
-            Storage::BF16(v) => {
-                let mut out = vec![0.0; v.len()];
-                convert::widen_bf16(v, &mut out);
-                Cow::Owned(out)
-            }
-            Storage::U32(v) => Cow::Owned(v.iter().map(|&x| x as f32).collect()),
-            Storage::I32(v) => Cow::Owned(v.iter().map(|&x| x as f32).collect()),
-        }
+    pub(crate) fn f32s(&self) -> Elems<'_, f32> {
+        self.f32_range(0, self.len())
     }
 
     /// The elements of a U32 buffer (the op specs guarantee the dtype).
-    pub(crate) fn u32s(&self) -> &[u32] {
-        match &self.data {
-            Storage::U32(v) => v,
-            _ => unreachable!("op validation guarantees a u32 buffer"),
-        }
+    pub(crate) fn u32s(&self) -> Elems<'_, u32> {
+        Elems::Locked(self.read_lock(), self.range.clone())
     }
 
     /// Overwrites the buffer with f32 values rounded to its dtype.
     pub(crate) fn store(&mut self, vals: &[f32]) {
-        match &mut self.data {
-            Storage::F32(v) => v.copy_from_slice(vals),
-            Storage::F16(v) => convert::narrow_f16(vals, v),
-            Storage::BF16(v) => convert::narrow_bf16(vals, v),
-            Storage::U32(v) => v.iter_mut().zip(vals).for_each(|(o, &x)| *o = x as u32),
-            Storage::I32(v) => v.iter_mut().zip(vals).for_each(|(o, &x)| *o = x as i32),
+        match self.lock_mut().slice() {
+            SliceMut::F32(v) => v.copy_from_slice(vals),
+            SliceMut::F16(v) => convert::narrow_f16(vals, v),
+            SliceMut::BF16(v) => convert::narrow_bf16(vals, v),
+            SliceMut::U32(v) => v.iter_mut().zip(vals).for_each(|(o, &x)| *o = x as u32),
+            SliceMut::I32(v) => v.iter_mut().zip(vals).for_each(|(o, &x)| *o = x as i32),
         }
     }
 
     /// Overwrites a U32 buffer (the op specs guarantee the dtype).
     pub(crate) fn store_u32(&mut self, vals: &[u32]) {
-        match &mut self.data {
-            Storage::U32(v) => v.copy_from_slice(vals),
+        match self.lock_mut().slice() {
+            SliceMut::U32(v) => v.copy_from_slice(vals),
             _ => unreachable!("op validation guarantees a u32 buffer"),
         }
     }
@@ -129,42 +245,51 @@ impl CpuBuffer {
     /// Fills every element with `f`'s output: directly for f32, through a
     /// temporary for other dtypes. `f` must write every element.
     pub(crate) fn produce(&mut self, f: impl FnOnce(&mut [f32])) {
-        if let Storage::F32(v) = &mut self.data {
-            f(v);
-        } else {
-            let mut tmp = vec![0.0f32; self.len()];
-            f(&mut tmp);
-            self.store(&tmp);
+        {
+            let mut g = self.lock_mut();
+            if let SliceMut::F32(v) = g.slice() {
+                f(v);
+                return;
+            }
         }
+        let mut tmp = vec![0.0f32; self.len()];
+        f(&mut tmp);
+        self.store(&tmp);
     }
 
     /// Read-modify-write of every element as f32.
     pub(crate) fn update(&mut self, f: impl FnOnce(&mut [f32])) {
-        if let Storage::F32(v) = &mut self.data {
-            f(v);
-        } else {
-            let mut tmp = self.f32s().into_owned();
-            f(&mut tmp);
-            self.store(&tmp);
+        {
+            let mut g = self.lock_mut();
+            if let SliceMut::F32(v) = g.slice() {
+                f(v);
+                return;
+            }
         }
+        let mut tmp = self.f32s().to_vec();
+        f(&mut tmp);
+        self.store(&tmp);
     }
-}
 
-impl CpuBuffer {
     /// Elements `start..start + len` as f32 (borrowed when already f32).
-    fn f32_range(&self, start: usize, len: usize) -> Cow<'_, [f32]> {
+    fn f32_range(&self, start: usize, len: usize) -> Elems<'_, f32> {
         let v = simd::simd();
+        let g = self.read_lock();
+        let r = self.range.start + start..self.range.start + start + len;
         let widen = |f: &dyn Fn(&mut [f32])| {
             let mut out = vec![0.0; len];
             f(&mut out);
-            Cow::Owned(out)
+            Elems::Owned(out)
         };
-        match &self.data {
-            Storage::F32(x) => Cow::Borrowed(&x[start..start + len]),
-            Storage::F16(x) => widen(&|o| convert::widen_f16_with(v, &x[start..start + len], o)),
-            Storage::BF16(x) => widen(&|o| convert::widen_bf16_with(v, &x[start..start + len], o)),
-            Storage::U32(x) => Cow::Owned(x[start..start + len].iter().map(|&e| e as f32).collect()),
-            Storage::I32(x) => Cow::Owned(x[start..start + len].iter().map(|&e| e as f32).collect()),
+        if matches!(&*g, Storage::F32(_)) {
+            return Elems::Locked(g, r);
+        }
+        match &*g {
+            Storage::F32(_) => unreachable!("borrowed above"),
+            Storage::F16(x) => widen(&|o| convert::widen_f16_with(v, &x[r.clone()], o)),
+            Storage::BF16(x) => widen(&|o| convert::widen_bf16_with(v, &x[r.clone()], o)),
+            Storage::U32(x) => Elems::Owned(x[r].iter().map(|&e| e as f32).collect()),
+            Storage::I32(x) => Elems::Owned(x[r].iter().map(|&e| e as f32).collect()),
         }
     }
 }
@@ -187,13 +312,14 @@ pub(crate) fn chunked<const N: usize>(
     let chunk = chunk.max(1);
     let v = simd::simd();
     let run = |i: usize, o: &mut [f32]| {
-        let views: [Cow<'_, [f32]>; N] = std::array::from_fn(|j| ins[j].f32_range(i * chunk, o.len()));
+        let views: [Elems<'_, f32>; N] = std::array::from_fn(|j| ins[j].f32_range(i * chunk, o.len()));
         let refs: [&[f32]; N] = std::array::from_fn(|j| &*views[j]);
         f(i * chunk, refs, o);
     };
-    match &mut out.data {
-        Storage::F32(x) => x.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| run(i, o)),
-        Storage::F16(x) => x.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
+    let mut g = out.lock_mut();
+    match g.slice() {
+        SliceMut::F32(x) => x.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| run(i, o)),
+        SliceMut::F16(x) => x.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
             let mut tmp = vec![0.0f32; o.len()];
             if read_out {
                 convert::widen_f16_with(v, o, &mut tmp);
@@ -201,7 +327,7 @@ pub(crate) fn chunked<const N: usize>(
             run(i, &mut tmp);
             convert::narrow_f16_with(v, &tmp, o);
         }),
-        Storage::BF16(x) => x.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
+        SliceMut::BF16(x) => x.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
             let mut tmp = vec![0.0f32; o.len()];
             if read_out {
                 convert::widen_bf16_with(v, o, &mut tmp);
@@ -209,7 +335,8 @@ pub(crate) fn chunked<const N: usize>(
             run(i, &mut tmp);
             convert::narrow_bf16_with(v, &tmp, o);
         }),
-        Storage::U32(_) | Storage::I32(_) => {
+        SliceMut::U32(_) | SliceMut::I32(_) => {
+            drop(g);
             let each = |o: &mut [f32]| o.chunks_mut(chunk).enumerate().for_each(|(i, o)| run(i, o));
             if read_out { out.update(each) } else { out.produce(each) }
         }
@@ -217,7 +344,7 @@ pub(crate) fn chunked<const N: usize>(
 }
 
 /// The f32 view of a tensor's elements.
-fn rd(t: &Tensor<CpuBackend>) -> Cow<'_, [f32]> {
+fn rd(t: &Tensor<CpuBackend>) -> Elems<'_, f32> {
     t.buf.f32s()
 }
 
@@ -242,6 +369,9 @@ impl Backend for CpuBackend {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+    fn supports_views(&self) -> bool {
+        true
+    }
 
     fn alloc(&self, dtype: DType, len: usize) -> Result<CpuBuffer> {
         let data = match dtype {
@@ -253,7 +383,20 @@ impl Backend for CpuBackend {
         };
         let bytes = len * dtype.size();
         self.mem.alloc(bytes);
-        Ok(CpuBuffer { data, bytes, mem: self.mem.clone() })
+        Ok(CpuBuffer { data: Arc::new(RwLock::new(data)), range: 0..len, bytes, mem: Some(self.mem.clone()) })
+    }
+
+    fn view(&self, base: &CpuBuffer, dtype: DType, offset: usize, len: usize) -> Result<CpuBuffer> {
+        let end = offset.checked_add(len).filter(|&e| e <= base.len()).ok_or_else(|| {
+            Error::Shape(format!("view: elements {offset}..{offset}+{len} of a buffer of {}", base.len()))
+        })?;
+        let _ = dtype;
+        Ok(CpuBuffer {
+            data: base.data.clone(),
+            range: base.range.start + offset..base.range.start + end,
+            bytes: len * dtype.size(),
+            mem: None,
+        })
     }
 
     fn upload(&self, dtype: DType, bytes: &[u8]) -> Result<CpuBuffer> {
@@ -270,24 +413,25 @@ impl Backend for CpuBackend {
                 buf.bytes
             )));
         }
-        match &mut buf.data {
-            Storage::F32(v) => bytemuck::cast_slice_mut(v).copy_from_slice(bytes),
-            Storage::F16(v) => bytemuck::cast_slice_mut(v).copy_from_slice(bytes),
-            Storage::BF16(v) => bytemuck::cast_slice_mut(v).copy_from_slice(bytes),
-            Storage::U32(v) => bytemuck::cast_slice_mut(v).copy_from_slice(bytes),
-            Storage::I32(v) => bytemuck::cast_slice_mut(v).copy_from_slice(bytes),
+        match buf.lock_mut().slice() {
+            SliceMut::F32(v) => bytemuck::cast_slice_mut(v).copy_from_slice(bytes),
+            SliceMut::F16(v) => bytemuck::cast_slice_mut(v).copy_from_slice(bytes),
+            SliceMut::BF16(v) => bytemuck::cast_slice_mut(v).copy_from_slice(bytes),
+            SliceMut::U32(v) => bytemuck::cast_slice_mut(v).copy_from_slice(bytes),
+            SliceMut::I32(v) => bytemuck::cast_slice_mut(v).copy_from_slice(bytes),
         }
         Ok(())
     }
 
     fn download(&self, buf: &CpuBuffer, dtype: DType, len: usize) -> Result<Vec<u8>> {
         self.mem.download();
-        let all: &[u8] = match &buf.data {
-            Storage::F32(v) => bytemuck::cast_slice(v),
-            Storage::F16(v) => bytemuck::cast_slice(v),
-            Storage::BF16(v) => bytemuck::cast_slice(v),
-            Storage::U32(v) => bytemuck::cast_slice(v),
-            Storage::I32(v) => bytemuck::cast_slice(v),
+        let g = buf.lock();
+        let all: &[u8] = match g.slice() {
+            SliceRef::F32(v) => bytemuck::cast_slice(v),
+            SliceRef::F16(v) => bytemuck::cast_slice(v),
+            SliceRef::BF16(v) => bytemuck::cast_slice(v),
+            SliceRef::U32(v) => bytemuck::cast_slice(v),
+            SliceRef::I32(v) => bytemuck::cast_slice(v),
         };
         let n = len * dtype.size();
         all.get(..n)

@@ -615,14 +615,16 @@ pub(super) fn qmatmul(s: &QMatmulSpec, x: &Tensor<CpuBackend>, w: &QWeight<CpuBa
     let (m, n, k) = (s.m, s.n, s.k);
     let xv = rd(x);
     let scale = w.scale.as_ref().map(rd);
+    let (q_g, zero_g, meta_g) =
+        (w.q.buf.u32s(), w.zero.as_ref().map(|t| t.buf.u32s()), w.meta.as_ref().map(|t| t.buf.u32s()));
     let view = QView {
         format: w.format,
         n,
         k,
-        q: w.q.buf.u32s(),
+        q: &q_g,
         scale: scale.as_deref().unwrap_or(&[]),
-        zero: w.zero.as_ref().map_or(&[][..], |t| t.buf.u32s()),
-        meta: w.meta.as_ref().map_or(&[][..], |t| t.buf.u32s()),
+        zero: zero_g.as_deref().unwrap_or(&[]),
+        meta: meta_g.as_deref().unwrap_or(&[]),
     };
     let f = w.format;
     let simd = simd();

@@ -92,17 +92,24 @@ pub fn probe() -> Result<Vec<DeviceInfo>, String> {
     (0..n.max(0) as usize).map(info_of).collect()
 }
 
-/// A device allocation: the bytes, their device address, and the counter to report to.
+/// A device allocation (the bytes, their device address, and the counter to
+/// report to), or a view of a byte range of one: the allocation kept alive,
+/// the range's address and its byte offset in the allocation.
 pub struct CudaBuffer {
-    slice: CudaSlice<u8>,
+    slice: Arc<CudaSlice<u8>>,
     ptr: u64,
+    /// Byte offset of `ptr` in `slice` (0 unless a view).
+    offset: usize,
     bytes: usize,
-    mem: MemoryCounter,
+    /// `None` for a view: it allocates nothing.
+    mem: Option<MemoryCounter>,
 }
 
 impl Drop for CudaBuffer {
     fn drop(&mut self) {
-        self.mem.free(self.bytes);
+        if let Some(m) = &self.mem {
+            m.free(self.bytes);
+        }
     }
 }
 
@@ -471,7 +478,7 @@ impl CudaBackend {
         })?;
         let ptr = slice.device_ptr(&self.stream).0;
         self.mem.alloc(bytes);
-        Ok(CudaBuffer { slice, ptr, bytes, mem: self.mem.clone() })
+        Ok(CudaBuffer { slice: Arc::new(slice), ptr, offset: 0, bytes, mem: Some(self.mem.clone()) })
     }
 }
 

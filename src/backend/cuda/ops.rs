@@ -279,6 +279,32 @@ impl Backend for CudaBackend {
         self.raw_alloc(len * dtype.size())
     }
 
+    fn supports_views(&self) -> bool {
+        true
+    }
+
+    fn view(&self, base: &CudaBuffer, dtype: DType, offset: usize, len: usize) -> Result<CudaBuffer> {
+        let size = dtype.size();
+        if offset.checked_add(len).is_none_or(|e| e * size > base.bytes) {
+            return Err(Error::Shape(format!(
+                "view: elements {offset}..{offset}+{len} of a buffer of {} bytes",
+                base.bytes
+            )));
+        }
+        // Kernels load whole elements (and f16/bf16 pairs, f32x4 in some): keep 16-byte alignment.
+        let start = base.offset + offset * size;
+        if !start.is_multiple_of(16) {
+            return Err(Error::Invalid(format!("cuda: a view at byte {start} is not 16-byte aligned")));
+        }
+        Ok(CudaBuffer {
+            slice: base.slice.clone(),
+            ptr: base.ptr + (offset * size) as u64,
+            offset: start,
+            bytes: len * size,
+            mem: None,
+        })
+    }
+
     fn upload(&self, dtype: DType, bytes: &[u8]) -> Result<CudaBuffer> {
         let mut buf = self.alloc(dtype, bytes.len() / dtype.size())?;
         self.write(&mut buf, dtype, bytes)?;
@@ -296,7 +322,7 @@ impl Backend for CudaBackend {
         if bytes.is_empty() {
             return Ok(());
         }
-        self.stage.upload(&self.stream, bytes, &buf.slice).map_err(|e| dev_err("upload", e))
+        self.stage.upload(&self.stream, bytes, &buf.slice, buf.offset).map_err(|e| dev_err("upload", e))
     }
 
     fn download(&self, buf: &CudaBuffer, dtype: DType, len: usize) -> Result<Vec<u8>> {
@@ -307,7 +333,7 @@ impl Backend for CudaBackend {
         }
         let mut out = vec![0u8; n];
         if n > 0 {
-            self.stage.download(&self.stream, &buf.slice, &mut out).map_err(|e| dev_err("download", e))?;
+            self.stage.download(&self.stream, &buf.slice, buf.offset, &mut out).map_err(|e| dev_err("download", e))?;
         }
         self.synchronize()?;
         Ok(out)

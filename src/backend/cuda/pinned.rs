@@ -71,11 +71,18 @@ fn ensure<'a>(
 impl Staging {
     /// Copies `src` to the start of `dst` on `stream`; returns without
     /// waiting for the copy.
-    pub(super) fn upload(&self, stream: &Arc<CudaStream>, src: &[u8], dst: &CudaSlice<u8>) -> Result<(), DriverError> {
-        if src.len() > dst.len() {
+    /// Copies `src` to `dst` from byte `offset` on.
+    pub(super) fn upload(
+        &self,
+        stream: &Arc<CudaStream>,
+        src: &[u8],
+        dst: &CudaSlice<u8>,
+        offset: usize,
+    ) -> Result<(), DriverError> {
+        if offset.saturating_add(src.len()) > dst.len() {
             return Err(too_long());
         }
-        let dst = dst.device_ptr(stream).0;
+        let dst = dst.device_ptr(stream).0 + offset as u64;
         let ctx = stream.context();
         ctx.bind_to_thread()?;
         let mut up = self.up.lock().unwrap_or_else(|e| e.into_inner());
@@ -108,12 +115,13 @@ impl Staging {
         &self,
         stream: &Arc<CudaStream>,
         src: &CudaSlice<u8>,
+        offset: usize,
         out: &mut [u8],
     ) -> Result<(), DriverError> {
-        if out.len() > src.len() {
+        if offset.saturating_add(out.len()) > src.len() {
             return Err(too_long());
         }
-        let src = src.device_ptr(stream).0;
+        let src = src.device_ptr(stream).0 + offset as u64;
         let ctx = stream.context();
         ctx.bind_to_thread()?;
         let mut down = self.down.lock().unwrap_or_else(|e| e.into_inner());

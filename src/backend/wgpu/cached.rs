@@ -169,7 +169,7 @@ pub(super) fn cache_write(
             page: page as u32,
             np: table as u32,
         });
-        let bufs = [src.buffer().raw(), rows.buffer().raw(), pages.buffer().raw(), cache.buffer().raw()];
+        let bufs = [src.buffer().bind(), rows.buffer().bind(), pages.buffer().bind(), cache.buffer().bind()];
         return be.dispatch(&p, &params, &bufs, grid1d(s.rows * words));
     }
     be.launch(

@@ -274,11 +274,18 @@ pub struct WgpuBackend {
 /// Largest readback buffer kept for reuse.
 const MAX_KEPT_READBACK: u64 = 16 << 20;
 
-/// A device allocation. Dropping it returns the memory to the backend's pool.
+/// A device allocation, or a view of a byte range of one. Dropping an
+/// allocation returns its memory to the backend's pool (unless views of it
+/// are still alive: then the driver frees it after the last view); dropping a
+/// view frees nothing.
 pub struct WgpuBuffer {
-    buf: Option<wgpu::Buffer>,
+    buf: Option<Arc<wgpu::Buffer>>,
+    /// Byte offset of this buffer's first element in `buf` (0 unless a view).
+    offset: u64,
     /// Bytes the caller asked for (what the memory counters count).
     bytes: usize,
+    /// Whether this is a view (allocates nothing, bound at its byte range).
+    view: bool,
     mem: MemoryCounter,
     pool: Pool,
 }
@@ -287,12 +294,36 @@ impl WgpuBuffer {
     fn raw(&self) -> &wgpu::Buffer {
         self.buf.as_ref().expect("a live WgpuBuffer always holds its buffer")
     }
+
+    /// How a kernel binds this buffer: the whole allocation, or a view's byte
+    /// range (word-padded; views hold whole words, checked at creation).
+    fn bind(&self) -> Bind<'_> {
+        Bind { buf: self.raw(), offset: self.offset, size: self.view.then(|| padded(self.bytes) as u64) }
+    }
+}
+
+/// A storage binding: a buffer, a byte offset and a size (`None`: to the end).
+#[derive(Clone, Copy)]
+pub(crate) struct Bind<'a> {
+    buf: &'a wgpu::Buffer,
+    offset: u64,
+    size: Option<u64>,
+}
+
+impl<'a> From<&'a wgpu::Buffer> for Bind<'a> {
+    fn from(buf: &'a wgpu::Buffer) -> Self {
+        Bind { buf, offset: 0, size: None }
+    }
 }
 
 impl Drop for WgpuBuffer {
     fn drop(&mut self) {
+        if self.view {
+            return;
+        }
         self.mem.free(self.bytes);
         if let Some(b) = self.buf.take()
+            && let Ok(b) = Arc::try_unwrap(b)
             && let Ok(mut pool) = self.pool.lock()
         {
             pool.entry(b.size()).or_default().push(b);
@@ -531,7 +562,14 @@ impl WgpuBackend {
             })
         });
         self.mem.alloc(bytes);
-        Ok(WgpuBuffer { buf: Some(buf), bytes, mem: self.mem.clone(), pool: self.pool.clone() })
+        Ok(WgpuBuffer {
+            buf: Some(Arc::new(buf)),
+            offset: 0,
+            bytes,
+            view: false,
+            mem: self.mem.clone(),
+            pool: self.pool.clone(),
+        })
     }
 
     /// Drops every pooled (free) buffer, returning its memory to the driver.
@@ -626,7 +664,7 @@ impl WgpuBackend {
     }
 
     /// Records one dispatch of `pipeline` over `bufs` (binding 1, 2, …).
-    fn dispatch(&self, p: &Pipeline, params: &ParamBlock, bufs: &[&wgpu::Buffer], grid: [u32; 3]) -> Result<()> {
+    fn dispatch(&self, p: &Pipeline, params: &ParamBlock, bufs: &[Bind<'_>], grid: [u32; 3]) -> Result<()> {
         if params.bytes.len() > p.param_bytes {
             return Err(Error::Device(format!(
                 "{} bytes of kernel parameters (at most {})",
@@ -654,8 +692,14 @@ impl WgpuBackend {
             .copy_from_slice(&bytes);
         ubuf.unmap();
         let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: ubuf.as_entire_binding() }];
+        // Every storage binding of every kernel is built here: a view binds its byte range.
         for (i, b) in bufs.iter().enumerate() {
-            entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource: b.as_entire_binding() });
+            let resource = wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: b.buf,
+                offset: b.offset,
+                size: b.size.and_then(wgpu::BufferSize::new),
+            });
+            entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource });
         }
         let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
@@ -730,7 +774,7 @@ impl WgpuBackend {
                 Role::Out | Role::InOut if dt != DType::F32 => {
                     let st = self.raw_alloc(t.numel() * 4, "f32 staging")?;
                     if *role == Role::InOut {
-                        self.half_convert("unpack_half", t.buffer().raw(), st.raw(), dt, t.numel())?;
+                        self.half_convert("unpack_half", t.buffer().bind(), st.bind(), dt, t.numel())?;
                     }
                     staging.push(Some(st));
                     dtypes.push(DType::F32);
@@ -747,27 +791,27 @@ impl WgpuBackend {
         }
         let p = self.pipeline(&k, &dtypes, params.layout)?;
         {
-            let bufs: Vec<&wgpu::Buffer> = args
+            let bufs: Vec<Bind<'_>> = args
                 .iter()
                 .zip(&staging)
                 .map(|(a, st)| match (st, a) {
-                    (Some(s), _) => s.raw(),
-                    (None, Arg::R(t)) => t.buffer().raw(),
-                    (None, Arg::W(t)) => t.buffer().raw(),
+                    (Some(s), _) => s.bind(),
+                    (None, Arg::R(t)) => t.buffer().bind(),
+                    (None, Arg::W(t)) => t.buffer().bind(),
                 })
                 .collect();
             self.dispatch(&p, &params, &bufs, grid)?;
         }
         for (a, st) in args.iter().zip(&staging) {
             if let (Some(st), Arg::W(t)) = (st, a) {
-                self.half_convert("pack_half", st.raw(), t.buffer().raw(), t.dtype(), t.numel())?;
+                self.half_convert("pack_half", st.bind(), t.buffer().bind(), t.dtype(), t.numel())?;
             }
         }
         Ok(())
     }
 
     /// `pack_half`: f32 staging → packed f16/bf16 words; `unpack_half`: the reverse.
-    fn half_convert(&self, which: &str, src: &wgpu::Buffer, dst: &wgpu::Buffer, dt: DType, n: usize) -> Result<()> {
+    fn half_convert(&self, which: &str, src: Bind<'_>, dst: Bind<'_>, dt: DType, n: usize) -> Result<()> {
         let k = self.kernel("elementwise", which)?;
         let dtypes = if which == "pack_half" { [DType::F32, DType::U32] } else { [DType::U32, DType::F32] };
         let p = self.pipeline(&k, &dtypes, (core_ops::HalfParams::NAME, core_ops::HalfParams::FIELDS))?;
@@ -834,6 +878,40 @@ impl Backend for WgpuBackend {
         Ok(b)
     }
 
+    fn supports_views(&self) -> bool {
+        true
+    }
+
+    fn view(&self, base: &WgpuBuffer, dtype: DType, offset: usize, len: usize) -> Result<WgpuBuffer> {
+        let (size, align) = (dtype.size(), self.device.limits().min_storage_buffer_offset_alignment as u64);
+        let start = base.offset + (offset * size) as u64;
+        let bytes = len * size;
+        if offset.checked_add(len).is_none_or(|e| e * size > base.bytes) {
+            return Err(Error::Shape(format!(
+                "view: elements {offset}..{offset}+{len} of a buffer of {} bytes",
+                base.bytes
+            )));
+        }
+        if !start.is_multiple_of(align) {
+            return Err(Error::Invalid(format!(
+                "wgpu: a view at byte {start} is not a multiple of this adapter's storage offset alignment of {align} bytes"
+            )));
+        }
+        if bytes == 0 || !bytes.is_multiple_of(4) {
+            return Err(Error::Invalid(format!(
+                "wgpu: a view of {len} {dtype} elements is not a whole number of 32-bit words (kernels write whole words)"
+            )));
+        }
+        Ok(WgpuBuffer {
+            buf: base.buf.clone(),
+            offset: start,
+            bytes,
+            view: true,
+            mem: self.mem.clone(),
+            pool: self.pool.clone(),
+        })
+    }
+
     fn upload(&self, dtype: DType, bytes: &[u8]) -> Result<WgpuBuffer> {
         let mut b = self.alloc(dtype, bytes.len() / dtype.size())?;
         self.write(&mut b, dtype, bytes)?;
@@ -852,11 +930,12 @@ impl Backend for WgpuBackend {
         // since queue writes land before the *next* submission.
         self.flush()?;
         if bytes.len().is_multiple_of(4) {
-            self.queue.write_buffer(buf.raw(), 0, bytes);
+            self.queue.write_buffer(buf.raw(), buf.offset, bytes);
         } else {
+            // Only whole allocations get here (views hold whole words): the pad is theirs.
             let mut v = bytes.to_vec();
             v.resize(padded(bytes.len()), 0);
-            self.queue.write_buffer(buf.raw(), 0, &v);
+            self.queue.write_buffer(buf.raw(), buf.offset, &v);
         }
         self.check_error()
     }
@@ -891,7 +970,7 @@ impl Backend for WgpuBackend {
             let enc = p.encoder.get_or_insert_with(|| {
                 self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
             });
-            enc.copy_buffer_to_buffer(buf.raw(), 0, &staging, 0, size);
+            enc.copy_buffer_to_buffer(buf.raw(), buf.offset, &staging, 0, size);
         }
         self.flush()?;
         let (tx, rx) = std::sync::mpsc::channel();
