@@ -48,7 +48,13 @@ impl Job {
             accum: 1,
             precision: DType::F32,
             // Thresholds scaled so this model has tensors in more than one class and several buckets.
-            dist: DistConfig { zero: false, bucket_mb: 0.01, first_bucket_mb: 0.002, class_scale: 1.0 / 2048.0 },
+            dist: DistConfig {
+                zero: false,
+                bucket_mb: 0.01,
+                first_bucket_mb: 0.002,
+                class_scale: 1.0 / 2048.0,
+                overlap: true,
+            },
             inject: Vec::new(),
             resume: None,
             steps: STEPS,
@@ -159,6 +165,63 @@ fn zero1_matches_world_one_and_its_checkpoint_resumes_at_world_two_and_one() {
 }
 
 #[test]
+fn buckets_reduced_during_the_backward_pass_give_the_same_run_bit_for_bit() {
+    let data = data();
+    for (accum, precision, inject) in [(1, DType::F32, vec![]), (2, DType::F32, vec![]), (1, DType::F16, vec![(1, 3)])]
+    {
+        let runs: Vec<Vec<RankRun>> = [true, false]
+            .into_iter()
+            .map(|overlap| {
+                let mut j = Job::new(2, 2);
+                j.accum = accum;
+                j.precision = precision;
+                j.inject = inject.clone();
+                j.steps = 6;
+                j.dist.overlap = overlap;
+                j.run(&data)
+            })
+            .collect();
+        for (r, (a, b)) in runs[0].iter().zip(&runs[1]).enumerate() {
+            let what = format!("accum {accum} {precision} rank {r}");
+            let losses =
+                |x: &RankRun| x.stats.iter().map(|s| (s.loss, s.skipped, s.grad_norm.to_bits())).collect::<Vec<_>>();
+            assert_eq!(losses(a), losses(b), "{what}: overlapped vs after-backward reduction");
+            assert_eq!(a.weights, b.weights, "{what}");
+        }
+        if !inject.is_empty() {
+            assert!(runs[0][0].stats[3].skipped, "the injected inf reached the overlapped reduction");
+        }
+    }
+}
+
+#[test]
+fn the_backward_hook_reports_every_parameter_once_last_layers_first() {
+    let be = CpuBackend::new();
+    let cfg = model_cfg();
+    let model = Model::new(&be, cfg, DType::F32, 1).unwrap();
+    let mut ws = dynsparse::model::Workspace::new(&be, &cfg, DType::F32, 2, 32).unwrap();
+    let ids: Vec<u32> = (0..64).map(|i| (i * 7 % 256) as u32).collect();
+    model.forward(&be, &mut ws, &ids, Some(&ids), dynsparse::model::StepAttention::Dense).unwrap();
+    let mut grads: Vec<_> =
+        model.params.iter().map(|p| dynsparse::Tensor::zeros(&be, p.shape(), DType::F32).unwrap()).collect();
+    let mut order: Vec<Vec<usize>> = Vec::new();
+    model
+        .backward_with(&be, &mut ws, &mut grads, 1.0, false, &mut |_, _, fin| {
+            order.push(fin.to_vec());
+            Ok(())
+        })
+        .unwrap();
+    let names: Vec<String> = cfg.params().into_iter().map(|p| p.name).collect();
+    let mut seen: Vec<usize> = order.concat();
+    seen.sort_unstable();
+    assert_eq!(seen, (0..names.len()).collect::<Vec<_>>(), "every parameter exactly once");
+    assert_eq!(order.len(), cfg.n_layers + 2, "final LayerNorm, each layer, the embedding");
+    assert!(names[order[0][0]].starts_with("lnf"), "the final LayerNorm is done first");
+    assert!(order[1].iter().all(|&i| names[i].starts_with(&format!("layers.{}.", cfg.n_layers - 1))));
+    assert_eq!(names[order.last().unwrap()[0]], "tok_emb", "the tied embedding is done last");
+}
+
+#[test]
 fn f16_inf_on_one_rank_makes_every_rank_skip_the_same_step() {
     let data = data();
     let mut a = Job::new(1, 4);
@@ -205,9 +268,33 @@ fn a_single_process_step_reads_back_one_gradient_statistic() {
 fn a_data_parallel_step_stages_the_flat_gradient_with_one_readback() {
     let data = data();
     let layers = model_cfg().n_layers as u64;
+    // The buckets of this job's layout (what the overlapped reduction stages one by one).
+    let d = Job::new(2, 2).dist;
+    let infos = model_cfg().params();
+    let layout = dynsparse::dist::FlatLayout::new(infos.iter().map(|p| (p.name.as_str(), p.shape.as_slice())), 64, 2);
+    let mib = (1 << 20) as f64;
+    let nb = dynsparse::dist::buckets(
+        &layout,
+        d.class_scale,
+        (d.bucket_mb * mib) as usize,
+        (d.first_bucket_mb * mib) as usize,
+    )
+    .len() as u64;
+    assert!(nb > 2, "the test's thresholds make several buckets");
+    for accum in [1u64, 2] {
+        let mut j = Job::new(2, 2);
+        (j.accum, j.steps) = (accum as usize, 2);
+        // Overlapped with the backward pass: each bucket staged as soon as it is final, in at
+        // most two contiguous runs of the flat gradient (one per weight-decay group).
+        let base = 1 + accum * (1 + model_cfg().n_layers as u64);
+        for r in j.run(&data) {
+            eprintln!("world 2, overlapped, accum {accum}: {} readbacks per step ({nb} buckets)", r.downloads_per_step);
+            assert!((base + nb..=base + 2 * nb).contains(&r.downloads_per_step), "{} readbacks", r.downloads_per_step);
+        }
+    }
     for (zero, accum) in [(false, 1u64), (false, 2), (true, 1), (true, 2)] {
         let mut j = Job::new(2, 2);
-        (j.accum, j.dist.zero, j.steps) = (accum as usize, zero, 2);
+        (j.accum, j.dist.zero, j.steps, j.dist.overlap) = (accum as usize, zero, 2, false);
         // The flat gradient once (staging for the collective), Σg² once unless ZeRO-1
         // (which sums its host shard), and per micro-batch the loss and each layer's KL.
         // Per-tensor staging read back once per parameter tensor instead of once.

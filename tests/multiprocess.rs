@@ -267,7 +267,7 @@ fn sigterm_to_launch_reaches_the_ranks() {
 // ---------------------------------------------------------------- MPI
 
 fn dist_cfg(zero: bool) -> DistConfig {
-    DistConfig { zero, bucket_mb: 0.01, first_bucket_mb: 0.002, class_scale: 1.0 / 2048.0 }
+    DistConfig { zero, bucket_mb: 0.01, first_bucket_mb: 0.002, class_scale: 1.0 / 2048.0, overlap: true }
 }
 
 fn data() -> Corpus {

@@ -114,6 +114,11 @@ pub struct TrainArgs {
     /// Multiplies the size-class thresholds of the gradient buckets (16, 64, 256 MB).
     #[arg(long, default_value_t = 1.0)]
     pub size_class_scale: f64,
+    /// Reduce each gradient bucket while the backward pass is still differentiating the earlier
+    /// layers (on a communication thread); false: reduce every bucket after the backward pass.
+    /// Same results either way. ZeRO-1 always reduce-scatters after the backward pass.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub overlap_grads: bool,
     /// Seconds a rank waits inside one collective before the run ends with an error.
     #[arg(long, default_value_t = 300.0)]
     pub collective_timeout: f64,
@@ -126,6 +131,7 @@ impl TrainArgs {
             bucket_mb: self.bucket_mb,
             first_bucket_mb: self.first_bucket_mb,
             class_scale: self.size_class_scale,
+            overlap: self.overlap_grads,
         }
     }
 }

@@ -50,6 +50,9 @@ struct LayerParams {
     indexer: Option<(usize, usize, usize)>,
 }
 
+/// The per-layer hook of [`Model::backward_with`]: `(backend, gradients, parameters just finished)`.
+pub type LayerHook<'a, B> = dyn FnMut(&B, &mut [Tensor<B>], &[usize]) -> Result<()> + 'a;
+
 /// The layout of the parameter list of a config.
 #[derive(Clone, Debug)]
 struct ParamLayout {
@@ -57,6 +60,18 @@ struct ParamLayout {
     layers: Vec<LayerParams>,
     lnfg: usize,
     lnfb: usize,
+}
+
+impl LayerParams {
+    /// Every parameter index of the layer (the indexer's included).
+    fn indices(&self) -> Vec<usize> {
+        let mut v = vec![
+            self.ln1g, self.ln1b, self.wq, self.wk, self.wv, self.wo, self.ln2g, self.ln2b, self.w1, self.b1, self.w2,
+            self.b2,
+        ];
+        v.extend(self.indexer.iter().flat_map(|&(a, b, c)| [a, b, c]));
+        v
+    }
 }
 
 impl ParamLayout {
@@ -353,6 +368,25 @@ impl<B: Backend> Model<B> {
         loss_scale: f32,
         train_indexer: bool,
     ) -> Result<f64> {
+        self.backward_with(be, ws, grads, loss_scale, train_indexer, &mut |_, _, _| Ok(()))
+    }
+
+    /// [`Model::backward`] with a per-layer hook: `done(be, grads, finished)`
+    /// is called as soon as the gradients of the parameters `finished` are
+    /// final — the final LayerNorm's first, then each layer's in reverse
+    /// order, the token embedding (tied with the LM head) last — while the
+    /// layers before them are still to be differentiated. Every parameter is
+    /// reported exactly once. A data-parallel step reduces a gradient bucket
+    /// from here as soon as all its tensors are done (DDP's overlap).
+    pub fn backward_with(
+        &self,
+        be: &B,
+        ws: &mut Workspace<B>,
+        grads: &mut [Tensor<B>],
+        loss_scale: f32,
+        train_indexer: bool,
+        done: &mut LayerHook<'_, B>,
+    ) -> Result<f64> {
         if self.is_quantized() {
             return Err(Error::Invalid(
                 "a model with quantized weights is inference-only: train the dense checkpoint, then compress it".into(),
@@ -368,6 +402,7 @@ impl<B: Backend> Model<B> {
         let (gf, gb) = pair(grads, lay.lnfg, lay.lnfb);
         let xl = &ws.x[self.cfg.n_layers];
         ops::layernorm_backward(be, &ws.dln, xl, &w[lay.lnfg], &ws.meanf, &ws.rstdf, &mut ws.dx, gf, gb)?;
+        done(be, grads, &[lay.lnfg, lay.lnfb])?;
         let mut kl_total = 0.0;
         for (l, lp) in lay.layers.iter().enumerate().rev() {
             let a = &mut ws.layers[l];
@@ -466,8 +501,10 @@ impl<B: Backend> Model<B> {
                 }
             }
             self.qkv_backward(be, ws, l, grads)?;
+            done(be, grads, &lp.indices())?;
         }
         ops::embedding_backward(be, &ws.ids, &ws.dx, &mut grads[lay.emb])?;
+        done(be, grads, &[lay.emb])?;
         Ok(kl_total / self.cfg.n_layers as f64)
     }
 

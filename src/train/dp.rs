@@ -4,8 +4,10 @@
 //! of the weights.
 //!
 //! Gradients are staged through one flat host buffer laid out by
-//! [`FlatLayout`]; buckets and shards are ranges of it. The reduction runs
-//! after the backward pass (no overlap with it yet). Under ZeRO-1 the device
+//! [`FlatLayout`]; buckets and shards are ranges of it. Without ZeRO the
+//! buckets are reduced while the backward pass runs ([`Dp::overlapped`], the
+//! default; `--overlap-grads false` reduces after it); ZeRO-1's reduce-scatter
+//! of the whole flat gradient runs after the backward pass. Under ZeRO-1 the device
 //! holds 12/N bytes of optimizer state per parameter (f32 master, m, v of the
 //! shard) beside the working weights and gradients: the reduced gradient
 //! shard stays on the host until its AdamW launch.
@@ -15,7 +17,7 @@ use std::ops::Range;
 use super::MemoryReport;
 use crate::dist::{Bucket, Collective, FlatLayout, ReduceOp, buckets};
 use crate::error::{Error, Result};
-use crate::model::Model;
+use crate::model::{LayerHook, Model};
 use crate::ops::{self, adamw::AdamWConfig};
 use crate::{Backend, DType, Tensor};
 
@@ -31,11 +33,14 @@ pub struct DistConfig {
     /// Multiplies the seed's size-class thresholds (16, 64, 256 MB): small models have no
     /// 16 MB tensors, so e.g. 1/1024 makes the classes 16, 64, 256 KB.
     pub class_scale: f64,
+    /// Reduce each gradient bucket while the backward pass differentiates the earlier layers
+    /// (plain data parallel; ZeRO-1 reduce-scatters after the backward pass).
+    pub overlap: bool,
 }
 
 impl Default for DistConfig {
     fn default() -> Self {
-        DistConfig { zero: false, bucket_mb: 25.0, first_bucket_mb: 1.0, class_scale: 1.0 }
+        DistConfig { zero: false, bucket_mb: 25.0, first_bucket_mb: 1.0, class_scale: 1.0, overlap: true }
     }
 }
 
@@ -79,6 +84,8 @@ pub(super) struct Dp<B: Backend> {
     /// Host staging of the flat f32 gradient (padding stays zero).
     host: Vec<f32>,
     pub zero: Option<ZeroShard<B>>,
+    /// Buckets are reduced during the backward pass ([`Dp::overlapped`]).
+    pub overlap: bool,
 }
 
 /// The gradients a step reduces: one tensor per parameter, or the trainer's
@@ -87,6 +94,27 @@ pub(super) struct Dp<B: Backend> {
 pub(crate) enum Grads<'a, B: Backend> {
     Each(&'a mut [Tensor<B>]),
     Flat(&'a mut Tensor<B>, &'a [Range<usize>]),
+}
+
+/// The contiguous runs of a flat buffer that `tensors` (parameter indices,
+/// at `ranges` in it) occupy, each with its members: tensors are merged into
+/// one run when only alignment padding separates them (no other tensor can
+/// start in a gap shorter than the trainer's alignment unit).
+fn flat_runs(tensors: &[usize], ranges: &[Range<usize>]) -> Vec<(Range<usize>, Vec<usize>)> {
+    let mut ts: Vec<usize> = tensors.to_vec();
+    ts.sort_unstable_by_key(|&i| ranges[i].start);
+    let mut runs: Vec<(Range<usize>, Vec<usize>)> = Vec::new();
+    for i in ts {
+        let r = ranges[i].clone();
+        match runs.last_mut() {
+            Some((run, members)) if r.start >= run.end && r.start - run.end < super::FLAT_ALIGN => {
+                run.end = r.end;
+                members.push(i);
+            }
+            _ => runs.push((r, vec![i])),
+        }
+    }
+    runs
 }
 
 /// Elements per alignment unit of the flat layout (256 bytes of f32).
@@ -133,7 +161,7 @@ impl<B: Backend> Dp<B> {
         } else {
             None
         };
-        Ok(Dp { comm, host: vec![0.0; layout.len], layout, buckets, zero })
+        Ok(Dp { comm, host: vec![0.0; layout.len], layout, buckets, zero, overlap: cfg.overlap && !cfg.zero })
     }
 
     fn stage(&mut self, be: &B, grads: &Grads<'_, B>) -> Result<()> {
@@ -154,12 +182,111 @@ impl<B: Backend> Dp<B> {
         Ok(())
     }
 
-    /// Sums the gradients over ranks, bucket by bucket in reverse layer order.
-    pub fn all_reduce_grads(&mut self, be: &B, grads: &mut Grads<'_, B>) -> Result<()> {
-        self.stage(be, grads)?;
-        for b in &self.buckets {
-            self.comm.all_reduce(&mut self.host[b.range.clone()], ReduceOp::Sum)?;
+    /// Runs `backward` (given a per-layer hook to pass to
+    /// [`Model::backward_with`]) while the gradient buckets are summed over
+    /// ranks: a bucket is staged on the host as soon as all its tensors are
+    /// final and handed to a communication thread, which all-reduces it while
+    /// the earlier layers are still being differentiated (PyTorch DDP's
+    /// overlap, for host-staged collectives). Buckets are reduced in the order
+    /// they become ready, the same on every rank (the backward's order); the
+    /// sums are the ones [`Dp::all_reduce_grads`] computes, bit for bit. The
+    /// reduced gradients are in the host staging buffer afterwards:
+    /// [`Dp::unstage`] writes them back.
+    ///
+    /// `flat`: the trainer's flat gradient and each parameter's range in it,
+    /// when the per-tensor gradients are views of it: a bucket is then read
+    /// back as the few contiguous runs of the flat buffer its tensors occupy
+    /// (at most one per weight-decay group) instead of tensor by tensor.
+    pub fn overlapped<R>(
+        &mut self,
+        flat: Option<(&Tensor<B>, &[Range<usize>])>,
+        backward: impl FnOnce(&mut LayerHook<'_, B>) -> Result<R>,
+    ) -> Result<R> {
+        use std::sync::mpsc;
+        let (layout, buckets, host) = (&self.layout, &self.buckets, &mut self.host);
+        let comm: &mut dyn Collective = &mut *self.comm;
+        let mut bucket_of = vec![usize::MAX; layout.entries.len()];
+        for (b, bk) in buckets.iter().enumerate() {
+            for &t in &bk.tensors {
+                bucket_of[t] = b;
+            }
         }
+        let mut left: Vec<usize> = buckets.iter().map(|b| b.tensors.len()).collect();
+        std::thread::scope(|scope| {
+            let (to_comm, jobs) = mpsc::channel::<(usize, Vec<f32>)>();
+            let worker = scope.spawn(move || -> Result<Vec<(usize, Vec<f32>)>> {
+                let mut out = Vec::new();
+                for (b, mut data) in jobs {
+                    comm.all_reduce(&mut data, ReduceOp::Sum)?;
+                    out.push((b, data));
+                }
+                Ok(out)
+            });
+            let mut sent = 0usize;
+            let res = {
+                let mut hook = |be: &B, grads: &mut [Tensor<B>], finished: &[usize]| -> Result<()> {
+                    for &t in finished {
+                        let b =
+                            bucket_of.get(t).copied().filter(|&b| b < left.len() && left[b] > 0).ok_or_else(|| {
+                                Error::Invalid(format!("backward hook: parameter {t} is unknown or was reported twice"))
+                            })?;
+                        left[b] -= 1;
+                        if left[b] > 0 {
+                            continue;
+                        }
+                        let r = buckets[b].range.clone();
+                        let mut data = vec![0.0f32; r.len()];
+                        let tensors = &buckets[b].tensors;
+                        match flat {
+                            Some((fg, ranges)) => {
+                                for (run, members) in flat_runs(tensors, ranges) {
+                                    let v = Tensor::view(be, fg, run.start, &[run.len()])?.to_f32_vec(be)?;
+                                    for i in members {
+                                        let (e, src) = (&layout.entries[i], &ranges[i]);
+                                        data[e.offset - r.start..e.offset - r.start + e.len()]
+                                            .copy_from_slice(&v[src.start - run.start..src.end - run.start]);
+                                    }
+                                }
+                            }
+                            None => {
+                                for &i in tensors {
+                                    let e = &layout.entries[i];
+                                    data[e.offset - r.start..e.offset - r.start + e.len()]
+                                        .copy_from_slice(&grads[i].to_f32_vec(be)?);
+                                }
+                            }
+                        }
+                        // A closed channel means the worker stopped on a collective error: it is
+                        // returned below, after the backward.
+                        let _ = to_comm.send((b, data));
+                        sent += 1;
+                    }
+                    Ok(())
+                };
+                backward(&mut hook)
+            };
+            drop(to_comm);
+            let reduced =
+                worker.join().map_err(|_| Error::Invalid("the gradient communication thread panicked".into()))?;
+            let res = res?;
+            let reduced = reduced?;
+            if sent != buckets.len() || reduced.len() != buckets.len() {
+                return Err(Error::Invalid(format!(
+                    "overlapped reduction: {} of {} gradient buckets were reduced (the backward pass did not report every parameter)",
+                    reduced.len(),
+                    buckets.len()
+                )));
+            }
+            for (b, data) in reduced {
+                host[buckets[b].range.clone()].copy_from_slice(&data);
+            }
+            Ok(res)
+        })
+    }
+
+    /// Writes the reduced gradients of the host staging buffer back into
+    /// `grads` (one upload of the flat gradient, or one per tensor).
+    pub fn unstage(&self, be: &B, grads: &mut Grads<'_, B>) -> Result<()> {
         match grads {
             Grads::Each(gs) => {
                 for (e, g) in self.layout.entries.iter().zip(gs.iter_mut()) {
@@ -176,6 +303,15 @@ impl<B: Backend> Dp<B> {
             }
         }
         Ok(())
+    }
+
+    /// Sums the gradients over ranks, bucket by bucket in reverse layer order.
+    pub fn all_reduce_grads(&mut self, be: &B, grads: &mut Grads<'_, B>) -> Result<()> {
+        self.stage(be, grads)?;
+        for b in &self.buckets {
+            self.comm.all_reduce(&mut self.host[b.range.clone()], ReduceOp::Sum)?;
+        }
+        self.unstage(be, grads)
     }
 
     /// ZeRO-1: reduce-scatters the flat gradient, uploads this rank's shard,

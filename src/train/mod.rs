@@ -507,12 +507,45 @@ impl<B: Backend> Trainer<B> {
         }
         let (mut loss, mut kl) = (0.0, 0.0);
         let rows = self.cfg.batch * self.cfg.seq;
-        for _ in 0..self.cfg.accum {
+        let inject = self.inject_inf_at.contains(&self.step);
+        let overlap = self.dp.as_ref().is_some_and(|d| d.overlap);
+        for m in 0..self.cfg.accum {
             // Every rank draws the global batch and keeps its slice: the data order does not
             // depend on the world size.
             let (ids, tg) = self.batcher.sample(data, self.cfg.batch * world, self.cfg.seq)?;
             let (ids, tg) = (&ids[rank * rows..(rank + 1) * rows], &tg[rank * rows..(rank + 1) * rows]);
             loss += self.model.forward(be, &mut self.ws, ids, Some(tg), attn)?.loss;
+            if let Some(dp) = self.dp.as_mut().filter(|_| overlap && m + 1 == self.cfg.accum) {
+                // The last micro-batch's backward reduces each bucket as soon as its
+                // gradients are final (accumulated, and the test's injected inf in place).
+                let (model, ws, grads, micro) = (&self.model, &mut self.ws, &mut self.grads, self.micro.as_mut());
+                let flat = self.flat.as_ref().map(|f| (&f.grads, &f.ranges[..]));
+                let poison = |be: &B, g: &mut [Tensor<B>], fin: &[usize]| -> Result<()> {
+                    if inject && fin.contains(&0) {
+                        ops::fill(be, &mut g[0], f32::INFINITY)?;
+                    }
+                    Ok(())
+                };
+                kl += dp.overlapped(flat, |hook| match micro {
+                    None => model.backward_with(be, ws, grads, scale, train_indexer, &mut |be, g, fin| {
+                        poison(be, g, fin)?;
+                        hook(be, g, fin)
+                    }),
+                    Some(micro) => {
+                        for g in micro.iter_mut() {
+                            ops::fill(be, g, 0.0)?;
+                        }
+                        model.backward_with(be, ws, micro, scale, train_indexer, &mut |be, g, fin| {
+                            for &i in fin {
+                                ops::axpby(be, 1.0, &g[i], 1.0, &mut grads[i])?;
+                            }
+                            poison(be, grads, fin)?;
+                            hook(be, grads, fin)
+                        })
+                    }
+                })?;
+                continue;
+            }
             match self.micro.as_mut() {
                 None => kl += self.model.backward(be, &mut self.ws, &mut self.grads, scale, train_indexer)?,
                 Some(micro) => match self.flat.as_mut() {
@@ -533,7 +566,7 @@ impl<B: Backend> Trainer<B> {
                 },
             }
         }
-        if self.inject_inf_at.contains(&self.step) {
+        if inject && !overlap {
             ops::fill(be, &mut self.grads[0], f32::INFINITY)?;
         }
         // Gradients are summed over ranks and micro-batches, each a mean over its tokens
@@ -549,6 +582,9 @@ impl<B: Backend> Trainer<B> {
                 };
                 let (sq, finite) = if dp.zero.is_some() {
                     dp.reduce_scatter_grads(be, &mut grads)?
+                } else if overlap {
+                    dp.unstage(be, &mut grads)?;
+                    (0.0, true)
                 } else {
                     dp.all_reduce_grads(be, &mut grads)?;
                     (0.0, true)
