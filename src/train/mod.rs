@@ -704,32 +704,9 @@ impl<B: Backend> Trainer<B> {
     /// then the exact per-tensor check runs (one readback per tensor, on
     /// overflow steps only) and the skip decision stays exact.
     fn grad_sumsq(&mut self, be: &B) -> Result<(f64, bool)> {
-        if let Some(f) = &self.flat {
-            // Σ g² per view, summed in tensor order on the device: the same bits as
-            // per-tensor buffers (one launch over the flat buffer would sum in another
-            // order and move the clipped weights by rounding). The rare checks below
-            // run once over the flat gradient (its padding is zero).
-            for (i, g) in self.grads.iter().enumerate() {
-                if i == 0 {
-                    ops::sum_squares(be, g, &mut self.sumsq_acc)?;
-                } else {
-                    ops::sum_squares(be, g, &mut self.sumsq)?;
-                    ops::axpby(be, 1.0, &self.sumsq, 1.0, &mut self.sumsq_acc)?;
-                }
-            }
-            let sq = self.sumsq_acc.to_f32_vec(be)?[0] as f64;
-            if sq.is_finite() {
-                return Ok((sq, true));
-            }
-            ops::all_finite(be, &f.grads, &mut self.flag)?;
-            if self.flag.to_u32_vec(be)?[0] != 1 {
-                return Ok((sq, false));
-            }
-            let host = f.grads.to_f32_vec(be)?;
-            let sq =
-                f.ranges.iter().map(|r| host[r.clone()].iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).sum();
-            return Ok((sq, true));
-        }
+        // Σ g² per tensor (a view of the flat gradient, or its own buffer), summed in
+        // tensor order on the device: the same bits either way (one launch over the flat
+        // buffer would sum in another order and move the clipped weights by rounding).
         for (i, g) in self.grads.iter().enumerate() {
             if i == 0 {
                 ops::sum_squares(be, g, &mut self.sumsq_acc)?;
@@ -740,6 +717,17 @@ impl<B: Backend> Trainer<B> {
         }
         let sq = self.sumsq_acc.to_f32_vec(be)?[0] as f64;
         if sq.is_finite() {
+            return Ok((sq, true));
+        }
+        if let Some(f) = &self.flat {
+            // The rare checks run once over the flat gradient (its padding is zero).
+            ops::all_finite(be, &f.grads, &mut self.flag)?;
+            if self.flag.to_u32_vec(be)?[0] != 1 {
+                return Ok((sq, false));
+            }
+            let host = f.grads.to_f32_vec(be)?;
+            let sq =
+                f.ranges.iter().map(|r| host[r.clone()].iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).sum();
             return Ok((sq, true));
         }
         for g in &self.grads {
