@@ -267,6 +267,22 @@ impl<B: Backend> Model<B> {
         targets: Option<&[u32]>,
         attn: StepAttention,
     ) -> Result<ForwardStats> {
+        self.forward_with(be, ws, ids, targets, attn, None)
+    }
+
+    /// [`Model::forward`] that can leave the loss on the device: with
+    /// `loss_acc` (one f32 element) the batch's mean loss is added to it there
+    /// and [`ForwardStats::loss`] is NaN — no readback (a training step reads
+    /// its statistics once, at its end).
+    pub fn forward_with(
+        &self,
+        be: &B,
+        ws: &mut Workspace<B>,
+        ids: &[u32],
+        targets: Option<&[u32]>,
+        attn: StepAttention,
+        loss_acc: Option<&mut Tensor<B>>,
+    ) -> Result<ForwardStats> {
         let (bsz, t) = (ws.batch, ws.seq);
         let (_c, n) = (self.cfg.d_model, bsz * t);
         if ids.len() != n || targets.is_some_and(|tg| tg.len() != n) {
@@ -347,9 +363,21 @@ impl<B: Backend> Model<B> {
         )?;
         self.lm_head_forward(be, ws, targets.is_some())?;
         let Some(tg) = targets else { return Ok(ForwardStats { loss: f64::NAN, valid: 0 }) };
-        let losses = ws.losses.to_f32_vec(be)?;
         let valid = tg.iter().filter(|&&x| x != IGNORE && (x as usize) < self.cfg.vocab).count();
         ws.valid = valid;
+        if let Some(acc) = loss_acc {
+            if valid > 0 {
+                // acc += Σ losses / valid, summed on the device (the per-row losses are not read again).
+                let n = ws.losses.numel();
+                ops::scale(be, &mut ws.losses, 1.0 / valid as f32)?;
+                ws.losses.set_shape(&[n, 1])?;
+                let r = ops::sum_rows(be, &ws.losses, acc, 1.0);
+                ws.losses.set_shape(&[n])?;
+                r?;
+            }
+            return Ok(ForwardStats { loss: f64::NAN, valid });
+        }
+        let losses = ws.losses.to_f32_vec(be)?;
         let loss = if valid == 0 { 0.0 } else { losses.iter().map(|&x| x as f64).sum::<f64>() / valid as f64 };
         Ok(ForwardStats { loss, valid })
     }
@@ -368,7 +396,7 @@ impl<B: Backend> Model<B> {
         loss_scale: f32,
         train_indexer: bool,
     ) -> Result<f64> {
-        self.backward_with(be, ws, grads, loss_scale, train_indexer, &mut |_, _, _| Ok(()))
+        self.backward_with(be, ws, grads, loss_scale, train_indexer, None, &mut |_, _, _| Ok(()))
     }
 
     /// [`Model::backward`] with a per-layer hook: `done(be, grads, finished)`
@@ -377,7 +405,10 @@ impl<B: Backend> Model<B> {
     /// order, the token embedding (tied with the LM head) last — while the
     /// layers before them are still to be differentiated. Every parameter is
     /// reported exactly once. A data-parallel step reduces a gradient bucket
-    /// from here as soon as all its tensors are done (DDP's overlap).
+    /// from here as soon as all its tensors are done (DDP's overlap). With
+    /// `kl_acc` (one f32 element) the mean indexer KL is added to it on the
+    /// device and 0 is returned (no readback per layer).
+    #[allow(clippy::too_many_arguments)]
     pub fn backward_with(
         &self,
         be: &B,
@@ -385,6 +416,7 @@ impl<B: Backend> Model<B> {
         grads: &mut [Tensor<B>],
         loss_scale: f32,
         train_indexer: bool,
+        mut kl_acc: Option<&mut Tensor<B>>,
         done: &mut LayerHook<'_, B>,
     ) -> Result<f64> {
         if self.is_quantized() {
@@ -491,7 +523,20 @@ impl<B: Backend> Model<B> {
                 if let Some((_, acc)) = ix.dki_tiles.as_ref().filter(|_| !fused) {
                     ops::cast(be, acc, &mut ix.dki)?;
                 }
-                kl_total += ix.kl.to_f32_vec(be)?.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
+                match kl_acc.as_deref_mut() {
+                    // acc += Σ KL / (n · layers) on the device: the mean KL this function would return.
+                    Some(acc) => {
+                        let shape = ix.kl.shape().to_vec();
+                        ops::scale(be, &mut ix.kl, 1.0 / (n * self.cfg.n_layers) as f32)?;
+                        ix.kl.set_shape(&[ix.kl.numel(), 1])?;
+                        let r = ops::sum_rows(be, &ix.kl, acc, 1.0);
+                        ix.kl.set_shape(&shape)?;
+                        r?;
+                    }
+                    None => {
+                        kl_total += ix.kl.to_f32_vec(be)?.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
+                    }
+                }
                 let (wq, wk, ww) = ip;
                 for (dst, src) in [(wq, &mut ix.dqi), (wk, &mut ix.dki), (ww, &mut ix.dw)] {
                     let shape = src.shape().to_vec();

@@ -149,8 +149,9 @@ pub struct Trainer<B: Backend> {
     ws: Workspace<B>,
     flag: Tensor<B>,
     sumsq: Tensor<B>,
-    /// Σ g² over every gradient, accumulated on the device (one readback per step).
-    sumsq_acc: Tensor<B>,
+    /// The step's loss, indexer KL and Σ g², accumulated on the device and read
+    /// back once per step.
+    stats: DevStats<B>,
     /// The data-parallel group and its state (None: a single-process run).
     dp: Option<dp::Dp<B>>,
     /// The flat buffers the per-tensor states above are views of (None on a
@@ -188,6 +189,60 @@ pub struct MemoryReport {
 impl MemoryReport {
     pub fn model_state(&self) -> usize {
         self.weights + self.master_weights + self.gradients + self.optimizer
+    }
+}
+
+/// A training step's statistics on the device: Σ of the micro-batches' mean
+/// losses, Σ of their mean indexer KL, and Σ g² — views of one small buffer
+/// (one readback for all three) when the backend has views, else three
+/// one-element tensors.
+struct DevStats<B: Backend> {
+    buf: Option<Tensor<B>>,
+    loss: Tensor<B>,
+    kl: Tensor<B>,
+    sq: Tensor<B>,
+}
+
+/// The no-op per-layer hook of a backward pass that reduces nothing.
+fn noop<B: Backend>(_: &B, _: &mut [Tensor<B>], _: &[usize]) -> Result<()> {
+    Ok(())
+}
+
+/// Elements between the statistics in [`DevStats`]' buffer (512 bytes: any
+/// storage-buffer offset alignment).
+const STATS_STRIDE: usize = 128;
+
+impl<B: Backend> DevStats<B> {
+    fn new(be: &B) -> Result<Self> {
+        if be.supports_views() {
+            let buf = Tensor::zeros(be, &[3 * STATS_STRIDE], DType::F32)?;
+            let at = |k: usize| Tensor::view(be, &buf, k * STATS_STRIDE, &[1]);
+            let (loss, kl, sq) = (at(0)?, at(1)?, at(2)?);
+            return Ok(DevStats { buf: Some(buf), loss, kl, sq });
+        }
+        let one = || Tensor::zeros(be, &[1], DType::F32);
+        Ok(DevStats { buf: None, loss: one()?, kl: one()?, sq: one()? })
+    }
+
+    fn reset(&mut self, be: &B) -> Result<()> {
+        match self.buf.as_mut() {
+            Some(b) => ops::fill(be, b, 0.0),
+            None => [&mut self.loss, &mut self.kl, &mut self.sq].into_iter().try_for_each(|t| ops::fill(be, t, 0.0)),
+        }
+    }
+
+    /// `[loss, kl, Σ g²]`: one readback (three without views).
+    fn read(&self, be: &B) -> Result<[f64; 3]> {
+        Ok(match &self.buf {
+            Some(b) => {
+                let v = b.to_f32_vec(be)?;
+                [0, 1, 2].map(|k| v[k * STATS_STRIDE] as f64)
+            }
+            None => {
+                let one = |t: &Tensor<B>| -> Result<f64> { Ok(t.to_f32_vec(be)?[0] as f64) };
+                [one(&self.loss)?, one(&self.kl)?, one(&self.sq)?]
+            }
+        })
     }
 }
 
@@ -463,7 +518,7 @@ impl<B: Backend> Trainer<B> {
             ws,
             flag: Tensor::zeros(be, &[1], DType::U32)?,
             sumsq: Tensor::zeros(be, &[1], DType::F32)?,
-            sumsq_acc: Tensor::zeros(be, &[1], DType::F32)?,
+            stats: DevStats::new(be)?,
             dp,
             flat,
             scaler: LossScaler::new(cfg.precision == DType::F16),
@@ -505,7 +560,7 @@ impl<B: Backend> Trainer<B> {
                 }
             }
         }
-        let (mut loss, mut kl) = (0.0, 0.0);
+        self.stats.reset(be)?;
         let rows = self.cfg.batch * self.cfg.seq;
         let inject = self.inject_inf_at.contains(&self.step);
         let overlap = self.dp.as_ref().is_some_and(|d| d.overlap);
@@ -514,11 +569,12 @@ impl<B: Backend> Trainer<B> {
             // depend on the world size.
             let (ids, tg) = self.batcher.sample(data, self.cfg.batch * world, self.cfg.seq)?;
             let (ids, tg) = (&ids[rank * rows..(rank + 1) * rows], &tg[rank * rows..(rank + 1) * rows]);
-            loss += self.model.forward(be, &mut self.ws, ids, Some(tg), attn)?.loss;
+            self.model.forward_with(be, &mut self.ws, ids, Some(tg), attn, Some(&mut self.stats.loss))?;
             if let Some(dp) = self.dp.as_mut().filter(|_| overlap && m + 1 == self.cfg.accum) {
                 // The last micro-batch's backward reduces each bucket as soon as its
                 // gradients are final (accumulated, and the test's injected inf in place).
                 let (model, ws, grads, micro) = (&self.model, &mut self.ws, &mut self.grads, self.micro.as_mut());
+                let kl_acc = Some(&mut self.stats.kl);
                 let flat = self.flat.as_ref().map(|f| (&f.grads, &f.ranges[..]));
                 let poison = |be: &B, g: &mut [Tensor<B>], fin: &[usize]| -> Result<()> {
                     if inject && fin.contains(&0) {
@@ -526,8 +582,8 @@ impl<B: Backend> Trainer<B> {
                     }
                     Ok(())
                 };
-                kl += dp.overlapped(flat, |hook| match micro {
-                    None => model.backward_with(be, ws, grads, scale, train_indexer, &mut |be, g, fin| {
+                dp.overlapped(flat, |hook| match micro {
+                    None => model.backward_with(be, ws, grads, scale, train_indexer, kl_acc, &mut |be, g, fin| {
                         poison(be, g, fin)?;
                         hook(be, g, fin)
                     }),
@@ -535,7 +591,7 @@ impl<B: Backend> Trainer<B> {
                         for g in micro.iter_mut() {
                             ops::fill(be, g, 0.0)?;
                         }
-                        model.backward_with(be, ws, micro, scale, train_indexer, &mut |be, g, fin| {
+                        model.backward_with(be, ws, micro, scale, train_indexer, kl_acc, &mut |be, g, fin| {
                             for &i in fin {
                                 ops::axpby(be, 1.0, &g[i], 1.0, &mut grads[i])?;
                             }
@@ -547,18 +603,31 @@ impl<B: Backend> Trainer<B> {
                 continue;
             }
             match self.micro.as_mut() {
-                None => kl += self.model.backward(be, &mut self.ws, &mut self.grads, scale, train_indexer)?,
+                None => {
+                    let kl_acc = Some(&mut self.stats.kl);
+                    self.model.backward_with(
+                        be,
+                        &mut self.ws,
+                        &mut self.grads,
+                        scale,
+                        train_indexer,
+                        kl_acc,
+                        &mut noop,
+                    )?;
+                }
                 Some(micro) => match self.flat.as_mut() {
                     Some(Flat { micro: Some(fm), grads: fg, .. }) => {
                         ops::fill(be, fm, 0.0)?;
-                        kl += self.model.backward(be, &mut self.ws, micro, scale, train_indexer)?;
+                        let kl_acc = Some(&mut self.stats.kl);
+                        self.model.backward_with(be, &mut self.ws, micro, scale, train_indexer, kl_acc, &mut noop)?;
                         ops::axpby(be, 1.0, fm, 1.0, fg)?;
                     }
                     _ => {
                         for g in micro.iter_mut() {
                             ops::fill(be, g, 0.0)?;
                         }
-                        kl += self.model.backward(be, &mut self.ws, micro, scale, train_indexer)?;
+                        let kl_acc = Some(&mut self.stats.kl);
+                        self.model.backward_with(be, &mut self.ws, micro, scale, train_indexer, kl_acc, &mut noop)?;
                         for (acc, g) in self.grads.iter_mut().zip(micro.iter()) {
                             ops::axpby(be, 1.0, g, 1.0, acc)?;
                         }
@@ -572,9 +641,14 @@ impl<B: Backend> Trainer<B> {
         // Gradients are summed over ranks and micro-batches, each a mean over its tokens
         // times the loss scale: the mean gradient is sum / (scale · accum · world).
         let n = (self.cfg.accum * world) as f64;
-        let (sq, finite) = match self.dp.as_mut() {
-            None => self.grad_sumsq(be)?,
+        let (loss, kl, sq, finite) = match self.dp.as_mut() {
+            // One readback: loss, KL and Σ g² together.
+            None => {
+                let ([loss, kl, sq], finite) = self.grad_sumsq(be)?;
+                (loss, kl, sq, finite)
+            }
             Some(dp) => {
+                let [loss, kl, _] = self.stats.read(be)?;
                 let mut st = [loss as f32, kl as f32, 0.0, 0.0];
                 let mut grads = match self.flat.as_mut() {
                     Some(f) => dp::Grads::Flat(&mut f.grads, &f.ranges),
@@ -594,9 +668,13 @@ impl<B: Backend> Trainer<B> {
                 // One small collective: loss, KL, non-finite flag, shard Σg². The flag is
                 // reduced so every rank skips the same steps.
                 dp.comm.all_reduce(&mut st, crate::dist::ReduceOp::Sum)?;
-                loss = st[0] as f64;
-                kl = st[1] as f64;
-                if dp.zero.is_some() { (st[3] as f64, st[2] == 0.0) } else { self.grad_sumsq(be)? }
+                let (loss, kl) = (st[0] as f64, st[1] as f64);
+                if dp.zero.is_some() {
+                    (loss, kl, st[3] as f64, st[2] == 0.0)
+                } else {
+                    let ([_, _, sq], finite) = self.grad_sumsq(be)?;
+                    (loss, kl, sq, finite)
+                }
             }
         };
         let lr = self.cfg.lr.at(self.step);
@@ -703,37 +781,39 @@ impl<B: Backend> Trainer<B> {
     /// non-finite sum can also be f32 overflow of finite gradients, so only
     /// then the exact per-tensor check runs (one readback per tensor, on
     /// overflow steps only) and the skip decision stays exact.
-    fn grad_sumsq(&mut self, be: &B) -> Result<(f64, bool)> {
+    fn grad_sumsq(&mut self, be: &B) -> Result<([f64; 3], bool)> {
         // Σ g² per tensor (a view of the flat gradient, or its own buffer), summed in
         // tensor order on the device: the same bits either way (one launch over the flat
         // buffer would sum in another order and move the clipped weights by rounding).
         for (i, g) in self.grads.iter().enumerate() {
             if i == 0 {
-                ops::sum_squares(be, g, &mut self.sumsq_acc)?;
+                ops::sum_squares(be, g, &mut self.stats.sq)?;
             } else {
                 ops::sum_squares(be, g, &mut self.sumsq)?;
-                ops::axpby(be, 1.0, &self.sumsq, 1.0, &mut self.sumsq_acc)?;
+                ops::axpby(be, 1.0, &self.sumsq, 1.0, &mut self.stats.sq)?;
             }
         }
-        let sq = self.sumsq_acc.to_f32_vec(be)?[0] as f64;
+        // The step's one readback: loss, KL and Σ g² (views of one buffer).
+        let [loss, kl, sq] = self.stats.read(be)?;
+        let with = |sq: f64| [loss, kl, sq];
         if sq.is_finite() {
-            return Ok((sq, true));
+            return Ok((with(sq), true));
         }
         if let Some(f) = &self.flat {
             // The rare checks run once over the flat gradient (its padding is zero).
             ops::all_finite(be, &f.grads, &mut self.flag)?;
             if self.flag.to_u32_vec(be)?[0] != 1 {
-                return Ok((sq, false));
+                return Ok((with(sq), false));
             }
             let host = f.grads.to_f32_vec(be)?;
             let sq =
                 f.ranges.iter().map(|r| host[r.clone()].iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).sum();
-            return Ok((sq, true));
+            return Ok((with(sq), true));
         }
         for g in &self.grads {
             ops::all_finite(be, g, &mut self.flag)?;
             if self.flag.to_u32_vec(be)?[0] != 1 {
-                return Ok((sq, false));
+                return Ok((with(sq), false));
             }
         }
         // Every element finite but Σ g² overflowed f32: sum in f64 per tensor instead.
@@ -741,7 +821,7 @@ impl<B: Backend> Trainer<B> {
         for g in &self.grads {
             sq += g.to_f32_vec(be)?.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
         }
-        Ok((sq, true))
+        Ok((with(sq), true))
     }
 
     /// Mean loss and retrieval accuracy on validation windows (dense or the
