@@ -851,8 +851,7 @@ impl<B: Backend> Trainer<B> {
         if let Some(dp) = self.dp.as_ref().filter(|d| d.zero.is_some()) {
             return Ok((dp.split(&dp.gather(be, |s| &s.m)?), dp.split(&dp.gather(be, |s| &s.v)?)));
         }
-        if let Some(Flat { m: Some(m), v: Some(v), .. }) = &self.flat {
-            let f = self.flat.as_ref().expect("matched above");
+        if let Some(f @ Flat { m: Some(m), v: Some(v), .. }) = &self.flat {
             return Ok((f.split(&m.to_f32_vec(be)?), f.split(&v.to_f32_vec(be)?)));
         }
         let f = |ts: &[Tensor<B>]| ts.iter().map(|t| t.to_f32_vec(be)).collect::<Result<Vec<_>>>();
