@@ -81,6 +81,9 @@ struct Args {
     /// The table's int4 rows only.
     #[arg(long)]
     int4_only: bool,
+    /// The table's rows of these methods only (rtn, awq, gptq, wanda; rtn also names magnitude).
+    #[arg(long, value_delimiter = ',')]
+    methods: Option<Vec<String>>,
 }
 
 struct Job {
@@ -206,20 +209,29 @@ impl BackendJob for Job {
             let runs = [
                 (QFormat::Int8, Method::Rtn),
                 (QFormat::Int8, Method::Awq),
+                (QFormat::Int8, Method::Gptq),
                 (i4(128), Method::Rtn),
                 (i4(128), Method::Awq),
+                (i4(128), Method::Gptq),
                 (i4(64), Method::Rtn),
                 (i4(64), Method::Awq),
+                (i4(64), Method::Gptq),
                 (i4(32), Method::Rtn),
                 (i4(32), Method::Awq),
+                (i4(32), Method::Gptq),
                 (QFormat::Sparse24 { int8: false }, Method::Rtn),
                 (QFormat::Sparse24 { int8: false }, Method::Wanda),
                 (QFormat::Sparse24 { int8: true }, Method::Rtn),
                 (QFormat::Sparse24 { int8: true }, Method::Wanda),
             ];
             let awq_opt = AwqOptions { clip: !args.no_clip, ..Default::default() };
+            // AWQ's held-out window losses per format, for GPTQ's paired difference to AWQ.
+            let mut awq_wins: std::collections::HashMap<String, Vec<f64>> = Default::default();
             for (f, m) in runs {
                 if args.int4_only && !matches!(f, QFormat::Int4 { .. }) {
+                    continue;
+                }
+                if args.methods.as_ref().is_some_and(|ms| !ms.iter().any(|x| x == m.name())) {
                     continue;
                 }
                 let t = Instant::now();
@@ -235,10 +247,35 @@ impl BackendJob for Job {
                         format!("{} (±{:.3}%)", pct(p.mean, base_b), 100.0 * p.se / base_b)
                     }
                     None => {
-                        first.insert(f.to_string(), wins);
+                        first.insert(f.to_string(), wins.clone());
                         "–".to_string()
                     }
                 };
+                if !comp.gptq.is_empty() {
+                    let (e0, e1) = comp.gptq.iter().fold((0.0, 0.0), |(a, b), c| (a + c.1, b + c.2));
+                    let kept = comp.gptq.iter().filter(|c| c.2 > c.1).count();
+                    eprintln!(
+                        "  gptq: {} weights, output error after the scales: rtn {e0:.4e} → gptq {e1:.4e} \
+                         ({kept} kept rtn)",
+                        comp.gptq.len()
+                    );
+                }
+                match m {
+                    Method::Awq => {
+                        awq_wins.insert(f.to_string(), wins.clone());
+                    }
+                    Method::Gptq => {
+                        if let Some(a) = awq_wins.get(&f.to_string()) {
+                            let p = Paired::new(a, &wins)?;
+                            println!(
+                                "<!-- {f}: gptq − awq, held-out, paired: {} (±{:.3}%) -->",
+                                pct(p.mean, base_b),
+                                100.0 * p.se / base_b
+                            );
+                        }
+                    }
+                    _ => {}
+                }
                 if !comp.clip.is_empty() {
                     let (e0, e1) = comp.clip.iter().fold((0.0, 0.0), |(a, b), c| (a + c.1, b + c.2));
                     eprintln!("  clipping: {} weights, group error {:.4e} → {:.4e}", comp.clip.len(), e0, e1);

@@ -10,6 +10,7 @@ use dynsparse::quant::awq::{
     scales, search,
 };
 use dynsparse::quant::calib::{CalibOptions, Input, calibrate, linears};
+use dynsparse::quant::gptq;
 use dynsparse::quant::plan::{
     Evaluator, Paired, Parts, PlanOption, PlanOptions, Row, Split, Table, Target, Z_ONE_SIDED_95, check_budget,
     choose_and_verify, interleave, parse_budget, pick_even, shrink_target, solve,
@@ -306,7 +307,7 @@ fn bad_budgets_are_errors() {
     let rows = vec![Row { name: "w".into(), n: 8, k: 8, options: vec![keep(1.0)] }];
     assert!(solve(&rows, 0.0, Target::Speed).is_err());
     assert!(solve(&rows, -1.0, Target::Size).is_err());
-    assert!(Method::parse("gptq").is_err() && Target::parse("latency").is_err());
+    assert!(Method::parse("sparsegpt").is_err() && Target::parse("latency").is_err());
 }
 
 #[test]
@@ -471,4 +472,128 @@ fn verification_on_its_own_text_decides_and_falls_back_to_dense() {
     }
     // The tiny budget binds here (int4 on 32-wide weights moves the loss by more than 1e-7 nats of ~5.5).
     assert!(all.upper(Z_ONE_SIDED_95) > 1e-7 * base_loss, "{all:?}");
+}
+
+/// Output error `Σ_j dᵀ H d` of a quantized `[n, k]` weight against `t` (rows = outputs).
+fn gram_error(h: &[f64], k: usize, q: &QMatrix, t: &[f32]) -> f64 {
+    q.dequantize()
+        .chunks_exact(k)
+        .zip(t.chunks_exact(k))
+        .map(|(qr, tr)| {
+            let d: Vec<f64> = qr.iter().zip(tr).map(|(a, b)| (a - b) as f64).collect();
+            (0..k).map(|a| d[a] * (0..k).map(|b| h[a * k + b] * d[b]).sum::<f64>()).sum::<f64>()
+        })
+        .sum()
+}
+
+#[test]
+fn gptq_lowers_the_output_error_below_round_to_nearest_in_every_format() {
+    let (k, n, rows) = (128, 12, 256);
+    let mut rng = Rng::new(21);
+    // Correlated inputs (a shared component per row, loud channels): GPTQ's error feedback needs
+    // correlations to work with.
+    let base = rng.normal_vec(rows);
+    let mut x = rng.normal_vec(rows * k);
+    for r in 0..rows {
+        for c in 0..k {
+            x[r * k + c] += 1.5 * base[r] * if c % 3 == 0 { 1.0 } else { -0.5 };
+            if c % 37 == 5 {
+                x[r * k + c] *= 8.0;
+            }
+        }
+    }
+    let h = gram(&x, k);
+    let u = gptq::inverse_factor(&h, k).unwrap();
+    let t = rng.normal_vec(n * k);
+    let formats = [
+        QFormat::Int8,
+        QFormat::Int4 { group: 32, asym: false },
+        QFormat::Int4 { group: 64, asym: true },
+        QFormat::Int4 { group: 128, asym: false },
+    ];
+    for f in formats {
+        let g = gptq::quantize(&u, &t, n, k, f).unwrap();
+        g.validate().unwrap();
+        assert_eq!((g.format, g.n, g.k), (f, n, k));
+        let r = QMatrix::quantize(&t, n, k, f).unwrap();
+        let (eg, er) = (gram_error(&h, k, &g, &t), gram_error(&h, k, &r, &t));
+        assert!(eg < 0.8 * er, "{f}: gptq {eg:.4e} vs rtn {er:.4e}");
+        // GPTQ moves weights, not the grid: every code is one the format stores, and the
+        // stored weight stays within a few steps of the original.
+        assert_ne!(g, r, "{f}: gptq changed some codes");
+    }
+}
+
+#[test]
+fn gptq_with_uncorrelated_inputs_is_round_to_nearest_bit_for_bit() {
+    // A diagonal Gram matrix leaves nothing to compensate: U is diagonal, every update is 0.
+    let (k, n) = (64, 9);
+    let mut rng = Rng::new(4);
+    let h: Vec<f64> = (0..k * k).map(|i| if i / k == i % k { 1.0 + (i % 7) as f64 } else { 0.0 }).collect();
+    let u = gptq::inverse_factor(&h, k).unwrap();
+    let t = rng.normal_vec(n * k);
+    for f in [QFormat::Int8, QFormat::Int4 { group: 32, asym: true }, QFormat::Int4 { group: 64, asym: false }] {
+        assert_eq!(gptq::quantize(&u, &t, n, k, f).unwrap(), QMatrix::quantize(&t, n, k, f).unwrap(), "{f}");
+    }
+    // 2:4 is not GPTQ's; shapes are checked.
+    assert!(gptq::quantize(&u, &t, n, k, QFormat::Sparse24 { int8: false }).is_err());
+    assert!(gptq::quantize(&u, &t[1..], n, k, QFormat::Int8).is_err());
+    assert!(gptq::quantize(&u, &t, n, k, QFormat::Int4 { group: 128, asym: false }).is_err(), "group > k");
+}
+
+#[test]
+fn from_codes_stores_what_it_is_given_and_refuses_codes_outside_the_format() {
+    let (n, k) = (2, 32);
+    let f = QFormat::Int4 { group: 32, asym: true };
+    let codes: Vec<i32> = (0..n * k).map(|i| (i % 16) as i32).collect();
+    let q = QMatrix::from_codes(f, n, k, &codes, &[0.5, 0.25], &[3, 12]).unwrap();
+    q.validate().unwrap();
+    let d = q.dequantize();
+    for (i, &c) in codes.iter().enumerate() {
+        let (s, z) = if i < k { (0.5, 3) } else { (0.25, 12) };
+        assert_eq!(d[i], s * (c - z) as f32);
+    }
+    assert!(QMatrix::from_codes(f, n, k, &[16; 64], &[0.5, 0.25], &[3, 12]).is_err());
+    assert!(QMatrix::from_codes(f, n, k, &codes, &[0.5, 0.25], &[3]).is_err());
+    assert!(QMatrix::from_codes(QFormat::Int8, n, k, &[-128; 64], &[1.0, 1.0], &[]).is_err());
+    let i8c: Vec<i32> = (0..n * k).map(|i| i as i32 - 60).collect();
+    let q8 = QMatrix::from_codes(QFormat::Int8, n, k, &i8c, &[0.1, 0.2], &[]).unwrap();
+    assert_eq!(q8.dequantize()[0], 0.1 * -60.0);
+}
+
+#[test]
+fn compress_gptq_uses_awq_scales_and_beats_awq_on_the_calibration_rows() {
+    let cfg = tiny(AttentionMode::Dense);
+    let v = params(&cfg, 5);
+    let be = CpuBackend::new();
+    let text = Corpus { tokens: (0..400u32).map(|i| ((i * 7919) % 97 + 32) as u8).collect(), ..Default::default() };
+    let model = Model::from_values(&be, cfg, DType::F32, &v).unwrap();
+    let cal = calibrate(&be, &model, &text, CalibOptions { batch: 2, seq: 16, windows: 8, sample_rows: 128 }).unwrap();
+    let lins = linears(&cfg);
+    let f = QFormat::Int4 { group: 32, asym: false };
+    let g =
+        compress(&cfg, &v, &vec![Some(Choice { format: f, method: Method::Gptq }); lins.len()], Some(&cal)).unwrap();
+    let a = compress(&cfg, &v, &vec![Some(Choice { format: f, method: Method::Awq }); lins.len()], Some(&cal)).unwrap();
+    // The same α search and folds as AWQ (on the round-to-nearest error), no clipping search.
+    assert_eq!(g.awq, a.awq);
+    assert!(g.clip.is_empty());
+    assert_eq!(g.gptq.len(), lins.len());
+    assert!(g.gptq.iter().all(|(_, rtn, e)| e.is_finite() && *rtn > 0.0));
+    let (rtn, gp) = g.gptq.iter().fold((0.0, 0.0), |(x, y), c| (x + c.1, y + c.2.min(c.1)));
+    assert!(gp < 0.9 * rtn, "gptq {gp:.4e} vs rtn {rtn:.4e} after the scales");
+    for l in &lins {
+        let q = g.weights[l.param].as_ref().unwrap();
+        assert_eq!((q.format, q.n, q.k), (f, l.n, l.k));
+        q.validate().unwrap();
+    }
+    // The model still computes: logits close to the f32 model's.
+    let ids: Vec<u32> = (0..16u32).map(|i| (i * 37 + 11) % 256).collect();
+    let e = max_rel(&logits(&cfg, &v, &ids), &logits(&cfg, &g.dequantized(), &ids));
+    assert!(e < 0.2, "gptq int4 logits differ by {e}");
+    // GPTQ is for int8/int4 and needs calibration.
+    let bad = vec![Some(Choice { format: QFormat::Sparse24 { int8: false }, method: Method::Gptq }); lins.len()];
+    assert!(compress(&cfg, &v, &bad, Some(&cal)).is_err());
+    let ch = vec![Some(Choice { format: f, method: Method::Gptq }); lins.len()];
+    assert!(compress(&cfg, &v, &ch, None).is_err());
+    assert_eq!(Method::parse("GPTQ").unwrap(), Method::Gptq);
 }

@@ -41,9 +41,11 @@ pub struct CompressArgs {
     /// int4 with a zero point per group.
     #[arg(long)]
     pub asym: bool,
-    /// rtn (round to nearest) or awq (AWQ: activation-aware per-channel scales folded into the op
-    /// before, plus a per-group clipping search for int4) for int8/int4; magnitude (the default
-    /// for 2:4) or wanda (|W|·‖X‖) for 2:4. awq and wanda calibrate on --calib.
+    /// rtn (round to nearest), awq (AWQ: activation-aware per-channel scales folded into the op
+    /// before, plus a per-group clipping search for int4) or gptq (AWQ's scales, then GPTQ's
+    /// error-compensating rounding: the most accurate, a few seconds more) for int8/int4;
+    /// magnitude (the default for 2:4) or wanda (|W|·‖X‖) for 2:4. awq, gptq and wanda calibrate
+    /// on --calib.
     #[arg(long)]
     pub method: Option<String>,
     /// Largest relative validation-loss increase the planner may spend (--format auto; default
@@ -96,14 +98,17 @@ fn parse_method(m: Option<&str>, f: QFormat) -> Result<Method> {
         (None, false) | (Some("rtn"), false) => Ok(Method::Rtn),
         (None, true) | (Some("magnitude"), true) => Ok(Method::Rtn),
         (Some("awq"), false) => Ok(Method::Awq),
+        (Some("gptq"), false) => Ok(Method::Gptq),
         (Some("wanda"), true) => Ok(Method::Wanda),
         (Some("magnitude"), false) => Err(Error::Invalid(format!("--method magnitude is for 2:4 formats, not {f}"))),
         (Some("rtn"), true) => Err(Error::Invalid(format!("--method rtn is for int8/int4; {f} prunes (magnitude)"))),
-        (Some("awq"), true) => Err(Error::Invalid(format!("--method awq is for int8/int4, not {f} (wanda prunes)"))),
-        (Some("wanda"), false) => Err(Error::Invalid(format!("--method wanda is for 2:4 formats, not {f}"))),
-        (Some(o), _) => {
-            Err(Error::Invalid(format!("--method {o}: expected rtn or awq (int8/int4), magnitude or wanda (2:4)")))
+        (Some(m @ ("awq" | "gptq")), true) => {
+            Err(Error::Invalid(format!("--method {m} is for int8/int4, not {f} (wanda prunes)")))
         }
+        (Some("wanda"), false) => Err(Error::Invalid(format!("--method wanda is for 2:4 formats, not {f}"))),
+        (Some(o), _) => Err(Error::Invalid(format!(
+            "--method {o}: expected rtn, awq or gptq (int8/int4), magnitude or wanda (2:4)"
+        ))),
     }
 }
 

@@ -71,6 +71,9 @@ pub enum Method {
     Rtn,
     /// Activation-aware scales (int8, int4).
     Awq,
+    /// AWQ's scales, then GPTQ's error-compensating rounding instead of the
+    /// clipping search (int8, int4; [`crate::quant::gptq`]).
+    Gptq,
     /// 2:4 keeping the largest `|W|·‖X‖` (2:4 only).
     Wanda,
 }
@@ -80,17 +83,19 @@ impl Method {
         match self {
             Method::Rtn => "rtn",
             Method::Awq => "awq",
+            Method::Gptq => "gptq",
             Method::Wanda => "wanda",
         }
     }
 
-    /// `rtn` (also spelled `magnitude`), `awq`, `wanda`.
+    /// `rtn` (also spelled `magnitude`), `awq`, `gptq`, `wanda`.
     pub fn parse(s: &str) -> Result<Method> {
         match s.trim().to_ascii_lowercase().as_str() {
             "rtn" | "magnitude" => Ok(Method::Rtn),
             "awq" => Ok(Method::Awq),
+            "gptq" => Ok(Method::Gptq),
             "wanda" => Ok(Method::Wanda),
-            _ => Err(Error::Invalid(format!("unknown compression method `{s}`: expected rtn, awq or wanda"))),
+            _ => Err(Error::Invalid(format!("unknown compression method `{s}`: expected rtn, awq, gptq or wanda"))),
         }
     }
 }
@@ -106,9 +111,10 @@ impl Choice {
     /// Checks that the method fits the format.
     pub fn check(&self) -> Result<()> {
         match (self.method, self.format) {
-            (Method::Awq, QFormat::Sparse24 { .. }) => {
-                Err(Error::Invalid("awq scales int8/int4 weights; 2:4 takes rtn (magnitude) or wanda".into()))
-            }
+            (Method::Awq | Method::Gptq, QFormat::Sparse24 { .. }) => Err(Error::Invalid(format!(
+                "{} quantizes int8/int4 weights; 2:4 takes rtn (magnitude) or wanda",
+                self.method.name()
+            ))),
             (Method::Wanda, QFormat::Int8 | QFormat::Int4 { .. }) => {
                 Err(Error::Invalid(format!("wanda prunes to 2:4, not {}", self.format)))
             }
@@ -421,6 +427,9 @@ pub struct Compressed {
     pub awq: Vec<(String, f32, f64, f64)>,
     /// Per clipped weight: (name, summed group error without clipping, with the chosen ratios).
     pub clip: Vec<(String, f64, f64)>,
+    /// Per GPTQ weight: (name, output error of round to nearest, of GPTQ's rounding) on the
+    /// calibration rows, after the scales (the smaller is stored).
+    pub gptq: Vec<(String, f64, f64)>,
 }
 
 impl Compressed {
@@ -514,8 +523,10 @@ pub fn compress_with(
             for input in [Input::Att, Input::Ln1, Input::Ln2] {
                 let members: Vec<(usize, &Linear)> =
                     lins.iter().enumerate().filter(|(_, l)| l.layer == layer && l.input == input).collect();
-                let awq_members: Vec<&(usize, &Linear)> =
-                    members.iter().filter(|(i, _)| choices[*i].is_some_and(|c| c.method == Method::Awq)).collect();
+                let awq_members: Vec<&(usize, &Linear)> = members
+                    .iter()
+                    .filter(|(i, _)| choices[*i].is_some_and(|c| matches!(c.method, Method::Awq | Method::Gptq)))
+                    .collect();
                 if awq_members.is_empty() {
                     continue;
                 }
@@ -554,6 +565,9 @@ pub fn compress_with(
         }
     }
     let mut weights = vec![None; values.len()];
+    let mut gptq = Vec::new();
+    // GPTQ's factor per (layer, input), of the Gram matrix of the scaled input.
+    let mut factors: std::collections::HashMap<(usize, usize), (Vec<f64>, Vec<f64>)> = Default::default();
     for (l, c) in lins.iter().zip(choices) {
         let Some(c) = c else { continue };
         let wt = transpose(&values[l.param], l.k, l.n);
@@ -562,11 +576,35 @@ pub fn compress_with(
                 let norms = calib.expect("checked above").input(l.layer, l.input).norms();
                 crate::quant::prune::wanda(&wt, l.n, l.k, &norms, f)?
             }
+            (Method::Gptq, f) => {
+                let key = (l.layer, l.input as usize);
+                if let std::collections::hash_map::Entry::Vacant(e) = factors.entry(key) {
+                    let h = gram_of(calib.expect("checked above"), l.layer, l.input)?;
+                    let ones = vec![1.0; l.k];
+                    let s = folded.get(&key).unwrap_or(&ones);
+                    let k = l.k;
+                    // The scaled weight diag(s)·W reads X·diag(1/s): its Gram matrix.
+                    let hs: Vec<f64> = (0..k * k).map(|i| h[i] / (s[i / k] as f64 * s[i % k] as f64)).collect();
+                    let u = crate::quant::gptq::inverse_factor(&hs, k)?;
+                    e.insert((hs, u));
+                }
+                let (hs, u) = &factors[&key];
+                let g = crate::quant::gptq::quantize(u, &wt, l.n, l.k, f)?;
+                let r = QMatrix::quantize(&wt, l.n, l.k, f)?;
+                let err = |q: &QMatrix| {
+                    let mut d = q.dequantize();
+                    d.iter_mut().zip(&wt).for_each(|(x, &w)| *x -= w);
+                    rows_error(hs, l.k, &d)
+                };
+                let (e_rtn, e_gptq) = (err(&r), err(&g));
+                gptq.push((l.name.clone(), e_rtn, e_gptq));
+                if e_gptq <= e_rtn { g } else { r }
+            }
             (_, f) => QMatrix::quantize(&wt, l.n, l.k, f)?,
         };
         weights[l.param] = Some(q);
     }
-    Ok(Compressed { values, weights, awq, clip })
+    Ok(Compressed { values, weights, awq, clip, gptq })
 }
 
 /// Averages attention-output statistics over the query heads of each KV head

@@ -191,7 +191,7 @@ fn set_byte(words: &mut [u32], i: usize, v: i32) {
 }
 
 /// Round half away from zero, clamped to `[lo, hi]`.
-fn round_clamp(x: f32, lo: i32, hi: i32) -> i32 {
+pub(crate) fn round_clamp(x: f32, lo: i32, hi: i32) -> i32 {
     (x.round() as i32).clamp(lo, hi)
 }
 
@@ -296,6 +296,64 @@ impl QMatrix {
                     }
                 }
                 QFormat::Sparse24 { .. } => unreachable!("handled above"),
+            }
+        }
+        Ok(m)
+    }
+
+    /// An int8 or int4 matrix from integer codes chosen elsewhere (GPTQ's
+    /// error-compensating rounding, [`crate::quant::gptq`]): `codes[j·k + p]`
+    /// is the stored code — int8: the signed value in `[−127, 127]`; int4: the
+    /// unsigned nibble `u` in `[0, 15]` (symmetric: `w = s·(u − 8)`; asymmetric:
+    /// `w = s·(u − z)`); `scale` has [`QFormat::scales_per_row`] entries per row
+    /// and `zero` (asymmetric int4 only, else empty) one zero point per group.
+    pub fn from_codes(
+        format: QFormat,
+        n: usize,
+        k: usize,
+        codes: &[i32],
+        scale: &[f32],
+        zero: &[u8],
+    ) -> Result<QMatrix> {
+        format.check_shape(n, k)?;
+        let (lo, hi) = match format {
+            QFormat::Int8 => (-127, 127),
+            QFormat::Int4 { .. } => (0, 15),
+            QFormat::Sparse24 { .. } => {
+                return Err(Error::Invalid("from_codes: 2:4 weights are built by QMatrix::sparse24".into()));
+            }
+        };
+        let asym = matches!(format, QFormat::Int4 { asym: true, .. });
+        let sw = format.scales_per_row(k);
+        if codes.len() != n * k || scale.len() != n * sw || zero.len() != if asym { n * sw } else { 0 } {
+            return Err(Error::Shape(format!(
+                "from_codes: {} codes, {} scales, {} zero points for a {format} [{n}, {k}] weight",
+                codes.len(),
+                scale.len(),
+                zero.len()
+            )));
+        }
+        if let Some(c) = codes.iter().find(|&&c| c < lo || c > hi) {
+            return Err(Error::Invalid(format!("from_codes: code {c} outside [{lo}, {hi}] for {format}")));
+        }
+        if let Some(z) = zero.iter().find(|&&z| z > 15) {
+            return Err(Error::Invalid(format!("from_codes: zero point {z} outside [0, 15]")));
+        }
+        let mut m = QMatrix::empty(format, n, k);
+        m.scale.copy_from_slice(scale);
+        let (qw, zw) = (format.q_words(k), format.zero_words(k));
+        for j in 0..n {
+            let q = &mut m.q[j * qw..(j + 1) * qw];
+            for (p, &c) in codes[j * k..(j + 1) * k].iter().enumerate() {
+                match format {
+                    QFormat::Int8 => set_byte(q, p, c),
+                    _ => set_nibble(q, p, c as u32),
+                }
+            }
+            if asym {
+                for (g, &z) in zero[j * sw..(j + 1) * sw].iter().enumerate() {
+                    set_nibble(&mut m.zero[j * zw..(j + 1) * zw], g, z as u32);
+                }
             }
         }
         Ok(m)

@@ -6,6 +6,7 @@ pub mod awq;
 pub mod calib;
 pub mod checkpoint;
 pub mod format;
+pub mod gptq;
 pub mod plan;
 pub mod prune;
 
