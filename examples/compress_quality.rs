@@ -84,6 +84,9 @@ struct Args {
     /// The table's rows of these methods only (rtn, awq, gptq, wanda; rtn also names magnitude).
     #[arg(long, value_delimiter = ',')]
     methods: Option<Vec<String>>,
+    /// The table's int4 rows of these group sizes only.
+    #[arg(long, value_delimiter = ',')]
+    groups: Option<Vec<usize>>,
 }
 
 struct Job {
@@ -234,6 +237,11 @@ impl BackendJob for Job {
                 if args.methods.as_ref().is_some_and(|ms| !ms.iter().any(|x| x == m.name())) {
                     continue;
                 }
+                if let (Some(gs), QFormat::Int4 { group, .. }) = (&args.groups, f)
+                    && !gs.contains(&group)
+                {
+                    continue;
+                }
                 let t = Instant::now();
                 let ch = vec![Some(Choice { format: f, method: m }); lins.len()];
                 let comp = compress_with(&cfg, values, &ch, Some(&cal), &awq_opt)?;
@@ -244,7 +252,7 @@ impl BackendJob for Job {
                 let vs = match first.get(&f.to_string()) {
                     Some(r) => {
                         let p = Paired::new(r, &wins)?;
-                        format!("{} (±{:.3}%)", pct(p.mean, base_b), 100.0 * p.se / base_b)
+                        format!("{} (±{:.3}%; {:+.1} se)", pct(p.mean, base_b), 100.0 * p.se / base_b, p.mean / p.se)
                     }
                     None => {
                         first.insert(f.to_string(), wins.clone());
@@ -268,9 +276,10 @@ impl BackendJob for Job {
                         if let Some(a) = awq_wins.get(&f.to_string()) {
                             let p = Paired::new(a, &wins)?;
                             println!(
-                                "<!-- {f}: gptq − awq, held-out, paired: {} (±{:.3}%) -->",
+                                "<!-- {f}: gptq − awq, held-out, paired: {} (±{:.3}%; {:+.1} se) -->",
                                 pct(p.mean, base_b),
-                                100.0 * p.se / base_b
+                                100.0 * p.se / base_b,
+                                p.mean / p.se
                             );
                         }
                     }
