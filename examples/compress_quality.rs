@@ -64,7 +64,7 @@ struct Args {
     /// The per-format table only (no planner).
     #[arg(long)]
     table_only: bool,
-    /// Add int4-g128 asymmetric (AWQ) and 2:4-int8 (Wanda) to the planner's candidates.
+    /// Add int4-g128 asymmetric (GPTQ) and 2:4-int8 (SparseGPT) to the planner's candidates.
     #[arg(long)]
     more_candidates: bool,
     /// Planner budgets (fractions or percentages of the loss).
@@ -81,7 +81,10 @@ struct Args {
     /// The table's int4 rows only.
     #[arg(long)]
     int4_only: bool,
-    /// The table's rows of these methods only (rtn, awq, gptq, wanda; rtn also names magnitude).
+    /// The table's 2:4 rows only.
+    #[arg(long)]
+    sparse_only: bool,
+    /// The table's rows of these methods only (rtn, awq, gptq, wanda, sparsegpt; rtn also names magnitude).
     #[arg(long, value_delimiter = ',')]
     methods: Option<Vec<String>>,
     /// The table's int4 rows of these group sizes only.
@@ -100,8 +103,8 @@ struct Job {
 fn candidates(more: bool) -> Vec<Choice> {
     let mut c = PlanOptions::default_candidates(true);
     if more {
-        c.push(Choice { format: QFormat::Int4 { group: 128, asym: true }, method: Method::Awq });
-        c.push(Choice { format: QFormat::Sparse24 { int8: true }, method: Method::Wanda });
+        c.push(Choice { format: QFormat::Int4 { group: 128, asym: true }, method: Method::Gptq });
+        c.push(Choice { format: QFormat::Sparse24 { int8: true }, method: Method::SparseGpt });
     }
     c
 }
@@ -224,14 +227,18 @@ impl BackendJob for Job {
                 (i4(32), Method::Gptq),
                 (QFormat::Sparse24 { int8: false }, Method::Rtn),
                 (QFormat::Sparse24 { int8: false }, Method::Wanda),
+                (QFormat::Sparse24 { int8: false }, Method::SparseGpt),
                 (QFormat::Sparse24 { int8: true }, Method::Rtn),
                 (QFormat::Sparse24 { int8: true }, Method::Wanda),
+                (QFormat::Sparse24 { int8: true }, Method::SparseGpt),
             ];
             let awq_opt = AwqOptions { clip: !args.no_clip, ..Default::default() };
             // AWQ's held-out window losses per format, for GPTQ's paired difference to AWQ.
             let mut awq_wins: std::collections::HashMap<String, Vec<f64>> = Default::default();
             for (f, m) in runs {
-                if args.int4_only && !matches!(f, QFormat::Int4 { .. }) {
+                if args.int4_only && !matches!(f, QFormat::Int4 { .. })
+                    || args.sparse_only && !matches!(f, QFormat::Sparse24 { .. })
+                {
                     continue;
                 }
                 if args.methods.as_ref().is_some_and(|ms| !ms.iter().any(|x| x == m.name())) {

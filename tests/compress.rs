@@ -1,5 +1,5 @@
 //! `dynsparse compress` as a user runs it: a compressed checkpoint that
-//! eval and generate load, its summary, `--method awq|gptq|wanda` and `--format auto`
+//! eval and generate load, its summary, `--method awq|gptq|wanda|sparsegpt` and `--format auto`
 //! (the planner), and each bad input as one clear line.
 
 use std::path::{Path, PathBuf};
@@ -219,7 +219,7 @@ fn awq_wanda_and_the_planner_write_loadable_checkpoints() {
     let d = tmp("planner");
     let ck = train_tiny(&d);
     let o = d.join("q.safetensors");
-    for (fmt, method) in [("int4-g32", "awq"), ("int4-g32", "gptq"), ("2:4", "wanda")] {
+    for (fmt, method) in [("int4-g32", "awq"), ("int4-g32", "gptq"), ("2:4", "wanda"), ("2:4-int8", "sparsegpt")] {
         let s = ok(compress(&ck, &o, &["--format", fmt, "--method", method]));
         assert!(s.contains(&format!("({method})")), "{s}");
         ok(run(&["--backend", "cpu", "eval", "--checkpoint", o.to_str().unwrap(), "--windows", "2"]));
@@ -230,6 +230,7 @@ fn awq_wanda_and_the_planner_write_loadable_checkpoints() {
     fails_with(compress(&ck, &o, &["--format", "2:4", "--method", "awq"]), "--method awq");
     fails_with(compress(&ck, &o, &["--format", "2:4-int8", "--method", "gptq"]), "--method gptq");
     fails_with(compress(&ck, &o, &["--format", "int8", "--method", "wanda"]), "--method wanda");
+    fails_with(compress(&ck, &o, &["--format", "int4", "--method", "sparsegpt"]), "--method sparsegpt");
     fails_with(compress(&ck, &o, &["--format", "auto", "--group", "32"]), "--format auto");
     fails_with(compress(&ck, &o, &["--format", "auto", "--budget", "2"]), "--budget 2");
     fails_with(compress(&ck, &o, &["--format", "auto", "--target", "latency"]), "--target latency");

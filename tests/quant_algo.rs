@@ -307,7 +307,7 @@ fn bad_budgets_are_errors() {
     let rows = vec![Row { name: "w".into(), n: 8, k: 8, options: vec![keep(1.0)] }];
     assert!(solve(&rows, 0.0, Target::Speed).is_err());
     assert!(solve(&rows, -1.0, Target::Size).is_err());
-    assert!(Method::parse("sparsegpt").is_err() && Target::parse("latency").is_err());
+    assert!(Method::parse("obc").is_err() && Target::parse("latency").is_err());
 }
 
 #[test]
@@ -596,4 +596,43 @@ fn compress_gptq_uses_awq_scales_and_beats_awq_on_the_calibration_rows() {
     let ch = vec![Some(Choice { format: f, method: Method::Gptq }); lins.len()];
     assert!(compress(&cfg, &v, &ch, None).is_err());
     assert_eq!(Method::parse("GPTQ").unwrap(), Method::Gptq);
+}
+
+#[test]
+fn sparsegpt_prunes_two_of_four_with_less_output_error_than_magnitude() {
+    let (k, n, rows) = (64, 10, 256);
+    let mut rng = Rng::new(33);
+    let base = rng.normal_vec(rows);
+    let mut x = rng.normal_vec(rows * k);
+    for r in 0..rows {
+        for c in 0..k {
+            x[r * k + c] += 1.2 * base[r] * if c % 2 == 0 { 1.0 } else { -0.7 };
+            if c % 11 == 3 {
+                x[r * k + c] *= 6.0;
+            }
+        }
+    }
+    let h = gram(&x, k);
+    let u = gptq::inverse_factor(&h, k).unwrap();
+    let t = rng.normal_vec(n * k);
+    for f in [QFormat::Sparse24 { int8: false }, QFormat::Sparse24 { int8: true }] {
+        let s = gptq::prune24(&u, &t, n, k, f).unwrap();
+        s.validate().unwrap();
+        // Exactly two of every four stored weights are nonzero or kept.
+        let d = s.dequantize();
+        for g in d.chunks_exact(4) {
+            assert!(g.iter().filter(|v| **v != 0.0).count() <= 2, "{f}: {g:?}");
+        }
+        let m = QMatrix::quantize(&t, n, k, f).unwrap();
+        let (es, em) = (gram_error(&h, k, &s, &t), gram_error(&h, k, &m, &t));
+        assert!(es < 0.7 * em, "{f}: sparsegpt {es:.4e} vs magnitude {em:.4e}");
+    }
+    // Inputs uncorrelated and equally loud: saliency is magnitude, nothing to compensate.
+    let hi: Vec<f64> = (0..k * k).map(|i| if i / k == i % k { 3.0 } else { 0.0 }).collect();
+    let ui = gptq::inverse_factor(&hi, k).unwrap();
+    let f = QFormat::Sparse24 { int8: false };
+    assert_eq!(gptq::prune24(&ui, &t, n, k, f).unwrap(), QMatrix::quantize(&t, n, k, f).unwrap());
+    assert!(gptq::prune24(&ui, &t, n, k, QFormat::Int8).is_err());
+    assert_eq!(Method::parse("SparseGPT").unwrap(), Method::SparseGpt);
+    assert!(Choice { format: QFormat::Int8, method: Method::SparseGpt }.check().is_err());
 }

@@ -44,8 +44,8 @@ pub struct CompressArgs {
     /// rtn (round to nearest), awq (AWQ: activation-aware per-channel scales folded into the op
     /// before, plus a per-group clipping search for int4) or gptq (AWQ's scales, then GPTQ's
     /// error-compensating rounding: the most accurate, a few seconds more) for int8/int4;
-    /// magnitude (the default for 2:4) or wanda (|W|·‖X‖) for 2:4. awq, gptq and wanda calibrate
-    /// on --calib.
+    /// magnitude (the default for 2:4), wanda (|W|·‖X‖) or sparsegpt (SparseGPT: saliency-chosen
+    /// mask with error compensation) for 2:4. Every method but rtn/magnitude calibrates on --calib.
     #[arg(long)]
     pub method: Option<String>,
     /// Largest relative validation-loss increase the planner may spend (--format auto; default
@@ -100,14 +100,17 @@ fn parse_method(m: Option<&str>, f: QFormat) -> Result<Method> {
         (Some("awq"), false) => Ok(Method::Awq),
         (Some("gptq"), false) => Ok(Method::Gptq),
         (Some("wanda"), true) => Ok(Method::Wanda),
+        (Some("sparsegpt"), true) => Ok(Method::SparseGpt),
         (Some("magnitude"), false) => Err(Error::Invalid(format!("--method magnitude is for 2:4 formats, not {f}"))),
         (Some("rtn"), true) => Err(Error::Invalid(format!("--method rtn is for int8/int4; {f} prunes (magnitude)"))),
         (Some(m @ ("awq" | "gptq")), true) => {
             Err(Error::Invalid(format!("--method {m} is for int8/int4, not {f} (wanda prunes)")))
         }
-        (Some("wanda"), false) => Err(Error::Invalid(format!("--method wanda is for 2:4 formats, not {f}"))),
+        (Some(m @ ("wanda" | "sparsegpt")), false) => {
+            Err(Error::Invalid(format!("--method {m} is for 2:4 formats, not {f}")))
+        }
         (Some(o), _) => Err(Error::Invalid(format!(
-            "--method {o}: expected rtn, awq or gptq (int8/int4), magnitude or wanda (2:4)"
+            "--method {o}: expected rtn, awq or gptq (int8/int4), magnitude, wanda or sparsegpt (2:4)"
         ))),
     }
 }

@@ -76,6 +76,8 @@ pub enum Method {
     Gptq,
     /// 2:4 keeping the largest `|W|·‖X‖` (2:4 only).
     Wanda,
+    /// SparseGPT's 2:4 pruning with error compensation (2:4 only; [`crate::quant::gptq::prune24`]).
+    SparseGpt,
 }
 
 impl Method {
@@ -85,17 +87,21 @@ impl Method {
             Method::Awq => "awq",
             Method::Gptq => "gptq",
             Method::Wanda => "wanda",
+            Method::SparseGpt => "sparsegpt",
         }
     }
 
-    /// `rtn` (also spelled `magnitude`), `awq`, `gptq`, `wanda`.
+    /// `rtn` (also spelled `magnitude`), `awq`, `gptq`, `wanda`, `sparsegpt`.
     pub fn parse(s: &str) -> Result<Method> {
         match s.trim().to_ascii_lowercase().as_str() {
             "rtn" | "magnitude" => Ok(Method::Rtn),
             "awq" => Ok(Method::Awq),
             "gptq" => Ok(Method::Gptq),
             "wanda" => Ok(Method::Wanda),
-            _ => Err(Error::Invalid(format!("unknown compression method `{s}`: expected rtn, awq, gptq or wanda"))),
+            "sparsegpt" => Ok(Method::SparseGpt),
+            _ => Err(Error::Invalid(format!(
+                "unknown compression method `{s}`: expected rtn, awq, gptq, wanda or sparsegpt"
+            ))),
         }
     }
 }
@@ -115,8 +121,8 @@ impl Choice {
                 "{} quantizes int8/int4 weights; 2:4 takes rtn (magnitude) or wanda",
                 self.method.name()
             ))),
-            (Method::Wanda, QFormat::Int8 | QFormat::Int4 { .. }) => {
-                Err(Error::Invalid(format!("wanda prunes to 2:4, not {}", self.format)))
+            (Method::Wanda | Method::SparseGpt, QFormat::Int8 | QFormat::Int4 { .. }) => {
+                Err(Error::Invalid(format!("{} prunes to 2:4, not {}", self.method.name(), self.format)))
             }
             _ => Ok(()),
         }
@@ -427,8 +433,9 @@ pub struct Compressed {
     pub awq: Vec<(String, f32, f64, f64)>,
     /// Per clipped weight: (name, summed group error without clipping, with the chosen ratios).
     pub clip: Vec<(String, f64, f64)>,
-    /// Per GPTQ weight: (name, output error of round to nearest, of GPTQ's rounding) on the
-    /// calibration rows, after the scales (the smaller is stored).
+    /// Per GPTQ (SparseGPT) weight: (name, output error of round to nearest (magnitude pruning),
+    /// of GPTQ's rounding (SparseGPT's pruning)) on the calibration rows, after the scales (the
+    /// smaller is stored).
     pub gptq: Vec<(String, f64, f64)>,
 }
 
@@ -576,7 +583,7 @@ pub fn compress_with(
                 let norms = calib.expect("checked above").input(l.layer, l.input).norms();
                 crate::quant::prune::wanda(&wt, l.n, l.k, &norms, f)?
             }
-            (Method::Gptq, f) => {
+            (Method::Gptq | Method::SparseGpt, f) => {
                 let key = (l.layer, l.input as usize);
                 if let std::collections::hash_map::Entry::Vacant(e) = factors.entry(key) {
                     let h = gram_of(calib.expect("checked above"), l.layer, l.input)?;
@@ -589,7 +596,11 @@ pub fn compress_with(
                     e.insert((hs, u));
                 }
                 let (hs, u) = &factors[&key];
-                let g = crate::quant::gptq::quantize(u, &wt, l.n, l.k, f)?;
+                let g = if c.method == Method::Gptq {
+                    crate::quant::gptq::quantize(u, &wt, l.n, l.k, f)?
+                } else {
+                    crate::quant::gptq::prune24(u, &wt, l.n, l.k, f)?
+                };
                 let r = QMatrix::quantize(&wt, l.n, l.k, f)?;
                 let err = |q: &QMatrix| {
                     let mut d = q.dequantize();

@@ -1,4 +1,5 @@
-//! GPTQ (Frantar et al. 2022): error-compensating rounding for int8 / int4.
+//! GPTQ (Frantar et al. 2022): error-compensating rounding for int8 / int4,
+//! and its pruning twin SparseGPT (Frantar & Alistarh 2023) for 2:4 ([`prune24`]).
 //!
 //! Round to nearest quantizes every weight on its own. GPTQ quantizes the
 //! input channels of a row one after another and, after each, moves the
@@ -212,6 +213,57 @@ pub fn quantize(u: &[f64], t: &[f32], n: usize, k: usize, format: QFormat) -> Re
         zero.extend(z);
     }
     QMatrix::from_codes(format, n, k, &codes, &scale, &zero)
+}
+
+/// SparseGPT's 2:4 pruning (Frantar & Alistarh 2023) of the `[n, k]` weight
+/// `t` (2:4 or 2:4-int8), with `u` from [`inverse_factor`]: per row, each group
+/// of four channels, when reached, keeps the two with the largest
+/// `w_p² / U_pp²` (the OBS saliency of the *updated* weights; ties: the lower
+/// position, as [`QMatrix::sparse24`]); then channel by channel the kept value
+/// is rounded to f16 (what the format stores) or the pruned one set to 0, and
+/// the difference is moved onto the channels not yet reached, exactly as
+/// [`quantize`] does with rounding errors. 2:4-int8 quantizes the kept,
+/// compensated values per row afterwards (round to nearest, no compensation
+/// of that rounding).
+pub fn prune24(u: &[f64], t: &[f32], n: usize, k: usize, format: QFormat) -> Result<QMatrix> {
+    let QFormat::Sparse24 { .. } = format else {
+        return Err(Error::Invalid(format!("sparsegpt prunes to 2:4, not {format}")));
+    };
+    format.check_shape(n, k)?;
+    if t.len() != n * k || u.len() != k * k {
+        return Err(Error::Shape(format!("sparsegpt: weight {} / factor {} for [{n}, {k}]", t.len(), u.len())));
+    }
+    let rows: Vec<(Vec<f32>, Vec<f32>)> = t
+        .par_chunks_exact(k)
+        .map(|row| {
+            let mut w: Vec<f64> = row.iter().map(|&v| v as f64).collect();
+            let mut vals = vec![0.0f32; k];
+            let mut keep = vec![0.0f32; k];
+            for g0 in (0..k).step_by(4) {
+                let score = |p: usize| w[p] * w[p] / (u[p * k + p] * u[p * k + p]);
+                let mut idx = [g0, g0 + 1, g0 + 2, g0 + 3];
+                // Stable: ties keep the lower position.
+                idx.sort_by(|&a, &b| score(b).total_cmp(&score(a)));
+                keep[idx[0]] = 1.0;
+                keep[idx[1]] = 1.0;
+                for p in g0..g0 + 4 {
+                    let q = if keep[p] > 0.0 { half::f16::from_f64(w[p]).to_f32() } else { 0.0 };
+                    vals[p] = q;
+                    let e = (w[p] - q as f64) / u[p * k + p];
+                    let up = &u[p * k + p + 1..(p + 1) * k];
+                    w[p + 1..].iter_mut().zip(up).for_each(|(x, &f)| *x -= e * f);
+                }
+            }
+            (vals, keep)
+        })
+        .collect();
+    let mut vals = Vec::with_capacity(n * k);
+    let mut keep = Vec::with_capacity(n * k);
+    for (v, m) in rows {
+        vals.extend(v);
+        keep.extend(m);
+    }
+    QMatrix::sparse24(&vals, &keep, n, k, format)
 }
 
 #[cfg(test)]

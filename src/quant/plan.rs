@@ -561,7 +561,7 @@ impl Parts {
     }
 
     /// `n` chunks of the sensitivity part picked evenly, end to end: the
-    /// calibration text (AWQ, Wanda), a sample of the whole sensitivity part.
+    /// calibration text (AWQ, GPTQ, Wanda, SparseGPT), a sample of the whole sensitivity part.
     pub fn calibration(&self, n: usize) -> Corpus {
         let toks = &self.sensitivity.tokens;
         let tokens = pick_even(toks.len() / self.chunk, n)
@@ -695,14 +695,16 @@ pub struct PlanOptions {
 }
 
 impl PlanOptions {
-    /// int8 (RTN), int4 g128 and g32 (AWQ with calibration, else RTN), 2:4 (Wanda with calibration, else magnitude).
+    /// int8 (RTN), int4 g128 and g32 (AWQ's scales + GPTQ's rounding with calibration, else
+    /// RTN), 2:4 (SparseGPT with calibration, else magnitude): the most accurate method of each
+    /// format (BENCHMARKS.md, "Compression quality").
     pub fn default_candidates(calibrated: bool) -> Vec<Choice> {
-        let (awq, wanda) = if calibrated { (Method::Awq, Method::Wanda) } else { (Method::Rtn, Method::Rtn) };
+        let (int4, sparse) = if calibrated { (Method::Gptq, Method::SparseGpt) } else { (Method::Rtn, Method::Rtn) };
         vec![
             Choice { format: QFormat::Int8, method: Method::Rtn },
-            Choice { format: QFormat::Int4 { group: 128, asym: false }, method: awq },
-            Choice { format: QFormat::Int4 { group: 32, asym: false }, method: awq },
-            Choice { format: QFormat::Sparse24 { int8: false }, method: wanda },
+            Choice { format: QFormat::Int4 { group: 128, asym: false }, method: int4 },
+            Choice { format: QFormat::Int4 { group: 32, asym: false }, method: int4 },
+            Choice { format: QFormat::Sparse24 { int8: false }, method: sparse },
         ]
     }
 }
@@ -721,7 +723,7 @@ pub fn sensitivity_cache_path() -> Option<PathBuf> {
     CostCache::default_path().map(|p| p.with_file_name("plan-sensitivity.json"))
 }
 
-/// A fingerprint of calibration statistics (they decide AWQ's scales and Wanda's masks).
+/// A fingerprint of calibration statistics (they decide AWQ's scales, GPTQ's rounding and the 2:4 masks).
 fn calib_fingerprint(calib: Option<&Calibration>) -> u64 {
     let mut h = Fnv::new();
     let Some(c) = calib else { return h.0 };
