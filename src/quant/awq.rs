@@ -507,7 +507,11 @@ pub fn compress_with(
                 cfg.n_layers
             )));
         }
-        None if need_calib => return Err(Error::Invalid("compress: awq and wanda need calibration statistics".into())),
+        None if need_calib => {
+            return Err(Error::Invalid(
+                "compress: every method but rtn (magnitude) needs calibration statistics".into(),
+            ));
+        }
         None => None,
     };
     let mut values = values.to_vec();
