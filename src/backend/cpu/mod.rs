@@ -343,6 +343,71 @@ pub(crate) fn chunked<const N: usize>(
     }
 }
 
+/// Elements `start..start + len` of a locked slice as f32: borrowed for
+/// f32, widened (exactly) into `scratch` for f16/bf16. Lets an op convert the
+/// part it is about to use, cache-local, instead of a whole-tensor f32 copy.
+pub(crate) fn f32_part<'a>(src: &SliceRef<'a>, start: usize, len: usize, scratch: &'a mut Vec<f32>) -> &'a [f32] {
+    let v = simd::simd();
+    match *src {
+        SliceRef::F32(x) => &x[start..start + len],
+        SliceRef::F16(x) => {
+            scratch.resize(len, 0.0);
+            convert::widen_f16_with(v, &x[start..start + len], scratch);
+            scratch
+        }
+        SliceRef::BF16(x) => {
+            scratch.resize(len, 0.0);
+            convert::widen_bf16_with(v, &x[start..start + len], scratch);
+            scratch
+        }
+        SliceRef::U32(_) | SliceRef::I32(_) => unreachable!("op validation guarantees a float buffer"),
+    }
+}
+
+/// `rows` rows of `width` elements, row `i` at element `start + i·stride` of
+/// a locked slice, as f32: `(elements, row stride)`, borrowed in place
+/// (stride `stride`) for f32, widened into `scratch` packed (stride `width`)
+/// for f16/bf16.
+pub(crate) fn f32_rows<'a>(
+    src: &SliceRef<'a>,
+    start: usize,
+    stride: usize,
+    rows: usize,
+    width: usize,
+    scratch: &'a mut Vec<f32>,
+) -> (&'a [f32], usize) {
+    let v = simd::simd();
+    if let SliceRef::F32(x) = *src {
+        return (&x[start..], stride);
+    }
+    scratch.resize(rows * width, 0.0);
+    for (i, dst) in scratch.chunks_exact_mut(width).enumerate() {
+        let s = start + i * stride;
+        match *src {
+            SliceRef::F16(x) => convert::widen_f16_with(v, &x[s..s + width], dst),
+            SliceRef::BF16(x) => convert::widen_bf16_with(v, &x[s..s + width], dst),
+            _ => unreachable!("op validation guarantees a float buffer"),
+        }
+    }
+    (scratch, width)
+}
+
+impl CpuBuffer {
+    /// Writes f32 rows at element offsets, each element rounded once to the
+    /// buffer's dtype (no whole-tensor f32 copy). Elements no row covers keep
+    /// their values.
+    pub(crate) fn store_rows<'r>(&mut self, rows: impl Iterator<Item = (usize, &'r [f32])>) {
+        let v = simd::simd();
+        let mut g = self.lock_mut();
+        match g.slice() {
+            SliceMut::F32(x) => rows.for_each(|(o, r)| x[o..o + r.len()].copy_from_slice(r)),
+            SliceMut::F16(x) => rows.for_each(|(o, r)| convert::narrow_f16_with(v, r, &mut x[o..o + r.len()])),
+            SliceMut::BF16(x) => rows.for_each(|(o, r)| convert::narrow_bf16_with(v, r, &mut x[o..o + r.len()])),
+            SliceMut::U32(_) | SliceMut::I32(_) => unreachable!("op validation guarantees a float buffer"),
+        }
+    }
+}
+
 /// The f32 view of a tensor's elements.
 fn rd(t: &Tensor<CpuBackend>) -> Elems<'_, f32> {
     t.buf.f32s()
@@ -472,7 +537,9 @@ impl Backend for CpuBackend {
         Ok(())
     }
     fn cast(&self, _s: &ElementwiseSpec, x: &Tensor<Self>, y: &mut Tensor<Self>) -> Result<()> {
-        y.buf.store(&rd(x));
+        // Per chunk: widened, then rounded to y's dtype (f16/bf16 → the same
+        // dtype is the identity but for a quietened signalling NaN, as ever).
+        chunked(&mut y.buf, [&x.buf], 1 << 13, false, |_, [x], o| o.copy_from_slice(x));
         Ok(())
     }
     fn gelu(&self, _s: &ElementwiseSpec, x: &Tensor<Self>, y: &mut Tensor<Self>) -> Result<()> {
