@@ -299,8 +299,10 @@ impl CpuBuffer {
 /// the same element range of its buffer as f32, `out` the chunk as f32 (its
 /// old values when `read_out`, else unspecified: `f` must write every
 /// element), rounded once into the buffer's dtype after `f`. For f16/bf16 the
-/// conversions happen per chunk, inside the task, instead of whole-tensor f32
-/// copies of every input and of the output (what `rd` + `produce` do).
+/// conversions happen per chunk, inside the task, into scratch that the task
+/// reuses from chunk to chunk: no whole-tensor f32 copies of the inputs and
+/// of the output (what `rd` + `produce` do), and no fresh zeroed allocation
+/// per chunk.
 pub(crate) fn chunked<const N: usize>(
     out: &mut CpuBuffer,
     ins: [&CpuBuffer; N],
@@ -311,33 +313,44 @@ pub(crate) fn chunked<const N: usize>(
     use rayon::prelude::*;
     let chunk = chunk.max(1);
     let v = simd::simd();
-    let run = |i: usize, o: &mut [f32]| {
-        let views: [Elems<'_, f32>; N] = std::array::from_fn(|j| ins[j].f32_range(i * chunk, o.len()));
-        let refs: [&[f32]; N] = std::array::from_fn(|j| &*views[j]);
+    let guards: [ReadGuard<'_>; N] = std::array::from_fn(|j| ins[j].lock());
+    let srcs: [SliceRef<'_>; N] = std::array::from_fn(|j| guards[j].slice());
+    let scratch = || -> [Vec<f32>; N] { std::array::from_fn(|_| Vec::new()) };
+    let run = |sc: &mut [Vec<f32>; N], i: usize, o: &mut [f32]| {
+        let mut sc = sc.iter_mut();
+        let refs: [&[f32]; N] =
+            std::array::from_fn(|j| f32_part(&srcs[j], i * chunk, o.len(), sc.next().expect("one scratch per input")));
         f(i * chunk, refs, o);
     };
     let mut g = out.lock_mut();
     match g.slice() {
-        SliceMut::F32(x) => x.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| run(i, o)),
-        SliceMut::F16(x) => x.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
-            let mut tmp = vec![0.0f32; o.len()];
-            if read_out {
-                convert::widen_f16_with(v, o, &mut tmp);
-            }
-            run(i, &mut tmp);
-            convert::narrow_f16_with(v, &tmp, o);
-        }),
-        SliceMut::BF16(x) => x.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
-            let mut tmp = vec![0.0f32; o.len()];
-            if read_out {
-                convert::widen_bf16_with(v, o, &mut tmp);
-            }
-            run(i, &mut tmp);
-            convert::narrow_bf16_with(v, &tmp, o);
-        }),
+        SliceMut::F32(x) => x.par_chunks_mut(chunk).enumerate().for_each_init(scratch, |sc, (i, o)| run(sc, i, o)),
+        SliceMut::F16(x) => x.par_chunks_mut(chunk).enumerate().for_each_init(
+            || (scratch(), Vec::new()),
+            |(sc, tmp), (i, o)| {
+                tmp.resize(o.len(), 0.0);
+                if read_out {
+                    convert::widen_f16_with(v, o, tmp);
+                }
+                run(sc, i, tmp);
+                convert::narrow_f16_with(v, tmp, o);
+            },
+        ),
+        SliceMut::BF16(x) => x.par_chunks_mut(chunk).enumerate().for_each_init(
+            || (scratch(), Vec::new()),
+            |(sc, tmp), (i, o)| {
+                tmp.resize(o.len(), 0.0);
+                if read_out {
+                    convert::widen_bf16_with(v, o, tmp);
+                }
+                run(sc, i, tmp);
+                convert::narrow_bf16_with(v, tmp, o);
+            },
+        ),
         SliceMut::U32(_) | SliceMut::I32(_) => {
             drop(g);
-            let each = |o: &mut [f32]| o.chunks_mut(chunk).enumerate().for_each(|(i, o)| run(i, o));
+            let mut sc = scratch();
+            let each = |o: &mut [f32]| o.chunks_mut(chunk).enumerate().for_each(|(i, o)| run(&mut sc, i, o));
             if read_out { out.update(each) } else { out.produce(each) }
         }
     }
@@ -360,7 +373,16 @@ pub(crate) fn f32_part<'a>(src: &SliceRef<'a>, start: usize, len: usize, scratch
             convert::widen_bf16_with(v, &x[start..start + len], scratch);
             scratch
         }
-        SliceRef::U32(_) | SliceRef::I32(_) => unreachable!("op validation guarantees a float buffer"),
+        SliceRef::U32(x) => {
+            scratch.clear();
+            scratch.extend(x[start..start + len].iter().map(|&e| e as f32));
+            scratch
+        }
+        SliceRef::I32(x) => {
+            scratch.clear();
+            scratch.extend(x[start..start + len].iter().map(|&e| e as f32));
+            scratch
+        }
     }
 }
 
