@@ -13,7 +13,7 @@
 
 use rayon::prelude::*;
 
-use super::{CpuBackend, f32_rows, rd, simd, vmath};
+use super::{CpuBackend, SliceRef, f32_rows, rd, simd, vmath};
 use crate::Tensor;
 use crate::attention::ops::{AttentionSpec, IndexerLossSpec, IndexerSpec, PatternSpec, SelectSpec};
 use crate::attention::select::{NONE, select_row};
@@ -282,18 +282,39 @@ pub(super) fn forward(s: &AttentionSpec, q: &T, k: &T, v: &T, idx: Option<&T>, o
     let idx = idx_g.as_deref();
     let lay = Layout { s: *s };
     let d = s.head_dim;
+    // f16/bf16 heads are widened into [seq, d] f32 copies (no whole-tensor
+    // copies): K and V once per (batch, kv head), shared by the group's query
+    // heads, Q per task. f32 tensors are read in place (empty copies here).
+    let kv: Vec<(Vec<f32>, Vec<f32>)> = (0..s.batch * s.n_kv_heads)
+        .into_par_iter()
+        .map(|bg| {
+            let (b, g) = (bg / s.n_kv_heads, bg % s.n_kv_heads);
+            let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
+            for (src, buf) in [(&ks, &mut kbuf), (&vs, &mut vbuf)] {
+                if !matches!(src, SliceRef::F32(_)) {
+                    f32_rows(src, lay.k(b, 0, g), lay.k_rs(), s.seq, d, buf);
+                }
+            }
+            (kbuf, vbuf)
+        })
+        .collect();
     // One task per (batch, head): returns its o rows ([seq, d]) and lse.
-    // f16/bf16 heads are widened per task into [seq, d] scratch (cache-local,
-    // no whole-tensor f32 copies); f32 ones are read in place.
     let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..s.batch * s.n_heads)
         .into_par_iter()
         .map(|bh| {
             let (b, h) = (bh / s.n_heads, bh % s.n_heads);
             let g = h / s.group();
-            let (mut qbuf, mut kbuf, mut vbuf) = (Vec::new(), Vec::new(), Vec::new());
+            let mut qbuf = Vec::new();
             let (qh, qrs) = f32_rows(&qs, lay.q(b, 0, h), lay.q_rs(), s.seq, d, &mut qbuf);
-            let (kh, krs) = f32_rows(&ks, lay.k(b, 0, g), lay.k_rs(), s.seq, d, &mut kbuf);
-            let (vh, vrs) = f32_rows(&vs, lay.k(b, 0, g), lay.k_rs(), s.seq, d, &mut vbuf);
+            let (kc, vc) = &kv[b * s.n_kv_heads + g];
+            let (kh, krs) = match ks {
+                SliceRef::F32(x) => (&x[lay.k(b, 0, g).min(x.len())..], lay.k_rs()),
+                _ => (&kc[..], d),
+            };
+            let (vh, vrs) = match vs {
+                SliceRef::F32(x) => (&x[lay.k(b, 0, g).min(x.len())..], lay.k_rs()),
+                _ => (&vc[..], d),
+            };
             let mut out = vec![0.0f32; s.seq * d];
             let mut lse = vec![f32::NEG_INFINITY; s.seq];
             if let PatternSpec::Tokens { .. } = s.pattern {

@@ -400,7 +400,7 @@ pub(crate) fn f32_rows<'a>(
 ) -> (&'a [f32], usize) {
     let v = simd::simd();
     if let SliceRef::F32(x) = *src {
-        return (&x[start..], stride);
+        return (&x[start.min(x.len())..], stride);
     }
     scratch.resize(rows * width, 0.0);
     for (i, dst) in scratch.chunks_exact_mut(width).enumerate() {
