@@ -216,13 +216,27 @@ fn pack_a<T: Elem>(
         out.fill(0.0);
     }
     if a.cs == 1 {
-        let tmp = &mut tmp[..kc];
-        for r in 0..mc {
-            let at = (i0 + r) * a.rs + pc;
-            T::widen(v, &a.x[at..at + kc], tmp);
-            let panel = &mut out[(r / MR) * kc * MR..];
-            for (p, &x) in tmp.iter().enumerate() {
-                panel[p * MR + r % MR] = x;
+        // MR rows at a time: each widened into its own run of `tmp`, then
+        // interleaved k step by k step (contiguous stores into the panel).
+        for (q, panel) in out.chunks_mut(kc * MR).enumerate() {
+            let h = MR.min(mc - q * MR);
+            for r in 0..h {
+                let at = (i0 + q * MR + r) * a.rs + pc;
+                T::widen(v, &a.x[at..at + kc], &mut tmp[r * kc..(r + 1) * kc]);
+            }
+            let rows: [&[f32]; MR] = std::array::from_fn(|r| &tmp[r * kc..(r + 1) * kc]);
+            if h == MR {
+                for (p, o) in panel.chunks_exact_mut(MR).enumerate() {
+                    for (o, row) in o.iter_mut().zip(&rows) {
+                        *o = row[p];
+                    }
+                }
+            } else {
+                for (r, row) in rows.iter().enumerate().take(h) {
+                    for (p, &x) in row.iter().enumerate() {
+                        panel[p * MR + r] = x;
+                    }
+                }
             }
         }
     } else {
@@ -256,7 +270,7 @@ fn block<T: Elem>(
     cb: &mut [T],
 ) {
     let ap_len = mc.div_ceil(MR) * KC.min(k.max(1)) * MR;
-    let tmp_len = KC.max(mc).max(nc);
+    let tmp_len = (MR * KC).max(mc).max(nc);
     with_scratch(1, mc * nc + ap_len + tmp_len + MR * nr, |sc| {
         let (acc, rest) = sc.split_at_mut(mc * nc);
         let (apack, rest) = rest.split_at_mut(ap_len);
