@@ -185,15 +185,23 @@ fn pack_b<T: Elem>(v: Simd, nr: usize, k: usize, jc: usize, nc: usize, b: Operan
                 }
             }
         } else {
-            // Columns of op(B) are contiguous (B transposed): one run of k per column.
-            let mut tmp = vec![0.0f32; k];
-            for j in 0..w {
-                T::widen(v, &b.x[(j0 + j) * b.cs..(j0 + j) * b.cs + k], &mut tmp);
-                let panel = &mut grp[(j / nr) * k * nr..];
-                for (p, &x) in tmp.iter().enumerate() {
-                    panel[p * nr + j % nr] = x;
+            // Columns of op(B) are contiguous (B transposed): one run of k per
+            // column, a panel's nr columns widened into nr runs of scratch,
+            // then interleaved k step by k step (contiguous stores).
+            with_scratch(1, nr * k, |tmp| {
+                for (q, panel) in grp.chunks_mut(k * nr).enumerate() {
+                    let cols = nr.min(w - q * nr);
+                    for c in 0..cols {
+                        let at = (j0 + q * nr + c) * b.cs;
+                        T::widen(v, &b.x[at..at + k], &mut tmp[c * k..(c + 1) * k]);
+                    }
+                    for (p, o) in panel.chunks_exact_mut(nr).enumerate() {
+                        for (c, o) in o[..cols].iter_mut().enumerate() {
+                            *o = tmp[c * k + p];
+                        }
+                    }
                 }
-            }
+            });
         }
     });
 }
