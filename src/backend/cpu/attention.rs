@@ -13,7 +13,7 @@
 
 use rayon::prelude::*;
 
-use super::{CpuBackend, rd, simd, vmath};
+use super::{CpuBackend, SliceRef, f32_rows, rd, simd, vmath};
 use crate::Tensor;
 use crate::attention::ops::{AttentionSpec, IndexerLossSpec, IndexerSpec, PatternSpec, SelectSpec};
 use crate::attention::select::{NONE, select_row};
@@ -195,6 +195,7 @@ fn skinny_gemm(
 }
 
 /// Element offsets of the q/o and k/v layouts.
+#[derive(Clone, Copy)]
 struct Layout {
     s: AttentionSpec,
 }
@@ -270,30 +271,64 @@ fn visible(t: usize, k0: usize, k1: usize) -> usize {
     if t < k0 { 0 } else { (t + 1).min(k1) - k0 }
 }
 
+/// One head's `[seq, d]` rows of a q/o or k/v layout tensor as f32: the
+/// elements and the row stride (see [`f32_rows`]).
+type HeadRows<'a> = (&'a [f32], usize);
+
 pub(super) fn forward(s: &AttentionSpec, q: &T, k: &T, v: &T, idx: Option<&T>, o: &mut T, lse: &mut T) {
-    let (q, k, v) = (rd(q), rd(k), rd(v));
+    let (gq, gk, gv) = (q.buf.lock(), k.buf.lock(), v.buf.lock());
+    let (qs, ks, vs) = (gq.slice(), gk.slice(), gv.slice());
     let idx_g = idx.map(|i| i.buf.u32s());
     let idx = idx_g.as_deref();
     let lay = Layout { s: *s };
     let d = s.head_dim;
+    // f16/bf16 heads are widened into [seq, d] f32 copies (no whole-tensor
+    // copies): K and V once per (batch, kv head), shared by the group's query
+    // heads, Q per task. f32 tensors are read in place (empty copies here).
+    let kv: Vec<(Vec<f32>, Vec<f32>)> = (0..s.batch * s.n_kv_heads)
+        .into_par_iter()
+        .map(|bg| {
+            let (b, g) = (bg / s.n_kv_heads, bg % s.n_kv_heads);
+            let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
+            for (src, buf) in [(&ks, &mut kbuf), (&vs, &mut vbuf)] {
+                if !matches!(src, SliceRef::F32(_)) {
+                    f32_rows(src, lay.k(b, 0, g), lay.k_rs(), s.seq, d, buf);
+                }
+            }
+            (kbuf, vbuf)
+        })
+        .collect();
     // One task per (batch, head): returns its o rows ([seq, d]) and lse.
     let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..s.batch * s.n_heads)
         .into_par_iter()
         .map(|bh| {
             let (b, h) = (bh / s.n_heads, bh % s.n_heads);
             let g = h / s.group();
+            let mut qbuf = Vec::new();
+            let (qh, qrs) = f32_rows(&qs, lay.q(b, 0, h), lay.q_rs(), s.seq, d, &mut qbuf);
+            let (kc, vc) = &kv[b * s.n_kv_heads + g];
+            let (kh, krs) = match ks {
+                SliceRef::F32(x) => (&x[lay.k(b, 0, g).min(x.len())..], lay.k_rs()),
+                _ => (&kc[..], d),
+            };
+            let (vh, vrs) = match vs {
+                SliceRef::F32(x) => (&x[lay.k(b, 0, g).min(x.len())..], lay.k_rs()),
+                _ => (&vc[..], d),
+            };
             let mut out = vec![0.0f32; s.seq * d];
             let mut lse = vec![f32::NEG_INFINITY; s.seq];
             if let PatternSpec::Tokens { .. } = s.pattern {
                 let idx = idx.expect("token pattern has an index");
                 let mut p = Vec::new();
                 for t in 0..s.seq {
-                    let qv = &q[lay.q(b, t, h)..lay.q(b, t, h) + d];
+                    let qv = &qh[t * qrs..t * qrs + d];
                     let keys: Vec<usize> = token_keys(s, idx, b, t).collect();
                     p.clear();
-                    p.extend(keys.iter().map(|&j| {
-                        s.scale * qv.iter().zip(&k[lay.k(b, j, g)..lay.k(b, j, g) + d]).map(|(a, b)| a * b).sum::<f32>()
-                    }));
+                    p.extend(
+                        keys.iter().map(|&j| {
+                            s.scale * qv.iter().zip(&kh[j * krs..j * krs + d]).map(|(a, b)| a * b).sum::<f32>()
+                        }),
+                    );
                     let m = p.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
                     if keys.is_empty() {
                         continue;
@@ -301,7 +336,7 @@ pub(super) fn forward(s: &AttentionSpec, q: &T, k: &T, v: &T, idx: Option<&T>, o
                     let l = vmath::exp_shift_sum(simd::simd(), &mut p, m);
                     let o = &mut out[t * d..(t + 1) * d];
                     for (&j, &pj) in keys.iter().zip(&p) {
-                        let vv = &v[lay.k(b, j, g)..lay.k(b, j, g) + d];
+                        let vv = &vh[j * vrs..j * vrs + d];
                         o.iter_mut().zip(vv).for_each(|(o, v)| *o += pj / l * v);
                     }
                     lse[t] = m + l.ln();
@@ -310,7 +345,7 @@ pub(super) fn forward(s: &AttentionSpec, q: &T, k: &T, v: &T, idx: Option<&T>, o
             }
             if let PatternSpec::Blocks { .. } = s.pattern {
                 let idx = idx.expect("block pattern has an index");
-                forward_blocks(s, &lay, (&q, &k, &v), idx, (b, h, g), &mut out, &mut lse);
+                forward_blocks(s, ((qh, qrs), (kh, krs), (vh, vrs)), idx, b, &mut out, &mut lse);
                 return (out, lse);
             }
             let mut sbuf = vec![0.0f32; TILE * TILE];
@@ -326,10 +361,10 @@ pub(super) fn forward(s: &AttentionSpec, q: &T, k: &T, v: &T, idx: Option<&T>, o
                         d,
                         cols,
                         s.scale,
-                        &q[lay.q(b, t0, h)..],
-                        (lay.q_rs(), 1),
-                        &k[lay.k(b, k0, g)..],
-                        (1, lay.k_rs()),
+                        &qh[t0 * qrs..],
+                        (qrs, 1),
+                        &kh[k0 * krs..],
+                        (1, krs),
                         0.0,
                         sb,
                         (cols, 1),
@@ -341,7 +376,7 @@ pub(super) fn forward(s: &AttentionSpec, q: &T, k: &T, v: &T, idx: Option<&T>, o
                             acc[r * d..(r + 1) * d].iter_mut().for_each(|a| *a *= corr);
                         }
                     }
-                    gemm(rows, cols, d, 1.0, sb, (cols, 1), &v[lay.k(b, k0, g)..], (lay.k_rs(), 1), 1.0, acc, (d, 1));
+                    gemm(rows, cols, d, 1.0, sb, (cols, 1), &vh[k0 * vrs..], (vrs, 1), 1.0, acc, (d, 1));
                 }
                 for r in 0..rows {
                     if l[r] > 0.0 {
@@ -353,14 +388,10 @@ pub(super) fn forward(s: &AttentionSpec, q: &T, k: &T, v: &T, idx: Option<&T>, o
             (out, lse)
         })
         .collect();
-    o.buf.produce(|o| {
-        for (bh, (out, _)) in per_head.iter().enumerate() {
-            let (b, h) = (bh / s.n_heads, bh % s.n_heads);
-            for t in 0..s.seq {
-                o[lay.q(b, t, h)..lay.q(b, t, h) + d].copy_from_slice(&out[t * d..(t + 1) * d]);
-            }
-        }
-    });
+    o.buf.store_rows(per_head.iter().enumerate().flat_map(|(bh, (out, _))| {
+        let (b, h) = (bh / s.n_heads, bh % s.n_heads);
+        out.chunks_exact(d).enumerate().map(move |(t, row)| (lay.q(b, t, h), row))
+    }));
     lse.buf.produce(|l| {
         for (bh, (_, ls)) in per_head.iter().enumerate() {
             l[bh * s.seq..(bh + 1) * s.seq].copy_from_slice(ls);
@@ -392,10 +423,9 @@ pub(super) fn online_update(row: &mut [f32], vis: usize, m: &mut f32, l: &mut f3
 /// the rows of the queries that chose it are gathered into one GEMM.
 fn forward_blocks(
     s: &AttentionSpec,
-    lay: &Layout,
-    (q, k, v): (&[f32], &[f32], &[f32]),
+    ((qh, qrs), (kh, krs), (vh, vrs)): (HeadRows<'_>, HeadRows<'_>, HeadRows<'_>),
     idx: &[u32],
-    (b, h, g): (usize, usize, usize),
+    b: usize,
     out: &mut [f32],
     lse: &mut [f32],
 ) {
@@ -407,9 +437,9 @@ fn forward_blocks(
         let acc = &mut out[t0 * d..t1 * d];
         for (k0, k1, rows) in chosen_blocks(s, idx, b, t0, t1) {
             let (nr, cols) = (rows.len(), k1 - k0);
-            gather(&mut qb, &q[lay.q(b, 0, h)..], t0, lay.q_rs(), d, &rows);
+            gather(&mut qb, qh, t0, qrs, d, &rows);
             sb.resize(nr * cols, 0.0);
-            gemm(nr, d, cols, s.scale, &qb, (d, 1), &k[lay.k(b, k0, g)..], (1, lay.k_rs()), 0.0, &mut sb, (cols, 1));
+            gemm(nr, d, cols, s.scale, &qb, (d, 1), &kh[k0 * krs..], (1, krs), 0.0, &mut sb, (cols, 1));
             corr.clear();
             corr.resize(nr, 1.0);
             for (i, &r) in rows.iter().enumerate() {
@@ -417,7 +447,7 @@ fn forward_blocks(
                 corr[i] = online_update(&mut sb[i * cols..(i + 1) * cols], vis, &mut m[r], &mut l[r]).unwrap_or(1.0);
             }
             pv.resize(nr * d, 0.0);
-            gemm(nr, cols, d, 1.0, &sb, (cols, 1), &v[lay.k(b, k0, g)..], (lay.k_rs(), 1), 0.0, &mut pv, (d, 1));
+            gemm(nr, cols, d, 1.0, &sb, (cols, 1), &vh[k0 * vrs..], (vrs, 1), 0.0, &mut pv, (d, 1));
             for (i, &r) in rows.iter().enumerate() {
                 let a = &mut acc[r * d..(r + 1) * d];
                 a.iter_mut().zip(&pv[i * d..(i + 1) * d]).for_each(|(a, &x)| *a = *a * corr[i] + x);
@@ -446,37 +476,44 @@ pub(super) fn backward(
     dk: &mut T,
     dv: &mut T,
 ) {
-    let (q, k, v, o, lse, d_o) = (rd(q), rd(k), rd(v), rd(o), rd(lse), rd(d_o));
+    let lse = rd(lse);
+    let (gq, gk, gv, go, gdo) = (q.buf.lock(), k.buf.lock(), v.buf.lock(), o.buf.lock(), d_o.buf.lock());
+    let (qs, ks, vs, os, dos) = (gq.slice(), gk.slice(), gv.slice(), go.slice(), gdo.slice());
     let idx_g = idx.map(|i| i.buf.u32s());
     let idx = idx_g.as_deref();
     let lay = Layout { s: *s };
     let d = s.head_dim;
     let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
-    // One task per (batch, kv head): it owns dk/dv of that head and dq of its query heads.
+    // One task per (batch, kv head): it owns dk/dv of that head and dq of its
+    // query heads. f16/bf16 heads are widened per task (see `forward`).
     type Grads = (Vec<Vec<f32>>, Vec<f32>, Vec<f32>);
     let per_kv: Vec<Grads> = (0..s.batch * s.n_kv_heads)
         .into_par_iter()
         .map(|bg| {
             let (b, g) = (bg / s.n_kv_heads, bg % s.n_kv_heads);
+            let (mut kbuf, mut vbuf, mut qbuf, mut obuf, mut dobuf) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (kh, krs) = f32_rows(&ks, lay.k(b, 0, g), lay.k_rs(), s.seq, d, &mut kbuf);
+            let (vh, vrs) = f32_rows(&vs, lay.k(b, 0, g), lay.k_rs(), s.seq, d, &mut vbuf);
             let (mut dkl, mut dvl) = (vec![0.0f32; s.seq * d], vec![0.0f32; s.seq * d]);
             let mut dqs = Vec::with_capacity(s.group());
             for h in g * s.group()..(g + 1) * s.group() {
+                let (qh, qrs) = f32_rows(&qs, lay.q(b, 0, h), lay.q_rs(), s.seq, d, &mut qbuf);
+                let (oh, ors) = f32_rows(&os, lay.q(b, 0, h), lay.q_rs(), s.seq, d, &mut obuf);
+                let (doh, dors) = f32_rows(&dos, lay.q(b, 0, h), lay.q_rs(), s.seq, d, &mut dobuf);
                 let mut dql = vec![0.0f32; s.seq * d];
                 let lse_h = &lse[(b * s.n_heads + h) * s.seq..(b * s.n_heads + h + 1) * s.seq];
-                let drow: Vec<f32> = (0..s.seq)
-                    .map(|t| dot(&d_o[lay.q(b, t, h)..lay.q(b, t, h) + d], &o[lay.q(b, t, h)..lay.q(b, t, h) + d]))
-                    .collect();
+                let drow: Vec<f32> =
+                    (0..s.seq).map(|t| dot(&doh[t * dors..t * dors + d], &oh[t * ors..t * ors + d])).collect();
                 if let PatternSpec::Tokens { .. } = s.pattern {
                     let idx = idx.expect("token pattern has an index");
                     for t in 0..s.seq {
                         if lse_h[t] == f32::NEG_INFINITY {
                             continue;
                         }
-                        let (qv, dov) =
-                            (&q[lay.q(b, t, h)..lay.q(b, t, h) + d], &d_o[lay.q(b, t, h)..lay.q(b, t, h) + d]);
+                        let (qv, dov) = (&qh[t * qrs..t * qrs + d], &doh[t * dors..t * dors + d]);
                         for j in token_keys(s, idx, b, t) {
-                            let (kv, vv) =
-                                (&k[lay.k(b, j, g)..lay.k(b, j, g) + d], &v[lay.k(b, j, g)..lay.k(b, j, g) + d]);
+                            let (kv, vv) = (&kh[j * krs..j * krs + d], &vh[j * vrs..j * vrs + d]);
                             let p = (s.scale * dot(qv, kv) - lse_h[t]).exp();
                             let ds = p * (dot(dov, vv) - drow[t]);
                             for e in 0..d {
@@ -512,13 +549,13 @@ pub(super) fn backward(
                     (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
                 for (t0, k0, k1, rows) in units {
                     let (nr, cols) = (rows.len(), k1 - k0);
-                    gather(&mut qb, &q[lay.q(b, 0, h)..], t0, lay.q_rs(), d, &rows);
-                    gather(&mut dob, &d_o[lay.q(b, 0, h)..], t0, lay.q_rs(), d, &rows);
-                    let (kt, vt) = (&k[lay.k(b, k0, g)..], &v[lay.k(b, k0, g)..]);
+                    gather(&mut qb, qh, t0, qrs, d, &rows);
+                    gather(&mut dob, doh, t0, dors, d, &rows);
+                    let (kt, vt) = (&kh[k0 * krs..], &vh[k0 * vrs..]);
                     p.resize(nr * cols, 0.0);
                     dp.resize(nr * cols, 0.0);
                     dqt.resize(nr * d, 0.0);
-                    gemm(nr, d, cols, s.scale, &qb, (d, 1), kt, (1, lay.k_rs()), 0.0, &mut p, (cols, 1));
+                    gemm(nr, d, cols, s.scale, &qb, (d, 1), kt, (1, krs), 0.0, &mut p, (cols, 1));
                     for (i, &r) in rows.iter().enumerate() {
                         let vis = visible(t0 + r, k0, k1);
                         let (l, pr) = (lse_h[t0 + r], &mut p[i * cols..(i + 1) * cols]);
@@ -528,13 +565,13 @@ pub(super) fn backward(
                     }
                     // dV += Pᵀ·dO; dP = dO·Vᵀ; dS = P∘(dP - D); dQ += s·dS·K; dK += s·dSᵀ·Q.
                     gemm(cols, nr, d, 1.0, &p, (1, cols), &dob, (d, 1), 1.0, &mut dvl[k0 * d..], (d, 1));
-                    gemm(nr, d, cols, 1.0, &dob, (d, 1), vt, (1, lay.k_rs()), 0.0, &mut dp, (cols, 1));
+                    gemm(nr, d, cols, 1.0, &dob, (d, 1), vt, (1, vrs), 0.0, &mut dp, (cols, 1));
                     for (i, &r) in rows.iter().enumerate() {
                         let (dpr, pr, dr) =
                             (&mut dp[i * cols..(i + 1) * cols], &p[i * cols..(i + 1) * cols], drow[t0 + r]);
                         dpr.iter_mut().zip(pr).for_each(|(x, &p)| *x = p * (*x - dr));
                     }
-                    gemm(nr, cols, d, s.scale, &dp, (cols, 1), kt, (lay.k_rs(), 1), 0.0, &mut dqt, (d, 1));
+                    gemm(nr, cols, d, s.scale, &dp, (cols, 1), kt, (krs, 1), 0.0, &mut dqt, (d, 1));
                     for (i, &r) in rows.iter().enumerate() {
                         let dst = &mut dql[(t0 + r) * d..(t0 + r + 1) * d];
                         dst.iter_mut().zip(&dqt[i * d..(i + 1) * d]).for_each(|(a, &x)| *a += x);
@@ -546,27 +583,19 @@ pub(super) fn backward(
             (dqs, dkl, dvl)
         })
         .collect();
-    dq.buf.produce(|out| {
-        for (bg, (dqs, _, _)) in per_kv.iter().enumerate() {
-            let (b, g) = (bg / s.n_kv_heads, bg % s.n_kv_heads);
-            for (i, dql) in dqs.iter().enumerate() {
-                let h = g * s.group() + i;
-                for t in 0..s.seq {
-                    out[lay.q(b, t, h)..lay.q(b, t, h) + d].copy_from_slice(&dql[t * d..(t + 1) * d]);
-                }
-            }
-        }
-    });
+    dq.buf.store_rows(per_kv.iter().enumerate().flat_map(|(bg, (dqs, _, _))| {
+        let (b, g) = (bg / s.n_kv_heads, bg % s.n_kv_heads);
+        dqs.iter().enumerate().flat_map(move |(i, dql)| {
+            let h = g * s.group() + i;
+            dql.chunks_exact(d).enumerate().map(move |(t, row)| (lay.q(b, t, h), row))
+        })
+    }));
     for (which, dst) in [(1, dk), (2, dv)] {
-        dst.buf.produce(|out| {
-            for (bg, grads) in per_kv.iter().enumerate() {
-                let src = if which == 1 { &grads.1 } else { &grads.2 };
-                let (b, g) = (bg / s.n_kv_heads, bg % s.n_kv_heads);
-                for t in 0..s.seq {
-                    out[lay.k(b, t, g)..lay.k(b, t, g) + d].copy_from_slice(&src[t * d..(t + 1) * d]);
-                }
-            }
-        });
+        dst.buf.store_rows(per_kv.iter().enumerate().flat_map(|(bg, grads)| {
+            let src = if which == 1 { &grads.1 } else { &grads.2 };
+            let (b, g) = (bg / s.n_kv_heads, bg % s.n_kv_heads);
+            src.chunks_exact(d).enumerate().map(move |(t, row)| (lay.k(b, t, g), row))
+        }));
     }
 }
 

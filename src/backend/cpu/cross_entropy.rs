@@ -2,20 +2,25 @@
 
 use rayon::prelude::*;
 
-use super::{CpuBackend, rd, simd, vmath};
+use super::{CpuBackend, chunked, f32_part, simd, vmath};
 use crate::Tensor;
 use crate::ops::CrossEntropySpec;
 
 type T = Tensor<CpuBackend>;
 
+/// Logits per parallel task of the backward (f16/bf16 converted per task).
+const CHUNK: usize = 8192;
+
 pub(super) fn forward(s: &CrossEntropySpec, logits: &T, targets: &T, losses: &mut T) {
-    let (x, tg, v) = (rd(logits), targets.buf.u32s(), simd::simd());
+    let (gx, tg, v) = (logits.buf.lock(), targets.buf.u32s(), simd::simd());
+    let x = gx.slice();
     losses.buf.produce(|o| {
-        o.par_iter_mut().enumerate().for_each(|(r, o)| {
+        // f16/bf16 rows are widened one at a time into the task's scratch.
+        o.par_iter_mut().enumerate().for_each_init(Vec::new, |scratch, (r, o)| {
             *o = if s.is_ignored(tg[r]) {
                 0.0
             } else {
-                let row = &x[r * s.vocab..(r + 1) * s.vocab];
+                let row = f32_part(&x, r * s.vocab, s.vocab, scratch);
                 let max = vmath::max(v, row);
                 max + vmath::sum_exp_shift(v, row, max).ln() - row[tg[r] as usize]
             }
@@ -24,20 +29,25 @@ pub(super) fn forward(s: &CrossEntropySpec, logits: &T, targets: &T, losses: &mu
 }
 
 pub(super) fn backward(s: &CrossEntropySpec, logits: &T, targets: &T, dlogits: &mut T) {
-    let (x, tg, v) = (rd(logits), targets.buf.u32s(), simd::simd());
-    dlogits.buf.produce(|o| {
-        o.par_chunks_mut(s.vocab).enumerate().for_each(|(r, o)| {
+    let (tg, v) = (targets.buf.u32s(), simd::simd());
+    if s.vocab == 0 {
+        return;
+    }
+    let rows = (CHUNK / s.vocab).max(1) * s.vocab;
+    chunked(&mut dlogits.buf, [&logits.buf], rows, false, |first, [x], out| {
+        for (i, (o, xr)) in out.chunks_mut(s.vocab).zip(x.chunks(s.vocab)).enumerate() {
+            let r = first / s.vocab + i;
             if s.is_ignored(tg[r]) {
                 o.fill(0.0);
-                return;
+                continue;
             }
             // o = e^(x - max) in place, then grad_scale·(o/Σo − onehot).
-            o.copy_from_slice(&x[r * s.vocab..(r + 1) * s.vocab]);
+            o.copy_from_slice(xr);
             let max = vmath::max(v, o);
             let sum = vmath::exp_shift_sum(v, o, max);
             o.iter_mut().for_each(|p| *p = s.grad_scale * (*p / sum));
             o[tg[r] as usize] -= s.grad_scale;
-        })
+        }
     });
 }
 

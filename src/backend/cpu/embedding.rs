@@ -1,8 +1,6 @@
 //! Embedding lookup and its scatter-add gradient on the host.
 
-use rayon::prelude::*;
-
-use super::{CpuBackend, rd};
+use super::{CpuBackend, chunked, rd};
 use crate::Tensor;
 use crate::ops::EmbeddingSpec;
 
@@ -10,15 +8,19 @@ type T = Tensor<CpuBackend>;
 
 pub(super) fn forward(s: &EmbeddingSpec, ids: &T, table: &T, out: &mut T) {
     let (ids, table) = (ids.buf.u32s(), rd(table));
-    out.buf.produce(|o| {
-        o.par_chunks_mut(s.dim).zip(&ids[..]).for_each(|(o, &id)| {
+    if s.dim == 0 {
+        return;
+    }
+    // Tasks of whole rows; f16/bf16 rounded per task (see [`chunked`]).
+    chunked(&mut out.buf, [], (8192 / s.dim).max(1) * s.dim, false, |first, [], o| {
+        for (o, &id) in o.chunks_mut(s.dim).zip(&ids[first / s.dim..]) {
             let id = id as usize;
             if id < s.vocab {
                 o.copy_from_slice(&table[id * s.dim..(id + 1) * s.dim]);
             } else {
                 o.fill(0.0);
             }
-        })
+        }
     });
 }
 

@@ -25,6 +25,8 @@
 //! operand: a row of op(B) (or a column, when B is transposed) and a row of
 //! op(A) (or a column, when A is transposed).
 
+use std::cell::RefCell;
+
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -42,6 +44,31 @@ const NC: usize = 2048;
 const MC_MAX: usize = 96;
 /// B panels per packing task.
 const PACK_GROUP: usize = 8;
+
+thread_local! {
+    /// Per-thread packing scratch, reused from call to call: what a call
+    /// reads of it, it has written first (or zeroed, for padding), so it is
+    /// never cleared; a fresh zeroed allocation per call cost page faults
+    /// and a memset as large as the packing itself. Slot 0: B panels (the
+    /// calling thread), slot 1: A panels, a conversion row and an edge tile
+    /// (each [`block`] task's thread).
+    static SCRATCH: [RefCell<Vec<f32>>; 2] = const { [RefCell::new(Vec::new()), RefCell::new(Vec::new())] };
+}
+
+/// Runs `f` with at least `len` elements of the thread's scratch `slot`
+/// (unspecified values), or of a fresh buffer when the slot is in use
+/// further up this thread's stack (a nested call).
+fn with_scratch<R>(slot: usize, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|s| match s[slot].try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            f(&mut buf[..len])
+        }
+        Err(_) => f(&mut vec![0.0f32; len]),
+    })
+}
 
 /// An element type the GEMM reads and writes: f32, f16 or bf16.
 pub(super) trait Elem: Copy + Send + Sync {
@@ -120,20 +147,29 @@ pub(super) fn gemm<T: Elem>(
     let c = &mut c[..m * n];
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
-        let bpack = pack_b(v, nr, k, jc, nc, b);
-        c.par_chunks_mut(mc * n).enumerate().for_each(|(ib, cb)| {
-            block(v, nr, ib * mc, cb.len() / n, n, k, jc, nc, alpha, a, &bpack, beta, cb);
+        with_scratch(0, nc.div_ceil(nr) * k * nr, |bpack| {
+            pack_b(v, nr, k, jc, nc, b, bpack);
+            let bpack = &*bpack;
+            c.par_chunks_mut(mc * n).enumerate().for_each(|(ib, cb)| {
+                block(v, nr, ib * mc, cb.len() / n, n, k, jc, nc, alpha, a, bpack, beta, cb);
+            });
         });
     }
 }
 
-/// Packs columns jc..jc+nc of op(B) (all k rows) into ⌈nc/nr⌉ panels of
-/// k × nr f32, panel-major, zero-padded past column nc.
-fn pack_b<T: Elem>(v: Simd, nr: usize, k: usize, jc: usize, nc: usize, b: Operand<'_, T>) -> Vec<f32> {
+/// Packs columns jc..jc+nc of op(B) (all k rows) into `out`: ⌈nc/nr⌉
+/// panels of k × nr f32, panel-major, zero-padded past column nc (every
+/// element written).
+#[allow(clippy::too_many_arguments)]
+fn pack_b<T: Elem>(v: Simd, nr: usize, k: usize, jc: usize, nc: usize, b: Operand<'_, T>, out: &mut [f32]) {
     let panels = nc.div_ceil(nr);
-    let mut out = vec![0.0f32; panels * k * nr];
-    if k == 0 {
-        return out;
+    if k == 0 || panels == 0 {
+        return;
+    }
+    let used = nc - (panels - 1) * nr;
+    if used < nr {
+        let last = &mut out[(panels - 1) * k * nr..];
+        last.chunks_exact_mut(nr).for_each(|row| row[used..].fill(0.0));
     }
     out.par_chunks_mut(PACK_GROUP * k * nr).enumerate().for_each(|(g, grp)| {
         let j0 = jc + g * PACK_GROUP * nr;
@@ -149,18 +185,25 @@ fn pack_b<T: Elem>(v: Simd, nr: usize, k: usize, jc: usize, nc: usize, b: Operan
                 }
             }
         } else {
-            // Columns of op(B) are contiguous (B transposed): one run of k per column.
-            let mut tmp = vec![0.0f32; k];
-            for j in 0..w {
-                T::widen(v, &b.x[(j0 + j) * b.cs..(j0 + j) * b.cs + k], &mut tmp);
-                let panel = &mut grp[(j / nr) * k * nr..];
-                for (p, &x) in tmp.iter().enumerate() {
-                    panel[p * nr + j % nr] = x;
+            // Columns of op(B) are contiguous (B transposed): one run of k per
+            // column, a panel's nr columns widened into nr runs of scratch,
+            // then interleaved k step by k step (contiguous stores).
+            with_scratch(1, nr * k, |tmp| {
+                for (q, panel) in grp.chunks_mut(k * nr).enumerate() {
+                    let cols = nr.min(w - q * nr);
+                    for c in 0..cols {
+                        let at = (j0 + q * nr + c) * b.cs;
+                        T::widen(v, &b.x[at..at + k], &mut tmp[c * k..(c + 1) * k]);
+                    }
+                    for (p, o) in panel.chunks_exact_mut(nr).enumerate() {
+                        for (c, o) in o[..cols].iter_mut().enumerate() {
+                            *o = tmp[c * k + p];
+                        }
+                    }
                 }
-            }
+            });
         }
     });
-    out
 }
 
 /// Packs rows i0..i0+mc, columns pc..pc+kc of op(A) into ⌈mc/MR⌉ panels of
@@ -181,13 +224,27 @@ fn pack_a<T: Elem>(
         out.fill(0.0);
     }
     if a.cs == 1 {
-        let tmp = &mut tmp[..kc];
-        for r in 0..mc {
-            let at = (i0 + r) * a.rs + pc;
-            T::widen(v, &a.x[at..at + kc], tmp);
-            let panel = &mut out[(r / MR) * kc * MR..];
-            for (p, &x) in tmp.iter().enumerate() {
-                panel[p * MR + r % MR] = x;
+        // MR rows at a time: each widened into its own run of `tmp`, then
+        // interleaved k step by k step (contiguous stores into the panel).
+        for (q, panel) in out.chunks_mut(kc * MR).enumerate() {
+            let h = MR.min(mc - q * MR);
+            for r in 0..h {
+                let at = (i0 + q * MR + r) * a.rs + pc;
+                T::widen(v, &a.x[at..at + kc], &mut tmp[r * kc..(r + 1) * kc]);
+            }
+            let rows: [&[f32]; MR] = std::array::from_fn(|r| &tmp[r * kc..(r + 1) * kc]);
+            if h == MR {
+                for (p, o) in panel.chunks_exact_mut(MR).enumerate() {
+                    for (o, row) in o.iter_mut().zip(&rows) {
+                        *o = row[p];
+                    }
+                }
+            } else {
+                for (r, row) in rows.iter().enumerate().take(h) {
+                    for (p, &x) in row.iter().enumerate() {
+                        panel[p * MR + r] = x;
+                    }
+                }
             }
         }
     } else {
@@ -220,13 +277,46 @@ fn block<T: Elem>(
     beta: f32,
     cb: &mut [T],
 ) {
-    let mut acc = vec![0.0f32; mc * nc];
-    let mut apack = vec![0.0f32; mc.div_ceil(MR) * KC.min(k.max(1)) * MR];
-    let mut tmp = vec![0.0f32; KC.max(mc)];
-    let mut edge = vec![0.0f32; MR * nr];
+    let ap_len = mc.div_ceil(MR) * KC.min(k.max(1)) * MR;
+    let tmp_len = (MR * KC).max(mc).max(nc);
+    with_scratch(1, mc * nc + ap_len + tmp_len + MR * nr, |sc| {
+        let (acc, rest) = sc.split_at_mut(mc * nc);
+        let (apack, rest) = rest.split_at_mut(ap_len);
+        let (tmp, edge) = rest.split_at_mut(tmp_len);
+        acc.fill(0.0);
+        block_k(v, nr, i0, mc, k, nc, a, bpack, (apack, &mut *tmp, edge), acc);
+        let old = &mut tmp[..nc];
+        for (r, row) in acc.chunks_mut(nc).enumerate() {
+            let dst = &mut cb[r * n + jc..r * n + jc + nc];
+            if beta == 0.0 {
+                row.iter_mut().for_each(|x| *x *= alpha);
+            } else {
+                T::widen(v, dst, old);
+                row.iter_mut().zip(&*old).for_each(|(x, &o)| *x = alpha * *x + beta * o);
+            }
+            T::narrow(v, row, dst);
+        }
+    });
+}
+
+/// The k loop of [`block`]: `acc (mc × nc) += op(A)[i0.., :]·B panels`, per
+/// `KC`-deep slice, with the thread's packing scratch.
+#[allow(clippy::too_many_arguments)]
+fn block_k<T: Elem>(
+    v: Simd,
+    nr: usize,
+    i0: usize,
+    mc: usize,
+    k: usize,
+    nc: usize,
+    a: Operand<'_, T>,
+    bpack: &[f32],
+    (apack, tmp, edge): (&mut [f32], &mut [f32], &mut [f32]),
+    acc: &mut [f32],
+) {
     for pc in (0..k).step_by(KC) {
         let kc = KC.min(k - pc);
-        pack_a(v, a, i0, mc, pc, kc, &mut apack, &mut tmp);
+        pack_a(v, a, i0, mc, pc, kc, apack, tmp);
         for (jp, bpanel) in bpack.chunks(k * nr).enumerate() {
             let bp = &bpanel[pc * nr..(pc + kc) * nr];
             let (j, w) = (jp * nr, nr.min(nc - jp * nr));
@@ -236,7 +326,7 @@ fn block<T: Elem>(
                     kernel(v, kc, ap, bp, &mut acc[i * nc + j..], nc);
                 } else {
                     edge.fill(0.0);
-                    kernel(v, kc, ap, bp, &mut edge, nr);
+                    kernel(v, kc, ap, bp, edge, nr);
                     for r in 0..h {
                         let dst = &mut acc[(i + r) * nc + j..(i + r) * nc + j + w];
                         dst.iter_mut().zip(&edge[r * nr..]).for_each(|(d, &e)| *d += e);
@@ -244,17 +334,6 @@ fn block<T: Elem>(
                 }
             }
         }
-    }
-    let mut old = vec![0.0f32; if beta == 0.0 { 0 } else { nc }];
-    for (r, row) in acc.chunks_mut(nc).enumerate() {
-        let dst = &mut cb[r * n + jc..r * n + jc + nc];
-        if beta == 0.0 {
-            row.iter_mut().for_each(|x| *x *= alpha);
-        } else {
-            T::widen(v, dst, &mut old);
-            row.iter_mut().zip(&old).for_each(|(x, &o)| *x = alpha * *x + beta * o);
-        }
-        T::narrow(v, row, dst);
     }
 }
 

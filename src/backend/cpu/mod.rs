@@ -299,8 +299,10 @@ impl CpuBuffer {
 /// the same element range of its buffer as f32, `out` the chunk as f32 (its
 /// old values when `read_out`, else unspecified: `f` must write every
 /// element), rounded once into the buffer's dtype after `f`. For f16/bf16 the
-/// conversions happen per chunk, inside the task, instead of whole-tensor f32
-/// copies of every input and of the output (what `rd` + `produce` do).
+/// conversions happen per chunk, inside the task, into scratch that the task
+/// reuses from chunk to chunk: no whole-tensor f32 copies of the inputs and
+/// of the output (what `rd` + `produce` do), and no fresh zeroed allocation
+/// per chunk.
 pub(crate) fn chunked<const N: usize>(
     out: &mut CpuBuffer,
     ins: [&CpuBuffer; N],
@@ -311,34 +313,119 @@ pub(crate) fn chunked<const N: usize>(
     use rayon::prelude::*;
     let chunk = chunk.max(1);
     let v = simd::simd();
-    let run = |i: usize, o: &mut [f32]| {
-        let views: [Elems<'_, f32>; N] = std::array::from_fn(|j| ins[j].f32_range(i * chunk, o.len()));
-        let refs: [&[f32]; N] = std::array::from_fn(|j| &*views[j]);
+    let guards: [ReadGuard<'_>; N] = std::array::from_fn(|j| ins[j].lock());
+    let srcs: [SliceRef<'_>; N] = std::array::from_fn(|j| guards[j].slice());
+    let scratch = || -> [Vec<f32>; N] { std::array::from_fn(|_| Vec::new()) };
+    let run = |sc: &mut [Vec<f32>; N], i: usize, o: &mut [f32]| {
+        let mut sc = sc.iter_mut();
+        let refs: [&[f32]; N] =
+            std::array::from_fn(|j| f32_part(&srcs[j], i * chunk, o.len(), sc.next().expect("one scratch per input")));
         f(i * chunk, refs, o);
     };
     let mut g = out.lock_mut();
     match g.slice() {
-        SliceMut::F32(x) => x.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| run(i, o)),
-        SliceMut::F16(x) => x.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
-            let mut tmp = vec![0.0f32; o.len()];
-            if read_out {
-                convert::widen_f16_with(v, o, &mut tmp);
-            }
-            run(i, &mut tmp);
-            convert::narrow_f16_with(v, &tmp, o);
-        }),
-        SliceMut::BF16(x) => x.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
-            let mut tmp = vec![0.0f32; o.len()];
-            if read_out {
-                convert::widen_bf16_with(v, o, &mut tmp);
-            }
-            run(i, &mut tmp);
-            convert::narrow_bf16_with(v, &tmp, o);
-        }),
+        SliceMut::F32(x) => x.par_chunks_mut(chunk).enumerate().for_each_init(scratch, |sc, (i, o)| run(sc, i, o)),
+        SliceMut::F16(x) => x.par_chunks_mut(chunk).enumerate().for_each_init(
+            || (scratch(), Vec::new()),
+            |(sc, tmp), (i, o)| {
+                tmp.resize(o.len(), 0.0);
+                if read_out {
+                    convert::widen_f16_with(v, o, tmp);
+                }
+                run(sc, i, tmp);
+                convert::narrow_f16_with(v, tmp, o);
+            },
+        ),
+        SliceMut::BF16(x) => x.par_chunks_mut(chunk).enumerate().for_each_init(
+            || (scratch(), Vec::new()),
+            |(sc, tmp), (i, o)| {
+                tmp.resize(o.len(), 0.0);
+                if read_out {
+                    convert::widen_bf16_with(v, o, tmp);
+                }
+                run(sc, i, tmp);
+                convert::narrow_bf16_with(v, tmp, o);
+            },
+        ),
         SliceMut::U32(_) | SliceMut::I32(_) => {
             drop(g);
-            let each = |o: &mut [f32]| o.chunks_mut(chunk).enumerate().for_each(|(i, o)| run(i, o));
+            let mut sc = scratch();
+            let each = |o: &mut [f32]| o.chunks_mut(chunk).enumerate().for_each(|(i, o)| run(&mut sc, i, o));
             if read_out { out.update(each) } else { out.produce(each) }
+        }
+    }
+}
+
+/// Elements `start..start + len` of a locked slice as f32: borrowed for
+/// f32, widened (exactly) into `scratch` for f16/bf16. Lets an op convert the
+/// part it is about to use, cache-local, instead of a whole-tensor f32 copy.
+pub(crate) fn f32_part<'a>(src: &SliceRef<'a>, start: usize, len: usize, scratch: &'a mut Vec<f32>) -> &'a [f32] {
+    let v = simd::simd();
+    match *src {
+        SliceRef::F32(x) => &x[start..start + len],
+        SliceRef::F16(x) => {
+            scratch.resize(len, 0.0);
+            convert::widen_f16_with(v, &x[start..start + len], scratch);
+            scratch
+        }
+        SliceRef::BF16(x) => {
+            scratch.resize(len, 0.0);
+            convert::widen_bf16_with(v, &x[start..start + len], scratch);
+            scratch
+        }
+        SliceRef::U32(x) => {
+            scratch.clear();
+            scratch.extend(x[start..start + len].iter().map(|&e| e as f32));
+            scratch
+        }
+        SliceRef::I32(x) => {
+            scratch.clear();
+            scratch.extend(x[start..start + len].iter().map(|&e| e as f32));
+            scratch
+        }
+    }
+}
+
+/// `rows` rows of `width` elements, row `i` at element `start + i·stride` of
+/// a locked slice, as f32: `(elements, row stride)`, borrowed in place
+/// (stride `stride`) for f32, widened into `scratch` packed (stride `width`)
+/// for f16/bf16.
+pub(crate) fn f32_rows<'a>(
+    src: &SliceRef<'a>,
+    start: usize,
+    stride: usize,
+    rows: usize,
+    width: usize,
+    scratch: &'a mut Vec<f32>,
+) -> (&'a [f32], usize) {
+    let v = simd::simd();
+    if let SliceRef::F32(x) = *src {
+        return (&x[start.min(x.len())..], stride);
+    }
+    scratch.resize(rows * width, 0.0);
+    for (i, dst) in scratch.chunks_exact_mut(width).enumerate() {
+        let s = start + i * stride;
+        match *src {
+            SliceRef::F16(x) => convert::widen_f16_with(v, &x[s..s + width], dst),
+            SliceRef::BF16(x) => convert::widen_bf16_with(v, &x[s..s + width], dst),
+            _ => unreachable!("op validation guarantees a float buffer"),
+        }
+    }
+    (scratch, width)
+}
+
+impl CpuBuffer {
+    /// Writes f32 rows at element offsets, each element rounded once to the
+    /// buffer's dtype (no whole-tensor f32 copy). Elements no row covers keep
+    /// their values.
+    pub(crate) fn store_rows<'r>(&mut self, rows: impl Iterator<Item = (usize, &'r [f32])>) {
+        let v = simd::simd();
+        let mut g = self.lock_mut();
+        match g.slice() {
+            SliceMut::F32(x) => rows.for_each(|(o, r)| x[o..o + r.len()].copy_from_slice(r)),
+            SliceMut::F16(x) => rows.for_each(|(o, r)| convert::narrow_f16_with(v, r, &mut x[o..o + r.len()])),
+            SliceMut::BF16(x) => rows.for_each(|(o, r)| convert::narrow_bf16_with(v, r, &mut x[o..o + r.len()])),
+            SliceMut::U32(_) | SliceMut::I32(_) => unreachable!("op validation guarantees a float buffer"),
         }
     }
 }
@@ -472,7 +559,9 @@ impl Backend for CpuBackend {
         Ok(())
     }
     fn cast(&self, _s: &ElementwiseSpec, x: &Tensor<Self>, y: &mut Tensor<Self>) -> Result<()> {
-        y.buf.store(&rd(x));
+        // Per chunk: widened, then rounded to y's dtype (f16/bf16 → the same
+        // dtype is the identity but for a quietened signalling NaN, as ever).
+        chunked(&mut y.buf, [&x.buf], 1 << 13, false, |_, [x], o| o.copy_from_slice(x));
         Ok(())
     }
     fn gelu(&self, _s: &ElementwiseSpec, x: &Tensor<Self>, y: &mut Tensor<Self>) -> Result<()> {

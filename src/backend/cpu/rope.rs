@@ -1,29 +1,32 @@
 //! Rotary embedding on the host (half-split convention, see `crate::ops::rope`).
 
-use rayon::prelude::*;
-
-use super::{CpuBackend, rd};
+use super::{CpuBackend, chunked, rd};
 use crate::Tensor;
 use crate::ops::RopeSpec;
 
 type T = Tensor<CpuBackend>;
 
+/// Elements per parallel task (f16/bf16 converted per task, see [`chunked`]).
+const CHUNK: usize = 8192;
+
 pub(super) fn rope(s: &RopeSpec, x: &T, cos: &T, sin: &T, y: &mut T) {
-    let (x, cos, sin) = (rd(x), rd(cos), rd(sin));
+    let (cos, sin) = (rd(cos), rd(sin));
     let (hd, half) = (s.head_dim, s.head_dim / 2);
+    if hd == 0 {
+        return;
+    }
     let sign = if s.inverse { -1.0 } else { 1.0 };
-    y.buf.produce(|o| {
-        // One chunk per (batch, token, head) vector.
-        o.par_chunks_mut(hd).enumerate().for_each(|(v, o)| {
-            let pos = s.pos_offset + (v / s.heads) % s.seq;
-            let xv = &x[v * hd..(v + 1) * hd];
+    // Tasks of whole (batch, token, head) vectors.
+    chunked(&mut y.buf, [&x.buf], (CHUNK / hd).max(1) * hd, false, |first, [x], o| {
+        for (i, (o, xv)) in o.chunks_mut(hd).zip(x.chunks(hd)).enumerate() {
+            let pos = s.pos_offset + ((first / hd + i) / s.heads) % s.seq;
             for i in 0..half {
                 let (c, sn) = (cos[pos * half + i], sign * sin[pos * half + i]);
                 let (a, b) = (xv[i], xv[i + half]);
                 o[i] = a * c - b * sn;
                 o[i + half] = a * sn + b * c;
             }
-        })
+        }
     });
 }
 
