@@ -190,6 +190,19 @@ fn set_byte(words: &mut [u32], i: usize, v: i32) {
     words[i / 4] |= ((v as i8 as u8) as u32) << (8 * (i % 4));
 }
 
+/// Scale and zero point of one int4 group (symmetric: `max|w| / 7` and the implied zero 8;
+/// asymmetric: the range `[min(w, 0), max(w, 0)]` over 15 steps and `round(−min / scale)`).
+pub(crate) fn int4_group_params(g: &[f32], asym: bool) -> (f32, i32) {
+    if asym {
+        let lo = g.iter().fold(0.0f32, |a, &x| a.min(x));
+        let hi = g.iter().fold(0.0f32, |a, &x| a.max(x));
+        let s = (hi - lo) / 15.0;
+        (s, if s > 0.0 { round_clamp(-lo / s, 0, 15) } else { 0 })
+    } else {
+        (g.iter().fold(0.0f32, |a, &x| a.max(x.abs())) / 7.0, 8)
+    }
+}
+
 /// Round half away from zero, clamped to `[lo, hi]`.
 pub(crate) fn round_clamp(x: f32, lo: i32, hi: i32) -> i32 {
     (x.round() as i32).clamp(lo, hi)
@@ -273,14 +286,7 @@ impl QMatrix {
                 }
                 QFormat::Int4 { group, asym } => {
                     for (g, chunk) in row.chunks(group).enumerate() {
-                        let (s, z) = if asym {
-                            let lo = chunk.iter().fold(0.0f32, |a, &x| a.min(x));
-                            let hi = chunk.iter().fold(0.0f32, |a, &x| a.max(x));
-                            let s = (hi - lo) / 15.0;
-                            (s, if s > 0.0 { round_clamp(-lo / s, 0, 15) } else { 0 })
-                        } else {
-                            (chunk.iter().fold(0.0f32, |a, &x| a.max(x.abs())) / 7.0, 8)
-                        };
+                        let (s, z) = int4_group_params(chunk, asym);
                         m.scale[j * sw + g] = s;
                         if asym {
                             set_nibble(&mut m.zero[j * zw..(j + 1) * zw], g, z as u32);

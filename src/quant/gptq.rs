@@ -35,7 +35,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::quant::format::round_clamp;
+use crate::quant::format::{int4_group_params, round_clamp};
 use crate::quant::{QFormat, QMatrix};
 
 /// Dampening added to the Gram matrix's diagonal, as a fraction of the
@@ -146,19 +146,6 @@ fn code_of(x: f32, format: QFormat, s: f32, z: i32) -> (i32, f32) {
     }
 }
 
-/// Scale and zero point of one int4 group from its current weights (the
-/// rules of [`QMatrix::quantize`]).
-fn group_params(g: &[f32], asym: bool) -> (f32, i32) {
-    if asym {
-        let lo = g.iter().fold(0.0f32, |a, &x| a.min(x));
-        let hi = g.iter().fold(0.0f32, |a, &x| a.max(x));
-        let s = (hi - lo) / 15.0;
-        (s, if s > 0.0 { round_clamp(-lo / s, 0, 15) } else { 0 })
-    } else {
-        (g.iter().fold(0.0f32, |a, &x| a.max(x.abs())) / 7.0, 8)
-    }
-}
-
 /// GPTQ's rounding of the `[n, k]` weight `t` (rows = outputs) to `format`
 /// (int8 or int4), with `u` from [`inverse_factor`] of the input's Gram matrix.
 pub fn quantize(u: &[f64], t: &[f32], n: usize, k: usize, format: QFormat) -> Result<QMatrix> {
@@ -187,7 +174,7 @@ pub fn quantize(u: &[f64], t: &[f32], n: usize, k: usize, format: QFormat) -> Re
                     (int8_scale, 0)
                 } else {
                     let cur: Vec<f32> = w[g0..g0 + group].iter().map(|&v| v as f32).collect();
-                    group_params(&cur, asym)
+                    int4_group_params(&cur, asym)
                 };
                 scales.push(s);
                 if asym {
