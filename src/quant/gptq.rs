@@ -150,7 +150,7 @@ fn code_of(x: f32, format: QFormat, s: f32, z: i32) -> (i32, f32) {
 /// (int8 or int4), with `u` from [`inverse_factor`] of the input's Gram matrix.
 pub fn quantize(u: &[f64], t: &[f32], n: usize, k: usize, format: QFormat) -> Result<QMatrix> {
     if matches!(format, QFormat::Sparse24 { .. }) {
-        return Err(Error::Invalid("gptq rounds int8/int4 weights; 2:4 takes magnitude or wanda".into()));
+        return Err(Error::Invalid("gptq rounds int8/int4 weights; 2:4 takes magnitude, wanda or sparsegpt".into()));
     }
     format.check_shape(n, k)?;
     if t.len() != n * k || u.len() != k * k {
