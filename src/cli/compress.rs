@@ -104,7 +104,7 @@ fn parse_method(m: Option<&str>, f: QFormat) -> Result<Method> {
         (Some("magnitude"), false) => Err(Error::Invalid(format!("--method magnitude is for 2:4 formats, not {f}"))),
         (Some("rtn"), true) => Err(Error::Invalid(format!("--method rtn is for int8/int4; {f} prunes (magnitude)"))),
         (Some(m @ ("awq" | "gptq")), true) => {
-            Err(Error::Invalid(format!("--method {m} is for int8/int4, not {f} (wanda prunes)")))
+            Err(Error::Invalid(format!("--method {m} is for int8/int4, not {f} (magnitude, wanda or sparsegpt prune)")))
         }
         (Some(m @ ("wanda" | "sparsegpt")), false) => {
             Err(Error::Invalid(format!("--method {m} is for 2:4 formats, not {f}")))
