@@ -20,8 +20,13 @@ use crate::attention::select::{NONE, select_row};
 
 type T = Tensor<CpuBackend>;
 
-/// Query tile of the dense pattern (and key tile).
+/// Query tile of the dense pattern (and of the indexer kernels).
 const TILE: usize = 64;
+
+/// Key tile of the dense pattern: 64 × 128 f32 scores (32 KiB) per task,
+/// half the online-softmax rescales and GEMM calls of a 64-key tile
+/// (measured in BENCHMARKS.md, issue 15; 256 keys was slower at 4×512).
+const KTILE: usize = 128;
 
 /// `C (m×n) = α·A (m×k)·B (k×n) + β·C`, each operand given by a slice and its
 /// row and column strides.
@@ -226,7 +231,7 @@ fn dense_tiles(seq: usize) -> Vec<Tile> {
         .step_by(TILE)
         .map(|t0| {
             let t1 = (t0 + TILE).min(seq);
-            (t0, t1, (0..t1).step_by(TILE).map(|k0| (k0, (k0 + TILE).min(t1))).collect())
+            (t0, t1, (0..t1).step_by(KTILE).map(|k0| (k0, (k0 + KTILE).min(t1))).collect())
         })
         .collect()
 }
@@ -348,7 +353,7 @@ pub(super) fn forward(s: &AttentionSpec, q: &T, k: &T, v: &T, idx: Option<&T>, o
                 forward_blocks(s, ((qh, qrs), (kh, krs), (vh, vrs)), idx, b, &mut out, &mut lse);
                 return (out, lse);
             }
-            let mut sbuf = vec![0.0f32; TILE * TILE];
+            let mut sbuf = vec![0.0f32; TILE * KTILE];
             for (t0, t1, ranges) in dense_tiles(s.seq) {
                 let rows = t1 - t0;
                 let (mut m, mut l) = (vec![f32::NEG_INFINITY; rows], vec![0.0f32; rows]);
@@ -547,15 +552,23 @@ pub(super) fn backward(
                 };
                 let (mut qb, mut dob, mut p, mut dp, mut dqt) =
                     (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                // Dense tiles take consecutive query rows: read in place, and dQ
+                // accumulated straight into its rows.
+                let dense = matches!(s.pattern, PatternSpec::Dense);
                 for (t0, k0, k1, rows) in units {
                     let (nr, cols) = (rows.len(), k1 - k0);
-                    gather(&mut qb, qh, t0, qrs, d, &rows);
-                    gather(&mut dob, doh, t0, dors, d, &rows);
+                    let ((qt, qts), (dot_, dots)) = if dense {
+                        ((&qh[t0 * qrs..], qrs), (&doh[t0 * dors..], dors))
+                    } else {
+                        gather(&mut qb, qh, t0, qrs, d, &rows);
+                        gather(&mut dob, doh, t0, dors, d, &rows);
+                        ((&qb[..], d), (&dob[..], d))
+                    };
                     let (kt, vt) = (&kh[k0 * krs..], &vh[k0 * vrs..]);
                     p.resize(nr * cols, 0.0);
                     dp.resize(nr * cols, 0.0);
                     dqt.resize(nr * d, 0.0);
-                    gemm(nr, d, cols, s.scale, &qb, (d, 1), kt, (1, krs), 0.0, &mut p, (cols, 1));
+                    gemm(nr, d, cols, s.scale, qt, (qts, 1), kt, (1, krs), 0.0, &mut p, (cols, 1));
                     for (i, &r) in rows.iter().enumerate() {
                         let vis = visible(t0 + r, k0, k1);
                         let (l, pr) = (lse_h[t0 + r], &mut p[i * cols..(i + 1) * cols]);
@@ -564,19 +577,23 @@ pub(super) fn backward(
                         pr[vis..].fill(0.0);
                     }
                     // dV += Pᵀ·dO; dP = dO·Vᵀ; dS = P∘(dP - D); dQ += s·dS·K; dK += s·dSᵀ·Q.
-                    gemm(cols, nr, d, 1.0, &p, (1, cols), &dob, (d, 1), 1.0, &mut dvl[k0 * d..], (d, 1));
-                    gemm(nr, d, cols, 1.0, &dob, (d, 1), vt, (1, vrs), 0.0, &mut dp, (cols, 1));
+                    gemm(cols, nr, d, 1.0, &p, (1, cols), dot_, (dots, 1), 1.0, &mut dvl[k0 * d..], (d, 1));
+                    gemm(nr, d, cols, 1.0, dot_, (dots, 1), vt, (1, vrs), 0.0, &mut dp, (cols, 1));
                     for (i, &r) in rows.iter().enumerate() {
                         let (dpr, pr, dr) =
                             (&mut dp[i * cols..(i + 1) * cols], &p[i * cols..(i + 1) * cols], drow[t0 + r]);
                         dpr.iter_mut().zip(pr).for_each(|(x, &p)| *x = p * (*x - dr));
                     }
-                    gemm(nr, cols, d, s.scale, &dp, (cols, 1), kt, (krs, 1), 0.0, &mut dqt, (d, 1));
-                    for (i, &r) in rows.iter().enumerate() {
-                        let dst = &mut dql[(t0 + r) * d..(t0 + r + 1) * d];
-                        dst.iter_mut().zip(&dqt[i * d..(i + 1) * d]).for_each(|(a, &x)| *a += x);
+                    if dense {
+                        gemm(nr, cols, d, s.scale, &dp, (cols, 1), kt, (krs, 1), 1.0, &mut dql[t0 * d..], (d, 1));
+                    } else {
+                        gemm(nr, cols, d, s.scale, &dp, (cols, 1), kt, (krs, 1), 0.0, &mut dqt, (d, 1));
+                        for (i, &r) in rows.iter().enumerate() {
+                            let dst = &mut dql[(t0 + r) * d..(t0 + r + 1) * d];
+                            dst.iter_mut().zip(&dqt[i * d..(i + 1) * d]).for_each(|(a, &x)| *a += x);
+                        }
                     }
-                    gemm(cols, nr, d, s.scale, &dp, (1, cols), &qb, (d, 1), 1.0, &mut dkl[k0 * d..], (d, 1));
+                    gemm(cols, nr, d, s.scale, &dp, (1, cols), qt, (qts, 1), 1.0, &mut dkl[k0 * d..], (d, 1));
                 }
                 dqs.push(dql);
             }

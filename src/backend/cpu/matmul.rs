@@ -75,37 +75,132 @@ pub(super) fn matmul(s: &MatmulSpec, a: &Tensor<CpuBackend>, b: &Tensor<CpuBacke
     let (av, bv) = (rd(a), rd(b));
     let (sa, sb, sc) = s.strides();
     // Row and column strides of op(A) (m×k) and op(B) (k×n) in their storage.
-    let (rsa, csa) = if s.trans_a { (1, m as isize) } else { (k as isize, 1) };
-    let (rsb, csb) = if s.trans_b { (1, k as isize) } else { (n as isize, 1) };
+    let (rsa, csa) = if s.trans_a { (1, m) } else { (k, 1) };
+    let (rsb, csb) = if s.trans_b { (1, k) } else { (n, 1) };
     let run = |cv: &mut [f32]| {
         for i in 0..s.batch {
             let (ap, bp) = (&av[i * sa..i * sa + m * k], &bv[i * sb..i * sb + k * n]);
             let cp = &mut cv[i * sc..i * sc + m * n];
-            // SAFETY: the spec guarantees A, B, C hold batch·m·k, (1|batch)·k·n and
-            // batch·m·n elements, so the slices above cover every index the
-            // strides reach; C does not alias A or B (distinct borrows). With
-            // β = 0 matrixmultiply does not read C.
-            unsafe {
-                matrixmultiply::sgemm(
-                    m,
-                    k,
-                    n,
-                    s.alpha,
-                    ap.as_ptr(),
-                    rsa,
-                    csa,
-                    bp.as_ptr(),
-                    rsb,
-                    csb,
-                    s.beta,
-                    cp.as_mut_ptr(),
-                    n as isize,
-                    1,
-                );
-            }
+            split_f32(
+                m,
+                n,
+                k,
+                s.alpha,
+                Strided { x: ap, rs: rsa, cs: csa },
+                Strided { x: bp, rs: rsb, cs: csb },
+                s.beta,
+                cp,
+            );
         }
     };
     if s.beta == 0.0 { c.buf.produce(run) } else { c.buf.update(run) }
+}
+
+/// A matrix operand: its elements from the first one on, row and column strides.
+#[derive(Clone, Copy)]
+struct Strided<'a> {
+    x: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> Strided<'a> {
+    /// The operand from row `r`, column `c` on.
+    fn at(self, r: usize, c: usize) -> Strided<'a> {
+        Strided { x: &self.x[r * self.rs + c * self.cs..], ..self }
+    }
+}
+
+/// `C[m×n] = α·op(A)·op(B) + β·C` (C row-major, contiguous) by one
+/// single-threaded `matrixmultiply::sgemm` call.
+#[allow(clippy::too_many_arguments)]
+fn sgemm(m: usize, n: usize, k: usize, alpha: f32, a: Strided<'_>, b: Strided<'_>, beta: f32, c: &mut [f32]) {
+    let reach = |r: usize, cols: usize, o: Strided<'_>| {
+        if r == 0 || cols == 0 { 0 } else { (r - 1) * o.rs + (cols - 1) * o.cs + 1 }
+    };
+    assert!(
+        reach(m, k, a) <= a.x.len() && reach(k, n, b) <= b.x.len() && m * n <= c.len(),
+        "matmul operand out of bounds (a bug: specs are validated)"
+    );
+    // SAFETY: the assert above proves every index the strides reach lies
+    // inside its slice; C is a distinct mutable borrow, so it aliases neither
+    // A nor B. With β = 0 matrixmultiply does not read C.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            alpha,
+            a.x.as_ptr(),
+            a.rs as isize,
+            a.cs as isize,
+            b.x.as_ptr(),
+            b.rs as isize,
+            b.cs as isize,
+            beta,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        )
+    }
+}
+
+/// Products below this many multiply-adds run on the calling thread.
+const SPLIT_MIN: usize = 1 << 20;
+
+/// `C = α·op(A)·op(B) + β·C` in f32, split over the rayon pool (one pool for
+/// the whole backend: `matrixmultiply`'s own threads, woken per call, cost
+/// more than they saved at the training step's sizes). Tall products are
+/// split by blocks of C's rows; short ones with a long k (the weight
+/// gradients `Xᵀ·dY`) by blocks of k, the partial products added to C in
+/// block order; the rest by blocks of C's columns. The split depends only on
+/// the shape and the pool size, so results are deterministic.
+#[allow(clippy::too_many_arguments)]
+fn split_f32(m: usize, n: usize, k: usize, alpha: f32, a: Strided<'_>, b: Strided<'_>, beta: f32, c: &mut [f32]) {
+    use rayon::prelude::*;
+    let parts = rayon::current_num_threads();
+    let c = &mut c[..m * n];
+    if parts < 2 || m * n * k < SPLIT_MIN {
+        return sgemm(m, n, k, alpha, a, b, beta, c);
+    }
+    if m >= 64 * parts {
+        let rows = m.div_ceil(parts).next_multiple_of(8);
+        c.par_chunks_mut(rows * n).enumerate().for_each(|(i, cb)| {
+            sgemm(cb.len() / n, n, k, alpha, a.at(i * rows, 0), b, beta, cb);
+        });
+    } else if k >= 256 * parts {
+        let kb = k.div_ceil(parts).next_multiple_of(8);
+        let mut partial = vec![0.0f32; (k.div_ceil(kb) - 1) * m * n];
+        let targets: Vec<&mut [f32]> = std::iter::once(&mut *c).chain(partial.chunks_mut(m * n)).collect();
+        targets.into_par_iter().enumerate().for_each(|(i, t)| {
+            let p0 = i * kb;
+            let beta = if i == 0 { beta } else { 0.0 };
+            sgemm(m, n, kb.min(k - p0), alpha, a.at(0, p0), b.at(p0, 0), beta, t);
+        });
+        for pc in partial.chunks(m * n) {
+            c.iter_mut().zip(pc).for_each(|(c, &x)| *c += x);
+        }
+    } else {
+        let cols = n.div_ceil(parts).next_multiple_of(8);
+        let blocks: Vec<(usize, Vec<f32>)> = (0..n)
+            .step_by(cols)
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|j0| {
+                let w = cols.min(n - j0);
+                let mut t = vec![0.0f32; m * w];
+                if beta != 0.0 {
+                    t.chunks_mut(w).zip(c.chunks(n)).for_each(|(t, c)| t.copy_from_slice(&c[j0..j0 + w]));
+                }
+                sgemm(m, w, k, alpha, a, b.at(0, j0), beta, &mut t);
+                (j0, t)
+            })
+            .collect();
+        for (j0, t) in blocks {
+            let w = t.len() / m;
+            c.chunks_mut(n).zip(t.chunks(w)).for_each(|(c, t)| c[j0..j0 + w].copy_from_slice(t));
+        }
+    }
 }
 
 /// The batched product through [`gemm::gemm`], one call per batch entry.
@@ -193,6 +288,38 @@ mod tests {
                 assert!((*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()), "ta={ta} tb={tb}: {g} vs {w}");
             }
         }
+    }
+
+    /// Products large enough to be split over the pool, one per strategy
+    /// (rows of C, blocks of k, columns of C), in a pool of 3 threads so that
+    /// the blocks are uneven, against the f64 loops.
+    #[test]
+    fn split_f32_products_match_f64_loops() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        pool.install(|| {
+            let be = CpuBackend::new();
+            let mut rng = Rng::new(11);
+            // (m, n, k): m ≥ 64·3 → rows; k ≥ 256·3 → k blocks; else columns.
+            let shapes = [(301usize, 41usize, 97usize), (19, 61, 1001), (37, 331, 101)];
+            for ((m, n, k), (ta, tb, beta)) in shapes.iter().flat_map(|&sh| {
+                [(false, false, 0.0f32), (true, false, 1.0), (false, true, -0.5), (true, true, 2.0)].map(|c| (sh, c))
+            }) {
+                assert!(m * n * k >= super::SPLIT_MIN);
+                let (a, b, c0) = (rng.normal_vec(m * k), rng.normal_vec(k * n), rng.normal_vec(m * n));
+                let ash = if ta { [k, m] } else { [m, k] };
+                let bsh = if tb { [n, k] } else { [k, n] };
+                let at = Tensor::from_f32(&be, &a, &ash, DType::F32).unwrap();
+                let bt = Tensor::from_f32(&be, &b, &bsh, DType::F32).unwrap();
+                let mut ct = Tensor::from_f32(&be, &c0, &[m, n], DType::F32).unwrap();
+                ops::matmul(&be, &at, &bt, &mut ct, ta, tb, 0.75, beta).unwrap();
+                let got = ct.to_f32_vec(&be).unwrap();
+                let want = naive(&a, &b, &c0, 1, m, n, k, ta, tb, false, 0.75, beta as f64);
+                for (g, w) in got.iter().zip(&want) {
+                    let tol = 1e-5 * (k as f64).sqrt() * (1.0 + w.abs());
+                    assert!((*g as f64 - w).abs() <= tol, "{m}×{n}×{k} ta={ta} tb={tb}: {g} vs {w}");
+                }
+            }
+        });
     }
 
     #[test]

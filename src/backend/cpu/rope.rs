@@ -20,11 +20,15 @@ pub(super) fn rope(s: &RopeSpec, x: &T, cos: &T, sin: &T, y: &mut T) {
     chunked(&mut y.buf, [&x.buf], (CHUNK / hd).max(1) * hd, false, |first, [x], o| {
         for (i, (o, xv)) in o.chunks_mut(hd).zip(x.chunks(hd)).enumerate() {
             let pos = s.pos_offset + ((first / hd + i) / s.heads) % s.seq;
+            // Equal-length slices, so the loop below vectorises.
+            let (c, sn) = (&cos[pos * half..(pos + 1) * half], &sin[pos * half..(pos + 1) * half]);
+            let (xa, xb) = xv[..2 * half].split_at(half);
+            let (oa, ob) = o[..2 * half].split_at_mut(half);
             for i in 0..half {
-                let (c, sn) = (cos[pos * half + i], sign * sin[pos * half + i]);
-                let (a, b) = (xv[i], xv[i + half]);
-                o[i] = a * c - b * sn;
-                o[i + half] = a * sn + b * c;
+                let (c, sn) = (c[i], sign * sn[i]);
+                let (a, b) = (xa[i], xb[i]);
+                oa[i] = a * c - b * sn;
+                ob[i] = a * sn + b * c;
             }
         }
     });

@@ -129,6 +129,9 @@ pub(super) fn max(v: Simd, row: &[f32]) -> f32 {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has AVX-512F (checked by `available`).
         Simd::Avx512 if v.available() => unsafe { x86::max512(row) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2 (checked by `available`).
+        Simd::Avx2 if v.available() => unsafe { x86::max256(row) },
         _ => {
             let mut acc = [f32::NEG_INFINITY; 8];
             for ch in row.chunks(PCH) {
@@ -270,6 +273,37 @@ mod x86 {
             acc = _mm512_max_ps(x, acc);
         }
         _mm512_reduce_max_ps(acc)
+    }
+
+    /// `max_j row[j]`, NaN skipped (as [`super::max`]): two 8-lane
+    /// accumulators, the tail compared one by one.
+    ///
+    /// # Safety
+    /// The CPU has AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn max256(row: &[f32]) -> f32 {
+        let (n, p) = (row.len(), row.as_ptr());
+        let (mut a, mut b) = (_mm256_set1_ps(f32::NEG_INFINITY), _mm256_set1_ps(f32::NEG_INFINITY));
+        let mut j = 0;
+        while j + 16 <= n {
+            // SAFETY: j + 16 ≤ n, inside `row`. max(x, acc) returns acc when x is NaN: NaN is skipped.
+            unsafe {
+                a = _mm256_max_ps(_mm256_loadu_ps(p.add(j)), a);
+                b = _mm256_max_ps(_mm256_loadu_ps(p.add(j + 8)), b);
+            }
+            j += 16;
+        }
+        let mut lanes = [0.0f32; 8];
+        // SAFETY: `lanes` holds 8 f32.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_max_ps(a, b)) };
+        // No lane is NaN; a NaN in the tail fails `>` and is skipped.
+        let mut m = lanes.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        for &x in &row[j..] {
+            if x > m {
+                m = x;
+            }
+        }
+        m
     }
 
     /// # Safety
@@ -507,6 +541,14 @@ mod tests {
                 assert_eq!(max(v, &row), want, "{v:?} n={n}");
             }
             assert_eq!(max(v, &[1.0, f32::NAN, 3.0, -2.0]), 3.0, "{v:?}");
+            // NaN inside the vector part and in the tail; the maximum in either.
+            for at in [5usize, 36] {
+                let mut row: Vec<f32> = (0..37).map(|i| -((i * 13) % 17) as f32).collect();
+                row[3] = f32::NAN;
+                row[35] = f32::NAN;
+                row[at] = 2.5;
+                assert_eq!(max(v, &row), 2.5, "{v:?} at={at}");
+            }
         }
     }
 
