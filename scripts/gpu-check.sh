@@ -13,7 +13,8 @@
 #       world 2 a 2-rank vs 1-rank training equivalence and the bench, on >= 2 GPUs), the wgpu suite and CUDA-vs-wgpu on a *hardware*
 #       Vulkan adapter (SKIP without one), `bench matmul|attention|train` on
 #       CUDA and on the same card's Vulkan driver (wgpu/CUDA ratios per op in
-#       wgpu-vs-cuda.md) and the PyTorch baseline; logs in $GPU_CHECK_OUT (default ./gpu-check-out),
+#       wgpu-vs-cuda.md), the PyTorch baseline and the host CPU's half-precision vs f32 training
+#       step (CPU backend, with the CPU's SIMD flags); logs in $GPU_CHECK_OUT (default ./gpu-check-out),
 #       a summary table last (ok only for what ran on the GPU). About 8 minutes
 #       on an H100; every step has a timeout. Step logic: scripts/gpu-check-lib.sh.
 #
@@ -44,7 +45,7 @@ echo "== test binaries"
 # CUDA test step builds them: only the wgpu ones are new here.
 # shellcheck disable=SC2086
 cargo test $flags --no-run --message-format=json \
-  --test conformance_cuda --test cuda_kernels_compile --test cuda_device \
+  --test conformance_cuda --test cuda_kernels_compile --test cuda_device --test conformance_cpu \
   $( [[ "$flags" == *no-default-features* ]] || echo --test conformance_wgpu --test wgpu_limits ) \
   | json 'select(.reason == "compiler-artifact" and .executable != null and (.target.kind | index("test"))) | "\(.target.name) \(.executable)"' \
     'import json, sys
@@ -212,6 +213,20 @@ if command -v python3 >/dev/null && python3 -c "import torch; assert torch.cuda.
 else
   skip torch-baseline "no python3 with CUDA torch"
 fi
+
+# The host's CPU (issue 15): the CPU backend's half precision against f32 on
+# this host's SIMD (the dev machine lacks AVX-512; bf16 >= f32 is asked for on
+# CPUs with it), the CPU conformance suite on the variants it picks, then the
+# training step at 2 threads (comparable with BENCHMARKS.md) and all threads.
+step cpu-flags 10 sh -c "lscpu | grep -E 'Model name|^CPU\(s\)'; grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -xE 'avx2|fma|f16c|avx512f|avx512bw|avx512_bf16|avx512_fp16|amx_bf16' | tr '\n' ' '; echo"
+[ -x "$bin/conformance_cpu" ] && step conformance-cpu 120 "$bin/conformance_cpu"
+for shape in "4 512" "1 2048"; do
+  set -- $shape
+  step "cpu-train-${1}x${2}-2thr" 120 env RAYON_NUM_THREADS=2 "$bin/dynsparse" --backend cpu bench train \
+    --attention dense --batch "$1" --seq "$2" --steps 6 --precisions f32,bf16,f16
+  step "cpu-train-${1}x${2}-allthr" 120 "$bin/dynsparse" --backend cpu bench train \
+    --attention dense --batch "$1" --seq "$2" --steps 6 --precisions f32,bf16,f16
+done
 
 echo
 echo "==== summary (logs in $out)"
