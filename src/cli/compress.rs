@@ -355,9 +355,10 @@ pub fn run(choice: BackendChoice, a: CompressArgs) -> Result<()> {
     let job = CompressJob { ck: ck.clone(), mode, calib, windows: a.windows, bar: bar.clone() };
     let out = run_on(&sel.backend, job)?;
     bar.finish_and_clear();
-    let (f, method) = match mode {
-        Mode::Fixed(c) => (c.format.name(), method_name(c).to_string()),
-        Mode::Auto { .. } => ("auto".to_string(), out.method.clone()),
+    // "int4-g128 (gptq)", or the planner's "auto (budget …, target …)".
+    let what = match mode {
+        Mode::Fixed(c) => format!("{} ({})", c.format.name(), method_name(c)),
+        Mode::Auto { .. } => out.method.clone(),
     };
     let quant_secs = t0.elapsed().as_secs_f64();
     qck::save(&a.out, &out)?;
@@ -370,7 +371,7 @@ pub fn run(choice: BackendChoice, a: CompressArgs) -> Result<()> {
             .map(|&i| c.quant[i].as_ref().map_or(infos[i].shape.iter().product::<usize>() * dt, QMatrix::bytes))
             .sum()
     };
-    outln!("compressed {} linear weights to {f} ({method}) in {quant_secs:.1} s -> {}", linear.len(), a.out.display());
+    outln!("compressed {} linear weights to {what} in {quant_secs:.1} s -> {}", linear.len(), a.out.display());
     outln!(
         "weights: {} -> {} ({:.2}x smaller; linear layers {} -> {}, {:.2}x); file {} -> {}",
         fmt_mib(wb),
