@@ -16,6 +16,11 @@
 //! same precision as `sgemm`; the order of the k terms differs from
 //! `matrixmultiply`'s, so results agree to rounding, not bit for bit.
 //!
+//! A product whose k dominates (`k ≥ 4·max(m, n)` and ≥ [`KSPLIT_MIN`] per
+//! thread: the weight gradients `Xᵀ·dY`, k = tokens) is split by ranges of k
+//! instead ([`gemm_ksplit`]): one f32 partial per thread, added in range order,
+//! C still rounded once.
+//!
 //! Micro-kernels, chosen by [`simd::simd`] (`DYNSPARSE_CPU_SIMD` forces one):
 //! AVX-512F 6 × 32 (12 zmm accumulators), AVX2 + FMA 6 × 16 (12 ymm), portable
 //! 6 × 16 in plain Rust (auto-vectorised for the build target).
@@ -142,6 +147,9 @@ pub(super) fn gemm<T: Elem>(
     let v = if v.available() { v } else { Simd::Portable };
     let nr = nr(v);
     let threads = rayon::current_num_threads().max(1);
+    if threads > 1 && k >= KSPLIT_MIN * threads && k >= 4 * m.max(n) {
+        return gemm_ksplit(v, nr, threads, m, n, k, alpha, a, b, beta, &mut c[..m * n]);
+    }
     // About four row blocks per thread, a multiple of MR rows each.
     let mc = m.div_ceil(4 * threads).next_multiple_of(MR).clamp(MR, MC_MAX);
     let c = &mut c[..m * n];
@@ -155,6 +163,72 @@ pub(super) fn gemm<T: Elem>(
             });
         });
     }
+}
+
+/// Depth per thread from which a product whose k dominates (`k ≥ 4·max(m,
+/// n)`: the weight gradients `Xᵀ·dY`, k = tokens) is split by ranges of k.
+const KSPLIT_MIN: usize = 256;
+
+/// [`gemm`] split by ranges of k, one per thread: each range's product into
+/// an f32 partial (all of C's rows in one task, so its A panels are packed
+/// from runs of m, not of a row block's few rows), then `α·Σ partials + β·C`
+/// (the partials added in range order) rounded once to C's dtype.
+#[allow(clippy::too_many_arguments)]
+fn gemm_ksplit<T: Elem>(
+    v: Simd,
+    nr: usize,
+    parts: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: Operand<'_, T>,
+    b: Operand<'_, T>,
+    beta: f32,
+    c: &mut [T],
+) {
+    let kb = k.div_ceil(parts);
+    let partials: Vec<Vec<f32>> = (0..k.div_ceil(kb))
+        .into_par_iter()
+        .map(|i| {
+            let (p0, kp) = (i * kb, kb.min(k - i * kb));
+            let a = Operand { x: &a.x[p0 * a.cs..], ..a };
+            let b = Operand { x: &b.x[p0 * b.rs..], ..b };
+            let mut part = vec![0.0f32; m * n];
+            for jc in (0..n).step_by(NC) {
+                let nc = NC.min(n - jc);
+                let mut bpack = vec![0.0f32; nc.div_ceil(nr) * kp * nr];
+                pack_b(v, nr, kp, jc, nc, b, &mut bpack);
+                let ap_len = m.div_ceil(MR) * KC.min(kp) * MR;
+                let tmp_len = (MR * KC).max(m).max(nc);
+                let mut sc = vec![0.0f32; m * nc + ap_len + tmp_len + MR * nr];
+                let (acc, rest) = sc.split_at_mut(m * nc);
+                let (apack, rest) = rest.split_at_mut(ap_len);
+                let (tmp, edge) = rest.split_at_mut(tmp_len);
+                block_k(v, nr, 0, m, kp, nc, a, &bpack, (apack, tmp, edge), acc);
+                for (dst, src) in part.chunks_mut(n).zip(acc.chunks(nc)) {
+                    dst[jc..jc + nc].copy_from_slice(src);
+                }
+            }
+            part
+        })
+        .collect();
+    c.par_chunks_mut(n).enumerate().for_each_init(
+        || (vec![0.0f32; n], vec![0.0f32; n]),
+        |(row, old), (r, dst)| {
+            row.copy_from_slice(&partials[0][r * n..(r + 1) * n]);
+            for p in &partials[1..] {
+                row.iter_mut().zip(&p[r * n..(r + 1) * n]).for_each(|(x, &y)| *x += y);
+            }
+            if beta == 0.0 {
+                row.iter_mut().for_each(|x| *x *= alpha);
+            } else {
+                T::widen(v, dst, old);
+                row.iter_mut().zip(&*old).for_each(|(x, &o)| *x = alpha * *x + beta * o);
+            }
+            T::narrow(v, row, dst);
+        },
+    );
 }
 
 /// Packs columns jc..jc+nc of op(B) (all k rows) into `out`: ⌈nc/nr⌉
@@ -480,8 +554,15 @@ mod tests {
     /// accumulation error) of the f64 product of the same (rounded) inputs.
     #[test]
     fn packed_gemm_matches_f64_for_every_variant_transpose_and_dtype() {
+        // A 3-thread pool, so that the last shape (k ≥ 256·3 and ≥ 4·max(m, n))
+        // takes the k-split into three uneven ranges on any machine.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        pool.install(packed_gemm_cases);
+    }
+
+    fn packed_gemm_cases() {
         let mut rng = crate::util::rng::Rng::new(11);
-        let shapes = [(7usize, 33usize, 5usize), (1, 17, 300), (50, 40, 513), (130, 3, 64)];
+        let shapes = [(7usize, 33usize, 5usize), (1, 17, 300), (50, 40, 513), (130, 3, 64), (13, 37, 1100)];
         for v in variants() {
             for &(m, n, k) in &shapes {
                 for (ta, tb, beta) in
