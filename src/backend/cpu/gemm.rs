@@ -220,13 +220,7 @@ fn gemm_ksplit<T: Elem>(
             for p in &partials[1..] {
                 row.iter_mut().zip(&p[r * n..(r + 1) * n]).for_each(|(x, &y)| *x += y);
             }
-            if beta == 0.0 {
-                row.iter_mut().for_each(|x| *x *= alpha);
-            } else {
-                T::widen(v, dst, old);
-                row.iter_mut().zip(&*old).for_each(|(x, &o)| *x = alpha * *x + beta * o);
-            }
-            T::narrow(v, row, dst);
+            store_row(v, alpha, row, beta, old, dst);
         },
     );
 }
@@ -361,16 +355,21 @@ fn block<T: Elem>(
         block_k(v, nr, i0, mc, k, nc, a, bpack, (apack, &mut *tmp, edge), acc);
         let old = &mut tmp[..nc];
         for (r, row) in acc.chunks_mut(nc).enumerate() {
-            let dst = &mut cb[r * n + jc..r * n + jc + nc];
-            if beta == 0.0 {
-                row.iter_mut().for_each(|x| *x *= alpha);
-            } else {
-                T::widen(v, dst, old);
-                row.iter_mut().zip(&*old).for_each(|(x, &o)| *x = alpha * *x + beta * o);
-            }
-            T::narrow(v, row, dst);
+            store_row(v, alpha, row, beta, old, &mut cb[r * n + jc..r * n + jc + nc]);
         }
     });
+}
+
+/// `dst = α·row + β·dst` rounded once to C's dtype (`dst` not read when β = 0);
+/// `row` is clobbered, `old` is scratch as long as `row`.
+fn store_row<T: Elem>(v: Simd, alpha: f32, row: &mut [f32], beta: f32, old: &mut [f32], dst: &mut [T]) {
+    if beta == 0.0 {
+        row.iter_mut().for_each(|x| *x *= alpha);
+    } else {
+        T::widen(v, dst, old);
+        row.iter_mut().zip(&*old).for_each(|(x, &o)| *x = alpha * *x + beta * o);
+    }
+    T::narrow(v, row, dst);
 }
 
 /// The k loop of [`block`]: `acc (mc × nc) += op(A)[i0.., :]·B panels`, per
