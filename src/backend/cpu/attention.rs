@@ -13,6 +13,7 @@
 
 use rayon::prelude::*;
 
+use super::matmul::Strided;
 use super::{CpuBackend, SliceRef, f32_rows, rd, simd, vmath};
 use crate::Tensor;
 use crate::attention::ops::{AttentionSpec, IndexerLossSpec, IndexerSpec, PatternSpec, SelectSpec};
@@ -50,33 +51,8 @@ pub(super) fn gemm(
     if m <= SKINNY_ROWS && skinny_gemm(m, k, n, alpha, a, (rsa, csa), b, (rsb, csb), beta, c, (rsc, csc)) {
         return;
     }
-    let reach =
-        |r: usize, c: usize, rs: usize, cs: usize| if r == 0 || c == 0 { 0 } else { (r - 1) * rs + (c - 1) * cs + 1 };
-    assert!(
-        reach(m, k, rsa, csa) <= a.len() && reach(k, n, rsb, csb) <= b.len() && reach(m, n, rsc, csc) <= c.len(),
-        "attention gemm out of bounds (a bug: specs are validated)"
-    );
-    // SAFETY: the assert above proves every index reached through the strides
-    // lies inside its slice; `c` is a distinct mutable borrow, so it aliases
-    // neither `a` nor `b`.
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            alpha,
-            a.as_ptr(),
-            rsa as isize,
-            csa as isize,
-            b.as_ptr(),
-            rsb as isize,
-            csb as isize,
-            beta,
-            c.as_mut_ptr(),
-            rsc as isize,
-            csc as isize,
-        )
-    }
+    let (a, b) = (Strided { x: a, rs: rsa, cs: csa }, Strided { x: b, rs: rsb, cs: csb });
+    super::matmul::sgemm(m, n, k, alpha, a, b, beta, c, (rsc, csc));
 }
 
 /// [`gemm`] in which every element of C is the same function of its row of
@@ -567,7 +543,6 @@ pub(super) fn backward(
                     let (kt, vt) = (&kh[k0 * krs..], &vh[k0 * vrs..]);
                     p.resize(nr * cols, 0.0);
                     dp.resize(nr * cols, 0.0);
-                    dqt.resize(nr * d, 0.0);
                     gemm(nr, d, cols, s.scale, qt, (qts, 1), kt, (1, krs), 0.0, &mut p, (cols, 1));
                     for (i, &r) in rows.iter().enumerate() {
                         let vis = visible(t0 + r, k0, k1);
@@ -587,6 +562,7 @@ pub(super) fn backward(
                     if dense {
                         gemm(nr, cols, d, s.scale, &dp, (cols, 1), kt, (krs, 1), 1.0, &mut dql[t0 * d..], (d, 1));
                     } else {
+                        dqt.resize(nr * d, 0.0);
                         gemm(nr, cols, d, s.scale, &dp, (cols, 1), kt, (krs, 1), 0.0, &mut dqt, (d, 1));
                         for (i, &r) in rows.iter().enumerate() {
                             let dst = &mut dql[(t0 + r) * d..(t0 + r + 1) * d];

@@ -197,18 +197,15 @@ fn gemm_ksplit<T: Elem>(
             let mut part = vec![0.0f32; m * n];
             for jc in (0..n).step_by(NC) {
                 let nc = NC.min(n - jc);
-                let mut bpack = vec![0.0f32; nc.div_ceil(nr) * kp * nr];
-                pack_b(v, nr, kp, jc, nc, b, &mut bpack);
-                let ap_len = m.div_ceil(MR) * KC.min(kp) * MR;
-                let tmp_len = (MR * KC).max(m).max(nc);
-                let mut sc = vec![0.0f32; m * nc + ap_len + tmp_len + MR * nr];
-                let (acc, rest) = sc.split_at_mut(m * nc);
-                let (apack, rest) = rest.split_at_mut(ap_len);
-                let (tmp, edge) = rest.split_at_mut(tmp_len);
-                block_k(v, nr, 0, m, kp, nc, a, &bpack, (apack, tmp, edge), acc);
-                for (dst, src) in part.chunks_mut(n).zip(acc.chunks(nc)) {
-                    dst[jc..jc + nc].copy_from_slice(src);
-                }
+                with_scratch(0, nc.div_ceil(nr) * kp * nr, |bpack| {
+                    pack_b(v, nr, kp, jc, nc, b, bpack);
+                    with_block_scratch(nr, m, kp, nc, |acc, sc| {
+                        block_k(v, nr, 0, m, kp, nc, a, bpack, sc, acc);
+                        for (dst, src) in part.chunks_mut(n).zip(acc.chunks(nc)) {
+                            dst[jc..jc + nc].copy_from_slice(src);
+                        }
+                    });
+                });
             }
             part
         })
@@ -345,6 +342,28 @@ fn block<T: Elem>(
     beta: f32,
     cb: &mut [T],
 ) {
+    with_block_scratch(nr, mc, k, nc, |acc, (apack, tmp, edge)| {
+        block_k(v, nr, i0, mc, k, nc, a, bpack, (apack, &mut *tmp, edge), acc);
+        let old = &mut tmp[..nc];
+        for (r, row) in acc.chunks_mut(nc).enumerate() {
+            store_row(v, alpha, row, beta, old, &mut cb[r * n + jc..r * n + jc + nc]);
+        }
+    });
+}
+
+/// The scratch of [`block_k`]: A panels, a conversion row (at least `nc`
+/// long), an edge tile.
+type BlockScratch<'a> = (&'a mut [f32], &'a mut [f32], &'a mut [f32]);
+
+/// Runs `f` with a zeroed `mc × nc` accumulator and the [`BlockScratch`] of
+/// a block of depth `k`, all from the thread's scratch slot 1.
+fn with_block_scratch<R>(
+    nr: usize,
+    mc: usize,
+    k: usize,
+    nc: usize,
+    f: impl FnOnce(&mut [f32], BlockScratch<'_>) -> R,
+) -> R {
     let ap_len = mc.div_ceil(MR) * KC.min(k.max(1)) * MR;
     let tmp_len = (MR * KC).max(mc).max(nc);
     with_scratch(1, mc * nc + ap_len + tmp_len + MR * nr, |sc| {
@@ -352,12 +371,8 @@ fn block<T: Elem>(
         let (apack, rest) = rest.split_at_mut(ap_len);
         let (tmp, edge) = rest.split_at_mut(tmp_len);
         acc.fill(0.0);
-        block_k(v, nr, i0, mc, k, nc, a, bpack, (apack, &mut *tmp, edge), acc);
-        let old = &mut tmp[..nc];
-        for (r, row) in acc.chunks_mut(nc).enumerate() {
-            store_row(v, alpha, row, beta, old, &mut cb[r * n + jc..r * n + jc + nc]);
-        }
-    });
+        f(acc, (apack, tmp, edge))
+    })
 }
 
 /// `dst = α·row + β·dst` rounded once to C's dtype (`dst` not read when β = 0);
@@ -384,7 +399,7 @@ fn block_k<T: Elem>(
     nc: usize,
     a: Operand<'_, T>,
     bpack: &[f32],
-    (apack, tmp, edge): (&mut [f32], &mut [f32], &mut [f32]),
+    (apack, tmp, edge): BlockScratch<'_>,
     acc: &mut [f32],
 ) {
     for pc in (0..k).step_by(KC) {

@@ -98,10 +98,10 @@ pub(super) fn matmul(s: &MatmulSpec, a: &Tensor<CpuBackend>, b: &Tensor<CpuBacke
 
 /// A matrix operand: its elements from the first one on, row and column strides.
 #[derive(Clone, Copy)]
-struct Strided<'a> {
-    x: &'a [f32],
-    rs: usize,
-    cs: usize,
+pub(super) struct Strided<'a> {
+    pub x: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
 }
 
 impl<'a> Strided<'a> {
@@ -111,16 +111,29 @@ impl<'a> Strided<'a> {
     }
 }
 
-/// `C[m×n] = α·op(A)·op(B) + β·C` (C row-major, contiguous) by one
-/// single-threaded `matrixmultiply::sgemm` call.
+/// `C[m×n] = α·op(A)·op(B) + β·C` by one single-threaded
+/// `matrixmultiply::sgemm` call, C at row and column strides `(rsc, csc)`
+/// (the model's products and the attention tiles).
 #[allow(clippy::too_many_arguments)]
-fn sgemm(m: usize, n: usize, k: usize, alpha: f32, a: Strided<'_>, b: Strided<'_>, beta: f32, c: &mut [f32]) {
-    let reach = |r: usize, cols: usize, o: Strided<'_>| {
-        if r == 0 || cols == 0 { 0 } else { (r - 1) * o.rs + (cols - 1) * o.cs + 1 }
+pub(super) fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: Strided<'_>,
+    b: Strided<'_>,
+    beta: f32,
+    c: &mut [f32],
+    (rsc, csc): (usize, usize),
+) {
+    let reach = |r: usize, cols: usize, rs: usize, cs: usize| {
+        if r == 0 || cols == 0 { 0 } else { (r - 1) * rs + (cols - 1) * cs + 1 }
     };
     assert!(
-        reach(m, k, a) <= a.x.len() && reach(k, n, b) <= b.x.len() && m * n <= c.len(),
-        "matmul operand out of bounds (a bug: specs are validated)"
+        reach(m, k, a.rs, a.cs) <= a.x.len()
+            && reach(k, n, b.rs, b.cs) <= b.x.len()
+            && reach(m, n, rsc, csc) <= c.len(),
+        "sgemm operand out of bounds (a bug: specs are validated)"
     );
     // SAFETY: the assert above proves every index the strides reach lies
     // inside its slice; C is a distinct mutable borrow, so it aliases neither
@@ -139,8 +152,8 @@ fn sgemm(m: usize, n: usize, k: usize, alpha: f32, a: Strided<'_>, b: Strided<'_
             b.cs as isize,
             beta,
             c.as_mut_ptr(),
-            n as isize,
-            1,
+            rsc as isize,
+            csc as isize,
         )
     }
 }
@@ -161,12 +174,12 @@ fn split_f32(m: usize, n: usize, k: usize, alpha: f32, a: Strided<'_>, b: Stride
     let parts = rayon::current_num_threads();
     let c = &mut c[..m * n];
     if parts < 2 || m * n * k < SPLIT_MIN {
-        return sgemm(m, n, k, alpha, a, b, beta, c);
+        return sgemm(m, n, k, alpha, a, b, beta, c, (n, 1));
     }
     if m >= 64 * parts {
         let rows = m.div_ceil(parts).next_multiple_of(8);
         c.par_chunks_mut(rows * n).enumerate().for_each(|(i, cb)| {
-            sgemm(cb.len() / n, n, k, alpha, a.at(i * rows, 0), b, beta, cb);
+            sgemm(cb.len() / n, n, k, alpha, a.at(i * rows, 0), b, beta, cb, (n, 1));
         });
     } else if k >= 256 * parts {
         let kb = k.div_ceil(parts).next_multiple_of(8);
@@ -175,7 +188,7 @@ fn split_f32(m: usize, n: usize, k: usize, alpha: f32, a: Strided<'_>, b: Stride
         targets.into_par_iter().enumerate().for_each(|(i, t)| {
             let p0 = i * kb;
             let beta = if i == 0 { beta } else { 0.0 };
-            sgemm(m, n, kb.min(k - p0), alpha, a.at(0, p0), b.at(p0, 0), beta, t);
+            sgemm(m, n, kb.min(k - p0), alpha, a.at(0, p0), b.at(p0, 0), beta, t, (n, 1));
         });
         for pc in partial.chunks(m * n) {
             c.iter_mut().zip(pc).for_each(|(c, &x)| *c += x);
@@ -192,7 +205,7 @@ fn split_f32(m: usize, n: usize, k: usize, alpha: f32, a: Strided<'_>, b: Stride
                 if beta != 0.0 {
                     t.chunks_mut(w).zip(c.chunks(n)).for_each(|(t, c)| t.copy_from_slice(&c[j0..j0 + w]));
                 }
-                sgemm(m, w, k, alpha, a, b.at(0, j0), beta, &mut t);
+                sgemm(m, w, k, alpha, a, b.at(0, j0), beta, &mut t, (w, 1));
                 (j0, t)
             })
             .collect();
