@@ -675,7 +675,7 @@ pub(super) fn indexer_scores(s: &IndexerSpec, qi: &T, ki: &T, w: &T, scores: &mu
 
 pub(super) fn indexer_block_scores(s: &IndexerSpec, qi: &T, ki: &T, w: &T, pooled: &mut T) {
     let (qi, ki, w) = (rd(qi), rd(ki), rd(w));
-    let (bs, nb, n) = (s.block, s.n_blocks(), s.seq);
+    let (bs, nb, n, v) = (s.block, s.n_blocks(), s.seq, simd::simd());
     // One task per tile of TILE queries; row t pools its own scores only.
     pooled.buf.produce(|out| {
         out.par_chunks_mut(n * nb).enumerate().for_each(|(b, per_batch)| {
@@ -685,13 +685,12 @@ pub(super) fn indexer_block_scores(s: &IndexerSpec, qi: &T, ki: &T, w: &T, poole
                 indexer_chunks(s, &qi, &ki, &w, b, t0, t1, |k0, width, sc| {
                     for r in 0..t1 - t0 {
                         let (prow, srow) = (&mut dst[r * nb..(r + 1) * nb], &sc[r * width..(r + 1) * width]);
-                        // One max per key block segment of the chunk (f32::max skips NaN).
+                        // One max per key block segment of the chunk (NaN skipped, as by f32::max).
                         let mut c0 = 0;
                         while c0 < width {
                             let kb = (k0 + c0) / bs;
                             let c1 = ((kb + 1) * bs - k0).min(width);
-                            let m = srow[c0..c1].iter().fold(prow[kb], |m, &x| m.max(x));
-                            prow[kb] = m;
+                            prow[kb] = prow[kb].max(vmath::max(v, &srow[c0..c1]));
                             c0 = c1;
                         }
                     }
