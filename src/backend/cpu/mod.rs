@@ -463,8 +463,11 @@ impl Backend for CpuBackend {
     fn alloc(&self, dtype: DType, len: usize) -> Result<CpuBuffer> {
         let data = match dtype {
             DType::F32 => Storage::F32(vec![0.0; len]),
-            DType::F16 => Storage::F16(vec![f16::ZERO; len]),
-            DType::BF16 => Storage::BF16(vec![bf16::ZERO; len]),
+            // Zeroed allocations (fresh zero pages for large buffers, as
+            // `vec![0.0; len]` gets for f32): `vec![bf16::ZERO; len]` writes
+            // every element, a memset of each half-precision activation.
+            DType::F16 => Storage::F16(bytemuck::zeroed_vec(len)),
+            DType::BF16 => Storage::BF16(bytemuck::zeroed_vec(len)),
             DType::U32 => Storage::U32(vec![0; len]),
             DType::I32 => Storage::I32(vec![0; len]),
         };
