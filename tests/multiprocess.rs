@@ -587,11 +587,27 @@ fn mpirun_train_through_the_cli_matches_one_process_and_a_killed_rank_ends_the_j
         Err(why) => return println!("SKIP: MPI through the CLI: {why}"),
     };
     let _g = serial();
-    // world 2 × batch 2 under mpirun == world 1 × batch 4.
+    // world 2 × batch 2 under mpirun == world 1 × batch 4, with dense attention: the two
+    // runs differ by the order of the gradient sums only, and the sparse phase's top-k
+    // block selection turns such rounding into a different block at a near tie (then
+    // ~1e-4 apart after 20 steps, for some seeds before and after any kernel change:
+    // measured in the closing note of 2026-12-03). The sparse path's equivalence under
+    // MPI is `two_mpi_processes_take_the_steps_of_one_with_twice_the_batch` (1e-6).
     let (d1, d2) = (tmpdir("cli-one"), tmpdir("cli-two"));
-    let out = Command::new(BIN).args(tiny_train(&d1, 4, STEPS)).output().unwrap();
+    let dense = |v: Vec<String>| {
+        let sparse_flag = |a: &String| a == "--block" || a == "--keep-blocks";
+        let mut out: Vec<String> = Vec::new();
+        for (i, a) in v.iter().enumerate() {
+            if !sparse_flag(a) && !(i > 0 && sparse_flag(&v[i - 1])) {
+                out.push(a.clone());
+            }
+        }
+        out.extend(["--attention".into(), "dense".into()]);
+        out
+    };
+    let out = Command::new(BIN).args(dense(tiny_train(&d1, 4, STEPS))).output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let child = spawn(mpirun_cmd(&mpirun).arg(BIN).args(tiny_train(&d2, 2, STEPS)));
+    let child = spawn(mpirun_cmd(&mpirun).arg(BIN).args(dense(tiny_train(&d2, 2, STEPS))));
     let out = wait_guarded(child, Duration::from_secs(120), "mpirun train");
     assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
     let err = text(&out.stderr);
