@@ -595,11 +595,14 @@ fn mpirun_train_through_the_cli_matches_one_process_and_a_killed_rank_ends_the_j
     // MPI is `two_mpi_processes_take_the_steps_of_one_with_twice_the_batch` (1e-6).
     let (d1, d2) = (tmpdir("cli-one"), tmpdir("cli-two"));
     let dense = |v: Vec<String>| {
-        let sparse_flag = |a: &String| a == "--block" || a == "--keep-blocks";
+        // Without the sparse-only flags and their values.
         let mut out: Vec<String> = Vec::new();
-        for (i, a) in v.iter().enumerate() {
-            if !sparse_flag(a) && !(i > 0 && sparse_flag(&v[i - 1])) {
-                out.push(a.clone());
+        let mut args = v.into_iter();
+        while let Some(a) = args.next() {
+            if a == "--block" || a == "--keep-blocks" {
+                args.next();
+            } else {
+                out.push(a);
             }
         }
         out.extend(["--attention".into(), "dense".into()]);
