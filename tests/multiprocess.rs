@@ -527,8 +527,13 @@ fn two_mpi_processes_take_the_steps_of_one_with_twice_the_batch() {
     let _ = std::fs::remove_dir_all(&ck_dir);
 }
 
-/// The flags of a tiny CLI training run.
+/// The flags of a tiny CLI training run (sparse attention, 3 of 8-token blocks).
 fn tiny_train(out: &Path, batch: usize, steps: u64) -> Vec<String> {
+    tiny_train_with(out, batch, steps, &["--block", "8", "--keep-blocks", "3"])
+}
+
+/// [`tiny_train`] with `attention` as its attention flags.
+fn tiny_train_with(out: &Path, batch: usize, steps: u64, attention: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = [
         "--backend",
         "cpu",
@@ -545,10 +550,6 @@ fn tiny_train(out: &Path, batch: usize, steps: u64) -> Vec<String> {
         "64",
         "--seq",
         "32",
-        "--block",
-        "8",
-        "--keep-blocks",
-        "3",
         "--seed",
         "5",
         "--eval-every",
@@ -557,12 +558,12 @@ fn tiny_train(out: &Path, batch: usize, steps: u64) -> Vec<String> {
         "2",
         "--collective-timeout",
         "10",
-        "--out",
     ]
     .iter()
+    .chain(attention)
     .map(|s| s.to_string())
     .collect();
-    v.push(out.display().to_string());
+    v.extend(["--out".into(), out.display().to_string()]);
     v.extend(["--batch".into(), batch.to_string(), "--steps".into(), steps.to_string()]);
     v
 }
@@ -594,23 +595,10 @@ fn mpirun_train_through_the_cli_matches_one_process_and_a_killed_rank_ends_the_j
     // measured in the closing note of 2026-12-03). The sparse path's equivalence under
     // MPI is `two_mpi_processes_take_the_steps_of_one_with_twice_the_batch` (1e-6).
     let (d1, d2) = (tmpdir("cli-one"), tmpdir("cli-two"));
-    let dense = |v: Vec<String>| {
-        // Without the sparse-only flags and their values.
-        let mut out: Vec<String> = Vec::new();
-        let mut args = v.into_iter();
-        while let Some(a) = args.next() {
-            if a == "--block" || a == "--keep-blocks" {
-                args.next();
-            } else {
-                out.push(a);
-            }
-        }
-        out.extend(["--attention".into(), "dense".into()]);
-        out
-    };
-    let out = Command::new(BIN).args(dense(tiny_train(&d1, 4, STEPS))).output().unwrap();
+    let dense = ["--attention", "dense"];
+    let out = Command::new(BIN).args(tiny_train_with(&d1, 4, STEPS, &dense)).output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let child = spawn(mpirun_cmd(&mpirun).arg(BIN).args(dense(tiny_train(&d2, 2, STEPS))));
+    let child = spawn(mpirun_cmd(&mpirun).arg(BIN).args(tiny_train_with(&d2, 2, STEPS, &dense)));
     let out = wait_guarded(child, Duration::from_secs(120), "mpirun train");
     assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
     let err = text(&out.stderr);

@@ -44,15 +44,13 @@ fn task_len(seq: usize) -> usize {
 /// block` it lists, `NONE` and future blocks skipped, the diagonal block cut
 /// at `t`. Returns the number of kept keys.
 fn kept_blocks(out: &mut Vec<(usize, usize, usize)>, blocks: &[u32], block: usize, t: usize) -> usize {
-    let mut bs: Vec<usize> =
-        blocks.iter().filter(|&&kb| kb != NONE && kb as usize <= t / block).map(|&kb| kb as usize).collect();
-    bs.sort_unstable();
     out.clear();
+    out.extend(blocks.iter().filter(|&&kb| kb != NONE && kb as usize <= t / block).map(|&kb| (kb as usize, 0, 0)));
+    out.sort_unstable();
     let mut m = 0;
-    for kb in bs {
-        let len = block.min(t + 1 - kb * block);
-        out.push((kb, m, len));
-        m += len;
+    for (kb, off, len) in out.iter_mut() {
+        (*off, *len) = (m, block.min(t + 1 - *kb * block));
+        m += *len;
     }
     m
 }
@@ -89,7 +87,7 @@ struct Work {
     blocks: Vec<(usize, usize, usize)>,
     /// `L[j][i]`: index head `j`, kept key `i`.
     l: Vec<f32>,
-    /// `scale·q_h·k_i`, then the head's attention probabilities.
+    /// `q_h·k_i` per main head `h`, then `exp(scale·q_h·k_i - lse_h)`.
     s: Vec<f32>,
     sc: Vec<f32>,
     p: Vec<f32>,
