@@ -72,6 +72,7 @@ fn train<B: Backend>(
         grad_clip: 1.0,
         warmup_frac: 0.1,
         ramp_frac: 0.3,
+        kl_every: 1,
         seed: 5,
     };
     let mut tr = Trainer::new(be, Model::new(be, cfg, DType::F32, 5)?, tc, &mut MemoryReport::default())?;

@@ -58,6 +58,7 @@ impl BackendJob for Job {
             grad_clip: 1.0,
             warmup_frac: 0.1,
             ramp_frac: 0.3,
+            kl_every: 1,
             seed: 1,
         };
         let mut mem = MemoryReport::default();

@@ -656,12 +656,13 @@ extern "C" __global__ void csr_sort(const u32* off, const u32* list, u32* sorted
 
 // ---- indexer KL loss (main attention detached) over the tile of query rows
 // q0 .. q0 + nq. scores, dscores: [batch, nq, seq] f32 (row r is query q0 + r);
-// loss: [batch, seq] f32, written at the tile's rows. One warp per query row (b, t):
+// loss: [batch, seq] f32, written at the tile's rows. Rows t with t % every != phase
+// (outside the row sample) get loss 0 and a zero dscores row. One warp per query row (b, t):
 //   p(s) = (1/H)·Σ_h exp(scale·q_h·k_s - lse_h), r = softmax_{K(t)} I(t, ·),
 //   loss = Σ_{s∈K(t)} p·(ln p - ln r), dscores = r - p on K(t), 0 elsewhere.
 template <typename T, int DPL>
 __device__ void indexer_kl(Attn a, const T* q, const T* k, const float* lse, const float* scores, const u32* idx,
-                           float* loss, float* dscores, u32 q0, u32 nq) {
+                           float* loss, float* dscores, u32 q0, u32 nq, u32 every, u32 phase) {
     u32 row = blockIdx.x * WARPS + threadIdx.x / 32, lane = threadIdx.x & 31;
     if (row >= a.batch * nq) return;
     u32 t = q0 + row % nq, b = row / nq;
@@ -670,6 +671,10 @@ __device__ void indexer_kl(Attn a, const T* q, const T* k, const float* lse, con
     float* ds = dscores + (size_t)row * a.seq;
     for (u32 j = lane; j < a.seq; j += 32) ds[j] = 0.0f;
     __syncwarp();
+    if (t % every != phase) {  // a row outside the sample: zero loss and gradient
+        if (lane == 0) loss[lrow] = 0.0f;
+        return;
+    }
     float m = NEG_INF, z = 0.0f;
     u32 nkeys = 0;
     for_keys(a, idx, b, t, [&](u32 s) {
@@ -709,7 +714,7 @@ __device__ void indexer_kl(Attn a, const T* q, const T* k, const float* lse, con
         attn_bwd_dq<T, N>(a, q, k, v, lse, D, d_o, idx, dq); } \
     extern "C" __global__ void __launch_bounds__(WARPS * 32) attn_bwd_dkdv_##S##_d##N(Attn a, const T* q, const T* k, const T* v, const float* lse, const float* D, const T* d_o, const u32* idx, const u32* off, const u32* list, T* dk, T* dv) { \
         attn_bwd_dkdv<T, N>(a, q, k, v, lse, D, d_o, idx, off, list, dk, dv); } \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32) indexer_kl_##S##_d##N(Attn a, const T* q, const T* k, const float* lse, const float* scores, const u32* idx, float* loss, float* dscores, u32 q0, u32 nq) { \
-        indexer_kl<T, N>(a, q, k, lse, scores, idx, loss, dscores, q0, nq); }
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) indexer_kl_##S##_d##N(Attn a, const T* q, const T* k, const float* lse, const float* scores, const u32* idx, float* loss, float* dscores, u32 q0, u32 nq, u32 every, u32 phase) { \
+        indexer_kl<T, N>(a, q, k, lse, scores, idx, loss, dscores, q0, nq, every, phase); }
 #define ATTN(S, T) ATTN_DPL(S, T, 1) ATTN_DPL(S, T, 2) ATTN_DPL(S, T, 4) ATTN_DPL(S, T, 8)
 FOR_FLOATS(ATTN)

@@ -9,7 +9,8 @@
 // or queries per chunk), nch chunks, first row r0 and nrow rows of this
 // launch; `AttnTiledParams` (attn_fwd_tiled) adds to those tq queries per
 // tile, tiles tile0 .. tile0 + ntile, unit keys per unit; `AttnKlParams`
-// (indexer_kl) adds q0, the first query row, and qrows, the rows of its tile.
+// (indexer_kl) adds q0, the first query row, qrows, the rows of its tile, and
+// the row sample: only queries t with t % every == phase are computed.
 // Layouts: q, o [batch, seq, n_heads, head_dim]; k, v [batch, seq, n_kv_heads,
 // head_dim]; lse [batch, n_heads, seq]; idx [batch, seq, k] (tokens: key
 // positions) or [batch, seq, n] (blocks: key-block ids), one row per query.
@@ -51,6 +52,8 @@ struct AttnKlParams {
     nkb: u32,
     q0: u32,
     qrows: u32,
+    every: u32,
+    phase: u32,
 }
 
 const NONE: u32 = 0xffffffffu;
@@ -866,8 +869,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 //!kernel indexer_kl(q: in, k: in, lse: in, scores: in, idx: idx, loss: inout, dscores: out) : AttnKlParams
 // One 256-wide workgroup per (batch, query) row of the tile of queries
 // q0 .. q0 + Q (Q = qrows): scores and dscores are [batch, Q, seq], loss
-// [batch, seq] is written at the tile's rows only. Zeroes the dscores row, then
-// over the key set K(t): p = mean over heads of the attention probabilities,
+// [batch, seq] is written at the tile's rows only. Zeroes the dscores row (and
+// stops there, loss 0, for a row outside the sample), then over the key set K(t): p = mean over heads of the attention probabilities,
 // r = softmax of the indexer scores; loss = Σ p (ln p - ln r), dscores = r - p.
 // K(t) is query t's own pattern row (blocks: the keys s <= t of its listed
 // blocks); a query with keys has a finite lse in every head.
@@ -919,6 +922,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw: vec3<
     let ro = row * seq;
     for (var s = lid; s < seq; s = s + WG) {
         st_dscores(ro + s, 0.0);
+    }
+    // A row outside the sample: zero loss and gradient (uniform per workgroup).
+    if (t % P.every != P.phase) {
+        if (lid == 0u) { st_loss(b * seq + t, 0.0); }
+        return;
     }
     storageBarrier();
     let ns = n_slots(t);

@@ -46,6 +46,7 @@ fn tiny() -> (ModelConfig, TrainConfig) {
         grad_clip: 1.0,
         warmup_frac: 0.25,
         ramp_frac: 0.25,
+        kl_every: 1,
         seed: 7,
     };
     (m, t)

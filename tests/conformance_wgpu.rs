@@ -8,6 +8,7 @@
 mod common;
 
 use dynsparse::Backend;
+use dynsparse::attention::RowSample;
 use dynsparse::backend::cpu::CpuBackend;
 use dynsparse::backend::wgpu::{AdapterPick, WgpuBackend};
 use std::sync::OnceLock;
@@ -458,8 +459,19 @@ fn indexer_training(c: &CpuBackend, g: &WgpuBackend) {
                                 let tile = [batch, q1 - q0, seq];
                                 let sc_t = common::up(be, &rows_of(&sc, q0, q1), &tile, DType::F32);
                                 let mut ds_t = common::poisoned(be, &tile, DType::F32);
-                                attn::indexer_kl_rows(be, &aq, &ak, &lse, &sc_t, pat(), q0, &mut loss, &mut ds_t)
-                                    .unwrap();
+                                attn::indexer_kl_rows(
+                                    be,
+                                    &aq,
+                                    &ak,
+                                    &lse,
+                                    &sc_t,
+                                    pat(),
+                                    q0,
+                                    RowSample::ALL,
+                                    &mut loss,
+                                    &mut ds_t,
+                                )
+                                .unwrap();
                                 let mut s_t = common::poisoned(be, &tile, DType::F32);
                                 attn::indexer_scores_rows(be, &qt, &kt, &wt, q0, &mut s_t).unwrap();
                                 for (dst, v) in
@@ -638,6 +650,7 @@ fn views_on_wgpu_alias_clearly_and_flat_training_matches_per_tensor() {
             grad_clip: 1.0,
             warmup_frac: 0.0,
             ramp_frac: 0.5,
+            kl_every: 1,
             seed: 3,
         };
         let mut a = Trainer::new(g, Model::new(g, m, precision, 1).unwrap(), t, &mut MemoryReport::default()).unwrap();

@@ -195,6 +195,7 @@ fn training_fingerprints() -> Vec<(String, u64)> {
                 grad_clip: 1.0,
                 warmup_frac: 0.0,
                 ramp_frac: 0.0,
+                kl_every: 1,
                 seed: 9,
             };
             let mut tr =

@@ -41,6 +41,7 @@ fn small_train(precision: DType, batch: usize, accum: usize, steps: u64) -> Trai
         grad_clip: 1.0,
         warmup_frac: 0.2,
         ramp_frac: 0.3,
+        kl_every: 1,
         seed: 9,
     }
 }

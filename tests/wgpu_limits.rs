@@ -99,6 +99,7 @@ fn one_step<B: Backend>(be: &B, cfg: ModelConfig, seq: usize, warmup_frac: f64) 
         grad_clip: 1.0,
         warmup_frac,
         ramp_frac: 0.0,
+        kl_every: 1,
         seed: 3,
     };
     let model = Model::new(be, cfg, DType::F32, 7).unwrap();

@@ -11,7 +11,7 @@ pub mod select;
 
 pub use cached::{CachedPattern, KvTable, Paging, cached_attention, cached_indexer_block_scores, cached_select};
 pub use ops::{
-    Pattern, attention, attention_backward, indexer_backward, indexer_backward_rows, indexer_block_scores, indexer_kl,
-    indexer_kl_rows, indexer_scores, indexer_scores_rows, indexer_train_kept, select_topk,
+    Pattern, RowSample, attention, attention_backward, indexer_backward, indexer_backward_rows, indexer_block_scores,
+    indexer_kl, indexer_kl_rows, indexer_scores, indexer_scores_rows, indexer_train_kept, select_topk,
 };
 pub use schedule::{Budget, Phase, Plan, SparsitySchedule};

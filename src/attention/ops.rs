@@ -412,6 +412,49 @@ pub fn select_topk<B: Backend>(be: &B, scores: &Tensor<B>, k: usize, block: usiz
     be.select_topk(&SelectSpec { batch, rows, cols, k, block, checked: CHECKED }, scores, idx)
 }
 
+/// The query rows the indexer's KL is computed on: rows `t` with
+/// `t mod every == phase` (of every batch row). [`RowSample::ALL`] keeps them
+/// all. Rows outside the sample get a zero loss and a zero gradient, so a
+/// trainer that scales the gradient by `seq / (rows in the sample)` has an
+/// unbiased estimate of the full-row gradient at `1/every` of the KL's cost
+/// (the fused kernel skips those rows outright).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowSample {
+    pub every: usize,
+    pub phase: usize,
+}
+
+impl RowSample {
+    /// Every row.
+    pub const ALL: RowSample = RowSample { every: 1, phase: 0 };
+
+    /// Every `every`-th row starting at `phase mod every` (`every ≥ 1`).
+    pub fn new(every: usize, phase: usize) -> RowSample {
+        let every = every.max(1);
+        RowSample { every, phase: phase % every }
+    }
+
+    /// Is query row `t` in the sample?
+    pub fn contains(&self, t: usize) -> bool {
+        t % self.every == self.phase
+    }
+
+    /// Rows of `0..seq` in the sample.
+    pub fn count(&self, seq: usize) -> usize {
+        seq.saturating_sub(self.phase).div_ceil(self.every)
+    }
+
+    fn check(&self, op: &str) -> Result<()> {
+        if self.every == 0 || self.phase >= self.every || u32::try_from(self.every).is_err() {
+            return Err(Error::Invalid(format!(
+                "{op}: row sample every {} phase {}: expected every >= 1 (at most 2^32 - 1) and phase < every",
+                self.every, self.phase
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Sizes of the indexer's training loss.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct IndexerLossSpec {
@@ -419,6 +462,8 @@ pub struct IndexerLossSpec {
     /// The tile of query rows `q0 .. q0 + rows`.
     pub q0: usize,
     pub rows: usize,
+    /// The query rows the loss is computed on (the others: zero loss and `dscores`).
+    pub sample: RowSample,
     pub checked: Checked,
 }
 
@@ -443,12 +488,13 @@ pub fn indexer_kl<B: Backend>(
     loss: &mut Tensor<B>,
     dscores: &mut Tensor<B>,
 ) -> Result<()> {
-    indexer_kl_rows(be, q, k, lse, scores, pattern, 0, loss, dscores)
+    indexer_kl_rows(be, q, k, lse, scores, pattern, 0, RowSample::ALL, loss, dscores)
 }
 
 /// [`indexer_kl`] of the query rows `q0 .. q0 + rows`: `scores` and `dscores`
 /// are `[batch, rows, seq]` (row `r` is query `q0 + r`); `loss` stays
-/// `[batch, seq]` and only the tile's rows of it are written.
+/// `[batch, seq]` and only the tile's rows of it are written. Rows `t` outside
+/// `sample` get `loss = 0` and a zero `dscores` row.
 #[allow(clippy::too_many_arguments)]
 pub fn indexer_kl_rows<B: Backend>(
     be: &B,
@@ -458,10 +504,12 @@ pub fn indexer_kl_rows<B: Backend>(
     scores: &Tensor<B>,
     pattern: Pattern<'_, B>,
     q0: usize,
+    sample: RowSample,
     loss: &mut Tensor<B>,
     dscores: &mut Tensor<B>,
 ) -> Result<()> {
     const OP: &str = "indexer_kl";
+    sample.check(OP)?;
     let s = attn_spec(be, OP, q, k, k, &pattern)?;
     check_lse(OP, &s, lse)?;
     let rows = query_tile(OP, "scores", scores, s.batch, s.seq, q0)?;
@@ -477,7 +525,7 @@ pub fn indexer_kl_rows<B: Backend>(
         )));
     }
     check_u32(OP, "batch·rows·seq", s.batch * rows * s.seq)?;
-    let ls = IndexerLossSpec { attn: s, q0, rows, checked: CHECKED };
+    let ls = IndexerLossSpec { attn: s, q0, rows, sample, checked: CHECKED };
     be.indexer_kl(&ls, q, k, lse, scores, idx_of(&pattern), loss, dscores)
 }
 
@@ -537,6 +585,9 @@ pub struct IndexerTrainSpec {
     pub dim: usize,
     /// The factor on `dscores` (`r - p`) before the backward pass.
     pub grad_scale: f32,
+    /// The query rows trained (the others: zero loss, `dq_i`, `dw` and no
+    /// contribution to `dk_i`).
+    pub sample: RowSample,
     pub checked: Checked,
 }
 
@@ -548,6 +599,8 @@ pub struct IndexerTrainSpec {
 /// `O(batch·seq·|K|·(H_I·d_I + H·d))` instead of `O(batch·seq²·H_I·d_I)`:
 /// `loss` (F32 `[batch, seq]`) and `dq_i`, `dk_i`, `dw` (overwritten) are
 /// those of the chain up to rounding (dot products summed in another order).
+/// With a [`RowSample`], the chain's KL runs on the sampled rows only (see
+/// [`indexer_kl_rows`]) and the fused op skips the other rows.
 ///
 /// Optional: returns `Ok(false)` and leaves the outputs alone when the
 /// backend has no fused kernel; the caller then runs the chain of ops.
@@ -562,12 +615,14 @@ pub fn indexer_train_kept<B: Backend>(
     lse: &Tensor<B>,
     pattern: Pattern<'_, B>,
     grad_scale: f32,
+    sample: RowSample,
     loss: &mut Tensor<B>,
     dqi: &mut Tensor<B>,
     dki: &mut Tensor<B>,
     dw: &mut Tensor<B>,
 ) -> Result<bool> {
     const OP: &str = "indexer_train_kept";
+    sample.check(OP)?;
     if !matches!(pattern, Pattern::Blocks { .. }) {
         return Err(Error::Invalid(format!("{OP}: the kept set must be a block pattern")));
     }
@@ -597,6 +652,6 @@ pub fn indexer_train_kept<B: Backend>(
     if !grad_scale.is_finite() {
         return Err(Error::Invalid(format!("{OP}: grad_scale {grad_scale} must be finite")));
     }
-    let ts = IndexerTrainSpec { attn: s, heads: is.heads, dim: is.dim, grad_scale, checked: CHECKED };
+    let ts = IndexerTrainSpec { attn: s, heads: is.heads, dim: is.dim, grad_scale, sample, checked: CHECKED };
     be.indexer_train_kept(&ts, qi, ki, w, q, k, lse, idx_of(&pattern).expect("block pattern"), loss, dqi, dki, dw)
 }

@@ -147,6 +147,7 @@ fn scaling_point(a: &AllreduceArgs, world: usize, timeout: Duration) -> Result<(
         grad_clip: 1.0,
         warmup_frac: 0.0,
         ramp_frac: 0.0,
+        kl_every: 1,
         seed: 1,
     };
     let steps = a.steps.max(1);

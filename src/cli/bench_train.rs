@@ -44,9 +44,23 @@ pub struct TrainBenchArgs {
     /// lengths); the table reports the median round and the spread.
     #[arg(long, default_value_t = 3)]
     pub rounds: u64,
+    /// Sparse steps train the indexers' KL on every K-th query row (`train --indexer-kl-every`).
+    #[arg(long, value_name = "K", default_value_t = 1)]
+    pub indexer_kl_every: usize,
     /// Write the table into this Markdown file (a section replaced on every run).
     #[arg(long)]
     pub write: Option<PathBuf>,
+}
+
+impl TrainBenchArgs {
+    /// ` --indexer-kl-every K` for the recorded command, when not the default.
+    fn kl_flag(&self) -> String {
+        if self.indexer_kl_every == 1 {
+            String::new()
+        } else {
+            format!(" --indexer-kl-every {}", self.indexer_kl_every)
+        }
+    }
 }
 
 struct Row {
@@ -73,6 +87,7 @@ fn time_steps<B: Backend>(
     seq: usize,
     steps: u64,
     n_rounds: u64,
+    kl_every: usize,
 ) -> Result<Row> {
     let data = generate(3, 400_000.max(4 * batch * seq), SyntheticConfig::default());
     let tc = TrainConfig {
@@ -88,6 +103,7 @@ fn time_steps<B: Backend>(
         grad_clip: 1.0,
         warmup_frac: 0.0,
         ramp_frac: 0.0,
+        kl_every: if cfg.is_sparse() { kl_every } else { 1 },
         seed: 1,
     };
     let base = be.memory().allocated;
@@ -133,7 +149,16 @@ impl BackendJob for Job<'_> {
                 eprintln!("{dt}: not supported by {}, skipped", be.device_name());
                 continue;
             }
-            rows.push(time_steps(be, self.cfg, dt, self.a.batch, self.a.seq, self.a.steps, 1)?);
+            rows.push(time_steps(
+                be,
+                self.cfg,
+                dt,
+                self.a.batch,
+                self.a.seq,
+                self.a.steps,
+                1,
+                self.a.indexer_kl_every,
+            )?);
         }
         Ok(rows)
     }
@@ -164,10 +189,11 @@ impl BackendJob for SweepJob<'_> {
         for &seq in &self.a.seqs {
             let steps = sweep_steps(self.a.steps, seq);
             bar.set_message(format!("seq {seq} dense"));
-            let dense = time_steps(be, self.dense, DType::F32, 1, seq, steps, self.a.rounds)?;
+            let dense = time_steps(be, self.dense, DType::F32, 1, seq, steps, self.a.rounds, 1)?;
             bar.inc(1);
             bar.set_message(format!("seq {seq} sparse"));
-            let sparse = time_steps(be, self.sparse, DType::F32, 1, seq, steps, self.a.rounds)?;
+            let sparse =
+                time_steps(be, self.sparse, DType::F32, 1, seq, steps, self.a.rounds, self.a.indexer_kl_every)?;
             bar.inc(1);
             log::info!("seq {seq}: dense {:?} tokens/s, sparse {:?} tokens/s (rounds)", dense.rounds, sparse.rounds);
             out.push(Cell { seq, steps, dense, sparse });
@@ -202,7 +228,7 @@ fn run_sweep(choice: BackendChoice, a: &TrainBenchArgs, mut cfg: ModelConfig) ->
     let kind = sel.backend.kind();
     let list = a.seqs.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
     let mut md = format!(
-        "Machine: {} — device: {} ({kind}).\n\nCommand: `dynsparse --backend {kind} bench train --layers {} --d-model {} --seqs {list} --steps {} --rounds {}`\n\n\
+        "Machine: {} — device: {} ({kind}).\n\nCommand: `dynsparse --backend {kind} bench train --layers {} --d-model {} --seqs {list} --steps {} --rounds {}{}`\n\n\
          f32, batch 1, per cell one warm-up step then {} timed rounds of the steps shown (at least {}, about {}·2048 tokens per round at shorter lengths); \
          tokens/s as the median round (min–max); sparse = block {}, the default kept blocks, from step 0 (no dense warm-up); \
          sparse / dense is the ratio of the medians.\n\n\
@@ -213,6 +239,7 @@ fn run_sweep(choice: BackendChoice, a: &TrainBenchArgs, mut cfg: ModelConfig) ->
         a.d_model,
         a.steps,
         a.rounds,
+        a.kl_flag(),
         a.rounds,
         a.steps,
         a.steps,
@@ -256,6 +283,11 @@ pub fn run(choice: BackendChoice, a: TrainBenchArgs) -> Result<()> {
     if a.steps == 0 {
         return Err(Error::Invalid("--steps 0: accepted range 1 or more".into()));
     }
+    if a.indexer_kl_every == 0 {
+        return Err(Error::Invalid(
+            "--indexer-kl-every 0: accepted range 1 or more (at most the sequence length)".into(),
+        ));
+    }
     if !a.seqs.is_empty() {
         return run_sweep(choice, &a, cfg);
     }
@@ -282,7 +314,7 @@ pub fn run(choice: BackendChoice, a: TrainBenchArgs) -> Result<()> {
     let mib = |b: usize| format!("{:.1}", b as f64 / (1u64 << 20) as f64);
     let f32_peak = rows.iter().find(|r| r.dt == DType::F32).map(|r| r.peak);
     let mut md = format!(
-        "Machine: {} — device: {} ({kind}).\n\nCommand: `dynsparse --backend {kind} bench train --layers {} --d-model {} --batch {} --seq {} --attention {} --steps {}`\n\n\
+        "Machine: {} — device: {} ({kind}).\n\nCommand: `dynsparse --backend {kind} bench train --layers {} --d-model {} --batch {} --seq {} --attention {} --steps {}{}`\n\n\
          Model: {} parameters. Peak = the backend's peak live bytes over one training step (weights, f32 masters, gradients, AdamW moments, activations).\n\n\
          | precision | weights | f32 masters | gradients | AdamW moments | activations | peak MiB | peak / f32 | tokens/s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         host_description(),
@@ -293,6 +325,7 @@ pub fn run(choice: BackendChoice, a: TrainBenchArgs) -> Result<()> {
         a.seq,
         a.attention,
         a.steps,
+        a.kl_flag(),
         cfg.n_params()
     );
     for r in &rows {

@@ -14,7 +14,7 @@ pub use config::{AttentionMode, ModelConfig, ParamInfo};
 pub use generate::{GenerateOptions, GenerateStats, StopReason, Streamer};
 pub use infer::{InferState, KvCache, Row};
 
-use crate::attention::{self, Pattern};
+use crate::attention::{self, Pattern, RowSample};
 use crate::error::{Error, Result};
 use crate::ops::{self, QWeight, RopeTable};
 use crate::quant::QMatrix;
@@ -476,6 +476,11 @@ impl<B: Backend> Model<B> {
                 };
                 let a = &ws.layers[l];
                 ix.project(be, &a.ln1, w, ip)?;
+                // The KL's query rows: every row, or (sparse steps) the workspace's sample,
+                // whose gradient and mean divide by the sampled rows instead of all n.
+                let sample = if sparse_step { ws.kl_rows } else { RowSample::ALL };
+                let kl_rows = ws.batch * sample.count(ws.seq);
+                let grad_scale = loss_scale / kl_rows as f32;
                 // Sparse phase: the KL and its gradient live on the kept keys only; a backend
                 // with the fused kernel computes them there, in O(n·|K|) instead of O(n²).
                 let fused = sparse_step
@@ -488,7 +493,8 @@ impl<B: Backend> Model<B> {
                         &a.k,
                         &a.lse,
                         Pattern::Blocks { idx: &ix.select[l], block },
-                        loss_scale / n as f32,
+                        grad_scale,
+                        sample,
                         &mut ix.kl,
                         &mut ix.dqi,
                         &mut ix.dki,
@@ -504,8 +510,8 @@ impl<B: Backend> Model<B> {
                     };
                     attention::indexer_scores_rows(be, &ix.qi, &ix.ki, &ix.w, q0, scores)?;
                     let pat = if sparse_step { Pattern::Blocks { idx: &ix.select[l], block } } else { Pattern::Dense };
-                    attention::indexer_kl_rows(be, &a.q, &a.k, &a.lse, scores, pat, q0, &mut ix.kl, dscores)?;
-                    ops::scale(be, dscores, loss_scale / n as f32)?;
+                    attention::indexer_kl_rows(be, &a.q, &a.k, &a.lse, scores, pat, q0, sample, &mut ix.kl, dscores)?;
+                    ops::scale(be, dscores, grad_scale)?;
                     let Some((dki_tile, acc)) = ix.dki_tiles.as_mut() else {
                         let (dqi, dki, dw) = (&mut ix.dqi, &mut ix.dki, &mut ix.dw);
                         attention::indexer_backward(be, &ix.qi, &ix.ki, &ix.w, dscores, dqi, dki, dw)?;
@@ -527,14 +533,14 @@ impl<B: Backend> Model<B> {
                     // acc += Σ KL / (n · layers) on the device: the mean KL this function would return.
                     Some(acc) => {
                         let shape = ix.kl.shape().to_vec();
-                        ops::scale(be, &mut ix.kl, 1.0 / (n * self.cfg.n_layers) as f32)?;
+                        ops::scale(be, &mut ix.kl, 1.0 / (kl_rows * self.cfg.n_layers) as f32)?;
                         ix.kl.set_shape(&[ix.kl.numel(), 1])?;
                         let r = ops::sum_rows(be, &ix.kl, acc, 1.0);
                         ix.kl.set_shape(&shape)?;
                         r?;
                     }
                     None => {
-                        kl_total += ix.kl.to_f32_vec(be)?.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
+                        kl_total += ix.kl.to_f32_vec(be)?.iter().map(|&x| x as f64).sum::<f64>() / kl_rows as f64;
                     }
                 }
                 let (wq, wk, ww) = ip;
@@ -798,9 +804,31 @@ pub struct Workspace<B: Backend> {
     k_raw_grad: Tensor<B>,
     valid: usize,
     attn: StepAttention,
+    /// The query rows whose indexer KL the sparse-phase backward passes train.
+    kl_rows: RowSample,
 }
 
 impl<B: Backend> Workspace<B> {
+    /// Trains the indexers' KL on the query rows of `sample` only in the
+    /// backward passes of sparse steps (default [`RowSample::ALL`]); the
+    /// gradient is scaled by the sampled row count, an unbiased estimate of
+    /// the all-rows gradient. Dense steps always use every row.
+    pub fn set_indexer_kl_rows(&mut self, sample: RowSample) -> Result<()> {
+        if sample.every == 0 || sample.phase >= sample.every || sample.every > self.seq.max(1) {
+            return Err(Error::Invalid(format!(
+                "indexer KL row sample every {} phase {}: expected 1 <= every <= seq {} and phase < every",
+                sample.every, sample.phase, self.seq
+            )));
+        }
+        self.kl_rows = sample;
+        Ok(())
+    }
+
+    /// The row sample of [`Workspace::set_indexer_kl_rows`].
+    pub fn indexer_kl_rows(&self) -> RowSample {
+        self.kl_rows
+    }
+
     /// The key blocks each query of layer `layer` kept in the last sparse
     /// forward pass (`[batch, seq, keep]` U32), if it was sparse.
     pub fn selection(&self, layer: usize) -> Option<&Tensor<B>> {
@@ -982,6 +1010,7 @@ impl<B: Backend> Workspace<B> {
             k_raw_grad: e(&ks)?,
             valid: 0,
             attn: StepAttention::Dense,
+            kl_rows: RowSample::ALL,
         })
     }
 }

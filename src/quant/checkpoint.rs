@@ -302,6 +302,7 @@ mod tests {
             grad_clip: 1.0,
             warmup_frac: 0.25,
             ramp_frac: 0.25,
+            kl_every: 1,
             seed: 7,
         };
         (model, train)

@@ -79,6 +79,7 @@ pub(crate) fn train_meta(t: &TrainConfig, m: &mut HashMap<String, String>) {
     put("grad_clip", t.grad_clip.to_string());
     put("warmup_frac", t.warmup_frac.to_string());
     put("ramp_frac", t.ramp_frac.to_string());
+    put("kl_every", t.kl_every.to_string());
     put("seed", t.seed.to_string());
 }
 
@@ -213,6 +214,11 @@ pub(crate) fn train_from_meta(
         grad_clip: f32v("train.grad_clip")?,
         warmup_frac: meta_num(get("train.warmup_frac")?, "train.warmup_frac", fail)?,
         ramp_frac: meta_num(get("train.ramp_frac")?, "train.ramp_frac", fail)?,
+        // Checkpoints before the field trained the KL on every row.
+        kl_every: match meta.get("train.kl_every") {
+            Some(v) => meta_num(v, "train.kl_every", fail)?,
+            None => 1,
+        },
         seed: n64("train.seed")?,
     };
     train.check(model, &|f: &str| format!("checkpoint field train.{f}")).map_err(|e| fail(e.to_string()))?;

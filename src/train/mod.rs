@@ -15,7 +15,7 @@ pub use dp::DistConfig;
 pub use lr::LrSchedule;
 pub use scaler::LossScaler;
 
-use crate::attention::{Budget, Plan, SparsitySchedule};
+use crate::attention::{Budget, Plan, RowSample, SparsitySchedule};
 use crate::data::{Batcher, Corpus};
 use crate::error::{Error, Result};
 use crate::model::{Model, ModelConfig, StepAttention, Workspace};
@@ -41,6 +41,11 @@ pub struct TrainConfig {
     /// Dense warm-up and ramp fractions of the sparsity schedule.
     pub warmup_frac: f64,
     pub ramp_frac: f64,
+    /// Sparse steps train the indexers' KL on every `kl_every`-th query row
+    /// (the row phase advancing by one per backward pass), the gradient
+    /// scaled to the sampled rows; 1 trains every row. See
+    /// [`crate::attention::RowSample`].
+    pub kl_every: usize,
     pub seed: u64,
 }
 
@@ -51,6 +56,7 @@ impl TrainConfig {
         self.check(model, &|f: &str| match f {
             "steps" | "batch" | "seq" | "accum" | "precision" | "lr" => format!("--{f}"),
             "warmup_frac" | "ramp_frac" => format!("--{}", f.replace('_', "-")),
+            "kl_every" => "--indexer-kl-every".into(),
             _ => format!("train.{f}"),
         })
     }
@@ -69,6 +75,16 @@ impl TrainConfig {
         int("accum", self.accum as u64, 1, MAX_BATCH as u64)?;
         if !(1..=model.context).contains(&self.seq) {
             return bad("seq", self.seq.to_string(), &format!("1..={} (the model's context)", model.context));
+        }
+        if !(1..=self.seq).contains(&self.kl_every) {
+            return bad("kl_every", self.kl_every.to_string(), &format!("1..={} (the sequence length)", self.seq));
+        }
+        if self.kl_every > 1 && !model.is_sparse() {
+            return Err(Error::Invalid(format!(
+                "{} {}: applies to sparse attention only (the model is dense)",
+                name("kl_every"),
+                self.kl_every
+            )));
         }
         if !self.precision.is_float() {
             return Err(Error::Invalid(format!("{} {}: expected f32, f16 or bf16", name("precision"), self.precision)));
@@ -565,6 +581,11 @@ impl<B: Backend> Trainer<B> {
         let inject = self.inject_inf_at.contains(&self.step);
         let overlap = self.dp.as_ref().is_some_and(|d| d.overlap);
         for m in 0..self.cfg.accum {
+            // The indexer KL's query rows of this backward pass: the phase advances by one per pass
+            // (a function of the step, so a resumed run trains the rows the straight one does).
+            let every = self.cfg.kl_every.max(1);
+            let pass = (self.step % every as u64) as usize * (self.cfg.accum % every) + m;
+            self.ws.set_indexer_kl_rows(RowSample::new(every, pass))?;
             // Every rank draws the global batch and keeps its slice: the data order does not
             // depend on the world size.
             let (ids, tg) = self.batcher.sample(data, self.cfg.batch * world, self.cfg.seq)?;

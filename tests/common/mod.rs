@@ -9,6 +9,7 @@
 //! multiples of any workgroup size.
 #![allow(dead_code)]
 
+use dynsparse::attention::RowSample;
 use dynsparse::ops::{self, RopeTable, adamw::AdamWConfig};
 use dynsparse::util::rng::Rng;
 use dynsparse::{Backend, DType, Error, Tensor};
@@ -813,7 +814,8 @@ fn indexer_tiles_case<R: Backend, B: Backend>(
                 attn::indexer_scores_rows(be, &qt, &kt, &wt, q0, &mut s_t).unwrap();
                 let mut ds_t = poisoned(be, &tile, DType::F32);
                 let sc_t = up(be, &rows_of(&sc, q0, q1), &tile, DType::F32);
-                attn::indexer_kl_rows(be, &aq, &ak, &lse, &sc_t, pat(), q0, &mut tloss, &mut ds_t).unwrap();
+                attn::indexer_kl_rows(be, &aq, &ak, &lse, &sc_t, pat(), q0, RowSample::ALL, &mut tloss, &mut ds_t)
+                    .unwrap();
                 let mut dk_t = poisoned(be, &[batch, seq, di], dt);
                 let dsc_t = up(be, &rows_of(&dsc, q0, q1), &tile, DType::F32);
                 attn::indexer_backward_rows(be, &qt, &kt, &wt, &dsc_t, q0, &mut tdq, &mut dk_t, &mut tdw).unwrap();
@@ -840,11 +842,18 @@ fn indexer_tiles_case<R: Backend, B: Backend>(
 /// unfused chain on the same backend (scores, KL over the block pattern,
 /// `dscores·grad_scale`, backward), and the results across backends. The
 /// pattern lists a `NONE` entry and a future block, which both must skip.
+/// Then with the KL on a row sample (every 3rd query row, each phase): rows
+/// outside the sample are exactly 0 in `loss`, `dq_i` and `dw`, rows inside
+/// equal the all-rows results, and the three phases add up to them (`dk_i`
+/// included).
 pub fn indexer_train_kept<R: Backend, B: Backend>(r: &R, b: &B) {
     use dynsparse::attention::select::NONE;
     use dynsparse::attention::{self as attn, Pattern};
     let (batch, seq, heads, kv, d, hi, di) = (2usize, 75usize, 4usize, 2usize, 16usize, 2usize, 8usize);
     let gs = 0.37f32;
+    let every = 3usize;
+    let samples: Vec<RowSample> =
+        std::iter::once(RowSample::ALL).chain((0..every).map(|ph| RowSample::new(every, ph))).collect();
     for dt in float_dtypes(r, b) {
         let mut rng = Rng::new(seed("indexer-train-kept", dt, 0));
         let (qi, ki, w) =
@@ -857,7 +866,16 @@ pub fn indexer_train_kept<R: Backend, B: Backend>(r: &R, b: &B) {
         if !row.contains(&4) {
             row[nn - 1] = 4;
         }
-        let names = ["kl loss", "dq_i", "dk_i", "dw"];
+        let names = [
+            "kl loss",
+            "dq_i",
+            "dk_i",
+            "dw",
+            "kl loss (rows 1 mod 3)",
+            "dq_i (rows 1 mod 3)",
+            "dk_i (rows 1 mod 3)",
+            "dw (rows 1 mod 3)",
+        ];
         let (want, got) = on_both!(r, b, |be| {
             let (qt, kt, wt) = (
                 up(be, &qi, &[batch, seq, hi, di], dt),
@@ -874,43 +892,94 @@ pub fn indexer_train_kept<R: Backend, B: Backend>(r: &R, b: &B) {
             let full = [batch, seq, seq];
             let mut scores = poisoned(be, &full, DType::F32);
             attn::indexer_scores(be, &qt, &kt, &wt, &mut scores).unwrap();
-            let (mut loss, mut ds) = (poisoned(be, &[batch, seq], DType::F32), poisoned(be, &full, DType::F32));
-            attn::indexer_kl(be, &aq, &ak, &lse, &scores, pat(), &mut loss, &mut ds).unwrap();
-            dynsparse::ops::scale(be, &mut ds, gs).unwrap();
-            let mut dq = poisoned(be, &[batch, seq, hi, di], dt);
-            let (mut dk, mut dw) = (poisoned(be, &[batch, seq, di], dt), poisoned(be, &[batch, seq, hi], dt));
-            attn::indexer_backward(be, &qt, &kt, &wt, &ds, &mut dq, &mut dk, &mut dw).unwrap();
-            let chain = vec![down(be, &loss), down(be, &dq), down(be, &dk), down(be, &dw)];
-            let mut floss = poisoned(be, &[batch, seq], DType::F32);
-            let mut fdq = poisoned(be, &[batch, seq, hi, di], dt);
-            let (mut fdk, mut fdw) = (poisoned(be, &[batch, seq, di], dt), poisoned(be, &[batch, seq, hi], dt));
-            let fused = attn::indexer_train_kept(
-                be,
-                &qt,
-                &kt,
-                &wt,
-                &aq,
-                &ak,
-                &lse,
-                pat(),
-                gs,
-                &mut floss,
-                &mut fdq,
-                &mut fdk,
-                &mut fdw,
-            )
-            .unwrap();
-            // A backend without the fused kernel: the chain is what its model runs.
-            if fused {
-                let fused = vec![down(be, &floss), down(be, &fdq), down(be, &fdk), down(be, &fdw)];
-                for (i, name) in names.iter().enumerate() {
-                    let what = format!("indexer_train_kept {name} (fused vs chain, same backend)");
-                    assert_close(&what, &fused[i], &chain[i], dt);
+            // Per sample: (loss, dq_i, dk_i, dw) of the fused op where the backend has it, else of the chain.
+            let mut per_sample: Vec<Vec<Vec<f32>>> = Vec::new();
+            for &sample in &samples {
+                let (mut loss, mut ds) = (poisoned(be, &[batch, seq], DType::F32), poisoned(be, &full, DType::F32));
+                attn::indexer_kl_rows(be, &aq, &ak, &lse, &scores, pat(), 0, sample, &mut loss, &mut ds).unwrap();
+                let dsv = down(be, &ds);
+                for (ri, dsr) in dsv.chunks(seq).enumerate() {
+                    if !sample.contains(ri % seq) {
+                        assert!(dsr.iter().all(|&x| x == 0.0), "indexer_kl {sample:?}: dscores row {ri} is not 0");
+                    }
                 }
-                fused
-            } else {
-                chain
+                dynsparse::ops::scale(be, &mut ds, gs).unwrap();
+                let mut dq = poisoned(be, &[batch, seq, hi, di], dt);
+                let (mut dk, mut dw) = (poisoned(be, &[batch, seq, di], dt), poisoned(be, &[batch, seq, hi], dt));
+                attn::indexer_backward(be, &qt, &kt, &wt, &ds, &mut dq, &mut dk, &mut dw).unwrap();
+                let chain = vec![down(be, &loss), down(be, &dq), down(be, &dk), down(be, &dw)];
+                let mut floss = poisoned(be, &[batch, seq], DType::F32);
+                let mut fdq = poisoned(be, &[batch, seq, hi, di], dt);
+                let (mut fdk, mut fdw) = (poisoned(be, &[batch, seq, di], dt), poisoned(be, &[batch, seq, hi], dt));
+                let fused = attn::indexer_train_kept(
+                    be,
+                    &qt,
+                    &kt,
+                    &wt,
+                    &aq,
+                    &ak,
+                    &lse,
+                    pat(),
+                    gs,
+                    sample,
+                    &mut floss,
+                    &mut fdq,
+                    &mut fdk,
+                    &mut fdw,
+                )
+                .unwrap();
+                // A backend without the fused kernel: the chain is what its model runs.
+                if fused {
+                    let fused = vec![down(be, &floss), down(be, &fdq), down(be, &fdk), down(be, &fdw)];
+                    for (i, name) in names[..4].iter().enumerate() {
+                        let what = format!("indexer_train_kept {name} {sample:?} (fused vs chain, same backend)");
+                        assert_close(&what, &fused[i], &chain[i], dt);
+                    }
+                    per_sample.push(fused);
+                } else {
+                    per_sample.push(chain);
+                }
             }
+            // Rows outside a sample: exactly 0 (loss, dq_i, dw: per query row); inside: the all-rows values.
+            let all = &per_sample[0];
+            let mut sums = vec![
+                vec![0.0f32; all[0].len()],
+                vec![0.0; all[1].len()],
+                vec![0.0; all[2].len()],
+                vec![0.0; all[3].len()],
+            ];
+            for (sample, outs) in samples.iter().zip(&per_sample).skip(1) {
+                for (i, per_row) in [(0usize, 1usize), (1, hi * di), (3, hi)] {
+                    let mut inside = (Vec::new(), Vec::new());
+                    for (ri, (g, a)) in outs[i].chunks(per_row).zip(all[i].chunks(per_row)).enumerate() {
+                        if sample.contains(ri % seq) {
+                            inside.0.extend_from_slice(g);
+                            inside.1.extend_from_slice(a);
+                        } else {
+                            assert!(
+                                g.iter().all(|&x| x == 0.0),
+                                "{} {sample:?}: row {ri} outside the sample is not 0",
+                                names[i]
+                            );
+                        }
+                    }
+                    assert_close(
+                        &format!("{} {sample:?}: sampled rows vs all rows", names[i]),
+                        &inside.0,
+                        &inside.1,
+                        dt,
+                    );
+                }
+                for (acc, v) in sums.iter_mut().zip(outs) {
+                    acc.iter_mut().zip(v).for_each(|(a, x)| *a += x);
+                }
+            }
+            for (i, name) in names[..4].iter().enumerate() {
+                assert_close(&format!("{name}: the {every} row phases added vs all rows"), &sums[i], &all[i], dt);
+            }
+            let mut out = per_sample[0].clone();
+            out.extend(per_sample[2].iter().cloned());
+            out
         });
         compare_all("indexer_train_kept", "blocks", dt, &names, &want, &got);
     }
@@ -1535,6 +1604,7 @@ pub fn training_step<R: Backend, B: Backend>(r: &R, b: &B) {
                 grad_clip: 1.0,
                 warmup_frac: warm,
                 ramp_frac: 0.0,
+                kl_every: 1,
                 seed: 3,
             };
             let (want, got) = on_both!(r, b, |be| {

@@ -90,7 +90,7 @@ int main() {
         // indexer_kl with the same pattern: scores random.
         std::vector<float> sc(p.batch * p.seq * p.seq), loss(p.batch * p.seq, NAN), dsc(sc.size(), NAN);
         for (auto& x : sc) x = nd(rng);
-        launch(dpl == 1 ? indexer_kl_f32_d1 : indexer_kl_f32_d2, dim3((keys + 3) / 4), dim3(128), 0, a, (const float*)q.data(), (const float*)k.data(), (const float*)lse.data(), (const float*)sc.data(), ip, loss.data(), dsc.data(), 0u, p.seq);
+        launch(dpl == 1 ? indexer_kl_f32_d1 : indexer_kl_f32_d2, dim3((keys + 3) / 4), dim3(128), 0, a, (const float*)q.data(), (const float*)k.data(), (const float*)lse.data(), (const float*)sc.data(), ip, loss.data(), dsc.data(), 0u, p.seq, 1u, 0u);
         std::vector<double> rloss(keys, 0), rds(sc.size(), 0);
         for (u32 b = 0; b < p.batch; b++) for (u32 t = 0; t < p.seq; t++) {
             auto ks = keys_of(p, idx, b, t); if (ks.empty()) continue; size_t row = b * p.seq + t;
@@ -103,20 +103,25 @@ int main() {
         double e6 = relerr(loss, rloss), e7 = relerr(dsc, rds);
         bool ok2 = e6 < 1e-4 && e7 < 1e-5; fails += !ok2;
         printf("indexer_kl mode %u: loss %.2e dscores %.2e %s\n", p.mode, e6, e7, ok2 ? "ok" : "FAIL");
-        // The same over two tiles of query rows: [batch, nq, seq] scores and dscores, loss rows of the tile.
-        {
+        // The same over two tiles of query rows: [batch, nq, seq] scores and dscores, loss rows of the tile;
+        // then the tiles again with the row sample every 3, phase 1 (rows t % 3 != 1: loss 0, dscores 0).
+        for (u32 every : {1u, 3u}) {
+            u32 phase = every == 1 ? 0u : 1u;
+            std::vector<double> sloss = rloss, sds2 = rds;
+            for (u32 b = 0; b < p.batch; b++) for (u32 t = 0; t < p.seq; t++) if (t % every != phase) {
+                size_t row = b * p.seq + t; sloss[row] = 0; std::fill_n(sds2.begin() + row * p.seq, p.seq, 0.0); }
             std::vector<float> tloss(keys, NAN), tds(sc.size(), NAN);
             u32 cut = p.seq / 3;
             for (u32 q0 : {0u, cut}) {
                 u32 nq = q0 == 0 ? cut : p.seq - cut;
                 std::vector<float> ssc(p.batch * nq * p.seq), sds(ssc.size(), NAN);
                 for (u32 b = 0; b < p.batch; b++) std::copy_n(sc.begin() + ((size_t)b * p.seq + q0) * p.seq, nq * p.seq, ssc.begin() + (size_t)b * nq * p.seq);
-                launch(dpl == 1 ? indexer_kl_f32_d1 : indexer_kl_f32_d2, dim3((p.batch * nq + 3) / 4), dim3(128), 0, a, (const float*)q.data(), (const float*)k.data(), (const float*)lse.data(), (const float*)ssc.data(), ip, tloss.data(), sds.data(), q0, nq);
+                launch(dpl == 1 ? indexer_kl_f32_d1 : indexer_kl_f32_d2, dim3((p.batch * nq + 3) / 4), dim3(128), 0, a, (const float*)q.data(), (const float*)k.data(), (const float*)lse.data(), (const float*)ssc.data(), ip, tloss.data(), sds.data(), q0, nq, every, phase);
                 for (u32 b = 0; b < p.batch; b++) std::copy_n(sds.begin() + (size_t)b * nq * p.seq, nq * p.seq, tds.begin() + ((size_t)b * p.seq + q0) * p.seq);
             }
-            double e8 = relerr(tloss, rloss), e9 = relerr(tds, rds);
+            double e8 = relerr(tloss, sloss), e9 = relerr(tds, sds2);
             bool ok3 = e8 < 1e-4 && e9 < 1e-5; fails += !ok3;
-            printf("indexer_kl tiled mode %u: loss %.2e dscores %.2e %s\n", p.mode, e8, e9, ok3 ? "ok" : "FAIL");
+            printf("indexer_kl tiled mode %u every %u: loss %.2e dscores %.2e %s\n", p.mode, every, e8, e9, ok3 ? "ok" : "FAIL");
         }
     }
     // The tiled forward (dense, and blocks with block % 32 == 0; d <= 64) against the same reference.

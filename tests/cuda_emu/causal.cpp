@@ -42,7 +42,7 @@ static Out run(const In& in, u32 block, u32 kk, bool leak) {
     std::vector<float> sc(B * S * S, NAN);
     launch(indexer_scores_f32, dim3((S + 15) / 16, (S + 15) / 16, B), dim3(16, 16), 16 * (DI + 1) * 4, (const float*)in.qi.data(), (const float*)in.ki.data(), (const float*)in.w.data(), sc.data(), S, HI, DI, 0u, S);
     r.loss.assign(B * S, NAN); r.dsc.assign(B * S * S, NAN);
-    launch(indexer_kl_f32_d2, dim3((B * S + 3) / 4), dim3(128), 0, a, (const float*)in.q.data(), (const float*)in.k.data(), (const float*)r.lse.data(), (const float*)sc.data(), ip, r.loss.data(), r.dsc.data(), 0u, S);
+    launch(indexer_kl_f32_d2, dim3((B * S + 3) / 4), dim3(128), 0, a, (const float*)in.q.data(), (const float*)in.k.data(), (const float*)r.lse.data(), (const float*)sc.data(), ip, r.loss.data(), r.dsc.data(), 0u, S, 1u, 0u);
     return r;
 }
 // Rows t <= c of [B, S, per] (or [B, H, S] with heads) equal bit for bit? Sets `after` when a row t > c differs.

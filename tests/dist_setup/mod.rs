@@ -38,6 +38,7 @@ pub fn train_cfg(precision: DType, batch: usize, accum: usize) -> TrainConfig {
         grad_clip: 1.0,
         warmup_frac: 0.2,
         ramp_frac: 0.3,
+        kl_every: 1,
         seed: 5,
     }
 }

@@ -754,7 +754,7 @@ pub(super) fn indexer_kl(
         ds.par_chunks_mut(n).zip(losses.par_iter_mut()).enumerate().for_each(|(row, (dsr, lossr))| {
             let (b, t) = (row / rows, ls.q0 + row % rows);
             dsr.fill(0.0);
-            let keys = keys_of(s, idx, b, t);
+            let keys = if ls.sample.contains(t) { keys_of(s, idx, b, t) } else { Vec::new() };
             if keys.is_empty() {
                 *lossr = 0.0;
                 return;

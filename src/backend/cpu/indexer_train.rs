@@ -138,7 +138,7 @@ pub(super) fn indexer_train_kept(
                 dk: vec![0.0; t1 * di],
             };
             let mut wk = Work::default();
-            for t in t0..t1 {
+            for t in (t0..t1).filter(|&t| s.sample.contains(t)) {
                 let r = t - t0;
                 let m = kept_blocks(&mut wk.blocks, &idx[(b * n + t) * nsel..(b * n + t + 1) * nsel], block, t);
                 if m == 0 {

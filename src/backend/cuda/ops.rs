@@ -649,8 +649,20 @@ impl Backend for CudaBackend {
         let s = &ls.attn;
         let name = format!("indexer_kl_{}_d{}", sfx(q.dtype()), dpl(s.head_dim));
         let ip = idx.map(p).unwrap_or(Arg::P(0));
-        let args =
-            [Arg::Attn(attn_args(s)), p(q), p(k), p(lse), p(scores), ip, p(loss), p(dscores), u(ls.q0), u(ls.rows)];
+        let args = [
+            Arg::Attn(attn_args(s)),
+            p(q),
+            p(k),
+            p(lse),
+            p(scores),
+            ip,
+            p(loss),
+            p(dscores),
+            u(ls.q0),
+            u(ls.rows),
+            u(ls.sample.every),
+            u(ls.sample.phase),
+        ];
         self.launch("attention", &name, per_warp(s.batch * ls.rows, 4), &args)
     }
     fn indexer_backward(

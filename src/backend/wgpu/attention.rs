@@ -227,6 +227,8 @@ crate::wgsl_params! {
         nkb: u32,
         q0: u32,
         qrows: u32,
+        every: u32,
+        phase: u32,
     }
 }
 
@@ -934,6 +936,8 @@ pub(super) fn indexer_kl(
                 nkb: p.nkb,
                 q0: s.q0 as u32,
                 qrows: s.rows as u32,
+                every: s.sample.every as u32,
+                phase: s.sample.phase as u32,
             }
         },
         rows_grid(a.batch * s.rows),
