@@ -56,6 +56,12 @@ fn bad_data_files_are_one_line_errors() {
         "context",
     );
     fails_with(run(&["train", "--precision", "f64"]), "f64");
+    fails_with(train_tiny(&d.join("o"), &["--indexer-kl-every", "0"]), "--indexer-kl-every 0: accepted range 1..=64");
+    fails_with(train_tiny(&d.join("o"), &["--indexer-kl-every", "65"]), "--indexer-kl-every 65");
+    fails_with(
+        train_tiny(&d.join("o"), &["--attention", "dense", "--indexer-kl-every", "2"]),
+        "--indexer-kl-every applies to --attention sparse only",
+    );
 }
 
 #[test]
@@ -76,6 +82,10 @@ fn bad_checkpoints_are_one_line_errors() {
         train_tiny(&d.join("r2"), &["--resume", ck.to_str().unwrap(), "--steps", "2", "--accum", "2"]),
         "--accum 2 (checkpoint: 1)",
     );
+    fails_with(
+        train_tiny(&d.join("r2"), &["--resume", ck.to_str().unwrap(), "--indexer-kl-every", "2"]),
+        "--indexer-kl-every 2 (checkpoint: 1)",
+    );
     let long: String = "x".repeat(200);
     fails_with(run(&["generate", "--checkpoint", ck.to_str().unwrap(), "--prompt", &long]), "context");
 }
@@ -88,16 +98,29 @@ fn resume_continues_the_logged_run_exactly() {
         let log = std::fs::read_to_string(p.join("log.csv")).unwrap();
         log.lines().skip(1).map(|l| l.split(',').nth(1).unwrap().to_string()).collect()
     };
-    for sparse in ["dense", "sparse"] {
-        let straight = train_tiny(&a, &["--steps", "6", "--attention", sparse, "--overwrite"]);
+    // The KL row sample's phase follows the step: a resumed run trains the rows the straight one does.
+    for (sparse, kl) in [("dense", "1"), ("sparse", "1"), ("sparse", "3")] {
+        let run_args = |extra: &[&'static str]| {
+            let mut v = vec!["--steps", "6", "--attention", sparse, "--overwrite"];
+            if kl != "1" {
+                v.extend(["--indexer-kl-every", kl]);
+            }
+            v.extend(extra);
+            v
+        };
+        let straight = train_tiny(&a, &run_args(&[]));
         assert!(straight.status.success(), "{}", String::from_utf8_lossy(&straight.stderr));
-        let part = train_tiny(&b, &["--steps", "6", "--stop-at", "3", "--attention", sparse, "--overwrite"]);
+        let part = train_tiny(&b, &run_args(&["--stop-at", "3"]));
         assert!(part.status.success(), "{}", String::from_utf8_lossy(&part.stderr));
         assert_eq!(losses(&b).len(), 3);
         let ck = b.join("checkpoint.safetensors");
         let resumed = train_tiny(&b, &["--resume", ck.to_str().unwrap()]);
         assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
-        assert_eq!(losses(&b), losses(&a), "{sparse}: stop at 3 + resume logs the straight run's losses bit for bit");
+        assert_eq!(
+            losses(&b),
+            losses(&a),
+            "{sparse} (KL every {kl}): stop at 3 + resume logs the straight run's losses bit for bit"
+        );
     }
 }
 

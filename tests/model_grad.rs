@@ -114,3 +114,66 @@ fn indexer_kl_gradients_match_finite_differences() {
         }
     }
 }
+
+/// The indexer KL on a row sample (`Workspace::set_indexer_kl_rows`, sparse
+/// steps): each phase's KL and indexer gradient are means over its own rows,
+/// so the phases weighted by their share of the rows add up to the all-rows
+/// values (rows per phase unequal here: seq 9, every 4), the LM gradients do
+/// not move, and a single phase differs from all rows.
+#[test]
+fn indexer_kl_on_a_row_sample_weights_up_to_the_all_rows_gradient() {
+    use dynsparse::attention::RowSample;
+    let cfg = tiny(AttentionMode::Sparse { block: 4, keep_blocks: 2, index_heads: 2, index_dim: 4 });
+    let mut values = init_params(&cfg, 7);
+    for v in values.iter_mut() {
+        v.iter_mut().for_each(|x| *x = *x * 3.0 + 0.02);
+    }
+    let mut rng = Rng::new(8);
+    let ids: Vec<u32> = (0..18).map(|_| rng.below(11) as u32).collect();
+    let (batch, seq, every) = (2usize, 9usize, 4usize);
+    let be = CpuBackend::new();
+    let m = Model::from_values(&be, cfg, DType::F32, &values).unwrap();
+    let run = |sample: RowSample| -> (f64, Vec<Vec<f32>>) {
+        let mut ws = Workspace::new(&be, &cfg, DType::F32, batch, seq).unwrap();
+        ws.set_indexer_kl_rows(sample).unwrap();
+        m.forward(&be, &mut ws, &ids, Some(&ids), StepAttention::Sparse { keep_blocks: 2 }).unwrap();
+        let mut grads: Vec<Tensor<CpuBackend>> =
+            cfg.params().iter().map(|p| Tensor::zeros(&be, &p.shape, DType::F32).unwrap()).collect();
+        let kl = m.backward(&be, &mut ws, &mut grads, 1.0, true).unwrap();
+        (kl, grads.iter().map(|g| g.to_f32_vec(&be).unwrap()).collect())
+    };
+    let (kl_all, g_all) = run(RowSample::ALL);
+    assert!(kl_all > 0.0);
+    let (mut kl_sum, mut g_sum) = (0.0f64, vec![vec![0.0f64; 0]; g_all.len()]);
+    for (pi, g) in g_all.iter().enumerate() {
+        g_sum[pi] = vec![0.0; g.len()];
+    }
+    for phase in 0..every {
+        let sample = RowSample::new(every, phase);
+        let share = (batch * sample.count(seq)) as f64 / (batch * seq) as f64;
+        let (kl, g) = run(sample);
+        kl_sum += share * kl;
+        for (pi, p) in cfg.params().iter().enumerate() {
+            if p.name.contains("idx.") {
+                g_sum[pi].iter_mut().zip(&g[pi]).for_each(|(a, &x)| *a += share * x as f64);
+                assert_ne!(g[pi], g_all[pi], "{}: phase {phase} trains a subset of the rows", p.name);
+            } else {
+                assert_eq!(g[pi], g_all[pi], "{}: the row sample must not touch the LM gradient", p.name);
+            }
+        }
+    }
+    assert!((kl_sum - kl_all).abs() <= 1e-5 * kl_all, "KL: phases {kl_sum} vs all rows {kl_all}");
+    for (pi, p) in cfg.params().iter().enumerate().filter(|(_, p)| p.name.contains("idx.")) {
+        let (mut num, mut den) = (0.0f64, 0.0f64);
+        for (&s, &a) in g_sum[pi].iter().zip(&g_all[pi]) {
+            num += (s - a as f64).powi(2);
+            den += (a as f64).powi(2);
+        }
+        assert!(
+            den > 0.0 && (num / den).sqrt() < 1e-5,
+            "{}: phases vs all rows differ by {:.2e}",
+            p.name,
+            (num / den).sqrt()
+        );
+    }
+}

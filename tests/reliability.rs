@@ -444,6 +444,30 @@ fn old_sparse_checkpoints_load_with_one_warning_about_the_selection() {
 }
 
 #[test]
+fn checkpoints_keep_the_indexer_kl_row_sample_and_older_ones_train_every_row() {
+    let d = tmp("klrows");
+    let ck = tiny_run(&d, "run", &["--indexer-kl-every", "2"]);
+    let resume = |c: &Path, extra: &[&str]| {
+        let mut a = vec!["--resume", c.to_str().unwrap(), "--steps", "2"];
+        a.extend(extra);
+        train(&d.join("resumed"), &a)
+    };
+    fails_with(resume(&ck, &["--indexer-kl-every", "3"]), &["--indexer-kl-every 3 (checkpoint: 2)"]);
+    // A checkpoint from before the setting: every row (1).
+    let old = d.join("old.safetensors");
+    edit_meta(&ck, &old, &[("train.kl_every", None)]);
+    fails_with(resume(&old, &["--indexer-kl-every", "2"]), &["--indexer-kl-every 2 (checkpoint: 1)"]);
+    for (v, needle) in [("0", "1..="), ("x", "malformed")] {
+        let bad = d.join(format!("bad{v}.safetensors"));
+        edit_meta(&ck, &bad, &[("train.kl_every", Some(v))]);
+        fails_with(
+            run(&["--backend", "cpu", "eval", "--checkpoint", bad.to_str().unwrap()]),
+            &["train.kl_every", needle],
+        );
+    }
+}
+
+#[test]
 fn generate_streams_through_the_kv_cache_with_stops_seeds_and_the_context_end() {
     let d = tmp("generate");
     let ck = tiny_run(&d, "run", &[]);

@@ -79,6 +79,7 @@ struct Job<'a> {
 
 /// One warm-up step, then `n_rounds` rounds of `steps` timed optimizer steps
 /// of a fresh model: tokens/s per round, and their median.
+#[allow(clippy::too_many_arguments)]
 fn time_steps<B: Backend>(
     be: &B,
     cfg: ModelConfig,

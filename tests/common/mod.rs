@@ -942,12 +942,7 @@ pub fn indexer_train_kept<R: Backend, B: Backend>(r: &R, b: &B) {
             }
             // Rows outside a sample: exactly 0 (loss, dq_i, dw: per query row); inside: the all-rows values.
             let all = &per_sample[0];
-            let mut sums = vec![
-                vec![0.0f32; all[0].len()],
-                vec![0.0; all[1].len()],
-                vec![0.0; all[2].len()],
-                vec![0.0; all[3].len()],
-            ];
+            let mut sums: Vec<Vec<f32>> = all.iter().map(|v| vec![0.0f32; v.len()]).collect();
             for (sample, outs) in samples.iter().zip(&per_sample).skip(1) {
                 for (i, per_row) in [(0usize, 1usize), (1, hi * di), (3, hi)] {
                     let mut inside = (Vec::new(), Vec::new());
