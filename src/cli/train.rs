@@ -455,6 +455,10 @@ impl BackendJob for TrainJob {
             model_cfg.d_model,
             match model_cfg.attention {
                 AttentionMode::Dense => "dense attention".to_string(),
+                AttentionMode::Sparse { block, keep_blocks, .. } if train_cfg.kl_every > 1 => format!(
+                    "sparse attention ({keep_blocks} blocks of {block}; indexer KL on 1 of every {} query rows)",
+                    train_cfg.kl_every
+                ),
                 AttentionMode::Sparse { block, keep_blocks, .. } =>
                     format!("sparse attention ({keep_blocks} blocks of {block})"),
             },

@@ -20,7 +20,8 @@
 //! sums): `L` and `q_h·k` against keys stored block-transposed once per call,
 //! `dq_i` and `dk_i` against the key and query rows as they lie. A query's
 //! arithmetic depends on its own kept blocks only (never on the other queries
-//! of its task), and each sum runs in a fixed order.
+//! of its task), and each sum runs in a fixed order. Queries outside the
+//! spec's row sample are skipped (zero loss, `dq_i`, `dw`; no `dk_i` share).
 
 use rayon::prelude::*;
 
