@@ -62,6 +62,13 @@ fn bad_data_files_are_one_line_errors() {
         train_tiny(&d.join("o"), &["--attention", "dense", "--indexer-kl-every", "2"]),
         "--indexer-kl-every applies to --attention sparse only",
     );
+    let bench = |extra: &[&str]| {
+        let mut a = vec!["--backend", "cpu", "bench", "train", "--seq", "64", "--steps", "1", "--precisions", "f32"];
+        a.extend(extra);
+        run(&a)
+    };
+    fails_with(bench(&["--attention", "dense", "--indexer-kl-every", "2"]), "applies to --attention sparse only");
+    fails_with(bench(&["--indexer-kl-every", "65"]), "--indexer-kl-every 65: accepted range 1..=64");
 }
 
 #[test]

@@ -289,6 +289,9 @@ pub fn run(choice: BackendChoice, a: TrainBenchArgs) -> Result<()> {
             "--indexer-kl-every 0: accepted range 1 or more (at most the sequence length)".into(),
         ));
     }
+    if a.indexer_kl_every > 1 && a.seqs.is_empty() && !cfg.is_sparse() {
+        return Err(Error::Invalid("--indexer-kl-every applies to --attention sparse only (given: dense)".into()));
+    }
     if !a.seqs.is_empty() {
         return run_sweep(choice, &a, cfg);
     }

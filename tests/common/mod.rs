@@ -1584,8 +1584,9 @@ pub fn training_step<R: Backend, B: Backend>(r: &R, b: &B) {
         attention: AttentionMode::Sparse { block: 8, keep_blocks: 3, index_heads: 2, index_dim: 8 },
     };
     for dt in float_dtypes(r, b) {
-        for warm in [0.5, 0.0] {
-            // warm-up 0.5: a dense step (indexer KL over all keys); 0.0: a sparse step.
+        for (warm, kl_every) in [(0.5, 1), (0.0, 1), (0.0, 3)] {
+            // warm-up 0.5: a dense step (indexer KL over all keys); 0.0: a sparse step, then one
+            // whose KL runs on every 3rd query row (phases 0 and 1 for the two micro-batches).
             let tc = TrainConfig {
                 steps: 4,
                 batch: 2,
@@ -1599,7 +1600,7 @@ pub fn training_step<R: Backend, B: Backend>(r: &R, b: &B) {
                 grad_clip: 1.0,
                 warmup_frac: warm,
                 ramp_frac: 0.0,
-                kl_every: 1,
+                kl_every,
                 seed: 3,
             };
             let (want, got) = on_both!(r, b, |be| {
@@ -1611,7 +1612,11 @@ pub fn training_step<R: Backend, B: Backend>(r: &R, b: &B) {
                 out.extend(tr.master_values(be).unwrap());
                 out
             });
-            let what = if warm > 0.0 { "dense step" } else { "sparse step" };
+            let what = match (warm > 0.0, kl_every) {
+                (true, _) => "dense step",
+                (false, 1) => "sparse step",
+                _ => "sparse step, KL on every 3rd row",
+            };
             assert_close(&format!("training {what} loss and KL"), &got[0], &want[0], dt);
             let flat = |v: &[Vec<f32>]| v.iter().flatten().copied().collect::<Vec<_>>();
             assert_close(&format!("training {what} parameters after AdamW"), &flat(&got[1..]), &flat(&want[1..]), dt);
