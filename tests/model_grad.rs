@@ -40,12 +40,18 @@ fn eval(
     (stats.loss, kl, grads.iter().map(|g| g.to_f32_vec(&be).unwrap()).collect())
 }
 
-fn check(cfg: ModelConfig, attn: StepAttention) {
-    let mut values = init_params(&cfg, 3);
-    // Larger weights than the init make every path's gradient visible.
+/// The init values of `seed`, larger (×3, +0.02): larger weights than the
+/// init make every path's gradient visible.
+fn large_values(cfg: &ModelConfig, seed: u64) -> Vec<Vec<f32>> {
+    let mut values = init_params(cfg, seed);
     for v in values.iter_mut() {
         v.iter_mut().for_each(|x| *x = *x * 3.0 + 0.02);
     }
+    values
+}
+
+fn check(cfg: ModelConfig, attn: StepAttention) {
+    let values = large_values(&cfg, 3);
     let mut rng = Rng::new(4);
     let ids: Vec<u32> = (0..18).map(|_| rng.below(11) as u32).collect();
     let mut tg: Vec<u32> = (0..18).map(|_| rng.below(11) as u32).collect();
@@ -89,10 +95,7 @@ fn sparse_model_gradients_match_finite_differences() {
 #[test]
 fn indexer_kl_gradients_match_finite_differences() {
     let cfg = tiny(AttentionMode::Sparse { block: 4, keep_blocks: 2, index_heads: 2, index_dim: 4 });
-    let mut values = init_params(&cfg, 5);
-    for v in values.iter_mut() {
-        v.iter_mut().for_each(|x| *x = *x * 3.0 + 0.02);
-    }
+    let values = large_values(&cfg, 5);
     let mut rng = Rng::new(6);
     let ids: Vec<u32> = (0..18).map(|_| rng.below(11) as u32).collect();
     let tg = ids.clone();
@@ -124,10 +127,7 @@ fn indexer_kl_gradients_match_finite_differences() {
 fn indexer_kl_on_a_row_sample_weights_up_to_the_all_rows_gradient() {
     use dynsparse::attention::RowSample;
     let cfg = tiny(AttentionMode::Sparse { block: 4, keep_blocks: 2, index_heads: 2, index_dim: 4 });
-    let mut values = init_params(&cfg, 7);
-    for v in values.iter_mut() {
-        v.iter_mut().for_each(|x| *x = *x * 3.0 + 0.02);
-    }
+    let values = large_values(&cfg, 7);
     let mut rng = Rng::new(8);
     let ids: Vec<u32> = (0..18).map(|_| rng.below(11) as u32).collect();
     let (batch, seq, every) = (2usize, 9usize, 4usize);
@@ -144,10 +144,8 @@ fn indexer_kl_on_a_row_sample_weights_up_to_the_all_rows_gradient() {
     };
     let (kl_all, g_all) = run(RowSample::ALL);
     assert!(kl_all > 0.0);
-    let (mut kl_sum, mut g_sum) = (0.0f64, vec![vec![0.0f64; 0]; g_all.len()]);
-    for (pi, g) in g_all.iter().enumerate() {
-        g_sum[pi] = vec![0.0; g.len()];
-    }
+    let mut kl_sum = 0.0f64;
+    let mut g_sum: Vec<Vec<f64>> = g_all.iter().map(|g| vec![0.0; g.len()]).collect();
     for phase in 0..every {
         let sample = RowSample::new(every, phase);
         let share = (batch * sample.count(seq)) as f64 / (batch * seq) as f64;

@@ -444,7 +444,8 @@ impl RowSample {
         seq.saturating_sub(self.phase).div_ceil(self.every)
     }
 
-    fn check(&self, op: &str) -> Result<()> {
+    /// `every ≥ 1` (fits a kernel's u32) and `phase < every`.
+    pub(crate) fn check(&self, op: &str) -> Result<()> {
         if self.every == 0 || self.phase >= self.every || u32::try_from(self.every).is_err() {
             return Err(Error::Invalid(format!(
                 "{op}: row sample every {} phase {}: expected every >= 1 (at most 2^32 - 1) and phase < every",

@@ -814,10 +814,11 @@ impl<B: Backend> Workspace<B> {
     /// gradient is scaled by the sampled row count, an unbiased estimate of
     /// the all-rows gradient. Dense steps always use every row.
     pub fn set_indexer_kl_rows(&mut self, sample: RowSample) -> Result<()> {
-        if sample.every == 0 || sample.phase >= sample.every || sample.every > self.seq.max(1) {
+        sample.check("indexer KL rows")?;
+        if sample.every > self.seq.max(1) {
             return Err(Error::Invalid(format!(
-                "indexer KL row sample every {} phase {}: expected 1 <= every <= seq {} and phase < every",
-                sample.every, sample.phase, self.seq
+                "indexer KL rows: every {} exceeds the workspace's seq {}",
+                sample.every, self.seq
             )));
         }
         self.kl_rows = sample;
